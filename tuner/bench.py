@@ -1,0 +1,90 @@
+"""`tuner bench` as a library: resolve one config against its model, measure it, print it llama-bench style."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import psutil
+
+from tuner.ggufmeta import ModelInfo, read_model
+from tuner.record import TrialConfig, TrialRecord
+
+
+def physical_cores() -> int:
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def all_layers(info: ModelInfo) -> int:
+    """What llama.cpp offloads for "all layers": every block plus the output layer."""
+    return info.n_layer + 1
+
+
+def resolve(cfg: TrialConfig, info: ModelInfo | None = None) -> TrialConfig:
+    """The config as it will really run: -1/99/999 → the real layer count, default threads → cores.
+
+    Records then hold effective values, so comparisons and dominance checks see what ran.
+    """
+    info = info or read_model(cfg.model)
+    ngl = cfg.n_gpu_layers
+    ngl = all_layers(info) if ngl < 0 or ngl > all_layers(info) else ngl
+    threads = cfg.n_threads or physical_cores()
+    n_cpu_moe = min(cfg.n_cpu_moe, info.n_layer)
+    return dataclasses.replace(cfg, n_gpu_layers=ngl, n_threads=threads,
+                               n_threads_batch=cfg.n_threads_batch or threads, n_cpu_moe=n_cpu_moe)
+
+
+def fmt_size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def fmt_params(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def table(recs: list[TrialRecord]) -> str:
+    """A llama-bench style markdown table: one line per test (pp512, tg128, ttft), mean ± sd."""
+    head = ["model", "size", "params", "ngl", "threads", "n_batch", "n_ubatch", "fa", "test", "t/s"]
+    rows = []
+    for r in recs:
+        c = r.config
+        base = [f"{r.model_name or c.model} {r.model_file_type}", fmt_size(r.model_size_bytes),
+                fmt_params(r.model_n_params), str(c.n_gpu_layers), str(c.n_threads), str(c.n_batch),
+                str(c.n_ubatch), c.flash_attn]
+        depth = f" @ d{c.n_depth}" if c.n_depth else ""
+        if not r.ok:
+            rows.append(base + ["-", f"{r.outcome}: {r.cause[:60]}"])
+            continue
+        for name, n, unit in (("pp", c.n_prompt, "t/s"), ("tg", c.n_gen, "t/s"), ("ttft", c.n_prompt, "ms")):
+            mean, sd = r.metric(name)
+            if mean is not None:
+                label = f"ttft p{n}" if name == "ttft" else f"{name}{n}"
+                rows.append(base + [label + depth, f"{mean:.2f} ± {sd:.2f}" + (" ms" if unit == "ms" else "")])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    right = {1, 2, 3, 4, 5, 6, 9}
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    sep = "| " + " | ".join(("-" * (w - 1) + ":") if i in right else "-" * w for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+def summary(r: TrialRecord) -> str:
+    """Memory and load figures that llama-bench does not print."""
+    parts = [f"load {r.load_ms:.0f} ms" if r.load_ms is not None else None,
+             f"peak RSS {fmt_size(r.peak_rss_bytes)}",
+             f"peak VRAM {fmt_size(r.peak_vram_bytes)}" if r.peak_vram_bytes is not None else None,
+             f"swap-in {fmt_size(r.swap_in_bytes)}" if r.swap_in_bytes else None,
+             f"tg {100 * r.metric('tg')[0] / r.tg_roofline_ts:.0f}% of the bandwidth bound"
+             if r.tg_roofline_ts and r.metric("tg")[0] else None,
+             f"wall {r.wall_s:.1f} s" if r.wall_s is not None else None]
+    return ", ".join(p for p in parts if p)

@@ -1,0 +1,238 @@
+"""GGUF metadata: what a model is, read with the `gguf` package, never touching tensor data.
+
+Split models (`*-00001-of-0000N.gguf`) are read shard by shard and summed. Everything the rest of tuner
+knows about a model file comes from `read_model()`; bad files raise `ModelError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+GGUF_MAGIC = b"GGUF"
+SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<idx>\d{5})-of-(?P<n>\d{5})\.gguf$")
+LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+SUPPORTED_ARCHS = frozenset(gguf.MODEL_ARCH_NAMES.values()) - {"clip"}
+# Expert tensors (routed): llama.cpp's LLM_FFN_EXPS_REGEX; shared experts are dense per layer.
+EXPS_RE = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
+
+
+class ModelError(ValueError):
+    """A model file tuner cannot use; the message is one line naming the file and the problem."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type: str  # ggml type name, e.g. Q4_K
+    shape: tuple[int, ...]  # ggml ne order
+    n_elements: int
+    n_bytes: int
+    layer: int | None  # blk.N, None for embeddings/output/norms
+    group: str  # attn | ffn | exps | shexp | norm | embd | output | other
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    shards: list[str]
+    file_size: int
+    arch: str
+    name: str
+    file_type: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int | list[int]
+    head_dim_k: int
+    head_dim_v: int
+    n_ff: int | list[int]
+    n_vocab: int
+    n_ctx_train: int
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_expert_shared: int = 0
+    kv_lora_rank: int = 0  # MLA (DeepSeek-2/3)
+    rope_dim: int = 0
+    sliding_window: int = 0
+    n_params: int = 0
+    content_hash: str = ""
+    tensors: list[TensorInfo] = field(default_factory=list, repr=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+    def bytes_by_group(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.group] = out.get(t.group, 0) + t.n_bytes
+        return out
+
+    def layer_bytes(self) -> list[dict[str, int]]:
+        """Per layer: bytes of attention, dense FFN, routed experts, shared experts and norms."""
+        layers = [dict.fromkeys(("attn", "ffn", "exps", "shexp", "norm", "other"), 0) for _ in range(self.n_layer)]
+        for t in self.tensors:
+            if t.layer is not None and t.layer < self.n_layer:
+                layers[t.layer][t.group] = layers[t.layer].get(t.group, 0) + t.n_bytes
+        return layers
+
+    def facts(self) -> dict:
+        """The model columns of a trial row."""
+        return {"model_size_bytes": self.file_size, "model_arch": self.arch, "model_name": self.name,
+                "model_n_params": self.n_params, "model_n_layer": self.n_layer,
+                "model_file_type": self.file_type, "model_hash": self.content_hash}
+
+
+def _group(name: str) -> str:
+    if EXPS_RE.search(name):
+        return "exps"
+    if "_shexp" in name:
+        return "shexp"
+    if name.startswith("token_embd") or name.startswith("per_layer_token_embd"):
+        return "embd"
+    if name.startswith("output.") or name == "output":
+        return "output"
+    if "norm" in name:
+        return "norm"
+    if ".attn_" in name:
+        return "attn"
+    if ".ffn_" in name:
+        return "ffn"
+    return "other"
+
+
+def shard_paths(path: Path) -> list[Path]:
+    m = SPLIT_RE.match(path.name)
+    if not m:
+        return [path]
+    n = int(m["n"])
+    paths = [path.with_name(f"{m['prefix']}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise ModelError(f"split model {path.name}: missing shard(s) {', '.join(missing)}")
+    return paths
+
+
+def check_file(path: Path) -> None:
+    """Cheap checks before the gguf reader: exists, a file, not empty, GGUF magic."""
+    if not path.exists():
+        raise ModelError(f"model not found: {path}")
+    if path.is_dir():
+        raise ModelError(f"model path is a directory, not a GGUF file: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelError(f"model file is empty (0 bytes): {path}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelError(f"cannot read model {path}: {e.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise ModelError(f"not a GGUF file (no GGUF magic): {path}")
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def _reader(path: Path) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - the gguf reader raises many types on damaged files
+        raise ModelError(f"truncated or damaged GGUF ({type(e).__name__}: {str(e)[:120]}): {path}") from None
+
+
+def content_hash(paths: list[Path], header_bytes: list[int]) -> str:
+    """A fingerprint cheap enough for a 400 GB model: sizes, headers and 16 sampled 64 KiB blocks per shard."""
+    h = hashlib.blake2b(digest_size=16)
+    for p, hb in zip(paths, header_bytes):
+        size = p.stat().st_size
+        h.update(size.to_bytes(8, "little"))
+        with open(p, "rb") as f:
+            h.update(f.read(min(hb, 32 << 20)))
+            for i in range(16):
+                f.seek(hb + (size - hb) * i // 16)
+                h.update(f.read(65536))
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _read_cached(path: str, mtime_ns: int, size: int) -> ModelInfo:
+    return _read(Path(path))
+
+
+def read_model(path: str | os.PathLike) -> ModelInfo:
+    """Read a GGUF model's metadata (all shards of a split model). Raises ModelError on bad input."""
+    p = Path(path)
+    check_file(p)
+    st = p.stat()
+    return _read_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def _read(path: Path) -> ModelInfo:
+    shards = shard_paths(path)
+    for s in shards[1:]:
+        check_file(s)
+    readers = [_reader(s) for s in shards]
+    r0 = readers[0]
+    arch = _field(r0, "general.architecture")
+    if not isinstance(arch, str):
+        raise ModelError(f"GGUF has no general.architecture: {path}")
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelError(f"unsupported architecture {arch!r} (not a llama.cpp text model): {path}")
+
+    def kv(key: str, default=None):
+        return _field(r0, f"{arch}.{key}", default)
+
+    tensors: list[TensorInfo] = []
+    header_bytes = []
+    for s, r in zip(shards, readers):
+        size = s.stat().st_size
+        header_bytes.append(r.data_offset)
+        for t in r.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise ModelError(f"truncated GGUF: tensor {t.name} ends at byte {end}, file has {size}: {s}")
+            m = LAYER_RE.match(t.name)
+            tensors.append(TensorInfo(t.name, t.tensor_type.name, tuple(int(x) for x in t.shape),
+                                      int(t.n_elements), int(t.n_bytes), int(m[1]) if m else None, _group(t.name)))
+    n_layer = kv("block_count")
+    n_embd = kv("embedding_length")
+    n_head = kv("attention.head_count")
+    if not all(isinstance(x, (int, list)) for x in (n_layer, n_embd, n_head)) or not n_layer:
+        raise ModelError(f"GGUF lacks {arch}.block_count / embedding_length / attention.head_count: {path}")
+    head0 = n_head if isinstance(n_head, int) else max(n_head)
+    n_head_kv = kv("attention.head_count_kv", n_head)
+    head_dim_k = kv("attention.key_length", n_embd // max(head0, 1))
+    head_dim_v = kv("attention.value_length", n_embd // max(head0, 1))
+    tokens = r0.fields.get("tokenizer.ggml.tokens")
+    n_vocab = kv("vocab_size") or (len(tokens.data) if tokens is not None else 0)
+    ftype = _field(r0, "general.file_type")
+    try:
+        ftype_name = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None else "unknown"
+    except ValueError:
+        ftype_name = f"ftype{ftype}"
+    return ModelInfo(
+        path=str(path), shards=[str(s) for s in shards], file_size=sum(s.stat().st_size for s in shards),
+        arch=arch, name=str(_field(r0, "general.name", path.stem)), file_type=ftype_name,
+        n_layer=int(n_layer), n_embd=int(n_embd), n_head=int(head0), n_head_kv=n_head_kv,
+        head_dim_k=int(head_dim_k), head_dim_v=int(head_dim_v), n_ff=kv("feed_forward_length", 0),
+        n_vocab=int(n_vocab), n_ctx_train=int(kv("context_length", 0) or 0),
+        n_expert=int(kv("expert_count", 0) or 0), n_expert_used=int(kv("expert_used_count", 0) or 0),
+        n_expert_shared=int(kv("expert_shared_count", 0) or 0),
+        kv_lora_rank=int(kv("attention.kv_lora_rank", 0) or 0),
+        rope_dim=int(kv("rope.dimension_count", 0) or 0),
+        sliding_window=int(kv("attention.sliding_window", 0) or 0),
+        n_params=sum(t.n_elements for t in tensors),
+        content_hash=content_hash(shards, header_bytes), tensors=tensors)

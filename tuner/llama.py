@@ -1,0 +1,178 @@
+"""Thin ctypes glue over llama-cpp-python's low-level API for what its bindings leave out.
+
+llama-cpp-python binds `llama_model_params.tensor_buft_overrides` as an unused `c_void_p` and does not bind
+ggml's threadpool API; llama-bench uses both. Everything here needs `llama_cpp` importable, so the worker and
+the synthesizer import this module, the parent process does not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp.llama_cpp as L
+
+_LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
+
+# llama.cpp's own regex for routed-expert tensors (common/common.h: LLM_FFN_EXPS_REGEX).
+FFN_EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+def _lib(name: str) -> ctypes.CDLL:
+    # RTLD_GLOBAL: the same shared objects libllama already loaded, so buffer-type pointers agree.
+    return ctypes.CDLL(str(_LIB_DIR / name), mode=ctypes.RTLD_GLOBAL)
+
+
+_ggml = _lib("libggml.so")
+_ggml_base = _lib("libggml-base.so")
+
+_ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+_ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+_ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+_ggml.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+_ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+_ggml_base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+_ggml_base.ggml_backend_buft_name.restype = ctypes.c_char_p
+
+
+class TensorBuftOverride(ctypes.Structure):
+    """struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }"""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def buffer_types() -> dict[str, int]:
+    """Buffer types by name ("CPU", "CUDA0", ...), found as llama.cpp's `-ot` parser finds them."""
+    out: dict[str, int] = {}
+    for i in range(_ggml.ggml_backend_dev_count()):
+        buft = _ggml.ggml_backend_dev_buffer_type(_ggml.ggml_backend_dev_get(i))
+        if buft:
+            out[_ggml_base.ggml_backend_buft_name(buft).decode()] = buft
+    return out
+
+
+def override_patterns(n_cpu_moe: int, cpu_moe: bool, overrides: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(regex, buffer name) pairs in llama.cpp's order: raw -ot first, then --cpu-moe / --n-cpu-moe."""
+    pairs = []
+    for item in overrides:
+        pattern, _, buft = item.rpartition("=")
+        pairs.append((pattern, buft))
+    if cpu_moe:
+        pairs.append((FFN_EXPS_REGEX, "CPU"))
+    for i in range(n_cpu_moe):
+        pairs.append((rf"blk\.{i}{FFN_EXPS_REGEX}", "CPU"))
+    return pairs
+
+
+class Overrides:
+    """A NULL-terminated override array that owns its pattern strings for the model's lifetime."""
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        known = buffer_types()
+        self._patterns = [p.encode() for p, _ in pairs]  # kept alive: llama.cpp stores the pointers
+        self.array = (TensorBuftOverride * (len(pairs) + 1))()
+        for i, ((pattern, name), raw) in enumerate(zip(pairs, self._patterns)):
+            if name not in known:
+                raise ValueError(f"unknown buffer type {name!r} (this build has: {', '.join(sorted(known))})")
+            self.array[i].pattern = raw
+            self.array[i].buft = known[name]
+
+    @property
+    def pointer(self) -> int:
+        return ctypes.cast(self.array, ctypes.c_void_p).value
+
+
+# ggml threadpools, as llama-bench attaches one per context (ggml.h: struct ggml_threadpool_params).
+class ThreadpoolParams(ctypes.Structure):
+    _fields_ = [("cpumask", ctypes.c_bool * 512), ("n_threads", ctypes.c_int), ("prio", ctypes.c_int),
+                ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
+
+
+_ggml_cpu = _lib("libggml-cpu.so")
+_ggml_base.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
+_ggml_base.ggml_threadpool_params_default.restype = ThreadpoolParams
+_ggml_cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(ThreadpoolParams)]
+_ggml_cpu.ggml_threadpool_new.restype = ctypes.c_void_p
+_ggml_cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+_llama = L._lib
+_llama.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+_llama.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
+
+
+class Threadpools:
+    """One pool for generation and one for batches (when the counts differ), attached to a context."""
+
+    def __init__(self, ctx, n_threads: int, n_threads_batch: int):
+        self.ctx = ctx
+        self.pools = [self._new(n_threads)]
+        if n_threads_batch != n_threads:
+            self.pools.append(self._new(n_threads_batch))
+        _llama.llama_attach_threadpool(ctx, self.pools[0], self.pools[-1])
+
+    @staticmethod
+    def _new(n: int) -> int:
+        params = _ggml_base.ggml_threadpool_params_default(n)
+        pool = _ggml_cpu.ggml_threadpool_new(ctypes.byref(params))
+        if not pool:
+            raise RuntimeError(f"ggml_threadpool_new failed for {n} threads")
+        return pool
+
+    def free(self) -> None:
+        _llama.llama_detach_threadpool(self.ctx)
+        for p in self.pools:
+            _ggml_cpu.ggml_threadpool_free(p)
+        self.pools = []
+
+
+def build_info() -> dict:
+    """llama.cpp build facts recorded with every trial."""
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "system_info": L.llama_print_system_info().decode(errors="replace").strip(),
+        "gpu_offload": bool(L.llama_supports_gpu_offload()),
+        "buffer_types": sorted(buffer_types()),
+    }
+
+
+class LogCapture:
+    """Route llama.cpp's log through Python: keep every line (debug included) and echo warnings and errors.
+
+    The callback object is kept on the instance; ctypes would free it otherwise while llama.cpp still calls it.
+    """
+
+    LEVELS = {1: "debug", 2: "info", 3: "warn", 4: "error", 5: "cont"}
+
+    def __init__(self, echo_level: int = 3, stream=None):
+        self.lines: list[str] = []
+        self.echo_level = echo_level
+        self.stream = stream
+        self._last = 2
+
+        @L.llama_log_callback
+        def _cb(level, text, _user):
+            msg = text.decode(errors="replace") if text else ""
+            level = self._last if level == 5 else level  # GGML_LOG_LEVEL_CONT continues the previous line
+            self._last = level
+            self.lines.append(msg)
+            if len(self.lines) > 20000:
+                del self.lines[:10000]
+            if self.stream is not None and level >= self.echo_level:
+                self.stream.write(msg)
+                self.stream.flush()
+
+        self._cb = _cb
+        L.llama_log_set(self._cb, ctypes.c_void_p(0))
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: int, nthread: int = 0) -> None:
+    params = L.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = nthread
+    rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {dst}")

@@ -1,0 +1,197 @@
+"""Click options defined once and shared by the commands, plus the config-file → default_map plumbing.
+
+Parameter names are TrialConfig field names, so a saved config (recommended.json, an experiment TOML) maps
+straight onto the options: command line > file > defaults, through Click's `default_map`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import click
+
+from tuner.record import FLASH_ATTN, KV_TYPES, SPLIT_MODES, TrialConfig
+
+
+class TunerError(click.ClickException):
+    """Bad input: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"tuner: error: {self.format_message()}", err=True)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # TrialConfig field
+    flags: tuple[str, ...]  # llama-bench / llama.cpp spelling
+    type: object
+    help: str
+    search_flags: tuple[str, ...] = ()  # extra spellings for `tuner search` (--ngl 0:61, --ctx, --threads)
+
+
+# The llama.cpp parameters a trial can set. bench takes one value each; search takes a value, a list or a range.
+PARAMS = (
+    Param("n_gpu_layers", ("-ngl", "--n-gpu-layers"), int,
+          "layers on the GPU; -1, 99 or 999 = all (recorded as the real count)", ("--ngl",)),
+    Param("n_ctx", ("-c", "--ctx-size"), int, "context size (0 = n_prompt + n_gen + n_depth, as llama-bench)",
+          ("--ctx",)),
+    Param("n_threads", ("-t", "--threads"), int, "generation threads (default: physical cores)"),
+    Param("n_threads_batch", ("-tb", "--threads-batch"), int, "prompt/batch threads (default: = threads)"),
+    Param("n_batch", ("-b", "--batch-size"), int, "logical batch size"),
+    Param("n_ubatch", ("-ub", "--ubatch-size"), int, "physical batch size"),
+    Param("flash_attn", ("-fa", "--flash-attn"), click.Choice(FLASH_ATTN), "flash attention"),
+    Param("type_k", ("-ctk", "--cache-type-k"), click.Choice(KV_TYPES), "KV cache type for K"),
+    Param("type_v", ("-ctv", "--cache-type-v"), click.Choice(KV_TYPES), "KV cache type for V"),
+    Param("n_cpu_moe", ("-ncmoe", "--n-cpu-moe"), int, "keep the experts of the first N layers in host RAM"),
+    Param("split_mode", ("-sm", "--split-mode"), click.Choice(SPLIT_MODES), "how to split across GPUs"),
+    Param("main_gpu", ("-mg", "--main-gpu"), int, "GPU for the whole model with split-mode none"),
+)
+POSITIVE = {"n_threads", "n_threads_batch", "n_batch", "n_ubatch", "repetitions"}
+NON_NEGATIVE = {"n_ctx", "n_cpu_moe", "main_gpu", "n_prompt", "n_gen", "n_depth"}
+CONFIG_FIELDS = {f.name for f in fields(TrialConfig)}
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'24GiB', '24G', '512M', '1.5GB', '1000000' → bytes (binary units: G = GiB, as llama.cpp prints)."""
+    if text is None or isinstance(text, int):
+        return text
+    m = SIZE_RE.match(str(text))
+    if not m:
+        raise click.BadParameter(f"not a size: {text!r} (use e.g. 24GiB, 512M)")
+    num, unit, suffix = float(m[1]), m[2].lower(), m[3].lower()
+    power = "kmgtp".find(unit) + 1 if unit else 0
+    base = 1000 if suffix == "b" and unit else 1024
+    return int(num * base**power)
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_size(value)
+        except click.BadParameter as e:
+            self.fail(e.message, param, ctx)
+
+
+SIZE = SizeType()
+
+
+def _check_count(ctx, param, value):
+    if value is None:
+        return value
+    if param.name in POSITIVE and value < 1:
+        raise click.BadParameter(f"must be at least 1, got {value}")
+    if param.name in NON_NEGATIVE and value < 0:
+        raise click.BadParameter(f"must not be negative, got {value}")
+    if param.name == "n_gpu_layers" and value < -1:
+        raise click.BadParameter(f"must be -1 (all layers) or more, got {value}")
+    return value
+
+
+def bench_params(f):
+    """One value per llama.cpp parameter, named as in llama-bench."""
+    for p in reversed(PARAMS):
+        f = click.option(*p.flags, p.name, type=p.type, default=None, callback=_check_count, help=p.help)(f)
+    return f
+
+
+def space_params(f):
+    """For search: each parameter a value, a list (4096,8192) or a range (0:61, 4:16:2)."""
+    for p in reversed(PARAMS):
+        f = click.option(*p.flags, *p.search_flags, p.name, type=str, default=None,
+                         help=f"{p.help}; a value, a list or a range")(f)
+    return f
+
+
+def shape_params(f):
+    """The llama-bench test shape, shared by bench and search."""
+    opts = [
+        click.option("-p", "--n-prompt", "n_prompt", type=int, default=None, callback=_check_count,
+                     help="prompt tokens per pp repetition [512]"),
+        click.option("-n", "--n-gen", "n_gen", type=int, default=None, callback=_check_count,
+                     help="generated tokens per tg repetition [128]"),
+        click.option("-d", "--n-depth", "n_depth", type=int, default=None, callback=_check_count,
+                     help="tokens already in the context before timing [0]"),
+        click.option("-r", "--repetitions", "repetitions", type=int, default=None, callback=_check_count,
+                     help="repetitions per test [5]"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def run_params(f):
+    """How trials run: the per-trial safety limits and the host lock."""
+    opts = [
+        click.option("--timeout", "trial_timeout", type=float, default=600.0, show_default=True,
+                     help="seconds before a trial is killed and recorded as timeout"),
+        click.option("--mem-limit", type=SIZE, default=None,
+                     help="cap each trial's memory (RLIMIT_DATA), e.g. 4GiB: emulates a smaller machine"),
+        click.option("--no-wait", is_flag=True, help="fail instead of waiting when another measurement runs"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def load_config_file(path: Path) -> dict:
+    """An experiment TOML or a saved config JSON (recommended.json, `tuner bench --json`) as a flat dict."""
+    if not path.is_file():
+        raise TunerError(f"config file not found: {path}")
+    text = path.read_text(errors="replace")
+    if path.suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise TunerError(f"malformed TOML in {path}: {e}") from None
+        return flatten_toml(data)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TunerError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or "model" not in data["config"]:
+        raise TunerError(f"{path} is not a tuner config (expected a JSON object with a 'config' holding "
+                         "'model', as recommended.json or `tuner bench --json` write)")
+    cfg = dict(data["config"])
+    unknown = set(cfg) - CONFIG_FIELDS
+    if unknown:
+        raise TunerError(f"{path}: unknown parameter(s) {', '.join(sorted(unknown))}")
+    return cfg
+
+
+def flatten_toml(data: dict) -> dict:
+    """Experiment files may group keys in tables ([space], [study], [run]); options are one flat namespace."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten_toml(v))
+        else:
+            out[k.replace("-", "_")] = v
+    return out
+
+
+def config_option(help_text: str):
+    """--config FILE, eager: fills ctx.default_map before any other option takes its value."""
+
+    def callback(ctx: click.Context, param, value):
+        if not value:
+            return value
+        values = load_config_file(Path(value))
+        names = {p.name for p in ctx.command.params}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TunerError(f"{value}: unknown parameter(s) {', '.join(unknown)}")
+        ctx.default_map = {**(ctx.default_map or {}), **values}
+        return value
+
+    return click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=True,
+                        callback=callback, help=help_text)

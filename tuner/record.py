@@ -1,0 +1,238 @@
+"""The one trial record type that flows worker → runner → study → Parquet → report/compare.
+
+`TrialConfig` is what is measured (llama.cpp model/context parameters plus the test shape, named as in
+llama-bench). `TrialRecord` is one measured trial: the config, the outcome, every metric with its
+repetition samples, and the facts needed to compare trials across machines and builds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import statistics
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+# Outcomes a trial can have. `skipped` never ran (dominated by a known failure or predicted not to fit);
+# `interrupted` was running when the parent died or was stopped.
+OUTCOMES = ("ok", "oom", "crash", "timeout", "swap", "load_error", "error", "skipped", "interrupted")
+FAILED = frozenset(OUTCOMES) - {"ok", "skipped"}
+
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "iq4_nl", "q4_1", "q4_0")
+# Bytes per element, used to order KV types ("same or larger KV type" in dominance checks).
+KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+                 "iq4_nl": 18 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
+FLASH_ATTN = ("auto", "on", "off")
+# What llama.cpp, ggml, CUDA, libstdc++ and Python print when memory runs out.
+OOM_MARKERS = ("out of memory", "failed to allocate", "insufficient memory", "cudamalloc failed",
+               "std::bad_alloc", "cannot allocate memory", "memoryerror", "unable to allocate",
+               "allocation failed")
+
+
+def oom_line(text: str) -> str | None:
+    """The last log line that says memory ran out, if any."""
+    for ln in reversed(text.splitlines()):
+        if any(m in ln.lower() for m in OOM_MARKERS):
+            return ln.strip()[:300]
+    return None
+SPLIT_MODES = ("none", "layer", "row")
+
+
+@dataclass
+class TrialConfig:
+    """One llama.cpp configuration plus the llama-bench style test shape."""
+
+    model: str
+    n_gpu_layers: int = 99  # -1, 99, 999: all layers, as in llama.cpp; the record keeps the effective count
+    split_mode: str = "layer"
+    main_gpu: int = 0
+    tensor_split: str = ""  # "3,1" proportions per GPU, empty = llama.cpp decides
+    use_mmap: bool = True
+    use_mlock: bool = False
+    n_ctx: int = 0  # 0 = n_prompt + n_gen + n_depth, as llama-bench sizes its contexts
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    n_threads: int = 0  # 0 = physical cores, as llama-bench
+    n_threads_batch: int = 0  # 0 = same as n_threads
+    flash_attn: str = "auto"
+    type_k: str = "f16"
+    type_v: str = "f16"
+    n_cpu_moe: int = 0  # experts of the first N layers stay in host memory (llama.cpp --n-cpu-moe)
+    cpu_moe: bool = False  # all routed experts in host memory (llama.cpp --cpu-moe)
+    overrides: tuple[str, ...] = ()  # raw -ot PATTERN=BUFFER entries
+    n_prompt: int = 512
+    n_gen: int = 128
+    n_depth: int = 0
+    repetitions: int = 5
+    warmup: bool = True
+
+    # Parameters that change what is loaded; a worker may keep a model loaded across trials that agree on these.
+    LOAD_KEYS = ("model", "n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock",
+                 "n_cpu_moe", "cpu_moe", "overrides")
+
+    def __post_init__(self) -> None:
+        self.overrides = tuple(self.overrides or ())
+
+    def load_key(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.LOAD_KEYS)
+
+    def effective_ctx(self) -> int:
+        return self.n_ctx or (self.n_prompt + self.n_gen + self.n_depth)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["overrides"] = list(self.overrides)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config parameter(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def params(self) -> dict[str, Any]:
+        """Parameters without the model path (what a search dimension or a comparison key sees)."""
+        d = self.to_dict()
+        d.pop("model")
+        return d
+
+
+def summarize(samples: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n-1), as llama-bench reports avg_ts / stddev_ts."""
+    if not samples:
+        return None, None
+    mean = statistics.fmean(samples)
+    sd = statistics.stdev(samples) if len(samples) > 1 else 0.0
+    return mean, sd
+
+
+@dataclass
+class TrialRecord:
+    """One trial: config, outcome and every measured figure. Flattens to one Parquet row."""
+
+    config: TrialConfig
+    outcome: str = "error"
+    cause: str = ""  # one line: why it failed (or was skipped)
+    stderr_tail: str = ""
+    # metrics (t/s per repetition, as llama-bench's samples_ts)
+    pp_samples: list[float] = field(default_factory=list)
+    tg_samples: list[float] = field(default_factory=list)
+    ttft_samples_ms: list[float] = field(default_factory=list)
+    load_ms: float | None = None
+    peak_rss_bytes: int | None = None
+    peak_vram_bytes: int | None = None
+    peak_vram_by_gpu: list[int] = field(default_factory=list)
+    swap_in_bytes: int | None = None
+    wall_s: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    n_gpu_layers_effective: int | None = None
+    # model facts
+    model_size_bytes: int | None = None
+    model_arch: str = ""
+    model_name: str = ""
+    model_n_params: int | None = None
+    model_n_layer: int | None = None
+    model_file_type: str = ""
+    model_hash: str = ""
+    # hardware and build fingerprint
+    hw: dict[str, Any] = field(default_factory=dict)
+    build: dict[str, Any] = field(default_factory=dict)
+    hw_fingerprint: str = ""
+    build_fingerprint: str = ""
+    overrides_applied: list[str] = field(default_factory=list)  # "tensor=buffer" as llama.cpp reported them
+    started_utc: str = ""
+    finished_utc: str = ""
+    # filled by the study (empty for tuner bench)
+    study: str = ""
+    trial_number: int | None = None
+    state: str = ""
+    constraint: list[float] = field(default_factory=list)
+    drift: bool = False
+    skipped_by: int | None = None
+    baseline: str = ""  # which enqueued baseline this trial is ("llama.cpp defaults", "heuristic"), if any
+    predicted_ram_bytes: int | None = None
+    predicted_vram_bytes: int | None = None
+    tg_roofline_ts: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+    def metric(self, name: str) -> tuple[float | None, float | None]:
+        samples = {"pp": self.pp_samples, "tg": self.tg_samples, "ttft": self.ttft_samples_ms}[name]
+        return summarize(samples)
+
+    def to_row(self) -> dict[str, Any]:
+        """Flat dict for one Parquet row: config params become columns, metrics get mean/sd columns."""
+        row: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "config":
+                continue
+            v = getattr(self, f.name)
+            row[f.name] = json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
+        cfg = self.config.to_dict()
+        cfg["overrides"] = list(cfg["overrides"])
+        row.update(cfg)
+        for name in ("pp", "tg", "ttft"):
+            mean, sd = self.metric(name)
+            unit = "ms" if name == "ttft" else "ts"
+            row[f"{name}_{unit}_mean"] = mean
+            row[f"{name}_{unit}_sd"] = sd
+        row["tg_roofline_pct"] = (100.0 * row["tg_ts_mean"] / self.tg_roofline_ts
+                                  if row["tg_ts_mean"] and self.tg_roofline_ts else None)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "TrialRecord":
+        cfg_names = {f.name for f in fields(TrialConfig)}
+        rec_names = {f.name for f in fields(cls)} - {"config"}
+        cfg = {k: _plain(row[k]) for k in cfg_names if k in row and not _missing(row[k])}
+        if "overrides" in cfg:
+            cfg["overrides"] = tuple(cfg["overrides"])
+        rec = {}
+        for k in rec_names:
+            if k not in row or _missing(row[k]):
+                continue
+            v = _plain(row[k])
+            if k in ("hw", "build") and isinstance(v, str):
+                v = json.loads(v) if v else {}
+            rec[k] = v
+        return cls(config=TrialConfig(**cfg), **rec)
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrialRecord":
+        d = json.loads(text)
+        d["config"] = TrialConfig.from_dict(d["config"])
+        return cls(**d)
+
+
+def _missing(v: Any) -> bool:
+    if v is None:
+        return True
+    try:
+        return isinstance(v, float) and math.isnan(v)
+    except TypeError:
+        return False
+
+
+def _plain(v: Any) -> Any:
+    """Parquet gives numpy scalars and arrays; turn them back into Python values."""
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+def utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")

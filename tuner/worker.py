@@ -1,0 +1,328 @@
+"""The trial worker: a child process that measures configs the way llama-bench does.
+
+Run as `python -m tuner.worker RESULT_FD`. It reads one JSON job per line on stdin and writes JSON events
+to RESULT_FD (stdout and stderr stay llama.cpp's): `{"event": "stage", ...}` as it goes, then exactly one
+`{"event": "result", ...}` per job. It keeps a loaded model for the next job when the load parameters agree,
+and exits on EOF. Anything fatal (a signal, an abort) kills only this process; the runner records it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+import time
+
+import numpy as np
+
+from tuner.record import TrialConfig, oom_line
+
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+SPLIT_MODE = {"none": 0, "layer": 1, "row": 2}
+# llama_decode: 1 = no KV slot for the batch, -2 = allocation failed (llama-context.cpp)
+DECODE_OOM = {1: "no KV cache slot for the batch (context full)", -2: "allocation failed during decode"}
+
+
+class TrialFailure(Exception):
+    def __init__(self, outcome: str, cause: str):
+        super().__init__(cause)
+        self.outcome = outcome
+        self.cause = cause
+
+
+def _set_pdeathsig() -> None:
+    """Die with the parent: a worker must never outlive a killed search and hold the rig."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_hwm() -> None:
+    # Linux >= 4.0: writing 5 resets VmHWM to the current RSS, so each job gets its own high-water mark.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _status_kib(key: str) -> int | None:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+class Worker:
+    def __init__(self, out):
+        self.out = out
+        import llama_cpp.llama_cpp as L  # imported here: the runner's process never loads llama.cpp
+
+        from tuner import llama as glue
+
+        self.L = L
+        self.glue = glue
+        L.llama_backend_init()
+        verbose = os.environ.get("TUNER_WORKER_VERBOSE") == "1"
+        self.log = glue.LogCapture(echo_level=1 if verbose else 3, stream=sys.stderr)
+        self.model = None
+        self.model_key = None
+        self.model_overrides = None
+        self.load_ms = None
+        self.n_layer = None
+        self.applied: list[str] = []
+
+    def emit(self, event: str, **data) -> None:
+        self.out.write(json.dumps({"event": event, **data}) + "\n")
+        self.out.flush()
+
+    # -- loading ----------------------------------------------------------------------------------
+    def _free_model(self) -> None:
+        if self.model is not None:
+            self.L.llama_model_free(self.model)
+        self.model = self.model_key = self.model_overrides = None
+
+    def load(self, cfg: TrialConfig, fault: str | None) -> None:
+        if self.model is not None and self.model_key == cfg.load_key():
+            return
+        self._free_model()
+        L = self.L
+        self.emit("stage", stage="load")
+        if fault == "hang_load":
+            time.sleep(10**6)
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = cfg.n_gpu_layers
+        mp.split_mode = SPLIT_MODE[cfg.split_mode]
+        mp.main_gpu = cfg.main_gpu
+        if cfg.use_mlock:
+            mp.load_mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if cfg.use_mmap else L.LLAMA_LOAD_MODE_MLOCK
+        else:
+            mp.load_mode = L.LLAMA_LOAD_MODE_AUTO if cfg.use_mmap else L.LLAMA_LOAD_MODE_NONE
+        if cfg.tensor_split:
+            parts = [float(x) for x in cfg.tensor_split.split(",")]
+            n = L.llama_max_devices()
+            self._tensor_split = (ctypes.c_float * n)(*(parts + [0.0] * (n - len(parts)))[:n])
+            mp.tensor_split = self._tensor_split
+        pairs = self.glue.override_patterns(cfg.n_cpu_moe, cfg.cpu_moe, cfg.overrides)
+        overrides = None
+        if pairs:
+            try:
+                overrides = self.glue.Overrides(pairs)
+            except ValueError as e:
+                raise TrialFailure("load_error", str(e)) from None
+            mp.tensor_buft_overrides = overrides.pointer
+        mark = len(self.log.lines)
+        t0 = time.perf_counter_ns()
+        model = L.llama_model_load_from_file(cfg.model.encode(), mp)
+        t1 = time.perf_counter_ns()
+        if not model:
+            raise TrialFailure(*classify_log("".join(self.log.lines[mark:]), "load_error",
+                                             "llama.cpp failed to load the model"))
+        self.model, self.model_key, self.model_overrides = model, cfg.load_key(), overrides
+        self.load_ms = (t1 - t0) / 1e6
+        self.n_layer = L.llama_model_n_layer(model)
+        self.applied = parse_overrides(self.log.lines[mark:])
+
+    # -- measuring --------------------------------------------------------------------------------
+    def run(self, job: dict) -> dict:
+        cfg = TrialConfig.from_dict(job["config"])
+        fault = job.get("fault")
+        _reset_hwm()
+        if fault:
+            inject_early(fault)
+        self.load(cfg, fault)
+        L = self.L
+        cp = L.llama_context_default_params()
+        cp.n_ctx = cfg.effective_ctx()
+        cp.n_batch = cfg.n_batch
+        cp.n_ubatch = cfg.n_ubatch
+        n_threads = cfg.n_threads or physical_cores()
+        n_threads_batch = cfg.n_threads_batch or n_threads
+        cp.n_threads = n_threads
+        cp.n_threads_batch = n_threads_batch
+        cp.flash_attn_type = FLASH_ATTN[cfg.flash_attn]
+        cp.type_k = ggml_type(cfg.type_k)
+        cp.type_v = ggml_type(cfg.type_v)
+        cp.swa_full = False  # as llama-bench
+        cp.no_perf = True
+        if fault == "alloc_fail":
+            # A real allocation failure: cap the data segment just above what is in use now.
+            in_use = (_status_kib("VmData") or 0) * 1024
+            resource.setrlimit(resource.RLIMIT_DATA, (in_use + (1 << 20), resource.RLIM_INFINITY))
+        self.emit("stage", stage="context")
+        mark = len(self.log.lines)
+        ctx = L.llama_init_from_model(self.model, cp)
+        if not ctx:
+            raise TrialFailure(*classify_log("".join(self.log.lines[mark:]), "error",
+                                             "llama.cpp failed to create the context"))
+        pools = self.glue.Threadpools(ctx, n_threads, n_threads_batch)
+        try:
+            result = self.measure(ctx, cfg, fault)
+        finally:
+            pools.free()
+            L.llama_free(ctx)
+        result.update(load_ms=self.load_ms, model_n_layer=self.n_layer, overrides_applied=self.applied,
+                      n_gpu_layers_effective=effective_gpu_layers(cfg.n_gpu_layers, self.n_layer,
+                                                                  bool(L.llama_supports_gpu_offload())),
+                      peak_rss_bytes=(_status_kib("VmHWM") or 0) * 1024)
+        return result
+
+    def measure(self, ctx, cfg: TrialConfig, fault: str | None) -> dict:
+        L = self.L
+        vocab = L.llama_model_get_vocab(self.model)
+        n_vocab = L.llama_vocab_n_tokens(vocab)
+        bos = L.llama_vocab_bos(vocab) if L.llama_vocab_get_add_bos(vocab) else None
+        mem = L.llama_get_memory(ctx)
+        rng = np.random.default_rng(1234)
+
+        def tokens(n: int) -> np.ndarray:
+            t = rng.integers(0, n_vocab, size=max(n, 1), dtype=np.int32)
+            if bos is not None:
+                t[0] = bos
+            return t
+
+        def decode(arr: np.ndarray, start: int, n: int) -> None:
+            ptr = ctypes.cast(arr.ctypes.data + 4 * start, ctypes.POINTER(L.llama_token))
+            rc = L.llama_decode(ctx, L.llama_batch_get_one(ptr, n))
+            if rc != 0:
+                if rc in DECODE_OOM:
+                    raise TrialFailure("oom", f"llama_decode returned {rc}: {DECODE_OOM[rc]}")
+                raise TrialFailure("error", f"llama_decode returned {rc}")
+
+        def prompt(arr: np.ndarray) -> None:
+            # n_batch chunks, one synchronize at the end (llama-bench test_prompt)
+            for start in range(0, len(arr), cfg.n_batch):
+                decode(arr, start, min(cfg.n_batch, len(arr) - start))
+            L.llama_synchronize(ctx)
+
+        def gen(arr: np.ndarray) -> None:
+            # one token per decode, synchronize after every token (llama-bench test_gen)
+            for i in range(len(arr)):
+                decode(arr, i, 1)
+                L.llama_synchronize(ctx)
+
+        def depth() -> None:
+            L.llama_memory_clear(mem, False)
+            if cfg.n_depth:
+                prompt(tokens(cfg.n_depth))
+
+        self.emit("stage", stage="warmup")
+        if cfg.warmup:
+            if cfg.n_prompt:
+                prompt(tokens(cfg.n_prompt))
+            if cfg.n_gen:
+                L.llama_memory_clear(mem, False)
+                gen(tokens(1))
+        if fault == "hang_decode":
+            time.sleep(10**6)
+        pp, tg, ttft = [], [], []
+        self.emit("stage", stage="pp")
+        for _ in range(cfg.repetitions if cfg.n_prompt else 0):
+            depth()
+            arr, first = tokens(cfg.n_prompt), tokens(1)
+            t0 = time.perf_counter_ns()
+            prompt(arr)
+            t1 = time.perf_counter_ns()
+            # TTFT: the prompt plus the decode that yields the first generated token (no sampling)
+            decode(first, 0, 1)
+            L.llama_synchronize(ctx)
+            t2 = time.perf_counter_ns()
+            pp.append(cfg.n_prompt * 1e9 / (t1 - t0))
+            ttft.append((t2 - t0) / 1e6)
+        self.emit("stage", stage="tg")
+        for _ in range(cfg.repetitions if cfg.n_gen else 0):
+            depth()
+            arr = tokens(cfg.n_gen)
+            t0 = time.perf_counter_ns()
+            gen(arr)
+            t1 = time.perf_counter_ns()
+            tg.append(cfg.n_gen * 1e9 / (t1 - t0))
+        return {"pp_samples": pp, "tg_samples": tg, "ttft_samples_ms": ttft}
+
+
+def effective_gpu_layers(requested: int, n_layer: int, offload: bool) -> int:
+    """Layers llama.cpp really puts on a GPU: all (n_layer + output) for a negative or too large count."""
+    if not offload:
+        return 0
+    return n_layer + 1 if requested < 0 else min(requested, n_layer + 1)
+
+
+def ggml_type(name: str) -> int:
+    import gguf
+
+    return int(gguf.GGMLQuantizationType[name.upper()])
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def classify_log(text: str, default: str, fallback: str) -> tuple[str, str]:
+    """Outcome and one-line cause from llama.cpp's log of a failed step."""
+    oom = oom_line(text)
+    if oom:
+        return "oom", oom
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
+    return default, (errors[-1] if errors else fallback)[:300]
+
+
+def parse_overrides(lines: list[str]) -> list[str]:
+    """"tensor=buffer" for every tensor llama.cpp reports as overridden (its own log line)."""
+    out = []
+    for ln in lines:
+        if "buffer type overridden to" in ln:
+            name = ln.split("tensor ", 1)[1].split(" ", 1)[0]
+            out.append(f"{name}={ln.rsplit(' ', 1)[1].strip()}")
+    return out
+
+
+def inject_early(fault: str) -> None:
+    """Real faults for `tuner selftest` and the tests: the process really dies or really hangs."""
+    if fault == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == "segv":
+        ctypes.string_at(0)
+    elif fault == "abort":
+        os.abort()
+    elif fault == "exit":
+        os._exit(3)
+
+
+def main() -> None:
+    _set_pdeathsig()
+    out = os.fdopen(int(sys.argv[1]), "w")
+    worker = Worker(out)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        if job.get("mem_limit"):
+            resource.setrlimit(resource.RLIMIT_DATA, (int(job["mem_limit"]), resource.RLIM_INFINITY))
+        try:
+            res = {"outcome": "ok", **worker.run(job)}
+        except TrialFailure as e:
+            res = {"outcome": e.outcome, "cause": e.cause}
+        except MemoryError:
+            res = {"outcome": "oom", "cause": "MemoryError in the worker"}
+        except Exception as e:  # noqa: BLE001 - any other error is reported, not raised
+            res = {"outcome": "error", "cause": f"{type(e).__name__}: {e}"}
+        if res["outcome"] != "ok":
+            # a failed job may leave llama.cpp in a bad state: report, then exit so the next job starts clean
+            res.setdefault("peak_rss_bytes", (_status_kib("VmHWM") or 0) * 1024)
+            worker.emit("result", **res)
+            break
+        worker.emit("result", **res)
+    out.close()
+
+
+if __name__ == "__main__":
+    main()
