@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,7 +14,9 @@ from tuner import bench as benchlib
 from tuner import hardware, store
 from tuner.ggufmeta import ModelError, read_model
 from tuner.lock import LockBusy, measurement_lock
-from tuner.options import (TunerError, bench_params, config_option, run_params, shape_params)
+from tuner.options import (DURATION, SIZE, TunerError, bench_params, config_option, run_params, shape_params,
+                           space_params)
+from tuner.study import OBJECTIVES, SAMPLERS
 from tuner.record import TrialConfig
 
 EXIT_BUSY = 75  # EX_TEMPFAIL: another measurement holds the rig
@@ -133,7 +137,7 @@ def model_info(model: str):
 @click.option("-ts", "--tensor-split", "tensor_split", default=None, help="proportions per GPU, e.g. 3,1")
 @click.option("--warmup/--no-warmup", "warmup", default=None, help="one untimed run first (as llama-bench)")
 @shape_params
-@run_params
+@run_params()
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default="results/bench.parquet", show_default=True,
               help="Parquet file the trial row is appended to")
 @click.option("--json", "as_json", is_flag=True, help="print the trial record as JSON")
@@ -160,11 +164,21 @@ def bench(config, model, trial_timeout, mem_limit, no_wait, out, as_json, **para
     for item in given.get("overrides", ()):
         if "=" not in item or not item.split("=", 1)[0]:
             raise TunerError(f"bad --override-tensor {item!r}: expected PATTERN=BUFFER")
+    if given.get("tensor_split"):
+        try:  # caught here, not as a failed trial inside the worker
+            ok = all(float(x) >= 0 for x in given["tensor_split"].split(","))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise TunerError(f"bad --tensor-split {given['tensor_split']!r}: expected proportions like 3,1")
     cfg = benchlib.resolve(TrialConfig(model=model, **given), info)
     out = store.check_writable(out)
     with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}"):
         with Runner(timeout=trial_timeout, mem_limit=mem_limit) as runner:
             rec = runner.run(cfg)
+        # planner prediction (calibrated on this rig's earlier trials in `out`) and the bandwidth bound
+        from tuner import planner, roofline
+        roofline.annotate(rec, info, planner.Calibration.from_store([out], rec.hw_fingerprint))
     store.append(out, [rec])
     if as_json:
         click.echo(rec.to_json())
@@ -179,3 +193,256 @@ def bench(config, model, trial_timeout, mem_limit, no_wait, out, as_json, **para
 
 def main():  # pragma: no cover - console script entry
     cli()
+
+
+def _limits_options(f):
+    """Constraints a recommendation must meet; shared by search and recommend."""
+    opts = [
+        click.option("--min-ctx", type=int, default=0, help="the context you need: smaller n_ctx never qualifies"),
+        click.option("--max-vram", type=SIZE, default=None, help="VRAM a config may use, e.g. 20GiB"),
+        click.option("--max-ram", type=SIZE, default=None, help="host RAM a config may use, e.g. 200GiB"),
+        click.option("--headroom", type=SIZE, default="1GiB", show_default=True,
+                     help="memory left free for the OS and the display (Windows/WDDM reserves VRAM)"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _study_name(models: list[str]) -> str:
+    import re
+
+    stem = Path(models[0]).name.removesuffix(".gguf")
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem) + (f"+{len(models) - 1}" if len(models) > 1 else "")
+
+
+@cli.command()
+@config_option("an experiment file (TOML): any option below; the command line wins over the file")
+@click.option("-m", "--model", "models", multiple=True, help="GGUF file (repeat for several quants); split "
+              "models: the first shard")
+@click.option("--synthetic", type=click.Choice(["tiny", "dense", "moe"]), default=None,
+              help="no model at hand: make this synthetic preset (into RESULTS/models) and search it")
+@click.option("--quants", default="q8_0,q4_k_m", show_default=True, help="quants made with --synthetic")
+@click.option("--study", "study_name", default=None, help="study name (default: from the model file name)")
+@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="where the study folder goes: RESULTS/<study>/")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite in the study folder)")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-trials", type=click.IntRange(min=1), default=None, help="trials to run now (default: 20; "
+              "grid: the whole grid)")
+@click.option("--timeout", "budget", type=DURATION, default=None, help="wall-time budget, e.g. 8h")
+@click.option("--resume", is_flag=True, help="continue an existing study (re-running the same command does too)")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="tg", show_default=True,
+              help="tg/pp t/s, TTFT, or mixed (end-to-end t/s of one request)")
+@click.option("--pareto", is_flag=True, help="two objectives: tg t/s against peak memory (Optuna's Pareto front)")
+@_limits_options
+@space_params
+@click.option("--mmap", "use_mmap", default=None, help="true, false or true,false")
+@shape_params
+@run_params("--trial-timeout")
+@click.option("--drift-every", type=click.IntRange(min=0), default=10, show_default=True,
+              help="re-measure an anchor config every K trials (0: never)")
+@click.option("--drift-tolerance", type=float, default=0.05, show_default=True)
+@click.option("--baselines/--no-baselines", default=True, help="start with llama.cpp's defaults and the "
+              "3500 MB/layer heuristic")
+@click.option("--reuse-workers/--fresh-workers", default=True,
+              help="keep a worker's model loaded for the next trial with the same load parameters")
+def search(config, models, synthetic, quants, study_name, results, storage, sampler, seed, n_trials, budget,
+           resume, objective, pareto, min_ctx, max_vram, max_ram, headroom, trial_timeout, mem_limit, no_wait,
+           drift_every, drift_tolerance, baselines, reuse_workers, **params):
+    """Search for the fastest config that fits: an Optuna study, every trial crash-isolated.
+
+    Each dimension is a value, a list or a range: --ngl 0:61, --ctx 4096,8192, --threads 4:16:2.
+    Out-of-memory, crashed and timed-out trials are recorded with their cause and steer the sampler
+    away (Optuna constraints); configs a known OOM dominates are skipped. Results go to
+    RESULTS/<study>/: trials.parquet, study.db (Optuna), logs/, recommended.json. Re-running the same
+    command resumes the study. Ctrl-C stops after the current trial (twice: at once).
+
+    \b
+    Examples:
+      tuner search --model Q4_K_M.gguf --model Q8_0.gguf --ngl 0:61 --ctx 4096,8192 --threads 4:16:2 --timeout 8h
+      tuner search --config experiments/cpu-only.toml
+      tuner search --synthetic dense --n-trials 10
+    """
+    from tuner import space as spacelib
+    from tuner import study as studylib
+    from tuner.runner import Runner
+
+    models = list(models)
+    if synthetic:
+        from tuner.synth import synthesize
+
+        models += [str(p) for p in synthesize(Path(results) / "models", synthetic,
+                                              tuple(q.strip() for q in quants.split(",") if q.strip()))]
+    if not models:
+        raise TunerError("no model: pass --model FILE.gguf (repeatable) or --synthetic tiny|dense|moe")
+    models = list(dict.fromkeys(models))
+    infos = {m: model_info(m) for m in models}
+    hwinfo = hardware.probe()
+    build = hardware.build_info()
+    shape = {k: params.pop(k) for k in ("n_prompt", "n_gen", "n_depth", "repetitions")}
+    base = TrialConfig(model=models[0], n_threads=hwinfo.cores_physical, n_threads_batch=0,
+                       **{k: v for k, v in shape.items() if v is not None})
+    if "n_threads_batch" not in {k for k, v in params.items() if v is not None}:
+        params.setdefault("n_threads_batch", None)
+    try:
+        space = spacelib.build_space(models, infos, params, base, bool(build.get("gpu_offload")),
+                                     hwinfo.cores_physical, hwinfo.cores_logical)
+    except spacelib.SpaceError as e:
+        raise TunerError(str(e)) from None
+    if "n_threads_batch" not in space.dims:
+        # threads_batch follows threads unless searched on its own
+        space.base = dataclasses.replace(space.base, n_threads_batch=0)
+    if min_ctx:
+        d = space.dims.get("n_ctx")
+        if d is None:
+            space.dims["n_ctx"] = spacelib.Dimension("n_ctx", [min_ctx])
+        else:
+            keep = [v for v in d.values if v >= min_ctx or v == 0 and base.effective_ctx() >= min_ctx]
+            if not keep:
+                raise TunerError(f"--min-ctx {min_ctx}: no n_ctx in the space is that large ({d.spec()})")
+            if len(keep) < len(d.values):
+                space.notes.append(f"n_ctx below --min-ctx {min_ctx} dropped from the space")
+            space.dims["n_ctx"] = spacelib.Dimension("n_ctx", keep, d.step if len(keep) == len(d.values) else None)
+    name = study_name or _study_name(models)
+    study_dir = Path(results) / name
+    try:
+        store.check_writable(study_dir / store.TRIALS_FILE)
+    except store.StoreError as e:
+        raise TunerError(str(e)) from None
+    if n_trials is None and budget is None and sampler != "grid":
+        n_trials = 20
+    opts = studylib.SearchOptions(
+        study_dir=study_dir, study_name=name, storage=storage, sampler=sampler, seed=seed, n_trials=n_trials,
+        timeout_s=budget, objective=objective, pareto=pareto,
+        limits=studylib.Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom),
+        trial_timeout=trial_timeout, mem_limit=mem_limit, reuse_workers=reuse_workers,
+        drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume)
+    for note in space.notes:
+        click.echo(f"note: {note}", err=True)
+    varying = ", ".join(f"{k}={d.spec()}" for k, d in space.varying().items()) or "nothing varies"
+    click.echo(f"study {name}: {len(models)} model(s), {space.size()} configs ({varying}); "
+               f"storage {studylib.redact(opts.storage_url)}", err=True)
+    srch = studylib.Search(space, opts, infos, hwinfo, build, on_trial=Progress(opts, space.size()))
+    try:
+        srch.prepare()
+    except studylib.StudyError as e:
+        raise TunerError(str(e)) from None
+    done = srch.done_trials()
+    if done:
+        click.echo(f"resuming study {name}: {done} trial(s) already done", err=True)
+    resume_hint = shlex.join(["tuner"] + sys.argv[1:]) if sys.argv and "tuner" in Path(sys.argv[0]).name else \
+        f"tuner search --study {name} --results {results} --resume (same options)"
+    with measurement_lock(wait=not no_wait, what=f"tuner search {name}"):
+        with Runner(timeout=trial_timeout, mem_limit=mem_limit, reuse=reuse_workers, hw=hwinfo,
+                    build=build) as runner:
+            srch.runner = runner
+            try:
+                with studylib.StopOnSignal(srch):
+                    rec = srch.run()
+            except (KeyboardInterrupt, studylib.TrialInterrupted):
+                srch.write_recommendation()
+                click.echo(f"\ninterrupted: everything so far is in {study_dir}/; resume with:\n  {resume_hint}",
+                           err=True)
+                return 130
+    if srch.stop_requested:
+        click.echo(f"stopped: resume with:\n  {resume_hint}", err=True)
+    _print_recommendation(rec, study_dir)
+    return 0
+
+
+class Progress:
+    """One line per trial: count, elapsed, ETA against the budget, best so far, the last outcome."""
+
+    def __init__(self, opts, space_size: int):
+        self.opts = opts
+        self.total = opts.n_trials or (space_size if opts.sampler == "grid" else None)
+
+    def __call__(self, srch, rec) -> None:
+        import time
+
+        n = srch.n_run
+        elapsed = time.monotonic() - srch.started
+        eta = None
+        if self.total:
+            eta = elapsed / n * (self.total - n)
+        if self.opts.timeout_s:
+            left = max(0.0, self.opts.timeout_s - elapsed)
+            eta = min(eta, left) if eta is not None else left
+        best = srch.best_so_far()
+        tg = rec.metric("tg")
+        last = (f"#{rec.trial_number} ok tg {tg[0]:.2f}±{tg[1]:.2f} t/s" if rec.ok and tg[0] is not None
+                else f"#{rec.trial_number} {rec.outcome}: {rec.cause[:70]}")
+        unit = "ms" if self.opts.objective == "ttft" and not self.opts.pareto else "t/s"
+        label = "tg" if self.opts.pareto else self.opts.objective
+        click.echo(f"[{n}/{self.total or '?'}] {_hms(elapsed)} elapsed"
+                   + (f", ETA {_hms(eta)}" if eta is not None else "")
+                   + (f" | best {label} {best[1]:.2f} {unit} (#{best[0]})" if best else " | no ok trial yet")
+                   + f" | {last}", err=True)
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _print_recommendation(rec: dict | None, study_dir: Path) -> None:
+    if rec is None:
+        click.echo(f"no config completed within the limits; see {study_dir / store.TRIALS_FILE} for the causes")
+        return
+    m = rec["measured"]
+    click.echo(f"recommended (trial #{rec['trial_number']}): tg {m['tg_ts_mean']:.2f} ± {m['tg_ts_sd']:.2f} t/s, "
+               f"pp {m['pp_ts_mean'] or 0:.2f} t/s, peak RSS {benchlib.fmt_size(m['peak_rss_bytes'])}"
+               + (f", peak VRAM {benchlib.fmt_size(m['peak_vram_bytes'])}" if m.get("peak_vram_bytes") else ""))
+    for label, b in rec["baselines"].items():
+        if b.get("recommended_vs_baseline"):
+            click.echo(f"  {b['recommended_vs_baseline']:.2f}x the {label} baseline (trial #{b['trial_number']})")
+        else:
+            click.echo(f"  {label} baseline: {b['outcome']}")
+    click.echo(f"  llama-server: {rec['forms']['llama_server']}")
+    click.echo(f"  written: {study_dir / 'recommended.json'}")
+
+
+@cli.command("recommend")
+@click.argument("study_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=None, help="default: the study's")
+@_limits_options
+@click.option("--json", "as_json", is_flag=True, help="print recommended.json instead of a summary")
+@click.option("--write/--no-write", default=True, help="rewrite STUDY_DIR/recommended.json")
+def recommend_cmd(study_dir, objective, min_ctx, max_vram, max_ram, headroom, as_json, write):
+    """Re-derive the recommendation from a study's trials under other constraints (nothing is re-run).
+
+    Example: tuner recommend results/my-study --max-vram 20GiB --min-ctx 8192
+    """
+    from tuner import recommend as recommendlib
+    from tuner import study as studylib
+
+    recs = store.records(Path(study_dir))
+    if not recs:
+        raise TunerError(f"{study_dir} holds no trials")
+    hwinfo = hardware.Hardware(**{k: v for k, v in recs[0].hw.items() if k != "gpus"},
+                               gpus=[hardware.GPU(**g) for g in recs[0].hw.get("gpus", [])])
+    old = {}
+    path = Path(study_dir) / recommendlib.RECOMMENDED_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+    objective = objective or old.get("objective", "tg")
+    limits = studylib.Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom)
+    rec = recommendlib.recommend(recs, hwinfo, limits, objective, study=recs[0].study)
+    if rec is None:
+        raise TunerError(f"no completed trial in {study_dir} meets these limits")
+    if write:
+        recommendlib.write(path, rec)
+    if as_json:
+        click.echo(json.dumps(rec, indent=2, default=str))
+    else:
+        _print_recommendation(rec, Path(study_dir))
+
+
+from tuner.cli_compare import compare as _compare_cmd  # noqa: E402
+cli.add_command(_compare_cmd)
+
+from tuner.cli_estimate import estimate_cmd as _estimate_cmd  # noqa: E402
+cli.add_command(_estimate_cmd)

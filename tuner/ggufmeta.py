@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import mmap
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 GGUF_MAGIC = b"GGUF"
 SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<idx>\d{5})-of-(?P<n>\d{5})\.gguf$")
@@ -21,6 +24,14 @@ LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 SUPPORTED_ARCHS = frozenset(gguf.MODEL_ARCH_NAMES.values()) - {"clip"}
 # Expert tensors (routed): llama.cpp's LLM_FFN_EXPS_REGEX; shared experts are dense per layer.
 EXPS_RE = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
+# GGUF value types: fixed sizes of the scalars; 8 = string, 9 = array (gguf.GGUFValueType)
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+# The gguf reader walks arrays element by element in Python; a damaged count would make it loop over the
+# whole file (hours and GBs of objects for a big model). Real headers hold < 2 M elements (vocab + merges).
+MAX_ARRAY_ELEMENTS = 1 << 23
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_LAYERS = 4096  # llama.cpp allows 512 (LLAMA_MAX_LAYERS); bounded, with room
 
 
 class ModelError(ValueError):
@@ -63,11 +74,26 @@ class ModelInfo:
     sliding_window: int = 0
     n_params: int = 0
     content_hash: str = ""
+    n_ff_exp: int = 0  # expert FFN width (expert_feed_forward_length); 0 = n_ff
+    n_layer_dense_lead: int = 0  # DeepSeek: leading layers with a dense FFN
+    header_bytes: int = 0  # metadata + tensor infos, summed over shards (what a re-quantized file keeps)
+    alignment: int = 32
     tensors: list[TensorInfo] = field(default_factory=list, repr=False)
 
     @property
     def is_moe(self) -> bool:
         return self.n_expert > 0
+
+    def head_kv(self, il: int) -> int:
+        """KV heads of layer il (some models vary it per layer; 0 = a layer without attention)."""
+        if isinstance(self.n_head_kv, list):
+            return int(self.n_head_kv[il]) if il < len(self.n_head_kv) else int(self.n_head_kv[-1])
+        return int(self.n_head_kv)
+
+    def ff(self, il: int) -> int:
+        if isinstance(self.n_ff, list):
+            return int(self.n_ff[il]) if il < len(self.n_ff) else int(self.n_ff[-1])
+        return int(self.n_ff or 0)
 
     def bytes_by_group(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -138,6 +164,77 @@ def check_file(path: Path) -> None:
         raise ModelError(f"not a GGUF file (no GGUF magic): {path}")
 
 
+def scan_header(path: Path) -> None:
+    """Walk the GGUF header with bounds checks before the gguf reader sees it.
+
+    Every count and length must fit in the bytes that follow it, so a damaged header fails here in
+    bounded time and memory instead of sending the reader into a file-sized loop.
+    """
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        size = len(m)
+        pos = 4
+        n_elements = 0
+
+        def bad(what: str):
+            return ModelError(f"truncated or damaged GGUF header ({what} at byte {pos}): {path}")
+
+        def take(n: int) -> int:
+            nonlocal pos
+            if n < 0 or n > size - pos:
+                raise bad(f"{n} bytes needed, {size - pos} left")
+            at, pos = pos, pos + n
+            return at
+
+        if size < 24:
+            raise bad("file shorter than a GGUF header")
+        version = struct.unpack_from("<I", m, 4)[0]
+        e = ">" if version & 0xFFFF == 0 else "<"  # a big-endian file reads as version << 16 here
+
+        def u32() -> int:
+            return struct.unpack_from(e + "I", m, take(4))[0]
+
+        def u64() -> int:
+            return struct.unpack_from(e + "Q", m, take(8))[0]
+
+        def array(itype: int, count: int) -> None:
+            nonlocal n_elements
+            n_elements += count
+            if n_elements > MAX_ARRAY_ELEMENTS:
+                raise bad(f"more than {MAX_ARRAY_ELEMENTS} array elements")
+            if itype in _SCALAR_SIZE:
+                take(count * _SCALAR_SIZE[itype])
+            elif itype == _STRING:
+                if count * 8 > size - pos:
+                    raise bad(f"{count} strings cannot fit in {size - pos} bytes")
+                for _ in range(count):
+                    take(u64())
+            else:
+                raise bad(f"array of unsupported value type {itype}")
+
+        u32()
+        n_tensors, n_kv = u64(), u64()
+        if n_kv * 13 > size - pos or n_tensors * 24 > size - pos:  # smallest KV / tensor-info entries
+            raise bad(f"{n_kv} KV pairs and {n_tensors} tensors cannot fit in the file")
+        for _ in range(n_kv):
+            take(u64())  # key
+            vtype = u32()
+            if vtype in _SCALAR_SIZE:
+                take(_SCALAR_SIZE[vtype])
+            elif vtype == _STRING:
+                take(u64())
+            elif vtype == _ARRAY:
+                itype = u32()
+                array(itype, u64())
+            else:
+                raise bad(f"unknown value type {vtype}")
+        for _ in range(n_tensors):
+            take(u64())  # name
+            n_dims = u32()
+            if n_dims > MAX_DIMS:
+                raise bad(f"tensor with {n_dims} dimensions")
+            take(8 * n_dims + 4 + 8)  # dims, type, offset
+
+
 def _field(reader: gguf.GGUFReader, key: str, default=None):
     f = reader.fields.get(key)
     if f is None:
@@ -146,9 +243,53 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return v
 
 
+class _MetaReader(gguf.GGUFReader):
+    """The gguf package's reader, minus its per-element walk over big arrays.
+
+    GGUFReader makes numpy views for every element of every array: a 129 k-token vocabulary plus merges
+    costs seconds and hundreds of MB. Scalar arrays become one view (ReaderField.contents() still returns
+    the whole list); string arrays (tokens, merges: never needed for planning) are stepped over and keep
+    only their type and length parts.
+    """
+
+    SMALL = 256  # arrays up to this length keep the reader's own per-element parts
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if raw_type != gguf.GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        n = int(alen[0])
+        if n <= self.SMALL:
+            return super()._get_field_parts(orig_offs, raw_type)
+        itype = gguf.GGUFValueType(int(raw_itype[0]))
+        offs = orig_offs + 12
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if nptype is not None:
+            arr = self._get(offs, nptype, n)
+            if arr.size != n:
+                raise ValueError(f"array of {n} elements runs past the end of the file")
+            return offs + int(arr.nbytes) - orig_offs, [raw_itype, alen, arr], [2], [raw_type, itype]
+        if itype == gguf.GGUFValueType.STRING:
+            fmt = ">Q" if self.byte_order == "S" else "<Q"
+            size = len(self.data)
+            for _ in range(n):
+                if offs + 8 > size:
+                    raise ValueError("string array runs past the end of the file")
+                offs += 8 + struct.unpack_from(fmt, self.data, offs)[0]
+            return offs - orig_offs, [raw_itype, alen], [], [raw_type, itype]
+        return super()._get_field_parts(orig_offs, raw_type)
+
+
+def _array_len(f) -> int:
+    """Element count of an array field (parts: key length, key, type, item type, count, ...)."""
+    return int(f.parts[4][0]) if f is not None and len(f.parts) > 4 else 0
+
+
 def _reader(path: Path) -> gguf.GGUFReader:
+    scan_header(path)
     try:
-        return gguf.GGUFReader(path)
+        return _MetaReader(path)
     except Exception as e:  # noqa: BLE001 - the gguf reader raises many types on damaged files
         raise ModelError(f"truncated or damaged GGUF ({type(e).__name__}: {str(e)[:120]}): {path}") from None
 
@@ -169,7 +310,19 @@ def content_hash(paths: list[Path], header_bytes: list[int]) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _read_cached(path: str, mtime_ns: int, size: int) -> ModelInfo:
-    return _read(Path(path))
+    try:
+        return _read(Path(path))
+    except ModelError:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:
+        # a damaged header can give any key a value of the wrong type (a string where a count belongs)
+        msg = str(e).splitlines()[0][:100] if str(e) else ""
+        raise ModelError(f"GGUF metadata has a value of the wrong type ({type(e).__name__}: {msg}): {path}") \
+            from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def read_model(path: str | os.PathLike) -> ModelInfo:
@@ -210,14 +363,19 @@ def _read(path: Path) -> ModelInfo:
     n_layer = kv("block_count")
     n_embd = kv("embedding_length")
     n_head = kv("attention.head_count")
-    if not all(isinstance(x, (int, list)) for x in (n_layer, n_embd, n_head)) or not n_layer:
+    heads = n_head if isinstance(n_head, list) else [n_head]
+    if not (_is_int(n_layer) and _is_int(n_embd) and heads and all(_is_int(h) for h in heads)):
         raise ModelError(f"GGUF lacks {arch}.block_count / embedding_length / attention.head_count: {path}")
-    head0 = n_head if isinstance(n_head, int) else max(n_head)
+    head0 = max(heads)
+    # Bounds before anything is sized by them (layer_bytes makes n_layer entries).
+    if not 1 <= n_layer <= MAX_LAYERS or n_embd < 1 or head0 < 1:
+        raise ModelError(f"GGUF has implausible sizes (block_count {n_layer}, embedding_length {n_embd}, "
+                         f"head_count {head0}): {path}")
     n_head_kv = kv("attention.head_count_kv", n_head)
     head_dim_k = kv("attention.key_length", n_embd // max(head0, 1))
     head_dim_v = kv("attention.value_length", n_embd // max(head0, 1))
     tokens = r0.fields.get("tokenizer.ggml.tokens")
-    n_vocab = kv("vocab_size") or (len(tokens.data) if tokens is not None else 0)
+    n_vocab = kv("vocab_size") or _array_len(tokens)
     ftype = _field(r0, "general.file_type")
     try:
         ftype_name = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None else "unknown"
@@ -235,4 +393,7 @@ def _read(path: Path) -> ModelInfo:
         rope_dim=int(kv("rope.dimension_count", 0) or 0),
         sliding_window=int(kv("attention.sliding_window", 0) or 0),
         n_params=sum(t.n_elements for t in tensors),
-        content_hash=content_hash(shards, header_bytes), tensors=tensors)
+        content_hash=content_hash(shards, header_bytes), tensors=tensors,
+        n_ff_exp=int(kv("expert_feed_forward_length", 0) or 0),
+        n_layer_dense_lead=int(kv("leading_dense_block_count", 0) or 0),
+        header_bytes=sum(header_bytes), alignment=int(_field(r0, "general.alignment", 32) or 32))

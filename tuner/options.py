@@ -97,6 +97,13 @@ def _check_count(ctx, param, value):
     return value
 
 
+def _check_positive_size(ctx, param, value):
+    # 0 would otherwise read as "no limit" (falsy) and run the trial unbounded
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be more than 0 bytes, got {value}")
+    return value
+
+
 def bench_params(f):
     """One value per llama.cpp parameter, named as in llama-bench."""
     for p in reversed(PARAMS):
@@ -129,18 +136,51 @@ def shape_params(f):
     return f
 
 
-def run_params(f):
-    """How trials run: the per-trial safety limits and the host lock."""
-    opts = [
-        click.option("--timeout", "trial_timeout", type=float, default=600.0, show_default=True,
-                     help="seconds before a trial is killed and recorded as timeout"),
-        click.option("--mem-limit", type=SIZE, default=None,
-                     help="cap each trial's memory (RLIMIT_DATA), e.g. 4GiB: emulates a smaller machine"),
-        click.option("--no-wait", is_flag=True, help="fail instead of waiting when another measurement runs"),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+def run_params(timeout_flag: str = "--timeout"):
+    """How trials run: the per-trial safety limits and the host lock (search names the timeout --trial-timeout)."""
+
+    def deco(f):
+        opts = [
+            click.option(timeout_flag, "trial_timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+                         show_default=True,
+                         help="seconds before a trial is killed and recorded as timeout"),
+            click.option("--mem-limit", type=SIZE, default=None, callback=_check_positive_size,
+                         help="cap each trial's memory (RLIMIT_DATA), e.g. 4GiB: emulates a smaller machine"),
+            click.option("--no-wait", is_flag=True,
+                         help="fail instead of waiting when another measurement runs on this machine"),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return deco
+
+
+DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    """'8h', '30m', '1h30m', '90s', '90' → seconds."""
+    if text is None or isinstance(text, (int, float)):
+        return text
+    m = DURATION_RE.match(str(text).strip().lower())
+    if not m or not any(m.groups()):
+        raise click.BadParameter(f"not a duration: {text!r} (use e.g. 8h, 30m, 90s)")
+    h, mi, sec = (float(x) if x else 0.0 for x in m.groups())
+    return h * 3600 + mi * 60 + sec
+
+
+class DurationType(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_duration(value)
+        except click.BadParameter as e:
+            self.fail(e.message, param, ctx)
+
+
+DURATION = DurationType()
 
 
 def load_config_file(path: Path) -> dict:

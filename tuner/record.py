@@ -131,6 +131,7 @@ class TrialRecord:
     exit_code: int | None = None
     signal: int | None = None
     n_gpu_layers_effective: int | None = None
+    flash_attn_resolved: str = ""  # what flash_attn=auto became in llama.cpp (on/off)
     # model facts
     model_size_bytes: int | None = None
     model_arch: str = ""

@@ -67,6 +67,18 @@ def vmstat(key: str) -> int:
     return 0
 
 
+def vm_hwm(pid: int) -> int | None:
+    """A live process's RSS high-water mark (VmHWM) in bytes, from the kernel; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def tail(text: str, lines: int = 40, chars: int = 4000) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])[-chars:]
 
@@ -181,6 +193,7 @@ class Runner:
         result, killed_for, stage, eof = None, None, "start", False
         swap_hist: collections.deque = collections.deque()
         vram_peak: list[int] = []
+        hwm = None  # the worker's VmHWM, sampled while it lives: the peak of a worker that dies without a result
         interrupted = False
         try:
             try:
@@ -203,6 +216,7 @@ class Runner:
                         elif ev["event"] == "result":
                             result = ev
                 now = time.monotonic()
+                hwm = vm_hwm(w.pid) or hwm
                 vram = self.nvml.process_vram({w.pid})
                 vram_peak = [max(a, b) for a, b in zip(vram_peak, vram)] if vram_peak else vram
                 if self.swap_rate_limit:
@@ -238,11 +252,12 @@ class Runner:
             classify(result, returncode, self.last_log, oom_killed, killed_for)
         if result:
             for k in ("pp_samples", "tg_samples", "ttft_samples_ms", "load_ms", "peak_rss_bytes",
-                      "n_gpu_layers_effective", "overrides_applied"):
+                      "n_gpu_layers_effective", "overrides_applied", "flash_attn_resolved"):
                 if k in result:
                     setattr(rec, k, result[k])
         if rec.peak_rss_bytes is None:
-            rec.peak_rss_bytes = maxrss
+            # ru_maxrss also counts the parent's RSS at spawn (fork/vfork before exec), so it is only a fallback
+            rec.peak_rss_bytes = hwm or maxrss
         rec.peak_vram_by_gpu = vram_peak
         rec.peak_vram_bytes = sum(vram_peak) if vram_peak else None
         if rec.outcome != "ok":

@@ -76,6 +76,18 @@ def append(path: str | os.PathLike, recs: list[TrialRecord]) -> None:
         write_frame(p, df)
 
 
+def mark(path: str | os.PathLike, column: str, value, where) -> int:
+    """Set `column` to `value` on the rows for which `where(row_dict)` holds; returns how many."""
+    p = Path(path)
+    with FileLock(str(p) + ".lock"):
+        df = read(p)
+        hits = [bool(where(row)) for row in df.to_dict("records")]
+        if any(hits):
+            df.loc[hits, column] = value
+            write_frame(p, df)
+    return sum(hits)
+
+
 def write_frame(p: Path, df: pd.DataFrame) -> None:
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:

@@ -161,13 +161,14 @@ class Worker:
         if not ctx:
             raise TrialFailure(*classify_log("".join(self.log.lines[mark:]), "error",
                                              "llama.cpp failed to create the context"))
+        fa = resolved_flash_attn(self.log.lines[mark:], cfg.flash_attn)
         pools = self.glue.Threadpools(ctx, n_threads, n_threads_batch)
         try:
             result = self.measure(ctx, cfg, fault)
         finally:
             pools.free()
             L.llama_free(ctx)
-        result.update(load_ms=self.load_ms, model_n_layer=self.n_layer, overrides_applied=self.applied,
+        result.update(load_ms=self.load_ms, flash_attn_resolved=fa, model_n_layer=self.n_layer, overrides_applied=self.applied,
                       n_gpu_layers_effective=effective_gpu_layers(cfg.n_gpu_layers, self.n_layer,
                                                                   bool(L.llama_supports_gpu_offload())),
                       peak_rss_bytes=(_status_kib("VmHWM") or 0) * 1024)
@@ -273,6 +274,16 @@ def classify_log(text: str, default: str, fallback: str) -> tuple[str, str]:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
     return default, (errors[-1] if errors else fallback)[:300]
+
+
+def resolved_flash_attn(lines: list[str], asked: str) -> str:
+    """What `auto` became: llama.cpp logs "Flash Attention enabled/disabled" when it resolves it."""
+    for ln in lines:
+        if "Flash Attention enabled" in ln:
+            return "on"
+        if "Flash Attention disabled" in ln or "flash_attn is not compatible" in ln:
+            return "off"
+    return asked
 
 
 def parse_overrides(lines: list[str]) -> list[str]:

@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Fidelity benchmark: `tuner bench` vs llama-bench on the same model, config and llama.cpp source.
+
+Each round runs llama-bench once (`-o json`) and `tuner bench --json` once (the real CLI, as a subprocess),
+alternating which goes first so drift and neighbours' load hit both alike. Per round it takes the ratio
+tuner / llama-bench of the mean t/s for pp and tg; the verdict is the median ratio over the rounds (±3 %).
+
+Several values for -t, -b, -ub (comma-separated, as llama-bench) give one case per combination; every case
+runs in every round. `-n 0` measures pp only, `-p 0` tg only.
+
+Examples:
+  benchmarks/fidelity.py --llama-bench /path/to/llama-bench                  # dense q4_0 + q8_0, -t 2
+  benchmarks/fidelity.py -n 0 -b 512,256 -ub 512,128,64 --rounds 3           # pp across batch sizes
+  benchmarks/fidelity.py -p 0 -t 1,2 --model models/dense-q4_0.gguf           # tg with 1 and 2 threads
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tuner.lock import measurement_lock  # noqa: E402
+
+TOLERANCE = 0.03
+MODEL_CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
+
+
+def csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[9:]))
+    ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH"),
+                    help="llama-bench binary built from the same llama.cpp source (env LLAMA_BENCH)")
+    ap.add_argument("--tuner", default=None, help="tuner CLI (default: the one next to this Python)")
+    ap.add_argument("--model", action="append", default=None,
+                    help="GGUF file; repeatable (default: the synthetic dense model, q4_0 and q8_0)")
+    ap.add_argument("-p", "--n-prompt", type=int, default=512)
+    ap.add_argument("-n", "--n-gen", type=int, default=128)
+    ap.add_argument("-r", "--repetitions", type=int, default=5)
+    ap.add_argument("-t", "--threads", type=csv_ints, default=None, help="e.g. 2 or 1,2 (default: physical cores)")
+    ap.add_argument("-b", "--batch-size", type=csv_ints, default=[2048])
+    ap.add_argument("-ub", "--ubatch-size", type=csv_ints, default=[512])
+    ap.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=99)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/fidelity-<date>.json)")
+    ap.add_argument("--same-libs", action="store_true",
+                    help="run llama-bench on llama-cpp-python's own libllama/libggml (LD_LIBRARY_PATH)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per tool run")
+    a = ap.parse_args(argv)
+    if not a.llama_bench:
+        ap.error("no llama-bench: pass --llama-bench PATH or set LLAMA_BENCH")
+    if not Path(a.llama_bench).is_file():
+        ap.error(f"llama-bench not found: {a.llama_bench}")
+    if a.rounds < 1 or a.repetitions < 1 or (a.n_prompt <= 0 and a.n_gen <= 0):
+        ap.error("need --rounds >= 1, -r >= 1 and at least one of -p/-n > 0")
+    return a
+
+
+def tuner_cli(given: str | None) -> list[str]:
+    if given:
+        return [given]
+    here = Path(sys.executable).parent / "tuner"
+    if here.exists():
+        return [str(here)]
+    found = shutil.which("tuner")
+    if not found:
+        sys.exit("fidelity: error: tuner CLI not found (pass --tuner)")
+    return [found]
+
+
+def llama_cpp_lib_dir() -> Path:
+    """llama-cpp-python's shared libraries, found without loading them into this process."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        sys.exit("fidelity: error: llama_cpp is not installed in this Python")
+    return Path(spec.origin).parent / "lib"
+
+
+def default_models() -> list[str]:
+    from tuner.synth import synthesize
+
+    return [str(p) for p in synthesize(MODEL_CACHE, "dense", ("q4_0", "q8_0"))]
+
+
+def run(cmd: list[str], env: dict, timeout: float) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    # own session = own scheduler autogroup, as the tuner worker (start_new_session) gets: equal CPU shares
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, start_new_session=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"fidelity: error: {cmd[0]} exited {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc.stdout, wall
+
+
+def llama_bench(a, case: dict, env: dict) -> dict:
+    cmd = [a.llama_bench, "-m", case["model"], "-p", str(a.n_prompt), "-n", str(a.n_gen),
+           "-r", str(a.repetitions), "-t", str(case["threads"]), "-b", str(case["n_batch"]),
+           "-ub", str(case["n_ubatch"]), "-fa", a.flash_attn, "-ngl", str(a.n_gpu_layers), "-o", "json"]
+    out, wall = run(cmd, env, a.timeout)
+    tests = json.loads(out)
+    res = {"wall_s": wall, "meta": {k: tests[0].get(k) for k in
+                                    ("build_commit", "build_number", "cpu_info", "backends", "n_threads",
+                                     "n_batch", "n_ubatch", "flash_attn", "type_k", "type_v", "model_type")}}
+    for t in tests:
+        key = "pp" if t["n_prompt"] and not t["n_gen"] else "tg" if t["n_gen"] and not t["n_prompt"] else None
+        if key:
+            res[key] = {"mean": t["avg_ts"], "sd": t["stddev_ts"], "samples": t["samples_ts"]}
+    return res
+
+
+def tuner_bench(a, case: dict, env: dict, tmp: Path, cli: list[str]) -> dict:
+    cmd = cli + ["bench", case["model"], "-p", str(a.n_prompt), "-n", str(a.n_gen), "-r", str(a.repetitions),
+                 "-t", str(case["threads"]), "-b", str(case["n_batch"]), "-ub", str(case["n_ubatch"]),
+                 "-fa", a.flash_attn, "-ngl", str(a.n_gpu_layers), "--json", "-o", str(tmp / "bench.parquet")]
+    out, wall = run(cmd, env, a.timeout)
+    rec = json.loads(out.strip().splitlines()[-1])
+    if rec["outcome"] != "ok":
+        sys.exit(f"fidelity: error: tuner trial {rec['outcome']}: {rec['cause']}")
+    res = {"wall_s": wall, "build": rec.get("build", {})}
+    for key in ("pp", "tg"):
+        s = rec[f"{key}_samples"]
+        if s:
+            res[key] = {"mean": statistics.fmean(s), "sd": statistics.stdev(s) if len(s) > 1 else 0.0,
+                        "samples": s}
+    return res
+
+
+def cv(values: list[float]) -> float | None:
+    return statistics.stdev(values) / statistics.fmean(values) if len(values) > 1 else None
+
+
+def summarize(rounds: list[dict], key: str) -> dict | None:
+    ratios = [r["ratio"][key] for r in rounds if r["ratio"].get(key)]
+    if not ratios:
+        return None
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    med = statistics.median(ratios)
+    best = [r["ratio_best"][key] for r in rounds if r["ratio_best"].get(key)]
+    return {"median_ratio": med, "min_ratio": min(ratios), "max_ratio": max(ratios), "iqr": [q[0], q[2]],
+            "median_ratio_best_rep": statistics.median(best),
+            "llama_bench_median_ts": statistics.median(r["llama_bench"][key]["mean"] for r in rounds),
+            "tuner_median_ts": statistics.median(r["tuner"][key]["mean"] for r in rounds),
+            # round-to-round noise of each tool, and the mean within-run repetition noise
+            "llama_bench_cv_rounds": cv([r["llama_bench"][key]["mean"] for r in rounds]),
+            "tuner_cv_rounds": cv([r["tuner"][key]["mean"] for r in rounds]),
+            "llama_bench_cv_reps": statistics.fmean(r["llama_bench"][key]["sd"] / r["llama_bench"][key]["mean"]
+                                                    for r in rounds),
+            "tuner_cv_reps": statistics.fmean(r["tuner"][key]["sd"] / r["tuner"][key]["mean"] for r in rounds),
+            "within_tolerance": abs(med - 1) <= TOLERANCE}
+
+
+def label(case: dict, a) -> str:
+    return f"{Path(case['model']).stem} t={case['threads']} b={case['n_batch']} ub={case['n_ubatch']} fa={a.flash_attn}"
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    models = a.model or default_models()
+    import psutil
+
+    threads = a.threads or [psutil.cpu_count(logical=False) or 1]
+    cases = [{"model": str(Path(m).resolve()), "threads": t, "n_batch": b, "n_ubatch": ub, "rounds": []}
+             for m, t, b, ub in itertools.product(models, threads, a.batch_size, a.ubatch_size)]
+    cli = tuner_cli(a.tuner)
+    tmp = Path(tempfile.mkdtemp(prefix="fidelity-"))
+    # The children run under our lock: `tuner bench` gets a private lock file so it does not wait on us.
+    env = {**os.environ, "TUNER_LOCK_FILE": str(tmp / "child.lock")}
+    lb_env = dict(env)
+    if a.same_libs:
+        # LD_LIBRARY_PATH wins over llama-bench's RUNPATH: only llama-bench's own loop stays its own
+        lb_env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [str(llama_cpp_lib_dir())] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
+    started = dt.datetime.now(dt.timezone.utc)
+    load_before = os.getloadavg()
+    with measurement_lock(wait=True, what="benchmarks/fidelity.py"):
+        for rnd in range(a.rounds):
+            for i, case in enumerate(cases):
+                # alternate the order by round (and by case, so neighbouring cases differ too)
+                lb_first = (rnd + i) % 2 == 0
+                load = os.getloadavg()[0]
+                if lb_first:
+                    lb = llama_bench(a, case, lb_env)
+                    tu = tuner_bench(a, case, env, tmp, cli)
+                else:
+                    tu = tuner_bench(a, case, env, tmp, cli)
+                    lb = llama_bench(a, case, lb_env)
+                ratio = {k: tu[k]["mean"] / lb[k]["mean"] for k in ("pp", "tg") if k in tu and k in lb}
+                # contention only ever slows a repetition down: the best one is the least disturbed
+                best = {k: max(tu[k]["samples"]) / max(lb[k]["samples"]) for k in ratio}
+                case["rounds"].append({"round": rnd, "first": "llama-bench" if lb_first else "tuner",
+                                       "loadavg_1m": load, "llama_bench": lb, "tuner": tu, "ratio": ratio,
+                                       "ratio_best": best})
+                print(f"round {rnd + 1}/{a.rounds} {label(case, a)} ({'lb' if lb_first else 'tuner'} first, "
+                      f"load {load:.1f}): " + ", ".join(
+                          f"{k} {tu[k]['mean']:.2f}/{lb[k]['mean']:.2f} = {ratio[k]:.4f}" for k in ratio),
+                      flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    ok = True
+    print(f"\n{'case':58} {'test':5} {'llama-bench':>12} {'tuner':>10} {'median':>8} {'min':>7} {'max':>7}"
+          f" {'best-rep':>8} {'cv lb/tu (rounds)':>18}")
+    for case in cases:
+        case["summary"] = {}
+        for key in ("pp", "tg"):
+            s = summarize(case["rounds"], key)
+            if s is None:
+                continue
+            case["summary"][key] = s
+            ok &= s["within_tolerance"]
+            n = a.n_prompt if key == "pp" else a.n_gen
+            print(f"{label(case, a):58} {key}{n:<3} {s['llama_bench_median_ts']:12.2f} {s['tuner_median_ts']:10.2f}"
+                  f" {s['median_ratio']:8.4f} {s['min_ratio']:7.4f} {s['max_ratio']:7.4f} {s['median_ratio_best_rep']:8.4f}"
+                  f" {100 * (s['llama_bench_cv_rounds'] or 0):8.1f}%/{100 * (s['tuner_cv_rounds'] or 0):.1f}%"
+                  f"{'' if s['within_tolerance'] else '  OUTSIDE ±3%'}")
+
+    first = cases[0]["rounds"][0]
+    result = {
+        "started_utc": started.isoformat(timespec="seconds"),
+        "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
+                 "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "llama_bench": {"path": a.llama_bench, **first["llama_bench"]["meta"],
+                        "libs": str(llama_cpp_lib_dir()) if a.same_libs else "its own build (RUNPATH)"},
+        "tuner_build": first["tuner"]["build"],
+        "settings": {"n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.repetitions,
+                     "flash_attn": a.flash_attn, "n_gpu_layers": a.n_gpu_layers, "rounds": a.rounds,
+                     "tolerance": TOLERANCE, "argv": sys.argv[1:] if argv is None else argv},
+        "within_tolerance": ok,
+        "cases": [{k: v for k, v in c.items()} for c in cases],
+    }
+    for c in result["cases"]:
+        for r in c["rounds"]:
+            r["llama_bench"].pop("meta", None)
+            r["tuner"].pop("build", None)
+    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"fidelity-{started:%Y-%m-%d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
+    tmp_out.replace(out)
+    print(f"\n{'all within ±3 %' if ok else 'NOT all within ±3 %'}; wrote {out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

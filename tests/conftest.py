@@ -1,0 +1,32 @@
+"""Shared fixtures: real synthetic GGUF models (made once, cached), an isolated measurement lock."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tuner.synth import synthesize
+
+CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
+
+
+@pytest.fixture(scope="session")
+def models() -> Path:
+    """tiny-{f16,q8_0,q4_k_m}.gguf and moe-q8_0.gguf: deterministic (seed 0), so the cache is safe to reuse."""
+    synthesize(CACHE, "tiny", ("f16", "q8_0", "q4_k_m"))
+    synthesize(CACHE, "moe", ("q8_0",))
+    return CACHE
+
+
+@pytest.fixture(scope="session")
+def dense_model() -> Path:
+    """The ~130 M-parameter dense model, where thread count changes speed for real."""
+    return synthesize(CACHE, "dense", ("q4_0",))[0]
+
+
+@pytest.fixture(autouse=True)
+def _private_lock(tmp_path_factory, monkeypatch):
+    # Tests must not wait on (or block) a real measurement running on the same machine.
+    monkeypatch.setenv("TUNER_LOCK_FILE", str(tmp_path_factory.getbasetemp() / "measure.lock"))

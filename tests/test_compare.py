@@ -1,0 +1,318 @@
+"""`tuner compare`, the CI regression gate: statistics on known samples, then real trials end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings as hsettings, strategies as st
+
+from tuner import compare as cmp
+from tuner import store
+from tuner.cli import cli
+
+S = cmp.Settings()
+BASE = [100.0, 101.0, 99.0, 100.5, 99.5]
+
+
+def gate(*args, env=None):
+    return CliRunner().invoke(cli, ["compare", *map(str, args)], env=env)
+
+
+def bench(*args):
+    res = CliRunner().invoke(cli, ["bench", *map(str, args)])
+    assert res.exit_code in (0, 1), res.output
+    return res
+
+
+# -- statistics on known samples -----------------------------------------------------------------------------
+def test_clear_slowdown_is_a_regression_with_its_change():
+    r = cmp.judge("tg", BASE, [80.0, 81.0, 79.0, 80.5, 79.5], S)
+    assert r.verdict == "regression"
+    assert r.change_pct == pytest.approx(-20.0)
+    assert r.p < 0.01 and r.n_base == r.n_cur == 5
+
+
+def test_same_distribution_is_unchanged():
+    r = cmp.judge("tg", BASE, [100.2, 99.8, 100.1, 99.9, 100.4], S)
+    assert r.verdict == "unchanged" and abs(r.change_pct) < 1
+
+
+def test_significant_but_small_change_is_unchanged():
+    # perfectly separated (p = 0.008) but only -2 %: below the practical threshold
+    r = cmp.judge("tg", BASE, [x * 0.98 for x in BASE], S)
+    assert r.p < 0.01 and r.verdict == "unchanged"
+
+
+def test_large_change_that_is_not_significant_is_inconclusive():
+    r = cmp.judge("tg", BASE, [90.0, 101.0, 88.0, 99.0, 91.0], cmp.Settings(max_cv=1.0))
+    assert r.change_pct == pytest.approx(-9.0) and r.p >= 0.01
+    assert r.verdict == "inconclusive" and "not significant" in r.note
+
+
+def test_noisy_side_is_inconclusive_even_when_far_off():
+    noisy = [50.0, 100.0, 70.0, 130.0, 60.0]
+    r = cmp.judge("pp", BASE, noisy, S)
+    assert r.verdict == "inconclusive" and "too noisy" in r.note and "CURRENT" in r.note
+
+
+def test_one_warmup_outlier_does_not_make_a_side_noisy():
+    # robust CV (MAD): one slow first repetition, as a cold cache gives, leaves the side usable
+    r = cmp.judge("pp", BASE, [60.0, 80.0, 80.5, 79.5, 80.2], S)
+    assert r.cv_cur < 0.05 and r.verdict == "regression"
+
+
+def test_too_few_speed_samples_is_inconclusive():
+    r = cmp.judge("tg", [100.0, 100.0], [50.0, 50.0], S)
+    assert r.verdict == "inconclusive" and "too few samples" in r.note
+    # Mann-Whitney with 3 vs 3 can never reach p < 0.01: also inconclusive, not a silent pass
+    assert cmp.judge("tg", BASE[:3], [50.0, 51.0, 49.0], S).verdict == "inconclusive"
+    # Welch's t can work with 3 a side
+    assert cmp.judge("tg", BASE[:3], [50.0, 51.0, 49.0], cmp.Settings(test="welch")).verdict == "regression"
+
+
+def test_single_memory_sample_uses_the_threshold_alone_and_says_so():
+    up = cmp.judge("peak_ram", [1000.0], [1150.0], S)
+    assert up.verdict == "regression" and up.change_pct == pytest.approx(15.0)
+    assert "threshold alone" in up.note
+    assert cmp.judge("peak_ram", [1000.0], [1080.0], S).verdict == "unchanged"  # 8 % < 10 %
+    assert cmp.judge("peak_vram", [1000.0], [700.0], S).verdict == "improvement"
+
+
+def test_lower_is_better_for_ttft():
+    r = cmp.judge("ttft", [50.0, 51.0, 49.0, 50.5, 49.5], [40.0, 41.0, 39.0, 40.5, 39.5], S)
+    assert r.verdict == "improvement" and r.change_pct == pytest.approx(-20.0)
+
+
+def test_missing_side_and_unmeasured_metric():
+    r = cmp.judge("pp", [], [100.0, 101.0], S)
+    assert r.verdict == "missing" and "only CURRENT" in r.note
+    assert cmp.judge("pp", [], [], S) is None  # -p 0 on both sides: nothing to compare, not "missing"
+
+
+def test_thresholds_and_ignore_parse():
+    t = cmp.parse_thresholds(["tg=3", "memory=20%", "speed=7"])
+    assert t == {"tg": 3.0, "peak_ram": 20.0, "peak_vram": 20.0, "pp": 7.0, "ttft": 7.0}
+    s = cmp.Settings(thresholds=t)
+    assert s.threshold("tg") == 3.0 and s.threshold("pp") == 7.0
+    assert cmp.Settings().threshold("peak_ram") == 10.0 and cmp.Settings().threshold("ttft") == 5.0
+    with pytest.raises(cmp.CompareError, match="unknown metric"):
+        cmp.parse_thresholds(["speedy=3"])
+    with pytest.raises(cmp.CompareError, match="METRIC=PERCENT"):
+        cmp.parse_thresholds(["tg"])
+    assert cmp.parse_ignore(["flash_attn,n_ctx", "n_ctx"]) == ("flash_attn", "n_ctx")
+    with pytest.raises(cmp.CompareError, match="not a config parameter"):
+        cmp.parse_ignore(["flash"])
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(50, 150), min_size=5, max_size=8), st.floats(0.5, 0.9))
+def test_a_regression_read_backwards_is_an_improvement(base, factor):
+    cur = [x * factor for x in base]
+    s = cmp.Settings(max_cv=10.0)
+    fwd, back = cmp.judge("tg", base, cur, s), cmp.judge("tg", cur, base, s)
+    assert fwd.p == pytest.approx(back.p)
+    if fwd.verdict == "regression":
+        assert back.verdict == "improvement"
+
+
+# -- real trials --------------------------------------------------------------------------------------------
+TINY = ["-p", "16", "-n", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(models, tmp_path_factory):
+    """Real tiny-model trials; the baseline config comes from a recommended.json through `bench --config`."""
+    d = tmp_path_factory.mktemp("tiny")
+    model = models / "tiny-q8_0.gguf"
+    recommended = d / "recommended.json"
+    recommended.write_text(json.dumps({"study": "s", "config": {"model": str(model), "n_threads": 1,
+                                                                   "n_prompt": 16, "n_gen": 8, "repetitions": 3},
+                                       "measured": {"tg_ts": 1.0}, "forms": {}}))
+    base, cur = d / "base.parquet", d / "cur.parquet"
+    res = bench("--config", recommended, "-r", "5", "-o", base, "--json")  # command line beats the file
+    for out in (cur, base, cur):
+        bench("--config", recommended, "-r", "5", "-o", out)
+    bench(model, "-t", "1", *TINY, "-r", "5", "-ub", "128", "-o", base)  # a config CURRENT lacks
+    bench(model, "-t", "1", *TINY, "-r", "5", "-fa", "on", "-o", d / "fa-on.parquet")
+    return {"dir": d, "model": model, "base": base, "cur": cur, "first": json.loads(res.stdout),
+            "recommended": recommended}
+
+
+def test_bench_config_remeasures_the_saved_config(tiny_runs):
+    rec = tiny_runs["first"]
+    assert rec["outcome"] == "ok"
+    assert rec["config"]["n_threads"] == 1 and rec["config"]["n_prompt"] == 16
+    assert rec["config"]["repetitions"] == 5 and len(rec["tg_samples"]) == 5
+    rows = store.read(tiny_runs["base"])
+    assert list(rows["repetitions"]) == [5, 5, 5] and set(rows["n_threads"]) == {1}
+
+
+def test_same_config_pairs_and_reports_every_metric(tiny_runs, tmp_path):
+    junit, md = tmp_path / "junit.xml", tmp_path / "report.md"
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    res = gate(tiny_runs["base"], tiny_runs["cur"], "--threshold", "speed=60", "--max-cv", "200", "--junit", junit,
+               "--markdown", md, env={"GITHUB_STEP_SUMMARY": str(summary)})
+    # on one shared machine the same config stays within a generous threshold: no regression
+    assert res.exit_code == 0, res.output
+    assert "PASS: no confirmed regression" in res.stdout
+    assert re.search(r"hardware\s+same: cpu ", res.stdout)
+    out = res.stdout
+    assert "not measured in CURRENT" in out and "n_ubatch: 128 → 512" in out  # the config CURRENT lacks
+    # JUnit: one case per metric of the pair, plus the missing config as skipped
+    suite = ET.parse(junit).getroot()
+    names = sorted(c.get("name") for c in suite.iter("testcase"))
+    assert names == sorted(["tg", "pp", "ttft", "peak_ram", "config"])
+    assert suite.get("failures") == "0"
+    skipped = [c for c in suite.iter("testcase") if c.find("skipped") is not None]
+    assert [c.get("name") for c in skipped] == ["config"]
+    text = summary.read_text()
+    assert text.startswith("earlier step\n") and "### tuner compare: ✅ PASS" in text
+    assert md.read_text() in text
+    assert re.search(r"^\| config +\| metric +\|", md.read_text(), re.M)
+
+
+def test_missing_config_can_fail_the_gate(tiny_runs):
+    res = gate(tiny_runs["base"], tiny_runs["cur"], "--threshold", "speed=60", "--max-cv", "200",
+               "--fail-on", "regression,missing", "--json")
+    rep = json.loads(res.stdout)
+    assert res.exit_code == 1 and rep["exit_code"] == 1
+    missing = [p for p in rep["pairs"] if p["metrics"][0]["verdict"] == "missing"]
+    assert len(missing) == 1 and missing[0]["config"]["n_ubatch"] == 128
+    assert missing[0]["trials"] == {"baseline": 1, "current": 0}
+
+
+def test_ignore_pairs_configs_that_differ_only_there(tiny_runs):
+    fa_on = tiny_runs["dir"] / "fa-on.parquet"
+    res = gate(tiny_runs["cur"], fa_on)
+    assert res.exit_code == 2
+    assert "differs in flash_attn: auto → on" in res.stderr and "--ignore flash_attn" in res.stderr
+    res = gate(tiny_runs["cur"], fa_on, "--ignore", "flash_attn", "--json")
+    assert res.exit_code in (0, 1), res.output
+    (pair,) = json.loads(res.stdout)["pairs"]
+    assert "flash_attn=auto→on" in pair["label"] and "flash_attn" not in pair["config"]
+    assert {m["metric"] for m in pair["metrics"]} == {"tg", "pp", "ttft", "peak_ram"}
+    assert all(m["verdict"] != "missing" for m in pair["metrics"])
+
+
+def test_hardware_mismatch_is_an_error_unless_allowed(tiny_runs, tmp_path):
+    df = store.read(tiny_runs["cur"])
+    hw = json.loads(df["hw"][0])
+    hw["cpu"] = "Other CPU 9000"
+    df["hw"] = json.dumps(hw, sort_keys=True)
+    df["hw_fingerprint"] = "0123456789abcdef"
+    other = tmp_path / "other-machine.parquet"
+    store.write_frame(other, df)
+    res = gate(tiny_runs["base"], other, "--junit", tmp_path / "j.xml")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.startswith("tuner: error: hardware differs") and "Other CPU 9000" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "j.xml").exists()  # nothing half-written
+    res = gate(tiny_runs["base"], other, "--allow-hw-mismatch", "--threshold", "speed=60", "--max-cv", "200")
+    assert res.exit_code in (0, 1)
+    assert "DIFFERS: " in res.stdout and "Other CPU 9000" in res.stdout and "0123456789abcdef" in res.stdout
+
+
+def test_a_config_that_now_fails_is_a_regression(tiny_runs, models, tmp_path):
+    cur = tmp_path / "oom.parquet"
+    # the same config, capped at 48 MiB of data: the worker cannot even import llama.cpp's world
+    res = bench("--config", tiny_runs["recommended"], "-r", "5", "--mem-limit", "48MiB", "-o", cur)
+    assert res.exit_code == 1
+    res = gate(tiny_runs["base"], cur, "--json")
+    rep = json.loads(res.stdout)
+    assert res.exit_code == 1
+    outcome = [m for p in rep["pairs"] for m in p["metrics"] if m["metric"] == "outcome"]
+    assert outcome[0]["verdict"] == "regression" and "every CURRENT trial failed" in outcome[0]["note"]
+
+
+def test_rerun_on_alert_clears_a_fluke(tiny_runs, tmp_path):
+    # one bad run: a real trial whose samples were dragged down (as a neighbour's burst would)
+    df = store.read(tiny_runs["cur"]).head(1).copy()
+    for col in ("tg_samples", "pp_samples"):
+        df[col] = [[x * 0.3 for x in v] for v in df[col]]
+    df["ttft_samples_ms"] = [[x / 0.3 for x in v] for v in df["ttft_samples_ms"]]
+    fluke = tmp_path / "fluke.parquet"
+    store.write_frame(fluke, df)
+    args = ["--threshold", "speed=40", "--max-cv", "200"]
+    first = gate(tiny_runs["base"], fluke, *args)
+    assert first.exit_code == 1 and "FAIL: tg -70.0%" in first.stdout
+    res = gate(tiny_runs["base"], fluke, *args, "--rerun-on-alert", "--junit", tmp_path / "j.xml")
+    assert res.exit_code == 0, res.output
+    assert "not confirmed on rerun" in res.stdout and "re-measuring 1 alerting config" in res.stderr
+    rows = store.read(fluke)
+    assert len(rows) == 2 and rows["outcome"].iloc[-1] == "ok"  # the rerun was appended to CURRENT
+    assert ET.parse(tmp_path / "j.xml").getroot().get("failures") == "0"
+
+
+def test_bad_input_is_one_line_exit_2(tiny_runs, tmp_path):
+    notours = tmp_path / "x.parquet"
+    store.write_frame(notours, pd.DataFrame({"a": [1, 2]}))
+    cases = [
+        ([tmp_path / "nope.parquet", tiny_runs["cur"]], "no results at"),
+        ([notours, tiny_runs["cur"]], "not a tuner results file"),
+        ([tiny_runs["base"], tiny_runs["cur"], "--threshold", "tg=fast"], "bad threshold"),
+        ([tiny_runs["base"], tiny_runs["cur"], "--ignore", "threads"], "not a config parameter"),
+        ([tiny_runs["base"], tiny_runs["cur"], "--fail-on", "slow"], "--fail-on 'slow'"),
+        ([tiny_runs["base"], tiny_runs["cur"], "--junit", tmp_path / "no" / "dir" / "j.xml"], "cannot write"),
+    ]
+    for args, msg in cases:
+        res = gate(*args)
+        assert res.exit_code == 2, (args, res.output)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tuner: error: ") and msg in lines[0], res.stderr
+        assert "Traceback" not in res.output
+    # a study folder works as a side
+    study = tmp_path / "study"
+    study.mkdir()
+    shutil.copy(tiny_runs["cur"], study / "trials.parquet")
+    res = gate(tiny_runs["cur"], study, "--threshold", "speed=60", "--max-cv", "200")
+    assert res.exit_code == 0 and "unchanged" in res.stdout
+
+
+@pytest.mark.slow
+def test_one_thread_against_two_is_caught(dense_model, tmp_path):
+    base, cur = tmp_path / "t2.parquet", tmp_path / "t1.parquet"
+    shape = ["-p", "64", "-n", "16", "-r", "5"]
+    for _ in range(2):  # interleaved, as CI should measure
+        bench(dense_model, "-t", "2", *shape, "-o", base)
+        bench(dense_model, "-t", "1", *shape, "-o", cur)
+    junit = tmp_path / "junit.xml"
+    res = gate(base, cur, "--ignore", "n_threads,n_threads_batch", "--junit", junit)
+    assert res.exit_code == 1, res.output
+    m = re.search(r"FAIL: (tg|pp|ttft) ([-+]\d+\.\d)%", res.stdout)
+    assert m, res.stdout
+    change = float(m[2])
+    assert (change < -5) if m[1] in ("tg", "pp") else (change > 5)
+    assert "n_threads=2→1" in res.stdout and "REGRESSION" in res.stdout
+    failures = [c for c in ET.parse(junit).getroot().iter("testcase") if c.find("failure") is not None]
+    assert m[1] in {c.get("name") for c in failures}
+    assert f"{change:+.1f}%" in failures[0].find("failure").get("message") or len(failures) > 1
+    # the confirmation re-measures the 1-thread config and still sees it
+    res = gate(base, cur, "--ignore", "n_threads,n_threads_batch", "--rerun-on-alert")
+    assert res.exit_code == 1 and "confirmed on rerun" in res.stdout
+    assert len(store.read(cur)) == 3
+
+
+@pytest.mark.slow
+def test_larger_context_is_caught_as_a_peak_ram_regression(dense_model, tmp_path):
+    small, large = tmp_path / "c512.parquet", tmp_path / "c8192.parquet"
+    bench(dense_model, "-c", "512", "-p", "16", "-n", "4", "-r", "2", "-o", small)
+    bench(dense_model, "-c", "8192", "-p", "16", "-n", "4", "-r", "2", "-o", large)
+    res = gate(small, large)
+    assert res.exit_code == 2 and "n_ctx: 512 → 8192" in res.stderr
+    res = gate(small, large, "--ignore", "n_ctx", "--json")
+    assert res.exit_code == 1
+    (pair,) = json.loads(res.stdout)["pairs"]
+    ram = next(m for m in pair["metrics"] if m["metric"] == "peak_ram")
+    # 7680 more tokens of f16 K and V: 10 layers x 2 x 256 x 2 bytes each = 75 MiB on top of ~190 MiB
+    assert ram["verdict"] == "regression" and ram["change_pct"] > 20
+    assert "threshold alone" in ram["note"]
+    text = gate(small, large, "--ignore", "n_ctx").stdout
+    assert re.search(r"FAIL: peak_ram \+\d+\.\d% \(dense-q4_0 pp16/tg4 n_ctx=512→8192\)", text)

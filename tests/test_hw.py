@@ -1,0 +1,173 @@
+"""Hardware probe, the NVML wrapper and the runner's VRAM sampling, against FakeNvml (no GPU here).
+
+Only NVML is faked (tests/fake_nvml.py); the runner and the worker in the VRAM test are real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import psutil
+import pytest
+from click.testing import CliRunner
+from fake_nvml import FakeGpu, FakeNvml, GiB, MiB, no_gpu
+
+from tuner import bench, hardware
+from tuner.cli import cli
+from tuner.record import TrialConfig
+from tuner.runner import Runner
+
+
+def test_nvml_lists_gpus_from_fake_module():
+    fake = FakeNvml(gpus=[FakeGpu(), FakeGpu(name="FAKE RTX 4090", uuid="GPU-fake-1", total=24 * GiB, used=2 * GiB)])
+    nv = hardware.Nvml(module=fake)
+    assert nv.available and nv.error == ""
+    gpus = nv.gpus()
+    assert [g.index for g in gpus] == [0, 1]
+    assert gpus[0].name == "FAKE NVIDIA H100 80GB HBM3"  # bytes from the module, decoded
+    assert gpus[1].uuid == "GPU-fake-1"
+    assert gpus[1].vram_total == 24 * GiB and gpus[1].vram_free == 22 * GiB
+    assert {g.driver for g in gpus} == {"550.54.15"} and {g.cuda for g in gpus} == {"12.4"}
+
+
+def test_nvml_old_driver_without_cuda_version_call():
+    gpus = hardware.Nvml(module=FakeNvml(cuda=None, driver=b"470.1")).gpus()
+    assert gpus[0].cuda == "" and gpus[0].driver == "470.1"
+
+
+def test_nvml_unavailable_is_a_normal_state():
+    nv = hardware.Nvml(module=no_gpu())
+    assert not nv.available
+    assert nv.error == "NVML unavailable: NVML Shared Library Not Found"
+    assert nv.gpus() == [] and nv.process_vram({os.getpid()}) == []
+
+
+def test_process_vram_counts_only_the_given_pids_per_gpu():
+    procs = {0: [(10, 300 * MiB), (11, 5 * GiB), (12, None)], 1: [(10, 40 * MiB), (12, 7 * MiB)]}
+    fake = FakeNvml(gpus=[FakeGpu(), FakeGpu(uuid="GPU-fake-1")], processes=lambda i, n: procs[i])
+    nv = hardware.Nvml(module=fake)
+    # pid 11 is someone else's; pid 12 has no per-process figure on GPU 0 (pynvml gives None)
+    assert nv.process_vram({10, 12}) == [300 * MiB, 40 * MiB + 7 * MiB]
+    assert nv.process_vram({99}) == [0, 0]
+
+
+def test_process_vram_unsupported_device_reports_zero():
+    nv = hardware.Nvml(module=FakeNvml(process_list_error="Not Supported"))
+    assert nv.process_vram({os.getpid()}) == [0]
+
+
+def test_probe_with_fake_gpus_changes_the_fingerprint():
+    cpu_only = hardware.probe(hardware.Nvml(module=no_gpu()))
+    with_gpu = hardware.probe(hardware.Nvml(module=FakeNvml()))
+    assert cpu_only.gpus == [] and cpu_only.nvml.startswith("NVML unavailable")
+    assert with_gpu.gpus[0].vram_total == 80 * GiB and with_gpu.nvml == ""
+    assert with_gpu.fingerprint_dict()["gpus"] == [{"name": "FAKE NVIDIA H100 80GB HBM3", "vram_total_gib": 80,
+                                                     "driver": "550.54.15"}]
+    assert cpu_only.fingerprint() != with_gpu.fingerprint()
+    assert cpu_only.cores_logical >= cpu_only.cores_physical >= 1
+    assert cpu_only.ram_total == psutil.virtual_memory().total
+
+
+def test_runner_records_peak_vram_of_the_worker_pid(models):
+    """A real worker runs a real trial; the fake NVML says the worker's pid holds VRAM that rises and falls."""
+    me = os.getpid()
+    schedule = [100 * MiB, 300 * MiB, 200 * MiB]  # per NVML poll; the peak is the middle one
+
+    def processes(gpu, n):
+        workers = [c.pid for c in psutil.Process(me).children()]
+        other = [(1, 60 * GiB)]  # another process on the GPU: never counted
+        if gpu == 0:
+            return other + [(pid, schedule[min(n, 2)]) for pid in workers]
+        return [(pid, 50 * MiB) for pid in workers]
+
+    fake = FakeNvml(gpus=[FakeGpu(), FakeGpu(uuid="GPU-fake-1")], processes=processes)
+    nv = hardware.Nvml(module=fake)
+    cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, repetitions=1,
+                                      n_threads=1))
+    with Runner(timeout=120, nvml=nv) as runner:
+        rec = runner.run(cfg)
+    assert rec.outcome == "ok", rec.cause
+    assert fake.calls["procs0"] >= 2, "the runner must poll NVML while the trial runs"
+    assert rec.peak_vram_by_gpu == [300 * MiB, 50 * MiB]
+    assert rec.peak_vram_bytes == 350 * MiB
+    assert [g["name"] for g in rec.hw["gpus"]] == ["FAKE NVIDIA H100 80GB HBM3"] * 2
+    row = rec.to_row()
+    assert row["peak_vram_bytes"] == 350 * MiB
+
+
+def test_runner_without_nvml_records_no_vram(models):
+    cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1,
+                                      n_threads=1))
+    with Runner(timeout=120, nvml=hardware.Nvml(module=no_gpu())) as runner:
+        rec = runner.run(cfg)
+    assert rec.outcome == "ok"
+    assert rec.peak_vram_bytes is None and rec.peak_vram_by_gpu == []
+    assert rec.hw["gpus"] == [] and rec.hw["nvml"].startswith("NVML unavailable")
+
+
+# --- tuner hw -------------------------------------------------------------------------------------------------
+
+def table_rows(output: str) -> dict[str, str]:
+    """`tuner hw` prints 'key<padding>  value' lines; keys may hold single spaces ('GPU 0')."""
+    return dict(re.split(r"\s{2,}", ln.strip(), maxsplit=1) for ln in output.splitlines() if ln.strip())
+
+
+@pytest.fixture
+def as_pynvml(monkeypatch):
+    """Install a fake NVML as the `pynvml` module that tuner.hardware imports."""
+
+    def install(fake):
+        monkeypatch.setitem(sys.modules, "pynvml", fake)
+        return fake
+
+    return install
+
+
+def test_hw_without_gpu_is_not_an_error(as_pynvml):
+    as_pynvml(no_gpu())
+    res = CliRunner().invoke(cli, ["hw"])
+    assert res.exit_code == 0, res.output
+    lines = table_rows(res.output)
+    assert lines["GPUs"].startswith("none (NVML unavailable: NVML Shared Library Not Found)")
+    assert lines["cores"].startswith(f"{psutil.cpu_count(logical=False) or os.cpu_count()} physical")
+    assert "GiB total" in lines["RAM"]
+    offload = hardware.build_info()["gpu_offload"]  # asked of llama.cpp in a child interpreter
+    assert lines["GPU offload"] == ("yes" if offload else "no (this llama-cpp-python build is CPU-only)")
+
+
+def test_hw_json_without_gpu(as_pynvml):
+    as_pynvml(no_gpu())
+    res = CliRunner().invoke(cli, ["hw", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["gpus"] == [] and d["nvml"] == "NVML unavailable: NVML Shared Library Not Found"
+    assert d["ram_total"] == psutil.virtual_memory().total
+    assert d["gpu_offload"] is hardware.build_info()["gpu_offload"]
+    assert d["cores_logical"] == psutil.cpu_count()
+
+
+def test_hw_with_fake_gpus(as_pynvml):
+    as_pynvml(FakeNvml(gpus=[FakeGpu(), FakeGpu(name="FAKE RTX 4090", uuid="GPU-fake-1", total=24 * GiB,
+                                                used=4 * GiB)]))
+    res = CliRunner().invoke(cli, ["hw"])
+    assert res.exit_code == 0, res.output
+    lines = table_rows(res.output)
+    assert lines["GPU 0"] == "FAKE NVIDIA H100 80GB HBM3, 80.0 GiB (79.0 free), driver 550.54.15, CUDA 12.4"
+    assert lines["GPU 1"].startswith("FAKE RTX 4090, 24.0 GiB (20.0 free)")
+    assert "GPUs" not in lines
+    d = json.loads(CliRunner().invoke(cli, ["hw", "--json"]).output)
+    assert [(g["index"], g["vram_total"]) for g in d["gpus"]] == [(0, 80 * GiB), (1, 24 * GiB)]
+    assert d["nvml"] == ""
+
+
+def test_hw_real_nvml_here():
+    """The real pynvml on this machine (no NVIDIA driver on CI): a normal run, exit 0, valid JSON."""
+    res = CliRunner().invoke(cli, ["hw", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert isinstance(d["gpus"], list)
+    if not d["gpus"]:
+        assert d["nvml"], "no GPU must come with the reason NVML gave"

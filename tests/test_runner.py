@@ -1,0 +1,248 @@
+"""The runner with real workers, real llama.cpp and real faults: every way a trial can die leaves a record.
+
+Faults are injected inside the real worker (job["fault"]): it really SIGKILLs itself, dereferences NULL,
+aborts, hangs, or runs out of memory under a real RLIMIT_DATA. Nothing of the runner or llama.cpp is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tuner import bench, store
+from tuner.lock import LockBusy, measurement_lock
+from tuner.record import TrialConfig, TrialRecord
+from tuner.runner import Runner, classify
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+HANG_TIMEOUT = 4.0  # seconds before a hung trial is killed; long enough for the tiny model to load on 2 cores
+
+
+def tiny_cfg(models: Path, **kw) -> TrialConfig:
+    # one thread: the CPUs here are shared, and oversubscribed ggml threads spin-wait for seconds per token
+    kw = {"n_prompt": 16, "n_gen": 4, "repetitions": 2, "n_threads": 1, **kw}
+    return bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), **kw))
+
+
+def kib_status(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def worker_children() -> list[psutil.Process]:
+    out = []
+    for c in psutil.Process().children(recursive=True):
+        try:
+            if "tuner.worker" in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE:
+                out.append(c)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def runner():
+    # One runner for the fault matrix: it must keep working after every kind of worker death.
+    with Runner(timeout=120) as r:
+        yield r
+
+
+def test_clean_trial(runner, models):
+    cfg = tiny_cfg(models, repetitions=3)
+    rec = runner.run(cfg)
+    assert rec.outcome == "ok" and rec.cause == ""
+    assert len(rec.pp_samples) == len(rec.tg_samples) == len(rec.ttft_samples_ms) == 3
+    assert all(x > 0 for x in rec.pp_samples + rec.tg_samples + rec.ttft_samples_ms)
+    assert rec.load_ms is not None and rec.load_ms > 0
+    assert rec.exit_code == 0 and rec.signal is None  # a non-reused worker exits cleanly after the trial
+    assert rec.model_arch == "llama" and rec.model_n_layer == 2 and rec.model_file_type == "Q8_0"
+    assert rec.hw_fingerprint and rec.build_fingerprint and rec.build.get("llama_cpp_python")
+    assert rec.stderr_tail == ""
+    assert 10 * MiB < rec.peak_rss_bytes < 1024 * MiB
+    # the record survives its Parquet row
+    back = TrialRecord.from_row(rec.to_row())
+    assert back.pp_samples == rec.pp_samples and back.config == rec.config and back.hw == rec.hw
+
+
+FAULTS = [
+    # fault, outcome, words the cause must hold, signal
+    ("sigkill", "crash", "killed by SIGKILL", signal.SIGKILL),
+    ("segv", "crash", "killed by SIGSEGV", signal.SIGSEGV),
+    ("abort", "crash", "killed by SIGABRT", signal.SIGABRT),
+    ("exit", "error", "worker exited with code 3 and no result", None),
+    ("alloc_fail", "oom", "insufficient memory", None),
+    ("hang_load", "timeout", f"no result after {HANG_TIMEOUT:g} s (stage load)", signal.SIGKILL),
+    ("hang_decode", "timeout", f"no result after {HANG_TIMEOUT:g} s (stage warmup)", signal.SIGKILL),
+]
+
+
+@pytest.mark.parametrize("fault,outcome,cause,sig", FAULTS, ids=[f[0] for f in FAULTS])
+def test_fault_leaves_a_record(runner, models, fault, outcome, cause, sig):
+    runner.timeout = HANG_TIMEOUT if fault.startswith("hang") else 120
+    rec = runner.run(tiny_cfg(models), fault=fault)
+    assert rec.outcome == outcome, (rec.cause, rec.stderr_tail)
+    assert cause in rec.cause
+    assert "\n" not in rec.cause
+    if sig is not None:
+        assert rec.signal == sig and rec.exit_code == -sig
+    if fault == "alloc_fail":
+        # the llama.cpp (ggml) allocation line is the cause, and the log tail is kept
+        assert "ggml_aligned_malloc" in rec.cause and "ggml_aligned_malloc" in rec.stderr_tail
+    if fault.startswith("hang"):
+        assert rec.wall_s >= HANG_TIMEOUT
+    assert rec.pp_samples == [] and rec.tg_samples == []
+    # the peak is the worker's own (sampled VmHWM), not the parent's RSS that ru_maxrss would add
+    assert rec.peak_rss_bytes is not None and 10 * MiB < rec.peak_rss_bytes < 1024 * MiB
+    assert not worker_children(), "a failed worker must be gone (killed and reaped)"
+    row = rec.to_row()
+    assert row["outcome"] == outcome and row["tg_ts_mean"] is None
+
+
+def test_runner_keeps_working_after_faults(runner, models):
+    runner.timeout = 120
+    rec = runner.run(tiny_cfg(models))
+    assert rec.outcome == "ok", rec.cause
+
+
+def test_crash_peak_rss_is_the_workers_not_the_parents(models):
+    """ru_maxrss of a child includes the parent's RSS at spawn time; the record must not report that."""
+    ballast = bytearray(400 * MiB)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1  # touch every page: the parent's RSS is now > 400 MiB
+    assert kib_status(os.getpid(), "VmRSS") > 400 * MiB
+    with Runner(timeout=120) as r:
+        rec = r.run(tiny_cfg(models), fault="segv")
+    del ballast
+    assert rec.outcome == "crash"
+    assert rec.peak_rss_bytes < 300 * MiB, rec.peak_rss_bytes
+
+
+def test_peak_rss_matches_the_kernels_high_water_mark(models):
+    """rec.peak_rss_bytes vs VmHWM that the kernel reports for the (kept-alive) worker: within 2 %."""
+    with Runner(timeout=120, reuse=True) as r:
+        small = r.run(tiny_cfg(models))
+        pid = r._worker.pid
+        hwm_small = kib_status(pid, "VmHWM")
+        # same load parameters: the same worker measures a config with a ~100 MiB KV cache
+        big = r.run(tiny_cfg(models, n_ctx=100_000))
+        assert r._worker.pid == pid, "reuse keeps the worker for the same load parameters"
+        hwm_big = kib_status(pid, "VmHWM")
+    assert small.outcome == big.outcome == "ok"
+    assert abs(small.peak_rss_bytes - hwm_small) <= 0.02 * hwm_small, (small.peak_rss_bytes, hwm_small)
+    assert abs(big.peak_rss_bytes - hwm_big) <= 0.02 * hwm_big, (big.peak_rss_bytes, hwm_big)
+    # each trial gets its own high-water mark, and the KV cache shows in it
+    assert big.peak_rss_bytes - small.peak_rss_bytes > 80 * MiB
+
+
+def test_reuse_loads_once_and_restarts_after_a_failure(models):
+    with Runner(timeout=120, reuse=True) as r:
+        a = r.run(tiny_cfg(models))
+        pid = r._worker.pid
+        b = r.run(tiny_cfg(models, n_batch=8))  # context parameter: same worker, model kept
+        assert r._worker.pid == pid
+        c = r.run(tiny_cfg(models, use_mmap=False))  # load parameter: a fresh worker
+        pid2 = r._worker.pid
+        assert pid2 != pid
+        d = r.run(tiny_cfg(models, use_mmap=False), fault="abort")
+        assert r._worker is None
+        e = r.run(tiny_cfg(models, use_mmap=False))
+        assert r._worker.pid not in (pid, pid2)
+    assert [x.outcome for x in (a, b, c, d, e)] == ["ok", "ok", "ok", "crash", "ok"]
+    assert a.load_ms == b.load_ms, "a kept model reports the load it paid once"
+
+
+@pytest.mark.parametrize("mmap", [True, False], ids=["huge-ctx", "no-mmap"])
+def test_mem_limit_makes_allocation_fail_as_oom(models, mmap):
+    """A real RLIMIT_DATA: a 1 M-token KV cache (~1 GiB), or an 84 MiB model read into RAM, cannot fit."""
+    if mmap:
+        cfg = tiny_cfg(models, n_ctx=1_000_000)
+        limit = 400 * MiB
+    else:
+        cfg = bench.resolve(TrialConfig(model=str(models / "moe-q8_0.gguf"), use_mmap=False, n_prompt=8,
+                                        n_gen=2, repetitions=1, n_threads=1))
+        limit = 150 * MiB  # the worker's own data segment (Python, numpy, llama.cpp) is ~100 MiB of it
+    with Runner(timeout=120, mem_limit=limit) as r:
+        rec = r.run(cfg)
+    assert rec.outcome == "oom", (rec.cause, rec.stderr_tail)
+    # the cause is llama.cpp's own allocation line
+    assert any(w in rec.cause for w in ("failed to allocate", "insufficient memory", "unable to allocate")), rec.cause
+    assert rec.cause in rec.stderr_tail or rec.cause.split(": ", 1)[-1] in rec.stderr_tail
+    assert rec.exit_code == 0, "the worker reported the failure itself and exited"
+
+
+def test_parent_process_exits_normally_after_real_faults(models, tmp_path):
+    """A separate parent runs trials whose workers die by SIGKILL, SIGSEGV, abort; it must exit 0 itself."""
+    out = tmp_path / "trials.parquet"
+    code = textwrap.dedent(f"""
+        import json, sys
+        from tuner import bench, store
+        from tuner.record import TrialConfig
+        from tuner.runner import Runner
+        cfg = bench.resolve(TrialConfig(model={str(models / "tiny-q8_0.gguf")!r}, n_prompt=8, n_gen=2,
+                                        repetitions=1, n_threads=1))
+        with Runner(timeout=60) as r:
+            recs = [r.run(cfg, fault=f) for f in ("sigkill", "segv", "abort")]
+        store.append({str(out)!r}, recs)
+        print(json.dumps([x.outcome for x in recs]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["crash"] * 3
+    rows = store.read(out)
+    assert list(rows["outcome"]) == ["crash"] * 3
+    assert list(rows["signal"]) == [9, 11, 6]
+
+
+def test_classify_kernel_oom_kill_and_signals():
+    assert classify(None, -9, "", True, None) == (
+        "oom", "killed by the kernel OOM killer (SIGKILL, oom_kill counter rose)")
+    assert classify(None, -9, "loading...\n", False, None) == ("crash", "killed by SIGKILL: loading...")
+    outcome, cause = classify(None, -6, "x\nggml_aligned_malloc: insufficient memory (attempted 5 MB)\n", False, None)
+    assert outcome == "oom" and cause == "SIGABRT after: ggml_aligned_malloc: insufficient memory (attempted 5 MB)"
+    assert classify(None, 1, "CUDA error: out of memory\n", False, None) == ("oom", "CUDA error: out of memory")
+    assert classify({"outcome": "load_error", "cause": "bad"}, 0, "", False, None) == ("load_error", "bad")
+    assert classify(None, None, "", False, "timeout: no result after 3 s (stage load)") == (
+        "timeout", "no result after 3 s (stage load)")
+
+
+# --- the host-wide measurement lock ---------------------------------------------------------------------------
+
+def test_measurement_lock_is_released_when_its_holder_is_killed(tmp_path):
+    code = textwrap.dedent("""
+        import sys, time
+        from tuner.lock import measurement_lock
+        with measurement_lock(wait=False, what="holder test"):
+            print("held", flush=True)
+            time.sleep(600)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockBusy, match=rf"holder test \(pid {holder.pid}\)"):
+            with measurement_lock(wait=False):
+                pass
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+        t0 = time.monotonic()
+        with measurement_lock(wait=False, what="after the kill"):
+            assert time.monotonic() - t0 < 5
+            owner = Path(os.environ["TUNER_LOCK_FILE"]).with_suffix(".owner").read_text()
+            assert owner == f"after the kill (pid {os.getpid()})"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert holder.returncode == -signal.SIGKILL

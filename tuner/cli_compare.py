@@ -1,0 +1,140 @@
+"""`tuner compare`: the CI regression gate as a thin Click command over tuner.compare."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from tuner import compare as cmp
+from tuner.options import TunerError, run_params
+
+FAIL_ON = ("regression", "inconclusive", "missing")
+
+
+def _check_out(path: str | None, what: str) -> None:
+    """Fail before any work (or any rerun) when a report file cannot be written."""
+    if not path:
+        return
+    parent = Path(path).parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise TunerError(f"cannot write {what} {path}: folder {parent} does not exist or is not writable")
+    if Path(path).is_dir():
+        raise TunerError(f"cannot write {what} {path}: it is a folder")
+
+
+def _fail_on(value: tuple[str, ...]) -> tuple[str, ...]:
+    names = [n.strip() for v in value for n in v.split(",") if n.strip()] or ["regression"]
+    bad = [n for n in names if n not in FAIL_ON]
+    if bad:
+        raise TunerError(f"--fail-on {bad[0]!r}: expected one of {', '.join(FAIL_ON)}")
+    return tuple(dict.fromkeys(names))
+
+
+@click.command("compare")
+@click.argument("baseline", type=click.Path(dir_okay=True))
+@click.argument("current", type=click.Path(dir_okay=True))
+@click.option("--ignore", "ignore", multiple=True, metavar="PARAM",
+              help="pair configs that differ only in PARAM (repeatable or comma-separated), e.g. flash_attn")
+@click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=PCT",
+              help="practical threshold in percent per metric (tg, pp, ttft, peak_ram, peak_vram) or group "
+                   "(speed, memory); defaults speed=5, memory=10")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
+              show_default=True, help="significance level of the statistical test")
+@click.option("--test", "test", type=click.Choice(["mannwhitney", "welch"]), default="mannwhitney",
+              show_default=True, help="Mann-Whitney U (robust to outliers) or Welch's t")
+@click.option("--max-cv", type=click.FloatRange(0, min_open=True), default=20.0, show_default=True,
+              help="percent: a side noisier than this (robust CV = 1.4826·MAD/median) is inconclusive")
+@click.option("--min-samples", type=click.IntRange(2), default=3, show_default=True,
+              help="fewer samples a side is inconclusive (memory: threshold only)")
+@click.option("--allow-hw-mismatch", is_flag=True,
+              help="compare even when the hardware fingerprints differ (flagged in every output)")
+@click.option("--fail-on", "fail_on", multiple=True, metavar="VERDICTS", show_default=True,
+              help="verdicts that fail the gate (exit 1): regression [default], inconclusive, missing")
+@click.option("--rerun-on-alert", is_flag=True,
+              help="re-measure each CURRENT config with a regression once (appended to CURRENT) and fail "
+                   "only when the rerun confirms it")
+@run_params()
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON instead of a table")
+@click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), help="also write a markdown report")
+@click.option("--junit", "junit_out", type=click.Path(dir_okay=False), help="also write JUnit XML for CI")
+def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samples, allow_hw_mismatch, fail_on,
+            rerun_on_alert, trial_timeout, mem_limit, no_wait, as_json, markdown_out, junit_out):
+    """CI regression gate: compare CURRENT against BASELINE (Parquet files or study folders).
+
+    Trials are paired by config (model content hash, every llama.cpp parameter and the test shape; not the
+    repetition count). For tg, pp, TTFT, peak RAM and peak VRAM the change of the median is judged: a
+    REGRESSION needs both a change beyond the threshold (5 % speeds, 10 % memory) and a significant test on
+    the repetition samples (Mann-Whitney U at alpha 0.01). Too noisy or too few samples is inconclusive;
+    a config or metric on one side only is missing. Peak memory has one sample per trial: with fewer than
+    --min-samples trials a side it is judged on the threshold alone. Differing hardware is an error unless
+    --allow-hw-mismatch. A config that measured in BASELINE and failed (OOM, crash) in CURRENT is a regression.
+
+    Exit status: 0 no confirmed regression, 1 regression, 2 bad input. The markdown report is appended to
+    $GITHUB_STEP_SUMMARY when that is set.
+
+    One noisy run should not fail a build: with --rerun-on-alert every alerting CURRENT config is measured
+    once more on this machine (same config, same repetitions, appended to CURRENT's Parquet) and judged again
+    on the fresh trial alone; the regression stands only if the rerun shows it too. Without it, measure
+    baseline and candidate interleaved, several trials each, with -r 10.
+
+    \b
+    Examples:
+      tuner compare results/base.parquet results/cand.parquet --rerun-on-alert --junit junit.xml
+      tuner compare results/study-a results/study-b --ignore flash_attn --threshold tg=3 --json
+    """
+    try:
+        settings = cmp.Settings(thresholds=cmp.parse_thresholds(thresholds), alpha=alpha, max_cv=max_cv / 100.0,
+                                min_samples=min_samples, test=test, ignore=cmp.parse_ignore(ignore),
+                                allow_hw_mismatch=allow_hw_mismatch)
+    except cmp.CompareError as e:
+        raise TunerError(str(e)) from None
+    fail_on = _fail_on(fail_on)
+    _check_out(markdown_out, "the markdown report")
+    _check_out(junit_out, "the JUnit report")
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+    _check_out(summary_file, "$GITHUB_STEP_SUMMARY")
+    try:
+        report = cmp.compare(baseline, current, settings)
+    except cmp.CompareError as e:
+        raise TunerError(str(e)) from None
+    if rerun_on_alert and report.regressions():
+        _rerun(report, current, trial_timeout, mem_limit, no_wait)
+
+    click.echo(report.to_json(fail_on) if as_json else report.table(fail_on))
+    md = report.markdown(fail_on)
+    if markdown_out:
+        cmp.write_atomic(markdown_out, md)
+    if junit_out:
+        cmp.write_atomic(junit_out, report.junit(fail_on))
+    if summary_file:
+        # GitHub owns this file and appends every step's summary to the run page: add, never replace
+        with open(summary_file, "a") as f:
+            f.write(md + "\n")
+    return report.exit_code(fail_on)
+
+
+def _rerun(report: cmp.Report, current, trial_timeout, mem_limit, no_wait) -> None:
+    from tuner import store
+    from tuner.lock import measurement_lock
+    from tuner.runner import Runner
+
+    alerts = [p for p in report.pairs if p.regressed]
+    cur_path = store.resolve(current)
+    store.check_writable(cur_path)
+    for p in alerts:
+        models = {r.config.model for r in cmp.split(str(current), cmp.load(current), report.settings.ignore)
+                  .rows(p.key)}
+        gone = [m for m in models if not Path(m).is_file()]
+        if gone:
+            raise TunerError(f"--rerun-on-alert: model file {gone[0]} (of {p.label}) is not here to re-measure")
+    click.echo(f"re-measuring {len(alerts)} alerting config(s) once before failing...", err=True)
+    with measurement_lock(wait=not no_wait, what="tuner compare --rerun-on-alert"):
+        with Runner(timeout=trial_timeout, mem_limit=mem_limit) as runner:
+            here = runner.hw.fingerprint()
+            cur_hw = {r.hw_fingerprint for r in cmp.load(current)}
+            if here not in cur_hw:
+                raise TunerError(f"--rerun-on-alert: this machine (hw {here}) is not the one CURRENT was measured "
+                                 f"on ({'/'.join(sorted(cur_hw))}); rerun there")
+            cmp.rerun_alerts(report, cur_path, runner.run)

@@ -1,0 +1,196 @@
+"""`tuner estimate`: plan memory for models before running anything (metadata only, never the tensor data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import click
+
+from tuner import planner
+from tuner.bench import fmt_size
+from tuner.ggufmeta import ModelInfo, read_model
+from tuner.options import SIZE, TunerError
+from tuner.record import KV_TYPES, TrialConfig
+
+
+def parse_ctx_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise TunerError(f"--ctx: not a list of context sizes: {text!r} (e.g. 4096,8192)") from None
+    if not vals or any(v < 1 for v in vals):
+        raise TunerError(f"--ctx: context sizes must be positive integers, got {text!r}")
+    return vals
+
+
+def parse_headroom(text: str) -> float:
+    """'10%' or '0.1' → 0.1."""
+    t = str(text).strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise TunerError(f"--headroom: not a fraction or percentage: {text!r} (e.g. 0.05 or 5%)") from None
+    if not 0 <= v < 0.9:
+        raise TunerError(f"--headroom must be between 0 and 90%, got {text!r}")
+    return v
+
+
+def min_cpu_moe(cfg: TrialConfig, info: ModelInfo, vram: int, headroom: float, calib) -> int | None:
+    """Fewest layers whose experts stay in host RAM so that all layers fit the GPU (MoE only)."""
+    full = dataclasses.replace(cfg, n_gpu_layers=info.n_layer + 1)
+    budget = vram * (1 - headroom)
+
+    def ok(n):
+        c = dataclasses.replace(full, n_cpu_moe=n)
+        return planner.predict(c, info, calib, gpu_offload=True).vram_bytes <= budget
+
+    if not ok(info.n_layer):
+        return None
+    lo, hi = 0, info.n_layer
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def estimate(info: ModelInfo, ctxs: list[int], ram: int, vram: int, headroom: float, base: TrialConfig,
+             calib: planner.Calibration | None = None, ngl: int | None = None) -> list[dict]:
+    """One row per context: sizes, the largest n_gpu_layers that fits and the host/GPU split it gives."""
+    rows = []
+    for ctx in ctxs:
+        cfg = dataclasses.replace(base, model=info.path, n_ctx=ctx)
+        gpu = vram > 0
+        if ngl is not None:  # asked for: show its split
+            use = info.n_layer + 1 if ngl < 0 else min(ngl, info.n_layer + 1)
+        else:
+            use = planner.max_gpu_layers(cfg, info, vram, headroom, calib) if gpu else 0
+        p = planner.predict(dataclasses.replace(cfg, n_gpu_layers=use), info, calib, gpu_offload=gpu)
+        ok, why = planner.fits(p, ram, vram if gpu else None, headroom=headroom)
+        warning = ""
+        if p.ram_bytes - p.reclaimable_bytes > ram * (1 - headroom):
+            warning = (f"host RAM short: needs {fmt_size(p.ram_bytes - p.reclaimable_bytes)}, {fmt_size(ram * (1 - headroom))} usable"
+                       " - it would swap (use more GPU layers, a smaller quant or context)")
+        elif not ok:
+            warning = why
+        row = {"model": info.path, "name": info.name, "file_type": info.file_type, "n_ctx": ctx,
+               "size_bytes": p.weights_total, "kv_bytes": p.kv_bytes, "n_layer": info.n_layer,
+               "max_gpu_layers": use, "gpu_bytes": p.vram_bytes, "host_bytes": p.ram_bytes,
+               "weights_gpu": p.weights_gpu, "weights_host": p.weights_host, "compute_bytes": p.compute_bytes,
+               "fits": ok and not warning, "warning": warning}
+        if info.is_moe and gpu:
+            row["min_n_cpu_moe"] = min_cpu_moe(cfg, info, vram, headroom, calib)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], headers: list[tuple[str, str]]) -> str:
+    cells = [[h for _, h in headers]] + [[_cell(r.get(k)) for k, _ in headers] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
+    lines = ["  ".join(c[i].ljust(widths[i]) if i == 0 else c[i].rjust(widths[i]) for i in range(len(headers)))
+             for c in cells]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    return str(v)
+
+
+@click.command("estimate")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--ctx", "ctx", default="4096", show_default=True, help="context sizes, comma-separated")
+@click.option("--vram", type=SIZE, default=None, help="GPU memory to plan for (default: detected, 0 without GPU)")
+@click.option("--ram", type=SIZE, default=None, help="host RAM to plan for (default: this machine's total)")
+@click.option("--headroom", default="5%", show_default=True, help="memory kept free, fraction or percent")
+@click.option("-ctk", "--cache-type-k", "type_k", type=click.Choice(KV_TYPES), default="f16", show_default=True)
+@click.option("-ctv", "--cache-type-v", "type_v", type=click.Choice(KV_TYPES), default="f16", show_default=True)
+@click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=None,
+              help="show the split for this many GPU layers instead of the largest that fits")
+@click.option("-b", "--batch-size", "n_batch", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("-ub", "--ubatch-size", "n_ubatch", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--mmap/--no-mmap", "use_mmap", default=True, show_default=True)
+@click.option("-ncmoe", "--n-cpu-moe", "n_cpu_moe", type=click.IntRange(min=0), default=0)
+@click.option("--cpu-moe", is_flag=True, help="all routed experts in host RAM")
+@click.option("--what-if", "what_if", default=None,
+              help="quant types to size this model in, e.g. q8_0,q4_k_m,iq2_xxs")
+@click.option("--calib", "calib_paths", multiple=True, type=click.Path(),
+              help="Parquet results of this rig to calibrate the compute term from (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, n_gpu_layers, n_batch, n_ubatch, use_mmap,
+                 n_cpu_moe, cpu_moe, what_if, calib_paths, as_json):
+    """Plan memory from GGUF metadata alone: sizes, KV cache, GPU/host split, the largest -ngl that fits.
+
+    Reads only the header (a 400 GB split model plans in well under a second). Warns when host RAM is
+    short: that config would swap instead of failing fast. --what-if sizes the model in other quant types
+    the way llama.cpp's quantizer would write it.
+
+    \b
+    Examples:
+      tuner estimate models/dense-q4_k_m.gguf --ctx 4096,32768 --vram 24GiB --ram 64GiB
+      tuner estimate DeepSeek-V3-Q4_K_M-00001-of-00009.gguf --vram 80GiB -ctk q8_0 --json
+      tuner estimate models/dense-f16.gguf --what-if q8_0,q4_k_m,iq2_xxs
+    """
+    import psutil
+
+    from tuner import hardware
+
+    ctxs = parse_ctx_list(ctx)
+    hr = parse_headroom(headroom)
+    if ram is None:
+        ram = psutil.virtual_memory().total
+    if vram is None:
+        vram = sum(g.vram_total for g in hardware.probe().gpus)
+    quants = [q.strip() for q in what_if.split(",") if q.strip()] if what_if else []
+    for q in quants:
+        try:
+            planner._ftype_key(q)
+        except ValueError as e:
+            raise TunerError(str(e)) from None
+    if n_gpu_layers is not None and n_gpu_layers < -1:
+        raise TunerError(f"-ngl must be -1 (all layers) or more, got {n_gpu_layers}")
+    calib = planner.Calibration.from_store(calib_paths) if calib_paths else None
+    infos = [read_model(m) for m in models]  # all inputs checked before anything is printed
+    base = TrialConfig(model="", n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v,
+                       use_mmap=use_mmap, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe)
+    result = []
+    for info in infos:
+        rows = estimate(info, ctxs, ram, vram, hr, base, calib, n_gpu_layers)
+        wi = planner.what_if(info, quants) if quants else []
+        result.append({"model": info.path, "arch": info.arch, "n_params": info.n_params, "file_size": info.file_size,
+                       "shards": len(info.shards), "ram": ram, "vram": vram, "headroom": hr, "contexts": rows,
+                       "what_if": wi})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for m in result:
+        info = next(i for i in infos if i.path == m["model"])
+        click.echo(f"{info.name} ({info.arch}, {info.file_type}, {info.n_layer} layers"
+                   f"{f', {info.n_expert} experts ({info.n_expert_used} used)' if info.is_moe else ''}"
+                   f"{f', {len(info.shards)} shards' if len(info.shards) > 1 else ''}): "
+                   f"{fmt_size(info.file_size)} on disk; planning for {fmt_size(vram)} VRAM, "
+                   f"{fmt_size(ram)} RAM, {hr:.0%} headroom")
+        rows = [dict(r, size=fmt_size(r["size_bytes"]), kv=fmt_size(r["kv_bytes"]), gpu=fmt_size(r["gpu_bytes"]),
+                     host=fmt_size(r["host_bytes"]), ngl=f"{r['max_gpu_layers']}/{info.n_layer + 1}")
+                for r in m["contexts"]]
+        headers = [("n_ctx", "n_ctx"), ("size", "weights"), ("kv", "KV cache"), ("ngl", "max ngl"),
+                   ("gpu", "GPU"), ("host", "host RAM"), ("fits", "fits")]
+        if info.is_moe and vram:
+            headers.insert(4, ("min_n_cpu_moe", "n_cpu_moe@all"))
+        click.echo(table(rows, headers))
+        for r in m["contexts"]:
+            if r["warning"]:
+                click.echo(f"warning: n_ctx {r['n_ctx']}: {r['warning']}")
+        if m["what_if"]:
+            click.echo(f"\nwhat if {info.name} were quantized as (llama.cpp's type choices, from tensor shapes):")
+            wrows = [dict(w, size=fmt_size(w["size_bytes"]), bpw=f"{w['bpw']:.2f}",
+                          rel=f"{100 * w['vs_current']:.0f}%" if w["vs_current"] else "-") for w in m["what_if"]]
+            click.echo(table(wrows, [("quant", "quant"), ("size", "size"), ("bpw", "bits/weight"),
+                                     ("rel", "vs this file")]))
+        click.echo("")

@@ -1,0 +1,614 @@
+"""The memory planner: what a config needs in host RAM and VRAM, predicted from GGUF metadata alone.
+
+Terms of a prediction (all bytes):
+- weights: every tensor's exact size from the GGUF header, placed as llama.cpp places it: token embeddings on
+  the host, the last `n_gpu_layers` blocks (and the output layer when all n_layer + 1 are offloaded) on the
+  GPU, routed experts of the first `n_cpu_moe` layers (or all, `cpu_moe`, or any `-ot ...=CPU` match) on the
+  host. On the CPU, llama.cpp repacks some types into a CPU_REPACK buffer; with mmap the file pages it read to
+  repack stay resident too, so those tensors count twice (measured: dense q4_0, mmap on/off differ by the
+  repacked bytes).
+- KV cache: n_ctx cells × (K + V row bytes) per layer, per the layer's KV heads and head dims (GQA aware; MLA
+  files store one latent "head" of kv_lora_rank + rope dims, so the same formula holds), sliding-window layers
+  hold only n_swa + n_ubatch cells. KV lives where its layer lives.
+- compute: llama.cpp's graph buffers. The raw term below follows the graph's largest live tensors for the
+  tokens that really go through one ubatch; `Calibration` scales it and learns the process baseline (Python,
+  numpy and the llama.cpp libraries: tens of MB of RSS; the CUDA context on a GPU) from measured trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import gguf
+
+from tuner.ggufmeta import EXPS_RE, ModelInfo, read_model
+from tuner.record import KV_TYPE_BYTES, TrialConfig, TrialRecord
+
+MiB = 1 << 20
+# Measured on the reference rig (tuner worker, llama-cpp-python 0.3.36 CPU build): RSS of a worker with a
+# 1.5 MiB model, 1 MiB KV and ~1 MiB of touched compute was 55 MiB. Calibration replaces these per rig.
+DEFAULT_BASELINE_RAM = 52 * MiB
+DEFAULT_COMPUTE_SCALE = 1.0
+# A CUDA context plus cuBLAS workspace, per process, as NVML reports it; calibrated from trials with VRAM.
+DEFAULT_BASELINE_VRAM = 400 * MiB
+DEFAULT_HEADROOM = 0.05  # keep 5 % of each memory free
+KV_PAD = 256  # llama.cpp pads the KV cache size to 256 cells
+
+# Tensor types llama.cpp's CPU backend repacks (CPU_REPACK buffer), by CPU family. Measured on x86-64 with
+# AVX2 (tiny models in every type: q4_0, q4_K, q2_K and iq4_nl got a CPU_REPACK buffer, q8_0/q5_K/q6_K... not).
+REPACK_X86 = frozenset({"Q4_0", "Q4_K", "Q2_K", "IQ4_NL"})
+REPACK_ARM = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "Q8_0"})
+
+# Layers with sliding-window attention, by architecture (the rest attend to the whole context).
+SWA_LAYERS = {
+    "gemma2": lambda il: il % 2 == 0,
+    "gemma3": lambda il: il % 6 < 5,
+    "gemma3n": lambda il: il % 5 < 4,
+    "cohere2": lambda il: il % 4 < 3,
+    "llama4": lambda il: il % 4 < 3,
+    "gpt-oss": lambda il: il % 2 == 0,
+}
+
+
+@lru_cache(maxsize=1)
+def repack_types() -> frozenset[str]:
+    """Which weight types this machine's CPU backend repacks (empty when no SIMD path exists)."""
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return REPACK_ARM
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return REPACK_X86 if " avx2" in flags else frozenset()
+
+
+def type_bytes(type_name: str, n_elements: int) -> int:
+    """Bytes of n_elements in a ggml type (block size and block bytes from the gguf package)."""
+    qt = gguf.GGMLQuantizationType[type_name.upper()]
+    blck, size = gguf.GGML_QUANT_SIZES[qt]
+    return n_elements // blck * size
+
+
+def kv_row_bytes(type_name: str, n: int) -> int:
+    if type_name.upper() in gguf.GGMLQuantizationType.__members__:
+        return type_bytes(type_name, n)
+    return math.ceil(n * KV_TYPE_BYTES[type_name])
+
+
+@dataclass
+class Calibration:
+    """The rig-specific terms of a prediction, learned from measured trials (see `from_records`)."""
+
+    baseline_ram: int = DEFAULT_BASELINE_RAM
+    compute_scale: float = DEFAULT_COMPUTE_SCALE
+    baseline_vram: int = DEFAULT_BASELINE_VRAM
+    compute_scale_gpu: float = DEFAULT_COMPUTE_SCALE
+    n_ram: int = 0  # trials the host terms were learned from (0 = defaults)
+    n_vram: int = 0
+    worst_ram_error: float | None = None  # largest |predicted/measured - 1| over those trials
+
+    @classmethod
+    def from_records(cls, records: list[TrialRecord], infos: dict[str, ModelInfo] | None = None) -> "Calibration":
+        """Fit baseline + scale × raw compute to (measured peak - weights - KV) over completed trials.
+
+        Least squares on relative error (each row divided by the measured peak), so small and big models
+        count alike; the scale is kept within [0.25, 4] and the baseline non-negative. Trials whose model
+        file is gone are skipped. With one usable trial only the baseline is learned.
+        """
+        import numpy as np
+        from scipy.optimize import lsq_linear
+
+        infos = dict(infos or {})
+        ram_rows, vram_rows = [], []
+        for r in records:
+            if r.outcome != "ok" or not r.peak_rss_bytes:
+                continue
+            info = infos.get(r.config.model)
+            if info is None:
+                try:
+                    info = infos[r.config.model] = read_model(r.config.model)
+                except (OSError, ValueError):
+                    continue
+            gpu = bool(r.build.get("gpu_offload")) if r.build else False
+            raw = predict(r.config, info, RAW, gpu_offload=gpu)
+            ram_rows.append((r.peak_rss_bytes, raw.ram_bytes - raw.compute_host, raw.compute_host))
+            if gpu and r.peak_vram_bytes:
+                vram_rows.append((r.peak_vram_bytes, raw.vram_bytes - raw.compute_gpu, raw.compute_gpu))
+        cal = cls()
+
+        def fit(rows, base_default, scale_default):
+            if not rows:
+                return base_default, scale_default
+            y, fixed, x = (np.array(c, dtype=float) for c in zip(*rows))
+            resid = y - fixed
+            if len(rows) == 1 or np.ptp(x) < 0.02 * max(np.mean(x), 1.0):
+                b = float(np.median(resid - scale_default * x))
+                return max(b, 0.0), scale_default
+            a = np.stack([np.ones_like(x), x], axis=1) / y[:, None]
+            res = lsq_linear(a, resid / y, bounds=([0.0, 0.25], [np.inf, 4.0]))
+            return float(res.x[0]), float(res.x[1])
+
+        b, s = fit(ram_rows, DEFAULT_BASELINE_RAM, DEFAULT_COMPUTE_SCALE)
+        cal.baseline_ram, cal.compute_scale, cal.n_ram = int(b), s, len(ram_rows)
+        b, s = fit(vram_rows, DEFAULT_BASELINE_VRAM, DEFAULT_COMPUTE_SCALE)
+        cal.baseline_vram, cal.compute_scale_gpu, cal.n_vram = int(b), s, len(vram_rows)
+        if ram_rows:
+            errs = [(fixed + cal.baseline_ram + cal.compute_scale * x) / y - 1 for y, fixed, x in ram_rows]
+            cal.worst_ram_error = max(errs, key=abs)
+        return cal
+
+    @classmethod
+    def from_store(cls, paths, hw_fingerprint: str | None = None) -> "Calibration":
+        """Learn from Parquet result files (missing files are skipped), only trials of this rig."""
+        from tuner import store
+
+        recs = []
+        for p in paths:
+            try:
+                recs += store.records(store.read(p, missing_ok=True)) if store.resolve(p).exists() else []
+            except store.StoreError:
+                continue
+        if hw_fingerprint:
+            recs = [r for r in recs if r.hw_fingerprint == hw_fingerprint]
+        return cls.from_records(recs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Zero baseline, unit scale: the raw terms a calibration fits against.
+RAW = Calibration(baseline_ram=0, compute_scale=1.0, baseline_vram=0, compute_scale_gpu=1.0)
+
+
+@dataclass
+class Prediction:
+    ram_bytes: int  # predicted peak RSS of the worker
+    vram_bytes: int  # predicted peak VRAM (0 without offload)
+    weights_host: int  # resident host bytes for weights (file pages + repacked copies)
+    weights_gpu: int
+    kv_bytes: int
+    compute_bytes: int
+    kv_host: int = 0
+    kv_gpu: int = 0
+    compute_host: int = 0
+    compute_gpu: int = 0
+    baseline_ram: int = 0
+    baseline_vram: int = 0
+    repack_bytes: int = 0
+    reclaimable_bytes: int = 0  # in ram_bytes but clean file pages never read again (mmap'd repack sources)
+    weights_total: int = 0
+    n_gpu_layers: int = 0  # effective layers on the GPU
+    layers_host: list[int] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("layers_host")
+        return d
+
+
+def gpu_layer_start(info: ModelInfo, n_gpu_layers: int, gpu_offload: bool) -> tuple[int, bool, int]:
+    """(first block on the GPU, output layer on the GPU, effective layer count), as llama.cpp assigns them."""
+    if not gpu_offload:
+        return info.n_layer, False, 0
+    ngl = info.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, info.n_layer + 1)
+    return max(info.n_layer - ngl, 0), ngl > info.n_layer, ngl
+
+
+def _override_rules(cfg: TrialConfig) -> list[tuple[re.Pattern, bool]]:
+    """(regex, on_host) in llama.cpp's order: raw -ot first, then --cpu-moe / --n-cpu-moe."""
+    rules = []
+    for item in cfg.overrides:
+        pattern, _, buft = item.rpartition("=")
+        try:
+            rules.append((re.compile(pattern), buft.upper().startswith("CPU")))
+        except re.error:
+            continue
+    if cfg.cpu_moe:
+        rules.append((EXPS_RE, True))
+    for i in range(cfg.n_cpu_moe):
+        rules.append((re.compile(rf"blk\.{i}{EXPS_RE.pattern}"), True))
+    return rules
+
+
+def placement(cfg: TrialConfig, info: ModelInfo, gpu_offload: bool) -> tuple[list[bool], int]:
+    """Per tensor (in info.tensors order): True when it lives in host memory; plus the effective ngl."""
+    start, out_gpu, ngl = gpu_layer_start(info, cfg.n_gpu_layers, gpu_offload)
+    rules = _override_rules(cfg) if gpu_offload else []
+    host = []
+    for t in info.tensors:
+        if not gpu_offload:
+            host.append(True)
+            continue
+        on_host = None
+        for rx, h in rules:
+            if rx.search(t.name):
+                on_host = h
+                break
+        if on_host is None:
+            if t.layer is not None:
+                on_host = t.layer < start
+            elif t.group == "embd":
+                on_host = True  # llama.cpp keeps the input layer on the CPU
+            else:
+                on_host = not out_gpu  # output and output_norm go with the output layer
+        host.append(on_host)
+    return host, ngl
+
+
+def kv_cells(cfg: TrialConfig, info: ModelInfo, il: int) -> int:
+    n_ctx = _pad(cfg.effective_ctx(), KV_PAD)
+    swa = SWA_LAYERS.get(info.arch)
+    if info.sliding_window and swa and swa(il):
+        return min(n_ctx, _pad(info.sliding_window + cfg.n_ubatch, KV_PAD))
+    return n_ctx
+
+
+def kv_layer_bytes(cfg: TrialConfig, info: ModelInfo, il: int, cells: int | None = None) -> int:
+    """K and V bytes of one layer's cache (0 for a layer without attention, e.g. recurrent layers)."""
+    heads = info.head_kv(il)
+    if heads <= 0:
+        return 0
+    cells = kv_cells(cfg, info, il) if cells is None else cells
+    return cells * (kv_row_bytes(cfg.type_k, heads * info.head_dim_k) +
+                    kv_row_bytes(cfg.type_v, heads * info.head_dim_v))
+
+
+def ubatch_tokens(cfg: TrialConfig) -> int:
+    """Tokens one ubatch really carries in a llama-bench style trial (what the graph touches)."""
+    chunk = max(cfg.n_prompt, cfg.n_depth, 1)
+    return max(1, min(cfg.n_ubatch, cfg.n_batch, chunk))
+
+
+def used_cells(cfg: TrialConfig) -> int:
+    """KV cells a trial really fills (the graph's n_kv grows with them, in steps of 256)."""
+    return min(_pad(cfg.effective_ctx(), KV_PAD), _pad(cfg.n_depth + cfg.n_prompt + cfg.n_gen + 1, KV_PAD))
+
+
+def compute_raw(cfg: TrialConfig, info: ModelInfo, n_tok: int, n_out: int, n_kv: int) -> int:
+    """The largest live set of the compute graph for one ubatch, in bytes (before calibration).
+
+    FFN: gate, up and their product (n_ff wide, or n_ff_exp × experts used for MoE); attention: Q/K/V and,
+    without flash attention, the n_kv × n_tok score matrix per head; output: logits for n_out tokens. The
+    KQ mask (f16, n_kv × n_tok) and the residual stream are live throughout.
+    """
+    ff = max((info.ff(il) for il in range(info.n_layer)), default=0)
+    if info.is_moe:
+        ff = max(ff if info.n_layer_dense_lead else 0,
+                 (info.n_ff_exp or ff) * max(info.n_expert_used, 1) + info.n_expert)
+    attn = (info.n_head * info.head_dim_k + 2 * info.head_kv(0) * info.head_dim_k) * n_tok
+    if cfg.flash_attn == "off":
+        attn += info.n_head * n_kv * n_tok
+    peak = max(3 * ff * n_tok, attn, info.n_vocab * n_out)
+    return 4 * (peak + 3 * info.n_embd * n_tok) + 2 * n_kv * _pad(n_tok, 64)
+
+
+def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
+            gpu_offload: bool = False) -> Prediction:
+    """Peak host RAM and VRAM of one trial of `cfg` on `info`'s model."""
+    calib = calib or Calibration()
+    host, ngl = placement(cfg, info, gpu_offload)
+    rp = repack_types()
+    w_host = w_gpu = repack = 0
+    for t, h in zip(info.tensors, host):
+        if not h:
+            w_gpu += t.n_bytes
+            continue
+        w_host += t.n_bytes
+        # only matrices used by MUL_MAT are repacked (not the embeddings, read with GET_ROWS)
+        if t.type in rp and len(t.shape) >= 2 and t.shape[1] % 8 == 0 and t.group != "embd":
+            repack += t.n_bytes
+    reclaimable = 0
+    if cfg.use_mmap and not cfg.use_mlock:
+        # file pages read to repack stay mapped next to the repacked copy: they count in RSS, but the
+        # kernel can drop them without swapping, so `fits` does not require them
+        w_host += repack
+        reclaimable = repack
+    start, _, _ = gpu_layer_start(info, cfg.n_gpu_layers, gpu_offload)
+    kv_host = kv_gpu = 0
+    layers_host = []
+    for il in range(info.n_layer):
+        b = kv_layer_bytes(cfg, info, il)
+        if il < start:
+            kv_host += b
+            layers_host.append(il)
+        else:
+            kv_gpu += b
+    n_tok = ubatch_tokens(cfg)
+    touched = int(calib.compute_scale * compute_raw(cfg, info, n_tok, 1, used_cells(cfg)))
+    if ngl and gpu_offload:
+        # the GPU buffer is reserved (and committed) for a full ubatch with every token an output
+        c_gpu = int(calib.compute_scale_gpu * compute_raw(cfg, info, cfg.n_ubatch, cfg.n_ubatch,
+                                                           _pad(cfg.effective_ctx(), KV_PAD)))
+        # blocks left on the CPU run their graph there; with every block offloaded the host only stages
+        # the layer inputs and outputs (not measured here: no GPU on the reference rig)
+        c_host = touched if start > 0 else int(calib.compute_scale * 4 * (info.n_embd + info.n_vocab) * n_tok)
+    else:
+        c_gpu = 0
+        c_host = touched
+    ram = calib.baseline_ram + w_host + kv_host + c_host
+    vram = (calib.baseline_vram + w_gpu + kv_gpu + c_gpu) if (gpu_offload and ngl) else 0
+    return Prediction(ram_bytes=int(ram), vram_bytes=int(vram), weights_host=w_host, weights_gpu=w_gpu,
+                      kv_bytes=kv_host + kv_gpu, compute_bytes=c_host + c_gpu, kv_host=kv_host, kv_gpu=kv_gpu,
+                      compute_host=c_host, compute_gpu=c_gpu, baseline_ram=calib.baseline_ram,
+                      baseline_vram=calib.baseline_vram if vram else 0, repack_bytes=repack,
+                      reclaimable_bytes=reclaimable,
+                      weights_total=sum(t.n_bytes for t in info.tensors), n_gpu_layers=ngl,
+                      layers_host=layers_host)
+
+
+def fits(pred: Prediction, ram_total: int | None, vram_total: int | None, max_ram: int | None = None,
+         max_vram: int | None = None, headroom: float = DEFAULT_HEADROOM) -> tuple[bool, str]:
+    """Whether a prediction fits the machine: (ok, one-line reason). `max_*` are user caps below the totals.
+
+    Host RAM short is the swap trap: the trial would page and crawl (or be OOM-killed) rather than fail fast.
+    """
+    def budget(total, cap):
+        vals = [v for v in (total, cap) if v]
+        return int(min(vals) * (1 - headroom)) if vals else None
+
+    ram_budget, vram_budget = budget(ram_total, max_ram), budget(vram_total, max_vram)
+    if pred.vram_bytes and vram_budget is not None and pred.vram_bytes > vram_budget:
+        return False, (f"needs {_gib(pred.vram_bytes)} VRAM, {_gib(vram_budget)} usable "
+                       f"({headroom:.0%} headroom)")
+    if ram_budget is not None and pred.ram_bytes - pred.reclaimable_bytes > ram_budget:
+        return False, (f"needs {_gib(pred.ram_bytes - pred.reclaimable_bytes)} host RAM, {_gib(ram_budget)} usable "
+                       f"({headroom:.0%} headroom): it would swap")
+    return True, "fits"
+
+
+def max_gpu_layers(cfg: TrialConfig, info: ModelInfo, vram_total: int, headroom: float = DEFAULT_HEADROOM,
+                   calib: Calibration | None = None) -> int:
+    """The largest n_gpu_layers (0..n_layer + 1) whose predicted VRAM fits `vram_total` with headroom."""
+    budget = vram_total * (1 - headroom)
+    lo, hi = 0, info.n_layer + 1
+    # VRAM grows with every offloaded layer: binary search
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        p = predict(dataclasses.replace(cfg, n_gpu_layers=mid), info, calib, gpu_offload=True)
+        if p.vram_bytes <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _pad(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+# -- what-if: the size of this model in other quant types, mimicking llama.cpp's quantizer --------------------
+
+ATTN_V_LIKE = ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")
+NO_QUANT_SUBSTR = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
+                   "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "time_mix_", "attn_rel_b.weight",
+                   "position_embd", "token_types.weight", "pos_embd.weight")
+DEFAULT_TYPE = {  # llama_ftype_get_default_type
+    "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0", "F16": "F16",
+    "BF16": "BF16", "ALL_F32": "F32", "Q2_K_S": "Q2_K", "Q2_K": "Q2_K", "IQ3_XS": "IQ3_S", "Q3_K_S": "Q3_K",
+    "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K",
+    "Q6_K": "Q6_K", "TQ1_0": "TQ1_0", "TQ2_0": "TQ2_0", "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS",
+    "IQ2_S": "IQ2_XS", "IQ2_M": "IQ2_S", "IQ3_XXS": "IQ3_XXS", "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M",
+    "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S", "MXFP4_MOE": "MXFP4",
+}
+FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
+            "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0",
+            "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+LOW_IQ = {"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
+
+
+def ftype_names() -> list[str]:
+    return [k.lower() for k in DEFAULT_TYPE if k != "ALL_F32"] + ["f32"]
+
+
+def _ftype_key(name: str) -> str:
+    key = name.strip().upper()
+    key = "ALL_F32" if key == "F32" else key
+    if key not in DEFAULT_TYPE:
+        raise ValueError(f"unknown quant type {name!r} (known: {', '.join(ftype_names())})")
+    return key
+
+
+def _blck(type_name: str) -> int:
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
+
+
+def _is_quantized(type_name: str) -> bool:
+    return type_name not in ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
+
+
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def quant_types(info: ModelInfo, ftype: str) -> dict[str, str]:
+    """The ggml type llama.cpp's quantizer gives each tensor for `ftype` (llama-quant.cpp, no imatrix)."""
+    ft = _ftype_key(ftype)
+    default = DEFAULT_TYPE[ft]
+    names = sorted(t.name for t in info.tensors)  # llama.cpp walks its weights map, sorted by name
+    by_name = {t.name: t for t in info.tensors}
+    n_attn_v = sum(1 for n in names if any(k in n for k in ATTN_V_LIKE))
+    tied = "output.weight" not in by_name
+    n_head_kv = max(info.head_kv(0), 1)
+    gqa = info.n_head // n_head_kv
+    n_exp = info.n_expert
+    n_layer = info.n_layer
+    i_v = i_down = i_gate = i_up = 0
+    out: dict[str, str] = {}
+    for name in names:
+        t = by_name[name]
+        if not _q_allowed(t, name):
+            out[name] = t.type  # norms, router, 1-D tensors: copied as they are
+            continue
+        if not _is_quantized(default):
+            out[name] = default
+            continue
+        new = default
+
+        def layer_of(counter):
+            return t.layer if n_exp > 1 and t.layer is not None else counter
+
+        is_output = name == "output.weight" or (tied and name == "token_embd.weight")
+        if is_output:
+            if ft == "MXFP4_MOE" or info.arch == "falcon" or t.shape[0] % _blck(new):
+                new = "Q8_0"
+            elif ft in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"):
+                new = "Q5_K"
+            elif new != "Q8_0":
+                new = "Q6_K"
+        elif ft == "MXFP4_MOE":
+            new = "MXFP4" if len(t.shape) > 2 and t.shape[2] > 1 else "Q8_0"
+        elif name in ("token_embd.weight", "per_layer_token_embd.weight"):
+            if ft in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+                new = "Q2_K"
+            elif ft in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+                new = "IQ3_S"
+            elif ft in ("TQ1_0", "TQ2_0"):
+                new = "Q4_K"
+        elif ft in LOW_IQ:
+            if any(k in name for k in ATTN_V_LIKE):
+                if gqa >= 4 or n_exp >= 4:
+                    new = "Q4_K"
+                else:
+                    new = "IQ3_S" if ft in ("IQ2_S", "IQ2_M") else "Q2_K"
+                i_v += 1
+            elif n_exp == 8 and "attn_k.weight" in name:
+                new = "Q4_K"
+            elif "ffn_down" in name:
+                if i_down < n_layer // 8:
+                    new = "IQ3_S" if ft in ("IQ2_S", "IQ2_M") else "Q2_K"
+                i_down += 1
+            elif "attn_output.weight" in name:
+                if n_exp == 8:
+                    new = "Q5_K"
+                elif ft in ("IQ1_S", "IQ1_M"):
+                    new = "IQ2_XXS"
+                elif ft in ("IQ2_S", "IQ2_M"):
+                    new = "IQ3_S"
+        elif any(k in name for k in ATTN_V_LIKE):
+            if ft == "Q2_K":
+                new = "Q4_K" if gqa >= 4 else "Q3_K"
+            elif ft == "Q2_K_S" and gqa >= 4:
+                new = "Q4_K"
+            elif ft == "IQ3_XXS":
+                new = "Q4_K" if gqa >= 4 else "IQ3_S"
+            elif ft in ("IQ3_XS", "IQ3_S") and gqa >= 4:
+                new = "Q4_K"
+            elif ft == "IQ3_M":
+                new = "Q4_K"
+            elif ft == "Q3_K_M":
+                new = "Q5_K" if i_v < 2 else "Q4_K"
+            elif ft == "Q3_K_L":
+                new = "Q5_K"
+            elif ft in ("IQ4_NL", "IQ4_XS") and gqa >= 4:
+                new = "Q5_K"
+            elif ft in ("Q4_K_M", "Q5_K_M") and _more_bits(i_v, n_attn_v):
+                new = "Q6_K"
+            elif ft == "Q4_K_S" and i_v < 4:
+                new = "Q5_K"
+            if info.arch == "llama" and n_layer == 80 and new in ("Q3_K", "Q4_K"):
+                new = "Q5_K"  # LLM_TYPE_70B: attn_v is 8x smaller than attn_q, give it more bits
+            if n_exp == 8:
+                new = "Q8_0"
+            i_v += 1
+        elif "attn_k.weight" in name:
+            if n_exp == 8:
+                new = "Q8_0"
+            elif ft == "IQ3_XS":
+                new = "IQ3_XXS"
+            elif ft == "IQ3_XXS":
+                new = "IQ2_S"
+        elif "attn_q.weight" in name:
+            if ft == "IQ3_XS":
+                new = "IQ3_XXS"
+            elif ft == "IQ3_XXS":
+                new = "IQ2_S"
+        elif "attn_output.weight" in name:
+            if info.arch != "falcon":
+                if n_exp == 8:
+                    if ft in ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M",
+                              "IQ3_S", "IQ3_M", "IQ4_XS"):
+                        new = "Q5_K"
+                else:
+                    new = {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K",
+                           "IQ3_M": "Q4_K"}.get(ft, new)
+            elif ft == "Q3_K_L":
+                new = "Q4_K"
+        elif "ffn_up" in name:
+            il = layer_of(i_up)
+            if ft == "IQ3_XS" and n_layer // 8 <= il < 7 * n_layer // 8:
+                new = "IQ3_XXS"
+            i_up += 1
+        elif "ffn_gate" in name:
+            il = layer_of(i_gate)
+            if ft == "IQ3_XS" and n_layer // 8 <= il < 7 * n_layer // 8:
+                new = "IQ3_XXS"
+            i_gate += 1
+        elif "ffn_down" in name:
+            il = layer_of(i_down)
+            falcon = info.arch == "falcon"
+            if ft == "Q2_K":
+                new = "Q3_K"
+            elif ft == "Q2_K_S":
+                if il < n_layer // 8:
+                    new = "Q4_K"
+            elif ft == "IQ3_XXS":
+                new = "Q4_K" if il < n_layer // 8 else "Q3_K"
+            elif ft == "Q3_K_M":
+                new = "Q5_K" if il < n_layer // 16 else ("Q4_K" if not falcon or _more_bits(il, n_layer) else "Q3_K")
+            elif ft == "IQ3_M" and (il < n_layer // 8 or (n_exp == 8 and _more_bits(il, n_layer))):
+                new = "Q4_K"
+            elif ft == "Q3_K_L":
+                new = "Q4_K" if falcon else "Q5_K"
+            elif ft == "Q4_K_M":
+                if falcon:
+                    new = "Q6_K" if il < n_layer // 16 else ("Q5_K" if _more_bits(il, n_layer) else "Q4_K")
+                elif _more_bits(il, n_layer):
+                    new = "Q6_K"
+            elif il < n_layer // 8 and ft in ("IQ4_NL", "IQ4_XS"):
+                new = "Q5_K"
+            elif ft == "Q5_K_M" and _more_bits(il, n_layer):
+                new = "Q6_K"
+            elif ft == "Q4_K_S" and not falcon and il < n_layer // 8:
+                new = "Q5_K"
+            i_down += 1
+        if _is_quantized(new) and t.shape[0] % _blck(new):
+            fb = FALLBACK.get(new, "F16")
+            new = fb if t.shape[0] % _blck(fb) == 0 else "F16"
+        out[name] = new
+    return out
+
+
+def _q_allowed(t, name: str) -> bool:
+    return len(t.shape) >= 2 and name.endswith("weight") and not any(s in name for s in NO_QUANT_SUBSTR)
+
+
+def quant_size(info: ModelInfo, ftype: str) -> int:
+    """Bytes of the file llama.cpp's quantizer would write for this model in `ftype`."""
+    types = quant_types(info, ftype)
+    al = info.alignment or 32
+    data = sum(_pad(type_bytes(types[t.name], t.n_elements), al) for t in info.tensors)
+    # the header keeps the same keys and tensor infos
+    return _pad(info.header_bytes, al) + data
+
+
+def what_if(info: ModelInfo, ftypes: list[str]) -> list[dict]:
+    """One row per quant type: predicted file size and bits per weight."""
+    rows = []
+    for ft in ftypes:
+        size = quant_size(info, ft)
+        rows.append({"quant": ft.lower(), "size_bytes": size,
+                     "bpw": 8 * (size - info.header_bytes) / max(info.n_params, 1),
+                     "vs_current": size / info.file_size if info.file_size else None})
+    return rows

@@ -1,0 +1,216 @@
+"""The search space: each llama.cpp parameter fixed, a list or a range, bounded by what the model and build allow.
+
+Spec syntax (command line or experiment file): `8` (fixed), `4096,8192` (list), `0:61` (inclusive range),
+`4:16:2` (range with step). Experiment files may also give TOML lists: `n_ctx = [4096, 8192]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+
+from tuner.ggufmeta import ModelInfo
+from tuner.options import PARAMS
+from tuner.record import FLASH_ATTN, KV_TYPES, SPLIT_MODES, TrialConfig
+
+CHOICES = {"flash_attn": FLASH_ATTN, "type_k": KV_TYPES, "type_v": KV_TYPES, "split_mode": SPLIT_MODES}
+BOOLS = {"use_mmap"}
+INTS = {p.name for p in PARAMS} - set(CHOICES)
+DIMENSIONS = tuple(p.name for p in PARAMS) + ("use_mmap",)
+# quantized V needs flash attention in llama.cpp (a context with fa off and quantized V fails to create)
+FULL_PRECISION_KV = {"f32", "f16", "bf16"}
+
+
+class SpaceError(ValueError):
+    """A space the user wrote that cannot be searched; one-line message."""
+
+
+@dataclass
+class Dimension:
+    name: str
+    values: list  # every value, in order
+    step: int | None = None  # set for integer ranges: the sampler treats them as ordered
+
+    @property
+    def is_range(self) -> bool:
+        return self.step is not None and len(self.values) > 1
+
+    def spec(self) -> str:
+        if self.is_range:
+            return f"{self.values[0]}:{self.values[-1]}" + (f":{self.step}" if self.step != 1 else "")
+        return ",".join(str(v) for v in self.values)
+
+
+def _bool(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("1", "true", "on", "yes"):
+        return True
+    if t in ("0", "false", "off", "no"):
+        return False
+    raise SpaceError(f"not a boolean: {text!r} (use true/false)")
+
+
+def parse_dimension(name: str, spec) -> Dimension:
+    """Parse `8`, `4096,8192`, `0:61`, `4:16:2` (or a TOML list) into a Dimension."""
+    if name not in DIMENSIONS:
+        raise SpaceError(f"unknown search parameter {name!r} (known: {', '.join(DIMENSIONS)})")
+    if isinstance(spec, (list, tuple)):
+        items = [str(x).lower() if isinstance(x, bool) else str(x) for x in spec]
+        if not items:
+            raise SpaceError(f"{name}: empty list")
+        return _from_items(name, items)
+    text = str(spec).strip().lower() if isinstance(spec, bool) else str(spec).strip()
+    if not text:
+        raise SpaceError(f"{name}: empty value")
+    if ":" in text:
+        if name not in INTS:
+            raise SpaceError(f"{name}: a range needs integers; list the values instead ({name}={text})")
+        parts = text.split(":")
+        if len(parts) not in (2, 3):
+            raise SpaceError(f"{name}: bad range {text!r} (use START:END or START:END:STEP)")
+        try:
+            start, end = int(parts[0]), int(parts[1])
+            step = int(parts[2]) if len(parts) == 3 else 1
+        except ValueError:
+            raise SpaceError(f"{name}: bad range {text!r} (integers expected)") from None
+        if step == 0:
+            raise SpaceError(f"{name}: range step is 0 in {text!r}")
+        if step < 0:
+            raise SpaceError(f"{name}: range step must be positive in {text!r}")
+        if start > end:
+            raise SpaceError(f"{name}: empty range {text!r} (start {start} > end {end})")
+        values = list(range(start, end + 1, step))
+        _check_values(name, values)
+        return Dimension(name, values, step)
+    return _from_items(name, [x.strip() for x in text.split(",")])
+
+
+def _from_items(name: str, items: list[str]) -> Dimension:
+    if any(not x for x in items):
+        raise SpaceError(f"{name}: empty item in list {','.join(items)!r}")
+    if name in BOOLS:
+        values = list(dict.fromkeys(_bool(x) for x in items))
+    elif name in CHOICES:
+        bad = [x for x in items if x not in CHOICES[name]]
+        if bad:
+            raise SpaceError(f"{name}: unknown value(s) {', '.join(bad)} (choose from {', '.join(CHOICES[name])})")
+        values = list(dict.fromkeys(items))
+    else:
+        try:
+            values = list(dict.fromkeys(int(x) for x in items))
+        except ValueError:
+            raise SpaceError(f"{name}: integers expected, got {','.join(items)!r}") from None
+        _check_values(name, values)
+    return Dimension(name, values)
+
+
+def _check_values(name: str, values: list[int]) -> None:
+    low = {"n_gpu_layers": -1, "n_ctx": 0, "n_cpu_moe": 0, "main_gpu": 0}.get(name, 1)
+    bad = [v for v in values if v < low]
+    if bad:
+        what = "-1 (all layers) or more" if name == "n_gpu_layers" else f"at least {low}"
+        raise SpaceError(f"{name}: must be {what}, got {bad[0]}")
+
+
+@dataclass
+class Space:
+    models: list[str]
+    dims: dict[str, Dimension] = field(default_factory=dict)
+    base: TrialConfig | None = None  # the test shape and the values of parameters that are not dimensions
+    notes: list[str] = field(default_factory=list)
+
+    def varying(self) -> dict[str, Dimension]:
+        return {k: d for k, d in self.dims.items() if len(d.values) > 1}
+
+    def size(self) -> int:
+        n = len(self.models)
+        for d in self.dims.values():
+            n *= len(d.values)
+        return n
+
+    def grid(self) -> dict[str, list]:
+        """Optuna GridSampler's search space (model included when there are several)."""
+        g = {k: list(d.values) for k, d in self.varying().items()}
+        if len(self.models) > 1:
+            g["model"] = list(self.models)
+        return g
+
+    def configs(self):
+        """Every config of the space (for tests and exhaustive benchmarks)."""
+        names = list(self.dims)
+        for model in self.models:
+            for combo in itertools.product(*(self.dims[n].values for n in names)):
+                yield self.config(model, dict(zip(names, combo)))
+
+    def config(self, model: str, params: dict) -> TrialConfig:
+        fixed = {k: d.values[0] for k, d in self.dims.items() if len(d.values) == 1}
+        cfg = dataclasses.replace(self.base, model=model, **fixed, **params)
+        return canonical(cfg)
+
+    def describe(self) -> dict:
+        return {"models": self.models, "dims": {k: d.spec() for k, d in self.dims.items()}}
+
+
+def canonical(cfg: TrialConfig) -> TrialConfig:
+    """llama.cpp clamps n_ubatch to n_batch; record what really runs."""
+    if cfg.n_ubatch > cfg.n_batch:
+        cfg = dataclasses.replace(cfg, n_ubatch=cfg.n_batch)
+    return cfg
+
+
+def invalid_reason(cfg: TrialConfig) -> str | None:
+    """Configs llama.cpp rejects outright: not worth a trial, recorded as skipped."""
+    if cfg.type_v not in FULL_PRECISION_KV and cfg.flash_attn == "off":
+        return f"quantized V cache ({cfg.type_v}) needs flash attention; flash_attn=off"
+    return None
+
+
+def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str, object], base: TrialConfig,
+                gpu_offload: bool, physical_cores: int, logical_cores: int) -> Space:
+    """Dimensions from the user's specs, bounded by the models' layer counts and the build's abilities."""
+    space = Space(models=models, base=base)
+    for name, spec in specs.items():
+        if spec is None or spec == "":
+            continue
+        space.dims[name] = parse_dimension(name, spec)
+    n_layer = max(i.n_layer for i in infos.values())
+    all_layers = n_layer + 1  # blocks + output layer, as llama.cpp counts "offloaded N/N layers"
+    if "n_gpu_layers" in space.dims:
+        d = space.dims["n_gpu_layers"]
+        if not gpu_offload:
+            space.notes.append("n_gpu_layers collapsed to 0: this llama-cpp-python build has no GPU offload "
+                               "(see README: CMAKE_ARGS=\"-DGGML_CUDA=on\")")
+            space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", [0])
+        else:
+            vals = sorted({all_layers if v < 0 or v > all_layers else v for v in d.values})
+            if max(d.values) > all_layers or min(d.values) < 0:
+                space.notes.append(f"n_gpu_layers bounded to the model's real count: {all_layers} "
+                                   f"({n_layer} layers + output; -1/99/999 mean all)")
+            space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", vals, d.step if len(vals) == len(d.values) else None)
+    elif gpu_offload:
+        space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", list(range(0, all_layers + 1)), 1)
+    else:
+        space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", [0])
+    if "n_cpu_moe" in space.dims:
+        d = space.dims["n_cpu_moe"]
+        if not any(i.is_moe for i in infos.values()):
+            space.notes.append("n_cpu_moe collapsed to 0: no model in the search has experts")
+            space.dims["n_cpu_moe"] = Dimension("n_cpu_moe", [0])
+        else:
+            vals = sorted({min(v, n_layer) for v in d.values})
+            if max(d.values) > n_layer:
+                space.notes.append(f"n_cpu_moe bounded to the layer count: {n_layer}")
+            space.dims["n_cpu_moe"] = Dimension("n_cpu_moe", vals, d.step if len(vals) == len(d.values) else None)
+            if not gpu_offload and len(vals) > 1:
+                space.notes.append("n_cpu_moe kept as asked, but on this CPU-only build experts are in host "
+                                   "memory anyway: it changes buffer placement, not where compute runs")
+    elif gpu_offload and any(i.is_moe for i in infos.values()):
+        space.dims["n_cpu_moe"] = Dimension("n_cpu_moe", list(range(0, n_layer + 1)), 1)
+    for name in ("n_threads", "n_threads_batch"):
+        d = space.dims.get(name)
+        if d and max(d.values) > logical_cores:
+            space.notes.append(f"{name} above this machine's {logical_cores} logical cores oversubscribes them")
+    return space
+
+

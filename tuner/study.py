@@ -1,0 +1,474 @@
+"""`tuner search` as a library: an Optuna study whose every trial is a crash-isolated measurement.
+
+Failures teach the sampler: a trial that ran out of memory, crashed or timed out is told to Optuna as a
+COMPLETE trial with a worst-case value and a violated constraint (`trial.set_constraint`); TPE and GP model
+infeasible trials, while a FAIL state would be invisible to them. A config that a known OOM dominates is
+not run again. The Parquet file is written before Optuna is told, and a resume reconciles the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import optuna
+
+from tuner import recommend as recommendlib
+from tuner import store
+from tuner.bench import resolve
+from tuner.ggufmeta import ModelInfo
+from tuner.record import FAILED, KV_TYPE_BYTES, TrialConfig, TrialRecord, utcnow
+from tuner.runner import Runner, TrialInterrupted
+from tuner.space import Space, invalid_reason
+
+OBJECTIVES = ("tg", "pp", "ttft", "mixed")
+SAMPLERS = ("tpe", "random", "grid", "gp")
+HEURISTIC_MB_PER_LAYER = 3500  # the seed script's guess
+HEURISTIC_RESERVE_MB = 2048
+DEFAULT_HEADROOM = 1 << 30  # left free for the OS and the display (WDDM reserves VRAM on Windows)
+WORST = {"tg": 0.0, "pp": 0.0, "mixed": 0.0, "ttft": 1e9, "mem": 1e15}
+
+
+class StudyError(ValueError):
+    """A search that cannot start (bad storage URL, study mismatch); one-line message."""
+
+
+def redact(url: str) -> str:
+    """Storage URLs may carry passwords: never print, log or store them."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+@dataclass
+class Limits:
+    min_ctx: int = 0
+    max_vram: int | None = None
+    max_ram: int | None = None
+    headroom: int = DEFAULT_HEADROOM
+
+
+@dataclass
+class SearchOptions:
+    study_dir: Path
+    study_name: str
+    storage: str | None = None
+    sampler: str = "tpe"
+    seed: int = 0
+    n_trials: int | None = None
+    timeout_s: float | None = None
+    objective: str = "tg"
+    pareto: bool = False
+    limits: Limits = field(default_factory=Limits)
+    trial_timeout: float = 600.0
+    mem_limit: int | None = None
+    reuse_workers: bool = True
+    drift_every: int = 10
+    drift_tolerance: float = 0.05
+    baselines: bool = True
+    resume: bool = False
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.study_dir / 'study.db').resolve()}"
+
+
+def objective_value(rec: TrialRecord, objective: str) -> float | None:
+    tg, pp, ttft = rec.metric("tg")[0], rec.metric("pp")[0], rec.metric("ttft")[0]
+    c = rec.config
+    if objective == "tg":
+        return tg
+    if objective == "pp":
+        return pp
+    if objective == "ttft":
+        return ttft
+    # mixed: end-to-end tokens/s of one request of the test shape (prompt then generation)
+    if tg and pp:
+        return (c.n_prompt + c.n_gen) / (c.n_prompt / pp + c.n_gen / tg)
+    return tg or pp
+
+
+def peak_memory(rec: TrialRecord) -> float:
+    return float((rec.peak_rss_bytes or 0) + (rec.peak_vram_bytes or 0))
+
+
+def dominated_by(cfg: TrialConfig, failed: list[tuple[int, TrialConfig, str]]) -> tuple[int, str] | None:
+    """A known OOM whose config needs no more memory than this one: this one would fail too.
+
+    Same model and mmap; at least as many GPU layers, as large a context and batches, KV types at least as
+    wide, and no more experts kept in host RAM (fewer experts on the CPU means more on the GPU).
+    """
+    for number, f, cause in failed:
+        if (cfg.model == f.model and cfg.use_mmap == f.use_mmap and cfg.overrides == f.overrides
+                and cfg.cpu_moe == f.cpu_moe
+                and cfg.n_gpu_layers >= f.n_gpu_layers and cfg.effective_ctx() >= f.effective_ctx()
+                and cfg.n_batch >= f.n_batch and cfg.n_ubatch >= f.n_ubatch
+                and KV_TYPE_BYTES[cfg.type_k] >= KV_TYPE_BYTES[f.type_k]
+                and KV_TYPE_BYTES[cfg.type_v] >= KV_TYPE_BYTES[f.type_v]
+                and cfg.n_cpu_moe <= f.n_cpu_moe
+                and (cfg.flash_attn == f.flash_attn or f.flash_attn == "on")):
+            return number, cause
+    return None
+
+
+def make_sampler(name: str, seed: int, space: Space, multi: bool) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        # multivariate: n_gpu_layers × n_ctx interact (the OOM wall is diagonal)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, space.size()))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid() or {"_": [0]}, seed=seed)
+    if name == "gp":
+        if multi:
+            raise StudyError("--sampler gp supports one objective; use tpe with --pareto")
+        return optuna.samplers.GPSampler(seed=seed)
+    raise StudyError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
+
+
+def open_study(opts: SearchOptions, space: Space) -> optuna.Study:
+    multi = opts.pareto
+    directions = (["maximize", "minimize"] if multi else
+                  ["minimize" if opts.objective == "ttft" else "maximize"])
+    try:
+        storage = optuna.storages.RDBStorage(opts.storage_url) if "://" in opts.storage_url else None
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many types for bad URLs / unreachable servers
+        msg = redact(str(e).splitlines()[0])[:160]
+        raise StudyError(f"cannot open storage {redact(opts.storage_url)}: {msg}") from None
+    if storage is None:
+        raise StudyError(f"bad storage URL {redact(opts.storage_url)!r} (expected e.g. sqlite:///path/study.db)")
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    exists = opts.study_name in names
+    if opts.resume and not exists:
+        raise StudyError(f"--resume: no study named {opts.study_name!r} in {redact(opts.storage_url)}")
+    study = optuna.create_study(study_name=opts.study_name, storage=storage, directions=directions,
+                                sampler=make_sampler(opts.sampler, opts.seed, space, multi),
+                                load_if_exists=True)
+    if exists:
+        old = study.user_attrs.get("space")
+        if old is not None and old != space.describe():
+            raise StudyError(f"study {opts.study_name!r} exists with another search space; re-run the same "
+                             f"command to resume it, or pick a new --study name")
+        if study.user_attrs.get("objective") not in (None, _objective_label(opts)):
+            raise StudyError(f"study {opts.study_name!r} exists with objective {study.user_attrs['objective']!r}")
+    else:
+        study.set_user_attr("space", space.describe())
+        study.set_user_attr("objective", _objective_label(opts))
+        study.set_user_attr("created_utc", utcnow())
+    return study
+
+
+def _objective_label(opts: SearchOptions) -> str:
+    return "pareto:tg,mem" if opts.pareto else opts.objective
+
+
+class Search:
+    """Runs one study: ask Optuna, measure, record, tell. `on_trial` is called after every trial."""
+
+    def __init__(self, space: Space, opts: SearchOptions, infos: dict[str, ModelInfo], hw, build,
+                 on_trial: Callable[["Search", TrialRecord], None] | None = None,
+                 runner: Runner | None = None, planner=None):
+        self.space, self.opts, self.infos, self.hw, self.build = space, opts, infos, hw, build
+        self.on_trial = on_trial
+        self.dir = opts.study_dir
+        self.parquet = self.dir / store.TRIALS_FILE
+        self.logs = self.dir / "logs"
+        self.runner = runner
+        self.planner = planner
+        self.stop_requested = False
+        self.started = time.monotonic()
+        self.records: list[TrialRecord] = []
+        self.failed: list[tuple[int, TrialConfig, str]] = []
+        self.anchor_tg: float | None = None
+        self.drifting = False
+        self.study: optuna.Study | None = None
+
+    # -- set-up and resume ---------------------------------------------------------------------------
+    def prepare(self) -> optuna.Study:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        store.check_writable(self.parquet)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = open_study(self.opts, self.space)
+        self.records = store.records(self.parquet) if self.parquet.exists() else []
+        self._reconcile()
+        for r in self.records:
+            if r.outcome == "oom" and r.trial_number is not None:
+                self.failed.append((r.trial_number, r.config, r.cause))
+            if r.state == "anchor" and r.ok and self.anchor_tg is None:
+                self.anchor_tg = r.metric("tg")[0]
+        if self.opts.baselines and self.opts.sampler != "grid" and not self.study.trials:
+            self._enqueue_baselines()
+        return self.study
+
+    def _reconcile(self) -> None:
+        """After a crash of the parent: every Optuna trial left RUNNING gets its Parquet row, and is told."""
+        by_number = {r.trial_number: r for r in self.records if r.trial_number is not None and r.state != "anchor"}
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            rec = by_number.get(t.number)
+            if rec is None:
+                cfg = self._config_from_params(t.params)
+                rec = self._blank(cfg, t.number, "interrupted",
+                                  "the search stopped during this trial (parent killed); recorded on resume")
+                rec.baseline = t.user_attrs.get("baseline", "")
+                store.append(self.parquet, [rec])
+                self.records.append(rec)
+                self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            else:
+                self._tell(t.number, rec)
+
+    def _enqueue_baselines(self) -> None:
+        dims = self.space.dims
+        n_layer = max(i.n_layer for i in self.infos.values())
+        all_layers = n_layer + 1
+        phys = self.hw.cores_physical
+
+        def nearest(name, want):
+            vals = dims[name].values if name in dims else [want]
+            return min(vals, key=lambda v: (abs(v - want), v)) if isinstance(want, (int, float)) and not \
+                isinstance(want, bool) else (want if want in vals else vals[0])
+
+        defaults = {"n_gpu_layers": all_layers, "n_ctx": max(4096, self.opts.limits.min_ctx), "n_threads": phys,
+                    "n_threads_batch": phys, "n_batch": 2048, "n_ubatch": 512, "flash_attn": "auto",
+                    "type_k": "f16", "type_v": "f16", "use_mmap": True, "n_cpu_moe": 0}
+        vram = sum(g.vram_total for g in self.hw.gpus)
+        heuristic_ngl = max(0, min(all_layers, int((vram / 2**20 - HEURISTIC_RESERVE_MB) // HEURISTIC_MB_PER_LAYER)))
+        seen = []
+        for label, overrides in (("llama.cpp defaults", {}), ("heuristic", {"n_gpu_layers": heuristic_ngl})):
+            params = {}
+            for name, d in self.space.varying().items():
+                params[name] = nearest(name, overrides.get(name, defaults.get(name, d.values[0])))
+            if len(self.space.models) > 1:
+                params["model"] = self.space.models[0]
+            if params in seen:
+                continue
+            seen.append(params)
+            self.study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+
+    # -- trials ----------------------------------------------------------------------------------------
+    def _suggest(self, trial: optuna.Trial) -> TrialConfig:
+        params = {}
+        for name, d in self.space.varying().items():
+            if d.is_range:
+                params[name] = trial.suggest_int(name, d.values[0], d.values[-1], step=d.step)
+            else:
+                params[name] = trial.suggest_categorical(name, d.values)
+        model = trial.suggest_categorical("model", self.space.models) if len(self.space.models) > 1 \
+            else self.space.models[0]
+        return resolve(self.space.config(model, params), self.infos[model])
+
+    def _config_from_params(self, params: dict) -> TrialConfig:
+        params = dict(params)
+        model = params.pop("model", self.space.models[0])
+        return resolve(self.space.config(model, {k: v for k, v in params.items() if k in self.space.dims}),
+                       self.infos[model])
+
+    def _blank(self, cfg: TrialConfig, number: int, outcome: str, cause: str) -> TrialRecord:
+        info = self.infos.get(cfg.model)
+        rec = TrialRecord(config=cfg, outcome=outcome, cause=cause, started_utc=utcnow(), finished_utc=utcnow(),
+                          hw=self.hw.to_dict(), build=dict(self.build), hw_fingerprint=self.hw.fingerprint(),
+                          study=self.opts.study_name, trial_number=number)
+        from tuner.hardware import build_fingerprint
+
+        rec.build_fingerprint = build_fingerprint(self.build)
+        if info:
+            rec.__dict__.update(info.facts())
+        return rec
+
+    def _constraints(self, rec: TrialRecord) -> dict[str, float]:
+        """Positive = violated (Optuna's convention). Failures and the user's memory limits."""
+        lim = self.opts.limits
+        c = {"failed": 1.0 if rec.outcome in FAILED or rec.outcome == "skipped" else 0.0}
+        ram_cap = min(x for x in (lim.max_ram, self.hw.ram_total) if x) - lim.headroom
+        c["ram"] = ((rec.peak_rss_bytes or 0) - ram_cap) / ram_cap if rec.ok and rec.peak_rss_bytes else \
+            c["failed"]
+        vram_total = sum(g.vram_total for g in self.hw.gpus)
+        vram_caps = [x for x in (lim.max_vram, vram_total - lim.headroom if vram_total else None) if x]
+        if vram_caps and rec.ok and rec.peak_vram_bytes is not None:
+            cap = min(vram_caps)
+            c["vram"] = (rec.peak_vram_bytes - cap) / cap
+        else:
+            c["vram"] = c["failed"]
+        return c
+
+    def _tell(self, number: int, rec: TrialRecord) -> None:
+        """Tell Optuna: failures as COMPLETE with the worst value and a violated constraint, so TPE learns."""
+        cons = self._constraints(rec)
+        rec.constraint = [cons[k] for k in ("failed", "ram", "vram")]
+        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+        trial = optuna.Trial(self.study, trial_id)
+        for k, v in cons.items():
+            trial.set_constraint(k, v)
+        trial.set_user_attr("outcome", rec.outcome)
+        if rec.cause:
+            trial.set_user_attr("cause", rec.cause[:500])
+        if rec.skipped_by is not None:
+            trial.set_user_attr("skipped_by", rec.skipped_by)
+        if rec.outcome == "interrupted":
+            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+            return
+        if self.opts.pareto:
+            values = [objective_value(rec, "tg") or WORST["tg"], peak_memory(rec) if rec.ok else WORST["mem"]]
+        else:
+            v = objective_value(rec, self.opts.objective) if rec.ok else None
+            values = [v if v is not None and math.isfinite(v) else WORST[self.opts.objective]]
+        self.study.tell(number, values)
+
+    def run_one(self, trial: optuna.Trial) -> TrialRecord:
+        cfg = self._suggest(trial)
+        number = trial.number
+        baseline = trial.user_attrs.get("baseline", "")
+        skip = invalid_reason(cfg)
+        dom = None if skip else dominated_by(cfg, self.failed)
+        plan_skip = None
+        pred = None
+        if self.planner is not None and not skip and not dom:
+            pred, plan_skip = self.planner(cfg)
+        if skip or dom or plan_skip:
+            rec = self._blank(cfg, number, "skipped", skip or plan_skip or
+                              f"dominated by trial #{dom[0]} (oom: {dom[1][:120]})")
+            rec.skipped_by = dom[0] if dom else None
+        else:
+            try:
+                rec = self.runner.run(cfg)
+            except TrialInterrupted as e:
+                rec = e.record
+                rec.study, rec.trial_number, rec.state, rec.baseline = self.opts.study_name, number, "FAIL", baseline
+                self._write(rec)
+                self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+                raise
+            rec.study, rec.trial_number = self.opts.study_name, number
+            if rec.outcome == "oom":
+                self.failed.append((number, cfg, rec.cause))
+        if pred is not None:
+            rec.predicted_ram_bytes, rec.predicted_vram_bytes = pred
+        rec.baseline = baseline
+        rec.drift = self.drifting
+        rec.state = "COMPLETE"
+        self._tell_and_write(number, rec)
+        return rec
+
+    def _write(self, rec: TrialRecord) -> None:
+        if rec.outcome not in ("ok", "skipped") and self.runner is not None and self.runner.last_log:
+            self.logs.mkdir(exist_ok=True)
+            (self.logs / f"trial-{rec.trial_number:05d}.log").write_text(self.runner.last_log)
+        store.append(self.parquet, [rec])
+        self.records.append(rec)
+
+    def _tell_and_write(self, number: int, rec: TrialRecord) -> None:
+        cons = self._constraints(rec)
+        rec.constraint = [cons[k] for k in ("failed", "ram", "vram")]
+        self._write(rec)  # Parquet first: a resume finds the row and tells Optuna from it
+        self._tell(number, rec)
+
+    def _anchor(self) -> None:
+        """Re-measure the anchor config; mark drift when its tg moved beyond the tolerance."""
+        ok = [r for r in self.records if r.ok and r.state != "anchor"]
+        if not ok:
+            return
+        cfg = next((r.config for r in ok if r.baseline == "llama.cpp defaults"), ok[0].config)
+        rec = self.runner.run(cfg)
+        rec.study, rec.state, rec.baseline = self.opts.study_name, "anchor", "anchor"
+        tg = rec.metric("tg")[0]
+        if self.anchor_tg is None:
+            self.anchor_tg = tg
+        elif tg and self.anchor_tg:
+            change = tg / self.anchor_tg - 1
+            was = self.drifting
+            self.drifting = abs(change) > self.opts.drift_tolerance
+            if self.drifting:
+                since = max((r.trial_number for r in self.records if r.state == "anchor" and
+                             r.trial_number is not None), default=-1)
+                store.mark(self.parquet, "drift", True, lambda row: row.get("trial_number") is not None
+                           and row["trial_number"] > since and row.get("state") != "anchor")
+                for r in self.records:
+                    if r.trial_number is not None and r.trial_number > since:
+                        r.drift = True
+                print(f"warning: drift: the anchor config now runs at {tg:.2f} t/s, {change:+.1%} against "
+                      f"{self.anchor_tg:.2f} at the start; trials since #{since + 1} are marked drift",
+                      file=sys.stderr)
+            elif was:
+                print(f"drift over: the anchor is back within {self.opts.drift_tolerance:.0%}", file=sys.stderr)
+        rec.trial_number = max((r.trial_number for r in self.records if r.trial_number is not None), default=0)
+        rec.drift = self.drifting
+        store.append(self.parquet, [rec])
+        self.records.append(rec)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def done_trials(self) -> int:
+        return sum(1 for t in self.study.get_trials(deepcopy=False) if t.state.is_finished())
+
+    def budget_left(self) -> bool:
+        if self.stop_requested:
+            return False
+        if self.opts.timeout_s is not None and time.monotonic() - self.started >= self.opts.timeout_s:
+            return False
+        if self.opts.n_trials is not None and self.n_run >= self.opts.n_trials:
+            return False
+        if self.opts.sampler == "grid":
+            sampler = self.study.sampler
+            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(self.study):
+                return False
+        return True
+
+    def run(self) -> dict | None:
+        self.n_run = 0
+        while self.budget_left():
+            trial = self.study.ask()
+            rec = self.run_one(trial)
+            self.n_run += 1
+            self.write_recommendation()
+            if self.on_trial:
+                self.on_trial(self, rec)
+            if (self.opts.drift_every and self.n_run % self.opts.drift_every == 0 and self.budget_left()):
+                self._anchor()
+        return self.write_recommendation()
+
+    def write_recommendation(self) -> dict | None:
+        rec = recommendlib.recommend(self.records, self.hw, self.opts.limits, self.opts.objective,
+                                     study=self.opts.study_name, pareto=self.opts.pareto)
+        if rec is not None:
+            recommendlib.write(self.dir / recommendlib.RECOMMENDED_FILE, rec)
+        return rec
+
+    def best_so_far(self) -> tuple[int, float] | None:
+        best = None
+        for r in self.records:
+            if r.ok and r.state != "anchor":
+                v = objective_value(r, "tg" if self.opts.pareto else self.opts.objective)
+                if v is None:
+                    continue
+                better = best is None or (v < best[1] if self.opts.objective == "ttft" and not self.opts.pareto
+                                          else v > best[1])
+                if better:
+                    best = (r.trial_number, v)
+        return best
+
+
+class StopOnSignal:
+    """First Ctrl-C: finish the current trial, then stop. Second: abort it (the worker is killed)."""
+
+    def __init__(self, search: Search):
+        self.search = search
+        self.count = 0
+
+    def __enter__(self):
+        self.old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.count += 1
+        self.search.stop_requested = True
+        if self.count == 1:
+            print("\nstopping after this trial (Ctrl-C again to abort it now)...", file=sys.stderr)
+        else:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.old)
