@@ -141,7 +141,7 @@ def model_info(model: str):
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default="results/bench.parquet", show_default=True,
               help="Parquet file the trial row is appended to")
 @click.option("--json", "as_json", is_flag=True, help="print the trial record as JSON")
-def bench(config, model, trial_timeout, mem_limit, no_wait, out, as_json, **params):
+def bench(config, model, timeout, mem_limit, no_wait, out, as_json, **params):
     """Measure one config the way llama-bench does, in a crash-isolated worker process.
 
     Prints pp/tg t/s (mean ± sd over the repetitions), TTFT and peak memory, and appends the trial to a
@@ -174,7 +174,7 @@ def bench(config, model, trial_timeout, mem_limit, no_wait, out, as_json, **para
     cfg = benchlib.resolve(TrialConfig(model=model, **given), info)
     out = store.check_writable(out)
     with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}"):
-        with Runner(timeout=trial_timeout, mem_limit=mem_limit) as runner:
+        with Runner(timeout=timeout, mem_limit=mem_limit) as runner:
             rec = runner.run(cfg)
         # planner prediction (calibrated on this rig's earlier trials in `out`) and the bandwidth bound
         from tuner import planner, roofline
@@ -224,7 +224,7 @@ def _study_name(models: list[str]) -> str:
 @click.option("--synthetic", type=click.Choice(["tiny", "dense", "moe"]), default=None,
               help="no model at hand: make this synthetic preset (into RESULTS/models) and search it")
 @click.option("--quants", default="q8_0,q4_k_m", show_default=True, help="quants made with --synthetic")
-@click.option("--study", "study_name", default=None, help="study name (default: from the model file name)")
+@click.option("--study", "study", default=None, help="study name (default: from the model file name)")
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False),
               help="where the study folder goes: RESULTS/<study>/")
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite in the study folder)")
@@ -232,7 +232,7 @@ def _study_name(models: list[str]) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-trials", type=click.IntRange(min=1), default=None, help="trials to run now (default: 20; "
               "grid: the whole grid)")
-@click.option("--timeout", "budget", type=DURATION, default=None, help="wall-time budget, e.g. 8h")
+@click.option("--timeout", "timeout", type=DURATION, default=None, help="wall-time budget, e.g. 8h")
 @click.option("--resume", is_flag=True, help="continue an existing study (re-running the same command does too)")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="tg", show_default=True,
               help="tg/pp t/s, TTFT, or mixed (end-to-end t/s of one request)")
@@ -249,7 +249,7 @@ def _study_name(models: list[str]) -> str:
               "3500 MB/layer heuristic")
 @click.option("--reuse-workers/--fresh-workers", default=True,
               help="keep a worker's model loaded for the next trial with the same load parameters")
-def search(config, models, synthetic, quants, study_name, results, storage, sampler, seed, n_trials, budget,
+def search(config, models, synthetic, quants, study, results, storage, sampler, seed, n_trials, timeout,
            resume, objective, pareto, min_ctx, max_vram, max_ram, headroom, trial_timeout, mem_limit, no_wait,
            drift_every, drift_tolerance, baselines, reuse_workers, **params):
     """Search for the fastest config that fits: an Optuna study, every trial crash-isolated.
@@ -306,17 +306,17 @@ def search(config, models, synthetic, quants, study_name, results, storage, samp
             if len(keep) < len(d.values):
                 space.notes.append(f"n_ctx below --min-ctx {min_ctx} dropped from the space")
             space.dims["n_ctx"] = spacelib.Dimension("n_ctx", keep, d.step if len(keep) == len(d.values) else None)
-    name = study_name or _study_name(models)
+    name = study or _study_name(models)
     study_dir = Path(results) / name
     try:
         store.check_writable(study_dir / store.TRIALS_FILE)
     except store.StoreError as e:
         raise TunerError(str(e)) from None
-    if n_trials is None and budget is None and sampler != "grid":
+    if n_trials is None and timeout is None and sampler != "grid":
         n_trials = 20
     opts = studylib.SearchOptions(
         study_dir=study_dir, study_name=name, storage=storage, sampler=sampler, seed=seed, n_trials=n_trials,
-        timeout_s=budget, objective=objective, pareto=pareto,
+        timeout_s=timeout, objective=objective, pareto=pareto,
         limits=studylib.Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom),
         trial_timeout=trial_timeout, mem_limit=mem_limit, reuse_workers=reuse_workers,
         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume)
@@ -446,3 +446,6 @@ cli.add_command(_compare_cmd)
 
 from tuner.cli_estimate import estimate_cmd as _estimate_cmd  # noqa: E402
 cli.add_command(_estimate_cmd)
+
+from tuner.selftest import selftest_cmd as _selftest_cmd  # noqa: E402
+cli.add_command(_selftest_cmd)

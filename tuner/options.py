@@ -141,7 +141,7 @@ def run_params(timeout_flag: str = "--timeout"):
 
     def deco(f):
         opts = [
-            click.option(timeout_flag, "trial_timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+            click.option(timeout_flag, timeout_flag.lstrip("-").replace("-", "_"), type=click.FloatRange(min=0, min_open=True), default=600.0,
                          show_default=True,
                          help="seconds before a trial is killed and recorded as timeout"),
             click.option("--mem-limit", type=SIZE, default=None, callback=_check_positive_size,
@@ -225,11 +225,22 @@ def config_option(help_text: str):
     def callback(ctx: click.Context, param, value):
         if not value:
             return value
-        values = load_config_file(Path(value))
+        raw = load_config_file(Path(value))
+        # keys may be parameter names (n_gpu_layers) or any long flag spelling (ngl, threads, model)
+        alias = {o.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for o in p.opts
+                 if o.startswith("--")}
+        alias.update({p.name: p.name for p in ctx.command.params})
+        values = {alias.get(k, k): v for k, v in raw.items()}
         names = {p.name for p in ctx.command.params}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(k for k in raw if alias.get(k, k) not in names)
         if unknown:
             raise TunerError(f"{value}: unknown parameter(s) {', '.join(unknown)}")
+        multiple = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
+        for k, v in values.items():
+            if isinstance(v, list) and k not in multiple:
+                values[k] = ",".join(str(x).lower() if isinstance(x, bool) else str(x) for x in v)
+            elif k in multiple and not isinstance(v, list):
+                values[k] = [v]
         ctx.default_map = {**(ctx.default_map or {}), **values}
         return value
 

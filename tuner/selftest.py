@@ -1,0 +1,138 @@
+"""`tuner selftest`: real fault injection on this rig, to trust the runner before an overnight search.
+
+A tiny synthetic model is made in a temporary folder; then real worker processes are made to die the ways
+trials die on real rigs (SIGKILL, SIGSEGV, abort, a hang while loading and while decoding, an allocation
+failure) next to one clean trial. Each recorded outcome and cause is compared with what it must be.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from tuner.record import TrialConfig, TrialRecord
+
+DEFAULT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    fault: str | None  # the worker's job["fault"]
+    outcome: str  # the outcome the record must have
+    cause: str  # regex the record's cause must match
+    expect: str  # the cause as a person reads it, for the table
+
+
+CASES: tuple[Case, ...] = (
+    Case("clean trial", None, "ok", r"^$", "(none)"),
+    Case("SIGKILL", "sigkill", "crash", r"^killed by SIGKILL", "killed by SIGKILL"),
+    Case("segfault", "segv", "crash", r"^killed by SIGSEGV", "killed by SIGSEGV"),
+    Case("abort()", "abort", "crash", r"^killed by SIGABRT", "killed by SIGABRT"),
+    Case("exit, no result", "exit", "error", r"^worker exited with code 3 and no result", "exited with code 3"),
+    Case("hang while loading", "hang_load", "timeout", r"^no result after .* \(stage load\)",
+         "no result ... (stage load)"),
+    Case("hang while decoding", "hang_decode", "timeout", r"^no result after .* \(stage (warmup|pp|tg)\)",
+         "no result ... (stage warmup)"),
+    Case("allocation failure", "alloc_fail", "oom", r"(?i)(alloc|out of memory|insufficient memory)",
+         "llama.cpp allocation line"),
+)
+
+
+@dataclass
+class Result:
+    case: Case
+    record: TrialRecord
+
+    @property
+    def ok(self) -> bool:
+        return self.record.outcome == self.case.outcome and re.search(self.case.cause, self.record.cause) is not None
+
+
+def make_model(folder: Path) -> Path:
+    """The tiny model, quantized by llama.cpp in a child process: the parent stays free of llama.cpp (and
+    CUDA), and the quantizer's log stays out of the terminal unless it fails."""
+    code = "import sys; from tuner.synth import synthesize; synthesize(sys.argv[1], 'tiny', ('q8_0',))"
+    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
+    model = folder / "tiny-q8_0.gguf"
+    if proc.returncode != 0 or not model.is_file():
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise click.ClickException(f"could not make the test model: {lines[-1] if lines else proc.returncode}")
+    return model
+
+
+def run(timeout: float = DEFAULT_TIMEOUT, cases: tuple[Case, ...] | None = None, workdir: str | None = None,
+        progress: Callable[[Case, TrialRecord], None] | None = None) -> list[Result]:
+    """Run every case in real worker processes on a fresh tiny model; one Result per case, in order."""
+    from tuner import bench
+    from tuner.runner import Runner
+    cases = CASES if cases is None else cases
+    with tempfile.TemporaryDirectory(prefix="tuner-selftest-", dir=workdir) as tmp:
+        model = make_model(Path(tmp))
+        # A small shape on one thread: the point is how trials end, not how fast they run, and one thread
+        # keeps the clean trial well inside --timeout even on a busy machine.
+        cfg = bench.resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=8, repetitions=2, n_threads=1))
+        out = []
+        with Runner(timeout=timeout) as runner:
+            for case in cases:
+                rec = runner.run(cfg, fault=case.fault)
+                if progress:
+                    progress(case, rec)
+                out.append(Result(case, rec))
+    return out
+
+
+def table(results: list[Result]) -> str:
+    head = ["case", "expected", "recorded", "cause", "match"]
+    rows = [[r.case.name, f"{r.case.outcome}: {r.case.expect}", r.record.outcome,
+             (r.record.cause or "(none)")[:80], "yes" if r.ok else "NO"] for r in results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(head), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(r) for r in rows])
+
+
+@click.command("selftest")
+@click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT, show_default=True,
+              help="seconds before a trial counts as hung (the two hang cases take this long each)")
+@click.option("--no-wait", is_flag=True, help="fail instead of waiting when another measurement runs")
+def selftest_cmd(timeout, no_wait):
+    """Inject real faults into real trial workers and check that each is recorded right.
+
+    Makes a tiny synthetic model in a temporary folder, then runs a clean trial and trials whose worker is
+    killed by SIGKILL, segfaults, aborts, exits without a result, hangs while loading, hangs while decoding,
+    and fails to allocate memory. Prints expected vs recorded outcome and cause; exits 0 only if all match
+    (1 otherwise). Takes about 2 x --timeout plus a few seconds.
+
+    Example: tuner selftest --timeout 20
+    """
+    from tuner.lock import measurement_lock
+
+    def progress(case: Case, rec: TrialRecord) -> None:
+        click.echo(f"  {case.name}: {rec.outcome} ({rec.wall_s:.1f} s)", err=True)
+
+    t0 = time.monotonic()
+    with measurement_lock(wait=not no_wait, what="tuner selftest"):
+        results = run(timeout, progress=progress)
+    click.echo(table(results))
+    bad = [r for r in results if not r.ok]
+    if bad:
+        click.echo(f"selftest FAILED: {len(bad)} of {len(results)} cases recorded wrong "
+                   f"({', '.join(r.case.name for r in bad)})", err=True)
+        for r in bad:
+            if r.record.stderr_tail:
+                click.echo(f"--- {r.case.name}: worker stderr (tail) ---\n{r.record.stderr_tail}", err=True)
+        return 1
+    click.echo(f"selftest passed: {len(results)} of {len(results)} cases recorded as expected "
+               f"in {time.monotonic() - t0:.0f} s", err=True)
+    return 0
