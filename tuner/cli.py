@@ -230,8 +230,8 @@ def _study_name(models: list[str]) -> str:
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite in the study folder)")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--n-trials", type=click.IntRange(min=1), default=None, help="trials to run now (default: 20; "
-              "grid: the whole grid)")
+@click.option("--n-trials", type=click.IntRange(min=1), default=None, help="trials in the study in total: a resumed "
+              "study runs the rest (default: 20; grid: the whole grid)")
 @click.option("--timeout", "timeout", type=DURATION, default=None, help="wall-time budget, e.g. 8h")
 @click.option("--resume", is_flag=True, help="continue an existing study (re-running the same command does too)")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="tg", show_default=True,
@@ -308,10 +308,6 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
             space.dims["n_ctx"] = spacelib.Dimension("n_ctx", keep, d.step if len(keep) == len(d.values) else None)
     name = study or _study_name(models)
     study_dir = Path(results) / name
-    try:
-        store.check_writable(study_dir / store.TRIALS_FILE)
-    except store.StoreError as e:
-        raise TunerError(str(e)) from None
     if n_trials is None and timeout is None and sampler != "grid":
         n_trials = 20
     opts = studylib.SearchOptions(
@@ -320,16 +316,16 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
         limits=studylib.Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom),
         trial_timeout=trial_timeout, mem_limit=mem_limit, reuse_workers=reuse_workers,
         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume)
-    for note in space.notes:
-        click.echo(f"note: {note}", err=True)
-    varying = ", ".join(f"{k}={d.spec()}" for k, d in space.varying().items()) or "nothing varies"
-    click.echo(f"study {name}: {len(models)} model(s), {space.size()} configs ({varying}); "
-               f"storage {studylib.redact(opts.storage_url)}", err=True)
     srch = studylib.Search(space, opts, infos, hwinfo, build, on_trial=Progress(opts, space.size()))
     try:
         srch.prepare()
     except studylib.StudyError as e:
         raise TunerError(str(e)) from None
+    for note in space.notes:
+        click.echo(f"note: {note}", err=True)
+    varying = ", ".join(f"{k}={d.spec()}" for k, d in space.varying().items()) or "nothing varies"
+    click.echo(f"study {name}: {len(models)} model(s), {space.size()} configs ({varying}); "
+               f"storage {studylib.redact(opts.storage_url)}", err=True)
     done = srch.done_trials()
     if done:
         click.echo(f"resuming study {name}: {done} trial(s) already done", err=True)
@@ -363,7 +359,7 @@ class Progress:
     def __call__(self, srch, rec) -> None:
         import time
 
-        n = srch.n_run
+        n = srch.done_trials()
         elapsed = time.monotonic() - srch.started
         eta = None
         if self.total:
@@ -449,3 +445,6 @@ cli.add_command(_estimate_cmd)
 
 from tuner.selftest import selftest_cmd as _selftest_cmd  # noqa: E402
 cli.add_command(_selftest_cmd)
+
+from tuner.cli_report import report_cmd as _report_cmd  # noqa: E402
+cli.add_command(_report_cmd)

@@ -192,10 +192,12 @@ class Search:
 
     # -- set-up and resume ---------------------------------------------------------------------------
     def prepare(self) -> optuna.Study:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        store.check_writable(self.parquet)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.study = open_study(self.opts, self.space)
+        if self.opts.storage:  # a storage of the user's: check it before anything is written
+            self.study = open_study(self.opts, self.space)
+        store.check_writable(self.parquet)
+        if not self.opts.storage:
+            self.study = open_study(self.opts, self.space)
         self.records = store.records(self.parquet) if self.parquet.exists() else []
         self._reconcile()
         for r in self.records:
@@ -402,14 +404,15 @@ class Search:
 
     # -- the loop ------------------------------------------------------------------------------------------
     def done_trials(self) -> int:
-        return sum(1 for t in self.study.get_trials(deepcopy=False) if t.state.is_finished())
+        # interrupted trials (FAIL) are not counted: --n-trials means measured trials
+        return len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
     def budget_left(self) -> bool:
         if self.stop_requested:
             return False
         if self.opts.timeout_s is not None and time.monotonic() - self.started >= self.opts.timeout_s:
             return False
-        if self.opts.n_trials is not None and self.n_run >= self.opts.n_trials:
+        if self.opts.n_trials is not None and self.done_trials() >= self.opts.n_trials:
             return False
         if self.opts.sampler == "grid":
             sampler = self.study.sampler

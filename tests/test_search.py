@@ -1,0 +1,269 @@
+"""`tuner search`: real studies on synthetic models (real llama.cpp trials, real faults, real signals)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from tuner import store
+from tuner.cli import cli
+from tuner.record import TrialConfig
+from tuner.study import dominated_by
+
+SHAPE = ["-p", "32", "-n", "8", "-r", "2"]
+TUNER = str(Path(sys.executable).with_name("tuner"))
+
+
+def run(args, **kw):
+    res = CliRunner().invoke(cli, args, catch_exceptions=False, **kw)
+    return res
+
+
+@pytest.fixture(scope="module")
+def study10(models, tmp_path_factory):
+    """A 10-trial TPE search over two quants of the tiny model."""
+    results = tmp_path_factory.mktemp("results")
+    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "-m", str(models / "tiny-q4_k_m.gguf"),
+               "--threads", "1:2", "-ub", "64,128,256", "-fa", "on,off", *SHAPE, "--n-trials", "10",
+               "--drift-every", "4", "--results", str(results), "--study", "s10"])
+    assert res.exit_code == 0, res.output
+    return results / "s10", res.output
+
+
+def test_ten_trials_ten_rows_and_a_recommendation(study10):
+    d, out = study10
+    df = store.read(d)
+    trials = df[df["state"] != "anchor"]
+    assert len(trials) == 10
+    assert sorted(trials["trial_number"]) == list(range(10))
+    assert set(trials["model"].map(lambda p: Path(p).name)) == {"tiny-q8_0.gguf", "tiny-q4_k_m.gguf"}
+    assert (trials["outcome"] == "ok").all()
+    # the enqueued baselines ran first and are labelled
+    assert trials.sort_values("trial_number")["baseline"].iloc[0] == "llama.cpp defaults"
+    # drift anchors were re-measured every 4 trials and kept apart from the trials
+    assert (df["state"] == "anchor").sum() == 2
+    rec = json.loads((d / "recommended.json").read_text())
+    best = trials.loc[trials["tg_ts_mean"].idxmax()]
+    assert rec["trial_number"] == int(best["trial_number"])
+    assert rec["measured"]["tg_ts_mean"] == pytest.approx(best["tg_ts_mean"])
+    assert rec["config"]["n_threads"] == int(best["n_threads"])
+    forms = rec["forms"]
+    assert forms["llama_server"].startswith("llama-server -m ")
+    assert f"-t {int(best['n_threads'])} " in forms["llama_server"]
+    assert "PARAMETER num_thread" in forms["ollama_modelfile"]
+    assert forms["llama_cpp_python"]["n_ubatch"] == int(best["n_ubatch"])
+    assert "recommended (trial #" in out
+
+
+def test_storage_is_a_standard_optuna_study(study10):
+    d, _ = study10
+    study = optuna.load_study(study_name="s10", storage=f"sqlite:///{d / 'study.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 10
+    assert all("failed" in t.constraints for t in done)
+    assert study.best_trial.number == json.loads((d / "recommended.json").read_text())["trial_number"]
+
+
+def test_recommended_config_reruns_with_tuner_bench(study10, tmp_path):
+    d, _ = study10
+    rec = json.loads((d / "recommended.json").read_text())
+    out = tmp_path / "again.parquet"
+    res = run(["bench", "--config", str(d / "recommended.json"), "-r", "3", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    again = store.records(out)[0]
+    want = dict(rec["config"], repetitions=3)
+    assert again.config.to_dict() == want
+    # same config, same machine: same order of magnitude (the tiny model is noisy; the CI gate is compare's job)
+    assert 0.33 < again.metric("tg")[0] / rec["measured"]["tg_ts_mean"] < 3
+
+
+def test_recommended_kwargs_run_in_llama_cpp_python(study10):
+    d, _ = study10
+    kwargs = json.loads((d / "recommended.json").read_text())["forms"]["llama_cpp_python"]
+    code = ("import json, sys, llama_cpp; kw = json.loads(sys.argv[1]); "
+            "llm = llama_cpp.Llama(**kw, verbose=False); out = llm('hello', max_tokens=4); "
+            "print(out['usage']['completion_tokens'])")
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert int(p.stdout.strip().splitlines()[-1]) >= 1
+
+
+def test_recommend_rederives_under_other_limits(study10):
+    d, _ = study10
+    res = run(["recommend", str(d), "--json", "--no-write", "--max-ram", "1MiB"])
+    assert res.exit_code == 2
+    assert "no completed trial" in res.output
+    res = run(["recommend", str(d), "--json", "--no-write", "--objective", "pp"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.output)
+    df = store.read(d)
+    df = df[df["state"] != "anchor"]
+    assert rec["trial_number"] == int(df.loc[df["pp_ts_mean"].idxmax(), "trial_number"])
+
+
+def test_oom_region_is_learned_and_dominated_configs_never_run(models, tmp_path):
+    """A 150 MiB cap makes n_ctx >= 16384 fail for real: OOMs are recorded, the sampler moves away."""
+    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "512,1024,2048,4096,8192,16384,32768,65536",
+               "-ub", "64,128,256,512", "-t", "1", *SHAPE, "--n-trials", "24", "--mem-limit", "150MiB",
+               "--drift-every", "0", "--results", str(tmp_path), "--study", "oom", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    df = store.read(tmp_path / "oom").sort_values("trial_number")
+    assert len(df) == 24
+    oom = df[df["outcome"] == "oom"]
+    assert len(oom) >= 2 and (oom["n_ctx"] >= 16384).all()
+    assert all(c for c in oom["cause"])
+    first, second = df.iloc[:12], df.iloc[12:]
+    assert (second["outcome"] == "oom").mean() < (first["outcome"] == "oom").mean()
+    # no config that a known OOM dominates was run: such configs are skipped with the dominating trial
+    failed = []
+    for row in df.to_dict("records"):
+        cfg = TrialConfig.from_dict({k: row[k] for k in TrialConfig.__dataclass_fields__ if k in row}
+                                    | {"overrides": tuple(row["overrides"])})
+        if row["outcome"] not in ("skipped",):
+            assert dominated_by(cfg, failed) is None, row["trial_number"]
+        else:
+            assert row["skipped_by"] in {f[0] for f in failed} or "flash" in row["cause"]
+        if row["outcome"] == "oom":
+            failed.append((row["trial_number"], cfg, row["cause"]))
+    # the study's Optuna side marks failures infeasible, not FAIL (invisible to TPE)
+    study = optuna.load_study(study_name="oom", storage=f"sqlite:///{tmp_path / 'oom' / 'study.db'}")
+    states = {t.number: t for t in study.trials}
+    for n in oom["trial_number"]:
+        t = states[int(n)]
+        assert t.state == optuna.trial.TrialState.COMPLETE and t.constraints["failed"] > 0
+    rec = json.loads((tmp_path / "oom" / "recommended.json").read_text())
+    assert rec["config"]["n_ctx"] < 16384
+
+
+def _rows(path: Path) -> int:
+    try:
+        return len(store.read(path))
+    except store.StoreError:
+        return 0
+
+
+def test_sigkill_mid_trial_then_same_command_resumes(models, tmp_path):
+    args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
+            "-p", "256", "-n", "64", "-r", "3", "--n-trials", "6", "--drift-every", "0",
+            "--results", str(tmp_path), "--study", "kill"]
+    env = dict(os.environ)
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    parquet = tmp_path / "kill" / "trials.parquet"
+    deadline = time.monotonic() + 120
+    while _rows(parquet) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _rows(parquet) >= 2
+    time.sleep(0.15)  # into the next trial
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    before = store.read(parquet)
+    done_before = set(before["trial_number"])
+    res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming study kill" in res.stderr
+    after = store.read(parquet)
+    assert done_before <= set(after["trial_number"])  # nothing completed was lost
+    for n in done_before:
+        a = after[after["trial_number"] == n].iloc[0]
+        b = before[before["trial_number"] == n].iloc[0]
+        assert a["outcome"] == b["outcome"] and a["tg_ts_mean"] == b["tg_ts_mean"]
+    study = optuna.load_study(study_name="kill", storage=f"sqlite:///{tmp_path / 'kill' / 'study.db'}")
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    # Optuna and Parquet agree: every Optuna trial has exactly one row
+    assert sorted(t.number for t in study.trials) == sorted(after["trial_number"])
+    interrupted = after[after["outcome"] == "interrupted"]
+    for n in interrupted["trial_number"]:
+        assert [t for t in study.trials if t.number == n][0].state == optuna.trial.TrialState.FAIL
+    # interrupted trials do not count: the study still completes 6 measured trials
+    assert (after["outcome"] == "ok").sum() == 6 and len(after) == 6 + len(interrupted)
+
+
+def test_ctrl_c_stops_after_the_current_trial(models, tmp_path):
+    args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
+            "-p", "256", "-n", "64", "-r", "3", "--n-trials", "50", "--drift-every", "0",
+            "--results", str(tmp_path), "--study", "int"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parquet = tmp_path / "int" / "trials.parquet"
+    deadline = time.monotonic() + 120
+    while _rows(parquet) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert "stopping after this trial" in err and "resume with" in err
+    df = store.read(parquet)
+    assert (df["outcome"] == "ok").all() and 1 <= len(df) < 50
+
+
+def test_bound_above_layer_count_is_clamped_with_a_note(models, tmp_path):
+    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ngl", "0:999", "-t", "1", *SHAPE,
+               "--n-trials", "1", "--drift-every", "0", "--results", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    # CPU-only build: the dimension collapses with a note; a GPU build would bound it to n_layer + 1
+    assert "n_gpu_layers collapsed to 0" in res.output or "bounded to the model's real count" in res.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ctx", "8192:4096"], "empty range"),
+    (["--threads", "1:4:0"], "step is 0"),
+    (["--threads", "0"], "at least 1"),
+    (["-ub", "abc"], "integers expected"),
+    (["-fa", "maybe"], "unknown value"),
+    (["--storage", "nosuchdb://user:hunter2@host/x"], "cannot open storage"),
+    (["--storage", "not-a-url"], "bad storage URL"),
+])
+def test_bad_search_input_is_one_line_exit_2(models, tmp_path, extra, message):
+    res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), *extra,
+                                   "--results", str(tmp_path)])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output and "hunter2" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("trials.parquet"))
+
+
+def test_unknown_parameter_in_experiment_file(models, tmp_path):
+    cfg = tmp_path / "x.toml"
+    cfg.write_text('[space]\nn_threads = "1:2"\nwarp_drive = 9\n')
+    res = CliRunner().invoke(cli, ["search", "--config", str(cfg), "-m", str(models / "tiny-q8_0.gguf")])
+    assert res.exit_code == 2 and "unknown parameter(s) warp_drive" in res.output
+
+
+def test_unwritable_results_folder(models, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), "--results", str(blocker / "r")])
+    assert res.exit_code == 2 and "cannot create results folder" in res.output
+
+
+def test_experiment_file_fills_defaults_and_command_line_wins(models, tmp_path):
+    cfg = tmp_path / "x.toml"
+    cfg.write_text(f'[study]\nmodel = ["{models / "tiny-q8_0.gguf"}"]\nn_trials = 2\nstudy = "exp"\n'
+                   f'drift_every = 0\n[space]\nthreads = "1:2"\nn_ubatch = [64, 128]\n'
+                   f'[shape]\nn_prompt = 16\nn_gen = 4\nrepetitions = 2\n')
+    res = run(["search", "--config", str(cfg), "--results", str(tmp_path), "-ub", "256"])
+    assert res.exit_code == 0, res.output
+    df = store.read(tmp_path / "exp")
+    assert len(df) == 2 and set(df["n_ubatch"]) == {256} and set(df["n_prompt"]) == {16}
+
+
+def test_dominance_rule():
+    oom = TrialConfig(model="m", n_gpu_layers=10, n_ctx=8192, n_batch=512, n_ubatch=256, type_k="q8_0",
+                      type_v="q8_0", flash_attn="on")
+    failed = [(7, oom, "cuda oom")]
+    bigger = TrialConfig(model="m", n_gpu_layers=12, n_ctx=16384, n_batch=512, n_ubatch=512, type_k="f16",
+                         type_v="q8_0", flash_attn="on")
+    assert dominated_by(bigger, failed) == (7, "cuda oom")
+    for smaller in (dict(n_gpu_layers=9), dict(n_ctx=4096), dict(n_ubatch=128), dict(type_k="q4_0"),
+                    dict(use_mmap=False), dict(model="other")):
+        cfg = TrialConfig(**{**bigger.to_dict(), "overrides": (), **smaller})
+        assert dominated_by(cfg, failed) is None, smaller
