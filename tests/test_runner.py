@@ -25,7 +25,7 @@ from tuner.runner import Runner, classify
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
-HANG_TIMEOUT = 4.0  # seconds before a hung trial is killed; long enough for the tiny model to load on 2 cores
+HANG_TIMEOUT = 5.0  # seconds before a hung trial is killed; the worker must reach "load" first, even on busy CPUs
 
 
 def tiny_cfg(models: Path, **kw) -> TrialConfig:
@@ -106,7 +106,9 @@ def test_fault_leaves_a_record(runner, models, fault, outcome, cause, sig):
     assert rec.pp_samples == [] and rec.tg_samples == []
     # the peak is the worker's own (sampled VmHWM), not the parent's RSS that ru_maxrss would add
     assert rec.peak_rss_bytes is not None and 10 * MiB < rec.peak_rss_bytes < 1024 * MiB
-    assert not worker_children(), "a failed worker must be gone (killed and reaped)"
+    # the failed worker is gone (killed and reaped); only an idle spare for the next trial may be up
+    spare = runner._worker.pid if runner._worker else None
+    assert [c.pid for c in worker_children() if c.pid != spare] == [], "a failed worker must be gone"
     row = rec.to_row()
     assert row["outcome"] == outcome and row["tg_ts_mean"] is None
 
@@ -157,7 +159,6 @@ def test_reuse_loads_once_and_restarts_after_a_failure(models):
         pid2 = r._worker.pid
         assert pid2 != pid
         d = r.run(tiny_cfg(models, use_mmap=False), fault="abort")
-        assert r._worker is None
         e = r.run(tiny_cfg(models, use_mmap=False))
         assert r._worker.pid not in (pid, pid2)
     assert [x.outcome for x in (a, b, c, d, e)] == ["ok", "ok", "ok", "crash", "ok"]

@@ -7,7 +7,6 @@ separate parent that reads the kernel's own accounting of the child (os.wait4 â†
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -60,7 +60,7 @@ def _fail_on(value: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), help="also write a markdown report")
 @click.option("--junit", "junit_out", type=click.Path(dir_okay=False), help="also write JUnit XML for CI")
 def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samples, allow_hw_mismatch, fail_on,
-            rerun_on_alert, trial_timeout, mem_limit, no_wait, as_json, markdown_out, junit_out):
+            rerun_on_alert, as_json, markdown_out, junit_out, **run_opts):
     """CI regression gate: compare CURRENT against BASELINE (Parquet files or study folders).
 
     Trials are paired by config (model content hash, every llama.cpp parameter and the test shape; not the
@@ -100,7 +100,9 @@ def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samp
     except cmp.CompareError as e:
         raise TunerError(str(e)) from None
     if rerun_on_alert and report.regressions():
-        _rerun(report, current, trial_timeout, mem_limit, no_wait)
+        # run_params' names (timeout, mem_limit, no_wait) are shared with bench and search
+        _rerun(report, current, run_opts.get("timeout", run_opts.get("trial_timeout", 600.0)),
+               run_opts.get("mem_limit"), run_opts.get("no_wait", False))
 
     click.echo(report.to_json(fail_on) if as_json else report.table(fail_on))
     md = report.markdown(fail_on)

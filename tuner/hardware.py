@@ -144,16 +144,42 @@ def probe(nvml: Nvml | None = None, with_llama: bool = False) -> Hardware:
 
 @lru_cache(maxsize=1)
 def build_info() -> dict:
-    """llama.cpp build facts, asked of a child interpreter: the parent never loads llama.cpp (or CUDA)."""
+    """llama.cpp build facts, asked of a child interpreter: the parent never loads llama.cpp (or CUDA).
+
+    Cached on disk per installed libllama (path, size, mtime), so a rebuild (e.g. with CUDA) is noticed and
+    an unchanged build costs no extra process start.
+    """
+    import importlib.util
     import subprocess
     import sys
+    from pathlib import Path
 
+    spec = importlib.util.find_spec("llama_cpp")
+    cache = None
+    if spec and spec.submodule_search_locations:
+        lib = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libllama.so"
+        if lib.exists():
+            st = lib.stat()
+            key = digest([str(lib), st.st_size, st.st_mtime_ns, sys.executable])
+            cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuner" / f"build-{key}.json"
+            if cache.exists():
+                try:
+                    return json.loads(cache.read_text())
+                except ValueError:
+                    pass
     code = "import json, tuner.llama as g; print(json.dumps(g.build_info()))"
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        info = json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError) as e:
         return {"error": f"cannot load llama_cpp: {e}", "gpu_offload": False}
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(info))
+        except OSError:
+            pass
+    return info
 
 
 def build_fingerprint(build: dict) -> str:

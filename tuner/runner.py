@@ -47,6 +47,7 @@ class _Worker:
     rfd: int
     log_path: Path
     load_key: tuple | None = None
+    used: bool = False
     buf: bytes = b""
     events: collections.deque = field(default_factory=collections.deque)
 
@@ -120,9 +121,11 @@ class Runner:
         self.poll_interval = poll_interval
         self.hw = hw or hardware.probe(self.nvml)
         self.build = build or hardware.build_info()
-        self._worker: _Worker | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="tuner-logs-")
         self.last_log = ""  # full stderr of the last trial (the study keeps it for failed trials)
+        # A worker is started ahead of need: its interpreter and llama.cpp import overlap the parent's work
+        # (opening the study, writing results) instead of adding to every trial's wall time.
+        self._worker: _Worker | None = self._spawn()
 
     # -- worker lifecycle --------------------------------------------------------------------------
     def _spawn(self) -> _Worker:
@@ -166,7 +169,7 @@ class Runner:
 
     def close(self) -> None:
         if self._worker:
-            self._reap(self._worker, kill=False)
+            self._reap(self._worker, kill=not self._worker.used)  # an idle spare has nothing to finish
         self._tmp.cleanup()
 
     def __enter__(self) -> "Runner":
@@ -182,10 +185,13 @@ class Runner:
                           build_fingerprint=hardware.build_fingerprint(self.build))
         rec.__dict__.update(read_model(cfg.model).facts())
         w = self._worker
-        if w is None or not self.reuse or w.load_key != cfg.load_key() or w.proc.poll() is not None:
+        usable = w is not None and w.proc.poll() is None and (
+            not w.used or (self.reuse and w.load_key == cfg.load_key()))
+        if not usable:
             if w is not None:
-                self._reap(w, kill=False)
+                self._reap(w, kill=not w.used)
             w = self._worker = self._spawn()
+        w.used = True
         log_offset = w.log_path.stat().st_size
         t0 = time.monotonic()
         job = {"config": cfg.to_dict(), "fault": fault, "mem_limit": self.mem_limit}
@@ -240,6 +246,8 @@ class Runner:
         returncode = maxrss = None
         if not keep:
             returncode, maxrss = self._reap(w, kill=killed_for is not None or result is None)
+            if not interrupted:
+                self._worker = self._spawn()  # the spare for the next trial
         else:
             w.load_key = cfg.load_key()
         with open(w.log_path, "rb") as f:

@@ -7,6 +7,7 @@ file or the new one.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -89,6 +90,10 @@ def mark(path: str | os.PathLike, column: str, value, where) -> int:
 
 
 def write_frame(p: Path, df: pd.DataFrame) -> None:
+    """Write df as p atomically. Callers hold p's FileLock, so a temp file of p found now is a leftover of a
+    writer that was killed mid-write (SIGKILL skips the cleanup below): remove it, it is never read."""
+    for stale in p.parent.glob(f".{glob.escape(p.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -74,6 +74,7 @@ class SearchOptions:
     drift_tolerance: float = 0.05
     baselines: bool = True
     resume: bool = False
+    plan: bool = True  # skip configs the memory planner predicts cannot fit
 
     @property
     def storage_url(self) -> str:
@@ -174,14 +175,15 @@ class Search:
 
     def __init__(self, space: Space, opts: SearchOptions, infos: dict[str, ModelInfo], hw, build,
                  on_trial: Callable[["Search", TrialRecord], None] | None = None,
-                 runner: Runner | None = None, planner=None):
+                 runner: Runner | None = None):
         self.space, self.opts, self.infos, self.hw, self.build = space, opts, infos, hw, build
         self.on_trial = on_trial
         self.dir = opts.study_dir
         self.parquet = self.dir / store.TRIALS_FILE
         self.logs = self.dir / "logs"
         self.runner = runner
-        self.planner = planner
+        self.calib = None  # the planner's calibration, refitted from this study's completed trials
+        self.bandwidth = None
         self.stop_requested = False
         self.started = time.monotonic()
         self.records: list[TrialRecord] = []
@@ -320,7 +322,13 @@ class Search:
         else:
             v = objective_value(rec, self.opts.objective) if rec.ok else None
             values = [v if v is not None and math.isfinite(v) else WORST[self.opts.objective]]
-        self.study.tell(number, values)
+        try:
+            self.study.tell(number, values)
+        except RuntimeError as e:
+            # GridSampler calls study.stop() on its last grid point, which only works inside optimize();
+            # the trial is stored before that (optuna's _tell: finally), and budget_left() sees the grid done.
+            if "Study.stop" not in str(e):
+                raise
 
     def run_one(self, trial: optuna.Trial) -> TrialRecord:
         cfg = self._suggest(trial)
@@ -328,10 +336,9 @@ class Search:
         baseline = trial.user_attrs.get("baseline", "")
         skip = invalid_reason(cfg)
         dom = None if skip else dominated_by(cfg, self.failed)
-        plan_skip = None
-        pred = None
-        if self.planner is not None and not skip and not dom:
-            pred, plan_skip = self.planner(cfg)
+        pred, plan_skip = self._plan(cfg)
+        if skip or dom:
+            plan_skip = None
         if skip or dom or plan_skip:
             rec = self._blank(cfg, number, "skipped", skip or plan_skip or
                               f"dominated by trial #{dom[0]} (oom: {dom[1][:120]})")
@@ -349,12 +356,42 @@ class Search:
             if rec.outcome == "oom":
                 self.failed.append((number, cfg, rec.cause))
         if pred is not None:
-            rec.predicted_ram_bytes, rec.predicted_vram_bytes = pred
+            rec.predicted_ram_bytes = pred.ram_bytes
+            rec.predicted_vram_bytes = pred.vram_bytes if self.build.get("gpu_offload") else None
+        if rec.ok and rec.config.n_gen:
+            from tuner import roofline
+
+            if self.bandwidth is None:
+                self.bandwidth = roofline.bandwidth()
+            rec.tg_roofline_ts = roofline.tg_bound(cfg, self.infos[cfg.model], self.bandwidth,
+                                                   bool(self.build.get("gpu_offload")))
         rec.baseline = baseline
         rec.drift = self.drifting
         rec.state = "COMPLETE"
         self._tell_and_write(number, rec)
         return rec
+
+    def _plan(self, cfg: TrialConfig):
+        """The planner's prediction (calibrated on this study's trials) and why it cannot fit, if it cannot."""
+        from tuner import planner
+        from tuner.recommend import caps
+
+        n_ok = sum(1 for r in self.records if r.ok)
+        if self.calib is None or (n_ok and n_ok != self.calib.n_ram):
+            self.calib = planner.Calibration.from_records([r for r in self.records if r.state != "anchor"],
+                                                          self.infos)
+        pred = planner.predict(cfg, self.infos[cfg.model], self.calib, bool(self.build.get("gpu_offload")))
+        if not self.opts.plan:
+            return pred, None
+        ram_cap, vram_cap = caps(self.hw, self.opts.limits)
+        need_ram = pred.ram_bytes - pred.reclaimable_bytes
+        if vram_cap and pred.vram_bytes > vram_cap:
+            return pred, (f"planner: needs {pred.vram_bytes / 2**30:.2f} GiB VRAM, "
+                          f"{vram_cap / 2**30:.2f} GiB usable")
+        if need_ram > ram_cap:
+            return pred, (f"planner: needs {need_ram / 2**30:.2f} GiB host RAM, {ram_cap / 2**30:.2f} GiB usable "
+                          "(it would swap)")
+        return pred, None
 
     def _write(self, rec: TrialRecord) -> None:
         if rec.outcome not in ("ok", "skipped") and self.runner is not None and self.runner.last_log:

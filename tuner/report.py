@@ -1,0 +1,1351 @@
+"""`tuner report` as a library: charts, report.html and report.md from what studies wrote.
+
+Reads only a study folder (trials.parquet through tuner.store, the Optuna storage study.db, recommended.json,
+logs/); nothing is re-run. Charts are drawn with matplotlib's Agg canvas on bare `Figure`s (no pyplot, no
+display). The text part is built once as a list of blocks and rendered to both HTML and Markdown, so both say
+the same thing and every piece of text from a study (GGUF names, paths, stderr) is escaped in one place.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from tuner import store
+from tuner.bench import fmt_size
+from tuner.recommend import BASELINES, RECOMMENDED_FILE, pareto_front
+from tuner.record import FAILED, OUTCOMES, TrialConfig, TrialRecord
+
+FORMATS = ("png", "svg", "pdf")
+DEFAULT_MAP = ("n_gpu_layers", "n_ctx")
+STUDY_DB = "study.db"
+OUTCOME_COLOURS = {"ok": "#2ca02c", "oom": "#d62728", "crash": "#9467bd", "timeout": "#ff7f0e",
+                   "swap": "#8c564b", "load_error": "#e377c2", "error": "#111111", "skipped": "#9a9a9a",
+                   "interrupted": "#bcbd22"}
+MODEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+BASELINE_STYLE = {"llama.cpp defaults": ("#222222", "--"), "heuristic": ("#8e44ad", ":")}
+NO_OFFLOAD = "no GPU offload on this build: n_gpu_layers is 0 in every trial"
+# Config fields that are the test shape or bookkeeping, not a tuning choice.
+SHAPE_FIELDS = ("n_prompt", "n_gen", "n_depth", "repetitions", "warmup")
+LABELS = {"n_gpu_layers": "n_gpu_layers (layers on the GPU)", "n_ctx": "n_ctx (context size, tokens)",
+          "n_threads": "n_threads (generation threads)", "n_threads_batch": "n_threads_batch (prompt threads)",
+          "n_batch": "n_batch (tokens)", "n_ubatch": "n_ubatch (tokens)", "flash_attn": "flash_attn",
+          "model": "model (quant file)"}
+RC = {"svg.fonttype": "none",  # keep text as <text> in SVGs: searchable, small, selectable
+      "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7.5, "axes.grid": True, "grid.alpha": 0.3}
+
+
+class ReportError(ValueError):
+    """A study folder that cannot be reported on, or a bad option; one-line message."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading a study
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Study:
+    path: Path
+    label: str  # unique among the studies of one report; also the chart sub-folder
+    records: list[TrialRecord]  # every row, drift anchors included
+    recommended: dict | None
+    optuna_trials: list | None = None  # optuna FrozenTrials, when the storage could be read
+    optuna_note: str = ""  # why not
+
+    @property
+    def name(self) -> str:
+        return next((r.study for r in self.records if r.study), self.path.name)
+
+    @property
+    def trials(self) -> list[TrialRecord]:
+        """The study's own trials (drift-anchor re-measurements left out)."""
+        return [r for r in self.records if r.state != "anchor"]
+
+    @property
+    def anchors(self) -> list[TrialRecord]:
+        return [r for r in self.records if r.state == "anchor"]
+
+    @property
+    def ok(self) -> list[TrialRecord]:
+        return [r for r in self.trials if r.ok]
+
+    @property
+    def hw(self) -> dict:
+        return next((r.hw for r in reversed(self.records) if r.hw), {})
+
+    @property
+    def build(self) -> dict:
+        return next((r.build for r in reversed(self.records) if r.build), {})
+
+    @property
+    def ram_total(self) -> int | None:
+        return self.hw.get("ram_total") or None
+
+    @property
+    def vram_total(self) -> int | None:
+        return sum(g.get("vram_total") or 0 for g in self.hw.get("gpus") or []) or None
+
+    @property
+    def gpu_offload(self) -> bool:
+        return bool(self.build.get("gpu_offload")) or any(r.config.n_gpu_layers > 0 for r in self.ok)
+
+    @property
+    def objective(self) -> str:
+        return (self.recommended or {}).get("objective") or "tg"
+
+    def stderr_first_line(self, r: TrialRecord) -> str:
+        """First non-empty line the worker printed: the record's stderr tail, else logs/trial-NNNNN.log."""
+        text = r.stderr_tail or ""
+        if not text.strip() and r.trial_number is not None:
+            log = self.path / "logs" / f"trial-{r.trial_number:05d}.log"
+            try:
+                text = log.read_text(errors="replace")
+            except OSError:
+                text = ""
+        return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+
+
+def load_study(path: str | os.PathLike, label: str | None = None) -> Study:
+    p = Path(path)
+    if not p.is_dir():
+        raise ReportError(f"{path}: not a study folder (expected a folder written by `tuner search`)")
+    recs = store.records(p)  # StoreError (one line) when trials.parquet is missing or unreadable
+    if not recs:
+        raise ReportError(f"{path} holds no trials")
+    recommended = None
+    rp = p / RECOMMENDED_FILE
+    if rp.exists():
+        try:
+            recommended = json.loads(rp.read_text())
+        except (OSError, ValueError) as e:
+            raise ReportError(f"unreadable {rp}: {str(e).splitlines()[0][:120]}") from None
+        if not isinstance(recommended, dict) or "config" not in recommended:
+            raise ReportError(f"{rp} is not a recommendation written by tuner (no \"config\")")
+    study = Study(path=p, label=label or p.name, records=recs, recommended=recommended)
+    study.optuna_trials, study.optuna_note = _load_optuna(p, study.name)
+    return study
+
+
+def _load_optuna(p: Path, name: str) -> tuple[list | None, str]:
+    db = p / STUDY_DB
+    if not db.exists():
+        return None, f"no Optuna storage ({STUDY_DB}) in {p}"
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = None
+    try:
+        # skip_table_creation: a report never writes to the study's storage
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}", skip_table_creation=True)
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        pick = name if name in names else (names[0] if len(names) == 1 else None)
+        if pick is None:
+            return None, f"no study named {name!r} in {db}"
+        return optuna.load_study(study_name=pick, storage=storage).get_trials(deepcopy=True), ""
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy/Optuna raise many types for a bad or foreign file
+        return None, f"cannot read {db}: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}"
+    finally:
+        if storage is not None:
+            storage.engine.dispose()
+
+
+def load_studies(paths: list[str | os.PathLike]) -> list[Study]:
+    """Load every folder first (so bad input fails before anything is written); labels made unique."""
+    if not paths:
+        raise ReportError("no study folder given")
+    seen: Counter = Counter()
+    studies = []
+    for path in paths:
+        p = Path(path)
+        label = _safe(p.resolve().name or "study")
+        if seen[label]:
+            label = _safe(f"{p.resolve().parent.name}-{label}")
+        while seen[label]:
+            label += "-2"
+        seen[label] += 1
+        studies.append(load_study(p, label))
+    return studies
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-.") or "study"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small helpers shared by charts and text
+# ---------------------------------------------------------------------------------------------------------
+def model_label(path: str) -> str:
+    name = Path(path).name.removesuffix(".gguf")
+    return re.sub(r"-\d{5}-of-\d{5}$", "", name)
+
+
+def quant_colours(studies: list[Study]) -> dict[str, Any]:
+    """One colour per quant file, the same in every chart of every study of one report."""
+    names = sorted({model_label(r.config.model) for s in studies for r in s.records})
+    palette = list(matplotlib.colormaps["tab10"].colors)
+    palette = [c for i, c in enumerate(palette) if i not in (3, 7)]  # red and grey mean failed/skipped here
+    palette += list(matplotlib.colormaps["Dark2"].colors)
+    return {n: palette[i % len(palette)] for i, n in enumerate(names)}
+
+
+def model_markers(studies: list[Study]) -> dict[str, str]:
+    names = sorted({model_label(r.config.model) for s in studies for r in s.records})
+    return {n: MODEL_MARKERS[i % len(MODEL_MARKERS)] for i, n in enumerate(names)}
+
+
+def xvalue(r: TrialRecord, param: str):
+    """A config parameter as it ran (n_ctx 0 means n_prompt + n_gen + n_depth, as llama-bench)."""
+    if param == "n_ctx":
+        return r.config.effective_ctx()
+    if param == "model":
+        return model_label(r.config.model)
+    v = getattr(r.config, param)
+    return ",".join(v) if isinstance(v, tuple) else v
+
+
+def mem_scale(values) -> tuple[float, str]:
+    top = max((v for v in values if v), default=0)
+    return (2**30, "GiB") if top >= 2 * 2**30 else (2**20, "MiB")
+
+
+def fmt_ts(mean: float | None, sd: float | None = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f} ± {sd:.2f}" if sd is not None else f"{mean:.2f}"
+
+
+def _utc(s: str) -> _dt.datetime | None:
+    try:
+        return _dt.datetime.fromisoformat(s) if s else None
+    except ValueError:
+        return None
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60
+                                                                   else f"{s}s")
+
+
+def _shape(recs: list[TrialRecord]) -> str:
+    shapes = sorted({(r.config.n_prompt, r.config.n_gen, r.config.n_depth) for r in recs})
+    return ", ".join(f"pp{p}/tg{g}" + (f"@d{d}" if d else "") for p, g, d in shapes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# charts
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Chart:
+    key: str  # file stem, e.g. "1-speed-vs-gpu-layers"
+    title: str
+    caption: str
+    fig: Figure
+    counts: Counter = field(default_factory=Counter)  # markers drawn: ok / failed outcomes / skipped / ...
+    notes: list[str] = field(default_factory=list)  # what the chart says instead of data it lacks
+    study: str = ""  # study label ("" for the comparison)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def render(self, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        with matplotlib.rc_context(RC):
+            self.fig.savefig(buf, format=fmt, dpi=110, bbox_inches="tight",
+                             metadata={"Date": None} if fmt == "svg" else None)
+        return buf.getvalue()
+
+
+def _figure(ncols: int, nrows: int = 1, width: float = 5.6, height: float = 4.0) -> Figure:
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+        FigureCanvasAgg(fig)
+        fig.subplots(nrows, ncols, squeeze=False)
+    return fig
+
+
+def _note(ax, text: str, chart: Chart, where: str = "center") -> None:
+    """Say on the chart what is missing, instead of drawing nothing: in the middle of an empty panel, or
+    (where="top") as the panel's title line, so it never hides data."""
+    if where == "center":
+        ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, wrap=True,
+                bbox={"boxstyle": "round", "fc": "#fff6d5", "ec": "#c9a227"}, zorder=10)
+    else:
+        old = ax.get_title()
+        ax.set_title((old + "\n" if old else "") + text, fontsize=8.5, color="#8a6d00")
+    text = " ".join(text.split())
+    if text not in chart.notes:
+        chart.notes.append(text)
+
+
+def _mark_not_ok(ax, recs: list[TrialRecord], x_of: Callable, y_of: Callable, chart: Chart,
+                 handles: dict) -> None:
+    """Failed trials as × in their outcome's colour, skipped ones as hollow grey circles: never dropped."""
+    by = defaultdict(list)
+    for r in recs:
+        if not r.ok:
+            y = y_of(r)
+            if y is not None:
+                by[r.outcome].append((x_of(r), y))
+    for outcome, pts in sorted(by.items()):
+        col = OUTCOME_COLOURS.get(outcome, "#000000")
+        if outcome == "skipped":
+            ax.scatter(*zip(*pts), s=42, facecolors="none", edgecolors=col, linewidths=1.2, zorder=4)
+            h = Line2D([], [], ls="", marker="o", mfc="none", mec=col, label=f"skipped ({len(pts)})")
+        else:
+            ax.scatter(*zip(*pts), s=48, marker="x", color=col, linewidths=1.8, zorder=5)
+            h = Line2D([], [], ls="", marker="x", color=col, mew=1.8, label=f"{outcome} ({len(pts)})")
+        handles[outcome] = h
+        chart.counts[outcome] += len(pts)
+
+
+def _legend(fig, extras: list[dict] = (), where: str = "below") -> None:
+    """One legend for the whole figure, outside the panels (a legend inside hides points); entries with the
+    same label in several panels appear once."""
+    seen: dict = {}
+    for ax in fig.axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, h)
+    for extra in extras:
+        for h in extra.values():
+            seen.setdefault(h.get_label(), h)
+    if not seen:
+        return
+    if where == "below":
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(3, len(seen)),
+                   framealpha=0.9)
+    else:
+        fig.legend(list(seen.values()), list(seen), loc="outside right upper", framealpha=0.9)
+
+
+def _single_x(ax, values) -> None:
+    """One numeric x value: a readable axis around it instead of matplotlib's ±0.05 ticks."""
+    vals = {v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if len(vals) == 1:
+        v = vals.pop()
+        ax.set_xlim(v - 1, v + 1)
+        ax.set_xticks([v])
+
+
+
+
+def _speed_panel(ax, study: Study, colours, param: str, metric: str, chart: Chart) -> dict:
+    """t/s against one parameter: every ok trial a faint dot; per quant file a line through the best trial at
+    each value, its error bar the sd over the repetitions; failed and skipped trials marked at 0 t/s."""
+    trials = study.trials
+    ok = [r for r in trials if r.ok and r.metric(metric)[0] is not None]
+    by_model = defaultdict(list)
+    for r in ok:
+        by_model[model_label(r.config.model)].append(r)
+    for m, rs in sorted(by_model.items()):
+        c = colours[m]
+        ax.scatter([xvalue(r, param) for r in rs], [r.metric(metric)[0] for r in rs], color=c, alpha=0.3, s=16,
+                   linewidths=0, zorder=2)
+        best: dict = {}
+        for r in rs:
+            x = xvalue(r, param)
+            if x not in best or r.metric(metric)[0] > best[x].metric(metric)[0]:
+                best[x] = r
+        xs = sorted(best)
+        ax.errorbar(xs, [best[x].metric(metric)[0] for x in xs], yerr=[best[x].metric(metric)[1] or 0 for x in xs],
+                    color=c, marker="o", ms=5, capsize=3, lw=1.5, zorder=3, label=f"{m} (best at each value)")
+        chart.counts["ok"] += len(rs)
+    extra: dict = {}
+    _mark_not_ok(ax, trials, lambda r: xvalue(r, param), lambda r: 0.0, chart, extra)
+    what = {"tg": "tg: generation", "pp": "pp: prompt processing"}[metric]
+    ax.set_ylabel(f"{what} speed (tokens/s)")
+    ax.set_xlabel(LABELS.get(param, param))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    top = max([r.metric(metric)[0] + (r.metric(metric)[1] or 0) for r in ok], default=1.0)
+    ax.set_ylim(-0.05 * top, 1.12 * top)
+    if not ok:
+        _note(ax, f"no trial succeeded: no {metric} t/s to plot\n(failed trials are marked at 0)", chart)
+    elif len({xvalue(r, param) for r in trials}) < 2 and param != "n_gpu_layers":
+        _note(ax, f"only one {param} value was measured", chart, "top")
+    _single_x(ax, [xvalue(r, param) for r in trials])
+    return extra
+
+
+def chart_speed_vs_ngl(study: Study, colours) -> Chart:
+    fig = _figure(2)
+    ch = Chart("1-speed-vs-gpu-layers", "Speed against GPU layers",
+               "tg and pp t/s against n_gpu_layers, one line per quant file (best trial at each value, error bars: "
+               "sd over the repetitions); × = failed trials at 0 t/s.", fig, study=study.label)
+    extras = []
+    for ax, metric in zip(fig.axes, ("tg", "pp")):
+        extras.append(_speed_panel(ax, study, colours, "n_gpu_layers", metric, ch))
+        _vram_wall(ax, study, ch)
+        if not study.gpu_offload:
+            _note(ax, NO_OFFLOAD, ch, "top")
+    _legend(fig, extras)
+    fig.suptitle(f"{study.label}: t/s against n_gpu_layers ({_shape(study.trials)})")
+    return ch
+
+
+def _vram_wall(ax, study: Study, chart: Chart) -> None:
+    """Where the device's VRAM ran out: the fewest GPU layers any trial ran out of memory with (per quant),
+    or the first layer count whose peak VRAM reached 95% of the device total."""
+    total = study.vram_total
+    walls = {}
+    for r in study.trials:
+        ngl = r.config.n_gpu_layers
+        full = total and r.peak_vram_bytes and r.peak_vram_bytes >= 0.95 * total
+        if ngl > 0 and (r.outcome == "oom" or full):
+            m = model_label(r.config.model)
+            walls[m] = min(walls.get(m, ngl), ngl)
+    for m, ngl in sorted(walls.items()):
+        label = f"VRAM limit reached: {m} from ngl={ngl}" + (f" ({fmt_size(total)} device)" if total else "")
+        ax.axvline(ngl, color=OUTCOME_COLOURS["oom"], ls="-.", lw=1.2, alpha=0.8, label=label)
+        chart.counts["vram_wall"] += 1
+
+
+def chart_speed_vs_threads(study: Study, colours) -> Chart:
+    fig = _figure(2)
+    ch = Chart("2-speed-vs-threads", "Speed against threads",
+               "tg t/s against n_threads and pp t/s against n_threads_batch (the threads llama.cpp uses for "
+               "prompt batches), one line per quant file.", fig, study=study.label)
+    _legend(fig, [_speed_panel(fig.axes[0], study, colours, "n_threads", "tg", ch),
+                  _speed_panel(fig.axes[1], study, colours, "n_threads_batch", "pp", ch)])
+    fig.suptitle(f"{study.label}: t/s against threads (physical cores: {study.hw.get('cores_physical', '?')})")
+    return ch
+
+
+def _mem_panel(ax, study: Study, colours, param: str, what: str, chart: Chart) -> dict:
+    trials = study.trials
+    attr = "peak_rss_bytes" if what == "ram" else "peak_vram_bytes"
+    total = study.ram_total if what == "ram" else study.vram_total
+    vals = [getattr(r, attr) for r in trials if getattr(r, attr)]
+    div, unit = mem_scale(vals or ([total] if total else []))
+    by_model = defaultdict(list)
+    for r in trials:
+        if r.ok and getattr(r, attr):
+            by_model[model_label(r.config.model)].append(r)
+    for m, rs in sorted(by_model.items()):
+        ax.scatter([xvalue(r, param) for r in rs], [getattr(r, attr) / div for r in rs], color=colours[m], s=22,
+                   alpha=0.8, zorder=3, label=m)
+        chart.counts["ok"] += len(rs)
+    extra: dict = {}
+    # a failed trial's peak is what it reached before dying: that is where the wall is
+    _mark_not_ok(ax, trials, lambda r: xvalue(r, param),
+                 lambda r: getattr(r, attr) / div if getattr(r, attr) else None, chart, extra)
+    name = "RAM (peak RSS)" if what == "ram" else "VRAM"
+    if total and vals and total / max(vals) > 8:
+        # the machine dwarfs this model: a line up there would squash every point onto the axis
+        ax.text(0.99, 0.97, f"machine {name.split()[0]}: {fmt_size(total)}, off this scale "
+                            f"({total / max(vals):.0f}× the largest peak)", transform=ax.transAxes, ha="right",
+                va="top", fontsize=7.5, color="#444444")
+        chart.counts[f"{what}_total_text"] += 1
+    elif total:
+        ax.axhline(total / div, color="#444444", ls="--", lw=1.2, label=f"machine {name.split()[0]}: "
+                                                                        f"{fmt_size(total)}")
+        chart.counts[f"{what}_total_line"] += 1
+        cap = _cap(study, what)
+        if cap and cap < total:
+            ax.axhline(cap / div, color="#c0392b", ls=":", lw=1.2, label=f"usable (limits − headroom): "
+                                                                         f"{fmt_size(cap)}")
+    ax.set_xlabel(LABELS.get(param, param))
+    ax.set_ylabel(f"peak {name} ({unit})")
+    if param == "n_ctx" and vals:
+        ctxs = [xvalue(r, "n_ctx") for r in trials]
+        if max(ctxs) >= 4 * min(ctxs) > 0:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if vals:
+        _single_x(ax, [xvalue(r, param) for r in trials])
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if what == "vram":
+            _note(ax, "no VRAM measured" + (f"\n({NO_OFFLOAD})" if not study.gpu_offload else ""), chart)
+        else:
+            _note(ax, "no trial has a peak RAM reading", chart)
+    missing = sum(1 for r in trials if not r.ok and not getattr(r, attr))
+    if vals and missing and what == "ram":
+        ax.text(0.01, 0.01, f"{missing} failed/skipped trial(s) without a reading not placed",
+                transform=ax.transAxes, fontsize=7, color="#666666")
+    return extra
+
+
+def _cap(study: Study, what: str) -> int | None:
+    lim = (study.recommended or {}).get("limits") or {}
+    head = lim.get("headroom") or 0
+    if what == "ram":
+        tot = [x for x in (lim.get("max_ram"), study.ram_total) if x]
+        return min(tot) - head if tot else None
+    caps = [x for x in (lim.get("max_vram"), (study.vram_total - head) if study.vram_total else None) if x]
+    return min(caps) if caps else None
+
+
+def chart_memory(study: Study, colours) -> Chart:
+    fig = _figure(2, 2, height=3.6)
+    ch = Chart("3-memory", "Measured memory",
+               "Peak RAM (worker RSS) and peak VRAM against n_gpu_layers and n_ctx, with the machine's totals "
+               "as dashed lines: the hardware math, measured instead of guessed.", fig, study=study.label)
+    a = fig.axes
+    extras = [_mem_panel(a[0], study, colours, "n_gpu_layers", "ram", ch),
+              _mem_panel(a[1], study, colours, "n_ctx", "ram", ch),
+              _mem_panel(a[2], study, colours, "n_gpu_layers", "vram", ch),
+              _mem_panel(a[3], study, colours, "n_ctx", "vram", ch)]
+    if not study.gpu_offload:
+        _note(a[0], NO_OFFLOAD, ch, "top")
+    _legend(fig, extras)
+    fig.suptitle(f"{study.label}: peak memory")
+    return ch
+
+
+def chart_pareto(study: Study, colours) -> Chart:
+    fig = _figure(1, width=7.5, height=4.6)
+    ax = fig.axes[0]
+    ch = Chart("4-pareto", "Speed against memory (Pareto front)",
+               "tg t/s against peak memory (RSS + VRAM) of every trial; the line joins the configs no other "
+               "config beats on both; the star is the recommendation.", fig, study=study.label)
+    trials = study.trials
+    ok = [r for r in trials if r.ok and r.metric("tg")[0] is not None and (r.peak_rss_bytes or r.peak_vram_bytes)]
+    mem = lambda r: (r.peak_rss_bytes or 0) + (r.peak_vram_bytes or 0)  # noqa: E731
+    div, unit = mem_scale([mem(r) for r in trials])
+    for m in sorted({model_label(r.config.model) for r in ok}):
+        rs = [r for r in ok if model_label(r.config.model) == m]
+        ax.errorbar([mem(r) / div for r in rs], [r.metric("tg")[0] for r in rs],
+                    yerr=[r.metric("tg")[1] or 0 for r in rs], fmt="o", color=colours[m], ms=5, alpha=0.8,
+                    capsize=2, label=m, zorder=3)
+        ch.counts["ok"] += len(rs)
+    front = pareto_front(ok)
+    if front:
+        xs = [f["peak_memory_bytes"] / div for f in front]
+        ys = [f["tg_ts_mean"] for f in front]
+        ax.step(xs, ys, where="post", color="#333333", lw=1.2, alpha=0.7, zorder=2,
+                label=f"Pareto front ({len(front)} configs)")
+        ch.counts["front"] = len(front)
+    extra: dict = {}
+    _mark_not_ok(ax, trials, lambda r: mem(r) / div, lambda r: 0.0 if mem(r) else None, ch, extra)
+    rec = study.recommended
+    best = next((r for r in ok if rec and r.trial_number == rec.get("trial_number")), None)
+    if best is not None:
+        ax.scatter([mem(best) / div], [best.metric("tg")[0]], marker="*", s=320, color="gold", edgecolors="black",
+                   linewidths=1, zorder=6, label=f"recommended (trial #{best.trial_number})")
+        ax.annotate(f"#{best.trial_number}: {best.metric('tg')[0]:.1f} t/s", (mem(best) / div, best.metric("tg")[0]),
+                    xytext=(8, 8), textcoords="offset points", fontsize=8)
+        ch.counts["recommended"] = 1
+    ax.set_xlabel(f"peak memory: RSS + VRAM ({unit})")
+    ax.set_ylabel("tg: generation speed (tokens/s)")
+    if not ok:
+        _note(ax, "no trial succeeded: no speed/memory point to plot\n(failed trials with a memory reading "
+                  "are marked at 0 t/s)", ch)
+    elif len(ok) < 2:
+        _note(ax, "only one ok trial: no trade-off to show", ch, "top")
+    if rec is None:
+        _note(ax, "no recommendation (no trial succeeded within the limits)", ch, "top")
+    _legend(fig, [extra], "right")
+    fig.suptitle(f"{study.label}: tg t/s against peak memory")
+    return ch
+
+
+def _sort_key(v):
+    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+
+def chart_outcome_map(study: Study, colours, dims: tuple[str, str] = DEFAULT_MAP) -> Chart:
+    fig = _figure(1, width=7.5, height=4.8)
+    ax = fig.axes[0]
+    xd, yd = dims
+    ch = Chart("5-outcome-map", f"Outcome map ({xd} × {yd})",
+               f"Every trial at its {xd} × {yd} cell, coloured by outcome (trials sharing a cell are spread "
+               f"within it; marker shape = quant file): the out-of-memory wall is where green turns red.",
+               fig, study=study.label)
+    trials = study.trials
+    xs = sorted({xvalue(r, xd) for r in trials}, key=_sort_key)
+    ys = sorted({xvalue(r, yd) for r in trials}, key=_sort_key)
+    cells = defaultdict(list)
+    for r in trials:
+        cells[(xs.index(xvalue(r, xd)), ys.index(xvalue(r, yd)))].append(r)
+    markers = {m: MODEL_MARKERS[i % len(MODEL_MARKERS)]
+               for i, m in enumerate(sorted({model_label(r.config.model) for r in trials}))}
+    seen_outcomes = Counter()
+    for (cx, cy), rs in cells.items():
+        k = len(rs)
+        cols = math.ceil(math.sqrt(k))
+        step = 0.7 / cols
+        for i, r in enumerate(sorted(rs, key=lambda r: r.trial_number or 0)):
+            dx = (i % cols - (cols - 1) / 2) * step
+            dy = (i // cols - (math.ceil(k / cols) - 1) / 2) * step
+            ax.scatter([cx + dx], [cy + dy], marker=markers[model_label(r.config.model)], s=60 if k < 10 else 30,
+                       color=OUTCOME_COLOURS.get(r.outcome, "#000000"), edgecolors="white", linewidths=0.6,
+                       zorder=3)
+            seen_outcomes[r.outcome] += 1
+            ch.counts[r.outcome] += 1
+    ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+    ax.set_yticks(range(len(ys)), [str(v) for v in ys])
+    ax.set_xlim(-0.5, len(xs) - 0.5)
+    ax.set_ylim(-0.5, len(ys) - 0.5)
+    ax.grid(False)
+    for i in range(len(xs) + 1):
+        ax.axvline(i - 0.5, color="#dddddd", lw=0.8)
+    for i in range(len(ys) + 1):
+        ax.axhline(i - 0.5, color="#dddddd", lw=0.8)
+    ax.set_xlabel(LABELS.get(xd, xd))
+    ax.set_ylabel(LABELS.get(yd, yd))
+    handles = [Line2D([], [], ls="", marker="o", color=OUTCOME_COLOURS.get(o, "#000"), label=f"{o} ({n})")
+               for o, n in sorted(seen_outcomes.items(), key=lambda kv: OUTCOMES.index(kv[0])
+                                  if kv[0] in OUTCOMES else 99)]
+    if len(markers) > 1:
+        handles += [Line2D([], [], ls="", marker=mk, color="#555555", label=m) for m, mk in markers.items()]
+    fig.legend(handles=handles, loc="outside right upper", framealpha=0.9)
+    if "n_gpu_layers" in dims and not study.gpu_offload:
+        _note(ax, NO_OFFLOAD, ch, "top")
+    if len(xs) * len(ys) < 2:
+        _note(ax, f"only one {xd} × {yd} cell was measured", ch, "top")
+    fig.suptitle(f"{study.label}: outcome of every trial ({len(trials)})")
+    return ch
+
+
+def chart_progress(study: Study, colours) -> Chart:
+    fig = _figure(2)
+    ch = Chart("6-search-progress", "Search progress",
+               "Best tg so far against trial number and wall time, with the baselines (llama.cpp's defaults and "
+               "the seed's 3500 MB/layer heuristic) as horizontal lines; ◆ = drift-anchor re-measurements.",
+               fig, study=study.label)
+    trials = sorted([r for r in study.trials if r.trial_number is not None], key=lambda r: r.trial_number)
+    starts = [t for t in (_utc(r.started_utc) for r in study.records) if t]
+    t0 = min(starts) if starts else None
+    span = max(((_utc(r.finished_utc) or _utc(r.started_utc)) - t0).total_seconds()
+               for r in study.records if (_utc(r.finished_utc) or _utc(r.started_utc))) if t0 else 0
+    tdiv, tunit = (3600, "h") if span > 7200 else ((60, "min") if span > 120 else (1, "s"))
+
+    def when(r):
+        t = _utc(r.finished_utc) or _utc(r.started_utc)
+        return (t - t0).total_seconds() / tdiv if t and t0 else None
+
+    tg = lambda r: r.metric("tg")[0] if r.ok else None  # noqa: E731
+    counted = None
+    extras = []
+    for ax, x_of, xlabel in ((fig.axes[0], lambda r: r.trial_number, "trial number"),
+                             (fig.axes[1], when, f"wall time since the first trial started ({tunit})")):
+        pts = [(x_of(r), tg(r), r) for r in trials if tg(r) is not None and x_of(r) is not None]
+        for m in sorted({model_label(r.config.model) for _, _, r in pts}):
+            mp = [(x, y) for x, y, r in pts if model_label(r.config.model) == m]
+            ax.scatter(*zip(*mp), color=colours[m], s=20, alpha=0.75, zorder=3, label=m)
+        ch.counts["ok"] += len(pts)
+        best, bx, by = None, [], []
+        for x, y, r in sorted(pts, key=lambda p: p[0]):
+            if not r.drift and (best is None or y > best):
+                best = y
+            if best is not None:
+                bx.append(x)
+                by.append(best)
+        if bx:
+            ax.step(bx, by, where="post", color="#1f77b4", lw=2, zorder=4, label="best so far (tg)"
+                    + (", drift-marked trials excluded" if any(r.drift for r in trials) else ""))
+        anchors = [(x_of(r), tg(r)) for r in study.anchors if tg(r) is not None and x_of(r) is not None]
+        if anchors:
+            ax.scatter(*zip(*anchors), marker="D", s=26, color="#777777", zorder=3,
+                       label=f"drift anchor ({len(anchors)})")
+        drift = [x_of(r) for r in trials if r.drift and x_of(r) is not None]
+        if drift:
+            ax.axvspan(min(drift), max(drift), color="#f39c12", alpha=0.12, label="marked drift")
+        extra: dict = {}
+        _mark_not_ok(ax, trials, x_of, lambda r: 0.0, ch, extra)
+        for label in BASELINES:
+            b = next((r for r in trials if r.baseline == label), None)
+            col, ls = BASELINE_STYLE[label]
+            if b is not None and tg(b) is not None:
+                ax.axhline(tg(b), color=col, ls=ls, lw=1.3,
+                           label=f"{label} baseline (#{b.trial_number}): {tg(b):.1f} t/s")
+                ch.counts["baseline"] += 1
+            elif b is not None:
+                extra[label] = Line2D([], [], color=col, ls=ls, label=f"{label} baseline (#{b.trial_number}): "
+                                                                      f"{b.outcome}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("tg: generation speed (tokens/s)")
+        top = max([y for _, y, _ in pts] + [y for _, y in anchors], default=1.0)
+        ax.set_ylim(-0.05 * top, 1.15 * top)
+        if ax is fig.axes[0]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not pts:
+            _note(ax, "no trial succeeded: no best-so-far line\n(failed trials are marked at 0)", ch)
+        elif x_of is when and t0 is None:
+            _note(ax, "no timestamps recorded", ch)
+        extras.append(extra)
+        counted = counted or Counter(ch.counts)
+    ch.counts = counted  # both panels draw the same trials: count them once
+    _legend(fig, extras)
+    fig.suptitle(f"{study.label}: search progress ({len(trials)} trials, objective {study.objective})")
+    return ch
+
+
+def importances(study: Study, target: str) -> tuple[dict[str, float] | None, str]:
+    """Optuna's PED-ANOVA importances of the searched parameters for `target`: "tg" (t/s over ok trials) or
+    "failed" (1 for a trial that failed or was skipped, 0 for ok, over all trials).
+
+    The parameters and their distributions come from the Optuna storage; without one, from the records
+    (every config field that varied, as a categorical)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    trials = [r for r in study.trials if r.trial_number is not None and r.outcome != "interrupted"]
+    if target == "tg":
+        rows = [(r, r.metric("tg")[0]) for r in trials if r.ok and r.metric("tg")[0] is not None]
+    else:
+        rows = [(r, 0.0 if r.ok else 1.0) for r in trials]
+    if len(rows) < 3:
+        return None, f"too few trials ({len(rows)}) for parameter importance (needs 3)"
+    if len({v for _, v in rows}) < 2:
+        return None, ("every trial failed" if target == "failed" and rows[0][1] else
+                      "no trial failed" if target == "failed" else "every ok trial ran at the same speed")
+    by_number = {t.number: t for t in (study.optuna_trials or []) if t.params}
+    if by_number:
+        space = [(by_number[r.trial_number].params, by_number[r.trial_number].distributions, v)
+                 for r, v in rows if r.trial_number in by_number]
+    else:
+        names = [k for k in list(TrialConfig.__dataclass_fields__) if k not in SHAPE_FIELDS]
+        vals = {k: sorted({xvalue(r, k) for r, _ in rows}, key=_sort_key) for k in names}
+        vary = {k: v for k, v in vals.items() if len(v) > 1}
+        space = [({k: xvalue(r, k) for k in vary}, {k: CategoricalDistribution(v) for k, v in vary.items()}, v)
+                 for r, v in rows]
+    if not space or not any(p for p, _, _ in space):
+        return None, "no parameter varied"
+    keys = set.intersection(*(set(p) for p, _, _ in space))
+    frozen = [optuna.trial.create_trial(params={k: p[k] for k in keys}, distributions={k: d[k] for k in keys},
+                                        value=v) for p, d, v in space]
+    tmp = optuna.create_study(direction="maximize")
+    tmp.add_trials(frozen)
+    # PED-ANOVA (Optuna's default evaluator, no scikit-learn needed): what it takes to reach the top quantile.
+    # Small studies need a quantile holding a few trials; for "failed" the top quantile is the failing share.
+    values = [v for _, _, v in space]
+    q = (sum(values) / len(values) if target == "failed" else max(0.1, min(0.5, 3 / len(values))))
+    try:
+        imp = optuna.importance.get_param_importances(
+            tmp, evaluator=optuna.importance.PedAnovaImportanceEvaluator(target_quantile=min(max(q, 0.05), 0.95)))
+    except (ValueError, RuntimeError) as e:
+        return None, f"Optuna could not compute importances: {str(e).splitlines()[0][:100]}"
+    if not imp:
+        return None, "no parameter varied"
+    return dict(imp), ""
+
+
+def chart_importance(study: Study, colours) -> Chart:
+    fig = _figure(2, height=3.8)
+    ch = Chart("7-parameter-importance", "Parameter importance",
+               "Optuna's importance (PED-ANOVA, its default evaluator) of each searched parameter: for reaching the "
+               "top tg t/s (ok trials) and for failing (all trials).", fig, study=study.label)
+    for ax, target, title in ((fig.axes[0], "tg", "what drives tg t/s (ok trials)"),
+                              (fig.axes[1], "failed", "what makes a trial fail (all trials)")):
+        imp, why = importances(study, target)
+        ax.set_title(title)
+        ax.set_xlabel("importance (Optuna PED-ANOVA, sums to 1)")
+        if imp is None:
+            ax.set_yticks([])
+            _note(ax, why, ch)
+            continue
+        names = sorted(imp, key=imp.get)
+        ax.barh([LABELS.get(n, n) for n in names], [imp[n] for n in names],
+                color="#d62728" if target == "failed" else "#1f77b4", alpha=0.8)
+        for i, n in enumerate(names):
+            ax.text(imp[n], i, f" {imp[n]:.2f}", va="center", fontsize=8)
+        ax.set_xlim(0, max(1.0, max(imp.values()) * 1.15))
+        ch.counts[f"bars_{target}"] = len(names)
+    if study.optuna_trials is None:
+        _note(fig.axes[0], f"{study.optuna_note}: parameters taken from trials.parquet", ch, "top")
+    fig.suptitle(f"{study.label}: parameter importance")
+    return ch
+
+
+def study_charts(study: Study, colours, outcome_map: tuple[str, str] = DEFAULT_MAP) -> list[Chart]:
+    return [chart_speed_vs_ngl(study, colours), chart_speed_vs_threads(study, colours),
+            chart_memory(study, colours), chart_pareto(study, colours),
+            chart_outcome_map(study, colours, outcome_map), chart_progress(study, colours),
+            chart_importance(study, colours)]
+
+
+def config_key(r: TrialRecord) -> tuple:
+    """What makes two trials the same config across studies: every parameter and the test shape, with the
+    model as its file name (paths differ between rigs) and the repetition count left out."""
+    p = r.config.params()
+    for k in ("repetitions", "warmup"):
+        p.pop(k)
+    p["overrides"] = tuple(p["overrides"])
+    return (model_label(r.config.model),) + tuple(sorted(p.items()))
+
+
+def shared_configs(a: Study, b: Study) -> list[dict]:
+    """Configs measured ok in both studies, tg pooled over every trial of that config in each."""
+    def pool(s):
+        out = defaultdict(list)
+        for r in s.ok:
+            out[config_key(r)].append(r)
+        return out
+
+    pa, pb = pool(a), pool(b)
+    rows = []
+    for k in sorted(set(pa) & set(pb), key=str):
+        ta = [x for r in pa[k] for x in r.tg_samples]
+        tb = [x for r in pb[k] for x in r.tg_samples]
+        if not ta or not tb:
+            continue
+        ma, mb = statistics.fmean(ta), statistics.fmean(tb)
+        rows.append({"key": k, "model": k[0], "config": _key_text(k, a, b), "tg_a": ma, "tg_b": mb,
+                     "ratio": mb / ma if ma else None, "trials_a": [r.trial_number for r in pa[k]],
+                     "trials_b": [r.trial_number for r in pb[k]]})
+    return rows
+
+
+def _key_text(k: tuple, *studies: Study) -> str:
+    vary = _varying_fields([r for s in studies for r in s.trials])
+    d = dict(k[1:])
+    return f"{k[0]} " + " ".join(f"{f}={d[f]}" for f in vary if f in d and f != "model")
+
+
+def chart_compare(studies: list[Study], colours) -> Chart:
+    fig = _figure(2, width=6.2, height=4.4)
+    ch = Chart("compare", "Comparison",
+               "Left: the best tg of each quant file in each study (error bars: sd over the repetitions). Right: "
+               "configs measured in both the first study and another, tg against tg (on the diagonal = same "
+               "speed).", fig)
+    ax = fig.axes[0]
+    models = sorted({model_label(r.config.model) for s in studies for r in s.trials})
+    width = 0.8 / max(1, len(models))
+    for j, m in enumerate(models):
+        xs, ys, es = [], [], []
+        for i, s in enumerate(studies):
+            rs = [r for r in s.ok if model_label(r.config.model) == m and r.metric("tg")[0] is not None]
+            if rs:
+                b = max(rs, key=lambda r: r.metric("tg")[0])
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(b.metric("tg")[0])
+                es.append(b.metric("tg")[1] or 0)
+        if xs:
+            ax.bar(xs, ys, width=width * 0.92, yerr=es, capsize=3, color=colours[m], label=m)
+            ch.counts["bars"] += len(xs)
+    for i, s in enumerate(studies):
+        if not s.ok:
+            ax.text(i, 0, "no ok trial", ha="center", va="bottom", rotation=90, fontsize=8, color="#d62728")
+    ax.set_xticks(range(len(studies)), [s.label for s in studies], rotation=15)
+    ax.set_ylabel("best tg: generation speed (tokens/s)")
+    ax.set_xlabel("study")
+    ax.grid(axis="x", visible=False)
+    ax = fig.axes[1]
+    base = studies[0]
+    top = 0.0
+    markers = {s.label: MODEL_MARKERS[i % len(MODEL_MARKERS)] for i, s in enumerate(studies[1:])}
+    for s in studies[1:]:
+        rows = shared_configs(base, s)
+        for m in sorted({r["model"] for r in rows}):
+            mr = [r for r in rows if r["model"] == m]
+            ax.scatter([r["tg_a"] for r in mr], [r["tg_b"] for r in mr], color=colours[m],
+                       marker=markers[s.label], s=30, label=f"{s.label}: {m}", zorder=3)
+            top = max(top, *(max(r["tg_a"], r["tg_b"]) for r in mr))
+        ch.counts["shared"] += len(rows)
+    if top:
+        ax.plot([0, top * 1.05], [0, top * 1.05], color="#888888", ls="--", lw=1, label="same speed")
+        ax.set_xlim(0, top * 1.08)
+        ax.set_ylim(0, top * 1.08)
+    else:
+        _note(ax, "no config was measured ok in both the first study and another", ch)
+    ax.set_xlabel(f"tg in {base.label} (tokens/s)")
+    ax.set_ylabel("tg in the other study (tokens/s)")
+    _legend(fig)
+    fig.suptitle(f"comparison of {len(studies)} studies")
+    return ch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the text part: blocks rendered to HTML and Markdown
+# ---------------------------------------------------------------------------------------------------------
+# ("h", level, text) ("p", text) ("list", [text]) ("table", headers, rows) ("code", text) ("chart", Chart)
+
+
+def _varying_fields(recs: list[TrialRecord]) -> list[str]:
+    out = []
+    for k in TrialConfig.__dataclass_fields__:
+        if k in ("repetitions", "warmup"):
+            continue
+        if len({str(xvalue(r, k)) for r in recs}) > 1:
+            out.append(k)
+    return out
+
+
+def _outcome_counts(recs: list[TrialRecord]) -> str:
+    c = Counter(r.outcome for r in recs)
+    return ", ".join(f"{n} {o}" for o, n in sorted(c.items(), key=lambda kv: OUTCOMES.index(kv[0])
+                                                   if kv[0] in OUTCOMES else 99))
+
+
+def _hw_rows(s: Study) -> list[list[str]]:
+    hw, build = s.hw, s.build
+    gpus = hw.get("gpus") or []
+    rows = [["CPU", f"{hw.get('cpu', '?')}, {hw.get('cores_physical', '?')} physical / "
+                    f"{hw.get('cores_logical', '?')} logical cores"],
+            ["RAM", fmt_size(hw.get("ram_total")) + (f", swap {fmt_size(hw.get('swap_total'))}"
+                                                     if hw.get("swap_total") is not None else "")],
+            ["GPUs", "; ".join(f"{g.get('name', '?')} ({fmt_size(g.get('vram_total'))}"
+                               + (f", driver {g['driver']}" if g.get("driver") else "") + ")" for g in gpus)
+             or f"none ({hw.get('nvml') or 'no NVML device'})"],
+            ["OS", str(hw.get("os", "?"))],
+            ["llama-cpp-python", f"{build.get('llama_cpp_python', '?')}, GPU offload "
+                                 f"{'yes' if build.get('gpu_offload') else 'no'}"],
+            ["system info", str(build.get("system_info", ""))[:240]]]
+    for what in ("hw_fingerprint", "build_fingerprint"):
+        fps = Counter(getattr(r, what) for r in s.records if getattr(r, what))
+        label = "hardware fingerprint" if what == "hw_fingerprint" else "build fingerprint"
+        rows.append([label, ", ".join(f"{fp} ({n} trials)" if len(fps) > 1 else fp for fp, n in fps.items())
+                     or "-"])
+    return rows
+
+
+def _llama_kwargs(kwargs: dict) -> str:
+    lines = ["from llama_cpp import Llama", "", "llm = Llama("]
+    lines += [f"    {k}={v!r}," for k, v in kwargs.items()]
+    return "\n".join(lines + [")"])
+
+
+def _recommendation_blocks(s: Study) -> list:
+    rec = s.recommended
+    out: list = [("h", 3, "Recommendation")]
+    if rec is None:
+        n_ok = len(s.ok)
+        why = ("no trial succeeded" if not n_ok else
+               f"{n_ok} trial(s) ran ok but none within the limits")
+        out.append(("p", f"No recommendation: {why}. The failures below say what went wrong."))
+        return out
+    m = rec.get("measured") or {}
+    model = rec.get("model") or {}
+    obj = rec.get("objective", "tg")
+    parts = [f"tg {fmt_ts(m.get('tg_ts_mean'), m.get('tg_ts_sd'))} t/s",
+             f"pp {fmt_ts(m.get('pp_ts_mean'), m.get('pp_ts_sd'))} t/s"]
+    if m.get("ttft_ms_mean") is not None:
+        parts.append(f"TTFT {fmt_ts(m.get('ttft_ms_mean'), m.get('ttft_ms_sd'))} ms")
+    parts.append(f"peak RAM {fmt_size(m.get('peak_rss_bytes'))}")
+    if m.get("peak_vram_bytes"):
+        parts.append(f"peak VRAM {fmt_size(m.get('peak_vram_bytes'))}")
+    out.append(("p", f"Trial #{rec.get('trial_number')} (objective: {obj}): "
+                     f"{model_label(str(model.get('path') or rec['config'].get('model', '')))} "
+                     f"({model.get('file_type') or '?'}, {fmt_size(model.get('size_bytes'))}); "
+                     + ", ".join(parts) + f" over {m.get('repetitions', '?')} repetitions "
+                     f"(pp{m.get('n_prompt', '?')}/tg{m.get('n_gen', '?')})."))
+    head = rec.get("headroom_left") or {}
+    if head.get("ram_bytes") is not None:
+        out.append(("p", f"Headroom left: RAM {fmt_size(head['ram_bytes'])}"
+                         + (f", VRAM {fmt_size(head['vram_bytes'])}" if head.get("vram_bytes") is not None else "")
+                         + f"; model file: {model.get('path') or rec['config'].get('model')}"))
+    cfg = rec["config"]
+    keys = [k for k in cfg if k not in ("model", "overrides") and k not in SHAPE_FIELDS] + ["overrides"]
+    out.append(("table", ["parameter", "value"], [[k, ", ".join(cfg[k]) if isinstance(cfg[k], list) else
+                                                   str(cfg[k])] for k in keys if k in cfg]))
+    items = []
+    for label, b in (rec.get("baselines") or {}).items():
+        if b.get("recommended_vs_baseline"):
+            items.append(f"{b['recommended_vs_baseline']:.2f}× the {label} baseline (trial #{b.get('trial_number')}: "
+                         f"{obj} {b.get(obj):.2f}{' ms' if obj == 'ttft' else ' t/s'})")
+        else:
+            items.append(f"{label} baseline (trial #{b.get('trial_number')}): {b.get('outcome')}"
+                         + (f": {b['cause'][:160]}" if b.get("cause") else ""))
+    for label in BASELINES:
+        if label not in (rec.get("baselines") or {}):
+            items.append(f"{label} baseline: not run (same config as another baseline, --no-baselines or grid)")
+    out += [("h", 4, "Against the baselines"), ("list", items)]
+    forms = rec.get("forms") or {}
+    if forms.get("llama_cpp_python"):
+        out += [("h", 4, "llama-cpp-python"), ("code", _llama_kwargs(forms["llama_cpp_python"]))]
+    if forms.get("llama_server"):
+        out += [("h", 4, "llama-server"), ("code", forms["llama_server"])]
+    if forms.get("ollama_modelfile"):
+        out += [("h", 4, "Ollama Modelfile"), ("code", forms["ollama_modelfile"])]
+    if forms.get("tuner_bench"):
+        out += [("h", 4, "re-measure"), ("code", forms["tuner_bench"].replace(
+            RECOMMENDED_FILE, str(s.path / RECOMMENDED_FILE)))]
+    for n in forms.get("notes") or []:
+        out.append(("p", f"Note: {n}"))
+    return out
+
+
+def _drift_blocks(s: Study) -> list:
+    out: list = [("h", 3, "Drift")]
+    anchors = [r for r in s.anchors if r.metric("tg")[0] is not None]
+    drifted = sorted(r.trial_number for r in s.trials if r.drift and r.trial_number is not None)
+    if not s.anchors:
+        out.append(("p", "No drift check ran (no anchor re-measurement: --drift-every 0, or too few trials)."))
+        return out
+    first = anchors[0].metric("tg")[0] if anchors else None
+    seq = ", ".join(f"{r.metric('tg')[0]:.2f}" for r in anchors)
+    if drifted:
+        text = (f"Drift detected: the anchor config (re-measured {len(s.anchors)}×, tg t/s: {seq}) moved beyond the "
+                f"tolerance; {len(drifted)} trial(s) were measured under drift (#{drifted[0]}–#{drifted[-1]}) and "
+                f"count only when nothing else fits.")
+    else:
+        text = f"No drift detected: the anchor config was re-measured {len(s.anchors)}× (tg t/s: {seq})."
+    if first and anchors:
+        text += f" Last anchor vs first: {anchors[-1].metric('tg')[0] / first - 1:+.1%}."
+    out.append(("p", text))
+    if s.recommended is not None:
+        out.append(("p", "The recommended config was " + ("measured under drift: re-measure it with the command "
+                                                           "above." if s.recommended.get("drift") else
+                                                           "measured while the machine was stable.")))
+    return out
+
+
+def _top_blocks(s: Study, top: int) -> list:
+    ok = sorted([r for r in s.ok if r.metric("tg")[0] is not None], key=lambda r: -r.metric("tg")[0])
+    out: list = [("h", 3, f"Top configs by tg ({min(top, len(ok))} of {len(ok)} ok)")]
+    if not ok:
+        out.append(("p", "No trial succeeded."))
+        return out
+    vary = [k for k in _varying_fields(s.trials) if k != "model"]
+    show = list(dict.fromkeys(["n_gpu_layers", "n_ctx"] + vary))
+    rec_n = (s.recommended or {}).get("trial_number")
+    headers = ["trial", "model"] + show + ["tg t/s", "pp t/s", "peak RAM", "peak VRAM", "note"]
+    rows = []
+    for r in ok[:top]:
+        note = ", ".join(x for x in ("recommended" if r.trial_number == rec_n else "",
+                                     r.baseline if r.baseline else "", "drift" if r.drift else "") if x)
+        rows.append([f"#{r.trial_number}", model_label(r.config.model)] + [str(xvalue(r, k)) for k in show]
+                    + [fmt_ts(*r.metric("tg")), fmt_ts(*r.metric("pp")), fmt_size(r.peak_rss_bytes),
+                       fmt_size(r.peak_vram_bytes), note])
+    out.append(("table", headers, rows))
+    return out
+
+
+def failure_groups(s: Study) -> list[dict]:
+    """Failed and skipped trials grouped by outcome and cause (trial numbers in causes don't split groups)."""
+    groups: dict = {}
+    for r in s.trials:
+        if r.ok:
+            continue
+        key = (r.outcome, re.sub(r"#\d+", "#N", r.cause or ""))
+        g = groups.setdefault(key, {"outcome": r.outcome, "cause": r.cause or "(no cause recorded)",
+                                    "trials": [], "stderr": ""})
+        g["trials"].append(r.trial_number)
+        if not g["stderr"]:
+            g["stderr"] = s.stderr_first_line(r)
+    return sorted(groups.values(), key=lambda g: (-len(g["trials"]), g["outcome"]))
+
+
+def _failure_blocks(s: Study) -> list:
+    out: list = [("h", 3, "Failures")]
+    groups = failure_groups(s)
+    if not groups:
+        out.append(("p", "No trial failed."))
+        return out
+    out.append(("p", f"{sum(len(g['trials']) for g in groups)} of {len(s.trials)} trials did not run ok "
+                     f"({_outcome_counts([r for r in s.trials if not r.ok])}). Worker logs: {s.path / 'logs'}"))
+    rows = [[g["outcome"], str(len(g["trials"])), ", ".join(f"#{n}" for n in g["trials"][:12])
+             + (" …" if len(g["trials"]) > 12 else ""), g["cause"][:240], g["stderr"][:240] or "-"]
+            for g in groups]
+    out.append(("table", ["outcome", "count", "trials", "cause", "first line of stderr"], rows))
+    return out
+
+
+def planner_rows(s: Study) -> list[dict]:
+    rows = []
+    for r in s.trials:
+        if not r.ok or r.predicted_ram_bytes is None or not r.peak_rss_bytes:
+            continue
+        row = {"trial": r.trial_number, "model": model_label(r.config.model), "pred_ram": r.predicted_ram_bytes,
+               "ram": r.peak_rss_bytes, "ram_err": r.predicted_ram_bytes / r.peak_rss_bytes - 1,
+               "pred_vram": r.predicted_vram_bytes, "vram": r.peak_vram_bytes, "vram_err": None}
+        if r.predicted_vram_bytes is not None and r.peak_vram_bytes:
+            row["vram_err"] = r.predicted_vram_bytes / r.peak_vram_bytes - 1
+        rows.append(row)
+    return rows
+
+
+def _planner_blocks(s: Study, top: int) -> list:
+    rows = planner_rows(s)
+    roof = [(r, r.to_row()["tg_roofline_pct"]) for r in s.ok]
+    roof = [(r, p) for r, p in roof if p is not None]
+    if not rows and not roof:
+        return []
+    out: list = [("h", 3, "Planner and roofline")]
+    if rows:
+        def summary(key, what):
+            errs = [x[key] for x in rows if x[key] is not None]
+            if not errs:
+                return None
+            worst = max(errs, key=abs)
+            return (f"{what}: median |error| {statistics.median(abs(e) for e in errs):.1%}, worst {worst:+.1%} "
+                    f"over {len(errs)} ok trials (predicted / measured − 1)")
+        out.append(("list", [x for x in (summary("ram_err", "peak RAM"), summary("vram_err", "peak VRAM")) if x]))
+        worst = sorted(rows, key=lambda x: -abs(x["ram_err"]))[:top]
+        out.append(("table", ["trial", "model", "predicted RAM", "measured RAM", "error", "predicted VRAM",
+                              "measured VRAM", "error"],
+                    [[f"#{x['trial']}", x["model"], fmt_size(x["pred_ram"]), fmt_size(x["ram"]),
+                      f"{x['ram_err']:+.1%}", fmt_size(x["pred_vram"]), fmt_size(x["vram"]),
+                      f"{x['vram_err']:+.1%}" if x["vram_err"] is not None else "-"] for x in worst]))
+    if roof:
+        pcts = [p for _, p in roof]
+        rec_n = (s.recommended or {}).get("trial_number")
+        rec_p = next((p for r, p in roof if r.trial_number == rec_n), None)
+        out.append(("p", f"tg as % of the memory-bandwidth roofline: median {statistics.median(pcts):.0f}%, best "
+                         f"{max(pcts):.0f}% over {len(pcts)} ok trials"
+                         + (f"; the recommended config: {rec_p:.0f}%." if rec_p is not None else ".")))
+    return out
+
+
+def study_blocks(s: Study, charts: list[Chart], top: int = 10) -> list:
+    trials = s.trials
+    starts = [t for t in (_utc(r.started_utc) for r in s.records) if t]
+    ends = [t for t in (_utc(r.finished_utc) for r in s.records) if t]
+    when = (f"; {min(starts):%Y-%m-%d %H:%M} UTC, {_duration((max(ends) - min(starts)).total_seconds())}"
+            if starts and ends else "")
+    models = Counter(model_label(r.config.model) for r in trials)
+    facts = {model_label(r.config.model): r for r in s.records if r.model_name or r.model_file_type}
+    blocks: list = [
+        ("h", 2, f"Study {s.label}" + (f" ({s.name})" if s.name != s.label else "")),
+        ("p", f"Folder {s.path}: {len(trials)} trials ({_outcome_counts(trials)})"
+              + (f" and {len(s.anchors)} drift-anchor re-measurements" if s.anchors else "")
+              + f"; objective {s.objective}; test shape {_shape(trials)}{when}."),
+        ("p", "Quant files: " + "; ".join(
+            f"{m} (" + (f"GGUF name {facts[m].model_name}, {facts[m].model_file_type}, "
+                        f"{fmt_size(facts[m].model_size_bytes)}; " if m in facts else "") + f"{n} trials)"
+            for m, n in sorted(models.items()))
+              + ". Searched: " + (", ".join(f for f in _varying_fields(trials) if f != "model") or "nothing varied")
+              + "."),
+        ("h", 3, "Hardware and build"), ("table", ["", ""], _hw_rows(s)),
+    ]
+    blocks += _recommendation_blocks(s)
+    blocks += _drift_blocks(s)
+    blocks += _top_blocks(s, top)
+    blocks += _failure_blocks(s)
+    blocks += _planner_blocks(s, top)
+    blocks.append(("h", 3, "Charts"))
+    if s.optuna_trials is None:
+        blocks.append(("p", f"Note: {s.optuna_note}."))
+    blocks += [("chart", c) for c in charts]
+    return blocks
+
+
+def compare_blocks(studies: list[Study], chart: Chart | None) -> list:
+    rows = []
+    for s in studies:
+        rec = s.recommended or {}
+        m = rec.get("measured") or {}
+        gpus = ", ".join(g.get("name", "?") for g in s.hw.get("gpus") or []) or "none"
+        rows.append([s.label, str(s.hw.get("cpu", "?")), gpus, s.trials[0].hw_fingerprint or "-",
+                     s.trials[0].build_fingerprint or "-", f"{len(s.ok)}/{len(s.trials)}",
+                     (f"#{rec.get('trial_number')} {model_label(str(rec['config'].get('model', '')))}"
+                      if rec else "none"), fmt_ts(m.get("tg_ts_mean"), m.get("tg_ts_sd")),
+                     fmt_size(m.get("peak_rss_bytes")) if rec else "-"])
+    out: list = [("h", 2, f"Comparison of {len(studies)} studies"),
+                 ("table", ["study", "CPU", "GPUs", "hw fingerprint", "build fingerprint", "ok/trials",
+                            "recommended", "tg t/s", "peak RAM"], rows)]
+    hws = {s.trials[0].hw_fingerprint for s in studies}
+    builds = {s.trials[0].build_fingerprint for s in studies}
+    out.append(("p", ("Same hardware" if len(hws) == 1 else "Different hardware") + " and "
+                + ("the same build." if len(builds) == 1 else "different llama.cpp builds.")))
+    base = studies[0]
+    for s in studies[1:]:
+        shared = shared_configs(base, s)
+        out.append(("h", 3, f"{s.label} against {base.label}"))
+        if not shared:
+            out.append(("p", "No config was measured ok in both."))
+            continue
+        ratios = [x["ratio"] for x in shared if x["ratio"]]
+        out.append(("p", f"{len(shared)} config(s) measured ok in both: tg in {s.label} is a median "
+                         f"{statistics.median(ratios):.2f}× that in {base.label} (geometric mean "
+                         f"{math.exp(statistics.fmean(math.log(r) for r in ratios)):.2f}×)."))
+        out.append(("table", ["config", f"tg {base.label}", f"tg {s.label}", "ratio"],
+                    [[x["config"], f"{x['tg_a']:.2f}", f"{x['tg_b']:.2f}", f"{x['ratio']:.2f}×"]
+                     for x in sorted(shared, key=lambda x: x["ratio"] or 0)]))
+    if chart is not None:
+        out.append(("chart", chart))
+    return out
+
+
+def _md_text(t: str) -> str:
+    t = html.escape(str(t), quote=False)
+    t = re.sub(r"([\\`*\[\]|])", r"\\\1", t)
+    t = re.sub(r"^([#>+-])", r"\\\1", t)  # would start a heading, quote or list
+    return re.sub(r"(?<!\w)_|_(?!\w)", r"\\_", t)
+
+
+def _md_fence(code: str) -> str:
+    n = max([3] + [len(m) + 1 for m in re.findall(r"`+", code)])
+    return "`" * n + "\n" + code + "\n" + "`" * n
+
+
+def to_markdown(title: str, blocks: list, chart_fmt: str, base: Path) -> str:
+    lines = [f"# {_md_text(title)}", ""]
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            lines += [f"{'#' * b[1]} {_md_text(b[2])}", ""]
+        elif kind == "p":
+            lines += [_md_text(b[1]), ""]
+        elif kind == "list":
+            lines += [f"- {_md_text(x)}" for x in b[1]] + [""]
+        elif kind == "code":
+            lines += [_md_fence(b[1]), ""]
+        elif kind == "table":
+            head = [_md_text(h) or " " for h in b[1]]
+            lines.append("| " + " | ".join(head) + " |")
+            lines.append("|" + "|".join("---" for _ in head) + "|")
+            lines += ["| " + " | ".join(_md_text(c).replace("\n", " ") for c in row) + " |" for row in b[2]]
+            lines.append("")
+        elif kind == "chart":
+            c: Chart = b[1]
+            f = c.files.get(chart_fmt)
+            rel = os.path.relpath(f, base).replace(os.sep, "/") if f else ""
+            lines += [f"![{_md_text(c.title)}]({rel})" if rel else f"*{_md_text(c.title)}*", "",
+                      f"*{_md_text(c.caption)}*" + (" " + " ".join(f"Note: {_md_text(n)}." for n in c.notes)
+                                                    if c.notes else ""), ""]
+    return "\n".join(lines)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.4}
+h1{border-bottom:2px solid #ddd}h2{border-bottom:1px solid #ddd;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .5em;
+text-align:left;vertical-align:top}th{background:#f4f4f4}tr:nth-child(even) td{background:#fafafa}
+pre{background:#f6f8fa;padding:.6em;overflow-x:auto;border:1px solid #e1e4e8}
+figure{margin:1em 0;border:1px solid #eee;padding:.5em}figure img{max-width:100%}
+figcaption{font-size:.9em;color:#444}.note{color:#8a6d00}
+"""
+
+
+def to_html(title: str, blocks: list, chart_fmt: str) -> str:
+    e = html.escape
+    parts = ["<!doctype html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+             f"<title>{e(title)}</title><style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            parts.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+        elif kind == "p":
+            parts.append(f"<p>{e(b[1])}</p>")
+        elif kind == "list":
+            parts.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in b[1]) + "</ul>")
+        elif kind == "code":
+            parts.append(f"<pre><code>{e(b[1])}</code></pre>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in b[1]) if any(b[1]) else ""
+            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b[2])
+            parts.append(f"<table>{'<tr>' + head + '</tr>' if head else ''}{body}</table>")
+        elif kind == "chart":
+            c: Chart = b[1]
+            fmt = chart_fmt if chart_fmt in c.files else next(iter(c.files), None)
+            mime = {"png": "image/png", "svg": "image/svg+xml"}.get(fmt or "")
+            # images as data: URIs in <img>: self-contained, and an <img> never runs script from an SVG
+            img = (f"<img alt=\"{e(c.title)}\" src=\"data:{mime};base64,"
+                   f"{base64.b64encode(c.files[fmt].read_bytes()).decode()}\">" if mime else
+                   f"<p class=\"note\">(chart only as {e(fmt or 'nothing')})</p>")
+            notes = "".join(f" <span class=\"note\">Note: {e(n)}.</span>" for n in c.notes)
+            parts.append(f"<figure id=\"{e((c.study + '-' if c.study else '') + c.key)}\">{img}<figcaption><b>"
+                         f"{e(c.title)}.</b> {e(c.caption)}{notes}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole report
+# ---------------------------------------------------------------------------------------------------------
+def parse_formats(text: str) -> tuple[str, ...]:
+    fmts = tuple(dict.fromkeys(f.strip().lower() for f in text.split(",") if f.strip()))
+    if not fmts:
+        raise ReportError("--format: give at least one of " + ", ".join(FORMATS))
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad:
+        raise ReportError(f"--format {bad[0]!r}: expected a comma-separated list of {', '.join(FORMATS)}")
+    return fmts
+
+
+def parse_map(text: str) -> tuple[str, str]:
+    dims = tuple(d.strip() for d in text.split(",") if d.strip())
+    names = set(TrialConfig.__dataclass_fields__)
+    if len(dims) != 2 or dims[0] == dims[1]:
+        raise ReportError(f"--outcome-map {text!r}: expected two different config parameters, e.g. "
+                          f"n_gpu_layers,n_ctx")
+    for d in dims:
+        if d not in names:
+            raise ReportError(f"--outcome-map: unknown parameter {d!r} (e.g. n_gpu_layers, n_ctx, n_threads, "
+                              f"n_ubatch, flash_attn, model)")
+    return dims  # type: ignore[return-value]
+
+
+@dataclass
+class Report:
+    studies: list[Study]
+    charts: list[Chart]
+    compare: Chart | None
+    formats: tuple[str, ...]
+    top: int = 10
+    html_path: Path | None = None
+    md_path: Path | None = None
+
+    @property
+    def title(self) -> str:
+        return "tuner report: " + ", ".join(s.label for s in self.studies)
+
+    def blocks(self) -> list:
+        out: list = []
+        if len(self.studies) > 1:
+            out += compare_blocks(self.studies, self.compare)
+        for s in self.studies:
+            out += study_blocks(s, [c for c in self.charts if c.study == s.label], self.top)
+        return out
+
+    def all_charts(self) -> list[Chart]:
+        return self.charts + ([self.compare] if self.compare else [])
+
+    def write(self, out: str | os.PathLike) -> list[Path]:
+        """Render every chart, then write the files (each one atomically)."""
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise ReportError(f"--out {out}: is a file, expected a folder")
+        rendered = [(c, f, c.render(f)) for c in self.all_charts() for f in self.formats]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ReportError(f"cannot create {out}: {e.strerror}") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ReportError(f"cannot write to {out}: folder is not writable")
+        written = []
+        for c, f, data in rendered:
+            p = out / (c.study or "") / f"{c.key}.{f}"
+            _atomic_write(p, data)
+            c.files[f] = p
+            written.append(p)
+        fmt = "png" if "png" in self.formats else self.formats[0]
+        blocks = self.blocks()
+        self.html_path, self.md_path = out / "report.html", out / "report.md"
+        _atomic_write(self.html_path, to_html(self.title, blocks, fmt).encode())
+        _atomic_write(self.md_path, to_markdown(self.title, blocks, fmt, out).encode())
+        return written + [self.html_path, self.md_path]
+
+
+def _atomic_write(p: Path, data: bytes) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build(paths: list[str | os.PathLike], formats: tuple[str, ...] = ("png", "svg"),
+          outcome_map: tuple[str, str] = DEFAULT_MAP, top: int = 10) -> Report:
+    """Load the studies and draw every chart (nothing is written until Report.write)."""
+    studies = load_studies(paths)
+    colours = quant_colours(studies)
+    charts = [c for s in studies for c in study_charts(s, colours, outcome_map)]
+    compare = chart_compare(studies, colours) if len(studies) > 1 else None
+    return Report(studies, charts, compare, formats, top)
