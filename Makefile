@@ -27,5 +27,38 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The regression gate on CPU, as .github/workflows/perf-regression.yml does on a GPU runner: one saved config
+# (PERF_CONFIG, made on first use) measured by the baseline install and by this one, interleaved round by
+# round, then `tuner compare` (re-measuring an alert once before failing). PERF_BASE_BIN defaults to this
+# install: an A/A run that shows the gate's noise floor. Against another build, e.g. a checkout of main:
+#   make perf-check PERF_BASE_BIN=../tuner-main/.venv/bin
+PERF_DIR ?= results/perf
+PERF_CONFIG ?= $(PERF_DIR)/config.json
+PERF_BASE_BIN ?= $(BIN)
+PERF_ROUNDS ?= 3
+PERF_ARGS ?= -r 7
+
+perf-check: install
+	mkdir -p $(PERF_DIR)
+	$(BIN)/tuner synth $(PERF_DIR)/models --preset dense --quants q4_0
+	test -f $(PERF_CONFIG) || printf '{"config": {"model": "%s", "n_prompt": 256, "n_gen": 64}}\n' \
+	  "$(PERF_DIR)/models/dense-q4_0.gguf" > $(PERF_CONFIG)
+	rm -f $(PERF_DIR)/baseline.parquet $(PERF_DIR)/current.parquet
+	@# exit 1 from bench is a failed trial (recorded; compare judges it), 2 is bad input: stop
+	for i in $$(seq $(PERF_ROUNDS)); do \
+	  $(PERF_BASE_BIN)/tuner bench --config $(PERF_CONFIG) $(PERF_ARGS) -o $(PERF_DIR)/baseline.parquet; \
+	  rc=$$?; [ $$rc -le 1 ] || exit $$rc; \
+	  $(BIN)/tuner bench --config $(PERF_CONFIG) $(PERF_ARGS) -o $(PERF_DIR)/current.parquet; \
+	  rc=$$?; [ $$rc -le 1 ] || exit $$rc; \
+	done
+	$(BIN)/tuner compare $(PERF_DIR)/baseline.parquet $(PERF_DIR)/current.parquet --rerun-on-alert \
+	  --markdown $(PERF_DIR)/report.md --junit $(PERF_DIR)/junit.xml
+
+# MoE hybrid offload on a CUDA machine (~10 min on one H200): builds the CUDA llama-cpp-python into .venv-cuda,
+# then synth/bench/search/report into gpu-check-out/. Knobs: see experiments/gpu-check.sh
+# (GPU_CHECK_CPU=1: no GPU, the script's logic with ./.venv and tiny sizes).
+gpu-check:
+	bash experiments/gpu-check.sh
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -66,6 +66,7 @@ def main() -> None:
 
     bare_alarms = confirmed_alarms = 0
     per_metric = collections.Counter()
+    tally = collections.Counter()  # (metric, verdict): an "unchanged" gate is only as good as its data
     changes = collections.defaultdict(list)
     runs = []
     print(f"model {model.name}, -p {a.n_prompt} -n {a.n_gen} -r {a.repetitions}, {a.runs} runs; files in {out}")
@@ -80,6 +81,7 @@ def main() -> None:
         for name, m in verdicts.items():
             if m["change_pct"] is not None:
                 changes[name].append(m["change_pct"])
+            tally[name, m["verdict"]] += 1
             if m["verdict"] == "regression":
                 per_metric[name] += 1
         confirmed = None
@@ -104,14 +106,17 @@ def main() -> None:
     print(f"with --rerun-on-alert: no regression in {n - confirmed_alarms}/{n} runs")
     for name, xs in changes.items():
         xs = sorted(abs(x) for x in xs)
-        print(f"  |change| {name:9s} median {xs[len(xs) // 2]:.1f}%  max {xs[-1]:.1f}%")
+        verdicts = ", ".join(f"{v} {tally[name, v]}" for v in ("unchanged", "inconclusive", "regression",
+                                                                "improvement", "missing") if tally[name, v])
+        print(f"  {name:9s} |change| median {xs[len(xs) // 2]:.1f}%, max {xs[-1]:.1f}%; verdicts: {verdicts}")
     target = n - n // 20
     print(f"target (>= {target}/{n} without a regression verdict): "
           f"{'met' if n - bare_alarms >= target else 'NOT met'} by the bare gate, "
           f"{'met' if n - confirmed_alarms >= target else 'NOT met'} with --rerun-on-alert")
     (out / "results.json").write_text(json.dumps({
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": cfg, "runs": runs,
-        "bare_alarms": bare_alarms, "confirmed_alarms": confirmed_alarms}, indent=2))
+        "bare_alarms": bare_alarms, "confirmed_alarms": confirmed_alarms,
+        "verdicts": {f"{m}:{v}": n for (m, v), n in tally.items()}}, indent=2))
 
 
 if __name__ == "__main__":

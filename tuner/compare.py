@@ -348,7 +348,8 @@ class Report:
         return f"PASS: no confirmed regression [{tally}]"
 
     def to_dict(self, fail_on: Iterable[str] = ("regression",)) -> dict:
-        return {"baseline": self.baseline, "current": self.current, "settings": asdict(self.settings),
+        settings = {**asdict(self.settings), "thresholds": {m: self.settings.threshold(m) for m in METRICS}}
+        return {"baseline": self.baseline, "current": self.current, "settings": settings,
                 "hardware": self.hardware, "build": self.build,
                 "pairs": [{"label": p.label, "config": p.config, "trials": {"baseline": p.n_base, "current": p.n_cur},
                            "hw_mismatch": p.hw_mismatch, "rerun": p.rerun,
@@ -361,9 +362,9 @@ class Report:
     # -- text forms --
     def _header(self) -> list[tuple[str, str]]:
         h, b = self.hardware, self.build
-        rows = [("baseline", f"{self.baseline}  ({self.counts.get('baseline', 0)} trials, hw {h['baseline']}, "
+        rows = [("baseline", f"{self.baseline}  ({self.counts.get('baseline', 0)} trial(s), hw {h['baseline']}, "
                              f"build {b['baseline']})"),
-                ("current", f"{self.current}  ({self.counts.get('current', 0)} trials, hw {h['current']}, "
+                ("current", f"{self.current}  ({self.counts.get('current', 0)} trial(s), hw {h['current']}, "
                             f"build {b['current']})")]
         if h["mismatch"]:
             rows.append(("hardware", f"DIFFERS: {h['mismatch']}" +
@@ -439,7 +440,8 @@ def _jsonable(d: dict) -> dict:
 
 
 def _grid(head: list[str], rows: list[list[str]], markdown: bool) -> str:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    # a markdown delimiter cell needs a hyphen besides the alignment colon
+    widths = [max([len(h), 3 if markdown else 0] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
     right = {2, 3, 4, 5, 6, 7}
 
     def line(cells):

@@ -32,7 +32,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from tuner import store
 from tuner.bench import fmt_size
 from tuner.recommend import BASELINES, RECOMMENDED_FILE, pareto_front
-from tuner.record import FAILED, OUTCOMES, TrialConfig, TrialRecord
+from tuner.record import OUTCOMES, TrialConfig, TrialRecord
 
 FORMATS = ("png", "svg", "pdf")
 DEFAULT_MAP = ("n_gpu_layers", "n_ctx")
@@ -446,9 +446,8 @@ def _mem_panel(ax, study: Study, colours, param: str, what: str, chart: Chart) -
     name = "RAM (peak RSS)" if what == "ram" else "VRAM"
     if total and vals and total / max(vals) > 8:
         # the machine dwarfs this model: a line up there would squash every point onto the axis
-        ax.text(0.99, 0.97, f"machine {name.split()[0]}: {fmt_size(total)}, off this scale "
-                            f"({total / max(vals):.0f}× the largest peak)", transform=ax.transAxes, ha="right",
-                va="top", fontsize=7.5, color="#444444")
+        ax.set_title(f"machine {name.split()[0]}: {fmt_size(total)}, off this scale "
+                     f"({total / max(vals):.0f}× the largest peak)", fontsize=8, color="#444444")
         chart.counts[f"{what}_total_text"] += 1
     elif total:
         ax.axhline(total / div, color="#444444", ls="--", lw=1.2, label=f"machine {name.split()[0]}: "
@@ -515,17 +514,22 @@ def chart_pareto(study: Study, colours) -> Chart:
     ax = fig.axes[0]
     ch = Chart("4-pareto", "Speed against memory (Pareto front)",
                "tg t/s against peak memory (RSS + VRAM) of every trial; the line joins the configs no other "
-               "config beats on both; the star is the recommendation.", fig, study=study.label)
+               "config beats on both; the star is the recommendation; hollow = measured under drift.", fig,
+               study=study.label)
     trials = study.trials
     ok = [r for r in trials if r.ok and r.metric("tg")[0] is not None and (r.peak_rss_bytes or r.peak_vram_bytes)]
     mem = lambda r: (r.peak_rss_bytes or 0) + (r.peak_vram_bytes or 0)  # noqa: E731
     div, unit = mem_scale([mem(r) for r in trials])
     for m in sorted({model_label(r.config.model) for r in ok}):
-        rs = [r for r in ok if model_label(r.config.model) == m]
-        ax.errorbar([mem(r) / div for r in rs], [r.metric("tg")[0] for r in rs],
-                    yerr=[r.metric("tg")[1] or 0 for r in rs], fmt="o", color=colours[m], ms=5, alpha=0.8,
-                    capsize=2, label=m, zorder=3)
-        ch.counts["ok"] += len(rs)
+        for drift in (False, True):
+            # trials measured under drift are hollow: the recommendation passes them over
+            rs = [r for r in ok if model_label(r.config.model) == m and r.drift == drift]
+            if rs:
+                ax.errorbar([mem(r) / div for r in rs], [r.metric("tg")[0] for r in rs],
+                            yerr=[r.metric("tg")[1] or 0 for r in rs], fmt="o", color=colours[m], ms=5,
+                            alpha=0.8, capsize=2, mfc="white" if drift else colours[m], zorder=3,
+                            label=f"{m} (measured under drift)" if drift else m)
+                ch.counts["ok"] += len(rs)
     front = pareto_front(ok)
     if front:
         xs = [f["peak_memory_bytes"] / div for f in front]

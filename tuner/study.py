@@ -134,10 +134,27 @@ def make_sampler(name: str, seed: int, space: Space, multi: bool) -> optuna.samp
     raise StudyError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
 
 
+def _sqlite_wal(dbapi_conn, _record) -> None:
+    """SQLite in WAL mode with synchronous=NORMAL: a commit survives a crash of the process (SIGKILL), only a
+    power cut may lose the last ones; every Optuna commit no longer waits for an fsync."""
+    import sqlite3
+
+    if isinstance(dbapi_conn, sqlite3.Connection):
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+
 def open_study(opts: SearchOptions, space: Space) -> optuna.Study:
     multi = opts.pareto
     directions = (["maximize", "minimize"] if multi else
                   ["minimize" if opts.objective == "ttft" else "maximize"])
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "connect", _sqlite_wal):
+        event.listen(Engine, "connect", _sqlite_wal)
     try:
         storage = optuna.storages.RDBStorage(opts.storage_url) if "://" in opts.storage_url else None
     except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many types for bad URLs / unreachable servers
@@ -189,6 +206,7 @@ class Search:
         self.records: list[TrialRecord] = []
         self.failed: list[tuple[int, TrialConfig, str]] = []
         self.anchor_tg: float | None = None
+        self.anchor_samples: list[float] = []
         self.drifting = False
         self.study: optuna.Study | None = None
 
@@ -206,7 +224,7 @@ class Search:
             if r.outcome == "oom" and r.trial_number is not None:
                 self.failed.append((r.trial_number, r.config, r.cause))
             if r.state == "anchor" and r.ok and self.anchor_tg is None:
-                self.anchor_tg = r.metric("tg")[0]
+                self.anchor_tg, self.anchor_samples = r.metric("tg")[0], list(r.tg_samples)
         if self.opts.baselines and self.opts.sampler != "grid" and not self.study.trials:
             self._enqueue_baselines()
         return self.study
@@ -416,11 +434,13 @@ class Search:
         rec.study, rec.state, rec.baseline = self.opts.study_name, "anchor", "anchor"
         tg = rec.metric("tg")[0]
         if self.anchor_tg is None:
-            self.anchor_tg = tg
+            self.anchor_tg, self.anchor_samples = tg, list(rec.tg_samples)
         elif tg and self.anchor_tg:
             change = tg / self.anchor_tg - 1
             was = self.drifting
-            self.drifting = abs(change) > self.opts.drift_tolerance
+            # drift = a change beyond the tolerance that the repetitions' noise does not explain (Welch's t)
+            self.drifting = abs(change) > self.opts.drift_tolerance and _significant(self.anchor_samples,
+                                                                                     rec.tg_samples)
             if self.drifting:
                 since = max((r.trial_number for r in self.records if r.state == "anchor" and
                              r.trial_number is not None), default=-1)
@@ -489,6 +509,17 @@ class Search:
                 if better:
                     best = (r.trial_number, v)
         return best
+
+
+def _significant(a: list[float], b: list[float], alpha: float = 0.01) -> bool:
+    if len(a) < 2 or len(b) < 2:
+        return True  # nothing to judge the noise by: the tolerance alone decides
+    from scipy.stats import ttest_ind
+
+    p = ttest_ind(a, b, equal_var=False).pvalue
+    if math.isnan(p):  # no variance on either side: they differ exactly when the means do
+        return sum(a) / len(a) != sum(b) / len(b)
+    return bool(p < alpha)
 
 
 class StopOnSignal:

@@ -140,6 +140,10 @@ class Worker:
         L = self.L
         cp = L.llama_context_default_params()
         cp.n_ctx = cfg.effective_ctx()
+        if not cfg.n_ctx and cfg.n_prompt and not cfg.n_gen:
+            # room for the TTFT token after a pp-only test (-n 0); attention still spans the same padded
+            # KV cells as llama-bench's n_prompt context, so pp speed is unchanged
+            cp.n_ctx += 1
         cp.n_batch = cfg.n_batch
         cp.n_ubatch = cfg.n_ubatch
         n_threads = cfg.n_threads or physical_cores()
@@ -223,6 +227,8 @@ class Worker:
         if fault == "hang_decode":
             time.sleep(10**6)
         pp, tg, ttft = [], [], []
+        # an explicit -c with no room after the prompt: measure pp, skip TTFT rather than fail the trial
+        ttft_room = L.llama_n_ctx(ctx) > cfg.n_depth + cfg.n_prompt
         self.emit("stage", stage="pp")
         for _ in range(cfg.repetitions if cfg.n_prompt else 0):
             depth()
@@ -230,12 +236,12 @@ class Worker:
             t0 = time.perf_counter_ns()
             prompt(arr)
             t1 = time.perf_counter_ns()
-            # TTFT: the prompt plus the decode that yields the first generated token (no sampling)
-            decode(first, 0, 1)
-            L.llama_synchronize(ctx)
-            t2 = time.perf_counter_ns()
+            if ttft_room:
+                # TTFT: the prompt plus the decode that yields the first generated token (no sampling)
+                decode(first, 0, 1)
+                L.llama_synchronize(ctx)
+                ttft.append((time.perf_counter_ns() - t0) / 1e6)
             pp.append(cfg.n_prompt * 1e9 / (t1 - t0))
-            ttft.append((t2 - t0) / 1e6)
         self.emit("stage", stage="tg")
         for _ in range(cfg.repetitions if cfg.n_gen else 0):
             depth()

@@ -1,0 +1,332 @@
+#!/usr/bin/env bash
+# GPU check for MoE hybrid offload (issue 8): about 10 minutes on one H200 (16 cores), most of it the CUDA build.
+#
+#   1. nvidia-smi                      GPU, driver (nvidia-smi.txt)
+#   2. CUDA llama-cpp-python           built from source into a venv (--no-binary, --force-reinstall), then tuner
+#   3. tuner hw                        must report GPU offload
+#   4. tuner synth                     a Mixtral-style MoE of a few GB (16 layers × 16 experts, q8_0)
+#   5. tuner bench -ngl 99             --n-cpu-moe 0 and 4: experts of 4 layers leave VRAM
+#   6. tuner search                    ~12 trials over n_gpu_layers × n_cpu_moe, bounded in wall time
+#   7. verify                          placement as llama.cpp reported it, VRAM saved, recommended.json forms
+#   8. tuner recommend --max-vram      the hybrid pick under a VRAM cap (informational)
+#   9. tuner report                    if this install has it
+#  10. pytest tests/test_moe.py        the MoE tests on the CUDA build (all other layers on the GPU)
+#
+# Everything goes under $OUT (default ./gpu-check-out): logs/, timings.tsv, summary.txt, bench*.json/parquet,
+# results/gpu-moe/ (trials.parquet, recommended.json, report/). Models go to $GPU_CHECK_MODELS (several GB,
+# kept for a rerun). Exit status: 0 when every required step passed.
+#
+# Knobs (environment):
+#   GPU_CHECK_CPU=1          no GPU: skip the CUDA build, use ./.venv and tiny sizes (checks the script's logic)
+#   GPU_CHECK_VENV           venv for the CUDA build [./.venv-cuda]; reused when it already has GPU offload
+#   GPU_CHECK_REBUILD=1      rebuild llama-cpp-python even if the venv already offloads
+#   GPU_CHECK_WHEELHOUSE     offline: a folder with the llama_cpp_python sdist and tuner's missing dependencies
+#                            (pip install --no-index --find-links). Make it where pip works:
+#                              pip download -d wheelhouse --no-binary llama-cpp-python llama-cpp-python==0.3.36
+#                              pip download -d wheelhouse optuna gguf diskcache
+#   LLAMA_CPP_PYTHON_SPEC    what to build [llama-cpp-python==0.3.36]; a path to an sdist or a checkout works
+#   GPU_CHECK_CMAKE_ARGS     extra CMake flags, added to -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90
+#   GPU_CHECK_MODELS         where the synthetic models go [${TMPDIR:-/tmp}/tuner-gpu-check-models]
+#   GPU_CHECK_SEARCH_BUDGET  wall-time cap of the search [240s]; GPU_CHECK_TRIALS trials [12]
+#   GPU_CHECK_MAX_VRAM       the cap for step 8 [2GiB]
+#   GPU_CHECK_TESTS=0        skip step 10
+#   GPU_CHECK_TAR            also pack $OUT into this .tar.gz (for a runner that returns only a few files)
+#
+# Examples:
+#   make gpu-check
+#   OUT=/tmp/gc GPU_CHECK_WHEELHOUSE=$PWD/wheelhouse bash experiments/gpu-check.sh
+#   GPU_CHECK_CPU=1 bash experiments/gpu-check.sh          # on a machine without a GPU: the logic only
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-./gpu-check-out}
+mkdir -p "$OUT/logs"
+OUT=$(cd "$OUT" && pwd)
+CPU=${GPU_CHECK_CPU:-0}
+MODELS=${GPU_CHECK_MODELS:-${TMPDIR:-/tmp}/tuner-gpu-check-models}
+TRIALS=${GPU_CHECK_TRIALS:-12}
+BUDGET=${GPU_CHECK_SEARCH_BUDGET:-240s}
+MAX_VRAM=${GPU_CHECK_MAX_VRAM:-2GiB}
+STUDY=$OUT/results/gpu-moe
+# the check's own lock: a measurement running elsewhere on the box must not stall it (nor be disturbed by it)
+export TUNER_LOCK_FILE=$OUT/measure.lock
+export PYTHONUNBUFFERED=1
+
+if [[ $CPU == 1 ]]; then
+  VENV=${GPU_CHECK_VENV:-$ROOT/.venv}
+  # 6 layers × 4 experts, 7 MiB in q8_0; one thread: the shared CPUs of a dev box
+  SYNTH=(--n-embd 256 --n-layer 6 --n-head 4 --n-head-kv 2 --n-ff 256 --n-vocab 512 --n-expert 4 --n-expert-used 2)
+  SHAPE=(-t 1 -p 32 -n 8 -r 2)
+  NGL=0,7
+  NCMOE=0,2,4,6
+else
+  VENV=${GPU_CHECK_VENV:-$ROOT/.venv-cuda}
+  # ~3.4 B params, ~3.6 GB in q8_0: experts are 94% of it, so --n-cpu-moe moves GBs
+  SYNTH=(--n-embd 2048 --n-layer 16 --n-head 16 --n-head-kv 4 --n-ff 2048 --n-expert 16 --n-expert-used 2)
+  SHAPE=(-p 512 -n 64 -r 3)
+  NGL=0,8,12,16,17
+  NCMOE=0,2,4,8,16
+fi
+MODEL=$MODELS/moe-q8_0.gguf
+PY=$VENV/bin/python
+TUNER=$VENV/bin/tuner
+
+T0=$(date +%s)
+: >"$OUT/timings.tsv"
+FAILED=()
+WARNED=()
+
+summary() {
+  local rc=$?
+  {
+    echo "gpu-check $(date -u +%FT%TZ)  mode: $([[ $CPU == 1 ]] && echo 'CPU fallback (GPU_CHECK_CPU=1)' || echo GPU)"
+    echo "venv $VENV  model $MODEL"
+    echo
+    printf '%-14s %8s  %s\n' step seconds status
+    while IFS=$'\t' read -r name secs status; do printf '%-14s %8s  %s\n' "$name" "$secs" "$status"; done \
+      <"$OUT/timings.tsv"
+    echo
+    [[ -f $OUT/verify.txt ]] && cat "$OUT/verify.txt" && echo
+    echo "total $(($(date +%s) - T0)) s"
+    if ((${#WARNED[@]})); then echo "warnings: ${WARNED[*]}"; fi
+    if ((${#FAILED[@]})) || ((rc != 0)); then echo "RESULT: FAIL ${FAILED[*]:-} (exit $rc)"; else echo "RESULT: PASS"; fi
+    echo "everything is in $OUT"
+  } | tee "$OUT/summary.txt"
+  if [[ -n ${GPU_CHECK_TAR:-} ]]; then
+    tar czf "$GPU_CHECK_TAR" -C "$OUT" --exclude="measure.*" --exclude="*.lock" . || true
+  fi
+  exit "$rc"
+}
+trap summary EXIT
+
+# step NAME [--optional] CMD...: run CMD with its output in logs/NAME.log, timed; a required step that fails
+# stops the check (after printing its log's tail), an optional one is noted and the check goes on.
+step() {
+  local name=$1 optional=0
+  shift
+  if [[ ${1:-} == --optional ]]; then optional=1; shift; fi
+  local log=$OUT/logs/$name.log t rc=0
+  echo "== $name: $*" | cut -c1-200
+  t=$(date +%s)
+  # a subshell outside any `||`: `set -e` holds inside multi-command step functions too
+  set +e
+  (set -e; "$@") >"$log" 2>&1
+  rc=$?
+  set -e
+  t=$(($(date +%s) - t))
+  if ((rc == 0)); then
+    printf '%s\t%s\t%s\n' "$name" "$t" ok >>"$OUT/timings.tsv"
+    echo "   ok (${t}s)"
+    return 0
+  fi
+  if ((optional)); then
+    printf '%s\t%s\t%s\n' "$name" "$t" "warn (exit $rc)" >>"$OUT/timings.tsv"
+    WARNED+=("$name")
+    echo "   warn: exit $rc (${t}s), see $log"
+    return 0
+  fi
+  printf '%s\t%s\t%s\n' "$name" "$t" "FAIL (exit $rc)" >>"$OUT/timings.tsv"
+  FAILED+=("$name")
+  echo "   FAIL: exit $rc (${t}s); last lines of $log:"
+  tail -n 25 "$log" | sed 's/^/   | /'
+  exit "$rc"
+}
+
+skip() {
+  printf '%s\t%s\t%s\n' "$1" 0 "skipped ($2)" >>"$OUT/timings.tsv"
+  echo "== $1: skipped ($2)"
+}
+
+# -- 1. the GPU ------------------------------------------------------------------------------------------------
+gpu_info() {
+  nvidia-smi
+  nvidia-smi --query-gpu=index,name,memory.total,memory.used,driver_version,clocks.max.sm --format=csv
+}
+if [[ $CPU == 1 ]]; then
+  skip nvidia-smi "CPU fallback"
+else
+  step nvidia-smi gpu_info
+  cp "$OUT/logs/nvidia-smi.log" "$OUT/nvidia-smi.txt"
+fi
+
+# -- 2. the CUDA build -------------------------------------------------------------------------------------------
+PIP_SRC=()
+[[ -n ${GPU_CHECK_WHEELHOUSE:-} ]] && PIP_SRC=(--no-index --find-links "$GPU_CHECK_WHEELHOUSE")
+
+has_offload() {
+  [[ -x $PY ]] && "$PY" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' \
+    >/dev/null 2>&1
+}
+
+build_cuda() {
+  # system site packages: the image's numpy/pandas/pyarrow/scikit-build-core/cmake/ninja, no downloads for them
+  [[ -x $PY ]] || python3 -m venv --system-site-packages "$VENV"
+  local iso=()
+  # with the build backend at hand, no isolated build env (which would need an index)
+  "$PY" -c 'import scikit_build_core' 2>/dev/null && iso=(--no-build-isolation)
+  command -v nvcc || export PATH=/usr/local/cuda/bin:$PATH
+  nvcc --version
+  CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 ${GPU_CHECK_CMAKE_ARGS:-}" \
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    "$PY" -m pip install -v --no-cache-dir --force-reinstall --no-deps --no-binary llama-cpp-python \
+    "${iso[@]}" "${PIP_SRC[@]}" "${LLAMA_CPP_PYTHON_SPEC:-llama-cpp-python==0.3.36}"
+  # its dependencies (diskcache, ...) come with tuner's install next; find_spec does not import the package
+  "$PY" - <<'PY'
+import importlib.util, pathlib, sys
+libs = sorted(p.name for p in (pathlib.Path(importlib.util.find_spec("llama_cpp").origin).parent / "lib").iterdir())
+print("built:", " ".join(libs))
+sys.exit(0 if any("cuda" in n for n in libs) else "no CUDA backend in the build (is nvcc on PATH?)")
+PY
+}
+
+install_tuner() {
+  # llama-cpp-python is already satisfied (the CUDA build above): pip keeps it and adds its dependencies
+  "$PY" -m pip install --no-build-isolation "${PIP_SRC[@]}" -e .
+  "$TUNER" --version
+  "$PY" -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__, "offload:", llama_cpp.llama_supports_gpu_offload())'
+}
+
+if [[ $CPU == 1 ]]; then
+  skip cuda-build "CPU fallback uses $VENV"
+  [[ -x $TUNER ]] || { echo "no $TUNER: run 'make install' first" >&2; exit 2; }
+elif has_offload && [[ ${GPU_CHECK_REBUILD:-0} != 1 ]]; then
+  skip cuda-build "$VENV already offloads; GPU_CHECK_REBUILD=1 to rebuild"
+else
+  step cuda-build build_cuda
+fi
+if [[ $CPU == 1 ]]; then skip install "CPU fallback"; else step install install_tuner; fi
+"$PY" -m pip freeze >"$OUT/pip-freeze.txt" 2>/dev/null || true
+
+# -- 3. what tuner sees --------------------------------------------------------------------------------------------
+hw() {
+  "$TUNER" hw
+  "$TUNER" hw --json >"$OUT/hw.json"
+  # the GPU run is void without offload: a CPU-only wheel slipped in
+  [[ $CPU == 1 ]] || "$PY" -c 'import json,sys; h=json.load(open(sys.argv[1])); sys.exit(0 if h["gpu_offload"] and h["gpus"] else "no GPU offload or no GPU seen")' "$OUT/hw.json"
+}
+step hw hw
+cp "$OUT/logs/hw.log" "$OUT/hw.txt"
+
+# -- 4. the model ----------------------------------------------------------------------------------------------------
+step synth "$TUNER" synth "$MODELS" --preset moe --quants q8_0 "${SYNTH[@]}"
+
+# -- 5. one config, experts of 4 layers in host RAM, against all on the GPU ---------------------------------------------
+bench() {
+  local n=$1 rc=0
+  "$TUNER" bench "$MODEL" -ngl 99 --n-cpu-moe "$n" "${SHAPE[@]}" -o "$OUT/bench.parquet" --json \
+    >"$OUT/bench-ncmoe$n.json" || rc=$?
+  ((rc <= 1))  # 1: the trial failed but was recorded, and verify names its cause; 2: bad input
+}
+step bench-ncmoe4 bench 4
+step bench-ncmoe0 bench 0
+
+# -- 6. the search ---------------------------------------------------------------------------------------------------
+search() {
+  rm -rf "$STUDY"
+  "$TUNER" search -m "$MODEL" --ngl "$NGL" --n-cpu-moe "$NCMOE" "${SHAPE[@]}" --n-trials "$TRIALS" \
+    --timeout "$BUDGET" --trial-timeout 180 --drift-every 0 --results "$OUT/results" --study gpu-moe
+}
+step search search
+
+# -- 7. verify what llama.cpp did ------------------------------------------------------------------------------------------
+verify() {
+  "$PY" - "$OUT" "$STUDY" "$MODEL" "$CPU" <<'PY'
+import json, shlex, sys
+from pathlib import Path
+
+from tuner import store
+from tuner.bench import fmt_size
+from tuner.ggufmeta import read_model
+
+out, study, model, cpu = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+info = read_model(model)
+exps = {t.name: t for t in info.tensors if t.group == "exps"}
+lines, bad = [], []
+
+
+def check(cond, msg):
+    lines.append(("ok   " if cond else "FAIL ") + msg)
+    if not cond:
+        bad.append(msg)
+
+
+def placed(applied):
+    """Tensor names from "tensor=buffer", each in a host buffer (CPU, CPU_*, or a pinned *_Host)."""
+    host = all(b == "CPU" or b.startswith("CPU_") or b.endswith("_Host") for b in (a.rsplit("=", 1)[1] for a in applied))
+    names = [a.rsplit("=", 1)[0] for a in applied]
+    return set(names) if host and len(names) == len(set(names)) else None
+
+
+def expected(n):
+    return {name for name, t in exps.items() if t.layer < n}
+
+
+b4 = json.loads((out / "bench-ncmoe4.json").read_text())
+b0 = json.loads((out / "bench-ncmoe0.json").read_text())
+check(b4["outcome"] == "ok" and b0["outcome"] == "ok", f"bench outcomes: ncmoe4 {b4['outcome']} {b4['cause']}"
+      f" | ncmoe0 {b0['outcome']} {b0['cause']}")
+check(placed(b4["overrides_applied"]) == expected(4), f"bench --n-cpu-moe 4: llama.cpp placed "
+      f"{len(b4['overrides_applied'])} expert tensors in host buffers (expected {len(expected(4))}: blk.0-3)")
+check(b0["overrides_applied"] == [], "bench --n-cpu-moe 0: no override reported")
+moved = sum(exps[n].n_bytes for n in expected(4))
+if cpu:
+    lines.append(f"--   VRAM not measured (CPU fallback); experts of blk.0-3: {fmt_size(moved)}")
+else:
+    v4, v0 = b4.get("peak_vram_bytes") or 0, b0.get("peak_vram_bytes") or 0
+    check(b4["n_gpu_layers_effective"] == info.n_layer + 1, f"all {info.n_layer + 1} layers offloaded")
+    # the other half of the proof: those bytes really left the GPU
+    check(v0 > 0, "peak VRAM measured (NVML per-process usage)" if v0 else
+          "peak VRAM not measured: NVML reported no per-process usage for the worker")
+    check(v0 - v4 >= 0.8 * moved, f"peak VRAM {fmt_size(v0)} (ncmoe 0) - {fmt_size(v4)} (ncmoe 4) = "
+          f"{fmt_size(v0 - v4)} saved; expert bytes of blk.0-3: {fmt_size(moved)}")
+    for b, n in ((b0, 0), (b4, 4)):
+        lines.append(f"--   bench ncmoe {n}: tg {b['tg_samples']} t/s, pp {b['pp_samples']} t/s")
+
+df = store.read(study)
+trials = df[df["state"] != "anchor"]
+okt = trials[trials["outcome"] == "ok"]
+check(len(okt) >= 3, f"search: {len(okt)} ok of {len(trials)} trials")
+check(trials["n_cpu_moe"].nunique() > 1, f"search varied n_cpu_moe: {sorted(map(int, trials['n_cpu_moe'].unique()))}")
+if not cpu:
+    check(trials["n_gpu_layers"].nunique() > 1, f"search varied n_gpu_layers: {sorted(map(int, trials['n_gpu_layers'].unique()))}")
+wrong = [int(r.trial_number) for r in okt.itertuples() if placed(list(r.overrides_applied)) != expected(r.n_cpu_moe)]
+check(not wrong, f"every ok trial's expert placement matches its n_cpu_moe (mismatched: {wrong})")
+rec = json.loads((study / "recommended.json").read_text())
+n = rec["config"]["n_cpu_moe"]
+argv = rec["forms"]["llama_server_argv"]
+has = "--n-cpu-moe" in argv and argv[argv.index("--n-cpu-moe") + 1] == str(n)
+check(has == (n > 0) and shlex.split(rec["forms"]["llama_server"]) == argv,
+      f"recommended.json: n_cpu_moe={n}, llama-server form: {rec['forms']['llama_server']}")
+cols = ["trial_number", "outcome", "n_gpu_layers", "n_cpu_moe", "tg_ts_mean", "pp_ts_mean", "peak_vram_bytes",
+        "peak_rss_bytes", "cause"]
+(out / "trials.txt").write_text(trials[[c for c in cols if c in trials]].sort_values("trial_number")
+                                .to_string(index=False) + "\n")
+(out / "verify.txt").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+sys.exit(1 if bad else 0)
+PY
+}
+step verify verify
+
+# -- 8. the hybrid pick under a VRAM cap (nothing re-run; no fitting trial is a warning, not a failure) -----------
+capped() {
+  "$TUNER" recommend "$STUDY" --max-vram "$MAX_VRAM" --no-write --json >"$OUT/recommended-max-vram.json"
+  "$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); print("under", sys.argv[2], "->", r["forms"]["llama_server"])' \
+    "$OUT/recommended-max-vram.json" "$MAX_VRAM"
+}
+if [[ $CPU == 1 ]]; then skip recommend-cap "no VRAM on the CPU fallback"; else step recommend-cap --optional capped; fi
+
+# -- 9. the report ---------------------------------------------------------------------------------------------------
+if "$TUNER" report --help >/dev/null 2>&1; then
+  step report "$TUNER" report "$STUDY" --out "$OUT/report" --outcome-map n_gpu_layers,n_cpu_moe
+else
+  skip report "this install has no tuner report"
+fi
+
+# -- 10. the MoE tests on this build -------------------------------------------------------------------------------
+if [[ ${GPU_CHECK_TESTS:-1} == 1 ]] && "$PY" -c 'import pytest' 2>/dev/null; then
+  step pytest-moe env TUNER_TEST_MODELS="$MODELS/test-models" "$PY" -m pytest -q -p no:cacheprovider tests/test_moe.py
+else
+  skip pytest-moe "GPU_CHECK_TESTS=0 or no pytest in $VENV"
+fi
