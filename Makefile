@@ -60,5 +60,14 @@ perf-check: install
 gpu-check:
 	bash experiments/gpu-check.sh
 
+# Benchmarks (scripts, not tests; figures land in benchmarks/results/). LLAMA_BENCH: a llama-bench built from
+# llama-cpp-python's vendored llama.cpp (benchmarks/README.md).
+bench-fidelity: install
+	$(BIN)/python benchmarks/fidelity.py -t 1,2
+
+bench-search: install
+	$(BIN)/python benchmarks/search_efficiency.py --seeds 5
+	$(BIN)/python benchmarks/search_overhead.py --rounds 3
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

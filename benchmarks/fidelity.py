@@ -12,6 +12,7 @@ Examples:
   benchmarks/fidelity.py --llama-bench /path/to/llama-bench                  # dense q4_0 + q8_0, -t 2
   benchmarks/fidelity.py -n 0 -b 512,256 -ub 512,128,64 --rounds 3           # pp across batch sizes
   benchmarks/fidelity.py -p 0 -t 1,2 --model models/dense-q4_0.gguf           # tg with 1 and 2 threads
+  benchmarks/fidelity.py -p 0 -t 1 -r 6 --cpu-time                           # CPU ms/token, busy machine
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -62,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=99)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/fidelity-<date>.json)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="compare CPU seconds per token instead of t/s (robust on a busy machine; use -t 1 "
+                         "and one of -p/-n only: with more threads, spinning OpenMP workers add CPU time)")
     ap.add_argument("--same-libs", action="store_true",
                     help="run llama-bench on llama-cpp-python's own libllama/libggml (LD_LIBRARY_PATH)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per tool run")
@@ -72,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"llama-bench not found: {a.llama_bench}")
     if a.rounds < 1 or a.repetitions < 1 or (a.n_prompt <= 0 and a.n_gen <= 0):
         ap.error("need --rounds >= 1, -r >= 1 and at least one of -p/-n > 0")
+    if a.cpu_time and (a.repetitions < 2 or (a.n_prompt > 0 and a.n_gen > 0)):
+        ap.error("--cpu-time needs -r >= 2 and exactly one of -p/-n > 0 (e.g. -p 0 -n 128)")
     return a
 
 
@@ -103,29 +110,36 @@ def default_models() -> list[str]:
     return [str(p) for p in synthesize(MODEL_CACHE, "dense", ("q4_0", "q8_0"))]
 
 
-def run(cmd: list[str], env: dict, timeout: float) -> tuple[str, float]:
+def run(cmd: list[str], env: dict, timeout: float) -> tuple[str, float, float]:
+    """stdout, wall seconds and CPU seconds (user + sys of the whole process tree, workers included)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     # own session = own scheduler autogroup, as the tuner worker (start_new_session) gets: equal CPU shares
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, start_new_session=True)
     wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     if proc.returncode == 1 and proc.stdout.strip().startswith("{"):
         # tuner bench: a failed trial still prints its record; say why it failed
         rec = json.loads(proc.stdout.strip().splitlines()[-1])
         sys.exit(f"fidelity: error: tuner trial {rec['outcome']}: {rec['cause']} ({' '.join(cmd)})")
     if proc.returncode != 0:
         sys.exit(f"fidelity: error: {cmd[0]} exited {proc.returncode}\n{proc.stderr[-3000:]}")
-    return proc.stdout, wall
+    return proc.stdout, wall, cpu
 
 
-def llama_bench(a, case: dict, env: dict) -> dict:
+FACTS: dict = {"llama_bench": {}, "tuner": {}}  # build facts of each tool, from its first run
+
+
+def llama_bench(a, case: dict, env: dict, reps: int | None = None) -> dict:
     cmd = [a.llama_bench, "-m", case["model"], "-p", str(a.n_prompt), "-n", str(a.n_gen),
-           "-r", str(a.repetitions), "-t", str(case["threads"]), "-b", str(case["n_batch"]),
+           "-r", str(reps or a.repetitions), "-t", str(case["threads"]), "-b", str(case["n_batch"]),
            "-ub", str(case["n_ubatch"]), "-fa", a.flash_attn, "-ngl", str(a.n_gpu_layers), "-o", "json"]
-    out, wall = run(cmd, env, a.timeout)
+    out, wall, cpu = run(cmd, env, a.timeout)
     tests = json.loads(out)
-    res = {"wall_s": wall, "meta": {k: tests[0].get(k) for k in
-                                    ("build_commit", "build_number", "cpu_info", "backends", "n_threads",
-                                     "n_batch", "n_ubatch", "flash_attn", "type_k", "type_v", "model_type")}}
+    FACTS["llama_bench"] = FACTS["llama_bench"] or {k: tests[0].get(k) for k in (
+        "build_commit", "build_number", "cpu_info", "backends", "flash_attn", "type_k", "type_v", "model_type")}
+    res = {"wall_s": wall, "cpu_s": cpu}
     for t in tests:
         key = "pp" if t["n_prompt"] and not t["n_gen"] else "tg" if t["n_gen"] and not t["n_prompt"] else None
         if key:
@@ -133,13 +147,14 @@ def llama_bench(a, case: dict, env: dict) -> dict:
     return res
 
 
-def tuner_bench(a, case: dict, env: dict, tmp: Path, cli: list[str]) -> dict:
-    cmd = cli + ["bench", case["model"], "-p", str(a.n_prompt), "-n", str(a.n_gen), "-r", str(a.repetitions),
+def tuner_bench(a, case: dict, env: dict, tmp: Path, cli: list[str], reps: int | None = None) -> dict:
+    cmd = cli + ["bench", case["model"], "-p", str(a.n_prompt), "-n", str(a.n_gen), "-r", str(reps or a.repetitions),
                  "-t", str(case["threads"]), "-b", str(case["n_batch"]), "-ub", str(case["n_ubatch"]),
                  "-fa", a.flash_attn, "-ngl", str(a.n_gpu_layers), "--json", "-o", str(tmp / "bench.parquet")]
-    out, wall = run(cmd, env, a.timeout)
+    out, wall, cpu = run(cmd, env, a.timeout)
     rec = json.loads(out.strip().splitlines()[-1])
-    res = {"wall_s": wall, "build": rec.get("build", {})}
+    FACTS["tuner"] = FACTS["tuner"] or rec.get("build", {})
+    res = {"wall_s": wall, "cpu_s": cpu}
     for key in ("pp", "tg"):
         s = rec[f"{key}_samples"]
         if s:
@@ -190,6 +205,15 @@ def ceiling(rounds: list[dict], key: str) -> dict:
     return out
 
 
+def cpu_per_token(a, run_tool) -> float:
+    """CPU ms per token: a -r R run minus a -r 1 run cancels start-up, load and warmup.
+
+    A descheduled thread burns no CPU time, so this compares the work done, not the machine's mood.
+    """
+    ntok = a.n_prompt or a.n_gen
+    return (run_tool(a.repetitions)["cpu_s"] - run_tool(1)["cpu_s"]) / ((a.repetitions - 1) * ntok) * 1e3
+
+
 def label(case: dict, a) -> str:
     return f"{Path(case['model']).stem} t={case['threads']} b={case['n_batch']} ub={case['n_ubatch']} fa={a.flash_attn}"
 
@@ -219,6 +243,18 @@ def main(argv=None) -> int:
                 # alternate the order by round (and by case, so neighbouring cases differ too)
                 lb_first = (rnd + i) % 2 == 0
                 load = os.getloadavg()[0]
+                if a.cpu_time:
+                    key = "pp" if a.n_prompt else "tg"
+                    tools = [("llama_bench", lambda r: llama_bench(a, case, lb_env, r)),
+                             ("tuner", lambda r: tuner_bench(a, case, env, tmp, cli, r))]
+                    ms = {name: cpu_per_token(a, f) for name, f in (tools if lb_first else tools[::-1])}
+                    ratio = ms["llama_bench"] / ms["tuner"]  # > 1: tuner needs less CPU per token
+                    case["rounds"].append({"round": rnd, "first": "llama-bench" if lb_first else "tuner",
+                                           "loadavg_1m": load, "cpu_ms_per_token": ms, "ratio": {key: ratio}})
+                    print(f"round {rnd + 1}/{a.rounds} {label(case, a)}: {key} CPU ms/token "
+                          f"llama-bench {ms['llama_bench']:.4f} tuner {ms['tuner']:.4f} speed ratio {ratio:.4f}",
+                          flush=True)
+                    continue
                 if lb_first:
                     lb = llama_bench(a, case, lb_env)
                     tu = tuner_bench(a, case, env, tmp, cli)
@@ -237,6 +273,55 @@ def main(argv=None) -> int:
                       flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
 
+    if a.cpu_time:
+        ok = cpu_summary(cases)
+    else:
+        ok = rate_summary(cases, a)
+    result = {
+        "started_utc": started.isoformat(timespec="seconds"),
+        "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
+                 "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "llama_bench": {"path": a.llama_bench, **FACTS["llama_bench"],
+                        "libs": str(llama_cpp_lib_dir()) if a.same_libs else "its own build (RUNPATH)"},
+        "tuner_build": FACTS["tuner"],
+        "settings": {"n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.repetitions,
+                     "flash_attn": a.flash_attn, "n_gpu_layers": a.n_gpu_layers, "rounds": a.rounds,
+                     "metric": "cpu_ms_per_token" if a.cpu_time else "t/s",
+                     "tolerance": TOLERANCE, "argv": sys.argv[1:] if argv is None else argv},
+        "within_tolerance": ok,
+        "cases": cases,
+    }
+    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"fidelity-{started:%Y-%m-%d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
+    tmp_out.replace(out)
+    print(f"\n{'all within ±3 %' if ok else 'NOT all within ±3 %'}; wrote {out}")
+    return 0 if ok else 1
+
+
+def cpu_summary(cases: list[dict]) -> bool:
+    ok = True
+    print(f"\n{'case':58} {'test':5} {'lb ms/tok':>10} {'tuner ms/tok':>12} {'median':>8} {'min':>7} {'max':>7}")
+    for case in cases:
+        key = next(iter(case["rounds"][0]["ratio"]))
+        ratios = [r["ratio"][key] for r in case["rounds"]]
+        med = statistics.median(ratios)
+        case["summary"] = {key: {
+            "median_ratio": med, "min_ratio": min(ratios), "max_ratio": max(ratios),
+            "llama_bench_median_cpu_ms": statistics.median(r["cpu_ms_per_token"]["llama_bench"] for r in case["rounds"]),
+            "tuner_median_cpu_ms": statistics.median(r["cpu_ms_per_token"]["tuner"] for r in case["rounds"]),
+            "within_tolerance": abs(med - 1) <= TOLERANCE}}
+        s = case["summary"][key]
+        ok &= s["within_tolerance"]
+        print(f"{Path(case['model']).stem + ' t=' + str(case['threads']):58} {key:5} "
+              f"{s['llama_bench_median_cpu_ms']:10.4f} {s['tuner_median_cpu_ms']:12.4f} {med:8.4f} "
+              f"{s['min_ratio']:7.4f} {s['max_ratio']:7.4f}{'' if s['within_tolerance'] else '  OUTSIDE ±3%'}")
+    return ok
+
+
+def rate_summary(cases: list[dict], a) -> bool:
     ok = True
     print(f"\n{'case':58} {'test':5} {'llama-bench':>12} {'tuner':>10} {'median':>8} {'min':>7} {'max':>7}"
           f" {'best-rep':>8} {'ceiling (plateau n lb/tu)':>26} {'cv lb/tu (rounds)':>18}")
@@ -255,32 +340,7 @@ def main(argv=None) -> int:
                   f" {100 * (s['llama_bench_cv_rounds'] or 0):8.1f}%/{100 * (s['tuner_cv_rounds'] or 0):.1f}%"
                   f"{'' if s['within_tolerance'] else '  OUTSIDE ±3%'}")
 
-    first = cases[0]["rounds"][0]
-    result = {
-        "started_utc": started.isoformat(timespec="seconds"),
-        "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-                 "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "llama_bench": {"path": a.llama_bench, **first["llama_bench"]["meta"],
-                        "libs": str(llama_cpp_lib_dir()) if a.same_libs else "its own build (RUNPATH)"},
-        "tuner_build": first["tuner"]["build"],
-        "settings": {"n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.repetitions,
-                     "flash_attn": a.flash_attn, "n_gpu_layers": a.n_gpu_layers, "rounds": a.rounds,
-                     "tolerance": TOLERANCE, "argv": sys.argv[1:] if argv is None else argv},
-        "within_tolerance": ok,
-        "cases": [{k: v for k, v in c.items()} for c in cases],
-    }
-    for c in result["cases"]:
-        for r in c["rounds"]:
-            r["llama_bench"].pop("meta", None)
-            r["tuner"].pop("build", None)
-    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"fidelity-{started:%Y-%m-%d}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
-    tmp_out.replace(out)
-    print(f"\n{'all within ±3 %' if ok else 'NOT all within ±3 %'}; wrote {out}")
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

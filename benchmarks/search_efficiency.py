@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import save  # noqa: E402
+
 import optuna
 
 from tuner import store
@@ -112,10 +115,7 @@ def main() -> None:
     result = {"grid_configs": n_grid, "grid_ok": len(ok), "grid_best_tg": grid_best, "budget_trials": budget,
               "shares": shares, "median_share": statistics.median(shares), "model": args.model,
               "grid_dir": str(grid_dir)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"search-efficiency-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    save("search-efficiency", result, args.out)
     print(f"median over {args.seeds} seeds: {100 * result['median_share']:.1f} % of the grid's best tg "
           f"within {budget}/{n_grid} trials (target >= 97 %)")
 

@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import save  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TUNER = str(Path(sys.executable).with_name("tuner"))
 
@@ -72,10 +75,7 @@ def main() -> None:
     result = {"configs": n_configs, "p": args.p, "n": args.n, "r": args.r, "model": args.model,
               "fresh_workers": args.fresh_workers, "rounds": rows, "median_ratio": statistics.median(ratios),
               "min_ratio": min(ratios), "max_ratio": max(ratios)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"search-overhead-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    save("search-overhead", result, args.out)
     print(f"median wall-time ratio tuner/llama-bench over {n_configs} configs: {result['median_ratio']:.3f} "
           f"(target <= 1.15)")
 

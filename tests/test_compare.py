@@ -237,6 +237,15 @@ def test_a_config_that_now_fails_is_a_regression(tiny_runs, models, tmp_path):
     assert res.exit_code == 1
     outcome = [m for p in rep["pairs"] for m in p["metrics"] if m["metric"] == "outcome"]
     assert outcome[0]["verdict"] == "regression" and "every CURRENT trial failed" in outcome[0]["note"]
+    # confirmation: re-measured without the cap, the config runs, so the failure was not the build's
+    res = gate(tiny_runs["base"], cur, "--rerun-on-alert", "--threshold", "speed=60", "--max-cv", "200", "--json")
+    assert res.exit_code == 0, res.output
+    (pair,) = [p for p in json.loads(res.stdout)["pairs"] if p["rerun"]]
+    got = {m["metric"]: m for m in pair["metrics"]}
+    assert pair["rerun"] == "not confirmed" and got["outcome"]["verdict"] == "unchanged"
+    assert "first run failed, not confirmed on rerun" in got["outcome"]["note"]
+    assert {"tg", "pp", "ttft", "peak_ram"} <= set(got)  # judged on the rerun's trial
+    assert list(store.read(cur)["outcome"])[-1] == "ok"
 
 
 def test_rerun_on_alert_clears_a_fluke(tiny_runs, tmp_path):
@@ -285,25 +294,34 @@ def test_bad_input_is_one_line_exit_2(tiny_runs, tmp_path):
 
 @pytest.mark.slow
 def test_one_thread_against_two_is_caught(dense_model, tmp_path):
-    base, cur = tmp_path / "t2.parquet", tmp_path / "t1.parquet"
     shape = ["-p", "64", "-n", "16", "-r", "5"]
-    for _ in range(2):  # interleaved, as CI should measure
-        bench(dense_model, "-t", "2", *shape, "-o", base)
-        bench(dense_model, "-t", "1", *shape, "-o", cur)
-    junit = tmp_path / "junit.xml"
-    res = gate(base, cur, "--ignore", "n_threads,n_threads_batch", "--junit", junit)
-    assert res.exit_code == 1, res.output
-    m = re.search(r"FAIL: (tg|pp|ttft) ([-+]\d+\.\d)%", res.stdout)
-    assert m, res.stdout
+    ignore = ["--ignore", "n_threads,n_threads_batch"]
+    # On a shared 2-core machine a burst of other work slows the 2-thread baseline itself (its threads wait
+    # on each other); the gate then says "inconclusive: too noisy", as it should. Such a round is measured
+    # afresh, at most three times.
+    for attempt in range(3):
+        base, cur = tmp_path / f"t2-{attempt}.parquet", tmp_path / f"t1-{attempt}.parquet"
+        for _ in range(2):  # interleaved, as CI should measure
+            bench(dense_model, "-t", "2", *shape, "-o", base)
+            bench(dense_model, "-t", "1", *shape, "-o", cur)
+        junit = tmp_path / "junit.xml"
+        res = gate(base, cur, *ignore, "--junit", junit)
+        assert res.exit_code in (0, 1), res.output
+        if res.exit_code == 1:
+            break
+    assert res.exit_code == 1, res.stdout
+    text = res.stdout
+    m = re.search(r"FAIL: (tg|pp|ttft) ([-+]\d+\.\d)%", text)
+    assert m, text
     change = float(m[2])
     assert (change < -5) if m[1] in ("tg", "pp") else (change > 5)
-    assert "n_threads=2→1" in res.stdout and "REGRESSION" in res.stdout
+    assert "n_threads=2→1" in text and "REGRESSION" in text
     failures = [c for c in ET.parse(junit).getroot().iter("testcase") if c.find("failure") is not None]
     assert m[1] in {c.get("name") for c in failures}
-    assert f"{change:+.1f}%" in failures[0].find("failure").get("message") or len(failures) > 1
+    assert any(f"{change:+.1f}%" in c.find("failure").get("message") for c in failures)
     # the confirmation re-measures the 1-thread config and still sees it
-    res = gate(base, cur, "--ignore", "n_threads,n_threads_batch", "--rerun-on-alert")
-    assert res.exit_code == 1 and "confirmed on rerun" in res.stdout
+    res = gate(base, cur, *ignore, "--rerun-on-alert")
+    assert res.exit_code == 1 and "confirmed on rerun" in res.stdout, res.stdout
     assert len(store.read(cur)) == 3
 
 

@@ -272,7 +272,7 @@ def test_dominance_rule():
 def test_drift_is_detected_when_the_machine_slows_down(models, tmp_path):
     """A real slowdown mid-study (CPU hogs start after the first anchor): later trials are marked drift."""
     args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
-            "-p", "128", "-n", "64", "-r", "5", "--n-trials", "6", "--drift-every", "2",
+            "-p", "64", "-n", "1024", "-r", "6", "--n-trials", "6", "--drift-every", "2",
             "--results", str(tmp_path), "--study", "drift", "--no-baselines"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parquet = tmp_path / "drift" / "trials.parquet"
@@ -286,7 +286,7 @@ def test_drift_is_detected_when_the_machine_slows_down(models, tmp_path):
             except store.StoreError:
                 pass
             time.sleep(0.05)
-        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
         out, err = p.communicate(timeout=300)
     finally:
         for h in hogs:
@@ -296,5 +296,5 @@ def test_drift_is_detected_when_the_machine_slows_down(models, tmp_path):
     anchors = df[df["state"] == "anchor"]
     assert len(anchors) >= 2
     assert anchors["tg_ts_mean"].iloc[-1] < anchors["tg_ts_mean"].iloc[0]
-    assert "drift" in err
-    assert df[df["state"] != "anchor"]["drift"].iloc[-2:].all()
+    assert "warning: drift" in err
+    assert df[df["state"] != "anchor"]["drift"].iloc[-2:].all(), err[-3000:]

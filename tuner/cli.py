@@ -132,6 +132,8 @@ def synth(out_dir, preset, quants, seed, force, **sizes):
                            force, **sizes)
     except ValueError as e:
         raise TunerError(str(e)) from None
+    except OSError as e:
+        raise TunerError(f"cannot write models to {out_dir}: {e.strerror or e}") from None
     for p in paths:
         click.echo(f"{p}  {benchlib.fmt_size(p.stat().st_size)}")
 
@@ -379,6 +381,8 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
                 click.echo(f"\ninterrupted: everything so far is in {study_dir}/; resume with:\n  {resume_hint}",
                            err=True)
                 return 130
+            finally:
+                srch.close()
     if srch.stop_requested:
         click.echo(f"stopped: resume with:\n  {resume_hint}", err=True)
     _print_recommendation(rec, study_dir)

@@ -633,10 +633,15 @@ def rerun_alerts(report: Report, current: str | os.PathLike, run: Callable[[Tria
                 new.first = summary
                 merged.append(new)
             else:
+                if new is None and first.metric == "outcome":  # failed before, ran fine now
+                    new = replace(first, verdict="unchanged", n_cur=1, note=f"the rerun ran: {fresh.outcome}")
                 shown = new or replace(first, verdict="missing", note="the rerun did not measure it")
-                shown.note = (f"first run {_fmt_pct(first.change_pct)} not confirmed on rerun; {shown.note}")
+                was = _fmt_pct(first.change_pct) if first.change_pct is not None else "failed"
+                shown.note = f"first run {was}, not confirmed on rerun; {shown.note}"
                 shown.first = summary
                 merged.append(shown)
+        # metrics the first judgement could not have (CURRENT had only failed trials) come from the rerun
+        merged += [r for name, r in again_by.items() if name not in {m.metric for m in merged}]
         pair.results = merged
         pair.rerun = "confirmed" if confirmed else "not confirmed"
         report.counts["current"] = report.counts.get("current", 0) + 1

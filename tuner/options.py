@@ -72,17 +72,20 @@ def parse_size(text: str | int | None) -> int | None:
     return int(num * base**power)
 
 
-class SizeType(click.ParamType):
-    name = "SIZE"
+class Parsed(click.ParamType):
+    """A Click type made of a parse function that raises click.BadParameter (sizes, durations)."""
+
+    def __init__(self, name: str, parse):
+        self.name, self.parse = name, parse
 
     def convert(self, value, param, ctx):
         try:
-            return parse_size(value)
+            return self.parse(value)
         except click.BadParameter as e:
             self.fail(e.message, param, ctx)
 
 
-SIZE = SizeType()
+SIZE = Parsed("SIZE", parse_size)
 
 
 def _check_count(ctx, param, value):
@@ -170,17 +173,7 @@ def parse_duration(text: str | float | None) -> float | None:
     return h * 3600 + mi * 60 + sec
 
 
-class DurationType(click.ParamType):
-    name = "DURATION"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_duration(value)
-        except click.BadParameter as e:
-            self.fail(e.message, param, ctx)
-
-
-DURATION = DurationType()
+DURATION = Parsed("DURATION", parse_duration)
 
 
 def load_config_file(path: Path) -> dict:

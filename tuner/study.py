@@ -150,11 +150,6 @@ def open_study(opts: SearchOptions, space: Space) -> optuna.Study:
     multi = opts.pareto
     directions = (["maximize", "minimize"] if multi else
                   ["minimize" if opts.objective == "ttft" else "maximize"])
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    if not event.contains(Engine, "connect", _sqlite_wal):
-        event.listen(Engine, "connect", _sqlite_wal)
     try:
         storage = optuna.storages.RDBStorage(opts.storage_url) if "://" in opts.storage_url else None
     except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many types for bad URLs / unreachable servers
@@ -162,6 +157,11 @@ def open_study(opts: SearchOptions, space: Space) -> optuna.Study:
         raise StudyError(f"cannot open storage {redact(opts.storage_url)}: {msg}") from None
     if storage is None:
         raise StudyError(f"bad storage URL {redact(opts.storage_url)!r} (expected e.g. sqlite:///path/study.db)")
+    if storage.engine.dialect.name == "sqlite":
+        from sqlalchemy import event
+
+        event.listen(storage.engine, "connect", _sqlite_wal)
+        storage.engine.dispose()  # connections made before the listener reconnect with it
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     exists = opts.study_name in names
     if opts.resume and not exists:
@@ -458,6 +458,14 @@ class Search:
         rec.drift = self.drifting
         store.append(self.parquet, [rec])
         self.records.append(rec)
+
+    def close(self) -> None:
+        """Close the storage's connections: SQLite folds its write-ahead log back into study.db."""
+        if self.study is not None:
+            backend = getattr(self.study._storage, "_backend", self.study._storage)
+            engine = getattr(backend, "engine", None)
+            if engine is not None:
+                engine.dispose()
 
     # -- the loop ------------------------------------------------------------------------------------------
     def done_trials(self) -> int:
