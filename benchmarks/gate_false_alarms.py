@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """False-alarm rate of the regression gate: the same config measured twice must not fail `tuner compare`.
 
-Each run measures one config twice with the real CLI (`tuner bench --config CFG`, a fresh worker each, the
-order of the two sides alternating between runs), then runs `tuner compare BASE CUR` and records its exit
-status and verdicts. A run that alerts (exit 1) is then judged once more with `--rerun-on-alert` (on a copy
-of CUR), as CI would, so both rates are reported: the bare gate and the gate with confirmation.
+Each run measures one config for both sides with the real CLI (`tuner bench --config CFG`, a fresh
+worker each, `--trials` rounds interleaved, which side goes first alternating between runs), then runs
+`tuner compare BASE CUR` and records its exit status and verdicts. A run that alerts (exit 1) is then
+judged once more with `--rerun-on-alert` (on a copy of CUR), as CI would, so both rates are reported:
+the bare gate and the gate with confirmation.
 
 Target: no regression verdict in at least 19 of 20 runs.
 
 Examples:
   benchmarks/gate_false_alarms.py                          # dense q4_0 (synthesized), 20 runs, -p 128 -n 32 -r 5
+  benchmarks/gate_false_alarms.py -t 1 --trials 3         # as CI measures: 3 interleaved rounds
   benchmarks/gate_false_alarms.py --runs 40 -r 10 --model models/dense-q4_k_m.gguf
 """
 
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("-n", "--n-gen", type=int, default=32)
     ap.add_argument("-r", "--repetitions", type=int, default=5)
     ap.add_argument("-t", "--threads", type=int, default=0, help="0 = physical cores")
+    ap.add_argument("--trials", type=int, default=1,
+                    help="trials per side and run, interleaved (CI measures 3 rounds; 1 is the harshest case)")
     ap.add_argument("--out", help="folder for the Parquet files and results.json (default: a temp folder)")
     a = ap.parse_args()
 
@@ -69,12 +73,14 @@ def main() -> None:
     tally = collections.Counter()  # (metric, verdict): an "unchanged" gate is only as good as its data
     changes = collections.defaultdict(list)
     runs = []
-    print(f"model {model.name}, -p {a.n_prompt} -n {a.n_gen} -r {a.repetitions}, {a.runs} runs; files in {out}")
+    print(f"model {model.name}, -p {a.n_prompt} -n {a.n_gen} -r {a.repetitions} -t {a.threads or 'cores'}, "
+          f"{a.trials} trial(s) a side, {a.runs} runs; files in {out}")
     for i in range(a.runs):
         base, cur = out / f"run{i:02d}-base.parquet", out / f"run{i:02d}-cur.parquet"
         # alternate which side goes first so a warming or cooling machine favours neither
-        for side in ((base, cur) if i % 2 == 0 else (cur, base)):
-            tuner("bench", "--config", str(cfg_path), "-o", str(side), "--json")
+        for _ in range(a.trials):
+            for side in ((base, cur) if i % 2 == 0 else (cur, base)):
+                tuner("bench", "--config", str(cfg_path), "-o", str(side), "--json")
         gate = tuner("compare", str(base), str(cur), "--json")
         rep = json.loads(gate.stdout)
         verdicts = {m["metric"]: m for p in rep["pairs"] for m in p["metrics"]}
@@ -114,7 +120,8 @@ def main() -> None:
           f"{'met' if n - bare_alarms >= target else 'NOT met'} by the bare gate, "
           f"{'met' if n - confirmed_alarms >= target else 'NOT met'} with --rerun-on-alert")
     (out / "results.json").write_text(json.dumps({
-        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": cfg, "runs": runs,
+        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": cfg,
+        "trials_per_side": a.trials, "runs": runs,
         "bare_alarms": bare_alarms, "confirmed_alarms": confirmed_alarms,
         "verdicts": {f"{m}:{v}": n for (m, v), n in tally.items()}}, indent=2))
 

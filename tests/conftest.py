@@ -12,6 +12,13 @@ from tuner.synth import synthesize
 CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 
 
+def pytest_configure(config):
+    # Session fixtures run searches too: they must not wait on a real measurement on this machine either.
+    import tempfile
+
+    os.environ.setdefault("TUNER_LOCK_FILE", str(Path(tempfile.mkdtemp(prefix="tuner-test-")) / "measure.lock"))
+
+
 @pytest.fixture(scope="session")
 def models() -> Path:
     """tiny-{f16,q8_0,q4_k_m}.gguf and moe-q8_0.gguf: deterministic (seed 0), so the cache is safe to reuse."""

@@ -648,14 +648,13 @@ def rerun_alerts(report: Report, current: str | os.PathLike, run: Callable[[Tria
     return report
 
 
-def write_atomic(path: str | os.PathLike, text: str, append: bool = False) -> None:
+def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a report file whole or not at all (a reader never sees half of it)."""
     p = Path(path)
-    old = p.read_text() if append and p.exists() else ""
     fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(old + text)
+            f.write(text)
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from pathlib import Path
 
 import llama_cpp
@@ -170,9 +171,10 @@ class LogCapture:
 
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: int, nthread: int = 0) -> None:
+    log = LogCapture(echo_level=3, stream=sys.stderr)  # keep the per-tensor progress out of the terminal
     params = L.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = nthread
     rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {dst}")
+        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {dst}: {log.text()[-300:]}")

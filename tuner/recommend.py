@@ -6,6 +6,7 @@ constraints without running anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -121,6 +122,7 @@ def forms(cfg: TrialConfig, rec: TrialRecord | None = None) -> dict:
     import gguf
 
     fa = (rec.flash_attn_resolved if rec and rec.flash_attn_resolved else cfg.flash_attn)
+    cfg = dataclasses.replace(cfg, model=os.path.abspath(cfg.model))  # forms must run from any folder
     ctx = cfg.effective_ctx()
     kwargs = {"model_path": cfg.model, "n_gpu_layers": cfg.n_gpu_layers, "n_ctx": ctx, "n_batch": cfg.n_batch,
               "n_ubatch": cfg.n_ubatch, "n_threads": cfg.n_threads, "n_threads_batch": cfg.n_threads_batch,

@@ -394,10 +394,10 @@ class Search:
         from tuner import planner
         from tuner.recommend import caps
 
-        n_ok = sum(1 for r in self.records if r.ok)
-        if self.calib is None or (n_ok and n_ok != self.calib.n_ram):
-            self.calib = planner.Calibration.from_records([r for r in self.records if r.state != "anchor"],
-                                                          self.infos)
+        measured = [r for r in self.records if r.state != "anchor"]
+        n_ok = sum(1 for r in measured if r.ok and r.peak_rss_bytes)
+        if self.calib is None or n_ok != self.calib.n_ram:  # refit only when a trial was added
+            self.calib = planner.Calibration.from_records(measured, self.infos)
         pred = planner.predict(cfg, self.infos[cfg.model], self.calib, bool(self.build.get("gpu_offload")))
         if not self.opts.plan:
             return pred, None
