@@ -119,7 +119,10 @@ def test_oom_region_is_learned_and_dominated_configs_never_run(models, tmp_path)
     df = store.read(tmp_path / "oom").sort_values("trial_number")
     assert len(df) == 24
     oom = df[df["outcome"] == "oom"]
-    assert len(oom) >= 2 and (oom["n_ctx"] >= 16384).all()
+    # the wall is diagonal (context × ubatch): small contexts always fit, the largest never do
+    assert len(oom) >= 2 and (oom["n_ctx"] >= 8192).all()
+    assert (df[df["n_ctx"] <= 2048]["outcome"].isin(["ok"])).all()
+    assert not (df[df["n_ctx"] == 65536]["outcome"] == "ok").any()
     assert all(c for c in oom["cause"])
     first, second = df.iloc[:12], df.iloc[12:]
     assert (second["outcome"] == "oom").mean() < (first["outcome"] == "oom").mean()
@@ -286,7 +289,9 @@ def test_drift_is_detected_when_the_machine_slows_down(models, tmp_path):
             except store.StoreError:
                 pass
             time.sleep(0.05)
-        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+        # each hog in its own session: with autogrouping, the kernel shares CPU between sessions first
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+                for _ in range(4)]
         out, err = p.communicate(timeout=300)
     finally:
         for h in hogs:
