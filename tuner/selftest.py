@@ -90,6 +90,61 @@ def run(timeout: float = DEFAULT_TIMEOUT, cases: tuple[Case, ...] | None = None,
     return out
 
 
+def parent_kill(workdir: str | None = None, deadline_s: float = 120.0) -> tuple[bool, str]:
+    """SIGKILL a running `tuner search` in the middle of a trial, re-run the same command, check the resume.
+
+    Passes when every trial completed before the kill is still there, unchanged, the study has no trial
+    left RUNNING, and Optuna and the Parquet file agree trial by trial.
+    """
+    import os
+    import signal
+
+    import optuna
+
+    from tuner import store
+
+    with tempfile.TemporaryDirectory(prefix="tuner-selftest-", dir=workdir) as tmp:
+        model = make_model(Path(tmp))
+        results = Path(tmp) / "results"
+        cmd = [sys.executable, "-c", "from tuner.cli import cli; cli()", "search", "-m", str(model), "-t", "1",
+               "-ub", "64,128,256,512", "-p", "256", "-n", "64", "-r", "3", "--n-trials", "4",
+               "--drift-every", "0", "--results", str(results), "--study", "selftest"]
+        # the selftest holds the rig's lock; its own search must not wait for it
+        env = dict(os.environ, TUNER_LOCK_FILE=str(Path(tmp) / "lock"))
+        parquet = results / "selftest" / store.TRIALS_FILE
+
+        def rows() -> int:
+            try:
+                return len(store.read(parquet))
+            except store.StoreError:
+                return 0
+
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + deadline_s
+        while rows() < 1 and time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(0.1)  # into the next trial
+        if proc.poll() is not None:
+            return False, f"the search ended before it could be killed (exit {proc.returncode})"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        before = store.read(parquet)
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=deadline_s)
+        if again.returncode != 0:
+            lines = again.stderr.strip().splitlines()
+            return False, f"the re-run failed (exit {again.returncode}): {lines[-1] if lines else ''}"
+        after = store.read(parquet)
+        lost = [int(n) for n in before["trial_number"] if n not in set(after["trial_number"])]
+        study = optuna.load_study(study_name="selftest", storage=f"sqlite:///{results / 'selftest' / 'study.db'}")
+        running = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+        agree = sorted(t.number for t in study.trials) == sorted(int(n) for n in after["trial_number"])
+        interrupted = int((after["outcome"] == "interrupted").sum())
+        ok = not lost and not running and agree and int((after["outcome"] == "ok").sum()) == 4
+        return ok, (f"{len(before)} trial(s) done at the kill, {len(lost)} lost, {interrupted} recorded "
+                    f"interrupted, {len(running)} left running, Optuna and Parquet "
+                    f"{'agree' if agree else 'DISAGREE'}")
+
+
 def table(results: list[Result]) -> str:
     head = ["case", "expected", "recorded", "cause", "match"]
     rows = [[r.case.name, f"{r.case.outcome}: {r.case.expect}", r.record.outcome,
@@ -111,7 +166,8 @@ def selftest_cmd(timeout, no_wait):
 
     Makes a tiny synthetic model in a temporary folder, then runs a clean trial and trials whose worker is
     killed by SIGKILL, segfaults, aborts, exits without a result, hangs while loading, hangs while decoding,
-    and fails to allocate memory. Prints expected vs recorded outcome and cause; exits 0 only if all match
+    and fails to allocate memory; then kills a running `tuner search` itself (SIGKILL, mid-trial) and checks
+    that re-running the same command resumes it with no completed trial lost. Prints expected vs recorded outcome and cause; exits 0 only if all match
     (1 otherwise). Takes about 2 x --timeout plus a few seconds.
 
     Example: tuner selftest --timeout 20
@@ -124,8 +180,13 @@ def selftest_cmd(timeout, no_wait):
     t0 = time.monotonic()
     with measurement_lock(wait=not no_wait, what="tuner selftest"):
         results = run(timeout, progress=progress)
+        resumed, detail = parent_kill()
     click.echo(table(results))
+    click.echo(f"parent killed mid-trial, same command re-run: {'resumed' if resumed else 'FAILED'} ({detail})")
     bad = [r for r in results if not r.ok]
+    if not resumed:
+        click.echo("selftest FAILED: the search did not resume cleanly after a SIGKILL", err=True)
+        return 1
     if bad:
         click.echo(f"selftest FAILED: {len(bad)} of {len(results)} cases recorded wrong "
                    f"({', '.join(r.case.name for r in bad)})", err=True)
