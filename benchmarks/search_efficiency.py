@@ -35,7 +35,8 @@ from tuner.record import TrialConfig
 ROOT = Path(__file__).resolve().parents[1]
 TUNER = str(Path(sys.executable).with_name("tuner"))
 SPACE = ["--threads", "1:2", "-ub", "64,128,256,512", "-fa", "on,off", "-ctk", "f16,q8_0", "-ctv", "f16,q8_0"]
-SHAPE = ["-p", "64", "-n", "32", "-r", "3"]
+# tg128 × 5 repetitions as llama-bench: the grid's best must be a config, not one lucky sample
+SHAPE = ["-p", "64", "-n", "128", "-r", "5"]
 
 
 def tuner_search(results: Path, study: str, model: str, extra: list[str]) -> None:
