@@ -133,3 +133,25 @@ def test_no_wait_when_the_rig_is_busy(models, tmp_path):
 def test_help_has_an_example():
     res = CliRunner().invoke(cli, ["bench", "--help"])
     assert res.exit_code == 0 and "Example" in res.output and "-ngl" in res.output
+
+
+def test_ctrl_c_during_bench_records_the_trial_as_interrupted(models, tmp_path):
+    import signal as sig
+    import subprocess
+    import sys
+    import time as _time
+    from pathlib import Path as _P
+
+    out = tmp_path / "b.parquet"
+    tuner = str(_P(sys.executable).with_name("tuner"))
+    p = subprocess.Popen([tuner, "bench", str(models / "tiny-q8_0.gguf"), "-t", "1", "-p", "512", "-n", "4096",
+                          "-r", "5", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _time.sleep(3)
+    p.send_signal(sig.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-1500:]
+    assert "Traceback" not in err and "interrupted" in err
+    from tuner import store as _store
+
+    rec = _store.records(out)[0]
+    assert rec.outcome == "interrupted" and "Ctrl-C" in rec.cause

@@ -247,3 +247,20 @@ def test_measurement_lock_is_released_when_its_holder_is_killed(tmp_path):
             holder.kill()
             holder.wait()
     assert holder.returncode == -signal.SIGKILL
+
+
+def test_a_worker_that_dies_while_idle_is_replaced(models):
+    """The spare worker (started ahead of need) killed before its first trial: the next trial still runs."""
+    import os
+    import signal as sig
+
+    from tuner.runner import Runner
+
+    cfg = TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, repetitions=2, n_threads=1)
+    with Runner(timeout=60, reuse=True) as r:
+        os.kill(r._worker.pid, sig.SIGKILL)
+        time.sleep(0.3)
+        assert r.run(cfg).outcome == "ok"
+        os.kill(r._worker.pid, sig.SIGKILL)  # a kept worker dying between trials
+        time.sleep(0.3)
+        assert r.run(cfg).outcome == "ok"

@@ -303,3 +303,80 @@ def test_drift_is_detected_when_the_machine_slows_down(models, tmp_path):
     assert anchors["tg_ts_mean"].iloc[-1] < anchors["tg_ts_mean"].iloc[0]
     assert "warning: drift" in err
     assert df[df["state"] != "anchor"]["drift"].iloc[-2:].all(), err[-3000:]
+
+
+def test_a_second_search_never_touches_a_running_one(models, tmp_path):
+    args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
+            "-p", "256", "-n", "256", "-r", "3", "--n-trials", "4", "--drift-every", "0",
+            "--results", str(tmp_path), "--study", "busy"]
+    env = dict(os.environ, TUNER_LOCK_FILE=str(tmp_path / "lock"))
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    parquet = tmp_path / "busy" / "trials.parquet"
+    deadline = time.monotonic() + 120
+    while _rows(parquet) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(args + ["--no-wait"], capture_output=True, text=True, env=env, timeout=120)
+    assert second.returncode == 75 and "another measurement is running" in second.stderr
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    df = store.read(parquet)
+    assert len(df) == 4 and (df["outcome"] == "ok").all() and df["trial_number"].is_unique
+
+
+def test_changed_test_shape_does_not_resume_a_study(models, tmp_path):
+    base = ["search", "-m", str(models / "tiny-q8_0.gguf"), "-t", "1", "--n-trials", "1", "--drift-every", "0",
+            "--results", str(tmp_path), "--study", "shape"]
+    assert run(base + ["-p", "16", "-n", "4", "-r", "2"]).exit_code == 0
+    res = CliRunner().invoke(cli, base + ["-p", "64", "-n", "4", "-r", "2"])
+    assert res.exit_code == 2 and "exists with another search space" in res.output
+    assert set(store.read(tmp_path / "shape")["n_prompt"]) == {16}
+
+
+def test_synthetic_with_bad_quants_is_one_line(tmp_path):
+    res = CliRunner().invoke(cli, ["search", "--synthetic", "tiny", "--quants", "bogus", "--results", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown quant type(s): bogus" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_context_smaller_than_the_test_is_skipped_not_crashed(models, tmp_path):
+    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "64,1024", "-t", "1", "-p", "128", "-n", "4",
+               "-r", "2", "--sampler", "grid", "--no-baselines", "--drift-every", "0", "--results", str(tmp_path),
+               "--study", "ctx"])
+    assert res.exit_code == 0, res.output
+    df = store.read(tmp_path / "ctx").set_index("n_ctx")
+    assert df.loc[64, "outcome"] == "skipped" and "smaller than the test needs" in df.loc[64, "cause"]
+    assert df.loc[1024, "outcome"] == "ok"
+    res = CliRunner().invoke(cli, ["bench", str(models / "tiny-q8_0.gguf"), "-c", "64", "-p", "128",
+                                   "-o", str(tmp_path / "b.parquet")])
+    assert res.exit_code == 2 and "smaller than the test needs" in res.output
+
+
+def test_clamped_range_keeps_every_value_reachable(models):
+    from tuner.ggufmeta import read_model
+    from tuner.space import build_space
+
+    m = str(models / "tiny-q8_0.gguf")
+    space = build_space([m], {m: read_model(m)}, {"n_gpu_layers": "0:15:5"}, TrialConfig(model=m), True, 2, 2)
+    d = space.dims["n_gpu_layers"]
+    assert d.values == [0, 3] and d.step is None  # 3 = 2 blocks + output: "all"
+
+
+def test_host_and_gpu_ooms_dominate_in_opposite_directions():
+    base = dict(model="m", n_ctx=8192, n_gpu_layers=10, n_cpu_moe=2)
+    gpu_oom = [(1, TrialConfig(**base), "CUDA error: out of memory")]
+    host_oom = [(2, TrialConfig(**base), "ggml_aligned_malloc: insufficient memory")]
+    more_gpu = TrialConfig(**{**base, "n_gpu_layers": 12, "n_cpu_moe": 1})
+    more_host = TrialConfig(**{**base, "n_gpu_layers": 8, "n_cpu_moe": 3})
+    assert dominated_by(more_gpu, gpu_oom) and not dominated_by(more_host, gpu_oom)
+    assert dominated_by(more_host, host_oom) and not dominated_by(more_gpu, host_oom)
+    assert not dominated_by(TrialConfig(**{**base, "n_gpu_layers": 12, "split_mode": "row"}), gpu_oom)
+
+
+def test_recommend_with_a_corrupt_recommended_json(study10, tmp_path):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(study10[0], d)
+    (d / "recommended.json").write_text("{not json")
+    res = CliRunner().invoke(cli, ["recommend", str(d)])
+    assert res.exit_code == 2 and "recommended.json is not valid JSON" in res.output

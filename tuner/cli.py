@@ -18,6 +18,7 @@ from tuner.options import (DURATION, SIZE, TunerError, bench_params, config_opti
                            space_params)
 from tuner.study import OBJECTIVES, SAMPLERS
 from tuner.record import TrialConfig
+from tuner.runner import TrialInterrupted
 
 EXIT_BUSY = 75  # EX_TEMPFAIL: another measurement holds the rig
 
@@ -192,10 +193,19 @@ def bench(config, model, timeout, mem_limit, no_wait, out, as_json, **params):
         if not ok:
             raise TunerError(f"bad --tensor-split {given['tensor_split']!r}: expected proportions like 3,1")
     cfg = benchlib.resolve(TrialConfig(model=model, **given), info)
+    from tuner.space import invalid_reason
+
+    if invalid_reason(cfg):
+        raise TunerError(invalid_reason(cfg))
     out = store.check_writable(out)
     with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}"):
         with Runner(timeout=timeout, mem_limit=mem_limit) as runner:
-            rec = runner.run(cfg)
+            try:
+                rec = runner.run(cfg)
+            except TrialInterrupted as e:
+                store.append(out, [e.record])
+                click.echo(f"interrupted: the trial was stopped and recorded as such in {out}", err=True)
+                return 130
         # planner prediction (calibrated on this rig's earlier trials in `out`) and the bandwidth bound
         from tuner import planner, roofline
         roofline.annotate(rec, info, planner.Calibration.from_store([out], rec.hw_fingerprint))
@@ -227,6 +237,16 @@ def _limits_options(f):
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+def _check_limits(hwinfo, max_ram, max_vram, headroom) -> None:
+    """Limits that leave no memory at all are a typo, not a search."""
+    if headroom >= hwinfo.ram_total:
+        raise TunerError(f"--headroom {benchlib.fmt_size(headroom)} is all of this machine's RAM "
+                         f"({benchlib.fmt_size(hwinfo.ram_total)})")
+    for name, v in (("--max-ram", max_ram), ("--max-vram", max_vram)):
+        if v is not None and v <= 0:
+            raise TunerError(f"{name} must be more than 0")
 
 
 def _study_name(models: list[str]) -> str:
@@ -296,8 +316,13 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
     if synthetic:
         from tuner.synth import synthesize
 
-        models += [str(p) for p in synthesize(Path(results) / "models", synthetic,
-                                              tuple(q.strip() for q in quants.split(",") if q.strip()))]
+        try:
+            models += [str(p) for p in synthesize(Path(results) / "models", synthetic,
+                                                  tuple(q.strip() for q in quants.split(",") if q.strip()))]
+        except ValueError as e:
+            raise TunerError(str(e)) from None
+        except OSError as e:
+            raise TunerError(f"cannot write models to {Path(results) / 'models'}: {e.strerror or e}") from None
     if not models:
         raise TunerError("no model: pass --model FILE.gguf (repeatable) or --synthetic tiny|dense|moe")
     models = list(dict.fromkeys(models))
@@ -307,8 +332,11 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
     shape = {k: params.pop(k) for k in ("n_prompt", "n_gen", "n_depth", "repetitions")}
     base = TrialConfig(model=models[0], n_threads=hwinfo.cores_physical, n_threads_batch=0,
                        **{k: v for k, v in shape.items() if v is not None})
-    if "n_threads_batch" not in {k for k, v in params.items() if v is not None}:
-        params.setdefault("n_threads_batch", None)
+    _check_limits(hwinfo, max_ram, max_vram, headroom)
+    needs = {"tg": base.n_gen, "pp": base.n_prompt, "ttft": base.n_prompt, "mixed": base.n_prompt + base.n_gen}
+    if not needs["tg" if pareto else objective]:
+        raise TunerError(f"--objective {'tg' if pareto else objective} measures nothing with this test shape "
+                         f"(-p {base.n_prompt} -n {base.n_gen})")
     try:
         space = spacelib.build_space(models, infos, params, base, bool(build.get("gpu_offload")),
                                      hwinfo.cores_physical, hwinfo.cores_logical)
@@ -355,21 +383,23 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume,
         plan=plan)
     srch = studylib.Search(space, opts, infos, hwinfo, build, on_trial=Progress(opts, space.size()))
-    try:
-        srch.prepare()
-    except studylib.StudyError as e:
-        raise TunerError(str(e)) from None
-    for note in space.notes:
-        click.echo(f"note: {note}", err=True)
-    varying = ", ".join(f"{k}={d.spec()}" for k, d in space.varying().items()) or "nothing varies"
-    click.echo(f"study {name}: {len(models)} model(s), {space.size()} configs ({varying}); "
-               f"storage {studylib.redact(opts.storage_url)}", err=True)
-    done = srch.done_trials()
-    if done:
-        click.echo(f"resuming study {name}: {done} trial(s) already done", err=True)
     resume_hint = shlex.join(["tuner"] + sys.argv[1:]) if sys.argv and "tuner" in Path(sys.argv[0]).name else \
         f"tuner search --study {name} --results {results} --resume (same options)"
+    # the lock comes first: resuming marks trials left RUNNING as interrupted, which must never touch a study
+    # that another process is measuring right now
     with measurement_lock(wait=not no_wait, what=f"tuner search {name}"):
+        try:
+            srch.prepare()
+        except studylib.StudyError as e:
+            raise TunerError(str(e)) from None
+        for note in space.notes:
+            click.echo(f"note: {note}", err=True)
+        varying = ", ".join(f"{k}={d.spec()}" for k, d in space.varying().items()) or "nothing varies"
+        click.echo(f"study {name}: {len(models)} model(s), {space.size()} configs ({varying}); "
+                   f"storage {studylib.redact(opts.storage_url)}", err=True)
+        done = srch.done_trials()
+        if done:
+            click.echo(f"resuming study {name}: {done} trial(s) already done", err=True)
         with Runner(timeout=trial_timeout, mem_limit=mem_limit, reuse=reuse_workers, hw=hwinfo,
                     build=build) as runner:
             srch.runner = runner
@@ -403,7 +433,7 @@ class Progress:
         elapsed = time.monotonic() - srch.started
         eta = None
         if self.total:
-            eta = elapsed / n * (self.total - n)
+            eta = elapsed / max(srch.n_run, 1) * max(self.total - n, 0)  # this session's pace
         if self.opts.timeout_s:
             left = max(0.0, self.opts.timeout_s - elapsed)
             eta = min(eta, left) if eta is not None else left
@@ -463,10 +493,14 @@ def recommend_cmd(study_dir, objective, min_ctx, max_vram, max_ram, headroom, as
     old = {}
     path = Path(study_dir) / recommendlib.RECOMMENDED_FILE
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:
+            raise TunerError(f"{path} is not valid JSON ({e}); remove it or pass --no-write") from None
     objective = objective or old.get("objective", "tg")
     limits = studylib.Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom)
-    rec = recommendlib.recommend(recs, hwinfo, limits, objective, study=recs[0].study)
+    rec = recommendlib.recommend(recs, hwinfo, limits, objective, study=recs[0].study,
+                                 pareto="pareto_front" in old)
     if rec is None:
         raise TunerError(f"no completed trial in {study_dir} meets these limits")
     if write:

@@ -22,9 +22,6 @@ class TunerError(click.ClickException):
 
     exit_code = 2
 
-    def show(self, file=None) -> None:
-        click.echo(f"tuner: error: {self.format_message()}", err=True)
-
 
 @dataclass(frozen=True)
 class Param:

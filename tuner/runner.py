@@ -154,17 +154,23 @@ class Runner:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + (0 if kill else 30)
-        status = rusage = None
-        while True:
-            pid, status, rusage = os.wait4(w.pid, os.WNOHANG if time.monotonic() < deadline else 0)
-            if pid:
-                break
-            time.sleep(0.01)
-            if time.monotonic() >= deadline and not kill:
-                os.killpg(w.pid, signal.SIGKILL)
-                kill = True
-        w.proc.returncode = os.waitstatus_to_exitcode(status)
-        os.close(w.rfd)
+        rusage = None
+        try:
+            while w.proc.returncode is None:  # poll() may have reaped it already (a worker that died idle)
+                try:
+                    pid, status, rusage = os.wait4(w.pid, os.WNOHANG if time.monotonic() < deadline else 0)
+                except ChildProcessError:
+                    w.proc.poll()
+                    break
+                if pid:
+                    w.proc.returncode = os.waitstatus_to_exitcode(status)
+                    break
+                time.sleep(0.01)
+                if time.monotonic() >= deadline and not kill:
+                    os.killpg(w.pid, signal.SIGKILL)
+                    kill = True
+        finally:
+            os.close(w.rfd)
         return w.proc.returncode, rusage.ru_maxrss * 1024 if rusage else None
 
     def close(self) -> None:

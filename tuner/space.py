@@ -149,7 +149,10 @@ class Space:
         return canonical(cfg)
 
     def describe(self) -> dict:
-        return {"models": self.models, "dims": {k: d.spec() for k, d in self.dims.items()}}
+        """What a resumed study must agree on: models, dimensions and the test shape."""
+        shape = {k: getattr(self.base, k) for k in ("n_prompt", "n_gen", "n_depth", "repetitions")} \
+            if self.base else {}
+        return {"models": self.models, "dims": {k: d.spec() for k, d in self.dims.items()}, "shape": shape}
 
 
 def canonical(cfg: TrialConfig) -> TrialConfig:
@@ -163,7 +166,17 @@ def invalid_reason(cfg: TrialConfig) -> str | None:
     """Configs llama.cpp rejects outright: not worth a trial, recorded as skipped."""
     if cfg.type_v not in FULL_PRECISION_KV and cfg.flash_attn == "off":
         return f"quantized V cache ({cfg.type_v}) needs flash attention; flash_attn=off"
+    need = cfg.n_depth + max(cfg.n_prompt, cfg.n_gen)
+    if cfg.n_ctx and cfg.n_ctx < need:
+        return f"n_ctx {cfg.n_ctx} is smaller than the test needs (n_depth + max(n_prompt, n_gen) = {need})"
     return None
+
+
+def _ranged(name: str, vals: list[int], step: int | None) -> Dimension:
+    """Keep a range's step only while the values are still evenly spaced (after clamping they may not be)."""
+    if step and vals == list(range(vals[0], vals[-1] + 1, step)):
+        return Dimension(name, vals, step)
+    return Dimension(name, vals)
 
 
 def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str, object], base: TrialConfig,
@@ -187,7 +200,7 @@ def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str,
             if max(d.values) > all_layers or min(d.values) < 0:
                 space.notes.append(f"n_gpu_layers bounded to the model's real count: {all_layers} "
                                    f"({n_layer} layers + output; -1/99/999 mean all)")
-            space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", vals, d.step if len(vals) == len(d.values) else None)
+            space.dims["n_gpu_layers"] = _ranged("n_gpu_layers", vals, d.step)
     elif gpu_offload:
         space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", list(range(0, all_layers + 1)), 1)
     else:
@@ -201,7 +214,7 @@ def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str,
             vals = sorted({min(v, n_layer) for v in d.values})
             if max(d.values) > n_layer:
                 space.notes.append(f"n_cpu_moe bounded to the layer count: {n_layer}")
-            space.dims["n_cpu_moe"] = Dimension("n_cpu_moe", vals, d.step if len(vals) == len(d.values) else None)
+            space.dims["n_cpu_moe"] = _ranged("n_cpu_moe", vals, d.step)
             if not gpu_offload and len(vals) > 1:
                 space.notes.append("n_cpu_moe kept as asked, but on this CPU-only build experts are in host "
                                    "memory anyway: it changes buffer placement, not where compute runs")

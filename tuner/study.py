@@ -8,10 +8,7 @@ not run again. The Parquet file is written before Optuna is told, and a resume r
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 import re
 import signal
 import sys
@@ -100,20 +97,28 @@ def peak_memory(rec: TrialRecord) -> float:
     return float((rec.peak_rss_bytes or 0) + (rec.peak_vram_bytes or 0))
 
 
+VRAM_OOM = re.compile(r"cuda|vram|device memory|hip|vulkan|metal|sycl|gpu", re.IGNORECASE)
+
+
 def dominated_by(cfg: TrialConfig, failed: list[tuple[int, TrialConfig, str]]) -> tuple[int, str] | None:
     """A known OOM whose config needs no more memory than this one: this one would fail too.
 
-    Same model and mmap; at least as many GPU layers, as large a context and batches, KV types at least as
-    wide, and no more experts kept in host RAM (fewer experts on the CPU means more on the GPU).
+    Same model, mmap, placement options; as large a context and batches; KV types at least as wide. Which way
+    GPU layers and experts count depends on what ran out: after a GPU OOM, more layers on the GPU and fewer
+    experts in host RAM need more; after a host OOM, fewer layers on the GPU and more experts in host RAM do.
     """
     for number, f, cause in failed:
+        on_gpu = bool(VRAM_OOM.search(cause))
+        more_gpu = cfg.n_gpu_layers >= f.n_gpu_layers and cfg.n_cpu_moe <= f.n_cpu_moe
+        more_host = cfg.n_gpu_layers <= f.n_gpu_layers and cfg.n_cpu_moe >= f.n_cpu_moe
         if (cfg.model == f.model and cfg.use_mmap == f.use_mmap and cfg.overrides == f.overrides
-                and cfg.cpu_moe == f.cpu_moe
-                and cfg.n_gpu_layers >= f.n_gpu_layers and cfg.effective_ctx() >= f.effective_ctx()
+                and cfg.cpu_moe == f.cpu_moe and cfg.split_mode == f.split_mode and cfg.main_gpu == f.main_gpu
+                and cfg.tensor_split == f.tensor_split
+                and (more_gpu if on_gpu else more_host)
+                and cfg.effective_ctx() >= f.effective_ctx()
                 and cfg.n_batch >= f.n_batch and cfg.n_ubatch >= f.n_ubatch
                 and KV_TYPE_BYTES[cfg.type_k] >= KV_TYPE_BYTES[f.type_k]
                 and KV_TYPE_BYTES[cfg.type_v] >= KV_TYPE_BYTES[f.type_v]
-                and cfg.n_cpu_moe <= f.n_cpu_moe
                 and (cfg.flash_attn == f.flash_attn or f.flash_attn == "on")):
             return number, cause
     return None
@@ -230,7 +235,7 @@ class Search:
         self.records = store.records(self.parquet) if self.parquet.exists() else []
         self._reconcile()
         for r in self.records:
-            if r.outcome == "oom" and r.trial_number is not None:
+            if r.outcome == "oom" and r.trial_number is not None and r.state != "anchor":
                 self.failed.append((r.trial_number, r.config, r.cause))
             if r.state == "anchor" and r.ok and self.anchor_tg is None:
                 self.anchor_tg, self.anchor_samples = r.metric("tg")[0], list(r.tg_samples)
@@ -314,16 +319,13 @@ class Search:
 
     def _constraints(self, rec: TrialRecord) -> dict[str, float]:
         """Positive = violated (Optuna's convention). Failures and the user's memory limits."""
-        lim = self.opts.limits
+        from tuner.recommend import caps
+
         c = {"failed": 1.0 if rec.outcome in FAILED or rec.outcome == "skipped" else 0.0}
-        ram_cap = min(x for x in (lim.max_ram, self.hw.ram_total) if x) - lim.headroom
-        c["ram"] = ((rec.peak_rss_bytes or 0) - ram_cap) / ram_cap if rec.ok and rec.peak_rss_bytes else \
-            c["failed"]
-        vram_total = sum(g.vram_total for g in self.hw.gpus)
-        vram_caps = [x for x in (lim.max_vram, vram_total - lim.headroom if vram_total else None) if x]
-        if vram_caps and rec.ok and rec.peak_vram_bytes is not None:
-            cap = min(vram_caps)
-            c["vram"] = (rec.peak_vram_bytes - cap) / cap
+        ram_cap, vram_cap = caps(self.hw, self.opts.limits)
+        c["ram"] = (rec.peak_rss_bytes - ram_cap) / ram_cap if rec.ok and rec.peak_rss_bytes else c["failed"]
+        if vram_cap and rec.ok and rec.peak_vram_bytes is not None:
+            c["vram"] = (rec.peak_vram_bytes - vram_cap) / vram_cap
         else:
             c["vram"] = c["failed"]
         return c
@@ -331,7 +333,7 @@ class Search:
     def _tell(self, number: int, rec: TrialRecord) -> None:
         """Tell Optuna: failures as COMPLETE with the worst value and a violated constraint, so TPE learns."""
         cons = self._constraints(rec)
-        rec.constraint = [cons[k] for k in ("failed", "ram", "vram")]
+        rec.constraint = list(cons.values())
         trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
         trial = optuna.Trial(self.study, trial_id)
         for k, v in cons.items():
@@ -428,8 +430,7 @@ class Search:
         self.records.append(rec)
 
     def _tell_and_write(self, number: int, rec: TrialRecord) -> None:
-        cons = self._constraints(rec)
-        rec.constraint = [cons[k] for k in ("failed", "ram", "vram")]
+        rec.constraint = list(self._constraints(rec).values())  # failed, ram, vram
         self._write(rec)  # Parquet first: a resume finds the row and tells Optuna from it
         self._tell(number, rec)
 
@@ -478,7 +479,7 @@ class Search:
 
     # -- the loop ------------------------------------------------------------------------------------------
     def done_trials(self) -> int:
-        # interrupted trials (FAIL) are not counted: --n-trials means measured trials
+        # finished trials, skipped ones included; interrupted ones (FAIL) are not: they are run again
         return len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
     def budget_left(self) -> bool:
