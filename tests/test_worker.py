@@ -74,7 +74,7 @@ def test_protocol_stages_results_and_model_reuse(models):
     out = drive([job(models), job(models, n_batch=8, repetitions=3)])
     stages = [e["stage"] for e in out["events"] if e["event"] == "stage"]
     # the second job has the same load parameters: no second load
-    assert stages == ["load", "context", "warmup", "pp", "tg", "context", "warmup", "pp", "tg"]
+    assert stages == ["start", "load", "context", "warmup", "pp", "tg", "start", "context", "warmup", "pp", "tg"]
     r1, r2 = results(out["events"])
     assert r1["outcome"] == r2["outcome"] == "ok"
     assert len(r1["pp_samples"]) == 2 and len(r2["tg_samples"]) == 3 and len(r2["ttft_samples_ms"]) == 3

@@ -112,12 +112,14 @@ class Runner:
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT, mem_limit: int | None = None, reuse: bool = False,
                  nvml: hardware.Nvml | None = None, swap_rate_limit: int = DEFAULT_SWAP_RATE,
-                 poll_interval: float = 0.1, hw: hardware.Hardware | None = None, build: dict | None = None):
+                 poll_interval: float = 0.5, hw: hardware.Hardware | None = None, build: dict | None = None):
         self.timeout = timeout
         self.mem_limit = mem_limit
         self.reuse = reuse
         self.nvml = nvml if nvml is not None else hardware.Nvml()
         self.swap_rate_limit = swap_rate_limit
+        # Each wake-up of the parent can preempt a llama.cpp thread spinning at a barrier (all cores busy);
+        # results arrive without waiting for it (select), so sampling twice a second costs nothing in latency.
         self.poll_interval = poll_interval
         self.hw = hw or hardware.probe(self.nvml)
         self.build = build or hardware.build_info()
@@ -225,10 +227,11 @@ class Runner:
                         ev = json.loads(line)
                         if ev["event"] == "stage":
                             stage = ev["stage"]
+                            hwm = max(hwm or 0, ev.get("hwm") or 0) or None
                         elif ev["event"] == "result":
                             result = ev
                 now = time.monotonic()
-                hwm = vm_hwm(w.pid) or hwm
+                hwm = max(hwm or 0, vm_hwm(w.pid) or 0) or None
                 vram = self.nvml.process_vram({w.pid})
                 vram_peak = [max(a, b) for a, b in zip(vram_peak, vram)] if vram_peak else vram
                 if self.swap_rate_limit:

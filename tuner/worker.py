@@ -79,6 +79,8 @@ class Worker:
         self.applied: list[str] = []
 
     def emit(self, event: str, **data) -> None:
+        if event == "stage":  # the runner's figure for a worker that dies before it can report a result
+            data["hwm"] = (_status_kib("VmHWM") or 0) * 1024
         self.out.write(json.dumps({"event": event, **data}) + "\n")
         self.out.flush()
 
@@ -134,6 +136,7 @@ class Worker:
         cfg = TrialConfig.from_dict(job["config"])
         fault = job.get("fault")
         _reset_hwm()
+        self.emit("stage", stage="start")
         if fault:
             inject_early(fault)
         self.load(cfg, fault)
