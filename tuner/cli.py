@@ -14,7 +14,7 @@ from tuner import bench as benchlib
 from tuner import hardware, store
 from tuner.ggufmeta import ModelError, read_model
 from tuner.lock import LockBusy, measurement_lock
-from tuner.options import (DURATION, SIZE, TunerError, bench_params, config_option, run_params, shape_params,
+from tuner.options import (DURATION, HEADROOM, SIZE, TunerError, bench_params, config_option, run_params, shape_params,
                            space_params)
 from tuner.study import OBJECTIVES, SAMPLERS
 from tuner.record import TrialConfig
@@ -231,8 +231,9 @@ def _limits_options(f):
         click.option("--min-ctx", type=int, default=0, help="the context you need: smaller n_ctx never qualifies"),
         click.option("--max-vram", type=SIZE, default=None, help="VRAM a config may use, e.g. 20GiB"),
         click.option("--max-ram", type=SIZE, default=None, help="host RAM a config may use, e.g. 200GiB"),
-        click.option("--headroom", type=SIZE, default="1GiB", show_default=True,
-                     help="memory left free for the OS and the display (Windows/WDDM reserves VRAM)"),
+        click.option("--headroom", type=HEADROOM, default="1GiB", show_default=True,
+                     help="memory left free for the OS and the display (Windows/WDDM reserves VRAM): "
+                          "a size or a share, e.g. 2GiB or 5%"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -241,8 +242,10 @@ def _limits_options(f):
 
 def _check_limits(hwinfo, max_ram, max_vram, headroom) -> None:
     """Limits that leave no memory at all are a typo, not a search."""
-    if headroom >= hwinfo.ram_total:
-        raise TunerError(f"--headroom {benchlib.fmt_size(headroom)} is all of this machine's RAM "
+    from tuner.options import headroom_bytes
+
+    if headroom_bytes(headroom, hwinfo.ram_total) >= hwinfo.ram_total:
+        raise TunerError(f"--headroom {headroom} is all of this machine's RAM "
                          f"({benchlib.fmt_size(hwinfo.ram_total)})")
     for name, v in (("--max-ram", max_ram), ("--max-vram", max_vram)):
         if v is not None and v <= 0:

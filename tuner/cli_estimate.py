@@ -24,15 +24,18 @@ def parse_ctx_list(text: str) -> list[int]:
     return vals
 
 
-def parse_headroom(text: str) -> float:
-    """'10%' or '0.1' → 0.1."""
-    t = str(text).strip()
+def parse_headroom(text: str, ram: int) -> float:
+    """The shared --headroom spelling ('5%', '0.05' or '1GiB') as the share of memory the planner keeps free."""
+    from tuner.options import headroom_bytes
+    from tuner.options import parse_headroom as parse
+
     try:
-        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        raise TunerError(f"--headroom: not a fraction or percentage: {text!r} (e.g. 0.05 or 5%)") from None
+        h = parse(text)
+    except click.BadParameter as e:
+        raise TunerError(f"--headroom: {e.message}") from None
+    v = h if isinstance(h, float) else headroom_bytes(h, ram) / ram
     if not 0 <= v < 0.9:
-        raise TunerError(f"--headroom must be between 0 and 90%, got {text!r}")
+        raise TunerError(f"--headroom must be between 0 and 90% of memory, got {text!r}")
     return v
 
 
@@ -108,7 +111,7 @@ def _cell(v) -> str:
 @click.option("--ctx", "ctx", default="4096", show_default=True, help="context sizes, comma-separated")
 @click.option("--vram", type=SIZE, default=None, help="GPU memory to plan for (default: detected, 0 without GPU)")
 @click.option("--ram", type=SIZE, default=None, help="host RAM to plan for (default: this machine's total)")
-@click.option("--headroom", default="5%", show_default=True, help="memory kept free, fraction or percent")
+@click.option("--headroom", default="5%", show_default=True, help="memory kept free: a share or a size, e.g. 5% or 2GiB")
 @click.option("-ctk", "--cache-type-k", "type_k", type=click.Choice(KV_TYPES), default="f16", show_default=True)
 @click.option("-ctv", "--cache-type-v", "type_v", type=click.Choice(KV_TYPES), default="f16", show_default=True)
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=None,
@@ -142,9 +145,9 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, n_gpu_layers,
     from tuner import hardware
 
     ctxs = parse_ctx_list(ctx)
-    hr = parse_headroom(headroom)
     if ram is None:
         ram = psutil.virtual_memory().total
+    hr = parse_headroom(headroom, ram)
     if vram is None:
         vram = sum(g.vram_total for g in hardware.probe().gpus)
     quants = [q.strip() for q in what_if.split(",") if q.strip()] if what_if else []

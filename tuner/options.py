@@ -85,6 +85,29 @@ class Parsed(click.ParamType):
 SIZE = Parsed("SIZE", parse_size)
 
 
+def parse_headroom(text: str | int | float) -> int | float:
+    """Memory to keep free: a share ('5%', '0.05') or a size ('1GiB'); one spelling for every command."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return text
+    t = str(text).strip()
+    try:
+        share = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        return parse_size(t)
+    if share >= 1:
+        return int(share)  # a plain number of bytes
+    if share < 0:
+        raise click.BadParameter(f"headroom must not be negative, got {text!r}")
+    return share
+
+
+def headroom_bytes(headroom: int | float, total: int) -> int:
+    return int(headroom * total) if isinstance(headroom, float) else int(headroom)
+
+
+HEADROOM = Parsed("SIZE|PCT", parse_headroom)
+
+
 def _check_count(ctx, param, value):
     if value is None:
         return value

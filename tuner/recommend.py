@@ -28,9 +28,13 @@ def _value(r: TrialRecord, objective: str) -> float | None:
 
 def caps(hw, limits) -> tuple[float, float | None]:
     """RAM and VRAM a config may use: the machine's total minus the headroom, or the user's limit if lower."""
-    ram = min(x for x in (limits.max_ram, hw.ram_total - limits.headroom) if x is not None)
+    from tuner.options import headroom_bytes
+
+    ram = min(x for x in (limits.max_ram, hw.ram_total - headroom_bytes(limits.headroom, hw.ram_total))
+              if x is not None)
     vram_total = sum(g.vram_total for g in hw.gpus)
-    vram_caps = [x for x in (limits.max_vram, vram_total - limits.headroom if vram_total else None) if x is not None]
+    vram_caps = [x for x in (limits.max_vram, vram_total - headroom_bytes(limits.headroom, vram_total)
+                             if vram_total else None) if x is not None]
     return ram, (min(vram_caps) if vram_caps else None)
 
 
