@@ -381,3 +381,23 @@ def test_recommend_with_a_corrupt_recommended_json(study10, tmp_path):
     (d / "recommended.json").write_text("{not json")
     res = CliRunner().invoke(cli, ["recommend", str(d)])
     assert res.exit_code == 2 and "recommended.json is not valid JSON" in res.output
+
+
+def test_space_bounds_from_min_ctx_and_the_planner(models):
+    from tuner.ggufmeta import read_model
+    from tuner.planner import bound_gpu_layers, predict
+    from tuner.space import SpaceError, build_space, require_ctx
+
+    m = str(models / "tiny-q8_0.gguf")
+    infos = {m: read_model(m)}
+    space = build_space([m], infos, {"n_gpu_layers": "0:3", "n_ctx": "512,2048,8192"}, TrialConfig(model=m),
+                        True, 2, 2)
+    require_ctx(space, 2048)
+    assert space.dims["n_ctx"].values == [2048, 8192]
+    with pytest.raises(SpaceError, match="no n_ctx in the space is that large"):
+        require_ctx(space, 100_000)
+    # a VRAM cap that holds one layer's weights but not all of them: the planner drops the rest
+    one = predict(space.config(m, {"n_gpu_layers": 1, "n_ctx": 2048}), infos[m], gpu_offload=True).vram_bytes
+    bound_gpu_layers(space, infos, one)
+    assert max(space.dims["n_gpu_layers"].values) == 1
+    assert any("bounded to 1" in n for n in space.notes)

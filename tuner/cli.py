@@ -348,32 +348,15 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
     if "n_threads_batch" not in space.dims:
         # threads_batch follows threads unless searched on its own
         space.base = dataclasses.replace(space.base, n_threads_batch=0)
-    if min_ctx:
-        d = space.dims.get("n_ctx")
-        if d is None:
-            space.dims["n_ctx"] = spacelib.Dimension("n_ctx", [min_ctx])
-        else:
-            keep = [v for v in d.values if v >= min_ctx or v == 0 and base.effective_ctx() >= min_ctx]
-            if not keep:
-                raise TunerError(f"--min-ctx {min_ctx}: no n_ctx in the space is that large ({d.spec()})")
-            if len(keep) < len(d.values):
-                space.notes.append(f"n_ctx below --min-ctx {min_ctx} dropped from the space")
-            space.dims["n_ctx"] = spacelib.Dimension("n_ctx", keep, d.step if len(keep) == len(d.values) else None)
-    d = space.dims.get("n_gpu_layers")
-    if plan and hwinfo.gpus and d is not None and len(d.values) > 1:
-        # bound n_gpu_layers by what the planner says can fit with the smallest context and batches
-        from tuner import planner
+    try:
+        spacelib.require_ctx(space, min_ctx)
+    except spacelib.SpaceError as e:
+        raise TunerError(str(e)) from None
+    if plan and hwinfo.gpus:
+        from tuner.planner import bound_gpu_layers
         from tuner.recommend import caps
 
-        _, vram_cap = caps(hwinfo, studylib.Limits(max_vram=max_vram, headroom=headroom))
-        smallest = {k: min(v.values) for k, v in space.dims.items() if k in ("n_ctx", "n_batch", "n_ubatch")}
-        bound = max(planner.max_gpu_layers(space.config(m, smallest), infos[m], vram_cap, headroom=0.0)
-                    for m in models)
-        keep = [v for v in d.values if v <= bound] or [min(d.values)]
-        if len(keep) < len(d.values):
-            space.notes.append(f"n_gpu_layers bounded to {max(keep)}: the planner predicts more cannot fit "
-                               f"{vram_cap / 2**30:.1f} GiB of VRAM (--no-plan to search them anyway)")
-            space.dims["n_gpu_layers"] = spacelib.Dimension("n_gpu_layers", keep, d.step)
+        bound_gpu_layers(space, infos, caps(hwinfo, studylib.Limits(max_vram=max_vram, headroom=headroom))[1])
     name = study or _study_name(models)
     study_dir = Path(results) / name
     if n_trials is None and timeout is None and sampler != "grid":

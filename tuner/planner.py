@@ -612,3 +612,21 @@ def what_if(info: ModelInfo, ftypes: list[str]) -> list[dict]:
                      "bpw": 8 * (size - info.header_bytes) / max(info.n_params, 1),
                      "vs_current": size / info.file_size if info.file_size else None})
     return rows
+
+
+def bound_gpu_layers(space, infos: dict[str, ModelInfo], vram_cap: float | None,
+                     calib: Calibration | None = None) -> None:
+    """Drop n_gpu_layers values that cannot fit even with the smallest context and batches of the space."""
+    d = space.dims.get("n_gpu_layers")
+    if not vram_cap or d is None or len(d.values) < 2:
+        return
+    smallest = {k: min(v.values) for k, v in space.dims.items() if k in ("n_ctx", "n_batch", "n_ubatch")}
+    bound = max(max_gpu_layers(space.config(m, smallest), infos[m], int(vram_cap), headroom=0.0, calib=calib)
+                for m in space.models)
+    keep = [v for v in d.values if v <= bound] or [min(d.values)]
+    if len(keep) < len(d.values):
+        from tuner.space import ranged
+
+        space.notes.append(f"n_gpu_layers bounded to {max(keep)}: the planner predicts more cannot fit "
+                           f"{vram_cap / 2**30:.1f} GiB of VRAM (--no-plan to search them anyway)")
+        space.dims["n_gpu_layers"] = ranged("n_gpu_layers", keep, d.step)

@@ -172,7 +172,7 @@ def invalid_reason(cfg: TrialConfig) -> str | None:
     return None
 
 
-def _ranged(name: str, vals: list[int], step: int | None) -> Dimension:
+def ranged(name: str, vals: list[int], step: int | None) -> Dimension:
     """Keep a range's step only while the values are still evenly spaced (after clamping they may not be)."""
     if step and vals == list(range(vals[0], vals[-1] + 1, step)):
         return Dimension(name, vals, step)
@@ -200,7 +200,7 @@ def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str,
             if max(d.values) > all_layers or min(d.values) < 0:
                 space.notes.append(f"n_gpu_layers bounded to the model's real count: {all_layers} "
                                    f"({n_layer} layers + output; -1/99/999 mean all)")
-            space.dims["n_gpu_layers"] = _ranged("n_gpu_layers", vals, d.step)
+            space.dims["n_gpu_layers"] = ranged("n_gpu_layers", vals, d.step)
     elif gpu_offload:
         space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", list(range(0, all_layers + 1)), 1)
     else:
@@ -214,7 +214,7 @@ def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str,
             vals = sorted({min(v, n_layer) for v in d.values})
             if max(d.values) > n_layer:
                 space.notes.append(f"n_cpu_moe bounded to the layer count: {n_layer}")
-            space.dims["n_cpu_moe"] = _ranged("n_cpu_moe", vals, d.step)
+            space.dims["n_cpu_moe"] = ranged("n_cpu_moe", vals, d.step)
             if not gpu_offload and len(vals) > 1:
                 space.notes.append("n_cpu_moe kept as asked, but on this CPU-only build experts are in host "
                                    "memory anyway: it changes buffer placement, not where compute runs")
@@ -227,3 +227,19 @@ def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str,
     return space
 
 
+
+
+def require_ctx(space: Space, min_ctx: int) -> None:
+    """--min-ctx: drop smaller contexts from the space (a recommendation could never use them)."""
+    if not min_ctx:
+        return
+    d = space.dims.get("n_ctx")
+    if d is None:
+        space.dims["n_ctx"] = Dimension("n_ctx", [min_ctx])
+        return
+    keep = [v for v in d.values if (v or space.base.effective_ctx()) >= min_ctx]
+    if not keep:
+        raise SpaceError(f"--min-ctx {min_ctx}: no n_ctx in the space is that large ({d.spec()})")
+    if len(keep) < len(d.values):
+        space.notes.append(f"n_ctx below --min-ctx {min_ctx} dropped from the space")
+        space.dims["n_ctx"] = ranged("n_ctx", keep, d.step)
