@@ -1313,11 +1313,9 @@ class Report:
             raise ReportError(f"--out {out}: is a file, expected a folder")
         rendered = [(c, f, c.render(f)) for c in self.all_charts() for f in self.formats]
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ReportError(f"cannot create {out}: {e.strerror}") from None
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise ReportError(f"cannot write to {out}: folder is not writable")
+            store.writable_folder(out, "report folder")
+        except store.StoreError as e:
+            raise ReportError(str(e)) from None
         written = []
         for c, f, data in rendered:
             p = out / (c.study or "") / f"{c.key}.{f}"

@@ -51,16 +51,22 @@ def records(path_or_df) -> list[TrialRecord]:
     return [TrialRecord.from_row(r) for r in df.to_dict("records")]
 
 
+def writable_folder(folder: str | os.PathLike, what: str = "results folder") -> Path:
+    """Create a folder (and its parents) and check it can be written, or say in one line why not."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create {what} {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StoreError(f"{what} is not writable: {folder}")
+    return folder
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Fail early (before any trial runs) when the results file cannot be written."""
     p = Path(path)
-    parent = p.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StoreError(f"cannot create results folder {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise StoreError(f"results folder is not writable: {parent}")
+    writable_folder(p.parent)
     if p.exists():
         read(p)  # an existing file must be Parquet we can append to
     return p
