@@ -157,7 +157,7 @@ def _rows(path: Path) -> int:
 
 def test_sigkill_mid_trial_then_same_command_resumes(models, tmp_path):
     args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
-            "-p", "256", "-n", "64", "-r", "3", "--n-trials", "6", "--drift-every", "0",
+            "-p", "256", "-n", "1024", "-r", "3", "--n-trials", "6", "--drift-every", "0",
             "--results", str(tmp_path), "--study", "kill"]
     env = dict(os.environ)
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -308,7 +308,7 @@ def test_drift_is_detected_when_the_machine_slows_down(models, tmp_path):
 
 def test_a_second_search_never_touches_a_running_one(models, tmp_path):
     args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
-            "-p", "256", "-n", "256", "-r", "3", "--n-trials", "4", "--drift-every", "0",
+            "-p", "256", "-n", "1024", "-r", "3", "--n-trials", "200", "--drift-every", "0",
             "--results", str(tmp_path), "--study", "busy"]
     env = dict(os.environ, TUNER_LOCK_FILE=str(tmp_path / "lock"))
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -317,11 +317,12 @@ def test_a_second_search_never_touches_a_running_one(models, tmp_path):
     while _rows(parquet) < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     second = subprocess.run(args + ["--no-wait"], capture_output=True, text=True, env=env, timeout=120)
-    assert second.returncode == 75 and "another measurement is running" in second.stderr
+    first.send_signal(signal.SIGINT)  # the first one stops after its current trial
     out, err = first.communicate(timeout=300)
+    assert second.returncode == 75 and "another measurement is running" in second.stderr
     assert first.returncode == 0, err[-2000:]
     df = store.read(parquet)
-    assert len(df) == 4 and (df["outcome"] == "ok").all() and df["trial_number"].is_unique
+    assert len(df) >= 1 and (df["outcome"] == "ok").all() and df["trial_number"].is_unique
 
 
 def test_changed_test_shape_does_not_resume_a_study(models, tmp_path):

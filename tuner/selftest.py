@@ -107,7 +107,7 @@ def parent_kill(workdir: str | None = None, deadline_s: float = 120.0) -> tuple[
         model = make_model(Path(tmp))
         results = Path(tmp) / "results"
         cmd = [sys.executable, "-c", "from tuner.cli import cli; cli()", "search", "-m", str(model), "-t", "1",
-               "-ub", "64,128,256,512", "-p", "256", "-n", "64", "-r", "3", "--n-trials", "4",
+               "-ub", "64,128,256,512", "-p", "256", "-n", "1024", "-r", "3", "--n-trials", "4",
                "--drift-every", "0", "--results", str(results), "--study", "selftest"]
         # the selftest holds the rig's lock; its own search must not wait for it
         env = dict(os.environ, TUNER_LOCK_FILE=str(Path(tmp) / "lock"))
