@@ -145,7 +145,7 @@ def test_ctrl_c_during_bench_records_the_trial_as_interrupted(models, tmp_path):
     out = tmp_path / "b.parquet"
     tuner = str(_P(sys.executable).with_name("tuner"))
     p = subprocess.Popen([tuner, "bench", str(models / "tiny-q8_0.gguf"), "-t", "1", "-p", "512", "-n", "4096",
-                          "-r", "5", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "-r", "40", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _time.sleep(3)
     p.send_signal(sig.SIGINT)
     _, err = p.communicate(timeout=60)
