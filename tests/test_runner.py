@@ -264,3 +264,22 @@ def test_a_worker_that_dies_while_idle_is_replaced(models):
         os.kill(r._worker.pid, sig.SIGKILL)  # a kept worker dying between trials
         time.sleep(0.3)
         assert r.run(cfg).outcome == "ok"
+
+
+def test_swap_watch_needs_a_full_window_above_the_limit():
+    """The thrash detector's arithmetic (this machine has no swap device to thrash for real)."""
+    from tuner.runner import SwapWatch
+
+    mib = 2**20
+    w = SwapWatch(limit=64 * mib, window=3.0)
+    # a burst of 500 MiB within one second is not yet a full window
+    assert w.thrashing(0.0, 0) is None and w.thrashing(1.0, 500 * mib) is None
+    # sustained 100 MiB/s over the window: thrashing, with the rate
+    rate = None
+    for t in range(2, 6):
+        rate = w.thrashing(float(t), 500 * mib + (t - 1) * 100 * mib)
+    assert rate is not None and 90 * mib < rate < 200 * mib
+    # swap-in stops: once the window has slid past the burst, the verdict clears
+    flat = 500 * mib + 4 * 100 * mib
+    verdicts = [w.thrashing(float(t), flat) for t in range(6, 10)]
+    assert verdicts[-1] is None

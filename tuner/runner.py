@@ -33,6 +33,29 @@ DEFAULT_SWAP_RATE = 64 << 20  # bytes/s swapped in, sustained over SWAP_WINDOW: 
 SWAP_WINDOW = 3.0
 
 
+class SwapWatch:
+    """The swap-in rate over the last SWAP_WINDOW seconds, from the kernel's cumulative swap-in counter.
+
+    A trial that swaps in faster than `limit` bytes/s for a whole window is thrashing: it would run at a
+    fraction of a token per second and make the machine unresponsive (the seed's 0.01 t/s trap).
+    """
+
+    def __init__(self, limit: float, window: float = SWAP_WINDOW):
+        self.limit, self.window = limit, window
+        self.samples: collections.deque = collections.deque()
+
+    def thrashing(self, now: float, swapped_in: int) -> float | None:
+        """Add a sample; the rate in bytes/s when it is over the limit for a full window, else None."""
+        self.samples.append((now, swapped_in))
+        while now - self.samples[0][0] > self.window:
+            self.samples.popleft()
+        span = now - self.samples[0][0]
+        if span < self.window * 0.8:
+            return None
+        rate = (swapped_in - self.samples[0][1]) / span
+        return rate if rate > self.limit else None
+
+
 class TrialInterrupted(Exception):
     """Ctrl-C during a trial: the worker was stopped; `record` is the interrupted trial."""
 
@@ -205,7 +228,7 @@ class Runner:
         job = {"config": cfg.to_dict(), "fault": fault, "mem_limit": self.mem_limit}
         sin0, oom0 = psutil.swap_memory().sin, vmstat("oom_kill")
         result, killed_for, stage, eof = None, None, "start", False
-        swap_hist: collections.deque = collections.deque()
+        swap = SwapWatch(self.swap_rate_limit) if self.swap_rate_limit else None
         vram_peak: list[int] = []
         hwm = None  # the worker's VmHWM, sampled while it lives: the peak of a worker that dies without a result
         interrupted = False
@@ -234,15 +257,11 @@ class Runner:
                 hwm = max(hwm or 0, vm_hwm(w.pid) or 0) or None
                 vram = self.nvml.process_vram({w.pid})
                 vram_peak = [max(a, b) for a, b in zip(vram_peak, vram)] if vram_peak else vram
-                if self.swap_rate_limit:
-                    swap_hist.append((now, psutil.swap_memory().sin))
-                    while swap_hist and now - swap_hist[0][0] > SWAP_WINDOW:
-                        swap_hist.popleft()
-                    span = now - swap_hist[0][0]
-                    if span > SWAP_WINDOW * 0.8 and (swap_hist[-1][1] - swap_hist[0][1]) / span > self.swap_rate_limit:
-                        rate = (swap_hist[-1][1] - swap_hist[0][1]) / span / 2**20
-                        killed_for = f"swap: stopped while thrashing swap ({rate:.0f} MiB/s swapped in, stage {stage})"
-                        break
+                rate = swap.thrashing(now, psutil.swap_memory().sin) if swap else None
+                if rate is not None:
+                    killed_for = (f"swap: stopped while thrashing swap ({rate / 2**20:.0f} MiB/s swapped in, "
+                                  f"stage {stage})")
+                    break
                 if result is None and now - t0 > self.timeout:
                     killed_for = f"timeout: no result after {self.timeout:g} s (stage {stage})"
                     break
