@@ -20,12 +20,6 @@ SPLIT_MODE_INT = {"none": 0, "layer": 1, "row": 2}
 BASELINES = ("llama.cpp defaults", "heuristic")
 
 
-def _value(r: TrialRecord, objective: str) -> float | None:
-    from tuner.study import objective_value
-
-    return objective_value(r, objective)
-
-
 def caps(hw, limits) -> tuple[float, float | None]:
     """RAM and VRAM a config may use: the machine's total minus the headroom, or the user's limit if lower."""
     from tuner.options import headroom_bytes
@@ -53,13 +47,13 @@ def recommend(records: list[TrialRecord], hw, limits, objective: str = "tg", stu
               pareto: bool = False) -> dict | None:
     """The best ok trial within the limits (trials measured under drift only when nothing else fits)."""
     objective = "tg" if pareto else objective
-    ok = [r for r in records if r.ok and r.state != "anchor" and _value(r, objective) is not None]
+    ok = [r for r in records if r.ok and r.state != "anchor" and r.objective(objective) is not None]
     fitting = [r for r in ok if fits(r, hw, limits)]
     pool = [r for r in fitting if not r.drift] or fitting
     if not pool:
         return None
     sign = -1 if objective == "ttft" else 1
-    best = max(pool, key=lambda r: sign * _value(r, objective))
+    best = max(pool, key=lambda r: sign * r.objective(objective))
     ram_cap, vram_cap = caps(hw, limits)
     out = {
         "study": study,
@@ -100,12 +94,12 @@ def measured(r: TrialRecord) -> dict:
 def baselines(records: list[TrialRecord], best: TrialRecord, objective: str) -> dict:
     """How far measurement beats guessing: the enqueued baselines against the recommendation."""
     out = {}
-    v_best = _value(best, objective)
+    v_best = best.objective(objective)
     for label in BASELINES:
         r = next((x for x in records if x.baseline == label), None)
         if r is None:
             continue
-        v = _value(r, objective) if r.ok else None
+        v = r.objective(objective) if r.ok else None
         entry = {"trial_number": r.trial_number, "outcome": r.outcome, "cause": r.cause,
                  "n_gpu_layers": r.config.n_gpu_layers, objective: v}
         if v and v_best:

@@ -168,6 +168,16 @@ class TrialRecord:
         samples = {"pp": self.pp_samples, "tg": self.tg_samples, "ttft": self.ttft_samples_ms}[name]
         return summarize(samples)
 
+    def objective(self, name: str) -> float | None:
+        """What a search maximizes (tg, pp, mixed) or minimizes (ttft). mixed: end-to-end tokens/s of one
+        request of the test shape, prompt then generation."""
+        if name == "mixed":
+            tg, pp, c = self.metric("tg")[0], self.metric("pp")[0], self.config
+            if tg and pp:
+                return (c.n_prompt + c.n_gen) / (c.n_prompt / pp + c.n_gen / tg)
+            return tg or pp
+        return self.metric(name)[0]
+
     def to_row(self) -> dict[str, Any]:
         """Flat dict for one Parquet row: config params become columns, metrics get mean/sd columns."""
         row: dict[str, Any] = {}

@@ -33,6 +33,14 @@ DEFAULT_SWAP_RATE = 64 << 20  # bytes/s swapped in, sustained over SWAP_WINDOW: 
 SWAP_WINDOW = 3.0
 
 
+def new_record(cfg: TrialConfig, hw: hardware.Hardware, build: dict, info=None) -> TrialRecord:
+    """A trial record with the facts every row carries: hardware, build, model (read once, cached)."""
+    rec = TrialRecord(config=cfg, started_utc=utcnow(), hw=hw.to_dict(), build=dict(build),
+                      hw_fingerprint=hw.fingerprint(), build_fingerprint=hardware.build_fingerprint(build))
+    rec.__dict__.update((info or read_model(cfg.model)).facts())
+    return rec
+
+
 class SwapWatch:
     """The swap-in rate over the last SWAP_WINDOW seconds, from the kernel's cumulative swap-in counter.
 
@@ -211,10 +219,7 @@ class Runner:
 
     # -- one trial ---------------------------------------------------------------------------------
     def run(self, cfg: TrialConfig, fault: str | None = None) -> TrialRecord:
-        rec = TrialRecord(config=cfg, started_utc=utcnow(), hw=self.hw.to_dict(), build=dict(self.build),
-                          hw_fingerprint=self.hw.fingerprint(),
-                          build_fingerprint=hardware.build_fingerprint(self.build))
-        rec.__dict__.update(read_model(cfg.model).facts())
+        rec = new_record(cfg, self.hw, self.build)
         w = self._worker
         usable = w is not None and w.proc.poll() is None and (
             not w.used or (self.reuse and w.load_key == cfg.load_key()))

@@ -24,7 +24,7 @@ from tuner import store
 from tuner.bench import resolve
 from tuner.ggufmeta import ModelInfo
 from tuner.record import FAILED, KV_TYPE_BYTES, TrialConfig, TrialRecord, utcnow
-from tuner.runner import Runner, TrialInterrupted
+from tuner.runner import Runner, TrialInterrupted, new_record
 from tuner.space import Space, invalid_reason
 
 OBJECTIVES = ("tg", "pp", "ttft", "mixed")
@@ -76,21 +76,6 @@ class SearchOptions:
     @property
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{(self.study_dir / 'study.db').resolve()}"
-
-
-def objective_value(rec: TrialRecord, objective: str) -> float | None:
-    tg, pp, ttft = rec.metric("tg")[0], rec.metric("pp")[0], rec.metric("ttft")[0]
-    c = rec.config
-    if objective == "tg":
-        return tg
-    if objective == "pp":
-        return pp
-    if objective == "ttft":
-        return ttft
-    # mixed: end-to-end tokens/s of one request of the test shape (prompt then generation)
-    if tg and pp:
-        return (c.n_prompt + c.n_gen) / (c.n_prompt / pp + c.n_gen / tg)
-    return tg or pp
 
 
 def peak_memory(rec: TrialRecord) -> float:
@@ -306,15 +291,10 @@ class Search:
                        self.infos[model])
 
     def _blank(self, cfg: TrialConfig, number: int, outcome: str, cause: str) -> TrialRecord:
-        info = self.infos.get(cfg.model)
-        rec = TrialRecord(config=cfg, outcome=outcome, cause=cause, started_utc=utcnow(), finished_utc=utcnow(),
-                          hw=self.hw.to_dict(), build=dict(self.build), hw_fingerprint=self.hw.fingerprint(),
-                          study=self.opts.study_name, trial_number=number)
-        from tuner.hardware import build_fingerprint
-
-        rec.build_fingerprint = build_fingerprint(self.build)
-        if info:
-            rec.__dict__.update(info.facts())
+        """A trial that never ran (skipped, interrupted): the same facts as a measured one."""
+        rec = new_record(cfg, self.hw, self.build, self.infos.get(cfg.model))
+        rec.outcome, rec.cause, rec.finished_utc = outcome, cause, utcnow()
+        rec.study, rec.trial_number = self.opts.study_name, number
         return rec
 
     def _constraints(self, rec: TrialRecord) -> dict[str, float]:
@@ -330,9 +310,9 @@ class Search:
             c["vram"] = c["failed"]
         return c
 
-    def _tell(self, number: int, rec: TrialRecord) -> None:
+    def _tell(self, number: int, rec: TrialRecord, cons: dict[str, float] | None = None) -> None:
         """Tell Optuna: failures as COMPLETE with the worst value and a violated constraint, so TPE learns."""
-        cons = self._constraints(rec)
+        cons = cons or self._constraints(rec)
         rec.constraint = list(cons.values())
         trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
         trial = optuna.Trial(self.study, trial_id)
@@ -347,9 +327,9 @@ class Search:
             self.study.tell(number, state=optuna.trial.TrialState.FAIL)
             return
         if self.opts.pareto:
-            values = [objective_value(rec, "tg") or WORST["tg"], peak_memory(rec) if rec.ok else WORST["mem"]]
+            values = [rec.objective("tg") or WORST["tg"], peak_memory(rec) if rec.ok else WORST["mem"]]
         else:
-            v = objective_value(rec, self.opts.objective) if rec.ok else None
+            v = rec.objective(self.opts.objective) if rec.ok else None
             values = [v if v is not None and math.isfinite(v) else WORST[self.opts.objective]]
         try:
             self.study.tell(number, values)
@@ -430,9 +410,10 @@ class Search:
         self.records.append(rec)
 
     def _tell_and_write(self, number: int, rec: TrialRecord) -> None:
-        rec.constraint = list(self._constraints(rec).values())  # failed, ram, vram
+        cons = self._constraints(rec)
+        rec.constraint = list(cons.values())  # failed, ram, vram
         self._write(rec)  # Parquet first: a resume finds the row and tells Optuna from it
-        self._tell(number, rec)
+        self._tell(number, rec, cons)
 
     def _anchor(self) -> None:
         """Re-measure the anchor config; mark drift when its tg moved beyond the tolerance."""
@@ -519,7 +500,7 @@ class Search:
         best = None
         for r in self.records:
             if r.ok and r.state != "anchor":
-                v = objective_value(r, "tg" if self.opts.pareto else self.opts.objective)
+                v = r.objective("tg" if self.opts.pareto else self.opts.objective)
                 if v is None:
                     continue
                 better = best is None or (v < best[1] if self.opts.objective == "ttft" and not self.opts.pareto
