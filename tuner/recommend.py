@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import shlex
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -43,58 +44,109 @@ def fits(r: TrialRecord, hw, limits) -> bool:
     return True
 
 
-def recommend(records: list[TrialRecord], hw, limits, objective: str = "tg", study: str = "",
+def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", study: str = "",
               pareto: bool = False) -> dict | None:
-    """The best ok trial within the limits (trials measured under drift only when nothing else fits)."""
+    """The recommended config: decided on the confirmation's samples when there are any, else on the pooled
+    estimate of every config (all trials of one config are one estimate, never rivals)."""
+    from tuner import confirm
+
     objective = "tg" if pareto else objective
-    ok = [r for r in records if r.ok and r.state != "anchor" and r.objective(objective) is not None]
-    fitting = [r for r in ok if fits(r, hw, limits)]
-    pool = [r for r in fitting if not r.drift] or fitting
-    if not pool:
+    searched = [r for r in records if r.state not in ("anchor", confirm.CONFIRM_STATE)]
+    ok = [r for r in searched if r.ok and r.objective(objective) is not None]
+    groups = confirm.pool(ok)
+    fitting = [g for g in groups if all(fits(r, hw, limits) for r in g.records)]
+    pool_ = [g for g in fitting if not g.drift] or fitting
+    if not pool_:
         return None
     sign = -1 if objective == "ttft" else 1
-    best = max(pool, key=lambda r: sign * r.objective(objective))
+    # the working context: the largest the user asked for at which something fits (a list is a ladder)
+    asked = max(r.config.effective_ctx() for r in searched)
+    working = max(g.config.effective_ctx() for g in pool_)
+    at_work = [g for g in pool_ if g.config.effective_ctx() == working]
+    by_key = {g.key: g for g in groups}
+    cands = confirm.candidates_from_records(records)
+    verdict = None
+    if cands:
+        verdict = confirm.assess(cands, objective, fits=lambda c: all(fits(r, hw, limits) for r in c.records if r.ok)
+                                 and c.config.effective_ctx() == working)
+    winner_c = next((c for c in cands if verdict and verdict.get("winner_key") is not None
+                     and list(confirm.config_key(c.config)) == verdict["winner_key"]), None)
+    if winner_c is not None:
+        best_recs = [r for r in winner_c.records if r.ok]
+        group = by_key.get(confirm.config_key(winner_c.config))
+        trial_number = winner_c.trial_number
+    else:
+        group = max(at_work, key=lambda g: sign * g.estimate(objective))
+        best_recs, trial_number = group.records, group.trial_number
+        reason = ("no confirmation was run (--no-confirm, or the budget ended first)" if not cands else
+                  "no confirmed candidate meets these limits")
+        verdict = {"verdict": "unconfirmed", "reason": reason + ": the figures are the search's own trials, "
+                   "where the best of many noisy trials reads high (the winner's curse)"}
+    best = best_recs[0]
     ram_cap, vram_cap = caps(hw, limits)
+    peak_rss = max((r.peak_rss_bytes or 0 for r in best_recs + (group.records if group else [])), default=0)
+    peak_vram = max((r.peak_vram_bytes or 0 for r in best_recs + (group.records if group else [])), default=0)
     out = {
         "study": study,
         "created_utc": utcnow(),
         "objective": objective,
-        "trial_number": best.trial_number,
+        "trial_number": trial_number,
         "config": best.config.to_dict(),
-        "measured": measured(best),
-        "headroom_left": {"ram_bytes": int(ram_cap - (best.peak_rss_bytes or 0)),
-                          "vram_bytes": int(vram_cap - (best.peak_vram_bytes or 0)) if vram_cap else None},
+        "working_ctx": working,
+        "measured": measured(best_recs),
+        "headroom_left": {"ram_bytes": int(ram_cap - peak_rss),
+                          "vram_bytes": int(vram_cap - peak_vram) if vram_cap else None},
         "limits": {"min_ctx": limits.min_ctx, "max_ram": limits.max_ram, "max_vram": limits.max_vram,
                    "headroom": limits.headroom},
-        "baselines": baselines(records, best, objective),
-        "drift": best.drift,
-        "trials": {"total": sum(1 for r in records if r.state != "anchor"), "ok": len(ok),
-                   "fitting": len(fitting)},
+        "confirmation": verdict,
+        "baselines": baselines(searched, best_recs, objective, verdict),
+        "drift": any(r.drift for r in best_recs),
+        "trials": {"total": len(searched), "ok": len(ok), "configs": len(groups), "fitting_configs": len(fitting),
+                   "confirmation_runs": sum(len(c.records) for c in cands)},
         "hw_fingerprint": best.hw_fingerprint,
         "build_fingerprint": best.build_fingerprint,
         "model": {"path": best.config.model, "name": best.model_name, "file_type": best.model_file_type,
                   "size_bytes": best.model_size_bytes, "hash": best.model_hash},
         "forms": forms(best.config, best),
     }
+    if working < asked:
+        out["notes"] = [f"nothing fit within the limits at the largest context asked ({asked}); recommended at "
+                        f"{working}"]
+    ladder = context_ladder(pool_, cands, objective)
+    if len(ladder) > 1:
+        out["context_ladder"] = ladder
     if pareto:
-        out["pareto_front"] = pareto_front(fitting)
+        out["pareto_front"] = pareto_front([r for g in fitting for r in g.records])
     return out
 
 
-def measured(r: TrialRecord) -> dict:
-    row = r.to_row()
-    keys = ("tg_ts_mean", "tg_ts_sd", "pp_ts_mean", "pp_ts_sd", "ttft_ms_mean", "ttft_ms_sd", "peak_rss_bytes",
-            "peak_vram_bytes", "load_ms", "tg_roofline_pct")
-    out = {k: row.get(k) for k in keys}
-    out.update(tg_samples=r.tg_samples, pp_samples=r.pp_samples, repetitions=r.config.repetitions,
-               n_prompt=r.config.n_prompt, n_gen=r.config.n_gen)
-    return out
+def measured(recs: list[TrialRecord]) -> dict:
+    """Figures over every repetition of these runs of one config (pooled), with the worst memory peak."""
+    from tuner.record import summarize
 
-
-def baselines(records: list[TrialRecord], best: TrialRecord, objective: str) -> dict:
-    """How far measurement beats guessing: the enqueued baselines against the recommendation."""
     out = {}
-    v_best = best.objective(objective)
+    for name, unit in (("tg", "ts"), ("pp", "ts"), ("ttft", "ms")):
+        samples = [x for r in recs for x in {"tg": r.tg_samples, "pp": r.pp_samples, "ttft": r.ttft_samples_ms}[name]]
+        out[f"{name}_{unit}_mean"], out[f"{name}_{unit}_sd"] = summarize(samples)
+        out[f"{name}_samples"] = samples
+    out["peak_rss_bytes"] = max((r.peak_rss_bytes for r in recs if r.peak_rss_bytes), default=None)
+    out["peak_vram_bytes"] = max((r.peak_vram_bytes for r in recs if r.peak_vram_bytes is not None), default=None)
+    out["load_ms"] = statistics.median([r.load_ms for r in recs if r.load_ms is not None] or [0]) or None
+    rows = [r.to_row() for r in recs]
+    pct = [x["tg_roofline_pct"] for x in rows if x.get("tg_roofline_pct")]
+    out["tg_roofline_pct"] = statistics.median(pct) if pct else None
+    c = recs[0].config
+    out.update(runs=len(recs), repetitions=c.repetitions, n_prompt=c.n_prompt, n_gen=c.n_gen, n_depth=c.n_depth)
+    return out
+
+
+def baselines(records: list[TrialRecord], best: list[TrialRecord], objective: str, verdict: dict | None) -> dict:
+    """How far measurement beats guessing. The llama.cpp-defaults figure comes from the confirmation (winner and
+    baseline measured interleaved, with an interval); without one it is the search's best against a single
+    trial, which is marked as such."""
+    out = {}
+    v_best = statistics.fmean(x for r in best for x in _obj(r, objective)) if any(_obj(r, objective) for r in best) \
+        else None
     for label in BASELINES:
         r = next((x for x in records if x.baseline == label), None)
         if r is None:
@@ -102,9 +154,48 @@ def baselines(records: list[TrialRecord], best: TrialRecord, objective: str) -> 
         v = r.objective(objective) if r.ok else None
         entry = {"trial_number": r.trial_number, "outcome": r.outcome, "cause": r.cause,
                  "n_gpu_layers": r.config.n_gpu_layers, objective: v}
-        if v and v_best:
-            entry["recommended_vs_baseline"] = (v / v_best) if objective == "ttft" else (v_best / v)
+        vs = (verdict or {}).get("vs_baseline")
+        if label == "llama.cpp defaults" and vs:
+            entry.update(recommended_vs_baseline=vs["ratio"], ci95=vs["ci95"], verdict=vs["verdict"],
+                         source="confirmation")
+        elif v and v_best:
+            entry.update(recommended_vs_baseline=(v / v_best) if objective == "ttft" else (v_best / v),
+                         source="search trials (unconfirmed: one baseline trial against the best of many)")
         out[label] = entry
+    return out
+
+
+def _obj(r: TrialRecord, objective: str) -> list[float]:
+    from tuner.confirm import objective_samples
+
+    return objective_samples(r, objective)
+
+
+def context_ladder(groups, cands, objective: str) -> list[dict]:
+    """The best config at each context measured: what a larger context costs in speed and memory on this rig.
+
+    Figures come from the confirmation runs where the config was confirmed, else from the search's trials."""
+    from tuner import confirm
+
+    sign = -1 if objective == "ttft" else 1
+    confirmed = {confirm.config_key(c.config): c for c in cands}
+    out = []
+    for ctx in sorted({g.config.effective_ctx() for g in groups}):
+        here = [g for g in groups if g.config.effective_ctx() == ctx]
+
+        def score(g):
+            c = confirmed.get(g.key)
+            s = c.samples(objective) if c else []
+            return statistics.median(s) if s else g.estimate(objective)
+
+        g = max(here, key=lambda g: sign * score(g))
+        c = confirmed.get(g.key)
+        recs = [r for r in c.records if r.ok] if c and c.samples(objective) else g.records
+        m = measured(recs)
+        out.append({"n_ctx": ctx, "trial_number": g.trial_number, "objective": score(g),
+                    "confirmed": bool(c and c.samples(objective)), "tg_ts": m["tg_ts_mean"], "pp_ts": m["pp_ts_mean"],
+                    "ttft_ms": m["ttft_ms_mean"], "peak_rss_bytes": g.peak_rss, "peak_vram_bytes": g.peak_vram,
+                    "config": confirm._short(g.config)})
     return out
 
 

@@ -19,6 +19,8 @@ from typing import Any
 # `interrupted` was running when the parent died or was stopped.
 OUTCOMES = ("ok", "oom", "crash", "timeout", "swap", "load_error", "error", "skipped", "interrupted")
 FAILED = frozenset(OUTCOMES) - {"ok", "skipped"}
+# Records measured beside the search: drift anchors and the confirmation of the winner.
+SIDE_STATES = ("anchor", "confirm")
 
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "iq4_nl", "q4_1", "q4_0")
 # Bytes per element, used to order KV types ("same or larger KV type" in dominance checks).
@@ -156,6 +158,7 @@ class TrialRecord:
     drift: bool = False
     skipped_by: int | None = None
     baseline: str = ""  # which enqueued baseline this trial is ("llama.cpp defaults", "heuristic"), if any
+    confirm_round: int | None = None  # a confirmation run (state "confirm"): its round
     predicted_ram_bytes: int | None = None
     predicted_vram_bytes: int | None = None
     tg_roofline_ts: float | None = None
@@ -163,6 +166,11 @@ class TrialRecord:
     @property
     def ok(self) -> bool:
         return self.outcome == "ok"
+
+    @property
+    def searched(self) -> bool:
+        """A trial the sampler chose, not a re-measurement beside the search (drift anchor, confirmation)."""
+        return self.state not in SIDE_STATES
 
     def metric(self, name: str) -> tuple[float | None, float | None]:
         samples = {"pp": self.pp_samples, "tg": self.tg_samples, "ttft": self.ttft_samples_ms}[name]

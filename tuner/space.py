@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from tuner.ggufmeta import ModelInfo
@@ -119,6 +120,7 @@ class Space:
     dims: dict[str, Dimension] = field(default_factory=dict)
     base: TrialConfig | None = None  # the test shape and the values of parameters that are not dimensions
     notes: list[str] = field(default_factory=list)
+    auto: dict[str, str] = field(default_factory=dict)  # dimension → why the default space chose it
 
     def varying(self) -> dict[str, Dimension]:
         return {k: d for k, d in self.dims.items() if len(d.values) > 1}
@@ -180,13 +182,24 @@ def ranged(name: str, vals: list[int], step: int | None) -> Dimension:
 
 
 def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str, object], base: TrialConfig,
-                gpu_offload: bool, physical_cores: int, logical_cores: int) -> Space:
-    """Dimensions from the user's specs, bounded by the models' layer counts and the build's abilities."""
+                gpu_offload: bool, physical_cores: int, logical_cores: int, objective: str = "mixed",
+                auto: bool = False, ram_total: int | None = None) -> Space:
+    """Dimensions from the user's specs, bounded by the models' layer counts and the build's abilities.
+
+    With `auto`, every dimension the user left unset that matters for this objective, build and model gets
+    a default range (`auto_dimensions`); the user's specs and experiment files always win.
+    """
     space = Space(models=models, base=base)
     for name, spec in specs.items():
         if spec is None or spec == "":
             continue
         space.dims[name] = parse_dimension(name, spec)
+    if auto:
+        for name, (dim, why) in auto_dimensions(infos, gpu_offload, physical_cores, logical_cores, objective,
+                                                ram_total, base).items():
+            if name not in space.dims:
+                space.dims[name] = dim
+                space.auto[name] = why
     n_layer = max(i.n_layer for i in infos.values())
     all_layers = n_layer + 1  # blocks + output layer, as llama.cpp counts "offloaded N/N layers"
     if "n_gpu_layers" in space.dims:
@@ -203,6 +216,7 @@ def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str,
             space.dims["n_gpu_layers"] = ranged("n_gpu_layers", vals, d.step)
     elif gpu_offload:
         space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", list(range(0, all_layers + 1)), 1)
+        space.auto["n_gpu_layers"] = f"a GPU build: 0 to all {all_layers} layers (the planner drops what cannot fit)"
     else:
         space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", [0])
     if "n_cpu_moe" in space.dims:
@@ -220,13 +234,79 @@ def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str,
                                    "memory anyway: it changes buffer placement, not where compute runs")
     elif gpu_offload and any(i.is_moe for i in infos.values()):
         space.dims["n_cpu_moe"] = Dimension("n_cpu_moe", list(range(0, n_layer + 1)), 1)
+        space.auto["n_cpu_moe"] = "a MoE model on a GPU build: experts of the first N layers in host RAM"
     for name in ("n_threads", "n_threads_batch"):
         d = space.dims.get(name)
         if d and max(d.values) > logical_cores:
             space.notes.append(f"{name} above this machine's {logical_cores} logical cores oversubscribes them")
+    working_context(space, infos)
     return space
 
 
+DEFAULT_CTX = 4096  # what a chat server needs at least; capped by the model's trained context
+
+
+def trained_ctx(infos: dict[str, ModelInfo]) -> int:
+    """The smallest trained context among the models (0 when no model says)."""
+    return min((i.n_ctx_train for i in infos.values() if i.n_ctx_train), default=0)
+
+
+def working_context(space: Space, infos: dict[str, ModelInfo]) -> None:
+    """Every trial allocates the context the user will serve, so its memory is true for what is recommended.
+
+    No --ctx: 4096, capped by the trained context. A context above the trained one is refused: llama.cpp only
+    warns, but the output degrades past it, so a recommendation there would be one to regret.
+    """
+    trained = trained_ctx(infos)
+    d = space.dims.get("n_ctx")
+    if d is None:
+        w = min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
+        space.dims["n_ctx"] = Dimension("n_ctx", [w])
+        space.auto["n_ctx"] = (f"the working context {w}: {DEFAULT_CTX}" + (f" capped by the trained {trained}"
+                                                                             if trained < DEFAULT_CTX else "")
+                               + "; --ctx sets yours (a list or range also gives a context ladder)")
+        d = space.dims["n_ctx"]
+    over = [v for v in d.values if trained and v > trained]
+    if over:
+        name = next(Path(m).name for m, i in infos.items() if i.n_ctx_train == trained)
+        raise SpaceError(f"--ctx {over[0]} is above the trained context of {name} ({trained} tokens)")
+    base = space.base
+    if base is not None and base.n_depth and all(v and v <= base.n_depth for v in d.values):
+        raise SpaceError(f"--depth {base.n_depth} must be below the context (--ctx {d.spec()})")
+
+
+
+
+def auto_dimensions(infos: dict[str, ModelInfo], gpu_offload: bool, physical_cores: int, logical_cores: int,
+                    objective: str = "mixed", ram_total: int | None = None,
+                    base: TrialConfig | None = None) -> dict[str, tuple[Dimension, str]]:
+    """The default space: what llama.cpp users tune by hand on this kind of machine, each with its reason.
+
+    KV-cache types are never here: they change the output, so they are searched only when the user lists them.
+    """
+    out: dict[str, tuple[Dimension, str]] = {}
+    threads = sorted({max(1, physical_cores // 2), physical_cores, logical_cores})
+    cores = f"this machine's {physical_cores} physical / {logical_cores} logical cores"
+    uses_gen = objective in ("tg", "mixed")
+    uses_prompt = objective in ("pp", "ttft", "mixed")
+    if uses_gen and len(threads) > 1:
+        out["n_threads"] = (Dimension("n_threads", threads), f"generation threads around {cores}")
+    if uses_prompt and len(threads) > 1:
+        out["n_threads_batch"] = (Dimension("n_threads_batch", threads), f"prompt threads around {cores}")
+    if uses_prompt:
+        # llama.cpp's default is 512; GPUs gain from larger physical batches, CPUs often from smaller ones
+        ub = [512, 1024, 2048] if gpu_offload else [128, 256, 512]
+        if base is not None:
+            ub = [u for u in ub if u <= base.n_batch] or [base.n_batch]
+        out["n_ubatch"] = (Dimension("n_ubatch", ub), "physical batch size: prompt speed against compute-buffer "
+                                                      "memory")
+    out["flash_attn"] = (Dimension("flash_attn", ["on", "off"]), "flash attention: speed and KV memory differ by "
+                                                                 "backend and model")
+    big = max(i.file_size for i in infos.values())
+    if ram_total and big > ram_total // 2:
+        out["use_mmap"] = (Dimension("use_mmap", [True, False]),
+                           f"the model ({big / 2**30:.1f} GiB) is over half the RAM: mmap or a full load can differ")
+    return out
 
 
 def require_ctx(space: Space, min_ctx: int) -> None:
@@ -242,4 +322,35 @@ def require_ctx(space: Space, min_ctx: int) -> None:
         raise SpaceError(f"--min-ctx {min_ctx}: no n_ctx in the space is that large ({d.spec()})")
     if len(keep) < len(d.values):
         space.notes.append(f"n_ctx below --min-ctx {min_ctx} dropped from the space")
+        space.dims["n_ctx"] = ranged("n_ctx", keep, d.step)
+
+
+def drop_unfit_contexts(space: Space, infos: dict[str, ModelInfo], ram_cap: float, vram_cap: float | None,
+                        gpu_offload: bool) -> None:
+    """Contexts the planner says cannot fit even with the leanest config of the space leave it; when none is
+    left, the search would only record failures: that is bad input, not a study."""
+    from tuner import planner
+
+    d = space.dims.get("n_ctx")
+    if d is None:
+        return
+    lean = {k: min(v.values) for k, v in space.dims.items() if k in ("n_batch", "n_ubatch")}
+    if gpu_offload and "n_gpu_layers" in space.dims:
+        lean["n_gpu_layers"] = min(space.dims["n_gpu_layers"].values)
+    keep, why = [], ""
+    for v in d.values:
+        need = []
+        for m in space.models:
+            p = planner.predict(space.config(m, {**lean, "n_ctx": v}), infos[m], None, gpu_offload)
+            need.append((p.ram_bytes - p.reclaimable_bytes, p.vram_bytes))
+        ram, vram = min(need)
+        if ram + (vram if gpu_offload else 0) <= ram_cap + ((vram_cap or 0) if gpu_offload else 0):
+            keep.append(v)
+        elif not why:
+            why = (f"n_ctx {v} needs {ram / 2**30:.2f} GiB of host RAM by the planner, {ram_cap / 2**30:.2f} GiB "
+                   "usable")
+    if not keep:
+        raise SpaceError(f"no context of --ctx {d.spec()} can fit: {why} (lower --ctx, free memory or --no-plan)")
+    if len(keep) < len(d.values):
+        space.notes.append(f"contexts the planner says cannot fit dropped ({why}); kept {','.join(map(str, keep))}")
         space.dims["n_ctx"] = ranged("n_ctx", keep, d.step)

@@ -19,6 +19,7 @@ from typing import Callable
 
 import optuna
 
+from tuner import confirm as confirmlib
 from tuner import recommend as recommendlib
 from tuner import store
 from tuner.bench import resolve
@@ -61,9 +62,11 @@ class SearchOptions:
     seed: int = 0
     n_trials: int | None = None
     timeout_s: float | None = None
-    objective: str = "tg"
+    objective: str = "mixed"
     pareto: bool = False
     limits: Limits = field(default_factory=Limits)
+    confirm: int = confirmlib.DEFAULT_K  # top configs re-measured against the baseline before recommending (0: none)
+    confirm_rounds: tuple[int, int] = (confirmlib.MIN_ROUNDS, confirmlib.MAX_ROUNDS)
     trial_timeout: float = 600.0
     mem_limit: int | None = None
     reuse_workers: bool = True
@@ -191,9 +194,10 @@ class Search:
 
     def __init__(self, space: Space, opts: SearchOptions, infos: dict[str, ModelInfo], hw, build,
                  on_trial: Callable[["Search", TrialRecord], None] | None = None,
-                 runner: Runner | None = None):
+                 runner: Runner | None = None, on_confirm: Callable | None = None):
         self.space, self.opts, self.infos, self.hw, self.build = space, opts, infos, hw, build
         self.on_trial = on_trial
+        self.on_confirm = on_confirm  # (search, candidate, record, round) after every confirmation run
         self.dir = opts.study_dir
         self.parquet = self.dir / store.TRIALS_FILE
         self.logs = self.dir / "logs"
@@ -208,6 +212,12 @@ class Search:
         self.anchor_samples: list[float] = []
         self.drifting = False
         self.study: optuna.Study | None = None
+        self.seen: dict[tuple, int] = {}  # config key → the trial that measured it first
+        self.unmeasured: dict[tuple, dict] | None = None  # key → sampler params, for spaces small enough to list
+        self.finished = ""  # why the search ended before its budget (the space is exhausted, ...)
+        self.confirmation: dict | None = None
+        self.n_run = 0
+        self._dupes = 0
 
     # -- set-up and resume ---------------------------------------------------------------------------
     def prepare(self) -> optuna.Study:
@@ -220,17 +230,45 @@ class Search:
         self.records = store.records(self.parquet) if self.parquet.exists() else []
         self._reconcile()
         for r in self.records:
-            if r.outcome == "oom" and r.trial_number is not None and r.state != "anchor":
+            if r.outcome == "oom" and r.trial_number is not None and r.searched:
                 self.failed.append((r.trial_number, r.config, r.cause))
             if r.state == "anchor" and r.ok and self.anchor_tg is None:
                 self.anchor_tg, self.anchor_samples = r.metric("tg")[0], list(r.tg_samples)
+        for r in self.records:
+            if r.searched and r.trial_number is not None:
+                self.seen.setdefault(confirmlib.config_key(r.config), r.trial_number)
+        self._list_space()
         if self.opts.baselines and self.opts.sampler != "grid" and not self.study.trials:
             self._enqueue_baselines()
         return self.study
 
+    SPACE_LIST_LIMIT = 20000  # configs; above it the space is never "finished" by enumeration
+
+    def _list_space(self) -> None:
+        """Small spaces are listed: a search that measured every config is finished, not re-sampled."""
+        import itertools
+
+        varying = self.space.varying()
+        size = self.space.size()
+        if size > self.SPACE_LIST_LIMIT:
+            return
+        names = list(varying)
+        self.unmeasured = {}
+        for model in self.space.models:
+            for combo in itertools.product(*(varying[n].values for n in names)):
+                params = dict(zip(names, combo))
+                if len(self.space.models) > 1:
+                    params["model"] = model
+                key = confirmlib.config_key(self._config_from_params(params))
+                if key not in self.seen:
+                    self.unmeasured.setdefault(key, params)
+
+    def exhausted(self) -> bool:
+        return self.unmeasured is not None and not self.unmeasured
+
     def _reconcile(self) -> None:
         """After a crash of the parent: every Optuna trial left RUNNING gets its Parquet row, and is told."""
-        by_number = {r.trial_number: r for r in self.records if r.trial_number is not None and r.state != "anchor"}
+        by_number = {r.trial_number: r for r in self.records if r.trial_number is not None and r.searched}
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             rec = by_number.get(t.number)
             if rec is None:
@@ -339,10 +377,39 @@ class Search:
             if "Study.stop" not in str(e):
                 raise
 
-    def run_one(self, trial: optuna.Trial) -> TrialRecord:
+    def _duplicate(self, trial: optuna.Trial, first: int, key: tuple) -> None:
+        """A config measured before: tell the sampler its pooled figure instead of measuring it again, and
+        steer the next ask to a config not measured yet (TPE repeats itself on small discrete spaces)."""
+        import dataclasses
+        import random
+
+        same = [r for r in self.records if r.searched and confirmlib.config_key(r.config) == key]
+        prev = next((r for r in same if r.trial_number == first), same[0])
+        if prev.ok:
+            oks = [r for r in same if r.ok]
+            prev = dataclasses.replace(prev, tg_samples=[x for r in oks for x in r.tg_samples],
+                                       pp_samples=[x for r in oks for x in r.pp_samples],
+                                       ttft_samples_ms=[x for r in oks for x in r.ttft_samples_ms])
+        trial.set_user_attr("duplicate_of", first)
+        self._tell(trial.number, prev)
+        self._dupes += 1
+        if self.unmeasured:
+            rng = random.Random(self.opts.seed * 100003 + trial.number)
+            params = self.unmeasured[rng.choice(sorted(self.unmeasured, key=repr))]
+            self.study.enqueue_trial(params, user_attrs={"enqueued": "not measured yet"})
+
+    def run_one(self, trial: optuna.Trial) -> TrialRecord | None:
         cfg = self._suggest(trial)
         number = trial.number
         baseline = trial.user_attrs.get("baseline", "")
+        key = confirmlib.config_key(cfg)
+        if key in self.seen:
+            self._duplicate(trial, self.seen[key], key)
+            return None
+        self._dupes = 0
+        self.seen[key] = number
+        if self.unmeasured is not None:
+            self.unmeasured.pop(key, None)
         skip = invalid_reason(cfg)
         dom = None if skip else dominated_by(cfg, self.failed)
         pred, plan_skip = self._plan(cfg)
@@ -385,7 +452,7 @@ class Search:
         from tuner import planner
         from tuner.recommend import caps
 
-        measured = [r for r in self.records if r.state != "anchor"]
+        measured = [r for r in self.records if r.searched]
         n_ok = sum(1 for r in measured if r.ok and r.peak_rss_bytes)
         if self.calib is None or n_ok != self.calib.n_ram:  # refit only when a trial was added
             self.calib = planner.Calibration.from_records(measured, self.infos)
@@ -417,7 +484,7 @@ class Search:
 
     def _anchor(self) -> None:
         """Re-measure the anchor config; mark drift when its tg moved beyond the tolerance."""
-        ok = [r for r in self.records if r.ok and r.state != "anchor"]
+        ok = [r for r in self.records if r.ok and r.searched]
         if not ok:
             return
         cfg = next((r.config for r in ok if r.baseline == "llama.cpp defaults"), ok[0].config)
@@ -460,13 +527,71 @@ class Search:
 
     # -- the loop ------------------------------------------------------------------------------------------
     def done_trials(self) -> int:
-        # finished trials, skipped ones included; interrupted ones (FAIL) are not: they are run again
-        return len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        # finished trials, skipped ones included; interrupted ones (FAIL) are not: they are run again. A repeated
+        # suggestion of a measured config is no trial: it was told its pooled figure, nothing ran.
+        return sum(1 for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                   if "duplicate_of" not in t.user_attrs)
+
+    def confirm_candidates(self) -> list[confirmlib.Candidate]:
+        """Top K configs at the working context by pooled estimate, the llama.cpp-defaults baseline, and the best
+        config at every other context of the ladder."""
+        from tuner.recommend import fits
+
+        if not self.opts.confirm or self.opts.pareto:
+            return []
+        searched = [r for r in self.records if r.searched and r.ok and r.objective(self.opts.objective) is not None
+                    and fits(r, self.hw, self.opts.limits)]
+        groups = confirmlib.pool(searched)
+        groups = [g for g in groups if not g.drift] or groups
+        if not groups:
+            return []
+        sign = -1 if self.opts.objective == "ttft" else 1
+        groups.sort(key=lambda g: -sign * g.estimate(self.opts.objective))
+        working = max(g.config.effective_ctx() for g in groups)
+        cands: dict[tuple, confirmlib.Candidate] = {}
+        for g in [g for g in groups if g.config.effective_ctx() == working][:self.opts.confirm]:
+            cands[g.key] = confirmlib.Candidate(confirmlib.ROLE_TOP, g.config, g.trial_number,
+                                                roles=[confirmlib.ROLE_TOP])
+        base = next((g for g in groups if any(r.baseline == "llama.cpp defaults" for r in g.records)
+                     and g.config.effective_ctx() == working), None)
+        if base is not None:
+            c = cands.setdefault(base.key, confirmlib.Candidate(confirmlib.ROLE_BASELINE, base.config,
+                                                                base.trial_number, roles=[]))
+            c.roles.append(confirmlib.ROLE_BASELINE)
+        for ctx in sorted({g.config.effective_ctx() for g in groups} - {working}):
+            g = next(g for g in groups if g.config.effective_ctx() == ctx)
+            cands.setdefault(g.key, confirmlib.Candidate(confirmlib.ROLE_LADDER, g.config, g.trial_number,
+                                                         roles=[confirmlib.ROLE_LADDER]))
+        earlier = {confirmlib.config_key(c.config): c for c in confirmlib.candidates_from_records(self.records)}
+        for k, c in cands.items():  # a resumed confirmation goes on from the rounds it has
+            if k in earlier:
+                c.records = list(earlier[k].records)
+        return list(cands.values())
+
+    def typical_trial_s(self) -> float:
+        walls = sorted(r.wall_s for r in self.records if r.ok and r.wall_s)
+        return walls[len(walls) // 2] if walls else 0.0
+
+    def confirm_estimate_s(self, n_cands: int | None = None) -> float:
+        """What the confirmation will cost: candidates × the minimum rounds × a typical trial."""
+        if not self.opts.confirm or self.opts.pareto:
+            return 0.0
+        if n_cands is None:
+            ctxs = self.space.dims["n_ctx"].values if "n_ctx" in self.space.dims else [0]
+            n_cands = self.opts.confirm + 1 + len(ctxs) - 1
+        return n_cands * self.opts.confirm_rounds[0] * self.typical_trial_s()
+
+    def time_left(self) -> float | None:
+        if self.opts.timeout_s is None:
+            return None
+        return self.opts.timeout_s - (time.monotonic() - self.started)
 
     def budget_left(self) -> bool:
         if self.stop_requested:
             return False
-        if self.opts.timeout_s is not None and time.monotonic() - self.started >= self.opts.timeout_s:
+        left = self.time_left()
+        # the confirmation is part of the budget: the search stops early enough to leave time for it
+        if left is not None and left <= self.confirm_estimate_s():
             return False
         if self.opts.n_trials is not None and self.done_trials() >= self.opts.n_trials:
             return False
@@ -476,18 +601,61 @@ class Search:
                 return False
         return True
 
+    MAX_DUPLICATES = 50  # suggestions in a row of measured configs: the sampler has nothing new to offer
+
     def run(self) -> dict | None:
         self.n_run = 0
         while self.budget_left():
+            if self.exhausted():
+                self.finished = f"every config of the space is measured ({self.space.size()} configs)"
+                break
+            if self._dupes >= self.MAX_DUPLICATES:
+                self.finished = f"the sampler proposed {self._dupes} measured configs in a row"
+                break
             trial = self.study.ask()
             rec = self.run_one(trial)
+            if rec is None:
+                continue
             self.n_run += 1
             self.write_recommendation()
             if self.on_trial:
                 self.on_trial(self, rec)
             if (self.opts.drift_every and self.n_run % self.opts.drift_every == 0 and self.budget_left()):
                 self._anchor()
+        if not self.stop_requested:  # after a Ctrl-C the recommendation says it is unconfirmed
+            self.confirm()
         return self.write_recommendation()
+
+    def confirm(self) -> dict | None:
+        """Re-measure the candidates interleaved, round by round (see tuner.confirm); records are state confirm."""
+        cands = self.confirm_candidates()
+        if not cands or self.runner is None:
+            return None
+        lo, hi = self.opts.confirm_rounds
+        done = confirmlib.rounds_of(cands)
+
+        def measure(c: confirmlib.Candidate, rnd: int) -> TrialRecord:
+            try:
+                rec = self.runner.run(c.config)
+            except TrialInterrupted as e:
+                e.record.study, e.record.state, e.record.trial_number = self.opts.study_name, "confirm", c.trial_number
+                e.record.baseline = "+".join(c.roles)
+                self._write(e.record)
+                raise
+            rec.study, rec.state, rec.trial_number = self.opts.study_name, confirmlib.CONFIRM_STATE, c.trial_number
+            rec.baseline, rec.confirm_round, rec.drift = "+".join(c.roles), done + rnd, self.drifting
+            self._write(rec)
+            if self.on_confirm:
+                self.on_confirm(self, c, rec, done + rnd)
+            return rec
+
+        def keep_going() -> bool:
+            left = self.time_left()
+            return not self.stop_requested and (left is None or left > 0)
+
+        self.confirmation = confirmlib.run_rounds(cands, measure, self.opts.objective, max(1, lo - done),
+                                                  max(1, hi - done), keep_going=keep_going)
+        return self.confirmation
 
     def write_recommendation(self) -> dict | None:
         rec = recommendlib.recommend(self.records, self.hw, self.opts.limits, self.opts.objective,
@@ -499,7 +667,7 @@ class Search:
     def best_so_far(self) -> tuple[int, float] | None:
         best = None
         for r in self.records:
-            if r.ok and r.state != "anchor":
+            if r.ok and r.searched:
                 v = r.objective("tg" if self.opts.pareto else self.opts.objective)
                 if v is None:
                     continue
