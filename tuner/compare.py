@@ -208,6 +208,25 @@ def model_id(rec: TrialRecord) -> str:
     return rec.model_hash or Path(rec.config.model).name
 
 
+# Parameters llama.cpp derives from others when they are not set: (parameter, its sources, the value it takes).
+# Records hold what ran, so "followed" means the recorded value is the derived one (or 0, "not set").
+DERIVED: tuple[tuple[str, tuple[str, ...], Callable[[TrialConfig], Any]], ...] = (
+    ("n_threads_batch", ("n_threads",), lambda c: c.n_threads),
+    ("n_ctx", ("n_prompt", "n_gen", "n_depth"), lambda c: c.n_prompt + c.n_gen + c.n_depth),
+    ("n_ubatch", ("n_batch",), lambda c: c.n_batch),  # llama.cpp clamps n_ubatch to n_batch
+)
+
+
+def derived_ignores(recs: list[TrialRecord], ignore: tuple[str, ...]) -> tuple[str, ...]:
+    """Derived parameters that followed an ignored source in every trial: ignoring the source ignores them too.
+
+    A derived parameter someone set on its own (on either side) stays in the key.
+    """
+    return tuple(name for name, sources, derive in DERIVED
+                 if name not in ignore and any(s in ignore for s in sources) and recs
+                 and all(getattr(r.config, name) in (0, derive(r.config)) for r in recs))
+
+
 def key_of(rec: TrialRecord, ignore: tuple[str, ...] = ()) -> tuple:
     params = {k: _hashable(v) for k, v in rec.config.params().items() if k not in NOT_KEY and k not in ignore}
     model = "*" if "model" in ignore else model_id(rec)
@@ -504,6 +523,7 @@ def _failed_result(base_ok: list, cur_ok: list, base_failed: list, cur_failed: l
 def compare_records(base_recs: list[TrialRecord], cur_recs: list[TrialRecord], settings: Settings,
                     baseline: str = "BASELINE", current: str = "CURRENT") -> Report:
     """Pair the two record sets and judge every metric. CompareError when nothing pairs or the hardware differs."""
+    settings = replace(settings, ignore=settings.ignore + derived_ignores([*base_recs, *cur_recs], settings.ignore))
     b = split(baseline, base_recs, settings.ignore)
     c = split(current, cur_recs, settings.ignore)
     bkeys, ckeys = b.keys(), c.keys()
