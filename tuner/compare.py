@@ -668,6 +668,36 @@ def rerun_alerts(report: Report, current: str | os.PathLike, run: Callable[[Tria
     return report
 
 
+def rerun_on_this_machine(report: Report, current: str | os.PathLike, trial_timeout: float = 600.0,
+                          mem_limit: int | None = None, no_wait: bool = False,
+                          log: Callable[[str], None] | None = None) -> Report:
+    """--rerun-on-alert as a call: take the measurement lock, check this is CURRENT's machine, rerun_alerts.
+
+    CompareError when a model file is gone or this machine is not the one CURRENT was measured on.
+    """
+    from tuner.lock import measurement_lock
+    from tuner.runner import Runner
+
+    alerts = [p for p in report.pairs if p.regressed]
+    cur_path = store.resolve(current)
+    store.check_writable(cur_path)
+    for p in alerts:
+        models = {r.config.model for r in split(str(current), load(current), report.settings.ignore).rows(p.key)}
+        gone = [m for m in models if not Path(m).is_file()]
+        if gone:
+            raise CompareError(f"--rerun-on-alert: model file {gone[0]} (of {p.label}) is not here to re-measure")
+    if log:
+        log(f"re-measuring {len(alerts)} alerting config(s) once before failing...")
+    with measurement_lock(wait=not no_wait, what="tuner compare --rerun-on-alert"):
+        with Runner(timeout=trial_timeout, mem_limit=mem_limit) as runner:
+            here = runner.hw.fingerprint()
+            cur_hw = {r.hw_fingerprint for r in load(current)}
+            if here not in cur_hw:
+                raise CompareError(f"--rerun-on-alert: this machine (hw {here}) is not the one CURRENT was measured "
+                                   f"on ({'/'.join(sorted(cur_hw))}); rerun there")
+            return rerun_alerts(report, cur_path, runner.run)
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a report file whole or not at all (a reader never sees half of it)."""
     p = Path(path)
