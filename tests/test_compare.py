@@ -269,6 +269,63 @@ def test_rerun_on_alert_clears_a_fluke(tiny_runs, tmp_path):
     assert ET.parse(tmp_path / "j.xml").getroot().get("failures") == "0"
 
 
+@pytest.fixture(scope="module")
+def derived_runs(models, tmp_path_factory):
+    """Real tiny-model trials whose derived parameters (n_threads_batch, n_ubatch) followed what they derive from."""
+    d = tmp_path_factory.mktemp("derived")
+    model = models / "tiny-q8_0.gguf"
+    runs = {"t2": ["-t", "2"], "t1": ["-t", "1"], "t2-tb1": ["-t", "2", "-tb", "1"], "t1-tb2": ["-t", "1", "-tb", "2"],
+            }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNER_LOCK_FILE", str(d / "measure.lock"))
+        for name, args in runs.items():
+            bench(model, *args, *TINY, "-r", "3", "-o", d / f"{name}.parquet")
+        for b in (64, 32):  # a search records n_ubatch as llama.cpp runs it: clamped to n_batch
+            res = CliRunner().invoke(cli, ["search", "-m", str(model), "--study", f"b{b}", "--results", str(d),
+                                           "-t", "1", "-b", str(b), *TINY, "-r", "3", "--n-trials", "1",
+                                           "--no-baselines", "--drift-every", "0"])
+            assert res.exit_code == 0, res.output
+    return d
+
+
+def test_ignoring_threads_ignores_threads_batch_that_followed_it(derived_runs):
+    d = derived_runs
+    assert list(store.read(d / "t2.parquet")["n_threads_batch"]) == [2]  # followed -t: recorded as it ran
+    res = gate(d / "t2.parquet", d / "t1.parquet", "--ignore", "n_threads", "--json")
+    assert res.exit_code in (0, 1), res.output
+    rep = json.loads(res.stdout)
+    (pair,) = rep["pairs"]
+    assert "n_threads=2→1" in pair["label"] and "n_threads_batch=2→1" in pair["label"]
+    assert "n_threads_batch" not in pair["config"] and "n_threads" not in pair["config"]
+    assert all(m["verdict"] != "missing" for m in pair["metrics"])
+    # one side set -tb itself: it stays in the key, and pairs where the threads that ran agree
+    res = gate(d / "t2-tb1.parquet", d / "t1.parquet", "--ignore", "n_threads", "--json")
+    assert res.exit_code in (0, 1), res.output
+    (pair,) = json.loads(res.stdout)["pairs"]
+    assert pair["config"]["n_threads_batch"] == 1
+    res = gate(d / "t2-tb1.parquet", d / "t1-tb2.parquet", "--ignore", "n_threads")
+    assert res.exit_code == 2 and "differs in n_threads_batch: 1 → 2" in res.stderr, res.output
+
+
+def test_ignoring_batch_ignores_the_ubatch_clamped_to_it(derived_runs):
+    d = derived_runs
+    assert list(store.read(d / "b32")["n_ubatch"]) == [32]  # llama.cpp clamps n_ubatch to n_batch
+    res = gate(d / "b64", d / "b32", "--ignore", "n_batch", "--json")
+    assert res.exit_code in (0, 1), res.output
+    (pair,) = json.loads(res.stdout)["pairs"]
+    assert "n_batch=64→32" in pair["label"] and "n_ubatch=64→32" in pair["label"]
+
+
+def test_derived_parameters_follow_only_an_ignored_source():
+    follows = cmp.TrialRecord(config=cmp.TrialConfig(model="m.gguf", n_threads=2, n_threads_batch=2, n_batch=64,
+                                                     n_ubatch=64))
+    own = cmp.TrialRecord(config=cmp.TrialConfig(model="m.gguf", n_threads=2, n_threads_batch=1, n_ctx=4096))
+    assert cmp.derived_ignores([follows], ()) == ()
+    assert cmp.derived_ignores([follows], ("n_threads",)) == ("n_threads_batch",)
+    assert cmp.derived_ignores([follows], ("n_batch", "n_prompt")) == ("n_ctx", "n_ubatch")  # n_ctx 0: not set
+    assert cmp.derived_ignores([follows, own], ("n_threads", "n_prompt")) == ()  # set on its own in one trial
+
+
 def test_bad_input_is_one_line_exit_2(tiny_runs, tmp_path):
     notours = tmp_path / "x.parquet"
     store.write_frame(notours, pd.DataFrame({"a": [1, 2]}))

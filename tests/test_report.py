@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import shutil
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,7 @@ def test_cpu_study_report(cpu_study, tmp_path):
         assert f"Trial #{rec['trial_number']}" in text
         assert f"{rec['measured']['tg_ts_mean']:.2f} ± {rec['measured']['tg_ts_sd']:.2f}" in text
         assert study.trials[0].hw_fingerprint in text and study.trials[0].build_fingerprint in text
-    assert report.html.escape(rec["forms"]["llama_server"]) in html
+    assert escape(rec["forms"]["llama_server"]) in html
     assert rec["forms"]["llama_server"] in md
     assert "PARAMETER num_ctx" in html and "from llama_cpp import Llama" in md
     b = rec["baselines"]["llama.cpp defaults"]
@@ -215,9 +216,9 @@ def test_all_failed_study_explains_what_failed(failed_study, tmp_path):
     assert "No recommendation: no trial succeeded" in html
     ooms = [r for r in recs if r.outcome == "oom"]
     assert ooms and ooms[0].cause
-    assert report.html.escape(ooms[0].cause[:100]) in html
+    assert escape(ooms[0].cause[:100]) in html
     first = next(ln.strip() for ln in ooms[0].stderr_tail.splitlines() if ln.strip())
-    assert report.html.escape(first)[:80] in html
+    assert escape(first)[:80] in html
     groups = report.failure_groups(report.load_study(failed_study))
     assert sum(len(g["trials"]) for g in groups) == len(recs)
     assert f"| oom | {len(ooms)} |" in md

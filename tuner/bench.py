@@ -88,3 +88,61 @@ def summary(r: TrialRecord) -> str:
              if r.tg_roofline_ts and r.metric("tg")[0] else None,
              f"wall {r.wall_s:.1f} s" if r.wall_s is not None else None]
     return ", ".join(p for p in parts if p)
+
+
+class BenchError(ValueError):
+    """Bad input for one measurement: a one-line message naming the problem."""
+
+
+@dataclasses.dataclass
+class BenchResult:
+    record: TrialRecord
+    out: object  # the Parquet file the record was appended to (a Path)
+    interrupted: bool = False  # Ctrl-C: the trial was stopped and recorded as such
+
+
+def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem_limit: int | None = None,
+            no_wait: bool = False, **params) -> BenchResult:
+    """`tuner bench` as a call: resolve one config against its model, measure it in a worker, append the record.
+
+    params are TrialConfig fields (n_threads=2, n_prompt=512, overrides=("exps=CPU",), ...); None means the
+    default. The planner's prediction (calibrated on earlier trials in `out`) and the bandwidth bound are added.
+    Raises BenchError (or ModelError, LockBusy, StoreError) before anything runs.
+    """
+    from pathlib import Path
+
+    from tuner import store
+    from tuner.lock import measurement_lock
+    from tuner.runner import Runner, TrialInterrupted
+    from tuner.space import invalid_reason
+
+    info = read_model(model)
+    given = {k: v for k, v in params.items() if v is not None and v != ()}
+    if "overrides" in given:
+        given["overrides"] = tuple(given["overrides"])
+    for item in given.get("overrides", ()):
+        if "=" not in item or not item.split("=", 1)[0]:
+            raise BenchError(f"bad --override-tensor {item!r}: expected PATTERN=BUFFER")
+    if given.get("tensor_split"):
+        try:  # caught here, not as a failed trial inside the worker
+            ok = all(float(x) >= 0 for x in given["tensor_split"].split(","))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise BenchError(f"bad --tensor-split {given['tensor_split']!r}: expected proportions like 3,1")
+    cfg = resolve(TrialConfig(model=model, **given), info)
+    if invalid_reason(cfg):
+        raise BenchError(invalid_reason(cfg))
+    out = store.check_writable(out)
+    with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}"):
+        with Runner(timeout=timeout, mem_limit=mem_limit) as runner:
+            try:
+                rec = runner.run(cfg)
+            except TrialInterrupted as e:
+                store.append(out, [e.record])
+                return BenchResult(e.record, out, interrupted=True)
+        # planner prediction (calibrated on this rig's earlier trials in `out`) and the bandwidth bound
+        from tuner import planner, roofline
+        roofline.annotate(rec, info, planner.Calibration.from_store([out], rec.hw_fingerprint))
+    store.append(out, [rec])
+    return BenchResult(rec, out)

@@ -208,6 +208,25 @@ def model_id(rec: TrialRecord) -> str:
     return rec.model_hash or Path(rec.config.model).name
 
 
+# Parameters llama.cpp derives from others when they are not set: (parameter, its sources, the value it takes).
+# Records hold what ran, so "followed" means the recorded value is the derived one (or 0, "not set").
+DERIVED: tuple[tuple[str, tuple[str, ...], Callable[[TrialConfig], Any]], ...] = (
+    ("n_threads_batch", ("n_threads",), lambda c: c.n_threads),
+    ("n_ctx", ("n_prompt", "n_gen", "n_depth"), lambda c: c.n_prompt + c.n_gen + c.n_depth),
+    ("n_ubatch", ("n_batch",), lambda c: c.n_batch),  # llama.cpp clamps n_ubatch to n_batch
+)
+
+
+def derived_ignores(recs: list[TrialRecord], ignore: tuple[str, ...]) -> tuple[str, ...]:
+    """Derived parameters that followed an ignored source in every trial: ignoring the source ignores them too.
+
+    A derived parameter someone set on its own (on either side) stays in the key.
+    """
+    return tuple(name for name, sources, derive in DERIVED
+                 if name not in ignore and any(s in ignore for s in sources) and recs
+                 and all(getattr(r.config, name) in (0, derive(r.config)) for r in recs))
+
+
 def key_of(rec: TrialRecord, ignore: tuple[str, ...] = ()) -> tuple:
     params = {k: _hashable(v) for k, v in rec.config.params().items() if k not in NOT_KEY and k not in ignore}
     model = "*" if "model" in ignore else model_id(rec)
@@ -504,6 +523,7 @@ def _failed_result(base_ok: list, cur_ok: list, base_failed: list, cur_failed: l
 def compare_records(base_recs: list[TrialRecord], cur_recs: list[TrialRecord], settings: Settings,
                     baseline: str = "BASELINE", current: str = "CURRENT") -> Report:
     """Pair the two record sets and judge every metric. CompareError when nothing pairs or the hardware differs."""
+    settings = replace(settings, ignore=settings.ignore + derived_ignores([*base_recs, *cur_recs], settings.ignore))
     b = split(baseline, base_recs, settings.ignore)
     c = split(current, cur_recs, settings.ignore)
     bkeys, ckeys = b.keys(), c.keys()
@@ -646,6 +666,36 @@ def rerun_alerts(report: Report, current: str | os.PathLike, run: Callable[[Tria
         pair.rerun = "confirmed" if confirmed else "not confirmed"
         report.counts["current"] = report.counts.get("current", 0) + 1
     return report
+
+
+def rerun_on_this_machine(report: Report, current: str | os.PathLike, trial_timeout: float = 600.0,
+                          mem_limit: int | None = None, no_wait: bool = False,
+                          log: Callable[[str], None] | None = None) -> Report:
+    """--rerun-on-alert as a call: take the measurement lock, check this is CURRENT's machine, rerun_alerts.
+
+    CompareError when a model file is gone or this machine is not the one CURRENT was measured on.
+    """
+    from tuner.lock import measurement_lock
+    from tuner.runner import Runner
+
+    alerts = [p for p in report.pairs if p.regressed]
+    cur_path = store.resolve(current)
+    store.check_writable(cur_path)
+    for p in alerts:
+        models = {r.config.model for r in split(str(current), load(current), report.settings.ignore).rows(p.key)}
+        gone = [m for m in models if not Path(m).is_file()]
+        if gone:
+            raise CompareError(f"--rerun-on-alert: model file {gone[0]} (of {p.label}) is not here to re-measure")
+    if log:
+        log(f"re-measuring {len(alerts)} alerting config(s) once before failing...")
+    with measurement_lock(wait=not no_wait, what="tuner compare --rerun-on-alert"):
+        with Runner(timeout=trial_timeout, mem_limit=mem_limit) as runner:
+            here = runner.hw.fingerprint()
+            cur_hw = {r.hw_fingerprint for r in load(current)}
+            if here not in cur_hw:
+                raise CompareError(f"--rerun-on-alert: this machine (hw {here}) is not the one CURRENT was measured "
+                                   f"on ({'/'.join(sorted(cur_hw))}); rerun there")
+            return rerun_alerts(report, cur_path, runner.run)
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

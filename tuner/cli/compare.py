@@ -101,8 +101,12 @@ def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samp
         raise TunerError(str(e)) from None
     if rerun_on_alert and report.regressions():
         # run_params' names (timeout, mem_limit, no_wait) are shared with bench and search
-        _rerun(report, current, run_opts.get("timeout", run_opts.get("trial_timeout", 600.0)),
-               run_opts.get("mem_limit"), run_opts.get("no_wait", False))
+        try:
+            cmp.rerun_on_this_machine(report, current, run_opts.get("timeout", run_opts.get("trial_timeout", 600.0)),
+                                      run_opts.get("mem_limit"), run_opts.get("no_wait", False),
+                                      log=lambda line: click.echo(line, err=True))
+        except cmp.CompareError as e:
+            raise TunerError(str(e)) from None
 
     click.echo(report.to_json(fail_on) if as_json else report.table(fail_on))
     md = report.markdown(fail_on)
@@ -115,28 +119,3 @@ def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samp
         with open(summary_file, "a") as f:
             f.write(md + "\n")
     return report.exit_code(fail_on)
-
-
-def _rerun(report: cmp.Report, current, trial_timeout, mem_limit, no_wait) -> None:
-    from tuner import store
-    from tuner.lock import measurement_lock
-    from tuner.runner import Runner
-
-    alerts = [p for p in report.pairs if p.regressed]
-    cur_path = store.resolve(current)
-    store.check_writable(cur_path)
-    for p in alerts:
-        models = {r.config.model for r in cmp.split(str(current), cmp.load(current), report.settings.ignore)
-                  .rows(p.key)}
-        gone = [m for m in models if not Path(m).is_file()]
-        if gone:
-            raise TunerError(f"--rerun-on-alert: model file {gone[0]} (of {p.label}) is not here to re-measure")
-    click.echo(f"re-measuring {len(alerts)} alerting config(s) once before failing...", err=True)
-    with measurement_lock(wait=not no_wait, what="tuner compare --rerun-on-alert"):
-        with Runner(timeout=trial_timeout, mem_limit=mem_limit) as runner:
-            here = runner.hw.fingerprint()
-            cur_hw = {r.hw_fingerprint for r in cmp.load(current)}
-            if here not in cur_hw:
-                raise TunerError(f"--rerun-on-alert: this machine (hw {here}) is not the one CURRENT was measured "
-                                 f"on ({'/'.join(sorted(cur_hw))}); rerun there")
-            cmp.rerun_alerts(report, cur_path, runner.run)

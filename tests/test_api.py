@@ -1,0 +1,52 @@
+"""The Python API: each command's work as one library call (real trials on the tiny synthetic model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tuner import bench, store
+from tuner.search import SearchError, recommend_study, run_search
+from tuner.study import Limits
+
+TINY = {"n_threads": 1, "n_prompt": 16, "n_gen": 8, "repetitions": 2}  # bench: one value each
+
+
+def test_run_search_is_one_call(models, tmp_path):
+    # search: llama.cpp parameters as `tuner search` spells them (a value, a list or a range), the shape as numbers
+    seen, lines = [], []
+    res = run_search([str(models / "tiny-q8_0.gguf")], results=tmp_path, study="api", n_trials=3,
+                     n_ctx="64,128", baselines=False, drift_every=0, on_trial=lambda s, rec: seen.append(rec),
+                     log=lines.append, n_threads="1", n_prompt=16, n_gen=8, repetitions=2)
+    assert res.study_dir == tmp_path / "api" and not res.interrupted and not res.stopped
+    assert len(seen) == 3 and len(store.read(res.study_dir)) == 3
+    assert any(line.startswith("study api: 1 model(s), 2 configs (n_ctx=") for line in lines)
+    rec = res.recommendation
+    assert rec == json.loads((res.study_dir / "recommended.json").read_text())
+    assert rec["config"]["n_ctx"] in (64, 128)
+    # re-derived under a limit only the larger context meets, without touching the file
+    again = recommend_study(res.study_dir, limits=Limits(min_ctx=100), write=False)
+    assert again["config"]["n_ctx"] == 128
+    assert json.loads((res.study_dir / "recommended.json").read_text()) == rec
+    with pytest.raises(SearchError, match="meets these limits"):
+        recommend_study(res.study_dir, limits=Limits(min_ctx=4096))
+
+
+def test_run_search_bad_input_raises_before_anything_runs(models, tmp_path):
+    with pytest.raises(SearchError, match="no model"):
+        run_search([], results=tmp_path)
+    with pytest.raises(SearchError, match="measures nothing"):
+        run_search([str(models / "tiny-q8_0.gguf")], results=tmp_path, n_gen=0, objective="tg")
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_measure_appends_one_record(models, tmp_path):
+    out = tmp_path / "b.parquet"
+    res = bench.measure(str(models / "tiny-q8_0.gguf"), out, **TINY)
+    assert res.record.ok and not res.interrupted and res.out == out
+    assert res.record.config.n_threads_batch == 1  # resolved: follows n_threads
+    assert len(res.record.tg_samples) == 2 and len(store.read(out)) == 1
+    with pytest.raises(bench.BenchError, match="expected PATTERN=BUFFER"):
+        bench.measure(str(models / "tiny-q8_0.gguf"), out, overrides=("exps",), **TINY)
+    assert len(store.read(out)) == 1

@@ -1,0 +1,57 @@
+"""`tuner bench`: one config measured llama-bench style (library: tuner.bench.measure)."""
+
+from __future__ import annotations
+
+import click
+
+from tuner import bench as benchlib
+from tuner.options import TunerError, bench_params, config_option, run_params, shape_params
+
+
+@click.command()
+@config_option("a saved config to re-measure: recommended.json or a `tuner bench --json` record")
+@click.argument("model", required=False)
+@bench_params
+@click.option("--mmap/--no-mmap", "use_mmap", default=None, help="memory-map the model (llama.cpp default: on)")
+@click.option("--mlock", "use_mlock", is_flag=True, default=None, help="lock the model in RAM")
+@click.option("--cpu-moe", "cpu_moe", is_flag=True, default=None, help="all routed experts in host RAM")
+@click.option("-ot", "--override-tensor", "overrides", multiple=True,
+              help="PATTERN=BUFFER, as llama.cpp -ot (e.g. 'exps=CPU'); repeatable")
+@click.option("-ts", "--tensor-split", "tensor_split", default=None, help="proportions per GPU, e.g. 3,1")
+@click.option("--warmup/--no-warmup", "warmup", default=None, help="one untimed run first (as llama-bench)")
+@shape_params
+@run_params()
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default="results/bench.parquet", show_default=True,
+              help="Parquet file the trial row is appended to")
+@click.option("--json", "as_json", is_flag=True, help="print the trial record as JSON")
+def bench(config, model, timeout, mem_limit, no_wait, out, as_json, **params):
+    """Measure one config the way llama-bench does, in a crash-isolated worker process.
+
+    Prints pp/tg t/s (mean ± sd over the repetitions), TTFT and peak memory, and appends the trial to a
+    Parquet file. The trial's outcome (ok, oom, crash, timeout, ...) is recorded either way; the exit code
+    is 1 when the trial failed.
+
+    \b
+    Examples:
+      tuner bench models/dense-q4_k_m.gguf -t 2 -p 512 -n 128 -r 5
+      tuner bench --config results/my-study/recommended.json -r 10
+    """
+    if not model:
+        raise TunerError("no model given (pass MODEL or --config FILE)")
+    try:
+        res = benchlib.measure(model, out, timeout, mem_limit, no_wait, **params)
+    except benchlib.BenchError as e:
+        raise TunerError(str(e)) from None
+    if res.interrupted:
+        click.echo(f"interrupted: the trial was stopped and recorded as such in {res.out}", err=True)
+        return 130
+    rec = res.record
+    if as_json:
+        click.echo(rec.to_json())
+    else:
+        click.echo(benchlib.table([rec]))
+        click.echo(benchlib.summary(rec))
+        if not rec.ok and rec.stderr_tail:
+            click.echo("--- worker stderr (tail) ---\n" + rec.stderr_tail, err=True)
+        click.echo(f"appended to {res.out}", err=True)
+    return 0 if rec.ok else 1

@@ -1,0 +1,88 @@
+"""`tuner search`: an Optuna study over llama.cpp configs (library: tuner.search.run_search)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from tuner.cli.common import Progress, limits_options, log, print_recommendation
+from tuner.options import DURATION, TunerError, config_option, run_params, shape_params, space_params
+from tuner.study import OBJECTIVES, SAMPLERS
+
+
+@click.command()
+@config_option("an experiment file (TOML): any option below; the command line wins over the file")
+@click.option("-m", "--model", "models", multiple=True, help="GGUF file (repeat for several quants); split "
+              "models: the first shard")
+@click.option("--synthetic", type=click.Choice(["tiny", "dense", "moe"]), default=None,
+              help="no model at hand: make this synthetic preset (into RESULTS/models) and search it")
+@click.option("--quants", default="q8_0,q4_k_m", show_default=True, help="quants made with --synthetic")
+@click.option("--study", "study", default=None, help="study name (default: from the model file name)")
+@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="where the study folder goes: RESULTS/<study>/")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite in the study folder)")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-trials", type=click.IntRange(min=1), default=None, help="trials in the study in total: a resumed "
+              "study runs the rest (default: 20; grid: the whole grid)")
+@click.option("--timeout", "timeout", type=DURATION, default=None, help="wall-time budget, e.g. 8h")
+@click.option("--resume", is_flag=True, help="continue an existing study (re-running the same command does too)")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="tg", show_default=True,
+              help="tg/pp t/s, TTFT, or mixed (end-to-end t/s of one request)")
+@click.option("--pareto", is_flag=True, help="two objectives: tg t/s against peak memory (Optuna's Pareto front)")
+@limits_options
+@space_params
+@click.option("--mmap", "use_mmap", default=None, help="true, false or true,false")
+@shape_params
+@run_params("--trial-timeout")
+@click.option("--drift-every", type=click.IntRange(min=0), default=10, show_default=True,
+              help="re-measure an anchor config every K trials (0: never)")
+@click.option("--drift-tolerance", type=float, default=0.05, show_default=True)
+@click.option("--baselines/--no-baselines", default=True, help="start with llama.cpp's defaults and the "
+              "3500 MB/layer heuristic")
+@click.option("--plan/--no-plan", default=True, help="skip configs the memory planner predicts cannot fit "
+              "(recorded as skipped with the prediction)")
+@click.option("--reuse-workers/--fresh-workers", default=True,
+              help="keep a worker's model loaded for the next trial with the same load parameters")
+def search(config, models, synthetic, quants, study, results, storage, sampler, seed, n_trials, timeout,
+           resume, objective, pareto, min_ctx, max_vram, max_ram, headroom, trial_timeout, mem_limit, no_wait,
+           drift_every, drift_tolerance, baselines, plan, reuse_workers, **params):
+    """Search for the fastest config that fits: an Optuna study, every trial crash-isolated.
+
+    Each dimension is a value, a list or a range: --ngl 0:61, --ctx 4096,8192, --threads 4:16:2.
+    Out-of-memory, crashed and timed-out trials are recorded with their cause and steer the sampler
+    away (Optuna constraints); configs a known OOM dominates are skipped. Results go to
+    RESULTS/<study>/: trials.parquet, study.db (Optuna), logs/, recommended.json. Re-running the same
+    command resumes the study. Ctrl-C stops after the current trial (twice: at once).
+
+    \b
+    Examples:
+      tuner search --model Q4_K_M.gguf --model Q8_0.gguf --ngl 0:61 --ctx 4096,8192 --threads 4:16:2 --timeout 8h
+      tuner search --config experiments/cpu-only.toml
+      tuner search --synthetic dense --n-trials 10
+    """
+    from tuner.search import SearchError, run_search
+
+    try:
+        res = run_search(models, synthetic=synthetic, quants=quants, study=study, results=results, storage=storage,
+                         sampler=sampler, seed=seed, n_trials=n_trials, timeout=timeout, resume=resume,
+                         objective=objective, pareto=pareto, min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram,
+                         headroom=headroom, trial_timeout=trial_timeout, mem_limit=mem_limit, no_wait=no_wait,
+                         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, plan=plan,
+                         reuse_workers=reuse_workers, on_trial=Progress(), log=log, **params)
+    except SearchError as e:
+        raise TunerError(str(e)) from None
+    # the command as typed, when it was typed as `tuner ...`
+    resume_hint = (shlex.join(["tuner"] + sys.argv[1:]) if sys.argv and "tuner" in Path(sys.argv[0]).name
+                   else f"tuner search --study {res.study_dir.name} --results {results} --resume (same options)")
+    if res.interrupted:
+        click.echo(f"\ninterrupted: everything so far is in {res.study_dir}/; resume with:\n  {resume_hint}",
+                   err=True)
+        return 130
+    if res.stopped:
+        click.echo(f"stopped: resume with:\n  {resume_hint}", err=True)
+    print_recommendation(res.recommendation, res.study_dir)
+    return 0

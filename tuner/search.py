@@ -1,0 +1,205 @@
+"""`tuner search` and `tuner recommend` as library calls: one function runs a whole search.
+
+    from tuner.search import run_search
+    result = run_search(["models/dense-q4_k_m.gguf"], n_trials=10, n_gpu_layers="0:13", n_ctx="4096,8192")
+    result.recommendation, result.study_dir
+
+The Click commands in tuner/cli/ only parse options, call these and print.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tuner import hardware, store
+from tuner.ggufmeta import read_model
+from tuner.lock import measurement_lock
+from tuner.record import TrialConfig, TrialRecord
+from tuner.study import Limits
+
+
+class SearchError(ValueError):
+    """Bad input for a search: a one-line message naming the problem."""
+
+
+@dataclass
+class SearchResult:
+    """What a search left: the recommendation (None when no config completed) and where everything is."""
+
+    study_dir: Path
+    recommendation: dict | None
+    interrupted: bool = False  # Ctrl-C twice (or the trial was aborted): the recommendation covers what ran
+    stopped: bool = False  # Ctrl-C once: stopped after the current trial
+
+
+def study_name(models: list[str]) -> str:
+    """The default study name: the first model's file name without .gguf and the shard suffix."""
+    stem = Path(models[0]).name.removesuffix(".gguf")
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem) + (f"+{len(models) - 1}" if len(models) > 1 else "")
+
+
+def check_limits(hwinfo, max_ram, max_vram, headroom) -> None:
+    """Limits that leave no memory at all are a typo, not a search."""
+    from tuner.bench import fmt_size
+    from tuner.options import headroom_bytes
+
+    if headroom_bytes(headroom, hwinfo.ram_total) >= hwinfo.ram_total:
+        raise SearchError(f"--headroom {headroom} is all of this machine's RAM ({fmt_size(hwinfo.ram_total)})")
+    for name, v in (("--max-ram", max_ram), ("--max-vram", max_vram)):
+        if v is not None and v <= 0:
+            raise SearchError(f"{name} must be more than 0")
+
+
+def synthetic_models(results: str | Path, preset: str, quants: str) -> list[str]:
+    """--synthetic: make the preset's models into RESULTS/models (kept: a re-run reuses them)."""
+    from tuner.synth import synthesize
+
+    folder = Path(results) / "models"
+    try:
+        return [str(p) for p in synthesize(folder, preset, tuple(q.strip() for q in quants.split(",") if q.strip()))]
+    except ValueError as e:
+        raise SearchError(str(e)) from None
+    except OSError as e:
+        raise SearchError(f"cannot write models to {folder}: {e.strerror or e}") from None
+
+
+def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q4_k_m", study: str | None = None,
+               results: str | Path = "results", storage: str | None = None, sampler: str = "tpe", seed: int = 0,
+               n_trials: int | None = None, timeout: float | None = None, resume: bool = False,
+               objective: str = "tg", pareto: bool = False, min_ctx: int = 0, max_vram: int | None = None,
+               max_ram: int | None = None, headroom: int | float = "1GiB", trial_timeout: float = 600.0,
+               mem_limit: int | None = None, no_wait: bool = False, drift_every: int = 10,
+               drift_tolerance: float = 0.05, baselines: bool = True, plan: bool = True,
+               reuse_workers: bool = True, on_trial: Callable | None = None,
+               log: Callable[[str], None] | None = None, **params) -> SearchResult:
+    """Run (or resume) one Optuna study and return its recommendation; the arguments are `tuner search`'s options.
+
+    `params` are the llama.cpp parameters (TrialConfig names: n_gpu_layers="0:61", n_ctx="4096,8192", ...),
+    each a value, a list or a range as a string, plus the test shape (n_prompt, n_gen, n_depth, repetitions)
+    and use_mmap. `on_trial(search, record)` is called after every trial, `log(line)` with each note.
+    Ctrl-C stops after the current trial, twice aborts it; either way everything measured is kept.
+    Raises SearchError (and tuner.ggufmeta.ModelError, tuner.lock.LockBusy) before anything runs.
+    """
+    from tuner import space as spacelib
+    from tuner import study as studylib
+    from tuner.options import parse_headroom
+    from tuner.runner import Runner
+
+    log = log or (lambda line: None)
+    headroom = parse_headroom(headroom)
+    models = list(models)
+    if synthetic:
+        models += synthetic_models(results, synthetic, quants)
+    if not models:
+        raise SearchError("no model: pass --model FILE.gguf (repeatable) or --synthetic tiny|dense|moe")
+    models = list(dict.fromkeys(models))
+    infos = {m: read_model(m) for m in models}
+    hwinfo = hardware.probe()
+    build = hardware.build_info()
+    shape = {k: params.pop(k, None) for k in ("n_prompt", "n_gen", "n_depth", "repetitions")}
+    base = TrialConfig(model=models[0], n_threads=hwinfo.cores_physical, n_threads_batch=0,
+                       **{k: v for k, v in shape.items() if v is not None})
+    check_limits(hwinfo, max_ram, max_vram, headroom)
+    needs = {"tg": base.n_gen, "pp": base.n_prompt, "ttft": base.n_prompt, "mixed": base.n_prompt + base.n_gen}
+    if not needs["tg" if pareto else objective]:
+        raise SearchError(f"--objective {'tg' if pareto else objective} measures nothing with this test shape "
+                          f"(-p {base.n_prompt} -n {base.n_gen})")
+    try:
+        space = spacelib.build_space(models, infos, params, base, bool(build.get("gpu_offload")),
+                                     hwinfo.cores_physical, hwinfo.cores_logical)
+        if "n_threads_batch" not in space.dims:
+            # threads_batch follows threads unless searched on its own
+            space.base = dataclasses.replace(space.base, n_threads_batch=0)
+        spacelib.require_ctx(space, min_ctx)
+    except spacelib.SpaceError as e:
+        raise SearchError(str(e)) from None
+    limits = Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom)
+    if plan and hwinfo.gpus:
+        from tuner.planner import bound_gpu_layers
+        from tuner.recommend import caps
+
+        bound_gpu_layers(space, infos, caps(hwinfo, Limits(max_vram=max_vram, headroom=headroom))[1])
+    name = study or study_name(models)
+    study_dir = Path(results) / name
+    if n_trials is None and timeout is None and sampler != "grid":
+        n_trials = 20
+    opts = studylib.SearchOptions(
+        study_dir=study_dir, study_name=name, storage=storage, sampler=sampler, seed=seed, n_trials=n_trials,
+        timeout_s=timeout, objective=objective, pareto=pareto, limits=limits,
+        trial_timeout=trial_timeout, mem_limit=mem_limit, reuse_workers=reuse_workers,
+        drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume,
+        plan=plan)
+    srch = studylib.Search(space, opts, infos, hwinfo, build, on_trial=on_trial)
+    # the lock comes first: resuming marks trials left RUNNING as interrupted, which must never touch a study
+    # that another process is measuring right now
+    with measurement_lock(wait=not no_wait, what=f"tuner search {name}"):
+        try:
+            srch.prepare()
+        except studylib.StudyError as e:
+            raise SearchError(str(e)) from None
+        for note in space.notes:
+            log(f"note: {note}")
+        varying = ", ".join(f"{k}={d.spec()}" for k, d in space.varying().items()) or "nothing varies"
+        log(f"study {name}: {len(models)} model(s), {space.size()} configs ({varying}); "
+            f"storage {studylib.redact(opts.storage_url)}")
+        done = srch.done_trials()
+        if done:
+            log(f"resuming study {name}: {done} trial(s) already done")
+        with Runner(timeout=trial_timeout, mem_limit=mem_limit, reuse=reuse_workers, hw=hwinfo,
+                    build=build) as runner:
+            srch.runner = runner
+            try:
+                with studylib.StopOnSignal(srch):
+                    rec = srch.run()
+            except (KeyboardInterrupt, studylib.TrialInterrupted):
+                return SearchResult(study_dir, srch.write_recommendation(), interrupted=True)
+            finally:
+                srch.close()
+    return SearchResult(study_dir, rec, stopped=srch.stop_requested)
+
+
+def search_total(srch) -> int | None:
+    """Trials the study will have when done: --n-trials, or the whole grid."""
+    return srch.opts.n_trials or (srch.space.size() if srch.opts.sampler == "grid" else None)
+
+
+def study_hardware(rec: TrialRecord) -> hardware.Hardware:
+    """The machine a study was measured on, as its records saved it."""
+    return hardware.Hardware(**{k: v for k, v in rec.hw.items() if k != "gpus"},
+                             gpus=[hardware.GPU(**g) for g in rec.hw.get("gpus", [])])
+
+
+def recommend_study(study_dir: str | Path, objective: str | None = None, limits: Limits = Limits(),
+                    write: bool = True) -> dict:
+    """Re-derive a study's recommendation under other limits from its saved trials (nothing is re-run).
+
+    objective None keeps the study's; write rewrites STUDY_DIR/recommended.json. Raises SearchError when the
+    folder holds no trials or no completed trial meets the limits.
+    """
+    import json
+
+    from tuner import recommend as recommendlib
+
+    recs = store.records(Path(study_dir))
+    if not recs:
+        raise SearchError(f"{study_dir} holds no trials")
+    old = {}
+    path = Path(study_dir) / recommendlib.RECOMMENDED_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:
+            raise SearchError(f"{path} is not valid JSON ({e}); remove it or pass --no-write") from None
+    objective = objective or old.get("objective", "tg")
+    rec = recommendlib.recommend(recs, study_hardware(recs[0]), limits, objective, study=recs[0].study,
+                                 pareto="pareto_front" in old)
+    if rec is None:
+        raise SearchError(f"no completed trial in {study_dir} meets these limits")
+    if write:
+        recommendlib.write(path, rec)
+    return rec
