@@ -244,6 +244,8 @@ def assess(cands: list[Candidate], objective: str, alpha: float = ALPHA, min_eff
         num, den = (ws, bs) if sign > 0 else (bs, ws)
         r, lo, hi = bootstrap_ratio(num, den)
         d, p = differ(ws, bs, alpha, min_effect)
+        # told apart only when the test says so AND the interval of the ratio excludes 1
+        d = d and (lo > 1 or hi < 1)
         out["vs_baseline"] = {"trial_number": base.trial_number, "ratio": r, "ci95": [lo, hi], "p": p,
                               "verdict": ("same config" if base is winner else
                                           ("faster" if r > 1 else "slower") if d else "tie")}

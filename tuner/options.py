@@ -149,8 +149,8 @@ def shape_params(f):
                      help="prompt tokens per pp repetition [512]"),
         click.option("-n", "--n-gen", "n_gen", type=int, default=None, callback=_check_count,
                      help="generated tokens per tg repetition [128]"),
-        click.option("-d", "--n-depth", "n_depth", type=int, default=None, callback=_check_count,
-                     help="tokens already in the context before timing [0]"),
+        click.option("-d", "--n-depth", "--depth", "n_depth", type=int, default=None, callback=_check_count,
+                     help="tokens already in the context before timing, as llama-bench -d [0]"),
         click.option("-r", "--repetitions", "repetitions", type=int, default=None, callback=_check_count,
                      help="repetitions per test [5]"),
     ]

@@ -112,7 +112,7 @@ def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", 
     if working < asked:
         out["notes"] = [f"nothing fit within the limits at the largest context asked ({asked}); recommended at "
                         f"{working}"]
-    ladder = context_ladder(pool_, cands, objective)
+    ladder = context_ladder(pool_, cands, objective, confirm.config_key(best.config))
     if len(ladder) > 1:
         out["context_ladder"] = ladder
     if pareto:
@@ -171,30 +171,29 @@ def _obj(r: TrialRecord, objective: str) -> list[float]:
     return objective_samples(r, objective)
 
 
-def context_ladder(groups, cands, objective: str) -> list[dict]:
+def context_ladder(groups, cands, objective: str, winner_key: tuple | None = None) -> list[dict]:
     """The best config at each context measured: what a larger context costs in speed and memory on this rig.
 
-    Figures come from the confirmation runs where the config was confirmed, else from the search's trials."""
+    At the working context it is the recommendation itself; at the others, the config the confirmation
+    re-measured for that rung (figures from its confirmation runs), else the best pooled search estimate."""
     from tuner import confirm
 
     sign = -1 if objective == "ttft" else 1
-    confirmed = {confirm.config_key(c.config): c for c in cands}
+    confirmed = {confirm.config_key(c.config): c for c in cands if c.samples(objective)}
     out = []
     for ctx in sorted({g.config.effective_ctx() for g in groups}):
         here = [g for g in groups if g.config.effective_ctx() == ctx]
-
-        def score(g):
-            c = confirmed.get(g.key)
-            s = c.samples(objective) if c else []
-            return statistics.median(s) if s else g.estimate(objective)
-
-        g = max(here, key=lambda g: sign * score(g))
+        g = next((g for g in here if g.key == winner_key), None) or \
+            next((g for g in here if g.key in confirmed), None) or \
+            max(here, key=lambda g: sign * g.estimate(objective))
         c = confirmed.get(g.key)
-        recs = [r for r in c.records if r.ok] if c and c.samples(objective) else g.records
+        recs = [r for r in c.records if r.ok] if c else g.records
         m = measured(recs)
-        out.append({"n_ctx": ctx, "trial_number": g.trial_number, "objective": score(g),
-                    "confirmed": bool(c and c.samples(objective)), "tg_ts": m["tg_ts_mean"], "pp_ts": m["pp_ts_mean"],
-                    "ttft_ms": m["ttft_ms_mean"], "peak_rss_bytes": g.peak_rss, "peak_vram_bytes": g.peak_vram,
+        value = statistics.median(c.samples(objective)) if c else g.estimate(objective)
+        out.append({"n_ctx": ctx, "trial_number": g.trial_number, "objective": value, "confirmed": c is not None,
+                    "tg_ts": m["tg_ts_mean"], "pp_ts": m["pp_ts_mean"], "ttft_ms": m["ttft_ms_mean"],
+                    "peak_rss_bytes": max(m["peak_rss_bytes"] or 0, g.peak_rss or 0) or None,
+                    "peak_vram_bytes": max(m["peak_vram_bytes"] or 0, g.peak_vram or 0) or None,
                     "config": confirm._short(g.config)})
     return out
 

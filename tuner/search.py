@@ -19,6 +19,8 @@ from tuner import hardware, store
 from tuner.ggufmeta import read_model
 from tuner.lock import measurement_lock
 from tuner.record import TrialConfig, TrialRecord
+from tuner.confirm import DEFAULT_K as DEFAULT_CONFIRM
+from tuner.confirm import MAX_ROUNDS, MIN_ROUNDS
 from tuner.study import Limits
 
 
@@ -34,6 +36,7 @@ class SearchResult:
     recommendation: dict | None
     interrupted: bool = False  # Ctrl-C twice (or the trial was aborted): the recommendation covers what ran
     stopped: bool = False  # Ctrl-C once: stopped after the current trial
+    finished: str = ""  # why the search ended before its budget (e.g. every config of the space is measured)
 
 
 def study_name(models: list[str]) -> str:
@@ -71,17 +74,24 @@ def synthetic_models(results: str | Path, preset: str, quants: str) -> list[str]
 def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q4_k_m", study: str | None = None,
                results: str | Path = "results", storage: str | None = None, sampler: str = "tpe", seed: int = 0,
                n_trials: int | None = None, timeout: float | None = None, resume: bool = False,
-               objective: str = "tg", pareto: bool = False, min_ctx: int = 0, max_vram: int | None = None,
+               objective: str = "mixed", pareto: bool = False, min_ctx: int = 0, max_vram: int | None = None,
                max_ram: int | None = None, headroom: int | float = "1GiB", trial_timeout: float = 600.0,
                mem_limit: int | None = None, no_wait: bool = False, drift_every: int = 10,
                drift_tolerance: float = 0.05, baselines: bool = True, plan: bool = True,
-               reuse_workers: bool = True, on_trial: Callable | None = None,
-               log: Callable[[str], None] | None = None, **params) -> SearchResult:
+               reuse_workers: bool = True, auto_space: bool = True, confirm: int = DEFAULT_CONFIRM,
+               confirm_rounds: int = MAX_ROUNDS, on_trial: Callable | None = None,
+               on_confirm: Callable | None = None, log: Callable[[str], None] | None = None,
+               **params) -> SearchResult:
     """Run (or resume) one Optuna study and return its recommendation; the arguments are `tuner search`'s options.
 
     `params` are the llama.cpp parameters (TrialConfig names: n_gpu_layers="0:61", n_ctx="4096,8192", ...),
     each a value, a list or a range as a string, plus the test shape (n_prompt, n_gen, n_depth, repetitions)
-    and use_mmap. `on_trial(search, record)` is called after every trial, `log(line)` with each note.
+    and use_mmap. With `auto_space` every parameter left unset that matters for the objective gets the default
+    space's range (tuner.space.auto_dimensions); the context defaults to the working context (4096 capped by
+    the trained one). `confirm` top configs are re-measured against the llama.cpp-defaults baseline before the
+    recommendation is written (0: none), for at most `confirm_rounds` rounds.
+    `on_trial(search, record)` is called after every trial, `on_confirm(search, candidate, record, round)` after
+    every confirmation run, `log(line)` with each note.
     Ctrl-C stops after the current trial, twice aborts it; either way everything measured is kept.
     Raises SearchError (and tuner.ggufmeta.ModelError, tuner.lock.LockBusy) before anything runs.
     """
@@ -109,16 +119,24 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
     if not needs["tg" if pareto else objective]:
         raise SearchError(f"--objective {'tg' if pareto else objective} measures nothing with this test shape "
                           f"(-p {base.n_prompt} -n {base.n_gen})")
+    if confirm < 0 or confirm_rounds < 1:
+        raise SearchError("--confirm must be at least 1 (or --no-confirm) and --confirm-rounds at least 1")
+    limits = Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom)
     try:
         space = spacelib.build_space(models, infos, params, base, bool(build.get("gpu_offload")),
-                                     hwinfo.cores_physical, hwinfo.cores_logical)
+                                     hwinfo.cores_physical, hwinfo.cores_logical, objective="tg" if pareto
+                                     else objective, auto=auto_space, ram_total=hwinfo.ram_total)
         if "n_threads_batch" not in space.dims:
             # threads_batch follows threads unless searched on its own
             space.base = dataclasses.replace(space.base, n_threads_batch=0)
         spacelib.require_ctx(space, min_ctx)
+        if plan:
+            from tuner.recommend import caps
+
+            ram_cap, vram_cap = caps(hwinfo, limits)
+            spacelib.drop_unfit_contexts(space, infos, ram_cap, vram_cap, bool(build.get("gpu_offload")))
     except spacelib.SpaceError as e:
         raise SearchError(str(e)) from None
-    limits = Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom)
     if plan and hwinfo.gpus:
         from tuner.planner import bound_gpu_layers
         from tuner.recommend import caps
@@ -133,8 +151,8 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
         timeout_s=timeout, objective=objective, pareto=pareto, limits=limits,
         trial_timeout=trial_timeout, mem_limit=mem_limit, reuse_workers=reuse_workers,
         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume,
-        plan=plan)
-    srch = studylib.Search(space, opts, infos, hwinfo, build, on_trial=on_trial)
+        plan=plan, confirm=confirm, confirm_rounds=(min(MIN_ROUNDS, confirm_rounds), confirm_rounds))
+    srch = studylib.Search(space, opts, infos, hwinfo, build, on_trial=on_trial, on_confirm=on_confirm)
     # the lock comes first: resuming marks trials left RUNNING as interrupted, which must never touch a study
     # that another process is measuring right now
     with measurement_lock(wait=not no_wait, what=f"tuner search {name}"):
@@ -144,6 +162,8 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
             raise SearchError(str(e)) from None
         for note in space.notes:
             log(f"note: {note}")
+        for line in describe_space(space):
+            log(line)
         varying = ", ".join(f"{k}={d.spec()}" for k, d in space.varying().items()) or "nothing varies"
         log(f"study {name}: {len(models)} model(s), {space.size()} configs ({varying}); "
             f"storage {studylib.redact(opts.storage_url)}")
@@ -160,7 +180,18 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
                 return SearchResult(study_dir, srch.write_recommendation(), interrupted=True)
             finally:
                 srch.close()
-    return SearchResult(study_dir, rec, stopped=srch.stop_requested)
+    return SearchResult(study_dir, rec, stopped=srch.stop_requested, finished=srch.finished)
+
+
+def describe_space(space) -> list[str]:
+    """Why each dimension of the default space is there, and what it leaves out on purpose."""
+    lines = [f"  {k} = {space.dims[k].spec()}: {why}" for k, why in space.auto.items() if k in space.dims]
+    if lines:
+        lines.insert(0, "default space (set any of these yourself to override):")
+    if "type_k" not in space.dims and "type_v" not in space.dims:
+        lines.append("  type_k/type_v = f16: KV-cache types change the output; list them (-ctk f16,q8_0 -ctv "
+                     "f16,q8_0) to search them")
+    return lines
 
 
 def search_total(srch) -> int | None:
@@ -195,7 +226,7 @@ def recommend_study(study_dir: str | Path, objective: str | None = None, limits:
             old = json.loads(path.read_text())
         except ValueError as e:
             raise SearchError(f"{path} is not valid JSON ({e}); remove it or pass --no-write") from None
-    objective = objective or old.get("objective", "tg")
+    objective = objective or old.get("objective", "mixed")
     rec = recommendlib.recommend(recs, study_hardware(recs[0]), limits, objective, study=recs[0].study,
                                  pareto="pareto_front" in old)
     if rec is None:

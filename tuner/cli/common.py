@@ -43,7 +43,10 @@ class Progress:
         elapsed = time.monotonic() - srch.started
         eta = None
         if total:
-            eta = elapsed / max(srch.n_run, 1) * max(total - n, 0)  # this session's pace
+            left = max(total - n, 0)
+            if srch.unmeasured is not None:
+                left = min(left, len(srch.unmeasured))  # a small space ends when every config is measured
+            eta = elapsed / max(srch.n_run, 1) * left + srch.confirm_estimate_s()  # pace + the confirmation
         if opts.timeout_s:
             left = max(0.0, opts.timeout_s - elapsed)
             eta = min(eta, left) if eta is not None else left
@@ -59,6 +62,20 @@ class Progress:
                    + f" | {last}", err=True)
 
 
+    def confirmed(self, srch, cand, rec, rnd: int) -> None:
+        """One line per confirmation run: its round, the candidate's roles, the objective it measured."""
+        from tuner.confirm import objective_samples
+
+        if not getattr(self, "_confirm_started", False):
+            self._confirm_started = True
+            click.echo(f"confirming: the best configs and llama.cpp's defaults re-measured interleaved, round by "
+                       f"round (at most {srch.opts.confirm_rounds[1]}; ETA {hms(srch.confirm_estimate_s())} for "
+                       f"{srch.opts.confirm_rounds[0]} rounds)", err=True)
+        s = objective_samples(rec, srch.opts.objective) if rec.ok else []
+        what = f"{srch.opts.objective} {sum(s) / len(s):.2f}" if s else f"{rec.outcome}: {rec.cause[:60]}"
+        click.echo(f"  [confirm round {rnd + 1}] #{cand.trial_number} ({'+'.join(cand.roles)}): {what}", err=True)
+
+
 def hms(s: float) -> str:
     s = int(s)
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -69,13 +86,37 @@ def print_recommendation(rec: dict | None, study_dir: Path) -> None:
         click.echo(f"no config completed within the limits; see {study_dir / store.TRIALS_FILE} for the causes")
         return
     m = rec["measured"]
-    click.echo(f"recommended (trial #{rec['trial_number']}): tg {m['tg_ts_mean']:.2f} ± {m['tg_ts_sd']:.2f} t/s, "
-               f"pp {m['pp_ts_mean'] or 0:.2f} t/s, peak RSS {fmt_size(m['peak_rss_bytes'])}"
+    conf = rec.get("confirmation") or {}
+    click.echo(f"recommended (trial #{rec['trial_number']}, n_ctx {rec.get('working_ctx', '?')}): "
+               f"tg {m['tg_ts_mean'] or 0:.2f} ± {m['tg_ts_sd'] or 0:.2f} t/s, pp {m['pp_ts_mean'] or 0:.2f} t/s, "
+               f"peak RSS {fmt_size(m['peak_rss_bytes'])}"
                + (f", peak VRAM {fmt_size(m['peak_vram_bytes'])}" if m.get("peak_vram_bytes") else ""))
+    row = next((c for c in conf.get("candidates", []) if c["trial_number"] == rec["trial_number"]), None)
+    if row and row.get("median") is not None:
+        click.echo(f"  confirmed over {conf['rounds']} interleaved round(s): {conf['objective']} median "
+                   f"{row['median']:.2f} (95 % interval {row['ci95'][0]:.2f}-{row['ci95'][1]:.2f}); "
+                   f"{conf['verdict']}: {conf['reason']}")
+    elif conf:
+        click.echo(f"  {conf.get('verdict')}: {conf.get('reason')}")
     for label, b in rec["baselines"].items():
-        if b.get("recommended_vs_baseline"):
-            click.echo(f"  {b['recommended_vs_baseline']:.2f}x the {label} baseline (trial #{b['trial_number']})")
+        if b.get("source") == "confirmation":
+            lo, hi = b["ci95"]
+            click.echo(f"  {b['recommended_vs_baseline']:.2f}x the {label} baseline (95 % interval {lo:.2f}-{hi:.2f}, "
+                       f"{b['verdict']}; measured interleaved)")
+        elif b.get("recommended_vs_baseline"):
+            click.echo(f"  {b['recommended_vs_baseline']:.2f}x the {label} baseline (trial #{b['trial_number']}; "
+                       "unconfirmed)")
         else:
             click.echo(f"  {label} baseline: {b['outcome']}")
+    ladder = rec.get("context_ladder") or []
+    if ladder:
+        click.echo("  context ladder (best config at each context):")
+        for r in ladder:
+            click.echo(f"    n_ctx {r['n_ctx']:>7}: {rec['objective']} {r['objective'] or 0:8.2f}, tg {r['tg_ts'] or 0:8.2f} "
+                       f"t/s, pp {r['pp_ts'] or 0:8.2f} t/s, peak RSS {fmt_size(r['peak_rss_bytes'])}"
+                       + (f", VRAM {fmt_size(r['peak_vram_bytes'])}" if r.get("peak_vram_bytes") else "")
+                       + (" (confirmed)" if r["confirmed"] else "") + f"  #{r['trial_number']}")
+    for note in rec.get("notes", []):
+        click.echo(f"  note: {note}")
     click.echo(f"  llama-server: {rec['forms']['llama_server']}")
     click.echo(f"  written: {study_dir / 'recommended.json'}")

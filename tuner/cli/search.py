@@ -30,8 +30,8 @@ from tuner.study import OBJECTIVES, SAMPLERS
               "study runs the rest (default: 20; grid: the whole grid)")
 @click.option("--timeout", "timeout", type=DURATION, default=None, help="wall-time budget, e.g. 8h")
 @click.option("--resume", is_flag=True, help="continue an existing study (re-running the same command does too)")
-@click.option("--objective", type=click.Choice(OBJECTIVES), default="tg", show_default=True,
-              help="tg/pp t/s, TTFT, or mixed (end-to-end t/s of one request)")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="mixed", show_default=True,
+              help="mixed: end-to-end t/s of one request of the test shape (prompt + generation); tg/pp t/s; TTFT")
 @click.option("--pareto", is_flag=True, help="two objectives: tg t/s against peak memory (Optuna's Pareto front)")
 @limits_options
 @space_params
@@ -47,12 +47,25 @@ from tuner.study import OBJECTIVES, SAMPLERS
               "(recorded as skipped with the prediction)")
 @click.option("--reuse-workers/--fresh-workers", default=True,
               help="keep a worker's model loaded for the next trial with the same load parameters")
+@click.option("--auto-space/--no-auto-space", default=True, show_default=True,
+              help="search the default range of every parameter you leave unset that matters for the objective "
+                   "(threads, batch sizes, flash attention; GPU layers and experts on a GPU build)")
+@click.option("--confirm", "confirm", type=click.IntRange(min=1), default=3, show_default=True,
+              help="re-measure the top K configs and the llama.cpp defaults, interleaved, before recommending")
+@click.option("--no-confirm", is_flag=True, help="recommend the best pooled estimate of the search as it is")
+@click.option("--confirm-rounds", type=click.IntRange(min=1), default=6, show_default=True,
+              help="most confirmation rounds (it stops earlier once the best is told apart, after 3)")
 def search(config, models, synthetic, quants, study, results, storage, sampler, seed, n_trials, timeout,
            resume, objective, pareto, min_ctx, max_vram, max_ram, headroom, trial_timeout, mem_limit, no_wait,
-           drift_every, drift_tolerance, baselines, plan, reuse_workers, **params):
+           drift_every, drift_tolerance, baselines, plan, reuse_workers, auto_space, confirm, no_confirm,
+           confirm_rounds, **params):
     """Search for the fastest config that fits: an Optuna study, every trial crash-isolated.
 
-    Each dimension is a value, a list or a range: --ngl 0:61, --ctx 4096,8192, --threads 4:16:2.
+    Each dimension is a value, a list or a range: --ngl 0:61, --ctx 4096,8192, --threads 4:16:2. With only
+    --model, the default space searches what matters on this machine (printed with the reasons); every trial
+    allocates the working context (--ctx, default 4096 capped by the model's trained context), and a list of
+    contexts also gives a context ladder. Before recommending, the top --confirm configs and llama.cpp's
+    defaults are re-measured interleaved; the winner is decided on those samples.
     Out-of-memory, crashed and timed-out trials are recorded with their cause and steer the sampler
     away (Optuna constraints); configs a known OOM dominates are skipped. Results go to
     RESULTS/<study>/: trials.parquet, study.db (Optuna), logs/, recommended.json. Re-running the same
@@ -63,6 +76,7 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
       tuner search --model Q4_K_M.gguf --model Q8_0.gguf --ngl 0:61 --ctx 4096,8192 --threads 4:16:2 --timeout 8h
       tuner search --config experiments/cpu-only.toml
       tuner search --synthetic dense --n-trials 10
+      tuner search --model gemma-3-270m-q4_k_m.gguf --ctx 4096,16384,32768 --depth 1024
     """
     from tuner.search import SearchError, run_search
 
@@ -72,7 +86,9 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
                          objective=objective, pareto=pareto, min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram,
                          headroom=headroom, trial_timeout=trial_timeout, mem_limit=mem_limit, no_wait=no_wait,
                          drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, plan=plan,
-                         reuse_workers=reuse_workers, on_trial=Progress(), log=log, **params)
+                         reuse_workers=reuse_workers, auto_space=auto_space, confirm=0 if no_confirm else confirm,
+                         confirm_rounds=confirm_rounds, on_trial=Progress(), on_confirm=Progress().confirmed,
+                         log=log, **params)
     except SearchError as e:
         raise TunerError(str(e)) from None
     # the command as typed, when it was typed as `tuner ...`
@@ -84,5 +100,7 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
         return 130
     if res.stopped:
         click.echo(f"stopped: resume with:\n  {resume_hint}", err=True)
+    if res.finished:
+        click.echo(f"search finished: {res.finished}", err=True)
     print_recommendation(res.recommendation, res.study_dir)
     return 0
