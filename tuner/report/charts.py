@@ -667,6 +667,87 @@ def chart_compare(studies: list[Study], colours) -> Chart:
     return ch
 
 
+def chart_confirmation(study: Study, colours, **options) -> Chart:
+    """Each confirmed candidate's samples with the median and its bootstrap interval; the winner starred."""
+    fig = _figure(1, width=7.5)
+    ax = fig.axes[0]
+    conf = (study.recommended or {}).get("confirmation") or {}
+    obj = conf.get("objective") or study.objective
+    ch = Chart("8-confirmation", "Confirmation of the winner",
+               f"The best configs of the search and llama.cpp's defaults re-measured interleaved round by round: "
+               f"every repetition's {obj} (dots), the median (bar) and its bootstrap 95 % interval; ★ = the "
+               f"recommendation. Verdict: {conf.get('verdict', 'none')}: {conf.get('reason', 'no confirmation ran')}",
+               fig, study=study.label)
+    rows = [c for c in conf.get("candidates", []) if c.get("samples")]
+    if not rows:
+        _note(ax, "no confirmation ran (--no-confirm, a Ctrl-C or the budget ended first):\n"
+                  "the recommendation is the search's own best estimate", ch)
+    unit = "ms" if obj == "ttft" else "t/s"
+    for i, c in enumerate(rows):
+        win = c["trial_number"] == study.recommended.get("trial_number")
+        colour = "#d62728" if win else ("#222222" if "llama.cpp defaults" in c["roles"] else "#1f77b4")
+        ys = c["samples"]
+        xs = [i + 0.25 * ((j % 7) / 6 - 0.5) for j in range(len(ys))]
+        ax.scatter(xs, ys, s=10, alpha=0.5, color=colour, zorder=3)
+        lo, hi = c["ci95"]
+        ax.errorbar([i], [c["median"]], yerr=[[c["median"] - lo], [hi - c["median"]]], fmt="_", ms=22,
+                    color=colour, capsize=6, lw=2, zorder=4)
+        if win:
+            ax.scatter([i], [c["median"]], marker="*", s=220, color=colour, edgecolors="black", zorder=5)
+        ch.counts["candidate"] += 1
+        ch.counts["samples"] += len(ys)
+    ax.set_xticks(range(len(rows)), [f"#{c['trial_number']}\n{'+'.join(c['roles'])}\nn_ctx {c['n_ctx']}"
+                                     for c in rows], fontsize=7)
+    ax.set_ylabel(f"{obj} ({unit}) per repetition")
+    vs = conf.get("vs_baseline")
+    title = f"{study.label}: confirmation over {conf.get('rounds', 0)} round(s)"
+    if vs:
+        title += f"; {vs['ratio']:.2f}x the defaults (95 % {vs['ci95'][0]:.2f}-{vs['ci95'][1]:.2f}, {vs['verdict']})"
+    fig.suptitle(title)
+    return ch
+
+
+def chart_context_ladder(study: Study, colours, **options) -> Chart:
+    """Speed and memory of the best config at each context: what a larger context costs on this rig."""
+    fig = _figure(2)
+    ladder = (study.recommended or {}).get("context_ladder") or []
+    ch = Chart("9-context-ladder", "Context ladder",
+               "The best config at each context of --ctx (confirmed where marked ●, else the search's estimate): "
+               "generation and prompt speed (left) and peak memory (right) against the context size.",
+               fig, study=study.label)
+    ax, am = fig.axes
+    if len(ladder) < 2:
+        for a in (ax, am):
+            _note(a, "one context only: pass several, e.g. --ctx 4096,16384,32768, for a ladder", ch)
+    else:
+        xs = [r["n_ctx"] for r in ladder]
+        for key, label, colour in (("tg_ts", "tg", "#1f77b4"), ("pp_ts", "pp", "#ff7f0e")):
+            ys = [r[key] for r in ladder]
+            if any(y is not None for y in ys):
+                ax.plot(xs, ys, "-", color=colour, label=label)
+                for x, y, r in zip(xs, ys, ladder):
+                    if y is not None:
+                        ax.scatter([x], [y], color=colour, marker="o",
+                                   facecolors=colour if r["confirmed"] else "none", zorder=3)
+                        ch.counts[label] += 1
+        for key, label, colour in (("peak_rss_bytes", "peak RAM", "#2ca02c"), ("peak_vram_bytes", "peak VRAM",
+                                                                               "#9467bd")):
+            ys = [r[key] for r in ladder]
+            if any(ys):
+                scale, unit = mem_scale([y for y in ys if y])
+                am.plot(xs, [y / scale if y else None for y in ys], "o-", color=colour, label=f"{label} ({unit})")
+                ch.counts[label] += 1
+        for a in (ax, am):
+            a.set_xscale("log", base=2)
+            a.set_xticks(xs, [str(x) for x in xs])
+            a.set_xlabel("n_ctx (context size, tokens)")
+            a.legend()
+        ax.set_ylabel("tokens/s")
+        am.set_ylabel("peak memory")
+    fig.suptitle(f"{study.label}: context ladder ({len(ladder)} context(s))")
+    return ch
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the registry: the per-study charts, in report order. A new chart is a function above, added here.
 # Each is called as f(study, colours, **options) with the report's options (outcome_map=...): it takes the
@@ -674,7 +755,7 @@ def chart_compare(studies: list[Study], colours) -> Chart:
 # ---------------------------------------------------------------------------------------------------------
 STUDY_CHARTS: tuple[Callable[..., Chart], ...] = (
     chart_speed_vs_ngl, chart_speed_vs_threads, chart_memory, chart_pareto, chart_outcome_map, chart_progress,
-    chart_importance,
+    chart_importance, chart_confirmation, chart_context_ladder,
 )
 
 

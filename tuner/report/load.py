@@ -45,11 +45,16 @@ class Study:
     @property
     def trials(self) -> list[TrialRecord]:
         """The study's own trials (drift-anchor re-measurements left out)."""
-        return [r for r in self.records if r.state != "anchor"]
+        return [r for r in self.records if r.searched]
 
     @property
     def anchors(self) -> list[TrialRecord]:
         return [r for r in self.records if r.state == "anchor"]
+
+    @property
+    def confirmations(self) -> list[TrialRecord]:
+        """The confirmation's re-measurements of the best configs (state "confirm")."""
+        return [r for r in self.records if r.state == "confirm"]
 
     @property
     def ok(self) -> list[TrialRecord]:

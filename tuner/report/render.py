@@ -95,11 +95,33 @@ def _recommendation_blocks(s: Study) -> list:
     keys = [k for k in cfg if k not in ("model", "overrides") and k not in SHAPE_FIELDS] + ["overrides"]
     out.append(("table", ["parameter", "value"], [[k, ", ".join(cfg[k]) if isinstance(cfg[k], list) else
                                                    str(cfg[k])] for k in keys if k in cfg]))
+    conf = rec.get("confirmation") or {}
+    if conf:
+        out += [("h", 4, "Confirmation"), ("p", f"{conf.get('verdict', '?')}: {conf.get('reason', '')}")]
+        rows = [[f"#{c['trial_number']}", "+".join(c["roles"]), str(c["n_ctx"]), str(c["runs"]),
+                 f"{c['median']:.2f}" if c.get("median") is not None else "-",
+                 f"{c['ci95'][0]:.2f}-{c['ci95'][1]:.2f}" if c.get("median") is not None else "-",
+                 fmt_size(c.get("peak_memory_bytes"))] for c in conf.get("candidates", [])]
+        if rows:
+            out.append(("table", ["trial", "role", "n_ctx", "runs", f"median {obj}", "95 % interval",
+                                  "peak memory"], rows))
+    ladder = rec.get("context_ladder") or []
+    if ladder:
+        out += [("h", 4, "Context ladder"),
+                ("table", ["n_ctx", "trial", obj, "tg t/s", "pp t/s", "peak RAM", "peak VRAM", "confirmed"],
+                 [[str(r["n_ctx"]), f"#{r['trial_number']}", f"{r['objective']:.2f}" if r["objective"] else "-",
+                   f"{r['tg_ts']:.2f}" if r["tg_ts"] else "-", f"{r['pp_ts']:.2f}" if r["pp_ts"] else "-",
+                   fmt_size(r.get("peak_rss_bytes")), fmt_size(r.get("peak_vram_bytes")),
+                   "yes" if r["confirmed"] else "no"] for r in ladder])]
     items = []
     for label, b in (rec.get("baselines") or {}).items():
-        if b.get("recommended_vs_baseline"):
+        if b.get("source") == "confirmation":
+            items.append(f"{b['recommended_vs_baseline']:.2f}× the {label} baseline, 95 % interval "
+                         f"{b['ci95'][0]:.2f}-{b['ci95'][1]:.2f} ({b['verdict']}; winner and baseline measured "
+                         "interleaved in the confirmation)")
+        elif b.get("recommended_vs_baseline"):
             items.append(f"{b['recommended_vs_baseline']:.2f}× the {label} baseline (trial #{b.get('trial_number')}: "
-                         f"{obj} {b.get(obj):.2f}{' ms' if obj == 'ttft' else ' t/s'})")
+                         f"{obj} {b.get(obj):.2f}{' ms' if obj == 'ttft' else ' t/s'}; unconfirmed)")
         else:
             items.append(f"{label} baseline (trial #{b.get('trial_number')}): {b.get('outcome')}"
                          + (f": {b['cause'][:160]}" if b.get("cause") else ""))
