@@ -34,7 +34,8 @@ def study10(models, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "-m", str(models / "tiny-q4_k_m.gguf"),
                "--threads", "1:2", "-ub", "64,128,256", "-fa", "on,off", *SHAPE, "--n-trials", "10",
-               "--drift-every", "4", "--results", str(results), "--study", "s10"])
+               "--drift-every", "4", "--no-auto-space", "--confirm", "2", "--confirm-rounds", "3",
+               "--results", str(results), "--study", "s10"])
     assert res.exit_code == 0, res.output
     return results / "s10", res.output
 
@@ -42,7 +43,7 @@ def study10(models, tmp_path_factory):
 def test_ten_trials_ten_rows_and_a_recommendation(study10):
     d, out = study10
     df = store.read(d)
-    trials = df[df["state"] != "anchor"]
+    trials = df[~df["state"].isin(["anchor", "confirm"])]
     assert len(trials) == 10
     assert sorted(trials["trial_number"]) == list(range(10))
     assert set(trials["model"].map(lambda p: Path(p).name)) == {"tiny-q8_0.gguf", "tiny-q4_k_m.gguf"}
@@ -52,25 +53,42 @@ def test_ten_trials_ten_rows_and_a_recommendation(study10):
     # drift anchors were re-measured every 4 trials and kept apart from the trials
     assert (df["state"] == "anchor").sum() == 2
     rec = json.loads((d / "recommended.json").read_text())
-    best = trials.loc[trials["tg_ts_mean"].idxmax()]
-    assert rec["trial_number"] == int(best["trial_number"])
-    assert rec["measured"]["tg_ts_mean"] == pytest.approx(best["tg_ts_mean"])
+    # the winner was decided on the confirmation: the top 2 by pooled estimate and the defaults, re-measured
+    conf = rec["confirmation"]
+    assert conf["verdict"] in ("separated", "tie") and rec["trial_number"] == conf["winner"]
+    assert 3 <= conf["rounds"] <= 3 and len(conf["candidates"]) in (2, 3)
+    assert {"llama.cpp defaults"} <= {r for c in conf["candidates"] for r in c["roles"]}
+    confirm_rows = df[df["state"] == "confirm"]
+    assert len(confirm_rows) == 3 * len(conf["candidates"])
+    assert set(confirm_rows["trial_number"]) == {c["trial_number"] for c in conf["candidates"]}
+    # the figures a user reads come from the winner's confirmation runs, not from its search trial
+    won = confirm_rows[confirm_rows["trial_number"] == rec["trial_number"]]
+    assert rec["measured"]["runs"] == 3
+    assert rec["measured"]["tg_ts_mean"] == pytest.approx(sum(sum(s) for s in won["tg_samples"]) /
+                                                          sum(len(s) for s in won["tg_samples"]))
+    best = trials[trials["trial_number"] == rec["trial_number"]].iloc[0]
     assert rec["config"]["n_threads"] == int(best["n_threads"])
+    base = rec["baselines"]["llama.cpp defaults"]
+    assert base["source"] == "confirmation" and base["ci95"][0] <= base["recommended_vs_baseline"] <= base["ci95"][1]
+    assert rec["working_ctx"] == 4096 and "-c 4096 " in rec["forms"]["llama_server"]
     forms = rec["forms"]
     assert forms["llama_server"].startswith("llama-server -m ")
     assert f"-t {int(best['n_threads'])} " in forms["llama_server"]
     assert "PARAMETER num_thread" in forms["ollama_modelfile"]
     assert forms["llama_cpp_python"]["n_ubatch"] == int(best["n_ubatch"])
-    assert "recommended (trial #" in out
+    assert "recommended (trial #" in out and "[confirm round 3]" in out and "95 % interval" in out
 
 
 def test_storage_is_a_standard_optuna_study(study10):
     d, _ = study10
     study = optuna.load_study(study_name="s10", storage=f"sqlite:///{d / 'study.db'}")
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+            and "duplicate_of" not in t.user_attrs]
     assert len(done) == 10
     assert all("failed" in t.constraints for t in done)
-    assert study.best_trial.number == json.loads((d / "recommended.json").read_text())["trial_number"]
+    # Optuna's best single trial is among the confirmation's candidates (which then decide)
+    conf = json.loads((d / "recommended.json").read_text())["confirmation"]
+    assert study.best_trial.number in {c["trial_number"] for c in conf["candidates"]}
 
 
 def test_recommended_config_reruns_with_tuner_bench(study10, tmp_path):
@@ -105,15 +123,18 @@ def test_recommend_rederives_under_other_limits(study10):
     res = run(["recommend", str(d), "--json", "--no-write", "--objective", "pp"])
     assert res.exit_code == 0, res.output
     rec = json.loads(res.output)
-    df = store.read(d)
-    df = df[df["state"] != "anchor"]
-    assert rec["trial_number"] == int(df.loc[df["pp_ts_mean"].idxmax(), "trial_number"])
+    # re-judged on the same confirmation runs, on pp now
+    conf = rec["confirmation"]
+    assert rec["objective"] == conf["objective"] == "pp" and rec["trial_number"] == conf["winner"]
+    fastest = max(conf["candidates"], key=lambda c: c["median"])
+    assert conf["winner"] == fastest["trial_number"] or conf["verdict"] == "tie"
 
 
 def test_oom_region_is_learned_and_dominated_configs_never_run(models, tmp_path):
     """A 150 MiB cap makes n_ctx >= 16384 fail for real: OOMs are recorded, the sampler moves away."""
     res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "512,1024,2048,4096,8192,16384,32768,65536",
                "-ub", "64,128,256,512", "-t", "1", *SHAPE, "--n-trials", "24", "--mem-limit", "150MiB",
+               "--no-auto-space", "--no-confirm",
                "--drift-every", "0", "--results", str(tmp_path), "--study", "oom", "--seed", "3"])
     assert res.exit_code == 0, res.output
     df = store.read(tmp_path / "oom").sort_values("trial_number")
@@ -158,7 +179,7 @@ def _rows(path: Path) -> int:
 def test_sigkill_mid_trial_then_same_command_resumes(models, tmp_path):
     args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
             "-p", "256", "-n", "1024", "-r", "3", "--n-trials", "6", "--drift-every", "0",
-            "--results", str(tmp_path), "--study", "kill"]
+            "--no-auto-space", "--no-confirm", "--results", str(tmp_path), "--study", "kill"]
     env = dict(os.environ)
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     parquet = tmp_path / "kill" / "trials.parquet"
@@ -193,7 +214,7 @@ def test_sigkill_mid_trial_then_same_command_resumes(models, tmp_path):
 
 def test_ctrl_c_stops_after_the_current_trial(models, tmp_path):
     args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
-            "-p", "256", "-n", "64", "-r", "3", "--n-trials", "50", "--drift-every", "0",
+            "-p", "256", "-n", "64", "-r", "3", "--n-trials", "50", "--drift-every", "0", "--no-auto-space",
             "--results", str(tmp_path), "--study", "int"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parquet = tmp_path / "int" / "trials.parquet"
@@ -210,7 +231,7 @@ def test_ctrl_c_stops_after_the_current_trial(models, tmp_path):
 
 def test_bound_above_layer_count_is_clamped_with_a_note(models, tmp_path):
     res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ngl", "0:999", "-t", "1", *SHAPE,
-               "--n-trials", "1", "--drift-every", "0", "--results", str(tmp_path)])
+               "--n-trials", "1", "--drift-every", "0", "--no-confirm", "--results", str(tmp_path)])
     assert res.exit_code == 0, res.output
     # CPU-only build: the dimension collapses with a note; a GPU build would bound it to n_layer + 1
     assert "n_gpu_layers collapsed to 0" in res.output or "bounded to the model's real count" in res.output
@@ -254,7 +275,8 @@ def test_experiment_file_fills_defaults_and_command_line_wins(models, tmp_path):
     cfg.write_text(f'[study]\nmodel = ["{models / "tiny-q8_0.gguf"}"]\nn_trials = 2\nstudy = "exp"\n'
                    f'drift_every = 0\n[space]\nthreads = "1:2"\nn_ubatch = [64, 128]\n'
                    f'[shape]\nn_prompt = 16\nn_gen = 4\nrepetitions = 2\n')
-    res = run(["search", "--config", str(cfg), "--results", str(tmp_path), "-ub", "256"])
+    res = run(["search", "--config", str(cfg), "--results", str(tmp_path), "-ub", "256", "--no-auto-space",
+               "--no-confirm"])
     assert res.exit_code == 0, res.output
     df = store.read(tmp_path / "exp")
     assert len(df) == 2 and set(df["n_ubatch"]) == {256} and set(df["n_prompt"]) == {16}
@@ -276,8 +298,8 @@ def test_dominance_rule():
 def test_drift_is_detected_when_the_machine_slows_down(models, tmp_path):
     """A real slowdown mid-study (CPU hogs start after the first anchor): later trials are marked drift."""
     args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
-            "-p", "64", "-n", "1024", "-r", "6", "--n-trials", "6", "--drift-every", "2",
-            "--results", str(tmp_path), "--study", "drift", "--no-baselines"]
+            "-p", "64", "-n", "1024", "-r", "6", "--n-trials", "6", "--drift-every", "2", "--no-auto-space",
+            "--no-confirm", "--results", str(tmp_path), "--study", "drift", "--no-baselines"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parquet = tmp_path / "drift" / "trials.parquet"
     hogs = []
@@ -308,7 +330,7 @@ def test_drift_is_detected_when_the_machine_slows_down(models, tmp_path):
 
 def test_a_second_search_never_touches_a_running_one(models, tmp_path):
     args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
-            "-p", "256", "-n", "1024", "-r", "3", "--n-trials", "200", "--drift-every", "0",
+            "-p", "256", "-n", "1024", "-r", "3", "--n-trials", "200", "--drift-every", "0", "--no-auto-space",
             "--results", str(tmp_path), "--study", "busy"]
     env = dict(os.environ, TUNER_LOCK_FILE=str(tmp_path / "lock"))
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -327,7 +349,7 @@ def test_a_second_search_never_touches_a_running_one(models, tmp_path):
 
 def test_changed_test_shape_does_not_resume_a_study(models, tmp_path):
     base = ["search", "-m", str(models / "tiny-q8_0.gguf"), "-t", "1", "--n-trials", "1", "--drift-every", "0",
-            "--results", str(tmp_path), "--study", "shape"]
+            "--no-confirm", "--results", str(tmp_path), "--study", "shape"]
     assert run(base + ["-p", "16", "-n", "4", "-r", "2"]).exit_code == 0
     res = CliRunner().invoke(cli, base + ["-p", "64", "-n", "4", "-r", "2"])
     assert res.exit_code == 2 and "exists with another search space" in res.output
@@ -342,7 +364,8 @@ def test_synthetic_with_bad_quants_is_one_line(tmp_path):
 
 def test_context_smaller_than_the_test_is_skipped_not_crashed(models, tmp_path):
     res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "64,1024", "-t", "1", "-p", "128", "-n", "4",
-               "-r", "2", "--sampler", "grid", "--no-baselines", "--drift-every", "0", "--results", str(tmp_path),
+               "-r", "2", "--sampler", "grid", "--no-baselines", "--drift-every", "0", "--no-auto-space",
+               "--no-confirm", "--results", str(tmp_path),
                "--study", "ctx"])
     assert res.exit_code == 0, res.output
     df = store.read(tmp_path / "ctx").set_index("n_ctx")

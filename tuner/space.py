@@ -147,7 +147,7 @@ class Space:
 
     def config(self, model: str, params: dict) -> TrialConfig:
         fixed = {k: d.values[0] for k, d in self.dims.items() if len(d.values) == 1}
-        cfg = dataclasses.replace(self.base, model=model, **fixed, **params)
+        cfg = dataclasses.replace(self.base, model=model, **{**fixed, **params})
         return canonical(cfg)
 
     def describe(self) -> dict:

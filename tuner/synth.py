@@ -26,7 +26,7 @@ class Shape:
     n_vocab: int
     n_expert: int = 0
     n_expert_used: int = 0
-    n_ctx_train: int = 4096
+    n_ctx_train: int = 131072  # as today's models; tuner refuses a --ctx above a model's trained context
 
     def n_params(self) -> int:
         head_dim = self.n_embd // self.n_head
@@ -142,6 +142,19 @@ def write_base(path: Path, shape: Shape, name: str, base_type: str = "f16", seed
     w.close()
 
 
+def _current(path: Path, shape: Shape) -> bool:
+    """A cached file made from an older shape (e.g. another trained context) is made again."""
+    if not path.exists():
+        return False
+    from tuner.ggufmeta import ModelError, read_model
+
+    try:
+        info = read_model(str(path))
+    except ModelError:
+        return False
+    return (info.n_ctx_train, info.n_layer, info.n_embd) == (shape.n_ctx_train, shape.n_layer, shape.n_embd)
+
+
 def synthesize(out_dir: str | os.PathLike, preset: str = "tiny", quants: tuple[str, ...] = ("f16",),
                seed: int = 0, force: bool = False, **sizes: int) -> list[Path]:
     """Make `<preset>-<quant>.gguf` files in out_dir; existing files are kept unless `force`.
@@ -161,13 +174,13 @@ def synthesize(out_dir: str | os.PathLike, preset: str = "tiny", quants: tuple[s
     out.mkdir(parents=True, exist_ok=True)
     name = f"tuner-synth-{preset}"
     paths = [out / f"{preset}-{q}.gguf" for q in quants]
-    todo = [(q, p) for q, p in zip(quants, paths) if force or not p.exists()]
+    todo = [(q, p) for q, p in zip(quants, paths) if force or not _current(p, shape)]
     if not todo:
         return paths
     base_type = "f32" if "f32" in quants else "f16"
     base = out / f"{preset}-{base_type}.gguf"
     keep_base = base_type in quants
-    if force or not base.exists():
+    if force or not _current(base, shape):
         with tempfile.NamedTemporaryFile(dir=out, suffix=".gguf.part", delete=False) as tmp:
             tmp_path = Path(tmp.name)
         try:

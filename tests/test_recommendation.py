@@ -1,0 +1,125 @@
+"""What a user acts on (issue 11): the default space, the working context, the confirmed winner, the ladder.
+
+Real searches on the tiny synthetic model through the CLI; the statistics alone are in tests/test_confirm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from tuner import store
+from tuner.cli import cli
+
+SHAPE = ["-p", "16", "-n", "4", "-r", "2"]
+
+
+def run(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def new_user(models, tmp_path_factory):
+    """`tuner search --model M` and nothing else but a small test shape and a budget above the space."""
+    results = tmp_path_factory.mktemp("results")
+    res = run(["search", "--model", str(models / "tiny-q8_0.gguf"), *SHAPE, "--n-trials", "40",
+               "--drift-every", "0", "--results", str(results), "--study", "new"])
+    assert res.exit_code == 0, res.output
+    return results / "new", res.output
+
+
+def test_default_space_varies_what_matters_and_says_why(new_user):
+    d, out = new_user
+    m = re.search(r"(\d+) configs \((.*?)\); storage", out)
+    varying = dict(x.split("=") for x in m.group(2).split(", "))
+    assert {"n_threads", "n_threads_batch", "n_ubatch", "flash_attn"} <= set(varying)
+    assert "default space (set any of these yourself to override):" in out
+    assert re.search(r"n_ubatch = 128,256,512: physical batch size", out)
+    assert "type_k/type_v = f16: KV-cache types change the output" in out
+    assert re.search(r"n_ctx = 4096: the working context 4096", out)
+
+
+def test_a_small_space_is_finished_not_resampled(new_user):
+    d, out = new_user
+    n = int(re.search(r"(\d+) configs \(", out).group(1))
+    assert f"search finished: every config of the space is measured ({n} configs)" in out
+    df = store.read(d)
+    trials = df[~df["state"].isin(["anchor", "confirm"])]
+    keys = trials[["n_threads", "n_threads_batch", "n_ubatch", "flash_attn"]].apply(tuple, axis=1)
+    assert len(trials) == n and keys.is_unique  # every config once: no two rows compete for "best"
+
+
+def test_every_trial_allocates_the_working_context_and_the_forms_carry_it(new_user):
+    d, _ = new_user
+    df = store.read(d)
+    assert set(df["n_ctx"]) == {4096}
+    rec = json.loads((d / "recommended.json").read_text())
+    assert rec["working_ctx"] == 4096
+    assert rec["forms"]["llama_cpp_python"]["n_ctx"] == 4096
+    assert " -c 4096 " in rec["forms"]["llama_server"]
+    assert "PARAMETER num_ctx 4096" in rec["forms"]["ollama_modelfile"]
+    assert rec["forms"]["tuner"]["n_ctx"] == 4096
+
+
+def test_the_winner_is_confirmed_against_the_defaults(new_user):
+    d, out = new_user
+    rec = json.loads((d / "recommended.json").read_text())
+    conf = rec["confirmation"]
+    assert conf["verdict"] in ("separated", "tie") and 3 <= conf["rounds"] <= 6
+    assert rec["trial_number"] == conf["winner"]
+    tops = [c for c in conf["candidates"] if "candidate" in c["roles"]]
+    assert len(tops) == 3 and any("llama.cpp defaults" in c["roles"] for c in conf["candidates"])
+    for c in conf["candidates"]:
+        assert c["runs"] == conf["rounds"] and c["ci95"][0] <= c["median"] <= c["ci95"][1]
+    vs = conf["vs_baseline"]
+    assert vs["verdict"] in ("faster", "slower", "tie", "same config")
+    base = rec["baselines"]["llama.cpp defaults"]
+    assert base["source"] == "confirmation" and base["recommended_vs_baseline"] == vs["ratio"]
+    assert re.search(r"x the llama.cpp defaults baseline \(95 % interval [\d.]+-[\d.]+, ", out)
+    # tuner recommend re-derives the same verdict from trials.parquet alone
+    again = json.loads(run(["recommend", str(d), "--json", "--no-write"]).output)
+    assert again["confirmation"]["winner"] == conf["winner"] and again["confirmation"]["verdict"] == conf["verdict"]
+
+
+def test_context_ladder_and_the_largest_context_is_recommended(models, tmp_path):
+    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "256,1024", "-t", "1", "-fa", "on,off",
+               *SHAPE, "--no-auto-space", "--confirm", "2", "--confirm-rounds", "3", "--drift-every", "0",
+               "--results", str(tmp_path), "--study", "ladder"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "ladder" / "recommended.json").read_text())
+    # trials at 256 may be faster, but the user serves 1024: never recommended with the smaller context
+    assert rec["config"]["n_ctx"] == rec["working_ctx"] == 1024
+    ladder = rec["context_ladder"]
+    assert [r["n_ctx"] for r in ladder] == [256, 1024] and all(r["confirmed"] for r in ladder)
+    assert ladder[1]["trial_number"] == rec["trial_number"]
+    assert all(r["peak_rss_bytes"] and r["tg_ts"] for r in ladder)
+    assert "context ladder (best config at each context):" in res.output
+    roles = {r for c in rec["confirmation"]["candidates"] for r in c["roles"]}
+    assert "ladder" in roles
+
+
+def test_no_confirm_says_the_figure_is_unconfirmed(models, tmp_path):
+    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1:2", *SHAPE, "--no-auto-space",
+               "--no-confirm", "--n-trials", "6", "--drift-every", "0", "--results", str(tmp_path), "--study", "nc"])
+    assert res.exit_code == 0, res.output
+    assert "search finished: every config of the space is measured (2 configs)" in res.output
+    rec = json.loads((tmp_path / "nc" / "recommended.json").read_text())
+    assert rec["confirmation"]["verdict"] == "unconfirmed" and "winner's curse" in rec["confirmation"]["reason"]
+    assert not (store.read(tmp_path / "nc")["state"] == "confirm").any()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ctx", "200000"], "above the trained context of tiny-q8_0.gguf (131072 tokens)"),
+    (["--depth", "4096"], "--depth 4096 must be below the context"),
+    (["--confirm", "0"], "--confirm"),
+    (["--ctx", "65536,131072", "--max-ram", "2MiB"], "no context of --ctx 65536,131072 can fit"),
+])
+def test_bad_recommendation_input_is_one_line_exit_2(models, tmp_path, extra, message):
+    res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), *extra, "--results", str(tmp_path)])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("trials.parquet"))
