@@ -188,6 +188,9 @@ def describe_space(space) -> list[str]:
     lines = [f"  {k} = {space.dims[k].spec()}: {why}" for k, why in space.auto.items() if k in space.dims]
     if lines:
         lines.insert(0, "default space (set any of these yourself to override):")
+    if space.auto and "n_batch" not in space.dims and space.base is not None:
+        lines.append(f"  n_batch = {space.base.n_batch}: llama.cpp's default; it changes speed only for prompts "
+                     f"longer than itself (this test's prompt: {space.base.n_prompt} tokens)")
     if "type_k" not in space.dims and "type_v" not in space.dims:
         lines.append("  type_k/type_v = f16: KV-cache types change the output; list them (-ctk f16,q8_0 -ctv "
                      "f16,q8_0) to search them")
