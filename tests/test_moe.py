@@ -103,8 +103,8 @@ def test_runner_reloads_when_the_expert_placement_changes(models):
 def test_search_over_n_cpu_moe_and_the_recommendation(models, tmp_path):
     model = models / MOE
     res = CliRunner().invoke(cli, ["search", "-m", str(model), "--n-cpu-moe", "0:6", "--ngl", "0", *SHAPE,
-                                   "--sampler", "grid", "--drift-every", "0", "--results", str(tmp_path),
-                                   "--study", "moe"])
+                                   "--sampler", "grid", "--drift-every", "0", "--no-auto-space", "--no-confirm",
+                                   "--objective", "tg", "--results", str(tmp_path), "--study", "moe"])
     assert res.exit_code == 0, res.output
     d = tmp_path / "moe"
     df = store.read(d)

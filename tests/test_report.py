@@ -45,7 +45,8 @@ def cpu_study(models, tmp_path_factory) -> Path:
     """Two quants, threads × ubatch × ctx; ctx 65536 runs out of memory under the 150 MiB limit."""
     tmp = tmp_path_factory.mktemp("studies")
     _search(tmp, "-m", str(models / "tiny-q8_0.gguf"), "-m", str(models / "tiny-q4_k_m.gguf"), "--threads", "1:2",
-            "-ub", "128,512", "--ctx", "256,4096,65536", "--n-trials", "10", "--drift-every", "4", "--study", "cpu")
+            "-ub", "128,512", "--ctx", "256,4096,65536", "--n-trials", "10", "--drift-every", "4", "--study", "cpu",
+            "--no-auto-space", "--confirm", "2", "--confirm-rounds", "3")
     return tmp / "cpu"
 
 
@@ -54,7 +55,7 @@ def rig_b(models, tmp_path_factory) -> Path:
     """A second, smaller study of the same model and shape (a grid), for the comparison."""
     tmp = tmp_path_factory.mktemp("rigb")
     _search(tmp, "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1:2", "-ub", "128", "--ctx", "256,4096",
-            "--sampler", "grid", "--study", "cpu")
+            "--sampler", "grid", "--study", "cpu", "--no-auto-space", "--no-confirm")
     return tmp / "cpu"
 
 
@@ -64,7 +65,7 @@ def failed_study(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("failed")
     model = tmp / "<script>tiny.gguf"
     write_base(model, PRESETS["tiny"], EVIL, "f16")
-    _search(tmp, "-m", str(model), "--ctx", "65536", "--n-trials", "3", "--study", "all-failed")
+    _search(tmp, "-m", str(model), "--ctx", "65536", "--n-trials", "3", "--study", "all-failed", "--no-auto-space")
     return tmp / "all-failed"
 
 
@@ -123,7 +124,7 @@ def test_cpu_study_report(cpu_study, tmp_path):
     assert {f: _digest(cpu_study / f) for f in before} == before
 
     keys = ["1-speed-vs-gpu-layers", "2-speed-vs-threads", "3-memory", "4-pareto", "5-outcome-map",
-            "6-search-progress", "7-parameter-importance"]
+            "6-search-progress", "7-parameter-importance", "8-confirmation", "9-context-ladder"]
     charts = {c.key: c for c in rep.charts}
     assert list(charts) == keys
     for k in keys:
@@ -175,8 +176,14 @@ def test_cpu_study_report(cpu_study, tmp_path):
     html = (tmp_path / "out" / "report.html").read_text()
     md = (tmp_path / "out" / "report.md").read_text()
     rec = study.recommended
-    # self-contained: all 7 charts embedded, nothing fetched
-    assert html.count('src="data:image/png;base64,') == 7
+    # 8: the confirmation's candidates with their samples; 9: the ladder over the contexts that ran ok
+    conf = rec["confirmation"]
+    assert charts["8-confirmation"].counts["candidate"] == len(conf["candidates"]) >= 2
+    assert charts["8-confirmation"].counts["samples"] == sum(len(c["samples"]) for c in conf["candidates"])
+    assert [r["n_ctx"] for r in rec["context_ladder"]] == [256, 4096] and rec["working_ctx"] == 4096
+    assert charts["9-context-ladder"].counts["tg"] == 2 and charts["9-context-ladder"].counts["peak RAM"] == 1
+    # self-contained: all 9 charts embedded, nothing fetched
+    assert html.count('src="data:image/png;base64,') == 9
     assert not re.search(r'(src|href)="(?!data:)', html)
     png = re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1)
     assert base64.b64decode(png) == (tmp_path / "out" / "cpu" / "1-speed-vs-gpu-layers.png").read_bytes()
@@ -188,8 +195,10 @@ def test_cpu_study_report(cpu_study, tmp_path):
     assert rec["forms"]["llama_server"] in md
     assert "PARAMETER num_ctx" in html and "from llama_cpp import Llama" in md
     b = rec["baselines"]["llama.cpp defaults"]
-    if b.get("recommended_vs_baseline"):
-        assert f"{b['recommended_vs_baseline']:.2f}× the llama.cpp defaults baseline" in html
+    assert b["source"] == "confirmation"
+    assert (f"{b['recommended_vs_baseline']:.2f}× the llama.cpp defaults baseline, 95 % interval "
+            f"{b['ci95'][0]:.2f}-{b['ci95'][1]:.2f}") in html
+    assert "#### Confirmation" in md and "#### Context ladder" in md and conf["reason"] in md
     drifted = any(r.drift for r in trials)
     assert ("Drift detected" in md) == drifted and ("No drift detected" in md) == (not drifted)
     # the top table: one row per ok trial (up to 10), best first
@@ -199,7 +208,7 @@ def test_cpu_study_report(cpu_study, tmp_path):
     assert [int(n) for n, _ in rows] == [r.trial_number for r in best]
     # every chart linked from the markdown exists
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 7 and all((tmp_path / "out" / link).is_file() for link in links)
+    assert len(links) == 9 and all((tmp_path / "out" / link).is_file() for link in links)
     if n_failed:
         assert "### Failures" in md and "first line of stderr" in md
 
@@ -229,8 +238,9 @@ def test_all_failed_study_explains_what_failed(failed_study, tmp_path):
     # the charts still come, saying why they are empty; only SVG was asked for
     assert sorted(p.name for p in (out / "all-failed").iterdir()) == sorted(
         f"{k}.svg" for k in ("1-speed-vs-gpu-layers", "2-speed-vs-threads", "3-memory", "4-pareto",
-                             "5-outcome-map", "6-search-progress", "7-parameter-importance"))
-    assert html.count('src="data:image/svg+xml;base64,') == 7
+                             "5-outcome-map", "6-search-progress", "7-parameter-importance", "8-confirmation",
+                             "9-context-ladder"))
+    assert html.count('src="data:image/svg+xml;base64,') == 9
     assert "no trial succeeded" in _svg_text(out / "all-failed" / "1-speed-vs-gpu-layers.svg")
     assert "no recommendation" in _svg_text(out / "all-failed" / "4-pareto.svg")
     assert "too few trials" in _svg_text(out / "all-failed" / "7-parameter-importance.svg")
