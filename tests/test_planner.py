@@ -155,8 +155,8 @@ def test_400gb_model_plans_in_under_a_second_without_reading_data(deepseek):
     assert (info.kv_lora_rank, info.rope_dim, info.head_kv(0), info.head_dim_k, info.head_dim_v) == \
         (512, 64, 1, 576, 512)
     assert info.n_vocab == 129280 and info.n_ff_exp == 2048 and info.n_layer_dense_lead == 3
-    # MLA KV: one latent row (512 + 64 for K, 512 for V) per cell per layer, f16
-    assert pred.kv_bytes == 61 * 32768 * (576 + 512) * 2
+    # MLA KV as llama.cpp allocates it: one latent K row (512 + 64) per cell per layer, f16, no V tensor
+    assert pred.kv_bytes == 61 * 32768 * 576 * 2
     assert pred.weights_total == sum(t.n_bytes for t in info.tensors)
     assert 0 <= info.file_size - info.header_bytes - pred.weights_total < 32 * len(info.tensors)  # padding only
     # 80 GB cannot hold every layer of a ~400 GB model, but holds some
@@ -378,11 +378,11 @@ def test_estimate_bad_input_is_one_line_exit_2(models, args, msg):
 
 def test_estimate_split_model_via_cli(deepseek):
     r = CliRunner().invoke(cli, ["estimate", str(deepseek), "--ctx", "8192", "--vram", "80GiB", "--ram", "512GiB",
-                                 "-ctk", "q8_0", "--json"])
+                                 "-ctk", "q8_0", "-ctv", "q8_0", "--json"])
     assert r.exit_code == 0, r.output
     m = json.loads(r.output)[0]
     assert m["shards"] == 2 and m["file_size"] > 400e9
     c = m["contexts"][0]
-    assert c["kv_bytes"] == 61 * 8192 * (576 // 32 * 34 + 512 * 2)
+    assert c["kv_bytes"] == 61 * 8192 * (576 // 32 * 34)  # MLA: the latent K only
     assert 0 < c["max_gpu_layers"] < 62 and c["fits"]
     assert c["min_n_cpu_moe"] is not None and 0 < c["min_n_cpu_moe"] <= 61

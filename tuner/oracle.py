@@ -506,9 +506,11 @@ def _worker(out) -> None:
 
 
 def _last_error(lines: list[str], fallback: str) -> str:
-    # the first error line names the cause ("error loading model: missing tensor ..."); later ones repeat it
-    errs = [ln.strip() for ln in lines if "error" in ln.lower() or "failed" in ln.lower() or "exception" in ln.lower()]
-    return (errs[0] if errs else fallback)[:300]
+    """The line that names the cause: llama.cpp's "error loading model: ..." or else its last log line
+    ("llama_init_from_model: model does not support different K (q8_0) and V (f16) cache types")."""
+    text = [ln.strip() for ln in lines if ln.strip()]
+    named = [ln for ln in text if "error loading model" in ln]
+    return (named[0] if named else text[-1] if text else fallback)[:300]
 
 
 if __name__ == "__main__":
