@@ -279,10 +279,16 @@ def test_max_gpu_layers_and_fits(models):
     p = planner.predict(cfg, info, cal)
     ok, why = planner.fits(p, ram_total=p.ram_bytes * 2, vram_total=None)
     assert ok and why == "fits"
-    ok, why = planner.fits(p, ram_total=p.ram_bytes, vram_total=None, headroom=0.1)
-    assert not ok and "swap" in why and "host RAM" in why
-    ok, why = planner.fits(p, ram_total=p.ram_bytes * 10, vram_total=None, max_ram=p.ram_bytes // 2)
+    ok, why = planner.fits(p, ram_total=p.resident_bytes, vram_total=None, headroom=0.1)
+    assert not ok and "swap" in why and "resident host RAM" in why
+    ok, why = planner.fits(p, ram_total=p.ram_bytes * 10, vram_total=None, max_ram=p.resident_bytes // 2)
     assert not ok
+    # mmap'd weights are file pages: RAM between the resident part and the whole peak still fits (never
+    # swaps), but the weights do not all stay cached
+    assert p.file_bytes > 0 and p.ram_bytes == p.resident_bytes + p.file_bytes
+    between = (p.resident_bytes + p.file_bytes // 2) / 0.95
+    assert planner.fits(p, ram_total=int(between), vram_total=None)[0]
+    assert planner.weights_cached(p, int(between)) is False and planner.weights_cached(p, p.ram_bytes * 2)
     pg = planner.predict(dataclasses.replace(cfg, n_gpu_layers=7), info, cal, gpu_offload=True)
     ok, why = planner.fits(pg, ram_total=1 << 40, vram_total=pg.vram_bytes // 2)
     assert not ok and "VRAM" in why

@@ -119,15 +119,16 @@ def _io(t, n_embd, n_vocab, tied=False, norm="output_norm.weight"):
         _t(t, "output.weight", (n_embd, n_vocab))
 
 
-def deepseek_v3(n_layer=61, n_expert=256, n_vocab=129280) -> Shape:
+def deepseek_v3(n_layer=61, n_expert=256, n_vocab=129280, n_embd=7168, n_head=128, q_lora=1536, kv_lora=512,
+                n_ff=18432, n_ff_exp=2048, n_used=8, n_dense=3) -> Shape:
     """DeepSeek-V3/R1: MLA (kv_lora_rank 512 + 64 rope dims cached), 256 routed experts (8 used) + 1 shared."""
-    n_embd, n_head, q_lora, kv_lora, rope, nope, vdim = 7168, 128, 1536, 512, 64, 128, 128
-    n_ff, n_ff_exp, n_dense = 18432, 2048, min(3, n_layer - 1)
+    rope, nope, vdim = 64, 128, 128
+    n_dense = min(n_dense, n_layer - 1)
     meta = _common("deepseek2", n_embd, n_layer, n_head, 1, n_ff, n_vocab, 163840, **{
         ".attention.key_length": kv_lora + rope, ".attention.value_length": kv_lora,
         ".attention.key_length_mla": nope + rope, ".attention.value_length_mla": vdim,
         ".attention.q_lora_rank": q_lora, ".attention.kv_lora_rank": kv_lora, ".rope.dimension_count": rope,
-        ".expert_count": n_expert, ".expert_used_count": 8, ".expert_shared_count": 1,
+        ".expert_count": n_expert, ".expert_used_count": n_used, ".expert_shared_count": 1,
         ".expert_feed_forward_length": n_ff_exp, ".leading_dense_block_count": n_dense,
         ".expert_weights_scale": 2.5, ".expert_weights_norm": True, ".expert_gating_func": 2})
     t: list = []
@@ -150,9 +151,9 @@ def deepseek_v3(n_layer=61, n_expert=256, n_vocab=129280) -> Shape:
     return Shape("deepseek2", "DeepSeek-V3 shape", meta, t)
 
 
-def qwen3_moe(n_layer=94, n_expert=128, n_vocab=151936) -> Shape:
+def qwen3_moe(n_layer=94, n_expert=128, n_vocab=151936, n_embd=4096, n_head=64, n_kv=4, hd=128,
+              n_ff_exp=1536) -> Shape:
     """Qwen3-235B-A22B: 64 query / 4 KV heads of 128, 128 experts (8 used), QK norm."""
-    n_embd, n_head, n_kv, hd, n_ff_exp = 4096, 64, 4, 128, 1536
     meta = _common("qwen3moe", n_embd, n_layer, n_head, n_kv, 12288, n_vocab, 40960, **{
         ".attention.key_length": hd, ".attention.value_length": hd, ".expert_count": n_expert,
         ".expert_used_count": 8, ".expert_feed_forward_length": n_ff_exp, ".rope.freq_base": 1e6})
@@ -169,9 +170,9 @@ def qwen3_moe(n_layer=94, n_expert=128, n_vocab=151936) -> Shape:
     return Shape("qwen3moe", "Qwen3-235B-A22B shape", meta, t)
 
 
-def gpt_oss(n_layer=36, n_expert=128, n_vocab=201088) -> Shape:
+def gpt_oss(n_layer=36, n_expert=128, n_vocab=201088, n_embd=2880, n_head=64, n_kv=8, hd=64,
+            n_ff_exp=2880) -> Shape:
     """gpt-oss-120b: attention sinks, sliding window 128 on every other layer, MXFP4 experts with biases."""
-    n_embd, n_head, n_kv, hd, n_ff_exp = 2880, 64, 8, 64, 2880
     meta = _common("gpt-oss", n_embd, n_layer, n_head, n_kv, n_ff_exp, n_vocab, 131072, **{
         ".attention.key_length": hd, ".attention.value_length": hd, ".rope.dimension_count": hd,
         ".expert_count": n_expert, ".expert_used_count": 4, ".expert_feed_forward_length": n_ff_exp,
@@ -193,9 +194,8 @@ def gpt_oss(n_layer=36, n_expert=128, n_vocab=201088) -> Shape:
     return Shape("gpt-oss", "gpt-oss-120b shape", meta, t)
 
 
-def gemma3(n_layer=62, n_vocab=262208) -> Shape:
+def gemma3(n_layer=62, n_vocab=262208, n_embd=5376, n_head=32, n_kv=16, hd=128, n_ff=21504) -> Shape:
     """Gemma 3 27B: 5 of every 6 layers attend to a 1024-token window; tied output."""
-    n_embd, n_head, n_kv, hd, n_ff = 5376, 32, 16, 128, 21504
     meta = _common("gemma3", n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
         ".attention.key_length": hd, ".attention.value_length": hd, ".attention.sliding_window": 1024,
         ".rope.freq_base": 1e6})
@@ -212,9 +212,9 @@ def gemma3(n_layer=62, n_vocab=262208) -> Shape:
     return Shape("gemma3", "Gemma 3 27B shape", meta, t)
 
 
-def llama_70b(n_layer=80, n_vocab=128256) -> Shape:
+def llama_70b(n_layer=80, n_vocab=128256, n_embd=8192, n_head=64, n_kv=8, n_ff=28672) -> Shape:
     """Llama 3.x 70B: dense, 64 query / 8 KV heads of 128."""
-    n_embd, n_head, n_kv, hd, n_ff = 8192, 64, 8, 128, 28672
+    hd = n_embd // n_head
     meta = _common("llama", n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
         ".rope.dimension_count": hd, ".rope.freq_base": 500000.0, ".attention.layer_norm_rms_epsilon": 1e-5})
     t: list = []
@@ -228,13 +228,13 @@ def llama_70b(n_layer=80, n_vocab=128256) -> Shape:
     return Shape("llama", "Llama 3 70B shape", meta, t)
 
 
-def glm45_air(n_layer=46, n_expert=128, n_vocab=151552) -> Shape:
+def glm45_air(n_layer=46, n_expert=128, n_vocab=151552, n_embd=4096, n_head=96, n_kv=8, hd=128, n_ff=10944,
+              n_ff_exp=1408, n_dense=1) -> Shape:
     """GLM-4.5-Air (glm4moe): 96 query / 8 KV heads of 128, partial rotary, 128 experts + 1 shared, QKV bias."""
-    n_embd, n_head, n_kv, hd, n_ff, n_ff_exp = 4096, 96, 8, 128, 10944, 1408
     meta = _common("glm4moe", n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
         ".attention.key_length": hd, ".attention.value_length": hd, ".rope.dimension_count": hd // 2,
         ".expert_count": n_expert, ".expert_used_count": 8, ".expert_shared_count": 1,
-        ".expert_feed_forward_length": n_ff_exp, ".leading_dense_block_count": 1, ".expert_gating_func": 2,
+        ".expert_feed_forward_length": n_ff_exp, ".leading_dense_block_count": n_dense, ".expert_gating_func": 2,
         ".expert_weights_norm": True, ".expert_weights_scale": 1.0, ".nextn_predict_layers": 0})
     t: list = []
     _io(t, n_embd, n_vocab)
@@ -243,7 +243,7 @@ def glm45_air(n_layer=46, n_expert=128, n_vocab=151552) -> Shape:
         _t(t, f"{p}.attn_norm.weight", (n_embd,))
         _attn(t, p, n_embd, n_head * hd, n_kv * hd, bias=True)
         _t(t, f"{p}.post_attention_norm.weight", (n_embd,))
-        if il < 1:
+        if il < n_dense:
             _ffn(t, p, n_embd, n_ff)
         else:
             _exps(t, p, n_embd, n_ff_exp, n_expert)
@@ -255,9 +255,10 @@ def glm45_air(n_layer=46, n_expert=128, n_vocab=151552) -> Shape:
 LFM2_ATTN = (2, 5, 8, 10, 12, 14)  # LFM2-1.2B: attention layers; the rest are short convolutions
 
 
-def lfm2(n_layer=16, attn_layers=LFM2_ATTN, n_vocab=65536) -> Shape:
+def lfm2(n_layer=16, attn_layers=LFM2_ATTN, n_vocab=65536, n_embd=2048, n_head=32, n_kv=8, n_ff=8192,
+         l_cache=3) -> Shape:
     """LFM2-1.2B (hybrid): gated short-convolution layers (a recurrent state) and 6 GQA attention layers."""
-    n_embd, n_head, n_kv, hd, n_ff, l_cache = 2048, 32, 8, 64, 8192, 3
+    hd = n_embd // n_head
     heads_kv = [n_kv if il in attn_layers else 0 for il in range(n_layer)]
     meta = _common("lfm2", n_embd, n_layer, n_head, heads_kv, n_ff, n_vocab, 128000, **{
         ".shortconv.l_cache": l_cache, ".rope.freq_base": 1e6, ".attention.layer_norm_rms_epsilon": 1e-5})
@@ -289,10 +290,24 @@ SMALL = {"deepseek2": dict(n_layer=4, n_expert=16, n_vocab=4096), "qwen3moe": di
          "lfm2": dict(n_layer=6, attn_layers=(2, 5), n_vocab=4096)}
 
 
-def shape(arch: str, small: bool = False) -> Shape:
+# Other published sizes of the same architectures: never looked at while the planner's formulas were written,
+# so they test that the formulas follow the dimensions rather than the seven shapes above.
+HELD_OUT = {
+    "deepseek2/Kimi-K2": ("deepseek2", dict(n_expert=384, n_head=64, n_vocab=163840, n_dense=1)),
+    "qwen3moe/30B-A3B": ("qwen3moe", dict(n_layer=48, n_embd=2048, n_head=32, n_kv=4, n_ff_exp=768)),
+    "gpt-oss/20b": ("gpt-oss", dict(n_layer=24, n_expert=32)),
+    "gemma3/12B": ("gemma3", dict(n_layer=48, n_embd=3840, n_head=16, n_kv=8, hd=256, n_ff=15360)),
+    "llama/8B": ("llama", dict(n_layer=32, n_embd=4096, n_head=32, n_kv=8, n_ff=14336)),
+    "glm4moe/GLM-4.5": ("glm4moe", dict(n_layer=92, n_embd=5120, n_head=96, n_kv=8, n_ff=12288, n_ff_exp=1536,
+                                        n_expert=160, n_dense=3)),
+    "lfm2/LFM2-2.6B": ("lfm2", dict(n_layer=30, attn_layers=(2, 5, 8, 10, 12, 14, 17, 21), n_ff=10752)),
+}
+
+
+def shape(arch: str, small: bool = False, **dims) -> Shape:
     if arch not in SHAPES:
         raise ValueError(f"no oracle shape for architecture {arch!r} (known: {', '.join(SHAPES)})")
-    return SHAPES[arch](**(SMALL[arch] if small else {}))
+    return SHAPES[arch](**{**(SMALL[arch] if small else {}), **dims})
 
 
 def _add_meta(w: gguf.GGUFWriter, arch: str, meta: dict) -> None:
@@ -339,9 +354,10 @@ def write_sparse(s: Shape, path: str | os.PathLike) -> Path:
     return path
 
 
-def model_file(arch: str, out_dir: str | os.PathLike, small: bool = False) -> Path:
-    """The sparse GGUF of an oracle shape in out_dir (written once; the shape decides the name)."""
-    return write_sparse(shape(arch, small), Path(out_dir) / f"oracle-{arch}{'-small' if small else ''}.gguf")
+def model_file(arch: str, out_dir: str | os.PathLike, small: bool = False, tag: str = "", **dims) -> Path:
+    """The sparse GGUF of an oracle shape (with `dims` changed) in out_dir."""
+    name = f"oracle-{arch}{'-small' if small else ''}{'-' + tag if tag else ''}.gguf"
+    return write_sparse(shape(arch, small, **dims), Path(out_dir) / name)
 
 
 # -- what llama.cpp reports ---------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ DEFAULT_COMPUTE_SCALE = 1.0
 # A CUDA context plus cuBLAS workspace, per process, as NVML reports it; calibrated from trials with VRAM.
 DEFAULT_BASELINE_VRAM = 400 * MiB
 DEFAULT_HEADROOM = 0.05  # keep 5 % of each memory free
+# llama.cpp's vocabulary in memory (token strings, the token -> id map, the piece cache), per token, at its
+# peak during load: measured 197 B/token with Gemma 3's 262k-token vocabulary (48 MiB; vocab_only load, VmHWM)
+VOCAB_BYTES_PER_TOKEN = 192
 KV_PAD = 256  # llama.cpp pads the KV cache size to 256 cells
 
 # Tensor types llama.cpp's CPU backend repacks (CPU_REPACK buffer), by CPU family. Measured on x86-64 with
@@ -204,7 +207,7 @@ class Prediction:
     resident_bytes: int = 0  # anonymous host memory: what must fit in RAM (repacked weights, KV, buffers, process)
     file_bytes: int = 0  # mmap'd weight pages on the host: resident while there is room, else re-read from disk
     compute_reserved: int = 0  # the host compute buffer llama.cpp reserves (a full ubatch, every token an output)
-    output_bytes: int = 0
+    output_bytes: int = 0  # logits buffer and the vocabulary held by llama.cpp
     note: str = ""  # set when the architecture's KV/compute are not modelled (unknown architecture)
     layers_host: list[int] = field(default_factory=list, repr=False)
 
@@ -492,7 +495,7 @@ def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
     else:
         c_gpu = 0
         c_host, c_host_reserved = touched, reserved
-    out = output_bytes(info)
+    out = output_bytes(info) + VOCAB_BYTES_PER_TOKEN * info.n_vocab
     # the compute pages a trial touches (its ubatch, one output) are resident; the rest of the reserved
     # buffer is address space until a bigger batch touches it
     resident = calib.baseline_ram + anon_weights + kv_host + c_host + out
