@@ -32,7 +32,7 @@ MiB = 1 << 20
 Q = gguf.GGMLQuantizationType
 ALIGN = 32
 # A file bigger than this is only loaded in "sim" mode (see the module docstring: MAP_POPULATE).
-REAL_LOAD_MAX = 4 << 30
+REAL_LOAD_MAX = 1 << 30
 
 
 @dataclass

@@ -407,6 +407,17 @@ def compute_raw(cfg: TrialConfig, info: ModelInfo, n_tok: int, n_out: int, n_kv:
     return max(n_tok * layer, out)
 
 
+def refusal(cfg: TrialConfig, info: ModelInfo) -> str:
+    """Why llama.cpp refuses to create this context ("" when it does not): its own checks on cache types."""
+    quant = ("f32", "f16", "bf16")
+    if info.kv_mla and cfg.type_k.lower() != cfg.type_v.lower():
+        return (f"MLA caches V inside K: llama.cpp refuses different K ({cfg.type_k}) and V ({cfg.type_v}) "
+                "cache types")
+    if cfg.flash_attn == "off" and cfg.type_v.lower() not in quant:
+        return f"a quantized V cache ({cfg.type_v}) needs flash attention: llama.cpp refuses it with -fa off"
+    return ""
+
+
 def output_bytes(info: ModelInfo, n_seq: int = 1) -> int:
     """llama.cpp's output buffer at context creation: logits (f32) for one output per sequence."""
     return 4 * info.n_vocab * max(n_seq, 1)
