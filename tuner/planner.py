@@ -29,9 +29,10 @@ from tuner.ggufmeta import EXPS_RE, ModelInfo, read_model
 from tuner.record import KV_TYPE_BYTES, TrialConfig, TrialRecord
 
 MiB = 1 << 20
-# Measured on the reference rig (tuner worker, llama-cpp-python 0.3.36 CPU build): RSS of a worker with a
-# 1.5 MiB model, 1 MiB KV and ~1 MiB of touched compute was 55 MiB. Calibration replaces these per rig.
-DEFAULT_BASELINE_RAM = 52 * MiB
+# The process itself (Python, numpy, the llama.cpp libraries, threads, graph metadata), measured on the reference
+# rig with llama-cpp-python 0.3.36: an idle worker holds 49.4 MiB; after a minimal trial (1.5 MiB model, 4.25 MiB
+# KV, 3.2 MiB compute buffer) 63.6 MiB, i.e. 54.7 MiB besides its buffers. Calibration replaces it per rig.
+DEFAULT_BASELINE_RAM = 55 * MiB
 DEFAULT_COMPUTE_SCALE = 1.0
 # A CUDA context plus cuBLAS workspace, per process, as NVML reports it; calibrated from trials with VRAM.
 DEFAULT_BASELINE_VRAM = 400 * MiB
