@@ -366,14 +366,20 @@ def used_cells(cfg: TrialConfig) -> int:
     return min(_pad(cfg.effective_ctx(), KV_PAD), _pad(cfg.n_depth + cfg.n_prompt + cfg.n_gen + 1, KV_PAD))
 
 
-def _ffn_width(info: ModelInfo) -> int:
-    """The widest FFN activation of any block: n_ff (dense), or n_ff_exp x experts used (+ shared experts)."""
+def _ffn_live(info: ModelInfo) -> int:
+    """Floats per token alive at the widest FFN of any block.
+
+    Dense: gate, up and their product (3 x n_ff) next to 4 x n_embd of residual and norms. MoE: the selected
+    experts' gate and up rows and their down projections before and after the routing weights
+    (2 x used x (n_ff_exp + n_embd)); the leading dense blocks of DeepSeek-style models count too.
+    """
     n = n_attn_layers(info) or info.n_layer
     dense = max((info.ff(il) for il in range(n)), default=0)
+    dense_live = 3 * dense + 4 * info.n_embd
     if not info.is_moe:
-        return dense
-    exp = (info.n_ff_exp or dense) * (max(info.n_expert_used, 1) + info.n_expert_shared)
-    return max(exp, dense if info.n_layer_dense_lead else 0)
+        return dense_live
+    moe = 2 * max(info.n_expert_used, 1) * ((info.n_ff_exp or dense) + info.n_embd)
+    return max(moe, dense_live if info.n_layer_dense_lead else 0)
 
 
 def compute_raw(cfg: TrialConfig, info: ModelInfo, n_tok: int, n_out: int, n_kv: int) -> int:
@@ -382,26 +388,25 @@ def compute_raw(cfg: TrialConfig, info: ModelInfo, n_tok: int, n_out: int, n_kv:
     ggml's graph allocator reuses memory, so the buffer is the largest set of tensors alive at once. Per
     token (f32 = 4 bytes) it is the larger of:
     - the output phase: logits (n_vocab per output) next to the final norm and its input (2 x n_embd);
-    - a block: with flash attention, the KQ mask (f16, n_kv) alive through every block plus the FFN
-      (gate, up, their product: 3 x width) and 4 x n_embd of residual/norm; for MLA the attention itself
-      is wider: per head the absorbed query, its concat with the rope part and the latent output
-      (2 x (kv_lora_rank + rope) + kv_lora_rank);
-    - without flash attention the KQ scores (n_kv per head) and an f32 mask (n_kv), plus Q (twice when it
-      is cast to f16 for an f16 K cache), 2 x n_embd and the K/V rows written to the cache.
-    Checked against llama.cpp's own figures on seven architectures by benchmarks/planner_oracle.py.
+    - a block with flash attention: the KQ mask (f16, n_kv) alive through every block, plus the widest of
+      the FFN (`_ffn_live`) and, for MLA, the attention itself: per head the absorbed query, its concat with
+      the rope part and the latent output (2 x (kv_lora_rank + rope) + kv_lora_rank);
+    - a block without flash attention: the KQ scores (n_kv per head) and an f32 mask (n_kv), plus Q (twice
+      when it is cast to f16 for an f16 K cache), 2 x n_embd and the K/V rows written to the cache (or the
+      FFN next to the f32 mask, when that is wider).
+    The allocator places tensors first-fit, so fragmentation moves the figure by a few % from one shape to
+    the next; checked against llama.cpp's own figures by benchmarks/planner_oracle.py.
     """
     if not n_attn_layers(info):
         return 4 * n_tok * 3 * info.n_embd + 4 * n_out * info.n_vocab
     q_dim = info.n_head * info.head_dim_k
     kv_dim = max(info.head_kv(il) for il in range(n_attn_layers(info))) * (info.head_dim_k + info.head_dim_v)
-    if info.kv_mla:
-        attn = info.n_head * (2 * info.head_dim_k + info.kv_lora_rank)
-    else:
-        attn = 0
-    ffn = 3 * _ffn_width(info) + 4 * info.n_embd
+    attn = info.n_head * (2 * info.head_dim_k + info.kv_lora_rank) if info.kv_mla else 0
+    ffn = _ffn_live(info)
     if cfg.flash_attn == "off":
         cast = q_dim if cfg.type_k.lower() in ("f16", "bf16") else 0
-        layer = 4 * n_kv * (info.n_head + 1) + 4 * max(attn, q_dim + cast + 2 * info.n_embd + 5 * kv_dim)
+        layer = max(4 * n_kv * (info.n_head + 1) + 4 * max(attn, q_dim + cast + 2 * info.n_embd + 5 * kv_dim),
+                    4 * n_kv + 4 * ffn)
     else:
         layer = 2 * n_kv + 4 * max(attn, ffn)
     out = 4 * (n_out * info.n_vocab + n_tok * 2 * info.n_embd)
