@@ -187,7 +187,10 @@ def main() -> int:
     result = {
         "settings": {"archs": archs, "ctx": ctxs, "kv": ["f16", "q8_0"], "fa": ["on", "off"], "n_ubatch": [512, 2048],
                      "targets": {k: list(v) for k, v in TARGET.items()}, "rss": not args.no_rss,
-                     "threads": args.threads},
+                     "threads": args.threads,
+                     "real_loads": f"files up to {oracle.REAL_LOAD_MAX} B at n_ctx 4096 only: llama.cpp maps with "
+                                   "MAP_POPULATE, which pages a sparse file's holes through the page cache of this "
+                                   "shared 24 GB machine; every figure is also sized without allocating (sim)"},
         "build": {"llama_cpp_python": llama_cpp.__version__, "machine": platform.machine(),
                   "python": platform.python_version()},
         "models": ms, "rows": rows, "rss": rss, "worst": worst, "misses": len(misses), "ok": not misses,

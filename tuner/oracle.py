@@ -41,7 +41,7 @@ class Shape:
 
     arch: str
     name: str
-    meta: dict  # key without the "{arch}." prefix when it starts with "." ; values typed by _add_meta
+    meta: dict  # a key starting with "." gets the "{arch}" prefix; values are typed by _add_meta
     tensors: list[tuple[str, tuple[int, ...], Q]] = field(default_factory=list)
 
     @property
@@ -78,7 +78,7 @@ def _t(tensors, name, ne, qt=None):
     tensors.append((name, tuple(int(x) for x in ne), qt or q4_k_m_type(name, ne)))
 
 
-def _common(arch, n_embd, n_layer, n_head, n_head_kv, n_ff, n_vocab, n_ctx, **extra) -> dict:
+def _common(n_embd, n_layer, n_head, n_head_kv, n_ff, n_vocab, n_ctx, **extra) -> dict:
     meta = {".context_length": n_ctx, ".embedding_length": n_embd, ".block_count": n_layer,
             ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
             ".attention.layer_norm_rms_epsilon": 1e-6, ".rope.freq_base": 10000.0, ".vocab_size": n_vocab}
@@ -124,7 +124,7 @@ def deepseek_v3(n_layer=61, n_expert=256, n_vocab=129280, n_embd=7168, n_head=12
     """DeepSeek-V3/R1: MLA (kv_lora_rank 512 + 64 rope dims cached), 256 routed experts (8 used) + 1 shared."""
     rope, nope, vdim = 64, 128, 128
     n_dense = min(n_dense, n_layer - 1)
-    meta = _common("deepseek2", n_embd, n_layer, n_head, 1, n_ff, n_vocab, 163840, **{
+    meta = _common(n_embd, n_layer, n_head, 1, n_ff, n_vocab, 163840, **{
         ".attention.key_length": kv_lora + rope, ".attention.value_length": kv_lora,
         ".attention.key_length_mla": nope + rope, ".attention.value_length_mla": vdim,
         ".attention.q_lora_rank": q_lora, ".attention.kv_lora_rank": kv_lora, ".rope.dimension_count": rope,
@@ -154,7 +154,7 @@ def deepseek_v3(n_layer=61, n_expert=256, n_vocab=129280, n_embd=7168, n_head=12
 def qwen3_moe(n_layer=94, n_expert=128, n_vocab=151936, n_embd=4096, n_head=64, n_kv=4, hd=128,
               n_ff_exp=1536) -> Shape:
     """Qwen3-235B-A22B: 64 query / 4 KV heads of 128, 128 experts (8 used), QK norm."""
-    meta = _common("qwen3moe", n_embd, n_layer, n_head, n_kv, 12288, n_vocab, 40960, **{
+    meta = _common(n_embd, n_layer, n_head, n_kv, 12288, n_vocab, 40960, **{
         ".attention.key_length": hd, ".attention.value_length": hd, ".expert_count": n_expert,
         ".expert_used_count": 8, ".expert_feed_forward_length": n_ff_exp, ".rope.freq_base": 1e6})
     t: list = []
@@ -173,7 +173,7 @@ def qwen3_moe(n_layer=94, n_expert=128, n_vocab=151936, n_embd=4096, n_head=64, 
 def gpt_oss(n_layer=36, n_expert=128, n_vocab=201088, n_embd=2880, n_head=64, n_kv=8, hd=64,
             n_ff_exp=2880) -> Shape:
     """gpt-oss-120b: attention sinks, sliding window 128 on every other layer, MXFP4 experts with biases."""
-    meta = _common("gpt-oss", n_embd, n_layer, n_head, n_kv, n_ff_exp, n_vocab, 131072, **{
+    meta = _common(n_embd, n_layer, n_head, n_kv, n_ff_exp, n_vocab, 131072, **{
         ".attention.key_length": hd, ".attention.value_length": hd, ".rope.dimension_count": hd,
         ".expert_count": n_expert, ".expert_used_count": 4, ".expert_feed_forward_length": n_ff_exp,
         ".attention.sliding_window": 128, ".rope.freq_base": 150000.0, ".attention.layer_norm_rms_epsilon": 1e-5})
@@ -196,7 +196,7 @@ def gpt_oss(n_layer=36, n_expert=128, n_vocab=201088, n_embd=2880, n_head=64, n_
 
 def gemma3(n_layer=62, n_vocab=262208, n_embd=5376, n_head=32, n_kv=16, hd=128, n_ff=21504) -> Shape:
     """Gemma 3 27B: 5 of every 6 layers attend to a 1024-token window; tied output."""
-    meta = _common("gemma3", n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
+    meta = _common(n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
         ".attention.key_length": hd, ".attention.value_length": hd, ".attention.sliding_window": 1024,
         ".rope.freq_base": 1e6})
     t: list = []
@@ -215,7 +215,7 @@ def gemma3(n_layer=62, n_vocab=262208, n_embd=5376, n_head=32, n_kv=16, hd=128, 
 def llama_70b(n_layer=80, n_vocab=128256, n_embd=8192, n_head=64, n_kv=8, n_ff=28672) -> Shape:
     """Llama 3.x 70B: dense, 64 query / 8 KV heads of 128."""
     hd = n_embd // n_head
-    meta = _common("llama", n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
+    meta = _common(n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
         ".rope.dimension_count": hd, ".rope.freq_base": 500000.0, ".attention.layer_norm_rms_epsilon": 1e-5})
     t: list = []
     _io(t, n_embd, n_vocab)
@@ -231,7 +231,7 @@ def llama_70b(n_layer=80, n_vocab=128256, n_embd=8192, n_head=64, n_kv=8, n_ff=2
 def glm45_air(n_layer=46, n_expert=128, n_vocab=151552, n_embd=4096, n_head=96, n_kv=8, hd=128, n_ff=10944,
               n_ff_exp=1408, n_dense=1) -> Shape:
     """GLM-4.5-Air (glm4moe): 96 query / 8 KV heads of 128, partial rotary, 128 experts + 1 shared, QKV bias."""
-    meta = _common("glm4moe", n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
+    meta = _common(n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
         ".attention.key_length": hd, ".attention.value_length": hd, ".rope.dimension_count": hd // 2,
         ".expert_count": n_expert, ".expert_used_count": 8, ".expert_shared_count": 1,
         ".expert_feed_forward_length": n_ff_exp, ".leading_dense_block_count": n_dense, ".expert_gating_func": 2,
@@ -260,7 +260,7 @@ def lfm2(n_layer=16, attn_layers=LFM2_ATTN, n_vocab=65536, n_embd=2048, n_head=3
     """LFM2-1.2B (hybrid): gated short-convolution layers (a recurrent state) and 6 GQA attention layers."""
     hd = n_embd // n_head
     heads_kv = [n_kv if il in attn_layers else 0 for il in range(n_layer)]
-    meta = _common("lfm2", n_embd, n_layer, n_head, heads_kv, n_ff, n_vocab, 128000, **{
+    meta = _common(n_embd, n_layer, n_head, heads_kv, n_ff, n_vocab, 128000, **{
         ".shortconv.l_cache": l_cache, ".rope.freq_base": 1e6, ".attention.layer_norm_rms_epsilon": 1e-5})
     t: list = []
     _t(t, "token_embd.weight", (n_embd, n_vocab))
