@@ -78,6 +78,11 @@ class ModelInfo:
     n_layer_dense_lead: int = 0  # DeepSeek: leading layers with a dense FFN
     header_bytes: int = 0  # metadata + tensor infos, summed over shards (what a re-quantized file keeps)
     alignment: int = 32
+    kv_mla: bool = False  # MLA as llama.cpp runs it (key/value_length_mla present): the cache holds K only
+    swa_pattern: int | list | None = None  # attention.sliding_window_pattern: a period or per-layer flags
+    shortconv_l_cache: int = 0  # LFM2 short-convolution kernel length (recurrent state of l_cache - 1 columns)
+    ssm: dict = field(default_factory=dict)  # Mamba-style state sizes: d_conv, d_inner, d_state, n_group
+    n_layer_nextn: int = 0  # trailing NextN/MTP blocks: not part of the main context's KV cache
     tensors: list[TensorInfo] = field(default_factory=list, repr=False)
 
     @property
@@ -396,4 +401,10 @@ def _read(path: Path) -> ModelInfo:
         content_hash=content_hash(shards, header_bytes), tensors=tensors,
         n_ff_exp=int(kv("expert_feed_forward_length", 0) or 0),
         n_layer_dense_lead=int(kv("leading_dense_block_count", 0) or 0),
-        header_bytes=sum(header_bytes), alignment=int(_field(r0, "general.alignment", 32) or 32))
+        header_bytes=sum(header_bytes), alignment=int(_field(r0, "general.alignment", 32) or 32),
+        kv_mla=bool(kv("attention.key_length_mla", 0) and kv("attention.value_length_mla", 0)),
+        swa_pattern=kv("attention.sliding_window_pattern"),
+        shortconv_l_cache=int(kv("shortconv.l_cache", 0) or 0),
+        ssm={k: int(kv(f"ssm.{k}", 0) or 0) for k in ("conv_kernel", "inner_size", "state_size", "group_count")
+             if kv(f"ssm.{k}") is not None},
+        n_layer_nextn=int(kv("nextn_predict_layers", 0) or 0))

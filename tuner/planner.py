@@ -29,13 +29,17 @@ from tuner.ggufmeta import EXPS_RE, ModelInfo, read_model
 from tuner.record import KV_TYPE_BYTES, TrialConfig, TrialRecord
 
 MiB = 1 << 20
-# Measured on the reference rig (tuner worker, llama-cpp-python 0.3.36 CPU build): RSS of a worker with a
-# 1.5 MiB model, 1 MiB KV and ~1 MiB of touched compute was 55 MiB. Calibration replaces these per rig.
-DEFAULT_BASELINE_RAM = 52 * MiB
+# The process itself (Python, numpy, the llama.cpp libraries, threads, graph metadata), measured on the reference
+# rig with llama-cpp-python 0.3.36: an idle worker holds 49.4 MiB; after a minimal trial (1.5 MiB model, 4.25 MiB
+# KV, 3.2 MiB compute buffer) 63.6 MiB, i.e. 54.7 MiB besides its buffers. Calibration replaces it per rig.
+DEFAULT_BASELINE_RAM = 55 * MiB
 DEFAULT_COMPUTE_SCALE = 1.0
 # A CUDA context plus cuBLAS workspace, per process, as NVML reports it; calibrated from trials with VRAM.
 DEFAULT_BASELINE_VRAM = 400 * MiB
 DEFAULT_HEADROOM = 0.05  # keep 5 % of each memory free
+# llama.cpp's vocabulary in memory (token strings, the token -> id map, the piece cache), per token, at its
+# peak during load: measured 197 B/token with Gemma 3's 262k-token vocabulary (48 MiB; vocab_only load, VmHWM)
+VOCAB_BYTES_PER_TOKEN = 192
 KV_PAD = 256  # llama.cpp pads the KV cache size to 256 cells
 
 # Tensor types llama.cpp's CPU backend repacks (CPU_REPACK buffer), by CPU family. Measured on x86-64 with
@@ -43,15 +47,30 @@ KV_PAD = 256  # llama.cpp pads the KV cache size to 256 cells
 REPACK_X86 = frozenset({"Q4_0", "Q4_K", "Q2_K", "IQ4_NL"})
 REPACK_ARM = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "Q8_0"})
 
-# Layers with sliding-window attention, by architecture (the rest attend to the whole context).
-SWA_LAYERS = {
-    "gemma2": lambda il: il % 2 == 0,
-    "gemma3": lambda il: il % 6 < 5,
-    "gemma3n": lambda il: il % 5 < 4,
-    "cohere2": lambda il: il % 4 < 3,
-    "llama4": lambda il: il % 4 < 3,
-    "gpt-oss": lambda il: il % 2 == 0,
-}
+# Sliding-window layers, as llama.cpp's load_swa_pattern sets them: (period, dense_first) per architecture, used
+# when the GGUF has no attention.sliding_window_pattern. A period n makes il % n < n - 1 sliding (dense_first:
+# il % n != 0). "all": every attention layer slides (lfm2 with a window).
+SWA_PATTERN = {"gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5, False), "cohere2": (4, False),
+               "llama4": (4, False), "gpt-oss": (2, False), "exaone4": (4, False), "olmo2": (4, False),
+               "smallthinker": (4, True), "afmoe": (4, False), "lfm2": "all", "lfm2moe": "all"}
+# Architectures whose memory layout the planner models: checked against llama.cpp by tuner.oracle (first line),
+# or built from the same standard attention/FFN blocks (the rest). Anything else: weights only, with a note.
+ORACLE_CHECKED = frozenset({"deepseek2", "qwen3moe", "gpt-oss", "gemma3", "llama", "glm4moe", "lfm2"})
+MODELLED = ORACLE_CHECKED | frozenset({
+    "qwen2", "qwen2moe", "qwen3", "gemma2", "mistral3", "phi3", "granite", "granitemoe", "olmo2", "olmoe",
+    "glm4", "deepseek", "mixtral", "smollm3", "exaone4", "cohere2", "command-r", "starcoder2", "lfm2moe",
+    "ernie4_5", "ernie4_5-moe", "seed_oss", "apertus", "hunyuan-moe", "hunyuan-dense", "dots1", "arcee"})
+# Recurrent-state layouts llama.cpp sizes from these keys (llama_hparams::n_embd_r / n_embd_s).
+RECURRENT_ALL = frozenset({"mamba", "mamba2"})
+HYBRID_SSM = frozenset({"granitehybrid", "nemotron_h", "jamba", "falcon-h1"})
+
+
+def unmodelled_note(info: ModelInfo) -> str:
+    """"" when the planner models this architecture's KV cache and compute buffers, else the note to show."""
+    if info.arch in MODELLED or info.arch in RECURRENT_ALL or info.arch in HYBRID_SSM:
+        return ""
+    return (f"unknown architecture {info.arch}: KV and compute not modelled "
+            f"(weights only, from tensor sizes: {_gib(sum(t.n_bytes for t in info.tensors))})")
 
 
 @lru_cache(maxsize=1)
@@ -183,9 +202,14 @@ class Prediction:
     baseline_ram: int = 0
     baseline_vram: int = 0
     repack_bytes: int = 0
-    reclaimable_bytes: int = 0  # in ram_bytes but clean file pages never read again (mmap'd repack sources)
+    reclaimable_bytes: int = 0  # ram_bytes - resident_bytes: mmap'd file pages the kernel may drop (never swapped)
     weights_total: int = 0
     n_gpu_layers: int = 0  # effective layers on the GPU
+    resident_bytes: int = 0  # anonymous host memory: what must fit in RAM (repacked weights, KV, buffers, process)
+    file_bytes: int = 0  # mmap'd weight pages on the host: resident while there is room, else re-read from disk
+    compute_reserved: int = 0  # the host compute buffer llama.cpp reserves (a full ubatch, every token an output)
+    output_bytes: int = 0  # logits buffer and the vocabulary held by llama.cpp
+    note: str = ""  # set when the architecture's KV/compute are not modelled (unknown architecture)
     layers_host: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
@@ -243,22 +267,92 @@ def placement(cfg: TrialConfig, info: ModelInfo, gpu_offload: bool) -> tuple[lis
     return host, ngl
 
 
+def n_attn_layers(info: ModelInfo) -> int:
+    """Blocks of the main context (NextN/MTP blocks at the end have their own context and cache)."""
+    return max(info.n_layer - info.n_layer_nextn, 0)
+
+
+def is_swa(info: ModelInfo, il: int) -> bool:
+    if not info.sliding_window:
+        return False
+    pat = info.swa_pattern
+    if isinstance(pat, list):
+        return bool(pat[il]) if il < len(pat) else False
+    rule = SWA_PATTERN.get(info.arch)
+    if rule == "all":
+        return True
+    n, dense_first = (int(pat), False) if pat else (rule or (0, False))
+    if not n:
+        return False
+    return il % n != 0 if dense_first else il % n < n - 1
+
+
+def is_recurrent(info: ModelInfo, il: int) -> bool:
+    """Layers that keep a recurrent state instead of a KV cache (all of a Mamba; head_count_kv 0 in a hybrid)."""
+    if info.arch in RECURRENT_ALL:
+        return True
+    if info.shortconv_l_cache or info.arch in HYBRID_SSM:
+        return info.head_kv(il) == 0
+    return False
+
+
+def kv_size(n_ctx: int) -> int:
+    """Cells of the (non-SWA) KV cache: llama.cpp pads the context to 256."""
+    return _pad(max(n_ctx, 1), KV_PAD)
+
+
 def kv_cells(cfg: TrialConfig, info: ModelInfo, il: int) -> int:
-    n_ctx = _pad(cfg.effective_ctx(), KV_PAD)
-    swa = SWA_LAYERS.get(info.arch)
-    if info.sliding_window and swa and swa(il):
-        return min(n_ctx, _pad(info.sliding_window + cfg.n_ubatch, KV_PAD))
-    return n_ctx
+    """Cells of layer il's cache: the padded context, or for a sliding-window layer the window plus one ubatch
+    (llama_kv_cache_iswa: pad(min(size, n_swa + n_ubatch), 256)); 0 for a layer without KV."""
+    if il >= n_attn_layers(info) or info.head_kv(il) <= 0 or is_recurrent(info, il):
+        return 0
+    size = kv_size(cfg.effective_ctx())
+    if is_swa(info, il):
+        return _pad(min(size, info.sliding_window + cfg.n_ubatch), KV_PAD)
+    return size
+
+
+def v_transposed(cfg: TrialConfig) -> bool:
+    """Without flash attention llama.cpp stores V transposed, padded to the widest layer's V row."""
+    return cfg.flash_attn == "off"
 
 
 def kv_layer_bytes(cfg: TrialConfig, info: ModelInfo, il: int, cells: int | None = None) -> int:
-    """K and V bytes of one layer's cache (0 for a layer without attention, e.g. recurrent layers)."""
-    heads = info.head_kv(il)
-    if heads <= 0:
-        return 0
+    """K and V bytes of one layer's cache, as llama_kv_cache allocates them.
+
+    GQA: head_count_kv x key/value_length per cell. MLA (DeepSeek-2/3, key_length_mla present): one latent
+    "head" of kv_lora_rank + rope dims in K and no V tensor (V is a view of K). V without flash attention is
+    transposed and padded to the widest layer. 0 for a layer without attention (recurrent, NextN).
+    """
+    return sum(kv_layer_kv(cfg, info, il, cells))
+
+
+def kv_layer_kv(cfg: TrialConfig, info: ModelInfo, il: int, cells: int | None = None) -> tuple[int, int]:
     cells = kv_cells(cfg, info, il) if cells is None else cells
-    return cells * (kv_row_bytes(cfg.type_k, heads * info.head_dim_k) +
-                    kv_row_bytes(cfg.type_v, heads * info.head_dim_v))
+    if not cells:
+        return 0, 0
+    k = cells * kv_row_bytes(cfg.type_k, info.head_kv(il) * info.head_dim_k)
+    if info.kv_mla:
+        return k, 0
+    if v_transposed(cfg):
+        width = max(info.head_kv(j) for j in range(n_attn_layers(info))) * info.head_dim_v
+    else:
+        width = info.head_kv(il) * info.head_dim_v
+    return k, cells * kv_row_bytes(cfg.type_v, width)
+
+
+def rs_layer_bytes(info: ModelInfo, il: int, n_seq: int = 1) -> int:
+    """Recurrent state of one layer (f32 R and S rows, one per sequence): llama_hparams::n_embd_r/n_embd_s."""
+    if not is_recurrent(info, il):
+        return 0
+    if info.shortconv_l_cache:
+        r, s = info.n_embd * (info.shortconv_l_cache - 1), 0
+    else:
+        d_conv, d_inner = info.ssm.get("conv_kernel", 0), info.ssm.get("inner_size", 0)
+        d_state, n_group = info.ssm.get("state_size", 0), info.ssm.get("group_count", 0)
+        r = max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state)
+        s = d_state * d_inner
+    return 4 * (r + s) * max(n_seq, 1)
 
 
 def ubatch_tokens(cfg: TrialConfig) -> int:
@@ -272,28 +366,108 @@ def used_cells(cfg: TrialConfig) -> int:
     return min(_pad(cfg.effective_ctx(), KV_PAD), _pad(cfg.n_depth + cfg.n_prompt + cfg.n_gen + 1, KV_PAD))
 
 
-def compute_raw(cfg: TrialConfig, info: ModelInfo, n_tok: int, n_out: int, n_kv: int) -> int:
-    """The largest live set of the compute graph for one ubatch, in bytes (before calibration).
+def _ffn_live(info: ModelInfo) -> int:
+    """Floats per token alive at the widest FFN of any block.
 
-    FFN: gate, up and their product (n_ff wide, or n_ff_exp × experts used for MoE); attention: Q/K/V and,
-    without flash attention, the n_kv × n_tok score matrix per head; output: logits for n_out tokens. The
-    KQ mask (f16, n_kv × n_tok) and the residual stream are live throughout.
+    Dense: gate, up and their product (3 x n_ff) next to 4 x n_embd of residual and norms. MoE: the selected
+    experts' gate and up rows and their down projections before and after the routing weights
+    (2 x used x (n_ff_exp + n_embd)); the leading dense blocks of DeepSeek-style models count too.
     """
-    ff = max((info.ff(il) for il in range(info.n_layer)), default=0)
-    if info.is_moe:
-        ff = max(ff if info.n_layer_dense_lead else 0,
-                 (info.n_ff_exp or ff) * max(info.n_expert_used, 1) + info.n_expert)
-    attn = (info.n_head * info.head_dim_k + 2 * info.head_kv(0) * info.head_dim_k) * n_tok
+    n = n_attn_layers(info) or info.n_layer
+    dense = max((info.ff(il) for il in range(n)), default=0)
+    dense_live = 3 * dense + 4 * info.n_embd
+    if not info.is_moe:
+        return dense_live
+    moe = 2 * max(info.n_expert_used, 1) * ((info.n_ff_exp or dense) + info.n_embd)
+    return max(moe, dense_live if info.n_layer_dense_lead else 0)
+
+
+def compute_raw(cfg: TrialConfig, info: ModelInfo, n_tok: int, n_out: int, n_kv: int) -> int:
+    """llama.cpp's CPU compute buffer for a graph of n_tok tokens, n_out outputs and n_kv cached cells (bytes).
+
+    ggml's graph allocator reuses memory, so the buffer is the largest set of tensors alive at once. Per
+    token (f32 = 4 bytes) it is the larger of:
+    - the output phase: logits (n_vocab per output) next to the final norm and its input (2 x n_embd);
+    - a block with flash attention: the KQ mask (f16, n_kv) alive through every block, plus the widest of
+      the FFN (`_ffn_live`) and, for MLA, the attention itself: per head the absorbed query, its concat with
+      the rope part and the latent output (2 x (kv_lora_rank + rope) + kv_lora_rank);
+    - a block without flash attention: the KQ scores (n_kv per head) and an f32 mask (n_kv), plus Q (twice
+      when it is cast to f16 for an f16 K cache), 2 x n_embd and the K/V rows written to the cache (or the
+      FFN next to the f32 mask, when that is wider).
+    The allocator places tensors first-fit, so fragmentation moves the figure by a few % from one shape to
+    the next; checked against llama.cpp's own figures by benchmarks/planner_oracle.py.
+    """
+    if not n_attn_layers(info):
+        return 4 * n_tok * 3 * info.n_embd + 4 * n_out * info.n_vocab
+    q_dim = info.n_head * info.head_dim_k
+    kv_dim = max(info.head_kv(il) for il in range(n_attn_layers(info))) * (info.head_dim_k + info.head_dim_v)
+    attn = info.n_head * (2 * info.head_dim_k + info.kv_lora_rank) if info.kv_mla else 0
+    ffn = _ffn_live(info)
     if cfg.flash_attn == "off":
-        attn += info.n_head * n_kv * n_tok
-    peak = max(3 * ff * n_tok, attn, info.n_vocab * n_out)
-    return 4 * (peak + 3 * info.n_embd * n_tok) + 2 * n_kv * _pad(n_tok, 64)
+        cast = q_dim if cfg.type_k.lower() in ("f16", "bf16") else 0
+        layer = max(4 * n_kv * (info.n_head + 1) + 4 * max(attn, q_dim + cast + 2 * info.n_embd + 5 * kv_dim),
+                    4 * n_kv + 4 * ffn)
+    else:
+        layer = 2 * n_kv + 4 * max(attn, ffn)
+    out = 4 * (n_out * info.n_vocab + n_tok * 2 * info.n_embd)
+    return max(n_tok * layer, out)
+
+
+def refusal(cfg: TrialConfig, info: ModelInfo) -> str:
+    """Why llama.cpp refuses to create this context ("" when it does not): its own checks on cache types."""
+    quant = ("f32", "f16", "bf16")
+    if info.kv_mla and cfg.type_k.lower() != cfg.type_v.lower():
+        return (f"MLA caches V inside K: llama.cpp refuses different K ({cfg.type_k}) and V ({cfg.type_v}) "
+                "cache types")
+    if cfg.flash_attn == "off" and cfg.type_v.lower() not in quant:
+        return f"a quantized V cache ({cfg.type_v}) needs flash attention: llama.cpp refuses it with -fa off"
+    return ""
+
+
+def output_bytes(info: ModelInfo, n_seq: int = 1) -> int:
+    """llama.cpp's output buffer at context creation: logits (f32) for one output per sequence."""
+    return 4 * info.n_vocab * max(n_seq, 1)
+
+
+def max_kv_cells(cfg: TrialConfig, info: ModelInfo) -> int:
+    return max((kv_cells(cfg, info, il) for il in range(info.n_layer)), default=0)
+
+
+def buffers(cfg: TrialConfig, info: ModelInfo) -> dict:
+    """llama.cpp's buffers for `cfg` on the CPU, as it logs them when it creates the context (bytes):
+    model (mmap'd weights), kv (K + V, per cache kind), rs (recurrent state), output, compute (the graph
+    buffer reserved for a full ubatch with every token an output). kv/compute are None for an architecture
+    the planner does not model (see `unmodelled_note`)."""
+    note = unmodelled_note(info)
+    k = v = 0
+    cells: dict[int, int] = {}
+    for il in range(info.n_layer):
+        kk, vv = kv_layer_kv(cfg, info, il)
+        k, v = k + kk, v + vv
+        c = kv_cells(cfg, info, il)
+        if c:
+            cells[c] = cells.get(c, 0) + 1
+    n_tok = min(cfg.n_ubatch, cfg.n_batch, kv_size(cfg.effective_ctx()))
+    return {"model": sum(t.n_bytes for t in info.tensors),
+            "kv": None if note else k + v, "kv_k": None if note else k, "kv_v": None if note else v,
+            "kv_cells": {} if note else cells,
+            "rs": None if note else sum(rs_layer_bytes(info, il) for il in range(info.n_layer)),
+            "output": output_bytes(info),
+            "compute": None if note else compute_raw(cfg, info, n_tok, n_tok, max_kv_cells(cfg, info)),
+            "note": note}
 
 
 def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
             gpu_offload: bool = False) -> Prediction:
-    """Peak host RAM and VRAM of one trial of `cfg` on `info`'s model."""
+    """Peak host RAM and VRAM of one trial of `cfg` on `info`'s model, and what of it must stay resident.
+
+    Host memory is split the way the kernel sees it: anonymous memory that cannot be reclaimed without swap
+    (repacked weights, weights read without mmap, KV cache, recurrent state, compute and output buffers, the
+    process itself) and file-backed pages of the mmap'd GGUF, which count in RSS once read but which the
+    kernel can drop and read again (slower, never swapped). `fits` judges the first.
+    """
     calib = calib or Calibration()
+    note = unmodelled_note(info)
     host, ngl = placement(cfg, info, gpu_offload)
     rp = repack_types()
     w_host = w_gpu = repack = 0
@@ -305,43 +479,53 @@ def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
         # only matrices used by MUL_MAT are repacked (not the embeddings, read with GET_ROWS)
         if t.type in rp and len(t.shape) >= 2 and t.shape[1] % 8 == 0 and t.group != "embd":
             repack += t.n_bytes
-    reclaimable = 0
-    if cfg.use_mmap and not cfg.use_mlock:
-        # file pages read to repack stay mapped next to the repacked copy: they count in RSS, but the
-        # kernel can drop them without swapping, so `fits` does not require them
-        w_host += repack
-        reclaimable = repack
+    mapped = cfg.use_mmap and not cfg.use_mlock
+    # with mmap the host weights are file pages (the repacked ones too: read once to repack, then clean);
+    # their repacked copies, and every weight read without mmap, are anonymous
+    file_pages = w_host if mapped else 0
+    anon_weights = repack if mapped else w_host
     start, _, _ = gpu_layer_start(info, cfg.n_gpu_layers, gpu_offload)
     kv_host = kv_gpu = 0
     layers_host = []
     for il in range(info.n_layer):
-        b = kv_layer_bytes(cfg, info, il)
+        b = 0 if note else kv_layer_bytes(cfg, info, il) + rs_layer_bytes(info, il)
         if il < start:
             kv_host += b
             layers_host.append(il)
         else:
             kv_gpu += b
     n_tok = ubatch_tokens(cfg)
-    touched = int(calib.compute_scale * compute_raw(cfg, info, n_tok, 1, used_cells(cfg)))
+    full_tok = min(cfg.n_ubatch, cfg.n_batch, kv_size(cfg.effective_ctx()))
+    n_kv_full = max_kv_cells(cfg, info)
+    if note:
+        touched = reserved = 0
+    else:
+        touched = int(calib.compute_scale * compute_raw(cfg, info, n_tok, 1, min(used_cells(cfg), n_kv_full)))
+        reserved = compute_raw(cfg, info, full_tok, full_tok, n_kv_full)
     if ngl and gpu_offload:
         # the GPU buffer is reserved (and committed) for a full ubatch with every token an output
-        c_gpu = int(calib.compute_scale_gpu * compute_raw(cfg, info, cfg.n_ubatch, cfg.n_ubatch,
-                                                           _pad(cfg.effective_ctx(), KV_PAD)))
+        c_gpu = 0 if note else int(calib.compute_scale_gpu * reserved)
         # blocks left on the CPU run their graph there; with every block offloaded the host only stages
         # the layer inputs and outputs (not measured here: no GPU on the reference rig)
         c_host = touched if start > 0 else int(calib.compute_scale * 4 * (info.n_embd + info.n_vocab) * n_tok)
+        c_host_reserved = reserved if start > 0 else c_host
     else:
         c_gpu = 0
-        c_host = touched
-    ram = calib.baseline_ram + w_host + kv_host + c_host
+        c_host, c_host_reserved = touched, reserved
+    out = output_bytes(info) + VOCAB_BYTES_PER_TOKEN * info.n_vocab
+    # the compute pages a trial touches (its ubatch, one output) are resident; the rest of the reserved
+    # buffer is address space until a bigger batch touches it
+    resident = calib.baseline_ram + anon_weights + kv_host + c_host + out
+    ram = resident + file_pages
     vram = (calib.baseline_vram + w_gpu + kv_gpu + c_gpu) if (gpu_offload and ngl) else 0
-    return Prediction(ram_bytes=int(ram), vram_bytes=int(vram), weights_host=w_host, weights_gpu=w_gpu,
-                      kv_bytes=kv_host + kv_gpu, compute_bytes=c_host + c_gpu, kv_host=kv_host, kv_gpu=kv_gpu,
-                      compute_host=c_host, compute_gpu=c_gpu, baseline_ram=calib.baseline_ram,
+    return Prediction(ram_bytes=int(ram), vram_bytes=int(vram), weights_host=file_pages + anon_weights,
+                      weights_gpu=w_gpu, kv_bytes=kv_host + kv_gpu, compute_bytes=c_host + c_gpu, kv_host=kv_host,
+                      kv_gpu=kv_gpu, compute_host=c_host, compute_gpu=c_gpu, baseline_ram=calib.baseline_ram,
                       baseline_vram=calib.baseline_vram if vram else 0, repack_bytes=repack,
-                      reclaimable_bytes=reclaimable,
+                      reclaimable_bytes=file_pages,
                       weights_total=sum(t.n_bytes for t in info.tensors), n_gpu_layers=ngl,
-                      layers_host=layers_host)
+                      resident_bytes=int(resident), file_bytes=file_pages, compute_reserved=c_host_reserved,
+                      output_bytes=out, note=note, layers_host=layers_host)
 
 
 def fits(pred: Prediction, ram_total: int | None, vram_total: int | None, max_ram: int | None = None,
@@ -358,10 +542,21 @@ def fits(pred: Prediction, ram_total: int | None, vram_total: int | None, max_ra
     if pred.vram_bytes and vram_budget is not None and pred.vram_bytes > vram_budget:
         return False, (f"needs {_gib(pred.vram_bytes)} VRAM, {_gib(vram_budget)} usable "
                        f"({headroom:.0%} headroom)")
-    if ram_budget is not None and pred.ram_bytes - pred.reclaimable_bytes > ram_budget:
-        return False, (f"needs {_gib(pred.ram_bytes - pred.reclaimable_bytes)} host RAM, {_gib(ram_budget)} usable "
+    if ram_budget is not None and pred.resident_bytes > ram_budget:
+        return False, (f"needs {_gib(pred.resident_bytes)} resident host RAM, {_gib(ram_budget)} usable "
                        f"({headroom:.0%} headroom): it would swap")
     return True, "fits"
+
+
+def weights_cached(pred: Prediction, ram_total: int | None, max_ram: int | None = None,
+                   headroom: float = DEFAULT_HEADROOM) -> bool | None:
+    """Whether the mmap'd weights stay in the page cache next to the resident memory (full speed). When they
+    do not, llama.cpp still runs (the kernel drops clean file pages, it never swaps them) but re-reads weights
+    from disk for every token: this, not "RAM > model size + 10 GB", is the real boundary for mmap."""
+    vals = [v for v in (ram_total, max_ram) if v]
+    if not vals:
+        return None
+    return pred.resident_bytes + pred.file_bytes <= int(min(vals) * (1 - headroom))
 
 
 def max_gpu_layers(cfg: TrialConfig, info: ModelInfo, vram_total: int, headroom: float = DEFAULT_HEADROOM,

@@ -11,7 +11,7 @@ from tuner import planner
 from tuner.bench import fmt_size
 from tuner.ggufmeta import ModelInfo, read_model
 from tuner.options import SIZE, TunerError
-from tuner.record import KV_TYPES, TrialConfig
+from tuner.record import FLASH_ATTN, KV_TYPES, TrialConfig
 
 
 def parse_ctx_list(text: str) -> list[int]:
@@ -73,17 +73,30 @@ def estimate(info: ModelInfo, ctxs: list[int], ram: int, vram: int, headroom: fl
             use = planner.max_gpu_layers(cfg, info, vram, headroom, calib) if gpu else 0
         p = planner.predict(dataclasses.replace(cfg, n_gpu_layers=use), info, calib, gpu_offload=gpu)
         ok, why = planner.fits(p, ram, vram if gpu else None, headroom=headroom)
+        cached = planner.weights_cached(p, ram, headroom=headroom)
+        usable = int(ram * (1 - headroom))
+        refused = planner.refusal(cfg, info)
         warning = ""
-        if p.ram_bytes - p.reclaimable_bytes > ram * (1 - headroom):
-            warning = (f"host RAM short: needs {fmt_size(p.ram_bytes - p.reclaimable_bytes)}, {fmt_size(ram * (1 - headroom))} usable"
-                       " - it would swap (use more GPU layers, a smaller quant or context)")
+        if refused:
+            warning = f"llama.cpp refuses this config: {refused}"
+        elif p.resident_bytes > usable:
+            warning = (f"host RAM short: needs {fmt_size(p.resident_bytes)} resident (KV cache, compute and output "
+                       f"buffers, repacked weights), {fmt_size(usable)} usable - it would swap (use more GPU layers, "
+                       "a smaller quant or context)")
         elif not ok:
             warning = why
+        elif cached is False:
+            warning = (f"mmap'd weights ({fmt_size(p.file_bytes)}) do not all fit next to {fmt_size(p.resident_bytes)} "
+                       f"resident in {fmt_size(usable)} usable: it runs (the kernel drops clean file pages, never "
+                       "swaps them) but re-reads weights from disk for every token")
         row = {"model": info.path, "name": info.name, "file_type": info.file_type, "n_ctx": ctx,
                "size_bytes": p.weights_total, "kv_bytes": p.kv_bytes, "n_layer": info.n_layer,
                "max_gpu_layers": use, "gpu_bytes": p.vram_bytes, "host_bytes": p.ram_bytes,
+               "resident_bytes": p.resident_bytes, "mmap_bytes": p.file_bytes, "weights_cached": cached,
+               "repack_bytes": p.repack_bytes,
                "weights_gpu": p.weights_gpu, "weights_host": p.weights_host, "compute_bytes": p.compute_bytes,
-               "fits": ok and not warning, "warning": warning}
+               "compute_reserved": p.compute_reserved, "fits": ok and not refused and p.resident_bytes <= usable,
+               "warning": warning, "note": p.note}
         if info.is_moe and gpu:
             row["min_n_cpu_moe"] = min_cpu_moe(cfg, info, vram, headroom, calib)
         rows.append(row)
@@ -114,6 +127,8 @@ def _cell(v) -> str:
 @click.option("--headroom", default="5%", show_default=True, help="memory kept free: a share or a size, e.g. 5% or 2GiB")
 @click.option("-ctk", "--cache-type-k", "type_k", type=click.Choice(KV_TYPES), default="f16", show_default=True)
 @click.option("-ctv", "--cache-type-v", "type_v", type=click.Choice(KV_TYPES), default="f16", show_default=True)
+@click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(FLASH_ATTN), default="auto", show_default=True,
+              help="flash attention (off: KQ scores n_ctx wide per head, a transposed V cache)")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=None,
               help="show the split for this many GPU layers instead of the largest that fits")
 @click.option("-b", "--batch-size", "n_batch", type=click.IntRange(min=1), default=2048, show_default=True)
@@ -126,13 +141,15 @@ def _cell(v) -> str:
 @click.option("--calib", "calib_paths", multiple=True, type=click.Path(),
               help="Parquet results of this rig to calibrate the compute term from (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, n_gpu_layers, n_batch, n_ubatch, use_mmap,
+def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n_gpu_layers, n_batch, n_ubatch, use_mmap,
                  n_cpu_moe, cpu_moe, what_if, calib_paths, as_json):
     """Plan memory from GGUF metadata alone: sizes, KV cache, GPU/host split, the largest -ngl that fits.
 
-    Reads only the header (a 400 GB split model plans in well under a second). Warns when host RAM is
-    short: that config would swap instead of failing fast. --what-if sizes the model in other quant types
-    the way llama.cpp's quantizer would write it.
+    Reads only the header (a 400 GB split model plans in well under a second). Host RAM comes in two parts:
+    what must stay resident (KV cache, compute and output buffers, repacked weights, the process) and the
+    mmap'd weight pages, which the kernel can drop and re-read. "fits" is judged on the resident part (short:
+    it would swap); when the mmap'd pages do not fit beside it the model still runs, re-reading weights from
+    disk. --what-if sizes the model in other quant types the way llama.cpp's quantizer would write it.
 
     \b
     Examples:
@@ -160,7 +177,7 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, n_gpu_layers,
         raise TunerError(f"-ngl must be -1 (all layers) or more, got {n_gpu_layers}")
     calib = planner.Calibration.from_store(calib_paths) if calib_paths else None
     infos = [read_model(m) for m in models]  # all inputs checked before anything is printed
-    base = TrialConfig(model="", n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v,
+    base = TrialConfig(model="", n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
                        use_mmap=use_mmap, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe)
     result = []
     for info in infos:
@@ -179,14 +196,19 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, n_gpu_layers,
                    f"{f', {len(info.shards)} shards' if len(info.shards) > 1 else ''}): "
                    f"{fmt_size(info.file_size)} on disk; planning for {fmt_size(vram)} VRAM, "
                    f"{fmt_size(ram)} RAM, {hr:.0%} headroom")
-        rows = [dict(r, size=fmt_size(r["size_bytes"]), kv=fmt_size(r["kv_bytes"]), gpu=fmt_size(r["gpu_bytes"]),
-                     host=fmt_size(r["host_bytes"]), ngl=f"{r['max_gpu_layers']}/{info.n_layer + 1}")
+        rows = [dict(r, size=fmt_size(r["size_bytes"]), kv="-" if r["note"] else fmt_size(r["kv_bytes"]),
+                     gpu=fmt_size(r["gpu_bytes"]), resident=fmt_size(r["resident_bytes"]),
+                     mmap=fmt_size(r["mmap_bytes"]), ngl=f"{r['max_gpu_layers']}/{info.n_layer + 1}")
                 for r in m["contexts"]]
+        # host RAM in two parts: what must stay resident (fits is judged on it) and the mmap'd file pages
         headers = [("n_ctx", "n_ctx"), ("size", "weights"), ("kv", "KV cache"), ("ngl", "max ngl"),
-                   ("gpu", "GPU"), ("host", "host RAM"), ("fits", "fits")]
+                   ("gpu", "GPU"), ("resident", "host resident"), ("mmap", "+ mmap'd"), ("fits", "fits"),
+                   ("weights_cached", "cached")]
         if info.is_moe and vram:
             headers.insert(4, ("min_n_cpu_moe", "n_cpu_moe@all"))
         click.echo(table(rows, headers))
+        if m["contexts"] and m["contexts"][0]["note"]:
+            click.echo(f"note: {m['contexts'][0]['note']}")
         for r in m["contexts"]:
             if r["warning"]:
                 click.echo(f"warning: n_ctx {r['n_ctx']}: {r['warning']}")
