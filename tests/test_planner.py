@@ -120,33 +120,32 @@ def deepseek(tmp_path_factory) -> Path:
     return write_deepseek_v3(tmp_path_factory.mktemp("ds3"))
 
 
-def test_400gb_model_plans_in_under_a_second_without_reading_data(deepseek):
+def _bytes_read() -> int:
+    """What this process has read through read(2)/pread(2) so far (the kernel's rchar)."""
+    return int(next(ln.split()[1] for ln in Path("/proc/self/io").read_text().splitlines() if ln.startswith("rchar")))
+
+
+def test_400gb_model_plans_without_reading_data(deepseek):
     shards = sorted(deepseek.parent.glob("*.gguf"))
     apparent = sum(p.stat().st_size for p in shards)
     used = sum(p.stat().st_blocks * 512 for p in shards)
     assert apparent > 400e9 and used < 50 * MiB  # a sparse file really
+    from tuner import ggufmeta
+
+    ggufmeta._read_cached.cache_clear()
+    read0 = _bytes_read()
     tracemalloc.start()
-    t0 = time.perf_counter()
     info = read_model(deepseek)
     cfg = TrialConfig(model=str(deepseek), n_ctx=32768)
     pred = planner.predict(cfg, info, gpu_offload=True)
     ngl = planner.max_gpu_layers(cfg, info, 80 << 30)
     sizes = planner.what_if(info, ["q8_0", "q4_k_m", "iq2_xxs"])
-    elapsed = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    # tracemalloc slows Python down several times; the bound still holds with it on here, and is
-    # checked again below without it
+    # the headers only: what a 400 GB plan reads and holds does not grow with the weights (time is the
+    # benchmarks' business, not a test's)
     assert peak < 64 * MiB, f"planning held {peak / MiB:.0f} MiB"
-    t0 = time.perf_counter()
-    from tuner import ggufmeta
-
-    ggufmeta._read_cached.cache_clear()
-    info2 = read_model(deepseek)
-    planner.predict(cfg, info2, gpu_offload=True)
-    planner.max_gpu_layers(cfg, info2, 80 << 30)
-    assert time.perf_counter() - t0 < 1.0
-    assert elapsed < 5.0
+    assert _bytes_read() - read0 < 64 * MiB, "planning read tensor data"
     # the facts of the model, summed over both shards
     assert len(info.shards) == 2 and info.file_size == apparent
     assert (info.arch, info.n_layer, info.n_expert, info.n_expert_used, info.n_expert_shared) == \
