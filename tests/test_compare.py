@@ -283,7 +283,8 @@ def derived_runs(models, tmp_path_factory):
         for b in (64, 32):  # a search records n_ubatch as llama.cpp runs it: clamped to n_batch
             res = CliRunner().invoke(cli, ["search", "-m", str(model), "--study", f"b{b}", "--results", str(d),
                                            "-t", "1", "-b", str(b), *TINY, "-r", "3", "--n-trials", "1",
-                                           "--no-baselines", "--drift-every", "0"])
+                                           "--no-baselines", "--drift-every", "0", "--no-auto-space",
+                                           "--no-confirm"])
             assert res.exit_code == 0, res.output
     return d
 
