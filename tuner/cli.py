@@ -200,6 +200,8 @@ def bench(config, model, timeout, mem_limit, no_wait, out, as_json, **params):
     out = store.check_writable(out)
     with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}"):
         with Runner(timeout=timeout, mem_limit=mem_limit) as runner:
+            if runner.limit and runner.limit.note:
+                click.echo(f"note: {runner.limit.note}", err=True)
             try:
                 rec = runner.run(cfg)
             except TrialInterrupted as e:
@@ -388,6 +390,8 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
             click.echo(f"resuming study {name}: {done} trial(s) already done", err=True)
         with Runner(timeout=trial_timeout, mem_limit=mem_limit, reuse=reuse_workers, hw=hwinfo,
                     build=build) as runner:
+            if runner.limit and runner.limit.note:
+                click.echo(f"note: {runner.limit.note}", err=True)
             srch.runner = runner
             try:
                 with studylib.StopOnSignal(srch):
