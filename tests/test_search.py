@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from tuner import store
 from tuner.cli import cli
 from tuner.record import TrialConfig
+from tuner.selftest import wait_mid_trial
 from tuner.study import dominated_by
 
 SHAPE = ["-p", "32", "-n", "8", "-r", "2"]
@@ -160,17 +161,16 @@ def test_sigkill_mid_trial_then_same_command_resumes(models, tmp_path):
             "-p", "256", "-n", "1024", "-r", "3", "--n-trials", "6", "--drift-every", "0",
             "--results", str(tmp_path), "--study", "kill"]
     env = dict(os.environ)
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     parquet = tmp_path / "kill" / "trials.parquet"
-    deadline = time.monotonic() + 120
-    while _rows(parquet) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _rows(parquet) >= 2
-    time.sleep(0.15)  # into the next trial
+    # the kill must land mid-trial: Optuna holds the third trial RUNNING and its row is not written yet
+    target = wait_mid_trial(tmp_path / "kill" / "study.db", parquet, p, 2, time.monotonic() + 120)
+    assert target is not None, "the search was never caught in the middle of a trial"
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
     before = store.read(parquet)
     done_before = set(before["trial_number"])
+    assert target not in done_before and len(done_before) >= 2
     res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming study kill" in res.stderr
@@ -184,11 +184,13 @@ def test_sigkill_mid_trial_then_same_command_resumes(models, tmp_path):
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     # Optuna and Parquet agree: every Optuna trial has exactly one row
     assert sorted(t.number for t in study.trials) == sorted(after["trial_number"])
+    # the trial the kill interrupted is recorded once, as interrupted, and is FAIL for Optuna
     interrupted = after[after["outcome"] == "interrupted"]
-    for n in interrupted["trial_number"]:
-        assert [t for t in study.trials if t.number == n][0].state == optuna.trial.TrialState.FAIL
+    assert list(interrupted["trial_number"]) == [target]
+    assert "parent killed" in interrupted.iloc[0]["cause"]
+    assert [t for t in study.trials if t.number == target][0].state == optuna.trial.TrialState.FAIL
     # interrupted trials do not count: the study still completes 6 measured trials
-    assert (after["outcome"] == "ok").sum() == 6 and len(after) == 6 + len(interrupted)
+    assert (after["outcome"] == "ok").sum() == 6 and len(after) == 7
 
 
 def test_ctrl_c_stops_after_the_current_trial(models, tmp_path):
