@@ -84,7 +84,7 @@ def test_json_record_then_rerun_from_it_as_config(models, tmp_path):
     assert len(store.read(out)) == 2
 
 
-def test_failed_trial_is_recorded_and_exits_1(models, tmp_path):
+def test_failed_trial_is_recorded_and_exits_1(models, tmp_path, host_only):
     out = tmp_path / "r.parquet"
     res = invoke(models / "tiny-q8_0.gguf", "-c", "1000000", "--mem-limit", "400MiB", *SHAPE, "-o", out)
     assert res.exit_code == 1, res.output

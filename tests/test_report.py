@@ -27,6 +27,8 @@ from tuner.record import FAILED
 from tuner.study import Limits
 from tuner.synth import PRESETS, write_base
 
+from conftest import HOST_ONLY
+
 MiB = 1 << 20
 EVIL = "<script>alert(1)</script>"
 SHAPE = ["-p", "32", "-n", "8", "-r", "2"]
@@ -35,7 +37,7 @@ SHAPE = ["-p", "32", "-n", "8", "-r", "2"]
 def _search(tmp: Path, *args: str) -> None:
     # session fixtures run before conftest's per-test private lock: give the search its own lock file
     res = CliRunner().invoke(cli, ["search", *args, *SHAPE, "--results", str(tmp), "--mem-limit", "150MiB"],
-                             env={"TUNER_LOCK_FILE": str(tmp / "measure.lock")})
+                             env={"TUNER_LOCK_FILE": str(tmp / "measure.lock"), **HOST_ONLY})
     assert res.exit_code == 0, res.output
 
 

@@ -168,9 +168,8 @@ def test_reuse_loads_once_and_restarts_after_a_failure(models):
 
 
 @pytest.mark.parametrize("mmap", [True, False], ids=["huge-ctx", "no-mmap"])
-def test_mem_limit_makes_allocation_fail_as_oom(models, mmap):
+def test_mem_limit_makes_allocation_fail_as_oom(models, mmap, host_only):
     """A real RLIMIT_DATA: a 1 M-token KV cache (~1 GiB), or an 84 MiB model read into RAM, cannot fit."""
-    # n_gpu_layers 0: host memory is what is limited, on a GPU build too
     if mmap:
         cfg = tiny_cfg(models, n_ctx=1_000_000, n_gpu_layers=0)
         limit = 400 * MiB
@@ -198,7 +197,7 @@ def machine_has_memory_cgroups() -> bool:
     return any("memory" in (Path(m) / "cgroup.controllers").read_text().split() for m in v2)
 
 
-def test_mem_limit_covers_mmapped_weights(models):
+def test_mem_limit_covers_mmapped_weights(models, host_only):
     """The default mmap: a 157 MiB f16 model (no repacking, so its weights stay file-backed) under 130 MiB.
 
     RLIMIT_DATA does not see a read-only file mapping, and the kernel never fails a file page fault over a cgroup
@@ -239,7 +238,7 @@ def test_mem_limit_covers_mmapped_weights(models):
         assert rec.outcome == "ok"
 
 
-def test_mem_limit_cgroup_lets_a_fitting_model_run(models):
+def test_mem_limit_cgroup_lets_a_fitting_model_run(models, host_only):
     model = synthesize(models, "moe", ("f16",))[0]
     cfg = bench.resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
                                     n_gpu_layers=0))

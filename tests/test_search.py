@@ -111,7 +111,7 @@ def test_recommend_rederives_under_other_limits(study10):
     assert rec["trial_number"] == int(df.loc[df["pp_ts_mean"].idxmax(), "trial_number"])
 
 
-def test_oom_region_is_learned_and_dominated_configs_never_run(models, tmp_path):
+def test_oom_region_is_learned_and_dominated_configs_never_run(models, tmp_path, host_only):
     """A 150 MiB cap makes n_ctx >= 16384 fail for real: OOMs are recorded, the sampler moves away."""
     res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "512,1024,2048,4096,8192,16384,32768,65536",
                "-ub", "64,128,256,512", "-t", "1", *SHAPE, "--n-trials", "24", "--mem-limit", "150MiB",
