@@ -100,16 +100,18 @@ def main() -> int:
     print(f"worst |error| with uncalibrated defaults: {100 * worst_def:.1f} %"
           + (f"; {failed} trial(s) did not complete" if failed else ""))
     met = bool(worst) and max(worst.values()) < 0.10
-    shape = {k: sorted({getattr(r.config, k) for r in recs}) for k in ("n_prompt", "n_gen", "repetitions", "n_threads")}
+    shape = {k: sorted({getattr(r.config, k) for r in recs})
+             for k in ("n_prompt", "n_gen", "repetitions", "n_threads")}
     save("planner-accuracy", {
         "grid": {"full": args.full, "loaded_from": args.load, "trials": len(recs), "completed": len(ok),
                  "n_ctx": sorted({r.config.n_ctx for r in recs}),
                  "batches": sorted({(r.config.n_batch, r.config.n_ubatch) for r in recs}),
-                 "type_kv": sorted({r.config.type_k for r in recs}), "use_mmap": sorted({r.config.use_mmap for r in recs})},
+                 "type_kv": sorted({r.config.type_k for r in recs}),
+                 "use_mmap": sorted({r.config.use_mmap for r in recs})},
         "shape": shape, "models": [model_facts(m) for m in sorted({r.config.model for r in recs})],
         "trial_build": sorted({r.build_fingerprint for r in recs}),
-        "failed": [{"model": Path(r.config.model).stem, "n_ctx": r.config.n_ctx, "outcome": r.outcome, "cause": r.cause}
-                   for r in recs if r not in ok],
+        "failed": [{"model": Path(r.config.model).stem, "n_ctx": r.config.n_ctx, "outcome": r.outcome,
+                    "cause": r.cause} for r in recs if r not in ok],
         "calibration_all": {"baseline_ram": full_cal.baseline_ram, "compute_scale": full_cal.compute_scale},
         "worst_abs_error_loo": worst, "worst_abs_error_default": worst_def, "trials": rows,
         "target": "every completed trial within ±10 % (leave-one-out)", "target_met": met}, args.out, echo=False)
