@@ -11,7 +11,7 @@ Two limits apply together where the machine allows it:
   page cache the worker reads in included, so it covers mmap'd weights. The kernel does not fail a file
   page fault over the limit: it evicts weight pages and reads them again from the file at the next touch
   (page-cache thrashing: the trial runs, at disk speed). So the runner counts the cgroup's file refaults and
-  stops a trial that re-read more than its model's size as `oom` (the weights do not fit), and it drops the
+  stops a trial that re-read more than its model's size (and 64 MiB) as `oom` (it does not fit), and drops the
   model file from the page cache before each trial: a page already cached is charged to whoever read it
   first, and would escape the limit. Anonymous memory over the limit is OOM-killed by the kernel (`oom`).
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import psutil
 
 from tuner import hardware
-from tuner.ggufmeta import read_model
 from tuner.bench import fmt_size
+from tuner.ggufmeta import read_model
 from tuner.memlimit import MemLimit
 from tuner.record import TrialConfig, TrialRecord, oom_line, utcnow
 
@@ -34,6 +34,7 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_SWAP_RATE = 64 << 20  # bytes/s swapped in, sustained over SWAP_WINDOW: the machine is thrashing
 SWAP_WINDOW = 3.0
 SAMPLES = ("pp_samples", "tg_samples", "ttft_samples_ms")
+REFAULT_FLOOR = 64 << 20  # file pages re-read under --mem-limit before a small model's trial counts as not fitting
 
 
 def new_record(cfg: TrialConfig, hw: hardware.Hardware, build: dict, info=None) -> TrialRecord:
@@ -328,14 +329,16 @@ class Runner:
         return rec
 
     def _thrashing_weights(self, cfg: TrialConfig, refault0: int, stage: str) -> str | None:
-        """'oom: ...' once the worker re-read more than its model file under the cgroup limit: the mmap'd
-        weights do not fit, and the kernel is evicting and re-reading them (it never fails such a fault)."""
+        """'oom: ...' once the worker re-read more file pages than its model (and REFAULT_FLOOR) under the cgroup
+        limit: the mmap'd weights do not fit, and the kernel evicts and re-reads them (it never fails such a
+        fault). The floor keeps a few re-read library pages of a trial near the limit from counting."""
         again = self.limit.refaulted_bytes() - refault0
         try:
             size = os.path.getsize(cfg.model)
         except OSError:
             return None
-        if again <= size:
+        if again <= max(size, REFAULT_FLOOR):
             return None
-        return (f"oom: the weights do not fit under --mem-limit {fmt_size(self.mem_limit)}: {fmt_size(again)} "
-                f"of the {fmt_size(size)} model re-read from disk after eviction (stage {stage})")
+        return (f"oom: the trial does not fit under --mem-limit {fmt_size(self.mem_limit)}: {fmt_size(again)} of "
+                f"file pages (its mmap'd weights are {fmt_size(size)}) re-read from disk after the limit evicted "
+                f"them (stage {stage})")
