@@ -54,8 +54,8 @@ perf-check: install
 	$(BIN)/tuner compare $(PERF_DIR)/baseline.parquet $(PERF_DIR)/current.parquet --rerun-on-alert \
 	  --markdown $(PERF_DIR)/report.md --junit $(PERF_DIR)/junit.xml
 
-# MoE hybrid offload on a CUDA machine (~10 min on one H200): builds the CUDA llama-cpp-python into .venv-cuda,
-# then synth/bench/search/report into gpu-check-out/. Knobs: see experiments/gpu-check.sh
+# MoE hybrid offload on a CUDA machine (~15 min on one H200): builds the CUDA llama-cpp-python into .venv-cuda,
+# then synth/bench/search/report and the whole test suite into gpu-check-out/. Knobs: see experiments/gpu-check.sh
 # (GPU_CHECK_CPU=1: no GPU, the script's logic with ./.venv and tiny sizes).
 gpu-check:
 	bash experiments/gpu-check.sh

@@ -1,18 +1,69 @@
-"""Where benchmark scripts keep their figures: one timestamped JSON per run under benchmarks/results/."""
+"""Where benchmark scripts keep their figures: one timestamped JSON per run under benchmarks/results/.
+
+Every file carries its provenance (when, the command line, the git commit of the tree that ran, the llama.cpp
+build, the machine and its load), so a figure quoted in a README can be traced to what produced it.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
+import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
 
 
-def save(name: str, result: dict, out: str | Path = RESULTS) -> Path:
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def provenance() -> dict:
+    """What ran, where: the tree's commit (and whether it had local changes), the build, the machine."""
+    from tuner import hardware
+
+    hw = hardware.probe()
+    return {
+        "when_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "build": hardware.build_info(),
+        "hardware": {"cpu": hw.cpu, "cores_physical": hw.cores_physical, "ram_total": hw.ram_total,
+                     "gpus": [g.name for g in hw.gpus], "machine": platform.machine(),
+                     "fingerprint": hw.fingerprint()},
+        "loadavg": os.getloadavg(),
+    }
+
+
+def model_facts(path: str | os.PathLike) -> dict:
+    """The model a benchmark ran on: path, size and the content hash trials record."""
+    from tuner.ggufmeta import read_model
+
+    info = read_model(path)
+    return {"path": str(path), "size_bytes": info.file_size, "content_hash": info.content_hash,
+            "arch": info.arch, "file_type": info.file_type, "n_params": info.n_params}
+
+
+def save(name: str, result: dict, out: str | Path = RESULTS, echo: bool = True) -> Path:
+    """Write result (plus its provenance) as out/NAME-YYYYmmdd-HHMMSS.json; returns the path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    result = {**result, "provenance": result.get("provenance") or provenance()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    if echo:
+        print(json.dumps(result, indent=2, default=str))
+    print(f"wrote {path}", file=sys.stderr)
     return path

@@ -7,6 +7,9 @@ Grid: synthetic tiny, dense (q4_0: CPU_REPACK on x86) and moe presets × n_ctx �
     python benchmarks/planner_accuracy.py                  # 48 trials, ~5 min on 2 cores
     python benchmarks/planner_accuracy.py --full           # 108 trials
     python benchmarks/planner_accuracy.py --save r.parquet # keep the records; --load r.parquet re-analyses
+
+Exit 0 when every completed trial is predicted within ±10 % (leave-one-out); the grid, the models, the build,
+every trial's prediction and error go to benchmarks/results/planner-accuracy-*.json.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import RESULTS, model_facts, save  # noqa: E402
 
 from tuner import planner, store  # noqa: E402
 from tuner.ggufmeta import read_model  # noqa: E402
@@ -43,6 +48,7 @@ def main() -> int:
     ap.add_argument("--n-prompt", type=int, default=512)
     ap.add_argument("--save", help="write the trial records to this Parquet file")
     ap.add_argument("--load", help="analyse records from this Parquet file instead of running trials")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON result")
     args = ap.parse_args()
     if args.load:
         recs = store.records(args.load)
@@ -71,6 +77,7 @@ def main() -> int:
     print("-" * len(head))
     worst: dict[str, float] = {}
     worst_def = 0.0
+    rows = []
     for i, r in enumerate(ok):
         cal = planner.Calibration.from_records(ok[:i] + ok[i + 1:], infos)
         c = r.config
@@ -81,6 +88,9 @@ def main() -> int:
         name = Path(c.model).stem
         worst[name] = max(worst.get(name, 0.0), abs(e))
         worst_def = max(worst_def, abs(ed))
+        rows.append({"model": name, "n_ctx": c.n_ctx, "n_batch": c.n_batch, "n_ubatch": c.n_ubatch,
+                     "type_kv": c.type_k, "use_mmap": c.use_mmap, "measured_bytes": r.peak_rss_bytes,
+                     "predicted_loo_bytes": p, "error_loo": e, "predicted_default_bytes": d, "error_default": ed})
         print(f"{name:<12}{c.n_ctx:>7}{c.n_batch:>6}{c.n_ubatch:>5}{c.type_k:>6}{'on' if c.use_mmap else 'off':>6}"
               f"{r.peak_rss_bytes / 2**20:>9.1f}Mi{p / 2**20:>9.1f}Mi{100 * e:>+7.1f}%{d / 2**20:>9.1f}Mi{100 * ed:>+7.1f}%")
     failed = len(recs) - len(ok)
@@ -89,7 +99,23 @@ def main() -> int:
         print(f"worst |error| {name}: {100 * w:.1f} % (leave-one-out calibration)")
     print(f"worst |error| with uncalibrated defaults: {100 * worst_def:.1f} %"
           + (f"; {failed} trial(s) did not complete" if failed else ""))
-    return 0 if worst and max(worst.values()) < 0.10 else 1
+    met = bool(worst) and max(worst.values()) < 0.10
+    shape = {k: sorted({getattr(r.config, k) for r in recs})
+             for k in ("n_prompt", "n_gen", "repetitions", "n_threads")}
+    save("planner-accuracy", {
+        "grid": {"full": args.full, "loaded_from": args.load, "trials": len(recs), "completed": len(ok),
+                 "n_ctx": sorted({r.config.n_ctx for r in recs}),
+                 "batches": sorted({(r.config.n_batch, r.config.n_ubatch) for r in recs}),
+                 "type_kv": sorted({r.config.type_k for r in recs}),
+                 "use_mmap": sorted({r.config.use_mmap for r in recs})},
+        "shape": shape, "models": [model_facts(m) for m in sorted({r.config.model for r in recs})],
+        "trial_build": sorted({r.build_fingerprint for r in recs}),
+        "failed": [{"model": Path(r.config.model).stem, "n_ctx": r.config.n_ctx, "outcome": r.outcome,
+                    "cause": r.cause} for r in recs if r not in ok],
+        "calibration_all": {"baseline_ram": full_cal.baseline_ram, "compute_scale": full_cal.compute_scale},
+        "worst_abs_error_loo": worst, "worst_abs_error_default": worst_def, "trials": rows,
+        "target": "every completed trial within ±10 % (leave-one-out)", "target_met": met}, args.out, echo=False)
+    return 0 if met else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
    dense synthetic model).
 2. Replays the default search (TPE, with its baselines, constraints and dominance skips) for several seeds
    against that measured table: each config the sampler asks for gets the tg the grid measured for it. This
-   isolates the sampler's efficiency from run-to-run noise; `--live` re-measures instead (slower, noisier).
+   isolates the sampler's efficiency from run-to-run noise.
 3. Reports, per seed, the best tg found within 25 % of the grid's trial count as a share of the grid's best,
    and the median over seeds (target: >= 97 %).
 

@@ -4,7 +4,8 @@ Both sides measure the same configs with the same repetitions (pp and tg tests, 
 llama-bench runs the whole grid in one process and reloads the model only when a load parameter changes;
 tuner runs every trial outside its own process, with Optuna, Parquet and recommended.json written after
 every trial, and (by default) keeps a worker's model loaded for the next trial with the same load parameters.
-Rounds alternate which side goes first; the report is the median wall-time ratio (target <= 1.15).
+Rounds alternate which side goes first; the report is the median wall-time ratio (target <= 1.15; exit 1 when
+missed). The JSON in benchmarks/results/ holds the grid, the shape, the model, both builds and every round.
 
     .venv/bin/python benchmarks/search_overhead.py --llama-bench /path/to/llama-bench --rounds 3
 """
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import save  # noqa: E402
+from _results import model_facts, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNER = str(Path(sys.executable).with_name("tuner"))
@@ -34,7 +35,12 @@ def timed(cmd: list[str], env=None) -> float:
     return time.monotonic() - t0
 
 
-def main() -> None:
+def llama_bench_version(path: str) -> str:
+    p = subprocess.run([path, "--version"], capture_output=True, text=True)
+    return (p.stdout + p.stderr).strip()
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH"), required=False)
     ap.add_argument("--model", default=None, help="default: the dense synthetic model (q4_0)")
@@ -72,13 +78,19 @@ def main() -> None:
         print(f"round {i}: llama-bench {t['llama-bench']:.1f} s, tuner {t['tuner']:.1f} s, "
               f"ratio {t['tuner'] / t['llama-bench']:.3f}", file=sys.stderr)
     ratios = [r["ratio"] for r in rows]
-    result = {"configs": n_configs, "p": args.p, "n": args.n, "r": args.r, "model": args.model,
+    result = {"configs": n_configs,
+              "grid": {"threads": args.threads, "n_ubatch": args.ubatch, "flash_attn": args.fa},
+              "p": args.p, "n": args.n, "r": args.r, "model": model_facts(args.model),
+              "llama_bench": {"path": args.llama_bench, "version": llama_bench_version(args.llama_bench)},
+              "commands": {"llama-bench": lb, "tuner": [x if x != d else "TMPDIR" for x in tn]},
               "fresh_workers": args.fresh_workers, "rounds": rows, "median_ratio": statistics.median(ratios),
-              "min_ratio": min(ratios), "max_ratio": max(ratios)}
+              "min_ratio": min(ratios), "max_ratio": max(ratios), "target": "median_ratio <= 1.15",
+              "target_met": statistics.median(ratios) <= 1.15}
     save("search-overhead", result, args.out)
     print(f"median wall-time ratio tuner/llama-bench over {n_configs} configs: {result['median_ratio']:.3f} "
-          f"(target <= 1.15)")
+          f"(target <= 1.15: {'met' if result['target_met'] else 'NOT met'})")
+    return 0 if result["target_met"] else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check for MoE hybrid offload (issue 8), sized for ≤ 10 min on one H200 (16 cores): the CUDA build ~4-6 min
-# (not measured here: estimated), synth ~1 min, the search capped at 150 s, the rest ~1-2 min.
+# GPU check for MoE hybrid offload (issue 8) and the test suite on a CUDA build, sized for ≤ 15 min on one H200
+# (16 cores): the CUDA build ~4-6 min (not measured here: estimated), synth ~1 min, the search capped at 150 s,
+# the rest ~1-2 min, the whole test suite ~3-5 min (estimated from ~3 min on 2 idle cores).
 #
 #   1. nvidia-smi                      GPU, driver (nvidia-smi.txt)
 #   2. CUDA llama-cpp-python           built from source into a venv (--no-binary, --force-reinstall), then tuner
@@ -13,6 +14,7 @@
 #   8. tuner recommend --max-vram      the hybrid pick under a VRAM cap (informational)
 #   9. tuner report                    if this install has it
 #  10. pytest tests/test_moe.py        the MoE tests on the CUDA build (all other layers on the GPU)
+#  11. pytest (the rest of the suite)  every other test on the CUDA build: with step 10, the whole suite (~3-5 min)
 #
 # Everything goes under $OUT (default ./gpu-check-out): logs/, timings.tsv, summary.txt, bench*.json/parquet,
 # results/gpu-moe/ (trials.parquet, recommended.json, report/). Models go to $GPU_CHECK_MODELS (several GB,
@@ -25,13 +27,13 @@
 #   GPU_CHECK_WHEELHOUSE     offline: a folder with the llama_cpp_python sdist and tuner's missing dependencies
 #                            (pip install --no-index --find-links). Make it where pip works:
 #                              pip download -d wheelhouse --no-binary llama-cpp-python llama-cpp-python==0.3.36
-#                              pip download -d wheelhouse optuna gguf diskcache
+#                              pip download -d wheelhouse optuna gguf diskcache pytest pytest-timeout hypothesis
 #   LLAMA_CPP_PYTHON_SPEC    what to build [llama-cpp-python==0.3.36]; a path to an sdist or a checkout works
 #   GPU_CHECK_CMAKE_ARGS     extra CMake flags, added to -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90
 #   GPU_CHECK_MODELS         where the synthetic models go [${TMPDIR:-/tmp}/tuner-gpu-check-models]
 #   GPU_CHECK_SEARCH_BUDGET  wall-time cap of the search [150s]; GPU_CHECK_TRIALS trials [12]
 #   GPU_CHECK_MAX_VRAM       the cap for step 8 [2GiB]
-#   GPU_CHECK_TESTS=0        skip step 10
+#   GPU_CHECK_TESTS=0        skip steps 10 and 11; GPU_CHECK_SUITE=0 skips only step 11
 #   GPU_CHECK_TAR            also pack $OUT into this .tar.gz (for a runner that returns only a few files)
 #
 # Examples:
@@ -393,4 +395,18 @@ if [[ ${GPU_CHECK_TESTS:-1} == 1 ]] && "$PY" -c 'import pytest' 2>/dev/null; the
   step pytest-moe env TUNER_TEST_MODELS="$MODELS/test-models" "$PY" -m pytest -q -p no:cacheprovider tests/test_moe.py
 else
   skip pytest-moe "GPU_CHECK_TESTS=0 or no pytest in $VENV"
+fi
+
+# -- 11. the rest of the suite on this build (the tests assert on what the build reports, GPU or not) -----------
+suite() {
+  # the test extra (pytest-timeout, hypothesis) from the index or the wheelhouse, if this venv lacks it
+  "$PY" -c 'import pytest, pytest_timeout, hypothesis' 2>/dev/null ||
+    "$PY" -m pip install "${PIP_SRC[@]}" pytest pytest-timeout hypothesis
+  env TUNER_TEST_MODELS="$MODELS/test-models" "$PY" -m pytest -q -p no:cacheprovider --ignore=tests/test_moe.py \
+    --junitxml="$OUT/pytest-suite.xml" tests
+}
+if [[ ${GPU_CHECK_TESTS:-1} == 1 && ${GPU_CHECK_SUITE:-1} == 1 ]]; then
+  step pytest-suite suite
+else
+  skip pytest-suite "GPU_CHECK_TESTS=0 or GPU_CHECK_SUITE=0"
 fi

@@ -33,6 +33,18 @@ def dense_model() -> Path:
     return synthesize(CACHE, "dense", ("q4_0",))[0]
 
 
+# Tests of the host-memory limit hide any GPU from the worker: on a CUDA build a worker would otherwise put the
+# KV cache in VRAM (beyond the limit's reach) or spend the limit on its CUDA context. The build still reports
+# what it can do; only the devices are hidden.
+HOST_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture
+def host_only(monkeypatch):
+    for k, v in HOST_ONLY.items():
+        monkeypatch.setenv(k, v)
+
+
 @pytest.fixture(autouse=True)
 def _private_lock(tmp_path_factory, monkeypatch):
     # Tests must not wait on (or block) a real measurement running on the same machine.

@@ -84,7 +84,7 @@ def test_json_record_then_rerun_from_it_as_config(models, tmp_path):
     assert len(store.read(out)) == 2
 
 
-def test_failed_trial_is_recorded_and_exits_1(models, tmp_path):
+def test_failed_trial_is_recorded_and_exits_1(models, tmp_path, host_only):
     out = tmp_path / "r.parquet"
     res = invoke(models / "tiny-q8_0.gguf", "-c", "1000000", "--mem-limit", "400MiB", *SHAPE, "-o", out)
     assert res.exit_code == 1, res.output
@@ -144,9 +144,14 @@ def test_ctrl_c_during_bench_records_the_trial_as_interrupted(models, tmp_path):
 
     out = tmp_path / "b.parquet"
     tuner = str(_P(sys.executable).with_name("tuner"))
-    p = subprocess.Popen([tuner, "bench", str(models / "tiny-q8_0.gguf"), "-t", "1", "-p", "512", "-n", "4096",
+    model = models / "tiny-q8_0.gguf"
+    p = subprocess.Popen([tuner, "bench", str(model), "-t", "1", "-p", "512", "-n", "4096",
                           "-r", "40", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _time.sleep(3)
+    # Ctrl-C mid-trial: once the worker has mapped the model, a job is running (a spare worker maps nothing)
+    deadline = _time.monotonic() + 120
+    while _time.monotonic() < deadline and not _maps_file(p.pid, model):
+        _time.sleep(0.05)
+    assert _maps_file(p.pid, model), "the bench never started its trial"
     p.send_signal(sig.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err[-1500:]
@@ -155,3 +160,21 @@ def test_ctrl_c_during_bench_records_the_trial_as_interrupted(models, tmp_path):
 
     rec = _store.records(out)[0]
     assert rec.outcome == "interrupted" and "Ctrl-C" in rec.cause
+
+
+def _maps_file(parent: int, path) -> bool:
+    """Whether a process under `parent` has `path` mapped (llama.cpp mmaps the model while it loads it)."""
+    import psutil
+
+    target = str(path)
+    try:
+        kids = psutil.Process(parent).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return False
+    for k in kids:
+        try:
+            if target in Path(f"/proc/{k.pid}/maps").read_text():
+                return True
+        except OSError:
+            pass
+    return False

@@ -118,8 +118,17 @@ def test_a_regression_read_backwards_is_an_improvement(base, factor):
     s = cmp.Settings(max_cv=10.0)
     fwd, back = cmp.judge("tg", base, cur, s), cmp.judge("tg", cur, base, s)
     assert fwd.p == pytest.approx(back.p)
-    if fwd.verdict == "regression":
-        assert back.verdict == "improvement"
+    # every change is beyond the 5 % threshold (factor <= 0.9): the test alone decides, the same both ways
+    assert fwd.verdict == ("regression" if fwd.p < s.alpha else "inconclusive")
+    assert back.verdict == {"regression": "improvement", "inconclusive": "inconclusive"}[fwd.verdict]
+
+
+def test_a_clear_regression_read_backwards_is_an_improvement():
+    base = [100.0, 101.0, 102.0, 103.0, 104.0, 105.0]
+    cur = [x * 0.8 for x in base]  # every current sample below every baseline sample: p = 2 / C(12, 6)
+    fwd, back = cmp.judge("tg", base, cur, S), cmp.judge("tg", cur, base, S)
+    assert (fwd.verdict, back.verdict) == ("regression", "improvement")
+    assert fwd.p == pytest.approx(2 / 924) and back.p == pytest.approx(fwd.p)
 
 
 # -- real trials --------------------------------------------------------------------------------------------

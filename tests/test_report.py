@@ -20,13 +20,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tuner import planner, recommend, report, roofline, store
+from tuner import hardware, planner, recommend, report, roofline, store
 from tuner.cli import cli
 from tuner.ggufmeta import read_model
 from tuner.hardware import GPU, Hardware
 from tuner.record import FAILED
 from tuner.study import Limits
 from tuner.synth import PRESETS, write_base
+
+from conftest import HOST_ONLY
 
 MiB = 1 << 20
 EVIL = "<script>alert(1)</script>"
@@ -36,17 +38,18 @@ SHAPE = ["-p", "32", "-n", "8", "-r", "2"]
 def _search(tmp: Path, *args: str) -> None:
     # session fixtures run before conftest's per-test private lock: give the search its own lock file
     res = CliRunner().invoke(cli, ["search", *args, *SHAPE, "--results", str(tmp), "--mem-limit", "150MiB"],
-                             env={"TUNER_LOCK_FILE": str(tmp / "measure.lock")})
+                             env={"TUNER_LOCK_FILE": str(tmp / "measure.lock"), **HOST_ONLY})
     assert res.exit_code == 0, res.output
 
 
 @pytest.fixture(scope="session")
 def cpu_study(models, tmp_path_factory) -> Path:
-    """Two quants, threads × ubatch × ctx; ctx 65536 runs out of memory under the 150 MiB limit."""
+    """Two quants, threads × ubatch × ctx; ctx 65536 runs out of memory under the 150 MiB limit. --ngl 0: a CPU
+    study on a GPU build too (host memory is what the limit caps)."""
     tmp = tmp_path_factory.mktemp("studies")
-    _search(tmp, "-m", str(models / "tiny-q8_0.gguf"), "-m", str(models / "tiny-q4_k_m.gguf"), "--threads", "1:2",
-            "-ub", "128,512", "--ctx", "256,4096,65536", "--n-trials", "10", "--drift-every", "4", "--study", "cpu",
-            "--no-auto-space", "--confirm", "2", "--confirm-rounds", "3")
+    _search(tmp, "-m", str(models / "tiny-q8_0.gguf"), "-m", str(models / "tiny-q4_k_m.gguf"), "--ngl", "0",
+            "--threads", "1:2", "-ub", "128,512", "--ctx", "256,4096,65536", "--n-trials", "10", "--drift-every", "4",
+            "--study", "cpu", "--no-auto-space", "--confirm", "2", "--confirm-rounds", "3")
     return tmp / "cpu"
 
 
@@ -54,8 +57,8 @@ def cpu_study(models, tmp_path_factory) -> Path:
 def rig_b(models, tmp_path_factory) -> Path:
     """A second, smaller study of the same model and shape (a grid), for the comparison."""
     tmp = tmp_path_factory.mktemp("rigb")
-    _search(tmp, "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1:2", "-ub", "128", "--ctx", "256,4096",
-            "--sampler", "grid", "--study", "cpu", "--no-auto-space", "--no-confirm")
+    _search(tmp, "-m", str(models / "tiny-q8_0.gguf"), "--ngl", "0", "--threads", "1:2", "-ub", "128",
+            "--ctx", "256,4096", "--sampler", "grid", "--study", "cpu", "--no-auto-space", "--no-confirm")
     return tmp / "cpu"
 
 
@@ -65,7 +68,8 @@ def failed_study(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("failed")
     model = tmp / "<script>tiny.gguf"
     write_base(model, PRESETS["tiny"], EVIL, "f16")
-    _search(tmp, "-m", str(model), "--ctx", "65536", "--n-trials", "3", "--study", "all-failed", "--no-auto-space")
+    _search(tmp, "-m", str(model), "--ngl", "0", "--ctx", "65536", "--n-trials", "3", "--study", "all-failed",
+            "--no-auto-space")
     return tmp / "all-failed"
 
 
@@ -138,18 +142,21 @@ def test_cpu_study_report(cpu_study, tmp_path):
     assert c1.counts["ok"] == 2 * len(ok)
     for o, n in n_failed.items():
         assert c1.counts[o] == 2 * n
-    assert report.NO_OFFLOAD in c1.notes
+    # the note follows what the build reports (a CUDA build offloads, even in this --ngl 0 study)
+    offload = bool(hardware.build_info()["gpu_offload"])
+    assert (report.NO_OFFLOAD in c1.notes) == (not offload)
     svg1 = _svg_text(tmp_path / "out" / "cpu" / "1-speed-vs-gpu-layers.svg")
     assert "tg: generation speed (tokens/s)" in svg1 and "n_gpu_layers (layers on the GPU)" in svg1
-    assert "no GPU offload on this build" in svg1
+    assert ("no GPU offload on this build" in svg1) == (not offload)
     # 2: threads
     ax_tg = charts["2-speed-vs-threads"].fig.axes[0]
     assert ax_tg.get_xlabel() == "n_threads (generation threads)"
     assert {1, 2} <= {round(x) for x in ax_tg.get_xticks()}
     # 3: memory: RAM of every ok trial placed; no VRAM here, and the panel says so
     c3 = charts["3-memory"]
-    assert c3.counts["ok"] == 2 * len(ok)  # RAM against ngl and against ctx
-    assert any(n.startswith("no VRAM measured") for n in c3.notes)
+    with_vram = [r for r in ok if r.peak_vram_bytes]  # none on a CPU build; a CUDA context on a GPU build
+    assert c3.counts["ok"] == 2 * len(ok) + 2 * len(with_vram)  # RAM (and VRAM) against ngl and against ctx
+    assert any(n.startswith("no VRAM measured") for n in c3.notes) == (not with_vram)
     assert c3.fig.axes[0].get_ylabel() == "peak RAM (peak RSS) (MiB)"
     # 4: Pareto: every ok trial, the recommendation starred
     c4 = charts["4-pareto"]
@@ -164,8 +171,8 @@ def test_cpu_study_report(cpu_study, tmp_path):
     # 6: progress: the llama.cpp-defaults baseline as a horizontal line at its measured tg
     base = next(r for r in trials if r.baseline == "llama.cpp defaults")
     ax6 = charts["6-search-progress"].fig.axes[0]
-    if base.ok:
-        assert any(ln.get_ydata()[0] == pytest.approx(base.metric("tg")[0]) for ln in ax6.get_lines())
+    assert base.ok, (base.outcome, base.cause)  # ctx 4096 fits under the limit
+    assert any(ln.get_ydata()[0] == pytest.approx(base.metric("tg")[0]) for ln in ax6.get_lines())
     assert charts["6-search-progress"].counts["ok"] == len(ok)
     # 7: importance: one bar per parameter Optuna searched (model, n_threads, n_ubatch, n_ctx)
     c7 = charts["7-parameter-importance"]
@@ -195,7 +202,7 @@ def test_cpu_study_report(cpu_study, tmp_path):
     assert rec["forms"]["llama_server"] in md
     assert "PARAMETER num_ctx" in html and "from llama_cpp import Llama" in md
     b = rec["baselines"]["llama.cpp defaults"]
-    assert b["source"] == "confirmation"
+    assert b["outcome"] == "ok" and b["source"] == "confirmation"
     assert (f"{b['recommended_vs_baseline']:.2f}× the llama.cpp defaults baseline, 95 % interval "
             f"{b['ci95'][0]:.2f}-{b['ci95'][1]:.2f}") in html
     assert "#### Confirmation" in md and "#### Context ladder" in md and conf["reason"] in md

@@ -1,7 +1,8 @@
 """The runner with real workers, real llama.cpp and real faults: every way a trial can die leaves a record.
 
 Faults are injected inside the real worker (job["fault"]): it really SIGKILLs itself, dereferences NULL,
-aborts, hangs, or runs out of memory under a real RLIMIT_DATA. Nothing of the runner or llama.cpp is mocked.
+aborts, hangs, or runs out of memory under a real RLIMIT_DATA or memory cgroup. Nothing of the runner or
+llama.cpp is mocked.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tuner import bench, store
+from tuner import bench, memlimit, store
 from tuner.lock import LockBusy, measurement_lock
 from tuner.record import TrialConfig, TrialRecord
 from tuner.runner import Runner, classify
+from tuner.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -166,14 +168,14 @@ def test_reuse_loads_once_and_restarts_after_a_failure(models):
 
 
 @pytest.mark.parametrize("mmap", [True, False], ids=["huge-ctx", "no-mmap"])
-def test_mem_limit_makes_allocation_fail_as_oom(models, mmap):
+def test_mem_limit_makes_allocation_fail_as_oom(models, mmap, host_only):
     """A real RLIMIT_DATA: a 1 M-token KV cache (~1 GiB), or an 84 MiB model read into RAM, cannot fit."""
     if mmap:
-        cfg = tiny_cfg(models, n_ctx=1_000_000)
+        cfg = tiny_cfg(models, n_ctx=1_000_000, n_gpu_layers=0)
         limit = 400 * MiB
     else:
         cfg = bench.resolve(TrialConfig(model=str(models / "moe-q8_0.gguf"), use_mmap=False, n_prompt=8,
-                                        n_gen=2, repetitions=1, n_threads=1))
+                                        n_gen=2, repetitions=1, n_threads=1, n_gpu_layers=0))
         limit = 150 * MiB  # the worker's own data segment (Python, numpy, llama.cpp) is ~100 MiB of it
     with Runner(timeout=120, mem_limit=limit) as r:
         rec = r.run(cfg)
@@ -182,6 +184,69 @@ def test_mem_limit_makes_allocation_fail_as_oom(models, mmap):
     assert any(w in rec.cause for w in ("failed to allocate", "insufficient memory", "unable to allocate")), rec.cause
     assert rec.cause in rec.stderr_tail or rec.cause.split(": ", 1)[-1] in rec.stderr_tail
     assert rec.exit_code == 0, "the worker reported the failure itself and exited"
+
+
+def machine_has_memory_cgroups() -> bool:
+    """Root, with a cgroup v1 memory hierarchy or a v2 one that lists the memory controller: what CI offers."""
+    if os.geteuid() != 0:
+        return False
+    mounts = Path("/proc/self/mountinfo").read_text()
+    if any(" - cgroup " in ln and "memory" in ln.rsplit(" ", 1)[-1].split(",") for ln in mounts.splitlines()):
+        return True
+    v2 = [ln.split()[4] for ln in mounts.splitlines() if " - cgroup2 " in ln]
+    return any("memory" in (Path(m) / "cgroup.controllers").read_text().split() for m in v2)
+
+
+def test_mem_limit_covers_mmapped_weights(models, host_only):
+    """The default mmap: a 157 MiB f16 model (no repacking, so its weights stay file-backed) under 130 MiB.
+
+    RLIMIT_DATA does not see a read-only file mapping, and the kernel never fails a file page fault over a cgroup
+    limit: it evicts weight pages and reads them again (the trial would "run" at a few t/s). The runner counts
+    those re-reads in the worker's cgroup and stops the trial as oom once they exceed the model's size.
+    """
+    model = synthesize(models, "moe", ("f16",))[0]
+    assert model.stat().st_size > 150 * MiB
+    cfg = bench.resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
+                                    n_gpu_layers=0))
+    with Runner(timeout=120, mem_limit=130 * MiB) as r:
+        lim = r.limit
+        cgroup = lim.cgroup
+        if machine_has_memory_cgroups():
+            assert lim.version in (1, 2) and cgroup.is_dir() and lim.note == ""
+            # the spare worker joins the cgroup before it execs Python (so before it imports anything)
+            pid = r._worker.pid
+            deadline = time.monotonic() + 30
+            python = Path(sys.executable).resolve()
+            while Path(f"/proc/{pid}/exe").resolve() != python and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert Path(f"/proc/{pid}/exe").resolve() == python
+            assert cgroup.name in Path(f"/proc/{pid}/cgroup").read_text()
+        rec = r.run(cfg)
+        again = r.run(bench.resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
+                                               n_gpu_layers=0)))  # same model, same limit: still too small
+    assert rec.mem_limit_bytes == 130 * MiB and rec.mem_limit_by == lim.mechanism
+    if machine_has_memory_cgroups():
+        assert rec.outcome == "oom", (rec.outcome, rec.cause)
+        assert rec.cause.startswith("the trial does not fit under --mem-limit 130.00 MiB: "), rec.cause
+        assert "(its mmap'd weights are 157.17 MiB) re-read from disk after the limit evicted them" in rec.cause
+        assert rec.tg_samples == [] and rec.pp_samples == []  # a stopped trial measured nothing
+        assert again.outcome == "oom"
+        assert not cgroup.exists(), "the runner removes its cgroup on close"
+    else:
+        # no cgroup here: only RLIMIT_DATA, which the mapped weights escape, and the record and note say so
+        assert lim.mechanism == memlimit.RLIMIT_ONLY and "does not cover llama.cpp's mmap" in lim.note
+        assert rec.outcome == "ok"
+
+
+def test_mem_limit_cgroup_lets_a_fitting_model_run(models, host_only):
+    model = synthesize(models, "moe", ("f16",))[0]
+    cfg = bench.resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
+                                    n_gpu_layers=0))
+    with Runner(timeout=120, mem_limit=400 * MiB) as r:
+        rec = r.run(cfg)
+    assert rec.outcome == "ok", rec.cause
+    assert rec.mem_limit_bytes == 400 * MiB and rec.mem_limit_by == r.limit.mechanism
+    assert len(rec.tg_samples) == 2
 
 
 def test_parent_process_exits_normally_after_real_faults(models, tmp_path):

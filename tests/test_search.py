@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from tuner import store
 from tuner.cli import cli
 from tuner.record import TrialConfig
+from tuner.selftest import wait_mid_trial
 from tuner.study import dominated_by
 
 SHAPE = ["-p", "32", "-n", "8", "-r", "2"]
@@ -133,7 +134,7 @@ def test_recommend_rederives_under_other_limits(study10):
     assert conf["winner"] == fastest["trial_number"] or conf["verdict"] == "tie"
 
 
-def test_oom_region_is_learned_and_dominated_configs_never_run(models, tmp_path):
+def test_oom_region_is_learned_and_dominated_configs_never_run(models, tmp_path, host_only):
     """A 150 MiB cap makes n_ctx >= 16384 fail for real: OOMs are recorded, the sampler moves away."""
     res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "512,1024,2048,4096,8192,16384,32768,65536",
                "-ub", "64,128,256,512", "-t", "1", *SHAPE, "--n-trials", "24", "--mem-limit", "150MiB",
@@ -184,17 +185,16 @@ def test_sigkill_mid_trial_then_same_command_resumes(models, tmp_path):
             "-fa", "on,off", "-p", "256", "-n", "1024", "-r", "3", "--n-trials", "6", "--drift-every", "0",
             "--no-auto-space", "--no-confirm", "--results", str(tmp_path), "--study", "kill"]
     env = dict(os.environ)
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     parquet = tmp_path / "kill" / "trials.parquet"
-    deadline = time.monotonic() + 120
-    while _rows(parquet) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _rows(parquet) >= 2
-    time.sleep(0.15)  # into the next trial
+    # the kill must land mid-trial: Optuna holds the third trial RUNNING and its row is not written yet
+    target = wait_mid_trial(tmp_path / "kill" / "study.db", parquet, p, 2, time.monotonic() + 120)
+    assert target is not None, "the search was never caught in the middle of a trial"
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
     before = store.read(parquet)
     done_before = set(before["trial_number"])
+    assert target not in done_before and len(done_before) >= 2
     res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming study kill" in res.stderr
@@ -209,11 +209,13 @@ def test_sigkill_mid_trial_then_same_command_resumes(models, tmp_path):
     # Optuna and Parquet agree: every Optuna trial that measured something has exactly one row
     assert sorted(t.number for t in study.trials if "duplicate_of" not in t.user_attrs) == \
         sorted(after["trial_number"])
+    # the trial the kill interrupted is recorded once, as interrupted, and is FAIL for Optuna
     interrupted = after[after["outcome"] == "interrupted"]
-    for n in interrupted["trial_number"]:
-        assert [t for t in study.trials if t.number == n][0].state == optuna.trial.TrialState.FAIL
+    assert list(interrupted["trial_number"]) == [target]
+    assert "parent killed" in interrupted.iloc[0]["cause"]
+    assert [t for t in study.trials if t.number == target][0].state == optuna.trial.TrialState.FAIL
     # interrupted trials do not count: the study still completes 6 measured trials
-    assert (after["outcome"] == "ok").sum() == 6 and len(after) == 6 + len(interrupted)
+    assert (after["outcome"] == "ok").sum() == 6 and len(after) == 7
 
 
 def test_ctrl_c_stops_after_the_current_trial(models, tmp_path):

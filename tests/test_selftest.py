@@ -30,7 +30,8 @@ def test_selftest_command_all_cases_match():
     assert re.search(r"insufficient memory|failed to allocate", causes["allocation failure"])
     assert re.search(r"selftest passed: 8 of 8 cases recorded as expected in \d+ s", res.stderr)
     assert re.search(r"parent killed mid-trial, same command re-run: resumed \(\d+ trial\(s\) done at the "
-                     r"kill, 0 lost, [01] recorded interrupted, 0 left running, Optuna and Parquet agree\)",
+                     r"kill, 0 lost, 1 recorded interrupted \(the running trial #\d+: yes\), 0 left running, "
+                     r"Optuna and Parquet agree\)",
                      res.stdout)
 
 

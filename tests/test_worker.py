@@ -95,7 +95,7 @@ def test_worker_peak_rss_matches_wait4_maxrss(models):
     assert abs(res["peak_rss_bytes"] - out["maxrss"]) <= 0.02 * out["maxrss"], (res["peak_rss_bytes"], out["maxrss"])
 
 
-def test_a_failed_job_is_reported_then_the_worker_exits(models):
+def test_a_failed_job_is_reported_then_the_worker_exits(models, host_only):
     # a ~1 GiB KV cache under a 400 MiB data limit: context creation fails; the second job never runs
     out = drive([job(models, n_ctx=1_000_000, mem_limit=400 * MiB), job(models)])
     (res,) = results(out["events"])

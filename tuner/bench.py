@@ -136,6 +136,10 @@ def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem
     out = store.check_writable(out)
     with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}"):
         with Runner(timeout=timeout, mem_limit=mem_limit) as runner:
+            if runner.limit and runner.limit.note:  # how --mem-limit is enforced on this machine
+                import sys
+
+                print(f"note: {runner.limit.note}", file=sys.stderr)
             try:
                 rec = runner.run(cfg)
             except TrialInterrupted as e:

@@ -168,7 +168,8 @@ def run_params(timeout_flag: str = "--timeout"):
                          show_default=True,
                          help="seconds before a trial is killed and recorded as timeout"),
             click.option("--mem-limit", type=SIZE, default=None, callback=_check_positive_size,
-                         help="cap each trial's memory (RLIMIT_DATA), e.g. 4GiB: emulates a smaller machine"),
+                         help="cap each trial's memory, e.g. 4GiB: a smaller machine (a memory cgroup, mmap'd "
+                              "weights included, where this machine allows one; else RLIMIT_DATA only)"),
             click.option("--no-wait", is_flag=True,
                          help="fail instead of waiting when another measurement runs on this machine"),
         ]

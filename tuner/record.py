@@ -129,6 +129,8 @@ class TrialRecord:
     peak_vram_bytes: int | None = None
     peak_vram_by_gpu: list[int] = field(default_factory=list)
     swap_in_bytes: int | None = None
+    mem_limit_bytes: int | None = None  # --mem-limit, when one applied
+    mem_limit_by: str = ""  # how it was enforced (tuner.memlimit: a cgroup + RLIMIT_DATA, or RLIMIT_DATA only)
     wall_s: float | None = None
     exit_code: int | None = None
     signal: int | None = None

@@ -25,12 +25,16 @@ from pathlib import Path
 import psutil
 
 from tuner import hardware
+from tuner.bench import fmt_size
 from tuner.ggufmeta import read_model
+from tuner.memlimit import MemLimit
 from tuner.record import TrialConfig, TrialRecord, oom_line, utcnow
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_SWAP_RATE = 64 << 20  # bytes/s swapped in, sustained over SWAP_WINDOW: the machine is thrashing
 SWAP_WINDOW = 3.0
+SAMPLES = ("pp_samples", "tg_samples", "ttft_samples_ms")
+REFAULT_FLOOR = 64 << 20  # file pages re-read under --mem-limit before a small model's trial counts as not fitting
 
 
 def new_record(cfg: TrialConfig, hw: hardware.Hardware, build: dict, info=None) -> TrialRecord:
@@ -146,6 +150,8 @@ class Runner:
                  poll_interval: float = 0.5, hw: hardware.Hardware | None = None, build: dict | None = None):
         self.timeout = timeout
         self.mem_limit = mem_limit
+        # RLIMIT_DATA (set by the worker from the job) plus a memory cgroup where the machine allows one
+        self.limit = MemLimit(mem_limit) if mem_limit else None
         self.reuse = reuse
         self.nvml = nvml if nvml is not None else hardware.Nvml()
         self.swap_rate_limit = swap_rate_limit
@@ -167,8 +173,11 @@ class Runner:
         # GGML_NO_BACKTRACE: on abort ggml would attach gdb for a backtrace; that is slow and floods the log
         env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1")
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "tuner.worker", str(wfd)], stdin=subprocess.PIPE,
-                                    stdout=log, stderr=log, pass_fds=(wfd,), start_new_session=True, env=env)
+            argv = [sys.executable, "-m", "tuner.worker", str(wfd)]
+            if self.limit:
+                argv = self.limit.command(argv)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(wfd,),
+                                    start_new_session=True, env=env)
         os.close(wfd)
         return _Worker(proc, rfd, log_path)
 
@@ -209,6 +218,8 @@ class Runner:
     def close(self) -> None:
         if self._worker:
             self._reap(self._worker, kill=not self._worker.used)  # an idle spare has nothing to finish
+        if self.limit:
+            self.limit.close()
         self._tmp.cleanup()
 
     def __enter__(self) -> "Runner":
@@ -232,6 +243,10 @@ class Runner:
         t0 = time.monotonic()
         job = {"config": cfg.to_dict(), "fault": fault, "mem_limit": self.mem_limit}
         sin0, oom0 = psutil.swap_memory().sin, vmstat("oom_kill")
+        if self.limit:
+            self.limit.evict(cfg.model)
+            refault0, cg_oom0 = self.limit.refaulted_bytes(), self.limit.oom_kills()
+            rec.mem_limit_bytes, rec.mem_limit_by = self.mem_limit, self.limit.mechanism
         result, killed_for, stage, eof = None, None, "start", False
         swap = SwapWatch(self.swap_rate_limit) if self.swap_rate_limit else None
         vram_peak: list[int] = []
@@ -270,9 +285,14 @@ class Runner:
                 if result is None and now - t0 > self.timeout:
                     killed_for = f"timeout: no result after {self.timeout:g} s (stage {stage})"
                     break
+                killed_for = self._thrashing_weights(cfg, refault0, stage) if self.limit else None
+                if killed_for:
+                    break
         except KeyboardInterrupt:
             interrupted = True
             killed_for = f"interrupted: stopped by Ctrl-C (stage {stage})"
+        if self.limit and not killed_for:  # a result that came between two polls
+            killed_for = self._thrashing_weights(cfg, refault0, stage)
         rec.wall_s = time.monotonic() - t0
         rec.swap_in_bytes = max(0, psutil.swap_memory().sin - sin0)
         keep = result is not None and result["outcome"] == "ok" and self.reuse and killed_for is None
@@ -288,13 +308,13 @@ class Runner:
             self.last_log = f.read().decode(errors="replace")
         rec.exit_code = returncode
         rec.signal = -returncode if returncode is not None and returncode < 0 else None
-        oom_killed = vmstat("oom_kill") > oom0
+        oom_killed = vmstat("oom_kill") > oom0 or bool(self.limit and self.limit.oom_kills() > cg_oom0)
         rec.outcome, rec.cause = ("ok", "") if (result and result["outcome"] == "ok" and not killed_for) else \
             classify(result, returncode, self.last_log, oom_killed, killed_for)
         if result:
             for k in ("pp_samples", "tg_samples", "ttft_samples_ms", "load_ms", "peak_rss_bytes",
                       "n_gpu_layers_effective", "overrides_applied", "flash_attn_resolved"):
-                if k in result:
+                if k in result and not (killed_for and k in SAMPLES):  # a stopped trial measured nothing
                     setattr(rec, k, result[k])
         if rec.peak_rss_bytes is None:
             # ru_maxrss also counts the parent's RSS at spawn (fork/vfork before exec), so it is only a fallback
@@ -307,3 +327,18 @@ class Runner:
         if interrupted:
             raise TrialInterrupted(rec)
         return rec
+
+    def _thrashing_weights(self, cfg: TrialConfig, refault0: int, stage: str) -> str | None:
+        """'oom: ...' once the worker re-read more file pages than its model (and REFAULT_FLOOR) under the cgroup
+        limit: the mmap'd weights do not fit, and the kernel evicts and re-reads them (it never fails such a
+        fault). The floor keeps a few re-read library pages of a trial near the limit from counting."""
+        again = self.limit.refaulted_bytes() - refault0
+        try:
+            size = os.path.getsize(cfg.model)
+        except OSError:
+            return None
+        if again <= max(size, REFAULT_FLOOR):
+            return None
+        return (f"oom: the trial does not fit under --mem-limit {fmt_size(self.mem_limit)}: {fmt_size(again)} of "
+                f"file pages (its mmap'd weights are {fmt_size(size)}) re-read from disk after the limit evicted "
+                f"them (stage {stage})")

@@ -172,6 +172,8 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
             log(f"resuming study {name}: {done} trial(s) already done")
         with Runner(timeout=trial_timeout, mem_limit=mem_limit, reuse=reuse_workers, hw=hwinfo,
                     build=build) as runner:
+            if runner.limit and runner.limit.note:  # how --mem-limit is enforced on this machine
+                log(f"note: {runner.limit.note}")
             srch.runner = runner
             try:
                 with studylib.StopOnSignal(srch):

@@ -90,11 +90,49 @@ def run(timeout: float = DEFAULT_TIMEOUT, cases: tuple[Case, ...] | None = None,
     return out
 
 
+def running_trials(db: str | Path) -> set[int]:
+    """Numbers of the trials a study's SQLite storage holds as RUNNING (read while the search writes: WAL)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return {n for (n,) in con.execute("SELECT number FROM trials WHERE state = 'RUNNING'")}
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet
+        return set()
+
+
+def trial_numbers(parquet: str | Path) -> set[int]:
+    """Trial numbers that have their row in a study's Parquet file."""
+    from tuner import store
+
+    try:
+        return {int(n) for n in store.read(parquet)["trial_number"].dropna()}
+    except (store.StoreError, KeyError):
+        return set()
+
+
+def wait_mid_trial(db: Path, parquet: Path, proc: subprocess.Popen, after: int, deadline: float) -> int | None:
+    """Wait until `proc` (a tuner search) is inside a trial, after `after` trials have their row: Optuna holds a
+    trial RUNNING that has no Parquet row yet (between ask and the row's write, the worker measures). Returns
+    that trial's number, or None if the search ended or the deadline passed first."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = trial_numbers(parquet)
+        running = running_trials(db) - done
+        if len(done) >= after and running:
+            return min(running)
+        time.sleep(0.02)
+    return None
+
+
 def parent_kill(workdir: str | None = None, deadline_s: float = 120.0) -> tuple[bool, str]:
     """SIGKILL a running `tuner search` in the middle of a trial, re-run the same command, check the resume.
 
-    Passes when every trial completed before the kill is still there, unchanged, the study has no trial
-    left RUNNING, and Optuna and the Parquet file agree trial by trial.
+    Passes when every trial completed before the kill is still there, unchanged, the trial that was running is
+    recorded once as `interrupted`, the study has no trial left RUNNING, and Optuna and the Parquet file agree
+    trial by trial.
     """
     import os
     import signal
@@ -114,22 +152,18 @@ def parent_kill(workdir: str | None = None, deadline_s: float = 120.0) -> tuple[
         env = dict(os.environ, TUNER_LOCK_FILE=str(Path(tmp) / "lock"))
         parquet = results / "selftest" / store.TRIALS_FILE
 
-        def rows() -> int:
-            try:
-                return len(store.read(parquet))
-            except store.StoreError:
-                return 0
-
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + deadline_s
-        while rows() < 1 and time.monotonic() < end and proc.poll() is None:
-            time.sleep(0.02)
-        time.sleep(0.1)  # into the next trial
-        if proc.poll() is not None:
-            return False, f"the search ended before it could be killed (exit {proc.returncode})"
+        db = results / "selftest" / "study.db"
+        target = wait_mid_trial(db, parquet, proc, 1, time.monotonic() + deadline_s)
+        if target is None:
+            proc.kill()
+            proc.wait()
+            return False, f"the search was never caught mid-trial (exit {proc.returncode})"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         before = store.read(parquet)
+        if target in set(before["trial_number"]):
+            return False, f"trial {target} finished before the kill landed: not a mid-trial kill"
         again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=deadline_s)
         if again.returncode != 0:
             lines = again.stderr.strip().splitlines()
@@ -140,11 +174,12 @@ def parent_kill(workdir: str | None = None, deadline_s: float = 120.0) -> tuple[
         running = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
         agree = sorted(t.number for t in study.trials if "duplicate_of" not in t.user_attrs) == \
             sorted(int(n) for n in after["trial_number"])
-        interrupted = int((after["outcome"] == "interrupted").sum())
-        ok = not lost and not running and agree and int((after["outcome"] == "ok").sum()) == 4
-        return ok, (f"{len(before)} trial(s) done at the kill, {len(lost)} lost, {interrupted} recorded "
-                    f"interrupted, {len(running)} left running, Optuna and Parquet "
-                    f"{'agree' if agree else 'DISAGREE'}")
+        interrupted = [int(n) for n in after.loc[after["outcome"] == "interrupted", "trial_number"]]
+        ok = (not lost and not running and agree and interrupted == [target]
+              and int((after["outcome"] == "ok").sum()) == 4)
+        return ok, (f"{len(before)} trial(s) done at the kill, {len(lost)} lost, {len(interrupted)} recorded "
+                    f"interrupted (the running trial #{target}: {'yes' if interrupted == [target] else 'NO'}), "
+                    f"{len(running)} left running, Optuna and Parquet {'agree' if agree else 'DISAGREE'}")
 
 
 def table(results: list[Result]) -> str:

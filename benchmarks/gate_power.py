@@ -1,0 +1,309 @@
+#!/usr/bin/env python3
+"""Power of the regression gate: does `make perf-check` catch a real ~10 % slowdown, and how often does it cry wolf?
+
+Each run measures one config for BASELINE and CURRENT exactly as `make perf-check` does (the Makefile's
+PERF_ROUNDS interleaved rounds of `tuner bench --config CFG PERF_ARGS`, baseline first, the synthetic dense q4_0
+model, the Makefile's shape), then judges with the shipped gate, `tuner compare BASE CUR --rerun-on-alert`.
+The settings are read from the Makefile, so the benchmark measures what ships.
+
+Runs alternate between two kinds, so a drifting machine hits both alike:
+  A/A  both sides as they are: any regression verdict is a false alarm.
+  A/B  CURRENT's trials (and the gate's re-measurement of an alert) run next to a CPU hog: one process pinned
+       to each CPU, all busy at the same time for DUTY of every PERIOD (default 10 % of 10 ms). While they
+       burn, every CPU is taken, wherever llama.cpp's threads sit, so the measured process loses about DUTY of
+       its time: a real slowdown of known size. Its size is measured in the same run (the median change of
+       each metric over the A/B runs, against the same over the A/A runs) and reported with the hogs'
+       achieved CPU share.
+
+Per kind: the share of runs with a regression verdict (false_alarm_rate for A/A, detection_rate for A/B), with
+an inconclusive verdict and no regression (inconclusive_rate), and with a pass; for the bare gate and the gate
+with --rerun-on-alert. Everything (settings, model, build, every run's verdicts and medians) goes to
+benchmarks/results/gate-power-*.json.
+
+Target: detection_rate >= 0.95 with false_alarm_rate <= 0.05 (the shipped gate, with --rerun-on-alert), and the
+injected tg slowdown within --effect (default 7-13 %; otherwise the run did not measure a ~10 % slowdown).
+Exit 0 when met, 1 when not.
+
+Examples:
+  benchmarks/gate_power.py                        # 20 A/A + 20 A/B runs (about 45 min on an idle 2-core box)
+  benchmarks/gate_power.py --runs 1 --threads 1 --rounds 2 --reps 3 --model tiny-q8_0.gguf   # the machinery
+  benchmarks/gate_power.py --rounds 5 --reps 10   # other gate settings than the Makefile's
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import ROOT, model_facts, save  # noqa: E402
+
+MODEL_CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
+SPEED = ("tg", "pp", "ttft")
+# A process pinned to one CPU, busy for duty × period out of every period, on a schedule shared by all hogs
+# (CLOCK_MONOTONIC from a common t0), so their bursts coincide. It never catches up on a slot it missed (when
+# it was itself descheduled), so it takes at most its duty.
+HOG = """
+import os, sys, time
+cpu, duty, period, t0 = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+os.sched_setaffinity(0, {cpu})
+k = max(0, int((time.monotonic() - t0) // period) + 1)
+while True:
+    start = t0 + k * period
+    left = start - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+    while time.monotonic() < start + duty * period:
+        pass
+    k = max(k + 1, int((time.monotonic() - t0) // period) + 1)
+"""
+
+
+def shipped() -> dict:
+    """`make perf-check`'s rounds, bench arguments and shape, read from the Makefile."""
+    text = (ROOT / "Makefile").read_text()
+
+    def var(name: str) -> str:
+        m = re.search(rf"^{name}\s*\?=\s*(.*)$", text, re.M)
+        if not m:
+            sys.exit(f"Makefile: no {name} (gate_power.py reads make perf-check's settings from it)")
+        return m.group(1).strip()
+
+    shape = re.search(r'"n_prompt": (\d+), "n_gen": (\d+)', text)
+    if not shape:
+        sys.exit("Makefile: perf-check's config line (n_prompt, n_gen) not found")
+    return {"rounds": int(var("PERF_ROUNDS")), "bench_args": shlex.split(var("PERF_ARGS")),
+            "n_prompt": int(shape.group(1)), "n_gen": int(shape.group(2))}
+
+
+class Tuner:
+    """The real CLI in a child interpreter, with a private measurement lock (this script holds the real one)."""
+
+    def __init__(self, lock: Path):
+        self.env = dict(os.environ, TUNER_LOCK_FILE=str(lock))
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-c", "from tuner.cli import cli; cli()", *map(str, args)]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=self.env)
+        if p.returncode not in (0, 1):  # 1: a failed trial (recorded) or a regression; 2: bad input
+            sys.exit(f"tuner {' '.join(map(str, args))} failed ({p.returncode}): {p.stderr.strip()[-800:]}")
+        return p
+
+
+class Hog:
+    """The injected slowdown, started and stopped around CURRENT's measurements; it keeps its CPU share."""
+
+    def __init__(self, cpus: list[int], duty: float, period_s: float):
+        self.cpus, self.duty, self.period = cpus, duty, period_s
+        self.procs: list[subprocess.Popen] = []
+        self.cpu_s = self.wall_s = 0.0
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        start = self.t0 + 0.05  # every hog starts on the same period boundary
+        self.procs = [subprocess.Popen([sys.executable, "-c", HOG, str(c), str(self.duty), str(self.period),
+                                        str(start)]) for c in self.cpus]
+        return self
+
+    def __exit__(self, *exc):
+        import psutil
+
+        for p in self.procs:
+            try:
+                t = psutil.Process(p.pid).cpu_times()
+                self.cpu_s += t.user + t.system
+            except psutil.Error:
+                pass
+            p.kill()
+            p.wait()
+        self.wall_s += time.monotonic() - self.t0
+        self.procs = []
+
+    @property
+    def share(self) -> float | None:
+        """The hogs' CPU time as a share of the CPUs' time while they ran (the duty they achieved)."""
+        return self.cpu_s / (self.wall_s * len(self.cpus)) if self.wall_s else None
+
+
+class Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def verdicts(report: dict) -> dict[str, dict]:
+    return {m["metric"]: {"verdict": m["verdict"], "change_pct": m["change_pct"], "p": m["p"],
+                          "n": [m["n_base"], m["n_cur"]], "note": m["note"]}
+            for p in report["pairs"] for m in p["metrics"]}
+
+
+def classify(exit_code: int, judged: dict[str, dict]) -> str:
+    if exit_code == 1:
+        return "regression"
+    return "inconclusive" if any(v["verdict"] == "inconclusive" for v in judged.values()) else "pass"
+
+
+def one_run(tuner: Tuner, cfg: Path, work: Path, settings: dict, slow) -> dict:
+    base, cur = work / "baseline.parquet", work / "current.parquet"
+    for _ in range(settings["rounds"]):  # as make perf-check: baseline, then current, round by round
+        tuner("bench", "--config", cfg, *settings["bench_args"], "-o", base)
+        with slow:
+            tuner("bench", "--config", cfg, *settings["bench_args"], "-o", cur)
+    bare = tuner("compare", base, cur, "--json")
+    first = verdicts(json.loads(bare.stdout))
+    run = {"bare": {"exit": bare.returncode, "class": classify(bare.returncode, first), "metrics": first}}
+    if bare.returncode == 1:  # the shipped gate re-measures an alert once (CURRENT's build: the hog runs)
+        cur2 = work / "current-rerun.parquet"
+        shutil.copy(cur, cur2)
+        with slow:
+            gate = tuner("compare", base, cur2, "--rerun-on-alert", "--json")
+        judged = verdicts(json.loads(gate.stdout))
+        run["gate"] = {"exit": gate.returncode, "class": classify(gate.returncode, judged), "metrics": judged}
+    else:
+        run["gate"] = run["bare"]  # no alert: --rerun-on-alert re-measures nothing
+    return run
+
+
+def rates(runs: list[dict], which: str) -> dict:
+    n = len(runs)
+    count = {c: sum(r[which]["class"] == c for r in runs) for c in ("regression", "inconclusive", "pass")}
+    return {"runs": n, **{f"{c}_rate": count[c] / n if n else None for c in count}}
+
+
+def effect(runs: list[dict]) -> dict[str, float | None]:
+    """Median change per speed metric (percent, sign as measured) over the runs' first judgements."""
+    out = {}
+    for m in SPEED:
+        xs = [r["bare"]["metrics"][m]["change_pct"] for r in runs
+              if m in r["bare"]["metrics"] and r["bare"]["metrics"][m]["change_pct"] is not None]
+        out[m] = statistics.median(xs) if xs else None
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=20, help="A/A runs and as many A/B runs (default 20 each)")
+    ap.add_argument("--model", help="GGUF file (default: the synthetic dense q4_0 model, as make perf-check)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds per run (default: the Makefile's PERF_ROUNDS)")
+    ap.add_argument("--reps", type=int, help="repetitions per trial (default: the Makefile's PERF_ARGS -r)")
+    ap.add_argument("--threads", type=int, help="n_threads of the config (default: physical cores, as shipped)")
+    ap.add_argument("--duty", type=float, default=0.10, help="the hog's busy share of each period [0.10]")
+    ap.add_argument("--period-ms", type=float, default=10.0, help="the hog's period [10 ms]")
+    ap.add_argument("--hog-cpus", help="CPUs to hog, e.g. 0,1 (default: every CPU this process may use)")
+    ap.add_argument("--effect", default="7,13", help="the injected tg slowdown must fall in this range, percent")
+    ap.add_argument("--out", default=None, help="folder for the JSON result (default benchmarks/results)")
+    a = ap.parse_args()
+    lo, hi = (float(x) for x in a.effect.split(","))
+
+    from_makefile = shipped()
+    settings = dict(from_makefile)
+    if a.rounds:
+        settings["rounds"] = a.rounds
+    if a.reps:
+        args, it = [], iter(from_makefile["bench_args"])
+        for x in it:
+            if x in ("-r", "--repetitions"):
+                next(it, None)
+            else:
+                args.append(x)
+        settings["bench_args"] = [*args, "-r", str(a.reps)]
+    if a.threads:
+        settings["n_threads"] = a.threads
+    settings["shipped"] = settings == from_makefile
+
+    if a.model:
+        model = Path(a.model)
+    else:
+        from tuner.synth import synthesize
+        model = synthesize(MODEL_CACHE, "dense", ("q4_0",))[0]
+    from tuner.lock import measurement_lock
+
+    work = Path(tempfile.mkdtemp(prefix="gate-power-"))
+    cfg = work / "config.json"
+    cpus = [int(c) for c in a.hog_cpus.split(",")] if a.hog_cpus else sorted(os.sched_getaffinity(0))
+    config = {"model": str(model), "n_prompt": settings["n_prompt"], "n_gen": settings["n_gen"]}
+    if a.threads:
+        config["n_threads"] = a.threads
+    cfg.write_text(json.dumps({"config": config}))
+    tuner = Tuner(work / "child.lock")
+    hog = Hog(cpus, a.duty, a.period_ms / 1000)
+    print(f"{model.name}: {settings['rounds']} rounds of `tuner bench {' '.join(settings['bench_args'])}` a side, "
+          f"-p {settings['n_prompt']} -n {settings['n_gen']} ({'the Makefile' if settings['shipped'] else 'NOT'} "
+          f"the shipped settings); {a.runs} A/A + {a.runs} A/B runs; hog {100 * a.duty:g} % of "
+          f"{a.period_ms:g} ms on CPUs {','.join(map(str, cpus))}; files in {work}", flush=True)
+    runs: list[dict] = []
+    t0 = time.monotonic()
+    with measurement_lock(wait=True, what="benchmarks/gate_power.py"):
+        for i in range(2 * a.runs):
+            kind = "A/A" if i % 2 == 0 else "A/B"
+            d = work / f"run{i:03d}"
+            d.mkdir()
+            start = time.monotonic()
+            run = one_run(tuner, cfg, d, settings, hog if kind == "A/B" else Nothing())
+            run.update(run=i, kind=kind, wall_s=round(time.monotonic() - start, 1), loadavg_1m=os.getloadavg()[0])
+            runs.append(run)
+            ch = "  ".join(f"{m} {v['change_pct']:+.1f}% {v['verdict'][:5]}"
+                           for m, v in run["bare"]["metrics"].items() if m in SPEED and v["change_pct"] is not None)
+            print(f"run {i + 1:3d}/{2 * a.runs} {kind}: gate {run['gate']['class']:12s} (bare "
+                  f"{run['bare']['class']}) {ch}  [{run['wall_s']:.0f} s, load {run['loadavg_1m']:.1f}]", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+    aa = [r for r in runs if r["kind"] == "A/A"]
+    ab = [r for r in runs if r["kind"] == "A/B"]
+    gate_aa, gate_ab = rates(aa, "gate"), rates(ab, "gate")
+    summary = {
+        "false_alarm_rate": gate_aa["regression_rate"], "detection_rate": gate_ab["regression_rate"],
+        "inconclusive_rate": {"A/A": gate_aa["inconclusive_rate"], "A/B": gate_ab["inconclusive_rate"]},
+        "gate": {"A/A": gate_aa, "A/B": gate_ab},
+        "bare_gate": {"A/A": rates(aa, "bare"), "A/B": rates(ab, "bare")},
+        "effect_pct": {"A/A": effect(aa), "A/B": effect(ab)},
+        "hog_cpu_share": hog.share,
+    }
+    slowdown = summary["effect_pct"]["A/B"]["tg"]
+    aa_tg = summary["effect_pct"]["A/A"]["tg"]
+    injected = -(slowdown - (aa_tg or 0.0)) if slowdown is not None else None
+    summary["injected_tg_slowdown_pct"] = injected
+    met = (summary["detection_rate"] or 0) >= 0.95 and (summary["false_alarm_rate"] or 0) <= 0.05
+    effect_ok = injected is not None and lo <= injected <= hi
+    summary.update(target="detection_rate >= 0.95 and false_alarm_rate <= 0.05", target_met=met,
+                   effect_range_pct=[lo, hi], effect_in_range=effect_ok)
+    result = {"settings": {**settings, "makefile": from_makefile, "runs_per_kind": a.runs, "duty": a.duty,
+                           "period_ms": a.period_ms, "hog_cpus": cpus, "gate": "tuner compare --rerun-on-alert",
+                           "config": config},
+              "model": model_facts(model), "summary": summary, "wall_s": round(time.monotonic() - t0),
+              "runs": runs}
+    path = save("gate-power", result, a.out or Path(__file__).resolve().parent / "results", echo=False)
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f} %"
+
+    print(f"\nA/A ({len(aa)} runs): false alarms {pct(gate_aa['regression_rate'])}, inconclusive "
+          f"{pct(gate_aa['inconclusive_rate'])}, pass {pct(gate_aa['pass_rate'])}   "
+          f"[bare gate: false alarms {pct(summary['bare_gate']['A/A']['regression_rate'])}]")
+    print(f"A/B ({len(ab)} runs): detected {pct(gate_ab['regression_rate'])}, inconclusive "
+          f"{pct(gate_ab['inconclusive_rate'])}, missed (pass) {pct(gate_ab['pass_rate'])}   "
+          f"[bare gate: detected {pct(summary['bare_gate']['A/B']['regression_rate'])}]")
+    eff = summary["effect_pct"]
+    print("median change A/B: " + ", ".join(f"{m} {v:+.1f} %" for m, v in eff["A/B"].items() if v is not None)
+          + "; A/A: " + ", ".join(f"{m} {v:+.1f} %" for m, v in eff["A/A"].items() if v is not None)
+          + (f"; the hogs took {100 * hog.share:.1f} % of their CPUs" if hog.share else ""))
+    print(f"injected tg slowdown {'-' if injected is None else f'{injected:.1f} %'} "
+          f"({'within' if effect_ok else 'OUTSIDE'} {lo:g}-{hi:g} %); target "
+          f"(detection >= 95 %, false alarms <= 5 %): {'met' if met else 'NOT met'}; {path}")
+    return 0 if met and effect_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
