@@ -31,7 +31,8 @@ class TunerGroup(click.Group):
     """
 
     LAZY = {"compare": "tuner.cli_compare:compare", "estimate": "tuner.cli_estimate:estimate_cmd",
-            "report": "tuner.cli_report:report_cmd", "selftest": "tuner.selftest:selftest_cmd"}
+            "report": "tuner.cli_report:report_cmd", "selftest": "tuner.selftest:selftest_cmd",
+            "quality": "tuner.cli_quality:quality_cmd"}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.LAZY))
