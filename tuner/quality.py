@@ -49,7 +49,8 @@ FORMAT = "tuner-reference-logits"
 FORMAT_VERSION = 1
 KLD_CUTOFF = -16.0  # llama-perplexity: reference log-probs at or below this are left out of the KLD sum
 DEFAULT_CTX = 512  # llama-perplexity's default context
-DEFAULT_TOP_K = 1024
+DEFAULT_TOP_K = 256
+DEFAULT_TAIL_SAMPLES = 256
 MIN_CTX = 16
 TAIL_EPS = 1e-12  # tail masses below this are rounding noise, not probability
 ROWS = 64  # output rows processed at once: bounds the numpy buffers (rows × n_vocab floats)
@@ -82,10 +83,13 @@ def softmax_stats(x: np.ndarray, buf: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return m.astype(np.float64) + np.log(s), imax
 
 
-def summarize_rows(x: np.ndarray, targets: np.ndarray, top_k: int, buf: np.ndarray) -> dict[str, np.ndarray]:
-    """The reference summary of logit rows: top-k ids and log-probs (most likely first), tail mass, target nll."""
+def summarize_rows(x: np.ndarray, targets: np.ndarray, top_k: int, buf: np.ndarray, tail_samples: int = 0,
+                   rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """The reference summary of logit rows: the top-k tokens (most likely first) with their log-probs, the mass
+    outside them (`tail`), `tail_samples` tokens drawn from that tail in proportion to their probability
+    (systematic sampling, so the tail's share of the KLD is estimated without bias), and the target's nll."""
     n, n_vocab = x.shape
-    lse, _ = softmax_stats(x, buf)
+    lse, _ = softmax_stats(x, buf)  # buf now holds exp(x - max)
     k = n_vocab if top_k <= 0 else min(top_k, n_vocab)
     rows = np.arange(n)[:, None]
     if k < n_vocab:
@@ -96,24 +100,47 @@ def summarize_rows(x: np.ndarray, targets: np.ndarray, top_k: int, buf: np.ndarr
     ids = np.take_along_axis(ids, order, axis=1).astype(np.int32)
     logp = x[rows, ids].astype(np.float64) - lse[:, None]
     tail = np.clip(1.0 - np.exp(logp).sum(axis=1), 0.0, 1.0)
+    m = tail_samples if k < n_vocab else 0
+    t_ids = np.zeros((n, m), dtype=np.int32)
+    if m:
+        rng = rng or np.random.default_rng(0)
+        buf[rows, ids] = 0.0  # what is left is the tail, unnormalized
+        for r in range(n):
+            cdf = np.cumsum(buf[r], dtype=np.float64)
+            u = (np.arange(m) + rng.random()) * (cdf[-1] / m)
+            t_ids[r] = np.minimum(np.searchsorted(cdf, u, side="right"), n_vocab - 1)
+    t_logp = x[rows, t_ids].astype(np.float64) - lse[:, None]
     nll = lse - x[np.arange(n), targets].astype(np.float64)
-    return {"ids": ids, "logp": logp.astype(np.float32), "tail": tail, "nll": nll}
+    return {"ids": ids, "logp": logp.astype(np.float32), "tail": tail, "tail_ids": t_ids,
+            "tail_logp": t_logp.astype(np.float32), "nll": nll}
 
 
 def compare_rows(x: np.ndarray, targets: np.ndarray, ref: dict[str, np.ndarray], buf: np.ndarray) \
         -> dict[str, np.ndarray]:
-    """Per position: KLD(reference || x), model nll of the target, and whether the argmaxes agree."""
+    """Per position: KLD(reference || x), model nll of the target, and whether the argmaxes agree.
+
+    KLD = sum over the reference's top-k of p (log p - log q), plus the tail: its mass times the mean of
+    (log p - log q) over the tail samples (an importance-sampling estimate of the same sum over the tail).
+    Without tail samples the tail is one bucket, p_tail log(p_tail / q_tail) (a lower bound). Terms whose
+    reference log-prob is at or below KLD_CUTOFF count zero, as in llama-perplexity.
+    """
     n = x.shape[0]
     lse, imax = softmax_stats(x, buf)
-    lq = x[np.arange(n)[:, None], ref["ids"]].astype(np.float64) - lse[:, None]
+    rows = np.arange(n)[:, None]
+    lq = x[rows, ref["ids"]].astype(np.float64) - lse[:, None]
     lp = ref["logp"].astype(np.float64)
-    kept = np.where(lp > KLD_CUTOFF, np.exp(lp) * (lp - lq), 0.0).sum(axis=1)
+    kld = np.where(lp > KLD_CUTOFF, np.exp(lp) * (lp - lq), 0.0).sum(axis=1)
     p_tail = ref["tail"]
-    q_tail = np.clip(1.0 - np.exp(lq).sum(axis=1), TAIL_EPS, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tail = np.where(p_tail > TAIL_EPS, p_tail * (np.log(p_tail) - np.log(q_tail)), 0.0)
+    if ref["tail_ids"].shape[1]:
+        lps = ref["tail_logp"].astype(np.float64)
+        lqs = x[rows, ref["tail_ids"]].astype(np.float64) - lse[:, None]
+        kld += p_tail * np.where(lps > KLD_CUTOFF, lps - lqs, 0.0).mean(axis=1)
+    else:
+        q_tail = np.clip(1.0 - np.exp(lq).sum(axis=1), TAIL_EPS, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kld += np.where(p_tail > TAIL_EPS, p_tail * (np.log(p_tail) - np.log(q_tail)), 0.0)
     nll = lse - x[np.arange(n), targets].astype(np.float64)
-    return {"kld": kept + tail, "nll": nll, "same_top": imax == ref["ids"][:, 0]}
+    return {"kld": kld, "nll": nll, "same_top": imax == ref["ids"][:, 0]}
 
 
 def _mean_err(values: np.ndarray) -> tuple[float, float]:
@@ -163,7 +190,11 @@ class ReferenceLogits:
     ids: np.ndarray
     logp: np.ndarray
     tail: np.ndarray
+    tail_ids: np.ndarray
+    tail_logp: np.ndarray
     nll: np.ndarray
+
+    ARRAYS = ("tokens", "ids", "logp", "tail", "tail_ids", "tail_logp", "nll")
 
     @property
     def ctx(self) -> int:
@@ -176,7 +207,7 @@ class ReferenceLogits:
     def chunk(self, c: int) -> dict[str, np.ndarray]:
         per = per_chunk(self.ctx)
         s = slice(c * per, (c + 1) * per)
-        return {"ids": self.ids[s], "logp": self.logp[s], "tail": self.tail[s], "nll": self.nll[s]}
+        return {k: getattr(self, k)[s] for k in self.ARRAYS if k != "tokens"}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (a complete temp file renamed into place): a reader never sees half a file."""
@@ -184,10 +215,11 @@ class ReferenceLogits:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, header=np.array(json.dumps(self.header, sort_keys=True)), tokens=self.tokens,
-                         ids=self.ids, logp=self.logp, tail=self.tail, nll=self.nll)
+                np.savez(f, header=np.array(json.dumps(self.header, sort_keys=True)),
+                         **{k: getattr(self, k) for k in self.ARRAYS})
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -212,16 +244,23 @@ class ReferenceLogits:
                 if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
                     raise QualityError(f"{p} is not a tuner reference logits file (format {FORMAT} v{FORMAT_VERSION})")
                 if header_only:
-                    return cls(header, *(np.empty(0),) * 5)
-                ref = cls(header, z["tokens"], z["ids"], z["logp"], z["tail"], z["nll"])
+                    return cls(header, *(np.empty(0),) * len(cls.ARRAYS))
+                ref = cls(header, *(z[k] for k in cls.ARRAYS))
         except QualityError:
             raise
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             raise QualityError(f"{p} is not a tuner reference logits file ({type(e).__name__})") from None
         per = per_chunk(ref.ctx)
-        if len(ref.tokens) % ref.ctx or len(ref.nll) != ref.n_chunk * per or ref.ids.shape != ref.logp.shape:
+        if (len(ref.tokens) % ref.ctx or len(ref.nll) != ref.n_chunk * per or ref.ids.shape != ref.logp.shape
+                or ref.tail_ids.shape != ref.tail_logp.shape):
             raise QualityError(f"{p} is damaged: its arrays do not match its header (ctx {ref.ctx})")
         return ref
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def per_chunk(ctx: int) -> int:
@@ -230,13 +269,13 @@ def per_chunk(ctx: int) -> int:
 
 
 def reference_header(info: ModelInfo, text_hash: str, text_name: str, ctx: int, top_k: int,
-                     type_k: str = "f16", type_v: str = "f16") -> dict:
+                     tail_samples: int = 0, type_k: str = "f16", type_v: str = "f16") -> dict:
     """What identifies a reference summary: model (arch, vocabulary, tokenizer), text, ctx, top-k, KV types."""
     return {"format": FORMAT, "version": FORMAT_VERSION, "arch": info.arch, "n_vocab": info.n_vocab,
             "tokenizer_hash": tokenizer_hash(info.path), "model_hash": info.content_hash,
             "model_file": Path(info.path).name, "model_name": info.name, "file_type": info.file_type,
             "text_hash": text_hash, "text_name": text_name, "ctx": ctx, "top_k": top_k,
-            "type_k": type_k, "type_v": type_v, "kld_cutoff": KLD_CUTOFF}
+            "tail_samples": tail_samples, "type_k": type_k, "type_v": type_v, "kld_cutoff": KLD_CUTOFF}
 
 
 def check_model(header: dict, info: ModelInfo, source: str) -> None:
@@ -312,6 +351,7 @@ class QualityResult:
     text_hash: str = ""
     ctx: int = 0
     top_k: int = 0
+    tail_samples: int = 0
     type_k: str = "f16"
     type_v: str = "f16"
     file_type: str = ""
@@ -348,7 +388,7 @@ class QualityResult:
 def cache_key(model_hash: str, header: dict) -> str:
     parts = {"v": FORMAT_VERSION, "model": model_hash, "reference": header["model_hash"],
              "text": header["text_hash"], "ctx": header["ctx"], "top_k": header["top_k"],
-             "type_k": header["type_k"], "type_v": header["type_v"]}
+             "tail_samples": header["tail_samples"], "type_k": header["type_k"], "type_v": header["type_v"]}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
@@ -439,7 +479,7 @@ def judge_regression(base: QualityResult | dict | None, cur: QualityResult | dic
         cur = QualityResult.from_dict(cur)
     if base is None or cur is None or not base.ok or not cur.ok:
         return QualityVerdict("missing", detail="a side has no quality result")
-    same = [k for k in ("reference_hash", "text_hash", "ctx", "top_k") if getattr(base, k) != getattr(cur, k)]
+    same = [k for k in ("reference_hash", "text_hash", "ctx", "top_k", "tail_samples") if getattr(base, k) != getattr(cur, k)]
     if same:
         return QualityVerdict("incomparable", detail=f"measured with another {', '.join(same)}")
     delta = cur.kld_mean - base.kld_mean
@@ -461,6 +501,7 @@ def judge_regression(base: QualityResult | dict | None, cur: QualityResult | dic
 class Settings:
     ctx: int | None = None  # None: DEFAULT_CTX, or the reference logits file's ctx
     top_k: int = DEFAULT_TOP_K
+    tail_samples: int = DEFAULT_TAIL_SAMPLES
     n_threads: int = 0  # 0: physical cores
     n_gpu_layers: int = 99
     type_k: str = "f16"
@@ -500,13 +541,17 @@ def _hms(s: float) -> str:
 
 def measure(models: list[str], runner, *, reference: str | None = None, reference_logits: str | None = None,
             text: str | None = None, settings: Settings | None = None, cache: Cache | None = None,
-            save_reference: str | None = None, progress: Callable | None = None) -> list[QualityResult]:
+            save_reference: str | None = None, progress: Callable | None = None,
+            faults: dict[str, str] | None = None) -> list[QualityResult]:
     """Quality of each model file against a reference on a text; one QualityResult per model, in order.
 
     The reference is `reference`, or the reference logits file `reference_logits`, or the highest-precision
     file among `models`. Raises QualityError (bad input) before any pass runs or anything is written; a pass
     that fails (OOM, crash, timeout) is a result with that outcome, and the other files still run.
+    `faults` (model path → "sigkill", "segv", ...) makes that file's worker really die after its first chunk
+    (for `tuner selftest` and the tests).
     """
+    faults = faults or {}
     s = settings or Settings()
     if not models:
         raise QualityError("no model: pass --model FILE.gguf (repeatable)")
@@ -536,7 +581,8 @@ def measure(models: list[str], runner, *, reference: str | None = None, referenc
         source = Path(ref_info.path).name
         text_path, th = read_text(text)
         ctx = s.ctx if s.ctx is not None else DEFAULT_CTX
-        header = reference_header(ref_info, th, text_path.name, ctx, s.top_k, s.type_k, s.type_v)
+        header = reference_header(ref_info, th, text_path.name, ctx, s.top_k, s.tail_samples, s.type_k,
+                                  s.type_v)
     if ctx < MIN_CTX:
         raise QualityError(f"--ctx must be at least {MIN_CTX}, got {ctx}")
     for m, info in infos.items():
@@ -556,7 +602,8 @@ def measure(models: list[str], runner, *, reference: str | None = None, referenc
     todo = [m for m in models if m not in results]
     ref_label = reference_logits or (ref_info.path if ref_info else "")
     base = {"reference": ref_label, "reference_hash": header["model_hash"], "text": header["text_name"],
-            "text_hash": header["text_hash"], "ctx": ctx, "top_k": header["top_k"], "type_k": header["type_k"],
+            "text_hash": header["text_hash"], "ctx": ctx, "top_k": header["top_k"],
+            "tail_samples": header["tail_samples"], "type_k": header["type_k"],
             "type_v": header["type_v"]}
     if not todo and not save_reference:
         return [results[m] for m in models]
@@ -580,58 +627,60 @@ def measure(models: list[str], runner, *, reference: str | None = None, referenc
             prog.passes_done += 1
         return x
 
-    self_stats = None
-    ref_file = Path(reference_logits) if reference_logits else None
-    if ref_file is None:
-        cached_ref = cache.reference_path(header) if cache else None
-        if cached_ref is not None and cached_ref.is_file():
-            ref_file = cached_ref
-            if isinstance(prog, Progress):
-                prog.passes_total -= 1
-        else:
-            out_dir = cached_ref.parent if cached_ref is not None else Path(tempfile.mkdtemp(prefix="tuner-quality-"))
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out_dir / f".reference-{os.getpid()}-{time.monotonic_ns()}.npz"
-            x = run(f"reference {source}", {"mode": "reference", "model": ref_info.path, "text": str(text_path),
-                                            "top_k": s.top_k, "header": header, "out": str(tmp)})
-            if x.outcome == "bad_input":
-                tmp.unlink(missing_ok=True)
-                raise QualityError(x.cause)
-            if x.outcome != "ok":
-                tmp.unlink(missing_ok=True)
-                for m in todo:
-                    results[m] = QualityResult(model=m, model_hash=infos[m].content_hash, outcome=x.outcome,
-                                               cause=f"reference pass ({source}): {x.cause}",
-                                               stderr_tail=_tail(x.log), **base)
-                return [results[m] for m in models]
-            ref_file = cached_ref if cached_ref is not None else tmp
-            os.replace(tmp, ref_file)
-            self_stats = (x.result["stats"], x.wall_s, x.peak_rss())
-    if save_reference:
-        _copy_atomic(ref_file, Path(save_reference))
-
-    for m in todo:
-        info = infos[m]
-        res = QualityResult(model=m, model_hash=info.content_hash, file_type=info.file_type,
-                            model_size_bytes=info.file_size, **base)
-        if self_stats is not None and ref_info is not None and info.content_hash == ref_info.content_hash:
-            # the reference's own pass already measured it against itself (same logits, no second decode)
-            res.stats, res.wall_s, res.peak_rss_bytes = self_stats
-            res.is_reference = True
-        else:
-            x = run(Path(m).name, {"mode": "compare", "model": m, "reference": str(ref_file), "fault": None})
-            res.wall_s, res.peak_rss_bytes = x.wall_s, x.peak_rss()
-            if x.outcome == "ok":
-                res.stats = x.result["stats"]
-                res.is_reference = info.content_hash == header["model_hash"]
+    with tempfile.TemporaryDirectory(prefix="tuner-quality-") as tmpdir:
+        ref_file, self_stats, failed = (Path(reference_logits), None, None) if reference_logits else \
+            _reference(run, ref_info, source, text_path, header, s, cache, Path(tmpdir), prog)
+        if failed is not None:  # the reference pass failed: no file can be measured
+            x = failed
+            return [results.get(m) or QualityResult(model=m, model_hash=infos[m].content_hash, outcome=x.outcome,
+                                                    cause=f"reference pass ({source}): {x.cause}",
+                                                    stderr_tail=_tail(x.log), **base) for m in models]
+        if save_reference:
+            _copy_atomic(ref_file, Path(save_reference))
+        for m in todo:
+            info = infos[m]
+            res = QualityResult(model=m, model_hash=info.content_hash, file_type=info.file_type,
+                                model_size_bytes=info.file_size, **base)
+            if self_stats is not None and info.content_hash == header["model_hash"]:
+                # the reference's own pass already measured it against itself (same logits, no second decode)
+                res.stats, res.wall_s, res.peak_rss_bytes = self_stats
+                res.is_reference = True
             else:
-                res.outcome, res.cause, res.stderr_tail = x.outcome, x.cause, _tail(x.log)
-        if cache and res.ok:
-            cache.put(keys[m], res)
-        results[m] = res
-    if ref_file is not None and not reference_logits and cache is None:
-        shutil.rmtree(ref_file.parent, ignore_errors=True)
+                x = run(Path(m).name, {"mode": "compare", "model": m, "reference": str(ref_file),
+                                       "fault": faults.get(m)})
+                res.wall_s, res.peak_rss_bytes = x.wall_s, x.peak_rss()
+                if x.outcome == "ok":
+                    res.stats = x.result["stats"]
+                    res.is_reference = info.content_hash == header["model_hash"]
+                else:
+                    res.outcome, res.cause, res.stderr_tail = x.outcome, x.cause, _tail(x.log)
+            if cache and res.ok:
+                cache.put(keys[m], res)
+            results[m] = res
     return [results[m] for m in models]
+
+
+def _reference(run, ref_info: ModelInfo, source: str, text_path: Path, header: dict, s: Settings,
+               cache: Cache | None, tmpdir: Path, prog):
+    """The reference summary file: from the cache, or from a reference pass (moved into the cache only once
+    it succeeded). Returns (file, (stats, wall_s, peak_rss) of the pass or None, the pass if it failed)."""
+    cached = cache.reference_path(header) if cache else None
+    if cached is not None and cached.is_file():
+        if isinstance(prog, Progress):
+            prog.passes_total -= 1
+        return cached, None, None
+    tmp = tmpdir / "reference.npz"
+    x = run(f"reference {source}", {"mode": "reference", "model": ref_info.path, "text": str(text_path),
+                                    "top_k": s.top_k, "tail_samples": s.tail_samples, "header": header,
+                                    "out": str(tmp)})
+    if x.outcome == "bad_input":
+        raise QualityError(x.cause)
+    if x.outcome != "ok":
+        return None, None, x
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _copy_atomic(tmp, cached)
+    return (cached or tmp), (x.result["stats"], x.wall_s, x.peak_rss()), None
 
 
 def _tail(log: str, lines: int = 30) -> str:
@@ -653,6 +702,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
@@ -687,8 +737,11 @@ def run_job(worker, job: dict) -> dict:
     """One quality pass in the worker: `mode` "reference" (tokenize, decode, write the summary to job["out"])
     or "compare" (decode the reference file's tokens, compare with its summary)."""
     from tuner.record import TrialConfig
-    from tuner.worker import DECODE_OOM, TrialFailure, classify_log, ggml_type, inject_early, physical_cores
 
+    # the worker runs as `python -m tuner.worker`: its classes live in __main__, and only its own
+    # TrialFailure is caught and reported as a failed job (an import of tuner.worker would be a second copy)
+    w = sys.modules[type(worker).__module__]
+    TrialFailure, DECODE_OOM, classify_log, inject_early = w.TrialFailure, w.DECODE_OOM, w.classify_log, w.inject_early
     L = worker.L
     worker.emit("stage", stage="start")
     ctx_n = int(job["ctx"])
@@ -703,7 +756,8 @@ def run_job(worker, job: dict) -> dict:
                                             f"--ctx {ctx_n}")
         tokens = tokens[: n_chunk * ctx_n]
         ref = None
-        top_k = int(job["top_k"])
+        top_k, tail_samples = int(job["top_k"]), int(job["tail_samples"])
+        rng = np.random.default_rng(0)  # the tail samples: the same reference gives the same summary
     else:
         ref = ReferenceLogits.load(job["reference"])
         tokens, n_chunk = ref.tokens, ref.n_chunk
@@ -720,10 +774,10 @@ def run_job(worker, job: dict) -> dict:
     cp.n_batch = n_batch
     cp.n_ubatch = min(512, n_batch)
     cp.n_seq_max = 1
-    n_threads = int(job.get("n_threads") or 0) or physical_cores()
+    n_threads = int(job.get("n_threads") or 0) or w.physical_cores()
     cp.n_threads = cp.n_threads_batch = n_threads
-    cp.type_k = ggml_type(job.get("type_k", "f16"))
-    cp.type_v = ggml_type(job.get("type_v", "f16"))
+    cp.type_k = w.ggml_type(job.get("type_k", "f16"))
+    cp.type_v = w.ggml_type(job.get("type_v", "f16"))
     cp.swa_full = False  # as llama.cpp's common params
     cp.no_perf = True
     worker.emit("stage", stage="context")
@@ -746,6 +800,7 @@ def run_job(worker, job: dict) -> dict:
         buf = np.empty((ROWS, n_vocab), dtype=np.float32)
         mem = L.llama_get_memory(ctx)
         parts: dict[str, list] = {}
+        decode_s = numpy_s = 0.0
         worker.emit("stage", stage="chunk", done=0, total=n_chunk)
         for c in range(n_chunk):
             chunk = tokens[c * ctx_n:(c + 1) * ctx_n].copy()
@@ -763,11 +818,15 @@ def run_job(worker, job: dict) -> dict:
                 want = (pos >= first) & (pos <= ctx_n - 2)  # only the scored positions' logits
                 b_out[:n] = want
                 batch.n_tokens = n
+                t0 = time.perf_counter()
                 rc = L.llama_decode(ctx, batch)
                 if rc != 0:
                     raise TrialFailure("oom" if rc in DECODE_OOM else "error",
                                        f"llama_decode returned {rc}" + (f": {DECODE_OOM[rc]}" if rc in DECODE_OOM else ""))
                 n_out = int(want.sum())
+                L.llama_synchronize(ctx)
+                t1 = time.perf_counter()
+                decode_s += t1 - t0
                 if not n_out:
                     continue
                 ptr = L.llama_get_logits(ctx)
@@ -777,7 +836,7 @@ def run_job(worker, job: dict) -> dict:
                     k = slice(row + r0, row + r0 + len(x))
                     b = buf[:len(x)]
                     if ref is None:
-                        summ = summarize_rows(x, targets[k], top_k, b)
+                        summ = summarize_rows(x, targets[k], top_k, b, tail_samples, rng)
                         for name, arr in summ.items():
                             parts.setdefault(name, []).append(arr)
                         ref_rows = summ
@@ -788,6 +847,7 @@ def run_job(worker, job: dict) -> dict:
                     for name, arr in cmp.items():
                         parts.setdefault("cmp_" + name, []).append(arr)
                 row += n_out
+                numpy_s += time.perf_counter() - t1
             assert row == per
             worker.emit("stage", stage="chunk", done=c + 1, total=n_chunk)
             if c == 0 and job.get("fault"):
@@ -797,11 +857,11 @@ def run_job(worker, job: dict) -> dict:
         L.llama_free(ctx)
     cat = {k: np.concatenate(v) for k, v in parts.items()}
     stats = statistics(cat["cmp_kld"], cat["cmp_nll"], cat["cmp_nll_ref"], cat["cmp_same_top"])
-    out = {"stats": stats, "n_chunk": n_chunk, "n_vocab": n_vocab}
+    out = {"stats": stats, "n_chunk": n_chunk, "n_vocab": n_vocab, "decode_s": decode_s, "numpy_s": numpy_s}
     if ref is None:
         header = dict(job["header"], n_chunk=n_chunk, add_bos=add_bos, bos=int(bos))
         if n_vocab != header["n_vocab"]:
             raise TrialFailure("error", f"llama.cpp reports {n_vocab} tokens, the GGUF header {header['n_vocab']}")
-        ReferenceLogits(header, tokens.astype(np.int32), cat["ids"], cat["logp"], cat["tail"],
-                        cat["nll"]).save(job["out"])
+        ReferenceLogits(header, tokens.astype(np.int32), *(cat[k] for k in ReferenceLogits.ARRAYS[1:])) \
+            .save(job["out"])
     return out
