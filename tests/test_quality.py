@@ -71,17 +71,19 @@ def test_full_vocabulary_is_exact_kl_divergence():
     assert 0 < out["same_top"].mean() < 1  # the case distinguishes agreement from disagreement
 
 
-def test_top_k_with_tail_samples_estimates_the_full_sum_without_bias():
-    ref, model, targets = random_logits(2, n=400)
+@pytest.mark.parametrize("noise", [0.3, 0.01], ids=["lossy", "near-lossless"])
+def test_top_k_with_tail_samples_estimates_the_full_sum(noise):
+    ref, model, targets = random_logits(2, n=400, noise=noise)
     buf = np.empty_like(ref)
     exact = direct_kld(ref, model)
     sampled = q.compare_rows(model, targets, q.summarize_rows(ref, targets, 64, buf, 64), buf)["kld"]
     bucket = q.compare_rows(model, targets, q.summarize_rows(ref, targets, 64, buf, 0), buf)["kld"]
     # one bucket for the tail is a lower bound (log-sum inequality) and here a poor one ...
-    assert np.all(bucket <= exact + 1e-9)
+    assert np.all(bucket <= exact + 1e-6)  # (up to the float32 rounding of the stored log-probs)
     assert bucket.mean() < 0.9 * exact.mean()
-    # ... the sampled tail is unbiased: its mean error is small next to the bucket's
+    # ... the sampled tail (with its control variate) is unbiased and quiet even when the KLD is tiny
     assert abs(sampled.mean() / exact.mean() - 1) < 0.02
+    assert np.median(np.abs(sampled / exact - 1)) < 0.1  # per position too, not only on average
 
 
 def test_statistics_as_llama_perplexity_prints_them():
