@@ -491,7 +491,7 @@ def judge_regression(base: QualityResult | dict | None, cur: QualityResult | dic
         return QualityVerdict("incomparable", detail=f"measured with another {', '.join(same)}")
     delta = cur.kld_mean - base.kld_mean
     err = math.hypot(base.kld_mean_err or 0.0, cur.kld_mean_err or 0.0)
-    practical = abs(delta) > max(min_abs, max_increase * max(base.kld_mean, cur.kld_mean if delta < 0 else 0.0))
+    practical = abs(delta) > max(min_abs, max_increase * base.kld_mean)
     significant = abs(delta) > z * err
     detail = f"mean KLD {base.kld_mean:.4f} -> {cur.kld_mean:.4f} (±{err:.4f})"
     if not practical:
