@@ -149,9 +149,10 @@ def tuner_side(a, case: dict, text: str, env: dict) -> dict:
     proc, wall, cpu = run(cmd, env, a.timeout)
     rows = {r["model"]: r for r in json.loads(proc.stdout)}
     ref = rows[case["reference"]]
-    return {"reference": {"ppl": ref["ppl"], "ppl_err": ref.get("ppl_err"), "pass_wall_s": ref["wall_s"]},
-            "quants": {q: {**{k: rows[q][k] for k in COMPARED}, "pass_wall_s": rows[q]["wall_s"]}
-                       for q in case["quants"]},
+    return {"reference": {"ppl": ref["ppl"], "ppl_err": ref.get("ppl_err"), "pass_wall_s": ref["wall_s"],
+                          "decode_s": ref["decode_s"], "numpy_s": ref["numpy_s"]},
+            "quants": {q: {**{k: rows[q][k] for k in COMPARED}, "pass_wall_s": rows[q]["wall_s"],
+                           "decode_s": rows[q]["decode_s"], "numpy_s": rows[q]["numpy_s"]} for q in case["quants"]},
             "wall_s": wall, "cpu_s": cpu, "top_k": ref["top_k"], "tail_samples": ref["tail_samples"]}
 
 

@@ -14,11 +14,13 @@ that llama-cpp-python vendors), so the figures can be checked against it:
   (linear interpolation), same-top share with its standard error, PPL of both, ln(PPL(Q)/PPL(ref)).
 
 The reference is reduced to what these measures need (a "reference logits" file, .npz): per scored position
-the `top_k` most likely tokens and their log-probabilities, the probability left outside them (`tail`), and
-the log-probability of the actual next token. The tail is one bucket in the KLD sum:
-p_tail * log(p_tail / q_tail). That is exact when the top-k hold all the mass and never more than the full
-sum (log-sum inequality); `top_k = 0` keeps the whole vocabulary (exact, for small vocabularies). A live
-reference pass and a saved file give the same figures, because both go through the same summary.
+the `top_k` most likely tokens and their log-probabilities, the probability left outside them (`tail`),
+`tail_samples` tokens drawn from that tail in proportion to their probability, and the log-probability of the
+actual next token. The top-k terms of the KLD are exact; the tail's share is an importance-sampling estimate
+with a control variate of known mean (unbiased, and quiet even for a near-lossless quant). `top_k = 0` keeps
+the whole vocabulary (exact). Against all 262,144 log-probabilities of Gemma 3 270M, the default (256 + 256)
+gives the mean KLD within 0.15 %. A live reference pass and a saved file give the same figures, because both
+go through the same summary.
 
 Every pass runs in a worker process (`tuner.runner.Runner.run_job`), so an OOM or a crash is a recorded
 failure with its cause. Results are cached by model hash + reference + text + ctx + KV types.
@@ -366,6 +368,8 @@ class QualityResult:
     is_reference: bool = False
     cached: bool = False
     wall_s: float | None = None
+    decode_s: float | None = None  # of wall_s: llama.cpp decoding, and the numpy work on its logits
+    numpy_s: float | None = None
     peak_rss_bytes: int | None = None
     stderr_tail: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
@@ -650,14 +654,14 @@ def measure(models: list[str], runner, *, reference: str | None = None, referenc
                                 model_size_bytes=info.file_size, **base)
             if self_stats is not None and info.content_hash == header["model_hash"]:
                 # the reference's own pass already measured it against itself (same logits, no second decode)
-                res.stats, res.wall_s, res.peak_rss_bytes = self_stats
+                res.stats, res.wall_s, res.peak_rss_bytes, res.decode_s, res.numpy_s = self_stats
                 res.is_reference = True
             else:
                 x = run(Path(m).name, {"mode": "compare", "model": m, "reference": str(ref_file),
                                        "fault": faults.get(m)})
                 res.wall_s, res.peak_rss_bytes = x.wall_s, x.peak_rss()
                 if x.outcome == "ok":
-                    res.stats = x.result["stats"]
+                    res.stats, res.decode_s, res.numpy_s = x.result["stats"], x.result["decode_s"], x.result["numpy_s"]
                     res.is_reference = info.content_hash == header["model_hash"]
                 else:
                     res.outcome, res.cause, res.stderr_tail = x.outcome, x.cause, _tail(x.log)
@@ -687,7 +691,7 @@ def _reference(run, ref_info: ModelInfo, source: str, text_path: Path, header: d
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         _copy_atomic(tmp, cached)
-    return (cached or tmp), (x.result["stats"], x.wall_s, x.peak_rss()), None
+    return (cached or tmp), (x.result["stats"], x.wall_s, x.peak_rss(), x.result["decode_s"], x.result["numpy_s"]), None
 
 
 def _tail(log: str, lines: int = 30) -> str:
