@@ -19,6 +19,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -222,6 +223,7 @@ def main(argv=None) -> int:
                                  f"{got['llama_perplexity']['quants'][q]['kld_mean']:.5f}" for q in case["quants"])
                 print(f"round {rnd + 1}/{a.rounds} {case['name']}: wall tuner {got['tuner']['wall_s']:.1f} s, "
                       f"llama-perplexity {got['llama_perplexity']['wall_s']:.1f} s; {line}", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     for case in cases:
         case["summary"] = summarize(case, a.cpu_time)
     ok = all(c["summary"]["ok"] for c in cases)
