@@ -408,3 +408,28 @@ def _read(path: Path) -> ModelInfo:
         ssm={k: int(kv(f"ssm.{k}", 0) or 0) for k in ("conv_kernel", "inner_size", "state_size", "group_count")
              if kv(f"ssm.{k}") is not None},
         n_layer_nextn=int(kv("nextn_predict_layers", 0) or 0))
+
+
+def tokenizer_hash(path: str | os.PathLike) -> str:
+    """A fingerprint of the tokenizer: the raw bytes of every `tokenizer.ggml.*` key (vocabulary, scores, types,
+    merges, special ids). Quants of one model share it; a model with another tokenizer does not."""
+    p = Path(path)
+    check_file(p)
+    st = p.stat()
+    return _tokenizer_hash(str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _tokenizer_hash(path: str, mtime_ns: int, size: int) -> str:
+    r = _reader(Path(path))
+    # Fields lie back to back in file order: each one ends where the next begins (the last one where the
+    # tensor infos begin), so a field's bytes are known without parsing its strings.
+    fields = list(r.fields.values())
+    ends = [f.offset for f in fields[1:]] + [r.tensors[0].field.offset if r.tensors else r.data_offset]
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for fld, end in zip(fields, ends):
+            if fld.name.startswith("tokenizer.ggml."):
+                f.seek(fld.offset)
+                h.update(f.read(end - fld.offset))
+    return h.hexdigest()

@@ -228,12 +228,16 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- one trial ---------------------------------------------------------------------------------
-    def run(self, cfg: TrialConfig, fault: str | None = None) -> TrialRecord:
-        rec = new_record(cfg, self.hw, self.build)
+    # -- one job in a worker -----------------------------------------------------------------------
+    def _exchange(self, job: dict, load_key: tuple | None, on_stage=None, model: str | None = None) -> "_Exchange":
+        """Send one job to a worker and wait for its result, a kill (timeout, swap) or its death.
+
+        A worker is reused only when `load_key` matches what it has loaded (None: always a fresh worker
+        for this job, and no reuse after it). `on_stage(event)` sees every stage event as it arrives.
+        """
         w = self._worker
         usable = w is not None and w.proc.poll() is None and (
-            not w.used or (self.reuse and w.load_key == cfg.load_key()))
+            not w.used or (self.reuse and load_key is not None and w.load_key == load_key))
         if not usable:
             if w is not None:
                 self._reap(w, kill=not w.used)
@@ -241,24 +245,21 @@ class Runner:
         w.used = True
         log_offset = w.log_path.stat().st_size
         t0 = time.monotonic()
-        job = {"config": cfg.to_dict(), "fault": fault, "mem_limit": self.mem_limit}
         sin0, oom0 = psutil.swap_memory().sin, vmstat("oom_kill")
+        x = _Exchange()
+        eof = False
         if self.limit:
-            self.limit.evict(cfg.model)
+            if model:
+                self.limit.evict(model)
             refault0, cg_oom0 = self.limit.refaulted_bytes(), self.limit.oom_kills()
-            rec.mem_limit_bytes, rec.mem_limit_by = self.mem_limit, self.limit.mechanism
-        result, killed_for, stage, eof = None, None, "start", False
         swap = SwapWatch(self.swap_rate_limit) if self.swap_rate_limit else None
-        vram_peak: list[int] = []
-        hwm = None  # the worker's VmHWM, sampled while it lives: the peak of a worker that dies without a result
-        interrupted = False
         try:
             try:
                 w.proc.stdin.write((json.dumps(job) + "\n").encode())
                 w.proc.stdin.flush()
             except (BrokenPipeError, OSError):
                 eof = True
-            while result is None and not eof:
+            while x.result is None and not eof:
                 ready, _, _ = select.select([w.rfd], [], [], self.poll_interval)
                 if ready:
                     data = os.read(w.rfd, 1 << 16)
@@ -269,72 +270,98 @@ class Runner:
                         line, w.buf = w.buf.split(b"\n", 1)
                         ev = json.loads(line)
                         if ev["event"] == "stage":
-                            stage = ev["stage"]
-                            hwm = max(hwm or 0, ev.get("hwm") or 0) or None
+                            x.stage = ev["stage"]
+                            x.hwm = max(x.hwm or 0, ev.get("hwm") or 0) or None
+                            if on_stage:
+                                on_stage(ev)
                         elif ev["event"] == "result":
-                            result = ev
+                            x.result = ev
                 now = time.monotonic()
-                hwm = max(hwm or 0, vm_hwm(w.pid) or 0) or None
+                x.hwm = max(x.hwm or 0, vm_hwm(w.pid) or 0) or None
                 vram = self.nvml.process_vram({w.pid})
-                vram_peak = [max(a, b) for a, b in zip(vram_peak, vram)] if vram_peak else vram
+                x.vram_peak = [max(a, b) for a, b in zip(x.vram_peak, vram)] if x.vram_peak else vram
                 rate = swap.thrashing(now, psutil.swap_memory().sin) if swap else None
                 if rate is not None:
-                    killed_for = (f"swap: stopped while thrashing swap ({rate / 2**20:.0f} MiB/s swapped in, "
-                                  f"stage {stage})")
+                    x.killed_for = (f"swap: stopped while thrashing swap ({rate / 2**20:.0f} MiB/s swapped in, "
+                                    f"stage {x.stage})")
                     break
-                if result is None and now - t0 > self.timeout:
-                    killed_for = f"timeout: no result after {self.timeout:g} s (stage {stage})"
+                if x.result is None and now - t0 > self.timeout:
+                    x.killed_for = f"timeout: no result after {self.timeout:g} s (stage {x.stage})"
                     break
-                killed_for = self._thrashing_weights(cfg, refault0, stage) if self.limit else None
-                if killed_for:
+                x.killed_for = self._thrashing_weights(model, refault0, x.stage) if self.limit and model else None
+                if x.killed_for:
                     break
         except KeyboardInterrupt:
-            interrupted = True
-            killed_for = f"interrupted: stopped by Ctrl-C (stage {stage})"
-        if self.limit and not killed_for:  # a result that came between two polls
-            killed_for = self._thrashing_weights(cfg, refault0, stage)
-        rec.wall_s = time.monotonic() - t0
-        rec.swap_in_bytes = max(0, psutil.swap_memory().sin - sin0)
-        keep = result is not None and result["outcome"] == "ok" and self.reuse and killed_for is None
-        returncode = maxrss = None
+            x.interrupted = True
+            x.killed_for = f"interrupted: stopped by Ctrl-C (stage {x.stage})"
+        if self.limit and model and not x.killed_for:  # a result that came between two polls
+            x.killed_for = self._thrashing_weights(model, refault0, x.stage)
+        x.wall_s = time.monotonic() - t0
+        x.swap_in_bytes = max(0, psutil.swap_memory().sin - sin0)
+        keep = (x.result is not None and x.result["outcome"] == "ok" and self.reuse and x.killed_for is None
+                and load_key is not None)
         if not keep:
-            returncode, maxrss = self._reap(w, kill=killed_for is not None or result is None)
-            if not interrupted:
+            x.returncode, x.maxrss = self._reap(w, kill=x.killed_for is not None or x.result is None)
+            if not x.interrupted:
                 self._worker = self._spawn()  # the spare for the next trial
         else:
-            w.load_key = cfg.load_key()
+            w.load_key = load_key
         with open(w.log_path, "rb") as f:
             f.seek(log_offset)
             self.last_log = f.read().decode(errors="replace")
-        rec.exit_code = returncode
-        rec.signal = -returncode if returncode is not None and returncode < 0 else None
+        x.log = self.last_log
         oom_killed = vmstat("oom_kill") > oom0 or bool(self.limit and self.limit.oom_kills() > cg_oom0)
-        rec.outcome, rec.cause = ("ok", "") if (result and result["outcome"] == "ok" and not killed_for) else \
-            classify(result, returncode, self.last_log, oom_killed, killed_for)
+        x.outcome, x.cause = ("ok", "") if (x.result and x.result["outcome"] == "ok" and not x.killed_for) else \
+            classify(x.result, x.returncode, self.last_log, oom_killed, x.killed_for)
+        return x
+
+    def run_job(self, job: dict, on_stage=None) -> "_Exchange":
+        """Run a non-trial job (e.g. a quality pass: `{"kind": "quality", ...}`) in a fresh worker.
+
+        The same isolation as a trial: timeout, swap watch, Ctrl-C, and a death classified with its cause.
+        Raises KeyboardInterrupt after stopping the worker on Ctrl-C.
+        """
+        x = self._exchange({"mem_limit": self.mem_limit, **job}, None, on_stage, model=job.get("model"))
+        if x.interrupted:
+            raise KeyboardInterrupt
+        return x
+
+    # -- one trial ---------------------------------------------------------------------------------
+    def run(self, cfg: TrialConfig, fault: str | None = None) -> TrialRecord:
+        rec = new_record(cfg, self.hw, self.build)
+        if self.limit:
+            rec.mem_limit_bytes, rec.mem_limit_by = self.mem_limit, self.limit.mechanism
+        job = {"config": cfg.to_dict(), "fault": fault, "mem_limit": self.mem_limit}
+        x = self._exchange(job, cfg.load_key(), model=cfg.model)
+        result, killed_for = x.result, x.killed_for
+        rec.wall_s = x.wall_s
+        rec.swap_in_bytes = x.swap_in_bytes
+        rec.exit_code = x.returncode
+        rec.signal = -x.returncode if x.returncode is not None and x.returncode < 0 else None
+        rec.outcome, rec.cause = x.outcome, x.cause
         if result:
             for k in ("pp_samples", "tg_samples", "ttft_samples_ms", "load_ms", "peak_rss_bytes",
                       "n_gpu_layers_effective", "overrides_applied", "flash_attn_resolved"):
                 if k in result and not (killed_for and k in SAMPLES):  # a stopped trial measured nothing
                     setattr(rec, k, result[k])
         if rec.peak_rss_bytes is None:
-            # ru_maxrss also counts the parent's RSS at spawn (fork/vfork before exec), so it is only a fallback
-            rec.peak_rss_bytes = hwm or maxrss
-        rec.peak_vram_by_gpu = vram_peak
-        rec.peak_vram_bytes = sum(vram_peak) if vram_peak else None
+            rec.peak_rss_bytes = x.peak_rss()
+        rec.peak_vram_by_gpu = x.vram_peak
+        rec.peak_vram_bytes = sum(x.vram_peak) if x.vram_peak else None
         if rec.outcome != "ok":
-            rec.stderr_tail = tail(self.last_log)
+            rec.stderr_tail = tail(x.log)
         rec.finished_utc = utcnow()
-        if interrupted:
+        if x.interrupted:
             raise TrialInterrupted(rec)
         return rec
 
-    def _thrashing_weights(self, cfg: TrialConfig, refault0: int, stage: str) -> str | None:
+    def _thrashing_weights(self, model: str, refault0: int, stage: str) -> str | None:
         """'oom: ...' once the worker re-read more file pages than its model (and REFAULT_FLOOR) under the cgroup
         limit: the mmap'd weights do not fit, and the kernel evicts and re-reads them (it never fails such a
         fault). The floor keeps a few re-read library pages of a trial near the limit from counting."""
         again = self.limit.refaulted_bytes() - refault0
         try:
-            size = os.path.getsize(cfg.model)
+            size = os.path.getsize(model)
         except OSError:
             return None
         if again <= max(size, REFAULT_FLOOR):
@@ -342,3 +369,28 @@ class Runner:
         return (f"oom: the trial does not fit under --mem-limit {fmt_size(self.mem_limit)}: {fmt_size(again)} of "
                 f"file pages (its mmap'd weights are {fmt_size(size)}) re-read from disk after the limit evicted "
                 f"them (stage {stage})")
+
+
+@dataclass
+class _Exchange:
+    """What one job in a worker came to: its result event (if any), how it ended, and what it used."""
+
+    result: dict | None = None
+    outcome: str = "error"
+    cause: str = ""
+    killed_for: str | None = None
+    stage: str = "start"
+    hwm: int | None = None  # the worker's VmHWM, sampled while it lives
+    vram_peak: list[int] = field(default_factory=list)
+    interrupted: bool = False
+    wall_s: float = 0.0
+    swap_in_bytes: int = 0
+    returncode: int | None = None
+    maxrss: int | None = None
+    log: str = ""
+
+    def peak_rss(self) -> int | None:
+        """The worker's own peak; ru_maxrss also counts the parent's RSS at spawn, so it is only a fallback."""
+        if self.result and self.result.get("peak_rss_bytes"):
+            return self.result["peak_rss_bytes"]
+        return self.hwm or self.maxrss

@@ -317,6 +317,15 @@ def inject_early(fault: str) -> None:
         os._exit(3)
 
 
+def dispatch(worker: Worker, job: dict) -> dict:
+    """A trial, or another kind of job that runs in a worker (its code lives in its own module)."""
+    if job.get("kind") == "quality":
+        from tuner import quality
+
+        return quality.run_job(worker, job)
+    return worker.run(job)
+
+
 def main() -> None:
     _set_pdeathsig()
     out = os.fdopen(int(sys.argv[1]), "w")
@@ -328,7 +337,7 @@ def main() -> None:
         if job.get("mem_limit"):
             resource.setrlimit(resource.RLIMIT_DATA, (int(job["mem_limit"]), resource.RLIM_INFINITY))
         try:
-            res = {"outcome": "ok", **worker.run(job)}
+            res = {"outcome": "ok", **dispatch(worker, job)}
         except TrialFailure as e:
             res = {"outcome": e.outcome, "cause": e.cause}
         except MemoryError:

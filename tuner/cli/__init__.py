@@ -28,7 +28,8 @@ class TunerGroup(click.Group):
     LAZY = {"hw": "tuner.cli.hw:hw", "synth": "tuner.cli.synth:synth", "bench": "tuner.cli.bench:bench",
             "search": "tuner.cli.search:search", "recommend": "tuner.cli.recommend:recommend_cmd",
             "compare": "tuner.cli.compare:compare", "estimate": "tuner.cli.estimate:estimate_cmd",
-            "report": "tuner.cli.report:report_cmd", "selftest": "tuner.cli.selftest:selftest_cmd"}
+            "report": "tuner.cli.report:report_cmd", "selftest": "tuner.cli.selftest:selftest_cmd",
+            "quality": "tuner.cli.quality:quality_cmd"}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.LAZY))
