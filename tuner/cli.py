@@ -162,7 +162,7 @@ def model_info(model: str):
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default="results/bench.parquet", show_default=True,
               help="Parquet file the trial row is appended to")
 @click.option("--json", "as_json", is_flag=True, help="print the trial record as JSON")
-def bench(config, model, timeout, mem_limit, no_wait, out, as_json, **params):
+def bench(config, model, timeout, mem_limit, no_wait, lock_file, out, as_json, **params):
     """Measure one config the way llama-bench does, in a crash-isolated worker process.
 
     Prints pp/tg t/s (mean ± sd over the repetitions), TTFT and peak memory, and appends the trial to a
@@ -198,7 +198,7 @@ def bench(config, model, timeout, mem_limit, no_wait, out, as_json, **params):
     if invalid_reason(cfg):
         raise TunerError(invalid_reason(cfg))
     out = store.check_writable(out)
-    with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}"):
+    with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}", path=lock_file):
         with Runner(timeout=timeout, mem_limit=mem_limit) as runner:
             try:
                 rec = runner.run(cfg)
@@ -270,12 +270,18 @@ def _study_name(models: list[str]) -> str:
 @click.option("--study", "study", default=None, help="study name (default: from the model file name)")
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False),
               help="where the study folder goes: RESULTS/<study>/")
-@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite in the study folder)")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite in the study folder); a shared "
+              "one (postgresql://user:pw@host/db) makes a fleet: run the same command on every host")
+@click.option("--allow-mixed", is_flag=True, help="fleet: a host of another hardware/build fingerprint joins as a "
+              "separate group (own trials and recommendation) instead of being refused")
+@click.option("--heartbeat", "heartbeat_s", type=click.IntRange(min=1), default=10, show_default=True,
+              help="fleet: seconds between a running trial's heartbeats; a host silent for 3x this long is dead "
+                   "and its trial is run again by another host")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--n-trials", type=click.IntRange(min=1), default=None, help="trials in the study in total: a resumed "
-              "study runs the rest (default: 20; grid: the whole grid)")
-@click.option("--timeout", "timeout", type=DURATION, default=None, help="wall-time budget, e.g. 8h")
+@click.option("--n-trials", type=click.IntRange(min=1), default=None, help="trials in the study in total (a fleet: "
+              "over all hosts): a resumed study runs the rest (default: 20; grid: the whole grid)")
+@click.option("--timeout", "timeout", type=DURATION, default=None, help="wall-time budget of this host, e.g. 8h")
 @click.option("--resume", is_flag=True, help="continue an existing study (re-running the same command does too)")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="tg", show_default=True,
               help="tg/pp t/s, TTFT, or mixed (end-to-end t/s of one request)")
@@ -296,6 +302,7 @@ def _study_name(models: list[str]) -> str:
               help="keep a worker's model loaded for the next trial with the same load parameters")
 def search(config, models, synthetic, quants, study, results, storage, sampler, seed, n_trials, timeout,
            resume, objective, pareto, min_ctx, max_vram, max_ram, headroom, trial_timeout, mem_limit, no_wait,
+           lock_file, allow_mixed, heartbeat_s,
            drift_every, drift_tolerance, baselines, plan, reuse_workers, **params):
     """Search for the fastest config that fits: an Optuna study, every trial crash-isolated.
 
@@ -367,13 +374,18 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
         limits=studylib.Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom),
         trial_timeout=trial_timeout, mem_limit=mem_limit, reuse_workers=reuse_workers,
         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume,
-        plan=plan)
-    srch = studylib.Search(space, opts, infos, hwinfo, build, on_trial=Progress(opts, space.size()))
+        plan=plan, allow_mixed=allow_mixed, heartbeat_s=heartbeat_s)
+    from tuner import fleet
+
+    try:
+        srch = fleet.new_search(space, opts, infos, hwinfo, build, on_trial=Progress(opts, space.size()))
+    except studylib.StudyError as e:
+        raise TunerError(str(e)) from None
     resume_hint = shlex.join(["tuner"] + sys.argv[1:]) if sys.argv and "tuner" in Path(sys.argv[0]).name else \
         f"tuner search --study {name} --results {results} --resume (same options)"
     # the lock comes first: resuming marks trials left RUNNING as interrupted, which must never touch a study
     # that another process is measuring right now
-    with measurement_lock(wait=not no_wait, what=f"tuner search {name}"):
+    with measurement_lock(wait=not no_wait, what=f"tuner search {name}", path=lock_file):
         try:
             srch.prepare()
         except studylib.StudyError as e:
@@ -458,24 +470,43 @@ def _print_recommendation(rec: dict | None, study_dir: Path) -> None:
 
 
 @cli.command("recommend")
-@click.argument("study_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("study_dir", type=click.Path(file_okay=False), required=False)
+@click.option("--storage", default=None, help="read the study from this shared storage (a fleet) instead of "
+              "STUDY_DIR, which then receives a snapshot (optional)")
+@click.option("--study", "study_name", default=None, help="with --storage: the study's name")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=None, help="default: the study's")
 @_limits_options
 @click.option("--json", "as_json", is_flag=True, help="print recommended.json instead of a summary")
 @click.option("--write/--no-write", default=True, help="rewrite STUDY_DIR/recommended.json")
-def recommend_cmd(study_dir, objective, min_ctx, max_vram, max_ram, headroom, as_json, write):
+def recommend_cmd(study_dir, storage, study_name, objective, min_ctx, max_vram, max_ram, headroom, as_json, write):
     """Re-derive the recommendation from a study's trials under other constraints (nothing is re-run).
 
-    Example: tuner recommend results/my-study --max-vram 20GiB --min-ctx 8192
+    \b
+    Examples:
+      tuner recommend results/my-study --max-vram 20GiB --min-ctx 8192
+      tuner recommend --storage postgresql://tuner:PW@db-host/tuner --study my-study   (a fleet, from any host)
     """
     from tuner import recommend as recommendlib
     from tuner import study as studylib
 
+    if storage or study_name:
+        from tuner import fleet
+
+        folders = fleet.snapshot_for_cli(storage, study_name, study_dir)
+        for folder in folders:  # one recommendation per fingerprint group
+            click.get_current_context().invoke(recommend_cmd, study_dir=str(folder), objective=objective,
+                                               min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram,
+                                               headroom=headroom, as_json=as_json, write=write)
+        return
+    if study_dir is None:
+        raise TunerError("no study: pass STUDY_DIR, or --storage URL --study NAME")
+    if not Path(study_dir).is_dir():
+        raise TunerError(f"Directory '{study_dir}' does not exist.")
+
     recs = store.records(Path(study_dir))
     if not recs:
         raise TunerError(f"{study_dir} holds no trials")
-    hwinfo = hardware.Hardware(**{k: v for k, v in recs[0].hw.items() if k != "gpus"},
-                               gpus=[hardware.GPU(**g) for g in recs[0].hw.get("gpus", [])])
+    hwinfo = hardware.from_dict(recs[0].hw)
     old = {}
     path = Path(study_dir) / recommendlib.RECOMMENDED_FILE
     if path.exists():

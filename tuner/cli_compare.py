@@ -102,7 +102,7 @@ def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samp
     if rerun_on_alert and report.regressions():
         # run_params' names (timeout, mem_limit, no_wait) are shared with bench and search
         _rerun(report, current, run_opts.get("timeout", run_opts.get("trial_timeout", 600.0)),
-               run_opts.get("mem_limit"), run_opts.get("no_wait", False))
+               run_opts.get("mem_limit"), run_opts.get("no_wait", False), run_opts.get("lock_file"))
 
     click.echo(report.to_json(fail_on) if as_json else report.table(fail_on))
     md = report.markdown(fail_on)
@@ -117,7 +117,7 @@ def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samp
     return report.exit_code(fail_on)
 
 
-def _rerun(report: cmp.Report, current, trial_timeout, mem_limit, no_wait) -> None:
+def _rerun(report: cmp.Report, current, trial_timeout, mem_limit, no_wait, lock_file=None) -> None:
     from tuner import store
     from tuner.lock import measurement_lock
     from tuner.runner import Runner
@@ -132,7 +132,7 @@ def _rerun(report: cmp.Report, current, trial_timeout, mem_limit, no_wait) -> No
         if gone:
             raise TunerError(f"--rerun-on-alert: model file {gone[0]} (of {p.label}) is not here to re-measure")
     click.echo(f"re-measuring {len(alerts)} alerting config(s) once before failing...", err=True)
-    with measurement_lock(wait=not no_wait, what="tuner compare --rerun-on-alert"):
+    with measurement_lock(wait=not no_wait, what="tuner compare --rerun-on-alert", path=lock_file):
         with Runner(timeout=trial_timeout, mem_limit=mem_limit) as runner:
             here = runner.hw.fingerprint()
             cur_hw = {r.hw_fingerprint for r in cmp.load(current)}

@@ -171,6 +171,9 @@ def run_params(timeout_flag: str = "--timeout"):
                          help="cap each trial's memory (RLIMIT_DATA), e.g. 4GiB: emulates a smaller machine"),
             click.option("--no-wait", is_flag=True,
                          help="fail instead of waiting when another measurement runs on this machine"),
+            click.option("--lock-file", type=click.Path(dir_okay=False), default=None,
+                         help="the host-wide measurement lock [TUNER_LOCK_FILE or one per machine]; a lock file "
+                              "each lets one machine stand in for several hosts"),
         ]
         for o in reversed(opts):
             f = o(f)
