@@ -134,25 +134,28 @@ def test_recommend_and_report_from_the_storage_without_parquet(three_hosts, tmp_
 def test_a_host_killed_mid_trial_has_its_trial_run_again(pg_server, models, tmp_path):
     url = pg.create_db(pg_server, "kill")
     engine = sa.create_engine(url)
-    # trials long enough to still be running when the host is killed
-    a = host_args(models, url, "k", tmp_path / "a", 5)
-    a[a.index("-n") + 1] = "512"
+    # a fresh worker per trial: each trial loads the model, long enough to still be running when the host is killed
+    a = host_args(models, url, "k", tmp_path / "a", 5, ["--no-confirm", "--fresh-workers"])
+    a[a.index("-n") + 1] = "128"
     p = subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a trial that is measuring: RUNNING, with a heartbeat, its config claimed (not a repeat), no record yet
     q = sa.text("SELECT t.number FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-                "WHERE t.state = 'RUNNING'")
+                "WHERE t.state = 'RUNNING' AND t.number NOT IN (SELECT trial_number FROM tuner_records) "
+                "AND t.number IN (SELECT trial_number FROM tuner_claims WHERE key LIKE 'config:%') "
+                "AND t.number > 0")
     deadline, victim = time.monotonic() + 120, None
     while victim is None and time.monotonic() < deadline:
         try:
             with engine.connect() as c:
-                done = c.execute(sa.text("SELECT count(*) FROM tuner_records")).scalar()
-                running = [n for (n,) in c.execute(q)]
-            if done >= 1 and running:
-                victim = running[0]
+                victim = next((n for (n,) in c.execute(q)), None)
         except sa.exc.ProgrammingError:  # tables not made yet
             pass
         time.sleep(0.05)
-    engine.dispose()
     assert victim is not None, "host A never got into a second trial"
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    engine.dispose()
+    assert load(url, "k").trials[victim].state == TS.RUNNING  # killed mid-trial
     params = load(url, "k").trials[victim].params
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
@@ -176,11 +179,11 @@ def test_a_host_killed_mid_trial_has_its_trial_run_again(pg_server, models, tmp_
 
 def test_a_host_of_another_build_is_refused_or_kept_apart(pg_server, models, tmp_path):
     url = pg.create_db(pg_server, "mixed")
-    first = host_args(models, url, "m", tmp_path / "a", 3)
+    first = host_args(models, url, "m", tmp_path / "a", 3, ["--no-confirm"])
     res = subprocess.run(first, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     env = {**os.environ, "TUNER_FINGERPRINT_SALT": "another build"}
-    other = host_args(models, url, "m", tmp_path / "b", 3)
+    other = host_args(models, url, "m", tmp_path / "b", 3, ["--no-confirm"])
     res = subprocess.run(other, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 2
     err = res.stderr.strip()

@@ -294,6 +294,7 @@ def _study_name(models: list[str]) -> str:
 @click.option("--drift-every", type=click.IntRange(min=0), default=10, show_default=True,
               help="re-measure an anchor config every K trials (0: never)")
 @click.option("--drift-tolerance", type=float, default=0.05, show_default=True)
+@click.option("--no-confirm", is_flag=True, help="recommend without re-measuring the top configs after the search")
 @click.option("--baselines/--no-baselines", default=True, help="start with llama.cpp's defaults and the "
               "3500 MB/layer heuristic")
 @click.option("--plan/--no-plan", default=True, help="skip configs the memory planner predicts cannot fit "
@@ -302,7 +303,7 @@ def _study_name(models: list[str]) -> str:
               help="keep a worker's model loaded for the next trial with the same load parameters")
 def search(config, models, synthetic, quants, study, results, storage, sampler, seed, n_trials, timeout,
            resume, objective, pareto, min_ctx, max_vram, max_ram, headroom, trial_timeout, mem_limit, no_wait,
-           lock_file, allow_mixed, heartbeat_s,
+           lock_file, allow_mixed, heartbeat_s, no_confirm,
            drift_every, drift_tolerance, baselines, plan, reuse_workers, **params):
     """Search for the fastest config that fits: an Optuna study, every trial crash-isolated.
 
@@ -374,7 +375,7 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
         limits=studylib.Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom),
         trial_timeout=trial_timeout, mem_limit=mem_limit, reuse_workers=reuse_workers,
         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume,
-        plan=plan, allow_mixed=allow_mixed, heartbeat_s=heartbeat_s)
+        plan=plan, allow_mixed=allow_mixed, heartbeat_s=heartbeat_s, **({"confirm": 0} if no_confirm else {}))
     from tuner import fleet
 
     try:
