@@ -58,6 +58,7 @@ def three_hosts(pg_server, models, tmp_path_factory):
     return url, root, procs, outs
 
 
+@pytest.mark.slow
 def test_three_hosts_measure_each_trial_once(three_hosts):
     url, root, procs, outs = three_hosts
     for p, (out, err) in zip(procs, outs):
@@ -93,6 +94,7 @@ def pg_server_password(url: str) -> str:
     return url.split(":")[2].split("@")[0]
 
 
+@pytest.mark.slow
 def test_a_host_joining_a_finished_study_says_so(three_hosts, models, tmp_path):
     url, root, _, _ = three_hosts
     before = len(load(url, "fleet").trials)
@@ -105,6 +107,7 @@ def test_a_host_joining_a_finished_study_says_so(three_hosts, models, tmp_path):
     assert len(load(url, "fleet").trials) == before  # nothing was asked
 
 
+@pytest.mark.slow
 def test_recommend_and_report_from_the_storage_without_parquet(three_hosts, tmp_path, monkeypatch):
     url, root, _, _ = three_hosts
     monkeypatch.chdir(tmp_path)
@@ -131,6 +134,7 @@ def test_recommend_and_report_from_the_storage_without_parquet(three_hosts, tmp_
     assert pg_server_password(url) not in res.output
 
 
+@pytest.mark.slow
 def test_a_host_killed_mid_trial_has_its_trial_run_again(pg_server, models, tmp_path):
     url = pg.create_db(pg_server, "kill")
     engine = sa.create_engine(url)
@@ -177,6 +181,7 @@ def test_a_host_killed_mid_trial_has_its_trial_run_again(pg_server, models, tmp_
     assert victim not in [r.trial_number for r in rows]
 
 
+@pytest.mark.slow
 def test_a_host_of_another_build_is_refused_or_kept_apart(pg_server, models, tmp_path):
     url = pg.create_db(pg_server, "mixed")
     first = host_args(models, url, "m", tmp_path / "a", 3, ["--no-confirm"])
@@ -231,3 +236,34 @@ def test_bad_fleet_input_is_one_line_exit_2(pg_server, models, tmp_path, case):
     assert {"unreachable": "cannot open storage", "credentials": "password authentication failed",
             "space": "another search space", "mixed-local": "--allow-mixed needs a shared --storage"}[case] in line
     assert not list(tmp_path.rglob(store.TRIALS_FILE))
+
+
+def test_a_config_claim_has_one_winner_among_racing_hosts(pg_server):
+    """Claims are what keeps two hosts from measuring one config: an atomic insert, then compare-and-set."""
+    import threading
+
+    url = pg.create_db(pg_server, "claims")
+    engines = [sa.create_engine(url) for _ in range(6)]
+    fleet.Ledger(engines[0])
+    ledgers = [fleet.Ledger(e, create=False) for e in engines]
+    results, start = {}, threading.Barrier(len(ledgers))
+
+    def race(i):
+        start.wait()
+        results[i] = ledgers[i].claim("s", "config:x", f"host{i}", trial_number=i)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(ledgers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, held in results.items() if held is None]
+    assert len(winners) == 1
+    held = [h for h in results.values() if h is not None]
+    assert {h["trial_number"] for h in held} == set(winners) and all(h["age_s"] >= 0 for h in held)
+    # passing the claim on (the owner's trial died): only one of two hosts that read the same row gets it
+    assert ledgers[1].replace(held[0], owner="retry-a", trial_number=100)
+    assert not ledgers[2].replace(held[0], owner="retry-b", trial_number=101)
+    assert ledgers[3].get("s", "config:x")["trial_number"] == 100
+    for e in engines:
+        e.dispose()

@@ -360,7 +360,8 @@ class FleetSearch(Search):
         while True:
             super().search_loop()
             left = self.time_left()
-            if self.stop_requested or not self._running or (left is not None and left <= 0):
+            # with a --timeout, waiting must leave this host the time its confirmation needs
+            if self.stop_requested or not self._running or (left is not None and left <= self.confirm_estimate_s()):
                 break
             if not waited:
                 print(f"waiting for {self._running} trial(s) running on other hosts (a host silent for "
@@ -462,7 +463,11 @@ def snapshot(url: str, base: str, folder: str | os.PathLike, nest: bool = False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(url, skip_table_creation=True)
     try:
-        names = groups(storage, base)
+        try:
+            names = groups(storage, base)
+        except sa.exc.SQLAlchemyError as e:  # a database without Optuna's tables
+            raise FleetError(f"cannot read studies from {redact(url)}: {redact(str(e).splitlines()[0])[:160]}") \
+                from None
         if not names:
             raise FleetError(f"no study named {base!r} in {redact(url)}")
         if not sa.inspect(storage.engine).has_table(RECORDS):
