@@ -139,7 +139,7 @@ def test_a_host_killed_mid_trial_has_its_trial_run_again(pg_server, models, tmp_
     url = pg.create_db(pg_server, "kill")
     engine = sa.create_engine(url)
     # a fresh worker per trial: each trial loads the model, long enough to still be running when the host is killed
-    a = host_args(models, url, "k", tmp_path / "a", 5, ["--no-confirm", "--fresh-workers"])
+    a = host_args(models, url, "k", tmp_path / "a", 3, ["--no-confirm", "--fresh-workers"])
     a[a.index("-n") + 1] = "128"
     p = subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # a trial that is measuring: RUNNING, with a heartbeat, its config claimed (not a repeat), no record yet
@@ -174,7 +174,7 @@ def test_a_host_killed_mid_trial_has_its_trial_run_again(pg_server, models, tmp_
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim]
     assert len(retries) == 1 and retries[0].state == TS.COMPLETE and retries[0].params == params
     counted = [t for t in study.trials if t.state == TS.COMPLETE and "duplicate_of" not in t.user_attrs]
-    assert len(counted) == 5  # the dead trial does not count; its retry does
+    assert len(counted) == 3  # the dead trial does not count; its retry does
     rows = [r for _, _, r in ledger_rows(url, "k") if r.searched]
     assert sorted(r.trial_number for r in rows) == sorted(t.number for t in counted)
     assert [r.trial_number for r in rows].count(retries[0].number) == 1
@@ -184,11 +184,11 @@ def test_a_host_killed_mid_trial_has_its_trial_run_again(pg_server, models, tmp_
 @pytest.mark.slow
 def test_a_host_of_another_build_is_refused_or_kept_apart(pg_server, models, tmp_path):
     url = pg.create_db(pg_server, "mixed")
-    first = host_args(models, url, "m", tmp_path / "a", 3, ["--no-confirm"])
+    first = host_args(models, url, "m", tmp_path / "a", 2, ["--no-confirm"])
     res = subprocess.run(first, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     env = {**os.environ, "TUNER_FINGERPRINT_SALT": "another build"}
-    other = host_args(models, url, "m", tmp_path / "b", 3, ["--no-confirm"])
+    other = host_args(models, url, "m", tmp_path / "b", 2, ["--no-confirm"])
     res = subprocess.run(other, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 2
     err = res.stderr.strip()
@@ -203,10 +203,10 @@ def test_a_host_of_another_build_is_refused_or_kept_apart(pg_server, models, tmp
     assert len(by_group) == 2 and all(len(v) == 1 for v in by_group.values())  # kept apart
     other_group = next(g for g in by_group if g != "m")
     assert other_group.startswith("m@")
-    # each group has its own budget: 3 trials each
+    # each group has its own budget: 2 trials each
     for g in by_group:
         assert sum(1 for t in load(url, g).trials
-                   if t.state == TS.COMPLETE and "duplicate_of" not in t.user_attrs) == 3
+                   if t.state == TS.COMPLETE and "duplicate_of" not in t.user_attrs) == 2
     res = CliRunner().invoke(cli, ["recommend", "--storage", url, "--study", "m"])
     assert res.exit_code == 0, res.output
     assert res.output.count("recommended (trial #") == 2  # one recommendation per fingerprint
