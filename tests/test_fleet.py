@@ -267,3 +267,19 @@ def test_a_config_claim_has_one_winner_among_racing_hosts(pg_server):
     assert ledgers[3].get("s", "config:x")["trial_number"] == 100
     for e in engines:
         e.dispose()
+
+
+@pytest.mark.parametrize("command", ["recommend", "report"])
+def test_reading_a_fleet_with_bad_input_is_one_line_exit_2(pg_server, tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    cases = [([f"postgresql://tuner:{pg_server.password}@127.0.0.1:1/tuner", "s"], "Connection refused"),
+             ([pg_server.url(password="wrong-secret"), "s"], "password authentication failed"),
+             ([pg_server.url(), "no-such-study"], "no study named 'no-such-study'"),
+             ([f"sqlite:///{tmp_path / 'none.db'}", "s"], "no database at")]
+    for (url, study), message in cases:
+        res = CliRunner().invoke(cli, [command, "--storage", url, "--study", study])
+        assert res.exit_code == 2, res.output
+        line = res.output.strip()
+        assert len(line.splitlines()) == 1 and message in line, line
+        assert pg_server.password not in line and "wrong-secret" not in line
+    assert not list(tmp_path.iterdir())  # nothing written, not even an empty SQLite file

@@ -461,13 +461,13 @@ def snapshot(url: str, base: str, folder: str | os.PathLike, nest: bool = False)
     """Write study `base` of the storage as study folders (trials.parquet, study.db, recommended.json): `folder`
     itself, or one sub-folder per fingerprint group when there are several (or `nest`). Returns the folders."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _check_readable(url)
     storage = open_storage(url, skip_table_creation=True)
     try:
         try:
             names = groups(storage, base)
-        except sa.exc.SQLAlchemyError as e:  # a database without Optuna's tables
-            raise FleetError(f"cannot read studies from {redact(url)}: {redact(str(e).splitlines()[0])[:160]}") \
-                from None
+        except sa.exc.SQLAlchemyError:  # a database without Optuna's tables
+            raise FleetError(f"no study named {base!r} in {redact(url)} (no Optuna storage there)") from None
         if not names:
             raise FleetError(f"no study named {base!r} in {redact(url)}")
         if not sa.inspect(storage.engine).has_table(RECORDS):
@@ -485,6 +485,26 @@ def snapshot(url: str, base: str, folder: str | os.PathLike, nest: bool = False)
         return out
     finally:
         storage.engine.dispose()
+
+
+def _check_readable(url: str) -> None:
+    """A reader connects first, so an unreachable server or wrong credentials read as such (Optuna's storage wraps
+    them in a generic commit error when it skips table creation) and no empty SQLite file is made."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):].split("?")[0]
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise FleetError(f"no database at {path}")
+    try:
+        engine = sa.create_engine(url)
+    except Exception as e:  # noqa: BLE001 - bad URL, missing driver
+        raise FleetError(f"cannot open storage {redact(url)}: {redact(str(e).splitlines()[0])[:160]}") from None
+    try:
+        with engine.connect():
+            pass
+    except Exception as e:  # noqa: BLE001 - unreachable server, wrong credentials
+        raise FleetError(f"cannot open storage {redact(url)}: {redact(str(e).splitlines()[0])[:160]}") from None
+    finally:
+        engine.dispose()
 
 
 def _check_snapshot_folder(gdir: Path) -> None:
