@@ -461,7 +461,7 @@ def snapshot(url: str, base: str, folder: str | os.PathLike, nest: bool = False)
     """Write study `base` of the storage as study folders (trials.parquet, study.db, recommended.json): `folder`
     itself, or one sub-folder per fingerprint group when there are several (or `nest`). Returns the folders."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _check_readable(url)
+    _check_readable(url, base)
     storage = open_storage(url, skip_table_creation=True)
     try:
         try:
@@ -487,7 +487,7 @@ def snapshot(url: str, base: str, folder: str | os.PathLike, nest: bool = False)
         storage.engine.dispose()
 
 
-def _check_readable(url: str) -> None:
+def _check_readable(url: str, base: str) -> None:
     """A reader connects first, so an unreachable server or wrong credentials read as such (Optuna's storage wraps
     them in a generic commit error when it skips table creation) and no empty SQLite file is made."""
     if url.startswith("sqlite:///"):
@@ -499,12 +499,14 @@ def _check_readable(url: str) -> None:
     except Exception as e:  # noqa: BLE001 - bad URL, missing driver
         raise FleetError(f"cannot open storage {redact(url)}: {redact(str(e).splitlines()[0])[:160]}") from None
     try:
-        with engine.connect():
-            pass
+        with engine.connect() as c:
+            optuna_there = sa.inspect(c).has_table("studies")
     except Exception as e:  # noqa: BLE001 - unreachable server, wrong credentials
         raise FleetError(f"cannot open storage {redact(url)}: {redact(str(e).splitlines()[0])[:160]}") from None
     finally:
         engine.dispose()
+    if not optuna_there:
+        raise FleetError(f"no study named {base!r} in {redact(url)} (no Optuna storage there)")
 
 
 def _check_snapshot_folder(gdir: Path) -> None:
