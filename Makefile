@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast perf-check gpu-check bench-fidelity bench-search clean
+.PHONY: install demo test test-fast perf-check gpu-check bench-fidelity bench-search bench-storage clean
 
 install: $(STAMP)
 
@@ -68,6 +68,10 @@ bench-fidelity: install
 bench-search: install
 	$(BIN)/python benchmarks/search_efficiency.py --seeds 5
 	$(BIN)/python benchmarks/search_overhead.py --rounds 3
+
+# a fleet's shared storage per trial, PostgreSQL (started for the run) vs SQLite
+bench-storage: install
+	$(BIN)/python benchmarks/storage_cost.py --trials 60
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -49,3 +49,13 @@ def host_only(monkeypatch):
 def _private_lock(tmp_path_factory, monkeypatch):
     # Tests must not wait on (or block) a real measurement running on the same machine.
     monkeypatch.setenv("TUNER_LOCK_FILE", str(tmp_path_factory.getbasetemp() / "measure.lock"))
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL 15 for the fleet tests (tests/pg.py), started once and stopped at the end."""
+    import pg
+
+    srv = pg.start()
+    yield srv
+    pg.stop(srv)

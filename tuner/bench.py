@@ -102,7 +102,7 @@ class BenchResult:
 
 
 def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem_limit: int | None = None,
-            no_wait: bool = False, **params) -> BenchResult:
+            no_wait: bool = False, lock_file: str | None = None, **params) -> BenchResult:
     """`tuner bench` as a call: resolve one config against its model, measure it in a worker, append the record.
 
     params are TrialConfig fields (n_threads=2, n_prompt=512, overrides=("exps=CPU",), ...); None means the
@@ -134,7 +134,7 @@ def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem
     if invalid_reason(cfg):
         raise BenchError(invalid_reason(cfg))
     out = store.check_writable(out)
-    with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}"):
+    with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}", path=lock_file):
         with Runner(timeout=timeout, mem_limit=mem_limit) as runner:
             if runner.limit and runner.limit.note:  # how --mem-limit is enforced on this machine
                 import sys

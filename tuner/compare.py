@@ -679,7 +679,7 @@ def rerun_alerts(report: Report, current: str | os.PathLike, run: Callable[[Tria
 
 def rerun_on_this_machine(report: Report, current: str | os.PathLike, trial_timeout: float = 600.0,
                           mem_limit: int | None = None, no_wait: bool = False,
-                          log: Callable[[str], None] | None = None) -> Report:
+                          log: Callable[[str], None] | None = None, lock_file: str | None = None) -> Report:
     """--rerun-on-alert as a call: take the measurement lock, check this is CURRENT's machine, rerun_alerts.
 
     CompareError when a model file is gone or this machine is not the one CURRENT was measured on.
@@ -697,7 +697,7 @@ def rerun_on_this_machine(report: Report, current: str | os.PathLike, trial_time
             raise CompareError(f"--rerun-on-alert: model file {gone[0]} (of {p.label}) is not here to re-measure")
     if log:
         log(f"re-measuring {len(alerts)} alerting config(s) once before failing...")
-    with measurement_lock(wait=not no_wait, what="tuner compare --rerun-on-alert"):
+    with measurement_lock(wait=not no_wait, what="tuner compare --rerun-on-alert", path=lock_file):
         with Runner(timeout=trial_timeout, mem_limit=mem_limit) as runner:
             here = runner.hw.fingerprint()
             cur_hw = {r.hw_fingerprint for r in load(current)}

@@ -55,6 +55,11 @@ class Hardware:
         return digest(self.fingerprint_dict())
 
 
+def from_dict(d: dict) -> Hardware:
+    """The machine a record was measured on (TrialRecord.hw), as a Hardware."""
+    return Hardware(**{k: v for k, v in d.items() if k != "gpus"}, gpus=[GPU(**g) for g in d.get("gpus", [])])
+
+
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -182,5 +187,14 @@ def build_info() -> dict:
     return info
 
 
+FINGERPRINT_SALT = "TUNER_FINGERPRINT_SALT"
+
+
 def build_fingerprint(build: dict) -> str:
-    return digest({k: build.get(k) for k in ("llama_cpp_python", "system_info", "gpu_offload")})
+    """What makes two builds comparable. TUNER_FINGERPRINT_SALT (when set) is mixed in: it keeps builds apart that
+    tuner cannot tell apart itself (the same wheel against another driver or library setup), and lets the tests
+    make a host of another build on one machine."""
+    facts = {k: build.get(k) for k in ("llama_cpp_python", "system_info", "gpu_offload")}
+    if os.environ.get(FINGERPRINT_SALT):
+        facts["salt"] = os.environ[FINGERPRINT_SALT]
+    return digest(facts)

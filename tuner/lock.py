@@ -20,13 +20,15 @@ class LockBusy(RuntimeError):
     pass
 
 
-def lock_path() -> Path:
-    return Path(os.environ.get("TUNER_LOCK_FILE", DEFAULT_LOCK))
+def lock_path(path: str | os.PathLike | None = None) -> Path:
+    """--lock-file, else TUNER_LOCK_FILE, else one lock per machine. One machine can stand in for several hosts of a
+    fleet (tests, a demo) with a lock file each."""
+    return Path(path or os.environ.get("TUNER_LOCK_FILE", DEFAULT_LOCK))
 
 
 @contextlib.contextmanager
-def measurement_lock(wait: bool = True, what: str = "tuner"):
-    path = lock_path()
+def measurement_lock(wait: bool = True, what: str = "tuner", path: str | os.PathLike | None = None):
+    path = lock_path(path)
     owner = path.with_suffix(".owner")
     lock = FileLock(str(path))
     try:

@@ -78,7 +78,8 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
                max_ram: int | None = None, headroom: int | float = "1GiB", trial_timeout: float = 600.0,
                mem_limit: int | None = None, no_wait: bool = False, drift_every: int = 10,
                drift_tolerance: float = 0.05, baselines: bool = True, plan: bool = True,
-               reuse_workers: bool = True, auto_space: bool = True, confirm: int = DEFAULT_CONFIRM,
+               reuse_workers: bool = True, lock_file: str | None = None, allow_mixed: bool = False,
+               heartbeat_s: int = 10, auto_space: bool = True, confirm: int = DEFAULT_CONFIRM,
                confirm_rounds: int = MAX_ROUNDS, on_trial: Callable | None = None,
                on_confirm: Callable | None = None, log: Callable[[str], None] | None = None,
                **params) -> SearchResult:
@@ -151,11 +152,17 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
         timeout_s=timeout, objective=objective, pareto=pareto, limits=limits,
         trial_timeout=trial_timeout, mem_limit=mem_limit, reuse_workers=reuse_workers,
         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume,
-        plan=plan, confirm=confirm, confirm_rounds=(min(MIN_ROUNDS, confirm_rounds), confirm_rounds))
-    srch = studylib.Search(space, opts, infos, hwinfo, build, on_trial=on_trial, on_confirm=on_confirm)
+        plan=plan, confirm=confirm, confirm_rounds=(min(MIN_ROUNDS, confirm_rounds), confirm_rounds),
+        allow_mixed=allow_mixed, heartbeat_s=heartbeat_s)
+    from tuner import fleet
+
+    try:  # a shared storage (--storage) makes this host one of a fleet
+        srch = fleet.new_search(space, opts, infos, hwinfo, build, on_trial=on_trial, on_confirm=on_confirm)
+    except studylib.StudyError as e:
+        raise SearchError(str(e)) from None
     # the lock comes first: resuming marks trials left RUNNING as interrupted, which must never touch a study
     # that another process is measuring right now
-    with measurement_lock(wait=not no_wait, what=f"tuner search {name}"):
+    with measurement_lock(wait=not no_wait, what=f"tuner search {name}", path=lock_file):
         try:
             srch.prepare()
         except studylib.StudyError as e:

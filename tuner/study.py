@@ -75,6 +75,9 @@ class SearchOptions:
     baselines: bool = True
     resume: bool = False
     plan: bool = True  # skip configs the memory planner predicts cannot fit
+    # fleet (tuner.fleet): several hosts on one shared --storage
+    allow_mixed: bool = False  # hosts of another hw/build fingerprint join as a separate group
+    heartbeat_s: int = 10  # a host silent for GRACE_FACTOR x this long is dead; its trial is run again
 
     @property
     def storage_url(self) -> str:
@@ -112,13 +115,15 @@ def dominated_by(cfg: TrialConfig, failed: list[tuple[int, TrialConfig, str]]) -
     return None
 
 
-def make_sampler(name: str, seed: int, space: Space, multi: bool) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int, space: Space, multi: bool,
+                 constant_liar: bool = False) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         # multivariate: n_gpu_layers × n_ctx interact (the OOM wall is diagonal). Random start-up trials:
         # Optuna's 10 for big spaces, fewer for small grids, where the baselines already inform the model
         # (benchmarks/search_efficiency.py: 5 reached 97 % of a 64-config grid's best in 17 of 20 seeds
         # within 16 trials, 10 in 5 of 20).
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True,
+        # constant_liar: with several hosts asking at once, running trials count as bad, so hosts spread out
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=constant_liar,
                                           n_startup_trials=min(10, max(5, space.size() // 16)))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -148,17 +153,24 @@ def _sqlite_wal(dbapi_conn, _record) -> None:
         cur.close()
 
 
-def open_study(opts: SearchOptions, space: Space) -> optuna.Study:
+def open_storage(url: str, **kwargs) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage, or a one-line StudyError (password redacted) for a bad URL or an unreachable server."""
+    try:
+        storage = optuna.storages.RDBStorage(url, **kwargs) if "://" in url else None
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many types for bad URLs / unreachable servers
+        msg = redact(str(e).splitlines()[0])[:160]
+        raise StudyError(f"cannot open storage {redact(url)}: {msg}") from None
+    if storage is None:
+        raise StudyError(f"bad storage URL {redact(url)!r} (expected e.g. sqlite:///path/study.db)")
+    return storage
+
+
+def open_study(opts: SearchOptions, space: Space, storage: optuna.storages.RDBStorage | None = None,
+               sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
     multi = opts.pareto
     directions = (["maximize", "minimize"] if multi else
                   ["minimize" if opts.objective == "ttft" else "maximize"])
-    try:
-        storage = optuna.storages.RDBStorage(opts.storage_url) if "://" in opts.storage_url else None
-    except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many types for bad URLs / unreachable servers
-        msg = redact(str(e).splitlines()[0])[:160]
-        raise StudyError(f"cannot open storage {redact(opts.storage_url)}: {msg}") from None
-    if storage is None:
-        raise StudyError(f"bad storage URL {redact(opts.storage_url)!r} (expected e.g. sqlite:///path/study.db)")
+    storage = storage or open_storage(opts.storage_url)
     if storage.engine.dialect.name == "sqlite":
         from sqlalchemy import event
 
@@ -169,7 +181,7 @@ def open_study(opts: SearchOptions, space: Space) -> optuna.Study:
     if opts.resume and not exists:
         raise StudyError(f"--resume: no study named {opts.study_name!r} in {redact(opts.storage_url)}")
     study = optuna.create_study(study_name=opts.study_name, storage=storage, directions=directions,
-                                sampler=make_sampler(opts.sampler, opts.seed, space, multi),
+                                sampler=sampler or make_sampler(opts.sampler, opts.seed, space, multi),
                                 load_if_exists=True)
     if exists:
         old = study.user_attrs.get("space")
@@ -223,11 +235,11 @@ class Search:
     def prepare(self) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         if self.opts.storage:  # a storage of the user's: check it before anything is written
-            self.study = open_study(self.opts, self.space)
+            self.study = self._open_study()
         store.check_writable(self.parquet)
         if not self.opts.storage:
-            self.study = open_study(self.opts, self.space)
-        self.records = store.records(self.parquet) if self.parquet.exists() else []
+            self.study = self._open_study()
+        self.records = self._load_records()
         self._reconcile()
         for r in self.records:
             if r.outcome == "oom" and r.trial_number is not None and r.searched:
@@ -241,6 +253,12 @@ class Search:
         if self.opts.baselines and self.opts.sampler != "grid" and not self.study.trials:
             self._enqueue_baselines()
         return self.study
+
+    def _open_study(self) -> optuna.Study:
+        return open_study(self.opts, self.space)
+
+    def _load_records(self) -> list[TrialRecord]:
+        return store.records(self.parquet) if self.parquet.exists() else []
 
     SPACE_LIST_LIMIT = 20000  # configs; above it the space is never "finished" by enumeration
 
@@ -381,7 +399,6 @@ class Search:
         """A config measured before: tell the sampler its pooled figure instead of measuring it again, and
         steer the next ask to a config not measured yet (TPE repeats itself on small discrete spaces)."""
         import dataclasses
-        import random
 
         same = [r for r in self.records if r.searched and confirmlib.config_key(r.config) == key]
         prev = next((r for r in same if r.trial_number == first), same[0])
@@ -393,6 +410,11 @@ class Search:
         trial.set_user_attr("duplicate_of", first)
         self._tell(trial.number, prev)
         self._dupes += 1
+        self._steer(trial)
+
+    def _steer(self, trial: optuna.Trial) -> None:
+        import random
+
         if self.unmeasured:
             rng = random.Random(self.opts.seed * 100003 + trial.number)
             params = self.unmeasured[rng.choice(sorted(self.unmeasured, key=repr))]
@@ -403,11 +425,11 @@ class Search:
         number = trial.number
         baseline = trial.user_attrs.get("baseline", "")
         key = confirmlib.config_key(cfg)
-        if key in self.seen:
-            self._duplicate(trial, self.seen[key], key)
+        first = self._claim(key, number)
+        if first is not None:
+            self._duplicate(trial, first, key)
             return None
         self._dupes = 0
-        self.seen[key] = number
         if self.unmeasured is not None:
             self.unmeasured.pop(key, None)
         skip = invalid_reason(cfg)
@@ -447,6 +469,13 @@ class Search:
         self._tell_and_write(number, rec)
         return rec
 
+    def _claim(self, key: tuple, number: int) -> int | None:
+        """Claim a config for this trial; the trial that measured it already, if any (then nothing is run)."""
+        if key in self.seen:
+            return self.seen[key]
+        self.seen[key] = number
+        return None
+
     def _plan(self, cfg: TrialConfig):
         """The planner's prediction (calibrated on this study's trials) and why it cannot fit, if it cannot."""
         from tuner import planner
@@ -473,6 +502,9 @@ class Search:
         if rec.outcome not in ("ok", "skipped") and self.runner is not None and self.runner.last_log:
             self.logs.mkdir(exist_ok=True)
             (self.logs / f"trial-{rec.trial_number:05d}.log").write_text(self.runner.last_log)
+        self._store(rec)
+
+    def _store(self, rec: TrialRecord) -> None:
         store.append(self.parquet, [rec])
         self.records.append(rec)
 
@@ -514,8 +546,7 @@ class Search:
                 print(f"drift over: the anchor is back within {self.opts.drift_tolerance:.0%}", file=sys.stderr)
         rec.trial_number = max((r.trial_number for r in self.records if r.trial_number is not None), default=0)
         rec.drift = self.drifting
-        store.append(self.parquet, [rec])
-        self.records.append(rec)
+        self._store(rec)
 
     def close(self) -> None:
         """Close the storage's connections: SQLite folds its write-ahead log back into study.db."""
@@ -605,6 +636,12 @@ class Search:
 
     def run(self) -> dict | None:
         self.n_run = 0
+        self.search_loop()
+        if not self.stop_requested:  # after a Ctrl-C the recommendation says it is unconfirmed
+            self.confirm()
+        return self.write_recommendation()
+
+    def search_loop(self) -> None:
         while self.budget_left():
             if self.exhausted():
                 self.finished = f"every config of the space is measured ({self.space.size()} configs)"
@@ -622,9 +659,6 @@ class Search:
                 self.on_trial(self, rec)
             if (self.opts.drift_every and self.n_run % self.opts.drift_every == 0 and self.budget_left()):
                 self._anchor()
-        if not self.stop_requested:  # after a Ctrl-C the recommendation says it is unconfirmed
-            self.confirm()
-        return self.write_recommendation()
 
     def confirm(self) -> dict | None:
         """Re-measure the candidates interleaved, round by round (see tuner.confirm); records are state confirm."""

@@ -24,7 +24,7 @@ from tuner.options import TunerError, bench_params, config_option, run_params, s
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default="results/bench.parquet", show_default=True,
               help="Parquet file the trial row is appended to")
 @click.option("--json", "as_json", is_flag=True, help="print the trial record as JSON")
-def bench(config, model, timeout, mem_limit, no_wait, out, as_json, **params):
+def bench(config, model, timeout, mem_limit, no_wait, lock_file, out, as_json, **params):
     """Measure one config the way llama-bench does, in a crash-isolated worker process.
 
     Prints pp/tg t/s (mean ± sd over the repetitions), TTFT and peak memory, and appends the trial to a
@@ -39,7 +39,7 @@ def bench(config, model, timeout, mem_limit, no_wait, out, as_json, **params):
     if not model:
         raise TunerError("no model given (pass MODEL or --config FILE)")
     try:
-        res = benchlib.measure(model, out, timeout, mem_limit, no_wait, **params)
+        res = benchlib.measure(model, out, timeout, mem_limit, no_wait, lock_file=lock_file, **params)
     except benchlib.BenchError as e:
         raise TunerError(str(e)) from None
     if res.interrupted:

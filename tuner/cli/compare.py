@@ -104,7 +104,7 @@ def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samp
         try:
             cmp.rerun_on_this_machine(report, current, run_opts.get("timeout", run_opts.get("trial_timeout", 600.0)),
                                       run_opts.get("mem_limit"), run_opts.get("no_wait", False),
-                                      log=lambda line: click.echo(line, err=True))
+                                      log=lambda line: click.echo(line, err=True), lock_file=run_opts.get("lock_file"))
         except cmp.CompareError as e:
             raise TunerError(str(e)) from None
 

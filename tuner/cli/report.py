@@ -11,7 +11,10 @@ from tuner.options import TunerError
 
 
 @click.command("report")
-@click.argument("study_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("study_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--storage", default=None, help="also report a study of this shared storage (a fleet): one study "
+              "per fingerprint group, from any host, no Parquet needed")
+@click.option("--study", "study_name", default=None, help="with --storage: the study's name")
 @click.option("-o", "--out", type=click.Path(file_okay=False), default=None,
               help="folder for the report  [default: STUDY_DIR/report for one study, ./report for several]")
 @click.option("--format", "formats", default="png,svg", show_default=True,
@@ -20,7 +23,7 @@ from tuner.options import TunerError
               metavar="X,Y", help="the two config parameters of the outcome map")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
               help="rows in the top-configs table")
-def report_cmd(study_dirs, out, formats, outcome_map, top):
+def report_cmd(study_dirs, storage, study_name, out, formats, outcome_map, top):
     """Charts and a report (report.html, report.md) from what `tuner search` wrote; nothing is re-run.
 
     Reads STUDY_DIR/trials.parquet, study.db (Optuna) and recommended.json. With several study folders
@@ -31,7 +34,22 @@ def report_cmd(study_dirs, out, formats, outcome_map, top):
     Examples:
       tuner report results/my-study
       tuner report results/rig-a/my-study results/rig-b/my-study --out cmp --format svg
+      tuner report --storage postgresql://tuner:PW@db-host/tuner --study my-study --out fleet-report
     """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tuner-snapshot-") as tmp:
+        if storage or study_name:
+            from tuner import fleet
+
+            study_dirs = (*study_dirs, *map(str, fleet.snapshot_for_cli(storage, study_name, tmp, nest=True)))
+            out = out or "report"
+        if not study_dirs:
+            raise TunerError("no study: pass STUDY_DIR(s), or --storage URL --study NAME")
+        _report(study_dirs, out, formats, outcome_map, top)
+
+
+def _report(study_dirs, out, formats, outcome_map, top):
     try:
         fmts = reportlib.parse_formats(formats)
         dims = reportlib.parse_map(outcome_map)

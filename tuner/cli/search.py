@@ -23,12 +23,19 @@ from tuner.study import OBJECTIVES, SAMPLERS
 @click.option("--study", "study", default=None, help="study name (default: from the model file name)")
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False),
               help="where the study folder goes: RESULTS/<study>/")
-@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite in the study folder)")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite in the study folder); a shared "
+              "one (postgresql://user:pw@host/db) makes a fleet: run the same command on every host")
+@click.option("--allow-mixed", is_flag=True, help="fleet: a host of another hardware/build fingerprint joins as a "
+              "separate group (own trials and recommendation) instead of being refused")
+@click.option("--heartbeat", "heartbeat_s", type=click.IntRange(min=1), default=10, show_default=True,
+              help="fleet: seconds between a running trial's heartbeats; a host silent for 3x this long is dead "
+                   "and its trial is run again by another host")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--n-trials", type=click.IntRange(min=1), default=None, help="trials in the study in total: a resumed "
-              "study runs the rest (default: 20; grid: the whole grid)")
-@click.option("--timeout", "timeout", type=DURATION, default=None, help="wall-time budget, e.g. 8h")
+@click.option("--n-trials", type=click.IntRange(min=1), default=None, help="trials in the study in total (a fleet: "
+              "over all hosts): a resumed study runs the rest (default: 20; grid: the whole grid)")
+@click.option("--timeout", "timeout", type=DURATION, default=None, help="wall-time budget of this host, e.g. 8h "
+              "(the confirmation included)")
 @click.option("--resume", is_flag=True, help="continue an existing study (re-running the same command does too)")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="mixed", show_default=True,
               help="mixed: end-to-end t/s of one request of the test shape (prompt + generation); tg/pp t/s; TTFT")
@@ -57,7 +64,7 @@ from tuner.study import OBJECTIVES, SAMPLERS
               help="most confirmation rounds (it stops earlier once the best is told apart, after 3)")
 def search(config, models, synthetic, quants, study, results, storage, sampler, seed, n_trials, timeout,
            resume, objective, pareto, min_ctx, max_vram, max_ram, headroom, trial_timeout, mem_limit, no_wait,
-           drift_every, drift_tolerance, baselines, plan, reuse_workers, auto_space, confirm, no_confirm,
+           lock_file, allow_mixed, heartbeat_s, drift_every, drift_tolerance, baselines, plan, reuse_workers, auto_space, confirm, no_confirm,
            confirm_rounds, **params):
     """Search for the fastest config that fits: an Optuna study, every trial crash-isolated.
 
@@ -86,7 +93,8 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
                          objective=objective, pareto=pareto, min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram,
                          headroom=headroom, trial_timeout=trial_timeout, mem_limit=mem_limit, no_wait=no_wait,
                          drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, plan=plan,
-                         reuse_workers=reuse_workers, auto_space=auto_space, confirm=0 if no_confirm else confirm,
+                         reuse_workers=reuse_workers, lock_file=lock_file, allow_mixed=allow_mixed,
+                         heartbeat_s=heartbeat_s, auto_space=auto_space, confirm=0 if no_confirm else confirm,
                          confirm_rounds=confirm_rounds, on_trial=Progress(), on_confirm=Progress().confirmed,
                          log=log, **params)
     except SearchError as e:
