@@ -44,13 +44,29 @@ TUNER = str(Path(sys.executable).with_name("tuner"))
 SPACE = ["--threads", "1:2", "-tb", "1:2", "-ub", "64,128,256", "-fa", "on,off", "-ctk", "f16,q8_0"]
 SHAPE = ["-p", "128", "-n", "32", "-r", "3", "--ctx", "2048"]
 OBJECTIVE = "mixed"
+REUSE_WITHOUT_MARK = False  # --work from a run of the script before it marked finished studies
+
+
+def study_wall(folder: Path) -> float:
+    """A finished study's wall time from its records: first trial started to last run finished."""
+    from tuner.report.load import parse_utc
+
+    recs = store.records(folder)
+    t0 = min(parse_utc(r.started_utc) for r in recs if r.started_utc)
+    t1 = max(parse_utc(r.finished_utc) for r in recs if r.finished_utc)
+    return (t1 - t0).total_seconds()
 
 
 def search(results: Path, study: str, model: str, extra: list[str]) -> float:
+    if (results / study / "recommended.json").exists() and (results / study / "DONE").exists():
+        return study_wall(results / study)  # --work: finished in an earlier run of this script
+    if (results / study / "recommended.json").exists() and REUSE_WITHOUT_MARK:
+        return study_wall(results / study)
     t0 = time.monotonic()
     subprocess.run([TUNER, "search", "-m", model, *SPACE, *SHAPE, "--results", str(results), "--study", study,
                     "--drift-every", "0", "--objective", OBJECTIVE, *extra], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (results / study / "DONE").write_text("")
     return time.monotonic() - t0
 
 
@@ -74,10 +90,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=9, help="rounds of the interleaved truth run")
     ap.add_argument("--top", type=int, default=8, help="grid configs re-measured for the truth")
     ap.add_argument("--controls", default="random,baselines")
+    ap.add_argument("--random-seeds", type=int, default=None, help="seeds of the random control [--seeds]")
+    ap.add_argument("--work", default=None, help="go on from an earlier run's work folder: finished studies "
+                    "are read back (their wall time from their records), not run again")
     ap.add_argument("--model", default=None, help="default: the synthetic dense model (q4_k_m)")
     a = ap.parse_args()
     model = a.model or str(synthesize(Path.home() / ".cache" / "tuner-test-models", "dense", ("q4_k_m",))[0])
-    work = Path(tempfile.mkdtemp(prefix="tuner-regret-"))
+    global REUSE_WITHOUT_MARK
+    REUSE_WITHOUT_MARK = bool(a.work)
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="tuner-regret-"))
     print(f"work folder {work}", file=sys.stderr)
 
     grid_wall = search(work, "grid", model, ["--sampler", "grid", "--no-baselines", "--no-confirm"])
@@ -90,7 +111,7 @@ def main() -> int:
     runs = []
     samplers = ["tpe"] + (["random"] if "random" in a.controls else [])
     for sampler in samplers:
-        for seed in range(a.seeds):
+        for seed in range(a.seeds if sampler == "tpe" else (a.random_seeds or a.seeds)):
             study = f"{sampler}-{seed}"
             wall = search(work, study, model, ["--sampler", sampler, "--seed", str(seed), "--n-trials", str(budget)])
             rec = json.loads((work / study / "recommended.json").read_text())
