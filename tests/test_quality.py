@@ -276,7 +276,7 @@ BAD = [
     ("other-architecture", ["-m", "{q8_0}", "--reference", "{gemma}"], "is a llama model but the reference"),
     ("text-shorter-than-a-chunk", ["-m", "{q8_0}", "--text", "{short}"], "shorter than one chunk"),
     ("ctx-below-16", ["-m", "{q8_0}", "-c", "8"], "--ctx must be at least 16"),
-    ("ctx-above-trained", ["-m", "{q8_0}", "-c", "8192"], "above tiny-q8_0.gguf's trained context (4096)"),
+    ("ctx-above-trained", ["-m", "{q8_0}", "-c", "200000"], "above tiny-q8_0.gguf's trained context (131072)"),
     ("logits-other-model", ["-m", "{moe}", "--reference-logits", "{saved}"], "vocabulary of 2048 tokens"),
     ("logits-other-text", ["-m", "{q8_0}", "--reference-logits", "{saved}", "--text", "{short}"],
      "made from another text"),

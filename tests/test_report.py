@@ -205,7 +205,7 @@ def test_cpu_study_report(cpu_study, tmp_path):
     assert b["outcome"] == "ok" and b["source"] == "confirmation"
     assert (f"{b['recommended_vs_baseline']:.2f}× the llama.cpp defaults baseline, 95 % interval "
             f"{b['ci95'][0]:.2f}-{b['ci95'][1]:.2f}") in html
-    assert "#### Confirmation" in md and "#### Context ladder" in md and conf["reason"] in md
+    assert "#### Confirmation" in md and "#### Context ladder" in md and escape(conf["reason"]) in html
     drifted = any(r.drift for r in trials)
     assert ("Drift detected" in md) == drifted and ("No drift detected" in md) == (not drifted)
     # the top table: one row per ok trial (up to 10), best first
