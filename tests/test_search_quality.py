@@ -1,0 +1,133 @@
+"""Quality in the search (issue 12 item 5): real quality passes (an F32 reference and llama.cpp's q8_0 / q4_k_m /
+q2_k of the tiny synthetic model), real trials, the budget applied to the recommendation and its re-derivation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tuner import quality as q
+from tuner import recommend as recommendlib
+from tuner import store
+from tuner.cli import cli
+from tuner.search import study_hardware
+from tuner.study import Limits
+from tuner.synth import synthesize
+
+QUANTS = ("q8_0", "q4_k_m", "q2_k")
+# between the tiny model's q4_k_m (KLD ~0.0014 at ctx 64) and q2_k (~0.014): q2_k misses it by a factor ~3
+BUDGET = 0.005
+
+
+@pytest.fixture(scope="module")
+def tiny(models) -> dict[str, str]:
+    paths = synthesize(models / "quality", "tiny", ("f32",) + QUANTS)
+    return {p.stem.split("-", 1)[1]: str(p) for p in paths}
+
+
+def search_args(tiny, results: Path, *extra) -> list[str]:
+    return ["search", *[a for k in QUANTS for a in ("-m", tiny[k])], "--reference", tiny["f32"],
+            "--quality-ctx", "64", "-t", "1", "-p", "16", "-n", "8", "-r", "1", "--no-auto-space",
+            "--sampler", "grid", "--drift-every", "0", "--no-baselines", "--results", str(results),
+            "--study", "q", *extra]
+
+
+def invoke(args, tmp: Path):
+    return CliRunner().invoke(cli, [str(a) for a in args], env={"TUNER_LOCK_FILE": str(tmp / "measure.lock")})
+
+
+@pytest.fixture(scope="module")
+def study(tiny, tmp_path_factory) -> tuple[Path, object]:
+    """Three quants, one config each, a one-round confirmation of the top 2, budget between q4_k_m and q2_k."""
+    tmp = tmp_path_factory.mktemp("qsearch")
+    res = invoke(search_args(tiny, tmp, "--max-kld", BUDGET, "--confirm", "2", "--confirm-rounds", "1"), tmp)
+    assert res.exit_code == 0, res.output
+    return tmp / "q", res
+
+
+def by_type(recs):
+    return {r.model_file_type: r for r in recs}
+
+
+def test_search_records_quality_and_never_recommends_a_quant_over_budget(study, tiny):
+    folder, res = study
+    recs = store.records(folder)
+    searched = by_type([r for r in recs if r.searched])
+    assert set(searched) == {"Q8_0", "Q4_K_M", "Q2_K"}
+    # every record carries its file's figures, as the quality pass measured them (in quality.json)
+    sq = q.StudyQuality.load(folder)
+    assert sq is not None and sq.budget.max_kld == BUDGET and len(sq.results) == 3
+    for r in recs:
+        res_q = sq.lookup(r.model_hash, r.config.type_k, r.config.type_v)
+        assert r.kld_mean == res_q.kld_mean and r.same_top_pct == res_q.same_top_pct
+    assert searched["Q8_0"].kld_mean < searched["Q4_K_M"].kld_mean < BUDGET < searched["Q2_K"].kld_mean
+    assert searched["Q2_K"].quality_ok is False and searched["Q4_K_M"].quality_ok is True
+    # q2_k was searched (its speed is known) but never confirmed nor recommended
+    assert not [r for r in recs if r.state == "confirm" and r.model_file_type == "Q2_K"]
+    assert {r.model_file_type for r in recs if r.state == "confirm"} == {"Q8_0", "Q4_K_M"}
+    rec = json.loads((folder / "recommended.json").read_text())
+    assert rec["model"]["file_type"] in ("Q8_0", "Q4_K_M")
+    files = {Path(f["model"]).name: f for f in rec["quality"]["files"]}
+    q2 = files["tiny-q2_k.gguf"]
+    assert q2["within_budget"] is False and f"> {BUDGET:g}" in q2["reason"]
+    assert q2["best_objective"] > 0 and q2["best_trial_number"] == searched["Q2_K"].trial_number
+    assert sum(f["recommended"] for f in files.values()) == 1
+    # the terminal says what the quant left out would have cost
+    assert "tiny-q2_k.gguf (KV f16/f16): KLD" in res.output and "not recommended: mean KLD" in res.output
+
+
+def test_recommend_rederives_under_the_same_budget(study, tmp_path):
+    folder, _ = study
+    before = json.loads((folder / "recommended.json").read_text())
+    r = invoke(["recommend", folder, "--json", "--no-write"], tmp_path)
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.output)
+    assert again["model"]["hash"] == before["model"]["hash"] and again["trial_number"] == before["trial_number"]
+    assert again["quality"]["files"] == before["quality"]["files"]
+
+
+def test_a_tighter_budget_leaves_only_the_files_within_it(study):
+    """The library filter: a budget only q8_0 meets makes it the recommendation whatever the speeds."""
+    folder, _ = study
+    recs = store.records(folder)
+    sq = q.StudyQuality.load(folder)
+    q8 = next(r for r in sq.results if r.file_type == "Q8_0")
+    tight = q.StudyQuality(sq.results, q.Budget(max_kld=q8.kld_mean * 2))
+    out = recommendlib.recommend(recs, study_hardware(recs[0]), Limits(), "mixed", quality=tight)
+    assert out["model"]["file_type"] == "Q8_0"
+    assert [f["within_budget"] for f in out["quality"]["files"]] == [True, False, False]
+    none = q.StudyQuality(sq.results, q.Budget(max_kld=0.0, min_same_top=100.0))
+    assert recommendlib.recommend(recs, study_hardware(recs[0]), Limits(), "mixed", quality=none) is None
+
+
+def test_a_resumed_search_pays_nothing_for_quality(study, tiny):
+    folder, _ = study
+    cache = q.Cache(folder.parent)
+    before = cache.path.read_text()
+    res = invoke(search_args(tiny, folder.parent, "--max-kld", BUDGET, "--no-confirm"), folder.parent)
+    assert res.exit_code == 0, res.output
+    assert "quality [" not in res.output  # no pass ran: no progress line
+    assert res.output.count("(cached)") == 3
+    assert cache.path.read_text() == before
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--max-kld", "-0.01"], "--max-kld must not be negative"),
+    (["--min-same-top", "-5"], "--min-same-top is a percentage"),
+    (["--reference", "{moe}"], "the reference (moe-q8_0.gguf) has 2048"),
+])
+def test_bad_quality_input_is_one_line_exit_2_nothing_written(tiny, models, tmp_path, extra, words):
+    args = search_args(tiny, tmp_path / "results", "--no-confirm")
+    if extra[0] == "--reference":
+        args[args.index("--reference") + 1] = str(models / "moe-q8_0.gguf")
+    else:
+        args += extra
+    res = invoke(args, tmp_path)
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tuner: error: ") and words in lines[0], res.stderr
+    assert not (tmp_path / "results").exists()
