@@ -131,3 +131,19 @@ def test_bad_quality_input_is_one_line_exit_2_nothing_written(tiny, models, tmp_
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tuner: error: ") and words in lines[0], res.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_report_charts_speed_against_kld_with_the_budget(study, tmp_path):
+    from tuner import report
+
+    folder, _ = study
+    rep = report.build([folder])
+    rep.write(tmp_path / "out")
+    ch = next(c for c in rep.charts if c.key == "10-speed-vs-kld")
+    assert ch.counts["ok"] == 3 and ch.counts["budget"] == 1 and ch.counts["recommended"] == 1 and not ch.notes
+    ax = ch.fig.axes[0]
+    budget_lines = [ln for ln in ax.get_lines() if list(ln.get_xdata()) == [BUDGET, BUDGET]]
+    assert len(budget_lines) == 1
+    md = (tmp_path / "out" / "report.md").read_text()
+    table = md.split("### Quality")[1].split("\n### ")[0]
+    assert "tiny-q2_k.gguf" in table and f"mean KLD" in table and "recommended" in table
