@@ -147,3 +147,28 @@ def test_report_charts_speed_against_kld_with_the_budget(study, tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     table = md.split("### Quality")[1].split("\n### ")[0]
     assert "tiny-q2_k.gguf" in table and f"mean KLD" in table and "recommended" in table
+
+
+def test_compare_gates_a_quality_regression(study, tmp_path):
+    """The records' own figures: q4_k_m's trials as BASELINE and q2_k's as CURRENT (paired with --ignore model)
+    regress in KLD by ~10x; q4_k_m against itself does not."""
+    folder, _ = study
+    recs = [r for r in store.records(folder) if r.searched]
+    q4 = [r for r in recs if r.model_file_type == "Q4_K_M"]
+    q2 = [r for r in recs if r.model_file_type == "Q2_K"]
+    base, cur, same = tmp_path / "base.parquet", tmp_path / "cur.parquet", tmp_path / "same.parquet"
+    store.append(base, q4)
+    store.append(cur, q2)
+    store.append(same, q4)
+    r = invoke(["compare", base, cur, "--ignore", "model", "--json", "--no-wait"], tmp_path)
+    assert r.exit_code == 1, r.output
+    res = [m for p in json.loads(r.output)["pairs"] for m in p["metrics"] if m["metric"] == "kld"]
+    assert len(res) == 1 and res[0]["verdict"] == "regression"
+    assert res[0]["base"] == q4[0].kld_mean and res[0]["cur"] == q2[0].kld_mean
+    r = invoke(["compare", base, same, "--json", "--no-wait"], tmp_path)
+    assert r.exit_code == 0, r.output
+    res = [m for p in json.loads(r.output)["pairs"] for m in p["metrics"] if m["metric"] == "kld"]
+    assert [m["verdict"] for m in res] == ["unchanged"]
+    # the threshold is the user's: a 2000 % allowance lets the q2_k step through
+    r = invoke(["compare", base, cur, "--ignore", "model", "--max-kld-increase", "2000", "--no-wait"], tmp_path)
+    assert r.exit_code == 0 and "kld" in r.output, r.output

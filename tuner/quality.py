@@ -523,6 +523,9 @@ class StudyQuality:
         rec.kld_mean, rec.kld_mean_err = res.kld_mean, res.kld_mean_err
         rec.same_top_pct, rec.ppl_ratio = res.same_top_pct, res.ppl_ratio
         rec.quality_ok = self.budget.judge(res)[0]
+        rec.quality_basis = hashlib.blake2b(json.dumps(
+            [res.reference_hash, res.text_hash, res.ctx, res.top_k, res.tail_samples]).encode(),
+            digest_size=8).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": dataclasses.asdict(self.budget), "results": [r.to_dict() for r in self.results]}

@@ -170,6 +170,7 @@ class TrialRecord:
     same_top_pct: float | None = None
     ppl_ratio: float | None = None
     quality_ok: bool | None = None  # within the search's quality budget
+    quality_basis: str = ""  # what the figures were measured against (reference, text, ctx, top-k): compare pairs
 
     @property
     def ok(self) -> bool:

@@ -188,6 +188,11 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
             srch.prepare()
         except studylib.StudyError as e:
             raise SearchError(str(e)) from None
+        if srch.quality is not None and not any(r.ok for r in srch.quality.results):
+            # nothing measured (every pass failed, e.g. under --mem-limit): no budget can be applied, and
+            # refusing every file would leave no recommendation at all
+            log("note: no quality pass succeeded: the recommendation ignores quality (see the causes above)")
+            srch.quality = None
         if srch.quality is not None:
             srch.quality.save(study_dir)
         for note in space.notes:
