@@ -172,3 +172,24 @@ def test_compare_gates_a_quality_regression(study, tmp_path):
     # the threshold is the user's: a 2000 % allowance lets the q2_k step through
     r = invoke(["compare", base, cur, "--ignore", "model", "--max-kld-increase", "2000", "--no-wait"], tmp_path)
     assert r.exit_code == 0 and "kld" in r.output, r.output
+
+
+def test_kv_cache_types_are_budgeted_per_combination(tiny, tmp_path):
+    """-ctk f16,q4_0: quality is measured per (file, type_k, type_v) and each trial carries its own pair's."""
+    args = ["search", "-m", tiny["q8_0"], "--reference", tiny["f32"], "--quality-ctx", "64", "-t", "1", "-p", "16",
+            "-n", "8", "-r", "1", "-ctk", "f16,q4_0", "-fa", "on", "--no-auto-space", "--sampler", "grid",
+            "--drift-every", "0", "--no-baselines", "--no-confirm", "--results", tmp_path, "--study", "kv"]
+    res = invoke(args, tmp_path)
+    assert res.exit_code == 0, res.output
+    sq = q.StudyQuality.load(tmp_path / "kv")
+    assert sorted((r.type_k, r.type_v) for r in sq.results) == [("f16", "f16"), ("q4_0", "f16")]
+    assert all(r.ok for r in sq.results)
+    by_kv = {r.type_k: r for r in sq.results}
+    # a quantized K cache changes the output: its own KLD, larger than the f16 cache's
+    assert by_kv["q4_0"].kld_mean > by_kv["f16"].kld_mean
+    recs = [r for r in store.records(tmp_path / "kv") if r.searched]
+    assert {r.config.type_k for r in recs} == {"f16", "q4_0"}
+    for r in recs:
+        assert r.kld_mean == by_kv[r.config.type_k].kld_mean
+    files = json.loads((tmp_path / "kv" / "recommended.json").read_text())["quality"]["files"]
+    assert sorted(f["type_k"] for f in files) == ["f16", "q4_0"]
