@@ -215,6 +215,9 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
             return SearchResult(study_dir, srch.write_recommendation(), interrupted=True)
         finally:
             srch.close()
+    if rec is None and srch.quality is not None and any(r.ok for r in srch.records):
+        log("note: no config of a model file within the quality budget completed (see the quality lines above; "
+            "--max-kld sets the budget)")
     return SearchResult(study_dir, rec, stopped=srch.stop_requested, finished=srch.finished)
 
 
