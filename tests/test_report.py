@@ -49,7 +49,7 @@ def cpu_study(models, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("studies")
     _search(tmp, "-m", str(models / "tiny-q8_0.gguf"), "-m", str(models / "tiny-q4_k_m.gguf"), "--ngl", "0",
             "--threads", "1:2", "-ub", "128,512", "--ctx", "256,4096,65536", "--n-trials", "10", "--drift-every", "4",
-            "--study", "cpu", "--no-auto-space", "--confirm", "2", "--confirm-rounds", "3")
+            "--study", "cpu", "--no-auto-space", "--confirm", "2", "--confirm-rounds", "3", "--no-quality")
     return tmp / "cpu"
 
 
@@ -128,7 +128,8 @@ def test_cpu_study_report(cpu_study, tmp_path):
     assert {f: _digest(cpu_study / f) for f in before} == before
 
     keys = ["1-speed-vs-gpu-layers", "2-speed-vs-threads", "3-memory", "4-pareto", "5-outcome-map",
-            "6-search-progress", "7-parameter-importance", "8-confirmation", "9-context-ladder"]
+            "6-search-progress", "7-parameter-importance", "8-confirmation", "9-context-ladder",
+            "10-speed-vs-kld"]
     charts = {c.key: c for c in rep.charts}
     assert list(charts) == keys
     for k in keys:
@@ -189,8 +190,11 @@ def test_cpu_study_report(cpu_study, tmp_path):
     assert charts["8-confirmation"].counts["samples"] == sum(len(c["samples"]) for c in conf["candidates"])
     assert [r["n_ctx"] for r in rec["context_ladder"]] == [256, 4096] and rec["working_ctx"] == 4096
     assert charts["9-context-ladder"].counts["tg"] == 2 and charts["9-context-ladder"].counts["peak RAM"] == 1
-    # self-contained: all 9 charts embedded, nothing fetched
-    assert html.count('src="data:image/png;base64,') == 9
+    # 10: speed against KLD (tests/test_search_quality.py draws it); --no-quality: it says what it lacks
+    assert "no quality figures in this study" in charts["10-speed-vs-kld"].notes[0]
+    assert "quality" not in rec and "### Quality" not in md
+    # self-contained: all 10 charts embedded, nothing fetched
+    assert html.count('src="data:image/png;base64,') == 10
     assert not re.search(r'(src|href)="(?!data:)', html)
     png = re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1)
     assert base64.b64decode(png) == (tmp_path / "out" / "cpu" / "1-speed-vs-gpu-layers.png").read_bytes()
@@ -215,7 +219,7 @@ def test_cpu_study_report(cpu_study, tmp_path):
     assert [int(n) for n, _ in rows] == [r.trial_number for r in best]
     # every chart linked from the markdown exists
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 9 and all((tmp_path / "out" / link).is_file() for link in links)
+    assert len(links) == 10 and all((tmp_path / "out" / link).is_file() for link in links)
     if n_failed:
         assert "### Failures" in md and "first line of stderr" in md
 
@@ -246,8 +250,9 @@ def test_all_failed_study_explains_what_failed(failed_study, tmp_path):
     assert sorted(p.name for p in (out / "all-failed").iterdir()) == sorted(
         f"{k}.svg" for k in ("1-speed-vs-gpu-layers", "2-speed-vs-threads", "3-memory", "4-pareto",
                              "5-outcome-map", "6-search-progress", "7-parameter-importance", "8-confirmation",
-                             "9-context-ladder"))
-    assert html.count('src="data:image/svg+xml;base64,') == 9
+                             "9-context-ladder", "10-speed-vs-kld"))
+    assert html.count('src="data:image/svg+xml;base64,') == 10
+    assert "no quality figures in this study" in _svg_text(out / "all-failed" / "10-speed-vs-kld.svg")
     assert "no trial succeeded" in _svg_text(out / "all-failed" / "1-speed-vs-gpu-layers.svg")
     assert "no recommendation" in _svg_text(out / "all-failed" / "4-pareto.svg")
     assert "too few trials" in _svg_text(out / "all-failed" / "7-parameter-importance.svg")

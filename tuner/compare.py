@@ -72,6 +72,7 @@ class Settings:
     test: str = "mannwhitney"  # or "welch"
     ignore: tuple[str, ...] = ()
     allow_hw_mismatch: bool = False
+    max_kld_increase: float = 0.10  # quality: mean KLD up by more than this share (and beyond noise) regresses
 
     def threshold(self, metric: str) -> float:
         return self.thresholds.get(metric, DEFAULT_THRESHOLDS[METRICS[metric].kind])
@@ -411,7 +412,7 @@ class Report:
         out = []
         for p in self.pairs:
             for r in p.results:
-                unit = METRICS[r.metric].unit if r.metric in METRICS else ""
+                unit = METRICS[r.metric].unit if r.metric in METRICS else r.metric
                 note = r.note + (f"; rerun: {p.rerun}" if p.rerun and r.first else "")
                 out.append([p.label, METRICS[r.metric].title if r.metric in METRICS else r.metric,
                             _fmt_val(r.base, unit), _fmt_val(r.cur, unit), _fmt_pct(r.change_pct),
@@ -449,7 +450,7 @@ class Report:
             ET.SubElement(props, "property", name=k, value=v)
         for p, r in cases:
             title = METRICS[r.metric].title if r.metric in METRICS else r.metric
-            unit = METRICS[r.metric].unit if r.metric in METRICS else ""
+            unit = METRICS[r.metric].unit if r.metric in METRICS else r.metric
             msg = (f"{title}: {r.verdict}, {_fmt_pct(r.change_pct)} ({_fmt_val(r.base, unit)} → "
                    f"{_fmt_val(r.cur, unit)}), p {_fmt_p(r.p)}; {r.note}")
             case = ET.SubElement(suite, "testcase", classname=p.label, name=r.metric)
@@ -500,6 +501,8 @@ def _fmt_val(v: float | None, unit: str) -> str:
         return "-"
     if unit == "bytes":
         return fmt_size(v)
+    if unit == "kld":
+        return f"{v:.5f}"
     return f"{v:.1f} ms" if unit == "ms" else f"{v:.2f}"
 
 
@@ -617,7 +620,30 @@ def judge_pair(base_ok: list[TrialRecord], cur_ok: list[TrialRecord], base_faile
                       [x for rec in cur_ok for x in m.samples(rec)], settings)
             if r is not None:
                 out.append(r)
+    kld = judge_quality(base_ok + base_failed, cur_ok + cur_failed, settings)
+    if kld is not None:
+        out.append(kld)
     return out
+
+
+def judge_quality(base: list[TrialRecord], cur: list[TrialRecord], settings: Settings) -> MetricResult | None:
+    """The quality gate: the model file's mean KLD as each side's search measured it (on its records), judged by
+    tuner.quality.judge_regression; None when a side has no quality figures."""
+    from tuner import quality
+
+    def figures(recs):
+        r = next((r for r in recs if r.kld_mean is not None), None)
+        return None if r is None else {"model": r.config.model, "model_hash": r.model_hash,
+                                       "reference_hash": r.quality_basis, "kld_mean": r.kld_mean,
+                                       "kld_mean_err": r.kld_mean_err or 0.0}
+
+    b, c = figures(base), figures(cur)
+    if b is None or c is None:
+        return None
+    v = quality.judge_regression(b, c, max_increase=settings.max_kld_increase)
+    change = (100.0 * v.delta / b["kld_mean"] if v.delta is not None and b["kld_mean"] else None)
+    return MetricResult("kld", v.verdict, len(base), len(cur), base=b["kld_mean"], cur=c["kld_mean"],
+                        change_pct=change, threshold_pct=100.0 * settings.max_kld_increase, note=v.detail)
 
 
 def compare(baseline: str | os.PathLike, current: str | os.PathLike, settings: Settings | None = None) -> Report:

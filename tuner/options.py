@@ -183,6 +183,32 @@ def run_params(timeout_flag: str = "--timeout"):
     return deco
 
 
+def quality_params(budget_help: str = "", text_flag: str = "--text"):
+    """The quality reference, text and budget (`tuner quality`, `tuner search`); the budget is checked by
+    tuner.quality.Budget, so a bad value is one line whichever command got it."""
+
+    def deco(f):
+        opts = [
+            click.option("--reference", type=click.Path(dir_okay=False), default=None,
+                         help="the quality reference model (default: the highest-precision file among --model)"),
+            click.option("--reference-logits", type=click.Path(dir_okay=False), default=None,
+                         help="a file written by `tuner quality --save-reference-logits`: the reference without "
+                              "running it"),
+            click.option(text_flag, "text", type=click.Path(dir_okay=False), default=None,
+                         help="UTF-8 text to measure quality on (default: the text shipped with tuner; with "
+                              "--reference-logits: the file's text)"),
+            click.option("--max-kld", type=float, default=None,
+                         help="quality budget: mean KLD from the reference at most this" + budget_help),
+            click.option("--min-same-top", type=float, default=None,
+                         help="quality budget: top-token agreement with the reference at least this percentage"),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return deco
+
+
 DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
 

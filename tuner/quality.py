@@ -491,6 +491,74 @@ def qualifying(results: Iterable[QualityResult], budget: Budget | None = None) -
     return {r.model: budget.judge(r) for r in results}
 
 
+STUDY_FILE = "quality.json"  # in a study folder: what `tuner search` measured, for `tuner recommend`
+
+
+@dataclass
+class StudyQuality:
+    """A search's quality figures, one result per (model file, type_k, type_v), and the budget its
+    recommendation applies. Saved as STUDY_DIR/quality.json, so `tuner recommend` re-derives under the same
+    filter; a config qualifies when the result for its file and KV-cache types meets the budget."""
+
+    results: list[QualityResult]
+    budget: Budget = field(default_factory=Budget)
+
+    def lookup(self, model_hash: str, type_k: str, type_v: str) -> QualityResult | None:
+        return next((r for r in self.results if (r.model_hash, r.type_k, r.type_v) == (model_hash, type_k, type_v)),
+                    None)
+
+    def judge(self, rec) -> tuple[bool, str]:
+        """(qualifies, why not) for a TrialRecord; a file or KV combination never measured does not qualify."""
+        res = self.lookup(rec.model_hash, rec.config.type_k, rec.config.type_v)
+        if res is None:
+            return False, f"quality not measured for {Path(rec.config.model).name} " \
+                          f"({rec.config.type_k}/{rec.config.type_v})"
+        return self.budget.judge(res)
+
+    def stamp(self, rec) -> None:
+        """Put the file's figures on a TrialRecord (Parquet, report and compare read them from there)."""
+        res = self.lookup(rec.model_hash, rec.config.type_k, rec.config.type_v)
+        if res is None:
+            return
+        rec.kld_mean, rec.kld_mean_err = res.kld_mean, res.kld_mean_err
+        rec.same_top_pct, rec.ppl_ratio = res.same_top_pct, res.ppl_ratio
+        rec.quality_ok = self.budget.judge(res)[0]
+        rec.quality_basis = hashlib.blake2b(json.dumps(
+            [res.reference_hash, res.text_hash, res.ctx, res.top_k, res.tail_samples]).encode(),
+            digest_size=8).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget": dataclasses.asdict(self.budget), "results": [r.to_dict() for r in self.results]}
+
+    def save(self, study_dir: str | os.PathLike) -> None:
+        path = Path(study_dir) / STUDY_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{STUDY_FILE}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, study_dir: str | os.PathLike) -> "StudyQuality | None":
+        """The study's quality figures, or None when its search measured none (no filter applies)."""
+        path = Path(study_dir) / STUDY_FILE
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text())
+            return cls([QualityResult.from_dict(r) for r in d["results"]], Budget(**d["budget"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise QualityError(f"{path} is not a tuner quality file ({e})") from None
+
+
+def combinations(space) -> list[tuple[str, str]]:
+    """The (type_k, type_v) pairs a search space can use: quality is measured (and budgeted) per pair."""
+    base = space.base
+    ks = space.dims["type_k"].values if "type_k" in space.dims else [base.type_k]
+    vs = space.dims["type_v"].values if "type_v" in space.dims else [base.type_v]
+    return [(k, v) for k in ks for v in vs]
+
+
 @dataclass
 class QualityVerdict:
     verdict: str  # regression | improvement | unchanged | inconclusive | incomparable | missing

@@ -45,17 +45,24 @@ def fits(r: TrialRecord, hw, limits) -> bool:
 
 
 def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", study: str = "",
-              pareto: bool = False) -> dict | None:
+              pareto: bool = False, quality=None) -> dict | None:
     """The recommended config: decided on the confirmation's samples when there are any, else on the pooled
-    estimate of every config (all trials of one config are one estimate, never rivals)."""
+    estimate of every config (all trials of one config are one estimate, never rivals).
+
+    `quality` (tuner.quality.StudyQuality): only configs whose model file (and KV-cache types) meet its budget
+    are recommended; the others stay in the `quality` object, with their best speed, to show what they cost."""
     from tuner import confirm
+
+    def allowed(r: TrialRecord) -> bool:
+        return quality is None or quality.judge(r)[0]
 
     objective = "tg" if pareto else objective
     searched = [r for r in records if r.state not in ("anchor", confirm.CONFIRM_STATE)]
     ok = [r for r in searched if r.ok and r.objective(objective) is not None]
     groups = confirm.pool(ok)
     fitting = [g for g in groups if all(fits(r, hw, limits) for r in g.records)]
-    pool_ = [g for g in fitting if not g.drift] or fitting
+    within = [g for g in fitting if allowed(g.records[0])]
+    pool_ = [g for g in within if not g.drift] or within
     if not pool_:
         return None
     sign = -1 if objective == "ttft" else 1
@@ -68,7 +75,7 @@ def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", 
     verdict = None
     if cands:
         verdict = confirm.assess(cands, objective, fits=lambda c: all(fits(r, hw, limits) for r in c.records if r.ok)
-                                 and c.config.effective_ctx() == working)
+                                 and c.config.effective_ctx() == working and all(allowed(r) for r in c.records))
     winner_c = next((c for c in cands if verdict and verdict.get("winner_key") is not None
                      and list(confirm.config_key(c.config)) == verdict["winner_key"]), None)
     if winner_c is not None:
@@ -116,8 +123,36 @@ def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", 
     if len(ladder) > 1:
         out["context_ladder"] = ladder
     if pareto:
-        out["pareto_front"] = pareto_front([r for g in fitting for r in g.records])
+        out["pareto_front"] = pareto_front([r for g in within for r in g.records])
+    if quality is not None:
+        out["quality"] = quality_summary(fitting, quality, objective, best)
     return out
+
+
+def quality_summary(groups, quality, objective: str, best: TrialRecord) -> dict:
+    """Per model file (and KV-cache types): its quality figures, within the budget or not, and its best pooled
+    speed among the configs that fit, so a faster quant left out shows what it would have cost."""
+    sign = -1 if objective == "ttft" else 1
+    files = []
+    for res in quality.results:
+        mine = [g for g in groups if (g.records[0].model_hash, g.config.type_k, g.config.type_v)
+                == (res.model_hash, res.type_k, res.type_v)]
+        top = max(mine, key=lambda g: sign * g.estimate(objective), default=None)
+        ok, why = quality.budget.judge(res)
+        files.append({"model": res.model, "file_type": res.file_type, "type_k": res.type_k, "type_v": res.type_v,
+                      "outcome": res.outcome, "kld_mean": res.kld_mean, "kld_mean_err": res.kld_mean_err,
+                      "same_top_pct": res.same_top_pct, "ppl_ratio": res.ppl_ratio,
+                      "is_reference": res.is_reference, "within_budget": ok, "reason": why,
+                      "best_objective": top.estimate(objective) if top else None,
+                      "best_tg_ts": measured(top.records)["tg_ts_mean"] if top else None,
+                      "best_trial_number": top.trial_number if top else None,
+                      "peak_rss_bytes": top.peak_rss if top else None,
+                      "recommended": res.model_hash == best.model_hash and (res.type_k, res.type_v)
+                      == (best.config.type_k, best.config.type_v)})
+    r0 = quality.results[0] if quality.results else None
+    return {"budget": {"max_kld": quality.budget.max_kld, "min_same_top": quality.budget.min_same_top},
+            "reference": r0.reference if r0 else None, "text": r0.text if r0 else None,
+            "ctx": r0.ctx if r0 else None, "files": files}
 
 
 def measured(recs: list[TrialRecord]) -> dict:

@@ -164,6 +164,13 @@ class TrialRecord:
     predicted_ram_bytes: int | None = None
     predicted_vram_bytes: int | None = None
     tg_roofline_ts: float | None = None
+    # the model file's quality (with this config's KV-cache types) when the search measured it (tuner.quality)
+    kld_mean: float | None = None
+    kld_mean_err: float | None = None
+    same_top_pct: float | None = None
+    ppl_ratio: float | None = None
+    quality_ok: bool | None = None  # within the search's quality budget
+    quality_basis: str = ""  # what the figures were measured against (reference, text, ctx, top-k): compare pairs
 
     @property
     def ok(self) -> bool:

@@ -80,9 +80,12 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
                drift_tolerance: float = 0.05, baselines: bool = True, plan: bool = True,
                reuse_workers: bool = True, lock_file: str | None = None, allow_mixed: bool = False,
                heartbeat_s: int = 10, auto_space: bool = True, confirm: int = DEFAULT_CONFIRM,
-               confirm_rounds: int = MAX_ROUNDS, on_trial: Callable | None = None,
+               confirm_rounds: int = MAX_ROUNDS, quality: bool = True, max_kld: float | None = None,
+               min_same_top: float | None = None, reference: str | None = None,
+               reference_logits: str | None = None, quality_text: str | None = None,
+               quality_ctx: int | None = None, on_trial: Callable | None = None,
                on_confirm: Callable | None = None, log: Callable[[str], None] | None = None,
-               **params) -> SearchResult:
+               quality_progress: Callable | None = None, **params) -> SearchResult:
     """Run (or resume) one Optuna study and return its recommendation; the arguments are `tuner search`'s options.
 
     `params` are the llama.cpp parameters (TrialConfig names: n_gpu_layers="0:61", n_ctx="4096,8192", ...),
@@ -93,6 +96,10 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
     recommendation is written (0: none), for at most `confirm_rounds` rounds.
     `on_trial(search, record)` is called after every trial, `on_confirm(search, candidate, record, round)` after
     every confirmation run, `log(line)` with each note.
+    Quality (tuner.quality): with two or more model files (or a `reference` / `reference_logits`), and
+    `quality`, each file's KL divergence from the reference is measured once per KV-cache combination the space
+    uses (cached in RESULTS/quality/) before the trials; configs of files beyond the budget (`max_kld`, default
+    quality.DEFAULT_MAX_KLD; `min_same_top`) are measured but never recommended.
     Ctrl-C stops after the current trial, twice aborts it; either way everything measured is kept.
     Raises SearchError (and tuner.ggufmeta.ModelError, tuner.lock.LockBusy) before anything runs.
     """
@@ -101,7 +108,13 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
     from tuner.options import parse_headroom
     from tuner.runner import Runner
 
+    from tuner import quality as qualitylib
+
     log = log or (lambda line: None)
+    try:  # checked before anything is written
+        budget = qualitylib.Budget(qualitylib.DEFAULT_MAX_KLD if max_kld is None else max_kld, min_same_top)
+    except qualitylib.QualityError as e:
+        raise SearchError(str(e)) from None
     headroom = parse_headroom(headroom)
     models = list(models)
     if synthetic:
@@ -162,11 +175,26 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
         raise SearchError(str(e)) from None
     # the lock comes first: resuming marks trials left RUNNING as interrupted, which must never touch a study
     # that another process is measuring right now
-    with measurement_lock(wait=not no_wait, what=f"tuner search {name}", path=lock_file):
+    with measurement_lock(wait=not no_wait, what=f"tuner search {name}", path=lock_file), \
+            Runner(timeout=trial_timeout, mem_limit=mem_limit, reuse=reuse_workers, hw=hwinfo,
+                   build=build) as runner:
+        # quality first: its bad input (a reference of another vocabulary, ...) must leave nothing written
+        if quality and (len(models) > 1 or reference or reference_logits):
+            srch.quality = measure_quality(models, runner, space, budget, results, reference=reference,
+                                           reference_logits=reference_logits, text=quality_text,
+                                           ctx=quality_ctx, n_threads=hwinfo.cores_physical, log=log,
+                                           progress=quality_progress)
         try:
             srch.prepare()
         except studylib.StudyError as e:
             raise SearchError(str(e)) from None
+        if srch.quality is not None and not any(r.ok for r in srch.quality.results):
+            # nothing measured (every pass failed, e.g. under --mem-limit): no budget can be applied, and
+            # refusing every file would leave no recommendation at all
+            log("note: no quality pass succeeded: the recommendation ignores quality (see the causes above)")
+            srch.quality = None
+        if srch.quality is not None:
+            srch.quality.save(study_dir)
         for note in space.notes:
             log(f"note: {note}")
         for line in describe_space(space):
@@ -177,19 +205,45 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
         done = srch.done_trials()
         if done:
             log(f"resuming study {name}: {done} trial(s) already done")
-        with Runner(timeout=trial_timeout, mem_limit=mem_limit, reuse=reuse_workers, hw=hwinfo,
-                    build=build) as runner:
-            if runner.limit and runner.limit.note:  # how --mem-limit is enforced on this machine
-                log(f"note: {runner.limit.note}")
-            srch.runner = runner
-            try:
-                with studylib.StopOnSignal(srch):
-                    rec = srch.run()
-            except (KeyboardInterrupt, studylib.TrialInterrupted):
-                return SearchResult(study_dir, srch.write_recommendation(), interrupted=True)
-            finally:
-                srch.close()
+        if runner.limit and runner.limit.note:  # how --mem-limit is enforced on this machine
+            log(f"note: {runner.limit.note}")
+        srch.runner = runner
+        try:
+            with studylib.StopOnSignal(srch):
+                rec = srch.run()
+        except (KeyboardInterrupt, studylib.TrialInterrupted):
+            return SearchResult(study_dir, srch.write_recommendation(), interrupted=True)
+        finally:
+            srch.close()
+    if rec is None and srch.quality is not None and any(r.ok for r in srch.records):
+        log("note: no config of a model file within the quality budget completed (see the quality lines above; "
+            "--max-kld sets the budget)")
     return SearchResult(study_dir, rec, stopped=srch.stop_requested, finished=srch.finished)
+
+
+def measure_quality(models, runner, space, budget, results, *, reference=None, reference_logits=None, text=None,
+                    ctx=None, n_threads=0, log=lambda line: None, progress=None):
+    """Each model file's quality against the reference, per KV-cache combination of the space (cached in
+    RESULTS/quality/: a resumed search pays nothing). Raises SearchError on bad input, before any pass."""
+    from tuner import quality as q
+
+    out = []
+    try:
+        for type_k, type_v in q.combinations(space):
+            settings = q.Settings(ctx=ctx, n_threads=n_threads, type_k=type_k, type_v=type_v)
+            out += q.measure(models, runner, reference=reference, reference_logits=reference_logits, text=text,
+                             settings=settings, cache=q.Cache(results), progress=progress)
+    except q.QualityError as e:
+        raise SearchError(str(e)) from None
+    sq = q.StudyQuality(out, budget)
+    for res in out:
+        ok, why = budget.judge(res)
+        figures = (f"KLD {res.kld_mean:.4f} ± {res.kld_mean_err:.4f}, same top {res.same_top_pct:.1f} %"
+                   if res.ok else f"{res.outcome}: {res.cause[:100]}")
+        log(f"quality {Path(res.model).name} (KV {res.type_k}/{res.type_v}){' [ref]' if res.is_reference else ''}"
+            f"{' (cached)' if res.cached else ''}: {figures}; "
+            + ("within the budget" if ok else f"not recommended: {why}"))
+    return sq
 
 
 def describe_space(space) -> list[str]:
@@ -239,8 +293,14 @@ def recommend_study(study_dir: str | Path, objective: str | None = None, limits:
         except ValueError as e:
             raise SearchError(f"{path} is not valid JSON ({e}); remove it or pass --no-write") from None
     objective = objective or old.get("objective", "mixed")
+    from tuner import quality as qualitylib
+
+    try:  # the budget the search kept to (STUDY_DIR/quality.json)
+        sq = qualitylib.StudyQuality.load(study_dir)
+    except qualitylib.QualityError as e:
+        raise SearchError(str(e)) from None
     rec = recommendlib.recommend(recs, study_hardware(recs[0]), limits, objective, study=recs[0].study,
-                                 pareto="pareto_front" in old)
+                                 pareto="pareto_front" in old, quality=sq)
     if rec is None:
         raise SearchError(f"no completed trial in {study_dir} meets these limits")
     if write:

@@ -228,6 +228,7 @@ class Search:
         self.unmeasured: dict[tuple, dict] | None = None  # key → sampler params, for spaces small enough to list
         self.finished = ""  # why the search ended before its budget (the space is exhausted, ...)
         self.confirmation: dict | None = None
+        self.quality = None  # tuner.quality.StudyQuality: the budget the recommendation keeps to
         self.n_run = 0
         self._dupes = 0
 
@@ -505,6 +506,8 @@ class Search:
         self._store(rec)
 
     def _store(self, rec: TrialRecord) -> None:
+        if self.quality is not None:
+            self.quality.stamp(rec)
         store.append(self.parquet, [rec])
         self.records.append(rec)
 
@@ -571,7 +574,8 @@ class Search:
         if not self.opts.confirm or self.opts.pareto:
             return []
         searched = [r for r in self.records if r.searched and r.ok and r.objective(self.opts.objective) is not None
-                    and fits(r, self.hw, self.opts.limits)]
+                    and fits(r, self.hw, self.opts.limits)
+                    and (self.quality is None or self.quality.judge(r)[0])]  # only quants within the budget
         groups = confirmlib.pool(searched)
         groups = [g for g in groups if not g.drift] or groups
         if not groups:
@@ -693,7 +697,7 @@ class Search:
 
     def write_recommendation(self) -> dict | None:
         rec = recommendlib.recommend(self.records, self.hw, self.opts.limits, self.opts.objective,
-                                     study=self.opts.study_name, pareto=self.opts.pareto)
+                                     study=self.opts.study_name, pareto=self.opts.pareto, quality=self.quality)
         if rec is not None:
             recommendlib.write(self.dir / recommendlib.RECOMMENDED_FILE, rec)
         return rec

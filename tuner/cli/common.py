@@ -116,6 +116,19 @@ def print_recommendation(rec: dict | None, study_dir: Path) -> None:
                        f"t/s, pp {r['pp_ts'] or 0:8.2f} t/s, peak RSS {fmt_size(r['peak_rss_bytes'])}"
                        + (f", VRAM {fmt_size(r['peak_vram_bytes'])}" if r.get("peak_vram_bytes") else "")
                        + (" (confirmed)" if r["confirmed"] else "") + f"  #{r['trial_number']}")
+    qual = rec.get("quality")
+    if qual:
+        b = qual["budget"]
+        click.echo(f"  quality (KLD from {Path(qual['reference'] or '?').name}; budget: mean KLD <= {b['max_kld']}"
+                   + (f", same top >= {b['min_same_top']} %" if b.get("min_same_top") is not None else "")
+                   + "):")
+        for f in qual["files"]:
+            kld = f"KLD {f['kld_mean']:.4f}, same top {f['same_top_pct']:.1f} %" if f["kld_mean"] is not None \
+                else f["outcome"]
+            speed = f"best {rec['objective']} {f['best_objective']:.2f}" if f["best_objective"] else "no fitting trial"
+            mark = "recommended" if f["recommended"] else ("within budget" if f["within_budget"] else
+                                                           f"not recommended: {f['reason']}")
+            click.echo(f"    {Path(f['model']).name} (KV {f['type_k']}/{f['type_v']}): {kld}; {speed}; {mark}")
     for note in rec.get("notes", []):
         click.echo(f"  note: {note}")
     click.echo(f"  llama-server: {rec['forms']['llama_server']}")

@@ -50,6 +50,9 @@ def _fail_on(value: tuple[str, ...]) -> tuple[str, ...]:
               help="fewer samples a side is inconclusive (memory: threshold only)")
 @click.option("--allow-hw-mismatch", is_flag=True,
               help="compare even when the hardware fingerprints differ (flagged in every output)")
+@click.option("--max-kld-increase", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="percent: the quality gate, when both sides' records carry their model file's KLD (tuner "
+                   "search measured it): mean KLD up by more than this, and beyond 2 standard errors, regresses")
 @click.option("--fail-on", "fail_on", multiple=True, metavar="VERDICTS", show_default=True,
               help="verdicts that fail the gate (exit 1): regression [default], inconclusive, missing")
 @click.option("--rerun-on-alert", is_flag=True,
@@ -59,7 +62,8 @@ def _fail_on(value: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON instead of a table")
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), help="also write a markdown report")
 @click.option("--junit", "junit_out", type=click.Path(dir_okay=False), help="also write JUnit XML for CI")
-def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samples, allow_hw_mismatch, fail_on,
+def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samples, allow_hw_mismatch,
+            max_kld_increase, fail_on,
             rerun_on_alert, as_json, markdown_out, junit_out, **run_opts):
     """CI regression gate: compare CURRENT against BASELINE (Parquet files or study folders).
 
@@ -70,6 +74,8 @@ def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samp
     a config or metric on one side only is missing. Peak memory has one sample per trial: with fewer than
     --min-samples trials a side it is judged on the threshold alone. Differing hardware is an error unless
     --allow-hw-mismatch. A config that measured in BASELINE and failed (OOM, crash) in CURRENT is a regression.
+    Quality: when both sides' records carry the model file's mean KLD (from `tuner search`), a KLD up by more
+    than --max-kld-increase and beyond noise is a regression too (e.g. a new build's quant kernels).
 
     Exit status: 0 no confirmed regression, 1 regression, 2 bad input. The markdown report is appended to
     $GITHUB_STEP_SUMMARY when that is set.
@@ -87,7 +93,7 @@ def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samp
     try:
         settings = cmp.Settings(thresholds=cmp.parse_thresholds(thresholds), alpha=alpha, max_cv=max_cv / 100.0,
                                 min_samples=min_samples, test=test, ignore=cmp.parse_ignore(ignore),
-                                allow_hw_mismatch=allow_hw_mismatch)
+                                allow_hw_mismatch=allow_hw_mismatch, max_kld_increase=max_kld_increase / 100.0)
     except cmp.CompareError as e:
         raise TunerError(str(e)) from None
     fail_on = _fail_on(fail_on)

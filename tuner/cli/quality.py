@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from tuner import bench as benchlib
-from tuner.options import PARAMS, TunerError, _check_count, run_params
+from tuner.options import PARAMS, TunerError, _check_count, quality_params, run_params
 
 
 def _llama_params(*names):
@@ -24,31 +24,22 @@ def _llama_params(*names):
 
 @click.command("quality")
 @click.option("-m", "--model", "models", multiple=True, help="GGUF file to measure (repeat for several quants)")
-@click.option("--reference", type=click.Path(dir_okay=False), default=None,
-              help="the reference model (default: the highest-precision file among --model)")
-@click.option("--reference-logits", type=click.Path(dir_okay=False), default=None,
-              help="a file written by --save-reference-logits: the reference without running it")
 @click.option("--save-reference-logits", type=click.Path(dir_okay=False), default=None,
               help="write the reference's summary here, for --reference-logits on another machine")
-@click.option("--text", type=click.Path(dir_okay=False), default=None,
-              help="UTF-8 text to measure on (default: the text shipped with tuner; with --reference-logits: "
-                   "the file's text)")
+@quality_params(" (exit 1 beyond)")
 @click.option("-c", "--ctx", type=int, default=None,
               help="tokens per chunk, as llama-perplexity -c [512; with --reference-logits: the file's]")
 @click.option("--top-k", type=click.IntRange(min=0), default=None,
               help="reference tokens kept per position (0: the whole vocabulary) [1024]")
 @_llama_params("n_gpu_layers", "n_threads", "type_k", "type_v")
-@click.option("--max-kld", type=float, default=None, help="quality budget: mean KLD at most this (exit 1 beyond)")
-@click.option("--min-same-top", type=float, default=None,
-              help="quality budget: top-token agreement at least this percentage (exit 1 below)")
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False),
               help="the cache lives in RESULTS/quality/")
 @click.option("--cache/--no-cache", "use_cache", default=True, show_default=True,
               help="reuse (and keep) results for the same model, reference, text, ctx and KV types")
 @run_params()
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per model")
-def quality_cmd(models, reference, reference_logits, save_reference_logits, text, ctx, top_k, n_gpu_layers,
-                n_threads, type_k, type_v, max_kld, min_same_top, results, use_cache, timeout, mem_limit, no_wait, lock_file,
+def quality_cmd(models, save_reference_logits, reference, reference_logits, text, max_kld, min_same_top, ctx, top_k,
+                n_gpu_layers, n_threads, type_k, type_v, results, use_cache, timeout, mem_limit, no_wait, lock_file,
                 as_json):
     """Measure what each quant costs in quality: KL divergence of its next-token distributions from a reference.
 

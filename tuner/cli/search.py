@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from tuner.cli.common import Progress, limits_options, log, print_recommendation
-from tuner.options import DURATION, TunerError, config_option, run_params, shape_params, space_params
+from tuner.options import DURATION, TunerError, config_option, quality_params, run_params, shape_params, space_params
 from tuner.study import OBJECTIVES, SAMPLERS
 
 
@@ -62,10 +62,15 @@ from tuner.study import OBJECTIVES, SAMPLERS
 @click.option("--no-confirm", is_flag=True, help="recommend the best pooled estimate of the search as it is")
 @click.option("--confirm-rounds", type=click.IntRange(min=1), default=6, show_default=True,
               help="most confirmation rounds (it stops earlier once the best is told apart, after 3)")
+@click.option("--quality/--no-quality", default=True, show_default=True,
+              help="measure each model file's KL divergence from the reference before the trials (with two or "
+                   "more files, or --reference); files beyond the budget are searched but never recommended")
+@quality_params(" (default 0.05); files beyond it are never recommended", text_flag="--quality-text")
+@click.option("--quality-ctx", type=int, default=None, help="tokens per quality chunk (llama-perplexity -c) [512]")
 def search(config, models, synthetic, quants, study, results, storage, sampler, seed, n_trials, timeout,
            resume, objective, pareto, min_ctx, max_vram, max_ram, headroom, trial_timeout, mem_limit, no_wait,
            lock_file, allow_mixed, heartbeat_s, drift_every, drift_tolerance, baselines, plan, reuse_workers, auto_space, confirm, no_confirm,
-           confirm_rounds, **params):
+           confirm_rounds, quality, reference, reference_logits, text, max_kld, min_same_top, quality_ctx, **params):
     """Search for the fastest config that fits: an Optuna study, every trial crash-isolated.
 
     Each dimension is a value, a list or a range: --ngl 0:61, --ctx 4096,8192, --threads 4:16:2. With only
@@ -83,6 +88,7 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
       tuner search --model Q4_K_M.gguf --model Q8_0.gguf --ngl 0:61 --ctx 4096,8192 --threads 4:16:2 --timeout 8h
       tuner search --config experiments/cpu-only.toml
       tuner search --synthetic dense --n-trials 10
+      tuner search -m Q8_0.gguf -m Q4_K_M.gguf -m Q2_K.gguf --reference BF16.gguf --max-kld 0.03
       tuner search --model gemma-3-270m-q4_k_m.gguf --ctx 4096,16384,32768 --depth 1024
     """
     from tuner.search import SearchError, run_search
@@ -95,7 +101,9 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
                          drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, plan=plan,
                          reuse_workers=reuse_workers, lock_file=lock_file, allow_mixed=allow_mixed,
                          heartbeat_s=heartbeat_s, auto_space=auto_space, confirm=0 if no_confirm else confirm,
-                         confirm_rounds=confirm_rounds, on_trial=Progress(), on_confirm=Progress().confirmed,
+                         confirm_rounds=confirm_rounds, quality=quality, max_kld=max_kld,
+                         min_same_top=min_same_top, reference=reference, reference_logits=reference_logits,
+                         quality_text=text, quality_ctx=quality_ctx, on_trial=Progress(), on_confirm=Progress().confirmed,
                          log=log, **params)
     except SearchError as e:
         raise TunerError(str(e)) from None

@@ -748,6 +748,62 @@ def chart_context_ladder(study: Study, colours, **options) -> Chart:
     return ch
 
 
+def chart_quality(study: Study, colours, **options) -> Chart:
+    """Speed against quality loss per quant file (and KV-cache types): what each faster quant costs in KLD."""
+    fig = _figure(1, width=7.5, height=4.6)
+    ax = fig.axes[0]
+    rec = study.recommended or {}
+    obj = rec.get("objective", "tg")
+    ch = Chart("10-speed-vs-kld", "Speed against quality loss per quant",
+               f"Best {obj} of each model file (and KV-cache types) against its mean KL divergence from the "
+               "reference (tuner quality); marker area: peak memory; the dashed line is the quality budget: "
+               "files right of it are never recommended; the star is the recommendation.", fig, study=study.label)
+    groups: dict[tuple, list[TrialRecord]] = defaultdict(list)
+    for r in study.trials:
+        if r.kld_mean is not None:
+            groups[(model_label(r.config.model), r.config.type_k, r.config.type_v)].append(r)
+    points = []
+    for (m, tk, tv), rs in sorted(groups.items()):
+        ok = [r for r in rs if r.ok and r.objective(obj) is not None]
+        if not ok:
+            continue
+        best = max(ok, key=lambda r: (-1 if obj == "ttft" else 1) * r.objective(obj))
+        points.append((m, tk, tv, rs[0].kld_mean, best))
+    if not points:
+        _note(ax, "no quality figures in this study: search two or more quant files (or pass --reference) "
+                  "without --no-quality", ch)
+        fig.suptitle(f"{study.label}: speed against KLD")
+        return ch
+    mems = [(b.peak_rss_bytes or 0) + (b.peak_vram_bytes or 0) for *_, b in points]
+    top = max(mems) or 1
+    for (m, tk, tv, kld, best), mem in zip(points, mems):
+        label = m + ("" if (tk, tv) == ("f16", "f16") else f" KV {tk}/{tv}")
+        ax.scatter([kld], [best.objective(obj)], s=40 + 260 * mem / top, color=colours.get(m, "#1f77b4"),
+                   alpha=0.8, edgecolors="black", linewidths=0.5, zorder=3, label=f"{label} ({fmt_size(mem)})")
+        ax.annotate(label, (kld, best.objective(obj)), xytext=(6, 4), textcoords="offset points", fontsize=7.5)
+        ch.counts["ok"] += 1
+        if best.trial_number == rec.get("trial_number") or rec.get("model", {}).get("hash") == best.model_hash \
+                and (rec.get("config", {}).get("type_k"), rec.get("config", {}).get("type_v")) == (tk, tv):
+            ax.scatter([kld], [best.objective(obj)], marker="*", s=320, color="gold", edgecolors="black",
+                       zorder=6, label="recommended")
+            ch.counts["recommended"] = 1
+    budget = (rec.get("quality") or {}).get("budget", {}).get("max_kld")
+    if budget is not None:
+        ax.axvline(budget, color="#d62728", ls="--", lw=1.2, label=f"budget: mean KLD <= {budget:g}")
+        ch.counts["budget"] = 1
+    else:
+        _note(ax, "no quality budget in recommended.json", ch, "top")
+    xs = [p[3] for p in points] + ([budget] if budget else [])
+    positive = [x for x in xs if x > 0]
+    if positive:
+        ax.set_xscale("symlog", linthresh=min(positive))
+    ax.set_xlabel("mean KL divergence from the reference (lower is better)")
+    ax.set_ylabel(f"best {obj} of the file's configs")
+    _legend(fig, [], "right")
+    fig.suptitle(f"{study.label}: speed against KLD per quant")
+    return ch
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the registry: the per-study charts, in report order. A new chart is a function above, added here.
 # Each is called as f(study, colours, **options) with the report's options (outcome_map=...): it takes the
@@ -755,7 +811,7 @@ def chart_context_ladder(study: Study, colours, **options) -> Chart:
 # ---------------------------------------------------------------------------------------------------------
 STUDY_CHARTS: tuple[Callable[..., Chart], ...] = (
     chart_speed_vs_ngl, chart_speed_vs_threads, chart_memory, chart_pareto, chart_outcome_map, chart_progress,
-    chart_importance, chart_confirmation, chart_context_ladder,
+    chart_importance, chart_confirmation, chart_context_ladder, chart_quality,
 )
 
 

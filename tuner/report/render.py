@@ -190,6 +190,32 @@ def _top_blocks(s: Study, top: int) -> list:
     return out
 
 
+def _quality_blocks(s: Study) -> list:
+    """What each quant file costs in quality, and what it would have given in speed (recommended.json)."""
+    qual = (s.recommended or {}).get("quality")
+    if not qual:
+        return []
+    b = qual["budget"]
+    obj = (s.recommended or {}).get("objective", "tg")
+    budget = f"mean KLD <= {b['max_kld']:g}" if b.get("max_kld") is not None else "no KLD bound"
+    if b.get("min_same_top") is not None:
+        budget += f", same top >= {b['min_same_top']:g} %"
+    rows = [[Path(f["model"]).name + (" (ref)" if f["is_reference"] else ""), f["file_type"],
+             f"{f['type_k']}/{f['type_v']}",
+             f"{f['kld_mean']:.5f} ± {f['kld_mean_err']:.5f}" if f["kld_mean"] is not None else f["outcome"],
+             f"{f['same_top_pct']:.2f} %" if f["same_top_pct"] is not None else "-",
+             f"{f['ppl_ratio']:.4f}" if f["ppl_ratio"] is not None else "-",
+             f"{f['best_objective']:.2f}" if f["best_objective"] else "-", fmt_size(f.get("peak_rss_bytes")),
+             "recommended" if f["recommended"] else ("yes" if f["within_budget"] else f["reason"])]
+            for f in qual["files"]]
+    return [("h", 3, "Quality"),
+            ("p", f"KL divergence of each file from {Path(qual.get('reference') or '?').name} on "
+                  f"{qual.get('text')} (ctx {qual.get('ctx')}); budget: {budget}. Files beyond the budget were "
+                  "searched but are never recommended: their best speed shows what they would have given."),
+            ("table", ["model", "type", "KV", "mean KLD", "same top", "PPL ratio", f"best {obj}", "peak RAM",
+                       "within budget"], rows)]
+
+
 def failure_groups(s: Study) -> list[dict]:
     """Failed and skipped trials grouped by outcome and cause (trial numbers in causes don't split groups)."""
     groups: dict = {}
@@ -290,6 +316,7 @@ def study_blocks(s: Study, charts: list[Chart], top: int = 10) -> list:
     blocks += _recommendation_blocks(s)
     blocks += _drift_blocks(s)
     blocks += _top_blocks(s, top)
+    blocks += _quality_blocks(s)
     blocks += _failure_blocks(s)
     blocks += _planner_blocks(s, top)
     blocks.append(("h", 3, "Charts"))
