@@ -39,7 +39,7 @@ def test_default_space_varies_what_matters_and_says_why(new_user):
     assert "default space (set any of these yourself to override):" in out
     assert re.search(r"n_ubatch = 128,256,512: physical batch size", out)
     assert "type_k/type_v = f16: KV-cache types change the output" in out
-    assert re.search(r"n_ctx = 4096: the working context 4096", out)
+    assert "n_ctx = 4096: the working context: every trial allocates it" in out
 
 
 def test_a_small_space_is_finished_not_resampled(new_user):

@@ -262,9 +262,10 @@ def working_context(space: Space, infos: dict[str, ModelInfo]) -> None:
     if d is None:
         w = min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
         space.dims["n_ctx"] = Dimension("n_ctx", [w])
-        space.auto["n_ctx"] = (f"the working context {w}: {DEFAULT_CTX}" + (f" capped by the trained {trained}"
-                                                                             if trained < DEFAULT_CTX else "")
-                               + "; --ctx sets yours (a list or range also gives a context ladder)")
+        space.auto["n_ctx"] = ("the working context" + (f" ({DEFAULT_CTX} capped by the trained {trained})"
+                                                        if trained and trained < DEFAULT_CTX else "")
+                               + ": every trial allocates it; --ctx sets yours (a list or range also gives a context "
+                                 "ladder)")
         d = space.dims["n_ctx"]
     over = [v for v in d.values if trained and v > trained]
     if over:
