@@ -123,8 +123,8 @@ def print_recommendation(rec: dict | None, study_dir: Path) -> None:
                    + (f", same top >= {b['min_same_top']} %" if b.get("min_same_top") is not None else "")
                    + "):")
         for f in qual["files"]:
-            kld = f"KLD {f['kld_mean']:.4f}, same top {f['same_top_pct']:.1f} %" if f["kld_mean"] is not None \
-                else f["outcome"]
+            kld = f"KLD {max(f['kld_mean'], 0.0):.4f}, same top {f['same_top_pct']:.1f} %" \
+                if f["kld_mean"] is not None else f["outcome"]  # float error can make the reference's own -0.0000
             speed = f"best {rec['objective']} {f['best_objective']:.2f}" if f["best_objective"] else "no fitting trial"
             mark = "recommended" if f["recommended"] else ("within budget" if f["within_budget"] else
                                                            f"not recommended: {f['reason']}")
