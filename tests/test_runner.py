@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import psutil
+from conftest import worker_processes
 import pytest
 
 from tuner import bench, memlimit, store
@@ -43,16 +44,6 @@ def kib_status(pid: int, key: str) -> int:
                 return int(line.split()[1]) * 1024
     raise KeyError(key)
 
-
-def worker_children() -> list[psutil.Process]:
-    out = []
-    for c in psutil.Process().children(recursive=True):
-        try:
-            if "tuner.worker" in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE:
-                out.append(c)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +101,7 @@ def test_fault_leaves_a_record(runner, models, fault, outcome, cause, sig):
     assert rec.peak_rss_bytes is not None and 10 * MiB < rec.peak_rss_bytes < 1024 * MiB
     # the failed worker is gone (killed and reaped); only an idle spare for the next trial may be up
     spare = runner._worker.pid if runner._worker else None
-    assert [c.pid for c in worker_children() if c.pid != spare] == [], "a failed worker must be gone"
+    assert [c.pid for c in worker_processes() if c.pid != spare] == [], "a failed worker must be gone"
     row = rec.to_row()
     assert row["outcome"] == outcome and row["tg_ts_mean"] is None
 
