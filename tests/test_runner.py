@@ -16,7 +16,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
 from conftest import worker_processes
 import pytest
 
