@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from conftest import worker_processes
 import pytest
+from conftest import worker_processes
 from click.testing import CliRunner
 from scipy.special import log_softmax
 

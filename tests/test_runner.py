@@ -16,8 +16,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from conftest import worker_processes
 import pytest
+from conftest import worker_processes
 
 from tuner import bench, memlimit, store
 from tuner.lock import LockBusy, measurement_lock
