@@ -142,13 +142,19 @@ def deepseek_v3(n_layer=61, n_expert=256, n_vocab=129280, n_embd=7168, n_head=12
                          ("attn_k_b.weight", (nope, kv_lora, n_head)), ("attn_v_b.weight", (kv_lora, vdim, n_head)),
                          ("attn_output.weight", (n_head * vdim, n_embd)), ("ffn_norm.weight", (n_embd,))]:
             _t(t, f"{p}.{name}", ne, Q.Q8_0 if name.startswith(("attn_k_b", "attn_v_b")) else None)
-        if il < n_dense:
-            _ffn(t, p, n_embd, n_ff)
-        else:
-            _exps(t, p, n_embd, n_ff_exp, n_expert)
-            _t(t, f"{p}.exp_probs_b.bias", (n_expert,))
-            _ffn(t, p, n_embd, n_ff_exp, "_shexp")
+        _dense_or_shared_moe(t, p, il < n_dense, n_embd, n_ff, n_ff_exp, n_expert)
     return Shape("deepseek2", "DeepSeek-V3 shape", meta, t)
+
+
+def _dense_or_shared_moe(t, p: str, dense: bool, n_embd: int, n_ff: int, n_ff_exp: int, n_expert: int) -> None:
+    """DeepSeek-style FFN: a dense FFN in the leading layers, else routed experts with a selection bias and a
+    shared expert (deepseek2 and glm4moe lay them out alike)."""
+    if dense:
+        _ffn(t, p, n_embd, n_ff)
+    else:
+        _exps(t, p, n_embd, n_ff_exp, n_expert)
+        _t(t, f"{p}.exp_probs_b.bias", (n_expert,))
+        _ffn(t, p, n_embd, n_ff_exp, "_shexp")
 
 
 def qwen3_moe(n_layer=94, n_expert=128, n_vocab=151936, n_embd=4096, n_head=64, n_kv=4, hd=128,
@@ -243,12 +249,7 @@ def glm45_air(n_layer=46, n_expert=128, n_vocab=151552, n_embd=4096, n_head=96, 
         _t(t, f"{p}.attn_norm.weight", (n_embd,))
         _attn(t, p, n_embd, n_head * hd, n_kv * hd, bias=True)
         _t(t, f"{p}.post_attention_norm.weight", (n_embd,))
-        if il < n_dense:
-            _ffn(t, p, n_embd, n_ff)
-        else:
-            _exps(t, p, n_embd, n_ff_exp, n_expert)
-            _t(t, f"{p}.exp_probs_b.bias", (n_expert,))
-            _ffn(t, p, n_embd, n_ff_exp, "_shexp")
+        _dense_or_shared_moe(t, p, il < n_dense, n_embd, n_ff, n_ff_exp, n_expert)
     return Shape("glm4moe", "GLM-4.5-Air shape", meta, t)
 
 
