@@ -246,8 +246,10 @@ def test_a_config_that_now_fails_is_a_regression(tiny_runs, models, tmp_path):
     assert res.exit_code == 1
     outcome = [m for p in rep["pairs"] for m in p["metrics"] if m["metric"] == "outcome"]
     assert outcome[0]["verdict"] == "regression" and "every CURRENT trial failed" in outcome[0]["note"]
-    # confirmation: re-measured without the cap, the config runs, so the failure was not the build's
-    res = gate(tiny_runs["base"], cur, "--rerun-on-alert", "--threshold", "speed=60", "--max-cv", "200", "--json")
+    # confirmation: re-measured without the cap, the config runs, so the failure was not the build's.
+    # The rerun's speed is one fresh trial of a 0.1 ms/token model on a shared machine (CI saw tg -39 % and
+    # TTFT +96 % against the baseline): this test is about the outcome, so speed cannot alert here.
+    res = gate(tiny_runs["base"], cur, "--rerun-on-alert", "--threshold", "speed=400", "--max-cv", "200", "--json")
     assert res.exit_code == 0, res.output
     (pair,) = [p for p in json.loads(res.stdout)["pairs"] if p["rerun"]]
     got = {m["metric"]: m for m in pair["metrics"]}
@@ -261,15 +263,16 @@ def test_rerun_on_alert_clears_a_fluke(tiny_runs, tmp_path):
     # one bad run: a real trial whose samples were dragged down (as a neighbour's burst would)
     df = store.read(tiny_runs["cur"]).head(1).copy()
     for col in ("tg_samples", "pp_samples"):
-        df[col] = [[x * 0.3 for x in v] for v in df[col]]
-    df["ttft_samples_ms"] = [[x / 0.3 for x in v] for v in df["ttft_samples_ms"]]
+        df[col] = [[x * 0.02 for x in v] for v in df[col]]
+    df["ttft_samples_ms"] = [[x / 0.02 for x in v] for v in df["ttft_samples_ms"]]
     fluke = tmp_path / "fluke.parquet"
     store.write_frame(fluke, df)
-    args = ["--threshold", "speed=40", "--max-cv", "200"]
+    # thresholds far above what one fresh trial of this 0.1 ms/token model drifts on a shared machine (CI saw
+    # -41 % tg, +47-96 % TTFT) and far below the fluke (50x slower), so the test is about the rerun, not noise
+    args = ["--threshold", "speed=90", "--threshold", "ttft=400", "--max-cv", "200"]
     first = gate(tiny_runs["base"], fluke, *args)
-    # the samples are at 30 % of a same-config trial: against the baseline's median, well past -40 %
     m = re.search(r"FAIL: (tg|pp|ttft) ([-+]\d+\.\d)%", first.stdout)
-    assert first.exit_code == 1 and m and abs(float(m[2])) > 40, first.stdout
+    assert first.exit_code == 1 and m and abs(float(m[2])) > 90, first.stdout
     res = gate(tiny_runs["base"], fluke, *args, "--rerun-on-alert", "--junit", tmp_path / "j.xml")
     assert res.exit_code == 0, res.output
     assert "not confirmed on rerun" in res.stdout and "re-measuring 1 alerting config" in res.stderr
