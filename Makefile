@@ -29,14 +29,18 @@ test-fast: install
 
 # The regression gate on CPU, as .github/workflows/perf-regression.yml does on a GPU runner: one saved config
 # (PERF_CONFIG, made on first use) measured by the baseline install and by this one, interleaved round by
-# round, then `tuner compare` (re-measuring an alert once before failing). PERF_BASE_BIN defaults to this
+# round, then `tuner compare` (re-measuring an alert before failing). PERF_BASE_BIN defaults to this
 # install: an A/A run that shows the gate's noise floor. Against another build, e.g. a checkout of main:
 #   make perf-check PERF_BASE_BIN=../tuner-main/.venv/bin
+# Many short trials, finely interleaved, rather than a few long ones: on a shared machine a burst of other work
+# lasts seconds and then hits both sides alike (3 rounds of -r 7: 75 % detection of a 10 % slowdown and 10 %
+# false alarms in benchmarks/results/gate-power-20261129-054513.json); 7 trials a side also give peak memory
+# (one sample per trial) enough trials for the Mann-Whitney test at alpha 0.01.
 PERF_DIR ?= results/perf
 PERF_CONFIG ?= $(PERF_DIR)/config.json
 PERF_BASE_BIN ?= $(BIN)
-PERF_ROUNDS ?= 3
-PERF_ARGS ?= -r 7
+PERF_ROUNDS ?= 7
+PERF_ARGS ?= -r 3
 
 perf-check: install
 	mkdir -p $(PERF_DIR)

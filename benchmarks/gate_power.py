@@ -155,6 +155,15 @@ def classify(exit_code: int, judged: dict[str, dict]) -> str:
     return "inconclusive" if any(v["verdict"] == "inconclusive" for v in judged.values()) else "pass"
 
 
+def trials(path: Path, skip: int = 0) -> list[dict]:
+    """Every trial a side measured, with its samples (the JSON keeps what ran, for any later re-analysis)."""
+    from tuner import store
+
+    return [{"started_utc": r.started_utc, "outcome": r.outcome, "tg": r.tg_samples, "pp": r.pp_samples,
+             "ttft_ms": r.ttft_samples_ms, "peak_rss_bytes": r.peak_rss_bytes}
+            for r in store.records(path)[skip:]] if path.exists() else []
+
+
 def one_run(tuner: Tuner, cfg: Path, work: Path, settings: dict, slow) -> dict:
     base, cur = work / "baseline.parquet", work / "current.parquet"
     for _ in range(settings["rounds"]):  # as make perf-check: baseline, then current, round by round
@@ -163,14 +172,16 @@ def one_run(tuner: Tuner, cfg: Path, work: Path, settings: dict, slow) -> dict:
             tuner("bench", "--config", cfg, *settings["bench_args"], "-o", cur)
     bare = tuner("compare", base, cur, "--json")
     first = verdicts(json.loads(bare.stdout))
-    run = {"bare": {"exit": bare.returncode, "class": classify(bare.returncode, first), "metrics": first}}
-    if bare.returncode == 1:  # the shipped gate re-measures an alert once (CURRENT's build: the hog runs)
+    run = {"bare": {"exit": bare.returncode, "class": classify(bare.returncode, first), "metrics": first},
+           "trials": {"baseline": trials(base), "current": trials(cur)}}
+    if bare.returncode == 1:  # the shipped gate re-measures an alert (CURRENT's build: the hog runs)
         cur2 = work / "current-rerun.parquet"
         shutil.copy(cur, cur2)
         with slow:
             gate = tuner("compare", base, cur2, "--rerun-on-alert", "--json")
         judged = verdicts(json.loads(gate.stdout))
         run["gate"] = {"exit": gate.returncode, "class": classify(gate.returncode, judged), "metrics": judged}
+        run["trials"]["rerun"] = trials(cur2, skip=len(run["trials"]["current"]))
     else:
         run["gate"] = run["bare"]  # no alert: --rerun-on-alert re-measures nothing
     return run

@@ -260,14 +260,14 @@ def test_a_config_that_now_fails_is_a_regression(tiny_runs, models, tmp_path):
 
 
 def test_rerun_on_alert_clears_a_fluke(tiny_runs, tmp_path):
-    # one bad run: a real trial whose samples were dragged down (as a neighbour's burst would)
-    df = store.read(tiny_runs["cur"]).head(1).copy()
+    # a bad run: CURRENT's two real trials, their samples dragged down (as a neighbour's burst would)
+    df = store.read(tiny_runs["cur"]).head(2).copy()
     for col in ("tg_samples", "pp_samples"):
         df[col] = [[x * 0.02 for x in v] for v in df[col]]
     df["ttft_samples_ms"] = [[x / 0.02 for x in v] for v in df["ttft_samples_ms"]]
     fluke = tmp_path / "fluke.parquet"
     store.write_frame(fluke, df)
-    # thresholds far above what one fresh trial of this 0.1 ms/token model drifts on a shared machine (CI saw
+    # thresholds far above what a fresh trial of this 0.1 ms/token model drifts on a shared machine (CI saw
     # -41 % tg, +47-96 % TTFT) and far below the fluke (50x slower), so the test is about the rerun, not noise
     args = ["--threshold", "speed=90", "--threshold", "ttft=400", "--max-cv", "200"]
     first = gate(tiny_runs["base"], fluke, *args)
@@ -277,7 +277,8 @@ def test_rerun_on_alert_clears_a_fluke(tiny_runs, tmp_path):
     assert res.exit_code == 0, res.output
     assert "not confirmed on rerun" in res.stdout and "re-measuring 1 alerting config" in res.stderr
     rows = store.read(fluke)
-    assert len(rows) == 2 and rows["outcome"].iloc[-1] == "ok"  # the rerun was appended to CURRENT
+    # the rerun measured as many trials as the alert had (2), appended to CURRENT
+    assert len(rows) == 4 and list(rows["outcome"].iloc[2:]) == ["ok", "ok"]
     assert ET.parse(tmp_path / "j.xml").getroot().get("failures") == "0"
 
 
@@ -391,10 +392,10 @@ def test_one_thread_against_two_is_caught(dense_model, tmp_path):
     failures = [c for c in ET.parse(junit).getroot().iter("testcase") if c.find("failure") is not None]
     assert m[1] in {c.get("name") for c in failures}
     assert any(f"{change:+.1f}%" in c.find("failure").get("message") for c in failures)
-    # the confirmation re-measures the 1-thread config and still sees it
+    # the confirmation re-measures the 1-thread config as many times as CURRENT has it (2) and still sees it
     res = gate(base, cur, *ignore, "--rerun-on-alert")
     assert res.exit_code == 1 and "confirmed on rerun" in res.stdout, res.stdout
-    assert len(store.read(cur)) == 3
+    assert len(store.read(cur)) == 4
 
 
 @pytest.mark.slow

@@ -157,6 +157,18 @@ def test_reuse_loads_once_and_restarts_after_a_failure(models):
     assert a.load_ms == b.load_ms, "a kept model reports the load it paid once"
 
 
+def test_a_memory_limit_gives_every_trial_a_fresh_worker(models):
+    """RLIMIT_DATA counts what a worker has reserved so far: a reused worker would meet the limit with less
+    room than a fresh one, so under --mem-limit no worker is reused, whatever reuse says."""
+    with Runner(timeout=120, reuse=True, mem_limit=400 * MiB) as r:
+        a = r.run(tiny_cfg(models))
+        pid = r._worker.pid  # the spare started for the next trial
+        b = r.run(tiny_cfg(models))
+        assert r._worker.pid != pid
+    assert a.outcome == b.outcome == "ok"
+    assert b.load_ms and b.exit_code == 0, "the second trial loaded the model in its own worker, which then exited"
+
+
 @pytest.mark.parametrize("mmap", [True, False], ids=["huge-ctx", "no-mmap"])
 def test_mem_limit_makes_allocation_fail_as_oom(models, mmap, host_only):
     """A real RLIMIT_DATA: a 1 M-token KV cache (~1 GiB), or an 84 MiB model read into RAM, cannot fit."""

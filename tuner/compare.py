@@ -654,11 +654,13 @@ def compare(baseline: str | os.PathLike, current: str | os.PathLike, settings: S
 
 # -- confirmation: re-measure what alerted ----------------------------------------------------------------------
 def rerun_alerts(report: Report, current: str | os.PathLike, run: Callable[[TrialConfig], TrialRecord]) -> Report:
-    """Re-measure once every CURRENT config with a regression and judge it again on the fresh trial alone.
+    """Re-measure every CURRENT config with a regression as many times as CURRENT measured it, and judge it
+    again on the fresh trials alone.
 
-    The fresh trials are appended to CURRENT's Parquet. A regression stands only when the rerun shows it
-    too (the chance of two false alarms in a row is about the square of one); otherwise the rerun's verdict
-    replaces it and the note keeps the first judgement.
+    The rerun has the first judgement's power (a single trial against the baseline's several misses real
+    slowdowns: benchmarks/gate_power.py). The fresh trials are appended to CURRENT's Parquet. A regression
+    stands only when the rerun shows it too (the chance of two false alarms in a row is about the square of
+    one); otherwise the rerun's verdict replaces it and the note keeps the first judgement.
     """
     base_side = split(report.baseline, load(report.baseline), report.settings.ignore)
     cur_recs = load(current)
@@ -669,10 +671,13 @@ def rerun_alerts(report: Report, current: str | os.PathLike, run: Callable[[Tria
         rows = cur_side.rows(pair.key)
         last = max(rows, key=lambda r: r.started_utc or "")
         reps = max(r.config.repetitions for r in rows)
-        fresh = run(replace(last.config, repetitions=reps))
-        store.append(current, [fresh])
-        again = judge_pair(base_side.ok.get(pair.key, []), [fresh] if fresh.ok else [],
-                           base_side.failed.get(pair.key, []), [] if fresh.ok else [fresh], report.settings)
+        fresh = []
+        for _ in rows:
+            fresh.append(run(replace(last.config, repetitions=reps)))
+            store.append(current, fresh[-1:])
+        ok = [f for f in fresh if f.ok]
+        again = judge_pair(base_side.ok.get(pair.key, []), ok, base_side.failed.get(pair.key, []),
+                           [f for f in fresh if not f.ok], report.settings)
         again_by = {r.metric: r for r in again}
         confirmed = False
         merged = []
@@ -689,7 +694,8 @@ def rerun_alerts(report: Report, current: str | os.PathLike, run: Callable[[Tria
                 merged.append(new)
             else:
                 if new is None and first.metric == "outcome":  # failed before, ran fine now
-                    new = replace(first, verdict="unchanged", n_cur=1, note=f"the rerun ran: {fresh.outcome}")
+                    ran = ", ".join(sorted({f.outcome for f in fresh}))
+                    new = replace(first, verdict="unchanged", n_cur=len(ok), note=f"the rerun ran: {ran}")
                 shown = new or replace(first, verdict="missing", note="the rerun did not measure it")
                 was = _fmt_pct(first.change_pct) if first.change_pct is not None else "failed"
                 shown.note = f"first run {was}, not confirmed on rerun; {shown.note}"
@@ -699,7 +705,7 @@ def rerun_alerts(report: Report, current: str | os.PathLike, run: Callable[[Tria
         merged += [r for name, r in again_by.items() if name not in {m.metric for m in merged}]
         pair.results = merged
         pair.rerun = "confirmed" if confirmed else "not confirmed"
-        report.counts["current"] = report.counts.get("current", 0) + 1
+        report.counts["current"] = report.counts.get("current", 0) + len(fresh)
     return report
 
 
@@ -722,7 +728,7 @@ def rerun_on_this_machine(report: Report, current: str | os.PathLike, trial_time
         if gone:
             raise CompareError(f"--rerun-on-alert: model file {gone[0]} (of {p.label}) is not here to re-measure")
     if log:
-        log(f"re-measuring {len(alerts)} alerting config(s) once before failing...")
+        log(f"re-measuring {len(alerts)} alerting config(s) before failing (as many trials as CURRENT has)...")
     with measurement_lock(wait=not no_wait, what="tuner compare --rerun-on-alert", path=lock_file):
         with Runner(timeout=trial_timeout, mem_limit=mem_limit) as runner:
             here = runner.hw.fingerprint()

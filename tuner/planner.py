@@ -825,3 +825,70 @@ def bound_gpu_layers(space, infos: dict[str, ModelInfo], vram_cap: float | None,
         space.notes.append(f"n_gpu_layers bounded to {max(keep)}: the planner predicts more cannot fit "
                            f"{vram_cap / 2**30:.1f} GiB of VRAM (--no-plan to search them anyway)")
         space.dims["n_gpu_layers"] = ranged("n_gpu_layers", keep, d.step)
+
+
+# -- `tuner estimate` as a library: one row per context -----------------------------------------------------
+def min_cpu_moe(cfg: TrialConfig, info: ModelInfo, vram: int, headroom: float, calib) -> int | None:
+    """Fewest layers whose experts stay in host RAM so that all layers fit the GPU (MoE only)."""
+    full = dataclasses.replace(cfg, n_gpu_layers=info.n_layer + 1)
+    budget = vram * (1 - headroom)
+
+    def ok(n):
+        c = dataclasses.replace(full, n_cpu_moe=n)
+        return predict(c, info, calib, gpu_offload=True).vram_bytes <= budget
+
+    if not ok(info.n_layer):
+        return None
+    lo, hi = 0, info.n_layer
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def estimate(info: ModelInfo, ctxs: list[int], ram: int, vram: int, headroom: float, base: TrialConfig,
+             calib: Calibration | None = None, ngl: int | None = None) -> list[dict]:
+    """One row per context: sizes, the largest n_gpu_layers that fits and the host/GPU split it gives."""
+    from tuner.bench import fmt_size
+
+    rows = []
+    for ctx in ctxs:
+        cfg = dataclasses.replace(base, model=info.path, n_ctx=ctx)
+        gpu = vram > 0
+        if ngl is not None:  # asked for: show its split
+            use = info.n_layer + 1 if ngl < 0 else min(ngl, info.n_layer + 1)
+        else:
+            use = max_gpu_layers(cfg, info, vram, headroom, calib) if gpu else 0
+        p = predict(dataclasses.replace(cfg, n_gpu_layers=use), info, calib, gpu_offload=gpu)
+        ok, why = fits(p, ram, vram if gpu else None, headroom=headroom)
+        cached = weights_cached(p, ram, headroom=headroom)
+        usable = int(ram * (1 - headroom))
+        refused = refusal(cfg, info)
+        warning = ""
+        if refused:
+            warning = f"llama.cpp refuses this config: {refused}"
+        elif p.resident_bytes > usable:
+            warning = (f"host RAM short: needs {fmt_size(p.resident_bytes)} resident (KV cache, compute and output "
+                       f"buffers, repacked weights), {fmt_size(usable)} usable - it would swap (use more GPU layers, "
+                       "a smaller quant or context)")
+        elif not ok:
+            warning = why
+        elif cached is False:
+            warning = (f"mmap'd weights ({fmt_size(p.file_bytes)}) do not all fit next to {fmt_size(p.resident_bytes)} "
+                       f"resident in {fmt_size(usable)} usable: it runs (the kernel drops clean file pages, never "
+                       "swaps them) but re-reads weights from disk for every token")
+        row = {"model": info.path, "name": info.name, "file_type": info.file_type, "n_ctx": ctx,
+               "size_bytes": p.weights_total, "kv_bytes": p.kv_bytes, "n_layer": info.n_layer,
+               "max_gpu_layers": use, "gpu_bytes": p.vram_bytes, "host_bytes": p.ram_bytes,
+               "resident_bytes": p.resident_bytes, "mmap_bytes": p.file_bytes, "weights_cached": cached,
+               "repack_bytes": p.repack_bytes,
+               "weights_gpu": p.weights_gpu, "weights_host": p.weights_host, "compute_bytes": p.compute_bytes,
+               "compute_reserved": p.compute_reserved, "fits": ok and not refused and p.resident_bytes <= usable,
+               "warning": warning, "note": p.note}
+        if info.is_moe and gpu:
+            row["min_n_cpu_moe"] = min_cpu_moe(cfg, info, vram, headroom, calib)
+        rows.append(row)
+    return rows

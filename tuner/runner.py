@@ -152,7 +152,10 @@ class Runner:
         self.mem_limit = mem_limit
         # RLIMIT_DATA (set by the worker from the job) plus a memory cgroup where the machine allows one
         self.limit = MemLimit(mem_limit) if mem_limit else None
-        self.reuse = reuse
+        # Under a memory limit every trial gets a fresh worker: a reused one keeps what earlier trials reserved
+        # (RLIMIT_DATA counts address space, and it grows trial by trial), so later trials would be judged on a
+        # smaller machine than asked; and the model is dropped from the page cache before each trial anyway.
+        self.reuse = reuse and not mem_limit
         self.nvml = nvml if nvml is not None else hardware.Nvml()
         self.swap_rate_limit = swap_rate_limit
         # Each wake-up of the parent can preempt a llama.cpp thread spinning at a barrier (all cores busy);

@@ -56,8 +56,8 @@ def _fail_on(value: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--fail-on", "fail_on", multiple=True, metavar="VERDICTS", show_default=True,
               help="verdicts that fail the gate (exit 1): regression [default], inconclusive, missing")
 @click.option("--rerun-on-alert", is_flag=True,
-              help="re-measure each CURRENT config with a regression once (appended to CURRENT) and fail "
-                   "only when the rerun confirms it")
+              help="re-measure each CURRENT config with a regression as many times as CURRENT measured it "
+                   "(appended to CURRENT) and fail only when the rerun confirms it")
 @run_params()
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON instead of a table")
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), help="also write a markdown report")
@@ -81,8 +81,9 @@ def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samp
     $GITHUB_STEP_SUMMARY when that is set.
 
     One noisy run should not fail a build: with --rerun-on-alert every alerting CURRENT config is measured
-    once more on this machine (same config, same repetitions, appended to CURRENT's Parquet) and judged again
-    on the fresh trial alone; the regression stands only if the rerun shows it too. Without it, measure
+    again on this machine, as many trials as CURRENT has of it (same config, same repetitions, appended to
+    CURRENT's Parquet), and judged again on the fresh trials alone; the regression stands only if the rerun
+    shows it too. Without it, measure
     baseline and candidate interleaved, several trials each, with -r 10.
 
     \b

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import click
 
 from tuner import planner
 from tuner.bench import fmt_size
-from tuner.ggufmeta import ModelInfo, read_model
+from tuner.ggufmeta import read_model
 from tuner.options import SIZE, TunerError
 from tuner.record import FLASH_ATTN, KV_TYPES, TrialConfig
 
@@ -37,70 +36,6 @@ def parse_headroom(text: str, ram: int) -> float:
     if not 0 <= v < 0.9:
         raise TunerError(f"--headroom must be between 0 and 90% of memory, got {text!r}")
     return v
-
-
-def min_cpu_moe(cfg: TrialConfig, info: ModelInfo, vram: int, headroom: float, calib) -> int | None:
-    """Fewest layers whose experts stay in host RAM so that all layers fit the GPU (MoE only)."""
-    full = dataclasses.replace(cfg, n_gpu_layers=info.n_layer + 1)
-    budget = vram * (1 - headroom)
-
-    def ok(n):
-        c = dataclasses.replace(full, n_cpu_moe=n)
-        return planner.predict(c, info, calib, gpu_offload=True).vram_bytes <= budget
-
-    if not ok(info.n_layer):
-        return None
-    lo, hi = 0, info.n_layer
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def estimate(info: ModelInfo, ctxs: list[int], ram: int, vram: int, headroom: float, base: TrialConfig,
-             calib: planner.Calibration | None = None, ngl: int | None = None) -> list[dict]:
-    """One row per context: sizes, the largest n_gpu_layers that fits and the host/GPU split it gives."""
-    rows = []
-    for ctx in ctxs:
-        cfg = dataclasses.replace(base, model=info.path, n_ctx=ctx)
-        gpu = vram > 0
-        if ngl is not None:  # asked for: show its split
-            use = info.n_layer + 1 if ngl < 0 else min(ngl, info.n_layer + 1)
-        else:
-            use = planner.max_gpu_layers(cfg, info, vram, headroom, calib) if gpu else 0
-        p = planner.predict(dataclasses.replace(cfg, n_gpu_layers=use), info, calib, gpu_offload=gpu)
-        ok, why = planner.fits(p, ram, vram if gpu else None, headroom=headroom)
-        cached = planner.weights_cached(p, ram, headroom=headroom)
-        usable = int(ram * (1 - headroom))
-        refused = planner.refusal(cfg, info)
-        warning = ""
-        if refused:
-            warning = f"llama.cpp refuses this config: {refused}"
-        elif p.resident_bytes > usable:
-            warning = (f"host RAM short: needs {fmt_size(p.resident_bytes)} resident (KV cache, compute and output "
-                       f"buffers, repacked weights), {fmt_size(usable)} usable - it would swap (use more GPU layers, "
-                       "a smaller quant or context)")
-        elif not ok:
-            warning = why
-        elif cached is False:
-            warning = (f"mmap'd weights ({fmt_size(p.file_bytes)}) do not all fit next to {fmt_size(p.resident_bytes)} "
-                       f"resident in {fmt_size(usable)} usable: it runs (the kernel drops clean file pages, never "
-                       "swaps them) but re-reads weights from disk for every token")
-        row = {"model": info.path, "name": info.name, "file_type": info.file_type, "n_ctx": ctx,
-               "size_bytes": p.weights_total, "kv_bytes": p.kv_bytes, "n_layer": info.n_layer,
-               "max_gpu_layers": use, "gpu_bytes": p.vram_bytes, "host_bytes": p.ram_bytes,
-               "resident_bytes": p.resident_bytes, "mmap_bytes": p.file_bytes, "weights_cached": cached,
-               "repack_bytes": p.repack_bytes,
-               "weights_gpu": p.weights_gpu, "weights_host": p.weights_host, "compute_bytes": p.compute_bytes,
-               "compute_reserved": p.compute_reserved, "fits": ok and not refused and p.resident_bytes <= usable,
-               "warning": warning, "note": p.note}
-        if info.is_moe and gpu:
-            row["min_n_cpu_moe"] = min_cpu_moe(cfg, info, vram, headroom, calib)
-        rows.append(row)
-    return rows
 
 
 def table(rows: list[dict], headers: list[tuple[str, str]]) -> str:
@@ -181,7 +116,7 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n
                        use_mmap=use_mmap, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe)
     result = []
     for info in infos:
-        rows = estimate(info, ctxs, ram, vram, hr, base, calib, n_gpu_layers)
+        rows = planner.estimate(info, ctxs, ram, vram, hr, base, calib, n_gpu_layers)
         wi = planner.what_if(info, quants) if quants else []
         result.append({"model": info.path, "arch": info.arch, "n_params": info.n_params, "file_size": info.file_size,
                        "shards": len(info.shards), "ram": ram, "vram": vram, "headroom": hr, "contexts": rows,

@@ -53,7 +53,8 @@ from tuner.study import OBJECTIVES, SAMPLERS
 @click.option("--plan/--no-plan", default=True, help="skip configs the memory planner predicts cannot fit "
               "(recorded as skipped with the prediction)")
 @click.option("--reuse-workers/--fresh-workers", default=True,
-              help="keep a worker's model loaded for the next trial with the same load parameters")
+              help="keep a worker's model loaded for the next trial with the same load parameters "
+                   "(never with --mem-limit: each trial then starts from a fresh worker)")
 @click.option("--auto-space/--no-auto-space", default=True, show_default=True,
               help="search the default range of every parameter you leave unset that matters for the objective "
                    "(threads, batch sizes, flash attention; GPU layers and experts on a GPU build)")
