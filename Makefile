@@ -33,9 +33,10 @@ test-fast: install
 # install: an A/A run that shows the gate's noise floor. Against another build, e.g. a checkout of main:
 #   make perf-check PERF_BASE_BIN=../tuner-main/.venv/bin
 # Many short trials, finely interleaved, rather than a few long ones: on a shared machine a burst of other work
-# lasts seconds and then hits both sides alike (3 rounds of -r 7: 75 % detection of a 10 % slowdown and 10 %
-# false alarms in benchmarks/results/gate-power-20261129-054513.json); 7 trials a side also give peak memory
-# (one sample per trial) enough trials for the Mann-Whitney test at alpha 0.01.
+# lasts seconds and then hits both sides alike. benchmarks/gate_power.py, 20 A/A + 20 A/B runs with a measured
+# 10 % slowdown: 3 rounds of -r 7 gave 10 % false alarms and 75 % detection (gate-power-20261129-054513.json),
+# these settings 0 % and 75 % (gate-power-20261129-062540.json). 7 trials a side also give peak memory (one
+# sample per trial) enough trials for the Mann-Whitney test at alpha 0.01.
 PERF_DIR ?= results/perf
 PERF_CONFIG ?= $(PERF_DIR)/config.json
 PERF_BASE_BIN ?= $(BIN)

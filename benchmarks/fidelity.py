@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=99)
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/fidelity-<date>.json)")
+    ap.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/fidelity-<date>-<time>.json)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="compare CPU seconds per token instead of t/s (robust on a busy machine; use -t 1 "
                          "and one of -p/-n only: with more threads, spinning OpenMP workers add CPU time)")
@@ -322,7 +322,8 @@ def main(argv=None) -> int:
         "within_tolerance": ok,
         "cases": cases,
     }
-    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"fidelity-{started:%Y-%m-%d}.json"
+    # one file per run (a second run the same day used to overwrite the first)
+    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"fidelity-{started:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(result, indent=1) + "\n")
