@@ -28,6 +28,7 @@ Examples:
   benchmarks/gate_power.py                        # 20 A/A + 20 A/B runs (about 45 min on an idle 2-core box)
   benchmarks/gate_power.py --runs 1 --threads 1 --rounds 2 --reps 3 --model tiny-q8_0.gguf   # the machinery
   benchmarks/gate_power.py --rounds 5 --reps 10   # other gate settings than the Makefile's
+  benchmarks/gate_power.py --gate-args '--alpha 0.05'   # another gate rule on the shipped measurements
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def one_run(tuner: Tuner, cfg: Path, work: Path, settings: dict, slow) -> dict:
         tuner("bench", "--config", cfg, *settings["bench_args"], "-o", base)
         with slow:
             tuner("bench", "--config", cfg, *settings["bench_args"], "-o", cur)
-    bare = tuner("compare", base, cur, "--json")
+    bare = tuner("compare", base, cur, *settings["gate_args"], "--json")
     first = verdicts(json.loads(bare.stdout))
     run = {"bare": {"exit": bare.returncode, "class": classify(bare.returncode, first), "metrics": first},
            "trials": {"baseline": trials(base), "current": trials(cur)}}
@@ -178,7 +179,7 @@ def one_run(tuner: Tuner, cfg: Path, work: Path, settings: dict, slow) -> dict:
         cur2 = work / "current-rerun.parquet"
         shutil.copy(cur, cur2)
         with slow:
-            gate = tuner("compare", base, cur2, "--rerun-on-alert", "--json")
+            gate = tuner("compare", base, cur2, *settings["gate_args"], "--rerun-on-alert", "--json")
         judged = verdicts(json.loads(gate.stdout))
         run["gate"] = {"exit": gate.returncode, "class": classify(gate.returncode, judged), "metrics": judged}
         run["trials"]["rerun"] = trials(cur2, skip=len(run["trials"]["current"]))
@@ -215,11 +216,14 @@ def main() -> int:
     ap.add_argument("--hog-cpus", help="CPUs to hog, e.g. 0,1 (default: every CPU this process may use)")
     ap.add_argument("--effect", default="7,13", help="the injected tg slowdown must fall in this range, percent")
     ap.add_argument("--out", default=None, help="folder for the JSON result (default benchmarks/results)")
+    ap.add_argument("--gate-args", default="", help="more `tuner compare` options to try, e.g. '--alpha 0.05' "
+                    "(not the shipped gate)")
     a = ap.parse_args()
     lo, hi = (float(x) for x in a.effect.split(","))
 
-    from_makefile = shipped()
+    from_makefile = {**shipped(), "gate_args": []}
     settings = dict(from_makefile)
+    settings["gate_args"] = shlex.split(a.gate_args)
     if a.rounds:
         settings["rounds"] = a.rounds
     if a.reps:
