@@ -325,7 +325,7 @@ class FleetSearch(Search):
         optuna.storages.fail_stale_trials(self.study)
         for rec in self._absorb():
             self.records.append(rec)
-            if rec.searched and rec.trial_number is not None and rec.outcome != "interrupted":
+            if rec.measured_config and rec.trial_number is not None:
                 key = confirmlib.config_key(rec.config)
                 self.seen.setdefault(key, rec.trial_number)
                 if self.unmeasured is not None:
@@ -395,8 +395,7 @@ class FleetSearch(Search):
 
     def _duplicate(self, trial: optuna.Trial, first: int, key: tuple) -> None:
         def measured():
-            return any(r.searched and r.outcome != "interrupted" and confirmlib.config_key(r.config) == key
-                       for r in self.records)
+            return any(r.measured_config and confirmlib.config_key(r.config) == key for r in self.records)
 
         if not measured():
             self.sync()

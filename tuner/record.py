@@ -181,6 +181,11 @@ class TrialRecord:
         """A trial the sampler chose, not a re-measurement beside the search (drift anchor, confirmation)."""
         return self.state not in SIDE_STATES
 
+    @property
+    def measured_config(self) -> bool:
+        """A search trial that counts as its config measured (an interrupted one measured nothing: run it again)."""
+        return self.searched and self.outcome != "interrupted"
+
     def metric(self, name: str) -> tuple[float | None, float | None]:
         samples = {"pp": self.pp_samples, "tg": self.tg_samples, "ttft": self.ttft_samples_ms}[name]
         return summarize(samples)

@@ -247,8 +247,8 @@ class Search:
                 self.failed.append((r.trial_number, r.config, r.cause))
             if r.state == "anchor" and r.ok and self.anchor_tg is None:
                 self.anchor_tg, self.anchor_samples = r.metric("tg")[0], list(r.tg_samples)
-        for r in self.records:  # an interrupted trial measured nothing: its config is run again
-            if r.searched and r.trial_number is not None and r.outcome != "interrupted":
+        for r in self.records:
+            if r.measured_config and r.trial_number is not None:
                 self.seen.setdefault(confirmlib.config_key(r.config), r.trial_number)
         self._list_space()
         if self.opts.baselines and self.opts.sampler != "grid" and not self.study.trials:
