@@ -412,9 +412,9 @@ class Report:
         out = []
         for p in self.pairs:
             for r in p.results:
-                unit = METRICS[r.metric].unit if r.metric in METRICS else r.metric
+                title, unit = _title_unit(r.metric)
                 note = r.note + (f"; rerun: {p.rerun}" if p.rerun and r.first else "")
-                out.append([p.label, METRICS[r.metric].title if r.metric in METRICS else r.metric,
+                out.append([p.label, title,
                             _fmt_val(r.base, unit), _fmt_val(r.cur, unit), _fmt_pct(r.change_pct),
                             f"{r.threshold_pct:g}%" if r.threshold_pct is not None else "-",
                             _fmt_p(r.p), f"{r.n_base}/{r.n_cur}", r.verdict.upper() if r.verdict == "regression"
@@ -449,8 +449,7 @@ class Report:
         for k, v in self._header():
             ET.SubElement(props, "property", name=k, value=v)
         for p, r in cases:
-            title = METRICS[r.metric].title if r.metric in METRICS else r.metric
-            unit = METRICS[r.metric].unit if r.metric in METRICS else r.metric
+            title, unit = _title_unit(r.metric)
             msg = (f"{title}: {r.verdict}, {_fmt_pct(r.change_pct)} ({_fmt_val(r.base, unit)} → "
                    f"{_fmt_val(r.cur, unit)}), p {_fmt_p(r.p)}; {r.note}")
             case = ET.SubElement(suite, "testcase", classname=p.label, name=r.metric)
@@ -494,6 +493,12 @@ def _fmt_p(p: float | None) -> str:
     if p is None:
         return "-"
     return f"{p:.2g}" if p >= 0.001 else "<0.001"
+
+
+def _title_unit(metric: str) -> tuple[str, str]:
+    """A result's title and unit: a speed or memory metric's own, else its name for both ("outcome", "kld")."""
+    m = METRICS.get(metric)
+    return (m.title, m.unit) if m else (metric, metric)
 
 
 def _fmt_val(v: float | None, unit: str) -> str:
