@@ -44,7 +44,6 @@ TUNER = str(Path(sys.executable).with_name("tuner"))
 SPACE = ["--threads", "1:2", "-tb", "1:2", "-ub", "64,128,256", "-fa", "on,off", "-ctk", "f16,q8_0"]
 SHAPE = ["-p", "128", "-n", "32", "-r", "3", "--ctx", "2048"]
 OBJECTIVE = "mixed"
-REUSE_WITHOUT_MARK = False  # --work from a run of the script before it marked finished studies
 
 
 def study_wall(folder: Path) -> float:
@@ -58,9 +57,7 @@ def study_wall(folder: Path) -> float:
 
 
 def search(results: Path, study: str, model: str, extra: list[str]) -> float:
-    if (results / study / "recommended.json").exists() and (results / study / "DONE").exists():
-        return study_wall(results / study)  # --work: finished in an earlier run of this script
-    if (results / study / "recommended.json").exists() and REUSE_WITHOUT_MARK:
+    if (results / study / "DONE").exists():  # --work: finished in an earlier run of this script
         return study_wall(results / study)
     t0 = time.monotonic()
     subprocess.run([TUNER, "search", "-m", model, *SPACE, *SHAPE, "--results", str(results), "--study", study,
@@ -106,8 +103,6 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="default: the synthetic dense model (q4_k_m)")
     a = ap.parse_args()
     model = a.model or str(synthesize(Path.home() / ".cache" / "tuner-test-models", "dense", ("q4_k_m",))[0])
-    global REUSE_WITHOUT_MARK
-    REUSE_WITHOUT_MARK = bool(a.work)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="tuner-regret-"))
     print(f"work folder {work}", file=sys.stderr)
 
