@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Fidelity benchmark: `tuner bench` vs llama-bench on the same model, config and llama.cpp source.
 
-Each round runs llama-bench once (`-o json`) and `tuner bench --json` once (the real CLI, as a subprocess),
-alternating which goes first so drift and neighbours' load hit both alike. Per round it takes the ratio
-tuner / llama-bench of the mean t/s for pp and tg; the verdict is the median ratio over the rounds (±3 %).
+Each round runs llama-bench (`-o json`) and `tuner bench --json` (the real CLI, as a subprocess) in the order
+A B B A (`--order abba`, the default; A alternates by round) or A B (`--order ab`, as runs before 2026-11-29
+did), so drift and neighbours' load hit both alike: on this 2-vCPU VM the 2-thread speed drifts within a round,
+and with A B the tool in second place ran 8 % slower in pp (fidelity-20261129-062604.json). Per round it takes
+the ratio tuner / llama-bench of the mean t/s for pp and tg; the verdict is the median ratio over the rounds (±3 %).
 
 Several values for -t, -b, -ub (comma-separated, as llama-bench) give one case per combination; every case
 runs in every round. `-n 0` measures pp only, `-p 0` tg only.
@@ -52,7 +54,7 @@ def csv_ints(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[12:]))
+                                 epilog=__doc__[__doc__.index("Examples:"):])
     ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH"),
                     help="llama-bench binary built from the same llama.cpp source (env LLAMA_BENCH)")
     ap.add_argument("--tuner", default=None, help="tuner CLI (default: the one next to this Python)")
@@ -68,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=99)
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--order", choices=["ab", "abba"], default="abba",
+                    help="per round and case: one run of each tool (ab), or A B B A (abba, default: cancels a "
+                         "speed that drifts during the round; A alternates by round)")
     ap.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/fidelity-<date>-<time>.json)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="compare CPU seconds per token instead of t/s (robust on a busy machine; use -t 1 "
@@ -183,6 +188,19 @@ def tuner_bench(a, case: dict, env: dict, tmp: Path, cli: list[str], reps: int |
     return res
 
 
+def merge_runs(runs: list[dict]) -> dict:
+    """One tool's runs in a round as one: the mean of the runs' means, every sample, each run kept."""
+    if len(runs) == 1:
+        return runs[0]
+    out = {"wall_s": sum(r["wall_s"] for r in runs), "cpu_s": sum(r["cpu_s"] for r in runs), "runs": runs}
+    for key in ("pp", "tg"):
+        if all(key in r for r in runs):
+            samples = [x for r in runs for x in r[key]["samples"]]
+            out[key] = {"mean": statistics.fmean(r[key]["mean"] for r in runs),
+                        "sd": statistics.stdev(samples) if len(samples) > 1 else 0.0, "samples": samples}
+    return out
+
+
 def model_facts(path: str) -> dict:
     from tuner.ggufmeta import read_model
 
@@ -284,12 +302,16 @@ def main(argv=None) -> int:
                           f"llama-bench {ms['llama_bench']:.4f} tuner {ms['tuner']:.4f} speed ratio {ratio:.4f}",
                           flush=True)
                     continue
-                if lb_first:
-                    lb = llama_bench(a, case, lb_env)
-                    tu = tuner_bench(a, case, env, tmp, cli)
-                else:
-                    tu = tuner_bench(a, case, env, tmp, cli)
-                    lb = llama_bench(a, case, lb_env)
+                run_lb = lambda: llama_bench(a, case, lb_env)  # noqa: E731
+                run_tu = lambda: tuner_bench(a, case, env, tmp, cli)  # noqa: E731
+                first, second = (run_lb, run_tu) if lb_first else (run_tu, run_lb)
+                # ab: one run each; abba: first, second, second, first, so a speed that drifts through the
+                # round (boost and neighbours' load on a shared VM) weighs on both tools alike
+                order = [first, second] + ([second, first] if a.order == "abba" else [])
+                runs = {run_lb: [], run_tu: []}
+                for f in order:
+                    runs[f].append(f())
+                lb, tu = merge_runs(runs[run_lb]), merge_runs(runs[run_tu])
                 ratio = {k: tu[k]["mean"] / lb[k]["mean"] for k in ("pp", "tg") if k in tu and k in lb}
                 # contention only ever slows a repetition down: the best one is the least disturbed
                 best = {k: max(tu[k]["samples"]) / max(lb[k]["samples"]) for k in ratio}
@@ -317,6 +339,7 @@ def main(argv=None) -> int:
         "models": {m: model_facts(m) for m in models},
         "settings": {"n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.repetitions,
                      "flash_attn": a.flash_attn, "n_gpu_layers": a.n_gpu_layers, "rounds": a.rounds,
+                     "order": "ab" if a.cpu_time else a.order,
                      "metric": "cpu_ms_per_token" if a.cpu_time else "t/s",
                      "tolerance": TOLERANCE, "argv": sys.argv[1:] if argv is None else argv},
         "within_tolerance": ok,
