@@ -3,7 +3,7 @@
 
 Each run measures one config for BASELINE and CURRENT exactly as `make perf-check` does (the Makefile's
 PERF_ROUNDS interleaved rounds of `tuner bench --config CFG PERF_ARGS`, baseline first, the synthetic dense q4_0
-model, the Makefile's shape), then judges with the shipped gate, `tuner compare BASE CUR --rerun-on-alert`.
+model, the Makefile's shape), then judges with the shipped gate, `tuner compare BASE CUR $PERF_COMPARE_ARGS`.
 The settings are read from the Makefile, so the benchmark measures what ships.
 
 Runs alternate between two kinds, so a drifting machine hits both alike:
@@ -16,11 +16,11 @@ Runs alternate between two kinds, so a drifting machine hits both alike:
        achieved CPU share.
 
 Per kind: the share of runs with a regression verdict (false_alarm_rate for A/A, detection_rate for A/B), with
-an inconclusive verdict and no regression (inconclusive_rate), and with a pass; for the bare gate and the gate
-with --rerun-on-alert. Everything (settings, model, build, every run's verdicts and medians) goes to
+an inconclusive verdict and no regression (inconclusive_rate), and with a pass; for the first judgement (bare)
+and the gate as shipped (with --rerun-on-alert when PERF_COMPARE_ARGS has it). Everything (settings, model, build, every run's verdicts and medians) goes to
 benchmarks/results/gate-power-*.json.
 
-Target: detection_rate >= 0.95 with false_alarm_rate <= 0.05 (the shipped gate, with --rerun-on-alert), and the
+Target: detection_rate >= 0.95 with false_alarm_rate <= 0.05 (the gate as shipped), and the
 injected tg slowdown within --effect (default 7-13 %; otherwise the run did not measure a ~10 % slowdown).
 Exit 0 when met, 1 when not.
 
@@ -75,7 +75,7 @@ def shipped() -> dict:
     text = (ROOT / "Makefile").read_text()
 
     def var(name: str) -> str:
-        m = re.search(rf"^{name}\s*\?=\s*(.*)$", text, re.M)
+        m = re.search(rf"^{name}[ \t]*\?=[ \t]*(.*)$", text, re.M)
         if not m:
             sys.exit(f"Makefile: no {name} (gate_power.py reads make perf-check's settings from it)")
         return m.group(1).strip()
@@ -84,7 +84,8 @@ def shipped() -> dict:
     if not shape:
         sys.exit("Makefile: perf-check's config line (n_prompt, n_gen) not found")
     return {"rounds": int(var("PERF_ROUNDS")), "bench_args": shlex.split(var("PERF_ARGS")),
-            "n_prompt": int(shape.group(1)), "n_gen": int(shape.group(2))}
+            "n_prompt": int(shape.group(1)), "n_gen": int(shape.group(2)),
+            "gate_args": shlex.split(var("PERF_COMPARE_ARGS"))}
 
 
 class Tuner:
@@ -171,20 +172,22 @@ def one_run(tuner: Tuner, cfg: Path, work: Path, settings: dict, slow) -> dict:
         tuner("bench", "--config", cfg, *settings["bench_args"], "-o", base)
         with slow:
             tuner("bench", "--config", cfg, *settings["bench_args"], "-o", cur)
-    bare = tuner("compare", base, cur, *settings["gate_args"], "--json")
+    rerun = "--rerun-on-alert" in settings["gate_args"]
+    judge_args = [x for x in settings["gate_args"] if x != "--rerun-on-alert"]
+    bare = tuner("compare", base, cur, *judge_args, "--json")
     first = verdicts(json.loads(bare.stdout))
     run = {"bare": {"exit": bare.returncode, "class": classify(bare.returncode, first), "metrics": first},
            "trials": {"baseline": trials(base), "current": trials(cur)}}
-    if bare.returncode == 1:  # the shipped gate re-measures an alert (CURRENT's build: the hog runs)
+    if bare.returncode == 1 and rerun:  # the gate re-measures an alert (CURRENT's build: the hog runs)
         cur2 = work / "current-rerun.parquet"
         shutil.copy(cur, cur2)
         with slow:
-            gate = tuner("compare", base, cur2, *settings["gate_args"], "--rerun-on-alert", "--json")
+            gate = tuner("compare", base, cur2, *judge_args, "--rerun-on-alert", "--json")
         judged = verdicts(json.loads(gate.stdout))
         run["gate"] = {"exit": gate.returncode, "class": classify(gate.returncode, judged), "metrics": judged}
         run["trials"]["rerun"] = trials(cur2, skip=len(run["trials"]["current"]))
     else:
-        run["gate"] = run["bare"]  # no alert: --rerun-on-alert re-measures nothing
+        run["gate"] = run["bare"]  # judged once (no rerun in this gate, or nothing to re-measure)
     return run
 
 
@@ -216,14 +219,15 @@ def main() -> int:
     ap.add_argument("--hog-cpus", help="CPUs to hog, e.g. 0,1 (default: every CPU this process may use)")
     ap.add_argument("--effect", default="7,13", help="the injected tg slowdown must fall in this range, percent")
     ap.add_argument("--out", default=None, help="folder for the JSON result (default benchmarks/results)")
-    ap.add_argument("--gate-args", default="", help="more `tuner compare` options to try, e.g. '--alpha 0.05' "
-                    "(not the shipped gate)")
+    ap.add_argument("--gate-args", default=None, help="`tuner compare` options instead of the Makefile's "
+                    "PERF_COMPARE_ARGS, e.g. '--alpha 0.05' or '--rerun-on-alert' (not the shipped gate)")
     a = ap.parse_args()
     lo, hi = (float(x) for x in a.effect.split(","))
 
-    from_makefile = {**shipped(), "gate_args": []}
+    from_makefile = shipped()
     settings = dict(from_makefile)
-    settings["gate_args"] = shlex.split(a.gate_args)
+    if a.gate_args is not None:
+        settings["gate_args"] = shlex.split(a.gate_args)
     if a.rounds:
         settings["rounds"] = a.rounds
     if a.reps:
@@ -295,7 +299,8 @@ def main() -> int:
     summary.update(target="detection_rate >= 0.95 and false_alarm_rate <= 0.05", target_met=met,
                    effect_range_pct=[lo, hi], effect_in_range=effect_ok)
     result = {"settings": {**settings, "makefile": from_makefile, "runs_per_kind": a.runs, "duty": a.duty,
-                           "period_ms": a.period_ms, "hog_cpus": cpus, "gate": "tuner compare --rerun-on-alert",
+                           "period_ms": a.period_ms, "hog_cpus": cpus,
+                           "gate": " ".join(["tuner compare", *settings["gate_args"]]),
                            "config": config},
               "model": model_facts(model), "summary": summary, "wall_s": round(time.monotonic() - t0),
               "runs": runs}
