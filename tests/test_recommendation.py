@@ -82,6 +82,11 @@ def test_the_winner_is_confirmed_against_the_defaults(new_user):
     # tuner recommend re-derives the same verdict from trials.parquet alone
     again = json.loads(run(["recommend", str(d), "--json", "--no-write"]).output)
     assert again["confirmation"]["winner"] == conf["winner"] and again["confirmation"]["verdict"] == conf["verdict"]
+    # --no-write prints the summary but claims no file (recommended.json stays as the search wrote it)
+    before = (d / "recommended.json").stat().st_mtime_ns
+    summary = run(["recommend", str(d), "--no-write"]).output
+    assert "recommended (trial #" in summary and "written:" not in summary
+    assert (d / "recommended.json").stat().st_mtime_ns == before
 
 
 def test_context_ladder_and_the_largest_context_is_recommended(models, tmp_path):

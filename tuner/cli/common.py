@@ -81,7 +81,7 @@ def hms(s: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def print_recommendation(rec: dict | None, study_dir: Path) -> None:
+def print_recommendation(rec: dict | None, study_dir: Path, written: bool = True) -> None:
     if rec is None:
         click.echo(f"no config completed within the limits; see {study_dir / store.TRIALS_FILE} for the causes")
         return
@@ -132,4 +132,5 @@ def print_recommendation(rec: dict | None, study_dir: Path) -> None:
     for note in rec.get("notes", []):
         click.echo(f"  note: {note}")
     click.echo(f"  llama-server: {rec['forms']['llama_server']}")
-    click.echo(f"  written: {study_dir / 'recommended.json'}")
+    if written:
+        click.echo(f"  written: {study_dir / 'recommended.json'}")

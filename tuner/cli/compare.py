@@ -80,15 +80,16 @@ def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samp
     Exit status: 0 no confirmed regression, 1 regression, 2 bad input. The markdown report is appended to
     $GITHUB_STEP_SUMMARY when that is set.
 
-    One noisy run should not fail a build: with --rerun-on-alert every alerting CURRENT config is measured
-    again on this machine, as many trials as CURRENT has of it (same config, same repetitions, appended to
-    CURRENT's Parquet), and judged again on the fresh trials alone; the regression stands only if the rerun
-    shows it too. Without it, measure
-    baseline and candidate interleaved, several trials each, with -r 10.
+    Measure baseline and candidate interleaved, many short trials each (`make perf-check`: 14 rounds of -r 3).
+    --rerun-on-alert measures every alerting CURRENT config again on this machine, as many trials as CURRENT
+    has of it (same config, same repetitions, appended to CURRENT's Parquet), and judges it again on the fresh
+    trials alone; the regression stands only if the rerun shows it too. That cuts false alarms but also power:
+    a real 10 % slowdown has to be caught twice (benchmarks/README.md, gate_power.py).
 
     \b
     Examples:
-      tuner compare results/base.parquet results/cand.parquet --rerun-on-alert --junit junit.xml
+      tuner compare results/base.parquet results/cand.parquet --junit junit.xml
+      tuner compare results/base.parquet results/cand.parquet --rerun-on-alert
       tuner compare results/study-a results/study-b --ignore flash_attn --threshold tg=3 --json
     """
     try:

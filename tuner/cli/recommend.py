@@ -35,9 +35,11 @@ def recommend_cmd(study_dir, storage, study_name, objective, min_ctx, max_vram, 
         from tuner import fleet
 
         for folder in fleet.snapshot_for_cli(storage, study_name, study_dir):  # one per fingerprint group
+            # without STUDY_DIR the snapshot is a temp folder deleted at exit: nothing there to point at
             click.get_current_context().invoke(recommend_cmd, study_dir=str(folder), objective=objective,
                                                min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram,
-                                               headroom=headroom, as_json=as_json, write=write)
+                                               headroom=headroom, as_json=as_json,
+                                               write=write and study_dir is not None)
         return
     if study_dir is None:
         raise TunerError("no study: pass STUDY_DIR, or --storage URL --study NAME")
@@ -51,4 +53,4 @@ def recommend_cmd(study_dir, storage, study_name, objective, min_ctx, max_vram, 
     if as_json:
         click.echo(json.dumps(rec, indent=2, default=str))
     else:
-        print_recommendation(rec, Path(study_dir))
+        print_recommendation(rec, Path(study_dir), written=write)
