@@ -37,7 +37,8 @@ test-fast: install
 # slowdown): 7 rounds judged with --rerun-on-alert gave 0 % false alarms but 75 % detection
 # (gate-power-20261129-062540.json); the rerun needs a second significant verdict, which halves the power. The
 # projection from those runs' trials (benchmarks/gate_projection.py, gate-projection-20261129-084400.json) put
-# 14 rounds judged once at 3.8 % false alarms and 99 % detection; benchmarks/README.md has the measured figure.
+# 14 rounds judged once at 3.8 % false alarms and 99 % detection; measured afresh: 0 % and 100 %
+# (gate-power-20261129-094629.json).
 # PERF_COMPARE_ARGS=--rerun-on-alert re-measures an alert before failing (fewer false alarms, less power).
 PERF_DIR ?= results/perf
 PERF_CONFIG ?= $(PERF_DIR)/config.json

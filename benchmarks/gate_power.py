@@ -25,7 +25,7 @@ injected tg slowdown within --effect (default 7-13 %; otherwise the run did not 
 Exit 0 when met, 1 when not.
 
 Examples:
-  benchmarks/gate_power.py                        # 20 A/A + 20 A/B runs (about 45 min on an idle 2-core box)
+  benchmarks/gate_power.py                        # 20 A/A + 20 A/B runs (about 60 min on an idle 2-core box)
   benchmarks/gate_power.py --runs 1 --threads 1 --rounds 2 --reps 3 --model tiny-q8_0.gguf   # the machinery
   benchmarks/gate_power.py --rounds 5 --reps 10   # other gate settings than the Makefile's
   benchmarks/gate_power.py --gate-args '--alpha 0.05'   # another gate rule on the shipped measurements

@@ -145,8 +145,9 @@ class Worker:
             # llama-bench runs pp and tg as separate tests, each in a fresh context sized for it (n_depth +
             # n_prompt, n_depth + n_gen cells; n_batch and n_ubatch capped by it). tg measured in the shared
             # pp+tg context, after the pp runs, read ~3 % below llama-bench on Gemma 3 270M at 2 threads and at
-            # parity in its own context (one A/B, 5 and 7 rounds; unconfirmed on a quiet machine, see
-            # benchmarks/README.md); the +1 cell leaves room for the TTFT token.
+            # parity in its own context (one A/B, 5 and 7 rounds). A 9-round A B B A run on a quiet machine
+            # still read pp and tg 3-7 % below llama-bench, cause not found (benchmarks/README.md); the +1 cell
+            # leaves room for the TTFT token.
             phases = [(cfg.n_depth + cfg.n_prompt + 1, True, False), (cfg.n_depth + cfg.n_gen, False, True)]
         else:
             ctx_size = cfg.effective_ctx()
