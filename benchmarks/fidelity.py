@@ -302,16 +302,15 @@ def main(argv=None) -> int:
                           f"llama-bench {ms['llama_bench']:.4f} tuner {ms['tuner']:.4f} speed ratio {ratio:.4f}",
                           flush=True)
                     continue
-                run_lb = lambda: llama_bench(a, case, lb_env)  # noqa: E731
-                run_tu = lambda: tuner_bench(a, case, env, tmp, cli)  # noqa: E731
-                first, second = (run_lb, run_tu) if lb_first else (run_tu, run_lb)
+                tools = {"llama_bench": lambda: llama_bench(a, case, lb_env),
+                         "tuner": lambda: tuner_bench(a, case, env, tmp, cli)}
+                first, second = ("llama_bench", "tuner") if lb_first else ("tuner", "llama_bench")
                 # ab: one run each; abba: first, second, second, first, so a speed that drifts through the
                 # round (boost and neighbours' load on a shared VM) weighs on both tools alike
-                order = [first, second] + ([second, first] if a.order == "abba" else [])
-                runs = {run_lb: [], run_tu: []}
-                for f in order:
-                    runs[f].append(f())
-                lb, tu = merge_runs(runs[run_lb]), merge_runs(runs[run_tu])
+                runs: dict[str, list[dict]] = {name: [] for name in tools}
+                for name in [first, second] + ([second, first] if a.order == "abba" else []):
+                    runs[name].append(tools[name]())
+                lb, tu = merge_runs(runs["llama_bench"]), merge_runs(runs["tuner"])
                 ratio = {k: tu[k]["mean"] / lb[k]["mean"] for k in ("pp", "tg") if k in tu and k in lb}
                 # contention only ever slows a repetition down: the best one is the least disturbed
                 best = {k: max(tu[k]["samples"]) / max(lb[k]["samples"]) for k in ratio}

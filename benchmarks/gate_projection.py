@@ -35,29 +35,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import save  # noqa: E402
 
-SIDES = {"tg": "tg", "pp": "pp", "ttft": "ttft_ms"}
+def records(trials: list[dict]) -> list:
+    """gate_power.py's saved trials as the TrialRecords `tuner compare` judges (only what it reads)."""
+    from tuner.record import TrialConfig, TrialRecord
+
+    return [TrialRecord(TrialConfig(model="gate"), outcome=t["outcome"], tg_samples=t["tg"], pp_samples=t["pp"],
+                        ttft_samples_ms=t["ttft_ms"], peak_rss_bytes=t.get("peak_rss_bytes")) for t in trials]
 
 
 def judge_sides(base: list[dict], cur: list[dict], settings) -> dict[str, str]:
-    """The gate's verdict per metric for two lists of saved trials (speeds pooled per repetition, peak RAM
-    one sample per trial), as `tuner compare` judges a config pair."""
-    from tuner.compare import judge
+    """The gate's verdict per metric for two lists of saved trials: tuner.compare.judge_pair, the shipped rule
+    (speeds pooled per repetition, peak RAM one sample per trial, a CURRENT that only failed is a regression)."""
+    from tuner.compare import judge_pair
 
-    ok_b = [t for t in base if t["outcome"] == "ok"]
-    ok_c = [t for t in cur if t["outcome"] == "ok"]
-    out = {}
-    for metric, key in SIDES.items():
-        r = judge(metric, [x for t in ok_b for x in t[key]], [x for t in ok_c for x in t[key]], settings)
-        if r is not None:
-            out[metric] = r.verdict
-    ram_b = [t["peak_rss_bytes"] for t in ok_b if t.get("peak_rss_bytes")]
-    ram_c = [t["peak_rss_bytes"] for t in ok_c if t.get("peak_rss_bytes")]
-    r = judge("peak_ram", ram_b, ram_c, settings)
-    if r is not None:
-        out["peak_ram"] = r.verdict
-    if len(ok_c) < len(cur) and len(ok_b) == len(base):
-        out["outcome"] = "regression"  # CURRENT failed where the baseline ran
-    return out
+    b, c = records(base), records(cur)
+    results = judge_pair([r for r in b if r.ok], [r for r in c if r.ok], [r for r in b if not r.ok],
+                         [r for r in c if not r.ok], settings)
+    return {r.metric: r.verdict for r in results}
 
 
 def classify(verdicts: dict[str, str]) -> str:
@@ -74,8 +68,8 @@ def gate(base: list[dict], cur: list[dict], rerun: list[dict] | None, settings) 
     again = judge_sides(base, rerun, settings)
     if any(first[m] == "regression" and again.get(m) == "regression" for m in first):
         return bare, "regression"
-    merged = {m: (again.get(m, "missing") if v == "regression" else v) for m, v in first.items()}
-    return bare, classify({m: ("inconclusive" if v == "missing" else v) for m, v in merged.items()})
+    # as rerun_alerts: each regression not confirmed takes the rerun's verdict (missing when it has none)
+    return bare, classify({m: (again.get(m, "missing") if v == "regression" else v) for m, v in first.items()})
 
 
 def project(runs: list[dict], m: int, draws: int, rng: random.Random, settings) -> dict:

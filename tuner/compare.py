@@ -8,7 +8,7 @@ A metric is a regression only when BOTH hold: the change of the median is beyond
 speeds, 10 % for memory by default) AND a two-sided test on the samples (Mann-Whitney U, or Welch's t) has
 p < alpha. Too few samples or too much noise gives `inconclusive`, never a pass or a fail by luck. Peak memory
 has one sample per trial (the worker's high-water mark), so with fewer trials a side than the test needs to
-reach p < alpha (5 for Mann-Whitney at 0.01; `make perf-check` and CI measure 7) it is judged on the threshold
+reach p < alpha (5 for Mann-Whitney at 0.01; `make perf-check` and CI measure 14) it is judged on the threshold
 alone (memory peaks barely move between runs of one config); the note and the report's rule line say so.
 """
 
