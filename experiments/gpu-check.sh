@@ -8,7 +8,11 @@
 #   3. tuner hw                        must report GPU offload
 #   4. tuner synth                     a Mixtral-style MoE of a few GB (16 layers × 16 experts, q8_0)
 #   5. tuner bench -ngl 99             --n-cpu-moe 0 and 4: experts of 4 layers leave VRAM
-#   6. tuner search                    ~12 trials over n_gpu_layers × n_cpu_moe, bounded in wall time
+#  6a. tuner search --dry-run         the hybrid region the planner chooses under a VRAM cap (dry-run.json)
+#   6. tuner search                    the default space under --max-vram GPU_CHECK_HYBRID_CAP: a model bigger than
+#                                      the cap, so the answer is -ngl all --n-cpu-moe N (~12 trials, bounded)
+#  6c. llama-bench (optional)          with LLAMA_BENCH: the recommended -ngl/--n-cpu-moe against llama-bench's own
+#                                      figures with the same flags, and fidelity at 4, 8 and 16 threads
 #   7. verify                          placement as llama.cpp reported it, VRAM saved, recommended.json forms
 #  7b. planner-oracle                  llama.cpp's buffers per device vs the planner (sparse GGUFs, issue 13)
 #   8. tuner recommend --max-vram      the hybrid pick under a VRAM cap (informational)
@@ -33,6 +37,8 @@
 #   GPU_CHECK_MODELS         where the synthetic models go [${TMPDIR:-/tmp}/tuner-gpu-check-models]
 #   GPU_CHECK_SEARCH_BUDGET  wall-time cap of the search [150s]; GPU_CHECK_TRIALS trials [12]
 #   GPU_CHECK_MAX_VRAM       the cap for step 8 [2GiB]
+#   GPU_CHECK_HYBRID_CAP     the search's --max-vram [2GiB]: below the model's 3.6 GB, so experts must go to RAM
+#   LLAMA_BENCH              a llama-bench built with CUDA from the same vendored llama.cpp (step 6c; skipped if unset)
 #   GPU_CHECK_TESTS=0        skip steps 10 and 11; GPU_CHECK_SUITE=0 skips only step 11
 #   GPU_CHECK_TAR            also pack $OUT into this .tar.gz (for a runner that returns only a few files)
 #
@@ -52,6 +58,7 @@ MODELS=${GPU_CHECK_MODELS:-${TMPDIR:-/tmp}/tuner-gpu-check-models}
 TRIALS=${GPU_CHECK_TRIALS:-12}
 BUDGET=${GPU_CHECK_SEARCH_BUDGET:-150s}
 MAX_VRAM=${GPU_CHECK_MAX_VRAM:-2GiB}
+HYBRID_CAP=${GPU_CHECK_HYBRID_CAP:-2GiB}
 STUDY=$OUT/results/gpu-moe
 # the check's own lock: a measurement running elsewhere on the box must not stall it (nor be disturbed by it)
 export TUNER_LOCK_FILE=$OUT/measure.lock
@@ -226,9 +233,17 @@ step bench-ncmoe4 bench 4
 step bench-ncmoe0 bench 0
 
 # -- 6. the search ---------------------------------------------------------------------------------------------------
+# the GPU: the default space under a VRAM cap below the model's size (the hybrid region is the answer); the CPU
+# fallback has no region to find (no offload), so it searches the placement dimensions as given
+if [[ $CPU == 1 ]]; then SPACE=(--ngl "$NGL" --n-cpu-moe "$NCMOE"); else SPACE=(--max-vram "$HYBRID_CAP"); fi
+dry_run() {
+  "$TUNER" search -m "$MODEL" "${SPACE[@]}" "${SHAPE[@]}" --dry-run --json >"$OUT/dry-run.json"
+  "$TUNER" search -m "$MODEL" "${SPACE[@]}" "${SHAPE[@]}" --dry-run
+}
+step dry-run dry_run
 search() {
   rm -rf "$STUDY"
-  "$TUNER" search -m "$MODEL" --ngl "$NGL" --n-cpu-moe "$NCMOE" "${SHAPE[@]}" --n-trials "$TRIALS" \
+  "$TUNER" search -m "$MODEL" "${SPACE[@]}" "${SHAPE[@]}" --n-trials "$TRIALS" \
     --timeout "$BUDGET" --trial-timeout 120 --drift-every 0 --results "$OUT/results" --study gpu-moe
 }
 step search search
@@ -292,12 +307,26 @@ trials = df[df["state"] != "anchor"]
 okt = trials[trials["outcome"] == "ok"]
 check(len(okt) >= 3, f"search: {len(okt)} ok of {len(trials)} trials")
 check(trials["n_cpu_moe"].nunique() > 1, f"search varied n_cpu_moe: {sorted(map(int, trials['n_cpu_moe'].unique()))}")
-if not cpu:
-    check(trials["n_gpu_layers"].nunique() > 1, f"search varied n_gpu_layers: {sorted(map(int, trials['n_gpu_layers'].unique()))}")
+if not cpu:  # the hybrid region: every layer on the GPU, experts of the first N layers in RAM
+    plan = json.loads((out / "dry-run.json").read_text())
+    lo = min(plan["dimensions"]["n_cpu_moe"])
+    check(sorted(set(map(int, trials["n_gpu_layers"]))) == [info.n_layer + 1] and lo > 0,
+          f"search kept all {info.n_layer + 1} layers on the GPU, n_cpu_moe {lo}..{info.n_layer} "
+          f"(dry run: {plan['configs']} configs fit)")
+    by = trials["vram_by"].value_counts().to_dict() if "vram_by" in trials else {}
+    check(by.get("none", 0) == 0, f"VRAM measured on every trial, by {by}")
+    both = okt[[len(list(d)) > 0 for d in okt["vram_device_by_gpu"]]] if "vram_device_by_gpu" in okt else okt[:0]
+    for r in both.itertuples():  # both NVML sources side by side: the worker's own figure and the device's
+        lines.append(f"--   trial {r.trial_number} ncmoe {r.n_cpu_moe}: VRAM {fmt_size(r.peak_vram_bytes or 0)} "
+                     f"by {r.vram_by}, device-wide {fmt_size(sum(r.vram_device_by_gpu))}, planner "
+                     f"{fmt_size(r.predicted_vram_bytes or 0)}")
 wrong = [int(r.trial_number) for r in okt.itertuples() if placed(list(r.overrides_applied)) != expected(r.n_cpu_moe)]
 check(not wrong, f"every ok trial's expert placement matches its n_cpu_moe (mismatched: {wrong})")
 rec = json.loads((study / "recommended.json").read_text())
 n = rec["config"]["n_cpu_moe"]
+if not cpu:
+    check(rec["config"]["n_gpu_layers"] == info.n_layer + 1 and n >= lo,
+          f"recommended -ngl {rec['config']['n_gpu_layers']} --n-cpu-moe {n} under --max-vram (region from {lo})")
 argv = rec["forms"]["llama_server_argv"]
 has = "--n-cpu-moe" in argv and argv[argv.index("--n-cpu-moe") + 1] == str(n)
 check(has == (n > 0) and shlex.split(rec["forms"]["llama_server"]) == argv,
@@ -312,6 +341,20 @@ sys.exit(1 if bad else 0)
 PY
 }
 step verify verify
+
+# -- 6c. the recommendation against llama-bench with the same flags; fidelity at 4, 8, 16 threads ---------------
+against_llama_bench() {
+  local flags
+  flags=$("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1]))["config"]; print(f"-ngl {c[\"n_gpu_layers\"]} -ncmoe {c[\"n_cpu_moe\"]} -ub {c[\"n_ubatch\"]} -fa {1 if c[\"flash_attn\"] == \"on\" else 0}")' \
+    "$STUDY/recommended.json")
+  # shellcheck disable=SC2086
+  "$LLAMA_BENCH" -m "$MODEL" $flags -p 512 -n 64 -r 3 -o json >"$OUT/llama-bench-recommended.json"
+  "$TUNER" bench --config "$STUDY/recommended.json" -p 512 -n 64 -r 3 -o "$OUT/bench.parquet" --json \
+    >"$OUT/tuner-bench-recommended.json"
+  "$PY" benchmarks/fidelity.py --model "$MODEL" -t 4,8,16 --rounds 3 --out "$OUT/fidelity-gpu.json" -ngl 99 || true
+}
+if [[ -n ${LLAMA_BENCH:-} && $CPU != 1 ]]; then step llama-bench --optional against_llama_bench
+else skip llama-bench "LLAMA_BENCH unset (build it: see benchmarks/README.md)"; fi
 
 # -- 7b. planner vs llama.cpp's own buffers per device (issue 13) -------------------------------------------------
 # Sparse GGUFs (real headers, no weights: tuner.oracle) loaded for real with mmap and use_extra_bufts off, for

@@ -40,6 +40,8 @@ class FakeNvml:
     # (gpu index, call number) -> [(pid, usedGpuMemory or None)]; default: no processes
     processes: Callable[[int, int], list[tuple[int, int | None]]] | None = None
     process_list_error: str | None = None  # nvmlDeviceGetComputeRunningProcesses unsupported on this device
+    # (gpu index, call number) -> the device's used bytes, computed at call time; default: FakeGpu.used
+    device_used: Callable[[int, int], int] | None = None
     calls: dict[str, int] = field(default_factory=dict)
 
     NVMLError = FakeNVMLError
@@ -81,7 +83,9 @@ class FakeNvml:
 
     def nvmlDeviceGetMemoryInfo(self, h):
         g = self.gpus[h.index]
-        return SimpleNamespace(total=g.total, used=g.used, free=g.total - g.used)
+        n = self._count(f"mem{h.index}")
+        used = self.device_used(h.index, n) if self.device_used else g.used
+        return SimpleNamespace(total=g.total, used=used, free=g.total - used)
 
     def nvmlDeviceGetComputeRunningProcesses(self, h):
         n = self._count(f"procs{h.index}")

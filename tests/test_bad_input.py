@@ -168,6 +168,31 @@ def test_bad_input_real_process(bad, models, results, tmp_path, case_id):
     assert snapshot(results.parent, bad["afile"].parent) == before
 
 
+# `tuner search` (--dry-run plans a rig; nothing is measured or written either way)
+SEARCH_CASES = [
+    ("gpus-malformed", ["--dry-run", "--gpus", "24GB,lots"], "not a size: 'lots'"),
+    ("gpus-zero", ["--dry-run", "--gpus", "0"], "every size must be above 0"),
+    ("gpus-without-dry-run", ["--gpus", "24GiB"], "--gpus describes a rig to plan for: it needs --dry-run"),
+    ("ram-without-dry-run", ["--ram", "256GiB"], "--ram describes a rig to plan for: it needs --dry-run"),
+    ("tensor-split-more-than-gpus", ["--dry-run", "--gpus", "24GiB,24GiB", "--tensor-split", "1/1,2/1/1"],
+     "--tensor-split 2/1/1: 3 shares for 2 GPU(s)"),
+    ("tensor-split-no-gpu", ["--tensor-split", "3/1"], "--tensor-split 3/1: 2 shares for 0 GPU(s)"),
+    ("tensor-split-garbage", ["--dry-run", "--gpus", "24GiB,24GiB", "-ts", "3:1"], "bad --tensor-split '3:1'"),
+    ("split-mode-unknown", ["--dry-run", "--gpus", "24GiB", "--split-mode", "diagonal"],
+     "split_mode: unknown value(s) diagonal"),
+    ("json-without-dry-run", ["--json"], "--json prints a dry run's plan: add --dry-run"),
+]
+
+
+@pytest.mark.parametrize("case_args,words", [c[1:] for c in SEARCH_CASES], ids=[c[0] for c in SEARCH_CASES])
+def test_bad_input_search(models, tmp_path, case_args, words):
+    out = tmp_path / "results"
+    res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), "--results", str(out),
+                                   "--no-wait", "--lock-file", str(tmp_path / "lock"), *case_args])
+    check_one_line_error(res.exit_code, res.stderr, res.stdout, words)
+    assert not out.exists(), "a refused search writes nothing"
+
+
 def test_unsupported_arch_library_error(bad):
     from tuner.ggufmeta import ModelError, read_model
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tuner import planner
+from tuner import planner, whatif
 from tuner.cli import cli
 from tuner.ggufmeta import read_model
 from tuner.record import TrialConfig, TrialRecord
@@ -139,7 +139,7 @@ def test_400gb_model_plans_without_reading_data(deepseek):
     cfg = TrialConfig(model=str(deepseek), n_ctx=32768)
     pred = planner.predict(cfg, info, gpu_offload=True)
     ngl = planner.max_gpu_layers(cfg, info, 80 << 30)
-    sizes = planner.what_if(info, ["q8_0", "q4_k_m", "iq2_xxs"])
+    sizes = whatif.what_if(info, ["q8_0", "q4_k_m", "iq2_xxs"])
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     # the headers only: what a 400 GB plan reads and holds does not grow with the weights (time is the
@@ -249,9 +249,13 @@ def test_gpu_split_follows_llama_cpp_layer_assignment(models):
         return planner.predict(dataclasses.replace(cfg, **kw), info, gpu_offload=True)
 
     assert split(n_gpu_layers=0).weights_gpu == 0 and split(n_gpu_layers=0).vram_bytes == 0
-    p2 = split(n_gpu_layers=2)  # the last two blocks
-    assert p2.weights_gpu == sum(sum(layers[i].values()) for i in (4, 5))
-    assert p2.kv_gpu == 2 * p2.kv_bytes // 6 and p2.kv_host == 4 * p2.kv_bytes // 6
+    # llama.cpp offloads the output layer first (src/llama-model.cpp load_tensors: i_gpu_start =
+    # n_layer + 1 - n_gpu_layers; "offloading output layer to GPU" for any n_gpu_layers > 0)
+    p1 = split(n_gpu_layers=1)
+    assert p1.weights_gpu == out and p1.kv_gpu == 0 and p1.n_gpu_layers == 1
+    p2 = split(n_gpu_layers=2)  # the output layer and the last block
+    assert p2.weights_gpu == sum(layers[5].values()) + out
+    assert p2.kv_gpu == p2.kv_bytes // 6 and p2.kv_host == 5 * p2.kv_bytes // 6
     full = split(n_gpu_layers=99)  # all blocks + output; token embeddings stay on the host
     embd = sum(t.n_bytes for t in info.tensors if t.group == "embd")
     assert full.weights_gpu == sum(sum(l.values()) for l in layers) + out
@@ -312,20 +316,20 @@ def test_what_if_sizes_match_llama_cpp_quantizer(quantized):
         src = read_model(files["f16"])
         for q, path in files.items():
             real = read_model(path)
-            types = planner.quant_types(src, q)
+            types = whatif.quant_types(src, q)
             # the exact type llama.cpp chose for every tensor (q4_k_m mixes Q4_K/Q6_K, MoE attn_v gets Q8_0...)
             assert {t.name: t.type for t in real.tensors} == types, q
-            size = planner.quant_size(src, q)
+            size = whatif.quant_size(src, q)
             assert abs(size / real.file_size - 1) < 0.02, (q, size, real.file_size)
     # and from an already quantized file: the shapes, not the current types, decide
     dense, _ = quantized
     q4 = read_model(dense["q4_k_m"])
-    assert abs(planner.quant_size(q4, "q8_0") / read_model(dense["q8_0"]).file_size - 1) < 0.02
+    assert abs(whatif.quant_size(q4, "q8_0") / read_model(dense["q8_0"]).file_size - 1) < 0.02
 
 
 def test_what_if_rejects_unknown_types(models):
     with pytest.raises(ValueError, match="unknown quant type 'q9_k'"):
-        planner.quant_size(read_model(models / "tiny-f16.gguf"), "q9_k")
+        whatif.quant_size(read_model(models / "tiny-f16.gguf"), "q9_k")
 
 
 # -- tuner estimate ----------------------------------------------------------------------------------------

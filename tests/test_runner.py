@@ -76,7 +76,7 @@ FAULTS = [
     ("abort", "crash", "killed by SIGABRT", signal.SIGABRT),
     ("exit", "error", "worker exited with code 3 and no result", None),
     ("alloc_fail", "oom", "insufficient memory", None),
-    ("hang_load", "timeout", f"no result after {HANG_TIMEOUT:g} s (stage load)", signal.SIGKILL),
+    ("hang_load", "timeout", f"the model load took over {HANG_TIMEOUT:g} s (--load-timeout)", signal.SIGKILL),
     ("hang_decode", "timeout", f"no result after {HANG_TIMEOUT:g} s (stage warmup)", signal.SIGKILL),
 ]
 
@@ -84,6 +84,7 @@ FAULTS = [
 @pytest.mark.parametrize("fault,outcome,cause,sig", FAULTS, ids=[f[0] for f in FAULTS])
 def test_fault_leaves_a_record(runner, models, fault, outcome, cause, sig):
     runner.timeout = HANG_TIMEOUT if fault.startswith("hang") else 120
+    runner.load_timeout = HANG_TIMEOUT if fault == "hang_load" else 3600  # a load is not the trial's timeout
     rec = runner.run(tiny_cfg(models), fault=fault)
     assert rec.outcome == outcome, (rec.cause, rec.stderr_tail)
     assert cause in rec.cause

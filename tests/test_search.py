@@ -414,8 +414,9 @@ def test_recommend_with_a_corrupt_recommended_json(study10, tmp_path):
 
 
 def test_space_bounds_from_min_ctx_and_the_planner(models):
+    from tuner import fit
     from tuner.ggufmeta import read_model
-    from tuner.planner import bound_gpu_layers, predict
+    from tuner.planner import predict
     from tuner.space import SpaceError, build_space, require_ctx
 
     m = str(models / "tiny-q8_0.gguf")
@@ -426,8 +427,9 @@ def test_space_bounds_from_min_ctx_and_the_planner(models):
     assert space.dims["n_ctx"].values == [2048, 8192]
     with pytest.raises(SpaceError, match="no n_ctx in the space is that large"):
         require_ctx(space, 100_000)
-    # a VRAM cap that holds one layer's weights but not all of them: the planner drops the rest
+    # a VRAM budget that holds one layer (the output layer) but not two: the planner drops the rest
     one = predict(space.config(m, {"n_gpu_layers": 1, "n_ctx": 2048}), infos[m], gpu_offload=True).vram_bytes
-    bound_gpu_layers(space, infos, one)
+    fit.gpu_region(space, infos, fit.Rig(ram_cap=1 << 40, gpu_totals=[one], vram_caps=[one], gpu_free=[one],
+                                         gpu_offload=True))
     assert max(space.dims["n_gpu_layers"].values) == 1
     assert any("bounded to 1" in n for n in space.notes)

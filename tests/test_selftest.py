@@ -26,7 +26,7 @@ def test_selftest_command_all_cases_match():
     assert {r["match"] for r in rows} == {"yes"}
     causes = {r["case"]: r["cause"] for r in rows}
     assert causes["SIGKILL"] == "killed by SIGKILL" and causes["segfault"] == "killed by SIGSEGV"
-    assert causes["hang while loading"] == "no result after 5 s (stage load)"
+    assert causes["hang while loading"] == "the model load took over 5 s (--load-timeout)"
     assert re.search(r"insufficient memory|failed to allocate", causes["allocation failure"])
     assert re.search(r"selftest passed: 8 of 8 cases recorded as expected in \d+ s", res.stderr)
     assert re.search(r"parent killed mid-trial, same command re-run: resumed \(\d+ trial\(s\) done at the "

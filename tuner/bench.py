@@ -7,7 +7,7 @@ import dataclasses
 import psutil
 
 from tuner.ggufmeta import ModelInfo, read_model
-from tuner.record import TrialConfig, TrialRecord
+from tuner.record import TrialConfig, TrialRecord, parse_tensor_split
 
 
 def physical_cores() -> int:
@@ -102,7 +102,8 @@ class BenchResult:
 
 
 def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem_limit: int | None = None,
-            no_wait: bool = False, lock_file: str | None = None, **params) -> BenchResult:
+            no_wait: bool = False, lock_file: str | None = None, load_timeout: float | None = None,
+            **params) -> BenchResult:
     """`tuner bench` as a call: resolve one config against its model, measure it in a worker, append the record.
 
     params are TrialConfig fields (n_threads=2, n_prompt=512, overrides=("exps=CPU",), ...); None means the
@@ -125,17 +126,16 @@ def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem
             raise BenchError(f"bad --override-tensor {item!r}: expected PATTERN=BUFFER")
     if given.get("tensor_split"):
         try:  # caught here, not as a failed trial inside the worker
-            ok = all(float(x) >= 0 for x in given["tensor_split"].split(","))
-        except ValueError:
-            ok = False
-        if not ok:
-            raise BenchError(f"bad --tensor-split {given['tensor_split']!r}: expected proportions like 3,1")
+            parse_tensor_split(given["tensor_split"])
+        except ValueError as e:
+            raise BenchError(f"bad --tensor-split {given['tensor_split']!r}: {e}") from None
     cfg = resolve(TrialConfig(model=model, **given), info)
     if invalid_reason(cfg):
         raise BenchError(invalid_reason(cfg))
     out = store.check_writable(out)
     with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}", path=lock_file):
-        with Runner(timeout=timeout, mem_limit=mem_limit) as runner:
+        with Runner(timeout=timeout, mem_limit=mem_limit,
+                    **({"load_timeout": load_timeout} if load_timeout else {})) as runner:
             if runner.limit and runner.limit.note:  # how --mem-limit is enforced on this machine
                 import sys
 

@@ -104,9 +104,14 @@ class Nvml:
 
     def process_vram(self, pids: set[int]) -> list[int]:
         """VRAM in use by these processes, per GPU (0 where they hold none)."""
+        return self.sample(pids).process
+
+    def sample(self, pids: set[int]) -> "VramSample":
+        """Per GPU: VRAM of these processes (and whether NVML listed any of them at all), and the device's used
+        memory. In a container NVML lists the host's PIDs, so the worker is never found there."""
+        s = VramSample()
         if not self.nv:
-            return []
-        out = []
+            return s
         for h in self.handles:
             used = 0
             try:
@@ -114,10 +119,26 @@ class Nvml:
             except Exception:  # noqa: BLE001 - not supported on some devices: no per-process figure
                 procs = []
             for p in procs:
-                if p.pid in pids and p.usedGpuMemory:
-                    used += int(p.usedGpuMemory)
-            out.append(used)
-        return out
+                if p.pid in pids:
+                    s.seen = True
+                    used += int(p.usedGpuMemory or 0)
+            s.process.append(used)
+            try:
+                s.device.append(int(self.nv.nvmlDeviceGetMemoryInfo(h).used))
+            except Exception:  # noqa: BLE001 - a device that stopped answering: no device figure either
+                s.device.append(-1)
+        return s
+
+    def device_used(self) -> list[int]:
+        """Each GPU's used memory now (the baseline a worker's device-wide figure is taken over)."""
+        return self.sample(set()).device
+
+
+@dataclass
+class VramSample:
+    process: list[int] = field(default_factory=list)
+    seen: bool = False
+    device: list[int] = field(default_factory=list)  # -1 where unknown
 
 
 def _s(v) -> str:

@@ -48,6 +48,8 @@ PARAMS = (
     Param("n_cpu_moe", ("-ncmoe", "--n-cpu-moe"), int, "keep the experts of the first N layers in host RAM"),
     Param("split_mode", ("-sm", "--split-mode"), click.Choice(SPLIT_MODES), "how to split across GPUs"),
     Param("main_gpu", ("-mg", "--main-gpu"), int, "GPU for the whole model with split-mode none"),
+    Param("tensor_split", ("-ts", "--tensor-split"), str,
+          "share of the layers per GPU, e.g. 3/1 (llama-bench's spelling; search: a list 1/1,3/1)"),
 )
 POSITIVE = {"n_threads", "n_threads_batch", "n_batch", "n_ubatch", "repetitions"}
 NON_NEGATIVE = {"n_ctx", "n_cpu_moe", "main_gpu", "n_prompt", "n_gen", "n_depth"}
@@ -83,6 +85,22 @@ class Parsed(click.ParamType):
 
 
 SIZE = Parsed("SIZE", parse_size)
+
+
+def parse_sizes(text: str | list | None) -> list[int] | None:
+    """'24GiB' or '24GiB,24GiB' (one size per GPU) → [bytes, ...]; every size above 0."""
+    if text is None or isinstance(text, list):
+        return text
+    items = [x.strip() for x in str(text).split(",")]
+    if not all(items):
+        raise click.BadParameter(f"not a list of sizes: {text!r} (use e.g. 24GiB,24GiB)")
+    sizes = [parse_size(x) for x in items]
+    if any(s <= 0 for s in sizes):
+        raise click.BadParameter(f"every size must be above 0, got {text!r}")
+    return sizes
+
+
+SIZES = Parsed("SIZE[,SIZE...]", parse_sizes)
 
 
 def parse_headroom(text: str | int | float) -> int | float:
@@ -167,6 +185,9 @@ def run_params(timeout_flag: str = "--timeout"):
             click.option(timeout_flag, timeout_flag.lstrip("-").replace("-", "_"), type=click.FloatRange(min=0, min_open=True), default=600.0,
                          show_default=True,
                          help="seconds before a trial is killed and recorded as timeout"),
+            click.option("--load-timeout", type=click.FloatRange(min=0, min_open=True), default=3600.0,
+                         show_default=True, help="seconds a model load may take before the trial is a timeout "
+                         "(the trial's own timeout counts from the end of the load)"),
             click.option("--mem-limit", type=SIZE, default=None, callback=_check_positive_size,
                          help="cap each trial's memory, e.g. 4GiB: a smaller machine (a memory cgroup, mmap'd "
                               "weights included, where this machine allows one; else RLIMIT_DATA only)"),

@@ -26,7 +26,7 @@ from functools import lru_cache
 import gguf
 
 from tuner.ggufmeta import EXPS_RE, ModelInfo, read_model
-from tuner.record import KV_TYPE_BYTES, TrialConfig, TrialRecord
+from tuner.record import KV_TYPE_BYTES, TrialConfig, TrialRecord, parse_tensor_split
 
 MiB = 1 << 20
 # The process itself (Python, numpy, the llama.cpp libraries, threads, graph metadata), measured on the reference
@@ -211,6 +211,7 @@ class Prediction:
     output_bytes: int = 0  # logits buffer and the vocabulary held by llama.cpp
     note: str = ""  # set when the architecture's KV/compute are not modelled (unknown architecture)
     layers_host: list[int] = field(default_factory=list, repr=False)
+    vram_by_device: list[int] = field(default_factory=list)  # per GPU, in NVML's order (sums to vram_bytes)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -219,52 +220,127 @@ class Prediction:
 
 
 def gpu_layer_start(info: ModelInfo, n_gpu_layers: int, gpu_offload: bool) -> tuple[int, bool, int]:
-    """(first block on the GPU, output layer on the GPU, effective layer count), as llama.cpp assigns them."""
+    """(first block on a GPU, output layer on a GPU, effective layer count), as llama.cpp assigns them.
+
+    llama.cpp (src/llama-model.cpp, load_tensors: `i_gpu_start = max(n_layer + 1 - n_gpu_layers, 0)`, and the
+    "offloading output layer to GPU" log) offloads the output layer first: n_gpu_layers = k puts the output
+    layer and the last k - 1 blocks on the GPU; n_layer + 1 puts everything but the token embeddings there.
+    """
     if not gpu_offload:
         return info.n_layer, False, 0
     ngl = info.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, info.n_layer + 1)
-    return max(info.n_layer - ngl, 0), ngl > info.n_layer, ngl
+    return (max(info.n_layer + 1 - ngl, 0) if ngl else info.n_layer), ngl > 0, ngl
 
 
-def _override_rules(cfg: TrialConfig) -> list[tuple[re.Pattern, bool]]:
-    """(regex, on_host) in llama.cpp's order: raw -ot first, then --cpu-moe / --n-cpu-moe."""
+def split_fractions(tensor_split: str, free: list[int] | None) -> list[float]:
+    """Cumulative split points per device, as llama.cpp computes them (float32): `tensor_split` when it has a
+    non-zero entry, else each device's free memory ("3,1", "3/1": proportions, padded with zeros)."""
+    import numpy as np
+
+    n = len(free) if free else 1
+    parts = parse_tensor_split(tensor_split)
+    if parts and any(parts):
+        vals = (parts + [0.0] * n)[:n]
+    else:
+        vals = [float(f) for f in free] if free and any(free) else [1.0] * n
+    cum = np.cumsum(np.asarray(vals, dtype=np.float32), dtype=np.float32)
+    return [float(np.float32(c) / cum[-1]) for c in cum]
+
+
+def layer_devices(cfg: TrialConfig, info: ModelInfo, gpu_offload: bool, free: list[int] | None = None) -> list[int]:
+    """The device of every layer il in 0..n_layer (n_layer: the output layer): -1 for host memory, else the
+    GPU's index. llama.cpp gives device i a contiguous run of the offloaded layers: the layer's position among
+    them, (il - first) / n_offloaded, is looked up in the cumulative split points (`std::upper_bound`, float32).
+    split_mode none keeps every offloaded layer on main_gpu. `free`: each GPU's free memory (one GPU if None).
+    """
+    import bisect
+
+    import numpy as np
+
+    start, _, ngl = gpu_layer_start(info, cfg.n_gpu_layers, gpu_offload)
+    n_dev = len(free) if free else 1
+    if cfg.split_mode == "none":
+        return [-1 if il < start or ngl == 0 else min(cfg.main_gpu, n_dev - 1) for il in range(info.n_layer + 1)]
+    splits = [np.float32(s) for s in split_fractions(cfg.tensor_split, free)]
+    out = []
+    for il in range(info.n_layer + 1):
+        if il < start or il - start >= ngl:
+            out.append(-1)
+        else:
+            pos = np.float32(il - start) / np.float32(ngl)
+            out.append(min(bisect.bisect_right(splits, pos), n_dev - 1))
+    return out
+
+
+def _override_rules(cfg: TrialConfig) -> list:
+    """(matches(tensor), buffer) in llama.cpp's order: raw -ot first, then --cpu-moe / --n-cpu-moe. A buffer is
+    "CPU" or a device name (CUDA1, ...); an -ot pattern that is not a valid regex never matches."""
     rules = []
     for item in cfg.overrides:
         pattern, _, buft = item.rpartition("=")
         try:
-            rules.append((re.compile(pattern), buft.upper().startswith("CPU")))
+            rx = re.compile(pattern)
         except re.error:
             continue
+        rules.append((lambda t, rx=rx: rx.search(t.name) is not None, buft.upper()))
     if cfg.cpu_moe:
-        rules.append((EXPS_RE, True))
-    for i in range(cfg.n_cpu_moe):
-        rules.append((re.compile(rf"blk\.{i}{EXPS_RE.pattern}"), True))
+        rules.append((lambda t: EXPS_RE.search(t.name) is not None, "CPU"))
+    if cfg.n_cpu_moe:
+        # --n-cpu-moe N: one `blk\.i\.ffn_..._exps` pattern per layer i < N, i.e. the experts of layers 0..N-1
+        rules.append((lambda t: t.layer is not None and t.layer < cfg.n_cpu_moe and EXPS_RE.search(t.name)
+                      is not None, "CPU"))
     return rules
+
+
+def _device_of_buffer(buft: str) -> int | None:
+    """-1 for a host buffer (CPU, CPU_Mapped, ...), the index of a named device (CUDA1 → 1), None: unknown."""
+    if buft.startswith("CPU"):
+        return -1
+    m = re.search(r"(\d+)$", buft)
+    return int(m[1]) if m else None
+
+
+def tensor_devices(cfg: TrialConfig, info: ModelInfo, gpu_offload: bool,
+                   free: list[int] | None = None) -> tuple[list[int], int]:
+    """Per tensor (in info.tensors order): -1 when it lives in host memory, else its GPU; plus the effective ngl.
+    Token embeddings stay on the host (llama.cpp keeps the input layer on the CPU); output tensors go with the
+    output layer; an override wins over the layer's device."""
+    key = (info.path, info.file_size, len(info.tensors), gpu_offload, tuple(free or ()), cfg.n_gpu_layers,
+           cfg.split_mode, cfg.main_gpu, cfg.tensor_split, cfg.n_cpu_moe, cfg.cpu_moe, cfg.overrides)
+    hit = _PLACEMENT_CACHE.get(key)
+    if hit is not None:
+        return hit
+    _, _, ngl = gpu_layer_start(info, cfg.n_gpu_layers, gpu_offload)
+    if not gpu_offload:
+        out = ([-1] * len(info.tensors), 0)
+    else:
+        devs = layer_devices(cfg, info, gpu_offload, free)
+        rules = _override_rules(cfg)
+        where = []
+        for t in info.tensors:
+            dev = next((_device_of_buffer(b) for match, b in rules if match(t)), None)
+            if dev is None:
+                if t.layer is not None:
+                    dev = devs[min(t.layer, info.n_layer - 1)]
+                elif t.group == "embd":
+                    dev = -1
+                else:
+                    dev = devs[info.n_layer]
+            where.append(dev)
+        out = (where, ngl)
+    if len(_PLACEMENT_CACHE) > 4096:  # a dry run over a big space asks for each load key once
+        _PLACEMENT_CACHE.clear()
+    _PLACEMENT_CACHE[key] = out
+    return out
+
+
+_PLACEMENT_CACHE: dict = {}
 
 
 def placement(cfg: TrialConfig, info: ModelInfo, gpu_offload: bool) -> tuple[list[bool], int]:
     """Per tensor (in info.tensors order): True when it lives in host memory; plus the effective ngl."""
-    start, out_gpu, ngl = gpu_layer_start(info, cfg.n_gpu_layers, gpu_offload)
-    rules = _override_rules(cfg) if gpu_offload else []
-    host = []
-    for t in info.tensors:
-        if not gpu_offload:
-            host.append(True)
-            continue
-        on_host = None
-        for rx, h in rules:
-            if rx.search(t.name):
-                on_host = h
-                break
-        if on_host is None:
-            if t.layer is not None:
-                on_host = t.layer < start
-            elif t.group == "embd":
-                on_host = True  # llama.cpp keeps the input layer on the CPU
-            else:
-                on_host = not out_gpu  # output and output_norm go with the output layer
-        host.append(on_host)
-    return host, ngl
+    where, ngl = tensor_devices(cfg, info, gpu_offload)
+    return [d < 0 for d in where], ngl
 
 
 def n_attn_layers(info: ModelInfo) -> int:
@@ -458,22 +534,38 @@ def buffers(cfg: TrialConfig, info: ModelInfo) -> dict:
 
 
 def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
-            gpu_offload: bool = False) -> Prediction:
+            gpu_offload: bool = False, free: list[int] | None = None) -> Prediction:
     """Peak host RAM and VRAM of one trial of `cfg` on `info`'s model, and what of it must stay resident.
 
     Host memory is split the way the kernel sees it: anonymous memory that cannot be reclaimed without swap
     (repacked weights, weights read without mmap, KV cache, recurrent state, compute and output buffers, the
     process itself) and file-backed pages of the mmap'd GGUF, which count in RSS once read but which the
     kernel can drop and read again (slower, never swapped). `fits` judges the first.
+
+    `free`: each GPU's free memory, for llama.cpp's default split of the layers over several GPUs (see
+    `layer_devices`); VRAM is predicted per device (`vram_by_device`), each device holding layers with its own
+    CUDA context and compute buffer (an upper bound: llama.cpp sizes each device's buffer by its part of the
+    graph). split_mode row spreads the matrices of offloaded layers over the GPUs by the split, rows-wise.
     """
     calib = calib or Calibration()
     note = unmodelled_note(info)
-    host, ngl = placement(cfg, info, gpu_offload)
-    rp = repack_types()
-    w_host = w_gpu = repack = 0
-    for t, h in zip(info.tensors, host):
-        if not h:
-            w_gpu += t.n_bytes
+    where, ngl = tensor_devices(cfg, info, gpu_offload, free)
+    n_dev = len(free) if free else 1
+    shares = _row_shares(cfg, free) if n_dev > 1 and cfg.split_mode == "row" else None
+    # a GPU build puts host weights in the GPU's host buffer type, listed before the CPU's repack buffers
+    # (src/llama-model.cpp make_cpu_buft_list: "ACCEL -> GPU host -> CPU extra -> CPU"), and with mmap the
+    # loader swaps that host buffer for the mapped file (llama-model-loader.cpp: "avoid using a host buffer when
+    # using mmap"): nothing is repacked (llama.cpp's --no-host would change that)
+    rp = frozenset() if gpu_offload else repack_types()
+    w_host = repack = 0
+    w_dev = [0] * n_dev
+    for t, dev in zip(info.tensors, where):
+        if dev >= 0:
+            if shares and len(t.shape) >= 2 and not EXPS_RE.search(t.name):
+                for i, s in enumerate(shares):
+                    w_dev[i] += int(t.n_bytes * s)
+            else:
+                w_dev[min(dev, n_dev - 1)] += t.n_bytes
             continue
         w_host += t.n_bytes
         # only matrices used by MUL_MAT are repacked (not the embeddings, read with GET_ROWS)
@@ -485,15 +577,17 @@ def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
     file_pages = w_host if mapped else 0
     anon_weights = repack if mapped else w_host
     start, _, _ = gpu_layer_start(info, cfg.n_gpu_layers, gpu_offload)
-    kv_host = kv_gpu = 0
+    devs = layer_devices(cfg, info, gpu_offload, free) if gpu_offload else [-1] * (info.n_layer + 1)
+    kv_host = 0
+    kv_dev = [0] * n_dev
     layers_host = []
     for il in range(info.n_layer):
         b = 0 if note else kv_layer_bytes(cfg, info, il) + rs_layer_bytes(info, il)
-        if il < start:
+        if devs[il] < 0:
             kv_host += b
             layers_host.append(il)
         else:
-            kv_gpu += b
+            kv_dev[devs[il]] += b
     n_tok = ubatch_tokens(cfg)
     full_tok = min(cfg.n_ubatch, cfg.n_batch, kv_size(cfg.effective_ctx()))
     n_kv_full = max_kv_cells(cfg, info)
@@ -517,15 +611,26 @@ def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
     # buffer is address space until a bigger batch touches it
     resident = calib.baseline_ram + anon_weights + kv_host + c_host + out
     ram = resident + file_pages
-    vram = (calib.baseline_vram + w_gpu + kv_gpu + c_gpu) if (gpu_offload and ngl) else 0
+    used = {d for d in devs if d >= 0} | {i for i, w in enumerate(w_dev) if w}
+    by_dev = [(calib.baseline_vram + w_dev[i] + kv_dev[i] + c_gpu) if (gpu_offload and ngl and i in used) else 0
+              for i in range(n_dev)]
+    vram, w_gpu, kv_gpu = sum(by_dev), sum(w_dev), sum(kv_dev)
+    c_gpu = c_gpu * len(used) if vram else 0  # one compute buffer per device that holds layers
     return Prediction(ram_bytes=int(ram), vram_bytes=int(vram), weights_host=file_pages + anon_weights,
                       weights_gpu=w_gpu, kv_bytes=kv_host + kv_gpu, compute_bytes=c_host + c_gpu, kv_host=kv_host,
                       kv_gpu=kv_gpu, compute_host=c_host, compute_gpu=c_gpu, baseline_ram=calib.baseline_ram,
-                      baseline_vram=calib.baseline_vram if vram else 0, repack_bytes=repack,
+                      baseline_vram=calib.baseline_vram * len(used) if vram else 0, repack_bytes=repack,
                       reclaimable_bytes=file_pages,
                       weights_total=sum(t.n_bytes for t in info.tensors), n_gpu_layers=ngl,
                       resident_bytes=int(resident), file_bytes=file_pages, compute_reserved=c_host_reserved,
-                      output_bytes=out, note=note, layers_host=layers_host)
+                      output_bytes=out, note=note, layers_host=layers_host,
+                      vram_by_device=by_dev if vram else [0] * n_dev)
+
+
+def _row_shares(cfg: TrialConfig, free: list[int]) -> list[float]:
+    """Each GPU's share of a matrix with split_mode row: the differences of the split points."""
+    cum = split_fractions(cfg.tensor_split, free)
+    return [c - p for c, p in zip(cum, [0.0] + cum[:-1])]
 
 
 def fits(pred: Prediction, ram_total: int | None, vram_total: int | None, max_ram: int | None = None,
@@ -559,20 +664,55 @@ def weights_cached(pred: Prediction, ram_total: int | None, max_ram: int | None 
     return pred.resident_bytes + pred.file_bytes <= int(min(vals) * (1 - headroom))
 
 
-def max_gpu_layers(cfg: TrialConfig, info: ModelInfo, vram_total: int, headroom: float = DEFAULT_HEADROOM,
-                   calib: Calibration | None = None) -> int:
-    """The largest n_gpu_layers (0..n_layer + 1) whose predicted VRAM fits `vram_total` with headroom."""
-    budget = vram_total * (1 - headroom)
-    lo, hi = 0, info.n_layer + 1
-    # VRAM grows with every offloaded layer: binary search
+def device_budgets(vram: int | list[int], headroom: float) -> tuple[list[float], list[int] | None]:
+    """Usable VRAM per GPU (a total, or one per GPU) and the `free` list that llama.cpp's default split uses."""
+    totals = [int(v) for v in vram] if isinstance(vram, (list, tuple)) else [int(vram)]
+    return [v * (1 - headroom) for v in totals], (totals if len(totals) > 1 else None)
+
+
+def vram_fits(pred: Prediction, budgets: list[float]) -> bool:
+    """Every GPU's predicted VRAM within its own budget (two 24 GiB cards are not one 48 GiB pool)."""
+    by_dev = pred.vram_by_device or [pred.vram_bytes]
+    return all(v <= b for v, b in zip(by_dev, budgets))
+
+
+def first_true(lo: int, hi: int, ok) -> int | None:
+    """The smallest n in lo..hi with ok(n), ok monotone (False then True); None when even hi fails."""
+    if not ok(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def last_true(lo: int, hi: int, ok) -> int | None:
+    """The largest n in lo..hi with ok(n), ok monotone (True then False); None when even lo fails."""
+    if not ok(lo):
+        return None
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        p = predict(dataclasses.replace(cfg, n_gpu_layers=mid), info, calib, gpu_offload=True)
-        if p.vram_bytes <= budget:
+        if ok(mid):
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def max_gpu_layers(cfg: TrialConfig, info: ModelInfo, vram_total: int | list[int],
+                   headroom: float = DEFAULT_HEADROOM, calib: Calibration | None = None) -> int:
+    """The largest n_gpu_layers (0..n_layer + 1) whose predicted VRAM fits, on every GPU, with headroom.
+    `vram_total`: one GPU's memory, or a list of every GPU's."""
+    budgets, free = device_budgets(vram_total, headroom)
+
+    def ok(n):  # VRAM grows with every offloaded layer
+        p = predict(dataclasses.replace(cfg, n_gpu_layers=n), info, calib, gpu_offload=True, free=free)
+        return vram_fits(p, budgets)
+
+    return last_true(0, info.n_layer + 1, ok) or 0
 
 
 def _pad(n: int, to: int) -> int:
@@ -583,270 +723,18 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-# -- what-if: the size of this model in other quant types, mimicking llama.cpp's quantizer --------------------
-
-ATTN_V_LIKE = ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")
-NO_QUANT_SUBSTR = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
-                   "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "time_mix_", "attn_rel_b.weight",
-                   "position_embd", "token_types.weight", "pos_embd.weight")
-DEFAULT_TYPE = {  # llama_ftype_get_default_type
-    "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0", "F16": "F16",
-    "BF16": "BF16", "ALL_F32": "F32", "Q2_K_S": "Q2_K", "Q2_K": "Q2_K", "IQ3_XS": "IQ3_S", "Q3_K_S": "Q3_K",
-    "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K",
-    "Q6_K": "Q6_K", "TQ1_0": "TQ1_0", "TQ2_0": "TQ2_0", "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS",
-    "IQ2_S": "IQ2_XS", "IQ2_M": "IQ2_S", "IQ3_XXS": "IQ3_XXS", "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M",
-    "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S", "MXFP4_MOE": "MXFP4",
-}
-FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
-            "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0",
-            "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-LOW_IQ = {"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
-
-
-def ftype_names() -> list[str]:
-    return [k.lower() for k in DEFAULT_TYPE if k != "ALL_F32"] + ["f32"]
-
-
-def _ftype_key(name: str) -> str:
-    key = name.strip().upper()
-    key = "ALL_F32" if key == "F32" else key
-    if key not in DEFAULT_TYPE:
-        raise ValueError(f"unknown quant type {name!r} (known: {', '.join(ftype_names())})")
-    return key
-
-
-def _blck(type_name: str) -> int:
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
-
-
-def _is_quantized(type_name: str) -> bool:
-    return type_name not in ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
-
-
-def _more_bits(i: int, n: int) -> bool:
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
-def quant_types(info: ModelInfo, ftype: str) -> dict[str, str]:
-    """The ggml type llama.cpp's quantizer gives each tensor for `ftype` (llama-quant.cpp, no imatrix)."""
-    ft = _ftype_key(ftype)
-    default = DEFAULT_TYPE[ft]
-    names = sorted(t.name for t in info.tensors)  # llama.cpp walks its weights map, sorted by name
-    by_name = {t.name: t for t in info.tensors}
-    n_attn_v = sum(1 for n in names if any(k in n for k in ATTN_V_LIKE))
-    tied = "output.weight" not in by_name
-    n_head_kv = max(info.head_kv(0), 1)
-    gqa = info.n_head // n_head_kv
-    n_exp = info.n_expert
-    n_layer = info.n_layer
-    i_v = i_down = i_gate = i_up = 0
-    out: dict[str, str] = {}
-    for name in names:
-        t = by_name[name]
-        if not _q_allowed(t, name):
-            out[name] = t.type  # norms, router, 1-D tensors: copied as they are
-            continue
-        if not _is_quantized(default):
-            out[name] = default
-            continue
-        new = default
-
-        def layer_of(counter):
-            return t.layer if n_exp > 1 and t.layer is not None else counter
-
-        is_output = name == "output.weight" or (tied and name == "token_embd.weight")
-        if is_output:
-            if ft == "MXFP4_MOE" or info.arch == "falcon" or t.shape[0] % _blck(new):
-                new = "Q8_0"
-            elif ft in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"):
-                new = "Q5_K"
-            elif new != "Q8_0":
-                new = "Q6_K"
-        elif ft == "MXFP4_MOE":
-            new = "MXFP4" if len(t.shape) > 2 and t.shape[2] > 1 else "Q8_0"
-        elif name in ("token_embd.weight", "per_layer_token_embd.weight"):
-            if ft in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
-                new = "Q2_K"
-            elif ft in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
-                new = "IQ3_S"
-            elif ft in ("TQ1_0", "TQ2_0"):
-                new = "Q4_K"
-        elif ft in LOW_IQ:
-            if any(k in name for k in ATTN_V_LIKE):
-                if gqa >= 4 or n_exp >= 4:
-                    new = "Q4_K"
-                else:
-                    new = "IQ3_S" if ft in ("IQ2_S", "IQ2_M") else "Q2_K"
-                i_v += 1
-            elif n_exp == 8 and "attn_k.weight" in name:
-                new = "Q4_K"
-            elif "ffn_down" in name:
-                if i_down < n_layer // 8:
-                    new = "IQ3_S" if ft in ("IQ2_S", "IQ2_M") else "Q2_K"
-                i_down += 1
-            elif "attn_output.weight" in name:
-                if n_exp == 8:
-                    new = "Q5_K"
-                elif ft in ("IQ1_S", "IQ1_M"):
-                    new = "IQ2_XXS"
-                elif ft in ("IQ2_S", "IQ2_M"):
-                    new = "IQ3_S"
-        elif any(k in name for k in ATTN_V_LIKE):
-            if ft == "Q2_K":
-                new = "Q4_K" if gqa >= 4 else "Q3_K"
-            elif ft == "Q2_K_S" and gqa >= 4:
-                new = "Q4_K"
-            elif ft == "IQ3_XXS":
-                new = "Q4_K" if gqa >= 4 else "IQ3_S"
-            elif ft in ("IQ3_XS", "IQ3_S") and gqa >= 4:
-                new = "Q4_K"
-            elif ft == "IQ3_M":
-                new = "Q4_K"
-            elif ft == "Q3_K_M":
-                new = "Q5_K" if i_v < 2 else "Q4_K"
-            elif ft == "Q3_K_L":
-                new = "Q5_K"
-            elif ft in ("IQ4_NL", "IQ4_XS") and gqa >= 4:
-                new = "Q5_K"
-            elif ft in ("Q4_K_M", "Q5_K_M") and _more_bits(i_v, n_attn_v):
-                new = "Q6_K"
-            elif ft == "Q4_K_S" and i_v < 4:
-                new = "Q5_K"
-            if info.arch == "llama" and n_layer == 80 and new in ("Q3_K", "Q4_K"):
-                new = "Q5_K"  # LLM_TYPE_70B: attn_v is 8x smaller than attn_q, give it more bits
-            if n_exp == 8:
-                new = "Q8_0"
-            i_v += 1
-        elif "attn_k.weight" in name:
-            if n_exp == 8:
-                new = "Q8_0"
-            elif ft == "IQ3_XS":
-                new = "IQ3_XXS"
-            elif ft == "IQ3_XXS":
-                new = "IQ2_S"
-        elif "attn_q.weight" in name:
-            if ft == "IQ3_XS":
-                new = "IQ3_XXS"
-            elif ft == "IQ3_XXS":
-                new = "IQ2_S"
-        elif "attn_output.weight" in name:
-            if info.arch != "falcon":
-                if n_exp == 8:
-                    if ft in ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M",
-                              "IQ3_S", "IQ3_M", "IQ4_XS"):
-                        new = "Q5_K"
-                else:
-                    new = {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K",
-                           "IQ3_M": "Q4_K"}.get(ft, new)
-            elif ft == "Q3_K_L":
-                new = "Q4_K"
-        elif "ffn_up" in name:
-            il = layer_of(i_up)
-            if ft == "IQ3_XS" and n_layer // 8 <= il < 7 * n_layer // 8:
-                new = "IQ3_XXS"
-            i_up += 1
-        elif "ffn_gate" in name:
-            il = layer_of(i_gate)
-            if ft == "IQ3_XS" and n_layer // 8 <= il < 7 * n_layer // 8:
-                new = "IQ3_XXS"
-            i_gate += 1
-        elif "ffn_down" in name:
-            il = layer_of(i_down)
-            falcon = info.arch == "falcon"
-            if ft == "Q2_K":
-                new = "Q3_K"
-            elif ft == "Q2_K_S":
-                if il < n_layer // 8:
-                    new = "Q4_K"
-            elif ft == "IQ3_XXS":
-                new = "Q4_K" if il < n_layer // 8 else "Q3_K"
-            elif ft == "Q3_K_M":
-                new = "Q5_K" if il < n_layer // 16 else ("Q4_K" if not falcon or _more_bits(il, n_layer) else "Q3_K")
-            elif ft == "IQ3_M" and (il < n_layer // 8 or (n_exp == 8 and _more_bits(il, n_layer))):
-                new = "Q4_K"
-            elif ft == "Q3_K_L":
-                new = "Q4_K" if falcon else "Q5_K"
-            elif ft == "Q4_K_M":
-                if falcon:
-                    new = "Q6_K" if il < n_layer // 16 else ("Q5_K" if _more_bits(il, n_layer) else "Q4_K")
-                elif _more_bits(il, n_layer):
-                    new = "Q6_K"
-            elif il < n_layer // 8 and ft in ("IQ4_NL", "IQ4_XS"):
-                new = "Q5_K"
-            elif ft == "Q5_K_M" and _more_bits(il, n_layer):
-                new = "Q6_K"
-            elif ft == "Q4_K_S" and not falcon and il < n_layer // 8:
-                new = "Q5_K"
-            i_down += 1
-        if _is_quantized(new) and t.shape[0] % _blck(new):
-            fb = FALLBACK.get(new, "F16")
-            new = fb if t.shape[0] % _blck(fb) == 0 else "F16"
-        out[name] = new
-    return out
-
-
-def _q_allowed(t, name: str) -> bool:
-    return len(t.shape) >= 2 and name.endswith("weight") and not any(s in name for s in NO_QUANT_SUBSTR)
-
-
-def quant_size(info: ModelInfo, ftype: str) -> int:
-    """Bytes of the file llama.cpp's quantizer would write for this model in `ftype`."""
-    types = quant_types(info, ftype)
-    al = info.alignment or 32
-    data = sum(_pad(type_bytes(types[t.name], t.n_elements), al) for t in info.tensors)
-    # the header keeps the same keys and tensor infos
-    return _pad(info.header_bytes, al) + data
-
-
-def what_if(info: ModelInfo, ftypes: list[str]) -> list[dict]:
-    """One row per quant type: predicted file size and bits per weight."""
-    rows = []
-    for ft in ftypes:
-        size = quant_size(info, ft)
-        rows.append({"quant": ft.lower(), "size_bytes": size,
-                     "bpw": 8 * (size - info.header_bytes) / max(info.n_params, 1),
-                     "vs_current": size / info.file_size if info.file_size else None})
-    return rows
-
-
-def bound_gpu_layers(space, infos: dict[str, ModelInfo], vram_cap: float | None,
-                     calib: Calibration | None = None) -> None:
-    """Drop n_gpu_layers values that cannot fit even with the smallest context and batches of the space."""
-    d = space.dims.get("n_gpu_layers")
-    if not vram_cap or d is None or len(d.values) < 2:
-        return
-    smallest = {k: min(v.values) for k, v in space.dims.items() if k in ("n_ctx", "n_batch", "n_ubatch")}
-    bound = max(max_gpu_layers(space.config(m, smallest), infos[m], int(vram_cap), headroom=0.0, calib=calib)
-                for m in space.models)
-    keep = [v for v in d.values if v <= bound] or [min(d.values)]
-    if len(keep) < len(d.values):
-        from tuner.space import ranged
-
-        space.notes.append(f"n_gpu_layers bounded to {max(keep)}: the planner predicts more cannot fit "
-                           f"{vram_cap / 2**30:.1f} GiB of VRAM (--no-plan to search them anyway)")
-        space.dims["n_gpu_layers"] = ranged("n_gpu_layers", keep, d.step)
-
-
 # -- `tuner estimate` as a library: one row per context -----------------------------------------------------
-def min_cpu_moe(cfg: TrialConfig, info: ModelInfo, vram: int, headroom: float, calib) -> int | None:
-    """Fewest layers whose experts stay in host RAM so that all layers fit the GPU (MoE only)."""
+def min_cpu_moe(cfg: TrialConfig, info: ModelInfo, vram: int | list[int], headroom: float, calib) -> int | None:
+    """Fewest layers whose experts stay in host RAM so that all layers fit the GPU(s) (MoE only); None when
+    even all experts in host RAM leave too much (the non-expert weights, KV and buffers do not fit)."""
     full = dataclasses.replace(cfg, n_gpu_layers=info.n_layer + 1)
-    budget = vram * (1 - headroom)
+    budgets, free = device_budgets(vram, headroom)
 
     def ok(n):
         c = dataclasses.replace(full, n_cpu_moe=n)
-        return predict(c, info, calib, gpu_offload=True).vram_bytes <= budget
+        return vram_fits(predict(c, info, calib, gpu_offload=True, free=free), budgets)
 
-    if not ok(info.n_layer):
-        return None
-    lo, hi = 0, info.n_layer
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    return first_true(0, info.n_layer, ok)
 
 
 def estimate(info: ModelInfo, ctxs: list[int], ram: int, vram: int, headroom: float, base: TrialConfig,

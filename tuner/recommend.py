@@ -14,26 +14,18 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from tuner.record import TrialConfig, TrialRecord, utcnow
+from tuner.fit import caps, device_caps
+from tuner.record import TrialConfig, TrialRecord, parse_tensor_split, utcnow
 
 RECOMMENDED_FILE = "recommended.json"
 SPLIT_MODE_INT = {"none": 0, "layer": 1, "row": 2}
 BASELINES = ("llama.cpp defaults", "heuristic")
 
 
-def caps(hw, limits) -> tuple[float, float | None]:
-    """RAM and VRAM a config may use: the machine's total minus the headroom, or the user's limit if lower."""
-    from tuner.options import headroom_bytes
-
-    ram = min(x for x in (limits.max_ram, hw.ram_total - headroom_bytes(limits.headroom, hw.ram_total))
-              if x is not None)
-    vram_total = sum(g.vram_total for g in hw.gpus)
-    vram_caps = [x for x in (limits.max_vram, vram_total - headroom_bytes(limits.headroom, vram_total)
-                             if vram_total else None) if x is not None]
-    return ram, (min(vram_caps) if vram_caps else None)
-
-
 def fits(r: TrialRecord, hw, limits) -> bool:
+    """A measured trial within the limits: its peak RSS within usable RAM, each GPU's peak within that GPU's
+    budget (tuner.fit.device_caps), and all GPUs together within --max-vram. VRAM that is unknown (null: NVML saw
+    neither the process nor the device) cannot be checked and does not exclude the trial."""
     ram, vram = caps(hw, limits)
     if r.config.effective_ctx() < limits.min_ctx:
         return False
@@ -41,7 +33,8 @@ def fits(r: TrialRecord, hw, limits) -> bool:
         return False
     if vram is not None and r.peak_vram_bytes and r.peak_vram_bytes > vram:
         return False
-    return True
+    per_gpu = device_caps([g.vram_total for g in hw.gpus], limits)
+    return not any(p > c for p, c in zip(r.peak_vram_by_gpu or [], per_gpu))
 
 
 def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", study: str = "",
@@ -256,7 +249,7 @@ def forms(cfg: TrialConfig, rec: TrialRecord | None = None) -> dict:
               "use_mmap": cfg.use_mmap, "use_mlock": cfg.use_mlock,
               "split_mode": SPLIT_MODE_INT[cfg.split_mode], "main_gpu": cfg.main_gpu}
     if cfg.tensor_split:
-        kwargs["tensor_split"] = [float(x) for x in cfg.tensor_split.split(",")]
+        kwargs["tensor_split"] = parse_tensor_split(cfg.tensor_split)
     argv = ["llama-server", "-m", cfg.model, "-ngl", str(cfg.n_gpu_layers), "-c", str(ctx),
             "-t", str(cfg.n_threads), "-tb", str(cfg.n_threads_batch), "-b", str(cfg.n_batch),
             "-ub", str(cfg.n_ubatch), "-fa", cfg.flash_attn, "-ctk", cfg.type_k, "-ctv", cfg.type_v]
@@ -268,7 +261,7 @@ def forms(cfg: TrialConfig, rec: TrialRecord | None = None) -> dict:
     if cfg.main_gpu:
         argv += ["-mg", str(cfg.main_gpu)]
     if cfg.tensor_split:
-        argv += ["-ts", cfg.tensor_split]
+        argv += ["-ts", ",".join(f"{x:g}" for x in parse_tensor_split(cfg.tensor_split))]  # llama-server: 3,1
     for o in cfg.overrides:
         argv += ["-ot", o]
     if cfg.cpu_moe:

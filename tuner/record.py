@@ -11,6 +11,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -40,6 +41,21 @@ def oom_line(text: str) -> str | None:
             return ln.strip()[:300]
     return None
 SPLIT_MODES = ("none", "layer", "row")
+
+
+def parse_tensor_split(text: str) -> list[float]:
+    """A tensor split, "3/1" (llama-bench's spelling) or "3,1" (llama-server's) → [3.0, 1.0]; "" → [].
+    Raises ValueError unless every share is a non-negative number and one is above 0."""
+    text = (text or "").strip()
+    if not text:
+        return []
+    try:
+        parts = [float(x) for x in re.split(r"[,/]", text)]
+    except ValueError:
+        raise ValueError("numbers expected, e.g. 3/1") from None
+    if any(p < 0 or not math.isfinite(p) for p in parts) or not any(parts):
+        raise ValueError("shares must be non-negative and not all 0")
+    return parts
 
 
 @dataclass
@@ -128,6 +144,13 @@ class TrialRecord:
     peak_rss_bytes: int | None = None
     peak_vram_bytes: int | None = None
     peak_vram_by_gpu: list[int] = field(default_factory=list)
+    # where the VRAM figures come from: "process" (NVML's per-process figure for the worker), "device" (the
+    # device's used memory over its level when the worker started: true only while nothing else uses the GPU;
+    # a container's NVML lists host PIDs, so the worker's own is never found), "none" (unknown: null, never 0)
+    vram_by: str = ""
+    vram_device_by_gpu: list[int] = field(default_factory=list)  # the device-wide figure per GPU, whichever vram_by
+    model_loaded: bool | None = None  # this trial loaded the model (False: a reused worker had it loaded)
+    page_cache_pct: float | None = None  # share of the model file in the page cache just before that load
     swap_in_bytes: int | None = None
     mem_limit_bytes: int | None = None  # --mem-limit, when one applied
     mem_limit_by: str = ""  # how it was enforced (tuner.memlimit: a cgroup + RLIMIT_DATA, or RLIMIT_DATA only)

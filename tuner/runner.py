@@ -24,13 +24,16 @@ from pathlib import Path
 
 import psutil
 
-from tuner import hardware
+from tuner import hardware, pagecache
 from tuner.bench import fmt_size
 from tuner.ggufmeta import read_model
 from tuner.memlimit import MemLimit
 from tuner.record import TrialConfig, TrialRecord, oom_line, utcnow
 
 DEFAULT_TIMEOUT = 600.0
+# A model load is not the trial's failure unless the load itself takes this long: 379 GiB read at 150 MB/s (a
+# hard disk) take 45 minutes; the trial timeout counts from the end of the load.
+DEFAULT_LOAD_TIMEOUT = 3600.0
 DEFAULT_SWAP_RATE = 64 << 20  # bytes/s swapped in, sustained over SWAP_WINDOW: the machine is thrashing
 SWAP_WINDOW = 3.0
 SAMPLES = ("pp_samples", "tg_samples", "ttft_samples_ms")
@@ -83,6 +86,7 @@ class _Worker:
     log_path: Path
     load_key: tuple | None = None
     used: bool = False
+    device_base: list[int] = field(default_factory=list)  # each GPU's used memory before this worker started
     buf: bytes = b""
     events: collections.deque = field(default_factory=collections.deque)
 
@@ -147,8 +151,10 @@ class Runner:
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT, mem_limit: int | None = None, reuse: bool = False,
                  nvml: hardware.Nvml | None = None, swap_rate_limit: int = DEFAULT_SWAP_RATE,
-                 poll_interval: float = 0.5, hw: hardware.Hardware | None = None, build: dict | None = None):
+                 poll_interval: float = 0.5, hw: hardware.Hardware | None = None, build: dict | None = None,
+                 load_timeout: float = DEFAULT_LOAD_TIMEOUT):
         self.timeout = timeout
+        self.load_timeout = load_timeout
         self.mem_limit = mem_limit
         # RLIMIT_DATA (set by the worker from the job) plus a memory cgroup where the machine allows one
         self.limit = MemLimit(mem_limit) if mem_limit else None
@@ -171,6 +177,7 @@ class Runner:
 
     # -- worker lifecycle --------------------------------------------------------------------------
     def _spawn(self) -> _Worker:
+        base = self.nvml.device_used()  # before the worker exists: its device-wide figure is taken over this
         rfd, wfd = os.pipe()
         log_path = Path(self._tmp.name) / f"worker-{time.monotonic_ns()}.log"
         # GGML_NO_BACKTRACE: on abort ggml would attach gdb for a backtrace; that is slow and floods the log
@@ -182,7 +189,13 @@ class Runner:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(wfd,),
                                     start_new_session=True, env=env)
         os.close(wfd)
-        return _Worker(proc, rfd, log_path)
+        return _Worker(proc, rfd, log_path, device_base=base)
+
+    @property
+    def loaded_key(self) -> tuple | None:
+        """The load key of the model the waiting worker keeps loaded (None: the next trial loads afresh)."""
+        w = self._worker
+        return w.load_key if w is not None and w.used and self.reuse and w.proc.poll() is None else None
 
     def _reap(self, w: _Worker, kill: bool) -> tuple[int | None, int | None]:
         """Stop a worker; returns (returncode, ru_maxrss in bytes) from the kernel's own accounting."""
@@ -245,12 +258,16 @@ class Runner:
             if w is not None:
                 self._reap(w, kill=not w.used)
             w = self._worker = self._spawn()
+        x = _Exchange()
+        x.loads = not (w.used and load_key is not None and w.load_key == load_key)
+        if x.loads and model and load_key is not None:
+            x.page_cache_pct = pagecache.cached_pct(read_model(model).shards)
         w.used = True
         log_offset = w.log_path.stat().st_size
         t0 = time.monotonic()
         sin0, oom0 = psutil.swap_memory().sin, vmstat("oom_kill")
-        x = _Exchange()
         eof = False
+        load_t0 = load_s = None  # when the worker's load stage began, and how long it took
         if self.limit:
             if model:
                 self.limit.evict(model)
@@ -273,6 +290,10 @@ class Runner:
                         line, w.buf = w.buf.split(b"\n", 1)
                         ev = json.loads(line)
                         if ev["event"] == "stage":
+                            if ev["stage"] == "load":
+                                load_t0 = time.monotonic()
+                            elif x.stage == "load" and load_t0 is not None:
+                                load_s = time.monotonic() - load_t0
                             x.stage = ev["stage"]
                             x.hwm = max(x.hwm or 0, ev.get("hwm") or 0) or None
                             if on_stage:
@@ -281,15 +302,19 @@ class Runner:
                             x.result = ev
                 now = time.monotonic()
                 x.hwm = max(x.hwm or 0, vm_hwm(w.pid) or 0) or None
-                vram = self.nvml.process_vram({w.pid})
-                x.vram_peak = [max(a, b) for a, b in zip(x.vram_peak, vram)] if x.vram_peak else vram
+                x.vram.add(self.nvml.sample({w.pid}), w.device_base)
                 rate = swap.thrashing(now, psutil.swap_memory().sin) if swap else None
                 if rate is not None:
                     x.killed_for = (f"swap: stopped while thrashing swap ({rate / 2**20:.0f} MiB/s swapped in, "
                                     f"stage {x.stage})")
                     break
-                if x.result is None and now - t0 > self.timeout:
-                    x.killed_for = f"timeout: no result after {self.timeout:g} s (stage {x.stage})"
+                if x.result is None and x.stage == "load" and load_t0 is not None \
+                        and now - load_t0 > self.load_timeout:
+                    x.killed_for = f"timeout: the model load took over {self.load_timeout:g} s (--load-timeout)"
+                    break
+                if x.result is None and x.stage != "load" and now - t0 - (load_s or 0.0) > self.timeout:
+                    x.killed_for = (f"timeout: no result after {self.timeout:g} s"
+                                    + (f" (besides a {load_s:.0f} s load)" if load_s else "") + f" (stage {x.stage})")
                     break
                 x.killed_for = self._thrashing_weights(model, refault0, x.stage) if self.limit and model else None
                 if x.killed_for:
@@ -349,8 +374,11 @@ class Runner:
                     setattr(rec, k, result[k])
         if rec.peak_rss_bytes is None:
             rec.peak_rss_bytes = x.peak_rss()
-        rec.peak_vram_by_gpu = x.vram_peak
-        rec.peak_vram_bytes = sum(x.vram_peak) if x.vram_peak else None
+        rec.peak_vram_by_gpu, rec.vram_by = x.vram.peaks()
+        rec.vram_device_by_gpu = [max(d, 0) for d in x.vram.device] if all(d >= 0 for d in x.vram.device) else []
+        rec.peak_vram_bytes = sum(rec.peak_vram_by_gpu) if rec.peak_vram_by_gpu else None
+        rec.model_loaded = x.loads
+        rec.page_cache_pct = x.page_cache_pct
         if rec.outcome != "ok":
             rec.stderr_tail = tail(x.log)
         rec.finished_utc = utcnow()
@@ -384,7 +412,9 @@ class _Exchange:
     killed_for: str | None = None
     stage: str = "start"
     hwm: int | None = None  # the worker's VmHWM, sampled while it lives
-    vram_peak: list[int] = field(default_factory=list)
+    vram: "_VramPeaks" = field(default_factory=lambda: _VramPeaks())
+    loads: bool = True  # the worker loads the model for this job
+    page_cache_pct: float | None = None
     interrupted: bool = False
     wall_s: float = 0.0
     swap_in_bytes: int = 0
@@ -397,3 +427,27 @@ class _Exchange:
         if self.result and self.result.get("peak_rss_bytes"):
             return self.result["peak_rss_bytes"]
         return self.hwm or self.maxrss
+
+
+@dataclass
+class _VramPeaks:
+    """A job's VRAM peaks per GPU from both NVML sources: the worker's own (when NVML lists its PID) and the
+    device's used memory over the level before the worker started (valid only while nothing else uses the GPU)."""
+
+    process: list[int] = field(default_factory=list)
+    device: list[int] = field(default_factory=list)
+    seen: bool = False
+
+    def add(self, s: hardware.VramSample, base: list[int]) -> None:
+        self.seen = self.seen or s.seen
+        self.process = [max(a, b) for a, b in zip(self.process, s.process)] if self.process else list(s.process)
+        over = [(d - b) if d >= 0 and b >= 0 else -1 for d, b in zip(s.device, base or [0] * len(s.device))]
+        self.device = [max(a, b) for a, b in zip(self.device, over)] if self.device else over
+
+    def peaks(self) -> tuple[list[int], str]:
+        """(peak per GPU, "process" | "device" | "none"); unknown is an empty list, never zeros."""
+        if self.seen:
+            return self.process, "process"
+        if self.device and all(d >= 0 for d in self.device):
+            return [max(d, 0) for d in self.device], "device"
+        return [], "none"

@@ -21,7 +21,8 @@ from tuner.lock import measurement_lock
 from tuner.record import TrialConfig, TrialRecord
 from tuner.confirm import DEFAULT_K as DEFAULT_CONFIRM
 from tuner.confirm import MAX_ROUNDS, MIN_ROUNDS
-from tuner.study import Limits
+from tuner.runner import DEFAULT_LOAD_TIMEOUT
+from tuner.study import DEFAULT_PER_LOAD, Limits
 
 
 class SearchError(ValueError):
@@ -37,6 +38,7 @@ class SearchResult:
     interrupted: bool = False  # Ctrl-C twice (or the trial was aborted): the recommendation covers what ran
     stopped: bool = False  # Ctrl-C once: stopped after the current trial
     finished: str = ""  # why the search ended before its budget (e.g. every config of the space is measured)
+    plan: dict | None = None  # a dry run's space and verdicts (tuner.fit.plan)
 
 
 def study_name(models: list[str]) -> str:
@@ -56,6 +58,18 @@ def check_limits(hwinfo, max_ram, max_vram, headroom) -> None:
     for name, v in (("--max-ram", max_ram), ("--max-vram", max_vram)):
         if v is not None and v <= 0:
             raise SearchError(f"{name} must be more than 0")
+
+
+def check_split(space, rig) -> None:
+    """A tensor split names one share per GPU: more shares than GPUs is a typo (llama.cpp would ignore them)."""
+    from tuner.record import parse_tensor_split
+    from tuner.space import SpaceError
+
+    d = space.dims.get("tensor_split")
+    for v in d.values if d else []:
+        if len(parse_tensor_split(v)) > max(rig.n_gpus, 1):
+            raise SpaceError(f"--tensor-split {v}: {len(parse_tensor_split(v))} shares for {rig.n_gpus} GPU(s)"
+                             + (" (--gpus describes the GPUs of a dry run)" if not rig.described else ""))
 
 
 def synthetic_models(results: str | Path, preset: str, quants: str) -> list[str]:
@@ -85,7 +99,9 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
                reference_logits: str | None = None, quality_text: str | None = None,
                quality_ctx: int | None = None, on_trial: Callable | None = None,
                on_confirm: Callable | None = None, log: Callable[[str], None] | None = None,
-               quality_progress: Callable | None = None, **params) -> SearchResult:
+               quality_progress: Callable | None = None, dry_run: bool = False, gpus: list[int] | None = None,
+               ram: int | None = None, per_load: int = DEFAULT_PER_LOAD, load_timeout: float = DEFAULT_LOAD_TIMEOUT,
+               **params) -> SearchResult:
     """Run (or resume) one Optuna study and return its recommendation; the arguments are `tuner search`'s options.
 
     `params` are the llama.cpp parameters (TrialConfig names: n_gpu_layers="0:61", n_ctx="4096,8192", ...),
@@ -101,8 +117,12 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
     uses (cached in RESULTS/quality/) before the trials; configs of files beyond the budget (`max_kld`, default
     quality.DEFAULT_MAX_KLD; `min_same_top`) are measured but never recommended.
     Ctrl-C stops after the current trial, twice aborts it; either way everything measured is kept.
+    `dry_run` builds the space and the planner's verdicts and returns them as `SearchResult.plan` (tuner.fit.plan)
+    without measuring or writing anything; `gpus` (bytes per GPU) and `ram` describe a rig to plan for instead of
+    this machine (dry run only). `per_load`: configs measured in a row per model load (see tuner.study).
     Raises SearchError (and tuner.ggufmeta.ModelError, tuner.lock.LockBusy) before anything runs.
     """
+    from tuner import fit as fitlib
     from tuner import space as spacelib
     from tuner import study as studylib
     from tuner.options import parse_headroom
@@ -136,26 +156,27 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
     if confirm < 0 or confirm_rounds < 1:
         raise SearchError("--confirm must be at least 1 (or --no-confirm) and --confirm-rounds at least 1")
     limits = Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom)
+    if not dry_run and (gpus or ram):
+        raise SearchError(f"{'--gpus' if gpus else '--ram'} describes a rig to plan for: it needs --dry-run (a real run "
+                          "measures the machine it runs on, with the GPUs NVML reports)")
+    gpu_offload = bool(build.get("gpu_offload")) or bool(gpus)  # a described GPU rig assumes a GPU build
+    rig = (fitlib.described_rig(gpus, ram, hwinfo, limits) if gpus
+           else fitlib.rig_from_hardware(hwinfo, limits, gpu_offload))
     try:
-        space = spacelib.build_space(models, infos, params, base, bool(build.get("gpu_offload")),
+        space = spacelib.build_space(models, infos, params, base, gpu_offload,
                                      hwinfo.cores_physical, hwinfo.cores_logical, objective="tg" if pareto
                                      else objective, auto=auto_space, ram_total=hwinfo.ram_total)
         if "n_threads_batch" not in space.dims:
             # threads_batch follows threads unless searched on its own
             space.base = dataclasses.replace(space.base, n_threads_batch=0)
+        check_split(space, rig)
         spacelib.require_ctx(space, min_ctx)
-        if plan:
-            from tuner.recommend import caps
-
-            ram_cap, vram_cap = caps(hwinfo, limits)
-            spacelib.drop_unfit_contexts(space, infos, ram_cap, vram_cap, bool(build.get("gpu_offload")))
+        fitlib.apply(space, infos, rig, plan=plan)
     except spacelib.SpaceError as e:
         raise SearchError(str(e)) from None
-    if plan and hwinfo.gpus:
-        from tuner.planner import bound_gpu_layers
-        from tuner.recommend import caps
-
-        bound_gpu_layers(space, infos, caps(hwinfo, Limits(max_vram=max_vram, headroom=headroom))[1])
+    if dry_run:  # nothing is measured, locked or written
+        return SearchResult(Path(results) / (study or study_name(models)), None,
+                            plan=fitlib.plan(space, infos, rig))
     name = study or study_name(models)
     study_dir = Path(results) / name
     if n_trials is None and timeout is None and sampler != "grid":
@@ -166,7 +187,7 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
         trial_timeout=trial_timeout, mem_limit=mem_limit, reuse_workers=reuse_workers,
         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume,
         plan=plan, confirm=confirm, confirm_rounds=(min(MIN_ROUNDS, confirm_rounds), confirm_rounds),
-        allow_mixed=allow_mixed, heartbeat_s=heartbeat_s)
+        allow_mixed=allow_mixed, heartbeat_s=heartbeat_s, per_load=per_load)
     from tuner import fleet
 
     try:  # a shared storage (--storage) makes this host one of a fleet
@@ -177,7 +198,7 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
     # that another process is measuring right now
     with measurement_lock(wait=not no_wait, what=f"tuner search {name}", path=lock_file), \
             Runner(timeout=trial_timeout, mem_limit=mem_limit, reuse=reuse_workers, hw=hwinfo,
-                   build=build) as runner:
+                   build=build, load_timeout=load_timeout) as runner:
         # quality first: its bad input (a reference of another vocabulary, ...) must leave nothing written
         if quality and (len(models) > 1 or reference or reference_logits):
             srch.quality = measure_quality(models, runner, space, budget, results, reference=reference,

@@ -38,8 +38,8 @@ CASES: tuple[Case, ...] = (
     Case("segfault", "segv", "crash", r"^killed by SIGSEGV", "killed by SIGSEGV"),
     Case("abort()", "abort", "crash", r"^killed by SIGABRT", "killed by SIGABRT"),
     Case("exit, no result", "exit", "error", r"^worker exited with code 3 and no result", "exited with code 3"),
-    Case("hang while loading", "hang_load", "timeout", r"^no result after .* \(stage load\)",
-         "no result ... (stage load)"),
+    Case("hang while loading", "hang_load", "timeout", r"^the model load took over .* s \(--load-timeout\)",
+         "the model load took over ... s"),
     Case("hang while decoding", "hang_decode", "timeout", r"^no result after .* \(stage (warmup|pp|tg)\)",
          "no result ... (stage warmup)"),
     Case("allocation failure", "alloc_fail", "oom", r"(?i)(alloc|out of memory|insufficient memory)",
@@ -81,7 +81,7 @@ def run(timeout: float = DEFAULT_TIMEOUT, cases: tuple[Case, ...] | None = None,
         # keeps the clean trial well inside --timeout even on a busy machine.
         cfg = bench.resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=8, repetitions=2, n_threads=1))
         out = []
-        with Runner(timeout=timeout) as runner:
+        with Runner(timeout=timeout, load_timeout=timeout) as runner:
             for case in cases:
                 rec = runner.run(cfg, fault=case.fault)
                 if progress:

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 from tuner.ggufmeta import ModelInfo
 from tuner.options import PARAMS
-from tuner.record import FLASH_ATTN, KV_TYPES, SPLIT_MODES, TrialConfig
+from tuner.record import FLASH_ATTN, KV_TYPES, SPLIT_MODES, TrialConfig, parse_tensor_split
 
 CHOICES = {"flash_attn": FLASH_ATTN, "type_k": KV_TYPES, "type_v": KV_TYPES, "split_mode": SPLIT_MODES}
 BOOLS = {"use_mmap"}
-INTS = {p.name for p in PARAMS} - set(CHOICES)
+SPLITS = {"tensor_split"}  # each value "3/1"; a list of them "1/1,3/1", as llama-bench -ts
+INTS = {p.name for p in PARAMS} - set(CHOICES) - SPLITS
 DIMENSIONS = tuple(p.name for p in PARAMS) + ("use_mmap",)
 # quantized V needs flash attention in llama.cpp (a context with fa off and quantized V fails to create)
 FULL_PRECISION_KV = {"f32", "f16", "bf16"}
@@ -64,7 +65,7 @@ def parse_dimension(name: str, spec) -> Dimension:
     text = str(spec).strip().lower() if isinstance(spec, bool) else str(spec).strip()
     if not text:
         raise SpaceError(f"{name}: empty value")
-    if ":" in text:
+    if ":" in text and name not in SPLITS:
         if name not in INTS:
             raise SpaceError(f"{name}: a range needs integers; list the values instead ({name}={text})")
         parts = text.split(":")
@@ -92,6 +93,14 @@ def _from_items(name: str, items: list[str]) -> Dimension:
         raise SpaceError(f"{name}: empty item in list {','.join(items)!r}")
     if name in BOOLS:
         values = list(dict.fromkeys(_bool(x) for x in items))
+    elif name in SPLITS:
+        values = []
+        for x in items:  # one spelling in records and forms: shares joined by "/"
+            try:
+                values.append("/".join(f"{p:g}" for p in parse_tensor_split(x)))
+            except ValueError as e:
+                raise SpaceError(f"bad --tensor-split {x!r}: {e} (a list of splits: 1/1,3/1)") from None
+        values = list(dict.fromkeys(values))
     elif name in CHOICES:
         bad = [x for x in items if x not in CHOICES[name]]
         if bad:
@@ -323,35 +332,4 @@ def require_ctx(space: Space, min_ctx: int) -> None:
         raise SpaceError(f"--min-ctx {min_ctx}: no n_ctx in the space is that large ({d.spec()})")
     if len(keep) < len(d.values):
         space.notes.append(f"n_ctx below --min-ctx {min_ctx} dropped from the space")
-        space.dims["n_ctx"] = ranged("n_ctx", keep, d.step)
-
-
-def drop_unfit_contexts(space: Space, infos: dict[str, ModelInfo], ram_cap: float, vram_cap: float | None,
-                        gpu_offload: bool) -> None:
-    """Contexts the planner says cannot fit even with the leanest config of the space leave it; when none is
-    left, the search would only record failures: that is bad input, not a study."""
-    from tuner import planner
-
-    d = space.dims.get("n_ctx")
-    if d is None:
-        return
-    lean = {k: min(v.values) for k, v in space.dims.items() if k in ("n_batch", "n_ubatch")}
-    if gpu_offload and "n_gpu_layers" in space.dims:
-        lean["n_gpu_layers"] = min(space.dims["n_gpu_layers"].values)
-    keep, why = [], ""
-    for v in d.values:
-        need = []
-        for m in space.models:
-            p = planner.predict(space.config(m, {**lean, "n_ctx": v}), infos[m], None, gpu_offload)
-            need.append((p.ram_bytes - p.reclaimable_bytes, p.vram_bytes))
-        ram, vram = min(need)
-        if ram + (vram if gpu_offload else 0) <= ram_cap + ((vram_cap or 0) if gpu_offload else 0):
-            keep.append(v)
-        elif not why:
-            why = (f"n_ctx {v} needs {ram / 2**30:.2f} GiB of host RAM by the planner, {ram_cap / 2**30:.2f} GiB "
-                   "usable")
-    if not keep:
-        raise SpaceError(f"no context of --ctx {d.spec()} can fit: {why} (lower --ctx, free memory or --no-plan)")
-    if len(keep) < len(d.values):
-        space.notes.append(f"contexts the planner says cannot fit dropped ({why}); kept {','.join(map(str, keep))}")
         space.dims["n_ctx"] = ranged("n_ctx", keep, d.step)

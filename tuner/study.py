@@ -20,8 +20,9 @@ from typing import Callable
 import optuna
 
 from tuner import confirm as confirmlib
+from tuner import fit, planner, store
 from tuner import recommend as recommendlib
-from tuner import store
+from tuner.fit import caps
 from tuner.bench import resolve
 from tuner.ggufmeta import ModelInfo
 from tuner.record import FAILED, KV_TYPE_BYTES, TrialConfig, TrialRecord, utcnow
@@ -32,6 +33,8 @@ OBJECTIVES = ("tg", "pp", "ttft", "mixed")
 SAMPLERS = ("tpe", "random", "grid", "gp")
 HEURISTIC_MB_PER_LAYER = 3500  # the seed script's guess
 HEURISTIC_RESERVE_MB = 2048
+DEFAULT_PER_LOAD = 4
+LOAD_DIMS = frozenset(TrialConfig.LOAD_KEYS)  # dimensions whose change reloads the model
 DEFAULT_HEADROOM = 1 << 30  # left free for the OS and the display (WDDM reserves VRAM on Windows)
 WORST = {"tg": 0.0, "pp": 0.0, "mixed": 0.0, "ttft": 1e9, "mem": 1e15}
 
@@ -78,6 +81,7 @@ class SearchOptions:
     # fleet (tuner.fleet): several hosts on one shared --storage
     allow_mixed: bool = False  # hosts of another hw/build fingerprint join as a separate group
     heartbeat_s: int = 10  # a host silent for GRACE_FACTOR x this long is dead; its trial is run again
+    per_load: int = DEFAULT_PER_LOAD  # configs measured in a row per model load (Search.after_load)
 
     @property
     def storage_url(self) -> str:
@@ -214,6 +218,7 @@ class Search:
         self.parquet = self.dir / store.TRIALS_FILE
         self.logs = self.dir / "logs"
         self.runner = runner
+        self.rig = fit.rig_from_hardware(hw, opts.limits, bool(build.get("gpu_offload")))
         self.calib = None  # the planner's calibration, refitted from this study's completed trials
         self.bandwidth = None
         self.stop_requested = False
@@ -231,6 +236,10 @@ class Search:
         self.quality = None  # tuner.quality.StudyQuality: the budget the recommendation keeps to
         self.n_run = 0
         self._dupes = 0
+        self._baselines: list[tuple[dict, str]] = []  # enqueued one at a time, each after the last one's block
+        self._unmeasured_load: dict[tuple, tuple] = {}  # unmeasured config → its load key
+        self._anchor_due = False
+        self._vram_warned = False
 
     # -- set-up and resume ---------------------------------------------------------------------------
     def prepare(self) -> optuna.Study:
@@ -278,9 +287,11 @@ class Search:
                 params = dict(zip(names, combo))
                 if len(self.space.models) > 1:
                     params["model"] = model
-                key = confirmlib.config_key(self._config_from_params(params))
+                cfg = self._config_from_params(params)
+                key = confirmlib.config_key(cfg)
                 if key not in self.seen:
                     self.unmeasured.setdefault(key, params)
+                    self._unmeasured_load[key] = cfg.load_key()
 
     def exhausted(self) -> bool:
         return self.unmeasured is not None and not self.unmeasured
@@ -327,6 +338,14 @@ class Search:
             if params in seen:
                 continue
             seen.append(params)
+            self._baselines.append((params, label))
+        self._next_baseline()
+
+    def _next_baseline(self) -> None:
+        """Baselines are queued one at a time, so a baseline's block (after_load) runs before the next one's load."""
+        if self._baselines and not self.study.get_trials(deepcopy=False,
+                                                         states=(optuna.trial.TrialState.WAITING,)):
+            params, label = self._baselines.pop(0)
             self.study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
 
     # -- trials ----------------------------------------------------------------------------------------
@@ -355,14 +374,14 @@ class Search:
         return rec
 
     def _constraints(self, rec: TrialRecord) -> dict[str, float]:
-        """Positive = violated (Optuna's convention). Failures and the user's memory limits."""
-        from tuner.recommend import caps
-
+        """Positive = violated (Optuna's convention). Failures and the user's memory limits; VRAM per GPU (the
+        GPU furthest over its own budget), all GPUs together against --max-vram."""
         c = {"failed": 1.0 if rec.outcome in FAILED or rec.outcome == "skipped" else 0.0}
         ram_cap, vram_cap = caps(self.hw, self.opts.limits)
         c["ram"] = (rec.peak_rss_bytes - ram_cap) / ram_cap if rec.ok and rec.peak_rss_bytes else c["failed"]
         if vram_cap and rec.ok and rec.peak_vram_bytes is not None:
-            c["vram"] = (rec.peak_vram_bytes - vram_cap) / vram_cap
+            over = [(p - cap) / cap for p, cap in zip(rec.peak_vram_by_gpu or [], self.rig.vram_caps) if cap > 0]
+            c["vram"] = max(over + [(rec.peak_vram_bytes - vram_cap) / vram_cap])
         else:
             c["vram"] = c["failed"]
         return c
@@ -414,12 +433,33 @@ class Search:
         self._steer(trial)
 
     def _steer(self, trial: optuna.Trial) -> None:
+        """Queue a config not measured yet: one that the loaded model can run without a reload, if any."""
         import random
 
         if self.unmeasured:
             rng = random.Random(self.opts.seed * 100003 + trial.number)
-            params = self.unmeasured[rng.choice(sorted(self.unmeasured, key=repr))]
+            loaded = self.runner.loaded_key if self.runner is not None else None
+            same = [k for k in self.unmeasured if loaded is not None and self._unmeasured_load.get(k) == loaded]
+            params = self.unmeasured[rng.choice(sorted(same or self.unmeasured, key=repr))]
             self.study.enqueue_trial(params, user_attrs={"enqueued": "not measured yet"})
+
+    def after_load(self, trial: optuna.Trial, rec: TrialRecord) -> None:
+        """This trial loaded the model: queue up to per_load - 1 more configs with the same load parameters (model
+        file, GPU layers, experts in RAM, split, mmap), their other dimensions left to the sampler, so that a
+        reload (minutes for a model of hundreds of GB) is paid once for several measurements, as llama-bench
+        sweeps every test of one load before the next."""
+        if self.opts.per_load <= 1 or not rec.model_loaded or not rec.ok or self.opts.sampler == "grid":
+            return
+        varying = self.space.varying()
+        if not [k for k in varying if k not in LOAD_DIMS]:
+            return  # nothing to vary within one load
+        fixed = {k: v for k, v in trial.params.items() if k in LOAD_DIMS or k == "model"}
+        n = self.opts.per_load - 1
+        if self.unmeasured is not None:
+            key = rec.config.load_key()
+            n = min(n, sum(1 for k in self.unmeasured if self._unmeasured_load.get(k) == key))
+        for _ in range(n):
+            self.study.enqueue_trial(fixed, user_attrs={"enqueued": "same load"})
 
     def run_one(self, trial: optuna.Trial) -> TrialRecord | None:
         cfg = self._suggest(trial)
@@ -433,6 +473,7 @@ class Search:
         self._dupes = 0
         if self.unmeasured is not None:
             self.unmeasured.pop(key, None)
+            self._unmeasured_load.pop(key, None)
         skip = invalid_reason(cfg)
         dom = None if skip else dominated_by(cfg, self.failed)
         pred, plan_skip = self._plan(cfg)
@@ -468,8 +509,21 @@ class Search:
         rec.baseline = baseline
         rec.drift = self.drifting
         rec.state = "COMPLETE"
+        self.warn_unknown_vram(rec)
         self._tell_and_write(number, rec)
         return rec
+
+    def warn_unknown_vram(self, rec: TrialRecord) -> bool:
+        """--max-vram cannot be kept when NVML reports neither the worker's VRAM nor the device's: say so once
+        (the trial's VRAM is null, never 0, and the limit is then judged on the planner's prediction alone)."""
+        if (self._vram_warned or not rec.ok or rec.peak_vram_bytes is not None or not self.opts.limits.max_vram
+                or not self.rig.gpu_offload):
+            return False
+        self._vram_warned = True
+        print(f"warning: --max-vram cannot be checked against measurements: NVML reports no VRAM for this worker "
+              f"(vram_by {rec.vram_by or 'none'}); only the planner's prediction keeps configs within it",
+              file=sys.stderr)
+        return True
 
     def _claim(self, key: tuple, number: int) -> int | None:
         """Claim a config for this trial; the trial that measured it already, if any (then nothing is run)."""
@@ -480,25 +534,15 @@ class Search:
 
     def _plan(self, cfg: TrialConfig):
         """The planner's prediction (calibrated on this study's trials) and why it cannot fit, if it cannot."""
-        from tuner import planner
-        from tuner.recommend import caps
-
         measured = [r for r in self.records if r.searched]
         n_ok = sum(1 for r in measured if r.ok and r.peak_rss_bytes)
         if self.calib is None or n_ok != self.calib.n_ram:  # refit only when a trial was added
             self.calib = planner.Calibration.from_records(measured, self.infos)
-        pred = planner.predict(cfg, self.infos[cfg.model], self.calib, bool(self.build.get("gpu_offload")))
+        pred = fit.predict(cfg, self.infos[cfg.model], self.rig, self.calib)
         if not self.opts.plan:
             return pred, None
-        ram_cap, vram_cap = caps(self.hw, self.opts.limits)
-        need_ram = pred.ram_bytes - pred.reclaimable_bytes
-        if vram_cap and pred.vram_bytes > vram_cap:
-            return pred, (f"planner: needs {pred.vram_bytes / 2**30:.2f} GiB VRAM, "
-                          f"{vram_cap / 2**30:.2f} GiB usable")
-        if need_ram > ram_cap:
-            return pred, (f"planner: needs {need_ram / 2**30:.2f} GiB host RAM, {ram_cap / 2**30:.2f} GiB usable "
-                          "(it would swap)")
-        return pred, None
+        ok, why = fit.judge(pred, self.rig)
+        return pred, (None if ok else f"planner: {why}")
 
     def _write(self, rec: TrialRecord) -> None:
         if rec.outcome not in ("ok", "skipped") and self.runner is not None and self.runner.last_log:
@@ -654,15 +698,22 @@ class Search:
             if self._dupes >= self.MAX_DUPLICATES:
                 self.finished = f"the sampler proposed {self._dupes} measured configs in a row"
                 break
+            self._next_baseline()
             trial = self.study.ask()
             rec = self.run_one(trial)
             if rec is None:
                 continue
             self.n_run += 1
+            self.after_load(trial, rec)
             self.write_recommendation()
             if self.on_trial:
                 self.on_trial(self, rec)
-            if (self.opts.drift_every and self.n_run % self.opts.drift_every == 0 and self.budget_left()):
+            if self.opts.drift_every and self.n_run % self.opts.drift_every == 0:
+                self._anchor_due = True
+            # the anchor is another load: it waits until the loaded model's queued configs are measured
+            if self._anchor_due and self.budget_left() and not self.study.get_trials(
+                    deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+                self._anchor_due = False
                 self._anchor()
 
     def confirm(self) -> dict | None:

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from tuner.record import TrialConfig, oom_line
+from tuner.record import TrialConfig, oom_line, parse_tensor_split
 
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 SPLIT_MODE = {"none": 0, "layer": 1, "row": 2}
@@ -98,6 +98,8 @@ class Worker:
         self.emit("stage", stage="load")
         if fault == "hang_load":
             time.sleep(10**6)
+        if fault == "slow_load":  # a load that takes a while (a big model from disk), then succeeds
+            time.sleep(float(os.environ.get("TUNER_SLOW_LOAD_S", "2")))
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = cfg.n_gpu_layers
         mp.split_mode = SPLIT_MODE[cfg.split_mode]
@@ -107,7 +109,7 @@ class Worker:
         else:
             mp.load_mode = L.LLAMA_LOAD_MODE_AUTO if cfg.use_mmap else L.LLAMA_LOAD_MODE_NONE
         if cfg.tensor_split:
-            parts = [float(x) for x in cfg.tensor_split.split(",")]
+            parts = parse_tensor_split(cfg.tensor_split)
             n = L.llama_max_devices()
             self._tensor_split = (ctypes.c_float * n)(*(parts + [0.0] * (n - len(parts)))[:n])
             mp.tensor_split = self._tensor_split

@@ -17,14 +17,13 @@ from tuner.options import TunerError, bench_params, config_option, run_params, s
 @click.option("--cpu-moe", "cpu_moe", is_flag=True, default=None, help="all routed experts in host RAM")
 @click.option("-ot", "--override-tensor", "overrides", multiple=True,
               help="PATTERN=BUFFER, as llama.cpp -ot (e.g. 'exps=CPU'); repeatable")
-@click.option("-ts", "--tensor-split", "tensor_split", default=None, help="proportions per GPU, e.g. 3,1")
 @click.option("--warmup/--no-warmup", "warmup", default=None, help="one untimed run first (as llama-bench)")
 @shape_params
 @run_params()
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default="results/bench.parquet", show_default=True,
               help="Parquet file the trial row is appended to")
 @click.option("--json", "as_json", is_flag=True, help="print the trial record as JSON")
-def bench(config, model, timeout, mem_limit, no_wait, lock_file, out, as_json, **params):
+def bench(config, model, timeout, load_timeout, mem_limit, no_wait, lock_file, out, as_json, **params):
     """Measure one config the way llama-bench does, in a crash-isolated worker process.
 
     Prints pp/tg t/s (mean ± sd over the repetitions), TTFT and peak memory, and appends the trial to a
@@ -39,7 +38,8 @@ def bench(config, model, timeout, mem_limit, no_wait, lock_file, out, as_json, *
     if not model:
         raise TunerError("no model given (pass MODEL or --config FILE)")
     try:
-        res = benchlib.measure(model, out, timeout, mem_limit, no_wait, lock_file=lock_file, **params)
+        res = benchlib.measure(model, out, timeout, mem_limit, no_wait, lock_file=lock_file, load_timeout=load_timeout,
+                               **params)
     except benchlib.BenchError as e:
         raise TunerError(str(e)) from None
     if res.interrupted:

@@ -31,6 +31,35 @@ def log(line: str) -> None:
     click.echo(line, err=True)
 
 
+def describe_plan(plan: dict) -> list[str]:
+    """A dry run for the terminal: the rig, the dimensions with why, the count that fits, the memory extremes."""
+    rig = plan["rig"]
+    gpus = ", ".join(f"GPU {g['index']} {fmt_size(g['vram_total'])} ({fmt_size(g['vram_usable'])} usable)"
+                     for g in rig["gpus"]) or "no GPU"
+    lines = [f"dry run for {'a described rig' if rig['described'] else 'this machine'}: {gpus}; host RAM "
+             f"{fmt_size(rig['ram_usable'])} usable" + ("" if rig["gpu_offload"] else " (CPU-only build)")]
+    lines += [f"note: {n}" for n in plan["notes"]]
+    for k, vals in plan["dimensions"].items():
+        shown = (f"{vals[0]}..{vals[-1]} ({len(vals)} values)" if len(vals) > 4 and all(isinstance(v, int)
+                 for v in vals) else ",".join(str(v) for v in vals))
+        why = plan["reasons"].get(k)
+        lines.append(f"  {k} = {shown}" + (f": {why}" if why else ""))
+    lines.append(f"{plan['configs']} of {plan['configs_in_space']} configs fit by the planner"
+                 + (f"; {plan['skipped_by_planner']} would be skipped, e.g. {plan['why_skipped'][0]}"
+                    if plan["skipped_by_planner"] and plan["why_skipped"] else ""))
+    for label in ("lowest_vram", "highest_vram"):
+        x = plan[label]
+        if x:
+            c = x["config"]
+            where = " + ".join(fmt_size(v) for v in x["vram_by_device"]) if len(x["vram_by_device"]) > 1 \
+                else fmt_size(x["vram_bytes"])
+            lines.append(f"{label.replace('_', ' ')}: -ngl {c['n_gpu_layers']} --n-cpu-moe {c['n_cpu_moe']}"
+                         + (f" -ts {c['tensor_split']}" if c["tensor_split"] else "") + f" -c {c['n_ctx']}"
+                         f" -ub {c['n_ubatch']} -fa {c['flash_attn']}: VRAM {where}, host "
+                         f"{fmt_size(x['resident_bytes'])} resident + {fmt_size(x['mmap_bytes'])} mmap'd")
+    return lines
+
+
 class Progress:
     """One line per trial: count, elapsed, ETA against the budget, best so far, the last outcome."""
 

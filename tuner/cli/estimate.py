@@ -6,7 +6,7 @@ import json
 
 import click
 
-from tuner import planner
+from tuner import planner, whatif
 from tuner.bench import fmt_size
 from tuner.ggufmeta import read_model
 from tuner.options import SIZE, TunerError
@@ -105,7 +105,7 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n
     quants = [q.strip() for q in what_if.split(",") if q.strip()] if what_if else []
     for q in quants:
         try:
-            planner._ftype_key(q)
+            whatif._ftype_key(q)
         except ValueError as e:
             raise TunerError(str(e)) from None
     if n_gpu_layers is not None and n_gpu_layers < -1:
@@ -117,7 +117,7 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n
     result = []
     for info in infos:
         rows = planner.estimate(info, ctxs, ram, vram, hr, base, calib, n_gpu_layers)
-        wi = planner.what_if(info, quants) if quants else []
+        wi = whatif.what_if(info, quants) if quants else []
         result.append({"model": info.path, "arch": info.arch, "n_params": info.n_params, "file_size": info.file_size,
                        "shards": len(info.shards), "ram": ram, "vram": vram, "headroom": hr, "contexts": rows,
                        "what_if": wi})

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from tuner.cli.common import Progress, limits_options, log, print_recommendation
-from tuner.options import DURATION, TunerError, config_option, quality_params, run_params, shape_params, space_params
+from tuner.cli.common import Progress, describe_plan, limits_options, log, print_recommendation
+from tuner.options import (DURATION, SIZE, SIZES, TunerError, config_option, quality_params, run_params, shape_params,
+                           space_params)
 from tuner.study import OBJECTIVES, SAMPLERS
 
 
@@ -68,10 +70,20 @@ from tuner.study import OBJECTIVES, SAMPLERS
                    "more files, or --reference); files beyond the budget are searched but never recommended")
 @quality_params(" (default 0.05); files beyond it are never recommended", text_flag="--quality-text")
 @click.option("--quality-ctx", type=int, default=None, help="tokens per quality chunk (llama-perplexity -c) [512]")
+@click.option("--per-load", type=click.IntRange(min=1), default=4, show_default=True,
+              help="configs measured in a row per model load (same model, GPU layers, experts in RAM, split, mmap), "
+                   "the rest of each config chosen by the sampler; 1: the sampler's order, a reload at every change")
+@click.option("--dry-run", is_flag=True, help="build the space and the planner's verdicts, measure nothing, write "
+              "nothing: the region searched, how many configs fit, the leanest and hungriest in memory")
+@click.option("--json", "as_json", is_flag=True, help="with --dry-run: print the plan as JSON")
+@click.option("--gpus", type=SIZES, default=None, help="with --dry-run: plan for these GPUs instead of this "
+              "machine's, e.g. 24GiB or 24GiB,24GiB (a GPU build is assumed)")
+@click.option("--ram", "ram", type=SIZE, default=None, help="with --dry-run: plan for this much host RAM")
 def search(config, models, synthetic, quants, study, results, storage, sampler, seed, n_trials, timeout,
-           resume, objective, pareto, min_ctx, max_vram, max_ram, headroom, trial_timeout, mem_limit, no_wait,
-           lock_file, allow_mixed, heartbeat_s, drift_every, drift_tolerance, baselines, plan, reuse_workers, auto_space, confirm, no_confirm,
-           confirm_rounds, quality, reference, reference_logits, text, max_kld, min_same_top, quality_ctx, **params):
+           resume, objective, pareto, min_ctx, max_vram, max_ram, headroom, trial_timeout, load_timeout, mem_limit,
+           no_wait, lock_file, allow_mixed, heartbeat_s, drift_every, drift_tolerance, baselines, plan, reuse_workers,
+           auto_space, confirm, no_confirm, confirm_rounds, quality, reference, reference_logits, text, max_kld,
+           min_same_top, quality_ctx, per_load, dry_run, as_json, gpus, ram, **params):
     """Search for the fastest config that fits: an Optuna study, every trial crash-isolated.
 
     Each dimension is a value, a list or a range: --ngl 0:61, --ctx 4096,8192, --threads 4:16:2. With only
@@ -91,7 +103,10 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
       tuner search --synthetic dense --n-trials 10
       tuner search -m Q8_0.gguf -m Q4_K_M.gguf -m Q2_K.gguf --reference BF16.gguf --max-kld 0.03
       tuner search --model gemma-3-270m-q4_k_m.gguf --ctx 4096,16384,32768 --depth 1024
+      tuner search -m DeepSeek-V3-Q4_K_M-00001-of-00009.gguf --dry-run --gpus 24GiB,24GiB --ram 512GiB
     """
+    if as_json and not dry_run:
+        raise TunerError("--json prints a dry run's plan: add --dry-run")
     from tuner.search import SearchError, run_search
 
     try:
@@ -105,9 +120,13 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
                          confirm_rounds=confirm_rounds, quality=quality, max_kld=max_kld,
                          min_same_top=min_same_top, reference=reference, reference_logits=reference_logits,
                          quality_text=text, quality_ctx=quality_ctx, on_trial=Progress(), on_confirm=Progress().confirmed,
-                         log=log, **params)
+                         log=(lambda line: None) if as_json else log, dry_run=dry_run, gpus=gpus, ram=ram,
+                         per_load=per_load, load_timeout=load_timeout, **params)
     except SearchError as e:
         raise TunerError(str(e)) from None
+    if res.plan is not None:
+        click.echo(json.dumps(res.plan, indent=1) if as_json else "\n".join(describe_plan(res.plan)))
+        return 0
     # the command as typed, when it was typed as `tuner ...`
     resume_hint = (shlex.join(["tuner"] + sys.argv[1:]) if sys.argv and "tuner" in Path(sys.argv[0]).name
                    else f"tuner search --study {res.study_dir.name} --results {results} --resume (same options)")
