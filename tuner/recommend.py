@@ -109,9 +109,15 @@ def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", 
                   "size_bytes": best.model_size_bytes, "hash": best.model_hash},
         "forms": forms(best.config, best),
     }
+    notes = []
     if working < asked:
-        out["notes"] = [f"nothing fit within the limits at the largest context asked ({asked}); recommended at "
-                        f"{working}"]
+        notes.append(f"nothing fit within the limits at the largest context asked ({asked}); recommended at "
+                     f"{working}")
+    if limits.max_vram and any(r.ok and r.vram_by == "none" for r in searched):
+        notes.append("--max-vram could not be checked on every trial: NVML reported no VRAM for some workers "
+                     "(vram_by none); those trials are judged on host memory only")
+    if notes:
+        out["notes"] = notes
     ladder = context_ladder(pool_, cands, objective, confirm.config_key(best.config))
     if len(ladder) > 1:
         out["context_ladder"] = ladder

@@ -181,7 +181,7 @@ class Runner:
         rfd, wfd = os.pipe()
         log_path = Path(self._tmp.name) / f"worker-{time.monotonic_ns()}.log"
         # GGML_NO_BACKTRACE: on abort ggml would attach gdb for a backtrace; that is slow and floods the log
-        env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1", TUNER_WORKER_TMP=self._tmp.name)
         with open(log_path, "wb") as log:
             argv = [sys.executable, "-m", "tuner.worker", str(wfd)]
             if self.limit:
@@ -313,8 +313,9 @@ class Runner:
                     x.killed_for = f"timeout: the model load took over {self.load_timeout:g} s (--load-timeout)"
                     break
                 if x.result is None and x.stage != "load" and now - t0 - (load_s or 0.0) > self.timeout:
-                    x.killed_for = (f"timeout: no result after {self.timeout:g} s"
-                                    + (f" (besides a {load_s:.0f} s load)" if load_s else "") + f" (stage {x.stage})")
+                    x.killed_for = (f"timeout: no result after {self.timeout:g} s (stage {x.stage})"
+                                    + (f"; the {load_s:.0f} s model load before it not counted"
+                                       if load_s and load_s >= 1 else ""))
                     break
                 x.killed_for = self._thrashing_weights(model, refault0, x.stage) if self.limit and model else None
                 if x.killed_for:
@@ -369,7 +370,8 @@ class Runner:
         rec.outcome, rec.cause = x.outcome, x.cause
         if result:
             for k in ("pp_samples", "tg_samples", "ttft_samples_ms", "load_ms", "peak_rss_bytes",
-                      "n_gpu_layers_effective", "overrides_applied", "flash_attn_resolved"):
+                      "n_gpu_layers_effective", "overrides_applied", "flash_attn_resolved", "depth_fill_ms",
+                      "depth_restore_ms"):
                 if k in result and not (killed_for and k in SAMPLES):  # a stopped trial measured nothing
                     setattr(rec, k, result[k])
         if rec.peak_rss_bytes is None:

@@ -8,6 +8,7 @@ and exits on EOF. Anything fatal (a signal, an abort) kills only this process; t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -23,6 +24,7 @@ from tuner.record import TrialConfig, oom_line, parse_tensor_split
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 SPLIT_MODE = {"none": 0, "layer": 1, "row": 2}
 # llama_decode: 1 = no KV slot for the batch, -2 = allocation failed (llama-context.cpp)
+DEPTH_STATES = 4  # filled-context state files a worker keeps
 DECODE_OOM = {1: "no KV cache slot for the batch (context full)", -2: "allocation failed during decode"}
 
 
@@ -77,6 +79,8 @@ class Worker:
         self.load_ms = None
         self.n_layer = None
         self.applied: list[str] = []
+        self.depth_states: dict[tuple, str] = {}  # filled contexts saved to files, see depth_restore
+        self.timing = {"depth_fill_ms": [], "depth_restore_ms": []}
 
     def emit(self, event: str, **data) -> None:
         if event == "stage":  # the runner's figure for a worker that dies before it can report a result
@@ -133,6 +137,35 @@ class Worker:
         self.n_layer = L.llama_model_n_layer(model)
         self.applied = parse_overrides(self.log.lines[mark:])
 
+    # -- a filled context, once -------------------------------------------------------------------
+    def depth_save(self, ctx, key: tuple) -> None:
+        """Keep the filled sequence's state in a file: its pages live in the page cache, not in this process's
+        memory (a copy in RAM would add a whole KV cache to the trial's peak). A few are kept (a trial's pp and
+        tg run in contexts of their own), the oldest removed."""
+        path = f"{_depth_file()}.{len(self.depth_states)}.{time.monotonic_ns()}"
+        if self.L.llama_state_seq_save_file(ctx, path.encode(), 0, (self.L.llama_token * 1)(), 0):
+            self.depth_states[key] = path
+        while len(self.depth_states) > DEPTH_STATES:
+            old = self.depth_states.pop(next(iter(self.depth_states)))
+            with contextlib.suppress(OSError):
+                os.unlink(old)
+
+    def depth_restore(self, ctx, key: tuple, n_depth: int) -> bool:
+        """Restore the filled context saved for this key (False: fill it anew); checked: the sequence must end
+        where the fill ended."""
+        path = self.depth_states.get(key)
+        if path is None:
+            return False
+        t0 = time.perf_counter_ns()
+        n = ctypes.c_size_t(0)
+        ok = self.L.llama_state_seq_load_file(ctx, path.encode(), 0, (self.L.llama_token * 1)(), 1, ctypes.byref(n))
+        mem = self.L.llama_get_memory(ctx)
+        if not ok or self.L.llama_memory_seq_pos_max(mem, 0) != n_depth - 1:
+            self.L.llama_memory_clear(mem, False)
+            return False
+        self.timing["depth_restore_ms"].append((time.perf_counter_ns() - t0) / 1e6)
+        return True
+
     # -- measuring --------------------------------------------------------------------------------
     def run(self, job: dict) -> dict:
         cfg = TrialConfig.from_dict(job["config"])
@@ -159,6 +192,7 @@ class Worker:
                 ctx_size += 1
             phases = [(ctx_size, True, True)]
         result: dict = {"pp_samples": [], "tg_samples": [], "ttft_samples_ms": []}
+        self.timing = {"depth_fill_ms": [], "depth_restore_ms": []}
         fa = None
         for n_ctx, pp, tg in phases:
             ctx, resolved = self.context(cfg, n_ctx, fault)
@@ -173,7 +207,10 @@ class Worker:
         result.update(load_ms=self.load_ms, flash_attn_resolved=fa, model_n_layer=self.n_layer, overrides_applied=self.applied,
                       n_gpu_layers_effective=effective_gpu_layers(cfg.n_gpu_layers, self.n_layer,
                                                                   bool(L.llama_supports_gpu_offload())),
-                      peak_rss_bytes=(_status_kib("VmHWM") or 0) * 1024)
+                      peak_rss_bytes=(_status_kib("VmHWM") or 0) * 1024,
+                      depth_fill_ms=sum(self.timing["depth_fill_ms"]) if self.timing["depth_fill_ms"] else None,
+                      depth_restore_ms=(float(np.median(self.timing["depth_restore_ms"]))
+                                        if self.timing["depth_restore_ms"] else None))
         return result
 
     @staticmethod
@@ -241,9 +278,20 @@ class Worker:
                 L.llama_synchronize(ctx)
 
         def depth() -> None:
+            # llama-bench prefills the depth before every repetition; a filled 32k context takes minutes on a
+            # CPU, so it is filled once and its state restored from a file for each repetition (the cache then
+            # holds the same cells, positions and sliding-window contents as after the fill)
             L.llama_memory_clear(mem, False)
-            if cfg.n_depth:
-                prompt(tokens(cfg.n_depth))
+            if not cfg.n_depth:
+                return
+            key = (cfg.load_key(), L.llama_n_ctx(ctx), cfg.n_depth, cfg.type_k, cfg.type_v, cfg.flash_attn,
+                   cfg.n_ubatch)
+            if self.depth_restore(ctx, key, cfg.n_depth):
+                return
+            t0 = time.perf_counter_ns()
+            prompt(tokens(cfg.n_depth))
+            self.timing["depth_fill_ms"].append((time.perf_counter_ns() - t0) / 1e6)
+            self.depth_save(ctx, key)
 
         n_prompt = cfg.n_prompt if do_pp else 0
         n_gen = cfg.n_gen if do_tg else 0
@@ -283,6 +331,12 @@ class Worker:
             t1 = time.perf_counter_ns()
             tg.append(n_gen * 1e9 / (t1 - t0))
         return {"pp_samples": pp, "tg_samples": tg, "ttft_samples_ms": ttft}
+
+
+def _depth_file() -> str:
+    # in the runner's folder for this worker's files (removed with it, even after a SIGKILL of the worker)
+    folder = os.environ.get("TUNER_WORKER_TMP") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(folder, f"depth-{os.getpid()}.state")
 
 
 def effective_gpu_layers(requested: int, n_layer: int, offload: bool) -> int:
