@@ -374,6 +374,10 @@ class FleetSearch(Search):
             print(f"study {self.opts.study_name} is finished: {done} trials done; nothing to run"
                   + (f" ({self.finished})" if self.finished else ""), file=sys.stderr)
 
+    def after_load(self, trial: optuna.Trial, rec: TrialRecord) -> None:
+        """No per-load blocks in a fleet: Optuna's queue is shared, so a queued config would go to whichever
+        host asks next and cost that host a load instead of saving one here."""
+
     def run_one(self, trial: optuna.Trial) -> TrialRecord | None:
         # the heartbeat starts at once: a host that dies before measuring leaves a stale trial, not a lost one
         with Beat(lambda: self.backend.record_heartbeat(trial._trial_id), self.opts.heartbeat_s):

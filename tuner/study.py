@@ -564,12 +564,20 @@ class Search:
         self._write(rec)  # Parquet first: a resume finds the row and tells Optuna from it
         self._tell(number, rec, cons)
 
+    def _anchor_config(self) -> TrialConfig | None:
+        ok = [r for r in self.records if r.ok and r.searched]
+        return next((r.config for r in ok if r.baseline == "llama.cpp defaults"), ok[0].config) if ok else None
+
+    def _anchor_loaded(self) -> bool:
+        """The anchor runs on the model the worker has loaded: no reload."""
+        cfg = self._anchor_config()
+        return cfg is not None and self.runner is not None and self.runner.loaded_key == cfg.load_key()
+
     def _anchor(self) -> None:
         """Re-measure the anchor config; mark drift when its tg moved beyond the tolerance."""
-        ok = [r for r in self.records if r.ok and r.searched]
-        if not ok:
+        cfg = self._anchor_config()
+        if cfg is None:
             return
-        cfg = next((r.config for r in ok if r.baseline == "llama.cpp defaults"), ok[0].config)
         rec = self.runner.run(cfg)
         rec.study, rec.state, rec.baseline = self.opts.study_name, "anchor", "anchor"
         tg = rec.metric("tg")[0]
@@ -712,9 +720,9 @@ class Search:
                 self.on_trial(self, rec)
             if self.opts.drift_every and self.n_run % self.opts.drift_every == 0:
                 self._anchor_due = True
-            # the anchor is another load: it waits until the loaded model's queued configs are measured
-            if self._anchor_due and self.budget_left() and not self.study.get_trials(
-                    deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            # an anchor that needs another load waits until the loaded model's queued configs are measured
+            if self._anchor_due and self.budget_left() and (self._anchor_loaded() or not self.study.get_trials(
+                    deepcopy=False, states=(optuna.trial.TrialState.WAITING,))):
                 self._anchor_due = False
                 self._anchor()
 
