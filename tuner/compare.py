@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterable
 from scipy import stats
 
 from tuner import store
-from tuner.bench import fmt_size
 from tuner.record import FAILED, TrialConfig, TrialRecord
+from tuner.units import fmt_size
 
 
 @dataclass(frozen=True)

@@ -852,7 +852,7 @@ def min_cpu_moe(cfg: TrialConfig, info: ModelInfo, vram: int, headroom: float, c
 def estimate(info: ModelInfo, ctxs: list[int], ram: int, vram: int, headroom: float, base: TrialConfig,
              calib: Calibration | None = None, ngl: int | None = None) -> list[dict]:
     """One row per context: sizes, the largest n_gpu_layers that fits and the host/GPU split it gives."""
-    from tuner.bench import fmt_size
+    from tuner.units import fmt_size
 
     rows = []
     for ctx in ctxs:

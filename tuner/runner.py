@@ -25,10 +25,10 @@ from pathlib import Path
 import psutil
 
 from tuner import hardware
-from tuner.bench import fmt_size
 from tuner.ggufmeta import read_model
 from tuner.memlimit import MemLimit
 from tuner.record import TrialConfig, TrialRecord, oom_line, utcnow
+from tuner.units import fmt_size
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_SWAP_RATE = 64 << 20  # bytes/s swapped in, sustained over SWAP_WINDOW: the machine is thrashing

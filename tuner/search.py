@@ -48,7 +48,7 @@ def study_name(models: list[str]) -> str:
 
 def check_limits(hwinfo, max_ram, max_vram, headroom) -> None:
     """Limits that leave no memory at all are a typo, not a search."""
-    from tuner.bench import fmt_size
+    from tuner.units import fmt_size
     from tuner.options import headroom_bytes
 
     if headroom_bytes(headroom, hwinfo.ram_total) >= hwinfo.ram_total:

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from tuner import store
-from tuner.bench import fmt_size
 from tuner.options import HEADROOM, SIZE
+from tuner.units import fmt_size, hms
 
 
 def limits_options(f):
@@ -74,11 +74,6 @@ class Progress:
         s = objective_samples(rec, srch.opts.objective) if rec.ok else []
         what = f"{srch.opts.objective} {sum(s) / len(s):.2f}" if s else f"{rec.outcome}: {rec.cause[:60]}"
         click.echo(f"  [confirm round {rnd + 1}] #{cand.trial_number} ({'+'.join(cand.roles)}): {what}", err=True)
-
-
-def hms(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def print_recommendation(rec: dict | None, study_dir: Path, written: bool = True) -> None:

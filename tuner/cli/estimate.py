@@ -7,10 +7,10 @@ import json
 import click
 
 from tuner import planner
-from tuner.bench import fmt_size
 from tuner.ggufmeta import read_model
 from tuner.options import SIZE, TunerError
 from tuner.record import FLASH_ATTN, KV_TYPES, TrialConfig
+from tuner.units import fmt_size
 
 
 def parse_ctx_list(text: str) -> list[int]:
@@ -30,8 +30,8 @@ def parse_headroom(text: str, ram: int) -> float:
 
     try:
         h = parse(text)
-    except click.BadParameter as e:
-        raise TunerError(f"--headroom: {e.message}") from None
+    except ValueError as e:
+        raise TunerError(f"--headroom: {e}") from None
     v = h if isinstance(h, float) else headroom_bytes(h, ram) / ram
     if not 0 <= v < 0.9:
         raise TunerError(f"--headroom must be between 0 and 90% of memory, got {text!r}")

@@ -19,11 +19,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from tuner.bench import fmt_size
 from tuner.recommend import BASELINES, pareto_front
 from tuner.record import OUTCOMES, TrialConfig, TrialRecord
 from tuner.report.load import (DEFAULT_MAP, SHAPE_FIELDS, Study, mem_scale, model_label, parse_utc, shape_label,
                                varying_fields, xvalue)
+from tuner.units import fmt_size
 
 
 OUTCOME_COLOURS = {"ok": "#2ca02c", "oom": "#d62728", "crash": "#9467bd", "timeout": "#ff7f0e",
