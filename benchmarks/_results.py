@@ -69,11 +69,11 @@ def rate_ci(k: int, n: int) -> dict:
             "upper95": float(upper)}
 
 
-def save(name: str, result: dict, out: str | Path = RESULTS, echo: bool = True) -> Path:
-    """Write result (plus its provenance) as out/NAME-YYYYmmdd-HHMMSS.json; returns the path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+def save(name: str, result: dict, out: str | Path = RESULTS, echo: bool = True, path: str | Path | None = None) \
+        -> Path:
+    """Write result (plus its provenance) as out/NAME-YYYYmmdd-HHMMSS.json, or to `path`; returns the path."""
+    path = Path(path) if path else Path(out) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     result = {**result, "provenance": result.get("provenance") or provenance()}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")

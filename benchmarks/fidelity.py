@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._results import save  # noqa: E402
 from tuner.lock import measurement_lock  # noqa: E402
 
 TOLERANCE = 0.03
@@ -344,12 +345,8 @@ def main(argv=None) -> int:
         "within_tolerance": ok,
         "cases": cases,
     }
-    # one file per run (a second run the same day used to overwrite the first)
-    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"fidelity-{started:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
-    tmp_out.replace(out)
+    # one file per run, with its provenance (the files saved before 2026-12-03 had none: results/legacy/)
+    out = save("fidelity", result, echo=False, path=a.out)
     print(f"\n{'all within ±3 %' if ok else 'NOT all within ±3 %'}; wrote {out}")
     return 0 if ok else 1
 
