@@ -35,7 +35,10 @@ def resolve(cfg: TrialConfig, info: ModelInfo | None = None) -> TrialConfig:
 
 
 def table(recs: list[TrialRecord]) -> str:
-    """A llama-bench style markdown table: one line per test (pp512, tg128, ttft), mean ± sd."""
+    """A llama-bench style markdown table: one line per test (pp512, tg128, ttft), mean ± sd.
+
+    By hand, not rich (tuner.tables): llama-bench prints this GitHub markdown layout, with alignment colons,
+    and users put the two side by side."""
     head = ["model", "size", "params", "ngl", "threads", "n_batch", "n_ubatch", "fa", "test", "t/s"]
     rows = []
     for r in recs:

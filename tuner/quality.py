@@ -183,7 +183,8 @@ class Settings:
 
 
 class Progress:
-    """A progress line with ETA on a stream, at most every `every` seconds and at the end of each pass."""
+    """A progress line with ETA on a stream, at most every `every` seconds and at the end of each pass (plain
+    lines, as the search's: tuner.cli.common.Progress says why)."""
 
     def __init__(self, stream=None, every: float = 2.0):
         self.stream = stream if stream is not None else sys.stderr

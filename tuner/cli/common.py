@@ -32,7 +32,12 @@ def log(line: str) -> None:
 
 
 class Progress:
-    """One line per trial: count, elapsed, ETA against the budget, best so far, the last outcome."""
+    """One line per trial: count, elapsed, ETA against the budget, best so far, the last outcome.
+
+    Plain lines, not a rich live display: a search runs overnight, mostly into a log file or a CI log, where a
+    redrawn bar leaves nothing to read back; and its ETA is its own (the budget, the configs a small space has
+    left, the confirmation's estimate), not a rate a progress library extrapolates. The quality passes'
+    progress (tuner.quality.Progress) is plain lines for the same reasons."""
 
     def __call__(self, srch, rec) -> None:
         from tuner.search import search_total

@@ -10,6 +10,7 @@ from tuner import planner
 from tuner.ggufmeta import read_model
 from tuner.options import SIZE, TunerError
 from tuner.record import FLASH_ATTN, KV_TYPES, TrialConfig
+from tuner.tables import text_table
 from tuner.units import fmt_size
 
 
@@ -39,11 +40,8 @@ def parse_headroom(text: str, ram: int) -> float:
 
 
 def table(rows: list[dict], headers: list[tuple[str, str]]) -> str:
-    cells = [[h for _, h in headers]] + [[_cell(r.get(k)) for k, _ in headers] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
-    lines = ["  ".join(c[i].ljust(widths[i]) if i == 0 else c[i].rjust(widths[i]) for i in range(len(headers)))
-             for c in cells]
-    return "\n".join(lines)
+    return text_table([h for _, h in headers], [[_cell(r.get(k)) for k, _ in headers] for r in rows],
+                      set(range(1, len(headers))))
 
 
 def _cell(v) -> str:
