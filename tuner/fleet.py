@@ -49,6 +49,7 @@ import sqlalchemy as sa
 from tuner import confirm as confirmlib
 from tuner import hardware, store
 from tuner import recommend as recommendlib
+from tuner.options import TunerError
 from tuner.record import TrialRecord, utcnow
 from tuner.study import (Limits, Search, SearchOptions, StudyError, make_sampler, open_storage, open_study,
                          redact)
@@ -544,8 +545,6 @@ def _write_group(storage, ledger: Ledger, url: str, base: str, name: str, gdir: 
 def snapshot_for_cli(url: str | None, base: str | None, folder, nest: bool = False) -> list[Path]:
     """snapshot() for `tuner recommend/report --storage URL --study NAME`: bad input as a one-line TunerError;
     without a folder, a temp folder that lives as long as the process."""
-    from tuner.options import TunerError
-
     if not url or not base:
         raise TunerError("--storage and --study go together: the shared storage's URL and the study's name")
     if folder is None:

@@ -8,7 +8,8 @@ import click
 
 from tuner import planner
 from tuner.ggufmeta import read_model
-from tuner.options import SIZE, TunerError
+from tuner.options import SIZE, TunerError, headroom_bytes
+from tuner.options import parse_headroom as options_headroom
 from tuner.record import FLASH_ATTN, KV_TYPES, TrialConfig
 from tuner.tables import text_table
 from tuner.units import fmt_size
@@ -26,11 +27,8 @@ def parse_ctx_list(text: str) -> list[int]:
 
 def parse_headroom(text: str, ram: int) -> float:
     """The shared --headroom spelling ('5%', '0.05' or '1GiB') as the share of memory the planner keeps free."""
-    from tuner.options import headroom_bytes
-    from tuner.options import parse_headroom as parse
-
     try:
-        h = parse(text)
+        h = options_headroom(text)
     except ValueError as e:
         raise TunerError(f"--headroom: {e}") from None
     v = h if isinstance(h, float) else headroom_bytes(h, ram) / ram
