@@ -55,8 +55,9 @@ perf-check: install
 	  "$(PERF_DIR)/models/dense-q4_0.gguf" > $(PERF_CONFIG)
 	rm -f $(PERF_DIR)/baseline.parquet $(PERF_DIR)/current.parquet
 	@# exit 1 from bench is a failed trial (recorded; compare judges it), 2 is bad input: stop
-	@# A B B A: odd rounds measure the baseline first, even rounds the current build first, so the position
-	@# effect benchmarks/fidelity.py measured (the second of a pair ran ~8 % apart) hits both sides alike
+	@# A B B A: odd rounds measure the baseline first, even rounds the current build first, so a position
+	@# effect hits both sides alike (benchmarks/fidelity.py saw the second of a pair run 8 % slower in pp:
+	@# results/legacy/fidelity-20261129-062604.json, legacy, no provenance)
 	for i in $$(seq $(PERF_ROUNDS)); do \
 	  if [ $$((i % 2)) -eq 1 ]; then order="baseline current"; else order="current baseline"; fi; \
 	  for side in $$order; do \

@@ -4,8 +4,9 @@
 Each round runs llama-bench (`-o json`) and `tuner bench --json` (the real CLI, as a subprocess) in the order
 A B B A (`--order abba`, the default; A alternates by round) or A B (`--order ab`, as runs before 2026-11-29
 did), so drift and neighbours' load hit both alike: on this 2-vCPU VM the 2-thread speed drifts within a round,
-and with A B the tool in second place ran 8 % slower in pp (fidelity-20261129-062604.json). Per round it takes
-the ratio tuner / llama-bench of the mean t/s for pp and tg; the verdict is the median ratio over the rounds (±3 %).
+and with A B the tool in second place ran 8 % slower in pp (results/legacy/fidelity-20261129-062604.json,
+legacy, no provenance). Per round it takes the ratio tuner / llama-bench of the mean t/s for pp and tg; the
+verdict is the median ratio over the rounds (±3 %).
 
 Several values for -t, -b, -ub (comma-separated, as llama-bench) give one case per combination; every case
 runs in every round. `-n 0` measures pp only, `-p 0` tg only.
