@@ -194,8 +194,7 @@ def main() -> int:
         "models": ms, "rows": rows, "rss": rss, "worst": worst, "misses": len(misses), "ok": not misses,
     }
     # echo=False: the whole JSON is thousands of rows
-    path = save("planner-oracle", result, Path(args.out) if args.out else RESULTS, echo=False)
-    print(f"saved {path}")
+    save("planner-oracle", result, Path(args.out) if args.out else RESULTS, echo=False)
     return 0 if not misses else 1
 
 
