@@ -18,10 +18,10 @@ Runs alternate between two kinds, so a drifting machine hits both alike:
 
 Per kind: the share of runs with a regression verdict (false_alarm_rate for A/A, detection_rate for A/B), with
 an inconclusive verdict and no regression (inconclusive_rate), and with a pass; for the first judgement (bare)
-and the gate as shipped (with --rerun-on-alert when PERF_COMPARE_ARGS has it). Every rate is saved with its
-exact (Clopper-Pearson) 95 % interval; false_alarm_upper95 and detection_lower95, the one-sided 95 % bounds,
-are what a claim may cite, because 0 false alarms in 20 runs only shows a rate below 14 %. Everything (settings, model, build, every
-run's verdicts and medians) goes to benchmarks/results/gate-power-*.json.
+and the gate as shipped (with --rerun-on-alert when PERF_COMPARE_ARGS has it). Every rate is saved with its exact
+(Clopper-Pearson) 95 % interval; false_alarm_upper95 and detection_lower95, the one-sided 95 % bounds, are what a
+claim may cite, because 0 false alarms in 20 runs only shows a rate below 14 %. Everything (settings, model, build,
+every run's verdicts and medians) goes to benchmarks/results/gate-power-*.json.
 
 Target: detection_lower95 >= 0.95 with false_alarm_upper95 <= 0.05 (the gate as shipped; about 60 runs of
 each kind when none misses), and the injected tg slowdown within --effect (default 7-13 %; otherwise the run

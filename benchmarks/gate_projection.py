@@ -14,10 +14,11 @@ runs saved, without measuring anything:
   times (the current trials of m other runs of the same kind) and the regression stands only when a metric
   that regressed regresses again.
 
-It is a projection, not a measurement: joined runs were not interleaved with each other, and a machine
-that changes between sessions is not in the data. The draws overlap (each run is in many), so they are not
-independent: each projected rate is saved with the exact 95 % bounds it would have from the runs it rests
-on, len(runs) // m independent joined runs of that kind (false_alarm_upper95, detection_lower95). Verify a chosen setting with gate_power.py --rounds N.
+It is a projection, not a measurement: joined runs were not interleaved with each other, and a machine that changes
+between sessions is not in the data. The draws overlap (each run is in many), so they are not independent: each
+projected rate is saved with the exact 95 % bounds it would have from the runs it rests on, len(runs) // m
+independent joined runs of that kind (false_alarm_upper95, detection_lower95). Verify a chosen setting with
+gate_power.py --rounds N.
 Writes benchmarks/results/gate-projection-*.json.
 
 Examples:
