@@ -158,8 +158,8 @@ def run_params(timeout_flag: str = "--timeout"):
             click.option("--no-wait", is_flag=True,
                          help="fail instead of waiting when another measurement runs on this machine"),
             click.option("--lock-file", type=click.Path(dir_okay=False), default=None,
-                         help="the host-wide measurement lock [TUNER_LOCK_FILE or one per machine]; a lock file "
-                              "each lets one machine stand in for several hosts"),
+                         help="the host-wide measurement lock [TUNER_LOCK_FILE, else /run/lock/tuner/measure.lock, "
+                              "shared by every user]; a lock file each lets one machine stand in for several hosts"),
         ]
         for o in reversed(opts):
             f = o(f)
