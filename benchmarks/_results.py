@@ -54,11 +54,26 @@ def model_facts(path: str | os.PathLike) -> dict:
             "arch": info.arch, "file_type": info.file_type, "n_params": info.n_params}
 
 
-def save(name: str, result: dict, out: str | Path = RESULTS, echo: bool = True) -> Path:
-    """Write result (plus its provenance) as out/NAME-YYYYmmdd-HHMMSS.json; returns the path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+def rate_ci(k: int, n: int) -> dict:
+    """k of n as a rate with exact (Clopper-Pearson) bounds: the two-sided 95 % interval (`ci95`) and the
+    one-sided 95 % bounds (`lower95`, `upper95`) a claim like "at most 5 %" needs (0 of 20: upper95 0.139).
+    Nones when n is 0."""
+    if not n:
+        return {"count": k, "n": n, "rate": None, "ci95": [None, None], "lower95": None, "upper95": None}
+    from scipy.stats import binomtest
+
+    two = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    upper = binomtest(k, n, alternative="less").proportion_ci(confidence_level=0.95, method="exact").high
+    lower = binomtest(k, n, alternative="greater").proportion_ci(confidence_level=0.95, method="exact").low
+    return {"count": k, "n": n, "rate": k / n, "ci95": [float(two.low), float(two.high)], "lower95": float(lower),
+            "upper95": float(upper)}
+
+
+def save(name: str, result: dict, out: str | Path = RESULTS, echo: bool = True, path: str | Path | None = None) \
+        -> Path:
+    """Write result (plus its provenance) as out/NAME-YYYYmmdd-HHMMSS.json, or to `path`; returns the path."""
+    path = Path(path) if path else Path(out) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     result = {**result, "provenance": result.get("provenance") or provenance()}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")

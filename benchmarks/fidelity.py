@@ -4,8 +4,9 @@
 Each round runs llama-bench (`-o json`) and `tuner bench --json` (the real CLI, as a subprocess) in the order
 A B B A (`--order abba`, the default; A alternates by round) or A B (`--order ab`, as runs before 2026-11-29
 did), so drift and neighbours' load hit both alike: on this 2-vCPU VM the 2-thread speed drifts within a round,
-and with A B the tool in second place ran 8 % slower in pp (fidelity-20261129-062604.json). Per round it takes
-the ratio tuner / llama-bench of the mean t/s for pp and tg; the verdict is the median ratio over the rounds (±3 %).
+and with A B the tool in second place ran 8 % slower in pp (results/legacy/fidelity-20261129-062604.json,
+legacy, no provenance). Per round it takes the ratio tuner / llama-bench of the mean t/s for pp and tg; the
+verdict is the median ratio over the rounds (±3 %).
 
 Several values for -t, -b, -ub (comma-separated, as llama-bench) give one case per combination; every case
 runs in every round. `-n 0` measures pp only, `-p 0` tg only.
@@ -41,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._results import save  # noqa: E402
 from tuner.lock import measurement_lock  # noqa: E402
 
 TOLERANCE = 0.03
@@ -344,12 +346,8 @@ def main(argv=None) -> int:
         "within_tolerance": ok,
         "cases": cases,
     }
-    # one file per run (a second run the same day used to overwrite the first)
-    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"fidelity-{started:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
-    tmp_out.replace(out)
+    # one file per run, with its provenance (the files saved before 2026-12-03 had none: results/legacy/)
+    out = save("fidelity", result, echo=False, path=a.out)
     print(f"\n{'all within ±3 %' if ok else 'NOT all within ±3 %'}; wrote {out}")
     return 0 if ok else 1
 

@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._results import RESULTS  # noqa: E402
+from benchmarks._results import RESULTS, save  # noqa: E402
 from tuner import oracle, planner  # noqa: E402
 from tuner.ggufmeta import read_model  # noqa: E402
 from tuner.record import TrialConfig  # noqa: E402
@@ -195,12 +193,8 @@ def main() -> int:
                   "python": platform.python_version()},
         "models": ms, "rows": rows, "rss": rss, "worst": worst, "misses": len(misses), "ok": not misses,
     }
-    # written here rather than with _results.save, which also prints the whole JSON (thousands of rows)
-    out = Path(args.out) if args.out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"planner-oracle-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"saved {path}")
+    # echo=False: the whole JSON is thousands of rows
+    save("planner-oracle", result, Path(args.out) if args.out else RESULTS, echo=False)
     return 0 if not misses else 1
 
 

@@ -283,3 +283,30 @@ def test_reading_a_fleet_with_bad_input_is_one_line_exit_2(pg_server, tmp_path, 
         assert len(line.splitlines()) == 1 and message in line, line
         assert pg_server.password not in line and "wrong-secret" not in line
     assert not list(tmp_path.iterdir())  # nothing written, not even an empty SQLite file
+
+
+def test_a_lost_table_race_is_retried_and_anything_else_raised_at_once():
+    from tuner.fleet import retry_race
+
+    calls = []
+
+    def create(fail: list):
+        calls.append(1)
+        if fail:
+            raise fail.pop(0)
+        return "created"
+
+    lost = lambda e: "already exists" in str(e)  # noqa: E731
+    errors = [RuntimeError("table already exists")] * 2
+    assert retry_race(lambda: create(errors), 3, 0.0, lost) == "created"
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(RuntimeError, match="permission denied"):  # not a race: no second try
+        errors = [RuntimeError("permission denied")]
+        retry_race(lambda: create(errors), 3, 0.0, lost)
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(RuntimeError, match="already exists"):  # a race lost every time: gives up
+        errors = [RuntimeError("already exists")] * 5
+        retry_race(lambda: create(errors), 3, 0.0, lost)
+    assert len(calls) == 3

@@ -148,7 +148,7 @@ def test_estimate_table_json_and_warning_say_the_same_host_numbers(files):
     assert row["host_bytes"] == row["resident_bytes"] + row["mmap_bytes"]
     assert row["fits"] and row["weights_cached"] is False and "re-reads weights from disk" in row["warning"]
     text = CliRunner().invoke(cli, args).output
-    from tuner.bench import fmt_size
+    from tuner.units import fmt_size
 
     assert fmt_size(row["resident_bytes"]) in text and fmt_size(row["mmap_bytes"]) in text
     assert f"next to {fmt_size(row['resident_bytes'])} resident" in text

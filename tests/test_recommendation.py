@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 
 import pytest
 from click.testing import CliRunner
+from scipy.stats import mannwhitneyu
 
 from tuner import store
 from tuner.cli import cli
@@ -74,10 +76,23 @@ def test_the_winner_is_confirmed_against_the_defaults(new_user):
     assert len(tops) == 3 and any("llama.cpp defaults" in c["roles"] for c in conf["candidates"])
     for c in conf["candidates"]:
         assert c["runs"] == conf["rounds"] and c["ci95"][0] <= c["median"] <= c["ci95"][1]
+    # the "x the defaults" figure and its verdict, re-derived here from the saved samples of the two candidates
     vs = conf["vs_baseline"]
-    assert vs["verdict"] in ("faster", "slower", "tie", "same config")
+    win = next(c for c in conf["candidates"] if c["trial_number"] == conf["winner"])
+    dflt = next(c for c in conf["candidates"] if "llama.cpp defaults" in c["roles"])
+    assert vs["trial_number"] == dflt["trial_number"]
+    ratio = statistics.median(win["samples"]) / statistics.median(dflt["samples"])  # mixed t/s: higher is better
+    assert vs["ratio"] == pytest.approx(ratio, rel=1e-9) and vs["ci95"][0] <= ratio <= vs["ci95"][1]
+    if win is dflt:
+        assert vs["verdict"] == "same config" and ratio == 1.0
+    else:
+        p = mannwhitneyu(win["samples"], dflt["samples"], alternative="two-sided").pvalue
+        assert vs["p"] == pytest.approx(p, rel=1e-6)
+        told_apart = p < 0.05 and abs(ratio - 1) > 0.01 and not vs["ci95"][0] <= 1 <= vs["ci95"][1]
+        assert vs["verdict"] == (("faster" if ratio > 1 else "slower") if told_apart else "tie")
     base = rec["baselines"]["llama.cpp defaults"]
-    assert base["source"] == "confirmation" and base["recommended_vs_baseline"] == vs["ratio"]
+    assert base["source"] == "confirmation" and base["trial_number"] == dflt["trial_number"]
+    assert base["recommended_vs_baseline"] == pytest.approx(ratio, rel=1e-9) and base["verdict"] == vs["verdict"]
     assert re.search(r"x the llama.cpp defaults baseline \(95 % interval [\d.]+-[\d.]+, ", out)
     # tuner recommend re-derives the same verdict from trials.parquet alone
     again = json.loads(run(["recommend", str(d), "--json", "--no-write"]).output)

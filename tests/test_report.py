@@ -127,7 +127,7 @@ def test_cpu_study_report(cpu_study, tmp_path):
     # reading never changes the study
     assert {f: _digest(cpu_study / f) for f in before} == before
 
-    keys = ["1-speed-vs-gpu-layers", "2-speed-vs-threads", "3-memory", "4-pareto", "5-outcome-map",
+    keys = ["1-speed-vs-varied", "2-speed-vs-threads", "3-memory", "4-pareto", "5-outcome-map",
             "6-search-progress", "7-parameter-importance", "8-confirmation", "9-context-ladder",
             "10-speed-vs-kld"]
     charts = {c.key: c for c in rep.charts}
@@ -138,17 +138,18 @@ def test_cpu_study_report(cpu_study, tmp_path):
             assert f in written and f.read_bytes().startswith(magic)
 
     n_failed = {o: sum(1 for r in trials if r.outcome == o) for o in {r.outcome for r in trials} - {"ok"}}
-    # 1: tg and pp panels, every ok trial a dot in each, failures marked (twice: one per panel)
-    c1 = charts["1-speed-vs-gpu-layers"]
-    assert c1.counts["ok"] == 2 * len(ok)
+    # 1: a tg and a pp panel per parameter the study varied, every ok trial a dot in each, failures marked
+    c1 = charts["1-speed-vs-varied"]
+    dims = report.speed_dimensions(study)
+    assert "n_ctx" in dims  # the 256/4096/65536 ladder
+    assert c1.counts["ok"] == 2 * len(dims) * len(ok)
     for o, n in n_failed.items():
-        assert c1.counts[o] == 2 * n
+        assert c1.counts[o] == 2 * len(dims) * n
+    svg1 = _svg_text(tmp_path / "out" / "cpu" / "1-speed-vs-varied.svg")
+    assert "tg: generation speed (tokens/s)" in svg1 and "n_ctx (context size, tokens)" in svg1
     # the note follows what the build reports (a CUDA build offloads, even in this --ngl 0 study)
     offload = bool(hardware.build_info()["gpu_offload"])
     assert (report.NO_OFFLOAD in c1.notes) == (not offload)
-    svg1 = _svg_text(tmp_path / "out" / "cpu" / "1-speed-vs-gpu-layers.svg")
-    assert "tg: generation speed (tokens/s)" in svg1 and "n_gpu_layers (layers on the GPU)" in svg1
-    assert ("no GPU offload on this build" in svg1) == (not offload)
     # 2: threads
     ax_tg = charts["2-speed-vs-threads"].fig.axes[0]
     assert ax_tg.get_xlabel() == "n_threads (generation threads)"
@@ -197,7 +198,7 @@ def test_cpu_study_report(cpu_study, tmp_path):
     assert html.count('src="data:image/png;base64,') == 10
     assert not re.search(r'(src|href)="(?!data:)', html)
     png = re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1)
-    assert base64.b64decode(png) == (tmp_path / "out" / "cpu" / "1-speed-vs-gpu-layers.png").read_bytes()
+    assert base64.b64decode(png) == (tmp_path / "out" / "cpu" / "1-speed-vs-varied.png").read_bytes()
     for text in (html, md):
         assert f"Trial #{rec['trial_number']}" in text
         assert f"{rec['measured']['tg_ts_mean']:.2f} ± {rec['measured']['tg_ts_sd']:.2f}" in text
@@ -248,12 +249,12 @@ def test_all_failed_study_explains_what_failed(failed_study, tmp_path):
     assert "<script" not in md
     # the charts still come, saying why they are empty; only SVG was asked for
     assert sorted(p.name for p in (out / "all-failed").iterdir()) == sorted(
-        f"{k}.svg" for k in ("1-speed-vs-gpu-layers", "2-speed-vs-threads", "3-memory", "4-pareto",
+        f"{k}.svg" for k in ("1-speed-vs-varied", "2-speed-vs-threads", "3-memory", "4-pareto",
                              "5-outcome-map", "6-search-progress", "7-parameter-importance", "8-confirmation",
                              "9-context-ladder", "10-speed-vs-kld"))
     assert html.count('src="data:image/svg+xml;base64,') == 10
     assert "no quality figures in this study" in _svg_text(out / "all-failed" / "10-speed-vs-kld.svg")
-    assert "no trial succeeded" in _svg_text(out / "all-failed" / "1-speed-vs-gpu-layers.svg")
+    assert "no trial succeeded" in _svg_text(out / "all-failed" / "1-speed-vs-varied.svg")  # nothing varied either
     assert "no recommendation" in _svg_text(out / "all-failed" / "4-pareto.svg")
     assert "too few trials" in _svg_text(out / "all-failed" / "7-parameter-importance.svg")
     skipped = sum(1 for r in recs if r.outcome == "skipped")
@@ -263,14 +264,30 @@ def test_all_failed_study_explains_what_failed(failed_study, tmp_path):
     assert sum(1 for r in recs if r.outcome in FAILED) == len(ooms)
 
 
+def test_speed_chart_draws_what_varied_and_not_a_constant(cpu_study, gpu_study):
+    """Chart 1 on a CPU study: n_gpu_layers was 0 in every trial, so no panel draws that one point; the panels
+    are the parameters whose values differ between trials, threads excepted (chart 2)."""
+    for folder in (cpu_study, gpu_study):
+        study = report.load_study(folder)
+        chart = next(c for c in report.study_charts(study, report.quant_colours([study]))
+                     if c.key == "1-speed-vs-varied")
+        varied = [k for k in ("n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "flash_attn", "use_mmap")
+                  if len({getattr(r.config, k) for r in study.trials}) > 1]
+        labels = [ax.get_xlabel().split(" ")[0] for ax in chart.fig.axes]
+        assert labels == [k for k in varied for _ in ("tg", "pp")], (folder, labels)
+        assert ("n_gpu_layers" in labels) == (folder == gpu_study)
+
+
 def test_gpu_shaped_charts_and_planner(gpu_study, tmp_path):
     rep = report.build([gpu_study], formats=("png",))
     rep.write(tmp_path)
     study = rep.studies[0]
     charts = {c.key: c for c in rep.charts}
     assert study.gpu_offload and study.vram_total == 1 << 30
-    c1 = charts["1-speed-vs-gpu-layers"]
+    c1 = charts["1-speed-vs-varied"]
     assert report.NO_OFFLOAD not in c1.notes
+    assert report.speed_dimensions(study)[0] == "n_gpu_layers"  # varied 0..3 here: the first panels
+    assert c1.fig.axes[0].get_xlabel() == "n_gpu_layers (layers on the GPU)"
     # the VRAM wall: tiny-q8_0 ran out of memory with 3 layers on the GPU
     walls = [ln for ln in c1.fig.axes[0].get_lines() if ln.get_label().startswith("VRAM limit reached")]
     assert len(walls) == 1 and walls[0].get_xdata()[0] == 3 and "1.00 GiB device" in walls[0].get_label()

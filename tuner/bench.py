@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
-import psutil
-
+from tuner import planner, roofline, store
 from tuner.ggufmeta import ModelInfo, read_model
+from tuner.lock import measurement_lock
 from tuner.record import TrialConfig, TrialRecord, parse_tensor_split
-
-
-def physical_cores() -> int:
-    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+from tuner.runner import Runner, TrialInterrupted
+from tuner.space import invalid_reason
+from tuner.units import fmt_params, fmt_size, physical_cores
 
 
 def all_layers(info: ModelInfo) -> int:
@@ -33,24 +34,11 @@ def resolve(cfg: TrialConfig, info: ModelInfo | None = None) -> TrialConfig:
                                n_threads_batch=cfg.n_threads_batch or threads, n_cpu_moe=n_cpu_moe)
 
 
-def fmt_size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-def fmt_params(n: int | None) -> str:
-    if not n:
-        return "-"
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
-
-
 def table(recs: list[TrialRecord]) -> str:
-    """A llama-bench style markdown table: one line per test (pp512, tg128, ttft), mean ± sd."""
+    """A llama-bench style markdown table: one line per test (pp512, tg128, ttft), mean ± sd.
+
+    By hand, not rich (tuner.tables): llama-bench prints this GitHub markdown layout, with alignment colons,
+    and users put the two side by side."""
     head = ["model", "size", "params", "ngl", "threads", "n_batch", "n_ubatch", "fa", "test", "t/s"]
     rows = []
     for r in recs:
@@ -110,13 +98,6 @@ def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem
     default. The planner's prediction (calibrated on earlier trials in `out`) and the bandwidth bound are added.
     Raises BenchError (or ModelError, LockBusy, StoreError) before anything runs.
     """
-    from pathlib import Path
-
-    from tuner import store
-    from tuner.lock import measurement_lock
-    from tuner.runner import Runner, TrialInterrupted
-    from tuner.space import invalid_reason
-
     info = read_model(model)
     given = {k: v for k, v in params.items() if v is not None and v != ()}
     if "overrides" in given:
@@ -137,8 +118,6 @@ def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem
         with Runner(timeout=timeout, mem_limit=mem_limit,
                     **({"load_timeout": load_timeout} if load_timeout else {})) as runner:
             if runner.limit and runner.limit.note:  # how --mem-limit is enforced on this machine
-                import sys
-
                 print(f"note: {runner.limit.note}", file=sys.stderr)
             try:
                 rec = runner.run(cfg)
@@ -146,7 +125,6 @@ def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem
                 store.append(out, [e.record])
                 return BenchResult(e.record, out, interrupted=True)
         # planner prediction (calibrated on this rig's earlier trials in `out`) and the bandwidth bound
-        from tuner import planner, roofline
         roofline.annotate(rec, info, planner.Calibration.from_store([out], rec.hw_fingerprint))
     store.append(out, [rec])
     return BenchResult(rec, out)

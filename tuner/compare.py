@@ -27,8 +27,9 @@ from typing import Any, Callable, Iterable
 from scipy import stats
 
 from tuner import store
-from tuner.bench import fmt_size
 from tuner.record import FAILED, TrialConfig, TrialRecord
+from tuner.tables import text_table
+from tuner.units import fmt_size
 
 
 @dataclass(frozen=True)
@@ -426,15 +427,15 @@ class Report:
     def table(self, fail_on: Iterable[str] = ("regression",)) -> str:
         w = max(len(k) for k, _ in self._header())
         lines = [f"{k.ljust(w)}  {v}" for k, v in self._header()]
-        lines += ["", _grid(self.HEAD, self._cells(), markdown=False), "", self.summary_line(fail_on)]
+        lines += ["", text_table(self.HEAD, self._cells(), RIGHT), "", self.summary_line(fail_on)]
         return "\n".join(lines)
 
     def markdown(self, fail_on: Iterable[str] = ("regression",)) -> str:
         code = self.exit_code(fail_on)
         lines = [f"### tuner compare: {'❌' if code else '✅'} {self.summary_line(fail_on)}", ""]
         lines += [f"- **{k}**: {v}" for k, v in self._header()]
-        lines += ["", _grid(self.HEAD, [[c.replace("|", "\\|") for c in row] for row in self._cells()],
-                            markdown=True), ""]
+        lines += ["", _markdown_grid(self.HEAD, [[c.replace("|", "\\|") for c in row] for row in self._cells()]),
+                  ""]
         return "\n".join(lines)
 
     def junit(self, fail_on: Iterable[str] = ("regression",)) -> str:
@@ -467,19 +468,19 @@ def _jsonable(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def _grid(head: list[str], rows: list[list[str]], markdown: bool) -> str:
-    # a markdown delimiter cell needs a hyphen besides the alignment colon
-    widths = [max([len(h), 3 if markdown else 0] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-    right = {2, 3, 4, 5, 6, 7}
+RIGHT = {2, 3, 4, 5, 6, 7}  # the figures' columns: baseline, current, change, threshold, p, n
+
+
+def _markdown_grid(head: list[str], rows: list[list[str]]) -> str:
+    # by hand: GitHub markdown with alignment colons (the text table is rich's, tuner.tables); a delimiter cell
+    # needs a hyphen besides the colon
+    widths = [max([len(h), 3] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
 
     def line(cells):
-        text = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return ("| " + " | ".join(text) + " |") if markdown else "  ".join(text).rstrip()
+        return "| " + " | ".join(c.rjust(w) if i in RIGHT else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
-    if markdown:
-        sep = "| " + " | ".join(("-" * (w - 1) + ":") if i in right else "-" * w for i, w in enumerate(widths)) + " |"
-    else:
-        sep = "  ".join("-" * w for w in widths)
+    sep = "| " + " | ".join(("-" * (w - 1) + ":") if i in RIGHT else "-" * w for i, w in enumerate(widths)) + " |"
     return "\n".join([line(head), sep] + [line(r) for r in rows])
 
 

@@ -49,6 +49,7 @@ import sqlalchemy as sa
 from tuner import confirm as confirmlib
 from tuner import hardware, store
 from tuner import recommend as recommendlib
+from tuner.options import TunerError
 from tuner.record import TrialRecord, utcnow
 from tuner.study import (Limits, Search, SearchOptions, StudyError, make_sampler, open_storage, open_study,
                          redact)
@@ -107,21 +108,30 @@ def group_name(base: str, fp: str) -> str:
     return f"{base}@{hw_fp[:8]}.{build_fp[:8]}"
 
 
+def retry_race(fn: Callable, attempts: int, step_s: float, lost: Callable[[Exception], bool]):
+    """fn(), again after step_s, 2 × step_s, ... while it raises an error that `lost` says is a lost race (hosts
+    starting together on an empty database both create the same tables), at most `attempts` times.
+
+    Kept by hand rather than with tenacity: these are the only two retries in tuner, each a few lines, and a
+    dependency more in every install (CI builds two venvs) buys nothing they need.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - `lost` decides; anything else is raised at once
+            if attempt == attempts - 1 or not lost(e):
+                raise
+            time.sleep(step_s * (attempt + 1))
+
+
 class Ledger:
     """tuner's two tables beside Optuna's in the shared database: records and claims."""
 
     def __init__(self, engine: sa.engine.Engine, create: bool = True):
         self.engine = engine
-        if not create:
-            return
-        for attempt in range(5):  # hosts starting together race to create the tables; the losers retry
-            try:
-                META.create_all(engine, checkfirst=True)
-                return
-            except sa.exc.SQLAlchemyError:
-                if attempt == 4:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        if create:  # hosts starting together race to create the tables; the losers retry
+            retry_race(lambda: META.create_all(engine, checkfirst=True), 5, 0.2,
+                       lambda e: isinstance(e, sa.exc.SQLAlchemyError))
 
     def add(self, base: str, study: str, host: str, rec: TrialRecord) -> int:
         with self.engine.begin() as c:
@@ -239,18 +249,12 @@ class FleetSearch(Search):
     # -- joining -----------------------------------------------------------------------------------------------
     def _open_study(self) -> optuna.Study:
         url = self.opts.storage_url
-        for attempt in range(6):
-            try:
-                self.backend = open_storage(
-                    url, heartbeat_interval=self.opts.heartbeat_s, grace_period=self.grace_s,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
-                break
-            except StudyError as e:
-                # hosts starting together on an empty database race to create Optuna's tables: the losers retry
-                if attempt == 5 or not any(s in str(e) for s in ("UniqueViolation", "already exists",
-                                                                  "DuplicateTable", "IntegrityError")):
-                    raise
-                time.sleep(0.3 * (attempt + 1))
+        # hosts starting together on an empty database race to create Optuna's tables: the losers retry
+        self.backend = retry_race(
+            lambda: open_storage(url, heartbeat_interval=self.opts.heartbeat_s, grace_period=self.grace_s,
+                                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback()),
+            6, 0.3, lambda e: isinstance(e, StudyError) and any(
+                s in str(e) for s in ("UniqueViolation", "already exists", "DuplicateTable", "IntegrityError")))
         try:
             self.ledger = Ledger(self.backend.engine)
         except sa.exc.SQLAlchemyError as e:
@@ -545,8 +549,6 @@ def _write_group(storage, ledger: Ledger, url: str, base: str, name: str, gdir: 
 def snapshot_for_cli(url: str | None, base: str | None, folder, nest: bool = False) -> list[Path]:
     """snapshot() for `tuner recommend/report --storage URL --study NAME`: bad input as a one-line TunerError;
     without a folder, a temp folder that lives as long as the process."""
-    from tuner.options import TunerError
-
     if not url or not base:
         raise TunerError("--storage and --study go together: the shared storage's URL and the study's name")
     if folder is None:

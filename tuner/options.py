@@ -7,7 +7,6 @@ straight onto the options: command line > file > defaults, through Click's `defa
 from __future__ import annotations
 
 import json
-import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import click
 
 from tuner.record import FLASH_ATTN, KV_TYPES, SPLIT_MODES, TrialConfig
+from tuner.units import parse_duration, parse_size
 
 
 class TunerError(click.ClickException):
@@ -55,24 +55,9 @@ POSITIVE = {"n_threads", "n_threads_batch", "n_batch", "n_ubatch", "repetitions"
 NON_NEGATIVE = {"n_ctx", "n_cpu_moe", "main_gpu", "n_prompt", "n_gen", "n_depth"}
 CONFIG_FIELDS = {f.name for f in fields(TrialConfig)}
 
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'24GiB', '24G', '512M', '1.5GB', '1000000' → bytes (binary units: G = GiB, as llama.cpp prints)."""
-    if text is None or isinstance(text, int):
-        return text
-    m = SIZE_RE.match(str(text))
-    if not m:
-        raise click.BadParameter(f"not a size: {text!r} (use e.g. 24GiB, 512M)")
-    num, unit, suffix = float(m[1]), m[2].lower(), m[3].lower()
-    power = "kmgtp".find(unit) + 1 if unit else 0
-    base = 1000 if suffix == "b" and unit else 1024
-    return int(num * base**power)
-
 
 class Parsed(click.ParamType):
-    """A Click type made of a parse function that raises click.BadParameter (sizes, durations)."""
+    """A Click type made of a parse function that raises ValueError (sizes, durations: tuner.units)."""
 
     def __init__(self, name: str, parse):
         self.name, self.parse = name, parse
@@ -80,8 +65,8 @@ class Parsed(click.ParamType):
     def convert(self, value, param, ctx):
         try:
             return self.parse(value)
-        except click.BadParameter as e:
-            self.fail(e.message, param, ctx)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 SIZE = Parsed("SIZE", parse_size)
@@ -115,7 +100,7 @@ def parse_headroom(text: str | int | float) -> int | float:
     if share >= 1:
         return int(share)  # a plain number of bytes
     if share < 0:
-        raise click.BadParameter(f"headroom must not be negative, got {text!r}")
+        raise ValueError(f"headroom must not be negative, got {text!r}")
     return share
 
 
@@ -194,8 +179,8 @@ def run_params(timeout_flag: str = "--timeout"):
             click.option("--no-wait", is_flag=True,
                          help="fail instead of waiting when another measurement runs on this machine"),
             click.option("--lock-file", type=click.Path(dir_okay=False), default=None,
-                         help="the host-wide measurement lock [TUNER_LOCK_FILE or one per machine]; a lock file "
-                              "each lets one machine stand in for several hosts"),
+                         help="the host-wide measurement lock [TUNER_LOCK_FILE, else /run/lock/tuner/measure.lock, "
+                              "shared by every user]; a lock file each lets one machine stand in for several hosts"),
         ]
         for o in reversed(opts):
             f = o(f)
@@ -228,20 +213,6 @@ def quality_params(budget_help: str = "", text_flag: str = "--text"):
         return f
 
     return deco
-
-
-DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
-
-
-def parse_duration(text: str | float | None) -> float | None:
-    """'8h', '30m', '1h30m', '90s', '90' → seconds."""
-    if text is None or isinstance(text, (int, float)):
-        return text
-    m = DURATION_RE.match(str(text).strip().lower())
-    if not m or not any(m.groups()):
-        raise click.BadParameter(f"not a duration: {text!r} (use e.g. 8h, 30m, 90s)")
-    h, mi, sec = (float(x) if x else 0.0 for x in m.groups())
-    return h * 3600 + mi * 60 + sec
 
 
 DURATION = Parsed("DURATION", parse_duration)

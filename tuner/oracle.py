@@ -459,6 +459,7 @@ def _run_group(jobs: list[Job], timeout: float) -> list[dict]:
 # -- the worker side (python -m tuner.oracle RESULT_FD) -----------------------------------------------------
 
 def _worker(out) -> None:
+    # llama.cpp loads in the oracle's subprocess only: the parent sizes files and reads logs without it
     import llama_cpp.llama_cpp as L
 
     from tuner import llama as glue

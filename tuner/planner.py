@@ -27,6 +27,7 @@ import gguf
 
 from tuner.ggufmeta import EXPS_RE, ModelInfo, read_model
 from tuner.record import KV_TYPE_BYTES, TrialConfig, TrialRecord, parse_tensor_split
+from tuner.units import fmt_size
 
 MiB = 1 << 20
 # The process itself (Python, numpy, the llama.cpp libraries, threads, graph metadata), measured on the reference
@@ -740,8 +741,6 @@ def min_cpu_moe(cfg: TrialConfig, info: ModelInfo, vram: int | list[int], headro
 def estimate(info: ModelInfo, ctxs: list[int], ram: int, vram: int, headroom: float, base: TrialConfig,
              calib: Calibration | None = None, ngl: int | None = None) -> list[dict]:
     """One row per context: sizes, the largest n_gpu_layers that fits and the host/GPU split it gives."""
-    from tuner.bench import fmt_size
-
     rows = []
     for ctx in ctxs:
         cfg = dataclasses.replace(base, model=info.path, n_ctx=ctx)

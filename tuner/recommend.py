@@ -14,8 +14,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from tuner import confirm
+from tuner.confirm import objective_samples
 from tuner.fit import caps, device_caps
-from tuner.record import TrialConfig, TrialRecord, parse_tensor_split, utcnow
+from tuner.record import TrialConfig, TrialRecord, parse_tensor_split, summarize, utcnow
 
 RECOMMENDED_FILE = "recommended.json"
 SPLIT_MODE_INT = {"none": 0, "layer": 1, "row": 2}
@@ -44,8 +46,6 @@ def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", 
 
     `quality` (tuner.quality.StudyQuality): only configs whose model file (and KV-cache types) meet its budget
     are recommended; the others stay in the `quality` object, with their best speed, to show what they cost."""
-    from tuner import confirm
-
     def allowed(r: TrialRecord) -> bool:
         return quality is None or quality.judge(r)[0]
 
@@ -156,8 +156,6 @@ def quality_summary(groups, quality, objective: str, best: TrialRecord) -> dict:
 
 def measured(recs: list[TrialRecord]) -> dict:
     """Figures over every repetition of these runs of one config (pooled), with the worst memory peak."""
-    from tuner.record import summarize
-
     out = {}
     for name, unit in (("tg", "ts"), ("pp", "ts"), ("ttft", "ms")):
         samples = [x for r in recs for x in {"tg": r.tg_samples, "pp": r.pp_samples, "ttft": r.ttft_samples_ms}[name]]
@@ -200,8 +198,6 @@ def baselines(records: list[TrialRecord], best: list[TrialRecord], objective: st
 
 
 def _obj(r: TrialRecord, objective: str) -> list[float]:
-    from tuner.confirm import objective_samples
-
     return objective_samples(r, objective)
 
 
@@ -210,8 +206,6 @@ def context_ladder(groups, cands, objective: str, winner_key: tuple | None = Non
 
     At the working context it is the recommendation itself; at the others, the config the confirmation
     re-measured for that rung (figures from its confirmation runs), else the best pooled search estimate."""
-    from tuner import confirm
-
     sign = -1 if objective == "ttft" else 1
     confirmed = {confirm.config_key(c.config): c for c in cands if c.samples(objective)}
     out = []

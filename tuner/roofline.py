@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from tuner import hardware, planner
 from tuner.ggufmeta import ModelInfo
 from tuner.planner import gpu_layer_start, kv_layer_bytes, placement
 from tuner.record import TrialConfig
@@ -33,8 +34,6 @@ def cache_dir() -> Path:
 
 
 def _machine_key() -> str:
-    from tuner import hardware
-
     h = hardware.probe()
     return hardware.digest({"cpu": h.cpu, "cores": h.cores_physical, "ram_gib": round(h.ram_total / 2**30),
                             "gpus": [g.name for g in h.gpus]})
@@ -122,8 +121,6 @@ def bandwidth(cache: bool = True) -> dict:
                 return {"host": float(data["host"]), "device": data.get("device")}
         except (OSError, ValueError):
             pass
-    from tuner import hardware
-
     bw = {"host": host_bandwidth(), "device": device_bandwidth() if hardware.probe().gpus else None}
     if cache:
         try:
@@ -183,8 +180,6 @@ def tg_bound(cfg: TrialConfig, info: ModelInfo, bw: dict, gpu_offload: bool) -> 
 
 def annotate(rec, info: ModelInfo, calib=None, bw: dict | None = None) -> None:
     """Set a trial record's predicted peak RAM/VRAM and its tg bandwidth bound (tuner bench, tuner search)."""
-    from tuner import planner
-
     gpu = bool((rec.build or {}).get("gpu_offload"))
     pred = planner.predict(rec.config, info, calib, gpu_offload=gpu)
     rec.predicted_ram_bytes = pred.ram_bytes

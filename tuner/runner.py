@@ -25,10 +25,10 @@ from pathlib import Path
 import psutil
 
 from tuner import hardware, pagecache
-from tuner.bench import fmt_size
 from tuner.ggufmeta import read_model
 from tuner.memlimit import MemLimit
 from tuner.record import TrialConfig, TrialRecord, oom_line, utcnow
+from tuner.units import fmt_size
 
 DEFAULT_TIMEOUT = 600.0
 # A model load is not the trial's failure unless the load itself takes this long: 379 GiB read at 150 MB/s (a

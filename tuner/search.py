@@ -15,14 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tuner import hardware, store
-from tuner.ggufmeta import read_model
-from tuner.lock import measurement_lock
-from tuner.record import TrialConfig, TrialRecord
+from tuner import fit as fitlib
+from tuner import fleet, hardware, store
+from tuner import quality as qualitylib
+from tuner import recommend as recommendlib
+from tuner import space as spacelib
+from tuner import study as studylib
 from tuner.confirm import DEFAULT_K as DEFAULT_CONFIRM
 from tuner.confirm import MAX_ROUNDS, MIN_ROUNDS
-from tuner.runner import DEFAULT_LOAD_TIMEOUT
+from tuner.ggufmeta import read_model
+from tuner.lock import measurement_lock
+from tuner.options import headroom_bytes, parse_headroom
+from tuner.record import TrialConfig, TrialRecord, parse_tensor_split
+from tuner.runner import DEFAULT_LOAD_TIMEOUT, Runner
+from tuner.space import SpaceError
 from tuner.study import DEFAULT_PER_LOAD, Limits
+from tuner.units import fmt_size
 
 
 class SearchError(ValueError):
@@ -50,8 +58,6 @@ def study_name(models: list[str]) -> str:
 
 def check_limits(hwinfo, max_ram, max_vram, headroom) -> None:
     """Limits that leave no memory at all are a typo, not a search."""
-    from tuner.bench import fmt_size
-    from tuner.options import headroom_bytes
 
     if headroom_bytes(headroom, hwinfo.ram_total) >= hwinfo.ram_total:
         raise SearchError(f"--headroom {headroom} is all of this machine's RAM ({fmt_size(hwinfo.ram_total)})")
@@ -62,8 +68,6 @@ def check_limits(hwinfo, max_ram, max_vram, headroom) -> None:
 
 def check_split(space, rig) -> None:
     """A tensor split names one share per GPU: more shares than GPUs is a typo (llama.cpp would ignore them)."""
-    from tuner.record import parse_tensor_split
-    from tuner.space import SpaceError
 
     d = space.dims.get("tensor_split")
     for v in d.values if d else []:
@@ -122,13 +126,6 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
     this machine (dry run only). `per_load`: configs measured in a row per model load (see tuner.study).
     Raises SearchError (and tuner.ggufmeta.ModelError, tuner.lock.LockBusy) before anything runs.
     """
-    from tuner import fit as fitlib
-    from tuner import space as spacelib
-    from tuner import study as studylib
-    from tuner.options import parse_headroom
-    from tuner.runner import Runner
-
-    from tuner import quality as qualitylib
 
     log = log or (lambda line: None)
     try:  # checked before anything is written
@@ -188,7 +185,6 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume,
         plan=plan, confirm=confirm, confirm_rounds=(min(MIN_ROUNDS, confirm_rounds), confirm_rounds),
         allow_mixed=allow_mixed, heartbeat_s=heartbeat_s, per_load=per_load)
-    from tuner import fleet
 
     try:  # a shared storage (--storage) makes this host one of a fleet
         srch = fleet.new_search(space, opts, infos, hwinfo, build, on_trial=on_trial, on_confirm=on_confirm)
@@ -246,17 +242,15 @@ def measure_quality(models, runner, space, budget, results, *, reference=None, r
                     ctx=None, n_threads=0, log=lambda line: None, progress=None):
     """Each model file's quality against the reference, per KV-cache combination of the space (cached in
     RESULTS/quality/: a resumed search pays nothing). Raises SearchError on bad input, before any pass."""
-    from tuner import quality as q
-
     out = []
     try:
-        for type_k, type_v in q.combinations(space):
-            settings = q.Settings(ctx=ctx, n_threads=n_threads, type_k=type_k, type_v=type_v)
-            out += q.measure(models, runner, reference=reference, reference_logits=reference_logits, text=text,
-                             settings=settings, cache=q.Cache(results), progress=progress)
-    except q.QualityError as e:
+        for type_k, type_v in qualitylib.combinations(space):
+            settings = qualitylib.Settings(ctx=ctx, n_threads=n_threads, type_k=type_k, type_v=type_v)
+            out += qualitylib.measure(models, runner, reference=reference, reference_logits=reference_logits, text=text,
+                             settings=settings, cache=qualitylib.Cache(results), progress=progress)
+    except qualitylib.QualityError as e:
         raise SearchError(str(e)) from None
-    sq = q.StudyQuality(out, budget)
+    sq = qualitylib.StudyQuality(out, budget)
     for res in out:
         ok, why = budget.judge(res)
         figures = (f"KLD {res.kld_mean:.4f} ± {res.kld_mean_err:.4f}, same top {res.same_top_pct:.1f} %"
@@ -301,7 +295,6 @@ def recommend_study(study_dir: str | Path, objective: str | None = None, limits:
     """
     import json
 
-    from tuner import recommend as recommendlib
 
     recs = store.records(Path(study_dir))
     if not recs:
@@ -314,8 +307,6 @@ def recommend_study(study_dir: str | Path, objective: str | None = None, limits:
         except ValueError as e:
             raise SearchError(f"{path} is not valid JSON ({e}); remove it or pass --no-write") from None
     objective = objective or old.get("objective", "mixed")
-    from tuner import quality as qualitylib
-
     try:  # the budget the search kept to (STUDY_DIR/quality.json)
         sq = qualitylib.StudyQuality.load(study_dir)
     except qualitylib.QualityError as e:

@@ -18,7 +18,9 @@ from typing import Callable
 
 import click
 
+from tuner import bench, store
 from tuner.record import TrialConfig, TrialRecord
+from tuner.runner import Runner
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -72,8 +74,6 @@ def make_model(folder: Path) -> Path:
 def run(timeout: float = DEFAULT_TIMEOUT, cases: tuple[Case, ...] | None = None, workdir: str | None = None,
         progress: Callable[[Case, TrialRecord], None] | None = None) -> list[Result]:
     """Run every case in real worker processes on a fresh tiny model; one Result per case, in order."""
-    from tuner import bench
-    from tuner.runner import Runner
     cases = CASES if cases is None else cases
     with tempfile.TemporaryDirectory(prefix="tuner-selftest-", dir=workdir) as tmp:
         model = make_model(Path(tmp))
@@ -106,8 +106,6 @@ def running_trials(db: str | Path) -> set[int]:
 
 def trial_numbers(parquet: str | Path) -> set[int]:
     """Trial numbers that have their row in a study's Parquet file."""
-    from tuner import store
-
     try:
         return {int(n) for n in store.read(parquet)["trial_number"].dropna()}
     except (store.StoreError, KeyError):
@@ -138,8 +136,6 @@ def parent_kill(workdir: str | None = None, deadline_s: float = 120.0) -> tuple[
     import signal
 
     import optuna
-
-    from tuner import store
 
     with tempfile.TemporaryDirectory(prefix="tuner-selftest-", dir=workdir) as tmp:
         model = make_model(Path(tmp))

@@ -20,9 +20,10 @@ from typing import Callable
 import optuna
 
 from tuner import confirm as confirmlib
-from tuner import fit, planner, store
+from tuner import fit, planner, roofline, store
 from tuner import recommend as recommendlib
 from tuner.fit import caps
+from tuner.recommend import fits
 from tuner.bench import resolve
 from tuner.ggufmeta import ModelInfo
 from tuner.record import FAILED, KV_TYPE_BYTES, TrialConfig, TrialRecord, utcnow
@@ -502,8 +503,6 @@ class Search:
             rec.predicted_ram_bytes = pred.ram_bytes
             rec.predicted_vram_bytes = pred.vram_bytes if self.build.get("gpu_offload") else None
         if rec.ok and rec.config.n_gen:
-            from tuner import roofline
-
             if self.bandwidth is None:
                 self.bandwidth = roofline.bandwidth()
             rec.tg_roofline_ts = roofline.tg_bound(cfg, self.infos[cfg.model], self.bandwidth,
@@ -624,8 +623,6 @@ class Search:
     def confirm_candidates(self) -> list[confirmlib.Candidate]:
         """Top K configs at the working context by pooled estimate, the llama.cpp-defaults baseline, and the best
         config at every other context of the ladder."""
-        from tuner.recommend import fits
-
         if not self.opts.confirm or self.opts.pareto:
             return []
         searched = [r for r in self.records if r.searched and r.ok and r.objective(self.opts.objective) is not None

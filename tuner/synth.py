@@ -15,6 +15,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from tuner.ggufmeta import ModelError, read_model
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -146,8 +148,6 @@ def _current(path: Path, shape: Shape) -> bool:
     """A cached file made from an older shape (e.g. another trained context) is made again."""
     if not path.exists():
         return False
-    from tuner.ggufmeta import ModelError, read_model
-
     try:
         info = read_model(str(path))
     except ModelError:

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from tuner.record import TrialConfig, oom_line, parse_tensor_split
+from tuner.units import physical_cores
 
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 SPLIT_MODE = {"none": 0, "layer": 1, "row": 2}
@@ -350,12 +351,6 @@ def ggml_type(name: str) -> int:
     import gguf
 
     return int(gguf.GGMLQuantizationType[name.upper()])
-
-
-def physical_cores() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def classify_log(text: str, default: str, fallback: str) -> tuple[str, str]:

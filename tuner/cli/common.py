@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from tuner import store
-from tuner.bench import fmt_size
 from tuner.options import HEADROOM, SIZE
+from tuner.units import fmt_size, hms
 
 
 def limits_options(f):
@@ -61,7 +61,12 @@ def describe_plan(plan: dict) -> list[str]:
 
 
 class Progress:
-    """One line per trial: count, elapsed, ETA against the budget, best so far, the last outcome."""
+    """One line per trial: count, elapsed, ETA against the budget, best so far, the last outcome.
+
+    Plain lines, not a rich live display: a search runs overnight, mostly into a log file or a CI log, where a
+    redrawn bar leaves nothing to read back; and its ETA is its own (the budget, the configs a small space has
+    left, the confirmation's estimate), not a rate a progress library extrapolates. The quality passes'
+    progress (tuner.quality.Progress) is plain lines for the same reasons."""
 
     def __call__(self, srch, rec) -> None:
         from tuner.search import search_total
@@ -103,11 +108,6 @@ class Progress:
         s = objective_samples(rec, srch.opts.objective) if rec.ok else []
         what = f"{srch.opts.objective} {sum(s) / len(s):.2f}" if s else f"{rec.outcome}: {rec.cause[:60]}"
         click.echo(f"  [confirm round {rnd + 1}] #{cand.trial_number} ({'+'.join(cand.roles)}): {what}", err=True)
-
-
-def hms(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def print_recommendation(rec: dict | None, study_dir: Path, written: bool = True) -> None:

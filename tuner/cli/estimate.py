@@ -7,10 +7,12 @@ import json
 import click
 
 from tuner import planner, whatif
-from tuner.bench import fmt_size
 from tuner.ggufmeta import read_model
-from tuner.options import SIZE, TunerError
+from tuner.options import SIZE, TunerError, headroom_bytes
+from tuner.options import parse_headroom as options_headroom
 from tuner.record import FLASH_ATTN, KV_TYPES, TrialConfig
+from tuner.tables import text_table
+from tuner.units import fmt_size
 
 
 def parse_ctx_list(text: str) -> list[int]:
@@ -25,13 +27,10 @@ def parse_ctx_list(text: str) -> list[int]:
 
 def parse_headroom(text: str, ram: int) -> float:
     """The shared --headroom spelling ('5%', '0.05' or '1GiB') as the share of memory the planner keeps free."""
-    from tuner.options import headroom_bytes
-    from tuner.options import parse_headroom as parse
-
     try:
-        h = parse(text)
-    except click.BadParameter as e:
-        raise TunerError(f"--headroom: {e.message}") from None
+        h = options_headroom(text)
+    except ValueError as e:
+        raise TunerError(f"--headroom: {e}") from None
     v = h if isinstance(h, float) else headroom_bytes(h, ram) / ram
     if not 0 <= v < 0.9:
         raise TunerError(f"--headroom must be between 0 and 90% of memory, got {text!r}")
@@ -39,11 +38,8 @@ def parse_headroom(text: str, ram: int) -> float:
 
 
 def table(rows: list[dict], headers: list[tuple[str, str]]) -> str:
-    cells = [[h for _, h in headers]] + [[_cell(r.get(k)) for k, _ in headers] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
-    lines = ["  ".join(c[i].ljust(widths[i]) if i == 0 else c[i].rjust(widths[i]) for i in range(len(headers)))
-             for c in cells]
-    return "\n".join(lines)
+    return text_table([h for _, h in headers], [[_cell(r.get(k)) for k, _ in headers] for r in rows],
+                      set(range(1, len(headers))))
 
 
 def _cell(v) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from tuner.bench import fmt_size
 from tuner.options import TunerError
+from tuner.units import fmt_size
 
 
 @click.command()

@@ -16,13 +16,14 @@ from pathlib import Path
 from tuner import store
 from tuner.record import TrialConfig
 # the public names, importable as tuner.report.NAME (loading, charts, rendering live in the submodules)
-from tuner.report.charts import NO_OFFLOAD, STUDY_CHARTS, Chart, chart_compare, quant_colours, study_charts
+from tuner.report.charts import (NO_OFFLOAD, STUDY_CHARTS, Chart, chart_compare, quant_colours, speed_dimensions,
+                                 study_charts)
 from tuner.report.load import DEFAULT_MAP, FORMATS, ReportError, Study, load_studies, load_study
 from tuner.report.render import compare_blocks, failure_groups, planner_rows, study_blocks, to_html, to_markdown
 
 __all__ = ["DEFAULT_MAP", "FORMATS", "NO_OFFLOAD", "STUDY_CHARTS", "Chart", "Report", "ReportError", "Study",
            "build", "failure_groups", "load_study", "load_studies", "parse_formats", "parse_map", "planner_rows",
-           "quant_colours", "study_charts", "to_html", "to_markdown"]
+           "quant_colours", "speed_dimensions", "study_charts", "to_html", "to_markdown"]
 
 
 # ---------------------------------------------------------------------------------------------------------

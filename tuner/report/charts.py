@@ -19,11 +19,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from tuner.bench import fmt_size
 from tuner.recommend import BASELINES, pareto_front
 from tuner.record import OUTCOMES, TrialConfig, TrialRecord
 from tuner.report.load import (DEFAULT_MAP, SHAPE_FIELDS, Study, mem_scale, model_label, parse_utc, shape_label,
                                varying_fields, xvalue)
+from tuner.units import fmt_size
 
 
 OUTCOME_COLOURS = {"ok": "#2ca02c", "oom": "#d62728", "crash": "#9467bd", "timeout": "#ff7f0e",
@@ -59,7 +59,7 @@ def model_markers(studies: list[Study]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Chart:
-    key: str  # file stem, e.g. "1-speed-vs-gpu-layers"
+    key: str  # file stem, e.g. "1-speed-vs-varied"
     title: str
     caption: str
     fig: Figure
@@ -154,16 +154,23 @@ def _speed_panel(ax, study: Study, colours, param: str, metric: str, chart: Char
     each value, its error bar the sd over the repetitions; failed and skipped trials marked at 0 t/s."""
     trials = study.trials
     ok = [r for r in trials if r.ok and r.metric(metric)[0] is not None]
+    # flash_attn "on"/"off", type_k, use_mmap: category labels (a bool would be drawn at 0 and 1)
+    categorical = any(isinstance(xvalue(r, param), (str, bool)) for r in trials)
+
+    def x_of(r):
+        v = xvalue(r, param)
+        return str(v).lower() if categorical else v
+
     by_model = defaultdict(list)
     for r in ok:
         by_model[model_label(r.config.model)].append(r)
     for m, rs in sorted(by_model.items()):
         c = colours[m]
-        ax.scatter([xvalue(r, param) for r in rs], [r.metric(metric)[0] for r in rs], color=c, alpha=0.3, s=16,
+        ax.scatter([x_of(r) for r in rs], [r.metric(metric)[0] for r in rs], color=c, alpha=0.3, s=16,
                    linewidths=0, zorder=2)
         best: dict = {}
         for r in rs:
-            x = xvalue(r, param)
+            x = x_of(r)
             if x not in best or r.metric(metric)[0] > best[x].metric(metric)[0]:
                 best[x] = r
         xs = sorted(best)
@@ -171,34 +178,58 @@ def _speed_panel(ax, study: Study, colours, param: str, metric: str, chart: Char
                     color=c, marker="o", ms=5, capsize=3, lw=1.5, zorder=3, label=f"{m} (best at each value)")
         chart.counts["ok"] += len(rs)
     extra: dict = {}
-    _mark_not_ok(ax, trials, lambda r: xvalue(r, param), lambda r: 0.0, chart, extra)
+    _mark_not_ok(ax, trials, x_of, lambda r: 0.0, chart, extra)
     what = {"tg": "tg: generation", "pp": "pp: prompt processing"}[metric]
     ax.set_ylabel(f"{what} speed (tokens/s)")
     ax.set_xlabel(LABELS.get(param, param))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if not categorical:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     top = max([r.metric(metric)[0] + (r.metric(metric)[1] or 0) for r in ok], default=1.0)
     ax.set_ylim(-0.05 * top, 1.12 * top)
     if not ok:
         _note(ax, f"no trial succeeded: no {metric} t/s to plot\n(failed trials are marked at 0)", chart)
-    elif len({xvalue(r, param) for r in trials}) < 2 and param != "n_gpu_layers":
+    elif len({x_of(r) for r in trials}) < 2:
         _note(ax, f"only one {param} value was measured", chart, "top")
-    _single_x(ax, [xvalue(r, param) for r in trials])
+    if not categorical:
+        _single_x(ax, [xvalue(r, param) for r in trials])
     return extra
 
 
-def chart_speed_vs_ngl(study: Study, colours, **options) -> Chart:
-    fig = _figure(2)
-    ch = Chart("1-speed-vs-gpu-layers", "Speed against GPU layers",
-               "tg and pp t/s against n_gpu_layers, one line per quant file (best trial at each value, error bars: "
-               "sd over the repetitions); × = failed trials at 0 t/s.", fig, study=study.label)
+# drawn elsewhere: the model is each line's colour, threads have chart 2
+SPEED_ELSEWHERE = ("model", "n_threads", "n_threads_batch")
+
+
+def speed_dimensions(study: Study) -> list[str]:
+    """The config fields the study varied, in TrialConfig order, that chart 1 draws speed against."""
+    return [d for d in varying_fields(study.trials) if d not in SPEED_ELSEWHERE]
+
+
+def chart_speed_vs_varied(study: Study, colours, **options) -> Chart:
+    """tg and pp against each dimension the study varied: a constant (n_gpu_layers 0 on a CPU build) is one
+    point that says nothing, so it gets no panel."""
+    dims = speed_dimensions(study)
+    fig = _figure(2, max(1, len(dims)), height=3.6)
+    ch = Chart("1-speed-vs-varied", "Speed against what the study varied",
+               "tg and pp t/s against each parameter the study varied (threads: chart 2), one line per quant "
+               "file (best trial at each value, error bars: sd over the repetitions); × = failed trials at 0 "
+               "t/s. Parameters that never varied get no panel.", fig, study=study.label)
     extras = []
-    for ax, metric in zip(fig.axes, ("tg", "pp")):
-        extras.append(_speed_panel(ax, study, colours, "n_gpu_layers", metric, ch))
-        _vram_wall(ax, study, ch)
-        if not study.gpu_offload:
-            _note(ax, NO_OFFLOAD, ch, "top")
+    for i, d in enumerate(dims):
+        for ax, metric in zip(fig.axes[2 * i:2 * i + 2], ("tg", "pp")):
+            extras.append(_speed_panel(ax, study, colours, d, metric, ch))
+            if d == "n_gpu_layers":
+                _vram_wall(ax, study, ch)
+    if not dims:
+        why = ("no trial succeeded: no t/s to plot" if not study.ok else
+               "no parameter but threads varied (chart 2 draws those)")
+        for ax in fig.axes:
+            ax.set_axis_off()
+        _note(fig.axes[0], why, ch)
+    if not study.gpu_offload and "n_gpu_layers" not in dims:
+        ch.notes.append(NO_OFFLOAD)  # said in the report's text: why there is no GPU-layers panel
     _legend(fig, extras)
-    fig.suptitle(f"{study.label}: t/s against n_gpu_layers ({shape_label(study.trials)})")
+    varied = ", ".join(dims) or "nothing but threads"
+    fig.suptitle(f"{study.label}: t/s against {varied} ({shape_label(study.trials)})")
     return ch
 
 
@@ -810,7 +841,7 @@ def chart_quality(study: Study, colours, **options) -> Chart:
 # ones it needs as keywords and ignores the rest.
 # ---------------------------------------------------------------------------------------------------------
 STUDY_CHARTS: tuple[Callable[..., Chart], ...] = (
-    chart_speed_vs_ngl, chart_speed_vs_threads, chart_memory, chart_pareto, chart_outcome_map, chart_progress,
+    chart_speed_vs_varied, chart_speed_vs_threads, chart_memory, chart_pareto, chart_outcome_map, chart_progress,
     chart_importance, chart_confirmation, chart_context_ladder, chart_quality,
 )
 

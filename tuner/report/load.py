@@ -198,12 +198,6 @@ def parse_utc(s: str) -> _dt.datetime | None:
         return None
 
 
-def fmt_duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60
-                                                                   else f"{s}s")
-
-
 def shape_label(recs: list[TrialRecord]) -> str:
     shapes = sorted({(r.config.n_prompt, r.config.n_gen, r.config.n_depth) for r in recs})
     return ", ".join(f"pp{p}/tg{g}" + (f"@d{d}" if d else "") for p, g, d in shapes)

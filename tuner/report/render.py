@@ -14,12 +14,12 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from tuner.bench import fmt_size
 from tuner.recommend import BASELINES, RECOMMENDED_FILE
 from tuner.record import OUTCOMES, TrialRecord
-from tuner.report.load import (SHAPE_FIELDS, Study, fmt_duration, fmt_ts, model_label, parse_utc, shape_label,
+from tuner.report.load import (SHAPE_FIELDS, Study, fmt_ts, model_label, parse_utc, shape_label,
                                varying_fields, xvalue)
 from tuner.report.charts import Chart, shared_configs
+from tuner.units import fmt_duration, fmt_size
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,36 @@
+"""The regression gate's claims are bounds, recomputed from the saved runs (benchmarks/gate_power.py --rejudge)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("gate_power", ROOT / "benchmarks" / "gate_power.py")
+gate_power = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gate_power)
+SHIPPED = ROOT / "benchmarks" / "results" / "gate-power-20261129-094629.json"  # 14 rounds judged once
+
+
+def test_none_in_20_bounds_the_rate_near_14_percent_and_60_runs_reach_5():
+    none = gate_power.rate_ci(0, 20)
+    assert none["rate"] == 0 and none["upper95"] == pytest.approx(0.139, abs=5e-4)  # cannot show <= 5 %
+    assert gate_power.rate_ci(0, 58)["upper95"] > 0.05 >= gate_power.rate_ci(0, 59)["upper95"]
+    assert gate_power.rate_ci(20, 20)["lower95"] == pytest.approx(0.861, abs=5e-4)
+    assert gate_power.rate_ci(59, 59)["lower95"] >= 0.95
+    lo, hi = gate_power.rate_ci(3, 20)["ci95"]
+    assert lo < 0.15 < hi  # the two-sided interval holds the rate
+
+
+def test_rejudged_shipped_gate_matches_the_readme_and_misses_the_target(tmp_path):
+    gate_power.rejudge([str(SHIPPED)], str(tmp_path))
+    (out,) = tmp_path.glob("gate-intervals-*.json")
+    row = next(r for r in json.loads(out.read_text())["rows"] if r["judged"] == "gate")
+    assert row["false_alarms"] == [0, 20] and row["detections"] == [20, 20]
+    assert round(100 * row["false_alarm_upper95"], 1) == 13.9 and round(100 * row["detection_lower95"], 1) == 86.1
+    assert row["target_met"] is False  # 0 % and 100 % measured, yet not shown to meet <= 5 % / >= 95 %
+    readme = (ROOT / "README.md").read_text()
+    assert "below 13.9 %" in readme and "above 86.1 %" in readme

@@ -1,0 +1,116 @@
+"""The house's drawing from its imports (ast only, nothing imported): no import circle, no module over 900 lines."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "tuner"
+MAX_LINES = 900
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for p in sorted(PKG.rglob("*.py")):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def _targets(node: ast.AST, name: str, mods: dict[str, Path]) -> list[str]:
+    """The tuner modules one import statement loads (`from tuner import x` names module tuner.x)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name in mods]
+    if node.level:  # relative import: resolve against the importing module's package
+        base = name.split(".")[: len(name.split(".")) - node.level + (name in _packages(mods))]
+        mod = ".".join(base + ([node.module] if node.module else []))
+    else:
+        mod = node.module or ""
+    out = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in mods]
+    return out or ([mod] if mod in mods else [])
+
+
+def _packages(mods: dict[str, Path]) -> set[str]:
+    return {m for m, p in mods.items() if p.name == "__init__.py"}
+
+
+def _type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def import_graph(function_level: bool = False) -> dict[str, set[str]]:
+    """Module → the tuner modules it imports when loaded (or, with function_level, also inside functions)."""
+    mods = modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+
+    def visit(node: ast.AST, name: str, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _type_checking(child):
+                continue  # never runs
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and (function_level or not in_function):
+                graph[name].update(t for t in _targets(child, name, mods) if t != name)
+            visit(child, name, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                  ast.Lambda)))
+
+    for name, path in mods.items():
+        visit(ast.parse(path.read_text()), name, False)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components of more than one module (Tarjan): each is an import circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[set[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def test_cycle_finder_sees_a_circle_through_function_level_imports(tmp_path):
+    g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(g) == [{"a", "b", "c"}]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle_when_modules_load():
+    assert cycles(import_graph()) == []
+
+
+def test_no_import_circle_counting_function_level_imports():
+    # the planner and the space do not import each other: what joins them (the region, the contexts that fit,
+    # a rig's verdicts) lives in tuner.fit, which imports both
+    assert cycles(import_graph(function_level=True)) == []
+
+
+def test_no_module_over_900_lines():
+    over = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert over == {}
