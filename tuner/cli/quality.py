@@ -39,8 +39,8 @@ def _llama_params(*names):
 @run_params()
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per model")
 def quality_cmd(models, save_reference_logits, reference, reference_logits, text, max_kld, min_same_top, ctx, top_k,
-                n_gpu_layers, n_threads, type_k, type_v, results, use_cache, timeout, mem_limit, no_wait, lock_file,
-                as_json):
+                n_gpu_layers, n_threads, type_k, type_v, results, use_cache, timeout, load_timeout, mem_limit, no_wait,
+                lock_file, as_json):
     """Measure what each quant costs in quality: KL divergence of its next-token distributions from a reference.
 
     Computed as llama-perplexity --kl-divergence does (chunks of --ctx tokens, the second half of each scored):
@@ -67,7 +67,7 @@ def quality_cmd(models, save_reference_logits, reference, reference_logits, text
             raise q.QualityError("--top-k is fixed by the --reference-logits file")
         cache = q.Cache(results) if use_cache else None
         with measurement_lock(wait=not no_wait, what="tuner quality", path=lock_file):
-            with Runner(timeout=timeout, mem_limit=mem_limit) as runner:
+            with Runner(timeout=timeout, mem_limit=mem_limit, load_timeout=load_timeout) as runner:
                 res = q.measure(list(models), runner, reference=reference, reference_logits=reference_logits,
                                 text=text, settings=settings, cache=cache,
                                 save_reference=save_reference_logits)
