@@ -240,6 +240,7 @@ class Search:
         self._baselines: list[tuple[dict, str]] = []  # enqueued one at a time, each after the last one's block
         self._unmeasured_load: dict[tuple, tuple] = {}  # unmeasured config → its load key
         self._anchor_due = False
+        self._block_left = 0  # queued configs of the loaded model not yet run (after_load)
         self._vram_warned = False
 
     # -- set-up and resume ---------------------------------------------------------------------------
@@ -463,6 +464,7 @@ class Search:
             n = min(n, sum(1 for k in self.unmeasured if self._unmeasured_load.get(k) == key))
         for _ in range(n):
             self.study.enqueue_trial(fixed, user_attrs={"enqueued": "same load"})
+        self._block_left = max(n, 0)
 
     def run_one(self, trial: optuna.Trial) -> TrialRecord | None:
         cfg = self._suggest(trial)
@@ -707,6 +709,8 @@ class Search:
                 break
             self._next_baseline()
             trial = self.study.ask()
+            if trial.user_attrs.get("enqueued") == "same load":
+                self._block_left = max(0, self._block_left - 1)
             rec = self.run_one(trial)
             if rec is None:
                 continue
@@ -718,8 +722,7 @@ class Search:
             if self.opts.drift_every and self.n_run % self.opts.drift_every == 0:
                 self._anchor_due = True
             # an anchor that needs another load waits until the loaded model's queued configs are measured
-            if self._anchor_due and self.budget_left() and (self._anchor_loaded() or not self.study.get_trials(
-                    deepcopy=False, states=(optuna.trial.TrialState.WAITING,))):
+            if self._anchor_due and self.budget_left() and (self._anchor_loaded() or not self._block_left):
                 self._anchor_due = False
                 self._anchor()
 
