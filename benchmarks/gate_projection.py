@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     first = next((r for r in rows if r["target_met"]), None)
     result = {"sources": [str(Path(f)) for f in a.files], "rounds_per_run": rounds,
               "bench_args": docs[0]["settings"]["bench_args"], "model": docs[0]["model"],
-              "rule": {"alpha": settings.alpha, "max_cv": settings.max_cv, "test": settings.test,
+              "rule": {"alpha": settings.alpha, "max_cv": settings.max_cv, "test": "tuner.stats (per-trial values; Wilcoxon paired / Mann-Whitney U)",
                        "rerun_on_alert": True},
               "method": "block bootstrap over gate_power runs: m runs of one kind joined per side",
               "projection": rows, "fewest_rounds_meeting_target": first["rounds"] if first else None}
