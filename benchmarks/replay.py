@@ -47,10 +47,10 @@ GRIDS = {
     "quant-kv": {"preset": "dense", "quants": ["f16", "q8_0", "q4_0"],
                  "specs": {"n_threads": "1,2", "type_k": "f16,q8_0", "flash_attn": "on,off"},
                  "shape": {"n_prompt": 64, "n_gen": 16, "repetitions": 2}},
-    # 18 configs, mmap off: every change of file reloads it from the page cache into anonymous memory, a large part of a
+    # 12 configs, mmap off: every change of file reloads it from the page cache into anonymous memory, a large part of a
     # short trial's cost; the batch size matters for the prompt
     "nommap-batch": {"preset": "dense", "quants": ["f32", "q8_0", "q4_k_m"],
-                     "specs": {"n_threads": "1,2", "n_ubatch": "8,32,64", "use_mmap": "false"},
+                     "specs": {"n_threads": "1,2", "n_ubatch": "8,64", "use_mmap": "false"},
                      "shape": {"n_prompt": 64, "n_gen": 8, "repetitions": 2}},
     # for tests: loads in milliseconds
     "tiny": {"preset": "tiny", "quants": ["q8_0", "q4_k_m"], "specs": {"n_threads": "1,2"},

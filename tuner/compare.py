@@ -7,9 +7,10 @@ repetitions), peak memory one per trial (the worker's high-water mark).
 
 A metric is a regression only when BOTH hold: the change is beyond a practical threshold (5 % for speeds, 10 %
 for memory by default) AND the test has p < alpha (0.01). When both sides were measured round by round,
-interleaved (`make perf-check`: the i-th trial of each side ran before the (i+1)-th of either), rounds are paired:
-the exact Wilcoxon signed-rank test on the per-round log ratios, the change is the median per-round ratio;
-otherwise the Mann-Whitney U test on the trial values and the change of the medians. Too few trials or too much
+interleaved (`make perf-check`: the i-th trial of each side ran before the (i+1)-th of either) and there are
+enough rounds for the paired test to reach alpha (8 at 0.01), rounds are paired: the exact Wilcoxon signed-rank
+test on the per-round log ratios, the change is the median per-round ratio; otherwise the Mann-Whitney U test on
+the trial values and the change of the medians. Too few trials or too much
 noise between trials gives `inconclusive`, never a pass or a fail by luck. With fewer trials a side than the
 test needs to reach p < alpha (5 unpaired, 8 paired at 0.01; `make perf-check` and CI measure 14), peak memory is
 judged on the threshold alone (memory peaks barely move between runs of one config); the note and the report's
@@ -408,7 +409,7 @@ class Report:
         s = self.settings
         rows.append(("rule", f"one value per trial (the median of its repetitions); regression = change beyond "
                              f"the threshold AND p < {s.alpha:g} (Wilcoxon signed-rank when the rounds were "
-                             f"interleaved, else Mann-Whitney U); inconclusive when the CV between trials > "
+                             f"interleaved and are enough, else Mann-Whitney U); inconclusive when the CV between trials > "
                              f"{100 * s.max_cv:.0f}% or < {s.min_samples} trials; peak memory with fewer trials "
                              f"than the test needs ({trials_needed(s)} unpaired, {trials_needed(s, True)} paired): "
                              "the threshold alone"))
@@ -626,7 +627,9 @@ def judge_pair(base_ok: list[TrialRecord], cur_ok: list[TrialRecord], base_faile
     if failed:
         out.append(failed)
     if base_ok and cur_ok:
-        paired = interleaved(base_ok, cur_ok)
+        # paired when the rounds were interleaved AND there are enough of them for the paired test to reach alpha
+        # (8 at 0.01); fewer rounds are judged unpaired, where 5 trials a side can
+        paired = interleaved(base_ok, cur_ok) and stats.min_p(len(base_ok), len(cur_ok), True) < settings.alpha
         for name, m in METRICS.items():
             b = [stats.trial_value(m.samples(rec)) for rec in sorted(base_ok, key=lambda r: r.started_utc)]
             c = [stats.trial_value(m.samples(rec)) for rec in sorted(cur_ok, key=lambda r: r.started_utc)]
