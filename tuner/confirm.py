@@ -166,9 +166,8 @@ class Candidate:
 
     def figure(self, objective: str) -> float | None:
         """The median of its round values, in the objective's own unit."""
-        v = stats.center([x for r in self.records if r.ok
-                          and (x := stats.trial_value(objective_samples(r, objective))) is not None])
-        return v
+        return stats.center([x for r in self.records if r.ok
+                             and (x := stats.trial_value(objective_samples(r, objective))) is not None])
 
     def memory(self) -> int:
         return max(((r.peak_rss_bytes or 0) + (r.peak_vram_bytes or 0) for r in self.records if r.ok), default=0)
@@ -213,6 +212,7 @@ def assess(cands: list[Candidate], objective: str, alpha: float = ALPHA, min_eff
     """The verdict of a confirmation: winner, why, each candidate's median and interval, ratio to the baseline."""
     rows = []
     for c in cands:
+        # back in the objective's own unit (rounds() inverts a lower-is-better objective)
         vals = [v if higher_is_better(objective) else 1.0 / v for v in c.rounds(objective).values()]
         lo, hi = stats.median_ci(vals) if vals else (None, None)
         rows.append({"trial_number": c.trial_number, "roles": c.roles or [c.role], "n_ctx": c.config.effective_ctx(),
