@@ -54,6 +54,26 @@ def model_facts(path: str | os.PathLike) -> dict:
             "arch": info.arch, "file_type": info.file_type, "n_params": info.n_params}
 
 
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> list[float]:
+    """Exact (Clopper-Pearson) interval of a rate of k in n. One-sided 95 % bounds: confidence 0.90 (the two-sided
+    90 % interval's ends), e.g. 0 of 20 -> an upper bound of 13.9 %."""
+    from scipy.stats import binomtest
+
+    if not n:
+        return [0.0, 1.0]
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+def bounded_rates(hits_aa: int, n_aa: int, hits_ab: int, n_ab: int) -> dict:
+    """A gate's false-alarm rate (regressions in A/A runs) with its one-sided 95 % upper bound, and its detection
+    rate (regressions in A/B runs) with its one-sided 95 % lower bound."""
+    return {"false_alarm_rate": hits_aa / n_aa if n_aa else None,
+            "false_alarm_upper95": clopper_pearson(hits_aa, n_aa, 0.90)[1],
+            "detection_rate": hits_ab / n_ab if n_ab else None,
+            "detection_lower95": clopper_pearson(hits_ab, n_ab, 0.90)[0]}
+
+
 def save(name: str, result: dict, out: str | Path = RESULTS, echo: bool = True) -> Path:
     """Write result (plus its provenance) as out/NAME-YYYYmmdd-HHMMSS.json; returns the path."""
     out = Path(out)

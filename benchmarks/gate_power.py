@@ -15,7 +15,8 @@ Runs alternate between two kinds, so a drifting machine hits both alike:
        each metric over the A/B runs, against the same over the A/A runs) and reported with the hogs'
        achieved CPU share.
 
-Per kind: the share of runs with a regression verdict (false_alarm_rate for A/A, detection_rate for A/B), with
+Per kind: the share of runs with a regression verdict (false_alarm_rate for A/A, detection_rate for A/B, each with
+its one-sided 95 % Clopper-Pearson bound: false_alarm_upper95, detection_lower95), with
 an inconclusive verdict and no regression (inconclusive_rate), and with a pass; for the first judgement (bare)
 and the gate as shipped (with --rerun-on-alert when PERF_COMPARE_ARGS has it). Everything (settings, model, build, every run's verdicts and medians) goes to
 benchmarks/results/gate-power-*.json.
@@ -47,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import ROOT, model_facts, save  # noqa: E402
+from _results import ROOT, bounded_rates, model_facts, save  # noqa: E402
 
 MODEL_CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 SPEED = ("tg", "pp", "ttft")
@@ -282,8 +283,10 @@ def main() -> int:
     aa = [r for r in runs if r["kind"] == "A/A"]
     ab = [r for r in runs if r["kind"] == "A/B"]
     gate_aa, gate_ab = rates(aa, "gate"), rates(ab, "gate")
+    hits = {k: sum(r["gate"]["class"] == "regression" for r in rs) for k, rs in (("A/A", aa), ("A/B", ab))}
     summary = {
-        "false_alarm_rate": gate_aa["regression_rate"], "detection_rate": gate_ab["regression_rate"],
+        # with Clopper-Pearson bounds: 0 false alarms in 20 runs still allows up to 13.9 % (one-sided 95 %)
+        **bounded_rates(hits["A/A"], len(aa), hits["A/B"], len(ab)),
         "inconclusive_rate": {"A/A": gate_aa["inconclusive_rate"], "A/B": gate_ab["inconclusive_rate"]},
         "gate": {"A/A": gate_aa, "A/B": gate_ab},
         "bare_gate": {"A/A": rates(aa, "bare"), "A/B": rates(ab, "bare")},
@@ -309,10 +312,12 @@ def main() -> int:
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f} %"
 
-    print(f"\nA/A ({len(aa)} runs): false alarms {pct(gate_aa['regression_rate'])}, inconclusive "
+    print(f"\nA/A ({len(aa)} runs): false alarms {pct(gate_aa['regression_rate'])} (one-sided 95 % upper bound "
+          f"{pct(summary['false_alarm_upper95'])}), inconclusive "
           f"{pct(gate_aa['inconclusive_rate'])}, pass {pct(gate_aa['pass_rate'])}   "
           f"[bare gate: false alarms {pct(summary['bare_gate']['A/A']['regression_rate'])}]")
-    print(f"A/B ({len(ab)} runs): detected {pct(gate_ab['regression_rate'])}, inconclusive "
+    print(f"A/B ({len(ab)} runs): detected {pct(gate_ab['regression_rate'])} (lower bound "
+          f"{pct(summary['detection_lower95'])}), inconclusive "
           f"{pct(gate_ab['inconclusive_rate'])}, missed (pass) {pct(gate_ab['pass_rate'])}   "
           f"[bare gate: detected {pct(summary['bare_gate']['A/B']['regression_rate'])}]")
     eff = summary["effect_pct"]

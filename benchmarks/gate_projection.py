@@ -14,6 +14,9 @@ runs saved, without measuring anything:
   times (the current trials of m other runs of the same kind) and the regression stands only when a metric
   that regressed regresses again.
 
+--blocks 1 re-judges every saved run on its own trials with the current rule (tuner.compare as it is now):
+the shipped gate's rates under a changed rule without measuring again, with Clopper-Pearson bounds.
+
 It is a projection, not a measurement: joined runs were not interleaved with each other, and a machine
 that changes between sessions is not in the data. Verify a chosen setting with gate_power.py --rounds N.
 Writes benchmarks/results/gate-projection-*.json.
@@ -33,14 +36,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import save  # noqa: E402
+from _results import bounded_rates, save  # noqa: E402
 
 def records(trials: list[dict]) -> list:
     """gate_power.py's saved trials as the TrialRecords `tuner compare` judges (only what it reads)."""
     from tuner.record import TrialConfig, TrialRecord
 
+    # started_utc: the gate pairs interleaved rounds by their start times (tuner.compare.interleaved)
     return [TrialRecord(TrialConfig(model="gate"), outcome=t["outcome"], tg_samples=t["tg"], pp_samples=t["pp"],
-                        ttft_samples_ms=t["ttft_ms"], peak_rss_bytes=t.get("peak_rss_bytes")) for t in trials]
+                        ttft_samples_ms=t["ttft_ms"], peak_rss_bytes=t.get("peak_rss_bytes"),
+                        started_utc=t.get("started_utc", "")) for t in trials]
 
 
 def judge_sides(base: list[dict], cur: list[dict], settings) -> dict[str, str]:
@@ -88,8 +93,9 @@ def project(runs: list[dict], m: int, draws: int, rng: random.Random, settings) 
         tally["bare"][bare] = tally["bare"].get(bare, 0) + 1
         tally["gate"][with_rerun] = tally["gate"].get(with_rerun, 0) + 1
     n = len(combos)
-    return {"draws": n, **{which: {c: t.get(c, 0) / n for c in ("regression", "inconclusive", "pass")}
-                           for which, t in tally.items()}}
+    return {"draws": n, "regressions": tally["gate"].get("regression", 0),
+            **{which: {c: t.get(c, 0) / n for c in ("regression", "inconclusive", "pass")}
+               for which, t in tally.items()}}
 
 
 def main(argv=None) -> int:
@@ -126,6 +132,8 @@ def main(argv=None) -> int:
         row = {"blocks": m, "rounds": m * rounds, "false_alarm_rate": aa["gate"]["regression"],
                "detection_rate": ab["gate"]["regression"], "A/A": aa, "A/B": ab,
                "target_met": ab["gate"]["regression"] >= 0.95 and aa["gate"]["regression"] <= 0.05}
+        if m == 1:  # each run judged alone: independent runs, so the rates get Clopper-Pearson bounds
+            row.update(bounded_rates(aa["regressions"], aa["draws"], ab["regressions"], ab["draws"]))
         rows.append(row)
         print(f"{m * rounds:6d}  {100 * aa['gate']['regression']:11.1f}% {100 * aa['bare']['regression']:6.1f}%  "
               f"{100 * ab['gate']['regression']:8.1f}% {100 * ab['bare']['regression']:6.1f}%  "

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import model_facts, save  # noqa: E402
+from _results import clopper_pearson, model_facts, save  # noqa: E402
 
 from tuner.record import TrialConfig, TrialRecord  # noqa: E402
 
@@ -366,20 +366,12 @@ def replay(table: Table, st: Settings, seeds: int, log=lambda s: None) -> dict:
     walls = [r["wall_s"] / grid_s for r in runs]
     within = sum(r["share_of_best"] >= 0.98 for r in runs)
     out = {"settings": dataclasses.asdict(st), "seeds": seeds, "within_2pct": within,
-           "within_2pct_rate": within / seeds, "within_2pct_ci95": cp(within, seeds),
+           "within_2pct_rate": within / seeds, "within_2pct_ci95": clopper_pearson(within, seeds),
            "median_share_of_best": statistics.median(r["share_of_best"] for r in runs),
            "wall_vs_grid_median": statistics.median(walls), "wall_vs_grid_max": max(walls),
            "median_confirm_runs": statistics.median(r["confirm_runs"] for r in runs), "runs": runs}
     log(f"  {st}: within 2 % in {within}/{seeds}, median wall {100 * out['wall_vs_grid_median']:.0f} % of the grid")
     return out
-
-
-def cp(k: int, n: int) -> list[float]:
-    """Clopper-Pearson 95 % interval of k successes in n."""
-    from scipy.stats import binomtest
-
-    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
-    return [ci.low, ci.high]
 
 
 def choose(results: list[dict], wall_target: float) -> dict:
