@@ -93,7 +93,7 @@ def project(runs: list[dict], m: int, draws: int, rng: random.Random, settings) 
         tally["bare"][bare] = tally["bare"].get(bare, 0) + 1
         tally["gate"][with_rerun] = tally["gate"].get(with_rerun, 0) + 1
     n = len(combos)
-    return {"draws": n, "regressions": tally["gate"].get("regression", 0),
+    return {"draws": n, "regressions": {w: t.get("regression", 0) for w, t in tally.items()},
             **{which: {c: t.get(c, 0) / n for c in ("regression", "inconclusive", "pass")}
                for which, t in tally.items()}}
 
@@ -133,7 +133,9 @@ def main(argv=None) -> int:
                "detection_rate": ab["gate"]["regression"], "A/A": aa, "A/B": ab,
                "target_met": ab["gate"]["regression"] >= 0.95 and aa["gate"]["regression"] <= 0.05}
         if m == 1:  # each run judged alone: independent runs, so the rates get Clopper-Pearson bounds
-            row.update(bounded_rates(aa["regressions"], aa["draws"], ab["regressions"], ab["draws"]))
+            row.update(bounded_rates(aa["regressions"]["gate"], aa["draws"], ab["regressions"]["gate"], ab["draws"]))
+            row["bare_bounds"] = bounded_rates(aa["regressions"]["bare"], aa["draws"], ab["regressions"]["bare"],
+                                               ab["draws"])
         rows.append(row)
         print(f"{m * rounds:6d}  {100 * aa['gate']['regression']:11.1f}% {100 * aa['bare']['regression']:6.1f}%  "
               f"{100 * ab['gate']['regression']:8.1f}% {100 * ab['bare']['regression']:6.1f}%  "
