@@ -374,6 +374,40 @@ def replay(table: Table, st: Settings, seeds: int, log=lambda s: None) -> dict:
     return out
 
 
+def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
+    """The same search run for real (`tuner.search.run_search`, real workers) for `seeds` seeds: its regret
+    (truth from the table) and wall time against what the replay predicts for the same settings."""
+    from tuner.confirm import config_key
+    from tuner.search import run_search
+
+    recipe = table.doc["recipe"]
+    params = {k: v for k, v in recipe["specs"].items()}
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="tuner-live-") as work:
+        for seed in range(seeds):
+            t0 = time.monotonic()
+            res = run_search(list(table.infos), study=f"live-{seed}", results=work, sampler=st.sampler, seed=seed,
+                             n_trials=st.n_trials, confirm=st.confirm, confirm_rounds=st.max_rounds,
+                             objective=OBJECTIVE, drift_every=0, quality=False, auto_space=False,
+                             **recipe["shape"], **params)
+            wall = time.monotonic() - t0
+            rec = res.recommendation
+            cfg = TrialConfig.from_dict({**rec["config"], "overrides": tuple(rec["config"].get("overrides", ()))})
+            truth = table.truth(config_key(cfg))
+            runs.append({"seed": seed, "wall_s": wall, "true": truth, "share_of_best": (truth or 0) / table.best,
+                         "verdict": rec["confirmation"].get("verdict"),
+                         "confirm_runs": rec["trials"]["confirmation_runs"]})
+            log(f"  live seed {seed}: {wall:.0f} s, {100 * runs[-1]['share_of_best']:.1f} % of the best")
+    grid_s = table.grid_once_s()
+    within = sum(r["share_of_best"] >= 0.98 for r in runs)
+    predicted = replay(table, st, max(seeds, 30))
+    return {"settings": dataclasses.asdict(st), "seeds": seeds, "within_2pct": within,
+            "within_2pct_rate": within / seeds, "within_2pct_ci95": clopper_pearson(within, seeds),
+            "wall_vs_grid_median": statistics.median(r["wall_s"] for r in runs) / grid_s,
+            "replay_within_2pct_rate": predicted["within_2pct_rate"],
+            "replay_wall_vs_grid_median": predicted["wall_vs_grid_median"], "runs": runs}
+
+
 def choose(results: list[dict], wall_target: float) -> dict:
     """The tuning grid's pick: the highest within-2 % rate among settings within the wall target; when none is
     within it, the highest rate, then the lowest wall."""
@@ -381,13 +415,19 @@ def choose(results: list[dict], wall_target: float) -> dict:
     return max(fit or results, key=lambda r: (r["within_2pct_rate"], -r["wall_vs_grid_median"]))
 
 
-def evaluate(tune: Table, held: Table, seeds: int, tune_seeds: int, settings: list[Settings], wall_target: float,
-             log=print) -> dict:
-    """Choose the settings on the tuning table; report them and the controls on the held-out one."""
+def tune_settings(tune: Table, tune_seeds: int, settings: list[Settings], wall_target: float, log=print) -> dict:
+    """Every candidate setting replayed on the tuning table, and the pick (`choose`)."""
     log(f"tuning on {tune.doc['grid']} ({len(tune.entries)} configs, {tune_seeds} seeds a setting):")
     tuned = [replay(tune, st, tune_seeds, log) for st in settings]
-    pick = choose(tuned, wall_target)
-    st = Settings(**pick["settings"])
+    for t in tuned:
+        t.pop("runs")  # the per-seed detail of 20+ settings is noise in the saved file
+    return {"grid": tune.doc["grid"], "table": tune.path, "tune_seeds": tune_seeds, "wall_target": wall_target,
+            "results": tuned, "chosen": choose(tuned, wall_target)["settings"]}
+
+
+def evaluate(tune: Table, held: Table, seeds: int, tuning: dict, log=print) -> dict:
+    """Report the settings chosen on the tuning table, and the controls, on both tables (the held-out one counts)."""
+    st = Settings(**tuning["chosen"])
     log(f"chosen: {st}; held-out {held.doc['grid']} ({len(held.entries)} configs, {seeds} seeds):")
     out = {}
     for name, table in (("tuning", tune), ("held_out", held)):
@@ -403,7 +443,7 @@ def evaluate(tune: Table, held: Table, seeds: int, tune_seeds: int, settings: li
                      "within_2pct_ci95": search["within_2pct_ci95"],
                      "wall_vs_grid_median": search["wall_vs_grid_median"],
                      "defaults_vs_best": d / table.best, "search": search, "controls": controls}
-    return {"tuning_results": tuned, "chosen": dataclasses.asdict(st), "wall_target": wall_target, "grids": out}
+    return {"tuning": tuning, "chosen": dataclasses.asdict(st), "grids": out}
 
 
 def main(argv=None) -> int:
@@ -423,9 +463,31 @@ def main(argv=None) -> int:
     r.add_argument("--k", default="1,2,3", help="top K candidates to try on the tuning grid")
     r.add_argument("--max-rounds", default=None, help="round limits to try (default: the race's minimum, +1, 8)")
     r.add_argument("--n-trials", default=None, help="search trials to try (default: 20,30,40 %% of the grid)")
-    r.add_argument("--wall-target", type=float, default=0.35)
+    r.add_argument("--wall-target", type=float, default=0.35, help="median wall / the grid's, for choosing")
+    r.add_argument("--tuned", default=None, help="a replay-tune-*.json: its chosen settings, no tuning again")
+    r.add_argument("--tune-only", action="store_true", help="choose the settings on TUNE, save them, stop")
     r.add_argument("--out", default=None)
+    lv = sub.add_parser("live", help="the same search run for real on a grid, against the replay's prediction")
+    lv.add_argument("table")
+    lv.add_argument("--seeds", type=int, default=10)
+    lv.add_argument("--n-trials", type=int, required=True)
+    lv.add_argument("--k", type=int, default=3)
+    lv.add_argument("--max-rounds", type=int, default=8)
+    lv.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    if a.cmd == "live":
+        try:
+            table = load_table(a.table)
+        except ReplayError as e:
+            print(f"replay.py: error: {e}", file=sys.stderr)
+            return 2
+        out = live(table, Settings("tpe", a.n_trials, a.k, a.max_rounds), a.seeds)
+        out.update(grid=table.doc["grid"], table=a.table, grid_once_s=table.grid_once_s())
+        path = save("replay-live", out, a.out or Path(__file__).resolve().parent / "results", echo=False)
+        print(f"live: within 2 % in {out['within_2pct']}/{a.seeds}, median wall "
+              f"{100 * out['wall_vs_grid_median']:.0f} % of the grid; the replay predicted "
+              f"{100 * out['replay_within_2pct_rate']:.0f} % and {100 * out['replay_wall_vs_grid_median']:.0f} %; {path}")
+        return 0
     if a.cmd == "measure":
         if a.rounds < 1:
             ap.error("--rounds must be at least 1")
@@ -447,12 +509,22 @@ def main(argv=None) -> int:
         return 2
     settings = [Settings("tpe", t, k, mr) for t in trials for k in ks for mr in rounds]
     t0 = time.monotonic()
-    result = evaluate(tune, held, a.seeds, a.tune_seeds, settings, a.wall_target)
+    out_dir = a.out or Path(__file__).resolve().parent / "results"
+    if a.tuned:
+        tuning = json.loads(Path(a.tuned).read_text())
+    else:
+        tuning = tune_settings(tune, a.tune_seeds, settings, a.wall_target)
+        tuning["wall_s"] = round(time.monotonic() - t0, 1)
+        path = save("replay-tune", tuning, out_dir, echo=False)
+        print(f"chosen on {tuning['grid']}: {tuning['chosen']}; {path}")
+        if a.tune_only:
+            return 0
+    result = evaluate(tune, held, a.seeds, tuning)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     h = result["grids"]["held_out"]
     result["target"] = {"within_2pct_seeds": 95, "wall_vs_grid": a.wall_target,
                         "met": h["within_2pct_rate"] >= 0.95 and h["wall_vs_grid_median"] <= a.wall_target}
-    path = save("replay", result, a.out or Path(__file__).resolve().parent / "results", echo=False)
+    path = save("replay", result, out_dir, echo=False)
     for name, g in result["grids"].items():
         c = g["controls"]
         print(f"{name} {g['grid']}: within 2 % in {100 * g['within_2pct_rate']:.0f} % of {g['seeds']} seeds "
