@@ -377,6 +377,7 @@ def replay(table: Table, st: Settings, seeds: int, log=lambda s: None) -> dict:
 def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
     """The same search run for real (`tuner.search.run_search`, real workers) for `seeds` seeds: its regret
     (truth from the table) and wall time against what the replay predicts for the same settings."""
+    from search_regret import study_wall  # first trial started to last run finished: not the wait for the lock
     from tuner.confirm import config_key
     from tuner.search import run_search
 
@@ -385,12 +386,11 @@ def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
     runs = []
     with tempfile.TemporaryDirectory(prefix="tuner-live-") as work:
         for seed in range(seeds):
-            t0 = time.monotonic()
             res = run_search(list(table.infos), study=f"live-{seed}", results=work, sampler=st.sampler, seed=seed,
                              n_trials=st.n_trials, confirm=st.confirm, confirm_rounds=st.max_rounds,
                              objective=OBJECTIVE, drift_every=0, quality=False, auto_space=False,
                              **recipe["shape"], **params)
-            wall = time.monotonic() - t0
+            wall = study_wall(res.study_dir)
             rec = res.recommendation
             cfg = TrialConfig.from_dict({**rec["config"], "overrides": tuple(rec["config"].get("overrides", ()))})
             truth = table.truth(config_key(cfg))
@@ -425,12 +425,13 @@ def tune_settings(tune: Table, tune_seeds: int, settings: list[Settings], wall_t
             "results": tuned, "chosen": choose(tuned, wall_target)["settings"]}
 
 
-def evaluate(tune: Table, held: Table, seeds: int, tuning: dict, log=print) -> dict:
-    """Report the settings chosen on the tuning table, and the controls, on both tables (the held-out one counts)."""
+def evaluate(tune: Table, held: Table, seeds: int, tuning: dict, held_out_only: bool = False, log=print) -> dict:
+    """Report the settings chosen on the tuning table, and the controls, on both tables (the held-out one counts;
+    `held_out_only`: that one alone)."""
     st = Settings(**tuning["chosen"])
     log(f"chosen: {st}; held-out {held.doc['grid']} ({len(held.entries)} configs, {seeds} seeds):")
     out = {}
-    for name, table in (("tuning", tune), ("held_out", held)):
+    for name, table in (("tuning", tune), ("held_out", held))[1 if held_out_only else 0:]:
         n = max(1, round(st.n_trials * len(table.entries) / len(tune.entries)))  # the same share of the grid
         search = replay(table, dataclasses.replace(st, n_trials=n), seeds, log)
         controls = {"random": replay(table, dataclasses.replace(st, sampler="random", n_trials=n), seeds, log),
@@ -466,6 +467,7 @@ def main(argv=None) -> int:
     r.add_argument("--wall-target", type=float, default=0.35, help="median wall / the grid's, for choosing")
     r.add_argument("--tuned", default=None, help="a replay-tune-*.json: its chosen settings, no tuning again")
     r.add_argument("--tune-only", action="store_true", help="choose the settings on TUNE, save them, stop")
+    r.add_argument("--held-out-only", action="store_true", help="report on HELD_OUT alone (not on TUNE again)")
     r.add_argument("--out", default=None)
     lv = sub.add_parser("live", help="the same search run for real on a grid, against the replay's prediction")
     lv.add_argument("table")
@@ -519,7 +521,7 @@ def main(argv=None) -> int:
         print(f"chosen on {tuning['grid']}: {tuning['chosen']}; {path}")
         if a.tune_only:
             return 0
-    result = evaluate(tune, held, a.seeds, tuning)
+    result = evaluate(tune, held, a.seeds, tuning, a.held_out_only)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     h = result["grids"]["held_out"]
     result["target"] = {"within_2pct_seeds": 95, "wall_vs_grid": a.wall_target,
