@@ -76,3 +76,13 @@ def test_a_table_of_another_space_is_one_line_and_exit_2(table_path, tmp_path, c
     assert len(err.splitlines()) == 1 and "measured on another space" in err
     assert replay.main(["run", str(table_path), str(table_path), "--max-rounds", "2"]) == 2
     assert "below the confirmation race's minimum" in capsys.readouterr().err
+
+
+def test_settings_are_chosen_by_rate_within_the_wall_target_else_by_rate_then_wall():
+    rows = [{"settings": "a", "within_2pct_rate": 0.9, "wall_vs_grid_median": 0.5},
+            {"settings": "b", "within_2pct_rate": 0.6, "wall_vs_grid_median": 0.3},
+            {"settings": "c", "within_2pct_rate": 0.5, "wall_vs_grid_median": 0.2}]
+    assert replay.choose(rows, 0.35)["settings"] == "b"
+    assert replay.choose(rows, 0.1)["settings"] == "a"
+    rows.append({"settings": "d", "within_2pct_rate": 0.9, "wall_vs_grid_median": 0.4})
+    assert replay.choose(rows, 0.1)["settings"] == "d"
