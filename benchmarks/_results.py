@@ -69,6 +69,24 @@ def rate_ci(k: int, n: int) -> dict:
             "upper95": float(upper)}
 
 
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> list[float]:
+    """The exact two-sided interval of k in n at this confidence ([0, 1] when n is 0)."""
+    if not n:
+        return [0.0, 1.0]
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+def bounded_rates(hits_aa: int, n_aa: int, hits_ab: int, n_ab: int) -> dict:
+    """A gate's false-alarm rate (regressions in A/A runs) with its one-sided 95 % upper bound, and its detection
+    rate (regressions in A/B runs) with its one-sided 95 % lower bound (rate_ci)."""
+    aa, ab = rate_ci(hits_aa, n_aa), rate_ci(hits_ab, n_ab)
+    return {"false_alarm_rate": aa["rate"], "false_alarm_upper95": aa["upper95"],
+            "detection_rate": ab["rate"], "detection_lower95": ab["lower95"]}
+
+
 def save(name: str, result: dict, out: str | Path = RESULTS, echo: bool = True, path: str | Path | None = None) \
         -> Path:
     """Write result (plus its provenance) as out/NAME-YYYYmmdd-HHMMSS.json, or to `path`; returns the path."""

@@ -16,7 +16,8 @@ Runs alternate between two kinds, so a drifting machine hits both alike:
        each metric over the A/B runs, against the same over the A/A runs) and reported with the hogs'
        achieved CPU share.
 
-Per kind: the share of runs with a regression verdict (false_alarm_rate for A/A, detection_rate for A/B), with
+Per kind: the share of runs with a regression verdict (false_alarm_rate for A/A, detection_rate for A/B, each with
+its one-sided 95 % Clopper-Pearson bound: false_alarm_upper95, detection_lower95), with
 an inconclusive verdict and no regression (inconclusive_rate), and with a pass; for the first judgement (bare)
 and the gate as shipped (with --rerun-on-alert when PERF_COMPARE_ARGS has it). Every rate is saved with its exact
 (Clopper-Pearson) 95 % interval; false_alarm_upper95 and detection_lower95, the one-sided 95 % bounds, are what a
@@ -352,6 +353,7 @@ def main() -> int:
     aa = [r for r in runs if r["kind"] == "A/A"]
     ab = [r for r in runs if r["kind"] == "A/B"]
     gate_aa, gate_ab = rates(aa, "gate"), rates(ab, "gate")
+    hits = {k: sum(r["gate"]["class"] == "regression" for r in rs) for k, rs in (("A/A", aa), ("A/B", ab))}
     summary = {
         **gate_figures(gate_aa, gate_ab),
         "inconclusive_rate": {"A/A": gate_aa["inconclusive_rate"], "A/B": gate_ab["inconclusive_rate"]},

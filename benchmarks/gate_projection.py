@@ -14,6 +14,9 @@ runs saved, without measuring anything:
   times (the current trials of m other runs of the same kind) and the regression stands only when a metric
   that regressed regresses again.
 
+--blocks 1 re-judges every saved run on its own trials with the current rule (tuner.compare as it is now):
+the shipped gate's rates under a changed rule without measuring again, with Clopper-Pearson bounds.
+
 It is a projection, not a measurement: joined runs were not interleaved with each other, and a machine that changes
 between sessions is not in the data. The draws overlap (each run is in many), so they are not independent: each
 projected rate is saved with the exact 95 % bounds it would have from the runs it rests on, len(runs) // m
@@ -36,15 +39,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import rate_ci, save  # noqa: E402
+from _results import bounded_rates, rate_ci, save  # noqa: E402
 
 
 def records(trials: list[dict]) -> list:
     """gate_power.py's saved trials as the TrialRecords `tuner compare` judges (only what it reads)."""
     from tuner.record import TrialConfig, TrialRecord
 
+    # started_utc: the gate pairs interleaved rounds by their start times (tuner.compare.interleaved)
     return [TrialRecord(TrialConfig(model="gate"), outcome=t["outcome"], tg_samples=t["tg"], pp_samples=t["pp"],
-                        ttft_samples_ms=t["ttft_ms"], peak_rss_bytes=t.get("peak_rss_bytes")) for t in trials]
+                        ttft_samples_ms=t["ttft_ms"], peak_rss_bytes=t.get("peak_rss_bytes"),
+                        started_utc=t.get("started_utc", "")) for t in trials]
 
 
 def judge_sides(base: list[dict], cur: list[dict], settings) -> dict[str, str]:
@@ -92,8 +97,9 @@ def project(runs: list[dict], m: int, draws: int, rng: random.Random, settings) 
         tally["bare"][bare] = tally["bare"].get(bare, 0) + 1
         tally["gate"][with_rerun] = tally["gate"].get(with_rerun, 0) + 1
     n = len(combos)
-    return {"draws": n, **{which: {c: t.get(c, 0) / n for c in ("regression", "inconclusive", "pass")}
-                           for which, t in tally.items()}}
+    return {"draws": n, "regressions": {w: t.get("regression", 0) for w, t in tally.items()},
+            **{which: {c: t.get(c, 0) / n for c in ("regression", "inconclusive", "pass")}
+               for which, t in tally.items()}}
 
 
 def bounds(false_alarm: float, detection: float, n_aa: int, n_ab: int) -> dict:
@@ -141,6 +147,10 @@ def main(argv=None) -> int:
         row = {"blocks": m, "rounds": m * rounds, "A/A": aa, "A/B": ab,
                **bounds(aa["gate"]["regression"], ab["gate"]["regression"], len(kinds["A/A"]) // m,
                         len(kinds["A/B"]) // m)}
+        if m == 1:  # each run judged alone: independent runs, so the rates get Clopper-Pearson bounds
+            row.update(bounded_rates(aa["regressions"]["gate"], aa["draws"], ab["regressions"]["gate"], ab["draws"]))
+            row["bare_bounds"] = bounded_rates(aa["regressions"]["bare"], aa["draws"], ab["regressions"]["bare"],
+                                               ab["draws"])
         rows.append(row)
         print(f"{m * rounds:6d}  {100 * aa['gate']['regression']:11.1f}% {100 * aa['bare']['regression']:6.1f}%  "
               f"{100 * ab['gate']['regression']:8.1f}% {100 * ab['bare']['regression']:6.1f}%  "
@@ -149,7 +159,7 @@ def main(argv=None) -> int:
     first = next((r for r in rows if r["rates_meet_target"]), None)
     result = {"sources": [str(Path(f)) for f in a.files], "rounds_per_run": rounds,
               "bench_args": docs[0]["settings"]["bench_args"], "model": docs[0]["model"],
-              "rule": {"alpha": settings.alpha, "max_cv": settings.max_cv, "test": settings.test,
+              "rule": {"alpha": settings.alpha, "max_cv": settings.max_cv, "test": "tuner.stats (per-trial values; Wilcoxon paired / Mann-Whitney U)",
                        "rerun_on_alert": True},
               "method": "block bootstrap over gate_power runs: m runs of one kind joined per side",
               "projection": rows, "fewest_rounds_meeting_target": first["rounds"] if first else None,

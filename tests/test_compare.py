@@ -68,13 +68,37 @@ def test_one_warmup_outlier_does_not_make_a_side_noisy():
     assert r.cv_cur < 0.05 and r.verdict == "regression"
 
 
-def test_too_few_speed_samples_is_inconclusive():
+def test_too_few_trials_is_inconclusive():
     r = cmp.judge("tg", [100.0, 100.0], [50.0, 50.0], S)
-    assert r.verdict == "inconclusive" and "too few samples" in r.note
-    # Mann-Whitney with 3 vs 3 can never reach p < 0.01: also inconclusive, not a silent pass
+    assert r.verdict == "inconclusive" and "too few trials" in r.note
+    # Mann-Whitney with 3 vs 3 trials can never reach p < 0.01: also inconclusive, not a silent pass
     assert cmp.judge("tg", BASE[:3], [50.0, 51.0, 49.0], S).verdict == "inconclusive"
-    # Welch's t can work with 3 a side
-    assert cmp.judge("tg", BASE[:3], [50.0, 51.0, 49.0], cmp.Settings(test="welch")).verdict == "regression"
+    # paired by round, Wilcoxon needs 8 rounds at 0.01 (2/2^7 > 0.01): 7 interleaved rounds are inconclusive
+    slow = [x * 0.8 for x in BASE + BASE[:2]]
+    assert cmp.judge("tg", BASE + BASE[:2], slow, S, paired=True).verdict == "inconclusive"
+    r = cmp.judge("tg", BASE + BASE[:3], [x * 0.8 for x in BASE + BASE[:3]], S, paired=True)
+    assert r.verdict == "regression" and r.p == pytest.approx(2 / 2**8) and "Wilcoxon" in r.note
+
+
+def test_paired_rounds_cancel_the_drift_between_rounds():
+    # the machine slows down round by round (drift 3 % a round) and CURRENT is 6 % slower in every round:
+    # unpaired, the two sides' trial values overlap; paired by round, every round says "slower"
+    base = [100.0 * 0.97 ** i for i in range(10)]
+    cur = [b * 0.94 for b in base]
+    unpaired, paired = cmp.judge("tg", base, cur, S), cmp.judge("tg", base, cur, S, paired=True)
+    assert unpaired.verdict == "inconclusive" and paired.verdict == "regression"
+    assert paired.change_pct == pytest.approx(-6.0)
+
+
+def test_interleaved_trials_are_detected_by_their_start_times():
+    from tuner.record import TrialConfig, TrialRecord
+
+    def at(minute):
+        return TrialRecord(TrialConfig("m"), outcome="ok", started_utc=f"2026-12-03T07:{minute:02d}:00Z")
+
+    assert cmp.interleaved([at(0), at(2), at(4)], [at(1), at(3), at(5)])  # make perf-check's order
+    assert not cmp.interleaved([at(0), at(1), at(2)], [at(3), at(4), at(5)])  # one side, then the other
+    assert not cmp.interleaved([at(0), at(2)], [at(1), at(3), at(5)])  # unequal counts
 
 
 def test_single_memory_sample_uses_the_threshold_alone_and_says_so():
@@ -153,7 +177,7 @@ def _tiny_runs(d: Path, models: Path) -> dict:
                                        "measured": {"tg_ts": 1.0}, "forms": {}}))
     base, cur = d / "base.parquet", d / "cur.parquet"
     res = bench("--config", recommended, "-r", "5", "-o", base, "--json")  # command line beats the file
-    for out in (cur, base, cur):
+    for out in (cur, base) * 4 + (cur,):  # 5 trials a side, interleaved: the gate judges trials, not repetitions
         bench("--config", recommended, "-r", "5", "-o", out)
     bench(model, "-t", "1", *TINY, "-r", "5", "-ub", "128", "-o", base)  # a config CURRENT lacks
     bench(model, "-t", "1", *TINY, "-r", "5", "-fa", "on", "-o", d / "fa-on.parquet")
@@ -167,7 +191,7 @@ def test_bench_config_remeasures_the_saved_config(tiny_runs):
     assert rec["config"]["n_threads"] == 1 and rec["config"]["n_prompt"] == 16
     assert rec["config"]["repetitions"] == 5 and len(rec["tg_samples"]) == 5
     rows = store.read(tiny_runs["base"])
-    assert list(rows["repetitions"]) == [5, 5, 5] and set(rows["n_threads"]) == {1}
+    assert list(rows["repetitions"]) == [5] * 6 and set(rows["n_threads"]) == {1}
 
 
 def test_same_config_pairs_and_reports_every_metric(tiny_runs, tmp_path):
@@ -260,8 +284,8 @@ def test_a_config_that_now_fails_is_a_regression(tiny_runs, models, tmp_path):
 
 
 def test_rerun_on_alert_clears_a_fluke(tiny_runs, tmp_path):
-    # a bad run: CURRENT's two real trials, their samples dragged down (as a neighbour's burst would)
-    df = store.read(tiny_runs["cur"]).head(2).copy()
+    # a bad run: CURRENT's five real trials, their samples dragged down (as a neighbour's burst would)
+    df = store.read(tiny_runs["cur"]).head(5).copy()
     for col in ("tg_samples", "pp_samples"):
         df[col] = [[x * 0.02 for x in v] for v in df[col]]
     df["ttft_samples_ms"] = [[x / 0.02 for x in v] for v in df["ttft_samples_ms"]]
@@ -277,8 +301,8 @@ def test_rerun_on_alert_clears_a_fluke(tiny_runs, tmp_path):
     assert res.exit_code == 0, res.output
     assert "not confirmed on rerun" in res.stdout and "re-measuring 1 alerting config" in res.stderr
     rows = store.read(fluke)
-    # the rerun measured as many trials as the alert had (2), appended to CURRENT
-    assert len(rows) == 4 and list(rows["outcome"].iloc[2:]) == ["ok", "ok"]
+    # the rerun measured as many trials as the alert had (5), appended to CURRENT
+    assert len(rows) == 10 and list(rows["outcome"].iloc[5:]) == ["ok"] * 5
     assert ET.parse(tmp_path / "j.xml").getroot().get("failures") == "0"
 
 
@@ -367,14 +391,14 @@ def test_bad_input_is_one_line_exit_2(tiny_runs, tmp_path):
 
 @pytest.mark.slow
 def test_one_thread_against_two_is_caught(dense_model, tmp_path):
-    shape = ["-p", "64", "-n", "16", "-r", "5"]
+    shape = ["-p", "64", "-n", "16", "-r", "2"]
     ignore = ["--ignore", "n_threads,n_threads_batch"]
     # On a shared 2-core machine a burst of other work slows the 2-thread baseline itself (its threads wait
     # on each other); the gate then says "inconclusive: too noisy", as it should. Such a round is measured
     # afresh, at most three times.
     for attempt in range(3):
         base, cur = tmp_path / f"t2-{attempt}.parquet", tmp_path / f"t1-{attempt}.parquet"
-        for _ in range(2):  # interleaved, as CI should measure
+        for _ in range(8):  # interleaved, as CI should measure: 8 rounds, the fewest the paired test needs
             bench(dense_model, "-t", "2", *shape, "-o", base)
             bench(dense_model, "-t", "1", *shape, "-o", cur)
         junit = tmp_path / "junit.xml"

@@ -1,4 +1,5 @@
-"""The confirmation's statistics (tuner.confirm): pooling, separation, ties broken by memory, the baseline ratio.
+"""The confirmation (tuner.confirm): pooling, the race, ties broken by memory that matters, the baseline ratio,
+and the run order that reloads least.
 
 These test the judgement on given samples; tests/test_search.py runs real confirmations end to end.
 """
@@ -7,14 +8,21 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from tuner import confirm
 from tuner.record import TrialConfig, TrialRecord
 
 
-def rec(n, samples, threads=1, rss=100 << 20, state="confirm", roles="candidate", ctx=4096, pp=None):
+def rec(n, samples, threads=1, rss=100 << 20, state="confirm", roles="candidate", ctx=4096, pp=None, rnd=None):
     cfg = TrialConfig(model="m.gguf", n_threads=threads, n_ctx=ctx, n_prompt=64, n_gen=16)
     return TrialRecord(config=cfg, outcome="ok", tg_samples=list(samples), pp_samples=list(pp or []),
-                       peak_rss_bytes=rss, trial_number=n, state=state, baseline=roles)
+                       peak_rss_bytes=rss, trial_number=n, state=state, baseline=roles, confirm_round=rnd)
+
+
+def rounds(n, center, k=6, sd=0.01, seed=0, **kw):
+    """k confirmation rounds of one candidate, 3 repetitions each."""
+    return [rec(n, noisy(center, n=3, sd=sd, seed=seed * 100 + i), rnd=i, **kw) for i in range(k)]
 
 
 def noisy(center, n=15, sd=0.01, seed=0):
@@ -34,76 +42,141 @@ def test_pooling_is_one_estimate_per_config():
     assert confirm.config_key(TrialConfig("m", n_ubatch=3)) != confirm.config_key(TrialConfig("m"))
 
 
-def test_separated_winner_and_baseline_ratio_with_interval():
+def test_separated_winner_and_paired_baseline_ratio_with_interval():
     cands = confirm.candidates_from_records(
-        [rec(1, noisy(110, seed=1)), rec(2, noisy(100, seed=2), threads=2),
-         rec(0, noisy(80, seed=3), threads=3, roles="llama.cpp defaults")])
+        rounds(1, 110, seed=1) + rounds(2, 100, seed=2, threads=2)
+        + rounds(0, 80, seed=3, threads=3, roles="llama.cpp defaults"))
     v = confirm.assess(cands, "tg")
     assert v["verdict"] == "separated" and v["winner"] == 1
     vs = v["vs_baseline"]
-    assert vs["verdict"] == "faster" and 1.3 < vs["ratio"] < 1.45
-    assert vs["ci95"][0] < vs["ratio"] < vs["ci95"][1] and vs["ci95"][0] > 1.25
+    assert vs["verdict"] == "faster" and 1.3 < vs["ratio"] < 1.45 and vs["rounds"] == 6
+    assert vs["ci95"][0] <= vs["ratio"] <= vs["ci95"][1] and vs["ci95"][0] > 1.25
     row = next(r for r in v["candidates"] if r["trial_number"] == 1)
-    assert row["ci95"][0] <= row["median"] <= row["ci95"][1]
+    assert row["ci95"][0] <= row["median"] <= row["ci95"][1] and len(row["round_values"]) == 6
+    # 6 rounds all ahead: the one-sided exact Wilcoxon p is 1/64
+    assert next(r for r in v["candidates"] if r["trial_number"] == 2)["p_vs_best"] == pytest.approx(1 / 64)
 
 
-def test_tie_prefers_more_memory_headroom_and_says_so():
-    cands = confirm.candidates_from_records(
-        [rec(1, noisy(100.3, sd=0.03, seed=4), rss=900 << 20),
-         rec(2, noisy(100.0, sd=0.03, seed=5), threads=2, rss=300 << 20)])
+def test_the_unit_is_the_round_not_the_repetition():
+    # 3 rounds, each with 10 repetitions perfectly separated: pooled repetitions would give a tiny p; three
+    # rounds cannot (1/8 one-sided), so the two are not told apart yet
+    cands = confirm.candidates_from_records(rounds(1, 110, k=3, seed=4) + rounds(2, 100, k=3, seed=5, threads=2))
     v = confirm.assess(cands, "tg")
+    assert v["verdict"] == "tie"
+    assert next(r for r in v["candidates"] if r["trial_number"] == 2)["p_vs_best"] == pytest.approx(1 / 8)
+
+
+def test_memory_breaks_a_tie_only_when_it_matters():
+    lean = confirm.candidates_from_records(
+        rounds(1, 100.3, sd=0.03, seed=4, rss=900 << 20) + rounds(2, 100.0, sd=0.03, seed=5, threads=2, rss=300 << 20))
+    v = confirm.assess(lean, "tg")
     assert v["verdict"] == "tie" and v["winner"] == 2
     assert "headroom" in v["reason"] and "#1" in v["reason"] and "#2" in v["reason"]
+    # 7 MiB (the `make demo` case) or 72 KiB less is no reason to take the slower config
+    for saved in (7 << 20, 72 << 10):
+        close = confirm.candidates_from_records(
+            rounds(1, 100.3, sd=0.03, seed=4, rss=900 << 20)
+            + rounds(2, 100.0, sd=0.03, seed=5, threads=2, rss=(900 << 20) - saved))
+        v = confirm.assess(close, "tg")
+        assert v["verdict"] == "tie" and v["winner"] == 1 and "no other saves memory that matters" in v["reason"]
 
 
 def test_ladder_rungs_never_win_and_failed_candidates_drop_out():
-    fast_small_ctx = rec(5, noisy(200, seed=6), ctx=512, roles="ladder")
-    ok = rec(1, noisy(100, seed=7))
-    bad = rec(2, noisy(150, seed=8), threads=2)
-    crashed = TrialRecord(config=bad.config, outcome="crash", trial_number=2, state="confirm", baseline="candidate")
-    v = confirm.assess(confirm.candidates_from_records([fast_small_ctx, ok, bad, crashed]), "tg")
+    fast_small_ctx = rounds(5, 200, seed=6, ctx=512, roles="ladder")
+    ok = rounds(1, 100, seed=7)
+    bad = rounds(2, 150, seed=8, threads=2)
+    crashed = TrialRecord(config=bad[0].config, outcome="crash", trial_number=2, state="confirm", baseline="candidate")
+    v = confirm.assess(confirm.candidates_from_records(fast_small_ctx + ok + bad + [crashed]), "tg")
     assert v["winner"] == 1 and v["verdict"] == "single"
 
 
 def test_ttft_lower_is_better_and_mixed_pairs_repetitions():
-    a = rec(1, [], pp=[])
-    a.ttft_samples_ms = noisy(50, seed=9)
-    b = rec(2, [], threads=2)
-    b.ttft_samples_ms = noisy(80, seed=10)
-    assert confirm.assess(confirm.candidates_from_records([a, b]), "ttft")["winner"] == 1
+    a, b = rounds(1, 0), rounds(2, 0, threads=2)
+    for i, r in enumerate(a):
+        r.tg_samples, r.ttft_samples_ms = [], noisy(50, n=3, seed=9 + i)
+    for i, r in enumerate(b):
+        r.tg_samples, r.ttft_samples_ms = [], noisy(80, n=3, seed=19 + i)
+    v = confirm.assess(confirm.candidates_from_records(a + b), "ttft")
+    assert v["winner"] == 1 and v["verdict"] == "separated"
+    assert next(r for r in v["candidates"] if r["trial_number"] == 1)["median"] == pytest.approx(50, rel=0.05)
     m = rec(3, [10.0, 20.0], pp=[100.0, 100.0])
     # one request of 64 prompt + 16 generated tokens, per repetition
     assert confirm.objective_samples(m, "mixed") == [80 / (64 / 100 + 16 / 10), 80 / (64 / 100 + 16 / 20)]
 
 
-def test_run_rounds_stops_once_separated_and_rotates_order():
-    order = []
-    cands = [confirm.Candidate(confirm.ROLE_TOP, TrialConfig("m", n_threads=t), t, roles=[confirm.ROLE_TOP])
-             for t in (1, 2, 3)]
-    speed = {1: 100.0, 2: 50.0, 3: 25.0}
-
-    def measure(c, rnd):
-        order.append((rnd, c.trial_number))
-        return rec(c.trial_number, noisy(speed[c.trial_number], n=5, seed=len(order)), threads=c.trial_number)
-
-    v = confirm.run_rounds(cands, measure, "tg", min_rounds=3, max_rounds=6)
-    assert v["verdict"] == "separated" and v["winner"] == 1 and v["rounds"] == 3
-    firsts = [t for rnd, t in order if (rnd, t) == next(x for x in order if x[0] == rnd)]
-    assert len(set(firsts)) == 3  # each round starts with another candidate
+def cand(t, role=confirm.ROLE_TOP, model="m", **kw):
+    return confirm.Candidate(role, TrialConfig(model, n_threads=t, **kw), t, roles=[role])
 
 
-def test_run_rounds_goes_to_the_limit_on_a_tie_and_stops_when_told():
-    cands = [confirm.Candidate(confirm.ROLE_TOP, TrialConfig("m", n_threads=t), t, roles=[confirm.ROLE_TOP])
-             for t in (1, 2)]
+def test_the_race_drops_a_candidate_behind_after_its_minimum_and_stops():
     runs = []
+    cands = [cand(1), cand(2), cand(3)]
+    speed = {1: 100.0, 2: 50.0, 3: 100.0}
 
     def measure(c, rnd):
-        runs.append(rnd)
-        return rec(c.trial_number, noisy(100, n=5, sd=0.05, seed=len(runs)), threads=c.trial_number)
+        runs.append((rnd, c.trial_number))
+        return rec(c.trial_number, noisy(speed[c.trial_number], n=3, sd=0.02, seed=len(runs)),
+                   threads=c.trial_number, rnd=rnd)
 
-    v = confirm.run_rounds(cands, measure, "tg", min_rounds=2, max_rounds=4)
-    assert v["rounds"] == 4 and v["verdict"] == "tie"
+    v = confirm.run_rounds(cands, measure, "tg", max_rounds=8)
+    per = {t: sum(1 for _, x in runs if x == t) for t in speed}
+    # #2 is 50 % behind: it leaves at the race's minimum; #1 and #3 (level) race to the limit
+    assert confirm.MIN_ROUNDS == 5 and per == {1: 8, 2: 5, 3: 8}
+    assert next(c for c in cands if c.trial_number == 2).left.startswith(("behind #1 after 5", "behind #3 after 5"))
+    assert v["winner"] in (1, 3) and v["rounds"] == 8
+    assert [r["rounds"] for r in v["race"]] == [8, 5, 8]
+    # recommend re-derives the same verdict from the records alone
+    again = confirm.assess(confirm.candidates_from_records([r for c in cands for r in c.records]), "tg")
+    assert (again["winner"], again["verdict"]) == (v["winner"], v["verdict"])
+
+
+def test_the_race_ends_when_one_remains_and_the_baseline_stays_while_needed():
+    runs = []
+    cands = [cand(1), cand(2), cand(3, confirm.ROLE_BASELINE)]
+    speed = {1: 100.0, 2: 60.0, 3: 100.0}  # the baseline is level with the best: "x defaults" needs it
+
+    def measure(c, rnd):
+        runs.append(c.trial_number)
+        return rec(c.trial_number, noisy(speed[c.trial_number], n=3, sd=0.03, seed=len(runs)),
+                   threads=c.trial_number, rnd=rnd, roles="+".join(c.roles))
+
+    v = confirm.run_rounds(cands, measure, "tg", max_rounds=7)
+    assert runs.count(2) == 5 and runs.count(3) == 7 and v["vs_baseline"]["rounds"] == 7
+    # a baseline far behind leaves with the others, and the race stops when the winner is alone
+    runs.clear()
+    cands = [cand(1), cand(2), cand(3, confirm.ROLE_BASELINE)]
+    speed.update({3: 50.0})
+    v = confirm.run_rounds(cands, measure, "tg", max_rounds=7)
+    assert len(runs) == 15 and v["verdict"] == "separated" and v["winner"] == 1
+    assert v["vs_baseline"]["verdict"] == "faster" and v["vs_baseline"]["rounds"] == 5
+
+
+def test_eta_covers_the_rounds_the_race_can_still_take():
+    cands = [cand(1), cand(2), cand(3)]
+    assert confirm.remaining_runs(cands, 8) == 24
     for c in cands:
-        c.records.clear()
-    v = confirm.run_rounds(cands, measure, "tg", keep_going=lambda: len(c.records) < 1)
-    assert v.get("stopped_early")
+        c.records = rounds(c.trial_number, 100, k=5)
+    cands[1].left = "behind"
+    assert confirm.remaining_runs(cands, 8) == 6
+
+
+def test_run_order_groups_load_keys_and_alternates_between_rounds():
+    # two models (a reload each change) and two thread counts each (no reload): 4 candidates
+    cands = [cand(1, model="a"), cand(2, model="b"), cand(3, model="a"), cand(4, model="b")]
+    order = [c for rnd in range(6) for c in confirm.run_order(cands, rnd, config=lambda c: c.config)]
+    changes = sum(1 for x, y in zip(order, order[1:]) if x.config.load_key() != y.config.load_key())
+    rotation = [c for rnd in range(6) for c in cands[rnd % 4:] + cands[:rnd % 4]]
+    rot_changes = sum(1 for x, y in zip(rotation, rotation[1:]) if x.config.load_key() != y.config.load_key())
+    assert changes == 6 and rot_changes >= 3 * changes  # one reload per round (A B | B A), not one per run
+    firsts = [confirm.run_order(cands, rnd, config=lambda c: c.config)[0].trial_number for rnd in range(2)]
+    assert firsts == [1, 4]  # no group and no candidate always first
+
+
+def test_stopped_when_told():
+    cands = [cand(1), cand(2)]
+
+    def measure(c, rnd):
+        return rec(c.trial_number, noisy(100, n=3, seed=rnd), threads=c.trial_number, rnd=rnd)
+
+    v = confirm.run_rounds(cands, measure, "tg", keep_going=lambda: len(cands[0].records) < 1)
+    assert v.get("stopped_early") and v["rounds"] == 1

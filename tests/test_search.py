@@ -35,7 +35,7 @@ def study10(models, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "-m", str(models / "tiny-q4_k_m.gguf"),
                "--threads", "1:2", "-ub", "64,128,256", "-fa", "on,off", *SHAPE, "--n-trials", "10",
-               "--drift-every", "4", "--no-auto-space", "--confirm", "2", "--confirm-rounds", "3",
+               "--drift-every", "4", "--no-auto-space", "--confirm", "2", "--confirm-rounds", "5",
                "--results", str(results), "--study", "s10"])
     assert res.exit_code == 0, res.output
     return results / "s10", res.output
@@ -62,14 +62,16 @@ def test_ten_trials_ten_rows_and_a_recommendation(study10):
     # the winner was decided on the confirmation: the top 2 by pooled estimate and the defaults, re-measured
     conf = rec["confirmation"]
     assert conf["verdict"] in ("separated", "tie") and rec["trial_number"] == conf["winner"]
-    assert 3 <= conf["rounds"] <= 3 and len(conf["candidates"]) in (2, 3)
+    # the race: every candidate runs its minimum (5 rounds, the --confirm-rounds limit here)
+    assert conf["rounds"] == 5 and len(conf["candidates"]) in (2, 3)
     assert {"llama.cpp defaults"} <= {r for c in conf["candidates"] for r in c["roles"]}
     confirm_rows = df[df["state"] == "confirm"]
-    assert len(confirm_rows) == 3 * len(conf["candidates"])
+    assert len(confirm_rows) == 5 * len(conf["candidates"])
+    assert sorted(set(confirm_rows["confirm_round"])) == [0, 1, 2, 3, 4]
     assert set(confirm_rows["trial_number"]) == {c["trial_number"] for c in conf["candidates"]}
     # the figures a user reads come from the winner's confirmation runs, not from its search trial
     won = confirm_rows[confirm_rows["trial_number"] == rec["trial_number"]]
-    assert rec["measured"]["runs"] == 3
+    assert rec["measured"]["runs"] == 5
     assert rec["measured"]["tg_ts_mean"] == pytest.approx(sum(sum(s) for s in won["tg_samples"]) /
                                                           sum(len(s) for s in won["tg_samples"]))
     best = trials[trials["trial_number"] == rec["trial_number"]].iloc[0]
@@ -253,6 +255,7 @@ def test_bound_above_layer_count_is_clamped_with_a_note(models, tmp_path):
     (["-fa", "maybe"], "unknown value"),
     (["--storage", "nosuchdb://user:hunter2@host/x"], "cannot open storage"),
     (["--storage", "not-a-url"], "bad storage URL"),
+    (["--confirm-rounds", "3"], "below the confirmation race's minimum of 5 rounds"),
 ])
 def test_bad_search_input_is_one_line_exit_2(models, tmp_path, extra, message):
     res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), *extra,

@@ -43,7 +43,7 @@ def invoke(args, tmp: Path):
 def study(tiny, tmp_path_factory) -> tuple[Path, object]:
     """Three quants, one config each, a one-round confirmation of the top 2, budget between q4_k_m and q2_k."""
     tmp = tmp_path_factory.mktemp("qsearch")
-    res = invoke(search_args(tiny, tmp, "--max-kld", BUDGET, "--confirm", "2", "--confirm-rounds", "1"), tmp)
+    res = invoke(search_args(tiny, tmp, "--max-kld", BUDGET, "--confirm", "2", "--confirm-rounds", "5"), tmp)
     assert res.exit_code == 0, res.output
     return tmp / "q", res
 

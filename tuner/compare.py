@@ -1,15 +1,20 @@
 """The CI performance-regression gate: compare two result sets trial by trial, metric by metric.
 
 Rows of BASELINE and CURRENT are paired by a config key (model content hash, every llama.cpp parameter and the
-test shape; `repetitions` and `warmup` are how a config is measured, not what, so they are left out). All rows
-of a key on a side are pooled: speeds give one sample per repetition, peak memory one sample per trial.
+test shape; `repetitions` and `warmup` are how a config is measured, not what, so they are left out). The unit of
+a sample is the trial (tuner.stats, the one rule): a speed gives one value per trial (the median of its
+repetitions), peak memory one per trial (the worker's high-water mark).
 
-A metric is a regression only when BOTH hold: the change of the median is beyond a practical threshold (5 % for
-speeds, 10 % for memory by default) AND a two-sided test on the samples (Mann-Whitney U, or Welch's t) has
-p < alpha. Too few samples or too much noise gives `inconclusive`, never a pass or a fail by luck. Peak memory
-has one sample per trial (the worker's high-water mark), so with fewer trials a side than the test needs to
-reach p < alpha (5 for Mann-Whitney at 0.01; `make perf-check` and CI measure 14) it is judged on the threshold
-alone (memory peaks barely move between runs of one config); the note and the report's rule line say so.
+A metric is a regression only when BOTH hold: the change is beyond a practical threshold (5 % for speeds, 10 %
+for memory by default) AND the test has p < alpha (0.01). When both sides were measured round by round,
+interleaved (`make perf-check`: the i-th trial of each side ran before the (i+1)-th of either) and there are
+enough rounds for the paired test to reach alpha (8 at 0.01), rounds are paired: the exact Wilcoxon signed-rank
+test on the per-round log ratios, the change is the median per-round ratio; otherwise the Mann-Whitney U test on
+the trial values and the change of the medians. Too few trials or too much
+noise between trials gives `inconclusive`, never a pass or a fail by luck. With fewer trials a side than the
+test needs to reach p < alpha (5 unpaired, 8 paired at 0.01; `make perf-check` and CI measure 14), peak memory is
+judged on the threshold alone (memory peaks barely move between runs of one config); the note and the report's
+rule line say so.
 """
 
 from __future__ import annotations
@@ -24,9 +29,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from scipy import stats
-
-from tuner import store
+from tuner import stats, store
 from tuner.record import FAILED, TrialConfig, TrialRecord
 from tuner.tables import text_table
 from tuner.units import fmt_size
@@ -69,8 +72,7 @@ class Settings:
     thresholds: dict[str, float] = field(default_factory=dict)  # metric → percent; missing = kind default
     alpha: float = 0.01
     max_cv: float = 0.20  # robust coefficient of variation above which a side is "too noisy"
-    min_samples: int = 3
-    test: str = "mannwhitney"  # or "welch"
+    min_samples: int = 3  # trials a side
     ignore: tuple[str, ...] = ()
     allow_hw_mismatch: bool = False
     max_kld_increase: float = 0.10  # quality: mean KLD up by more than this share (and beyond noise) regresses
@@ -111,7 +113,8 @@ def parse_ignore(items: Iterable[str]) -> tuple[str, ...]:
 
 # -- statistics -------------------------------------------------------------------------------------------------
 def robust_cv(samples: list[float]) -> float | None:
-    """Noise as 1.4826 × MAD / |median|: a coefficient of variation one warm-up outlier does not blow up."""
+    """Noise between trials as 1.4826 × MAD / |median| of the trial values: a coefficient of variation one
+    outlier trial (a cold cache) does not blow up."""
     if len(samples) < 2:
         return None
     med = statistics.median(samples)
@@ -121,27 +124,22 @@ def robust_cv(samples: list[float]) -> float | None:
     return 1.4826 * mad / abs(med)
 
 
-def min_p(n1: int, n2: int, test: str) -> float:
-    """The smallest two-sided p the test can give at these sample sizes (MWU: 2 / C(n1+n2, n1))."""
-    if test == "welch":
-        return 0.0 if n1 >= 2 and n2 >= 2 else 1.0
-    return min(1.0, 2.0 / math.comb(n1 + n2, n1))
+def test_name(paired: bool) -> str:
+    return "Wilcoxon signed-rank (rounds paired)" if paired else "Mann-Whitney U"
 
 
-def trials_needed(s: "Settings") -> int:
-    """Samples a side the test needs before it can give p < alpha: for peak memory, trials a side."""
-    return next((n for n in range(s.min_samples, 1000) if min_p(n, n, s.test) < s.alpha), 1000)
+def trials_needed(s: "Settings", paired: bool = False) -> int:
+    """Trials a side the test needs before it can give p < alpha (tuner.stats.min_p)."""
+    return next((n for n in range(s.min_samples, 1000) if stats.min_p(n, n, paired) < s.alpha), 1000)
 
 
-def p_value(base: list[float], cur: list[float], test: str) -> float:
-    if test == "welch":
-        if statistics.pstdev(base) == 0 and statistics.pstdev(cur) == 0:
-            return 1.0 if statistics.fmean(base) == statistics.fmean(cur) else 0.0
-        p = stats.ttest_ind(base, cur, equal_var=False).pvalue
-    else:
-        p = stats.mannwhitneyu(base, cur, alternative="two-sided").pvalue
-    p = float(p)
-    return 1.0 if math.isnan(p) else p
+def interleaved(base: list[TrialRecord], cur: list[TrialRecord]) -> bool:
+    """Were the sides measured round by round (as make perf-check does)? Equal trial counts, and by start time
+    the i-th trial of each side both ran before the (i+1)-th of either: then round i pairs them."""
+    if len(base) != len(cur) or len(base) < 2 or not all(r.started_utc for r in [*base, *cur]):
+        return False
+    b, c = sorted(r.started_utc for r in base), sorted(r.started_utc for r in cur)
+    return all(max(b[i], c[i]) < min(b[i + 1], c[i + 1]) for i in range(len(b) - 1))
 
 
 @dataclass
@@ -161,8 +159,9 @@ class MetricResult:
     first: dict | None = None  # with --rerun-on-alert: the first judgement, before the rerun
 
 
-def judge(metric: str, base: list[float], cur: list[float], s: Settings) -> MetricResult | None:
-    """One metric of one config pair. None when neither side measured it (nothing to compare)."""
+def judge(metric: str, base: list[float], cur: list[float], s: Settings, paired: bool = False) -> MetricResult | None:
+    """One metric of one config pair: one value per trial a side (tuner.stats); `paired`: base[i] and cur[i]
+    are round i, measured interleaved. None when neither side measured it (nothing to compare)."""
     m = METRICS[metric]
     if not base and not cur:
         return None
@@ -170,27 +169,32 @@ def judge(metric: str, base: list[float], cur: list[float], s: Settings) -> Metr
     if not base or not cur:
         r.note = f"only {'CURRENT' if cur else 'BASELINE'} measured {m.title}"
         return r
-    r.base, r.cur = statistics.median(base), statistics.median(cur)
-    r.change_pct = ((r.cur - r.base) / abs(r.base) * 100.0 if r.base else (0.0 if r.cur == r.base else math.inf))
+    paired = paired and len(base) == len(cur)
+    r.base, r.cur = stats.center(base), stats.center(cur)
+    if r.base and (not paired or all(base)):
+        r.change_pct = (stats.ratio(cur, base, paired) - 1) * 100.0
+    else:
+        r.change_pct = 0.0 if r.cur == r.base else math.inf
     r.cv_base, r.cv_cur = robust_cv(base), robust_cv(cur)
     worse = r.change_pct < 0 if m.higher_is_better else r.change_pct > 0
     beyond = abs(r.change_pct) > r.threshold_pct
     direction = "regression" if worse else "improvement"
-    enough = min(len(base), len(cur)) >= s.min_samples and min_p(len(base), len(cur), s.test) < s.alpha
+    test = test_name(paired)
+    enough = min(len(base), len(cur)) >= s.min_samples and stats.min_p(len(base), len(cur), paired) < s.alpha
     if not enough:
         if m.kind == "memory":
             r.verdict = direction if beyond else "unchanged"
-            r.note = (f"one sample per trial, {len(base)} vs {len(cur)} trial(s) (a {s.test} test needs "
-                      f"{trials_needed(s)} a side at alpha {s.alpha:g}): judged on the {r.threshold_pct:g}% "
+            r.note = (f"one sample per trial, {len(base)} vs {len(cur)} trial(s) (a {test} test needs "
+                      f"{trials_needed(s, paired)} a side at alpha {s.alpha:g}): judged on the {r.threshold_pct:g}% "
                       "threshold alone")
         else:
             r.verdict = "inconclusive"
-            r.note = (f"too few samples ({len(base)} vs {len(cur)}) for a {s.test} test at alpha {s.alpha:g}; "
-                      "measure more repetitions")
+            r.note = (f"too few trials ({len(base)} vs {len(cur)}) for a {test} test at alpha {s.alpha:g}; "
+                      f"measure at least {trials_needed(s, paired)} a side")
         return r
     noisy = [(side, cv) for side, cv in (("BASELINE", r.cv_base), ("CURRENT", r.cv_cur))
              if cv is not None and cv > s.max_cv]
-    r.p = p_value(base, cur, s.test)
+    r.p = stats.p_value(cur, base, paired) if not paired or (all(base) and all(cur)) else 1.0
     if noisy:
         r.verdict = "inconclusive"
         r.note = "too noisy: " + ", ".join(f"{side} CV {100 * cv:.0f}%" for side, cv in noisy) + \
@@ -200,10 +204,11 @@ def judge(metric: str, base: list[float], cur: list[float], s: Settings) -> Metr
         r.note = f"within the {r.threshold_pct:g}% threshold"
     elif r.p < s.alpha:
         r.verdict = direction
-        r.note = f"beyond the {r.threshold_pct:g}% threshold, p {_fmt_p(r.p)} < {s.alpha:g}"
+        r.note = f"beyond the {r.threshold_pct:g}% threshold, {test} p {_fmt_p(r.p)} < {s.alpha:g}"
     else:
         r.verdict = "inconclusive"
-        r.note = f"beyond the {r.threshold_pct:g}% threshold but not significant (p {_fmt_p(r.p)} >= {s.alpha:g})"
+        r.note = (f"beyond the {r.threshold_pct:g}% threshold but not significant ({test} p {_fmt_p(r.p)} >= "
+                  f"{s.alpha:g})")
     return r
 
 
@@ -403,9 +408,11 @@ class Report:
         if self.settings.ignore:
             rows.append(("ignored", ", ".join(self.settings.ignore)))
         s = self.settings
-        rows.append(("rule", f"regression = median change beyond the threshold AND {s.test} p < {s.alpha:g}; "
-                             f"inconclusive when CV > {100 * s.max_cv:.0f}% or < {s.min_samples} samples; "
-                             f"peak memory (one sample per trial) with fewer than {trials_needed(s)} trials a side: "
+        rows.append(("rule", f"one value per trial (the median of its repetitions); regression = change beyond "
+                             f"the threshold AND p < {s.alpha:g} (Wilcoxon signed-rank when the rounds were "
+                             f"interleaved and are enough, else Mann-Whitney U); inconclusive when the CV between trials > "
+                             f"{100 * s.max_cv:.0f}% or < {s.min_samples} trials; peak memory with fewer trials "
+                             f"than the test needs ({trials_needed(s)} unpaired, {trials_needed(s, True)} paired): "
                              "the threshold alone"))
         return rows
 
@@ -621,9 +628,14 @@ def judge_pair(base_ok: list[TrialRecord], cur_ok: list[TrialRecord], base_faile
     if failed:
         out.append(failed)
     if base_ok and cur_ok:
+        # paired when the rounds were interleaved AND there are enough of them for the paired test to reach alpha
+        # (8 at 0.01); fewer rounds are judged unpaired, where 5 trials a side can
+        paired = interleaved(base_ok, cur_ok) and stats.min_p(len(base_ok), len(cur_ok), True) < settings.alpha
         for name, m in METRICS.items():
-            r = judge(name, [x for rec in base_ok for x in m.samples(rec)],
-                      [x for rec in cur_ok for x in m.samples(rec)], settings)
+            b = [stats.trial_value(m.samples(rec)) for rec in sorted(base_ok, key=lambda r: r.started_utc)]
+            c = [stats.trial_value(m.samples(rec)) for rec in sorted(cur_ok, key=lambda r: r.started_utc)]
+            both = paired and None not in b and None not in c
+            r = judge(name, [x for x in b if x is not None], [x for x in c if x is not None], settings, both)
             if r is not None:
                 out.append(r)
     kld = judge_quality(base_ok + base_failed, cur_ok + cur_failed, settings)

@@ -2,19 +2,24 @@
 
 The best trial of a search is the maximum over many noisy measurements, so its figure is inflated (the winner's
 curse) and the choice between close configs is a coin toss. Before a recommendation is written, the top K
-configs (by their pooled estimate), the llama.cpp-defaults baseline and the best config of every other rung of
-the context ladder are re-measured round by round, in a rotating order, as the CI gate measures both sides
-(tuner compare). A round ends when every candidate ran once; after `min_rounds` the loop stops as soon as the
-best two are told apart, else at `max_rounds`.
+configs (by their figure: the median of their trial values), the llama.cpp-defaults baseline and the best config
+of every other rung of the context ladder are re-measured round by round, interleaved, in an order that reloads
+least (`run_order`).
 
-Judgement, as `tuner compare` judges: the objective's repetition samples of all rounds pooled per config; two
-configs differ when a two-sided Mann-Whitney U test gives p < alpha AND the medians differ by more than
-`min_effect`. Each candidate gets a bootstrap 95 % interval of its median; the ratio to the baseline gets a
-bootstrap interval too. When the best cannot be told apart from others, the one of them with the most memory
-headroom (least peak RAM + VRAM) wins, and the verdict says so.
+A race: after each round from the race's minimum on (the fewest rounds at which the paired test can reach
+p < alpha), a candidate that the paired test puts behind the current best leaves; the loop ends when one
+candidate remains or at the round limit. The baseline stays only while the "x defaults" verdict still needs it
+(until every remaining candidate is ahead of it); ladder rungs, which compete with nobody, leave at the minimum.
 
-Everything here is derived from TrialRecords (state "confirm"), so `tuner recommend` re-derives the same verdict
-from trials.parquet without running anything.
+Judgement (tuner.stats, the one rule): a round's value is the median of its repetitions; candidates are ranked by
+the median of their round values; the best is "told apart" from a candidate when the one-sided exact Wilcoxon
+signed-rank test on their per-round log ratios (the rounds both ran) gives p < alpha AND the median per-round
+ratio is beyond `min_effect`. When the best cannot be told apart from others, the one of them that uses memory
+that matters less (tuner.stats.memory_matters: at least 64 MiB and 2 % less) wins, and the verdict says so.
+Each candidate gets a bootstrap 95 % interval of its median; the ratio to the baseline gets a paired one.
+
+Everything here is derived from TrialRecords (state "confirm", with their round), so `tuner recommend`
+re-derives the same verdict from trials.parquet without running anything.
 """
 
 from __future__ import annotations
@@ -23,16 +28,15 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
+from tuner import stats
 from tuner.record import TrialConfig, TrialRecord
 
 DEFAULT_K = 3
-MIN_ROUNDS = 3
-MAX_ROUNDS = 6
 ALPHA = 0.05
 MIN_EFFECT = 0.01  # medians closer than 1 % are a tie for every practical purpose
-BOOT = 2000
+# "behind the best" is one-sided: the exact Wilcoxon test reaches p < 0.05 from 5 rounds on (1/32)
+MIN_ROUNDS = stats.min_rounds(ALPHA, "greater")
+MAX_ROUNDS = 8
 CONFIRM_STATE = "confirm"
 ROLE_TOP, ROLE_BASELINE, ROLE_LADDER = "candidate", "llama.cpp defaults", "ladder"
 # How a config is measured, not what: left out of the pooling key (as in tuner compare).
@@ -78,9 +82,12 @@ class Pooled:
     def samples(self, objective: str) -> list[float]:
         return [x for r in self.records for x in objective_samples(r, objective)]
 
+    def trial_values(self, objective: str) -> list[float]:
+        return [v for r in self.records if (v := stats.trial_value(objective_samples(r, objective))) is not None]
+
     def estimate(self, objective: str) -> float | None:
-        s = self.samples(objective)
-        return statistics.fmean(s) if s else None
+        """The config's figure (tuner.stats.center): what the search ranks the top K by, as the confirmation does."""
+        return stats.center(self.trial_values(objective))
 
     def metric_samples(self, name: str) -> list[float]:
         return [x for r in self.records for x in {"tg": r.tg_samples, "pp": r.pp_samples,
@@ -112,40 +119,16 @@ def pool(records: list[TrialRecord]) -> list[Pooled]:
     return list(groups.values())
 
 
-def bootstrap_median(x: list[float], seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95 % interval of the median."""
-    a = np.asarray(x, dtype=float)
-    if len(a) < 2:
-        return (float(a[0]), float(a[0])) if len(a) else (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    meds = np.median(a[rng.integers(0, len(a), size=(BOOT, len(a)))], axis=1)
-    lo, hi = np.percentile(meds, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def bootstrap_ratio(num: list[float], den: list[float], seed: int = 0) -> tuple[float, float, float]:
-    """median(num) / median(den) with a percentile bootstrap 95 % interval (each side resampled on its own)."""
-    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
-    ratio = float(np.median(a) / np.median(b))
-    if len(a) < 2 or len(b) < 2:
-        return ratio, ratio, ratio
-    rng = np.random.default_rng(seed)
-    ra = np.median(a[rng.integers(0, len(a), size=(BOOT, len(a)))], axis=1)
-    rb = np.median(b[rng.integers(0, len(b), size=(BOOT, len(b)))], axis=1)
-    lo, hi = np.percentile(ra / rb, [2.5, 97.5])
-    return ratio, float(lo), float(hi)
-
-
-def differ(a: list[float], b: list[float], alpha: float = ALPHA, min_effect: float = MIN_EFFECT) -> tuple[bool, float]:
-    """Two configs differ when the medians are > min_effect apart AND Mann-Whitney U says p < alpha."""
-    from tuner.compare import p_value
-
-    if len(a) < 2 or len(b) < 2:
-        return False, 1.0
-    ma, mb = statistics.median(a), statistics.median(b)
-    p = p_value(a, b, "mannwhitney")
-    effect = abs(ma - mb) / abs(mb) if mb else 0.0
-    return (p < alpha and effect > min_effect), p
+def run_order(items: list, rnd: int, config=lambda x: x) -> list:
+    """One round's run order: items sharing a load key (model, GPU layers, mmap...) back to back, so a reused
+    worker reloads once per group; every odd round reversed (A B | B A), so no group and no item is always
+    first (benchmarks/fidelity.py measured an 8 % position effect) and the boundary between rounds reloads
+    nothing. `config(item)` gives the item's TrialConfig."""
+    groups: dict[tuple, list] = {}
+    for x in items:
+        groups.setdefault(config(x).load_key(), []).append(x)
+    order = [x for g in groups.values() for x in g]
+    return order[::-1] if rnd % 2 else order
 
 
 @dataclass
@@ -155,13 +138,36 @@ class Candidate:
     trial_number: int | None  # the search trial it stands for
     records: list[TrialRecord] = field(default_factory=list)  # its confirmation runs
     roles: list[str] = field(default_factory=list)  # a config can be a top candidate and the baseline at once
+    left: str = ""  # why it left the race (empty while it races)
 
     @property
     def failed(self) -> bool:
         return any(not r.ok for r in self.records)
 
+    @property
+    def racing(self) -> bool:
+        return not self.left and not self.failed
+
+    def has(self, role: str) -> bool:
+        return role in (self.roles or [self.role])
+
     def samples(self, objective: str) -> list[float]:
         return [x for r in self.records if r.ok for x in objective_samples(r, objective)]
+
+    def rounds(self, objective: str) -> dict[int, float]:
+        """Round → the round's value (tuner.stats.trial_value), oriented so that larger is better."""
+        out = {}
+        for i, r in enumerate(self.records):
+            v = stats.trial_value(objective_samples(r, objective)) if r.ok else None
+            if v:
+                out[r.confirm_round if r.confirm_round is not None else i] = v if higher_is_better(objective) \
+                    else 1.0 / v
+        return out
+
+    def figure(self, objective: str) -> float | None:
+        """The median of its round values, in the objective's own unit."""
+        return stats.center([x for r in self.records if r.ok
+                             and (x := stats.trial_value(objective_samples(r, objective))) is not None])
 
     def memory(self) -> int:
         return max(((r.peak_rss_bytes or 0) + (r.peak_vram_bytes or 0) for r in self.records if r.ok), default=0)
@@ -185,68 +191,91 @@ def rounds_of(cands: list[Candidate]) -> int:
     return max((len(c.records) for c in cands), default=0)
 
 
+def versus(a: Candidate, b: Candidate, objective: str, alpha: float, min_effect: float,
+           alternative: str = "greater") -> stats.Comparison:
+    """A against B on the rounds both ran, paired by round (tuner.stats.compare); "greater": is A ahead?"""
+    ra, rb = a.rounds(objective), b.rounds(objective)
+    common = sorted(set(ra) & set(rb))
+    return stats.compare([ra[i] for i in common], [rb[i] for i in common], paired=True, alpha=alpha,
+                         min_effect=min_effect, alternative=alternative)
+
+
+def competing(cands: list[Candidate], objective: str, fits: Callable[[Candidate], bool] | None = None) -> list:
+    """Candidates that can win (not a ladder rung, no failed run, within the limits), best first."""
+    out = [c for c in cands if not c.has(ROLE_LADDER) and not c.failed and c.rounds(objective)
+           and (fits is None or fits(c))]
+    return sorted(out, key=lambda c: -stats.center(list(c.rounds(objective).values())))
+
+
 def assess(cands: list[Candidate], objective: str, alpha: float = ALPHA, min_effect: float = MIN_EFFECT,
            fits: Callable[[Candidate], bool] | None = None) -> dict:
     """The verdict of a confirmation: winner, why, each candidate's median and interval, ratio to the baseline."""
-    sign = 1 if higher_is_better(objective) else -1
     rows = []
     for c in cands:
-        s = c.samples(objective)
-        lo, hi = bootstrap_median(s) if s else (None, None)
+        # back in the objective's own unit (rounds() inverts a lower-is-better objective)
+        vals = [v if higher_is_better(objective) else 1.0 / v for v in c.rounds(objective).values()]
+        lo, hi = stats.median_ci(vals) if vals else (None, None)
         rows.append({"trial_number": c.trial_number, "roles": c.roles or [c.role], "n_ctx": c.config.effective_ctx(),
                      "config": _short(c.config), "runs": len(c.records), "failed_runs": sum(not r.ok for r in c.records),
-                     "samples": s, "median": statistics.median(s) if s else None, "ci95": [lo, hi],
-                     "peak_memory_bytes": c.memory() or None})
-    competing = [(c, row) for c, row in zip(cands, rows)
-                 if ROLE_LADDER not in (c.roles or [c.role]) and row["median"] is not None and not c.failed
-                 and (fits is None or fits(c))]
+                     "samples": c.samples(objective), "round_values": vals, "median": c.figure(objective),
+                     "ci95": [lo, hi], "peak_memory_bytes": c.memory() or None})
+    row_of = {id(c): row for c, row in zip(cands, rows)}
+    comp = competing(cands, objective, fits)
     out = {"objective": objective, "rounds": rounds_of(cands), "alpha": alpha, "min_effect": min_effect,
-           "test": "Mann-Whitney U on the pooled repetition samples + a practical threshold; bootstrap 95 % "
-                   "intervals of the median",
+           "test": "one-sided exact Wilcoxon signed-rank on the per-round log ratios (rounds paired; a round's value "
+                   "is the median of its repetitions) + the median per-round ratio beyond the threshold; bootstrap "
+                   "95 % intervals (tuner.stats)",
            "candidates": rows}
-    if not competing:
+    if not comp:
         out.update(verdict="none", reason="no candidate completed its confirmation runs", winner=None)
         return out
-    competing.sort(key=lambda cr: -sign * cr[1]["median"])
-    best_c, best_row = competing[0]
+    best = comp[0]
+    best_row = row_of[id(best)]
     ties = []
-    for c, row in competing[1:]:
-        d, p = differ(best_c.samples(objective), c.samples(objective), alpha, min_effect)
-        row["p_vs_best"] = p
-        if not d:
-            ties.append((c, row))
-    if len(competing) == 1:
-        winner, verdict = best_c, "single"
+    for c in comp[1:]:
+        v = versus(best, c, objective, alpha, min_effect)
+        row_of[id(c)]["p_vs_best"] = v.p
+        if not v.differ:
+            ties.append(c)
+    if len(comp) == 1:
+        winner, verdict = best, "single"
         reason = "only one candidate completed its confirmation runs"
     elif not ties:
-        winner, verdict = best_c, "separated"
-        second = competing[1][1]
+        winner, verdict = best, "separated"
+        second = row_of[id(comp[1])]
         reason = (f"trial #{best_row['trial_number']} is ahead of every other candidate "
                   f"(next: #{second['trial_number']}, {_pct(best_row['median'], second['median'])}, "
                   f"p {second['p_vs_best']:.3g} < {alpha:g})")
     else:
-        pool_ = [(best_c, best_row)] + ties
-        winner, wrow = min(pool_, key=lambda cr: (cr[0].memory() or float("inf"), -sign * cr[1]["median"]))
+        pool_ = [best] + ties
+        # memory breaks the tie only when the saving matters (tuner.stats.memory_matters); else the fastest
+        leaner = [c for c in ties if stats.memory_matters(c.memory(), best.memory())]
+        winner = min(leaner, key=lambda c: c.memory()) if leaner else best
+        wrow = row_of[id(winner)]
         verdict = "tie"
-        names = ", ".join(f"#{r['trial_number']}" for _, r in pool_)
-        if winner is best_c:
-            reason = (f"{names} cannot be told apart (differences within {min_effect:.0%} or not significant at "
-                      f"alpha {alpha:g}); #{wrow['trial_number']} is the fastest of them and also leaves the most "
-                      "memory headroom")
+        names = ", ".join(f"#{row_of[id(c)]['trial_number']}" for c in pool_)
+        why = f"{names} cannot be told apart (within {min_effect:.0%} or not significant at alpha {alpha:g})"
+        if winner is best:
+            reason = (f"{why}; #{wrow['trial_number']} is the fastest of them, and no other saves memory that "
+                      f"matters (>= {stats.MEMORY_MIN_BYTES >> 20} MiB and {stats.MEMORY_MIN_SHARE:.0%})")
         else:
-            reason = (f"{names} cannot be told apart (differences within {min_effect:.0%} or not significant at "
-                      f"alpha {alpha:g}); #{wrow['trial_number']} leaves the most memory headroom, so it is "
+            saved = best.memory() - winner.memory()
+            reason = (f"{why}; #{wrow['trial_number']} leaves {saved / 2**20:.0f} MiB more memory headroom, so it is "
                       f"preferred over the nominally fastest #{best_row['trial_number']}")
     out.update(verdict=verdict, reason=reason, winner=winner.trial_number, winner_key=list(config_key(winner.config)))
-    base = next((c for c in cands if ROLE_BASELINE in (c.roles or [c.role]) and c.samples(objective)), None)
+    base = next((c for c in cands if c.has(ROLE_BASELINE) and c.rounds(objective)), None)
     if base is not None:
-        ws, bs = winner.samples(objective), base.samples(objective)
-        num, den = (ws, bs) if sign > 0 else (bs, ws)
-        r, lo, hi = bootstrap_ratio(num, den)
-        d, p = differ(ws, bs, alpha, min_effect)
-        # told apart only when the test says so AND the interval of the ratio excludes 1
-        d = d and (lo > 1 or hi < 1)
-        out["vs_baseline"] = {"trial_number": base.trial_number, "ratio": r, "ci95": [lo, hi], "p": p,
+        rw, rb = winner.rounds(objective), base.rounds(objective)
+        common = sorted(set(rw) & set(rb))
+        a, b = [rw[i] for i in common], [rb[i] for i in common]
+        r, lo, hi = stats.ratio_ci(a, b, paired=True) if common else (1.0, 1.0, 1.0)
+        # one-sided in the ratio's direction, as the race judges "behind"; told apart only when the test says so
+        # AND the interval of the ratio excludes 1
+        cmp = stats.compare(a, b, paired=True, alpha=alpha, min_effect=min_effect,
+                            alternative="greater" if r >= 1 else "less")
+        d = cmp.differ and (lo > 1 or hi < 1)
+        out["vs_baseline"] = {"trial_number": base.trial_number, "ratio": r, "ci95": [lo, hi], "p": cmp.p,
+                              "rounds": len(common),
                               "verdict": ("same config" if base is winner else
                                           ("faster" if r > 1 else "slower") if d else "tie")}
     return out
@@ -262,24 +291,60 @@ def _short(cfg: TrialConfig) -> dict:
                               "n_ubatch", "flash_attn", "type_k", "type_v", "use_mmap", "n_cpu_moe")}
 
 
+def race(cands: list[Candidate], objective: str, done: int, min_rounds: int = MIN_ROUNDS, alpha: float = ALPHA,
+         min_effect: float = MIN_EFFECT) -> None:
+    """After round `done` (1-based count): candidates the paired test puts behind the current best leave."""
+    if done < min_rounds:
+        return
+    for c in cands:
+        if c.racing and c.has(ROLE_LADDER) and not c.has(ROLE_TOP) and not c.has(ROLE_BASELINE):
+            c.left = f"a ladder rung: measured the race's minimum ({min_rounds} rounds)"
+    comp = [c for c in competing([c for c in cands if c.racing], objective)]
+    if not comp:
+        return
+    best = comp[0]
+    for c in comp[1:]:
+        v = versus(best, c, objective, alpha, min_effect)
+        if not v.differ:
+            continue
+        if c.has(ROLE_BASELINE) and not c.has(ROLE_TOP):
+            # the "x defaults" figure needs the baseline until whoever wins is ahead of it
+            if not all(versus(o, c, objective, alpha, min_effect).differ for o in comp if o is not c):
+                continue
+        c.left = f"behind #{best.trial_number} after {done} rounds (p {v.p:.3g})"
+
+
+def remaining_runs(cands: list[Candidate], max_rounds: int) -> int:
+    """Runs the race can still take at most: every candidate still racing, to the round limit."""
+    done = rounds_of(cands)
+    return sum(max_rounds - len(c.records) for c in cands if c.racing) if done < max_rounds else 0
+
+
 def run_rounds(cands: list[Candidate], measure: Callable[[Candidate, int], TrialRecord], objective: str,
                min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS, alpha: float = ALPHA,
                min_effect: float = MIN_EFFECT, keep_going: Callable[[], bool] = lambda: True) -> dict:
-    """Measure every candidate once per round, in a rotating order; stop once the best is told apart.
+    """Race the candidates round by round (see the module's docstring) from the rounds they already have.
 
     `measure(candidate, round)` runs one confirmation trial and returns its record (already stored by the
     caller). A candidate whose run fails is dropped from later rounds. `keep_going()` is asked between runs:
     the time budget or a Ctrl-C ends the confirmation early, and the verdict says how many rounds ran.
     """
-    for rnd in range(max_rounds):
-        live = [c for c in cands if not c.failed]
-        if not live:
+    done = rounds_of(cands)
+    for c in cands:  # resumed: a candidate with fewer rounds than the others had left the race
+        if len(c.records) < done and not c.left:
+            c.left = "left the race before the resume"
+    for rnd in range(done, max_rounds):
+        race(cands, objective, rnd, min_rounds, alpha, min_effect)
+        live = [c for c in cands if c.racing]
+        if not live or (len(live) == 1 and rnd >= min_rounds):
             break
-        shift = rnd % len(live)
-        for c in live[shift:] + live[:shift]:  # rotate: no candidate is always measured first (or last)
+        for c in run_order(live, rnd, config=lambda c: c.config):
             if not keep_going():
-                return assess(cands, objective, alpha, min_effect) | {"stopped_early": True}
+                return _with_race(assess(cands, objective, alpha, min_effect), cands) | {"stopped_early": True}
             c.records.append(measure(c, rnd))
-        if rnd + 1 >= min_rounds and assess(cands, objective, alpha, min_effect)["verdict"] in ("separated", "single"):
-            break
-    return assess(cands, objective, alpha, min_effect)
+    return _with_race(assess(cands, objective, alpha, min_effect), cands)
+
+
+def _with_race(verdict: dict, cands: list[Candidate]) -> dict:
+    verdict["race"] = [{"trial_number": c.trial_number, "rounds": len(c.records), "left": c.left} for c in cands]
+    return verdict

@@ -364,8 +364,8 @@ class FleetSearch(Search):
         while True:
             super().search_loop()
             left = self.time_left()
-            # with a --timeout, waiting must leave this host the time its confirmation needs
-            if self.stop_requested or not self._running or (left is not None and left <= self.confirm_estimate_s()):
+            # with a --timeout, waiting must leave this host the time its confirmation needs (as budget_left)
+            if self.stop_requested or not self._running or (left is not None and left <= self.confirm_reserve_s()):
                 break
             if not waited:
                 print(f"waiting for {self._running} trial(s) running on other hosts (a host silent for "

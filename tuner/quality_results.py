@@ -14,6 +14,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from tuner import stats
 from tuner.quality_logits import FORMAT_VERSION
 
 CACHE_DIR = "quality"
@@ -123,6 +124,7 @@ class QualityVerdict:
 
 def judge_regression(base: QualityResult | dict | None, cur: QualityResult | dict | None,
                      max_increase: float = 0.10, min_abs: float = 0.001, z: float = 2.0) -> QualityVerdict:
+    # min_abs: a change of a near-lossless file's tiny KLD (0.0003 -> 0.0004 is +33 %) is no regression
     """Did the quality of a file get worse between two measurements? For `tuner compare`.
 
     A regression: mean KLD up by more than `max_increase` (relative) AND more than `min_abs`, AND by more than
@@ -140,8 +142,9 @@ def judge_regression(base: QualityResult | dict | None, cur: QualityResult | dic
         return QualityVerdict("incomparable", detail=f"measured with another {', '.join(same)}")
     delta = cur.kld_mean - base.kld_mean
     err = math.hypot(base.kld_mean_err or 0.0, cur.kld_mean_err or 0.0)
-    practical = abs(delta) > max(min_abs, max_increase * base.kld_mean)
-    significant = abs(delta) > z * err
+    # the one rule for an estimate with a standard error (tuner.stats): beyond the threshold AND beyond noise
+    practical, significant = stats.estimates_differ(base.kld_mean, base.kld_mean_err, cur.kld_mean,
+                                                    cur.kld_mean_err, max_increase, min_abs, z)
     detail = f"mean KLD {base.kld_mean:.4f} -> {cur.kld_mean:.4f} (±{err:.4f})"
     if not practical:
         return QualityVerdict("unchanged", delta, detail)

@@ -177,13 +177,15 @@ def baselines(records: list[TrialRecord], best: list[TrialRecord], objective: st
     baseline measured interleaved, with an interval); without one it is the search's best against a single
     trial, which is marked as such."""
     out = {}
-    v_best = statistics.fmean(x for r in best for x in _obj(r, objective)) if any(_obj(r, objective) for r in best) \
-        else None
+    from tuner import stats
+
+    # the figure every ranking uses (tuner.stats.center): the median of the trial values
+    v_best = stats.center([v for r in best if (v := stats.trial_value(_obj(r, objective))) is not None])
     for label in BASELINES:
         r = next((x for x in records if x.baseline == label), None)
         if r is None:
             continue
-        v = r.objective(objective) if r.ok else None
+        v = stats.trial_value(_obj(r, objective)) if r.ok else None
         entry = {"trial_number": r.trial_number, "outcome": r.outcome, "cause": r.cause,
                  "n_gpu_layers": r.config.n_gpu_layers, objective: v}
         vs = (verdict or {}).get("vs_baseline")
@@ -217,7 +219,7 @@ def context_ladder(groups, cands, objective: str, winner_key: tuple | None = Non
         c = confirmed.get(g.key)
         recs = [r for r in c.records if r.ok] if c else g.records
         m = measured(recs)
-        value = statistics.median(c.samples(objective)) if c else g.estimate(objective)
+        value = c.figure(objective) if c else g.estimate(objective)
         out.append({"n_ctx": ctx, "trial_number": g.trial_number, "objective": value, "confirmed": c is not None,
                     "tg_ts": m["tg_ts_mean"], "pp_ts": m["pp_ts_mean"], "ttft_ms": m["ttft_ms_mean"],
                     "peak_rss_bytes": max(m["peak_rss_bytes"] or 0, g.peak_rss or 0) or None,

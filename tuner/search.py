@@ -150,8 +150,11 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
     if not needs["tg" if pareto else objective]:
         raise SearchError(f"--objective {'tg' if pareto else objective} measures nothing with this test shape "
                           f"(-p {base.n_prompt} -n {base.n_gen})")
-    if confirm < 0 or confirm_rounds < 1:
-        raise SearchError("--confirm must be at least 1 (or --no-confirm) and --confirm-rounds at least 1")
+    if confirm < 0:
+        raise SearchError("--confirm must be at least 1 (or --no-confirm)")
+    if confirm and confirm_rounds < MIN_ROUNDS:
+        raise SearchError(f"--confirm-rounds {confirm_rounds} is below the confirmation race's minimum of {MIN_ROUNDS} "
+                          "rounds (the fewest at which its paired test can tell two configs apart)")
     limits = Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom)
     if not dry_run and (gpus or ram):
         raise SearchError(f"{'--gpus' if gpus else '--ram'} describes a rig to plan for: it needs --dry-run (a real run "
@@ -183,7 +186,7 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
         timeout_s=timeout, objective=objective, pareto=pareto, limits=limits,
         trial_timeout=trial_timeout, mem_limit=mem_limit, reuse_workers=reuse_workers,
         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume,
-        plan=plan, confirm=confirm, confirm_rounds=(min(MIN_ROUNDS, confirm_rounds), confirm_rounds),
+        plan=plan, confirm=confirm, confirm_rounds=(MIN_ROUNDS, confirm_rounds),
         allow_mixed=allow_mixed, heartbeat_s=heartbeat_s, per_load=per_load)
 
     try:  # a shared storage (--storage) makes this host one of a fleet

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import signal
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import optuna
 from tuner import confirm as confirmlib
 from tuner import fit, planner, roofline, store
 from tuner import recommend as recommendlib
+from tuner import stats
 from tuner.fit import caps
 from tuner.recommend import fits
 from tuner.bench import resolve
@@ -234,6 +236,7 @@ class Search:
         self.unmeasured: dict[tuple, dict] | None = None  # key → sampler params, for spaces small enough to list
         self.finished = ""  # why the search ended before its budget (the space is exhausted, ...)
         self.confirmation: dict | None = None
+        self.confirming: list[confirmlib.Candidate] | None = None  # the race's candidates while it runs
         self.quality = None  # tuner.quality.StudyQuality: the budget the recommendation keeps to
         self.n_run = 0
         self._dupes = 0
@@ -661,14 +664,25 @@ class Search:
         walls = sorted(r.wall_s for r in self.records if r.ok and r.wall_s)
         return walls[len(walls) // 2] if walls else 0.0
 
+    def _n_candidates(self) -> int:
+        ctxs = self.space.dims["n_ctx"].values if "n_ctx" in self.space.dims else [0]
+        return self.opts.confirm + 1 + len(ctxs) - 1
+
     def confirm_estimate_s(self, n_cands: int | None = None) -> float:
-        """What the confirmation will cost: candidates × the minimum rounds × a typical trial."""
+        """The ETA of the confirmation: the runs its race can still take (every candidate still racing, to the
+        round limit) × a typical trial. Before it starts: the candidates × the round limit."""
         if not self.opts.confirm or self.opts.pareto:
             return 0.0
-        if n_cands is None:
-            ctxs = self.space.dims["n_ctx"].values if "n_ctx" in self.space.dims else [0]
-            n_cands = self.opts.confirm + 1 + len(ctxs) - 1
-        return n_cands * self.opts.confirm_rounds[0] * self.typical_trial_s()
+        if self.confirming is not None:
+            return confirmlib.remaining_runs(self.confirming, self.opts.confirm_rounds[1]) * self.typical_trial_s()
+        return (n_cands or self._n_candidates()) * self.opts.confirm_rounds[1] * self.typical_trial_s()
+
+    def confirm_reserve_s(self) -> float:
+        """What --timeout keeps for the confirmation: every candidate for the race's minimum of rounds (the rest
+        of the race runs in what is left, and stops at the deadline)."""
+        if not self.opts.confirm or self.opts.pareto:
+            return 0.0
+        return self._n_candidates() * self.opts.confirm_rounds[0] * self.typical_trial_s()
 
     def time_left(self) -> float | None:
         if self.opts.timeout_s is None:
@@ -679,8 +693,8 @@ class Search:
         if self.stop_requested:
             return False
         left = self.time_left()
-        # the confirmation is part of the budget: the search stops early enough to leave time for it
-        if left is not None and left <= self.confirm_estimate_s():
+        # the confirmation is part of the budget: the search stops early enough to leave time for its race
+        if left is not None and left <= self.confirm_reserve_s():
             return False
         if self.opts.n_trials is not None and self.done_trials() >= self.opts.n_trials:
             return False
@@ -732,7 +746,6 @@ class Search:
         if not cands or self.runner is None:
             return None
         lo, hi = self.opts.confirm_rounds
-        done = confirmlib.rounds_of(cands)
 
         def measure(c: confirmlib.Candidate, rnd: int) -> TrialRecord:
             try:
@@ -743,18 +756,22 @@ class Search:
                 self._write(e.record)
                 raise
             rec.study, rec.state, rec.trial_number = self.opts.study_name, confirmlib.CONFIRM_STATE, c.trial_number
-            rec.baseline, rec.confirm_round, rec.drift = "+".join(c.roles), done + rnd, self.drifting
+            rec.baseline, rec.confirm_round, rec.drift = "+".join(c.roles), rnd, self.drifting
             self._write(rec)
             if self.on_confirm:
-                self.on_confirm(self, c, rec, done + rnd)
+                self.on_confirm(self, c, rec, rnd)
             return rec
 
         def keep_going() -> bool:
             left = self.time_left()
             return not self.stop_requested and (left is None or left > 0)
 
-        self.confirmation = confirmlib.run_rounds(cands, measure, self.opts.objective, max(1, lo - done),
-                                                  max(1, hi - done), keep_going=keep_going)
+        self.confirming = cands
+        try:
+            self.confirmation = confirmlib.run_rounds(cands, measure, self.opts.objective, lo, hi,
+                                                      keep_going=keep_going)
+        finally:
+            self.confirming = None
         return self.confirmation
 
     def write_recommendation(self) -> dict | None:
@@ -779,14 +796,13 @@ class Search:
 
 
 def _significant(a: list[float], b: list[float], alpha: float = 0.01) -> bool:
-    if len(a) < 2 or len(b) < 2:
-        return True  # nothing to judge the noise by: the tolerance alone decides
-    from scipy.stats import ttest_ind
-
-    p = ttest_ind(a, b, equal_var=False).pvalue
-    if math.isnan(p):  # no variance on either side: they differ exactly when the means do
-        return sum(a) / len(a) != sum(b) / len(b)
-    return bool(p < alpha)
+    """Does the anchor's new trial differ from its first beyond noise? tuner.stats' unpaired test; the unit here is
+    the repetition, as an anchor is a single trial each time (the tolerance is the practical threshold)."""
+    if stats.min_p(len(a), len(b), paired=False) >= alpha:
+        return True  # too few repetitions for the test to ever say so: the tolerance alone decides
+    if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:  # no noise: they differ exactly when they differ
+        return statistics.fmean(a) != statistics.fmean(b)
+    return stats.compare(a, b, paired=False, alpha=alpha, min_effect=0.0).significant
 
 
 class StopOnSignal:

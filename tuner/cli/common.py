@@ -102,12 +102,15 @@ class Progress:
 
         if not getattr(self, "_confirm_started", False):
             self._confirm_started = True
-            click.echo(f"confirming: the best configs and llama.cpp's defaults re-measured interleaved, round by "
-                       f"round (at most {srch.opts.confirm_rounds[1]}; ETA {hms(srch.confirm_estimate_s())} for "
-                       f"{srch.opts.confirm_rounds[0]} rounds)", err=True)
+            lo, hi = srch.opts.confirm_rounds
+            click.echo(f"confirming: the best configs and llama.cpp's defaults race, re-measured interleaved round "
+                       f"by round; from round {lo} on, a candidate behind the best leaves (at most {hi} rounds)",
+                       err=True)
         s = objective_samples(rec, srch.opts.objective) if rec.ok else []
         what = f"{srch.opts.objective} {sum(s) / len(s):.2f}" if s else f"{rec.outcome}: {rec.cause[:60]}"
-        click.echo(f"  [confirm round {rnd + 1}] #{cand.trial_number} ({'+'.join(cand.roles)}): {what}", err=True)
+        # the ETA: the runs the race can still take (every candidate still racing, to the round limit)
+        click.echo(f"  [confirm round {rnd + 1}] #{cand.trial_number} ({'+'.join(cand.roles)}): {what}; "
+                   f"ETA at most {hms(srch.confirm_estimate_s())}", err=True)
 
 
 def print_recommendation(rec: dict | None, study_dir: Path, written: bool = True) -> None:

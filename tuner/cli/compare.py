@@ -42,12 +42,11 @@ def _fail_on(value: tuple[str, ...]) -> tuple[str, ...]:
                    "(speed, memory); defaults speed=5, memory=10")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
               show_default=True, help="significance level of the statistical test")
-@click.option("--test", "test", type=click.Choice(["mannwhitney", "welch"]), default="mannwhitney",
-              show_default=True, help="Mann-Whitney U (robust to outliers) or Welch's t")
 @click.option("--max-cv", type=click.FloatRange(0, min_open=True), default=20.0, show_default=True,
-              help="percent: a side noisier than this (robust CV = 1.4826·MAD/median) is inconclusive")
+              help="percent: a side whose trials vary more than this (robust CV = 1.4826·MAD/median of the "
+                   "trial values) is inconclusive")
 @click.option("--min-samples", type=click.IntRange(2), default=3, show_default=True,
-              help="fewer samples a side is inconclusive (memory: threshold only)")
+              help="fewer trials a side is inconclusive (memory: threshold only)")
 @click.option("--allow-hw-mismatch", is_flag=True,
               help="compare even when the hardware fingerprints differ (flagged in every output)")
 @click.option("--max-kld-increase", type=click.FloatRange(min=0), default=10.0, show_default=True,
@@ -62,17 +61,18 @@ def _fail_on(value: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON instead of a table")
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), help="also write a markdown report")
 @click.option("--junit", "junit_out", type=click.Path(dir_okay=False), help="also write JUnit XML for CI")
-def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samples, allow_hw_mismatch,
+def compare(baseline, current, ignore, thresholds, alpha, max_cv, min_samples, allow_hw_mismatch,
             max_kld_increase, fail_on,
             rerun_on_alert, as_json, markdown_out, junit_out, **run_opts):
     """CI regression gate: compare CURRENT against BASELINE (Parquet files or study folders).
 
     Trials are paired by config (model content hash, every llama.cpp parameter and the test shape; not the
-    repetition count). For tg, pp, TTFT, peak RAM and peak VRAM the change of the median is judged: a
-    REGRESSION needs both a change beyond the threshold (5 % speeds, 10 % memory) and a significant test on
-    the repetition samples (Mann-Whitney U at alpha 0.01). Too noisy or too few samples is inconclusive;
-    a config or metric on one side only is missing. Peak memory has one sample per trial: with fewer than
-    --min-samples trials a side it is judged on the threshold alone. Differing hardware is an error unless
+    repetition count). The unit is the trial: a speed's value per trial is the median of its repetitions, peak
+    RAM and VRAM one value per trial. A REGRESSION needs both a change beyond the threshold (5 % speeds, 10 %
+    memory) and a significant test at alpha 0.01: Wilcoxon signed-rank on the per-round ratios when the sides
+    were measured round by round interleaved, else Mann-Whitney U on the trial values. Too noisy or too few
+    trials is inconclusive; a config or metric on one side only is missing. Peak memory with fewer trials a
+    side than the test needs is judged on the threshold alone. Differing hardware is an error unless
     --allow-hw-mismatch. A config that measured in BASELINE and failed (OOM, crash) in CURRENT is a regression.
     Quality: when both sides' records carry the model file's mean KLD (from `tuner search`), a KLD up by more
     than --max-kld-increase and beyond noise is a regression too (e.g. a new build's quant kernels).
@@ -95,7 +95,7 @@ def compare(baseline, current, ignore, thresholds, alpha, test, max_cv, min_samp
     """
     try:
         settings = cmp.Settings(thresholds=cmp.parse_thresholds(thresholds), alpha=alpha, max_cv=max_cv / 100.0,
-                                min_samples=min_samples, test=test, ignore=cmp.parse_ignore(ignore),
+                                min_samples=min_samples, ignore=cmp.parse_ignore(ignore),
                                 allow_hw_mismatch=allow_hw_mismatch, max_kld_increase=max_kld_increase / 100.0)
     except cmp.CompareError as e:
         raise TunerError(str(e)) from None

@@ -12,6 +12,7 @@ import click
 from tuner.cli.common import Progress, describe_plan, limits_options, log, print_recommendation
 from tuner.options import (DURATION, SIZE, SIZES, TunerError, config_option, quality_params, run_params, shape_params,
                            space_params)
+from tuner.confirm import MAX_ROUNDS, MIN_ROUNDS
 from tuner.study import OBJECTIVES, SAMPLERS
 
 
@@ -63,8 +64,9 @@ from tuner.study import OBJECTIVES, SAMPLERS
 @click.option("--confirm", "confirm", type=click.IntRange(min=1), default=3, show_default=True,
               help="re-measure the top K configs and the llama.cpp defaults, interleaved, before recommending")
 @click.option("--no-confirm", is_flag=True, help="recommend the best pooled estimate of the search as it is")
-@click.option("--confirm-rounds", type=click.IntRange(min=1), default=6, show_default=True,
-              help="most confirmation rounds (it stops earlier once the best is told apart, after 3)")
+@click.option("--confirm-rounds", type=int, default=MAX_ROUNDS, show_default=True,
+              help=f"the confirmation race's round limit, at least its minimum ({MIN_ROUNDS}: the fewest rounds at "
+                   "which the paired test can put a candidate behind); it ends earlier when one candidate remains")
 @click.option("--quality/--no-quality", default=True, show_default=True,
               help="measure each model file's KL divergence from the reference before the trials (with two or "
                    "more files, or --reference); files beyond the budget are searched but never recommended")

@@ -1,0 +1,545 @@
+#!/usr/bin/env python3
+"""A tabular replay benchmark of `tuner search`: measure a grid once, thoroughly; replay the real search on it.
+
+    measure  every config of a small space for R interleaved rounds (fresh worker per trial, so every trial
+             records its load time; the order of the load-key groups alternates between rounds, A B B A),
+             saved as benchmarks/results/replay-grid-NAME-*.json with provenance.
+    run      the real `tuner.study.Search` (its sampler, baselines, constraints, duplicate handling, the
+             confirmation race and the recommendation) on that table for many seeds, with only the runner
+             replaced: each run draws one recorded trial of its config (a random round, not reused within a
+             seed while unused ones are left) and advances a clock by that trial's recorded cost, its load
+             counted only when the load key changes from the previous run (as a reused worker does). The
+             recommendation's "true" objective is the config's median over all recorded rounds; no drift
+             enters, and 100 seeds take minutes instead of nights.
+
+Tabular HPO benchmarks (NAS-Bench-201, HPOBench's tabular set) work this way; see ../shared/README.md. The
+table's costs are this machine's, measured with the same worker the search uses.
+
+Examples:
+  benchmarks/replay.py measure --grid quant-kv --rounds 9
+  benchmarks/replay.py run benchmarks/results/replay-grid-quant-kv-*.json --seeds 100 --n-trials 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import clopper_pearson, model_facts, save  # noqa: E402
+
+from tuner.record import TrialConfig, TrialRecord  # noqa: E402
+
+MODEL_CACHE = Path.home() / ".cache" / "tuner-test-models"
+# Grids: small spaces where llama.cpp's defaults (the first model file, f16 KV, every core) are not the best.
+GRIDS = {
+    # quant files × K-cache type × flash attention × threads (24 configs); the defaults run the first file (f16), which reads the most bytes
+    "quant-kv": {"preset": "dense", "quants": ["f16", "q8_0", "q4_0"],
+                 "specs": {"n_threads": "1,2", "type_k": "f16,q8_0", "flash_attn": "on,off"},
+                 "shape": {"n_prompt": 64, "n_gen": 16, "repetitions": 2}},
+    # 12 configs, mmap off: every change of file reloads it from the page cache into anonymous memory, a large part of a
+    # short trial's cost; the batch size matters for the prompt
+    "nommap-batch": {"preset": "dense", "quants": ["f32", "q8_0", "q4_k_m"],
+                     "specs": {"n_threads": "1,2", "n_ubatch": "8,64", "use_mmap": "false"},
+                     "shape": {"n_prompt": 64, "n_gen": 8, "repetitions": 2}},
+    # for tests: loads in milliseconds
+    "tiny": {"preset": "tiny", "quants": ["q8_0", "q4_k_m"], "specs": {"n_threads": "1,2"},
+             "shape": {"n_prompt": 16, "n_gen": 4, "repetitions": 2}},
+}
+OBJECTIVE = "mixed"
+
+
+class ReplayError(ValueError):
+    """Bad input for the replay (a table of another space, a missing model): one line, exit 2."""
+
+
+# -- the space, as `tuner search` builds it ----------------------------------------------------------------------
+def build(models: list[str], specs: dict, shape: dict):
+    """The Space and model infos `tuner search -m ... --<specs>` would search (no default dimensions added)."""
+    from tuner import hardware
+    from tuner import space as spacelib
+    from tuner.ggufmeta import read_model
+
+    infos = {m: read_model(m) for m in models}
+    hw = hardware.probe()
+    base = TrialConfig(model=models[0], n_threads=hw.cores_physical, n_threads_batch=0, **shape)
+    space = spacelib.build_space(models, infos, dict(specs), base, False, hw.cores_physical, hw.cores_logical,
+                                 objective=OBJECTIVE, auto=False, ram_total=hw.ram_total)
+    if "n_threads_batch" not in space.dims:  # as run_search: threads_batch follows threads
+        space.base = dataclasses.replace(space.base, n_threads_batch=0)
+    return space, infos, hw
+
+
+def grid_configs(space, infos) -> list[TrialConfig]:
+    """Every config of the space as the search resolves it (what its trials record)."""
+    from tuner.bench import resolve
+
+    return [resolve(c, infos[c.model]) for c in space.configs()]
+
+
+def grid_models(grid: dict) -> list[str]:
+    from tuner.synth import synthesize
+
+    return [str(p) for p in synthesize(MODEL_CACHE, grid["preset"], tuple(grid["quants"]))]
+
+
+# -- measure ----------------------------------------------------------------------------------------------------
+def measure(name: str, rounds: int, out=None, log=print) -> Path:
+    from tuner.confirm import config_key, run_order
+    from tuner.lock import measurement_lock
+    from tuner.runner import Runner
+
+    grid = GRIDS[name]
+    models = grid_models(grid)
+    space, infos, hw = build(models, grid["specs"], grid["shape"])
+    cfgs = grid_configs(space, infos)
+    table = {config_key(c): {"config": c.to_dict(), "trials": []} for c in cfgs}
+    log(f"{name}: {len(cfgs)} configs x {rounds} rounds")
+    t0 = time.monotonic()
+    with measurement_lock(wait=True, what="benchmarks/replay.py measure"), Runner(timeout=300, reuse=False) as runner:
+        for rnd in range(rounds):
+            for cfg in run_order(cfgs, rnd):
+                r = runner.run(cfg)
+                table[config_key(cfg)]["trials"].append(
+                    {"round": rnd, "outcome": r.outcome, "cause": r.cause[:200], "tg": r.tg_samples,
+                     "pp": r.pp_samples, "ttft_ms": r.ttft_samples_ms, "load_ms": r.load_ms, "wall_s": r.wall_s,
+                     "peak_rss_bytes": r.peak_rss_bytes, "started_utc": r.started_utc})
+            log(f"round {rnd + 1}/{rounds} done, {time.monotonic() - t0:.0f} s")
+    result = {"grid": name, "recipe": grid, "rounds": rounds, "objective": OBJECTIVE,
+              "models": [model_facts(m) for m in models], "space": space.describe(),
+              "configs": list(table.values()), "wall_s": round(time.monotonic() - t0, 1)}
+    return save(f"replay-grid-{name}", result, out or Path(__file__).resolve().parent / "results", echo=False)
+
+
+# -- the table ---------------------------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    """One config of the table: its recorded trials (ok ones), and the truth (the median of their values)."""
+
+    config: TrialConfig
+    trials: list[dict]
+    truth: float | None = None
+    cost_s: float = 0.0  # a trial's median wall time without its load
+    load_s: float = 0.0  # its median load
+
+
+@dataclass
+class Table:
+    path: str
+    doc: dict
+    space: object
+    infos: dict
+    hw: object
+    entries: dict[tuple, Entry] = field(default_factory=dict)
+
+    @property
+    def best(self) -> float:
+        return max(e.truth for e in self.entries.values() if e.truth is not None)
+
+    def truth(self, key: tuple) -> float | None:
+        e = self.entries.get(key)
+        return e.truth if e else None
+
+    def grid_once_s(self) -> float:
+        """Measuring every config once, in the order that reloads least: the reference cost of the grid."""
+        from tuner.confirm import config_key, run_order
+
+        cfgs = [e.config for e in self.entries.values()]
+        total, last = 0.0, None
+        for c in run_order(cfgs, 0):
+            e = self.entries[config_key(c)]
+            total += e.cost_s + (e.load_s if c.load_key() != last else 0.0)
+            last = c.load_key()
+        return total
+
+
+def trial_objective(t: dict, cfg: TrialConfig) -> float | None:
+    from tuner import stats
+    from tuner.confirm import objective_samples
+
+    rec = TrialRecord(cfg, outcome=t["outcome"], tg_samples=t["tg"], pp_samples=t["pp"], ttft_samples_ms=t["ttft_ms"])
+    return stats.trial_value(objective_samples(rec, OBJECTIVE)) if rec.ok else None
+
+
+def local_models(doc: dict) -> list[str]:
+    """The table's model files on this machine, by content hash (re-made from the recipe when missing)."""
+    from tuner.ggufmeta import read_model
+
+    want = [m["content_hash"] for m in doc["models"]]
+    paths = [m["path"] for m in doc["models"]]
+    if not all(Path(p).is_file() for p in paths) and "recipe" in doc:
+        paths = grid_models(doc["recipe"])
+    have = [read_model(p).content_hash if Path(p).is_file() else None for p in paths]
+    if have != want:
+        bad = next(p for p, h, w in zip(paths, have, want) if h != w)
+        raise ReplayError(f"model {bad} is not the file the table measured (content hash differs)")
+    return paths
+
+
+def load_table(path: str | Path, grid: str | None = None) -> Table:
+    """A measured table, checked against the space the replay searches (its own recipe, or GRIDS[grid])."""
+    from tuner import stats
+    from tuner.confirm import config_key
+
+    try:
+        doc = json.loads(Path(path).read_text())
+        recipe = doc["recipe"]
+        doc["configs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReplayError(f"{path}: not a replay table ({type(e).__name__}: {str(e)[:80]})") from None
+    models = local_models(doc)
+    want = GRIDS[grid] if grid else recipe
+    if grid and (want["preset"], want["quants"]) != (recipe["preset"], recipe["quants"]):
+        raise ReplayError(f"{path} was measured on another space (models {recipe['preset']} "
+                          f"{','.join(recipe['quants'])}), not grid {grid!r}")
+    space, infos, hw = build(models, want["specs"], want["shape"])
+    by_model = dict(zip([m["path"] for m in doc["models"]], models))
+    recorded = {}
+    for c in doc["configs"]:
+        d = dict(c["config"], model=by_model.get(c["config"]["model"], c["config"]["model"]))
+        cfg = TrialConfig.from_dict({**d, "overrides": tuple(d.get("overrides", ()))})
+        recorded[config_key(cfg)] = (cfg, c["trials"])
+    table = Table(str(path), doc, space, infos, hw)
+    for cfg in grid_configs(space, infos):
+        k = config_key(cfg)
+        if k not in recorded:
+            what = ", ".join(f"{n}={getattr(cfg, n)}" for n in space.varying())
+            raise ReplayError(f"{path} was measured on another space: it has no trial of {what} "
+                              f"(model {Path(cfg.model).name})")
+        cfg, trials = recorded[k]
+        ok = [t for t in trials if t["outcome"] == "ok" and trial_objective(t, cfg)]
+        e = Entry(cfg, ok or trials)
+        if ok:
+            e.truth = stats.center([trial_objective(t, cfg) for t in ok])
+            e.load_s = statistics.median((t["load_ms"] or 0) / 1000 for t in ok)
+            e.cost_s = statistics.median(max(0.0, t["wall_s"] - (t["load_ms"] or 0) / 1000) for t in ok)
+        else:
+            e.cost_s = statistics.median(t["wall_s"] or 0 for t in trials)
+        table.entries[k] = e
+    return table
+
+
+# -- the replay -------------------------------------------------------------------------------------------------
+class Clock:
+    """The replay's time: advanced by the recorded cost of every run, nothing else."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def __getattr__(self, name):  # anything else the study asks of `time`
+        return getattr(time, name)
+
+
+class ReplayRunner:
+    """The runner `tuner.study.Search` calls, answering from the table: a recorded trial of the config (a round
+    not drawn yet in this seed, while any is left), its cost on the clock, the load only when the load key
+    changes from the previous run (a reused worker keeps its model)."""
+
+    last_log = ""
+
+    def __init__(self, table: Table, clock: Clock, rng: random.Random):
+        from tuner import hardware
+
+        self.table, self.clock, self.rng = table, clock, rng
+        self.hw, self.build = table.hw, hardware.build_info()
+        self.last_key = None
+        self.drawn: dict[tuple, list[int]] = {}
+        self.runs = 0
+        self.loads = 0
+
+    def run(self, cfg: TrialConfig) -> TrialRecord:
+        from tuner.confirm import config_key
+        from tuner.runner import new_record
+
+        k = config_key(cfg)
+        e = self.table.entries[k]
+        left = [i for i in range(len(e.trials)) if i not in self.drawn.get(k, [])] or list(range(len(e.trials)))
+        i = self.rng.choice(left)
+        self.drawn.setdefault(k, []).append(i)
+        t = e.trials[i]
+        load = (t["load_ms"] or 0) / 1000
+        reload = cfg.load_key() != self.last_key
+        self.last_key = cfg.load_key()
+        self.loads += reload
+        self.runs += 1
+        self.clock.t += max(0.0, (t["wall_s"] or 0) - load) + (load if reload else 0.0)
+        rec = new_record(cfg, self.hw, self.build, self.table.infos[cfg.model])
+        rec.outcome, rec.cause = t["outcome"], t.get("cause", "")
+        rec.tg_samples, rec.pp_samples, rec.ttft_samples_ms = list(t["tg"]), list(t["pp"]), list(t["ttft_ms"])
+        rec.load_ms, rec.wall_s, rec.peak_rss_bytes = t["load_ms"], t["wall_s"], t["peak_rss_bytes"]
+        return rec
+
+
+@dataclass
+class Settings:
+    """What a replayed search runs with (the knobs the tuning grid chooses)."""
+
+    sampler: str = "tpe"
+    n_trials: int = 8
+    confirm: int = 3  # top K (0: no confirmation)
+    max_rounds: int = 8
+
+
+_STORAGE = None
+_N = itertools.count()  # study names in the shared storage
+
+
+def replay_search(*args, **kwargs):
+    """tuner.study.Search as it is, but its Optuna studies share one SQLite storage (made once) and its records
+    stay in memory instead of a Parquet file rewritten per trial: I/O that costs the replay ~0.2 s a run and
+    changes no decision."""
+    import tuner.study as studylib
+
+    class ReplaySearch(studylib.Search):
+        def _open_study(self):
+            global _STORAGE
+            if _STORAGE is None:
+                _STORAGE = studylib.open_storage(f"sqlite:///{tempfile.mkdtemp(prefix='tuner-replay-db-')}/optuna.db")
+            return studylib.open_study(self.opts, self.space, storage=_STORAGE)
+
+        def _store(self, rec):
+            self.records.append(rec)
+
+    return ReplaySearch(*args, **kwargs)
+
+
+def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=None) -> dict:
+    """One seed of the real search on the table: its recommendation, true objective and wall time (clock).
+    `on_search(search, runner, clock)` is called when it is done (tests look inside)."""
+    import tuner.study as studylib
+    from tuner import confirm
+    from tuner.confirm import config_key
+
+    clock = Clock()
+    real_time = studylib.time
+    studylib.time = clock  # the study reads the replay's clock (its budget, its typical trial)
+    try:
+        opts = studylib.SearchOptions(
+            study_dir=work / f"seed-{seed}", study_name=f"replay-{seed}-{next(_N)}", sampler=st.sampler, seed=seed,
+            n_trials=st.n_trials, objective=OBJECTIVE, confirm=st.confirm,
+            confirm_rounds=(confirm.MIN_ROUNDS, st.max_rounds), drift_every=0, reuse_workers=True)
+        opts.study_dir.mkdir(parents=True)
+        runner = ReplayRunner(table, clock, random.Random(seed))
+        srch = replay_search(table.space, opts, table.infos, table.hw, runner.build, runner=runner)
+        srch.bandwidth = {}  # the roofline needs the machine's bandwidth; the replay never measures it (no bound)
+        srch.prepare()
+        rec = srch.run()
+        srch.close()
+        if on_search:
+            on_search(srch, runner, clock)
+    finally:
+        studylib.time = real_time
+    confirm_runs = sum(1 for r in srch.records if r.state == confirm.CONFIRM_STATE)
+    search_s = sum(r.wall_s or 0 for r in srch.records if r.searched and r.ok)
+    key = None
+    if rec is not None:
+        cfg = TrialConfig.from_dict({**rec["config"], "overrides": tuple(rec["config"].get("overrides", ()))})
+        key = config_key(cfg)
+    truth = table.truth(key) if key else None
+    defaults = next((r for r in srch.records if r.baseline == "llama.cpp defaults"), None)
+    return {"seed": seed, "trial_number": rec and rec["trial_number"], "true": truth,
+            "share_of_best": (truth or 0.0) / table.best, "wall_s": clock.t,
+            "confirm_runs": confirm_runs, "search_trials": sum(1 for r in srch.records if r.searched),
+            "runs": runner.runs, "loads": runner.loads,
+            "verdict": (rec or {}).get("confirmation", {}).get("verdict"),
+            "defaults_true": table.truth(config_key(defaults.config)) if defaults else None}
+
+
+def replay(table: Table, st: Settings, seeds: int, log=lambda s: None) -> dict:
+    """`seeds` seeds of one setting: the rate within 2 % of the grid's best and the median wall time."""
+    grid_s = table.grid_once_s()
+    with tempfile.TemporaryDirectory(prefix="tuner-replay-") as work:
+        runs = [replay_seed(table, seed, st, Path(work)) for seed in range(seeds)]
+    walls = [r["wall_s"] / grid_s for r in runs]
+    within = sum(r["share_of_best"] >= 0.98 for r in runs)
+    out = {"settings": dataclasses.asdict(st), "seeds": seeds, "within_2pct": within,
+           "within_2pct_rate": within / seeds, "within_2pct_ci95": clopper_pearson(within, seeds),
+           "median_share_of_best": statistics.median(r["share_of_best"] for r in runs),
+           "wall_vs_grid_median": statistics.median(walls), "wall_vs_grid_max": max(walls),
+           "median_confirm_runs": statistics.median(r["confirm_runs"] for r in runs), "runs": runs}
+    log(f"  {st}: within 2 % in {within}/{seeds}, median wall {100 * out['wall_vs_grid_median']:.0f} % of the grid")
+    return out
+
+
+def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
+    """The same search run for real (`tuner.search.run_search`, real workers) for `seeds` seeds: its regret
+    (truth from the table) and wall time against what the replay predicts for the same settings."""
+    from search_regret import study_wall  # first trial started to last run finished: not the wait for the lock
+    from tuner.confirm import config_key
+    from tuner.search import run_search
+
+    recipe = table.doc["recipe"]
+    params = {k: v for k, v in recipe["specs"].items()}
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="tuner-live-") as work:
+        for seed in range(seeds):
+            res = run_search(list(table.infos), study=f"live-{seed}", results=work, sampler=st.sampler, seed=seed,
+                             n_trials=st.n_trials, confirm=st.confirm, confirm_rounds=st.max_rounds,
+                             objective=OBJECTIVE, drift_every=0, quality=False, auto_space=False,
+                             **recipe["shape"], **params)
+            wall = study_wall(res.study_dir)
+            rec = res.recommendation
+            cfg = TrialConfig.from_dict({**rec["config"], "overrides": tuple(rec["config"].get("overrides", ()))})
+            truth = table.truth(config_key(cfg))
+            runs.append({"seed": seed, "wall_s": wall, "true": truth, "share_of_best": (truth or 0) / table.best,
+                         "verdict": rec["confirmation"].get("verdict"),
+                         "confirm_runs": rec["trials"]["confirmation_runs"]})
+            log(f"  live seed {seed}: {wall:.0f} s, {100 * runs[-1]['share_of_best']:.1f} % of the best")
+    grid_s = table.grid_once_s()
+    within = sum(r["share_of_best"] >= 0.98 for r in runs)
+    predicted = replay(table, st, max(seeds, 30))
+    return {"settings": dataclasses.asdict(st), "seeds": seeds, "within_2pct": within,
+            "within_2pct_rate": within / seeds, "within_2pct_ci95": clopper_pearson(within, seeds),
+            "wall_vs_grid_median": statistics.median(r["wall_s"] for r in runs) / grid_s,
+            "replay_within_2pct_rate": predicted["within_2pct_rate"],
+            "replay_wall_vs_grid_median": predicted["wall_vs_grid_median"], "runs": runs}
+
+
+def choose(results: list[dict], wall_target: float) -> dict:
+    """The tuning grid's pick: the highest within-2 % rate among settings within the wall target; when none is
+    within it, the highest rate, then the lowest wall."""
+    fit = [r for r in results if r["wall_vs_grid_median"] <= wall_target]
+    return max(fit or results, key=lambda r: (r["within_2pct_rate"], -r["wall_vs_grid_median"]))
+
+
+def tune_settings(tune: Table, tune_seeds: int, settings: list[Settings], wall_target: float, log=print) -> dict:
+    """Every candidate setting replayed on the tuning table, and the pick (`choose`)."""
+    log(f"tuning on {tune.doc['grid']} ({len(tune.entries)} configs, {tune_seeds} seeds a setting):")
+    tuned = [replay(tune, st, tune_seeds, log) for st in settings]
+    for t in tuned:
+        t.pop("runs")  # the per-seed detail of 20+ settings is noise in the saved file
+    return {"grid": tune.doc["grid"], "table": tune.path, "tune_seeds": tune_seeds, "wall_target": wall_target,
+            "results": tuned, "chosen": choose(tuned, wall_target)["settings"]}
+
+
+def evaluate(tune: Table, held: Table, seeds: int, tuning: dict, held_out_only: bool = False, log=print) -> dict:
+    """Report the settings chosen on the tuning table, and the controls, on both tables (the held-out one counts;
+    `held_out_only`: that one alone)."""
+    st = Settings(**tuning["chosen"])
+    log(f"chosen: {st}; held-out {held.doc['grid']} ({len(held.entries)} configs, {seeds} seeds):")
+    out = {}
+    for name, table in (("tuning", tune), ("held_out", held))[1 if held_out_only else 0:]:
+        n = max(1, round(st.n_trials * len(table.entries) / len(tune.entries)))  # the same share of the grid
+        search = replay(table, dataclasses.replace(st, n_trials=n), seeds, log)
+        controls = {"random": replay(table, dataclasses.replace(st, sampler="random", n_trials=n), seeds, log),
+                    "no_confirmation": replay(table, dataclasses.replace(st, confirm=0, n_trials=n), seeds, log)}
+        d = next(r["defaults_true"] for r in search["runs"] if r["defaults_true"] is not None)
+        controls["defaults"] = {"share_of_best": d / table.best, "within_2pct": d / table.best >= 0.98}
+        out[name] = {"grid": table.doc["grid"], "table": table.path, "configs": len(table.entries),
+                     "grid_once_s": table.grid_once_s(), "held_out": name == "held_out",
+                     "seeds": seeds, "n_trials": n, "within_2pct_rate": search["within_2pct_rate"],
+                     "within_2pct_ci95": search["within_2pct_ci95"],
+                     "wall_vs_grid_median": search["wall_vs_grid_median"],
+                     "defaults_vs_best": d / table.best, "search": search, "controls": controls}
+    return {"tuning": tuning, "chosen": dataclasses.asdict(st), "grids": out}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__[__doc__.index("Examples:"):])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure", help="measure a grid's table")
+    m.add_argument("--grid", choices=sorted(GRIDS), required=True)
+    m.add_argument("--rounds", type=int, default=9)
+    m.add_argument("--out", default=None)
+    r = sub.add_parser("run", help="choose settings on TUNE, report them and the controls on HELD_OUT")
+    r.add_argument("tune", help="the tuning grid's table (replay-grid-*.json)")
+    r.add_argument("held_out", help="the held-out grid's table")
+    r.add_argument("--seeds", type=int, default=100)
+    r.add_argument("--tune-seeds", type=int, default=30)
+    r.add_argument("--k", default="1,2,3", help="top K candidates to try on the tuning grid")
+    r.add_argument("--max-rounds", default=None, help="round limits to try (default: the race's minimum, +1, 8)")
+    r.add_argument("--n-trials", default=None, help="search trials to try (default: 20,30,40 %% of the grid)")
+    r.add_argument("--wall-target", type=float, default=0.35, help="median wall / the grid's, for choosing")
+    r.add_argument("--tuned", default=None, help="a replay-tune-*.json: its chosen settings, no tuning again")
+    r.add_argument("--tune-only", action="store_true", help="choose the settings on TUNE, save them, stop")
+    r.add_argument("--held-out-only", action="store_true", help="report on HELD_OUT alone (not on TUNE again)")
+    r.add_argument("--out", default=None)
+    lv = sub.add_parser("live", help="the same search run for real on a grid, against the replay's prediction")
+    lv.add_argument("table")
+    lv.add_argument("--seeds", type=int, default=10)
+    lv.add_argument("--n-trials", type=int, required=True)
+    lv.add_argument("--k", type=int, default=3)
+    lv.add_argument("--max-rounds", type=int, default=8)
+    lv.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.cmd == "live":
+        try:
+            table = load_table(a.table)
+        except ReplayError as e:
+            print(f"replay.py: error: {e}", file=sys.stderr)
+            return 2
+        out = live(table, Settings("tpe", a.n_trials, a.k, a.max_rounds), a.seeds)
+        out.update(grid=table.doc["grid"], table=a.table, grid_once_s=table.grid_once_s())
+        path = save("replay-live", out, a.out or Path(__file__).resolve().parent / "results", echo=False)
+        print(f"live: within 2 % in {out['within_2pct']}/{a.seeds}, median wall "
+              f"{100 * out['wall_vs_grid_median']:.0f} % of the grid; the replay predicted "
+              f"{100 * out['replay_within_2pct_rate']:.0f} % and {100 * out['replay_wall_vs_grid_median']:.0f} %; {path}")
+        return 0
+    if a.cmd == "measure":
+        if a.rounds < 1:
+            ap.error("--rounds must be at least 1")
+        measure(a.grid, a.rounds, a.out)
+        return 0
+    from tuner.confirm import MIN_ROUNDS
+
+    try:
+        tune, held = load_table(a.tune), load_table(a.held_out)
+        ks = [int(x) for x in a.k.split(",")]
+        rounds = [int(x) for x in a.max_rounds.split(",")] if a.max_rounds else [MIN_ROUNDS, MIN_ROUNDS + 1, 8]
+        if min(rounds) < MIN_ROUNDS:
+            raise ReplayError(f"--max-rounds {min(rounds)} is below the confirmation race's minimum of {MIN_ROUNDS}")
+        n = len(tune.entries)
+        trials = [int(x) for x in a.n_trials.split(",")] if a.n_trials else \
+            sorted({max(3, round(n * f)) for f in (0.2, 0.3, 0.4)})
+    except (ReplayError, ValueError) as e:
+        print(f"replay.py: error: {e}", file=sys.stderr)
+        return 2
+    settings = [Settings("tpe", t, k, mr) for t in trials for k in ks for mr in rounds]
+    t0 = time.monotonic()
+    out_dir = a.out or Path(__file__).resolve().parent / "results"
+    if a.tuned:
+        tuning = json.loads(Path(a.tuned).read_text())
+    else:
+        tuning = tune_settings(tune, a.tune_seeds, settings, a.wall_target)
+        tuning["wall_s"] = round(time.monotonic() - t0, 1)
+        path = save("replay-tune", tuning, out_dir, echo=False)
+        print(f"chosen on {tuning['grid']}: {tuning['chosen']}; {path}")
+        if a.tune_only:
+            return 0
+    result = evaluate(tune, held, a.seeds, tuning, a.held_out_only)
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    h = result["grids"]["held_out"]
+    result["target"] = {"within_2pct_seeds": 95, "wall_vs_grid": a.wall_target,
+                        "met": h["within_2pct_rate"] >= 0.95 and h["wall_vs_grid_median"] <= a.wall_target}
+    path = save("replay", result, out_dir, echo=False)
+    for name, g in result["grids"].items():
+        c = g["controls"]
+        print(f"{name} {g['grid']}: within 2 % in {100 * g['within_2pct_rate']:.0f} % of {g['seeds']} seeds "
+              f"(95 % CI {100 * g['within_2pct_ci95'][0]:.0f}-{100 * g['within_2pct_ci95'][1]:.0f} %), median wall "
+              f"{100 * g['wall_vs_grid_median']:.0f} % of the grid; random {100 * c['random']['within_2pct_rate']:.0f} %"
+              f" ({100 * c['random']['wall_vs_grid_median']:.0f} %), no confirmation "
+              f"{100 * c['no_confirmation']['within_2pct_rate']:.0f} % "
+              f"({100 * c['no_confirmation']['wall_vs_grid_median']:.0f} %), defaults at "
+              f"{100 * g['defaults_vs_best']:.0f} % of the best")
+    print(f"target (held-out: >= 95 % within 2 %, wall <= {100 * a.wall_target:.0f} %): "
+          f"{'met' if result['target']['met'] else 'NOT met'}; {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
