@@ -1,0 +1,309 @@
+"""The rig probe (`tuner probe`): what decides llama.cpp's speed on this machine and build, measured once.
+
+Per ggml type, llama.cpp's matrix-vector kernels (tg) and matrix-matrix kernels (pp) are timed on synthetic
+one-type models (`llama-quantize --pure` of a random F16 llama, tuner.synth) larger than the caches, through
+the same worker `tuner bench` uses, at each thread count. `fit` turns the timings into seconds per byte (tg)
+and per FLOP (pp) of each type plus a fixed cost per layer and per token, by non-negative least squares over
+all probe models (two widths, so that per-layer costs separate from per-byte ones); tuner.speed adds them up
+for any model. A numpy copy gives the plain memory bandwidth beside them.
+
+GPU (only where the installed build can offload, hardware.build_info()['gpu_offload']): the same models fully
+offloaded give the device's per-type figures, and a pinned host→device copy through the CUDA driver the link
+bandwidth. A CPU-only build records why there are none.
+
+The result is cached as ~/.cache/tuner/probe-<hardware fingerprint>-<build fingerprint>.json; a probe file
+whose fingerprints are not this machine's and build's is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tuner import hardware, speed
+from tuner.ggufmeta import read_model
+from tuner.record import TrialConfig
+from tuner.roofline import cache_dir
+
+VERSION = 1
+# ggml type → the ftype whose --pure quantization is that type everywhere
+TYPES = {"F16": "f16", "Q8_0": "q8_0", "Q6_K": "q6_k", "Q5_K": "q5_k_m", "Q5_0": "q5_0", "Q4_K": "q4_k_m",
+         "Q4_0": "q4_0", "Q3_K": "q3_k_m", "Q2_K": "q2_k"}
+# Two widths: the wide one for every type (8 × 15 M weights: 40 MB at Q2_K to 240 MB at F16, beyond a 32 MB L3),
+# the narrow, deep one for a few types, so that costs per layer separate from costs per byte in the fit.
+SHAPES = {"wide": dict(n_embd=1024, n_ff=4096, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048),
+          "narrow": dict(n_embd=512, n_ff=1536, n_head=8, n_head_kv=4, n_layer=24, n_vocab=2048)}
+NARROW_TYPES = ("Q8_0", "Q4_K", "Q4_0")
+SHAPE = {"n_prompt": 128, "n_gen": 32}  # the test shape of the probe's trials (pp128, tg32)
+
+
+class ProbeError(ValueError):
+    """A probe file that cannot be used here: one line naming why."""
+
+
+def fingerprints() -> tuple[str, str]:
+    return hardware.probe().fingerprint(), hardware.build_fingerprint(hardware.build_info())
+
+
+def default_path() -> Path:
+    hw, build = fingerprints()
+    return cache_dir() / f"probe-{hw}-{build}.json"
+
+
+def load(path: str | os.PathLike | None = None) -> dict | None:
+    """This rig's probe (None when there is none yet). A file measured on another machine or build is refused."""
+    p = Path(path) if path else default_path()
+    if not p.exists():
+        if path:
+            raise ProbeError(f"probe file not found: {p}")
+        return None
+    try:
+        data = json.loads(p.read_text())
+        hw_fp, build_fp = data["hw_fingerprint"], data["build_fingerprint"]
+        data["cpu"]  # noqa: B018 - a probe without its figures is not one
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ProbeError(f"{p}: not a tuner probe file ({type(e).__name__})") from None
+    here_hw, here_build = fingerprints()
+    if hw_fp != here_hw:
+        raise ProbeError(f"{p} was measured on another machine (hardware {hw_fp}, this one {here_hw}): "
+                         "run `tuner probe` here")
+    if build_fp != here_build:
+        raise ProbeError(f"{p} was measured with another llama.cpp build ({build_fp}, this one {here_build}): "
+                         "run `tuner probe` again")
+    if data.get("version") != VERSION:
+        raise ProbeError(f"{p}: probe format {data.get('version')}, this tuner reads {VERSION}: run `tuner probe` again")
+    return data
+
+
+def thread_counts(physical: int) -> list[int]:
+    """1, 2, 4, ... and the physical core count: enough to interpolate between."""
+    out, t = [], 1
+    while t < physical:
+        out.append(t)
+        t *= 2
+    return out + [physical]
+
+
+def models(folder: Path, types: list[str], shapes: dict[str, list[str]],
+           defs: dict[str, dict] = SHAPES) -> list[tuple[str, str, Path]]:
+    """(type, shape, path) of the one-type probe models, made once per folder (an F16 base per shape, then
+    llama.cpp's quantizer with --pure)."""
+    from tuner import synth
+    from tuner.llama import quantize
+
+    out = []
+    folder.mkdir(parents=True, exist_ok=True)
+    ftypes = synth.quant_ftypes()
+    for shape_name, shape_types in shapes.items():
+        shape = synth.Shape(**defs[shape_name])
+        base = folder / f"{shape_name}-f16.gguf"
+        if not base.exists():
+            part = base.with_suffix(".gguf.part")
+            synth.write_base(part, shape, f"tuner-probe-{shape_name}", "f16")
+            os.replace(part, base)
+        for ty in shape_types:
+            ft = TYPES[ty]
+            path = base if ft == "f16" else folder / f"{shape_name}-{ft}-pure.gguf"
+            if not path.exists():
+                part = path.with_suffix(".gguf.part")
+                quantize(base, part, ftypes[ft], pure=True)
+                os.replace(part, path)
+            out.append((ty, shape_name, path))
+    return out
+
+
+def _median_s_per_token(samples: list[float]) -> float | None:
+    return 1.0 / statistics.median(samples) if samples else None
+
+
+def measure(paths: list[tuple[str, str, Path]], threads: list[int], repetitions: int, gpu: bool,
+            echo=None) -> list[dict]:
+    """One trial per (model, thread count) through tuner's worker, as `tuner bench -p 128 -n 32` would run it;
+    on a GPU build also one fully offloaded trial per model."""
+    from tuner.runner import Runner
+
+    rows = []
+    with Runner(reuse=True) as runner:
+        for ty, shape_name, path in paths:
+            runs = [(t, 0) for t in threads] + ([(threads[-1], -1)] if gpu else [])
+            for t, ngl in runs:
+                cfg = TrialConfig(model=str(path), n_threads=t, n_threads_batch=t, n_gpu_layers=ngl,
+                                  repetitions=repetitions, **SHAPE)
+                rec = runner.run(cfg)
+                if not rec.ok:
+                    raise RuntimeError(f"probe trial failed on {path.name} ({rec.outcome}): {rec.cause}")
+                row = {"type": ty, "shape": shape_name, "model": str(path), "threads": t,
+                       "backend": speed.DEVICE if ngl else speed.HOST, "tg_tps": statistics.median(rec.tg_samples),
+                       "pp_tps": statistics.median(rec.pp_samples), "tg_samples": rec.tg_samples,
+                       "pp_samples": rec.pp_samples}
+                rows.append(row)
+                if echo:
+                    echo(f"  {path.name:<24} {row['backend']} t={t}: tg {row['tg_tps']:7.1f} t/s  "
+                         f"pp {row['pp_tps']:7.1f} t/s")
+    return rows
+
+
+def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = None) -> dict:
+    """Seconds per byte (tg) and per FLOP (pp) of each type, and the fixed costs per layer and per token, from
+    the rows of one backend (and thread count), by tuner.speed.fit on the same terms `speed.predict` uses."""
+    sel = [r for r in rows if r["backend"] == backend and (threads is None or r["threads"] == threads)]
+    gpu = backend == speed.DEVICE
+    tg_cols, pp_cols, tg_y, pp_y, outs = [], [], [], [], []
+    for r in sel:
+        info = read_model(r["model"])
+        cfg = TrialConfig(model=r["model"], n_gpu_layers=-1 if gpu else 0, n_threads=r["threads"], **SHAPE)
+        tm = speed.terms(info, cfg, gpu_offload=gpu)
+        by_type_b = {ty: sum(b for (w, t), b in tm.tg_bytes.items() if t == ty) for ty in types}
+        by_type_f = {ty: sum(f for (w, t), f in tm.pp_flops.items() if t == ty) for ty in types}
+        n_layer = sum(tm.layers.values())
+        tg_cols.append([by_type_b[t] for t in types] + [n_layer, 1.0])
+        pp_cols.append([by_type_f[t] for t in types] + [n_layer, 1.0])
+        tg_y.append(1.0 / r["tg_tps"])
+        pp_y.append(1.0 / r["pp_tps"])
+        outs.append(sum(tm.out_bytes.values()))
+    tg_coef = speed.fit(np.array(tg_cols), np.array(tg_y))
+    s_per_byte = dict(zip(types, tg_coef[:-2]))
+    # pp: the output matrix runs once per batch (a matrix-vector product at the tg rate of its type)
+    out_s = np.array([o * s_per_byte[r["type"]] / SHAPE["n_prompt"] for o, r in zip(outs, sel)])
+    pp_t = np.maximum(np.array(pp_y) - out_s, 1e-9)
+    pp_coef = speed.fit(np.array(pp_cols), pp_t)
+    fig = {"tg_s_per_byte": {t: float(v) for t, v in s_per_byte.items()}, "tg_layer_s": float(tg_coef[-2]),
+           "tg_fixed_s": float(tg_coef[-1]), "pp_s_per_flop": {t: float(v) for t, v in zip(types, pp_coef[:-2])},
+           "pp_layer_s": float(pp_coef[-2]), "pp_fixed_s": float(pp_coef[-1])}
+    # readable beside them: effective GB/s and GFLOP/s per type
+    fig["tg_gbps"] = {t: (1e-9 / v if v > 0 else None) for t, v in fig["tg_s_per_byte"].items()}
+    fig["pp_gflops"] = {t: (1e-9 / v if v > 0 else None) for t, v in fig["pp_s_per_flop"].items()}
+    # how well the fit reproduces the probe's own trials (relative error of t/s)
+    fig["fit_error_tg"] = [float(v) for v in np.array(tg_y) / (np.array(tg_cols) @ tg_coef) - 1]
+    fig["fit_error_pp"] = [float(v) for v in pp_t / (np.array(pp_cols) @ pp_coef) - 1]
+    return fig
+
+
+def _link_bandwidth_child(nbytes: int = 256 << 20, repeats: int = 10) -> float | None:
+    """Pinned host → device copy bandwidth of GPU 0 through libcuda (the driver API); None without a GPU."""
+    import ctypes
+
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    dev, ctx, host, d = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_uint64()
+    if cu.cuInit(0) or cu.cuDeviceGet(ctypes.byref(dev), 0) or cu.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev):
+        return None
+    try:
+        if cu.cuMemAllocHost_v2(ctypes.byref(host), ctypes.c_size_t(nbytes)) or \
+                cu.cuMemAlloc_v2(ctypes.byref(d), ctypes.c_size_t(nbytes)):
+            return None
+        cu.cuMemcpyHtoD_v2(d, host, ctypes.c_size_t(nbytes))  # first touch, untimed
+        cu.cuCtxSynchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            cu.cuMemcpyHtoD_v2(d, host, ctypes.c_size_t(nbytes))
+        if cu.cuCtxSynchronize():
+            return None
+        return nbytes * repeats / (time.perf_counter() - t0)
+    finally:
+        cu.cuCtxDestroy_v2(ctx)
+
+
+def link_bandwidth(timeout: float = 60.0) -> float | None:
+    """In a child process: this one never holds a CUDA context."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "tuner.probe", "link"], capture_output=True, text=True,
+                             timeout=timeout, check=False)
+        return json.loads(out.stdout.strip().splitlines()[-1])["link"]
+    except (subprocess.SubprocessError, ValueError, IndexError, KeyError, OSError):
+        return None
+
+
+def run(out: str | os.PathLike | None = None, types: list[str] | None = None, threads: list[int] | None = None,
+        repetitions: int = 3, narrow_types: tuple[str, ...] = NARROW_TYPES, model_dir: str | os.PathLike | None = None,
+        echo=None, shapes: dict[str, dict] = SHAPES) -> tuple[dict, Path]:
+    """Measure this rig (held under the measurement lock) and write the probe file; returns (probe, path).
+
+    `shapes` ({"wide": ..., "narrow": ...} synth.Shape fields) are for tests: smaller models fit in the caches
+    and measure the caches, not the rig."""
+    from tuner import roofline
+    from tuner.lock import measurement_lock
+
+    types = list(types or TYPES)
+    unknown = [t for t in types if t not in TYPES]
+    if unknown:
+        raise ProbeError(f"unknown probe type(s) {', '.join(unknown)} (known: {', '.join(TYPES)})")
+    hw = hardware.probe()
+    build = hardware.build_info()
+    threads = sorted(set(threads or thread_counts(hw.cores_physical)))
+    if threads[0] < 1:
+        raise ProbeError("thread counts must be positive")
+    gpu = bool(build.get("gpu_offload"))
+    folder = Path(model_dir) if model_dir else cache_dir() / "probe-models"
+    narrow = [t for t in narrow_types if t in types]
+    if len(narrow) < 2:
+        raise ProbeError(f"the probe needs at least two of {', '.join(NARROW_TYPES)} to separate per-layer costs")
+    load0 = os.getloadavg()
+    t0 = time.time()
+    paths = models(folder, types, {"wide": types, "narrow": narrow}, shapes)
+    with measurement_lock(what="tuner probe"):
+        rows = measure(paths, threads, repetitions, gpu, echo)
+        host_bw = {str(t): roofline.host_bandwidth(threads=t) for t in threads}
+        link = link_bandwidth() if gpu else None
+        device_bw = roofline.device_bandwidth() if gpu else None
+    data = {"version": VERSION, "hw_fingerprint": hw.fingerprint(), "build_fingerprint": hardware.build_fingerprint(build),
+            "hardware": hw.fingerprint_dict(), "build": {k: build.get(k) for k in ("llama_cpp_python", "system_info",
+                                                                                     "gpu_offload")},
+            "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
+            "loadavg_before": load0, "loadavg_after": os.getloadavg(), "shape": {**SHAPE, "repetitions": repetitions},
+            "model_shapes": shapes,
+            "types": types, "threads": threads, "host_bandwidth_bytes_per_s": host_bw,
+            "cpu": {str(t): fit(rows, types, speed.HOST, t) for t in threads}, "gpu": None,
+            "gpu_note": "" if gpu else "this llama.cpp build cannot offload: no GPU figures", "trials": rows}
+    if gpu:
+        data["gpu"] = {**fit(rows, types, speed.DEVICE), "link_bytes_per_s": link, "vram_bytes_per_s": device_bw}
+        if not link:
+            data["gpu_note"] = "the host→device link could not be measured (libcuda): hybrid pp predictions are off"
+            data["gpu"]["link_bytes_per_s"] = float("inf")
+    path = Path(out) if out else default_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return data, path
+
+
+def summary(data: dict) -> str:
+    """Per type and thread count: effective GB/s (tg) and GFLOP/s (pp), then the fixed costs."""
+    lines = [f"rig probe {data['measured_utc']} ({data['seconds']:.0f} s, load {data['loadavg_before'][0]:.1f}): "
+             f"pp{data['shape']['n_prompt']} / tg{data['shape']['n_gen']}, -r {data['shape']['repetitions']}"]
+    cols = [("cpu", t, data["cpu"][str(t)]) for t in data["threads"]]
+    if data.get("gpu"):
+        cols.append(("gpu", "", data["gpu"]))
+    head = "type    " + "".join(f"{b}{t:>2} tg GB/s  pp GFLOP/s  " for b, t, _ in cols)
+    lines.append(head.rstrip())
+    for ty in data["types"]:
+        cells = "".join(f"{_num(f['tg_gbps'].get(ty)):>12}{_num(f['pp_gflops'].get(ty)):>12}  " for _, _, f in cols)
+        lines.append(f"{ty:<8}{cells}".rstrip())
+    for b, t, f in cols:
+        lines.append(f"{b}{t}: fixed {1e6 * f['tg_fixed_s']:.0f} µs + {1e6 * f['tg_layer_s']:.0f} µs/layer per "
+                     f"generated token; fit error tg max {100 * max(map(abs, f['fit_error_tg'])):.1f} %, "
+                     f"pp max {100 * max(map(abs, f['fit_error_pp'])):.1f} %")
+    bw = ", ".join(f"{t} threads {v / 1e9:.1f} GB/s" for t, v in data["host_bandwidth_bytes_per_s"].items())
+    lines.append(f"memory copy bandwidth (numpy): {bw}")
+    if data.get("gpu_note"):
+        lines.append(f"note: {data['gpu_note']}")
+    return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+if __name__ == "__main__":  # pragma: no cover - the link probe's child process
+    if sys.argv[1:] == ["link"]:
+        print(json.dumps({"link": _link_bandwidth_child()}))
