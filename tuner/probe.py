@@ -186,8 +186,9 @@ def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = 
     return fig
 
 
-def _link_bandwidth_child(nbytes: int = 256 << 20, repeats: int = 10) -> float | None:
-    """Pinned host → device copy bandwidth of GPU 0 through libcuda (the driver API); None without a GPU."""
+def link_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float | None:
+    """Pinned host → device copy bandwidth of GPU 0 through libcuda (the driver API); None without a GPU.
+    Run in a child process (`python -m tuner.probe link`): the caller never holds a CUDA context."""
     import ctypes
 
     try:
@@ -211,16 +212,6 @@ def _link_bandwidth_child(nbytes: int = 256 << 20, repeats: int = 10) -> float |
         return nbytes * repeats / (time.perf_counter() - t0)
     finally:
         cu.cuCtxDestroy_v2(ctx)
-
-
-def link_bandwidth(timeout: float = 60.0) -> float | None:
-    """In a child process: this one never holds a CUDA context."""
-    try:
-        out = subprocess.run([sys.executable, "-m", "tuner.probe", "link"], capture_output=True, text=True,
-                             timeout=timeout, check=False)
-        return json.loads(out.stdout.strip().splitlines()[-1])["link"]
-    except (subprocess.SubprocessError, ValueError, IndexError, KeyError, OSError):
-        return None
 
 
 def run(out: str | os.PathLike | None = None, types: list[str] | None = None, threads: list[int] | None = None,
@@ -253,7 +244,7 @@ def run(out: str | os.PathLike | None = None, types: list[str] | None = None, th
     with measurement_lock(what="tuner probe"):
         rows = measure(paths, threads, repetitions, gpu, echo)
         host_bw = {str(t): roofline.host_bandwidth(threads=t) for t in threads}
-        link = link_bandwidth() if gpu else None
+        link = _in_child("link") if gpu else None
         device_bw = roofline.device_bandwidth() if gpu else None
     data = {"version": VERSION, "hw_fingerprint": hw.fingerprint(), "build_fingerprint": hardware.build_fingerprint(build),
             "hardware": hw.fingerprint_dict(), "build": {k: build.get(k) for k in ("llama_cpp_python", "system_info",
@@ -304,6 +295,15 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-if __name__ == "__main__":  # pragma: no cover - the link probe's child process
+def _in_child(what: str, timeout: float = 60.0):
+    """A GPU figure measured by `python -m tuner.probe WHAT`; None when the child fails."""
+    try:
+        out = subprocess.check_output([sys.executable, "-m", "tuner.probe", what], text=True, timeout=timeout)
+        return json.loads(out.splitlines()[-1])[what]
+    except (subprocess.SubprocessError, ValueError, IndexError, KeyError, OSError):
+        return None
+
+
+if __name__ == "__main__":  # pragma: no cover - the GPU link probe's child process
     if sys.argv[1:] == ["link"]:
-        print(json.dumps({"link": _link_bandwidth_child()}))
+        print(json.dumps({"link": link_bandwidth()}))
