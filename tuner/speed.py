@@ -204,9 +204,13 @@ def predict(info: ModelInfo, probe: dict, threads: int, quant: str | None = None
     tg = pp = 0.0
     probe_np = shape.get("n_prompt", 128)
     for backend, fig in ((HOST, cpu), (DEVICE, gpu)):
-        if not tm.layers.get(backend) and not any(w == backend and b for (w, _), b in tm.tg_bytes.items()):
-            continue  # nothing runs there
+        if fig is None:
+            continue
         tg += sum(b * rate(fig, "tg_s_per_byte", ty, unprobed) for (w, ty), b in tm.tg_bytes.items() if w == backend)
+        # the fixed costs belong to a backend that runs layers or the output matrix (not a lone embedding row)
+        active = tm.layers.get(backend, 0) > 0 or any(w == backend for w, _ in tm.out_bytes)
+        if not active:
+            continue
         tg += tm.layers.get(backend, 0) * fig["tg_layer_s"] + fig["tg_fixed_s"]
         # a GPU build multiplies a prompt batch's host matrices on the GPU too (their copy is the link term)
         pp_fig = gpu if backend == HOST and tm.link_bytes else fig
