@@ -2,10 +2,13 @@
 
 Per ggml type, llama.cpp's matrix-vector kernels (tg) and matrix-matrix kernels (pp) are timed on synthetic
 one-type models (`llama-quantize --pure` of a random F16 llama, tuner.synth) larger than the caches, through
-the same worker `tuner bench` uses, at each thread count. `fit` turns the timings into seconds per byte (tg)
-and per FLOP (pp) of each type plus a fixed cost per layer and per token, by non-negative least squares over
-all probe models (two widths, so that per-layer costs separate from per-byte ones); tuner.speed adds them up
-for any model. A numpy copy gives the plain memory bandwidth beside them.
+the same worker `tuner bench` uses, at each thread count. Two small Q8_0 models of 2 and 16 layers, whose weights
+are a few MB, measure what a token costs besides reading and multiplying weights (graph, thread barriers, norms,
+rope): a line through them (numpy.polyfit) gives a fixed cost per token and one per layer. Each type's figure is
+then its own trial's time less those costs, divided by its bytes (tg) or FLOP (pp), counted by the same
+tuner.speed.terms that `speed.predict` adds up for any model. One trial per type decides its figure (a joint
+least-squares fit over all trials let a noisy trial zero out another type's figure). A numpy copy gives the
+plain memory bandwidth beside them.
 
 GPU (only where the installed build can offload, hardware.build_info()['gpu_offload']): the same models fully
 offloaded give the device's per-type figures, and a pinned host→device copy through the CUDA driver the link
@@ -36,11 +39,12 @@ VERSION = 1
 # ggml type → the ftype whose --pure quantization is that type everywhere
 TYPES = {"F16": "f16", "Q8_0": "q8_0", "Q6_K": "q6_k", "Q5_K": "q5_k_m", "Q5_0": "q5_0", "Q4_K": "q4_k_m",
          "Q4_0": "q4_0", "Q3_K": "q3_k_m", "Q2_K": "q2_k"}
-# Two widths: the wide one for every type (8 × 15 M weights: 40 MB at Q2_K to 240 MB at F16, beyond a 32 MB L3),
-# the narrow, deep one for a few types, so that costs per layer separate from costs per byte in the fit.
+# "wide": one model per type (8 × 15 M weights: 40 MB at Q2_K to 240 MB at F16, beyond a 32 MB L3); "overhead":
+# 0.5 M weights a layer (0.6 MB at Q8_0), built at OVERHEAD_LAYERS depths, for the costs that are not weights.
 SHAPES = {"wide": dict(n_embd=1024, n_ff=4096, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048),
-          "narrow": dict(n_embd=512, n_ff=1536, n_head=8, n_head_kv=4, n_layer=24, n_vocab=2048)}
-NARROW_TYPES = ("Q8_0", "Q4_K", "Q4_0")
+          "overhead": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=512)}
+OVERHEAD_LAYERS = (2, 16)
+OVERHEAD_TYPE = "Q8_0"
 SHAPE = {"n_prompt": 128, "n_gen": 32}  # the test shape of the probe's trials (pp128, tg32)
 
 
@@ -91,36 +95,31 @@ def thread_counts(physical: int) -> list[int]:
     return out + [physical]
 
 
-def models(folder: Path, types: list[str], shapes: dict[str, list[str]],
-           defs: dict[str, dict] = SHAPES) -> list[tuple[str, str, Path]]:
-    """(type, shape, path) of the one-type probe models, made once per folder (an F16 base per shape, then
-    llama.cpp's quantizer with --pure)."""
+def models(folder: Path, types: list[str], defs: dict[str, dict] = SHAPES) -> list[tuple[str, str, Path]]:
+    """(type, role, path) of the probe models, made once per folder: the wide one of each type and the overhead
+    ones, each an F16 base (tuner.synth) quantized by llama.cpp with --pure."""
     from tuner import synth
     from tuner.llama import quantize
 
-    out = []
     folder.mkdir(parents=True, exist_ok=True)
     ftypes = synth.quant_ftypes()
-    for shape_name, shape_types in shapes.items():
-        shape = synth.Shape(**defs[shape_name])
-        base = folder / f"{shape_name}-f16.gguf"
+    plan = [("wide", "wide", defs["wide"], ty) for ty in types]
+    plan += [("overhead", f"overhead{n}", dict(defs["overhead"], n_layer=n), OVERHEAD_TYPE) for n in OVERHEAD_LAYERS]
+    out = []
+    for role, name, dims, ty in plan:
+        base = folder / f"{name}-f16.gguf"
         if not base.exists():
             part = base.with_suffix(".gguf.part")
-            synth.write_base(part, shape, f"tuner-probe-{shape_name}", "f16")
+            synth.write_base(part, synth.Shape(**dims), f"tuner-probe-{name}", "f16")
             os.replace(part, base)
-        for ty in shape_types:
-            ft = TYPES[ty]
-            path = base if ft == "f16" else folder / f"{shape_name}-{ft}-pure.gguf"
-            if not path.exists():
-                part = path.with_suffix(".gguf.part")
-                quantize(base, part, ftypes[ft], pure=True)
-                os.replace(part, path)
-            out.append((ty, shape_name, path))
+        ft = TYPES[ty]
+        path = base if ft == "f16" else folder / f"{name}-{ft}-pure.gguf"
+        if not path.exists():
+            part = path.with_suffix(".gguf.part")
+            quantize(base, part, ftypes[ft], pure=True)
+            os.replace(part, path)
+        out.append((ty, role, path))
     return out
-
-
-def _median_s_per_token(samples: list[float]) -> float | None:
-    return 1.0 / statistics.median(samples) if samples else None
 
 
 def measure(paths: list[tuple[str, str, Path]], threads: list[int], repetitions: int, gpu: bool,
@@ -131,7 +130,7 @@ def measure(paths: list[tuple[str, str, Path]], threads: list[int], repetitions:
 
     rows = []
     with Runner(reuse=True) as runner:
-        for ty, shape_name, path in paths:
+        for ty, role, path in paths:
             runs = [(t, 0) for t in threads] + ([(threads[-1], -1)] if gpu else [])
             for t, ngl in runs:
                 cfg = TrialConfig(model=str(path), n_threads=t, n_threads_batch=t, n_gpu_layers=ngl,
@@ -139,7 +138,7 @@ def measure(paths: list[tuple[str, str, Path]], threads: list[int], repetitions:
                 rec = runner.run(cfg)
                 if not rec.ok:
                     raise RuntimeError(f"probe trial failed on {path.name} ({rec.outcome}): {rec.cause}")
-                row = {"type": ty, "shape": shape_name, "model": str(path), "threads": t,
+                row = {"type": ty, "role": role, "model": str(path), "threads": t,
                        "backend": speed.DEVICE if ngl else speed.HOST, "tg_tps": statistics.median(rec.tg_samples),
                        "pp_tps": statistics.median(rec.pp_samples), "tg_samples": rec.tg_samples,
                        "pp_samples": rec.pp_samples}
@@ -151,38 +150,43 @@ def measure(paths: list[tuple[str, str, Path]], threads: list[int], repetitions:
 
 
 def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = None) -> dict:
-    """Seconds per byte (tg) and per FLOP (pp) of each type, and the fixed costs per layer and per token, from
-    the rows of one backend (and thread count), by tuner.speed.fit on the same terms `speed.predict` uses."""
+    """Figures of one backend (and thread count): fixed costs per token and per layer from the overhead models
+    (a line through time per token against layers), then each type's seconds per byte (tg) and per FLOP (pp)
+    from its own trial, counted by the terms `speed.predict` uses."""
     sel = [r for r in rows if r["backend"] == backend and (threads is None or r["threads"] == threads)]
     gpu = backend == speed.DEVICE
-    tg_cols, pp_cols, tg_y, pp_y, outs = [], [], [], [], []
-    for r in sel:
+
+    def counted(r):
         info = read_model(r["model"])
         cfg = TrialConfig(model=r["model"], n_gpu_layers=-1 if gpu else 0, n_threads=r["threads"], **SHAPE)
         tm = speed.terms(info, cfg, gpu_offload=gpu)
-        by_type_b = {ty: sum(b for (w, t), b in tm.tg_bytes.items() if t == ty) for ty in types}
-        by_type_f = {ty: sum(f for (w, t), f in tm.pp_flops.items() if t == ty) for ty in types}
-        n_layer = sum(tm.layers.values())
-        tg_cols.append([by_type_b[t] for t in types] + [n_layer, 1.0])
-        pp_cols.append([by_type_f[t] for t in types] + [n_layer, 1.0])
-        tg_y.append(1.0 / r["tg_tps"])
-        pp_y.append(1.0 / r["pp_tps"])
-        outs.append(sum(tm.out_bytes.values()))
-    tg_coef = speed.fit(np.array(tg_cols), np.array(tg_y))
-    s_per_byte = dict(zip(types, tg_coef[:-2]))
-    # pp: the output matrix runs once per batch (a matrix-vector product at the tg rate of its type)
-    out_s = np.array([o * s_per_byte[r["type"]] / SHAPE["n_prompt"] for o, r in zip(outs, sel)])
-    pp_t = np.maximum(np.array(pp_y) - out_s, 1e-9)
-    pp_coef = speed.fit(np.array(pp_cols), pp_t)
-    fig = {"tg_s_per_byte": {t: float(v) for t, v in s_per_byte.items()}, "tg_layer_s": float(tg_coef[-2]),
-           "tg_fixed_s": float(tg_coef[-1]), "pp_s_per_flop": {t: float(v) for t, v in zip(types, pp_coef[:-2])},
-           "pp_layer_s": float(pp_coef[-2]), "pp_fixed_s": float(pp_coef[-1])}
+        return (sum(tm.tg_bytes.values()), sum(tm.pp_flops.values()), sum(tm.out_bytes.values()),
+                sum(tm.layers.values()))
+
+    over = [r for r in sel if r["role"] == "overhead"]
+    layers = np.array([counted(r)[3] for r in over], dtype=float)
+    tg_layer, tg_fixed = np.polyfit(layers, [1.0 / r["tg_tps"] for r in over], 1)
+    pp_layer, pp_fixed = np.polyfit(layers, [1.0 / r["pp_tps"] for r in over], 1)
+    # noise can tilt a line through two points below zero: a cost is never negative
+    fig = {"tg_layer_s": max(float(tg_layer), 0.0), "tg_fixed_s": max(float(tg_fixed), 0.0),
+           "pp_layer_s": max(float(pp_layer), 0.0), "pp_fixed_s": max(float(pp_fixed), 0.0),
+           "tg_s_per_byte": {}, "pp_s_per_flop": {}, "overhead_share": {}}
+    for r in sel:
+        if r["role"] != "wide":
+            continue
+        nbytes, flops, out_bytes, n_layer = counted(r)
+        t_tg, t_pp = 1.0 / r["tg_tps"], 1.0 / r["pp_tps"]
+        fixed_tg = fig["tg_fixed_s"] + n_layer * fig["tg_layer_s"]
+        fixed_pp = fig["pp_fixed_s"] + n_layer * fig["pp_layer_s"]
+        # at least a tenth of the trial's time is the weights' (a noisy overhead trial must not leave them free)
+        s_byte = max(t_tg - fixed_tg, 0.1 * t_tg) / nbytes
+        out_s = out_bytes * s_byte / SHAPE["n_prompt"]  # the output matrix, once per batch
+        fig["tg_s_per_byte"][r["type"]] = s_byte
+        fig["pp_s_per_flop"][r["type"]] = max(t_pp - fixed_pp - out_s, 0.1 * t_pp) / flops
+        fig["overhead_share"][r["type"]] = {"tg": min(fixed_tg / t_tg, 1.0), "pp": min(fixed_pp / t_pp, 1.0)}
     # readable beside them: effective GB/s and GFLOP/s per type
-    fig["tg_gbps"] = {t: (1e-9 / v if v > 0 else None) for t, v in fig["tg_s_per_byte"].items()}
-    fig["pp_gflops"] = {t: (1e-9 / v if v > 0 else None) for t, v in fig["pp_s_per_flop"].items()}
-    # how well the fit reproduces the probe's own trials (relative error of t/s)
-    fig["fit_error_tg"] = [float(v) for v in np.array(tg_y) / (np.array(tg_cols) @ tg_coef) - 1]
-    fig["fit_error_pp"] = [float(v) for v in pp_t / (np.array(pp_cols) @ pp_coef) - 1]
+    fig["tg_gbps"] = {t: 1e-9 / v for t, v in fig["tg_s_per_byte"].items()}
+    fig["pp_gflops"] = {t: 1e-9 / v for t, v in fig["pp_s_per_flop"].items()}
     return fig
 
 
@@ -215,11 +219,11 @@ def link_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float | None:
 
 
 def run(out: str | os.PathLike | None = None, types: list[str] | None = None, threads: list[int] | None = None,
-        repetitions: int = 3, narrow_types: tuple[str, ...] = NARROW_TYPES, model_dir: str | os.PathLike | None = None,
-        echo=None, shapes: dict[str, dict] = SHAPES) -> tuple[dict, Path]:
+        repetitions: int = 3, model_dir: str | os.PathLike | None = None, echo=None,
+        shapes: dict[str, dict] = SHAPES) -> tuple[dict, Path]:
     """Measure this rig (held under the measurement lock) and write the probe file; returns (probe, path).
 
-    `shapes` ({"wide": ..., "narrow": ...} synth.Shape fields) are for tests: smaller models fit in the caches
+    `shapes` ({"wide": ..., "overhead": ...} synth.Shape fields) are for tests: smaller models fit in the caches
     and measure the caches, not the rig."""
     from tuner import roofline
     from tuner.lock import measurement_lock
@@ -235,12 +239,9 @@ def run(out: str | os.PathLike | None = None, types: list[str] | None = None, th
         raise ProbeError("thread counts must be positive")
     gpu = bool(build.get("gpu_offload"))
     folder = Path(model_dir) if model_dir else cache_dir() / "probe-models"
-    narrow = [t for t in narrow_types if t in types]
-    if len(narrow) < 2:
-        raise ProbeError(f"the probe needs at least two of {', '.join(NARROW_TYPES)} to separate per-layer costs")
     load0 = os.getloadavg()
     t0 = time.time()
-    paths = models(folder, types, {"wide": types, "narrow": narrow}, shapes)
+    paths = models(folder, types, shapes)
     with measurement_lock(what="tuner probe"):
         rows = measure(paths, threads, repetitions, gpu, echo)
         host_bw = {str(t): roofline.host_bandwidth(threads=t) for t in threads}
@@ -282,8 +283,8 @@ def summary(data: dict) -> str:
         lines.append(f"{ty:<8}{cells}".rstrip())
     for b, t, f in cols:
         lines.append(f"{b}{t}: fixed {1e6 * f['tg_fixed_s']:.0f} µs + {1e6 * f['tg_layer_s']:.0f} µs/layer per "
-                     f"generated token; fit error tg max {100 * max(map(abs, f['fit_error_tg'])):.1f} %, "
-                     f"pp max {100 * max(map(abs, f['fit_error_pp'])):.1f} %")
+                     f"generated token, {1e6 * f['pp_fixed_s']:.0f} µs + {1e6 * f['pp_layer_s']:.1f} µs/layer per "
+                     "prompt token")
     bw = ", ".join(f"{t} threads {v / 1e9:.1f} GB/s" for t, v in data["host_bandwidth_bytes_per_s"].items())
     lines.append(f"memory copy bandwidth (numpy): {bw}")
     if data.get("gpu_note"):

@@ -15,7 +15,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import gguf
-import numpy as np
 
 from tuner import planner
 from tuner.ggufmeta import ModelInfo
@@ -234,14 +233,3 @@ def rows(info: ModelInfo, probe: dict, quants: list[str], threads: int, **config
         out.append({"quant": (q or info.file_type).lower(), "file": q is None, **p.to_dict()})
     return out
 
-
-def fit(design: np.ndarray, seconds: np.ndarray) -> np.ndarray:
-    """Non-negative least squares on relative error (every row divided by its own time), columns scaled to
-    unit norm so that bytes (1e8) and layer counts (1e1) weigh alike; returns the unscaled coefficients."""
-    from scipy.optimize import nnls
-
-    a = design / seconds[:, None]
-    scale = np.linalg.norm(a, axis=0)
-    scale[scale == 0] = 1.0
-    coef, _ = nnls(a / scale, np.ones(len(seconds)))
-    return coef / scale
