@@ -217,6 +217,13 @@ def test_probe_measures_llama_cpp_and_estimate_uses_it(tmp_path, models):
     assert min(fig["tg_layer_s"], fig["tg_fixed_s"], fig["pp_layer_s"], fig["pp_fixed_s"]) >= 0
     assert data["host_bandwidth_bytes_per_s"]["1"] > 1e8
     assert (data["gpu"] is None) == (not hardware.build_info()["gpu_offload"])
+    # the figures reproduce the probe's own trials through speed.predict: fit and prediction count the same terms
+    for r in data["trials"]:
+        share = fig["overhead_share"].get(r["type"], {})
+        if r["role"] == "wide" and max(share.values()) < 0.9:  # else the weights' floor (a tenth) applies
+            p = speed.predict(read_model(r["model"]), data, 1, n_prompt=128, n_gen=32)
+            assert p.pred_tg_tps == pytest.approx(r["tg_tps"], rel=1e-6)
+            assert p.pred_pp_tps == pytest.approx(r["pp_tps"], rel=1e-6)
     # one-type models: every weight matrix is the probed type
     q4 = read_model(next(r["model"] for r in data["trials"] if r["type"] == "Q4_0"))
     assert {t.type for t in q4.tensors if len(t.shape) >= 2} == {"Q4_0"}

@@ -159,31 +159,43 @@ def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = 
     def counted(r):
         info = read_model(r["model"])
         cfg = TrialConfig(model=r["model"], n_gpu_layers=-1 if gpu else 0, n_threads=r["threads"], **SHAPE)
-        tm = speed.terms(info, cfg, gpu_offload=gpu)
-        return (sum(tm.tg_bytes.values()), sum(tm.pp_flops.values()), sum(tm.out_bytes.values()),
-                sum(tm.layers.values()))
+        return speed.terms(info, cfg, gpu_offload=gpu)
+
+    def split(work: dict, own: str) -> tuple[float, dict]:
+        """(the probed type's share, the rest by type): norms (F32) and the KV cache (F16) are not the type's."""
+        rest: dict = {}
+        for (_, ty), v in work.items():
+            rest[ty] = rest.get(ty, 0.0) + v
+        return rest.pop(own, 0.0), rest
 
     over = [r for r in sel if r["role"] == "overhead"]
-    layers = np.array([counted(r)[3] for r in over], dtype=float)
+    layers = np.array([sum(counted(r).layers.values()) for r in over], dtype=float)
     tg_layer, tg_fixed = np.polyfit(layers, [1.0 / r["tg_tps"] for r in over], 1)
     pp_layer, pp_fixed = np.polyfit(layers, [1.0 / r["pp_tps"] for r in over], 1)
     # noise can tilt a line through two points below zero: a cost is never negative
     fig = {"tg_layer_s": max(float(tg_layer), 0.0), "tg_fixed_s": max(float(tg_fixed), 0.0),
            "pp_layer_s": max(float(pp_layer), 0.0), "pp_fixed_s": max(float(pp_fixed), 0.0),
            "tg_s_per_byte": {}, "pp_s_per_flop": {}, "overhead_share": {}}
-    for r in sel:
-        if r["role"] != "wide":
-            continue
-        nbytes, flops, out_bytes, n_layer = counted(r)
+    # F16 first: the other models' F32 norms and F16 KV cache are then charged as speed.predict charges them
+    for r in sorted((r for r in sel if r["role"] == "wide"), key=lambda r: r["type"] != "F16"):
+        tm, ty = counted(r), r["type"]
+        n_layer = sum(tm.layers.values())
         t_tg, t_pp = 1.0 / r["tg_tps"], 1.0 / r["pp_tps"]
         fixed_tg = fig["tg_fixed_s"] + n_layer * fig["tg_layer_s"]
         fixed_pp = fig["pp_fixed_s"] + n_layer * fig["pp_layer_s"]
+        own_b, rest_b = split(tm.tg_bytes, ty)
+        own_f, rest_f = split(tm.pp_flops, ty)
+        if fig["tg_s_per_byte"]:
+            fixed_tg += sum(b * speed.rate(fig, "tg_s_per_byte", t, set()) for t, b in rest_b.items())
+            fixed_pp += sum(f * speed.rate(fig, "pp_s_per_flop", t, set()) for t, f in rest_f.items())
+        else:  # nothing measured yet to charge them at: they count as the type's
+            own_b, own_f = own_b + sum(rest_b.values()), own_f + sum(rest_f.values())
         # at least a tenth of the trial's time is the weights' (a noisy overhead trial must not leave them free)
-        s_byte = max(t_tg - fixed_tg, 0.1 * t_tg) / nbytes
-        out_s = out_bytes * s_byte / SHAPE["n_prompt"]  # the output matrix, once per batch
-        fig["tg_s_per_byte"][r["type"]] = s_byte
-        fig["pp_s_per_flop"][r["type"]] = max(t_pp - fixed_pp - out_s, 0.1 * t_pp) / flops
-        fig["overhead_share"][r["type"]] = {"tg": min(fixed_tg / t_tg, 1.0), "pp": min(fixed_pp / t_pp, 1.0)}
+        s_byte = max(t_tg - fixed_tg, 0.1 * t_tg) / own_b
+        out_s = sum(tm.out_bytes.values()) * s_byte / SHAPE["n_prompt"]  # the output matrix, once per batch
+        fig["tg_s_per_byte"][ty] = s_byte
+        fig["pp_s_per_flop"][ty] = max(t_pp - fixed_pp - out_s, 0.1 * t_pp) / own_f
+        fig["overhead_share"][ty] = {"tg": min(fixed_tg / t_tg, 1.0), "pp": min((fixed_pp + out_s) / t_pp, 1.0)}
     # readable beside them: effective GB/s and GFLOP/s per type
     fig["tg_gbps"] = {t: 1e-9 / v for t, v in fig["tg_s_per_byte"].items()}
     fig["pp_gflops"] = {t: 1e-9 / v for t, v in fig["pp_s_per_flop"].items()}
