@@ -171,14 +171,16 @@ class LogCapture:
 
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: int, nthread: int = 0,
-             allow_requantize: bool = False) -> None:
+             allow_requantize: bool = False, pure: bool = False) -> None:
     """Write `dst` as llama.cpp's quantizer does; `allow_requantize` accepts an already quantized `src`
-    (lower quants of a real model when only its Q4_K_M is at hand)."""
+    (lower quants of a real model when only its Q4_K_M is at hand); `pure` gives every weight matrix the
+    ftype's base type (llama-quantize --pure: the probe's one-type models)."""
     log = LogCapture(echo_level=3, stream=sys.stderr)  # keep the per-tensor progress out of the terminal
     params = L.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = nthread
     params.allow_requantize = allow_requantize
+    params.pure = pure
     rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc}) for {dst}: {log.text()[-300:]}")

@@ -71,9 +71,15 @@ def _cell(v) -> str:
               help="quant types to size this model in, e.g. q8_0,q4_k_m,iq2_xxs")
 @click.option("--calib", "calib_paths", multiple=True, type=click.Path(),
               help="Parquet results of this rig to calibrate the compute term from (repeatable)")
+@click.option("--speed", is_flag=True,
+              help="predict tg and pp t/s of the file and each --what-if quant on this rig (needs `tuner probe`)")
+@click.option("-t", "--threads", "threads", type=click.IntRange(min=1), default=None,
+              help="threads for --speed (default: the physical cores)")
+@click.option("--probe", "probe_path", type=click.Path(dir_okay=False), default=None,
+              help="probe file for --speed (default: this machine's and build's, from `tuner probe`)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n_gpu_layers, n_batch, n_ubatch, use_mmap,
-                 n_cpu_moe, cpu_moe, what_if, calib_paths, as_json):
+                 n_cpu_moe, cpu_moe, what_if, calib_paths, speed, threads, probe_path, as_json):
     """Plan memory from GGUF metadata alone: sizes, KV cache, GPU/host split, the largest -ngl that fits.
 
     Reads only the header (a 400 GB split model plans in well under a second). Host RAM comes in two parts:
@@ -81,12 +87,15 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n
     mmap'd weight pages, which the kernel can drop and re-read. "fits" is judged on the resident part (short:
     it would swap); when the mmap'd pages do not fit beside it the model still runs, re-reading weights from
     disk. --what-if sizes the model in other quant types the way llama.cpp's quantizer would write it.
+    --speed predicts tg and pp t/s (as `tuner bench` measures them, at the probe's pp128/tg32 shape) of the
+    file and of each --what-if quant from this rig's probe: run `tuner probe` once first.
 
     \b
     Examples:
       tuner estimate models/dense-q4_k_m.gguf --ctx 4096,32768 --vram 24GiB --ram 64GiB
       tuner estimate DeepSeek-V3-Q4_K_M-00001-of-00009.gguf --vram 80GiB -ctk q8_0 --json
       tuner estimate models/dense-f16.gguf --what-if q8_0,q4_k_m,iq2_xxs
+      tuner estimate gemma-3-270m-q4_k_m.gguf --speed --what-if q8_0,q3_k_m,q2_k -t 2
     """
     import psutil
 
@@ -108,6 +117,7 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n
         raise TunerError(f"-ngl must be -1 (all layers) or more, got {n_gpu_layers}")
     calib = planner.Calibration.from_store(calib_paths) if calib_paths else None
     infos = [read_model(m) for m in models]  # all inputs checked before anything is printed
+    probe_data = _speed_probe(probe_path) if speed else None
     base = TrialConfig(model="", n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
                        use_mmap=use_mmap, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe)
     result = []
@@ -117,6 +127,8 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n
         result.append({"model": info.path, "arch": info.arch, "n_params": info.n_params, "file_size": info.file_size,
                        "shards": len(info.shards), "ram": ram, "vram": vram, "headroom": hr, "contexts": rows,
                        "what_if": wi})
+        if probe_data is not None:
+            _add_speed(result[-1], info, probe_data, quants, threads, n_gpu_layers, n_cpu_moe, cpu_moe)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -146,7 +158,60 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n
         if m["what_if"]:
             click.echo(f"\nwhat if {info.name} were quantized as (llama.cpp's type choices, from tensor shapes):")
             wrows = [dict(w, size=fmt_size(w["size_bytes"]), bpw=f"{w['bpw']:.2f}",
-                          rel=f"{100 * w['vs_current']:.0f}%" if w["vs_current"] else "-") for w in m["what_if"]]
+                          rel=f"{100 * w['vs_current']:.0f}%" if w["vs_current"] else "-",
+                          tg=_tps(w.get("pred_tg_tps")), pp=_tps(w.get("pred_pp_tps"))) for w in m["what_if"]]
             click.echo(table(wrows, [("quant", "quant"), ("size", "size"), ("bpw", "bits/weight"),
-                                     ("rel", "vs this file")]))
+                                     ("rel", "vs this file")]
+                             + ([("tg", "pred tg t/s"), ("pp", "pred pp t/s")] if probe_data else [])))
+        if probe_data is not None:
+            _echo_speed(m)
         click.echo("")
+
+
+# -- --speed: predicted t/s from the rig probe (tuner.speed) ---------------------------------------------------
+
+def _speed_probe(path) -> dict:
+    """This rig's probe, or a one-line error: estimate stays instant, so it never runs the probe itself."""
+    from tuner import probe
+
+    try:
+        data = probe.load(path)
+    except probe.ProbeError as e:
+        raise TunerError(str(e)) from None
+    if data is None:
+        raise TunerError("--speed needs this rig's probe: run `tuner probe` once (a few minutes), then again")
+    return data
+
+
+def _add_speed(m: dict, info, probe_data: dict, quants, threads, n_gpu_layers, n_cpu_moe, cpu_moe) -> None:
+    from tuner import hardware, speed
+    from tuner.bench import physical_cores
+
+    gpu = bool(probe_data.get("gpu")) and bool(hardware.build_info().get("gpu_offload"))
+    ngl = n_gpu_layers if n_gpu_layers is not None else (m["contexts"][0]["max_gpu_layers"] if gpu and m["contexts"] else 0)
+    rows = speed.rows(info, probe_data, quants, threads or physical_cores(), n_gpu_layers=ngl or 0,
+                      n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, gpu_offload=gpu)
+    m["speed"] = rows
+    m["speed_shape"] = probe_data["shape"]
+    for w in m["what_if"]:
+        r = next(r for r in rows if not r["file"] and r["quant"] == w["quant"])
+        w["pred_tg_tps"], w["pred_pp_tps"] = r["pred_tg_tps"], r["pred_pp_tps"]
+
+
+def _tps(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _echo_speed(m: dict) -> None:
+    rows = m["speed"]
+    r0 = rows[0]
+    if r0["note"]:
+        click.echo(f"speed: {r0['note']}")
+        return
+    shape = m["speed_shape"]
+    click.echo(f"predicted speed of this file ({r0['quant']}), {r0['threads']} threads, ngl {r0['n_gpu_layers']}: "
+               f"tg{shape['n_gen']} {_tps(r0['pred_tg_tps'])} t/s, pp{shape['n_prompt']} {_tps(r0['pred_pp_tps'])} t/s "
+               "(from `tuner probe`; a prediction of `tuner bench`, not a bound)")
+    odd = sorted({t for r in rows for t in r["unprobed_types"]})
+    if odd:
+        click.echo(f"note: types the probe did not measure ({', '.join(odd)}) use the nearest probed type's figures")
