@@ -10,7 +10,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from tuner import hardware, oracle, planner, probe, roofline, speed
+from tuner import hardware, oracle, probe, roofline, speed, whatif
 from tuner.cli import cli
 from tuner.ggufmeta import read_model
 from tuner.record import TrialConfig
@@ -59,7 +59,7 @@ def test_what_if_quants_scale_with_their_bytes_and_with_their_type_rates(models)
     # one rate for all types: fewer bytes, faster generation, in the order of the sizes
     tg = [rows[q]["pred_tg_tps"] for q in ["f16", *quants]]
     assert tg == sorted(tg)
-    sizes = [planner.quant_size(info, q) for q in quants]
+    sizes = [whatif.quant_size(info, q) for q in quants]
     assert sizes == sorted(sizes, reverse=True)
     # bytes per token follow the quantizer's tensor types (token_embd stays a row, the output matrix is whole)
     t8 = speed.terms(info, TrialConfig(model=info.path, n_gpu_layers=0), speed.tensor_types(info, "q8_0"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import gguf
 
-from tuner import planner
+from tuner import planner, whatif
 from tuner.ggufmeta import ModelInfo
 from tuner.record import TrialConfig
 
@@ -28,21 +28,11 @@ KV_TYPE = {"f16": "F16", "bf16": "BF16", "f32": "F32", "q8_0": "Q8_0", "q4_0": "
 OP_OFFLOAD_MIN_BATCH = 32
 
 
-def _quant_types(info: ModelInfo, ftype: str) -> dict[str, str]:
-    """Tensor types llama.cpp's quantizer would give this model in `ftype` (tuner.whatif after the what-if code
-    moved out of the planner, tuner.planner before)."""
-    try:
-        from tuner import whatif
-    except ImportError:
-        whatif = planner
-    return whatif.quant_types(info, ftype)
-
-
 def tensor_types(info: ModelInfo, quant: str | None = None) -> dict[str, str]:
     """name → ggml type: the file's own, or what `quant` would make of it. Raises ValueError on a bad quant."""
     if quant is None:
         return {t.name: t.type for t in info.tensors}
-    return _quant_types(info, quant)
+    return whatif.quant_types(info, quant)
 
 
 @dataclass

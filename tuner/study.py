@@ -453,8 +453,9 @@ class Search:
         file, GPU layers, experts in RAM, split, mmap), their other dimensions left to the sampler, so that a
         reload (minutes for a model of hundreds of GB) is paid once for several measurements, as llama-bench
         sweeps every test of one load before the next."""
-        if self.opts.per_load <= 1 or not rec.model_loaded or not rec.ok or self.opts.sampler == "grid":
-            return
+        if (self.opts.per_load <= 1 or not rec.model_loaded or not rec.ok or self.opts.sampler == "grid"
+                or self.runner is None or not self.runner.reuse):
+            return  # fresh workers (--fresh-workers, --mem-limit) load for every trial: nothing to amortize
         varying = self.space.varying()
         if not [k for k in varying if k not in LOAD_DIMS]:
             return  # nothing to vary within one load
