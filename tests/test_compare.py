@@ -416,7 +416,7 @@ def test_one_thread_against_two_is_caught(dense_model, tmp_path):
     failures = [c for c in ET.parse(junit).getroot().iter("testcase") if c.find("failure") is not None]
     assert m[1] in {c.get("name") for c in failures}
     assert any(f"{change:+.1f}%" in c.find("failure").get("message") for c in failures)
-    # the confirmation re-measures the 1-thread config as many times as CURRENT has it (2) and still sees it.
+    # the confirmation re-measures the 1-thread config as many times as CURRENT has it (8) and still sees it.
     # The rerun meets the same bursts as the first judgement, so it gets the same three tries, each on a fresh
     # copy of CURRENT (a rerun appends its trials to the file it judges).
     for attempt in range(3):
@@ -424,7 +424,7 @@ def test_one_thread_against_two_is_caught(dense_model, tmp_path):
         shutil.copy(cur, again)
         res = gate(base, again, *ignore, "--rerun-on-alert")
         assert res.exit_code in (0, 1), res.output
-        assert len(store.read(again)) == 4  # 2 trials, then the rerun's 2
+        assert len(store.read(again)) == 2 * len(store.read(cur))  # CURRENT's trials, then as many again
         if res.exit_code == 1:
             break
     assert res.exit_code == 1 and re.search(r"(?<!not )confirmed on rerun", res.stdout), res.stdout

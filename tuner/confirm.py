@@ -110,6 +110,13 @@ class Pooled:
         return any(r.drift for r in self.records)
 
 
+def prefer_clean(groups: list[Pooled]) -> list[Pooled]:
+    """Configs measured under drift are the last choice at their context, not dropped: a context (a rung of the
+    ladder) measured only under drift keeps its configs; the confirmation re-measures them interleaved anyway."""
+    clean = {g.config.effective_ctx() for g in groups if not g.drift}
+    return [g for g in groups if not g.drift or g.config.effective_ctx() not in clean]
+
+
 def pool(records: list[TrialRecord]) -> list[Pooled]:
     """Group ok records by config (first-seen order)."""
     groups: dict[tuple, Pooled] = {}

@@ -55,7 +55,7 @@ def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", 
     groups = confirm.pool(ok)
     fitting = [g for g in groups if all(fits(r, hw, limits) for r in g.records)]
     within = [g for g in fitting if allowed(g.records[0])]
-    pool_ = [g for g in within if not g.drift] or within
+    pool_ = confirm.prefer_clean(within)
     if not pool_:
         return None
     sign = -1 if objective == "ttft" else 1

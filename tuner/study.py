@@ -635,7 +635,7 @@ class Search:
                     and fits(r, self.hw, self.opts.limits)
                     and (self.quality is None or self.quality.judge(r)[0])]  # only quants within the budget
         groups = confirmlib.pool(searched)
-        groups = [g for g in groups if not g.drift] or groups
+        groups = confirmlib.prefer_clean(groups)
         if not groups:
             return []
         sign = -1 if self.opts.objective == "ttft" else 1
