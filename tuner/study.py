@@ -410,7 +410,9 @@ class Search:
         if self.opts.pareto:
             values = [rec.objective("tg") or WORST["tg"], peak_memory(rec) if rec.ok else WORST["mem"]]
         else:
-            v = rec.objective(self.opts.objective) if rec.ok else None
+            # the trial's value as tuner.stats ranks it (the median of its repetitions), so that the sampler's
+            # best and the confirmation's candidates are ranked by the same statistic
+            v = stats.trial_value(confirmlib.objective_samples(rec, self.opts.objective)) if rec.ok else None
             values = [v if v is not None and math.isfinite(v) else WORST[self.opts.objective]]
         try:
             self.study.tell(number, values)
