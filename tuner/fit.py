@@ -102,10 +102,10 @@ def described_rig(gpus: list[int], ram: int | None, hw, limits) -> Rig:
 def judge(pred: planner.Prediction, rig: Rig) -> tuple[bool, str]:
     """(fits, one-line reason): every GPU within its own budget, and the resident host memory within RAM (mmap'd
     weight pages are reclaimable: they do not count, see planner.weights_cached)."""
-    if rig.gpu_offload and rig.vram_known:
-        for i, (v, cap) in enumerate(zip(pred.vram_by_device or [pred.vram_bytes], rig.vram_caps)):
-            if v > cap:
-                return False, f"needs {_gib(v)} VRAM on GPU {i}, {_gib(cap)} usable"
+    if rig.gpu_offload and rig.vram_known and not planner.vram_fits(pred, rig.vram_caps):
+        by_dev = pred.vram_by_device or [pred.vram_bytes]
+        i = next(i for i, (v, cap) in enumerate(zip(by_dev, rig.vram_caps)) if v > cap)
+        return False, f"needs {_gib(by_dev[i])} VRAM on GPU {i}, {_gib(rig.vram_caps[i])} usable"
     need = pred.ram_bytes - pred.reclaimable_bytes
     if need > rig.ram_cap:
         return False, f"needs {_gib(need)} host RAM, {_gib(rig.ram_cap)} usable (it would swap)"
