@@ -17,20 +17,20 @@ def test_run_search_is_one_call(models, tmp_path):
     # search: llama.cpp parameters as `tuner search` spells them (a value, a list or a range), the shape as numbers
     seen, lines = [], []
     res = run_search([str(models / "tiny-q8_0.gguf")], results=tmp_path, study="api", n_trials=3,
-                     n_ctx="64,128", baselines=False, drift_every=0, on_trial=lambda s, rec: seen.append(rec),
+                     n_ctx="128", n_threads_batch="1,2", baselines=False, drift_every=0, on_trial=lambda s, rec: seen.append(rec),
                      log=lines.append, n_threads="1", n_prompt=16, n_gen=8, repetitions=2, auto_space=False,
                      confirm=0)
     assert res.study_dir == tmp_path / "api" and not res.interrupted and not res.stopped
     # two configs and a budget of three: the space is finished, not re-sampled
     assert res.finished == "every config of the space is measured (2 configs)"
     assert len(seen) == 2 and len(store.read(res.study_dir)) == 2
-    assert any(line.startswith("study api: 1 model(s), 2 configs (n_ctx=") for line in lines)
+    assert any(line.startswith("study api: 1 model(s), 2 configs (n_threads_batch=1,2)") for line in lines)
     rec = res.recommendation
     assert rec == json.loads((res.study_dir / "recommended.json").read_text())
-    assert rec["config"]["n_ctx"] == 128  # the largest context asked for: the ladder's top rung
-    # re-derived under a limit only the larger context meets, without touching the file
+    assert rec["config"]["n_ctx"] == 128
+    # re-derived under a limit it meets, without touching the file
     again = recommend_study(res.study_dir, limits=Limits(min_ctx=100), write=False)
-    assert again["config"]["n_ctx"] == 128 and "context_ladder" not in again
+    assert again["config"]["n_ctx"] == 128 and again["trial_number"] == rec["trial_number"]
     assert json.loads((res.study_dir / "recommended.json").read_text()) == rec
     with pytest.raises(SearchError, match="meets these limits"):
         recommend_study(res.study_dir, limits=Limits(min_ctx=4096))

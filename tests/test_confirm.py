@@ -82,7 +82,7 @@ def test_memory_breaks_a_tie_only_when_it_matters():
 
 
 def test_ladder_rungs_never_win_and_failed_candidates_drop_out():
-    fast_small_ctx = rounds(5, 200, seed=6, ctx=512, roles="ladder")
+    fast_small_ctx = rounds(5, 200, seed=6, ctx=512, roles=confirm.RUNG)
     ok = rounds(1, 100, seed=7)
     bad = rounds(2, 150, seed=8, threads=2)
     crashed = TrialRecord(config=bad[0].config, outcome="crash", trial_number=2, state="confirm", baseline="candidate")
@@ -180,3 +180,46 @@ def test_stopped_when_told():
 
     v = confirm.run_rounds(cands, measure, "tg", keep_going=lambda: len(cands[0].records) < 1)
     assert v.get("stopped_early") and v["rounds"] == 1
+
+
+def test_a_ladder_run_is_its_own_candidate_and_each_rung_is_judged_on_its_own_rounds():
+    # the recommended config's race runs and its ladder runs at the working context are two candidates: the
+    # ladder pairs its own rounds (measured later, interleaved with the other rungs)
+    race = rounds(1, 100, seed=1) + rounds(0, 80, seed=2, threads=2, roles="candidate+llama.cpp defaults")
+    ladder = []
+    for ctx, speed in ((1024, 300), (4096, 100)):
+        ladder += rounds(1, speed, k=5, seed=ctx, ctx=ctx, roles=confirm.RUNG)
+        ladder += rounds(0, speed * 0.8, k=5, seed=ctx + 1, threads=2, ctx=ctx,
+                         roles=f"{confirm.RUNG_DEFAULTS}+{confirm.RUNG_ALT}")
+        ladder += rounds(3, speed * 1.0, k=5, seed=ctx + 2, threads=4, ctx=ctx, roles=confirm.RUNG_CONTROL)
+    cands = confirm.candidates_from_records(race + ladder)
+    assert len(cands) == 2 + 6 and sum(c.is_rung for c in cands) == 6
+    assert confirm.assess([c for c in cands if not c.is_rung], "tg")["winner"] == 1
+    rows = confirm.rung_figures(cands, "tg")
+    assert [(r["n_ctx"], r["rounds"]) for r in rows] == [(1024, 5), (4096, 5)]
+    for r in rows:
+        assert r["recommended"].trial_number == 1 and r["defaults"].trial_number == 0
+        vs = r["vs_defaults"]
+        assert vs["verdict"] == "faster" and vs["ratio"] == pytest.approx(1.25, rel=0.03) and vs["rounds"] == 5
+        kinds = {c.trial_number: (c.has(confirm.RUNG_ALT), v["verdict"]) for c, v in r["alternatives"]}
+        # the defaults double as the context-dependent alternative; the control ties
+        assert kinds == {0: (True, "slower"), 3: (False, "tie")}
+
+
+def test_the_ladder_measures_every_rung_for_its_rounds_interleaved_and_resumes():
+    cands = [confirm.Candidate(role, TrialConfig(model="m.gguf", n_ctx=ctx, n_threads=t), n, roles=[role])
+             for ctx in (1024, 4096) for role, t, n in ((confirm.RUNG, 1, 1), (confirm.RUNG_DEFAULTS, 2, 0))]
+    order = []
+
+    def measure(c, rnd):
+        order.append((rnd, c.config.n_ctx, c.trial_number))
+        return TrialRecord(config=c.config, outcome="ok", tg_samples=[1.0], trial_number=c.trial_number,
+                           state="confirm", baseline=c.role, confirm_round=rnd)
+
+    stop_after = iter(range(6))
+    assert not confirm.run_ladder(cands, measure, rounds=3, keep_going=lambda: next(stop_after, None) is not None)
+    assert len(order) == 6 and order[:4] == [(0, 1024, 1), (0, 1024, 0), (0, 4096, 1), (0, 4096, 0)]
+    assert order[4:] == [(1, 4096, 0), (1, 4096, 1)]  # odd rounds run in reverse (A B | B A)
+    assert confirm.run_ladder(cands, measure, rounds=3)  # resumed: the rounds left, the half-done one first
+    assert [len(c.records) for c in cands] == [3, 3, 3, 3]
+    assert order[6:8] == [(1, 1024, 0), (1, 1024, 1)] and len(order) == 12

@@ -109,21 +109,39 @@ def test_the_winner_is_confirmed_against_the_defaults(new_user):
     assert (d / "recommended.json").stat().st_mtime_ns == before
 
 
-def test_context_ladder_and_the_largest_context_is_recommended(models, tmp_path):
+def test_context_ladder_searches_once_and_measures_every_rung_filled_against_the_defaults(models, tmp_path):
     res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "256,1024", "-t", "1", "-fa", "on,off",
                *SHAPE, "--no-auto-space", "--confirm", "2", "--confirm-rounds", "5", "--drift-every", "0",
                "--results", str(tmp_path), "--study", "ladder"])
     assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "ladder" / "recommended.json").read_text())
-    # trials at 256 may be faster, but the user serves 1024: never recommended with the smaller context
-    assert rec["config"]["n_ctx"] == rec["working_ctx"] == 1024
+    # the search ran once, at the working context (the largest rung), filled: depth = n_ctx - n_prompt - n_gen
+    df = store.read(tmp_path / "ladder")
+    searched = df[df["state"] != "confirm"]
+    assert set(searched["n_ctx"]) == {1024} and set(searched["n_depth"]) == {1024 - 16 - 4}
+    assert rec["config"]["n_ctx"] == rec["working_ctx"] == 1024 and rec["config"]["n_depth"] == 1004
     ladder = rec["context_ladder"]
-    assert [r["n_ctx"] for r in ladder] == [256, 1024] and all(r["confirmed"] for r in ladder)
-    assert ladder[1]["trial_number"] == rec["trial_number"]
-    assert all(r["peak_rss_bytes"] and r["tg_ts"] for r in ladder)
-    assert "context ladder (best config at each context):" in res.output
-    roles = {r for c in rec["confirmation"]["candidates"] for r in c["roles"]}
-    assert "ladder" in roles
+    assert [(r["n_ctx"], r["n_depth"]) for r in ladder] == [(256, 236), (1024, 1004)]
+    for r in ladder:
+        assert r["confirmed"] and r["rounds"] == 5 and r["trial_number"] == rec["trial_number"]
+        assert r["tg_ts"] and r["pp_ts"] and r["peak_rss_bytes"] and r["defaults"]["tg_ts"]
+        # like with like: the defaults at the same context and depth, paired by the ladder's rounds
+        assert r["defaults"]["config"]["n_ctx"] == r["n_ctx"] and r["vs_defaults"]["rounds"] == 5
+        assert r["vs_defaults"]["verdict"] in ("faster", "slower", "tie", "same config")
+        # flash attention depends on the context: the other value is measured at every rung, alone
+        alt = [a for a in r["alternatives"] if a["kind"] == "context-dependent"]
+        assert len(alt) == 1 and list(alt[0]["differs"]) == ["flash_attn"]
+    runs = df[df["state"] == "confirm"]
+    rungs = runs[runs["baseline"].str.contains("rung")]
+    # every rung candidate (recommended, defaults/alternative) for 5 rounds at each of the 2 rungs, filled
+    assert len(rungs) == 2 * 2 * 5 and set(zip(rungs["n_ctx"], rungs["n_depth"])) == {(256, 236), (1024, 1004)}
+    assert rungs["depth_fill_ms"].notna().sum() >= 2  # filled once per worker and KV settings, then restored
+    assert rungs["depth_restore_ms"].notna().all()
+    assert "context ladder: the recommended config (#" in res.output
+    assert re.search(r"^ +256 +236 ", res.output, re.M) and re.search(r"^ +1024 +1004 ", res.output, re.M)
+    # recommend re-derives the same ladder from the trials alone
+    again = json.loads(run(["recommend", str(tmp_path / "ladder"), "--json", "--no-write"]).output)
+    assert again["context_ladder"] == ladder
 
 
 def test_no_confirm_says_the_figure_is_unconfirmed(models, tmp_path):
@@ -138,7 +156,9 @@ def test_no_confirm_says_the_figure_is_unconfirmed(models, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--ctx", "200000"], "above the trained context of tiny-q8_0.gguf (131072 tokens)"),
-    (["--depth", "4096"], "--depth 4096 must be below the context"),
+    (["--depth", "4096"], "--depth 4096 is beyond the context 4096"),
+    (["--ctx", "256,4096", "--depth", "300"], "--depth 300 is beyond the context 256 of --ctx 256,4096"),
+    (["--ctx", "256,4096", "-p", "512"], "--ctx 256 cannot hold the test"),
     (["--confirm", "0"], "--confirm"),
     (["--ctx", "65536,131072", "--max-ram", "2MiB"], "no context of --ctx 65536,131072 can fit"),
 ])

@@ -141,23 +141,29 @@ def test_recommend_rederives_under_other_limits(study10):
     assert conf["winner"] == fastest["trial_number"] or conf["verdict"] == "tie"
 
 
-def test_oom_region_is_learned_and_dominated_configs_never_run(models, tmp_path, host_only):
-    """A 150 MiB cap makes n_ctx >= 16384 fail for real: OOMs are recorded, the sampler moves away."""
-    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "512,1024,2048,4096,8192,16384,32768,65536",
-               "-ub", "64,128,256,512", "-t", "1", *SHAPE, "--n-trials", "24", "--mem-limit", "150MiB",
-               "--no-auto-space", "--no-confirm",
-               "--drift-every", "0", "--results", str(tmp_path), "--study", "oom", "--seed", "3"])
+def test_a_rung_that_runs_out_of_memory_steps_the_ladder_down_and_dominated_configs_never_run(models, tmp_path,
+                                                                                                 host_only):
+    """A 150 MiB cap makes n_ctx >= 16384 fail for real (the planner, which knows nothing of --mem-limit, lets
+    them through): after two OOMs and no success at a rung, the search steps down to the next one."""
+    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "2048,8192,16384,32768,65536",
+               "-ub", "64,128,256,512", "-t", "1", *SHAPE, "--n-trials", "14", "--mem-limit", "150MiB",
+               "--no-auto-space", "--no-confirm", "--drift-every", "0", "--results", str(tmp_path), "--study", "oom",
+               "--seed", "3"])
     assert res.exit_code == 0, res.output
-    df = store.read(tmp_path / "oom").sort_values("trial_number")
-    assert len(df) == 24
-    oom = df[df["outcome"] == "oom"]
-    # the wall is diagonal (context × ubatch): small contexts always fit, the largest never do
-    assert len(oom) >= 2 and (oom["n_ctx"] >= 8192).all()
-    assert (df[df["n_ctx"] <= 2048]["outcome"].isin(["ok"])).all()
-    assert not (df[df["n_ctx"] == 65536]["outcome"] == "ok").any()
-    assert all(c for c in oom["cause"])
-    first, second = df.iloc[:12], df.iloc[12:]
-    assert (second["outcome"] == "oom").mean() < (first["outcome"] == "oom").mean()
+    df = store.read(tmp_path / "oom")
+    df = df[df["state"] != "confirm"].sort_values("trial_number")
+    assert 8 <= len(df) <= 14 and (df["outcome"] == "ok").sum() >= 2
+    ok_rungs = sorted(set(df[df["outcome"] == "ok"]["n_ctx"]))
+    assert len(ok_rungs) == 1, "the search runs at one context once it has found one that fits"
+    working = ok_rungs[0]
+    assert 2048 <= working <= 8192
+    above = df[df["n_ctx"] > working]
+    # each rung above: exactly the two OOMs that stepped it down (nothing completed there), in ladder order
+    for ctx in (65536, 32768, 16384):
+        assert (above[above["n_ctx"] == ctx]["outcome"] == "oom").sum() == 2, ctx
+    assert list(df["n_ctx"]) == sorted(df["n_ctx"], reverse=True)
+    assert f"the working context steps down the ladder to {working}" in res.output
+    assert all(c for c in df[df["outcome"] == "oom"]["cause"])
     # no config that a known OOM dominates was run: such configs are skipped with the dominating trial
     failed = []
     for row in df.to_dict("records"):
@@ -172,12 +178,13 @@ def test_oom_region_is_learned_and_dominated_configs_never_run(models, tmp_path,
     # the study's Optuna side marks failures infeasible, not FAIL (invisible to TPE)
     study = optuna.load_study(study_name="oom", storage=f"sqlite:///{tmp_path / 'oom' / 'study.db'}")
     states = {t.number: t for t in study.trials}
-    for n in oom["trial_number"]:
+    for n in df[df["outcome"] == "oom"]["trial_number"]:
         t = states[int(n)]
         assert t.state == optuna.trial.TrialState.COMPLETE and t.constraints["failed"] > 0
     rec = json.loads((tmp_path / "oom" / "recommended.json").read_text())
-    chosen = df[df["trial_number"] == rec["trial_number"]].iloc[0]
-    assert chosen["outcome"] == "ok" and rec["config"]["n_ctx"] == chosen["n_ctx"] < 65536
+    assert rec["config"]["n_ctx"] == rec["working_ctx"] == working
+    # the ladder: the rungs up to the working one, never the ones that ran out of memory
+    assert [r["n_ctx"] for r in rec.get("context_ladder", [])] in ([2048, 8192] if working == 8192 else [], )
 
 
 def _rows(path: Path) -> int:
@@ -376,15 +383,11 @@ def test_synthetic_with_bad_quants_is_one_line(tmp_path):
     assert len(res.output.strip().splitlines()) == 1
 
 
-def test_context_smaller_than_the_test_is_skipped_not_crashed(models, tmp_path):
-    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "64,1024", "-t", "1", "-p", "128", "-n", "4",
-               "-r", "2", "--sampler", "grid", "--no-baselines", "--drift-every", "0", "--no-auto-space",
-               "--no-confirm", "--results", str(tmp_path),
-               "--study", "ctx"])
-    assert res.exit_code == 0, res.output
-    df = store.read(tmp_path / "ctx").set_index("n_ctx")
-    assert df.loc[64, "outcome"] == "skipped" and "smaller than the test needs" in df.loc[64, "cause"]
-    assert df.loc[1024, "outcome"] == "ok"
+def test_context_smaller_than_the_test_is_refused(models, tmp_path):
+    res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "64,1024", "-p", "128",
+                                   "-n", "4", "--results", str(tmp_path)])
+    assert res.exit_code == 2 and "--ctx 64 cannot hold the test" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not list(tmp_path.rglob("trials.parquet"))
     res = CliRunner().invoke(cli, ["bench", str(models / "tiny-q8_0.gguf"), "-c", "64", "-p", "128",
                                    "-o", str(tmp_path / "b.parquet")])
     assert res.exit_code == 2 and "smaller than the test needs" in res.output

@@ -2,14 +2,17 @@
 
 The best trial of a search is the maximum over many noisy measurements, so its figure is inflated (the winner's
 curse) and the choice between close configs is a coin toss. Before a recommendation is written, the top K
-configs (by their figure: the median of their trial values), the llama.cpp-defaults baseline and the best config
-of every other rung of the context ladder are re-measured round by round, interleaved, in an order that reloads
-least (`run_order`).
+configs (by their figure: the median of their trial values) and the llama.cpp-defaults baseline are re-measured
+round by round, interleaved, in an order that reloads least (`run_order`).
 
 A race: after each round from the race's minimum on (the fewest rounds at which the paired test can reach
 p < alpha), a candidate that the paired test puts behind the current best leaves; the loop ends when one
 candidate remains or at the round limit. The baseline stays only while the "x defaults" verdict still needs it
-(until every remaining candidate is ahead of it); ladder rungs, which compete with nobody, leave at the minimum.
+(until every remaining candidate is ahead of it).
+
+The context ladder (`run_ladder`) comes after the race: the winner, the defaults and the winner's alternatives
+(tuner.space.CONTEXT_DIMS) at every rung, each filled to the rung's depth, for the race's minimum of rounds,
+interleaved across rungs; its runs carry RUNG roles and never enter the race.
 
 Judgement (tuner.stats, the one rule): a round's value is the median of its repetitions; candidates are ranked by
 the median of their round values; the best is "told apart" from a candidate when the one-sided exact Wilcoxon
@@ -38,7 +41,11 @@ MIN_EFFECT = 0.01  # medians closer than 1 % are a tie for every practical purpo
 MIN_ROUNDS = stats.min_rounds(ALPHA, "greater")
 MAX_ROUNDS = 8
 CONFIRM_STATE = "confirm"
-ROLE_TOP, ROLE_BASELINE, ROLE_LADDER = "candidate", "llama.cpp defaults", "ladder"
+ROLE_TOP, ROLE_BASELINE = "candidate", "llama.cpp defaults"
+# the ladder's runs: the recommended config at a rung, the defaults there, and alternatives to the recommended
+# config in a context-dependent dimension (ALT) or, as a control, in a context-independent one (CONTROL)
+RUNG, RUNG_DEFAULTS, RUNG_ALT, RUNG_CONTROL = "rung", "rung defaults", "rung alternative", "rung control"
+RUNG_ROLES = (RUNG, RUNG_DEFAULTS, RUNG_ALT, RUNG_CONTROL)
 # How a config is measured, not what: left out of the pooling key (as in tuner compare).
 NOT_KEY = ("repetitions", "warmup")
 
@@ -140,7 +147,7 @@ def run_order(items: list, rnd: int, config=lambda x: x) -> list:
 
 @dataclass
 class Candidate:
-    role: str  # ROLE_TOP, ROLE_BASELINE or ROLE_LADDER
+    role: str  # ROLE_TOP, ROLE_BASELINE or one of RUNG_ROLES
     config: TrialConfig
     trial_number: int | None  # the search trial it stands for
     records: list[TrialRecord] = field(default_factory=list)  # its confirmation runs
@@ -157,6 +164,15 @@ class Candidate:
 
     def has(self, role: str) -> bool:
         return role in (self.roles or [self.role])
+
+    @property
+    def is_rung(self) -> bool:
+        """A run of the context ladder (never a rival in the race)."""
+        return any(self.has(r) for r in RUNG_ROLES)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.config.effective_ctx()
 
     def samples(self, objective: str) -> list[float]:
         return [x for r in self.records if r.ok for x in objective_samples(r, objective)]
@@ -181,12 +197,13 @@ class Candidate:
 
 
 def candidates_from_records(records: list[TrialRecord]) -> list[Candidate]:
-    """The confirmation as it was run, from its records (state "confirm"; `baseline` holds the roles)."""
+    """The confirmation as it was run, from its records (state "confirm"; `baseline` holds the roles). The race's
+    runs and the ladder's are separate candidates, even of one config (the ladder pairs its own rounds)."""
     out: dict[tuple, Candidate] = {}
     for r in records:
         if r.state != CONFIRM_STATE:
             continue
-        k = config_key(r.config)
+        k = (config_key(r.config), any(x in RUNG_ROLES for x in r.baseline.split("+")))
         if k not in out:
             roles = [x for x in r.baseline.split("+") if x] or [ROLE_TOP]
             out[k] = Candidate(roles[0], r.config, r.trial_number, roles=roles)
@@ -208,8 +225,8 @@ def versus(a: Candidate, b: Candidate, objective: str, alpha: float, min_effect:
 
 
 def competing(cands: list[Candidate], objective: str, fits: Callable[[Candidate], bool] | None = None) -> list:
-    """Candidates that can win (not a ladder rung, no failed run, within the limits), best first."""
-    out = [c for c in cands if not c.has(ROLE_LADDER) and not c.failed and c.rounds(objective)
+    """Candidates that can win (not a ladder run, no failed run, within the limits), best first."""
+    out = [c for c in cands if not c.is_rung and not c.failed and c.rounds(objective)
            and (fits is None or fits(c))]
     return sorted(out, key=lambda c: -stats.center(list(c.rounds(objective).values())))
 
@@ -272,19 +289,10 @@ def assess(cands: list[Candidate], objective: str, alpha: float = ALPHA, min_eff
     out.update(verdict=verdict, reason=reason, winner=winner.trial_number, winner_key=list(config_key(winner.config)))
     base = next((c for c in cands if c.has(ROLE_BASELINE) and c.rounds(objective)), None)
     if base is not None:
-        rw, rb = winner.rounds(objective), base.rounds(objective)
-        common = sorted(set(rw) & set(rb))
-        a, b = [rw[i] for i in common], [rb[i] for i in common]
-        r, lo, hi = stats.ratio_ci(a, b, paired=True) if common else (1.0, 1.0, 1.0)
-        # one-sided in the ratio's direction, as the race judges "behind"; told apart only when the test says so
-        # AND the interval of the ratio excludes 1
-        cmp = stats.compare(a, b, paired=True, alpha=alpha, min_effect=min_effect,
-                            alternative="greater" if r >= 1 else "less")
-        d = cmp.differ and (lo > 1 or hi < 1)
-        out["vs_baseline"] = {"trial_number": base.trial_number, "ratio": r, "ci95": [lo, hi], "p": cmp.p,
-                              "rounds": len(common),
-                              "verdict": ("same config" if base is winner else
-                                          ("faster" if r > 1 else "slower") if d else "tie")}
+        vs = _vs(winner, base, objective, alpha, min_effect)
+        if base is winner:
+            vs["verdict"] = "same config"
+        out["vs_baseline"] = {"trial_number": base.trial_number, **vs}
     return out
 
 
@@ -303,9 +311,6 @@ def race(cands: list[Candidate], objective: str, done: int, min_rounds: int = MI
     """After round `done` (1-based count): candidates the paired test puts behind the current best leave."""
     if done < min_rounds:
         return
-    for c in cands:
-        if c.racing and c.has(ROLE_LADDER) and not c.has(ROLE_TOP) and not c.has(ROLE_BASELINE):
-            c.left = f"a ladder rung: measured the race's minimum ({min_rounds} rounds)"
     comp = [c for c in competing([c for c in cands if c.racing], objective)]
     if not comp:
         return
@@ -355,3 +360,59 @@ def run_rounds(cands: list[Candidate], measure: Callable[[Candidate, int], Trial
 def _with_race(verdict: dict, cands: list[Candidate]) -> dict:
     verdict["race"] = [{"trial_number": c.trial_number, "rounds": len(c.records), "left": c.left} for c in cands]
     return verdict
+
+
+def run_ladder(cands: list[Candidate], measure: Callable[[Candidate, int], TrialRecord], rounds: int = MIN_ROUNDS,
+               keep_going: Callable[[], bool] = lambda: True) -> bool:
+    """Measure every rung candidate for `rounds` interleaved rounds (run_order: one load key's runs back to back,
+    every other round reversed), from the rounds they already have. No race: every rung needs the recommended
+    config and the defaults for its figures, and a fixed count keeps the rungs' intervals alike. False when
+    `keep_going()` ended it early."""
+    for rnd in range(min((len(c.records) for c in cands), default=rounds), rounds):
+        for c in run_order([c for c in cands if not c.failed and len(c.records) <= rnd], rnd,
+                           config=lambda c: c.config):
+            if not keep_going():
+                return False
+            c.records.append(measure(c, rnd))
+    return True
+
+
+def rung_figures(cands: list[Candidate], objective: str, alpha: float = ALPHA,
+                 min_effect: float = MIN_EFFECT) -> list[dict]:
+    """Per rung of a measured ladder: the recommended config's figure, the defaults' figure and the paired ratio
+    between them (tuner.stats, as the race judges), and each alternative against the recommended config."""
+    out = []
+    for n_ctx in sorted({c.n_ctx for c in cands if c.is_rung}):
+        here = [c for c in cands if c.is_rung and c.n_ctx == n_ctx]
+        rec = next((c for c in here if c.has(RUNG)), None)
+        if rec is None:
+            continue
+        row = {"n_ctx": n_ctx, "n_depth": rec.config.n_depth, "recommended": rec, "rounds": len(rec.records),
+               "defaults": next((c for c in here if c.has(RUNG_DEFAULTS) and c is not rec), None),
+               "alternatives": []}
+        base = row["defaults"] or (rec if rec.has(RUNG_DEFAULTS) else None)
+        if base is not None and base is not rec and rec.rounds(objective) and base.rounds(objective):
+            row["vs_defaults"] = _vs(rec, base, objective, alpha, min_effect)
+        elif base is rec:
+            row["vs_defaults"] = {"ratio": 1.0, "ci95": [1.0, 1.0], "p": None, "verdict": "same config"}
+        for c in here:
+            if (c.has(RUNG_ALT) or c.has(RUNG_CONTROL)) and c is not rec and c.rounds(objective):
+                row["alternatives"].append((c, _vs(c, rec, objective, alpha, min_effect)))
+        out.append(row)
+    return out
+
+
+def _vs(a: Candidate, b: Candidate, objective: str, alpha: float, min_effect: float) -> dict:
+    """A against B, paired by round: the median ratio (in "larger is better" terms), its interval, the one-sided
+    test in the ratio's direction, and a verdict that says "faster"/"slower" only when both agree."""
+    ra, rb = a.rounds(objective), b.rounds(objective)
+    common = sorted(set(ra) & set(rb))
+    if not common:
+        return {"ratio": None, "ci95": [None, None], "p": None, "rounds": 0, "verdict": "not measured"}
+    x, y = [ra[i] for i in common], [rb[i] for i in common]
+    r, lo, hi = stats.ratio_ci(x, y, paired=True)
+    cmp = stats.compare(x, y, paired=True, alpha=alpha, min_effect=min_effect,
+                        alternative="greater" if r >= 1 else "less")
+    d = cmp.differ and (lo > 1 or hi < 1)
+    return {"ratio": r, "ci95": [lo, hi], "p": cmp.p, "rounds": len(common),
+            "verdict": ("faster" if r > 1 else "slower") if d else "tie"}

@@ -429,8 +429,11 @@ class FleetSearch(Search):
         super()._store(rec)  # this host's Parquet first: its durable copy
         self._own.add(self.ledger.add(self.base, self.opts.study_name, self.host, rec))
 
+    def ladder(self) -> bool:
+        return True  # the host that confirms measures the ladder too (in confirm): one host's runs, not each host's
+
     def confirm(self) -> dict | None:
-        """One host of the group confirms: the first to claim it once no trial runs any more."""
+        """One host of the group confirms (and measures the context ladder): the first to claim it once no trial runs any more."""
         if self.runner is None or not self.confirm_candidates():
             return None
         study, key = self.opts.study_name, f"confirm:{self.done_trials()}"
@@ -447,6 +450,8 @@ class FleetSearch(Search):
             print(f"host {held['owner']} stopped confirming: this host takes over", file=sys.stderr)
         with Beat(lambda: self.ledger.touch(study, key, self.host), self.opts.heartbeat_s):
             out = super().confirm()
+            if not self.stop_requested:
+                super().ladder()
         if not self.stop_requested:
             self.ledger.touch(study, key, self.host, state="done")
         return out

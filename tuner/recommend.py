@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from tuner import confirm
+from tuner import confirm, stats
 from tuner.confirm import objective_samples
 from tuner.fit import caps, device_caps
 from tuner.record import TrialConfig, TrialRecord, parse_tensor_split, summarize, utcnow
@@ -64,7 +64,8 @@ def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", 
     working = max(g.config.effective_ctx() for g in pool_)
     at_work = [g for g in pool_ if g.config.effective_ctx() == working]
     by_key = {g.key: g for g in groups}
-    cands = confirm.candidates_from_records(records)
+    every = confirm.candidates_from_records(records)
+    cands = [c for c in every if not c.is_rung]
     verdict = None
     if cands:
         verdict = confirm.assess(cands, objective, fits=lambda c: all(fits(r, hw, limits) for r in c.records if r.ok)
@@ -118,9 +119,13 @@ def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", 
                      "(vram_by none); those trials are judged on host memory only")
     if notes:
         out["notes"] = notes
-    ladder = context_ladder(pool_, cands, objective, confirm.config_key(best.config))
-    if len(ladder) > 1:
+    ladder = context_ladder([c for c in every if c.is_rung], objective)
+    if ladder:
         out["context_ladder"] = ladder
+        if ladder[-1]["trial_number"] != trial_number:
+            notes.append("the context ladder measured another config than this recommendation (it was measured "
+                         "for the recommendation the search made then; these limits chose another)")
+            out["notes"] = notes
     if pareto:
         out["pareto_front"] = pareto_front([r for g in within for r in g.records])
     if quality is not None:
@@ -177,12 +182,13 @@ def baselines(records: list[TrialRecord], best: list[TrialRecord], objective: st
     baseline measured interleaved, with an interval); without one it is the search's best against a single
     trial, which is marked as such."""
     out = {}
-    from tuner import stats
-
     # the figure every ranking uses (tuner.stats.center): the median of the trial values
     v_best = stats.center([v for r in best if (v := stats.trial_value(_obj(r, objective))) is not None])
     for label in BASELINES:
-        r = next((x for x in records if x.baseline == label), None)
+        # at the recommendation's context: a ladder search that stepped down ran its baselines again there
+        ctx = best[0].config.effective_ctx() if best else None
+        r = next((x for x in records if x.baseline == label and x.config.effective_ctx() == ctx), None) or \
+            next((x for x in records if x.baseline == label), None)
         if r is None:
             continue
         v = stats.trial_value(_obj(r, objective)) if r.ok else None
@@ -203,29 +209,49 @@ def _obj(r: TrialRecord, objective: str) -> list[float]:
     return objective_samples(r, objective)
 
 
-def context_ladder(groups, cands, objective: str, winner_key: tuple | None = None) -> list[dict]:
-    """The best config at each context measured: what a larger context costs in speed and memory on this rig.
+def context_ladder(rungs: list[confirm.Candidate], objective: str) -> list[dict]:
+    """What a filled context costs on this rig: per rung of the ladder (tuner.confirm.run_ladder), the recommended
+    config and the llama.cpp defaults at the same context and depth, measured interleaved, with the paired ratio;
+    and each alternative in a context-dependent dimension (or the control) against the recommended config."""
+    rows = []
+    for f in confirm.rung_figures(rungs, objective):
+        rec, base = f["recommended"], f["defaults"]
+        row = {"n_ctx": f["n_ctx"], "n_depth": f["n_depth"], "trial_number": rec.trial_number, "confirmed": True,
+               "rounds": f["rounds"], "config": confirm._short(rec.config), **rung_metrics(rec, objective)}
+        base = base or (rec if rec.has(confirm.RUNG_DEFAULTS) else None)  # the recommendation is the defaults
+        if base is not None:
+            row["defaults"] = {"trial_number": base.trial_number, "config": confirm._short(base.config),
+                               **rung_metrics(base, objective)}
+        if "vs_defaults" in f:
+            row["vs_defaults"] = f["vs_defaults"]
+        row["alternatives"] = [
+            {"trial_number": c.trial_number, "kind": "context-dependent" if c.has(confirm.RUNG_ALT) else "control",
+             "differs": differs(rec.config, c.config), "objective": c.figure(objective),
+             "ratio_vs_recommended": vs["ratio"], "ci95": vs["ci95"], "p": vs["p"], "verdict": vs["verdict"]}
+            for c, vs in f["alternatives"]]
+        rows.append(row)
+    return rows
 
-    At the working context it is the recommendation itself; at the others, the config the confirmation
-    re-measured for that rung (figures from its confirmation runs), else the best pooled search estimate."""
-    sign = -1 if objective == "ttft" else 1
-    confirmed = {confirm.config_key(c.config): c for c in cands if c.samples(objective)}
-    out = []
-    for ctx in sorted({g.config.effective_ctx() for g in groups}):
-        here = [g for g in groups if g.config.effective_ctx() == ctx]
-        g = next((g for g in here if g.key == winner_key), None) or \
-            next((g for g in here if g.key in confirmed), None) or \
-            max(here, key=lambda g: sign * g.estimate(objective))
-        c = confirmed.get(g.key)
-        recs = [r for r in c.records if r.ok] if c else g.records
-        m = measured(recs)
-        value = c.figure(objective) if c else g.estimate(objective)
-        out.append({"n_ctx": ctx, "trial_number": g.trial_number, "objective": value, "confirmed": c is not None,
-                    "tg_ts": m["tg_ts_mean"], "pp_ts": m["pp_ts_mean"], "ttft_ms": m["ttft_ms_mean"],
-                    "peak_rss_bytes": max(m["peak_rss_bytes"] or 0, g.peak_rss or 0) or None,
-                    "peak_vram_bytes": max(m["peak_vram_bytes"] or 0, g.peak_vram or 0) or None,
-                    "config": confirm._short(g.config)})
-    return out
+
+def rung_metrics(c: confirm.Candidate, objective: str) -> dict:
+    """A rung candidate's figures: the median over its runs of each run's median (tuner.stats.center), and the
+    worst memory peak."""
+    ok = [r for r in c.records if r.ok]
+
+    def center(name):
+        return stats.center([v for r in ok if (v := stats.trial_value(
+            {"tg": r.tg_samples, "pp": r.pp_samples, "ttft": r.ttft_samples_ms}[name])) is not None])
+
+    return {"objective": c.figure(objective), "tg_ts": center("tg"), "pp_ts": center("pp"),
+            "ttft_ms": center("ttft"), "failed_runs": sum(not r.ok for r in c.records),
+            "peak_rss_bytes": max((r.peak_rss_bytes for r in ok if r.peak_rss_bytes), default=None),
+            "peak_vram_bytes": max((r.peak_vram_bytes for r in ok if r.peak_vram_bytes is not None), default=None)}
+
+
+def differs(a: TrialConfig, b: TrialConfig) -> dict:
+    """The parameters in which b differs from a, with b's values."""
+    da, db = confirm._short(a), confirm._short(b)
+    return {k: db[k] for k in da if da[k] != db[k]}
 
 
 def pareto_front(recs: list[TrialRecord]) -> list[dict]:

@@ -171,12 +171,16 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
             space.base = dataclasses.replace(space.base, n_threads_batch=0)
         check_split(space, rig)
         spacelib.require_ctx(space, min_ctx)
+        spacelib.check_depth(space, shape["n_depth"] is not None)
         fitlib.apply(space, infos, rig, plan=plan)
+        spacelib.make_ladder(space, shape["n_depth"] is not None)
     except spacelib.SpaceError as e:
         raise SearchError(str(e)) from None
     if dry_run:  # nothing is measured, locked or written
-        return SearchResult(Path(results) / (study or study_name(models)), None,
-                            plan=fitlib.plan(space, infos, rig))
+        out = fitlib.plan(space, infos, rig)
+        if space.ladder:
+            out["ladder"] = [{"n_ctx": c, "n_depth": space.rung_depth(c)} for c in space.ladder]
+        return SearchResult(Path(results) / (study or study_name(models)), None, plan=out)
     name = study or study_name(models)
     study_dir = Path(results) / name
     if n_trials is None and timeout is None and sampler != "grid":

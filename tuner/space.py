@@ -22,6 +22,12 @@ INTS = {p.name for p in PARAMS} - set(CHOICES) - SPLITS
 DIMENSIONS = tuple(p.name for p in PARAMS) + ("use_mmap",)
 # quantized V needs flash attention in llama.cpp (a context with fa off and quantized V fails to create)
 FULL_PRECISION_KV = {"f32", "f16", "bf16"}
+# Dimensions whose best value can change with the filled context, so the ladder re-judges them at every rung:
+# flash attention (the attention kernel, whose share of a token's work grows with the cells it reads), the KV
+# types (bytes read per token grow with the depth), n_ubatch (the KQ product and its compute buffer scale with
+# ubatch x context) and the offload split (the KV cache takes memory the layers would use). Threads, batch
+# chunking, mmap and the quant file change the per-token weight work, which a context does not.
+CONTEXT_DIMS = ("flash_attn", "type_k", "type_v", "n_ubatch", "n_gpu_layers", "n_cpu_moe")
 
 
 class SpaceError(ValueError):
@@ -130,6 +136,8 @@ class Space:
     base: TrialConfig | None = None  # the test shape and the values of parameters that are not dimensions
     notes: list[str] = field(default_factory=list)
     auto: dict[str, str] = field(default_factory=dict)  # dimension → why the default space chose it
+    ladder: list[int] = field(default_factory=list)  # the contexts of a ladder (tuner.space.make_ladder)
+    depth_fill: bool = False  # each rung filled (n_ctx - n_prompt - n_gen), else base.n_depth at every rung
 
     def varying(self) -> dict[str, Dimension]:
         return {k: d for k, d in self.dims.items() if len(d.values) > 1}
@@ -163,7 +171,27 @@ class Space:
         """What a resumed study must agree on: models, dimensions and the test shape."""
         shape = {k: getattr(self.base, k) for k in ("n_prompt", "n_gen", "n_depth", "repetitions")} \
             if self.base else {}
-        return {"models": self.models, "dims": {k: d.spec() for k, d in self.dims.items()}, "shape": shape}
+        out = {"models": self.models, "dims": {k: d.spec() for k, d in self.dims.items()}, "shape": shape}
+        if self.ladder:
+            out["ladder"] = {"rungs": list(self.ladder), "depth": "fill" if self.depth_fill else self.base.n_depth}
+        return out
+
+    def rung_depth(self, n_ctx: int) -> int:
+        """The depth a rung is measured at: filled (n_ctx - n_prompt - n_gen, llama-bench's -d for a context
+        that is full when the test ends), or the --depth given."""
+        if not self.depth_fill:
+            return self.base.n_depth
+        b = self.base
+        return max(0, n_ctx - b.n_prompt - b.n_gen - (0 if b.n_gen else 1))
+
+    def rung_config(self, cfg: TrialConfig, n_ctx: int) -> TrialConfig:
+        """cfg at another rung of the ladder, at that rung's depth."""
+        return dataclasses.replace(cfg, n_ctx=n_ctx, n_depth=self.rung_depth(n_ctx))
+
+    def set_working(self, n_ctx: int) -> None:
+        """Search at this rung: every trial allocates it, filled to its depth."""
+        self.dims["n_ctx"] = Dimension("n_ctx", [n_ctx])
+        self.base = dataclasses.replace(self.base, n_ctx=n_ctx, n_depth=self.rung_depth(n_ctx))
 
 
 def canonical(cfg: TrialConfig) -> TrialConfig:
@@ -280,9 +308,43 @@ def working_context(space: Space, infos: dict[str, ModelInfo]) -> None:
     if over:
         name = next(Path(m).name for m, i in infos.items() if i.n_ctx_train == trained)
         raise SpaceError(f"--ctx {over[0]} is above the trained context of {name} ({trained} tokens)")
-    base = space.base
-    if base is not None and base.n_depth and all(v and v <= base.n_depth for v in d.values):
-        raise SpaceError(f"--depth {base.n_depth} must be below the context (--ctx {d.spec()})")
+
+
+def check_depth(space: Space, depth_given: bool) -> None:
+    """A depth must leave each context room for the test: depth + max(n_prompt, n_gen) + 1 cells (the +1: the
+    TTFT token after the prompt). A rung that cannot hold the test at all is refused too."""
+    b, d = space.base, space.dims.get("n_ctx")
+    if d is None or b is None:
+        return
+    for v in d.values:
+        if not v:
+            continue  # 0: sized for the test, as llama-bench
+        depth = b.n_depth if depth_given else 0
+        need = depth + max(b.n_prompt, b.n_gen) + 1
+        if v < need:
+            if depth_given and depth:
+                raise SpaceError(f"--depth {depth} is beyond the context {v} of --ctx {d.spec()}: a context must "
+                                 f"hold the depth plus the test (depth + max(n_prompt, n_gen) + 1 = {need})")
+            raise SpaceError(f"--ctx {v} cannot hold the test (max(n_prompt, n_gen) + 1 = {need} tokens)")
+
+
+def make_ladder(space: Space, depth_given: bool) -> None:
+    """Several contexts are a ladder, not a dimension: the search runs once at the working context (the largest
+    rung left after the planner), each rung filled to its depth; the confirmation then measures the winner, the
+    defaults and their alternatives in CONTEXT_DIMS at every rung, interleaved (tuner.study.Search.ladder).
+    Without --depth every rung is filled (depth = n_ctx - n_prompt - n_gen); --depth N measures every rung at N."""
+    d = space.dims.get("n_ctx")
+    if d is None or len(d.values) < 2:
+        return
+    if 0 in d.values:
+        raise SpaceError(f"--ctx {d.spec()}: a ladder's rungs are sizes; 0 (sized for the test) is no rung")
+    space.ladder = sorted(d.values)
+    space.depth_fill = not depth_given
+    space.set_working(space.ladder[-1])
+    depth = "filled" if space.depth_fill else f"at depth {space.base.n_depth}"
+    space.auto["n_ctx"] = (f"a context ladder ({', '.join(map(str, space.ladder))}): searched at the working "
+                           f"context {space.ladder[-1]}, {depth}; then every rung measured with the winner and the "
+                           "defaults, interleaved")
 
 
 

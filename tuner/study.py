@@ -8,6 +8,7 @@ not run again. The Parquet file is written before Optuna is told, and a resume r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import signal
@@ -30,7 +31,7 @@ from tuner.bench import resolve
 from tuner.ggufmeta import ModelInfo
 from tuner.record import FAILED, KV_TYPE_BYTES, TrialConfig, TrialRecord, utcnow
 from tuner.runner import Runner, TrialInterrupted, new_record
-from tuner.space import Space, invalid_reason
+from tuner.space import CONTEXT_DIMS, Space, invalid_reason
 
 OBJECTIVES = ("tg", "pp", "ttft", "mixed")
 SAMPLERS = ("tpe", "random", "grid", "gp")
@@ -237,10 +238,11 @@ class Search:
         self.finished = ""  # why the search ended before its budget (the space is exhausted, ...)
         self.confirmation: dict | None = None
         self.confirming: list[confirmlib.Candidate] | None = None  # the race's candidates while it runs
+        self.laddering: list[confirmlib.Candidate] | None = None  # the ladder's runs while it runs
         self.quality = None  # tuner.quality.StudyQuality: the budget the recommendation keeps to
         self.n_run = 0
         self._dupes = 0
-        self._baselines: list[tuple[dict, str]] = []  # enqueued one at a time, each after the last one's block
+        self._baselines: list[tuple[dict, str, bool]] = []  # enqueued one at a time, each after the last one's block
         self._unmeasured_load: dict[tuple, tuple] = {}  # unmeasured config → its load key
         self._anchor_due = False
         self._block_left = 0  # queued configs of the loaded model not yet run (after_load)
@@ -265,6 +267,7 @@ class Search:
             if r.measured_config and r.trial_number is not None:
                 self.seen.setdefault(confirmlib.config_key(r.config), r.trial_number)
         self._list_space()
+        self.settle_rung()  # a resumed ladder search goes on at the rung it had stepped down to
         if self.opts.baselines and self.opts.sampler != "grid" and not self.study.trials:
             self._enqueue_baselines()
         return self.study
@@ -317,7 +320,7 @@ class Search:
             else:
                 self._tell(t.number, rec)
 
-    def _enqueue_baselines(self) -> None:
+    def _enqueue_baselines(self, again: bool = False) -> None:
         dims = self.space.dims
         n_layer = max(i.n_layer for i in self.infos.values())
         all_layers = n_layer + 1
@@ -343,15 +346,16 @@ class Search:
             if params in seen:
                 continue
             seen.append(params)
-            self._baselines.append((params, label))
+            self._baselines.append((params, label, again))
         self._next_baseline()
 
     def _next_baseline(self) -> None:
         """Baselines are queued one at a time, so a baseline's block (after_load) runs before the next one's load."""
         if self._baselines and not self.study.get_trials(deepcopy=False,
                                                          states=(optuna.trial.TrialState.WAITING,)):
-            params, label = self._baselines.pop(0)
-            self.study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+            params, label, again = self._baselines.pop(0)
+            # again (another rung): the same params ran at the rung above, so Optuna must not skip them
+            self.study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=not again)
 
     # -- trials ----------------------------------------------------------------------------------------
     def _suggest(self, trial: optuna.Trial) -> TrialConfig:
@@ -629,8 +633,7 @@ class Search:
                    if "duplicate_of" not in t.user_attrs)
 
     def confirm_candidates(self) -> list[confirmlib.Candidate]:
-        """Top K configs at the working context by pooled estimate, the llama.cpp-defaults baseline, and the best
-        config at every other context of the ladder."""
+        """Top K configs at the working context by pooled estimate and the llama.cpp-defaults baseline."""
         if not self.opts.confirm or self.opts.pareto:
             return []
         searched = [r for r in self.records if r.searched and r.ok and r.objective(self.opts.objective) is not None
@@ -653,11 +656,8 @@ class Search:
             c = cands.setdefault(base.key, confirmlib.Candidate(confirmlib.ROLE_BASELINE, base.config,
                                                                 base.trial_number, roles=[]))
             c.roles.append(confirmlib.ROLE_BASELINE)
-        for ctx in sorted({g.config.effective_ctx() for g in groups} - {working}):
-            g = next(g for g in groups if g.config.effective_ctx() == ctx)
-            cands.setdefault(g.key, confirmlib.Candidate(confirmlib.ROLE_LADDER, g.config, g.trial_number,
-                                                         roles=[confirmlib.ROLE_LADDER]))
-        earlier = {confirmlib.config_key(c.config): c for c in confirmlib.candidates_from_records(self.records)}
+        earlier = {confirmlib.config_key(c.config): c for c in confirmlib.candidates_from_records(self.records)
+                   if not c.is_rung}
         for k, c in cands.items():  # a resumed confirmation goes on from the rounds it has
             if k in earlier:
                 c.records = list(earlier[k].records)
@@ -668,24 +668,30 @@ class Search:
         return walls[len(walls) // 2] if walls else 0.0
 
     def _n_candidates(self) -> int:
-        ctxs = self.space.dims["n_ctx"].values if "n_ctx" in self.space.dims else [0]
-        return self.opts.confirm + 1 + len(ctxs) - 1
+        return self.opts.confirm + 1 if self.opts.confirm and not self.opts.pareto else 0
+
+    def _n_ladder_runs(self) -> int:
+        """Runs the ladder takes: every rung up to the working one × (recommended, defaults and at most one
+        alternative and one control) × the race's minimum of rounds."""
+        rungs = [c for c in self.space.ladder if c <= self.space.base.n_ctx]
+        return len(rungs) * 4 * self.opts.confirm_rounds[0] if len(rungs) > 1 and not self.opts.pareto else 0
 
     def confirm_estimate_s(self, n_cands: int | None = None) -> float:
         """The ETA of the confirmation: the runs its race can still take (every candidate still racing, to the
         round limit) × a typical trial. Before it starts: the candidates × the round limit."""
-        if not self.opts.confirm or self.opts.pareto:
-            return 0.0
+        if self.laddering is not None:
+            lo = self.opts.confirm_rounds[0]
+            return sum(max(0, lo - len(c.records)) for c in self.laddering if not c.failed) * self.typical_trial_s()
+        ladder = self._n_ladder_runs() * self.typical_trial_s()
         if self.confirming is not None:
-            return confirmlib.remaining_runs(self.confirming, self.opts.confirm_rounds[1]) * self.typical_trial_s()
-        return (n_cands or self._n_candidates()) * self.opts.confirm_rounds[1] * self.typical_trial_s()
+            return (confirmlib.remaining_runs(self.confirming, self.opts.confirm_rounds[1]) * self.typical_trial_s()
+                    + ladder)
+        return (n_cands or self._n_candidates()) * self.opts.confirm_rounds[1] * self.typical_trial_s() + ladder
 
     def confirm_reserve_s(self) -> float:
         """What --timeout keeps for the confirmation: every candidate for the race's minimum of rounds (the rest
         of the race runs in what is left, and stops at the deadline)."""
-        if not self.opts.confirm or self.opts.pareto:
-            return 0.0
-        return self._n_candidates() * self.opts.confirm_rounds[0] * self.typical_trial_s()
+        return (self._n_candidates() * self.opts.confirm_rounds[0] + self._n_ladder_runs()) * self.typical_trial_s()
 
     def time_left(self) -> float | None:
         if self.opts.timeout_s is None:
@@ -714,6 +720,8 @@ class Search:
         self.search_loop()
         if not self.stop_requested:  # after a Ctrl-C the recommendation says it is unconfirmed
             self.confirm()
+        if not self.stop_requested:
+            self.ladder()
         return self.write_recommendation()
 
     def search_loop(self) -> None:
@@ -731,6 +739,7 @@ class Search:
             rec = self.run_one(trial)
             if rec is None:
                 continue
+            self.settle_rung()
             self.n_run += 1
             self.after_load(trial, rec)
             self.write_recommendation()
@@ -750,21 +759,7 @@ class Search:
             return None
         lo, hi = self.opts.confirm_rounds
 
-        def measure(c: confirmlib.Candidate, rnd: int) -> TrialRecord:
-            try:
-                rec = self.runner.run(c.config)
-            except TrialInterrupted as e:
-                e.record.study, e.record.state, e.record.trial_number = self.opts.study_name, "confirm", c.trial_number
-                e.record.baseline = "+".join(c.roles)
-                self._write(e.record)
-                raise
-            rec.study, rec.state, rec.trial_number = self.opts.study_name, confirmlib.CONFIRM_STATE, c.trial_number
-            rec.baseline, rec.confirm_round, rec.drift = "+".join(c.roles), rnd, self.drifting
-            self._write(rec)
-            if self.on_confirm:
-                self.on_confirm(self, c, rec, rnd)
-            return rec
-
+        measure = self._confirm_run
         def keep_going() -> bool:
             left = self.time_left()
             return not self.stop_requested and (left is None or left > 0)
@@ -776,6 +771,130 @@ class Search:
         finally:
             self.confirming = None
         return self.confirmation
+
+    def _confirm_run(self, c: confirmlib.Candidate, rnd: int) -> TrialRecord:
+        """One run of the confirmation or the ladder: stored as state confirm, its roles in `baseline`."""
+        try:
+            rec = self.runner.run(c.config)
+        except TrialInterrupted as e:
+            e.record.study, e.record.state, e.record.trial_number = self.opts.study_name, "confirm", c.trial_number
+            e.record.baseline = "+".join(c.roles)
+            self._write(e.record)
+            raise
+        rec.study, rec.state, rec.trial_number = self.opts.study_name, confirmlib.CONFIRM_STATE, c.trial_number
+        rec.baseline, rec.confirm_round, rec.drift = "+".join(c.roles), rnd, self.drifting
+        self._write(rec)
+        if self.on_confirm:
+            self.on_confirm(self, c, rec, rnd)
+        return rec
+
+    # -- the context ladder ----------------------------------------------------------------------------
+    def ladder_candidates(self) -> list[confirmlib.Candidate]:
+        """The recommended config, the llama.cpp defaults and the recommended config's alternatives at every rung
+        up to the working context, each at the rung's depth (tuner.space.Space.rung_config).
+
+        The alternatives are measured configs of the search: the best one that differs from the recommendation
+        in a context-dependent dimension (tuner.space.CONTEXT_DIMS: its best value may change with the context),
+        and as a control the best one that differs only in others (threads...: if the control beats the
+        recommendation at some rung, the split of the dimensions does not hold on this rig, and the ladder says
+        so)."""
+        space = self.space
+        working = space.base.n_ctx
+        rungs = [c for c in space.ladder if c <= working]
+        if len(rungs) < 2 or self.opts.pareto:
+            return []
+        rec = recommendlib.recommend(self.records, self.hw, self.opts.limits, self.opts.objective,
+                                     quality=self.quality)
+        if rec is None:
+            return []
+        groups = confirmlib.pool([r for r in self.records if r.searched and r.ok and
+                                  r.objective(self.opts.objective) is not None and fits(r, self.hw, self.opts.limits)
+                                  and r.config.effective_ctx() == working])
+        groups = confirmlib.prefer_clean(groups)
+        win = next((g for g in groups if g.trial_number == rec["trial_number"]), None)
+        if win is None:
+            return []
+        sign = -1 if self.opts.objective == "ttft" else 1
+        groups.sort(key=lambda g: -sign * g.estimate(self.opts.objective))
+
+        def ctx_dims(cfg):
+            return tuple(getattr(cfg, k) for k in CONTEXT_DIMS)
+
+        picks = [(win, [confirmlib.RUNG])]
+        base = next((g for g in groups if any(r.baseline == "llama.cpp defaults" for r in g.records)), None)
+        if base is win:
+            picks[0][1].append(confirmlib.RUNG_DEFAULTS)
+        elif base is not None:
+            picks.append((base, [confirmlib.RUNG_DEFAULTS]))
+        picks = [(g.config, g.trial_number, roles) for g, roles in picks]
+        taken = {confirmlib.config_key(c) for c, _, _ in picks}
+        # the alternative: the recommendation with the context-dependent values of the best config that has other
+        # ones (only those differ, so the ladder shows their effect alone); kept as measured if llama.cpp would
+        # refuse the mix (quantized V without flash attention)
+        other = next((g for g in groups if ctx_dims(g.config) != ctx_dims(win.config)), None)
+        if other is not None:
+            alt = dataclasses.replace(win.config, **{k: getattr(other.config, k) for k in CONTEXT_DIMS})
+            alt = other.config if invalid_reason(alt) else alt
+            same = next((p for p in picks if confirmlib.config_key(p[0]) == confirmlib.config_key(alt)), None)
+            if same is not None:  # the defaults are that alternative: compared as one too
+                same[2].append(confirmlib.RUNG_ALT)
+            else:
+                picks.append((alt, other.trial_number, [confirmlib.RUNG_ALT]))
+                taken.add(confirmlib.config_key(alt))
+        # the control: the best config with the recommendation's context-dependent values and other others
+        control = next((g for g in groups if ctx_dims(g.config) == ctx_dims(win.config)
+                        and confirmlib.config_key(g.config) not in taken
+                        and (self.quality is None or self.quality.judge(g.records[0])[0])), None)
+        if control is not None:
+            picks.append((control.config, control.trial_number, [confirmlib.RUNG_CONTROL]))
+        earlier = {confirmlib.config_key(c.config): c for c in confirmlib.candidates_from_records(self.records)
+                   if c.is_rung}
+        out = []
+        for n_ctx in rungs:
+            for config, number, roles in picks:
+                cfg = space.rung_config(config, n_ctx)
+                c = confirmlib.Candidate(roles[0], cfg, number, roles=list(roles))
+                old = earlier.get(confirmlib.config_key(cfg))
+                if old is not None and old.roles == c.roles:  # a resumed ladder goes on from the rounds it has
+                    c.records = list(old.records)
+                out.append(c)
+        return out
+
+    def ladder(self) -> bool:
+        """Measure the ladder (tuner.confirm.run_ladder) for the race's minimum of rounds; False when stopped."""
+        cands = self.ladder_candidates()
+        if not cands or self.runner is None:
+            return True
+
+        def keep_going() -> bool:
+            left = self.time_left()
+            return not self.stop_requested and (left is None or left > 0)
+
+        self.laddering = cands
+        try:
+            return confirmlib.run_ladder(cands, self._confirm_run, self.opts.confirm_rounds[0], keep_going)
+        finally:
+            self.laddering = None
+
+    def settle_rung(self) -> None:
+        """The working rung steps down the ladder when the planner let it through but the trials say it does not
+        fit: two trials there ran out of memory and none completed. Its failures stay recorded."""
+        space = self.space
+        while space.ladder and space.base.n_ctx != space.ladder[0]:
+            here = [r for r in self.records if r.searched and r.config.effective_ctx() == space.base.n_ctx]
+            if any(r.ok for r in here) or sum(r.outcome == "oom" for r in here) < 2:
+                return
+            lower = max(c for c in space.ladder if c < space.base.n_ctx)
+            print(f"note: nothing fits at n_ctx {space.base.n_ctx} ({sum(r.outcome == 'oom' for r in here)} trials "
+                  f"ran out of memory, none completed): the working context steps down the ladder to {lower}",
+                  file=sys.stderr)
+            space.set_working(lower)
+            self._list_space()
+            if self.opts.baselines and self.opts.sampler != "grid" and not any(
+                    r.baseline and r.config.effective_ctx() == lower for r in self.records):
+                # the baselines again, at this rung: the race and the ladder compare with the defaults here
+                self._baselines.clear()
+                self._enqueue_baselines(again=True)
 
     def write_recommendation(self) -> dict | None:
         rec = recommendlib.recommend(self.records, self.hw, self.opts.limits, self.opts.objective,

@@ -25,7 +25,8 @@ from tuner.units import physical_cores
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 SPLIT_MODE = {"none": 0, "layer": 1, "row": 2}
 # llama_decode: 1 = no KV slot for the batch, -2 = allocation failed (llama-context.cpp)
-DEPTH_STATES = 4  # filled-context state files a worker keeps
+DEPTH_STATES = 16  # filled-context state files a worker keeps (a ladder: rungs x configs of other KV settings)
+DEPTH_BYTES = 8 << 30  # ... and at most this many bytes of them (a 32k-token state of a large model is GBs)
 DECODE_OOM = {1: "no KV cache slot for the batch (context full)", -2: "allocation failed during decode"}
 
 
@@ -146,7 +147,13 @@ class Worker:
         path = f"{_depth_file()}.{len(self.depth_states)}.{time.monotonic_ns()}"
         if self.L.llama_state_seq_save_file(ctx, path.encode(), 0, (self.L.llama_token * 1)(), 0):
             self.depth_states[key] = path
-        while len(self.depth_states) > DEPTH_STATES:
+        def size(p):
+            with contextlib.suppress(OSError):
+                return os.path.getsize(p)
+            return 0
+
+        while len(self.depth_states) > 1 and (len(self.depth_states) > DEPTH_STATES or
+                                              sum(map(size, self.depth_states.values())) > DEPTH_BYTES):
             old = self.depth_states.pop(next(iter(self.depth_states)))
             with contextlib.suppress(OSError):
                 os.unlink(old)

@@ -106,11 +106,20 @@ class Progress:
             click.echo(f"confirming: the best configs and llama.cpp's defaults race, re-measured interleaved round "
                        f"by round; from round {lo} on, a candidate behind the best leaves (at most {hi} rounds)",
                        err=True)
+        if cand.is_rung and not getattr(self, "_ladder_started", False):
+            self._ladder_started = True
+            rungs = sorted({c.n_ctx for c in srch.laddering or []})
+            click.echo(f"context ladder: the recommended config, the defaults and their alternatives at n_ctx "
+                       f"{', '.join(map(str, rungs))}, each filled to its depth, {srch.opts.confirm_rounds[0]} "
+                       "interleaved rounds (a rung's first run fills its context once)", err=True)
         s = objective_samples(rec, srch.opts.objective) if rec.ok else []
         what = f"{srch.opts.objective} {sum(s) / len(s):.2f}" if s else f"{rec.outcome}: {rec.cause[:60]}"
-        # the ETA: the runs the race can still take (every candidate still racing, to the round limit)
-        click.echo(f"  [confirm round {rnd + 1}] #{cand.trial_number} ({'+'.join(cand.roles)}): {what}; "
-                   f"ETA at most {hms(srch.confirm_estimate_s())}", err=True)
+        if rec.depth_fill_ms:
+            what += f" (filled {rec.config.n_depth} tokens in {rec.depth_fill_ms / 1000:.1f} s)"
+        where = f", n_ctx {cand.n_ctx} at depth {cand.config.n_depth}" if cand.is_rung else ""
+        # the ETA: the runs the race (and the ladder) can still take
+        click.echo(f"  [{'ladder' if cand.is_rung else 'confirm'} round {rnd + 1}] #{cand.trial_number} "
+                   f"({'+'.join(cand.roles)}{where}): {what}; ETA at most {hms(srch.confirm_estimate_s())}", err=True)
 
 
 def print_recommendation(rec: dict | None, study_dir: Path, written: bool = True) -> None:
@@ -140,14 +149,8 @@ def print_recommendation(rec: dict | None, study_dir: Path, written: bool = True
                        "unconfirmed)")
         else:
             click.echo(f"  {label} baseline: {b['outcome']}")
-    ladder = rec.get("context_ladder") or []
-    if ladder:
-        click.echo("  context ladder (best config at each context):")
-        for r in ladder:
-            click.echo(f"    n_ctx {r['n_ctx']:>7}: {rec['objective']} {r['objective'] or 0:8.2f}, tg {r['tg_ts'] or 0:8.2f} "
-                       f"t/s, pp {r['pp_ts'] or 0:8.2f} t/s, peak RSS {fmt_size(r['peak_rss_bytes'])}"
-                       + (f", VRAM {fmt_size(r['peak_vram_bytes'])}" if r.get("peak_vram_bytes") else "")
-                       + (" (confirmed)" if r["confirmed"] else "") + f"  #{r['trial_number']}")
+    for line in ladder_lines(rec):
+        click.echo(line)
     qual = rec.get("quality")
     if qual:
         b = qual["budget"]
@@ -166,3 +169,41 @@ def print_recommendation(rec: dict | None, study_dir: Path, written: bool = True
     click.echo(f"  llama-server: {rec['forms']['llama_server']}")
     if written:
         click.echo(f"  written: {study_dir / 'recommended.json'}")
+
+
+def ladder_lines(rec: dict) -> list[str]:
+    """The context ladder as the terminal shows it: per rung, the recommended config against the defaults at the
+    same context and depth, and what its alternatives did there."""
+    ladder = rec.get("context_ladder") or []
+    if not ladder:
+        return []
+    obj = rec["objective"]
+
+    def num(v, fmt="8.1f"):
+        return format(v, fmt) if v is not None else " " * (int(fmt.split(".")[0]) - 1) + "-"
+
+    d0 = (ladder[0].get("defaults") or {}).get("trial_number")
+    out = [f"  context ladder: the recommended config (#{ladder[0]['trial_number']}) and the llama.cpp defaults"
+           + (f" (#{d0})" if d0 is not None else "") + f" at each context, filled to the depth shown, "
+           f"{ladder[0]['rounds']} interleaved rounds",
+           f"    {'n_ctx':>7} {'depth':>7} {'tg t/s':>8} {'(dflt)':>8} {'pp t/s':>8} {'(dflt)':>8} "
+           f"{'peak RSS':>10} {'(dflt)':>10}  {obj} x defaults (95 %)"]
+    for r in ladder:
+        d = r.get("defaults") or {}
+        vs = r.get("vs_defaults") or {}
+        ratio = (f"{vs['ratio']:.2f}x ({vs['ci95'][0]:.2f}-{vs['ci95'][1]:.2f}, {vs['verdict']})"
+                 if vs.get("ratio") is not None else "-")
+        out.append(f"    {r['n_ctx']:>7} {r['n_depth']:>7} {num(r['tg_ts'])} {num(d.get('tg_ts'))} {num(r['pp_ts'])} "
+                   f"{num(d.get('pp_ts'))} {fmt_size(r['peak_rss_bytes']):>10} {fmt_size(d.get('peak_rss_bytes')):>10}"
+                   f"  {ratio}" + (f"  VRAM {fmt_size(r['peak_vram_bytes'])}" if r.get("peak_vram_bytes") else ""))
+    for r in ladder:
+        for a in r.get("alternatives") or []:
+            if a["ratio_vs_recommended"] is None:
+                continue
+            what = ", ".join(f"{k} {v}" for k, v in a["differs"].items())
+            out.append(f"    at {r['n_ctx']}: #{a['trial_number']} ({what}; {a['kind']}): "
+                       f"{a['ratio_vs_recommended']:.2f}x the recommended config (p {a['p']:.3g}, {a['verdict']})"
+                       + ("  <- the context-independent split does not hold here" if a["kind"] == "control"
+                          and a["verdict"] == "faster" else ""))
+    return out
+

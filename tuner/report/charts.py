@@ -195,8 +195,9 @@ def _speed_panel(ax, study: Study, colours, param: str, metric: str, chart: Char
     return extra
 
 
-# drawn elsewhere: the model is each line's colour, threads have chart 2
-SPEED_ELSEWHERE = ("model", "n_threads", "n_threads_batch")
+# drawn elsewhere: the model is each line's colour, threads have chart 2, a ladder's depth follows its context
+# (chart 9)
+SPEED_ELSEWHERE = ("model", "n_threads", "n_threads_batch", "n_depth")
 
 
 def speed_dimensions(study: Study) -> list[str]:
@@ -739,12 +740,14 @@ def chart_confirmation(study: Study, colours, **options) -> Chart:
 
 
 def chart_context_ladder(study: Study, colours, **options) -> Chart:
-    """Speed and memory of the best config at each context: what a larger context costs on this rig."""
+    """What a filled context costs: tg and pp (left) and peak memory (right) of the recommended config and of the
+    llama.cpp defaults at each rung, each filled to the rung's depth and measured interleaved."""
     fig = _figure(2)
     ladder = (study.recommended or {}).get("context_ladder") or []
     ch = Chart("9-context-ladder", "Context ladder",
-               "The best config at each context of --ctx (confirmed where marked ●, else the search's estimate): "
-               "generation and prompt speed (left) and peak memory (right) against the context size.",
+               "The recommended config (solid) and the llama.cpp defaults (dashed) at each context of --ctx, each "
+               "filled to the depth under the context (tuner search fills a rung unless --depth is given), measured "
+               "interleaved: generation and prompt speed (left), peak memory (right).",
                fig, study=study.label)
     ax, am = fig.axes
     if len(ladder) < 2:
@@ -752,27 +755,25 @@ def chart_context_ladder(study: Study, colours, **options) -> Chart:
             _note(a, "one context only: pass several, e.g. --ctx 4096,16384,32768, for a ladder", ch)
     else:
         xs = [r["n_ctx"] for r in ladder]
-        for key, label, colour in (("tg_ts", "tg", "#1f77b4"), ("pp_ts", "pp", "#ff7f0e")):
-            ys = [r[key] for r in ladder]
-            if any(y is not None for y in ys):
-                ax.plot(xs, ys, "-", color=colour, label=label)
-                for x, y, r in zip(xs, ys, ladder):
-                    if y is not None:
-                        ax.scatter([x], [y], color=colour, marker="o",
-                                   facecolors=colour if r["confirmed"] else "none", zorder=3)
-                        ch.counts[label] += 1
-        for key, label, colour in (("peak_rss_bytes", "peak RAM", "#2ca02c"), ("peak_vram_bytes", "peak VRAM",
-                                                                               "#9467bd")):
-            ys = [r[key] for r in ladder]
-            if any(ys):
-                scale, unit = mem_scale([y for y in ys if y])
-                am.plot(xs, [y / scale if y else None for y in ys], "o-", color=colour, label=f"{label} ({unit})")
-                ch.counts[label] += 1
+        for who, style, get in (("recommended", "-", lambda r: r), ("defaults", "--", lambda r: r.get("defaults"))):
+            for key, label, colour in (("tg_ts", "tg", "#1f77b4"), ("pp_ts", "pp", "#ff7f0e")):
+                pts = [(x, get(r)[key]) for x, r in zip(xs, ladder) if get(r) and get(r).get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=colour, label=f"{label}, {who}")
+                    ch.counts[f"{label} {who}"] += len(pts)
+            for key, label, colour in (("peak_rss_bytes", "peak RAM", "#2ca02c"),
+                                       ("peak_vram_bytes", "peak VRAM", "#9467bd")):
+                pts = [(x, get(r)[key]) for x, r in zip(xs, ladder) if get(r) and get(r).get(key)]
+                if pts:
+                    scale, unit = mem_scale([y for _, y in pts])
+                    am.plot([x for x, _ in pts], [y / scale for _, y in pts], style, marker="o", color=colour,
+                            label=f"{label}, {who} ({unit})")
+                    ch.counts[f"{label} {who}"] += len(pts)
         for a in (ax, am):
             a.set_xscale("log", base=2)
-            a.set_xticks(xs, [str(x) for x in xs])
-            a.set_xlabel("n_ctx (context size, tokens)")
-            a.legend()
+            a.set_xticks(xs, [f"{r['n_ctx']}\n({r['n_depth']} filled)" for r in ladder])
+            a.set_xlabel("n_ctx (context size, tokens; depth in the cache below)")
+            a.legend(fontsize="small")
         ax.set_ylabel("tokens/s")
         am.set_ylabel("peak memory")
     fig.suptitle(f"{study.label}: context ladder ({len(ladder)} context(s))")

@@ -107,12 +107,28 @@ def _recommendation_blocks(s: Study) -> list:
                                   "peak memory"], rows))
     ladder = rec.get("context_ladder") or []
     if ladder:
+        def f(v):
+            return f"{v:.2f}" if v is not None else "-"
+
+        rows = []
+        for r in ladder:
+            d, vs = r.get("defaults") or {}, r.get("vs_defaults") or {}
+            rows.append([str(r["n_ctx"]), str(r["n_depth"]), f"#{r['trial_number']}", f(r["tg_ts"]),
+                         f(d.get("tg_ts")), f(r["pp_ts"]), f(d.get("pp_ts")), fmt_size(r.get("peak_rss_bytes")),
+                         fmt_size(d.get("peak_rss_bytes")),
+                         f"{vs['ratio']:.2f}x ({vs['ci95'][0]:.2f}-{vs['ci95'][1]:.2f}, {vs['verdict']})"
+                         if vs.get("ratio") is not None else "-"])
         out += [("h", 4, "Context ladder"),
-                ("table", ["n_ctx", "trial", obj, "tg t/s", "pp t/s", "peak RAM", "peak VRAM", "confirmed"],
-                 [[str(r["n_ctx"]), f"#{r['trial_number']}", f"{r['objective']:.2f}" if r["objective"] else "-",
-                   f"{r['tg_ts']:.2f}" if r["tg_ts"] else "-", f"{r['pp_ts']:.2f}" if r["pp_ts"] else "-",
-                   fmt_size(r.get("peak_rss_bytes")), fmt_size(r.get("peak_vram_bytes")),
-                   "yes" if r["confirmed"] else "no"] for r in ladder])]
+                ("p", "The recommended config and the llama.cpp defaults at each context, filled to the depth "
+                      f"shown, {ladder[0]['rounds']} interleaved rounds."),
+                ("table", ["n_ctx", "depth", "trial", "tg t/s", "defaults", "pp t/s", "defaults", "peak RAM",
+                           "defaults", f"{obj} x defaults (95 %)"], rows)]
+        alts = [[str(r["n_ctx"]), f"#{a['trial_number']}", ", ".join(f"{k} {v}" for k, v in a["differs"].items()),
+                 a["kind"], f"{a['ratio_vs_recommended']:.2f}x", f"{a['p']:.3g}", a["verdict"]]
+                for r in ladder for a in r.get("alternatives") or [] if a["ratio_vs_recommended"] is not None]
+        if alts:
+            out.append(("table", ["n_ctx", "alternative", "differs in", "kind", "x recommended", "p", "verdict"],
+                        alts))
     items = []
     for label, b in (rec.get("baselines") or {}).items():
         if b.get("source") == "confirmation":
