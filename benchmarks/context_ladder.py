@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import model_facts, save  # noqa: E402
+from _results import model_facts, provenance, save  # noqa: E402
 
 from tuner import store  # noqa: E402
 from tuner.realmodel import gemma  # noqa: E402
@@ -38,6 +38,7 @@ def main() -> int:
     model = a.model or str(gemma(Path.home() / ".cache" / "tuner-test-models"))
     work = Path(tempfile.mkdtemp(prefix="tuner-ladder-"))
     cmd = [TUNER, "search", "--model", model, "--ctx", a.ctx, "--n-trials", a.n_trials, *a.extra]
+    prov = provenance()  # the tree that ran, taken before the run (it can take an hour)
     t0 = time.monotonic()
     res = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
     wall = time.monotonic() - t0
@@ -76,6 +77,12 @@ def main() -> int:
         "restore_ms_median": statistics.median(restores) if restores else None, "restores": len(restores),
         "trials": {"searched": int((df["state"] != "confirm").sum()) if df is not None else 0,
                    "confirm_and_ladder_runs": int((df["state"] == "confirm").sum()) if df is not None else 0},
+        # where the wall time went: the search, the race, the ladder (each run's own wall, fills included)
+        "wall_s_by_phase": {} if df is None else {
+            "search": float(df[df["state"] != "confirm"]["wall_s"].sum()),
+            "race": float(df[(df["state"] == "confirm") & ~df["baseline"].str.contains("rung")]["wall_s"].sum()),
+            "ladder": float(df[(df["state"] == "confirm") & df["baseline"].str.contains("rung")]["wall_s"].sum())},
+        "provenance": prov,
         "stdout": res.stdout, "stderr": res.stderr[-30000:], "recommended": rec,
     }
     path = save("context-ladder", result, echo=False)

@@ -223,3 +223,14 @@ def test_the_ladder_measures_every_rung_for_its_rounds_interleaved_and_resumes()
     assert confirm.run_ladder(cands, measure, rounds=3)  # resumed: the rounds left, the half-done one first
     assert [len(c.records) for c in cands] == [3, 3, 3, 3]
     assert order[6:8] == [(1, 1024, 0), (1, 1024, 1)] and len(order) == 12
+
+
+def test_two_ladders_never_pool_and_a_stopped_run_is_run_again():
+    # a resumed study whose winner changed measures a second ladder: the defaults' runs of each stay apart
+    first = rounds(0, 100, k=5, seed=1, ctx=1024, roles=f"{confirm.RUNG_DEFAULTS}+{confirm.LADDER_OF}3")
+    second = rounds(0, 200, k=5, seed=2, ctx=1024, roles=f"{confirm.RUNG_DEFAULTS}+{confirm.LADDER_OF}7")
+    stopped = TrialRecord(config=second[0].config, outcome="interrupted", trial_number=0, state="confirm",
+                          baseline=second[0].baseline)
+    cands = confirm.candidates_from_records(first + second + [stopped])
+    assert sorted((c.ladder, len(c.records)) for c in cands) == [(3, 5), (7, 5)]
+    assert not any(c.failed for c in cands)  # the Ctrl-C'd run is not a failure of the config

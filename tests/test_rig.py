@@ -288,6 +288,21 @@ def test_a_slow_load_is_not_the_trials_timeout(models, monkeypatch):
     assert rec.outcome == "timeout" and "model load took over 1.5 s" in rec.cause
 
 
+def test_a_slow_depth_fill_is_setup_not_the_trials_timeout(models, monkeypatch):
+    """Filling a deep context (minutes at 32k on a CPU) is setup, like the load: outside the trial timeout,
+    bounded by --load-timeout."""
+    monkeypatch.setenv("TUNER_SLOW_LOAD_S", "3")
+    cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_ctx=256, n_prompt=8, n_gen=2,
+                                    n_depth=200, repetitions=2, n_threads=1))
+    with Runner(timeout=2.5, load_timeout=60) as runner:
+        rec = runner.run(cfg, "slow_fill")
+    assert rec.ok, rec.cause
+    assert rec.depth_fill_ms and rec.depth_restore_ms  # filled once, restored for the other repetitions
+    with Runner(timeout=60, load_timeout=1.5) as runner:
+        rec = runner.run(cfg, "slow_fill")
+    assert rec.outcome == "timeout" and "filling the context to its depth took over 1.5 s" in rec.cause
+
+
 def test_search_loads_each_load_key_once(models, tmp_path):
     """4 load keys (experts in RAM for 0 or 1 layers × mmap on/off) × 4 configs each (batch, flash attention):
     with --per-load 4 every key's configs are measured in one load, 4 loads for 16 configs."""

@@ -146,21 +146,24 @@ def test_a_rung_that_runs_out_of_memory_steps_the_ladder_down_and_dominated_conf
     """A 150 MiB cap makes n_ctx >= 16384 fail for real (the planner, which knows nothing of --mem-limit, lets
     them through): after two OOMs and no success at a rung, the search steps down to the next one."""
     res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "2048,8192,16384,32768,65536",
-               "-ub", "64,128,256,512", "-t", "1", *SHAPE, "--n-trials", "14", "--mem-limit", "150MiB",
+               "-ub", "64,128,256,512", "-t", "1", *SHAPE, "--n-trials", "18", "--mem-limit", "150MiB",
                "--no-auto-space", "--no-confirm", "--drift-every", "0", "--results", str(tmp_path), "--study", "oom",
                "--seed", "3"])
     assert res.exit_code == 0, res.output
     df = store.read(tmp_path / "oom")
     df = df[df["state"] != "confirm"].sort_values("trial_number")
-    assert 8 <= len(df) <= 14 and (df["outcome"] == "ok").sum() >= 2
+    assert 11 <= len(df) <= 18 and (df["outcome"] == "ok").sum() >= 2
     ok_rungs = sorted(set(df[df["outcome"] == "ok"]["n_ctx"]))
     assert len(ok_rungs) == 1, "the search runs at one context once it has found one that fits"
     working = ok_rungs[0]
-    assert 2048 <= working <= 8192
+    assert 2048 <= working <= 16384  # 16384 fits with the smallest ubatch under the cap
     above = df[df["n_ctx"] > working]
-    # each rung above: exactly the two OOMs that stepped it down (nothing completed there), in ladder order
-    for ctx in (65536, 32768, 16384):
-        assert (above[above["n_ctx"] == ctx]["outcome"] == "oom").sum() == 2, ctx
+    # each rung above: the two OOMs of the search's own configs that stepped it down (the defaults, run again at
+    # each rung, do not count: all layers and f16 KV are the likeliest to run out), nothing completed there
+    for ctx in [c for c in (65536, 32768, 16384, 8192) if c > working]:
+        here = above[above["n_ctx"] == ctx]
+        assert ((here["outcome"] == "oom") & (here["baseline"] == "")).sum() == 2, ctx
+        assert (here["baseline"] == "llama.cpp defaults").sum() == 1, ctx
     assert list(df["n_ctx"]) == sorted(df["n_ctx"], reverse=True)
     assert f"the working context steps down the ladder to {working}" in res.output
     assert all(c for c in df[df["outcome"] == "oom"]["cause"])
@@ -184,7 +187,7 @@ def test_a_rung_that_runs_out_of_memory_steps_the_ladder_down_and_dominated_conf
     rec = json.loads((tmp_path / "oom" / "recommended.json").read_text())
     assert rec["config"]["n_ctx"] == rec["working_ctx"] == working
     # the ladder: the rungs up to the working one, never the ones that ran out of memory
-    assert [r["n_ctx"] for r in rec.get("context_ladder", [])] in ([2048, 8192] if working == 8192 else [], )
+    assert [r["n_ctx"] for r in rec.get("context_ladder", [])] == [c for c in (2048, 8192, 16384) if c <= working]
 
 
 def _rows(path: Path) -> int:

@@ -46,6 +46,8 @@ ROLE_TOP, ROLE_BASELINE = "candidate", "llama.cpp defaults"
 # config in a context-dependent dimension (ALT) or, as a control, in a context-independent one (CONTROL)
 RUNG, RUNG_DEFAULTS, RUNG_ALT, RUNG_CONTROL = "rung", "rung defaults", "rung alternative", "rung control"
 RUNG_ROLES = (RUNG, RUNG_DEFAULTS, RUNG_ALT, RUNG_CONTROL)
+LADDER_OF = "ladder@"  # + the recommended trial's number: which ladder a run belongs to (a resumed study may
+# measure a second one for another winner; the two never pool)
 # How a config is measured, not what: left out of the pooling key (as in tuner compare).
 NOT_KEY = ("repetitions", "warmup")
 
@@ -171,6 +173,11 @@ class Candidate:
         return any(self.has(r) for r in RUNG_ROLES)
 
     @property
+    def ladder(self) -> int | None:
+        """The trial number of the recommendation whose ladder this run belongs to."""
+        return next((int(r[len(LADDER_OF):]) for r in self.roles if r.startswith(LADDER_OF)), None)
+
+    @property
     def n_ctx(self) -> int:
         return self.config.effective_ctx()
 
@@ -201,9 +208,11 @@ def candidates_from_records(records: list[TrialRecord]) -> list[Candidate]:
     runs and the ladder's are separate candidates, even of one config (the ladder pairs its own rounds)."""
     out: dict[tuple, Candidate] = {}
     for r in records:
-        if r.state != CONFIRM_STATE:
+        if r.state != CONFIRM_STATE or r.outcome == "interrupted":  # stopped by the user: run again on resume
             continue
-        k = (config_key(r.config), any(x in RUNG_ROLES for x in r.baseline.split("+")))
+        roles = r.baseline.split("+")
+        k = (config_key(r.config), tuple(x for x in roles if x.startswith(LADDER_OF)),
+             any(x in RUNG_ROLES for x in roles))
         if k not in out:
             roles = [x for x in r.baseline.split("+") if x] or [ROLE_TOP]
             out[k] = Candidate(roles[0], r.config, r.trial_number, roles=roles)

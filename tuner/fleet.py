@@ -434,7 +434,7 @@ class FleetSearch(Search):
 
     def confirm(self) -> dict | None:
         """One host of the group confirms (and measures the context ladder): the first to claim it once no trial runs any more."""
-        if self.runner is None or not self.confirm_candidates():
+        if self.runner is None or not (self.confirm_candidates() or self.ladder_candidates()):
             return None
         study, key = self.opts.study_name, f"confirm:{self.done_trials()}"
         held = self.ledger.claim(study, key, self.host, state="running")

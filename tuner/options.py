@@ -153,7 +153,8 @@ def shape_params(f):
         click.option("-n", "--n-gen", "n_gen", type=int, default=None, callback=_check_count,
                      help="generated tokens per tg repetition [128]"),
         click.option("-d", "--n-depth", "--depth", "n_depth", type=int, default=None, callback=_check_count,
-                     help="tokens already in the context before timing, as llama-bench -d [0]"),
+                     help="tokens already in the context before timing, as llama-bench -d [0; search: each rung of a "
+                     "--ctx ladder filled, n_ctx - n_prompt - n_gen]"),
         click.option("-r", "--repetitions", "repetitions", type=int, default=None, callback=_check_count,
                      help="repetitions per test [5]"),
     ]

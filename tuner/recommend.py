@@ -119,13 +119,15 @@ def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", 
                      "(vram_by none); those trials are judged on host memory only")
     if notes:
         out["notes"] = notes
-    ladder = context_ladder([c for c in every if c.is_rung], objective)
+    rungs = [c for c in every if c.is_rung]
+    ladder = context_ladder([c for c in rungs if c.ladder == trial_number], objective)
     if ladder:
         out["context_ladder"] = ladder
-        if ladder[-1]["trial_number"] != trial_number:
-            notes.append("the context ladder measured another config than this recommendation (it was measured "
-                         "for the recommendation the search made then; these limits chose another)")
-            out["notes"] = notes
+    elif rungs:
+        notes.append("the context ladder was measured for trial(s) "
+                     + ", ".join(f"#{n}" for n in sorted({c.ladder for c in rungs if c.ladder is not None}))
+                     + ", not this recommendation (these limits chose another config)")
+        out["notes"] = notes
     if pareto:
         out["pareto_front"] = pareto_front([r for g in within for r in g.records])
     if quality is not None:

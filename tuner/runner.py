@@ -34,6 +34,7 @@ DEFAULT_TIMEOUT = 600.0
 # A model load is not the trial's failure unless the load itself takes this long: 379 GiB read at 150 MB/s (a
 # hard disk) take 45 minutes; the trial timeout counts from the end of the load.
 DEFAULT_LOAD_TIMEOUT = 3600.0
+SETUP_STAGES = ("load", "fill")  # worker stages bounded by load_timeout, outside the trial timeout
 DEFAULT_SWAP_RATE = 64 << 20  # bytes/s swapped in, sustained over SWAP_WINDOW: the machine is thrashing
 SWAP_WINDOW = 3.0
 SAMPLES = ("pp_samples", "tg_samples", "ttft_samples_ms")
@@ -267,7 +268,9 @@ class Runner:
         t0 = time.monotonic()
         sin0, oom0 = psutil.swap_memory().sin, vmstat("oom_kill")
         eof = False
-        load_t0 = load_s = None  # when the worker's load stage began, and how long it took
+        # setup stages (the model load, a depth fill) are bounded by --load-timeout and not counted in the trial
+        # timeout: loading 300 GB or filling 32k tokens on a CPU takes what it takes, and is not the config's speed
+        setup_t0, setup_s = None, 0.0
         if self.limit:
             if model:
                 self.limit.evict(model)
@@ -290,10 +293,11 @@ class Runner:
                         line, w.buf = w.buf.split(b"\n", 1)
                         ev = json.loads(line)
                         if ev["event"] == "stage":
-                            if ev["stage"] == "load":
-                                load_t0 = time.monotonic()
-                            elif x.stage == "load" and load_t0 is not None:
-                                load_s = time.monotonic() - load_t0
+                            if x.stage in SETUP_STAGES and setup_t0 is not None:
+                                setup_s += time.monotonic() - setup_t0
+                                setup_t0 = None
+                            if ev["stage"] in SETUP_STAGES:
+                                setup_t0 = time.monotonic()
                             x.stage = ev["stage"]
                             x.hwm = max(x.hwm or 0, ev.get("hwm") or 0) or None
                             if on_stage:
@@ -308,14 +312,15 @@ class Runner:
                     x.killed_for = (f"swap: stopped while thrashing swap ({rate / 2**20:.0f} MiB/s swapped in, "
                                     f"stage {x.stage})")
                     break
-                if x.result is None and x.stage == "load" and load_t0 is not None \
-                        and now - load_t0 > self.load_timeout:
-                    x.killed_for = f"timeout: the model load took over {self.load_timeout:g} s (--load-timeout)"
+                if x.result is None and x.stage in SETUP_STAGES and setup_t0 is not None \
+                        and now - setup_t0 > self.load_timeout:
+                    what = "the model load" if x.stage == "load" else "filling the context to its depth"
+                    x.killed_for = f"timeout: {what} took over {self.load_timeout:g} s (--load-timeout)"
                     break
-                if x.result is None and x.stage != "load" and now - t0 - (load_s or 0.0) > self.timeout:
+                if x.result is None and x.stage not in SETUP_STAGES and now - t0 - setup_s > self.timeout:
                     x.killed_for = (f"timeout: no result after {self.timeout:g} s (stage {x.stage})"
-                                    + (f"; the {load_s:.0f} s model load before it not counted"
-                                       if load_s and load_s >= 1 else ""))
+                                    + (f"; the {setup_s:.0f} s of model load and context fill before it not counted"
+                                       if setup_s >= 1 else ""))
                     break
                 x.killed_for = self._thrashing_weights(model, refault0, x.stage) if self.limit and model else None
                 if x.killed_for:

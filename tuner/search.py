@@ -172,8 +172,9 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
         check_split(space, rig)
         spacelib.require_ctx(space, min_ctx)
         spacelib.check_depth(space, shape["n_depth"] is not None)
+        asked = len(space.dims["n_ctx"].values) if "n_ctx" in space.dims else 0
         fitlib.apply(space, infos, rig, plan=plan)
-        spacelib.make_ladder(space, shape["n_depth"] is not None)
+        spacelib.make_ladder(space, shape["n_depth"] is not None, asked)
     except spacelib.SpaceError as e:
         raise SearchError(str(e)) from None
     if dry_run:  # nothing is measured, locked or written

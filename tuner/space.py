@@ -328,12 +328,18 @@ def check_depth(space: Space, depth_given: bool) -> None:
             raise SpaceError(f"--ctx {v} cannot hold the test (max(n_prompt, n_gen) + 1 = {need} tokens)")
 
 
-def make_ladder(space: Space, depth_given: bool) -> None:
+def make_ladder(space: Space, depth_given: bool, asked: int = 0) -> None:
     """Several contexts are a ladder, not a dimension: the search runs once at the working context (the largest
     rung left after the planner), each rung filled to its depth; the confirmation then measures the winner, the
     defaults and their alternatives in CONTEXT_DIMS at every rung, interleaved (tuner.study.Search.ladder).
     Without --depth every rung is filled (depth = n_ctx - n_prompt - n_gen); --depth N measures every rung at N."""
     d = space.dims.get("n_ctx")
+    if d is not None and len(d.values) == 1 and asked > 1 and d.values[0]:
+        # the planner left one rung of the ladder asked for: still measured where it bites, filled
+        space.depth_fill = not depth_given
+        space.ladder = list(d.values)
+        space.set_working(d.values[0])
+        return
     if d is None or len(d.values) < 2:
         return
     if 0 in d.values:

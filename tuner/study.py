@@ -32,6 +32,7 @@ from tuner.ggufmeta import ModelInfo
 from tuner.record import FAILED, KV_TYPE_BYTES, TrialConfig, TrialRecord, utcnow
 from tuner.runner import Runner, TrialInterrupted, new_record
 from tuner.space import CONTEXT_DIMS, Space, invalid_reason
+from tuner.units import hms
 
 OBJECTIVES = ("tg", "pp", "ttft", "mixed")
 SAMPLERS = ("tpe", "random", "grid", "gp")
@@ -704,6 +705,10 @@ class Search:
         left = self.time_left()
         # the confirmation is part of the budget: the search stops early enough to leave time for its race
         if left is not None and left <= self.confirm_reserve_s():
+            if not self.finished:
+                self.finished = (f"--timeout: the {hms(left)} left are kept for the confirmation"
+                                 + (" and the context ladder" if self._n_ladder_runs() else "")
+                                 + f" (about {hms(self.confirm_reserve_s())} at {hms(self.typical_trial_s())} a run)")
             return False
         if self.opts.n_trials is not None and self.done_trials() >= self.opts.n_trials:
             return False
@@ -760,9 +765,11 @@ class Search:
         lo, hi = self.opts.confirm_rounds
 
         measure = self._confirm_run
-        def keep_going() -> bool:
+        ladder_s = self._n_ladder_runs() * self.typical_trial_s()
+
+        def keep_going() -> bool:  # the race leaves the ladder its time
             left = self.time_left()
-            return not self.stop_requested and (left is None or left > 0)
+            return not self.stop_requested and (left is None or left > ladder_s)
 
         self.confirming = cands
         try:
@@ -827,11 +834,17 @@ class Search:
         elif base is not None:
             picks.append((base, [confirmlib.RUNG_DEFAULTS]))
         picks = [(g.config, g.trial_number, roles) for g, roles in picks]
+        if base is None:  # the defaults failed here (or do not fit the limits): still measured at every rung
+            r0 = next((r for r in self.records if r.baseline == "llama.cpp defaults" and r.searched
+                       and r.config.effective_ctx() == working), None)
+            if r0 is not None:
+                picks.append((r0.config, r0.trial_number, [confirmlib.RUNG_DEFAULTS]))
         taken = {confirmlib.config_key(c) for c, _, _ in picks}
         # the alternative: the recommendation with the context-dependent values of the best config that has other
         # ones (only those differ, so the ladder shows their effect alone); kept as measured if llama.cpp would
         # refuse the mix (quantized V without flash attention)
-        other = next((g for g in groups if ctx_dims(g.config) != ctx_dims(win.config)), None)
+        other = next((g for g in groups if ctx_dims(g.config) != ctx_dims(win.config)
+                      and (self.quality is None or self.quality.judge(g.records[0])[0])), None)
         if other is not None:
             alt = dataclasses.replace(win.config, **{k: getattr(other.config, k) for k in CONTEXT_DIMS})
             alt = other.config if invalid_reason(alt) else alt
@@ -853,7 +866,8 @@ class Search:
         for n_ctx in rungs:
             for config, number, roles in picks:
                 cfg = space.rung_config(config, n_ctx)
-                c = confirmlib.Candidate(roles[0], cfg, number, roles=list(roles))
+                c = confirmlib.Candidate(roles[0], cfg, number,
+                                         roles=list(roles) + [f"{confirmlib.LADDER_OF}{win.trial_number}"])
                 old = earlier.get(confirmlib.config_key(cfg))
                 if old is not None and old.roles == c.roles:  # a resumed ladder goes on from the rounds it has
                     c.records = list(old.records)
@@ -881,8 +895,9 @@ class Search:
         fit: two trials there ran out of memory and none completed. Its failures stay recorded."""
         space = self.space
         while space.ladder and space.base.n_ctx != space.ladder[0]:
+            # the baselines (all layers on the GPU, f16 KV) are the likeliest to run out: they do not count
             here = [r for r in self.records if r.searched and r.config.effective_ctx() == space.base.n_ctx]
-            if any(r.ok for r in here) or sum(r.outcome == "oom" for r in here) < 2:
+            if any(r.ok for r in here) or sum(r.outcome == "oom" and not r.baseline for r in here) < 2:
                 return
             lower = max(c for c in space.ladder if c < space.base.n_ctx)
             print(f"note: nothing fits at n_ctx {space.base.n_ctx} ({sum(r.outcome == 'oom' for r in here)} trials "

@@ -172,6 +172,7 @@ class Worker:
             self.L.llama_memory_clear(mem, False)
             return False
         self.timing["depth_restore_ms"].append((time.perf_counter_ns() - t0) / 1e6)
+        self.depth_states[key] = self.depth_states.pop(key)  # least recently used goes first
         return True
 
     # -- measuring --------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ class Worker:
                 decode(arr, i, 1)
                 L.llama_synchronize(ctx)
 
-        def depth() -> None:
+        def depth(stage: str) -> None:
             # llama-bench prefills the depth before every repetition; a filled 32k context takes minutes on a
             # CPU, so it is filled once and its state restored from a file for each repetition (the cache then
             # holds the same cells, positions and sliding-window contents as after the fill)
@@ -296,10 +297,14 @@ class Worker:
                    cfg.n_ubatch)
             if self.depth_restore(ctx, key, cfg.n_depth):
                 return
+            self.emit("stage", stage="fill")  # setup, like the load: outside the trial timeout (tuner.runner)
+            if fault == "slow_fill":
+                time.sleep(float(os.environ.get("TUNER_SLOW_LOAD_S", "2")))
             t0 = time.perf_counter_ns()
             prompt(tokens(cfg.n_depth))
             self.timing["depth_fill_ms"].append((time.perf_counter_ns() - t0) / 1e6)
             self.depth_save(ctx, key)
+            self.emit("stage", stage=stage)
 
         n_prompt = cfg.n_prompt if do_pp else 0
         n_gen = cfg.n_gen if do_tg else 0
@@ -318,7 +323,7 @@ class Worker:
         if do_pp:
             self.emit("stage", stage="pp")
         for _ in range(cfg.repetitions if n_prompt else 0):
-            depth()
+            depth("pp")
             arr, first = tokens(n_prompt), tokens(1)
             t0 = time.perf_counter_ns()
             prompt(arr)
@@ -332,7 +337,7 @@ class Worker:
         if do_tg:
             self.emit("stage", stage="tg")
         for _ in range(cfg.repetitions if n_gen else 0):
-            depth()
+            depth("tg")
             arr = tokens(n_gen)
             t0 = time.perf_counter_ns()
             gen(arr)

@@ -174,7 +174,8 @@ def print_recommendation(rec: dict | None, study_dir: Path, written: bool = True
 def ladder_lines(rec: dict) -> list[str]:
     """The context ladder as the terminal shows it: per rung, the recommended config against the defaults at the
     same context and depth, and what its alternatives did there."""
-    ladder = rec.get("context_ladder") or []
+    # rows written before rungs were filled (no n_depth) are not shown as a ladder
+    ladder = [r for r in rec.get("context_ladder") or [] if "n_depth" in r]
     if not ladder:
         return []
     obj = rec["objective"]

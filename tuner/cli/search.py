@@ -90,8 +90,8 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
 
     Each dimension is a value, a list or a range: --ngl 0:61, --ctx 4096,8192, --threads 4:16:2. With only
     --model, the default space searches what matters on this machine (printed with the reasons); every trial
-    allocates the working context (--ctx, default 4096 capped by the model's trained context), and a list of
-    contexts also gives a context ladder. Before recommending, the top --confirm configs and llama.cpp's
+    allocates the working context (--ctx, default 4096 capped by the model's trained context). A list of
+    contexts is a ladder: searched at the largest, filled, then every rung measured filled, with the defaults. Before recommending, the top --confirm configs and llama.cpp's
     defaults are re-measured interleaved; the winner is decided on those samples.
     Out-of-memory, crashed and timed-out trials are recorded with their cause and steer the sampler
     away (Optuna constraints); configs a known OOM dominates are skipped. Results go to
@@ -104,7 +104,7 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
       tuner search --config experiments/cpu-only.toml
       tuner search --synthetic dense --n-trials 10
       tuner search -m Q8_0.gguf -m Q4_K_M.gguf -m Q2_K.gguf --reference BF16.gguf --max-kld 0.03
-      tuner search --model gemma-3-270m-q4_k_m.gguf --ctx 4096,16384,32768 --depth 1024
+      tuner search --model gemma-3-270m-q4_k_m.gguf --ctx 4096,16384,32768
       tuner search -m DeepSeek-V3-Q4_K_M-00001-of-00009.gguf --dry-run --gpus 24GiB,24GiB --ram 512GiB
     """
     if as_json and not dry_run:

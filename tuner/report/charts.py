@@ -743,7 +743,8 @@ def chart_context_ladder(study: Study, colours, **options) -> Chart:
     """What a filled context costs: tg and pp (left) and peak memory (right) of the recommended config and of the
     llama.cpp defaults at each rung, each filled to the rung's depth and measured interleaved."""
     fig = _figure(2)
-    ladder = (study.recommended or {}).get("context_ladder") or []
+    # rows written before rungs were filled (no n_depth) are not shown as a ladder
+    ladder = [r for r in (study.recommended or {}).get("context_ladder") or [] if "n_depth" in r]
     ch = Chart("9-context-ladder", "Context ladder",
                "The recommended config (solid) and the llama.cpp defaults (dashed) at each context of --ctx, each "
                "filled to the depth under the context (tuner search fills a rung unless --depth is given), measured "

@@ -105,7 +105,8 @@ def _recommendation_blocks(s: Study) -> list:
         if rows:
             out.append(("table", ["trial", "role", "n_ctx", "runs", f"median {obj}", "95 % interval",
                                   "peak memory"], rows))
-    ladder = rec.get("context_ladder") or []
+    # rows written before rungs were filled (no n_depth) are not shown as a ladder
+    ladder = [r for r in rec.get("context_ladder") or [] if "n_depth" in r]
     if ladder:
         def f(v):
             return f"{v:.2f}" if v is not None else "-"
