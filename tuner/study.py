@@ -23,6 +23,7 @@ import optuna
 
 from tuner import confirm as confirmlib
 from tuner import fit, planner, roofline, store
+from tuner import ladder as ladderlib
 from tuner import recommend as recommendlib
 from tuner import stats
 from tuner.fit import caps
@@ -31,7 +32,7 @@ from tuner.bench import resolve
 from tuner.ggufmeta import ModelInfo
 from tuner.record import FAILED, KV_TYPE_BYTES, TrialConfig, TrialRecord, utcnow
 from tuner.runner import Runner, TrialInterrupted, new_record
-from tuner.space import CONTEXT_DIMS, Space, invalid_reason
+from tuner.space import Space, invalid_reason
 from tuner.units import hms
 
 OBJECTIVES = ("tg", "pp", "ttft", "mixed")
@@ -430,7 +431,6 @@ class Search:
     def _duplicate(self, trial: optuna.Trial, first: int, key: tuple) -> None:
         """A config measured before: tell the sampler its pooled figure instead of measuring it again, and
         steer the next ask to a config not measured yet (TPE repeats itself on small discrete spaces)."""
-        import dataclasses
 
         same = [r for r in self.records if r.searched and confirmlib.config_key(r.config) == key]
         prev = next((r for r in same if r.trial_number == first), same[0])
@@ -799,82 +799,16 @@ class Search:
 
     # -- the context ladder ----------------------------------------------------------------------------
     def ladder_candidates(self) -> list[confirmlib.Candidate]:
-        """The recommended config, the llama.cpp defaults and the recommended config's alternatives at every rung
-        up to the working context, each at the rung's depth (tuner.space.Space.rung_config).
-
-        The alternatives are measured configs of the search: the best one that differs from the recommendation
-        in a context-dependent dimension (tuner.space.CONTEXT_DIMS: its best value may change with the context),
-        and as a control the best one that differs only in others (threads...: if the control beats the
-        recommendation at some rung, the split of the dimensions does not hold on this rig, and the ladder says
-        so)."""
-        space = self.space
-        working = space.base.n_ctx
-        rungs = [c for c in space.ladder if c <= working]
-        if len(rungs) < 2 or self.opts.pareto:
+        """The ladder's runs for the current recommendation (tuner.ladder.candidates)."""
+        if len(self.space.ladder) < 2 or self.opts.pareto:
             return []
         rec = recommendlib.recommend(self.records, self.hw, self.opts.limits, self.opts.objective,
                                      quality=self.quality)
         if rec is None:
             return []
-        groups = confirmlib.pool([r for r in self.records if r.searched and r.ok and
-                                  r.objective(self.opts.objective) is not None and fits(r, self.hw, self.opts.limits)
-                                  and r.config.effective_ctx() == working])
-        groups = confirmlib.prefer_clean(groups)
-        win = next((g for g in groups if g.trial_number == rec["trial_number"]), None)
-        if win is None:
-            return []
-        sign = -1 if self.opts.objective == "ttft" else 1
-        groups.sort(key=lambda g: -sign * g.estimate(self.opts.objective))
-
-        def ctx_dims(cfg):
-            return tuple(getattr(cfg, k) for k in CONTEXT_DIMS)
-
-        picks = [(win, [confirmlib.RUNG])]
-        base = next((g for g in groups if any(r.baseline == "llama.cpp defaults" for r in g.records)), None)
-        if base is win:
-            picks[0][1].append(confirmlib.RUNG_DEFAULTS)
-        elif base is not None:
-            picks.append((base, [confirmlib.RUNG_DEFAULTS]))
-        picks = [(g.config, g.trial_number, roles) for g, roles in picks]
-        if base is None:  # the defaults failed here (or do not fit the limits): still measured at every rung
-            r0 = next((r for r in self.records if r.baseline == "llama.cpp defaults" and r.searched
-                       and r.config.effective_ctx() == working), None)
-            if r0 is not None:
-                picks.append((r0.config, r0.trial_number, [confirmlib.RUNG_DEFAULTS]))
-        taken = {confirmlib.config_key(c) for c, _, _ in picks}
-        # the alternative: the recommendation with the context-dependent values of the best config that has other
-        # ones (only those differ, so the ladder shows their effect alone); kept as measured if llama.cpp would
-        # refuse the mix (quantized V without flash attention)
-        other = next((g for g in groups if ctx_dims(g.config) != ctx_dims(win.config)
-                      and (self.quality is None or self.quality.judge(g.records[0])[0])), None)
-        if other is not None:
-            alt = dataclasses.replace(win.config, **{k: getattr(other.config, k) for k in CONTEXT_DIMS})
-            alt = other.config if invalid_reason(alt) else alt
-            same = next((p for p in picks if confirmlib.config_key(p[0]) == confirmlib.config_key(alt)), None)
-            if same is not None:  # the defaults are that alternative: compared as one too
-                same[2].append(confirmlib.RUNG_ALT)
-            else:
-                picks.append((alt, other.trial_number, [confirmlib.RUNG_ALT]))
-                taken.add(confirmlib.config_key(alt))
-        # the control: the best config with the recommendation's context-dependent values and other others
-        control = next((g for g in groups if ctx_dims(g.config) == ctx_dims(win.config)
-                        and confirmlib.config_key(g.config) not in taken
-                        and (self.quality is None or self.quality.judge(g.records[0])[0])), None)
-        if control is not None:
-            picks.append((control.config, control.trial_number, [confirmlib.RUNG_CONTROL]))
-        earlier = {confirmlib.config_key(c.config): c for c in confirmlib.candidates_from_records(self.records)
-                   if c.is_rung}
-        out = []
-        for n_ctx in rungs:
-            for config, number, roles in picks:
-                cfg = space.rung_config(config, n_ctx)
-                c = confirmlib.Candidate(roles[0], cfg, number,
-                                         roles=list(roles) + [f"{confirmlib.LADDER_OF}{win.trial_number}"])
-                old = earlier.get(confirmlib.config_key(cfg))
-                if old is not None and old.roles == c.roles:  # a resumed ladder goes on from the rounds it has
-                    c.records = list(old.records)
-                out.append(c)
-        return out
+        return ladderlib.candidates(self.space, self.records, rec["trial_number"], self.opts.objective,
+                                    fits=lambda r: fits(r, self.hw, self.opts.limits),
+                                    allowed=lambda r: self.quality is None or self.quality.judge(r)[0])
 
     def ladder(self) -> bool:
         """Measure the ladder (tuner.confirm.run_ladder) for the race's minimum of rounds; False when stopped."""
@@ -893,19 +827,12 @@ class Search:
             self.laddering = None
 
     def settle_rung(self) -> None:
-        """The working rung steps down the ladder when the planner let it through but the trials say it does not
-        fit: two trials there ran out of memory and none completed. Its failures stay recorded."""
-        space = self.space
-        while space.ladder and space.base.n_ctx != space.ladder[0]:
-            # the baselines (all layers on the GPU, f16 KV) are the likeliest to run out: they do not count
-            here = [r for r in self.records if r.searched and r.config.effective_ctx() == space.base.n_ctx]
-            if any(r.ok for r in here) or sum(r.outcome == "oom" and not r.baseline for r in here) < 2:
-                return
-            lower = max(c for c in space.ladder if c < space.base.n_ctx)
-            print(f"note: nothing fits at n_ctx {space.base.n_ctx} ({sum(r.outcome == 'oom' for r in here)} trials "
-                  f"ran out of memory, none completed): the working context steps down the ladder to {lower}",
-                  file=sys.stderr)
-            space.set_working(lower)
+        """Step the working rung down the ladder while the trials say it does not fit (tuner.ladder.step_down);
+        the baselines run again at the new rung."""
+        while (lower := ladderlib.step_down(self.space, self.records)) is not None:
+            print(f"note: nothing fits at n_ctx {self.space.base.n_ctx} (the search's configs ran out of memory "
+                  f"there, none completed): the working context steps down the ladder to {lower}", file=sys.stderr)
+            self.space.set_working(lower)
             self._list_space()
             if self.opts.baselines and self.opts.sampler != "grid" and not any(
                     r.baseline and r.config.effective_ctx() == lower for r in self.records):
