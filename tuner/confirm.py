@@ -210,11 +210,10 @@ def candidates_from_records(records: list[TrialRecord]) -> list[Candidate]:
     for r in records:
         if r.state != CONFIRM_STATE or r.outcome == "interrupted":  # stopped by the user: run again on resume
             continue
-        roles = r.baseline.split("+")
+        roles = [x for x in r.baseline.split("+") if x] or [ROLE_TOP]
         k = (config_key(r.config), tuple(x for x in roles if x.startswith(LADDER_OF)),
              any(x in RUNG_ROLES for x in roles))
         if k not in out:
-            roles = [x for x in r.baseline.split("+") if x] or [ROLE_TOP]
             out[k] = Candidate(roles[0], r.config, r.trial_number, roles=roles)
         out[k].records.append(r)
     return list(out.values())
@@ -396,14 +395,15 @@ def rung_figures(cands: list[Candidate], objective: str, alpha: float = ALPHA,
         rec = next((c for c in here if c.has(RUNG)), None)
         if rec is None:
             continue
+        # the defaults: their own runs, or the recommendation's when it is the defaults
+        base = next((c for c in here if c.has(RUNG_DEFAULTS) and c is not rec), None) or \
+            (rec if rec.has(RUNG_DEFAULTS) else None)
         row = {"n_ctx": n_ctx, "n_depth": rec.config.n_depth, "recommended": rec, "rounds": len(rec.records),
-               "defaults": next((c for c in here if c.has(RUNG_DEFAULTS) and c is not rec), None),
-               "alternatives": []}
-        base = row["defaults"] or (rec if rec.has(RUNG_DEFAULTS) else None)
-        if base is not None and base is not rec and rec.rounds(objective) and base.rounds(objective):
-            row["vs_defaults"] = _vs(rec, base, objective, alpha, min_effect)
-        elif base is rec:
+               "defaults": base, "alternatives": []}
+        if base is rec:
             row["vs_defaults"] = {"ratio": 1.0, "ci95": [1.0, 1.0], "p": None, "verdict": "same config"}
+        elif base is not None and rec.rounds(objective) and base.rounds(objective):
+            row["vs_defaults"] = _vs(rec, base, objective, alpha, min_effect)
         for c in here:
             if (c.has(RUNG_ALT) or c.has(RUNG_CONTROL)) and c is not rec and c.rounds(objective):
                 row["alternatives"].append((c, _vs(c, rec, objective, alpha, min_effect)))

@@ -13,7 +13,7 @@ from tuner import confirm as confirmlib
 from tuner.record import TrialRecord
 from tuner.space import CONTEXT_DIMS, Space, invalid_reason
 
-DEFAULTS = "llama.cpp defaults"
+DEFAULTS = confirmlib.ROLE_BASELINE  # the baseline label its search trial carries
 OOMS_TO_STEP = 2  # OOMs of the search's own configs (not the baselines) at a rung with nothing completed
 
 

@@ -217,10 +217,9 @@ def context_ladder(rungs: list[confirm.Candidate], objective: str) -> list[dict]
     and each alternative in a context-dependent dimension (or the control) against the recommended config."""
     rows = []
     for f in confirm.rung_figures(rungs, objective):
-        rec, base = f["recommended"], f["defaults"]
+        rec, base = f["recommended"], f["defaults"]  # base is rec when the recommendation is the defaults
         row = {"n_ctx": f["n_ctx"], "n_depth": f["n_depth"], "trial_number": rec.trial_number, "confirmed": True,
                "rounds": f["rounds"], "config": confirm._short(rec.config), **rung_metrics(rec, objective)}
-        base = base or (rec if rec.has(confirm.RUNG_DEFAULTS) else None)  # the recommendation is the defaults
         if base is not None:
             row["defaults"] = {"trial_number": base.trial_number, "config": confirm._short(base.config),
                                **rung_metrics(base, objective)}
