@@ -135,7 +135,10 @@ def test_context_ladder_searches_once_and_measures_every_rung_filled_against_the
     rungs = runs[runs["baseline"].str.contains("rung")]
     # every rung candidate (recommended, defaults/alternative) for 5 rounds at each of the 2 rungs, filled
     assert len(rungs) == 2 * 2 * 5 and set(zip(rungs["n_ctx"], rungs["n_depth"])) == {(256, 236), (1024, 1004)}
-    assert rungs["depth_fill_ms"].notna().sum() >= 2  # filled once per worker and KV settings, then restored
+    # filled at most once per rung and KV settings (the search may have filled the working rung already), then
+    # restored by every later run, each in a fresh worker
+    kv = rungs[["n_ctx", "n_depth", "flash_attn", "type_k", "type_v", "n_ubatch", "n_gpu_layers"]].drop_duplicates()
+    assert 1 <= rungs["depth_fill_ms"].notna().sum() <= len(kv) < len(rungs)
     assert rungs["depth_restore_ms"].notna().all()
     assert "context ladder: the recommended config (#" in res.output
     assert re.search(r"^ +256 +236 ", res.output, re.M) and re.search(r"^ +1024 +1004 ", res.output, re.M)

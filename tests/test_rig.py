@@ -321,10 +321,11 @@ def test_search_loads_each_load_key_once(models, tmp_path):
 
 def test_a_depth_is_filled_once_and_restored_for_each_repetition(models):
     """-d N: the filled context is saved to a state file after the first fill and restored before every other
-    repetition (and for the next trial with the same context settings in the same worker)."""
+    repetition, and for any later trial with the same context settings: the file is the runner's, so a fresh
+    worker (every trial gets one here, as in the race and the ladder) restores it too."""
     cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, n_depth=200,
                                     n_ctx=512, repetitions=3, n_threads=1))
-    with Runner(timeout=120, reuse=True) as runner:
+    with Runner(timeout=120, reuse=False) as runner:
         first = runner.run(cfg)
         again = runner.run(dataclasses.replace(cfg, n_threads=2))  # threads never change the cache
         other = runner.run(dataclasses.replace(cfg, n_depth=300))  # another depth: filled anew
@@ -332,7 +333,8 @@ def test_a_depth_is_filled_once_and_restored_for_each_repetition(models):
         states = [f for f in os.listdir(tmp) if ".state" in f]
     assert first.ok and again.ok and other.ok, (first.cause, again.cause, other.cause)
     assert first.depth_fill_ms and first.depth_fill_ms > 0 and first.depth_restore_ms is not None
-    assert again.depth_fill_ms is None and again.depth_restore_ms is not None  # nothing filled: restored
+    assert again.model_loaded  # another worker...
+    assert again.depth_fill_ms is None and again.depth_restore_ms is not None  # ...and nothing filled: restored
     assert other.depth_fill_ms and other.depth_fill_ms > 0
     assert len(first.pp_samples) == 3 and len(first.tg_samples) == 3
     assert 1 <= len(states) <= 4

@@ -144,15 +144,18 @@ def test_recommend_rederives_under_other_limits(study10):
 def test_a_rung_that_runs_out_of_memory_steps_the_ladder_down_and_dominated_configs_never_run(models, tmp_path,
                                                                                                  host_only):
     """A 150 MiB cap makes n_ctx >= 16384 fail for real (the planner, which knows nothing of --mem-limit, lets
-    them through): after two OOMs and no success at a rung, the search steps down to the next one."""
+    them through): after two OOMs and no success at a rung, the search steps down to the next one. `--depth 256`:
+    every rung is filled to 256 tokens, not to its end (a 16k fill under this cap takes about a minute per run,
+    and the OOMs here come at context creation, which the depth does not change)."""
     res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "2048,8192,16384,32768,65536",
-               "-ub", "64,128,256,512", "-t", "1", *SHAPE, "--n-trials", "18", "--mem-limit", "150MiB",
-               "--no-auto-space", "--no-confirm", "--drift-every", "0", "--results", str(tmp_path), "--study", "oom",
-               "--seed", "3"])
+               "-ub", "64,128,256,512", "-t", "1", *SHAPE, "--depth", "256", "--n-trials", "18",
+               "--mem-limit", "150MiB", "--no-auto-space", "--no-confirm", "--drift-every", "0",
+               "--results", str(tmp_path), "--study", "oom", "--seed", "3"])
     assert res.exit_code == 0, res.output
     df = store.read(tmp_path / "oom")
     df = df[df["state"] != "confirm"].sort_values("trial_number")
     assert 11 <= len(df) <= 18 and (df["outcome"] == "ok").sum() >= 2
+    assert set(store.read(tmp_path / "oom")["n_depth"]) == {256}  # the search's and the ladder's runs alike
     ok_rungs = sorted(set(df[df["outcome"] == "ok"]["n_ctx"]))
     assert len(ok_rungs) == 1, "the search runs at one context once it has found one that fits"
     working = ok_rungs[0]

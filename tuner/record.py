@@ -150,8 +150,9 @@ class TrialRecord:
     vram_by: str = ""
     vram_device_by_gpu: list[int] = field(default_factory=list)  # the device-wide figure per GPU, whichever vram_by
     model_loaded: bool | None = None  # this trial loaded the model (False: a reused worker had it loaded)
-    # a depth (-d) is filled once per worker and context settings, then restored from a state file before each
-    # repetition: the fill this trial paid (None: restored from an earlier trial's) and the median restore
+    # a depth (-d) is filled once per run and context settings, then restored from a state file (the runner's,
+    # shared by its workers) before each repetition: the fill this trial paid (None: restored from an earlier
+    # trial's) and the median restore
     depth_fill_ms: float | None = None
     depth_restore_ms: float | None = None
     page_cache_pct: float | None = None  # share of the model file in the page cache just before that load

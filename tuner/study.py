@@ -665,7 +665,7 @@ class Search:
         return list(cands.values())
 
     def typical_trial_s(self) -> float:
-        """A run's typical wall time, without a depth fill: a fill is paid once per worker and KV settings, and
+        """A run's typical wall time, without a depth fill: a fill is paid once per run and KV settings, and
         the confirmation's and the ladder's runs mostly restore it."""
         walls = sorted(r.wall_s - (r.depth_fill_ms or 0) / 1000 for r in self.records if r.ok and r.wall_s)
         return walls[len(walls) // 2] if walls else 0.0

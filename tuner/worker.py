@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import resource
@@ -25,7 +26,7 @@ from tuner.units import physical_cores
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 SPLIT_MODE = {"none": 0, "layer": 1, "row": 2}
 # llama_decode: 1 = no KV slot for the batch, -2 = allocation failed (llama-context.cpp)
-DEPTH_STATES = 16  # filled-context state files a worker keeps (a ladder: rungs x configs of other KV settings)
+DEPTH_STATES = 16  # filled-context state files a runner keeps (a ladder: rungs x configs of other KV settings)
 DEPTH_BYTES = 8 << 30  # ... and at most this many bytes of them (a 32k-token state of a large model is GBs)
 DECODE_OOM = {1: "no KV cache slot for the batch (context full)", -2: "allocation failed during decode"}
 
@@ -81,7 +82,6 @@ class Worker:
         self.load_ms = None
         self.n_layer = None
         self.applied: list[str] = []
-        self.depth_states: dict[tuple, str] = {}  # filled contexts saved to files, see depth_restore
         self.timing = {"depth_fill_ms": [], "depth_restore_ms": []}
 
     def emit(self, event: str, **data) -> None:
@@ -142,27 +142,31 @@ class Worker:
     # -- a filled context, once -------------------------------------------------------------------
     def depth_save(self, ctx, key: tuple) -> None:
         """Keep the filled sequence's state in a file: its pages live in the page cache, not in this process's
-        memory (a copy in RAM would add a whole KV cache to the trial's peak). A few are kept (a trial's pp and
-        tg run in contexts of their own), the oldest removed."""
-        path = f"{_depth_file()}.{len(self.depth_states)}.{time.monotonic_ns()}"
-        if self.L.llama_state_seq_save_file(ctx, path.encode(), 0, (self.L.llama_token * 1)(), 0):
-            self.depth_states[key] = path
-        def size(p):
+        memory (a copy in RAM would add a whole KV cache to the trial's peak). The file is the runner's, not this
+        worker's: the race and the ladder interleave configs, a fresh worker each, and each would otherwise pay
+        the fill again (minutes at 32k on a CPU). A few are kept, the least recently used removed."""
+        path = _depth_file(key)
+        part = f"{path}.{os.getpid()}.part"  # a worker killed mid-save leaves no state that looks whole
+        if self.L.llama_state_seq_save_file(ctx, part.encode(), 0, (self.L.llama_token * 1)(), 0):
+            os.replace(part, path)
+        else:
             with contextlib.suppress(OSError):
-                return os.path.getsize(p)
-            return 0
-
-        while len(self.depth_states) > 1 and (len(self.depth_states) > DEPTH_STATES or
-                                              sum(map(size, self.depth_states.values())) > DEPTH_BYTES):
-            old = self.depth_states.pop(next(iter(self.depth_states)))
+                os.unlink(part)
+        states = []
+        for p in _depth_files():
             with contextlib.suppress(OSError):
-                os.unlink(old)
+                st = os.stat(p)
+                states.append((st.st_mtime_ns, st.st_size, p))
+        states.sort()
+        while len(states) > 1 and (len(states) > DEPTH_STATES or sum(s[1] for s in states) > DEPTH_BYTES):
+            with contextlib.suppress(OSError):
+                os.unlink(states.pop(0)[2])
 
     def depth_restore(self, ctx, key: tuple, n_depth: int) -> bool:
         """Restore the filled context saved for this key (False: fill it anew); checked: the sequence must end
         where the fill ended."""
-        path = self.depth_states.get(key)
-        if path is None:
+        path = _depth_file(key)
+        if not os.path.exists(path):
             return False
         t0 = time.perf_counter_ns()
         n = ctypes.c_size_t(0)
@@ -172,7 +176,8 @@ class Worker:
             self.L.llama_memory_clear(mem, False)
             return False
         self.timing["depth_restore_ms"].append((time.perf_counter_ns() - t0) / 1e6)
-        self.depth_states[key] = self.depth_states.pop(key)  # least recently used goes first
+        with contextlib.suppress(OSError):
+            os.utime(path)  # least recently used goes first
         return True
 
     # -- measuring --------------------------------------------------------------------------------
@@ -346,10 +351,22 @@ class Worker:
         return {"pp_samples": pp, "tg_samples": tg, "ttft_samples_ms": ttft}
 
 
-def _depth_file() -> str:
-    # in the runner's folder for this worker's files (removed with it, even after a SIGKILL of the worker)
-    folder = os.environ.get("TUNER_WORKER_TMP") or os.environ.get("TMPDIR") or "/tmp"
-    return os.path.join(folder, f"depth-{os.getpid()}.state")
+def _depth_folder() -> str:
+    # the runner's folder for its workers' files: shared by them, removed with the runner (not with a worker,
+    # so a SIGKILLed worker leaves nothing behind once the run ends)
+    return os.environ.get("TUNER_WORKER_TMP") or os.environ.get("TMPDIR") or "/tmp"
+
+
+def _depth_file(key: tuple) -> str:
+    # the key names everything the filled cache depends on (model and load, n_ctx, depth, KV types, flash
+    # attention, ubatch): the same key, the same cells whichever worker filled them
+    digest = hashlib.sha1(repr(key).encode()).hexdigest()[:20]
+    return os.path.join(_depth_folder(), f"depth-{digest}.state")
+
+
+def _depth_files() -> list[str]:
+    folder = _depth_folder()
+    return [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("depth-") and f.endswith(".state")]
 
 
 def effective_gpu_layers(requested: int, n_layer: int, offload: bool) -> int:
