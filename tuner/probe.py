@@ -7,8 +7,11 @@ are a few MB, measure what a token costs besides reading and multiplying weights
 rope): a line through them (numpy.polyfit) gives a fixed cost per token and one per layer. Each type's figure is
 then its own trial's time less those costs, divided by its bytes (tg) or FLOP (pp), counted by the same
 tuner.speed.terms that `speed.predict` adds up for any model. One trial per type decides its figure (a joint
-least-squares fit over all trials let a noisy trial zero out another type's figure). A numpy copy gives the
-plain memory bandwidth beside them.
+least-squares fit over all trials let a noisy trial zero out another type's figure). A MoE (8 experts, 2 used,
+one type) then measures what routed experts cost beyond their weights: its time less what the figures so far
+predict is, in tg, a cost per MoE layer (top-k, gathers, the weighted sum) and, in pp, a factor on the experts'
+matrix products (each multiplies only its share of the batch's rows). A numpy copy gives the plain memory
+bandwidth beside them.
 
 GPU (only where the installed build can offload, hardware.build_info()['gpu_offload']): the same models fully
 offloaded give the device's per-type figures, and a pinned host→device copy through the CUDA driver the link
@@ -35,16 +38,19 @@ from tuner.ggufmeta import read_model
 from tuner.record import TrialConfig
 from tuner.roofline import cache_dir
 
-VERSION = 1
+VERSION = 2  # 2: the MoE figures (tg_moe_layer_s, pp_moe_factor)
 # ggml type → the ftype whose --pure quantization is that type everywhere
 TYPES = {"F16": "f16", "Q8_0": "q8_0", "Q6_K": "q6_k", "Q5_K": "q5_k_m", "Q5_0": "q5_0", "Q4_K": "q4_k_m",
          "Q4_0": "q4_0", "Q3_K": "q3_k_m", "Q2_K": "q2_k"}
 # "wide": one model per type (8 × 15 M weights: 40 MB at Q2_K to 240 MB at F16, beyond a 32 MB L3); "overhead":
-# 0.5 M weights a layer (0.6 MB at Q8_0), built at OVERHEAD_LAYERS depths, for the costs that are not weights.
+# 0.5 M weights a layer (0.6 MB at Q8_0), built at OVERHEAD_LAYERS depths, for the costs that are not weights;
+# "moe": 8 layers of 8 experts, 2 used (100 M expert weights, 27 MB of them read per token at Q8_0).
 SHAPES = {"wide": dict(n_embd=1024, n_ff=4096, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048),
-          "overhead": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=512)}
+          "overhead": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=512),
+          "moe": dict(n_embd=1024, n_ff=512, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048, n_expert=8,
+                      n_expert_used=2)}
 OVERHEAD_LAYERS = (2, 16)
-OVERHEAD_TYPE = "Q8_0"
+OVERHEAD_TYPE = MOE_TYPE = "Q8_0"
 SHAPE = {"n_prompt": 128, "n_gen": 32}  # the test shape of the probe's trials (pp128, tg32)
 
 
@@ -105,6 +111,8 @@ def models(folder: Path, types: list[str], defs: dict[str, dict] = SHAPES) -> li
     ftypes = synth.quant_ftypes()
     plan = [("wide", "wide", defs["wide"], ty) for ty in types]
     plan += [("overhead", f"overhead{n}", dict(defs["overhead"], n_layer=n), OVERHEAD_TYPE) for n in OVERHEAD_LAYERS]
+    if "moe" in defs:
+        plan.append(("moe", "moe", defs["moe"], MOE_TYPE))
     out = []
     for role, name, dims, ty in plan:
         base = folder / f"{name}-f16.gguf"
@@ -196,10 +204,31 @@ def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = 
         fig["tg_s_per_byte"][ty] = s_byte
         fig["pp_s_per_flop"][ty] = max(t_pp - fixed_pp - out_s, 0.1 * t_pp) / own_f
         fig["overhead_share"][ty] = {"tg": min(fixed_tg / t_tg, 1.0), "pp": min((fixed_pp + out_s) / t_pp, 1.0)}
+    for r in (r for r in sel if r["role"] == "moe"):
+        fig.update(_moe_figures(r, fig, counted(r), gpu))
     # readable beside them: effective GB/s and GFLOP/s per type
     fig["tg_gbps"] = {t: 1e-9 / v for t, v in fig["tg_s_per_byte"].items()}
     fig["pp_gflops"] = {t: 1e-9 / v for t, v in fig["pp_s_per_flop"].items()}
     return fig
+
+
+def _moe_figures(r: dict, fig: dict, tm: speed.Terms, gpu: bool) -> dict:
+    """What the MoE trial `r` took beyond the dense figures' prediction: per MoE layer and generated token (the
+    routing), and as a factor on the experts' pp FLOP time (their products get a few rows each)."""
+    backend = speed.DEVICE if gpu else speed.HOST
+    # the figures so far, as speed.predict reads them (the CPU's per thread count)
+    probe = {"shape": SHAPE, backend: fig if gpu else {str(r["threads"]): fig}}
+    base = speed.predict(read_model(r["model"]), probe, r["threads"], n_gpu_layers=-1 if gpu else 0,
+                         gpu_offload=gpu, **SHAPE)
+    n_moe = tm.moe_layers.get(backend, 0)
+    exp_s = sum(f * speed.rate(fig, "pp_s_per_flop", ty, set()) for (w, ty), f in tm.exp_pp_flops.items()
+                if w == backend)
+    if not (n_moe and exp_s and base.pred_tg_tps and base.pred_pp_tps):
+        return {}
+    extra_tg = 1.0 / r["tg_tps"] - 1.0 / base.pred_tg_tps
+    extra_pp = 1.0 / r["pp_tps"] - 1.0 / base.pred_pp_tps
+    # a cost is never negative; a factor below a tenth would say the experts ran for free
+    return {"tg_moe_layer_s": max(extra_tg / n_moe, 0.0), "pp_moe_factor": max(1.0 + extra_pp / exp_s, 0.1)}
 
 
 def link_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float | None:
@@ -297,6 +326,10 @@ def summary(data: dict) -> str:
         lines.append(f"{b}{t}: fixed {1e6 * f['tg_fixed_s']:.0f} µs + {1e6 * f['tg_layer_s']:.0f} µs/layer per "
                      f"generated token, {1e6 * f['pp_fixed_s']:.0f} µs + {1e6 * f['pp_layer_s']:.1f} µs/layer per "
                      "prompt token")
+    for b, t, f in cols:
+        if "pp_moe_factor" in f:
+            lines.append(f"{b}{t} MoE: {1e6 * f['tg_moe_layer_s']:.0f} µs per MoE layer per generated token (routing), "
+                         f"expert products in pp x{f['pp_moe_factor']:.2f} the time of dense ones")
     bw = ", ".join(f"{t} threads {v / 1e9:.1f} GB/s" for t, v in data["host_bandwidth_bytes_per_s"].items())
     lines.append(f"memory copy bandwidth (numpy): {bw}")
     if data.get("gpu_note"):

@@ -6,7 +6,9 @@ embedding one row, the KV cache filled so far) and the multiply-adds of a prompt
 in use; the output matrix runs once per batch, since only the last token's logits are computed). The rig probe
 (tuner.probe) measured, per type and thread count, seconds per byte (tg) and per FLOP (pp) of llama.cpp's
 kernels on one-type models beyond the caches, plus a fixed cost per layer and per token (graph launch, thread
-barriers); `predict` adds them up. It is a prediction of what `tuner bench` would measure, not a bound.
+barriers), and what routed experts cost beyond their weights (measured on a MoE: the routing per MoE layer and
+token in tg, the expert matrix products' efficiency at the few rows each expert gets in pp); `predict` adds
+them up. It is a prediction of what `tuner bench` would measure, not a bound.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Terms:
     out_bytes: dict = field(default_factory=lambda: defaultdict(float))  # read once per prompt batch
     link_bytes: float = 0.0  # host weights a GPU build copies to the device per prompt batch (op offload)
     layers: dict = field(default_factory=lambda: defaultdict(int))  # blocks per backend
+    # the routed experts' share of pp_flops, and the MoE layers per backend (where their experts are)
+    exp_pp_flops: dict = field(default_factory=lambda: defaultdict(float))
+    moe_layers: dict = field(default_factory=lambda: defaultdict(int))
 
 
 def _bytes(type_name: str, n_elements: int) -> int:
@@ -60,6 +65,7 @@ def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None
     frac = info.n_expert_used / info.n_expert if info.n_expert else 1.0
     out = Terms()
     n_prompt = max(cfg.n_prompt, 1)
+    moe_layers: dict = {}
     for t, on_host in zip(info.tensors, host):
         where = HOST if on_host else DEVICE
         ty = types.get(t.name, t.type)
@@ -80,9 +86,14 @@ def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None
         out.tg_bytes[(where, ty)] += full * active
         if len(t.shape) >= 2:
             out.pp_flops[(where, ty)] += 2.0 * t.n_elements * active
+            if t.group == "exps":
+                out.exp_pp_flops[(where, ty)] += 2.0 * t.n_elements * active
+                moe_layers[t.layer] = where
             if where == HOST and gpu_offload and n_prompt >= OP_OFFLOAD_MIN_BATCH:
                 # with a GPU present a host matrix still runs on the GPU for a batch: copied over per batch
                 out.link_bytes += full / n_prompt
+    for where in moe_layers.values():
+        out.moe_layers[where] += 1
     # attention: the KV cache read per generated token (tg) and the score/value products per prompt token (pp)
     cells = cfg.n_depth + cfg.n_gen // 2 + 1  # mean fill over the tg test, as the roofline counts it
     kv_type = KV_TYPE.get(cfg.type_k, "F16")
@@ -196,6 +207,7 @@ def predict(info: ModelInfo, probe: dict, threads: int, quant: str | None = None
         if fig is None:
             continue
         tg += sum(b * rate(fig, "tg_s_per_byte", ty, unprobed) for (w, ty), b in tm.tg_bytes.items() if w == backend)
+        tg += tm.moe_layers.get(backend, 0) * fig.get("tg_moe_layer_s", 0.0)  # routing: top-k, gathers, sums
         # the fixed costs belong to a backend that runs layers or the output matrix (not a lone embedding row)
         active = tm.layers.get(backend, 0) > 0 or any(w == backend for w, _ in tm.out_bytes)
         if not active:
@@ -205,6 +217,9 @@ def predict(info: ModelInfo, probe: dict, threads: int, quant: str | None = None
         pp_fig = gpu if backend == HOST and tm.link_bytes else fig
         pp += sum(f * rate(pp_fig, "pp_s_per_flop", ty, unprobed) for (w, ty), f in tm.pp_flops.items()
                   if w == backend)
+        # each expert multiplies only the rows routed to it: fewer rows, a less efficient product than a dense one
+        pp += (pp_fig.get("pp_moe_factor", 1.0) - 1.0) * sum(
+            f * rate(pp_fig, "pp_s_per_flop", ty, unprobed) for (w, ty), f in tm.exp_pp_flops.items() if w == backend)
         pp += sum(b * rate(fig, "tg_s_per_byte", ty, unprobed) for (w, ty), b in tm.out_bytes.items()
                   if w == backend) / n_prompt
         # the fixed costs are per batch, fitted per token at the probe's prompt length
