@@ -211,8 +211,8 @@ def test_probe_measures_llama_cpp_and_estimate_uses_it(tmp_path, models):
     assert path == tmp_path / "p.json" and probe.load(path) == json.loads(path.read_text())
     assert (data["hw_fingerprint"], data["build_fingerprint"]) == probe.fingerprints()
     assert sorted((r["type"], r["role"]) for r in data["trials"]) == [
-        ("F16", "wide"), ("Q4_0", "wide"), ("Q8_0", "moe"), ("Q8_0", "overhead"), ("Q8_0", "overhead"),
-        ("Q8_0", "wide")]
+        ("F16", "moe"), ("F16", "wide"), ("Q4_0", "moe"), ("Q4_0", "wide"), ("Q8_0", "moe"), ("Q8_0", "overhead"),
+        ("Q8_0", "overhead"), ("Q8_0", "wide")]
     assert all(r["tg_tps"] > 0 and r["pp_tps"] > 0 and r["threads"] == 1 for r in data["trials"])
     fig = data["cpu"]["1"]
     assert set(fig["tg_s_per_byte"]) == set(fig["pp_s_per_flop"]) == {"Q8_0", "Q4_0", "F16"}
@@ -227,15 +227,17 @@ def test_probe_measures_llama_cpp_and_estimate_uses_it(tmp_path, models):
             p = speed.predict(read_model(r["model"]), data, 1, n_prompt=128, n_gen=32)
             assert p.pred_tg_tps == pytest.approx(r["tg_tps"], rel=1e-6)
             assert p.pred_pp_tps == pytest.approx(r["pp_tps"], rel=1e-6)
-    # the MoE: what its experts cost beyond their weights is fitted on it, so it too is reproduced (unless a
-    # figure sits at its floor: a negative routing cost, a factor under a tenth)
-    moe = next(r for r in data["trials"] if r["role"] == "moe")
-    assert fig["tg_moe_layer_s"] >= 0 and fig["pp_moe_factor"] >= 0.1
-    p = speed.predict(read_model(moe["model"]), data, 1, n_prompt=128, n_gen=32)
-    if fig["tg_moe_layer_s"] > 0:
-        assert p.pred_tg_tps == pytest.approx(moe["tg_tps"], rel=1e-6)
-    if fig["pp_moe_factor"] > 0.1:
-        assert p.pred_pp_tps == pytest.approx(moe["pp_tps"], rel=1e-6)
+    # the MoEs: what experts cost beyond their weights is fitted on them (pp: a factor per type; tg: one routing
+    # cost, the median of the types'), so their pp is reproduced, and the median type's tg (unless a figure sits
+    # at its floor: a negative routing cost, a factor under a tenth)
+    assert set(fig["pp_moe_factor"]) == set(fig["tg_moe_layer_s_by_type"]) == {"Q8_0", "Q4_0", "F16"}
+    assert fig["tg_moe_layer_s"] == sorted(fig["tg_moe_layer_s_by_type"].values())[1] >= 0
+    for moe in (r for r in data["trials"] if r["role"] == "moe"):
+        p = speed.predict(read_model(moe["model"]), data, 1, n_prompt=128, n_gen=32)
+        if fig["pp_moe_factor"][moe["type"]] > 0.1:
+            assert p.pred_pp_tps == pytest.approx(moe["pp_tps"], rel=1e-6), moe["type"]
+        if fig["tg_moe_layer_s_by_type"][moe["type"]] == fig["tg_moe_layer_s"] > 0:
+            assert p.pred_tg_tps == pytest.approx(moe["tg_tps"], rel=1e-6), moe["type"]
     # ...and a dense model's prediction does not change with them
     dense = read_model(next(r["model"] for r in data["trials"] if r["type"] == "Q8_0" and r["role"] == "wide"))
     bare = {**data, "cpu": {"1": {k: v for k, v in fig.items() if "moe" not in k}}}

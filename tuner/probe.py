@@ -7,11 +7,13 @@ are a few MB, measure what a token costs besides reading and multiplying weights
 rope): a line through them (numpy.polyfit) gives a fixed cost per token and one per layer. Each type's figure is
 then its own trial's time less those costs, divided by its bytes (tg) or FLOP (pp), counted by the same
 tuner.speed.terms that `speed.predict` adds up for any model. One trial per type decides its figure (a joint
-least-squares fit over all trials let a noisy trial zero out another type's figure). A MoE (8 experts, 2 used,
-one type) then measures what routed experts cost beyond their weights: its time less what the figures so far
-predict is, in tg, a cost per MoE layer (top-k, gathers, the weighted sum) and, in pp, a factor on the experts'
-matrix products (each multiplies only its share of the batch's rows). A numpy copy gives the plain memory
-bandwidth beside them.
+least-squares fit over all trials let a noisy trial zero out another type's figure). A MoE of each type (8
+experts, 2 used) then measures what routed experts cost beyond their weights: its time less what the dense
+figures predict is, in tg, a cost per MoE layer (top-k, gathers, the weighted sum; the median over the types)
+and, in pp, a factor per type on the experts' matrix products. That factor differs by type because ggml's
+expert product (mul_mat_id) has no tiled GEMM path where the dense one has (llamafile's sgemm takes Q8_0, Q4_0,
+F16, not the K-quants), and each expert gets only its share of the batch's rows. A numpy copy gives the plain
+memory bandwidth beside them.
 
 GPU (only where the installed build can offload, hardware.build_info()['gpu_offload']): the same models fully
 offloaded give the device's per-type figures, and a pinned host→device copy through the CUDA driver the link
@@ -44,13 +46,13 @@ TYPES = {"F16": "f16", "Q8_0": "q8_0", "Q6_K": "q6_k", "Q5_K": "q5_k_m", "Q5_0":
          "Q4_0": "q4_0", "Q3_K": "q3_k_m", "Q2_K": "q2_k"}
 # "wide": one model per type (8 × 15 M weights: 40 MB at Q2_K to 240 MB at F16, beyond a 32 MB L3); "overhead":
 # 0.5 M weights a layer (0.6 MB at Q8_0), built at OVERHEAD_LAYERS depths, for the costs that are not weights;
-# "moe": 8 layers of 8 experts, 2 used (100 M expert weights, 27 MB of them read per token at Q8_0).
+# "moe": 8 layers of 8 experts, 2 used, one per type (100 M expert weights, 27 MB of them read per token at Q8_0).
 SHAPES = {"wide": dict(n_embd=1024, n_ff=4096, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048),
           "overhead": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=512),
           "moe": dict(n_embd=1024, n_ff=512, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048, n_expert=8,
                       n_expert_used=2)}
 OVERHEAD_LAYERS = (2, 16)
-OVERHEAD_TYPE = MOE_TYPE = "Q8_0"
+OVERHEAD_TYPE = "Q8_0"
 SHAPE = {"n_prompt": 128, "n_gen": 32}  # the test shape of the probe's trials (pp128, tg32)
 
 
@@ -112,7 +114,7 @@ def models(folder: Path, types: list[str], defs: dict[str, dict] = SHAPES) -> li
     plan = [("wide", "wide", defs["wide"], ty) for ty in types]
     plan += [("overhead", f"overhead{n}", dict(defs["overhead"], n_layer=n), OVERHEAD_TYPE) for n in OVERHEAD_LAYERS]
     if "moe" in defs:
-        plan.append(("moe", "moe", defs["moe"], MOE_TYPE))
+        plan += [("moe", "moe", defs["moe"], ty) for ty in types]
     out = []
     for role, name, dims, ty in plan:
         base = folder / f"{name}-f16.gguf"
@@ -204,17 +206,24 @@ def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = 
         fig["tg_s_per_byte"][ty] = s_byte
         fig["pp_s_per_flop"][ty] = max(t_pp - fixed_pp - out_s, 0.1 * t_pp) / own_f
         fig["overhead_share"][ty] = {"tg": min(fixed_tg / t_tg, 1.0), "pp": min((fixed_pp + out_s) / t_pp, 1.0)}
+    dense = dict(fig)  # the MoE trials are judged against the dense figures alone
+    routing = {}
     for r in (r for r in sel if r["role"] == "moe"):
-        fig.update(_moe_figures(r, fig, counted(r), gpu))
+        got = _moe_figures(r, dense, counted(r), gpu)
+        if got:
+            routing[r["type"]], fig.setdefault("pp_moe_factor", {})[r["type"]] = got
+    if routing:
+        fig["tg_moe_layer_s_by_type"] = routing
+        fig["tg_moe_layer_s"] = float(np.median(list(routing.values())))  # one cost: the routing has no type
     # readable beside them: effective GB/s and GFLOP/s per type
     fig["tg_gbps"] = {t: 1e-9 / v for t, v in fig["tg_s_per_byte"].items()}
     fig["pp_gflops"] = {t: 1e-9 / v for t, v in fig["pp_s_per_flop"].items()}
     return fig
 
 
-def _moe_figures(r: dict, fig: dict, tm: speed.Terms, gpu: bool) -> dict:
-    """What the MoE trial `r` took beyond the dense figures' prediction: per MoE layer and generated token (the
-    routing), and as a factor on the experts' pp FLOP time (their products get a few rows each)."""
+def _moe_figures(r: dict, fig: dict, tm: speed.Terms, gpu: bool) -> tuple[float, float] | None:
+    """What the MoE trial `r` took beyond the dense figures' prediction: (seconds per MoE layer and generated
+    token: the routing, the factor on its type's pp FLOP time for expert products)."""
     backend = speed.DEVICE if gpu else speed.HOST
     # the figures so far, as speed.predict reads them (the CPU's per thread count)
     probe = {"shape": SHAPE, backend: fig if gpu else {str(r["threads"]): fig}}
@@ -224,11 +233,11 @@ def _moe_figures(r: dict, fig: dict, tm: speed.Terms, gpu: bool) -> dict:
     exp_s = sum(f * speed.rate(fig, "pp_s_per_flop", ty, set()) for (w, ty), f in tm.exp_pp_flops.items()
                 if w == backend)
     if not (n_moe and exp_s and base.pred_tg_tps and base.pred_pp_tps):
-        return {}
+        return None
     extra_tg = 1.0 / r["tg_tps"] - 1.0 / base.pred_tg_tps
     extra_pp = 1.0 / r["pp_tps"] - 1.0 / base.pred_pp_tps
     # a cost is never negative; a factor below a tenth would say the experts ran for free
-    return {"tg_moe_layer_s": max(extra_tg / n_moe, 0.0), "pp_moe_factor": max(1.0 + extra_pp / exp_s, 0.1)}
+    return max(extra_tg / n_moe, 0.0), max(1.0 + extra_pp / exp_s, 0.1)
 
 
 def link_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float | None:
@@ -327,9 +336,10 @@ def summary(data: dict) -> str:
                      f"generated token, {1e6 * f['pp_fixed_s']:.0f} µs + {1e6 * f['pp_layer_s']:.1f} µs/layer per "
                      "prompt token")
     for b, t, f in cols:
-        if "pp_moe_factor" in f:
-            lines.append(f"{b}{t} MoE: {1e6 * f['tg_moe_layer_s']:.0f} µs per MoE layer per generated token (routing), "
-                         f"expert products in pp x{f['pp_moe_factor']:.2f} the time of dense ones")
+        if f.get("pp_moe_factor"):
+            factors = ", ".join(f"{ty} x{v:.2f}" for ty, v in f["pp_moe_factor"].items())
+            lines.append(f"{b}{t} MoE: routing {1e6 * f['tg_moe_layer_s']:.0f} µs per MoE layer per generated token; "
+                         f"expert products in pp take, of a dense product's time: {factors}")
     bw = ", ".join(f"{t} threads {v / 1e9:.1f} GB/s" for t, v in data["host_bandwidth_bytes_per_s"].items())
     lines.append(f"memory copy bandwidth (numpy): {bw}")
     if data.get("gpu_note"):
