@@ -80,8 +80,10 @@ def measure(path: str, threads: int, n_prompt: int, n_gen: int, reps: int, out: 
             "tg_samples": rec.tg_samples, "pp_samples": rec.pp_samples, "loadavg_1m": [load, os.getloadavg()[0]]}
 
 
-def ranking_ok(rows: list[dict], threads: list[int]) -> dict:
-    """Per family with two or more quants and per thread count: predicted order of tg equals the measured one."""
+def ranking_ok(rows: list[dict], threads: list[int], rounds: list[dict] | None = None) -> dict:
+    """Per family with two or more quants and per thread count: predicted order of tg equals the measured one
+    (of the medians over rounds). Beside it, the pairs of quants every round measured in the same order (the
+    order the measurements resolve) and whether the prediction orders those alike."""
     out = {}
     for fam in sorted({r["family"] for r in rows}):
         for t in threads:
@@ -90,8 +92,38 @@ def ranking_ok(rows: list[dict], threads: list[int]) -> dict:
                 continue
             pred = [r["quant"] for r in sorted(sel, key=lambda r: -r["pred_tg_tps"])]
             meas = [r["quant"] for r in sorted(sel, key=lambda r: -r["tg_tps"])]
-            out[f"{fam} t{t}"] = {"predicted": pred, "measured": meas, "equal": pred == meas}
+            per_round = [{r["quant"]: r["tg_tps"] for r in rnd["rows"] if r["family"] == fam and r["threads"] == t}
+                         for rnd in rounds or []]
+            resolved = []
+            for i, a in enumerate(meas):
+                for b in meas[i + 1:]:
+                    if per_round and all(m[a] > m[b] for m in per_round):
+                        resolved.append([a, b])
+            agree = all(pred.index(a) < pred.index(b) for a, b in resolved)
+            out[f"{fam} t{t}"] = {"predicted": pred, "measured": meas, "equal": pred == meas,
+                                  "measured_by_round": [sorted(m, key=lambda q: -m[q]) for m in per_round],
+                                  "resolved_pairs": resolved, "resolved_equal": agree}
     return out
+
+
+def drift(rounds: list[dict]) -> dict:
+    """The machine's own movement: each pair's measured t/s in a later round against round 0, and each round's
+    errors less that round's common factor (its median signed error: what a faster or slower moment of the
+    whole machine shifts alike)."""
+    first = {(r["path"], r["threads"]): r for r in rounds[0]["rows"]}
+    ratios = [r[k] / first[(r["path"], r["threads"])][k] for rnd in rounds[1:] for r in rnd["rows"]
+              for k in ("tg_tps", "pp_tps")]
+    per_round = []
+    for rnd in rounds:
+        errs = [r[f"{k}_error"] for r in rnd["rows"] for k in ("tg", "pp")]
+        common = statistics.median(errs)
+        adj = [abs((1 + e) / (1 + common) - 1) for e in errs]
+        per_round.append({"round": rnd["round"], "common_error": common,
+                          "median_abs_error": statistics.median(abs(e) for e in errs),
+                          "median_abs_error_less_common": statistics.median(adj),
+                          "worst_abs_error_less_common": max(adj)})
+    return {"measured_vs_round0": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+            if ratios else None, "rounds": per_round}
 
 
 def summarize(rounds: list[dict], todo: list[dict], threads: list[int], args) -> dict:
@@ -110,7 +142,7 @@ def summarize(rounds: list[dict], todo: list[dict], threads: list[int], args) ->
                                  "loadavg_1m": [r["loadavg_1m"][0] for r in rs]})
     errs = {k: [abs(r[f"{k}_error"]) for r in summary_rows] for k in ("tg", "pp")}
     allerr = errs["tg"] + errs["pp"]
-    ranks = ranking_ok(summary_rows, threads)
+    ranks = ranking_ok(summary_rows, threads, rounds)
     result = {
         "what": "predicted (tuner probe + tuner.speed) vs measured (tuner bench) tg and pp t/s, CPU",
         "shape": {"n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.reps,
@@ -122,6 +154,8 @@ def summarize(rounds: list[dict], todo: list[dict], threads: list[int], args) ->
         "by_threads": {t: {k: statistics.median(abs(r[f"{k}_error"]) for r in summary_rows if r["threads"] == t)
                            for k in ("tg", "pp")} for t in threads},
         "ranking": ranks, "ranking_equal": all(v["equal"] for v in ranks.values()),
+        "ranking_resolved_equal": all(v["resolved_equal"] for v in ranks.values()),
+        "drift": drift(rounds),
         "targets": {"median_abs_error": 0.15, "worst_abs_error": 0.25},
         "pairs": summary_rows, "rounds": rounds,
     }
@@ -179,7 +213,15 @@ def main() -> int:
         last = path
     print(f"median |error| tg {100 * result['median_abs_error']['tg']:.1f} %, pp "
           f"{100 * result['median_abs_error']['pp']:.1f} %; worst tg {100 * result['worst_abs_error']['tg']:.1f} %, "
-          f"pp {100 * result['worst_abs_error']['pp']:.1f} %; ranking equal: {result['ranking_equal']}")
+          f"pp {100 * result['worst_abs_error']['pp']:.1f} %; ranking equal: {result['ranking_equal']} (on the "
+          f"pairs every round measured in one order: {result['ranking_resolved_equal']})")
+    d = result["drift"]
+    if d["measured_vs_round0"]:
+        print(f"the machine: a pair's t/s in a later round / round 0: median {d['measured_vs_round0']['median']:.2f}, "
+              f"{d['measured_vs_round0']['min']:.2f}-{d['measured_vs_round0']['max']:.2f}")
+    for r in d["rounds"]:
+        print(f"round {r['round']}: common error {100 * r['common_error']:+.1f} %; less it, median |error| "
+              f"{100 * r['median_abs_error_less_common']:.1f} %, worst {100 * r['worst_abs_error_less_common']:.1f} %")
     for r in result["pairs"]:
         print(f"  {r['family']:<18} {r['quant']:<7} t={r['threads']}: tg {r['tg_tps']:7.1f} pred {r['pred_tg_tps']:7.1f} "
               f"({100 * r['tg_error']:+5.1f} %)  pp {r['pp_tps']:7.1f} pred {r['pred_pp_tps']:7.1f} "

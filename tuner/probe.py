@@ -9,11 +9,12 @@ then its own trial's time less those costs, divided by its bytes (tg) or FLOP (p
 tuner.speed.terms that `speed.predict` adds up for any model. One trial per type decides its figure (a joint
 least-squares fit over all trials let a noisy trial zero out another type's figure). A MoE of each type (8
 experts, 2 used) then measures what routed experts cost beyond their weights: its time less what the dense
-figures predict is, in tg, a cost per MoE layer (top-k, gathers, the weighted sum; the median over the types)
-and, in pp, a factor per type on the experts' matrix products. That factor differs by type because ggml's
-expert product (mul_mat_id) has no tiled GEMM path where the dense one has (llamafile's sgemm takes Q8_0, Q4_0,
-F16, not the K-quants), and each expert gets only its share of the batch's rows. A numpy copy gives the plain
-memory bandwidth beside them.
+figures predict is, in tg, a cost per MoE layer (top-k, gathers, the weighted sum) and, in pp, a factor on the
+experts' matrix products (each gets only its share of the batch's rows, and ggml's expert product, mul_mat_id,
+has no tiled GEMM path where a dense product of some types has one). Both are the median over the types: one
+short trial per type moved the factor of the same type by up to 2x between two probes minutes apart on this
+shared 2-core VM (benchmarks/README.md, speed_accuracy), more than the types differ; each type's own figures are
+kept beside them. A numpy copy gives the plain memory bandwidth beside them.
 
 GPU (only where the installed build can offload, hardware.build_info()['gpu_offload']): the same models fully
 offloaded give the device's per-type figures, and a pinned host→device copy through the CUDA driver the link
@@ -207,14 +208,15 @@ def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = 
         fig["pp_s_per_flop"][ty] = max(t_pp - fixed_pp - out_s, 0.1 * t_pp) / own_f
         fig["overhead_share"][ty] = {"tg": min(fixed_tg / t_tg, 1.0), "pp": min((fixed_pp + out_s) / t_pp, 1.0)}
     dense = dict(fig)  # the MoE trials are judged against the dense figures alone
-    routing = {}
+    routing, factor = {}, {}
     for r in (r for r in sel if r["role"] == "moe"):
         got = _moe_figures(r, dense, counted(r), gpu)
         if got:
-            routing[r["type"]], fig.setdefault("pp_moe_factor", {})[r["type"]] = got
+            routing[r["type"]], factor[r["type"]] = got
     if routing:
-        fig["tg_moe_layer_s_by_type"] = routing
-        fig["tg_moe_layer_s"] = float(np.median(list(routing.values())))  # one cost: the routing has no type
+        fig["tg_moe_layer_s_by_type"], fig["pp_moe_factor_by_type"] = routing, factor
+        fig["tg_moe_layer_s"] = float(np.median(list(routing.values())))
+        fig["pp_moe_factor"] = float(np.median(list(factor.values())))
     # readable beside them: effective GB/s and GFLOP/s per type
     fig["tg_gbps"] = {t: 1e-9 / v for t, v in fig["tg_s_per_byte"].items()}
     fig["pp_gflops"] = {t: 1e-9 / v for t, v in fig["pp_s_per_flop"].items()}
@@ -337,9 +339,9 @@ def summary(data: dict) -> str:
                      "prompt token")
     for b, t, f in cols:
         if f.get("pp_moe_factor"):
-            factors = ", ".join(f"{ty} x{v:.2f}" for ty, v in f["pp_moe_factor"].items())
+            factors = ", ".join(f"{ty} x{v:.2f}" for ty, v in f["pp_moe_factor_by_type"].items())
             lines.append(f"{b}{t} MoE: routing {1e6 * f['tg_moe_layer_s']:.0f} µs per MoE layer per generated token; "
-                         f"expert products in pp take, of a dense product's time: {factors}")
+                         f"expert products in pp x{f['pp_moe_factor']:.2f} a dense product's time ({factors})")
     bw = ", ".join(f"{t} threads {v / 1e9:.1f} GB/s" for t, v in data["host_bandwidth_bytes_per_s"].items())
     lines.append(f"memory copy bandwidth (numpy): {bw}")
     if data.get("gpu_note"):

@@ -218,10 +218,8 @@ def predict(info: ModelInfo, probe: dict, threads: int, quant: str | None = None
         pp += sum(f * rate(pp_fig, "pp_s_per_flop", ty, unprobed) for (w, ty), f in tm.pp_flops.items()
                   if w == backend)
         # an expert's product (mul_mat_id) gets only the rows routed to it, and no tiled GEMM: the probe's factor
-        if pp_fig.get("pp_moe_factor"):
-            pp += sum((rate(pp_fig, "pp_moe_factor", ty, unprobed) - 1.0) * f
-                      * rate(pp_fig, "pp_s_per_flop", ty, unprobed)
-                      for (w, ty), f in tm.exp_pp_flops.items() if w == backend)
+        pp += (pp_fig.get("pp_moe_factor", 1.0) - 1.0) * sum(
+            f * rate(pp_fig, "pp_s_per_flop", ty, unprobed) for (w, ty), f in tm.exp_pp_flops.items() if w == backend)
         pp += sum(b * rate(fig, "tg_s_per_byte", ty, unprobed) for (w, ty), b in tm.out_bytes.items()
                   if w == backend) / n_prompt
         # the fixed costs are per batch, fitted per token at the probe's prompt length
