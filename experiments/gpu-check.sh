@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # GPU check for MoE hybrid offload (issue 8) and the test suite on a CUDA build, sized for ≤ 15 min on one H200
-# (16 cores): the CUDA build ~4-6 min (not measured here: estimated), synth ~1 min, the search capped at 150 s,
-# the rest ~1-2 min, the whole test suite ~3-5 min (estimated from ~3 min on 2 idle cores).
+# (16 cores): the CUDA build ~4-6 min (not measured here: estimated), synth ~1 min, the probe ~2 min (estimated),
+# the search capped at 150 s, the rest ~1-2 min, the whole test suite ~3-5 min (estimated from ~3 min on 2 idle
+# cores).
 #
 #   1. nvidia-smi                      GPU, driver (nvidia-smi.txt)
 #   2. CUDA llama-cpp-python           built from source into a venv (--no-binary, --force-reinstall), then tuner
 #   3. tuner hw                        must report GPU offload
 #   4. tuner synth                     a Mixtral-style MoE of a few GB (16 layers × 16 experts, q8_0)
 #   5. tuner bench -ngl 99             --n-cpu-moe 0 and 4: experts of 4 layers leave VRAM
+#  5b. tuner probe + speed (optional) the rig probe (GPU figures, link) at the bench's threads, then tuner.speed's
+#                                      tg/pp for step 5's two configs against what step 5 measured (speed-gpu.json)
 #  6a. tuner search --dry-run         the hybrid region the planner chooses under a VRAM cap (dry-run.json)
 #   6. tuner search                    the default space under --max-vram GPU_CHECK_HYBRID_CAP: a model bigger than
 #                                      the cap, so the answer is -ngl all --n-cpu-moe N (~12 trials, bounded)
@@ -231,6 +234,47 @@ bench() {
 }
 step bench-ncmoe4 bench 4
 step bench-ncmoe0 bench 0
+
+# -- 5b. speed before download on the GPU (issue 22): full offload and the hybrid split, predicted vs measured -----
+speed_gpu() {
+  local threads
+  threads=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["config"]["n_threads"])' "$OUT/bench-ncmoe0.json")
+  # the bench model's type, F16 (the KV cache) and a K-quant; only the bench's thread count: minutes, not tens
+  "$TUNER" probe -o "$OUT/probe.json" -t "$threads" --types Q8_0,F16,Q4_K -r 2
+  "$TUNER" probe --show -o "$OUT/probe.json"
+  "$PY" - "$OUT" "$MODEL" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+
+from tuner import hardware, probe, speed
+from tuner.ggufmeta import read_model
+
+out, model = Path(sys.argv[1]), sys.argv[2]
+rig, info = probe.load(out / "probe.json"), read_model(model)
+offload = bool(hardware.build_info()["gpu_offload"])
+rows = []
+for n in (0, 4):
+    b = json.loads((out / f"bench-ncmoe{n}.json").read_text())
+    if b["outcome"] != "ok":
+        continue
+    c = b["config"]
+    p = speed.predict(info, rig, c["n_threads"], n_gpu_layers=c["n_gpu_layers"], n_cpu_moe=n, n_prompt=c["n_prompt"],
+                      n_gen=c["n_gen"], gpu_offload=offload)
+    tg, pp = statistics.median(b["tg_samples"]), statistics.median(b["pp_samples"])
+    row = {"n_cpu_moe": n, "n_gpu_layers": c["n_gpu_layers"], "threads": c["n_threads"], "tg_tps": tg, "pp_tps": pp,
+           **p.to_dict()}
+    row["tg_error"] = p.pred_tg_tps / tg - 1 if p.pred_tg_tps else None
+    row["pp_error"] = p.pred_pp_tps / pp - 1 if p.pred_pp_tps else None
+    rows.append(row)
+    fmt = lambda e: "-" if e is None else f"{100 * e:+.1f} %"
+    print(f"-ngl {c['n_gpu_layers']} --n-cpu-moe {n}: tg {tg:.1f} pred {p.pred_tg_tps or 0:.1f} ({fmt(row['tg_error'])}), "
+          f"pp {pp:.1f} pred {p.pred_pp_tps or 0:.1f} ({fmt(row['pp_error'])}) {p.note}")
+(out / "speed-gpu.json").write_text(json.dumps({"gpu_offload": offload, "probe": str(out / "probe.json"),
+                                                "rows": rows}, indent=1))
+sys.exit(0 if rows and all(r["pred_tg_tps"] for r in rows) else 1)
+PY
+}
+step speed --optional speed_gpu
 
 # -- 6. the search ---------------------------------------------------------------------------------------------------
 # the GPU: the default space under a VRAM cap below the model's size (the hybrid region is the answer); the CPU
