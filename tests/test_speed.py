@@ -122,6 +122,29 @@ def test_gpu_layers_need_gpu_figures(models):
     assert full.pred_tg_tps > cpu.pred_tg_tps  # device bytes at the device rate
 
 
+def test_experts_in_ram_cost_host_layers_and_their_prompt_products_run_on_the_gpu(models):
+    """All layers on the GPU, the routed experts in RAM (--cpu-moe): every block runs partly on the host, so the
+    host's per-layer cost applies to each; a prompt batch multiplies the host experts on the GPU (op offload, the
+    weights copied over the link), so every FLOP, the experts' too, goes at the GPU's rate."""
+    info = read_model(models / "moe-q8_0.gguf")
+    cfg = TrialConfig(model=info.path, n_gpu_layers=99, cpu_moe=True, n_prompt=128, n_gen=32)
+    tm = speed.terms(info, cfg, gpu_offload=True)
+    assert tm.layers[speed.HOST] == tm.layers[speed.DEVICE] == info.n_layer
+    assert tm.moe_layers[speed.HOST] == info.n_layer and tm.exp_pp_flops and tm.link_bytes > 0
+
+    def pred(host_layer=0.0, gpu_flop=1e-13):
+        gpu = {**figures(s_per_byte=1e-12, s_per_flop=gpu_flop), "link_bytes_per_s": 2e10}
+        return speed.predict(info, probe_dict({2: figures(layer=host_layer)}, gpu=gpu), 2, n_gpu_layers=99,
+                             cpu_moe=True, gpu_offload=True)
+
+    base = pred()
+    assert 1 / pred(host_layer=1e-4).pred_tg_tps - 1 / base.pred_tg_tps == pytest.approx(info.n_layer * 1e-4)
+    flops = sum(tm.pp_flops.values())
+    assert 1 / pred(gpu_flop=2e-13).pred_pp_tps - 1 / base.pred_pp_tps == pytest.approx(flops * 1e-13, rel=1e-9)
+    # full offload: the host runs no block
+    assert speed.terms(info, dataclasses.replace(cfg, cpu_moe=False), gpu_offload=True).layers[speed.HOST] == 0
+
+
 def test_unmodelled_architecture_predicts_nothing(tmp_path, models):
     s = oracle.shape("llama", small=True)
     s = dataclasses.replace(s, arch="bloom", meta={k: v for k, v in s.meta.items() if k != ".rope.freq_base"})

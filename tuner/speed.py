@@ -45,7 +45,9 @@ class Terms:
     pp_flops: dict = field(default_factory=lambda: defaultdict(float))  # FLOP per prompt token (batch work)
     out_bytes: dict = field(default_factory=lambda: defaultdict(float))  # read once per prompt batch
     link_bytes: float = 0.0  # host weights a GPU build copies to the device per prompt batch (op offload)
-    layers: dict = field(default_factory=lambda: defaultdict(int))  # blocks per backend
+    # blocks that compute on each backend: a block whose experts stay in RAM (--n-cpu-moe) counts on both, since
+    # the host runs part of it, with its own graph split and thread barriers
+    layers: dict = field(default_factory=lambda: defaultdict(int))
     # the routed experts' share of pp_flops, and the MoE layers per backend (where their experts are)
     exp_pp_flops: dict = field(default_factory=lambda: defaultdict(float))
     moe_layers: dict = field(default_factory=lambda: defaultdict(int))
@@ -66,6 +68,7 @@ def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None
     out = Terms()
     n_prompt = max(cfg.n_prompt, 1)
     moe_layers: dict = {}
+    computes: dict = defaultdict(set)  # backend -> blocks with a weight matrix there
     for t, on_host in zip(info.tensors, host):
         where = HOST if on_host else DEVICE
         ty = types.get(t.name, t.type)
@@ -84,6 +87,8 @@ def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None
             continue
         active = frac if t.group == "exps" else 1.0
         out.tg_bytes[(where, ty)] += full * active
+        if len(t.shape) >= 2 and t.layer is not None:
+            computes[where].add(t.layer)
         if len(t.shape) >= 2:
             out.pp_flops[(where, ty)] += 2.0 * t.n_elements * active
             if t.group == "exps":
@@ -99,13 +104,15 @@ def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None
     kv_type = KV_TYPE.get(cfg.type_k, "F16")
     for il in range(info.n_layer):
         where = HOST if il < start else DEVICE
-        out.layers[where] += 1
+        computes[where].add(il)  # attention and its KV cache live with the block
         out.tg_bytes[(where, kv_type)] += planner.kv_layer_bytes(cfg, info, il, cells=cells)
         n_kv = cfg.n_depth + n_prompt / 2
         if planner.is_swa(info, il) and info.sliding_window:
             n_kv = min(n_kv, info.sliding_window)
         heads = info.n_head if isinstance(info.n_head, int) else max(info.n_head)
         out.pp_flops[(where, kv_type)] += 2.0 * heads * (info.head_dim_k + info.head_dim_v) * n_kv
+    for where, blocks in computes.items():
+        out.layers[where] = len(blocks)
     return out
 
 
