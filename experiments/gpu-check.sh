@@ -240,8 +240,7 @@ speed_gpu() {
   local threads
   threads=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["config"]["n_threads"])' "$OUT/bench-ncmoe0.json")
   # the bench model's type, F16 (the KV cache) and a K-quant; only the bench's thread count: minutes, not tens
-  "$TUNER" probe -o "$OUT/probe.json" -t "$threads" --types Q8_0,F16,Q4_K -r 2
-  "$TUNER" probe --show -o "$OUT/probe.json"
+  "$TUNER" probe -o "$OUT/probe.json" -t "$threads" --types Q8_0,F16,Q4_K -r 2  # prints its figures
   "$PY" - "$OUT" "$MODEL" <<'PY'
 import json, statistics, sys
 from pathlib import Path
@@ -252,6 +251,12 @@ from tuner.ggufmeta import read_model
 out, model = Path(sys.argv[1]), sys.argv[2]
 rig, info = probe.load(out / "probe.json"), read_model(model)
 offload = bool(hardware.build_info()["gpu_offload"])
+
+
+def fmt(e):
+    return "-" if e is None else f"{100 * e:+.1f} %"
+
+
 rows = []
 for n in (0, 4):
     b = json.loads((out / f"bench-ncmoe{n}.json").read_text())
@@ -266,7 +271,6 @@ for n in (0, 4):
     row["tg_error"] = p.pred_tg_tps / tg - 1 if p.pred_tg_tps else None
     row["pp_error"] = p.pred_pp_tps / pp - 1 if p.pred_pp_tps else None
     rows.append(row)
-    fmt = lambda e: "-" if e is None else f"{100 * e:+.1f} %"
     print(f"-ngl {c['n_gpu_layers']} --n-cpu-moe {n}: tg {tg:.1f} pred {p.pred_tg_tps or 0:.1f} ({fmt(row['tg_error'])}), "
           f"pp {pp:.1f} pred {p.pred_pp_tps or 0:.1f} ({fmt(row['pp_error'])}) {p.note}")
 (out / "speed-gpu.json").write_text(json.dumps({"gpu_offload": offload, "probe": str(out / "probe.json"),

@@ -67,8 +67,8 @@ def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None
     frac = info.n_expert_used / info.n_expert if info.n_expert else 1.0
     out = Terms()
     n_prompt = max(cfg.n_prompt, 1)
-    moe_layers: dict = {}
     computes: dict = defaultdict(set)  # backend -> blocks with a weight matrix there
+    experts: dict = defaultdict(set)  # backend -> blocks whose routed experts are there
     for t, on_host in zip(info.tensors, host):
         where = HOST if on_host else DEVICE
         ty = types.get(t.name, t.type)
@@ -87,18 +87,16 @@ def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None
             continue
         active = frac if t.group == "exps" else 1.0
         out.tg_bytes[(where, ty)] += full * active
-        if len(t.shape) >= 2 and t.layer is not None:
-            computes[where].add(t.layer)
         if len(t.shape) >= 2:
+            if t.layer is not None:
+                computes[where].add(t.layer)
             out.pp_flops[(where, ty)] += 2.0 * t.n_elements * active
             if t.group == "exps":
                 out.exp_pp_flops[(where, ty)] += 2.0 * t.n_elements * active
-                moe_layers[t.layer] = where
+                experts[where].add(t.layer)
             if where == HOST and gpu_offload and n_prompt >= OP_OFFLOAD_MIN_BATCH:
                 # with a GPU present a host matrix still runs on the GPU for a batch: copied over per batch
                 out.link_bytes += full / n_prompt
-    for where in moe_layers.values():
-        out.moe_layers[where] += 1
     # attention: the KV cache read per generated token (tg) and the score/value products per prompt token (pp)
     cells = cfg.n_depth + cfg.n_gen // 2 + 1  # mean fill over the tg test, as the roofline counts it
     kv_type = KV_TYPE.get(cfg.type_k, "F16")
@@ -111,8 +109,8 @@ def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None
             n_kv = min(n_kv, info.sliding_window)
         heads = info.n_head if isinstance(info.n_head, int) else max(info.n_head)
         out.pp_flops[(where, kv_type)] += 2.0 * heads * (info.head_dim_k + info.head_dim_v) * n_kv
-    for where, blocks in computes.items():
-        out.layers[where] = len(blocks)
+    out.layers.update({where: len(blocks) for where, blocks in computes.items()})
+    out.moe_layers.update({where: len(blocks) for where, blocks in experts.items()})
     return out
 
 

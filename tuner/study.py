@@ -431,7 +431,6 @@ class Search:
     def _duplicate(self, trial: optuna.Trial, first: int, key: tuple) -> None:
         """A config measured before: tell the sampler its pooled figure instead of measuring it again, and
         steer the next ask to a config not measured yet (TPE repeats itself on small discrete spaces)."""
-
         same = [r for r in self.records if r.searched and confirmlib.config_key(r.config) == key]
         prev = next((r for r in same if r.trial_number == first), same[0])
         if prev.ok:
