@@ -146,7 +146,8 @@ def summarize(rounds: list[dict], todo: list[dict], threads: list[int], args) ->
     result = {
         "what": "predicted (tuner probe + tuner.speed) vs measured (tuner bench) tg and pp t/s, CPU",
         "shape": {"n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.reps,
-                  "probe_repetitions": args.probe_reps, "threads": threads, "rounds": len(rounds)},
+                  "probe_repetitions": args.probe_reps,
+                  "probe_passes": args.probe_passes, "threads": threads, "rounds": len(rounds)},
         "models": {p["path"]: model_facts(p["path"]) for p in todo},
         "median_abs_error": {"tg": statistics.median(errs["tg"]), "pp": statistics.median(errs["pp"]),
                              "all": statistics.median(allerr)},
@@ -170,6 +171,7 @@ def main() -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=3, help="tuner bench -r")
     ap.add_argument("--probe-reps", type=int, default=2, help="tuner probe -r")
+    ap.add_argument("--probe-passes", type=int, default=2, help="tuner probe --passes")
     ap.add_argument("-p", "--n-prompt", type=int, default=128)
     ap.add_argument("-n", "--n-gen", type=int, default=64)
     ap.add_argument("--probe", help="use this probe file in every round instead of probing afresh")
@@ -187,6 +189,7 @@ def main() -> int:
             data = probe.load(args.probe)
         else:
             data, _ = probe.run(tmp / f"probe-{rnd}.json", threads=threads, repetitions=args.probe_reps,
+                                passes=args.probe_passes,
                                 echo=lambda s: print(s, file=sys.stderr))
             print(probe.summary(data), file=sys.stderr)
         rows = []

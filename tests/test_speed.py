@@ -71,6 +71,30 @@ def test_what_if_quants_scale_with_their_bytes_and_with_their_type_rates(models)
     assert slow_q2["q4_0"]["pred_tg_tps"] == pytest.approx(rows["q4_0"]["pred_tg_tps"])
 
 
+def test_each_matrix_row_a_token_computes_costs_the_row_figure(models):
+    info = read_model(models / "tiny-q8_0.gguf")
+    tm = speed.terms(info, TrialConfig(model=info.path, n_gpu_layers=0))
+    tied = not any(t.name == "output.weight" for t in info.tensors)
+    # every weight matrix's rows (ne1 and beyond: a row is ne0 long) except the embedding, which is a row lookup
+    # unless it is also the output matrix
+    rows = sum(t.n_elements // t.shape[0] for t in info.tensors if len(t.shape) >= 2
+               and (tied or not t.name.startswith("token_embd")))
+    assert tm.rows == {speed.HOST: rows}
+    assert tm.out_rows == {speed.HOST: info.n_vocab}
+    base, per_row = figures(s_per_byte=1e-10, s_per_flop=1e-11), 5e-9
+    a = speed.predict(info, probe_dict({1: base}), 1, n_prompt=128)
+    b = speed.predict(info, probe_dict({1: {**base, "tg_s_per_row": per_row}}), 1, n_prompt=128)
+    assert 1 / b.pred_tg_tps == pytest.approx(1 / a.pred_tg_tps + rows * per_row, rel=1e-9)
+    # a prompt computes the output matrix once per batch, for its last token only
+    assert 1 / b.pred_pp_tps == pytest.approx(1 / a.pred_pp_tps + info.n_vocab * per_row / 128, rel=1e-9)
+    # a MoE's rows are those of the experts in use
+    moe = read_model(models / "moe-q8_0.gguf")
+    cfg = TrialConfig(model=moe.path, n_gpu_layers=0)
+    exps = sum(t.n_elements // t.shape[0] for t in moe.tensors if t.group == "exps")
+    rest = speed.terms(dataclasses.replace(moe, tensors=[t for t in moe.tensors if t.group != "exps"]), cfg)
+    assert speed.terms(moe, cfg).rows[speed.HOST] - rest.rows[speed.HOST] == pytest.approx(exps * 2 / 8)
+
+
 def test_pp_is_flops_over_the_rate_and_the_output_matrix_once_per_batch(models):
     info = read_model(models / "tiny-q8_0.gguf")
     a = speed.predict(info, probe_dict({2: figures(s_per_byte=0.0, s_per_flop=1e-11)}), threads=2, n_prompt=128)
@@ -222,7 +246,8 @@ def test_probe_bad_input_is_one_line(tmp_path):
 SMALL = {"wide": dict(n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_layer=2, n_vocab=512),
          "overhead": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=512),
          "moe": dict(n_embd=512, n_ff=512, n_head=8, n_head_kv=4, n_layer=2, n_vocab=512, n_expert=8,
-                     n_expert_used=2)}
+                     n_expert_used=2),
+         "rows": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=32768)}
 
 
 @pytest.mark.slow
@@ -230,17 +255,21 @@ def test_probe_measures_llama_cpp_and_estimate_uses_it(tmp_path, models):
     """A real probe (llama.cpp's kernels through tuner's worker) on small models: the file, its fingerprints,
     and estimate --speed reading it. The figures are measured, so only their presence is checked."""
     data, path = probe.run(tmp_path / "p.json", ["Q8_0", "Q4_0", "F16"], [1], repetitions=1,
-                           model_dir=tmp_path / "m", shapes=SMALL)
+                           model_dir=tmp_path / "m", shapes=SMALL, passes=2)
     assert path == tmp_path / "p.json" and probe.load(path) == json.loads(path.read_text())
     assert (data["hw_fingerprint"], data["build_fingerprint"]) == probe.fingerprints()
     assert sorted((r["type"], r["role"]) for r in data["trials"]) == [
         ("F16", "moe"), ("F16", "wide"), ("Q4_0", "moe"), ("Q4_0", "wide"), ("Q8_0", "moe"), ("Q8_0", "overhead"),
-        ("Q8_0", "overhead"), ("Q8_0", "wide")]
+        ("Q8_0", "overhead"), ("Q8_0", "rows"), ("Q8_0", "wide")]
     assert all(r["tg_tps"] > 0 and r["pp_tps"] > 0 and r["threads"] == 1 for r in data["trials"])
+    # every trial ran once per pass (one repetition each here), and its figure is the median over its passes
+    for r in data["trials"]:
+        assert len(r["passes"]) == 2 and len(r["tg_samples"]) == 2
+        assert r["tg_tps"] == pytest.approx(sum(p["tg_tps"] for p in r["passes"]) / 2)
     fig = data["cpu"]["1"]
     assert set(fig["tg_s_per_byte"]) == set(fig["pp_s_per_flop"]) == {"Q8_0", "Q4_0", "F16"}
     assert all(v > 0 for v in [*fig["tg_s_per_byte"].values(), *fig["pp_s_per_flop"].values()])
-    assert min(fig["tg_layer_s"], fig["tg_fixed_s"], fig["pp_layer_s"], fig["pp_fixed_s"]) >= 0
+    assert min(fig["tg_layer_s"], fig["tg_fixed_s"], fig["pp_layer_s"], fig["pp_fixed_s"], fig["tg_s_per_row"]) >= 0
     assert data["host_bandwidth_bytes_per_s"]["1"] > 1e8
     assert (data["gpu"] is None) == (not hardware.build_info()["gpu_offload"])
     # the figures reproduce the probe's own trials through speed.predict: fit and prediction count the same terms
@@ -250,6 +279,12 @@ def test_probe_measures_llama_cpp_and_estimate_uses_it(tmp_path, models):
             p = speed.predict(read_model(r["model"]), data, 1, n_prompt=128, n_gen=32)
             assert p.pred_tg_tps == pytest.approx(r["tg_tps"], rel=1e-6)
             assert p.pred_pp_tps == pytest.approx(r["pp_tps"], rel=1e-6)
+    # the row cost is what the short-row model took beyond the wide Q8_0 model's rate: it is reproduced too (its
+    # norms and KV cache aside, which the fit charges at the rate of their own types)
+    if fig["tg_s_per_row"] > 0:
+        rows = next(r for r in data["trials"] if r["role"] == "rows")
+        p = speed.predict(read_model(rows["model"]), data, 1, n_prompt=128, n_gen=32)
+        assert p.pred_tg_tps == pytest.approx(rows["tg_tps"], rel=0.02)
     # the MoEs: what experts cost beyond their weights is fitted on them, one MoE per type, and the figures are
     # the types' medians, so the median type's trial is reproduced (unless a figure sits at its floor: a
     # negative routing cost, a factor under a tenth)

@@ -4,8 +4,10 @@ Per ggml type, llama.cpp's matrix-vector kernels (tg) and matrix-matrix kernels 
 one-type models (`llama-quantize --pure` of a random F16 llama, tuner.synth) larger than the caches, through
 the same worker `tuner bench` uses, at each thread count. Two small Q8_0 models of 2 and 16 layers, whose weights
 are a few MB, measure what a token costs besides reading and multiplying weights (graph, thread barriers, norms,
-rope): a line through them (numpy.polyfit) gives a fixed cost per token and one per layer. Each type's figure is
-then its own trial's time less those costs, divided by its bytes (tg) or FLOP (pp), counted by the same
+rope): a line through them (numpy.polyfit) gives a fixed cost per token and one per layer. A Q8_0 model with a
+262k vocabulary of 256-wide rows, set against the wide Q8_0 model, gives what a matrix row costs beyond its bytes
+(a dot product's setup and reduction; short rows such as Gemma's 640-wide output pay it 262k times a token). Each
+type's figure is then its own trial's time less those costs, divided by its bytes (tg) or FLOP (pp), counted by the same
 tuner.speed.terms that `speed.predict` adds up for any model. One trial per type decides its figure (a joint
 least-squares fit over all trials let a noisy trial zero out another type's figure). A MoE of each type (8
 experts, 2 used) then measures what routed experts cost beyond their weights: its time less what the dense
@@ -14,7 +16,9 @@ experts' matrix products (each gets only its share of the batch's rows, and ggml
 has no tiled GEMM path where a dense product of some types has one). Both are the median over the types: one
 short trial per type moved the factor of the same type by up to 2x between two probes minutes apart on this
 shared 2-core VM (benchmarks/README.md, speed_accuracy), more than the types differ; each type's own figures are
-kept beside them. A numpy copy gives the plain memory bandwidth beside them.
+kept beside them. A numpy copy gives the plain memory bandwidth beside them. Every trial runs in each of
+`passes` passes over all the models, and a figure is the median over the passes: on a shared machine a trial moves
+more from one minute to the next than between its repetitions.
 
 GPU (only where the installed build can offload, hardware.build_info()['gpu_offload']): the same models fully
 offloaded give the device's per-type figures, and a pinned host→device copy through the CUDA driver the link
@@ -41,17 +45,20 @@ from tuner.ggufmeta import read_model
 from tuner.record import TrialConfig
 from tuner.roofline import cache_dir
 
-VERSION = 2  # 2: the MoE figures (tg_moe_layer_s, pp_moe_factor)
+VERSION = 3  # 2: the MoE figures (tg_moe_layer_s, pp_moe_factor); 3: the row cost (tg_s_per_row), passes
 # ggml type → the ftype whose --pure quantization is that type everywhere
 TYPES = {"F16": "f16", "Q8_0": "q8_0", "Q6_K": "q6_k", "Q5_K": "q5_k_m", "Q5_0": "q5_0", "Q4_K": "q4_k_m",
          "Q4_0": "q4_0", "Q3_K": "q3_k_m", "Q2_K": "q2_k"}
 # "wide": one model per type (8 × 15 M weights: 40 MB at Q2_K to 240 MB at F16, beyond a 32 MB L3); "overhead":
 # 0.5 M weights a layer (0.6 MB at Q8_0), built at OVERHEAD_LAYERS depths, for the costs that are not weights;
-# "moe": 8 layers of 8 experts, 2 used, one per type (100 M expert weights, 27 MB of them read per token at Q8_0).
+# "moe": 8 layers of 8 experts, 2 used, one per type (100 M expert weights, 27 MB of them read per token at Q8_0);
+# "rows": short rows, many of them (a 262k vocabulary's 256-wide output: 67 M weights, 71 MB at Q8_0, 4x the rows
+# per byte of the wide model), beside the wide Q8_0 model's long ones: what a row costs beyond its bytes.
 SHAPES = {"wide": dict(n_embd=1024, n_ff=4096, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048),
           "overhead": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=512),
           "moe": dict(n_embd=1024, n_ff=512, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048, n_expert=8,
-                      n_expert_used=2)}
+                      n_expert_used=2),
+          "rows": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=262144)}
 OVERHEAD_LAYERS = (2, 16)
 OVERHEAD_TYPE = "Q8_0"
 SHAPE = {"n_prompt": 128, "n_gen": 32}  # the test shape of the probe's trials (pp128, tg32)
@@ -114,6 +121,8 @@ def models(folder: Path, types: list[str], defs: dict[str, dict] = SHAPES) -> li
     ftypes = synth.quant_ftypes()
     plan = [("wide", "wide", defs["wide"], ty) for ty in types]
     plan += [("overhead", f"overhead{n}", dict(defs["overhead"], n_layer=n), OVERHEAD_TYPE) for n in OVERHEAD_LAYERS]
+    if "rows" in defs and OVERHEAD_TYPE in types:  # judged against the wide model of its type
+        plan.append(("rows", "rows", defs["rows"], OVERHEAD_TYPE))
     if "moe" in defs:
         plan += [("moe", "moe", defs["moe"], ty) for ty in types]
     out = []
@@ -134,29 +143,39 @@ def models(folder: Path, types: list[str], defs: dict[str, dict] = SHAPES) -> li
 
 
 def measure(paths: list[tuple[str, str, Path]], threads: list[int], repetitions: int, gpu: bool,
-            echo=None) -> list[dict]:
-    """One trial per (model, thread count) through tuner's worker, as `tuner bench -p 128 -n 32` would run it;
-    on a GPU build also one fully offloaded trial per model."""
+            echo=None, passes: int = 2) -> list[dict]:
+    """One trial per (model, thread count) and pass through tuner's worker, as `tuner bench -p 128 -n 32` would run
+    it; on a GPU build also one fully offloaded trial per model. A row's figures are the median over its passes
+    of each trial's median: on a shared machine a trial's speed moves by a fifth from one minute to the next,
+    more than its repetitions within the trial do, so the passes go over every model in turn, minutes apart."""
     from tuner.runner import Runner
 
-    rows = []
+    trials: dict = {}
     with Runner(reuse=True) as runner:
-        for ty, role, path in paths:
-            runs = [(t, 0) for t in threads] + ([(threads[-1], -1)] if gpu else [])
-            for t, ngl in runs:
-                cfg = TrialConfig(model=str(path), n_threads=t, n_threads_batch=t, n_gpu_layers=ngl,
-                                  repetitions=repetitions, **SHAPE)
-                rec = runner.run(cfg)
-                if not rec.ok:
-                    raise RuntimeError(f"probe trial failed on {path.name} ({rec.outcome}): {rec.cause}")
-                row = {"type": ty, "role": role, "model": str(path), "threads": t,
-                       "backend": speed.DEVICE if ngl else speed.HOST, "tg_tps": statistics.median(rec.tg_samples),
-                       "pp_tps": statistics.median(rec.pp_samples), "tg_samples": rec.tg_samples,
-                       "pp_samples": rec.pp_samples}
-                rows.append(row)
-                if echo:
-                    echo(f"  {path.name:<24} {row['backend']} t={t}: tg {row['tg_tps']:7.1f} t/s  "
-                         f"pp {row['pp_tps']:7.1f} t/s")
+        for n in range(passes):
+            for ty, role, path in paths:
+                runs = [(t, 0) for t in threads] + ([(threads[-1], -1)] if gpu else [])
+                for t, ngl in runs:
+                    cfg = TrialConfig(model=str(path), n_threads=t, n_threads_batch=t, n_gpu_layers=ngl,
+                                      repetitions=repetitions, **SHAPE)
+                    rec = runner.run(cfg)
+                    if not rec.ok:
+                        raise RuntimeError(f"probe trial failed on {path.name} ({rec.outcome}): {rec.cause}")
+                    row = trials.setdefault((str(path), t, ngl), {
+                        "type": ty, "role": role, "model": str(path), "threads": t,
+                        "backend": speed.DEVICE if ngl else speed.HOST, "tg_samples": [], "pp_samples": [],
+                        "passes": []})
+                    row["tg_samples"] += rec.tg_samples
+                    row["pp_samples"] += rec.pp_samples
+                    row["passes"].append({"tg_tps": statistics.median(rec.tg_samples),
+                                          "pp_tps": statistics.median(rec.pp_samples)})
+                    if echo:
+                        echo(f"  pass {n + 1}/{passes} {path.name:<24} {row['backend']} t={t}: "
+                             f"tg {row['passes'][-1]['tg_tps']:7.1f} t/s  pp {row['passes'][-1]['pp_tps']:7.1f} t/s")
+    rows = list(trials.values())
+    for row in rows:
+        for k in ("tg_tps", "pp_tps"):
+            row[k] = statistics.median(p[k] for p in row["passes"])
     return rows
 
 
@@ -172,13 +191,6 @@ def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = 
         cfg = TrialConfig(model=r["model"], n_gpu_layers=-1 if gpu else 0, n_threads=r["threads"], **SHAPE)
         return speed.terms(info, cfg, gpu_offload=gpu)
 
-    def split(work: dict, own: str) -> tuple[float, dict]:
-        """(the probed type's share, the rest by type): norms (F32) and the KV cache (F16) are not the type's."""
-        rest: dict = {}
-        for (_, ty), v in work.items():
-            rest[ty] = rest.get(ty, 0.0) + v
-        return rest.pop(own, 0.0), rest
-
     over = [r for r in sel if r["role"] == "overhead"]
     layers = np.array([sum(counted(r).layers.values()) for r in over], dtype=float)
     tg_layer, tg_fixed = np.polyfit(layers, [1.0 / r["tg_tps"] for r in over], 1)
@@ -186,27 +198,41 @@ def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = 
     # noise can tilt a line through two points below zero: a cost is never negative
     fig = {"tg_layer_s": max(float(tg_layer), 0.0), "tg_fixed_s": max(float(tg_fixed), 0.0),
            "pp_layer_s": max(float(pp_layer), 0.0), "pp_fixed_s": max(float(pp_fixed), 0.0),
-           "tg_s_per_byte": {}, "pp_s_per_flop": {}, "overhead_share": {}}
-    # F16 first: the other models' F32 norms and F16 KV cache are then charged as speed.predict charges them
-    for r in sorted((r for r in sel if r["role"] == "wide"), key=lambda r: r["type"] != "F16"):
-        tm, ty = counted(r), r["type"]
-        n_layer = sum(tm.layers.values())
-        t_tg, t_pp = 1.0 / r["tg_tps"], 1.0 / r["pp_tps"]
-        fixed_tg = fig["tg_fixed_s"] + n_layer * fig["tg_layer_s"]
-        fixed_pp = fig["pp_fixed_s"] + n_layer * fig["pp_layer_s"]
-        own_b, rest_b = split(tm.tg_bytes, ty)
-        own_f, rest_f = split(tm.pp_flops, ty)
-        if fig["tg_s_per_byte"]:
+           "tg_s_per_row": 0.0, "tg_s_per_byte": {}, "pp_s_per_flop": {}, "overhead_share": {}}
+
+    def per_type() -> None:
+        # F16 first: the other models' F32 norms and F16 KV cache are then charged as speed.predict charges them
+        for r in sorted((r for r in sel if r["role"] == "wide"), key=lambda r: r["type"] != "F16"):
+            tm, ty = counted(r), r["type"]
+            n_layer = sum(tm.layers.values())
+            t_tg, t_pp = 1.0 / r["tg_tps"], 1.0 / r["pp_tps"]
+            fixed_tg = fig["tg_fixed_s"] + n_layer * fig["tg_layer_s"] + sum(tm.rows.values()) * fig["tg_s_per_row"]
+            fixed_pp = fig["pp_fixed_s"] + n_layer * fig["pp_layer_s"]
+            own_b, rest_b = split(tm.tg_bytes, ty)
+            own_f, rest_f = split(tm.pp_flops, ty)
+            for t in set(rest_b) | set(rest_f):
+                # what speed.predict charges at this type's own rate (nothing measured yet, or the nearest type
+                # of an unprobed one such as F32) counts as this type's; the rest at the rates fitted so far
+                if not fig["tg_s_per_byte"] or speed.nearest(fig["tg_s_per_byte"], t) == ty:
+                    own_b, own_f = own_b + rest_b.pop(t, 0.0), own_f + rest_f.pop(t, 0.0)
             fixed_tg += sum(b * speed.rate(fig, "tg_s_per_byte", t, set()) for t, b in rest_b.items())
             fixed_pp += sum(f * speed.rate(fig, "pp_s_per_flop", t, set()) for t, f in rest_f.items())
-        else:  # nothing measured yet to charge them at: they count as the type's
-            own_b, own_f = own_b + sum(rest_b.values()), own_f + sum(rest_f.values())
-        # at least a tenth of the trial's time is the weights' (a noisy overhead trial must not leave them free)
-        s_byte = max(t_tg - fixed_tg, 0.1 * t_tg) / own_b
-        out_s = sum(tm.out_bytes.values()) * s_byte / SHAPE["n_prompt"]  # the output matrix, once per batch
-        fig["tg_s_per_byte"][ty] = s_byte
-        fig["pp_s_per_flop"][ty] = max(t_pp - fixed_pp - out_s, 0.1 * t_pp) / own_f
-        fig["overhead_share"][ty] = {"tg": min(fixed_tg / t_tg, 1.0), "pp": min((fixed_pp + out_s) / t_pp, 1.0)}
+            # at least a tenth of the trial's time is the weights' (a noisy overhead trial must not leave them free)
+            s_byte = max(t_tg - fixed_tg, 0.1 * t_tg) / own_b
+            # the output matrix, once per batch
+            out_s = (sum(tm.out_bytes.values()) * s_byte
+                     + sum(tm.out_rows.values()) * fig["tg_s_per_row"]) / SHAPE["n_prompt"]
+            fig["tg_s_per_byte"][ty] = s_byte
+            fig["pp_s_per_flop"][ty] = max(t_pp - fixed_pp - out_s, 0.1 * t_pp) / own_f
+            fig["overhead_share"][ty] = {"tg": min(fixed_tg / t_tg, 1.0), "pp": min((fixed_pp + out_s) / t_pp, 1.0)}
+
+    # the row cost and the types' rates depend on each other (each model's norms and KV cache are charged at the
+    # other types' rates): the types, then the rows with those charges, twice more; it settles at once since
+    # those are a few percent of any model's bytes
+    per_type()
+    for _ in range(2):
+        fig["tg_s_per_row"] = _row_cost(sel, counted, fig)
+        per_type()
     dense = dict(fig)  # the MoE trials are judged against the dense figures alone
     routing, factor = {}, {}
     for r in (r for r in sel if r["role"] == "moe"):
@@ -221,6 +247,36 @@ def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = 
     fig["tg_gbps"] = {t: 1e-9 / v for t, v in fig["tg_s_per_byte"].items()}
     fig["pp_gflops"] = {t: 1e-9 / v for t, v in fig["pp_s_per_flop"].items()}
     return fig
+
+
+def split(work: dict, own: str) -> tuple[float, dict]:
+    """(the probed type's share, the rest by type): norms (F32) and the KV cache (F16) are not the type's."""
+    rest: dict = {}
+    for (_, ty), v in work.items():
+        rest[ty] = rest.get(ty, 0.0) + v
+    return rest.pop(own, 0.0), rest
+
+
+def _row_cost(sel: list[dict], counted, fig: dict) -> float:
+    """Seconds per matrix row of a generated token: the rows model and the wide model of its type, less the fixed
+    costs and their other types' bytes at `fig`'s rates, are two equations in (the type's seconds per byte,
+    seconds per row); 0 without a rows model."""
+    short = next((r for r in sel if r["role"] == "rows"), None)
+    long = next((r for r in sel if short and r["role"] == "wide" and r["type"] == short["type"]), None)
+    if long is None:
+        return 0.0
+    a, b = [], []
+    for r in (long, short):
+        tm = counted(r)
+        own, rest = split(tm.tg_bytes, r["type"])
+        a.append([own, sum(tm.rows.values())])
+        b.append(1.0 / r["tg_tps"] - fig["tg_fixed_s"] - sum(tm.layers.values()) * fig["tg_layer_s"]
+                 - sum(v * speed.rate(fig, "tg_s_per_byte", t, set()) for t, v in rest.items()))
+    try:
+        _, s_row = np.linalg.solve(np.array(a), np.array(b))
+    except np.linalg.LinAlgError:
+        return 0.0
+    return max(float(s_row), 0.0)  # noise can make a short row look cheaper than its bytes: never negative
 
 
 def _moe_figures(r: dict, fig: dict, tm: speed.Terms, gpu: bool) -> tuple[float, float] | None:
@@ -271,8 +327,8 @@ def link_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float | None:
 
 
 def run(out: str | os.PathLike | None = None, types: list[str] | None = None, threads: list[int] | None = None,
-        repetitions: int = 3, model_dir: str | os.PathLike | None = None, echo=None,
-        shapes: dict[str, dict] = SHAPES) -> tuple[dict, Path]:
+        repetitions: int = 2, model_dir: str | os.PathLike | None = None, echo=None,
+        shapes: dict[str, dict] = SHAPES, passes: int = 2) -> tuple[dict, Path]:
     """Measure this rig (held under the measurement lock) and write the probe file; returns (probe, path).
 
     `shapes` ({"wide": ..., "overhead": ...} synth.Shape fields) are for tests: smaller models fit in the caches
@@ -295,7 +351,7 @@ def run(out: str | os.PathLike | None = None, types: list[str] | None = None, th
     t0 = time.time()
     paths = models(folder, types, shapes)
     with measurement_lock(what="tuner probe"):
-        rows = measure(paths, threads, repetitions, gpu, echo)
+        rows = measure(paths, threads, repetitions, gpu, echo, passes)
         host_bw = {str(t): roofline.host_bandwidth(threads=t) for t in threads}
         link = _in_child("link") if gpu else None
         device_bw = roofline.device_bandwidth() if gpu else None
@@ -303,7 +359,7 @@ def run(out: str | os.PathLike | None = None, types: list[str] | None = None, th
             "hardware": hw.fingerprint_dict(), "build": {k: build.get(k) for k in ("llama_cpp_python", "system_info",
                                                                                      "gpu_offload")},
             "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
-            "loadavg_before": load0, "loadavg_after": os.getloadavg(), "shape": {**SHAPE, "repetitions": repetitions},
+            "loadavg_before": load0, "loadavg_after": os.getloadavg(), "shape": {**SHAPE, "repetitions": repetitions, "passes": passes},
             "model_shapes": shapes,
             "types": types, "threads": threads, "host_bandwidth_bytes_per_s": host_bw,
             "cpu": {str(t): fit(rows, types, speed.HOST, t) for t in threads}, "gpu": None,
@@ -324,7 +380,8 @@ def run(out: str | os.PathLike | None = None, types: list[str] | None = None, th
 def summary(data: dict) -> str:
     """Per type and thread count: effective GB/s (tg) and GFLOP/s (pp), then the fixed costs."""
     lines = [f"rig probe {data['measured_utc']} ({data['seconds']:.0f} s, load {data['loadavg_before'][0]:.1f}): "
-             f"pp{data['shape']['n_prompt']} / tg{data['shape']['n_gen']}, -r {data['shape']['repetitions']}"]
+             f"pp{data['shape']['n_prompt']} / tg{data['shape']['n_gen']}, -r {data['shape']['repetitions']}, "
+             f"{data['shape']['passes']} passes"]
     cols = [("cpu", t, data["cpu"][str(t)]) for t in data["threads"]]
     if data.get("gpu"):
         cols.append(("gpu", "", data["gpu"]))
@@ -334,8 +391,8 @@ def summary(data: dict) -> str:
         cells = "".join(f"{_num(f['tg_gbps'].get(ty)):>12}{_num(f['pp_gflops'].get(ty)):>12}  " for _, _, f in cols)
         lines.append(f"{ty:<8}{cells}".rstrip())
     for b, t, f in cols:
-        lines.append(f"{b}{t}: fixed {1e6 * f['tg_fixed_s']:.0f} µs + {1e6 * f['tg_layer_s']:.0f} µs/layer per "
-                     f"generated token, {1e6 * f['pp_fixed_s']:.0f} µs + {1e6 * f['pp_layer_s']:.1f} µs/layer per "
+        lines.append(f"{b}{t}: fixed {1e6 * f['tg_fixed_s']:.0f} µs + {1e6 * f['tg_layer_s']:.0f} µs/layer + "
+                     f"{1e9 * f['tg_s_per_row']:.1f} ns/matrix row per generated token, {1e6 * f['pp_fixed_s']:.0f} µs + {1e6 * f['pp_layer_s']:.1f} µs/layer per "
                      "prompt token")
     for b, t, f in cols:
         if f.get("pp_moe_factor"):

@@ -6,7 +6,7 @@ embedding one row, the KV cache filled so far) and the multiply-adds of a prompt
 in use; the output matrix runs once per batch, since only the last token's logits are computed). The rig probe
 (tuner.probe) measured, per type and thread count, seconds per byte (tg) and per FLOP (pp) of llama.cpp's
 kernels on one-type models beyond the caches, plus a fixed cost per layer and per token (graph launch, thread
-barriers), and what routed experts cost beyond their weights (measured on a MoE: the routing per MoE layer and
+barriers) and one per matrix row a token computes (a dot product's setup and reduction), and what routed experts cost beyond their weights (measured on a MoE: the routing per MoE layer and
 token in tg, the expert matrix products' efficiency at the few rows each expert gets in pp); `predict` adds
 them up. It is a prediction of what `tuner bench` would measure, not a bound.
 """
@@ -51,6 +51,11 @@ class Terms:
     # the routed experts' share of pp_flops, and the MoE layers per backend (where their experts are)
     exp_pp_flops: dict = field(default_factory=lambda: defaultdict(float))
     moe_layers: dict = field(default_factory=lambda: defaultdict(int))
+    # matrix rows computed per generated token, per backend (MoE: the routed experts'), and the output matrix's
+    # (once per prompt batch): each row costs a dot product's setup and its reduction beyond its bytes, which a
+    # short row (Gemma's 640-wide output over a 262k vocabulary) does not amortize
+    rows: dict = field(default_factory=lambda: defaultdict(float))
+    out_rows: dict = field(default_factory=lambda: defaultdict(float))
 
 
 def _bytes(type_name: str, n_elements: int) -> int:
@@ -73,6 +78,7 @@ def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None
         where = HOST if on_host else DEVICE
         ty = types.get(t.name, t.type)
         full = _bytes(ty, t.n_elements)
+        n_rows = t.n_elements // t.shape[0] if len(t.shape) >= 2 and t.shape[0] else 0
         if t.group == "embd" and t.name.startswith("token_embd"):
             out.tg_bytes[(where, ty)] += full // max(info.n_vocab, 1)  # a row lookup
             if tied:  # the output matrix is the embedding: read whole per token, once per prompt batch
@@ -80,14 +86,19 @@ def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None
                 ow = DEVICE if out_gpu else HOST
                 out.tg_bytes[(ow, ty)] += full
                 out.out_bytes[(ow, ty)] += full
+                out.rows[ow] += n_rows
+                out.out_rows[ow] += n_rows
             continue
         if t.group == "output" and len(t.shape) >= 2:
             out.tg_bytes[(where, ty)] += full
             out.out_bytes[(where, ty)] += full
+            out.rows[where] += n_rows
+            out.out_rows[where] += n_rows
             continue
         active = frac if t.group == "exps" else 1.0
         out.tg_bytes[(where, ty)] += full * active
         if len(t.shape) >= 2:
+            out.rows[where] += n_rows * active
             if t.layer is not None:
                 computes[where].add(t.layer)
             out.pp_flops[(where, ty)] += 2.0 * t.n_elements * active
@@ -125,16 +136,20 @@ def rate(fig: dict, key: str, type_name: str, unprobed: set) -> float:
     """Seconds per byte (or FLOP) of a type; a type the probe did not measure borrows the figure of the probed
     type closest in bits per weight, and is reported."""
     table = fig[key]
-    if type_name in table:
-        return table[type_name]
-    if type_name != "F32":  # F32 holds only norms and biases: a few KB, not worth a report
+    if type_name not in table and type_name != "F32":  # F32 holds only norms and biases: not worth a report
         unprobed.add(type_name)
+    return table[nearest(table, type_name)]
+
+
+def nearest(table: dict, type_name: str) -> str:
+    """The probed type whose figure `type_name` uses: itself, else the closest in bits per weight."""
+    if type_name in table:
+        return type_name
     try:
         want = _bpw(type_name)
-        near = min(table, key=lambda k: abs(_bpw(k) - want))
+        return min(table, key=lambda k: abs(_bpw(k) - want))
     except KeyError:
-        near = "F16" if "F16" in table else next(iter(table))
-    return table[near]
+        return "F16" if "F16" in table else next(iter(table))
 
 
 def figures(probe: dict, backend: str, threads: int) -> dict | None:
@@ -213,6 +228,7 @@ def predict(info: ModelInfo, probe: dict, threads: int, quant: str | None = None
             continue
         tg += sum(b * rate(fig, "tg_s_per_byte", ty, unprobed) for (w, ty), b in tm.tg_bytes.items() if w == backend)
         tg += tm.moe_layers.get(backend, 0) * fig.get("tg_moe_layer_s", 0.0)  # routing: top-k, gathers, sums
+        tg += tm.rows.get(backend, 0.0) * fig.get("tg_s_per_row", 0.0)
         # the fixed costs belong to a backend that runs layers or the output matrix (not a lone embedding row)
         active = tm.layers.get(backend, 0) > 0 or any(w == backend for w, _ in tm.out_bytes)
         if not active:
@@ -225,8 +241,8 @@ def predict(info: ModelInfo, probe: dict, threads: int, quant: str | None = None
         # an expert's product (mul_mat_id) gets only the rows routed to it, and no tiled GEMM: the probe's factor
         pp += (pp_fig.get("pp_moe_factor", 1.0) - 1.0) * sum(
             f * rate(pp_fig, "pp_s_per_flop", ty, unprobed) for (w, ty), f in tm.exp_pp_flops.items() if w == backend)
-        pp += sum(b * rate(fig, "tg_s_per_byte", ty, unprobed) for (w, ty), b in tm.out_bytes.items()
-                  if w == backend) / n_prompt
+        pp += (sum(b * rate(fig, "tg_s_per_byte", ty, unprobed) for (w, ty), b in tm.out_bytes.items() if w == backend)
+               + tm.out_rows.get(backend, 0.0) * fig.get("tg_s_per_row", 0.0)) / n_prompt
         # the fixed costs are per batch, fitted per token at the probe's prompt length
         pp += (tm.layers.get(backend, 0) * fig["pp_layer_s"] + fig["pp_fixed_s"]) * probe_np / n_prompt
     if tm.link_bytes and gpu is not None:

@@ -14,14 +14,18 @@ from tuner.options import TunerError
               help="thread counts to measure, comma-separated (default: 1, 2, 4, ... and the physical cores)")
 @click.option("--types", "types", default=None,
               help="ggml types to measure, comma-separated (default: F16,Q8_0,Q6_K,Q5_K,Q5_0,Q4_K,Q4_0,Q3_K,Q2_K)")
-@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=2, show_default=True,
+              help="repetitions within each trial")
+@click.option("--passes", type=click.IntRange(min=1), default=2, show_default=True,
+              help="passes over every model; a figure is the median over its passes (a shared machine drifts "
+                   "between minutes more than within a trial)")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
               help="probe file (default: ~/.cache/tuner/probe-<hardware>-<build>.json, which estimate --speed reads)")
 @click.option("--models", "model_dir", type=click.Path(file_okay=False), default=None,
               help="folder for the probe's synthetic models (default: ~/.cache/tuner/probe-models)")
 @click.option("--show", is_flag=True, help="print this rig's probe without measuring")
 @click.option("--json", "as_json", is_flag=True, help="print the probe as JSON")
-def probe_cmd(threads, types, repetitions, out, model_dir, show, as_json):
+def probe_cmd(threads, types, repetitions, passes, out, model_dir, show, as_json):
     """Measure what decides llama.cpp's speed here, for `tuner estimate --speed`.
 
     Times llama.cpp's tg (matrix-vector) and pp (matrix-matrix) kernels per quant type on synthetic one-type
@@ -32,7 +36,7 @@ def probe_cmd(threads, types, repetitions, out, model_dir, show, as_json):
     \b
     Examples:
       tuner probe                 # then: tuner estimate model.gguf --speed --what-if q8_0,q4_k_m,q2_k
-      tuner probe -t 1,2 -r 2
+      tuner probe -t 1,2 -r 3 --passes 3
       tuner probe --show
     """
     from tuner import probe
@@ -45,7 +49,7 @@ def probe_cmd(threads, types, repetitions, out, model_dir, show, as_json):
         else:
             ts = _ints(threads, "--threads") if threads else None
             ty = [t.strip().upper() for t in types.split(",") if t.strip()] if types else None
-            data, path = probe.run(out, ty, ts, repetitions, model_dir=model_dir,
+            data, path = probe.run(out, ty, ts, repetitions, model_dir=model_dir, passes=passes,
                                    echo=None if as_json else lambda s: click.echo(s, err=True))
             click.echo(f"wrote {path}", err=True)
     except probe.ProbeError as e:
