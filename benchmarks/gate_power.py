@@ -28,12 +28,15 @@ Target: detection_lower95 >= 0.95 with false_alarm_upper95 <= 0.05 (the gate as 
 each kind when none misses), and the injected tg slowdown within --effect (default 7-13 %; otherwise the run
 did not measure a ~10 % slowdown). Exit 0 when met, 1 when not.
 
---rejudge FILE... recomputes the intervals of saved gate-power-*.json and gate-projection-*.json files (no
+The result is saved after every A/B run (replacing the last save), so a run stopped early keeps what it measured;
+--join FILE... makes one result of the runs of several saved files with the same settings and model (60 + 60
+runs take hours: sessions can measure them in parts). --rejudge FILE... recomputes the intervals of saved gate-power-*.json and gate-projection-*.json files (no
 measurement) and writes them to benchmarks/results/gate-intervals-*.json.
 
 Examples:
   benchmarks/gate_power.py                        # 20 A/A + 20 A/B runs (about 60 min on an idle 2-core box)
   benchmarks/gate_power.py --runs 60              # enough for the 95 % bounds to reach the target (~3 h)
+  benchmarks/gate_power.py --join benchmarks/results/gate-power-A.json benchmarks/results/gate-power-B.json
   benchmarks/gate_power.py --rejudge benchmarks/results/gate-power-*.json benchmarks/results/gate-projection-*.json
   benchmarks/gate_power.py --runs 1 --threads 1 --rounds 2 --reps 3 --model tiny-q8_0.gguf   # the machinery
   benchmarks/gate_power.py --rounds 5 --reps 10   # other gate settings than the Makefile's
@@ -290,10 +293,14 @@ def main() -> int:
                     "PERF_COMPARE_ARGS, e.g. '--alpha 0.05' or '--rerun-on-alert' (not the shipped gate)")
     ap.add_argument("--rejudge", nargs="+", metavar="FILE", help="saved gate-power/gate-projection JSON files: "
                     "recompute their rates' 95 %% bounds, measure nothing")
+    ap.add_argument("--join", nargs="+", metavar="FILE", help="saved gate-power JSON files of the same settings: "
+                    "one result from all their runs, measure nothing")
     a = ap.parse_args()
     if a.rejudge:
         return rejudge(a.rejudge, a.out)
     lo, hi = (float(x) for x in a.effect.split(","))
+    if a.join:
+        return join(a.join, a.out, lo, hi)
 
     from_makefile = shipped()
     settings = dict(from_makefile)
@@ -335,6 +342,7 @@ def main() -> int:
           f"{a.period_ms:g} ms on CPUs {','.join(map(str, cpus))}; files in {work}", flush=True)
     runs: list[dict] = []
     t0 = time.monotonic()
+    path = None
     with measurement_lock(wait=True, what="benchmarks/gate_power.py"):
         for i in range(2 * a.runs):
             kind = "A/A" if i % 2 == 0 else "A/B"
@@ -348,56 +356,103 @@ def main() -> int:
                            for m, v in run["bare"]["metrics"].items() if m in SPEED and v["change_pct"] is not None)
             print(f"run {i + 1:3d}/{2 * a.runs} {kind}: gate {run['gate']['class']:12s} (bare "
                   f"{run['bare']['class']}) {ch}  [{run['wall_s']:.0f} s, load {run['loadavg_1m']:.1f}]", flush=True)
+            if kind == "A/B":  # saved after every pair of runs, replacing the last: a stopped run keeps its runs
+                result = {"settings": {**settings, "makefile": from_makefile, "order": "ABBA", "runs_per_kind": a.runs,
+                                       "duty": a.duty, "period_ms": a.period_ms, "hog_cpus": cpus,
+                                       "gate": " ".join(["tuner compare", *settings["gate_args"]]), "config": config},
+                          "model": model_facts(model), "summary": summarize(runs, hog.share, lo, hi),
+                          "wall_s": round(time.monotonic() - t0), "runs": runs}
+                last, path = path, save("gate-power", result,
+                                        a.out or Path(__file__).resolve().parent / "results", echo=False)
+                if last and last != path:
+                    last.unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
 
+    return 0 if path and finish(path, lo, hi) else 1
+
+
+def summarize(runs: list[dict], hog_share: float | None, lo: float, hi: float) -> dict:
+    """The rates (with their bounds), the injected slowdown and the verdict on the target, from the runs."""
     aa = [r for r in runs if r["kind"] == "A/A"]
     ab = [r for r in runs if r["kind"] == "A/B"]
     gate_aa, gate_ab = rates(aa, "gate"), rates(ab, "gate")
-    hits = {k: sum(r["gate"]["class"] == "regression" for r in rs) for k, rs in (("A/A", aa), ("A/B", ab))}
     summary = {
         **gate_figures(gate_aa, gate_ab),
         "inconclusive_rate": {"A/A": gate_aa["inconclusive_rate"], "A/B": gate_ab["inconclusive_rate"]},
         "gate": {"A/A": gate_aa, "A/B": gate_ab},
         "bare_gate": {"A/A": rates(aa, "bare"), "A/B": rates(ab, "bare")},
         "effect_pct": {"A/A": effect(aa), "A/B": effect(ab)},
-        "hog_cpu_share": hog.share,
+        "hog_cpu_share": hog_share,
     }
     slowdown = summary["effect_pct"]["A/B"]["tg"]
     aa_tg = summary["effect_pct"]["A/A"]["tg"]
     injected = -(slowdown - (aa_tg or 0.0)) if slowdown is not None else None
     summary["injected_tg_slowdown_pct"] = injected
-    met = target_met(summary)
-    effect_ok = injected is not None and lo <= injected <= hi
-    summary.update(target=TARGET, target_met=met,
-                   effect_range_pct=[lo, hi], effect_in_range=effect_ok)
-    result = {"settings": {**settings, "makefile": from_makefile, "order": "ABBA", "runs_per_kind": a.runs,
-                           "duty": a.duty,
-                           "period_ms": a.period_ms, "hog_cpus": cpus,
-                           "gate": " ".join(["tuner compare", *settings["gate_args"]]),
-                           "config": config},
-              "model": model_facts(model), "summary": summary, "wall_s": round(time.monotonic() - t0),
-              "runs": runs}
-    path = save("gate-power", result, a.out or Path(__file__).resolve().parent / "results", echo=False)
+    summary.update(target=TARGET, target_met=target_met(summary), effect_range_pct=[lo, hi],
+                   effect_in_range=injected is not None and lo <= injected <= hi)
+    return summary
+
+
+def finish(path: Path, lo: float, hi: float) -> bool:
+    """Print a saved file's figures; True when the target is met with the slowdown in range."""
+    summary = json.loads(path.read_text())["summary"]
+    gate_aa, gate_ab = summary["gate"]["A/A"], summary["gate"]["A/B"]
 
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f} %"
 
-    print(f"\nA/A ({len(aa)} runs): false alarms {pct(gate_aa['regression_rate'])} (95 % upper bound "
+    print(f"\nA/A ({gate_aa['runs']} runs): false alarms {pct(gate_aa['regression_rate'])} (95 % upper bound "
           f"{pct(summary['false_alarm_upper95'])}), inconclusive "
           f"{pct(gate_aa['inconclusive_rate'])}, pass {pct(gate_aa['pass_rate'])}   "
           f"[bare gate: false alarms {pct(summary['bare_gate']['A/A']['regression_rate'])}]")
-    print(f"A/B ({len(ab)} runs): detected {pct(gate_ab['regression_rate'])} (95 % lower bound "
+    print(f"A/B ({gate_ab['runs']} runs): detected {pct(gate_ab['regression_rate'])} (95 % lower bound "
           f"{pct(summary['detection_lower95'])}), inconclusive "
           f"{pct(gate_ab['inconclusive_rate'])}, missed (pass) {pct(gate_ab['pass_rate'])}   "
           f"[bare gate: detected {pct(summary['bare_gate']['A/B']['regression_rate'])}]")
-    eff = summary["effect_pct"]
+    eff, share, injected = summary["effect_pct"], summary["hog_cpu_share"], summary["injected_tg_slowdown_pct"]
     print("median change A/B: " + ", ".join(f"{m} {v:+.1f} %" for m, v in eff["A/B"].items() if v is not None)
           + "; A/A: " + ", ".join(f"{m} {v:+.1f} %" for m, v in eff["A/A"].items() if v is not None)
-          + (f"; the hogs took {100 * hog.share:.1f} % of their CPUs" if hog.share else ""))
+          + (f"; the hogs took {100 * share:.1f} % of their CPUs" if share else ""))
     print(f"injected tg slowdown {'-' if injected is None else f'{injected:.1f} %'} "
-          f"({'within' if effect_ok else 'OUTSIDE'} {lo:g}-{hi:g} %); target "
-          f"(bounds: detection >= 95 %, false alarms <= 5 %): {'met' if met else 'NOT met'}; {path}")
-    return 0 if met and effect_ok else 1
+          f"({'within' if summary['effect_in_range'] else 'OUTSIDE'} {lo:g}-{hi:g} %); target "
+          f"(bounds: detection >= 95 %, false alarms <= 5 %): {'met' if summary['target_met'] else 'NOT met'}; {path}")
+    return summary["target_met"] and summary["effect_in_range"]
+
+
+# what makes two files' runs one experiment: the measurement and the gate, not when or where it ran
+SAME = ("rounds", "bench_args", "gate_args", "n_prompt", "n_gen", "n_threads", "order", "duty", "period_ms")
+
+
+def join(files: list[str], out: str | None, lo: float, hi: float) -> int:
+    """One result from the runs of several saved gate-power files with the same settings and model (runs of
+    60 + 60 take hours: sessions can measure them in parts)."""
+    docs = []
+    for f in files:
+        try:
+            doc = json.loads(Path(f).read_text())
+            doc["settings"], doc["runs"], doc["model"]["content_hash"]  # noqa: B018 - a gate-power file has them
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: {f}: not a gate-power result ({type(e).__name__})", file=sys.stderr)
+            return 2
+        docs.append((f, doc))
+    first = docs[0][1]
+    for f, doc in docs[1:]:
+        diff = [k for k in SAME if doc["settings"].get(k) != first["settings"].get(k)]
+        if doc["model"]["content_hash"] != first["model"]["content_hash"]:
+            diff.append("model")
+        if diff:
+            print(f"error: {f} was measured with other {', '.join(diff)} than {docs[0][0]}: its runs do not join",
+                  file=sys.stderr)
+            return 2
+    runs = [{**r, "source": Path(f).name} for f, doc in docs for r in doc["runs"]]
+    shares = [(doc["summary"]["hog_cpu_share"], sum(r["kind"] == "A/B" for r in doc["runs"])) for _, doc in docs]
+    weight = sum(n for v, n in shares if v is not None)
+    share = sum(v * n for v, n in shares if v is not None) / weight if weight else None
+    result = {"settings": first["settings"], "model": first["model"], "joined": [Path(f).name for f, _ in docs],
+              "summary": summarize(runs, share, lo, hi), "wall_s": sum(doc["wall_s"] for _, doc in docs),
+              "runs": runs}
+    path = save("gate-power", result, out or Path(__file__).resolve().parent / "results", echo=False)
+    return 0 if finish(path, lo, hi) else 1
 
 
 if __name__ == "__main__":

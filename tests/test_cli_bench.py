@@ -145,8 +145,11 @@ def test_ctrl_c_during_bench_records_the_trial_as_interrupted(models, tmp_path):
     out = tmp_path / "b.parquet"
     tuner = str(_P(sys.executable).with_name("tuner"))
     model = models / "tiny-q8_0.gguf"
+    # as from a terminal: a suite started in the background of a non-interactive shell inherits SIGINT ignored,
+    # and a process that starts with it ignored never sees Ctrl-C
     p = subprocess.Popen([tuner, "bench", str(model), "-t", "1", "-p", "512", "-n", "4096",
-                          "-r", "40", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "-r", "40", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: sig.signal(sig.SIGINT, sig.SIG_DFL))
     # Ctrl-C mid-trial: once the worker has mapped the model, a job is running (a spare worker maps nothing)
     deadline = _time.monotonic() + 120
     while _time.monotonic() < deadline and not _maps_file(p.pid, model):

@@ -40,3 +40,28 @@ def test_rejudged_shipped_gate_matches_the_readme_and_misses_the_target(tmp_path
     assert once["false_alarm_rate"] == 0 and once["detection_rate"] == 0.65
     assert (f"13 of 20 detections (65 %, lower bound {100 * once['detection_lower95']:.1f} %)"
             in " ".join(readme.split()))
+
+
+def test_a_run_measured_in_parts_joins_into_the_whole_and_other_settings_do_not_join(tmp_path, capsys):
+    doc = json.loads(SHIPPED.read_text())
+    parts = []
+    for i, runs in enumerate((doc["runs"][:16], doc["runs"][16:])):  # two sessions' worth, 8 + 12 of each kind
+        p = tmp_path / f"part{i}.json"
+        p.write_text(json.dumps({**doc, "runs": runs}))
+        parts.append(str(p))
+    out = tmp_path / "joined"
+    assert gate_power.join(parts, str(out), 7, 13) == 1  # 20 + 20 runs do not reach the bounds' target
+    (joined,) = out.glob("gate-power-*.json")
+    got = json.loads(joined.read_text())
+    assert got["joined"] == ["part0.json", "part1.json"] and len(got["runs"]) == 40
+    s = got["summary"]
+    assert s["false_alarms"] == [0, 20] and s["detections"] == [20, 20]
+    assert round(100 * s["false_alarm_upper95"], 1) == 13.9 and round(100 * s["detection_lower95"], 1) == 86.1
+    assert s["effect_pct"] == gate_power.summarize(doc["runs"], None, 7, 13)["effect_pct"]
+    # another round count is another experiment: one line, exit 2, nothing written
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**doc, "settings": {**doc["settings"], "rounds": 28}}))
+    capsys.readouterr()
+    assert gate_power.join([parts[0], str(other)], str(tmp_path / "no"), 7, 13) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other rounds" in err and not (tmp_path / "no").exists()
