@@ -279,12 +279,12 @@ def test_probe_measures_llama_cpp_and_estimate_uses_it(tmp_path, models):
             p = speed.predict(read_model(r["model"]), data, 1, n_prompt=128, n_gen=32)
             assert p.pred_tg_tps == pytest.approx(r["tg_tps"], rel=1e-6)
             assert p.pred_pp_tps == pytest.approx(r["pp_tps"], rel=1e-6)
-    # the row cost is what the short-row model took beyond the wide Q8_0 model's rate: it is reproduced too (its
-    # norms and KV cache aside, which the fit charges at the rate of their own types)
-    if fig["tg_s_per_row"] > 0:
+    # the row cost is what the short-row model took beyond the wide Q8_0 model's rate: that trial is reproduced too
+    # (unless the wide Q8_0 model's rate sits at the weights' floor, as above)
+    if fig["tg_s_per_row"] > 0 and fig["overhead_share"]["Q8_0"]["tg"] < 0.9:
         rows = next(r for r in data["trials"] if r["role"] == "rows")
         p = speed.predict(read_model(rows["model"]), data, 1, n_prompt=128, n_gen=32)
-        assert p.pred_tg_tps == pytest.approx(rows["tg_tps"], rel=0.02)
+        assert p.pred_tg_tps == pytest.approx(rows["tg_tps"], rel=1e-4)
     # the MoEs: what experts cost beyond their weights is fitted on them, one MoE per type, and the figures are
     # the types' medians, so the median type's trial is reproduced (unless a figure sits at its floor: a
     # negative routing cost, a factor under a tenth)
