@@ -186,10 +186,14 @@ def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = 
     sel = [r for r in rows if r["backend"] == backend and (threads is None or r["threads"] == threads)]
     gpu = backend == speed.DEVICE
 
+    terms: dict = {}  # per trial: the fit passes over the wide trials three times (row cost and types agree)
+
     def counted(r):
-        info = read_model(r["model"])
-        cfg = TrialConfig(model=r["model"], n_gpu_layers=-1 if gpu else 0, n_threads=r["threads"], **SHAPE)
-        return speed.terms(info, cfg, gpu_offload=gpu)
+        key = (r["model"], r["threads"])
+        if key not in terms:
+            cfg = TrialConfig(model=r["model"], n_gpu_layers=-1 if gpu else 0, n_threads=r["threads"], **SHAPE)
+            terms[key] = speed.terms(read_model(r["model"]), cfg, gpu_offload=gpu)
+        return terms[key]
 
     over = [r for r in sel if r["role"] == "overhead"]
     layers = np.array([sum(counted(r).layers.values()) for r in over], dtype=float)
