@@ -54,6 +54,17 @@ def model_facts(path: str | os.PathLike) -> dict:
             "arch": info.arch, "file_type": info.file_type, "n_params": info.n_params}
 
 
+# what makes two model files alike for timing: llama.cpp's quantizer writes other bytes from the same f16 on another
+# CPU or build (the synthetic dense q8_0 and q4_0 differ between two of this project's VMs), and a trial's timings
+# depend on the file's make, not on its random weights' values
+MAKE = ("size_bytes", "arch", "file_type", "n_params")
+
+
+def same_make(a: dict, b: dict) -> bool:
+    """Whether two model_facts describe the same file or files made alike (size, architecture, type, parameters)."""
+    return a.get("content_hash") == b.get("content_hash") or all(a.get(k) == b.get(k) for k in MAKE)
+
+
 def rate_ci(k: int, n: int) -> dict:
     """k of n as a rate with exact (Clopper-Pearson) bounds: the two-sided 95 % interval (`ci95`) and the
     one-sided 95 % bounds (`lower95`, `upper95`) a claim like "at most 5 %" needs (0 of 20: upper95 0.139).

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import clopper_pearson, model_facts, save  # noqa: E402
+from _results import clopper_pearson, model_facts, same_make, save  # noqa: E402
 
 from tuner.record import TrialConfig, TrialRecord  # noqa: E402
 
@@ -52,6 +52,17 @@ GRIDS = {
     "nommap-batch": {"preset": "dense", "quants": ["f32", "q8_0", "q4_k_m"],
                      "specs": {"n_threads": "1,2", "n_ubatch": "8,64", "use_mmap": "false"},
                      "shape": {"n_prompt": 64, "n_gen": 8, "repetitions": 2}},
+    # The two grids measured on a quiet machine (2026-12-03 evening), big enough that a search of a third of a
+    # grid and a 5-round race can fit in 35 % of measuring it once. 64 configs: quant files × threads × K-cache
+    # type × flash attention × micro-batch; the defaults (f16, every core, f16 K, ubatch 512) are not the best.
+    "dense-64": {"preset": "dense", "quants": ["f16", "q8_0", "q4_0", "q4_k_m"],
+                 "specs": {"n_threads": "1,2", "type_k": "f16,q8_0", "flash_attn": "on,off", "n_ubatch": "16,512"},
+                 "shape": {"n_prompt": 64, "n_gen": 16, "repetitions": 2}},
+    # 60 configs, mmap off and a short request: the load (every file is read into anonymous memory) is a third
+    # or more of a trial's cost, so a search that hops between files pays for it
+    "nommap-60": {"preset": "dense", "quants": ["f32", "f16", "q8_0", "q4_k_m", "q4_0"],
+                  "specs": {"n_threads": "1,2", "n_ubatch": "8,64,512", "type_k": "f16,q8_0", "use_mmap": "false"},
+                  "shape": {"n_prompt": 32, "n_gen": 4, "repetitions": 2}},
     # for tests: loads in milliseconds
     "tiny": {"preset": "tiny", "quants": ["q8_0", "q4_k_m"], "specs": {"n_threads": "1,2"},
              "shape": {"n_prompt": 16, "n_gen": 4, "repetitions": 2}},
@@ -141,6 +152,7 @@ class Table:
     infos: dict
     hw: object
     entries: dict[tuple, Entry] = field(default_factory=dict)
+    alike: list[str] = field(default_factory=list)  # model files made alike, not the measured bytes
 
     @property
     def best(self) -> float:
@@ -171,19 +183,19 @@ def trial_objective(t: dict, cfg: TrialConfig) -> float | None:
     return stats.trial_value(objective_samples(rec, OBJECTIVE)) if rec.ok else None
 
 
-def local_models(doc: dict) -> list[str]:
-    """The table's model files on this machine, by content hash (re-made from the recipe when missing)."""
-    from tuner.ggufmeta import read_model
-
-    want = [m["content_hash"] for m in doc["models"]]
-    paths = [m["path"] for m in doc["models"]]
+def local_models(doc: dict) -> tuple[list[str], list[str]]:
+    """The table's model files on this machine (re-made from the recipe when missing) and those of them that are
+    not the measured bytes but made alike (_results.same_make: the quantizer's bytes differ between machines)."""
+    want = doc["models"]
+    paths = [m["path"] for m in want]
     if not all(Path(p).is_file() for p in paths) and "recipe" in doc:
         paths = grid_models(doc["recipe"])
-    have = [read_model(p).content_hash if Path(p).is_file() else None for p in paths]
-    if have != want:
-        bad = next(p for p, h, w in zip(paths, have, want) if h != w)
-        raise ReplayError(f"model {bad} is not the file the table measured (content hash differs)")
-    return paths
+    have = [model_facts(p) if Path(p).is_file() else {} for p in paths]
+    bad = next((p for p, h, w in zip(paths, have, want) if not same_make(h, w)), None)
+    if bad:
+        raise ReplayError(f"model {bad} is not the file the table measured, nor made alike (size, type or "
+                          "parameters differ)")
+    return paths, [p for p, h, w in zip(paths, have, want) if h["content_hash"] != w["content_hash"]]
 
 
 def load_table(path: str | Path, grid: str | None = None) -> Table:
@@ -197,7 +209,7 @@ def load_table(path: str | Path, grid: str | None = None) -> Table:
         doc["configs"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ReplayError(f"{path}: not a replay table ({type(e).__name__}: {str(e)[:80]})") from None
-    models = local_models(doc)
+    models, alike = local_models(doc)
     want = GRIDS[grid] if grid else recipe
     if grid and (want["preset"], want["quants"]) != (recipe["preset"], recipe["quants"]):
         raise ReplayError(f"{path} was measured on another space (models {recipe['preset']} "
@@ -209,7 +221,7 @@ def load_table(path: str | Path, grid: str | None = None) -> Table:
         d = dict(c["config"], model=by_model.get(c["config"]["model"], c["config"]["model"]))
         cfg = TrialConfig.from_dict({**d, "overrides": tuple(d.get("overrides", ()))})
         recorded[config_key(cfg)] = (cfg, c["trials"])
-    table = Table(str(path), doc, space, infos, hw)
+    table = Table(str(path), doc, space, infos, hw, alike=alike)
     for cfg in grid_configs(space, infos):
         k = config_key(cfg)
         if k not in recorded:
@@ -438,7 +450,8 @@ def evaluate(tune: Table, held: Table, seeds: int, tuning: dict, held_out_only: 
                     "no_confirmation": replay(table, dataclasses.replace(st, confirm=0, n_trials=n), seeds, log)}
         d = next(r["defaults_true"] for r in search["runs"] if r["defaults_true"] is not None)
         controls["defaults"] = {"share_of_best": d / table.best, "within_2pct": d / table.best >= 0.98}
-        out[name] = {"grid": table.doc["grid"], "table": table.path, "configs": len(table.entries),
+        out[name] = {"grid": table.doc["grid"], "table": table.path, "models_made_alike": table.alike,
+                     "configs": len(table.entries),
                      "grid_once_s": table.grid_once_s(), "held_out": name == "held_out",
                      "seeds": seeds, "n_trials": n, "within_2pct_rate": search["within_2pct_rate"],
                      "within_2pct_ci95": search["within_2pct_ci95"],
@@ -484,7 +497,8 @@ def main(argv=None) -> int:
             print(f"replay.py: error: {e}", file=sys.stderr)
             return 2
         out = live(table, Settings("tpe", a.n_trials, a.k, a.max_rounds), a.seeds)
-        out.update(grid=table.doc["grid"], table=a.table, grid_once_s=table.grid_once_s())
+        out.update(grid=table.doc["grid"], table=a.table, grid_once_s=table.grid_once_s(),
+                   models_made_alike=table.alike)
         path = save("replay-live", out, a.out or Path(__file__).resolve().parent / "results", echo=False)
         print(f"live: within 2 % in {out['within_2pct']}/{a.seeds}, median wall "
               f"{100 * out['wall_vs_grid_median']:.0f} % of the grid; the replay predicted "
