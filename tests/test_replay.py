@@ -78,6 +78,23 @@ def test_a_table_of_another_space_is_one_line_and_exit_2(table_path, tmp_path, c
     assert "below the confirmation race's minimum" in capsys.readouterr().err
 
 
+def test_a_table_loads_on_files_made_alike_and_not_on_other_files(table_path, tmp_path, capsys):
+    # llama.cpp's quantizer writes other bytes from the same f16 on another machine: a table names its files by
+    # hash, and a file of the same size, type and parameter count stands in for it (listed as made alike)
+    doc = json.loads(Path(table_path).read_text())
+    doc["models"][1]["content_hash"] = "0" * 32
+    alike = tmp_path / "alike.json"
+    alike.write_text(json.dumps(doc))
+    assert replay.load_table(alike).alike == [doc["models"][1]["path"]]
+    assert replay.load_table(table_path).alike == []
+    doc["models"][1]["size_bytes"] += 32  # another file: the table cannot be replayed on it
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(doc))
+    assert replay.main(["run", str(other), str(table_path), "--seeds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nor made alike" in err
+
+
 def test_settings_are_chosen_by_rate_within_the_wall_target_else_by_rate_then_wall():
     rows = [{"settings": "a", "within_2pct_rate": 0.9, "wall_vs_grid_median": 0.5},
             {"settings": "b", "within_2pct_rate": 0.6, "wall_vs_grid_median": 0.3},
