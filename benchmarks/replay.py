@@ -263,6 +263,12 @@ class ReplayRunner:
     changes from the previous run (a reused worker keeps its model)."""
 
     last_log = ""
+    reuse = True  # as the search's default Runner: a worker that finished cleanly keeps its model
+
+    @property
+    def loaded_key(self) -> tuple | None:
+        """The load key the (replayed) waiting worker keeps loaded: the study steers duplicates to it."""
+        return self.last_key
 
     def __init__(self, table: Table, clock: Clock, rng: random.Random):
         from tuner import hardware
@@ -294,6 +300,7 @@ class ReplayRunner:
         rec.outcome, rec.cause = t["outcome"], t.get("cause", "")
         rec.tg_samples, rec.pp_samples, rec.ttft_samples_ms = list(t["tg"]), list(t["pp"]), list(t["ttft_ms"])
         rec.load_ms, rec.wall_s, rec.peak_rss_bytes = t["load_ms"], t["wall_s"], t["peak_rss_bytes"]
+        rec.model_loaded = reload  # the study queues more configs of this load after a trial that loaded
         return rec
 
 

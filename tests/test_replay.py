@@ -95,6 +95,28 @@ def test_a_table_loads_on_files_made_alike_and_not_on_other_files(table_path, tm
     assert len(err.splitlines()) == 1 and "nor made alike" in err
 
 
+def _with_values(table_path, tmp_path, values: list[list[float]]) -> Path:
+    """The tiny table with chosen trial values (pp = tg = value: the mixed objective is the value)."""
+    doc = json.loads(Path(table_path).read_text())
+    for c, vals in zip(doc["configs"], values):
+        for t, v in zip(c["trials"], vals):
+            t["tg"], t["pp"] = [v, v], [v, v]
+    path = tmp_path / f"values-{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_the_resolution_says_whether_the_table_itself_tells_its_best_apart(table_path, tmp_path):
+    apart = replay.resolution(replay.load_table(_with_values(table_path, tmp_path, [
+        [200, 210, 190, 205, 195], [100, 105, 95, 102, 98], [100, 105, 95, 102, 98], [50, 52, 48, 51, 49]])))
+    assert apart["best_within_2pct_on_resampling"] == 1.0 and apart["configs_within_2pct"] == 1
+    # two configs with the same rounds, scattered 20 %: which is "best" is the noise of the table
+    tied = replay.resolution(replay.load_table(_with_values(table_path, tmp_path, [
+        [100, 120, 80, 110, 90], [120, 100, 90, 80, 110], [50, 52, 48, 51, 49], [50, 52, 48, 51, 49]])))
+    assert tied["configs_within_2pct"] == 2 and tied["best_within_2pct_on_resampling"] < 0.8
+    assert tied["trial_log_sd_median"] > apart["trial_log_sd_median"]
+
+
 def test_settings_are_chosen_by_rate_within_the_wall_target_else_by_rate_then_wall():
     rows = [{"settings": "a", "within_2pct_rate": 0.9, "wall_vs_grid_median": 0.5},
             {"settings": "b", "within_2pct_rate": 0.6, "wall_vs_grid_median": 0.3},
