@@ -258,8 +258,9 @@ class Clock:
 
 
 class ReplayRunner:
-    """The runner `tuner.study.Search` calls, answering from the table: a recorded trial of the config (a round
-    not drawn yet in this seed, while any is left), its cost on the clock, the load only when the load key
+    """The runner `tuner.study.Search` calls, answering from the table: a recorded trial of the config (a search
+    trial: a round not drawn yet in this seed, while any is left; a confirmation run: the recorded round this
+    seed maps the confirmation round to, the same for every candidate), its cost on the clock, the load only when the load key
     changes from the previous run (a reused worker keeps its model)."""
 
     last_log = ""
@@ -279,6 +280,12 @@ class ReplayRunner:
         self.drawn: dict[tuple, list[int]] = {}
         self.runs = 0
         self.loads = 0
+        # a confirmation round draws the same recorded round for every candidate: the table's rounds were
+        # interleaved over every config, as a live race's rounds are over its candidates, so a paired test sees
+        # the machine's drift cancel as it would live (a random round per candidate would add it as noise)
+        rounds = sorted({t.get("round", i) for e in table.entries.values() for i, t in enumerate(e.trials)})
+        self.round_of = rng.sample(rounds, len(rounds))
+        self.confirm_round: int | None = None  # set by the replayed study around each confirmation run
 
     def run(self, cfg: TrialConfig) -> TrialRecord:
         from tuner.confirm import config_key
@@ -287,7 +294,10 @@ class ReplayRunner:
         k = config_key(cfg)
         e = self.table.entries[k]
         left = [i for i in range(len(e.trials)) if i not in self.drawn.get(k, [])] or list(range(len(e.trials)))
-        i = self.rng.choice(left)
+        paired = [] if self.confirm_round is None else [
+            i for i, t in enumerate(e.trials)
+            if t.get("round", i) == self.round_of[self.confirm_round % len(self.round_of)]]
+        i = paired[0] if paired else self.rng.choice(left)
         self.drawn.setdefault(k, []).append(i)
         t = e.trials[i]
         load = (t["load_ms"] or 0) / 1000
@@ -333,6 +343,13 @@ def replay_search(*args, **kwargs):
 
         def _store(self, rec):
             self.records.append(rec)
+
+        def _confirm_run(self, c, rnd):
+            self.runner.confirm_round = rnd
+            try:
+                return super()._confirm_run(c, rnd)
+            finally:
+                self.runner.confirm_round = None
 
     return ReplaySearch(*args, **kwargs)
 

@@ -56,6 +56,12 @@ def test_a_seed_runs_the_real_search_sampler_and_confirmation_race(table_path, t
     # every sample came from the table, and the clock is the sum of the recorded costs
     drawn = {tuple(t["tg"]) for e in table.entries.values() for t in e.trials}
     assert all(tuple(r.tg_samples) in drawn for r in srch.records if r.ok)
+    # paired as live: in one confirmation round every candidate ran the same recorded round of the table
+    round_of = {(confirm.config_key(e.config), tuple(t["tg"])): t["round"] for e in table.entries.values()
+                for t in e.trials}
+    for rnd in {r.confirm_round for r in conf}:
+        assert len({round_of[(confirm.config_key(r.config), tuple(r.tg_samples))] for r in conf
+                    if r.confirm_round == rnd}) == 1
     assert out["runs"] == len(searched) + len(conf) and 0 < seen["clock"] == out["wall_s"]
     assert out["wall_s"] <= sum(r.wall_s for r in searched + conf) + 1e-9
     # a seed is a seed: the same one replays the same, and its true figure comes from the table
