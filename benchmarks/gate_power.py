@@ -29,7 +29,8 @@ each kind when none misses), and the injected tg slowdown within --effect (defau
 did not measure a ~10 % slowdown). Exit 0 when met, 1 when not.
 
 The result is saved after every A/B run (replacing the last save), so a run stopped early keeps what it measured;
---join FILE... makes one result of the runs of several saved files with the same settings and model (60 + 60
+--join FILE... makes one result of the runs of several saved files with the same settings and model (or one made
+alike on another machine: _results.same_make) (60 + 60
 runs take hours: sessions can measure them in parts). --rejudge FILE... recomputes the intervals of saved gate-power-*.json and gate-projection-*.json files (no
 measurement) and writes them to benchmarks/results/gate-intervals-*.json.
 
@@ -59,7 +60,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import ROOT, model_facts, rate_ci, save  # noqa: E402
+from _results import ROOT, model_facts, rate_ci, same_make, save  # noqa: E402
 
 MODEL_CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 SPEED = ("tg", "pp", "ttft")
@@ -438,7 +439,7 @@ def join(files: list[str], out: str | None, lo: float, hi: float) -> int:
     first = docs[0][1]
     for f, doc in docs[1:]:
         diff = [k for k in SAME if doc["settings"].get(k) != first["settings"].get(k)]
-        if doc["model"]["content_hash"] != first["model"]["content_hash"]:
+        if not same_make(doc["model"], first["model"]):  # the quantizer's bytes differ between machines
             diff.append("model")
         if diff:
             print(f"error: {f} was measured with other {', '.join(diff)} than {docs[0][0]}: its runs do not join",

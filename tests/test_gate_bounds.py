@@ -65,3 +65,13 @@ def test_a_run_measured_in_parts_joins_into_the_whole_and_other_settings_do_not_
     assert gate_power.join([parts[0], str(other)], str(tmp_path / "no"), 7, 13) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "other rounds" in err and not (tmp_path / "no").exists()
+    # the model made alike on another machine (the quantizer's bytes differ) joins; another file does not
+    alike = tmp_path / "alike.json"
+    alike.write_text(json.dumps({**doc, "runs": doc["runs"][16:], "model": {**doc["model"], "content_hash": "0" * 32}}))
+    assert gate_power.join([parts[0], str(alike)], str(tmp_path / "alike-out"), 7, 13) == 1
+    bigger = tmp_path / "bigger.json"
+    bigger.write_text(json.dumps({**doc, "model": {**doc["model"], "content_hash": "0" * 32,
+                                                   "size_bytes": doc["model"]["size_bytes"] + 1}}))
+    capsys.readouterr()
+    assert gate_power.join([parts[0], str(bigger)], str(tmp_path / "no"), 7, 13) == 2
+    assert "other model" in capsys.readouterr().err and not (tmp_path / "no").exists()
