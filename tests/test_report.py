@@ -190,7 +190,11 @@ def test_cpu_study_report(cpu_study, tmp_path):
     rec = study.recommended
     # 8: the confirmation's candidates with their samples; 9: the ladder over the contexts that ran ok
     conf = rec["confirmation"]
-    assert charts["8-confirmation"].counts["candidate"] == len(conf["candidates"]) >= 2
+    # two candidates and the defaults, unless load made the drift guard fire: configs measured under drift are
+    # the last choice (confirm.prefer_clean), and the race may then have a single clean one (seen when the suite
+    # ran beside another full suite)
+    assert charts["8-confirmation"].counts["candidate"] == len(conf["candidates"]) >= (
+        1 if any(r.drift for r in trials) else 2)
     assert charts["8-confirmation"].counts["samples"] == sum(len(c["samples"]) for c in conf["candidates"])
     assert [r["n_ctx"] for r in rec["context_ladder"]] == [256, 4096] and rec["working_ctx"] == 4096
     c9 = charts["9-context-ladder"].counts
