@@ -55,13 +55,15 @@ GRIDS = {
     # Two grids measured on a quiet machine (2026-12-03 evening), big enough that a search of a fifth of a grid
     # and a 5-round race can fit in 35 % of measuring it once. A request of 128 + 128 tokens: at 64 + 16 a trial's
     # value scattered 12 % (log sd) between rounds on this VM (replay-grid-dense-64-20261203-195841.json), more
-    # than the gaps between the best configs; 256 generated tokens scatter about 4 %. 64 configs: quant files × threads × K-cache
-    # type × flash attention × micro-batch; the defaults (f16, every core, f16 K, ubatch 512) are not the best.
+    # than the gaps between the best configs; 256 generated tokens scatter about 4 %. 64 configs: quant files ×
+    # threads × K-cache type × flash attention × micro-batch; the defaults (f16, every core, f16 K, ubatch 512)
+    # are not the best.
     "dense-64": {"preset": "dense", "quants": ["f16", "q8_0", "q4_0", "q4_k_m"],
                  "specs": {"n_threads": "1,2", "type_k": "f16,q8_0", "flash_attn": "on,off", "n_ubatch": "16,512"},
                  "shape": {"n_prompt": 128, "n_gen": 128, "repetitions": 2}},
-    # 60 configs, mmap off and a short request: the load (every file is read into anonymous memory) is a third
-    # or more of a trial's cost, so a search that hops between files pays for it
+    # 60 configs, mmap off and a short request: every file is read into anonymous memory, so a search that hops
+    # between files pays for it (meant as the grid whose load is >= 30 % of a trial; measured: 9 % median, the
+    # 518 MB f32 loads in 0.3-0.5 s from the page cache, so that grid still needs a model of several GB)
     "nommap-60": {"preset": "dense", "quants": ["f32", "f16", "q8_0", "q4_k_m", "q4_0"],
                   "specs": {"n_threads": "1,2", "n_ubatch": "8,64,512", "type_k": "f16,q8_0", "use_mmap": "false"},
                   "shape": {"n_prompt": 64, "n_gen": 32, "repetitions": 2}},
@@ -137,10 +139,11 @@ def measure(name: str, rounds: int, out=None, log=print) -> Path:
 # -- the table ---------------------------------------------------------------------------------------------------
 @dataclass
 class Entry:
-    """One config of the table: its recorded trials (ok ones), and the truth (the median of their values)."""
+    """One config of the table: its recorded trials (ok ones), their values and the truth (their median)."""
 
     config: TrialConfig
     trials: list[dict]
+    values: list[float] = field(default_factory=list)  # each ok trial's objective, in the order of `trials`
     truth: float | None = None
     cost_s: float = 0.0  # a trial's median wall time without its load
     load_s: float = 0.0  # its median load
@@ -231,10 +234,11 @@ def load_table(path: str | Path, grid: str | None = None) -> Table:
             raise ReplayError(f"{path} was measured on another space: it has no trial of {what} "
                               f"(model {Path(cfg.model).name})")
         cfg, trials = recorded[k]
-        ok = [t for t in trials if t["outcome"] == "ok" and trial_objective(t, cfg)]
-        e = Entry(cfg, ok or trials)
+        valued = [(t, v) for t in trials if t["outcome"] == "ok" and (v := trial_objective(t, cfg))]
+        ok = [t for t, _ in valued]
+        e = Entry(cfg, ok or trials, [v for _, v in valued])
         if ok:
-            e.truth = stats.center([trial_objective(t, cfg) for t in ok])
+            e.truth = stats.center(e.values)
             e.load_s = statistics.median((t["load_ms"] or 0) / 1000 for t in ok)
             e.cost_s = statistics.median(max(0.0, t["wall_s"] - (t["load_ms"] or 0) / 1000) for t in ok)
         else:
@@ -260,8 +264,8 @@ class Clock:
 class ReplayRunner:
     """The runner `tuner.study.Search` calls, answering from the table: a recorded trial of the config (a search
     trial: a round not drawn yet in this seed, while any is left; a confirmation run: the recorded round this
-    seed maps the confirmation round to, the same for every candidate), its cost on the clock, the load only when the load key
-    changes from the previous run (a reused worker keeps its model)."""
+    seed maps the confirmation round to, the same for every candidate), its cost on the clock, the load only
+    when the load key changes from the previous run (a reused worker keeps its model)."""
 
     last_log = ""
     reuse = True  # as the search's default Runner: a worker that finished cleanly keeps its model
@@ -405,8 +409,7 @@ def resolution(table: Table, boots: int = 1000, seed: int = 0) -> dict:
 
     rng = np.random.default_rng(seed)
     keys = [k for k, e in table.entries.items() if e.truth is not None]
-    vals = [np.array([v for v in (trial_objective(t, table.entries[k].config) for t in table.entries[k].trials)
-                      if v]) for k in keys]
+    vals = [np.array(table.entries[k].values) for k in keys]
     top = max(range(len(keys)), key=lambda i: table.entries[keys[i]].truth)
     meds = np.array([[np.median(rng.choice(v, len(v))) for v in vals] for _ in range(boots)])
     held = float(np.mean(meds[:, top] >= 0.98 * meds.max(axis=1)))
