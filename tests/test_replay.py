@@ -31,6 +31,15 @@ def test_the_table_holds_every_config_with_its_rounds_and_costs(table_path):
     assert len(table.entries) == 4 and table.grid_once_s() > 0
 
 
+def test_a_cold_grid_loads_every_trial_from_the_disk(table_path, tmp_path):
+    """`"cold": True` evicts the model's pages before each trial, as a model bigger than RAM loads; the warm
+    table's later rounds found their file cached (so the check can tell the two apart)."""
+    cold = json.loads(replay.measure("tiny-cold", 2, out=tmp_path, log=lambda s: None).read_text())
+    warm = json.loads(Path(table_path).read_text())
+    assert cold["recipe"]["cold"] and all(t["page_cache_pct"] < 50 for c in cold["configs"] for t in c["trials"])
+    assert all(t["page_cache_pct"] > 90 for c in warm["configs"] for t in c["trials"] if t["round"] > 0)
+
+
 def test_a_seed_runs_the_real_search_sampler_and_confirmation_race(table_path, tmp_path):
     table = replay.load_table(table_path)
     seen = {}

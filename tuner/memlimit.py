@@ -28,6 +28,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tuner import pagecache
+
 RLIMIT_ONLY = "RLIMIT_DATA (mmap'd weights not limited)"
 _counter = itertools.count()
 _NAME = re.compile(r"^tuner-(\d+)-\d+$")
@@ -197,16 +199,8 @@ class MemLimit:
 
     def evict(self, path: str | os.PathLike) -> None:
         """Drop a file's unmapped pages from the page cache, so the trial's own reads are charged to it."""
-        if self.cgroup is None:
-            return
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        if self.cgroup is not None:
+            pagecache.evict([path])
 
     def refaulted_bytes(self) -> int:
         """File pages the cgroup's processes read again after the limit evicted them (cumulative)."""

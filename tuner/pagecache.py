@@ -61,3 +61,20 @@ def cached_pct(paths: list[str]) -> float | None:
     except OSError:
         return None
     return 100.0 * got / total if total else None
+
+
+def evict(paths: list[str | os.PathLike]) -> None:
+    """Drop these files' pages from the page cache (posix_fadvise DONTNEED), so the next load reads the disk.
+
+    Pages a running process still maps stay; files that cannot be opened are skipped (nothing to evict).
+    Example: `evict(read_model(path).shards)` before a load measures it as a model bigger than RAM loads.
+    """
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

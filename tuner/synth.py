@@ -43,6 +43,8 @@ PRESETS: dict[str, Shape] = {
     "tiny": Shape(n_embd=256, n_layer=2, n_head=4, n_head_kv=2, n_ff=512, n_vocab=512),
     # ~130 M params: threads and batch sizes make a measurable difference
     "dense": Shape(n_embd=1024, n_layer=10, n_head=16, n_head_kv=4, n_ff=2816, n_vocab=8192),
+    # ~575 M params (1.2 GB as f16): a load from the disk is a large part of a short trial (the replay's cold grid)
+    "dense-xl": Shape(n_embd=2048, n_layer=12, n_head=16, n_head_kv=4, n_ff=5632, n_vocab=8192),
     # Mixtral-style MoE: routed experts in blk.N.ffn_{gate,up,down}_exps
     "moe": Shape(n_embd=512, n_layer=6, n_head=8, n_head_kv=4, n_ff=1024, n_vocab=2048, n_expert=8,
                  n_expert_used=2),
