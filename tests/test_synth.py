@@ -97,3 +97,11 @@ def test_synth_command_bad_quant_is_one_line_error(tmp_path):
     assert res.exit_code == 2
     assert res.stderr == "tuner: error: unknown quant type(s): q9_9\n"
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_the_cli_offers_every_preset():
+    """`tuner synth --preset` lists its choices by hand (the CLI loads fast); they must be the presets."""
+    from tuner.cli.synth import synth
+
+    preset = next(p for p in synth.params if p.name == "preset")
+    assert sorted(preset.type.choices) == sorted(PRESETS)

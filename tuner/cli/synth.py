@@ -10,8 +10,8 @@ from tuner.units import fmt_size
 
 @click.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(["tiny", "dense", "moe"]), default="tiny", show_default=True,
-              help="tiny: unit tests; dense: ~130 M params; moe: Mixtral-style experts")
+@click.option("--preset", type=click.Choice(["tiny", "dense", "dense-xl", "moe"]), default="tiny", show_default=True,
+              help="tiny: unit tests; dense: ~130 M params; dense-xl: ~575 M; moe: Mixtral-style experts")
 @click.option("--quants", default="f16", show_default=True, help="comma-separated: f16,q8_0,q4_k_m,...")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="rewrite files that exist")
