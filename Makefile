@@ -33,18 +33,15 @@ test-fast: install
 # floor. Against another build, e.g. a checkout of main:
 #   make perf-check PERF_BASE_BIN=../tuner-main/.venv/bin
 # Many short trials, finely interleaved, rather than a few long ones: on a shared machine a burst of other work
-# lasts seconds and then hits both sides alike. benchmarks/gate_power.py (20 A/A + 20 A/B runs, a measured 10 %
-# slowdown): 7 rounds judged with --rerun-on-alert gave 0/20 false alarms but 15/20 detections
-# (gate-power-20261129-062540.json); the rerun needs a second significant verdict, which halves the power. The
-# projection from those runs' trials (benchmarks/gate_projection.py, gate-projection-20261129-084400.json) put
-# 14 rounds judged once at 3.8 % false alarms and 99 % detection; measured afresh: 0/20 and 20/20
-# (gate-power-20261129-094629.json, baseline first), i.e. at 95 % false alarms below 13.9 % and detection above
-# 86.1 %: not yet the <= 5 % / >= 95 % target, which needs about 60 + 60 runs (gate_power.py --runs 60).
+# lasts seconds and then hits both sides alike. The gate judges one value per trial (tuner/stats.py), so its power
+# is set by the rounds: benchmarks/gate_power.py (a measured 10 % slowdown, A/A and A/B runs alternating) found 14
+# rounds detecting 13 of 20 (gate-power-20261129-094629.json re-judged) and 28 rounds detecting 49 of 49 with
+# 0 of 49 false alarms (gate-power-20261204-092837.json; one-sided 95 % bounds in benchmarks/README.md).
 # PERF_COMPARE_ARGS=--rerun-on-alert re-measures an alert before failing (fewer false alarms, less power).
 PERF_DIR ?= results/perf
 PERF_CONFIG ?= $(PERF_DIR)/config.json
 PERF_BASE_BIN ?= $(BIN)
-PERF_ROUNDS ?= 14
+PERF_ROUNDS ?= 28
 PERF_ARGS ?= -r 3
 PERF_COMPARE_ARGS ?=
 

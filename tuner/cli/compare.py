@@ -80,7 +80,7 @@ def compare(baseline, current, ignore, thresholds, alpha, max_cv, min_samples, a
     Exit status: 0 no confirmed regression, 1 regression, 2 bad input. The markdown report is appended to
     $GITHUB_STEP_SUMMARY when that is set.
 
-    Measure baseline and candidate interleaved, many short trials each (`make perf-check`: 14 rounds of -r 3,
+    Measure baseline and candidate interleaved, many short trials each (`make perf-check`: 28 rounds of -r 3,
     the side measured first alternating A B B A).
     --rerun-on-alert measures every alerting CURRENT config again on this machine, as many trials as CURRENT
     has of it (same config, same repetitions, appended to CURRENT's Parquet), and judges it again on the fresh
