@@ -35,8 +35,8 @@ test-fast: install
 # Many short trials, finely interleaved, rather than a few long ones: on a shared machine a burst of other work
 # lasts seconds and then hits both sides alike. The gate judges one value per trial (tuner/stats.py), so its power
 # is set by the rounds: benchmarks/gate_power.py (a measured 10 % slowdown, A/A and A/B runs alternating) found 14
-# rounds detecting 13 of 20 (gate-power-20261129-094629.json re-judged) and 28 rounds detecting 55 of 55 with
-# 0 of 55 false alarms (gate-power-20261204-101354.json; one-sided 95 % bounds in benchmarks/README.md).
+# rounds detecting 13 of 20 (gate-power-20261129-094629.json re-judged) and 28 rounds detecting 59 of 59 with
+# 0 of 59 false alarms (gate-power-20261204-104241.json; one-sided 95 % bounds in benchmarks/README.md).
 # PERF_COMPARE_ARGS=--rerun-on-alert re-measures an alert before failing (fewer false alarms, less power).
 PERF_DIR ?= results/perf
 PERF_CONFIG ?= $(PERF_DIR)/config.json
