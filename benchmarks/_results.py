@@ -29,7 +29,7 @@ def _git(*args: str) -> str:
 
 def provenance() -> dict:
     """What ran, where: the tree's commit (and whether it had local changes), the build, the machine."""
-    from tuner import hardware
+    from tuner.measure import hardware
 
     hw = hardware.probe()
     return {
@@ -47,7 +47,7 @@ def provenance() -> dict:
 
 def model_facts(path: str | os.PathLike) -> dict:
     """The model a benchmark ran on: path, size and the content hash trials record."""
-    from tuner.ggufmeta import read_model
+    from tuner.model.meta import read_model
 
     info = read_model(path)
     return {"path": str(path), "size_bytes": info.file_size, "content_hash": info.content_hash,

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import model_facts, provenance, save  # noqa: E402
 
-from tuner import store  # noqa: E402
-from tuner.realmodel import gemma  # noqa: E402
+from tuner.measure import store  # noqa: E402
+from tuner.model.real import gemma  # noqa: E402
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
 

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._results import save  # noqa: E402
-from tuner.lock import measurement_lock  # noqa: E402
+from tuner.measure.lock import measurement_lock  # noqa: E402
 
 TOLERANCE = 0.03
 MODEL_CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
@@ -118,8 +118,8 @@ def llama_cpp_lib_dir() -> Path:
 
 def resolve_models(names: list[str] | None) -> list[str]:
     """GGUF paths for the --model values: `dense` and `gemma` name the cached test models."""
-    from tuner.realmodel import RealModelError, gemma
-    from tuner.synth import synthesize
+    from tuner.model.real import RealModelError, gemma
+    from tuner.model.synth import synthesize
 
     out = []
     for name in names or ["dense", "gemma"]:
@@ -204,7 +204,7 @@ def merge_runs(runs: list[dict]) -> dict:
 
 
 def model_facts(path: str) -> dict:
-    from tuner.ggufmeta import read_model
+    from tuner.model.meta import read_model
 
     i = read_model(path)
     return {"arch": i.arch, "name": i.name, "file_type": i.file_type, "file_size": i.file_size,

@@ -172,7 +172,7 @@ def classify(exit_code: int, judged: dict[str, dict]) -> str:
 
 def trials(path: Path, skip: int = 0) -> list[dict]:
     """Every trial a side measured, with its samples (the JSON keeps what ran, for any later re-analysis)."""
-    from tuner import store
+    from tuner.measure import store
 
     return [{"started_utc": r.started_utc, "outcome": r.outcome, "tg": r.tg_samples, "pp": r.pp_samples,
              "ttft_ms": r.ttft_samples_ms, "peak_rss_bytes": r.peak_rss_bytes}
@@ -324,9 +324,9 @@ def main() -> int:
     if a.model:
         model = Path(a.model)
     else:
-        from tuner.synth import synthesize
+        from tuner.model.synth import synthesize
         model = synthesize(MODEL_CACHE, "dense", ("q4_0",))[0]
-    from tuner.lock import measurement_lock
+    from tuner.measure.lock import measurement_lock
 
     work = Path(tempfile.mkdtemp(prefix="gate-power-"))
     cfg = work / "config.json"

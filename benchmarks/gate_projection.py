@@ -9,12 +9,12 @@ runs saved, without measuring anything:
   m blocks = m x R rounds: the baseline and current trials of m distinct runs of one kind (A/A or A/B) are
   joined into one side each, keeping each run's trials together (a block bootstrap: trials of one run share
   that run's machine state; joining runs measured minutes apart adds that spread to both sides alike).
-  The joined sides are judged with tuner.compare's own rule (judge(), the shipped thresholds and alpha).
+  The joined sides are judged with tuner.report.compare's own rule (judge(), the shipped thresholds and alpha).
   --rerun-on-alert is emulated as the gate runs it: on a regression, CURRENT is measured again as many
   times (the current trials of m other runs of the same kind) and the regression stands only when a metric
   that regressed regresses again.
 
---blocks 1 re-judges every saved run on its own trials with the current rule (tuner.compare as it is now):
+--blocks 1 re-judges every saved run on its own trials with the current rule (tuner.report.compare as it is now):
 the shipped gate's rates under a changed rule without measuring again, with Clopper-Pearson bounds.
 
 It is a projection, not a measurement: joined runs were not interleaved with each other, and a machine that changes
@@ -46,16 +46,16 @@ def records(trials: list[dict]) -> list:
     """gate_power.py's saved trials as the TrialRecords `tuner compare` judges (only what it reads)."""
     from tuner.record import TrialConfig, TrialRecord
 
-    # started_utc: the gate pairs interleaved rounds by their start times (tuner.compare.interleaved)
+    # started_utc: the gate pairs interleaved rounds by their start times (tuner.report.compare.interleaved)
     return [TrialRecord(TrialConfig(model="gate"), outcome=t["outcome"], tg_samples=t["tg"], pp_samples=t["pp"],
                         ttft_samples_ms=t["ttft_ms"], peak_rss_bytes=t.get("peak_rss_bytes"),
                         started_utc=t.get("started_utc", "")) for t in trials]
 
 
 def judge_sides(base: list[dict], cur: list[dict], settings) -> dict[str, str]:
-    """The gate's verdict per metric for two lists of saved trials: tuner.compare.judge_pair, the shipped rule
+    """The gate's verdict per metric for two lists of saved trials: tuner.report.compare.judge_pair, the shipped rule
     (speeds pooled per repetition, peak RAM one sample per trial, a CURRENT that only failed is a regression)."""
-    from tuner.compare import judge_pair
+    from tuner.report.compare import judge_pair
 
     b, c = records(base), records(cur)
     results = judge_pair([r for r in b if r.ok], [r for r in c if r.ok], [r for r in b if not r.ok],
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="folder for the JSON result (default benchmarks/results)")
     a = ap.parse_args(argv)
-    from tuner.compare import Settings
+    from tuner.report.compare import Settings
 
     docs = [json.loads(Path(f).read_text()) for f in a.files]
     shape = {(d["settings"]["rounds"], tuple(d["settings"]["bench_args"]), d["settings"]["n_prompt"],

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import save  # noqa: E402
 
-from tuner import hardware  # noqa: E402
-from tuner.synth import synthesize  # noqa: E402
+from tuner.measure import hardware  # noqa: E402
+from tuner.model.synth import synthesize  # noqa: E402
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
 

@@ -1,4 +1,4 @@
-"""Planner accuracy: predicted vs measured peak RSS over real trials (tuner.runner.Runner, real llama.cpp).
+"""Planner accuracy: predicted vs measured peak RSS over real trials (tuner.measure.runner.Runner, real llama.cpp).
 
 Grid: synthetic tiny, dense (q4_0: CPU_REPACK on x86) and moe presets × n_ctx × (n_batch, n_ubatch) × KV type
 × mmap. Each trial's prediction is made with a calibration learned from all the *other* trials
@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import RESULTS, model_facts, save  # noqa: E402
 
-from tuner import planner, store  # noqa: E402
-from tuner.ggufmeta import read_model  # noqa: E402
+from tuner.measure import store
+from tuner.model.meta import read_model  # noqa: E402
+from tuner.model.synth import synthesize  # noqa: E402
+from tuner.plan import planner  # noqa: E402
 from tuner.record import TrialConfig  # noqa: E402
-from tuner.synth import synthesize  # noqa: E402
 
 CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 
@@ -53,7 +54,7 @@ def main() -> int:
     if args.load:
         recs = store.records(args.load)
     else:
-        from tuner.runner import Runner
+        from tuner.measure.runner import Runner
 
         cfgs = grid(args.full, args.n_prompt)
         recs = []

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Planner vs llama.cpp itself: every buffer llama.cpp sizes, for the architectures people run big.
 
-Models: the seven oracle shapes (tuner.oracle.SHAPES: DeepSeek-V3, Qwen3-235B-A22B, gpt-oss-120b, Gemma 3 27B,
+Models: the seven oracle shapes (tuner.plan.oracle.SHAPES: DeepSeek-V3, Qwen3-235B-A22B, gpt-oss-120b, Gemma 3 27B,
 Llama 3 70B, GLM-4.5-Air, LFM2-1.2B), other published sizes of each (oracle.HELD_OUT: never looked at while the
 formulas were written) and, when it is in the cache, the real Gemma 3 270M. Each is a sparse GGUF (real
 header, no weights) that llama.cpp loads in a worker process with `no_alloc` ("sim": buffers sized, nothing
@@ -12,7 +12,7 @@ Grid: n_ctx 4k/32k/128k × KV f16/q8_0 × flash attention on/off × n_ubatch 512
 attention is K q8_0 + V f16: llama.cpp refuses a quantized V without it). Buffers: model, KV (K + V over all
 caches), recurrent state, output, compute. Targets (uncalibrated planner): KV, recurrent state and output exact
 to llama.cpp's log resolution (±0.005 MiB per logged figure), model within 2 %, compute within 10 %; a config llama.cpp refuses
-must be one the planner says it refuses. Then cold-start peak RSS of real trials (tuner.runner, the real
+must be one the planner says it refuses. Then cold-start peak RSS of real trials (tuner.measure.runner, the real
 Gemma 3 270M and the synthetic models) against the uncalibrated prediction: within 10 %.
 
     python benchmarks/planner_oracle.py                 # everything (~3 min on 2 cores)
@@ -35,8 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import RESULTS, save  # noqa: E402
-from tuner import oracle, planner  # noqa: E402
-from tuner.ggufmeta import read_model  # noqa: E402
+from tuner.model.meta import read_model  # noqa: E402
+from tuner.plan import oracle, planner  # noqa: E402
 from tuner.record import TrialConfig  # noqa: E402
 
 MiB = 1 << 20
@@ -103,8 +103,8 @@ def compare(job: oracle.Job, res: dict, info) -> list[dict]:
 def rss_trials(n_threads: int) -> list[dict]:
     """Cold-start peak RSS of real trials vs the uncalibrated prediction (Runner without reuse: every trial
     starts in a fresh worker process)."""
-    from tuner.runner import Runner
-    from tuner.synth import synthesize
+    from tuner.measure.runner import Runner
+    from tuner.model.synth import synthesize
 
     files = [synthesize(CACHE, "tiny", ("q8_0",))[0], synthesize(CACHE, "moe", ("q8_0",))[0],
              synthesize(CACHE, "dense", ("q4_0",))[0]] + ([GEMMA] if GEMMA.exists() else [])

@@ -7,7 +7,7 @@ and same-top within 1 point; per case: the median over rounds of the wall-time r
 (all passes, process start-up and model loads included) at most 1.2. Exit 1 when any target is missed.
 
 Cases: `gemma` (the real Gemma 3 270M: its Q4_K_M is the reference, llama.cpp requantizes it to lower quants)
-and `synthetic` (tuner.synth's tiny model: an F32 reference and llama.cpp's q8_0 / q4_k_m / q2_k of it).
+and `synthetic` (tuner.model.synth's tiny model: an F32 reference and llama.cpp's q8_0 / q4_k_m / q2_k of it).
 Everything it ran goes to benchmarks/results/quality-vs-perplexity-<time>.json.
 """
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import save  # noqa: E402
 
-from tuner.lock import measurement_lock  # noqa: E402
+from tuner.measure.lock import measurement_lock  # noqa: E402
 
 KLD_TOL = 0.05  # relative
 KLD_PRINT = 5e-7  # llama-perplexity prints the mean KLD with 6 decimals: half a unit of the last digit
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def gemma_case(quants: list[str]) -> dict:
     from tuner.llama import quantize
-    from tuner.synth import quant_ftypes
+    from tuner.model.synth import quant_ftypes
 
     ref = MODEL_CACHE / "gemma-3-270m-q4_k_m.gguf"
     if not ref.is_file():
@@ -97,7 +97,7 @@ def gemma_case(quants: list[str]) -> dict:
 
 
 def synthetic_case(quants: list[str]) -> dict:
-    from tuner.synth import synthesize
+    from tuner.model.synth import synthesize
 
     paths = [str(p) for p in synthesize(MODEL_CACHE / "quality", "tiny", ("f32", *quants))]
     return {"name": "synthetic", "reference": paths[0], "quants": paths[1:]}
@@ -195,7 +195,7 @@ def summarize(case: dict, cpu_time: bool = False) -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from tuner import hardware
+    from tuner.measure import hardware
     from tuner.quality import default_text_path
 
     if not Path(a.llama_perplexity).is_file():

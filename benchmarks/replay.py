@@ -4,7 +4,7 @@
     measure  every config of a small space for R interleaved rounds (fresh worker per trial, so every trial
              records its load time; the order of the load-key groups alternates between rounds, A B B A),
              saved as benchmarks/results/replay-grid-NAME-*.json with provenance.
-    run      the real `tuner.study.Search` (its sampler, baselines, constraints, duplicate handling, the
+    run      the real `tuner.search.loop.Search` (its sampler, baselines, constraints, duplicate handling, the
              confirmation race and the recommendation) on that table for many seeds, with only the runner
              replaced: each run draws one recorded trial of its config (a random round, not reused within a
              seed while unused ones are left) and advances a clock by that trial's recorded cost, its load
@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import random
 import statistics
 import sys
@@ -89,9 +88,9 @@ class ReplayError(ValueError):
 # -- the space, as `tuner search` builds it ----------------------------------------------------------------------
 def build(models: list[str], specs: dict, shape: dict):
     """The Space and model infos `tuner search -m ... --<specs>` would search (no default dimensions added)."""
-    from tuner import hardware
-    from tuner import space as spacelib
-    from tuner.ggufmeta import read_model
+    from tuner.measure import hardware
+    from tuner.model.meta import read_model
+    from tuner.search import space as spacelib
 
     infos = {m: read_model(m) for m in models}
     hw = hardware.probe()
@@ -105,23 +104,23 @@ def build(models: list[str], specs: dict, shape: dict):
 
 def grid_configs(space, infos) -> list[TrialConfig]:
     """Every config of the space as the search resolves it (what its trials record)."""
-    from tuner.bench import resolve
+    from tuner.measure.runner import resolve
 
     return [resolve(c, infos[c.model]) for c in space.configs()]
 
 
 def grid_models(grid: dict) -> list[str]:
-    from tuner.synth import synthesize
+    from tuner.model.synth import synthesize
 
     return [str(p) for p in synthesize(MODEL_CACHE, grid["preset"], tuple(grid["quants"]))]
 
 
 # -- measure ----------------------------------------------------------------------------------------------------
 def measure(name: str, rounds: int, out=None, log=print) -> Path:
-    from tuner import pagecache
-    from tuner.confirm import config_key, run_order
-    from tuner.lock import measurement_lock
-    from tuner.runner import Runner
+    from tuner.measure import pagecache
+    from tuner.measure.lock import measurement_lock
+    from tuner.measure.runner import Runner
+    from tuner.search.confirm import config_key, run_order
 
     grid = GRIDS[name]
     models = grid_models(grid)
@@ -181,7 +180,7 @@ class Table:
 
     def grid_once_s(self) -> float:
         """Measuring every config once, in the order that reloads least: the reference cost of the grid."""
-        from tuner.confirm import config_key, run_order
+        from tuner.search.confirm import config_key, run_order
 
         cfgs = [e.config for e in self.entries.values()]
         total, last = 0.0, None
@@ -194,7 +193,7 @@ class Table:
 
 def trial_objective(t: dict, cfg: TrialConfig) -> float | None:
     from tuner import stats
-    from tuner.confirm import objective_samples
+    from tuner.search.confirm import objective_samples
 
     rec = TrialRecord(cfg, outcome=t["outcome"], tg_samples=t["tg"], pp_samples=t["pp"], ttft_samples_ms=t["ttft_ms"])
     return stats.trial_value(objective_samples(rec, OBJECTIVE)) if rec.ok else None
@@ -218,7 +217,7 @@ def local_models(doc: dict) -> tuple[list[str], list[str]]:
 def load_table(path: str | Path, grid: str | None = None) -> Table:
     """A measured table, checked against the space the replay searches (its own recipe, or GRIDS[grid])."""
     from tuner import stats
-    from tuner.confirm import config_key
+    from tuner.search.confirm import config_key
 
     try:
         doc = json.loads(Path(path).read_text())
@@ -274,7 +273,7 @@ class Clock:
 
 
 class ReplayRunner:
-    """The runner `tuner.study.Search` calls, answering from the table: a recorded trial of the config (a search
+    """The runner `tuner.search.loop.Search` calls, answering from the table: a recorded trial of the config (a search
     trial: a round not drawn yet in this seed, while any is left; a confirmation run: the recorded round this
     seed maps the confirmation round to, the same for every candidate), its cost on the clock, the load only
     when the load key changes from the previous run (a reused worker keeps its model)."""
@@ -288,7 +287,7 @@ class ReplayRunner:
         return self.last_key
 
     def __init__(self, table: Table, clock: Clock, rng: random.Random):
-        from tuner import hardware
+        from tuner.measure import hardware
 
         self.table, self.clock, self.rng = table, clock, rng
         self.hw, self.build = table.hw, hardware.build_info()
@@ -304,8 +303,8 @@ class ReplayRunner:
         self.confirm_round: int | None = None  # set by the replayed study around each confirmation run
 
     def run(self, cfg: TrialConfig) -> TrialRecord:
-        from tuner.confirm import config_key
-        from tuner.runner import new_record
+        from tuner.measure.runner import new_record
+        from tuner.search.confirm import config_key
 
         k = config_key(cfg)
         e = self.table.entries[k]
@@ -345,10 +344,10 @@ _N = itertools.count()  # study names in the shared storage
 
 
 def replay_search(*args, **kwargs):
-    """tuner.study.Search as it is, but its Optuna studies share one SQLite storage (made once) and its records
+    """tuner.search.loop.Search as it is, but its Optuna studies share one SQLite storage (made once) and its records
     stay in memory instead of a Parquet file rewritten per trial: I/O that costs the replay ~0.2 s a run and
     changes no decision."""
-    import tuner.study as studylib
+    import tuner.search.loop as studylib
 
     class ReplaySearch(studylib.Search):
         def _open_study(self):
@@ -373,9 +372,9 @@ def replay_search(*args, **kwargs):
 def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=None) -> dict:
     """One seed of the real search on the table: its recommendation, true objective and wall time (clock).
     `on_search(search, runner, clock)` is called when it is done (tests look inside)."""
-    import tuner.study as studylib
-    from tuner import confirm
-    from tuner.confirm import config_key
+    import tuner.search.loop as studylib
+    from tuner.search import confirm
+    from tuner.search.confirm import config_key
 
     clock = Clock()
     real_time = studylib.time
@@ -454,11 +453,12 @@ def replay(table: Table, st: Settings, seeds: int, log=lambda s: None) -> dict:
 
 
 def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
-    """The same search run for real (`tuner.search.run_search`, real workers) for `seeds` seeds: its regret
+    """The same search run for real (`tuner.search.run.run_search`, real workers) for `seeds` seeds: its regret
     (truth from the table) and wall time against what the replay predicts for the same settings."""
     from search_regret import study_wall  # first trial started to last run finished: not the wait for the lock
-    from tuner.confirm import config_key
-    from tuner.search import run_search
+
+    from tuner.search.confirm import config_key
+    from tuner.search.run import run_search
 
     recipe = table.doc["recipe"]
     params = {k: v for k, v in recipe["specs"].items()}
@@ -585,7 +585,7 @@ def main(argv=None) -> int:
             ap.error("--rounds must be at least 1")
         measure(a.grid, a.rounds, a.out)
         return 0
-    from tuner.confirm import MIN_ROUNDS
+    from tuner.search.confirm import MIN_ROUNDS
 
     try:
         tune, held = load_table(a.tune), load_table(a.held_out)

@@ -1,6 +1,6 @@
 """Rig plans: what `tuner search --dry-run` searches for the flagship MoE models on the rigs they are run on.
 
-For DeepSeek-V3, Qwen3-235B-A22B, gpt-oss-120b and GLM-4.5-Air (the sparse files of tuner.oracle: real headers
+For DeepSeek-V3, Qwen3-235B-A22B, gpt-oss-120b and GLM-4.5-Air (the sparse files of tuner.plan.oracle: real headers
 of the published shapes, data regions that are holes) on one 24 / 48 / 80 GiB GPU and on 2 × 24 GiB, with 512 GiB
 of host RAM: the region of the default space (n_gpu_layers, n_cpu_moe, tensor_split), how many configs fit, the
 predicted VRAM per GPU of the leanest and hungriest, and how long the plan took. Beside it, what the old bound
@@ -26,7 +26,7 @@ RIGS = {"1x24GiB": "24GiB", "1x48GiB": "48GiB", "1x80GiB": "80GiB", "2x24GiB": "
 def old_bound(info, vram: int) -> int:
     """The largest n_gpu_layers the pre-region space allowed: judged at n_cpu_moe 0 (all experts on the GPU), one
     summed pool, the smallest context of the space (4096)."""
-    from tuner import planner
+    from tuner.plan import planner
     from tuner.record import TrialConfig
 
     cfg = TrialConfig(model=info.path, n_ctx=4096, n_ubatch=512)
@@ -39,9 +39,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from click.testing import CliRunner
 
-    from tuner import oracle
     from tuner.cli import cli
-    from tuner.ggufmeta import read_model
+    from tuner.model.meta import read_model
+    from tuner.plan import oracle
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="rig-plans-") as tmp:

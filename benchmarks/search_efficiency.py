@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import subprocess
@@ -24,12 +23,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import optuna
 from _results import save  # noqa: E402
 
-import optuna
-
-from tuner import store
 from tuner.cli import cli  # noqa: F401 - the same code path the CLI uses
+from tuner.measure import store
 from tuner.record import TrialConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +59,10 @@ class Replay:
 
 
 def replay(grid_records, seed: int, budget: int, model: str) -> float:
-    from tuner import hardware
-    from tuner.ggufmeta import read_model
-    from tuner.space import build_space
-    from tuner.study import Search, SearchOptions
+    from tuner.measure import hardware
+    from tuner.model.meta import read_model
+    from tuner.search.loop import Search, SearchOptions
+    from tuner.search.space import build_space
 
     table = {key(r.config.to_dict()): r for r in grid_records}
     infos = {model: read_model(model)}
@@ -92,7 +90,7 @@ def main() -> None:
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.model is None:
-        from tuner.synth import synthesize
+        from tuner.model.synth import synthesize
 
         args.model = str(synthesize(Path.home() / ".cache" / "tuner-test-models", "dense", ("q4_0",))[0])
     work = Path(tempfile.mkdtemp(prefix="tuner-eff-"))

@@ -13,7 +13,6 @@ missed). The JSON in benchmarks/results/ holds the grid, the shape, the model, b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -57,7 +56,7 @@ def main() -> int:
     if not args.llama_bench:
         sys.exit("pass --llama-bench PATH (or set LLAMA_BENCH); see benchmarks/README.md")
     if args.model is None:
-        from tuner.synth import synthesize
+        from tuner.model.synth import synthesize
 
         args.model = str(synthesize(Path.home() / ".cache" / "tuner-test-models", "dense", ("q4_0",))[0])
     n_configs = len(args.threads.split(",")) * len(args.ubatch.split(",")) * len(args.fa.split(","))

@@ -34,10 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import save  # noqa: E402
 
-from tuner import hardware, store  # noqa: E402
-from tuner.confirm import config_key, objective_samples  # noqa: E402
+from tuner.measure import hardware, store  # noqa: E402
+from tuner.model.synth import synthesize  # noqa: E402
 from tuner.record import TrialConfig, TrialRecord  # noqa: E402
-from tuner.synth import synthesize  # noqa: E402
+from tuner.search.confirm import config_key, objective_samples  # noqa: E402
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
 # 2 × 2 × 3 × 2 × 2 = 48 configs: the default space's dimensions on this CPU build plus the K cache type

@@ -1,10 +1,10 @@
-"""Speed prediction accuracy: `tuner estimate --speed` (tuner.speed on a fresh `tuner probe`) against `tuner bench`.
+"""Speed prediction accuracy: `tuner estimate --speed` (tuner.plan.speed on a fresh `tuner probe`) against `tuner bench`.
 
 Pairs the probe never saw: the real Gemma 3 270M Q4_K_M and llama.cpp's requantizations of it (Q8_0, Q3_K_M,
 Q2_K), and synthetic llama models of other widths and depths (a mid-size dense one at Q8_0 / Q4_K_M, a narrow
 deep one at Q5_K_M / Q3_K_M, a MoE at Q4_K_M) in llama.cpp's standard quant mixes, not the probe's one-type
 files. Each round runs the probe, then measures every pair at each thread count with `tuner bench`'s library
-call (tuner.bench.measure: the worker, llama-bench's method), so on a shared machine prediction and reference
+call (tuner.search.bench.measure: the worker, llama-bench's method), so on a shared machine prediction and reference
 see the same load; the load average goes with every trial.
 
     python benchmarks/speed_accuracy.py                       # 2 rounds, -t 1 and 2, ~20 min on 2 cores
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import model_facts, save  # noqa: E402
 
-from tuner import probe, speed  # noqa: E402
-from tuner.ggufmeta import read_model  # noqa: E402
+from tuner.model.meta import read_model  # noqa: E402
+from tuner.plan import probe, speed  # noqa: E402
 
 CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 SYNTH = {  # family: (synth preset, shape overrides, quants)
@@ -45,9 +45,9 @@ GEMMA_QUANTS = ("q8_0", "q3_k_m", "q2_k")
 
 def pairs() -> list[dict]:
     """(family, quant, path) of every model measured, made once in CACHE/speed-accuracy."""
-    from tuner import synth
     from tuner.llama import quantize
-    from tuner.realmodel import gemma
+    from tuner.model import synth
+    from tuner.model.real import gemma
 
     folder = CACHE / "speed-accuracy"
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def pairs() -> list[dict]:
 
 
 def measure(path: str, threads: int, n_prompt: int, n_gen: int, reps: int, out: Path) -> dict:
-    from tuner import bench
+    from tuner.search import bench
 
     load = os.getloadavg()[0]
     res = bench.measure(path, out=str(out), n_threads=threads, n_threads_batch=threads, n_prompt=n_prompt,
@@ -144,7 +144,7 @@ def summarize(rounds: list[dict], todo: list[dict], threads: list[int], args) ->
     allerr = errs["tg"] + errs["pp"]
     ranks = ranking_ok(summary_rows, threads, rounds)
     result = {
-        "what": "predicted (tuner probe + tuner.speed) vs measured (tuner bench) tg and pp t/s, CPU",
+        "what": "predicted (tuner probe + tuner.plan.speed) vs measured (tuner bench) tg and pp t/s, CPU",
         "shape": {"n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.reps,
                   "probe_repetitions": args.probe_reps,
                   "probe_passes": args.probe_passes, "threads": threads, "rounds": len(rounds)},

@@ -1,6 +1,6 @@
 """What a fleet's shared storage costs per trial: PostgreSQL against SQLite, through tuner's own fleet code.
 
-Each backend gets a FleetSearch (tuner.fleet) on a 384-config space; per trial the script runs the host's whole
+Each backend gets a FleetSearch (tuner.search.fleet) on a 384-config space; per trial the script runs the host's whole
 bookkeeping path with the measurement left out: the budget check (fail stale trials, read the other hosts' new
 records, count), ask + suggest, the heartbeat, the config claim, then the record (local Parquet + the shared
 records table) and the tell. The record is a real one: `tuner bench --json` on the tiny synthetic model, once,
@@ -46,11 +46,12 @@ def real_record(model: str, lock: str):
 
 
 def make_search(url: str, folder: Path, model: str, rec):
-    from tuner import fleet, hardware
-    from tuner import space as spacelib
-    from tuner import study as studylib
-    from tuner.ggufmeta import read_model
+    from tuner.measure import hardware
+    from tuner.model.meta import read_model
     from tuner.record import TrialConfig
+    from tuner.search import fleet
+    from tuner.search import loop as studylib
+    from tuner.search import space as spacelib
 
     infos = {model: read_model(model)}
     hw, build = hardware.from_dict(rec.hw), rec.build
@@ -66,8 +67,8 @@ def make_search(url: str, folder: Path, model: str, rec):
 
 
 def one_trial(srch, real) -> dict:
-    """The host's per-trial path from tuner.study.Search.search_loop/run_one, without the measurement."""
-    from tuner import confirm as confirmlib
+    """The host's per-trial path from tuner.search.loop.Search.search_loop/run_one, without the measurement."""
+    from tuner.search import confirm as confirmlib
 
     t0 = time.perf_counter()
     srch.budget_left()
@@ -102,12 +103,12 @@ def main() -> None:
     if args.trials < 50:
         sys.exit("--trials must be at least 50")
     import optuna
+    import pg
     import psycopg
     import sqlalchemy
 
-    import pg
-    from tuner import hardware
-    from tuner.synth import synthesize
+    from tuner.measure import hardware
+    from tuner.model.synth import synthesize
 
     model = str(synthesize(Path.home() / ".cache" / "tuner-test-models", "tiny", ("q8_0",))[0])
     srv = pg.start()

@@ -9,7 +9,7 @@
 #   3. tuner hw                        must report GPU offload
 #   4. tuner synth                     a Mixtral-style MoE of a few GB (16 layers × 16 experts, q8_0)
 #   5. tuner bench -ngl 99             --n-cpu-moe 0 and 4: experts of 4 layers leave VRAM
-#  5b. tuner probe + speed (optional) the rig probe (GPU figures, link) at the bench's threads, then tuner.speed's
+#  5b. tuner probe + speed (optional) the rig probe (GPU figures, link) at the bench's threads, then tuner.plan.speed's
 #                                      tg/pp for step 5's two configs against what step 5 measured (speed-gpu.json)
 #  6a. tuner search --dry-run         the hybrid region the planner chooses under a VRAM cap (dry-run.json)
 #   6. tuner search                    the default space under --max-vram GPU_CHECK_HYBRID_CAP: a model bigger than
@@ -245,8 +245,9 @@ speed_gpu() {
 import json, statistics, sys
 from pathlib import Path
 
-from tuner import hardware, probe, speed
-from tuner.ggufmeta import read_model
+from tuner.measure import hardware
+from tuner.plan import probe, speed
+from tuner.model.meta import read_model
 
 out, model = Path(sys.argv[1]), sys.argv[2]
 rig, info = probe.load(out / "probe.json"), read_model(model)
@@ -302,9 +303,9 @@ verify() {
 import json, shlex, sys
 from pathlib import Path
 
-from tuner import store
-from tuner.bench import fmt_size
-from tuner.ggufmeta import read_model
+from tuner.measure import store
+from tuner.search.bench import fmt_size
+from tuner.model.meta import read_model
 
 out, study, model, cpu = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 info = read_model(model)
@@ -405,7 +406,7 @@ if [[ -n ${LLAMA_BENCH:-} && $CPU != 1 ]]; then step llama-bench --optional agai
 else skip llama-bench "LLAMA_BENCH unset (build it: see benchmarks/README.md)"; fi
 
 # -- 7b. planner vs llama.cpp's own buffers per device (issue 13) -------------------------------------------------
-# Sparse GGUFs (real headers, no weights: tuner.oracle) loaded for real with mmap and use_extra_bufts off, for
+# Sparse GGUFs (real headers, no weights: tuner.plan.oracle) loaded for real with mmap and use_extra_bufts off, for
 # several n_gpu_layers / n_cpu_moe; llama.cpp's buffers per device (CUDA0 model/KV/compute, host) against the
 # planner's split. Targets: GPU weights within 2 %, KV per device exact to the log's 0.01 MiB; the CUDA compute
 # buffer is reported, not judged (the planner's compute formulas were checked on the CPU backend only).
@@ -415,8 +416,8 @@ planner_oracle() {
 import json, sys
 from pathlib import Path
 
-from tuner import oracle, planner
-from tuner.ggufmeta import read_model
+from tuner.plan import oracle, planner
+from tuner.model.meta import read_model
 from tuner.record import TrialConfig
 
 out, models, cpu = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"

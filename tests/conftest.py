@@ -8,8 +8,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tuner.realmodel import gemma
-from tuner.synth import synthesize
+from tuner.model.real import gemma
+from tuner.model.synth import synthesize
 
 CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 
@@ -71,11 +71,11 @@ def pg_server():
 
 
 def worker_processes() -> list[psutil.Process]:
-    """Live worker processes (`python -m tuner.worker`) below this test process: none may outlive a failure."""
+    """Live worker processes (`python -m tuner.measure.worker`) below this test process: none may outlive a failure."""
     out = []
     for c in psutil.Process().children(recursive=True):
         try:
-            if "tuner.worker" in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE:
+            if "tuner.measure.worker" in c.cmdline() and c.status() != psutil.STATUS_ZOMBIE:
                 out.append(c)
         except psutil.NoSuchProcess:
             pass

@@ -1,7 +1,7 @@
 """FakeNvml: a FAKE stand-in for the `pynvml` module (nvidia-ml-py), for tests on machines without a GPU.
 
 It is the only fake in the test suite, and it fakes only NVML: llama.cpp, the worker and the runner are
-always real. It implements the calls tuner.hardware.Nvml makes, with pynvml's names and return shapes
+always real. It implements the calls tuner.measure.hardware.Nvml makes, with pynvml's names and return shapes
 (memory info objects with total/free/used, process entries with pid/usedGpuMemory, bytes or str names),
 and it can hand out a per-GPU process list computed at call time, so a test can make a real worker pid
 "use" VRAM and check that the runner records its peak.
@@ -31,7 +31,7 @@ class FakeGpu:
 
 @dataclass
 class FakeNvml:
-    """Module-like object: pass it to tuner.hardware.Nvml(module=...) or put it in sys.modules['pynvml']."""
+    """Module-like object: pass it to tuner.measure.hardware.Nvml(module=...) or put it in sys.modules['pynvml']."""
 
     gpus: list[FakeGpu] = field(default_factory=lambda: [FakeGpu()])
     driver: str | bytes = "550.54.15"

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from tuner import bench, store
-from tuner.search import SearchError, recommend_study, run_search
-from tuner.study import Limits
+from tuner.measure import store
+from tuner.search import bench
+from tuner.search.loop import Limits
+from tuner.search.run import SearchError, recommend_study, run_search
 
 TINY = {"n_threads": 1, "n_prompt": 16, "n_gen": 8, "repetitions": 2}  # bench: one value each
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tuner import store
 from tuner.cli import cli
+from tuner.measure import store
 from tuner.record import TrialConfig, TrialRecord
 
 TUNER = Path(sys.executable).with_name("tuner")
@@ -194,7 +194,7 @@ def test_bad_input_search(models, tmp_path, case_args, words):
 
 
 def test_unsupported_arch_library_error(bad):
-    from tuner.ggufmeta import ModelError, read_model
+    from tuner.model.meta import ModelError, read_model
 
     with pytest.raises(ModelError, match=r"unsupported architecture 'clip' \(not a llama.cpp text model\)"):
         read_model(bad["clip"])

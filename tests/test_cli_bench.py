@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tuner import bench as benchlib
-from tuner import hardware, store
 from tuner.cli import cli
-from tuner.ggufmeta import read_model
+from tuner.measure import hardware, store
+from tuner.model.meta import read_model
 from tuner.record import TrialRecord
+from tuner.search import bench as benchlib
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNER = Path(sys.executable).with_name("tuner")
@@ -120,7 +120,7 @@ def test_real_console_script(models, tmp_path):
 
 
 def test_no_wait_when_the_rig_is_busy(models, tmp_path):
-    from tuner.lock import measurement_lock
+    from tuner.measure.lock import measurement_lock
 
     out = tmp_path / "r.parquet"
     with measurement_lock(wait=False, what="another bench"):
@@ -159,7 +159,7 @@ def test_ctrl_c_during_bench_records_the_trial_as_interrupted(models, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err[-1500:]
     assert "Traceback" not in err and "interrupted" in err
-    from tuner import store as _store
+    from tuner.measure import store as _store
 
     rec = _store.records(out)[0]
     assert rec.outcome == "interrupted" and "Ctrl-C" in rec.cause

@@ -11,11 +11,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from tuner import compare as cmp
-from tuner import store
 from tuner.cli import cli
+from tuner.measure import store
+from tuner.report import compare as cmp
 
 S = cmp.Settings()
 BASE = [100.0, 101.0, 99.0, 100.5, 99.5]

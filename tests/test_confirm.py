@@ -1,4 +1,4 @@
-"""The confirmation (tuner.confirm): pooling, the race, ties broken by memory that matters, the baseline ratio,
+"""The confirmation (tuner.search.confirm): pooling, the race, ties broken by memory that matters, the baseline ratio,
 and the run order that reloads least.
 
 These test the judgement on given samples; tests/test_search.py runs real confirmations end to end.
@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from tuner import confirm
 from tuner.record import TrialConfig, TrialRecord
+from tuner.search import confirm
 
 
 def rec(n, samples, threads=1, rss=100 << 20, state="confirm", roles="candidate", ctx=4096, pp=None, rnd=None):

@@ -12,15 +12,16 @@ import time
 from pathlib import Path
 
 import optuna
+import pg
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-import pg
-from tuner import confirm as confirmlib
-from tuner import fleet, store
 from tuner.cli import cli
+from tuner.measure import store
 from tuner.record import TrialRecord
+from tuner.search import confirm as confirmlib
+from tuner.search import fleet
 
 TUNER = str(Path(sys.executable).parent / "tuner")
 TS = optuna.trial.TrialState
@@ -286,7 +287,7 @@ def test_reading_a_fleet_with_bad_input_is_one_line_exit_2(pg_server, tmp_path, 
 
 
 def test_a_lost_table_race_is_retried_and_anything_else_raised_at_once():
-    from tuner.fleet import retry_race
+    from tuner.search.fleet import retry_race
 
     calls = []
 

@@ -76,7 +76,7 @@ def _check(data: bytes, work: Path, counter: list[int]) -> str:
     """Read one mutated file; return 'ok' or 'err'. Anything else raises (and hypothesis reports it)."""
     import signal
 
-    from tuner.ggufmeta import ModelError, read_model
+    from tuner.model.meta import ModelError, read_model
 
     counter[0] += 1
     p = work / f"case-{counter[0]}.gguf"  # a fresh path per case: read_model caches by path, mtime and size
@@ -129,7 +129,7 @@ def _main(argv: list[str]) -> int:
     # Cap the address space only after the imports above, so the cap measures the reader, not numpy.
     import gguf  # noqa: F401
 
-    import tuner.ggufmeta  # noqa: F401
+    import tuner.model.meta  # noqa: F401
 
     resource.setrlimit(resource.RLIMIT_AS, (AS_CAP, AS_CAP))
     counter = [0]

@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 from fake_nvml import FakeGpu, FakeNvml, GiB, MiB, no_gpu
 
-from tuner import bench, hardware
 from tuner.cli import cli
+from tuner.measure import hardware
+from tuner.measure.runner import Runner, resolve
 from tuner.record import TrialConfig
-from tuner.runner import Runner
 
 
 def test_nvml_lists_gpus_from_fake_module():
@@ -85,7 +85,7 @@ def test_runner_records_peak_vram_of_the_worker_pid(models):
 
     fake = FakeNvml(gpus=[FakeGpu(), FakeGpu(uuid="GPU-fake-1")], processes=processes)
     nv = hardware.Nvml(module=fake)
-    cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, repetitions=1,
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, repetitions=1,
                                       n_threads=1))
     with Runner(timeout=120, nvml=nv) as runner:
         rec = runner.run(cfg)
@@ -99,7 +99,7 @@ def test_runner_records_peak_vram_of_the_worker_pid(models):
 
 
 def test_runner_without_nvml_records_no_vram(models):
-    cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1,
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1,
                                       n_threads=1))
     with Runner(timeout=120, nvml=hardware.Nvml(module=no_gpu())) as runner:
         rec = runner.run(cfg)
@@ -117,7 +117,7 @@ def table_rows(output: str) -> dict[str, str]:
 
 @pytest.fixture
 def as_pynvml(monkeypatch):
-    """Install a fake NVML as the `pynvml` module that tuner.hardware imports."""
+    """Install a fake NVML as the `pynvml` module that tuner.measure.hardware imports."""
 
     def install(fake):
         monkeypatch.setitem(sys.modules, "pynvml", fake)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tuner import lock
-from tuner.lock import LockBusy, measurement_lock
+from tuner.measure import lock
+from tuner.measure.lock import LockBusy, measurement_lock
 
 # Another user's view of the lock, with the system Python and the same flock filelock uses: the test's own
 # interpreter may sit in a folder that user cannot enter.

@@ -2,7 +2,7 @@
 
 "Reached llama.cpp" is proven by `overrides_applied`: the worker parses llama.cpp's own
 "tensor X buffer type overridden to Y" log lines, so a list there means llama.cpp matched the pattern against its
-tensors at load. The expected tensors come from the GGUF file itself (tuner.ggufmeta), not from the patterns.
+tensors at load. The expected tensors come from the GGUF file itself (tuner.model.meta), not from the patterns.
 On this CPU-only build the buffer is CPU either way; on a CUDA build the same tests hold (see experiments/gpu-check.sh).
 """
 
@@ -14,12 +14,13 @@ import shlex
 import pytest
 from click.testing import CliRunner
 
-from tuner import bench, hardware, recommend, store
 from tuner.cli import cli
-from tuner.ggufmeta import read_model
+from tuner.measure import hardware, store
+from tuner.measure.runner import Runner, resolve
+from tuner.model.meta import read_model
 from tuner.record import TrialConfig
-from tuner.runner import Runner
-from tuner.study import dominated_by
+from tuner.search import recommend
+from tuner.search.loop import dominated_by
 
 # one thread: the CPUs here are shared, and oversubscribed ggml threads spin-wait for seconds per token
 SHAPE = ["-t", "1", "-p", "16", "-n", "4", "-r", "1"]
@@ -91,7 +92,7 @@ def test_unknown_buffer_type_is_a_failed_trial_naming_the_known_ones(models, tmp
 def test_runner_reloads_when_the_expert_placement_changes(models):
     """Library path, one reusing Runner: a new n_cpu_moe is a new load, never a stale placement."""
     model = str(models / MOE)
-    cfg = lambda **kw: bench.resolve(TrialConfig(model=model, n_threads=1, n_prompt=8, n_gen=2,  # noqa: E731
+    cfg = lambda **kw: resolve(TrialConfig(model=model, n_threads=1, n_prompt=8, n_gen=2,  # noqa: E731
                                                  repetitions=1, **kw))
     with Runner(timeout=120, reuse=True) as runner:
         recs = [runner.run(cfg(n_cpu_moe=n)) for n in (2, 2, 1, 0)]

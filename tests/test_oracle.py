@@ -10,9 +10,9 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from tuner import oracle, planner
 from tuner.cli import cli
-from tuner.ggufmeta import read_model
+from tuner.model.meta import read_model
+from tuner.plan import oracle, planner
 from tuner.record import TrialConfig
 
 MiB = 1 << 20

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tuner import planner, whatif
 from tuner.cli import cli
-from tuner.ggufmeta import read_model
+from tuner.model.meta import read_model
+from tuner.model.synth import synthesize
+from tuner.plan import planner, whatif
 from tuner.record import TrialConfig, TrialRecord
-from tuner.synth import synthesize
 
 MiB = 1 << 20
 
@@ -129,7 +129,7 @@ def test_400gb_model_plans_without_reading_data(deepseek):
     apparent = sum(p.stat().st_size for p in shards)
     used = sum(p.stat().st_blocks * 512 for p in shards)
     assert apparent > 400e9 and used < 50 * MiB  # a sparse file really
-    from tuner import ggufmeta
+    from tuner.model import meta as ggufmeta
 
     ggufmeta._read_cached.cache_clear()
     read0 = _bytes_read()
@@ -178,8 +178,8 @@ def test_kv_cache_formula_gqa_swa_and_types(models):
 def test_predicted_peak_rss_within_10_percent_of_real_trials(models, dense_model, gemma_model, monkeypatch):
     """Real trials (each a cold start in a fresh worker): KV matches llama.cpp's own log exactly, peak RSS within
     ±10 % uncalibrated and after calibration (the real Gemma 3 270M too: its fixture never skips)."""
-    from tuner.oracle import parse_log
-    from tuner.runner import Runner
+    from tuner.measure.runner import Runner
+    from tuner.plan.oracle import parse_log
 
     monkeypatch.setenv("TUNER_WORKER_VERBOSE", "1")  # llama.cpp prints its buffer sizes at info level
     moe = models / "moe-q8_0.gguf"

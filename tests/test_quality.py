@@ -1,4 +1,4 @@
-"""tuner quality with real llama.cpp and real GGUF files: synthetic models (tuner.synth, an F32 reference and
+"""tuner quality with real llama.cpp and real GGUF files: synthetic models (tuner.model.synth, an F32 reference and
 llama.cpp's own quants of it) and the real Gemma 3 270M. Faults are real signals to real worker processes.
 """
 
@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import worker_processes
 from click.testing import CliRunner
+from conftest import worker_processes
 from scipy.special import log_softmax
 
 from tuner import quality as q
 from tuner.cli import cli
-from tuner.runner import Runner
-from tuner.synth import synthesize
+from tuner.measure.runner import Runner
+from tuner.model.synth import synthesize
 
 GEMMA = "gemma-3-270m-q4_k_m.gguf"  # the real model, next to the synthetic ones (tests/conftest.py)
 FAST = q.Settings(ctx=64, n_threads=1)  # tiny model: 64-token chunks, ~140 of them in the default text
@@ -283,7 +283,7 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny, models, saved_ref, tmp_path, request):
     _, args, words = case
-    # the real model comes from the test extra's packages (tuner.realmodel); it is assembled only when a case needs it
+    # the real model comes from the test extra's packages (tuner.model.real); it is assembled only when a case needs it
     gemma = request.getfixturevalue("gemma_model") if "{gemma}" in args else models / GEMMA
     short = tmp_path / "short.txt"
     short.write_text("Too short for a chunk.\n")
@@ -314,7 +314,7 @@ def gemma(gemma_model) -> Path:
 def gemma_q4_0(gemma) -> str:
     """A lower quant of the real model: llama.cpp requantizes its Q4_K_M (allow_requantize)."""
     from tuner.llama import quantize
-    from tuner.synth import quant_ftypes
+    from tuner.model.synth import quant_ftypes
 
     dst = gemma.parent / "quality" / "gemma-3-270m-q4_0.gguf"
     if not dst.exists():

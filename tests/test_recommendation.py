@@ -13,8 +13,9 @@ import pytest
 from click.testing import CliRunner
 from scipy.stats import wilcoxon
 
-from tuner import confirm, store
 from tuner.cli import cli
+from tuner.measure import store
+from tuner.search import confirm
 
 SHAPE = ["-p", "16", "-n", "4", "-r", "2"]
 

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import replay  # noqa: E402
 
-from tuner import confirm  # noqa: E402
+from tuner.search import confirm  # noqa: E402
 
 
 @pytest.fixture(scope="module")

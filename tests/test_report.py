@@ -19,16 +19,18 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
-from tuner import hardware, planner, recommend, report, roofline, store
-from tuner.cli import cli
-from tuner.ggufmeta import read_model
-from tuner.hardware import GPU, Hardware
-from tuner.record import FAILED
-from tuner.study import Limits
-from tuner.synth import PRESETS, write_base
-
 from conftest import HOST_ONLY
+
+from tuner import report
+from tuner.cli import cli
+from tuner.measure import hardware, store
+from tuner.measure.hardware import GPU, Hardware
+from tuner.model.meta import read_model
+from tuner.model.synth import PRESETS, write_base
+from tuner.plan import planner, roofline
+from tuner.record import FAILED
+from tuner.search import recommend
+from tuner.search.loop import Limits
 
 MiB = 1 << 20
 EVIL = "<script>alert(1)</script>"

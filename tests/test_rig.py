@@ -1,7 +1,7 @@
 """The rig this tool exists for, reached from a CPU machine: MoE models far bigger than VRAM on one or two GPUs.
 
 Planning (`tuner search --dry-run --gpus ...`) runs on the sparse flagship files (real GGUF headers of the published
-shapes, data regions that are holes: tuner.oracle), so the GPU logic is tested without a GPU. The worker-side parts
+shapes, data regions that are holes: tuner.plan.oracle), so the GPU logic is tested without a GPU. The worker-side parts
 (VRAM sources, page cache, loads) run real trials of real synthetic models; only NVML is faked (tests/fake_nvml.py).
 """
 
@@ -14,13 +14,15 @@ import os
 import psutil
 import pytest
 from click.testing import CliRunner
-
 from fake_nvml import FakeGpu, FakeNvml, GiB, MiB
-from tuner import bench, fit, hardware, oracle, pagecache, planner, store
+
 from tuner.cli import cli
-from tuner.ggufmeta import read_model
+from tuner.measure import hardware, pagecache, store
+from tuner.measure.runner import Runner, resolve
+from tuner.model.meta import read_model
+from tuner.plan import oracle, planner
 from tuner.record import TrialConfig
-from tuner.runner import Runner
+from tuner.search import feasible as fit
 
 FLAGSHIPS = ("deepseek2", "qwen3moe", "gpt-oss", "glm4moe")  # DeepSeek-V3, Qwen3-235B-A22B, gpt-oss-120b, GLM-4.5-Air
 RIGS = {"24GiB": [24 * GiB], "48GiB": [48 * GiB], "80GiB": [80 * GiB], "2x24GiB": [24 * GiB, 24 * GiB]}
@@ -73,13 +75,13 @@ def test_flagship_dry_run_searches_the_hybrid_region(flagships, arch, rig):
 
 
 def _limits():
-    from tuner.study import Limits
+    from tuner.search.loop import Limits
 
     return Limits()
 
 
 def _space(model, info, rig_):
-    from tuner.space import build_space
+    from tuner.search.space import build_space
 
     space = build_space([str(model)], {str(model): info}, {}, TrialConfig(model=str(model)), True, 2, 2, auto=True,
                         ram_total=512 * GiB)
@@ -174,7 +176,7 @@ def test_per_device_prediction_adds_up(flagships):
 # -- VRAM that is true or says it is unknown -------------------------------------------------------------------
 
 def _trial(models, nvml, fault=None, **kw):
-    cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, repetitions=1,
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, repetitions=1,
                                     n_threads=1, **kw))
     with Runner(timeout=120, nvml=hardware.Nvml(module=nvml)) as runner:
         return runner.run(cfg, fault)
@@ -200,7 +202,7 @@ def test_vram_from_the_device_in_a_container(models):
         live = 0
         for c in psutil.Process(me).children():
             try:
-                live += c.status() != psutil.STATUS_ZOMBIE and "tuner.worker" in " ".join(c.cmdline())
+                live += c.status() != psutil.STATUS_ZOMBIE and "tuner.measure.worker" in " ".join(c.cmdline())
             except psutil.NoSuchProcess:
                 pass
         return state["base"] + 700 * MiB * live
@@ -227,8 +229,8 @@ def test_unknown_vram_is_null_not_zero(models):
 
 def test_max_vram_with_unknown_vram_warns_once(models, tmp_path, capsys):
     from tuner.record import TrialRecord
-    from tuner.space import build_space
-    from tuner.study import Limits, Search, SearchOptions
+    from tuner.search.loop import Limits, Search, SearchOptions
+    from tuner.search.space import build_space
 
     m = str(models / "tiny-q8_0.gguf")
     hw = hardware.probe(hardware.Nvml(module=FakeNvml(gpus=[FakeGpu(total=24 * GiB)])))
@@ -262,7 +264,7 @@ def test_page_cache_share_of_a_file(tmp_path):
 
 
 def test_records_say_which_trial_loaded_and_how_cached(models):
-    cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1,
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1,
                                     n_threads=1))
     with Runner(timeout=120, reuse=True) as runner:
         first = runner.run(cfg)
@@ -276,7 +278,7 @@ def test_records_say_which_trial_loaded_and_how_cached(models):
 def test_a_slow_load_is_not_the_trials_timeout(models, monkeypatch):
     """The trial timeout counts from the end of the load; only a load beyond --load-timeout fails the trial."""
     monkeypatch.setenv("TUNER_SLOW_LOAD_S", "3")
-    cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1,
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1,
                                     n_threads=1))
     with Runner(timeout=2.5, load_timeout=60) as runner:
         rec = runner.run(cfg, "slow_load")
@@ -290,7 +292,7 @@ def test_a_slow_depth_fill_is_setup_not_the_trials_timeout(models, monkeypatch):
     """Filling a deep context (minutes at 32k on a CPU) is setup, like the load: outside the trial timeout,
     bounded by --load-timeout."""
     monkeypatch.setenv("TUNER_SLOW_LOAD_S", "3")
-    cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_ctx=256, n_prompt=8, n_gen=2,
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_ctx=256, n_prompt=8, n_gen=2,
                                     n_depth=200, repetitions=2, n_threads=1))
     with Runner(timeout=2.5, load_timeout=60) as runner:
         rec = runner.run(cfg, "slow_fill")
@@ -321,7 +323,7 @@ def test_a_depth_is_filled_once_and_restored_for_each_repetition(models):
     """-d N: the filled context is saved to a state file after the first fill and restored before every other
     repetition, and for any later trial with the same context settings: the file is the runner's, so a fresh
     worker (every trial gets one here, as in the race and the ladder) restores it too."""
-    cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, n_depth=200,
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, n_depth=200,
                                     n_ctx=512, repetitions=3, n_threads=1))
     with Runner(timeout=120, reuse=False) as runner:
         first = runner.run(cfg)

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from tuner import hardware, roofline
 from tuner.cli import cli
-from tuner.ggufmeta import read_model
+from tuner.measure import hardware
+from tuner.model.meta import read_model
+from tuner.plan import roofline
 from tuner.record import TrialConfig, TrialRecord
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from conftest import worker_processes
 
-from tuner import bench, memlimit, store
-from tuner.lock import LockBusy, measurement_lock
+from tuner.measure import memlimit, store
+from tuner.measure.lock import LockBusy, measurement_lock
+from tuner.measure.runner import Runner, classify, resolve
+from tuner.model.synth import synthesize
 from tuner.record import TrialConfig, TrialRecord
-from tuner.runner import Runner, classify
-from tuner.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -33,7 +33,7 @@ HANG_TIMEOUT = 5.0  # seconds before a hung trial is killed; the worker must rea
 def tiny_cfg(models: Path, **kw) -> TrialConfig:
     # one thread: the CPUs here are shared, and oversubscribed ggml threads spin-wait for seconds per token
     kw = {"n_prompt": 16, "n_gen": 4, "repetitions": 2, "n_threads": 1, **kw}
-    return bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), **kw))
+    return resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), **kw))
 
 
 def kib_status(pid: int, key: str) -> int:
@@ -177,7 +177,7 @@ def test_mem_limit_makes_allocation_fail_as_oom(models, mmap, host_only):
         cfg = tiny_cfg(models, n_ctx=1_000_000, n_gpu_layers=0)
         limit = 400 * MiB
     else:
-        cfg = bench.resolve(TrialConfig(model=str(models / "moe-q8_0.gguf"), use_mmap=False, n_prompt=8,
+        cfg = resolve(TrialConfig(model=str(models / "moe-q8_0.gguf"), use_mmap=False, n_prompt=8,
                                         n_gen=2, repetitions=1, n_threads=1, n_gpu_layers=0))
         limit = 150 * MiB  # the worker's own data segment (Python, numpy, llama.cpp) is ~100 MiB of it
     with Runner(timeout=120, mem_limit=limit) as r:
@@ -209,7 +209,7 @@ def test_mem_limit_covers_mmapped_weights(models, host_only):
     """
     model = synthesize(models, "moe", ("f16",))[0]
     assert model.stat().st_size > 150 * MiB
-    cfg = bench.resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
+    cfg = resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
                                     n_gpu_layers=0))
     with Runner(timeout=120, mem_limit=130 * MiB) as r:
         lim = r.limit
@@ -225,7 +225,7 @@ def test_mem_limit_covers_mmapped_weights(models, host_only):
             assert Path(f"/proc/{pid}/exe").resolve() == python
             assert cgroup.name in Path(f"/proc/{pid}/cgroup").read_text()
         rec = r.run(cfg)
-        again = r.run(bench.resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
+        again = r.run(resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
                                                n_gpu_layers=0)))  # same model, same limit: still too small
     assert rec.mem_limit_bytes == 130 * MiB and rec.mem_limit_by == lim.mechanism
     if machine_has_memory_cgroups():
@@ -243,7 +243,7 @@ def test_mem_limit_covers_mmapped_weights(models, host_only):
 
 def test_mem_limit_cgroup_lets_a_fitting_model_run(models, host_only):
     model = synthesize(models, "moe", ("f16",))[0]
-    cfg = bench.resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
+    cfg = resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
                                     n_gpu_layers=0))
     with Runner(timeout=120, mem_limit=400 * MiB) as r:
         rec = r.run(cfg)
@@ -257,10 +257,11 @@ def test_parent_process_exits_normally_after_real_faults(models, tmp_path):
     out = tmp_path / "trials.parquet"
     code = textwrap.dedent(f"""
         import json, sys
-        from tuner import bench, store
+        from tuner.measure import store
+        from tuner.search import bench
         from tuner.record import TrialConfig
-        from tuner.runner import Runner
-        cfg = bench.resolve(TrialConfig(model={str(models / "tiny-q8_0.gguf")!r}, n_prompt=8, n_gen=2,
+        from tuner.measure.runner import Runner
+        cfg = resolve(TrialConfig(model={str(models / "tiny-q8_0.gguf")!r}, n_prompt=8, n_gen=2,
                                         repetitions=1, n_threads=1))
         with Runner(timeout=60) as r:
             recs = [r.run(cfg, fault=f) for f in ("sigkill", "segv", "abort")]
@@ -292,7 +293,7 @@ def test_classify_kernel_oom_kill_and_signals():
 def test_measurement_lock_is_released_when_its_holder_is_killed(tmp_path):
     code = textwrap.dedent("""
         import sys, time
-        from tuner.lock import measurement_lock
+        from tuner.measure.lock import measurement_lock
         with measurement_lock(wait=False, what="holder test"):
             print("held", flush=True)
             time.sleep(600)
@@ -322,7 +323,7 @@ def test_a_worker_that_dies_while_idle_is_replaced(models):
     import os
     import signal as sig
 
-    from tuner.runner import Runner
+    from tuner.measure.runner import Runner
 
     cfg = TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, repetitions=2, n_threads=1)
     with Runner(timeout=60, reuse=True) as r:
@@ -336,7 +337,7 @@ def test_a_worker_that_dies_while_idle_is_replaced(models):
 
 def test_swap_watch_needs_a_full_window_above_the_limit():
     """The thrash detector's arithmetic (this machine has no swap device to thrash for real)."""
-    from tuner.runner import SwapWatch
+    from tuner.measure.runner import SwapWatch
 
     mib = 2**20
     w = SwapWatch(limit=64 * mib, window=3.0)

@@ -14,11 +14,11 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
-from tuner import store
 from tuner.cli import cli
+from tuner.measure import store
+from tuner.measure.selftest import wait_mid_trial
 from tuner.record import TrialConfig
-from tuner.selftest import wait_mid_trial
-from tuner.study import dominated_by
+from tuner.search.loop import dominated_by
 
 SHAPE = ["-p", "32", "-n", "8", "-r", "2"]
 TUNER = str(Path(sys.executable).with_name("tuner"))
@@ -400,8 +400,8 @@ def test_context_smaller_than_the_test_is_refused(models, tmp_path):
 
 
 def test_clamped_range_keeps_every_value_reachable(models):
-    from tuner.ggufmeta import read_model
-    from tuner.space import build_space
+    from tuner.model.meta import read_model
+    from tuner.search.space import build_space
 
     m = str(models / "tiny-q8_0.gguf")
     space = build_space([m], {m: read_model(m)}, {"n_gpu_layers": "0:15:5"}, TrialConfig(model=m), True, 2, 2)
@@ -431,10 +431,10 @@ def test_recommend_with_a_corrupt_recommended_json(study10, tmp_path):
 
 
 def test_space_bounds_from_min_ctx_and_the_planner(models):
-    from tuner import fit
-    from tuner.ggufmeta import read_model
-    from tuner.planner import predict
-    from tuner.space import SpaceError, build_space, require_ctx
+    from tuner.model.meta import read_model
+    from tuner.plan.planner import predict
+    from tuner.search import feasible as fit
+    from tuner.search.space import SpaceError, build_space, require_ctx
 
     m = str(models / "tiny-q8_0.gguf")
     infos = {m: read_model(m)}

@@ -6,8 +6,8 @@ import re
 
 from click.testing import CliRunner
 
-from tuner import selftest
 from tuner.cli import cli
+from tuner.measure import selftest
 
 
 def parse_table(text: str) -> list[dict[str, str]]:

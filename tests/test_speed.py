@@ -1,4 +1,4 @@
-"""Speed prediction (tuner.speed) and the rig probe (tuner.probe): the arithmetic on given figures, the probe file's
+"""Speed prediction (tuner.plan.speed) and the rig probe (tuner.plan.probe): the arithmetic on given figures, the probe file's
 checks, and one real probe of llama.cpp on small models. Speed itself is never asserted: benchmarks measure it
 (benchmarks/speed_accuracy.py)."""
 
@@ -10,9 +10,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from tuner import hardware, oracle, probe, roofline, speed, whatif
 from tuner.cli import cli
-from tuner.ggufmeta import read_model
+from tuner.measure import hardware
+from tuner.model.meta import read_model
+from tuner.plan import oracle, probe, roofline, speed, whatif
 from tuner.record import TrialConfig
 
 TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tuner import store
+from tuner.measure import store
 from tuner.record import TrialConfig, TrialRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_check_writable(tmp_path):
 # A writer that appends forever; each append rewrites the whole file (with big rows, so writes take time).
 WRITER = textwrap.dedent("""
     import sys
-    from tuner import store
+    from tuner.measure import store
     from tuner.record import TrialConfig, TrialRecord
     path, start = sys.argv[1], int(sys.argv[2])
     n = len(store.read(path, missing_ok=True))
@@ -134,7 +134,7 @@ def test_concurrent_appends_lose_nothing(tmp_path):
     p = tmp_path / "trials.parquet"
     code = textwrap.dedent("""
         import sys
-        from tuner import store
+        from tuner.measure import store
         from tuner.record import TrialConfig, TrialRecord
         for k in range(8):
             store.append(sys.argv[1], [TrialRecord(config=TrialConfig(model="m.gguf"), study=sys.argv[2],

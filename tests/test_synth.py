@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from tuner.cli import cli
-from tuner.ggufmeta import read_model
-from tuner.synth import PRESETS, synthesize
+from tuner.model.meta import read_model
+from tuner.model.synth import PRESETS, synthesize
 
 
 def sha(p) -> str:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from test_house import import_graph
+
 from tuner import units
 
 
@@ -30,7 +30,8 @@ def test_sizes_durations_and_clocks_format():
 
 
 def test_the_cli_option_and_units_share_one_parser():
-    from tuner.options import SIZE, parse_size
+    from tuner.cli.options import SIZE
+    from tuner.units import parse_size
 
     assert parse_size is units.parse_size
     assert SIZE.convert("2G", None, None) == 2 << 30

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tuner import bench
+from tuner.measure.runner import resolve
+from tuner.measure.worker import classify_log, effective_gpu_layers, parse_overrides
 from tuner.record import TrialConfig
-from tuner.worker import classify_log, effective_gpu_layers, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -28,7 +28,7 @@ DRIVER = textwrap.dedent("""
     jobs = json.loads(sys.argv[1])
     rfd, wfd = os.pipe()
     env = dict(os.environ, GGML_NO_BACKTRACE="1")
-    p = subprocess.Popen([sys.executable, "-m", "tuner.worker", str(wfd)], stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "tuner.measure.worker", str(wfd)], stdin=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(wfd,), env=env)
     os.close(wfd)
     events, buf = [], b""
@@ -62,7 +62,7 @@ def drive(jobs: list[dict]) -> dict:
 
 def job(models: Path, fault: str | None = None, mem_limit: int | None = None, **kw) -> dict:
     kw = {"n_prompt": 16, "n_gen": 4, "repetitions": 2, "n_threads": 1, **kw}  # 1 thread: shared CPUs
-    cfg = bench.resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), **kw))
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), **kw))
     return {"config": cfg.to_dict(), "fault": fault, "mem_limit": mem_limit}
 
 

@@ -28,6 +28,8 @@ KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "iq4_nl", "q4_1", "q4_
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
                  "iq4_nl": 18 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
 FLASH_ATTN = ("auto", "on", "off")
+# quantized V needs flash attention in llama.cpp (a context with fa off and quantized V fails to create)
+FULL_PRECISION_KV = {"f32", "f16", "bf16"}
 # What llama.cpp, ggml, CUDA, libstdc++ and Python print when memory runs out.
 OOM_MARKERS = ("out of memory", "failed to allocate", "insufficient memory", "cudamalloc failed",
                "std::bad_alloc", "cannot allocate memory", "memoryerror", "unable to allocate",
@@ -56,6 +58,39 @@ def parse_tensor_split(text: str) -> list[float]:
     if any(p < 0 or not math.isfinite(p) for p in parts) or not any(parts):
         raise ValueError("shares must be non-negative and not all 0")
     return parts
+
+
+@dataclass(frozen=True)
+class Param:
+    """One llama.cpp parameter as the commands spell it (the CLI builds its options from this table)."""
+
+    name: str  # TrialConfig field
+    flags: tuple[str, ...]  # llama-bench / llama.cpp spelling
+    type: type | tuple[str, ...]  # int, str, or the choices
+    help: str
+    search_flags: tuple[str, ...] = ()  # extra spellings for `tuner search` (--ngl 0:61, --ctx, --threads)
+
+
+# The llama.cpp parameters a trial can set. bench takes one value each; search takes a value, a list or a range.
+PARAMS = (
+    Param("n_gpu_layers", ("-ngl", "--n-gpu-layers"), int,
+          "layers on the GPU; -1, 99 or 999 = all (recorded as the real count)", ("--ngl",)),
+    Param("n_ctx", ("-c", "--ctx-size"), int, "context size (0 = n_prompt + n_gen + n_depth, as llama-bench)",
+          ("--ctx",)),
+    Param("n_threads", ("-t", "--threads"), int, "generation threads (default: physical cores)"),
+    Param("n_threads_batch", ("-tb", "--threads-batch"), int, "prompt/batch threads (default: = threads)"),
+    Param("n_batch", ("-b", "--batch-size"), int, "logical batch size"),
+    Param("n_ubatch", ("-ub", "--ubatch-size"), int, "physical batch size"),
+    Param("flash_attn", ("-fa", "--flash-attn"), FLASH_ATTN, "flash attention"),
+    Param("type_k", ("-ctk", "--cache-type-k"), KV_TYPES, "KV cache type for K"),
+    Param("type_v", ("-ctv", "--cache-type-v"), KV_TYPES, "KV cache type for V"),
+    Param("n_cpu_moe", ("-ncmoe", "--n-cpu-moe"), int, "keep the experts of the first N layers in host RAM"),
+    Param("split_mode", ("-sm", "--split-mode"), SPLIT_MODES, "how to split across GPUs"),
+    Param("main_gpu", ("-mg", "--main-gpu"), int, "GPU for the whole model with split-mode none"),
+    Param("tensor_split", ("-ts", "--tensor-split"), str,
+          "share of the layers per GPU, e.g. 3/1 (llama-bench's spelling; search: a list 1/1,3/1)"),
+)
+
 
 
 @dataclass
@@ -119,6 +154,16 @@ class TrialConfig:
         return d
 
 
+def invalid_reason(cfg: TrialConfig) -> str | None:
+    """Configs llama.cpp rejects outright: not worth a trial, recorded as skipped."""
+    if cfg.type_v not in FULL_PRECISION_KV and cfg.flash_attn == "off":
+        return f"quantized V cache ({cfg.type_v}) needs flash attention; flash_attn=off"
+    need = cfg.n_depth + max(cfg.n_prompt, cfg.n_gen)
+    if cfg.n_ctx and cfg.n_ctx < need:
+        return f"n_ctx {cfg.n_ctx} is smaller than the test needs (n_depth + max(n_prompt, n_gen) = {need})"
+    return None
+
+
 def summarize(samples: list[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (n-1), as llama-bench reports avg_ts / stddev_ts."""
     if not samples:
@@ -158,7 +203,7 @@ class TrialRecord:
     page_cache_pct: float | None = None  # share of the model file in the page cache just before that load
     swap_in_bytes: int | None = None
     mem_limit_bytes: int | None = None  # --mem-limit, when one applied
-    mem_limit_by: str = ""  # how it was enforced (tuner.memlimit: a cgroup + RLIMIT_DATA, or RLIMIT_DATA only)
+    mem_limit_by: str = ""  # how it was enforced (tuner.measure.memlimit: a cgroup + RLIMIT_DATA, or RLIMIT_DATA only)
     wall_s: float | None = None
     exit_code: int | None = None
     signal: int | None = None

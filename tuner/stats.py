@@ -1,7 +1,7 @@
 """One statistics rule for every judgement of "faster", "slower" or "worse" in tuner.
 
-Used by the CI gate (tuner.compare.judge), the confirmation and its race (tuner.confirm), the drift guard
-(tuner.study) and the quality gate (tuner.quality.judge_regression). The rule, stated once (README "Statistics"):
+Used by the CI gate (tuner.report.compare.judge), the confirmation and its race (tuner.search.confirm), the drift guard
+(tuner.search.loop) and the quality gate (tuner.quality.judge_regression). The rule, stated once (README "Statistics"):
 
 - The unit of a sample is a trial (a round of an interleaved comparison), never a repetition: a trial's
   repetitions share its process, its load and the machine's state at that minute, so they are not independent

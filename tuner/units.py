@@ -73,3 +73,36 @@ def fmt_duration(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60
                                                                    else f"{s}s")
+
+
+def parse_sizes(text: str | list | None) -> list[int] | None:
+    """'24GiB' or '24GiB,24GiB' (one size per GPU) → [bytes, ...]; every size above 0."""
+    if text is None or isinstance(text, list):
+        return text
+    items = [x.strip() for x in str(text).split(",")]
+    if not all(items):
+        raise ValueError(f"not a list of sizes: {text!r} (use e.g. 24GiB,24GiB)")
+    sizes = [parse_size(x) for x in items]
+    if any(s <= 0 for s in sizes):
+        raise ValueError(f"every size must be above 0, got {text!r}")
+    return sizes
+
+
+def parse_headroom(text: str | int | float) -> int | float:
+    """Memory to keep free: a share ('5%', '0.05') or a size ('1GiB'); one spelling for every command."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return text
+    t = str(text).strip()
+    try:
+        share = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        return parse_size(t)
+    if share >= 1:
+        return int(share)  # a plain number of bytes
+    if share < 0:
+        raise ValueError(f"headroom must not be negative, got {text!r}")
+    return share
+
+
+def headroom_bytes(headroom: int | float, total: int) -> int:
+    return int(headroom * total) if isinstance(headroom, float) else int(headroom)

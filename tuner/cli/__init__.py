@@ -1,20 +1,17 @@
 """The `tuner` command line: the group here, one module per command in this package (tuner/cli/NAME.py).
 
-Commands are thin: parse options, call the library (tuner.search, tuner.bench, tuner.report, ...), print.
+Commands are thin: parse options, call the library (tuner.search.run, tuner.search.bench, tuner.report, ...), print.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from tuner import store
-from tuner.ggufmeta import ModelError
-from tuner.lock import LockBusy
-from tuner.options import TunerError
-
-EXIT_BUSY = 75  # EX_TEMPFAIL: another measurement holds the rig
+from tuner.errors import TunerError
+from tuner.measure.lock import LockBusy
 
 
 class TunerGroup(click.Group):
@@ -36,8 +33,6 @@ class TunerGroup(click.Group):
 
     def get_command(self, ctx, name):
         if name in self.LAZY and name not in self.commands:
-            import importlib
-
             module, attr = self.LAZY[name].split(":")
             self.add_command(getattr(importlib.import_module(module), attr), name)
         return super().get_command(ctx, name)
@@ -50,16 +45,13 @@ class TunerGroup(click.Group):
         except click.exceptions.Abort:
             click.echo("Aborted.", err=True)
             sys.exit(130)
-        except (ModelError, store.StoreError) as e:
-            click.echo(f"tuner: error: {e}", err=True)
-            sys.exit(2)
-        except LockBusy as e:
-            click.echo(f"tuner: {e}", err=True)
-            sys.exit(EXIT_BUSY)
+        except TunerError as e:  # every error the library raises on purpose: one line, its exit code
+            click.echo(f"tuner: {'' if isinstance(e, LockBusy) else 'error: '}{' '.join(str(e).split())}", err=True)
+            sys.exit(e.exit_code)
         except click.ClickException as e:
             msg = " ".join(e.format_message().split())
             click.echo(f"tuner: error: {msg}", err=True)
-            sys.exit(2 if isinstance(e, (click.UsageError, TunerError)) else e.exit_code)
+            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -1,11 +1,12 @@
-"""`tuner bench`: one config measured llama-bench style (library: tuner.bench.measure)."""
+"""`tuner bench`: one config measured llama-bench style (library: tuner.search.bench.measure)."""
 
 from __future__ import annotations
 
 import click
 
-from tuner import bench as benchlib
-from tuner.options import TunerError, bench_params, config_option, run_params, shape_params
+from tuner.cli.options import bench_params, config_option, run_params, shape_params
+from tuner.errors import TunerError
+from tuner.search import bench as benchlib
 
 
 @click.command()
@@ -37,11 +38,8 @@ def bench(config, model, timeout, load_timeout, mem_limit, no_wait, lock_file, o
     """
     if not model:
         raise TunerError("no model given (pass MODEL or --config FILE)")
-    try:
-        res = benchlib.measure(model, out, timeout, mem_limit, no_wait, lock_file=lock_file, load_timeout=load_timeout,
-                               **params)
-    except benchlib.BenchError as e:
-        raise TunerError(str(e)) from None
+    res = benchlib.measure(model, out, timeout, mem_limit, no_wait, lock_file=lock_file, load_timeout=load_timeout,
+                           **params)
     if res.interrupted:
         click.echo(f"interrupted: the trial was stopped and recorded as such in {res.out}", err=True)
         return 130

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
-from tuner import store
-from tuner.options import HEADROOM, SIZE
+from tuner.cli.options import HEADROOM, SIZE
+from tuner.measure import store
+from tuner.search.confirm import objective_samples
+from tuner.search.run import search_total
 from tuner.units import fmt_size, hms
 
 
@@ -69,8 +71,6 @@ class Progress:
     progress (tuner.quality.Progress) is plain lines for the same reasons."""
 
     def __call__(self, srch, rec) -> None:
-        from tuner.search import search_total
-
         opts = srch.opts
         total = search_total(srch)
         n = srch.done_trials()
@@ -98,8 +98,6 @@ class Progress:
 
     def confirmed(self, srch, cand, rec, rnd: int) -> None:
         """One line per confirmation run: its round, the candidate's roles, the objective it measured."""
-        from tuner.confirm import objective_samples
-
         if not getattr(self, "_confirm_started", False):
             self._confirm_started = True
             lo, hi = srch.opts.confirm_rounds

@@ -1,4 +1,4 @@
-"""`tuner compare`: the CI regression gate as a thin Click command over tuner.compare."""
+"""`tuner compare`: the CI regression gate as a thin Click command over tuner.report.compare."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from tuner import compare as cmp
-from tuner.options import TunerError, run_params
+from tuner.cli.options import run_params
+from tuner.errors import TunerError
+from tuner.report import compare as cmp
 
 FAIL_ON = ("regression", "inconclusive", "missing")
 
@@ -93,29 +94,20 @@ def compare(baseline, current, ignore, thresholds, alpha, max_cv, min_samples, a
       tuner compare results/base.parquet results/cand.parquet --rerun-on-alert
       tuner compare results/study-a results/study-b --ignore flash_attn --threshold tg=3 --json
     """
-    try:
-        settings = cmp.Settings(thresholds=cmp.parse_thresholds(thresholds), alpha=alpha, max_cv=max_cv / 100.0,
-                                min_samples=min_samples, ignore=cmp.parse_ignore(ignore),
-                                allow_hw_mismatch=allow_hw_mismatch, max_kld_increase=max_kld_increase / 100.0)
-    except cmp.CompareError as e:
-        raise TunerError(str(e)) from None
+    settings = cmp.Settings(thresholds=cmp.parse_thresholds(thresholds), alpha=alpha, max_cv=max_cv / 100.0,
+                            min_samples=min_samples, ignore=cmp.parse_ignore(ignore),
+                            allow_hw_mismatch=allow_hw_mismatch, max_kld_increase=max_kld_increase / 100.0)
     fail_on = _fail_on(fail_on)
     _check_out(markdown_out, "the markdown report")
     _check_out(junit_out, "the JUnit report")
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
     _check_out(summary_file, "$GITHUB_STEP_SUMMARY")
-    try:
-        report = cmp.compare(baseline, current, settings)
-    except cmp.CompareError as e:
-        raise TunerError(str(e)) from None
+    report = cmp.compare(baseline, current, settings)
     if rerun_on_alert and report.regressions():
         # run_params' names (timeout, mem_limit, no_wait) are shared with bench and search
-        try:
-            cmp.rerun_on_this_machine(report, current, run_opts.get("timeout", run_opts.get("trial_timeout", 600.0)),
-                                      run_opts.get("mem_limit"), run_opts.get("no_wait", False),
-                                      log=lambda line: click.echo(line, err=True), lock_file=run_opts.get("lock_file"))
-        except cmp.CompareError as e:
-            raise TunerError(str(e)) from None
+        cmp.rerun_on_this_machine(report, current, run_opts.get("timeout", run_opts.get("trial_timeout", 600.0)),
+                                  run_opts.get("mem_limit"), run_opts.get("no_wait", False),
+                                  log=lambda line: click.echo(line, err=True), lock_file=run_opts.get("lock_file"))
 
     click.echo(report.to_json(fail_on) if as_json else report.table(fail_on))
     md = report.markdown(fail_on)

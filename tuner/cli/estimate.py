@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 
 import click
+import psutil
 
-from tuner import planner, whatif
-from tuner.ggufmeta import read_model
-from tuner.options import SIZE, TunerError, headroom_bytes
-from tuner.options import parse_headroom as options_headroom
+from tuner.cli.options import SIZE
+from tuner.cli.options import parse_headroom as options_headroom
+from tuner.errors import TunerError
+from tuner.measure import hardware
+from tuner.model.meta import read_model
+from tuner.plan import planner, probe, speed, whatif
 from tuner.record import FLASH_ATTN, KV_TYPES, TrialConfig
 from tuner.tables import text_table
-from tuner.units import fmt_size
+from tuner.units import fmt_size, headroom_bytes, physical_cores
 
 
 def parse_ctx_list(text: str) -> list[int]:
@@ -97,10 +100,6 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n
       tuner estimate models/dense-f16.gguf --what-if q8_0,q4_k_m,iq2_xxs
       tuner estimate gemma-3-270m-q4_k_m.gguf --speed --what-if q8_0,q3_k_m,q2_k -t 2
     """
-    import psutil
-
-    from tuner import hardware
-
     ctxs = parse_ctx_list(ctx)
     if ram is None:
         ram = psutil.virtual_memory().total
@@ -110,7 +109,7 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n
     quants = [q.strip() for q in what_if.split(",") if q.strip()] if what_if else []
     for q in quants:
         try:
-            whatif._ftype_key(q)
+            whatif.ftype_key(q)
         except ValueError as e:
             raise TunerError(str(e)) from None
     if n_gpu_layers is not None and n_gpu_layers < -1:
@@ -168,25 +167,17 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n
         click.echo("")
 
 
-# -- --speed: predicted t/s from the rig probe (tuner.speed) ---------------------------------------------------
+# -- --speed: predicted t/s from the rig probe (tuner.plan.speed) ---------------------------------------------------
 
 def _speed_probe(path) -> dict:
     """This rig's probe, or a one-line error: estimate stays instant, so it never runs the probe itself."""
-    from tuner import probe
-
-    try:
-        data = probe.load(path)
-    except probe.ProbeError as e:
-        raise TunerError(str(e)) from None
+    data = probe.load(path)
     if data is None:
         raise TunerError("--speed needs this rig's probe: run `tuner probe` once (a few minutes), then again")
     return data
 
 
 def _add_speed(m: dict, info, probe_data: dict, quants, threads, n_gpu_layers, n_cpu_moe, cpu_moe) -> None:
-    from tuner import hardware, speed
-    from tuner.bench import physical_cores
-
     gpu = bool(probe_data.get("gpu")) and bool(hardware.build_info().get("gpu_offload"))
     ngl = n_gpu_layers if n_gpu_layers is not None else (m["contexts"][0]["max_gpu_layers"] if gpu and m["contexts"] else 0)
     rows = speed.rows(info, probe_data, quants, threads or physical_cores(), n_gpu_layers=ngl or 0,

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from tuner import hardware
+from tuner.measure import hardware
 
 
 @click.command()

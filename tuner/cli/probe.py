@@ -1,4 +1,4 @@
-"""`tuner probe`: measure this rig's per-type kernel speeds once (library: tuner.probe)."""
+"""`tuner probe`: measure this rig's per-type kernel speeds once (library: tuner.plan.probe)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 
 import click
 
-from tuner.options import TunerError
+from tuner.errors import TunerError
+from tuner.plan import probe
 
 
 @click.command("probe")
@@ -39,21 +40,16 @@ def probe_cmd(threads, types, repetitions, passes, out, model_dir, show, as_json
       tuner probe -t 1,2 -r 3 --passes 3
       tuner probe --show
     """
-    from tuner import probe
-
-    try:
-        if show:
-            data = probe.load(out)
-            if data is None:
-                raise TunerError("no probe for this machine and build yet: run `tuner probe`")
-        else:
-            ts = _ints(threads, "--threads") if threads else None
-            ty = [t.strip().upper() for t in types.split(",") if t.strip()] if types else None
-            data, path = probe.run(out, ty, ts, repetitions, model_dir=model_dir, passes=passes,
-                                   echo=None if as_json else lambda s: click.echo(s, err=True))
-            click.echo(f"wrote {path}", err=True)
-    except probe.ProbeError as e:
-        raise TunerError(str(e)) from None
+    if show:
+        data = probe.load(out)
+        if data is None:
+            raise TunerError("no probe for this machine and build yet: run `tuner probe`")
+    else:
+        ts = _ints(threads, "--threads") if threads else None
+        ty = [t.strip().upper() for t in types.split(",") if t.strip()] if types else None
+        data, path = probe.run(out, ty, ts, repetitions, model_dir=model_dir, passes=passes,
+                               echo=None if as_json else lambda s: click.echo(s, err=True))
+        click.echo(f"wrote {path}", err=True)
     if as_json:
         click.echo(json.dumps(data, indent=1))
     else:

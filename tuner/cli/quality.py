@@ -7,8 +7,12 @@ from pathlib import Path
 
 import click
 
-from tuner import bench as benchlib
-from tuner.options import PARAMS, TunerError, _check_count, quality_params, run_params
+from tuner import quality as q
+from tuner.cli.options import check_count, quality_params, run_params
+from tuner.measure.lock import measurement_lock
+from tuner.measure.runner import Runner
+from tuner.record import PARAMS
+from tuner.search import bench as benchlib
 
 
 def _llama_params(*names):
@@ -16,7 +20,7 @@ def _llama_params(*names):
 
     def deco(f):
         for p in reversed([p for p in PARAMS if p.name in names]):
-            f = click.option(*p.flags, p.name, type=p.type, default=None, callback=_check_count, help=p.help)(f)
+            f = click.option(*p.flags, p.name, type=click.Choice(p.type) if isinstance(p.type, tuple) else p.type, default=None, callback=check_count, help=p.help)(f)
         return f
 
     return deco
@@ -54,10 +58,6 @@ def quality_cmd(models, save_reference_logits, reference, reference_logits, text
       tuner quality -m model-BF16.gguf --save-reference-logits ref.npz     # on the big machine
       tuner quality -m model-IQ2_XXS.gguf --reference-logits ref.npz --json  # anywhere
     """
-    from tuner import quality as q
-    from tuner.lock import measurement_lock
-    from tuner.runner import Runner
-
     try:
         budget = q.Budget(max_kld, min_same_top) if max_kld is not None or min_same_top is not None else None
         settings = q.Settings(ctx=ctx, top_k=q.DEFAULT_TOP_K if top_k is None else top_k,
@@ -71,8 +71,6 @@ def quality_cmd(models, save_reference_logits, reference, reference_logits, text
                 res = q.measure(list(models), runner, reference=reference, reference_logits=reference_logits,
                                 text=text, settings=settings, cache=cache,
                                 save_reference=save_reference_logits)
-    except q.QualityError as e:
-        raise TunerError(str(e)) from None
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was cached for the pass that was running", err=True)
         return 130

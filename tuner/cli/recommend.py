@@ -1,4 +1,4 @@
-"""`tuner recommend`: re-derive a study's recommendation under other limits (library: tuner.search)."""
+"""`tuner recommend`: re-derive a study's recommendation under other limits (library: tuner.search.run)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 
 from tuner.cli.common import limits_options, print_recommendation
-from tuner.options import TunerError
-from tuner.study import OBJECTIVES, Limits
+from tuner.errors import TunerError
+from tuner.search import fleet
+from tuner.search.loop import OBJECTIVES, Limits
+from tuner.search.run import recommend_study
 
 
 @click.command("recommend")
@@ -29,11 +31,7 @@ def recommend_cmd(study_dir, storage, study_name, objective, min_ctx, max_vram, 
       tuner recommend results/my-study --max-vram 20GiB --min-ctx 8192
       tuner recommend --storage postgresql://tuner:PW@db-host/tuner --study my-study   (a fleet, from any host)
     """
-    from tuner.search import SearchError, recommend_study
-
     if storage or study_name:
-        from tuner import fleet
-
         for folder in fleet.snapshot_for_cli(storage, study_name, study_dir):  # one per fingerprint group
             # without STUDY_DIR the snapshot is a temp folder deleted at exit: nothing there to point at
             click.get_current_context().invoke(recommend_cmd, study_dir=str(folder), objective=objective,
@@ -46,10 +44,7 @@ def recommend_cmd(study_dir, storage, study_name, objective, min_ctx, max_vram, 
     if not Path(study_dir).is_dir():
         raise TunerError(f"no study folder at {study_dir}")
     limits = Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom)
-    try:
-        rec = recommend_study(study_dir, objective, limits, write)
-    except SearchError as e:
-        raise TunerError(str(e)) from None
+    rec = recommend_study(study_dir, objective, limits, write)
     if as_json:
         click.echo(json.dumps(rec, indent=2, default=str))
     else:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import click
 
 from tuner import report as reportlib
-from tuner.options import TunerError
+from tuner.errors import TunerError
+from tuner.search import fleet
 
 
 @click.command("report")
@@ -36,12 +38,8 @@ def report_cmd(study_dirs, storage, study_name, out, formats, outcome_map, top):
       tuner report results/rig-a/my-study results/rig-b/my-study --out cmp --format svg
       tuner report --storage postgresql://tuner:PW@db-host/tuner --study my-study --out fleet-report
     """
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="tuner-snapshot-") as tmp:
         if storage or study_name:
-            from tuner import fleet
-
             study_dirs = (*study_dirs, *map(str, fleet.snapshot_for_cli(storage, study_name, tmp, nest=True)))
             out = out or "report"
         if not study_dirs:
@@ -50,16 +48,13 @@ def report_cmd(study_dirs, storage, study_name, out, formats, outcome_map, top):
 
 
 def _report(study_dirs, out, formats, outcome_map, top):
-    try:
-        fmts = reportlib.parse_formats(formats)
-        dims = reportlib.parse_map(outcome_map)
-        out = Path(out) if out else (Path(study_dirs[0]) / "report" if len(study_dirs) == 1 else Path("report"))
-        if out.exists() and not out.is_dir():
-            raise reportlib.ReportError(f"--out {out}: is a file, expected a folder")
-        rep = reportlib.build(list(study_dirs), fmts, dims, top)
-        rep.write(out)
-    except reportlib.ReportError as e:
-        raise TunerError(str(e)) from None
+    fmts = reportlib.parse_formats(formats)
+    dims = reportlib.parse_map(outcome_map)
+    out = Path(out) if out else (Path(study_dirs[0]) / "report" if len(study_dirs) == 1 else Path("report"))
+    if out.exists() and not out.is_dir():
+        raise reportlib.ReportError(f"--out {out}: is a file, expected a folder")
+    rep = reportlib.build(list(study_dirs), fmts, dims, top)
+    rep.write(out)
     n = len(rep.all_charts())
     click.echo(f"{n} charts ({', '.join(fmts)}) in {out}/")
     click.echo(f"  {rep.html_path}")

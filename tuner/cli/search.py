@@ -1,4 +1,4 @@
-"""`tuner search`: an Optuna study over llama.cpp configs (library: tuner.search.run_search)."""
+"""`tuner search`: an Optuna study over llama.cpp configs (library: tuner.search.run.run_search)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,20 @@ from pathlib import Path
 import click
 
 from tuner.cli.common import Progress, describe_plan, limits_options, log, print_recommendation
-from tuner.options import (DURATION, SIZE, SIZES, TunerError, config_option, quality_params, run_params, shape_params,
-                           space_params)
-from tuner.confirm import MAX_ROUNDS, MIN_ROUNDS
-from tuner.study import OBJECTIVES, SAMPLERS
+from tuner.cli.options import (
+    DURATION,
+    SIZE,
+    SIZES,
+    config_option,
+    quality_params,
+    run_params,
+    shape_params,
+    space_params,
+)
+from tuner.errors import TunerError
+from tuner.search.confirm import MAX_ROUNDS, MIN_ROUNDS
+from tuner.search.loop import OBJECTIVES, SAMPLERS
+from tuner.search.run import run_search
 
 
 @click.command()
@@ -109,23 +119,19 @@ def search(config, models, synthetic, quants, study, results, storage, sampler, 
     """
     if as_json and not dry_run:
         raise TunerError("--json prints a dry run's plan: add --dry-run")
-    from tuner.search import SearchError, run_search
 
-    try:
-        res = run_search(models, synthetic=synthetic, quants=quants, study=study, results=results, storage=storage,
-                         sampler=sampler, seed=seed, n_trials=n_trials, timeout=timeout, resume=resume,
-                         objective=objective, pareto=pareto, min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram,
-                         headroom=headroom, trial_timeout=trial_timeout, mem_limit=mem_limit, no_wait=no_wait,
-                         drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, plan=plan,
-                         reuse_workers=reuse_workers, lock_file=lock_file, allow_mixed=allow_mixed,
-                         heartbeat_s=heartbeat_s, auto_space=auto_space, confirm=0 if no_confirm else confirm,
-                         confirm_rounds=confirm_rounds, quality=quality, max_kld=max_kld,
-                         min_same_top=min_same_top, reference=reference, reference_logits=reference_logits,
-                         quality_text=text, quality_ctx=quality_ctx, on_trial=Progress(), on_confirm=Progress().confirmed,
-                         log=(lambda line: None) if as_json else log, dry_run=dry_run, gpus=gpus, ram=ram,
-                         per_load=per_load, load_timeout=load_timeout, **params)
-    except SearchError as e:
-        raise TunerError(str(e)) from None
+    res = run_search(models, synthetic=synthetic, quants=quants, study=study, results=results, storage=storage,
+                     sampler=sampler, seed=seed, n_trials=n_trials, timeout=timeout, resume=resume,
+                     objective=objective, pareto=pareto, min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram,
+                     headroom=headroom, trial_timeout=trial_timeout, mem_limit=mem_limit, no_wait=no_wait,
+                     drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, plan=plan,
+                     reuse_workers=reuse_workers, lock_file=lock_file, allow_mixed=allow_mixed,
+                     heartbeat_s=heartbeat_s, auto_space=auto_space, confirm=0 if no_confirm else confirm,
+                     confirm_rounds=confirm_rounds, quality=quality, max_kld=max_kld,
+                     min_same_top=min_same_top, reference=reference, reference_logits=reference_logits,
+                     quality_text=text, quality_ctx=quality_ctx, on_trial=Progress(), on_confirm=Progress().confirmed,
+                     log=(lambda line: None) if as_json else log, dry_run=dry_run, gpus=gpus, ram=ram,
+                     per_load=per_load, load_timeout=load_timeout, **params)
     if res.plan is not None:
         click.echo(json.dumps(res.plan, indent=1) if as_json else "\n".join(describe_plan(res.plan)))
         return 0

@@ -1,4 +1,4 @@
-"""`tuner selftest`: real fault injection into real workers (library: tuner.selftest)."""
+"""`tuner selftest`: real fault injection into real workers (library: tuner.measure.selftest)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import time
 
 import click
 
+from tuner.measure.lock import measurement_lock
+from tuner.measure.selftest import DEFAULT_TIMEOUT, Case, parent_kill, run, table
 from tuner.record import TrialRecord
-from tuner.selftest import DEFAULT_TIMEOUT
 
 
 @click.command("selftest")
@@ -25,9 +26,6 @@ def selftest_cmd(timeout, no_wait):
 
     Example: tuner selftest --timeout 20
     """
-    from tuner.lock import measurement_lock
-    from tuner.selftest import Case, parent_kill, run, table
-
     def progress(case: Case, rec: TrialRecord) -> None:
         click.echo(f"  {case.name}: {rec.outcome} ({rec.wall_s:.1f} s)", err=True)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from tuner.options import TunerError
+from tuner.errors import TunerError
+from tuner.model.synth import synthesize
 from tuner.units import fmt_size
 
 
@@ -28,13 +29,9 @@ def synth(out_dir, preset, quants, seed, force, **sizes):
 
     Example: tuner synth models --preset dense --quants q8_0,q4_k_m
     """
-    from tuner.synth import synthesize
-
     try:
         paths = synthesize(out_dir, preset, tuple(q.strip() for q in quants.split(",") if q.strip()), seed,
                            force, **sizes)
-    except ValueError as e:
-        raise TunerError(str(e)) from None
     except OSError as e:
         raise TunerError(f"cannot write models to {out_dir}: {e.strerror or e}") from None
     for p in paths:

@@ -1,6 +1,6 @@
 """`tuner report` as a library: charts, report.html and report.md from what studies wrote.
 
-Reads only a study folder (trials.parquet through tuner.store, the Optuna storage study.db, recommended.json,
+Reads only a study folder (trials.parquet through tuner.measure.store, the Optuna storage study.db, recommended.json,
 logs/); nothing is re-run. The package: load.py reads studies, charts.py draws each chart (a new chart goes
 into its STUDY_CHARTS registry), render.py turns the report's blocks into HTML and Markdown; this module
 assembles and writes the whole report.
@@ -13,11 +13,19 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner import store
+from tuner.measure import store
 from tuner.record import TrialConfig
+
 # the public names, importable as tuner.report.NAME (loading, charts, rendering live in the submodules)
-from tuner.report.charts import (NO_OFFLOAD, STUDY_CHARTS, Chart, chart_compare, quant_colours, speed_dimensions,
-                                 study_charts)
+from tuner.report.charts import (
+    NO_OFFLOAD,
+    STUDY_CHARTS,
+    Chart,
+    chart_compare,
+    quant_colours,
+    speed_dimensions,
+    study_charts,
+)
 from tuner.report.load import DEFAULT_MAP, FORMATS, ReportError, Study, load_studies, load_study
 from tuner.report.render import compare_blocks, failure_groups, planner_rows, study_blocks, to_html, to_markdown
 
@@ -83,10 +91,7 @@ class Report:
         if out.exists() and not out.is_dir():
             raise ReportError(f"--out {out}: is a file, expected a folder")
         rendered = [(c, f, c.render(f)) for c in self.all_charts() for f in self.formats]
-        try:
-            store.writable_folder(out, "report folder")
-        except store.StoreError as e:
-            raise ReportError(str(e)) from None
+        store.writable_folder(out, "report folder")
         written = []
         for c, f, data in rendered:
             p = out / (c.study or "") / f"{c.key}.{f}"

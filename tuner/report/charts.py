@@ -14,17 +14,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 import matplotlib
+import optuna
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
+from optuna.distributions import CategoricalDistribution
 
-from tuner.recommend import BASELINES, pareto_front
 from tuner.record import OUTCOMES, TrialConfig, TrialRecord
-from tuner.report.load import (DEFAULT_MAP, SHAPE_FIELDS, Study, mem_scale, model_label, parse_utc, shape_label,
-                               varying_fields, xvalue)
+from tuner.report.load import (
+    DEFAULT_MAP,
+    SHAPE_FIELDS,
+    Study,
+    mem_scale,
+    model_label,
+    parse_utc,
+    shape_label,
+    varying_fields,
+    xvalue,
+)
+from tuner.search.recommend import BASELINES, pareto_front
 from tuner.units import fmt_size
-
 
 OUTCOME_COLOURS = {"ok": "#2ca02c", "oom": "#d62728", "crash": "#9467bd", "timeout": "#ff7f0e",
                    "swap": "#8c564b", "load_error": "#e377c2", "error": "#111111", "skipped": "#9a9a9a",
@@ -537,9 +547,6 @@ def importances(study: Study, target: str) -> tuple[dict[str, float] | None, str
 
     The parameters and their distributions come from the Optuna storage; without one, from the records
     (every config field that varied, as a categorical)."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-
     trials = [r for r in study.trials if r.trial_number is not None and r.outcome != "interrupted"]
     if target == "tg":
         rows = [(r, r.metric("tg")[0]) for r in trials if r.ok and r.metric("tg")[0] is not None]

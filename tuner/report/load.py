@@ -1,4 +1,4 @@
-"""Reading a study folder for the report: trials.parquet (tuner.store), study.db (Optuna), recommended.json."""
+"""Reading a study folder for the report: trials.parquet (tuner.measure.store), study.db (Optuna), recommended.json."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner import store
-from tuner.recommend import RECOMMENDED_FILE
-from tuner.record import TrialConfig, TrialRecord
+import optuna
 
+from tuner.errors import TunerError
+from tuner.measure import store
+from tuner.record import TrialConfig, TrialRecord
+from tuner.search.recommend import RECOMMENDED_FILE
 
 FORMATS = ("png", "svg", "pdf")
 DEFAULT_MAP = ("n_gpu_layers", "n_ctx")
@@ -22,7 +24,7 @@ STUDY_DB = "study.db"
 SHAPE_FIELDS = ("n_prompt", "n_gen", "n_depth", "repetitions", "warmup")
 
 
-class ReportError(ValueError):
+class ReportError(TunerError):
     """A study folder that cannot be reported on, or a bad option; one-line message."""
 
 
@@ -121,7 +123,6 @@ def _load_optuna(p: Path, name: str) -> tuple[list | None, str]:
     db = p / STUDY_DB
     if not db.exists():
         return None, f"no Optuna storage ({STUDY_DB}) in {p}"
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = None

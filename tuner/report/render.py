@@ -14,13 +14,11 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from tuner.recommend import BASELINES, RECOMMENDED_FILE
 from tuner.record import OUTCOMES, TrialRecord
-from tuner.report.load import (SHAPE_FIELDS, Study, fmt_ts, model_label, parse_utc, shape_label,
-                               varying_fields, xvalue)
 from tuner.report.charts import Chart, shared_configs
+from tuner.report.load import SHAPE_FIELDS, Study, fmt_ts, model_label, parse_utc, shape_label, varying_fields, xvalue
+from tuner.search.recommend import BASELINES, RECOMMENDED_FILE
 from tuner.units import fmt_duration, fmt_size
-
 
 # ---------------------------------------------------------------------------------------------------------
 # the text part: blocks rendered to HTML and Markdown

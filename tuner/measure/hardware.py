@@ -1,0 +1,220 @@
+"""Hardware probe: CPU, memory, swap and GPUs (through NVML). No GPU and no NVML is a normal case.
+
+`Nvml` wraps the `pynvml` module (nvidia-ml-py). Tests on machines without a GPU hand it a fake module
+(tests/fake_nvml.py, named as such); nothing else in tuner talks to NVML directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import psutil
+
+
+@dataclass
+class GPU:
+    index: int
+    name: str
+    uuid: str
+    vram_total: int
+    vram_free: int
+    driver: str
+    cuda: str
+
+
+@dataclass
+class Hardware:
+    cpu: str
+    cores_physical: int
+    cores_logical: int
+    ram_total: int
+    ram_available: int
+    swap_total: int
+    swap_free: int
+    os: str
+    gpus: list[GPU] = field(default_factory=list)
+    nvml: str = ""  # why NVML is unavailable, empty when it works
+    gpu_offload: bool | None = None  # whether the installed llama-cpp-python build can offload
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fingerprint_dict(self) -> dict:
+        """What makes two machines comparable: not the free memory of the moment."""
+        return {"cpu": self.cpu, "cores_physical": self.cores_physical, "cores_logical": self.cores_logical,
+                "ram_total_gib": round(self.ram_total / 2**30), "os": platform.system(),
+                "gpus": [{"name": g.name, "vram_total_gib": round(g.vram_total / 2**30), "driver": g.driver}
+                         for g in self.gpus]}
+
+    def fingerprint(self) -> str:
+        return digest(self.fingerprint_dict())
+
+
+def from_dict(d: dict) -> Hardware:
+    """The machine a record was measured on (TrialRecord.hw), as a Hardware."""
+    return Hardware(**{k: v for k, v in d.items() if k != "gpus"}, gpus=[GPU(**g) for g in d.get("gpus", [])])
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Nvml:
+    """NVML access for the probe and the runner's VRAM sampling; `module` is pynvml or a fake."""
+
+    def __init__(self, module=None):
+        self.error = ""
+        self.nv = None
+        try:
+            if module is None:
+                import pynvml as module  # noqa: PLC0415 - NVML is optional: without it (no NVIDIA driver) the probe reports no GPU
+            module.nvmlInit()
+            self.nv = module
+            self.handles = [module.nvmlDeviceGetHandleByIndex(i) for i in range(module.nvmlDeviceGetCount())]
+        except Exception as e:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ImportError...
+            self.nv = None
+            self.handles = []
+            self.error = f"NVML unavailable: {e}"
+
+    @property
+    def available(self) -> bool:
+        return self.nv is not None
+
+    def gpus(self) -> list[GPU]:
+        if not self.nv:
+            return []
+        nv = self.nv
+        driver = _s(nv.nvmlSystemGetDriverVersion())
+        try:
+            v = nv.nvmlSystemGetCudaDriverVersion()
+            cuda = f"{v // 1000}.{v % 1000 // 10}"
+        except Exception:  # noqa: BLE001 - older drivers lack it
+            cuda = ""
+        out = []
+        for i, h in enumerate(self.handles):
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            out.append(GPU(i, _s(nv.nvmlDeviceGetName(h)), _s(nv.nvmlDeviceGetUUID(h)), int(mem.total),
+                           int(mem.free), driver, cuda))
+        return out
+
+    def process_vram(self, pids: set[int]) -> list[int]:
+        """VRAM in use by these processes, per GPU (0 where they hold none)."""
+        return self.sample(pids).process
+
+    def sample(self, pids: set[int]) -> "VramSample":
+        """Per GPU: VRAM of these processes (and whether NVML listed any of them at all), and the device's used
+        memory. In a container NVML lists the host's PIDs, so the worker is never found there."""
+        s = VramSample()
+        if not self.nv:
+            return s
+        for h in self.handles:
+            used = 0
+            try:
+                procs = self.nv.nvmlDeviceGetComputeRunningProcesses(h)
+            except Exception:  # noqa: BLE001 - not supported on some devices: no per-process figure
+                procs = []
+            for p in procs:
+                if p.pid in pids:
+                    s.seen = True
+                    used += int(p.usedGpuMemory or 0)
+            s.process.append(used)
+            try:
+                s.device.append(int(self.nv.nvmlDeviceGetMemoryInfo(h).used))
+            except Exception:  # noqa: BLE001 - a device that stopped answering: no device figure either
+                s.device.append(-1)
+        return s
+
+    def device_used(self) -> list[int]:
+        """Each GPU's used memory now (the baseline a worker's device-wide figure is taken over)."""
+        return self.sample(set()).device
+
+
+@dataclass
+class VramSample:
+    process: list[int] = field(default_factory=list)
+    seen: bool = False
+    device: list[int] = field(default_factory=list)  # -1 where unknown
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def probe(nvml: Nvml | None = None, with_llama: bool = False) -> Hardware:
+    nvml = nvml or Nvml()
+    vm, sw = psutil.virtual_memory(), psutil.swap_memory()
+    hw = Hardware(cpu=cpu_name(), cores_physical=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+                  cores_logical=psutil.cpu_count() or 1, ram_total=vm.total, ram_available=vm.available,
+                  swap_total=sw.total, swap_free=sw.free, os=f"{platform.system()} {platform.release()}",
+                  gpus=nvml.gpus(), nvml=nvml.error)
+    if with_llama:
+        hw.gpu_offload = build_info()["gpu_offload"]
+    return hw
+
+
+@lru_cache(maxsize=1)
+def build_info() -> dict:
+    """llama.cpp build facts, asked of a child interpreter: the parent never loads llama.cpp (or CUDA).
+
+    Cached on disk per installed libllama (path, size, mtime), so a rebuild (e.g. with CUDA) is noticed and
+    an unchanged build costs no extra process start.
+    """
+    spec = importlib.util.find_spec("llama_cpp")
+    cache = None
+    if spec and spec.submodule_search_locations:
+        lib = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libllama.so"
+        if lib.exists():
+            st = lib.stat()
+            key = digest([str(lib), st.st_size, st.st_mtime_ns, sys.executable])
+            cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuner" / f"build-{key}.json"
+            if cache.exists():
+                try:
+                    return json.loads(cache.read_text())
+                except ValueError:
+                    pass
+    code = "import json, tuner.llama as g; print(json.dumps(g.build_info()))"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        info = json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        return {"error": f"cannot load llama_cpp: {e}", "gpu_offload": False}
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(info))
+        except OSError:
+            pass
+    return info
+
+
+FINGERPRINT_SALT = "TUNER_FINGERPRINT_SALT"
+
+
+def build_fingerprint(build: dict) -> str:
+    """What makes two builds comparable. TUNER_FINGERPRINT_SALT (when set) is mixed in: it keeps builds apart that
+    tuner cannot tell apart itself (the same wheel against another driver or library setup), and lets the tests
+    make a host of another build on one machine."""
+    facts = {k: build.get(k) for k in ("llama_cpp_python", "system_info", "gpu_offload")}
+    if os.environ.get(FINGERPRINT_SALT):
+        facts["salt"] = os.environ[FINGERPRINT_SALT]
+    return digest(facts)

@@ -1,0 +1,1 @@
+"""What a model is: GGUF metadata, synthetic models, the real reference model."""
