@@ -196,7 +196,7 @@ def summarize(case: dict, cpu_time: bool = False) -> dict:
 def main(argv=None) -> int:
     a = parse_args(argv)
     from tuner.measure import hardware
-    from tuner.quality import default_text_path
+    from tuner.quality.logits import default_text_path
 
     if not Path(a.llama_perplexity).is_file():
         sys.exit(f"quality_vs_perplexity: error: llama-perplexity not found at {a.llama_perplexity} "

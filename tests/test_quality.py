@@ -17,13 +17,16 @@ from click.testing import CliRunner
 from conftest import worker_processes
 from scipy.special import log_softmax
 
-from tuner import quality as q
 from tuner.cli import cli
 from tuner.measure.runner import Runner
 from tuner.model.synth import synthesize
+from tuner.quality.kld import KLD_CUTOFF, compare_rows, statistics, summarize_rows
+from tuner.quality.logits import QualityError, ReferenceLogits, default_text_path
+from tuner.quality.measure import DEFAULT_MAX_KLD, DEFAULT_TOP_K, Budget, Settings, measure, qualifying
+from tuner.quality.results import STAT_KEYS, Cache, QualityResult, judge_regression
 
 GEMMA = "gemma-3-270m-q4_k_m.gguf"  # the real model, next to the synthetic ones (tests/conftest.py)
-FAST = q.Settings(ctx=64, n_threads=1)  # tiny model: 64-token chunks, ~140 of them in the default text
+FAST = Settings(ctx=64, n_threads=1)  # tiny model: 64-token chunks, ~140 of them in the default text
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +60,14 @@ def random_logits(seed: int, n: int = 40, n_vocab: int = 3000, noise: float = 0.
 def direct_kld(ref: np.ndarray, model: np.ndarray) -> np.ndarray:
     lp = log_softmax(ref.astype(np.float64), axis=1)
     lq = log_softmax(model.astype(np.float64), axis=1)
-    return np.where(lp > q.KLD_CUTOFF, np.exp(lp) * (lp - lq), 0.0).sum(axis=1)
+    return np.where(lp > KLD_CUTOFF, np.exp(lp) * (lp - lq), 0.0).sum(axis=1)
 
 
 def test_full_vocabulary_is_exact_kl_divergence():
     ref, model, targets = random_logits(1)
     buf = np.empty_like(ref)
-    summary = q.summarize_rows(ref, targets, 0, buf)
-    out = q.compare_rows(model, targets, summary, buf)
+    summary = summarize_rows(ref, targets, 0, buf)
+    out = compare_rows(model, targets, summary, buf)
     np.testing.assert_allclose(out["kld"], direct_kld(ref, model), rtol=1e-5, atol=1e-7)
     lq = log_softmax(model.astype(np.float64), axis=1)
     np.testing.assert_allclose(out["nll"], -lq[np.arange(len(targets)), targets], rtol=1e-6)
@@ -77,8 +80,8 @@ def test_top_k_with_tail_samples_estimates_the_full_sum(noise):
     ref, model, targets = random_logits(2, n=400, noise=noise)
     buf = np.empty_like(ref)
     exact = direct_kld(ref, model)
-    sampled = q.compare_rows(model, targets, q.summarize_rows(ref, targets, 64, buf, 64), buf)["kld"]
-    bucket = q.compare_rows(model, targets, q.summarize_rows(ref, targets, 64, buf, 0), buf)["kld"]
+    sampled = compare_rows(model, targets, summarize_rows(ref, targets, 64, buf, 64), buf)["kld"]
+    bucket = compare_rows(model, targets, summarize_rows(ref, targets, 64, buf, 0), buf)["kld"]
     # one bucket for the tail is a lower bound (log-sum inequality) and here a poor one ...
     assert np.all(bucket <= exact + 1e-6)  # (up to the float32 rounding of the stored log-probs)
     assert bucket.mean() < 0.9 * exact.mean()
@@ -93,7 +96,7 @@ def test_statistics_as_llama_perplexity_prints_them():
     nll_ref = rng.gamma(2.0, 1.5, 999)
     nll = nll_ref + rng.normal(0.05, 0.1, 999)
     same = rng.random(999) < 0.9
-    st = q.statistics(kld, nll, nll_ref, same)
+    st = statistics(kld, nll, nll_ref, same)
     n = len(kld)
     s = np.sort(kld)
     pos = 0.99 * (n - 1)  # llama-perplexity's percentile: linear between the two neighbours
@@ -110,22 +113,22 @@ def test_statistics_as_llama_perplexity_prints_them():
 # -- real passes on synthetic models -------------------------------------------------------------------------
 def test_identical_file_and_saved_reference(tiny, runner, tmp_path):
     saved = tmp_path / "ref.npz"
-    live = q.measure([tiny["f32"], tiny["q4_k_m"], tiny["q2_k"]], runner, settings=FAST, progress=quiet,
+    live = measure([tiny["f32"], tiny["q4_k_m"], tiny["q2_k"]], runner, settings=FAST, progress=quiet,
                      save_reference=str(saved))
     by = {Path(r.model).stem: r for r in live}
     assert all(r.ok for r in live), [(r.outcome, r.cause) for r in live]
     ref = by["tiny-f32"]  # measured against its own summary in the reference pass: 0 within float error
     assert ref.is_reference and abs(ref.kld_mean) < 1e-9 and ref.same_top_pct == 100
     # the header identifies model, tokenizer, text and ctx
-    header = q.ReferenceLogits.read_header(saved)
+    header = ReferenceLogits.read_header(saved)
     assert header["arch"] == "llama" and header["n_vocab"] == 512 and header["ctx"] == 64
     assert header["model_hash"] == by["tiny-f32"].model_hash and header["text_hash"] == by["tiny-f32"].text_hash
 
     # the same file under another name, in a real compare pass against the saved reference: KLD 0, all tops agree
     copy = tmp_path / "copy-of-f32.gguf"
     shutil.copyfile(tiny["f32"], copy)
-    again = q.measure([str(copy), tiny["q4_k_m"], tiny["q2_k"]], runner, reference_logits=str(saved),
-                      settings=q.Settings(n_threads=1), progress=quiet)
+    again = measure([str(copy), tiny["q4_k_m"], tiny["q2_k"]], runner, reference_logits=str(saved),
+                      settings=Settings(n_threads=1), progress=quiet)
     same = again[0]
     assert same.ok and same.n_tokens == by["tiny-f32"].n_tokens > 1000
     assert abs(same.kld_mean) < 1e-6 and same.kld_max < 1e-5
@@ -133,12 +136,12 @@ def test_identical_file_and_saved_reference(tiny, runner, tmp_path):
     assert same.ppl == pytest.approx(same.ppl_ref, rel=1e-6)
     # the saved reference reproduces the live reference's figures
     for live_r, saved_r in zip(live[1:], again[1:]):
-        for k in q.STAT_KEYS:
+        for k in STAT_KEYS:
             assert saved_r.stats[k] == pytest.approx(live_r.stats[k], rel=1e-9, abs=1e-12), k
 
 
 def test_kld_orders_the_quants(tiny, runner):
-    res = q.measure([tiny["q2_k"], tiny["q8_0"], tiny["q4_k_m"]], runner, reference=tiny["f32"],
+    res = measure([tiny["q2_k"], tiny["q8_0"], tiny["q4_k_m"]], runner, reference=tiny["f32"],
                     settings=FAST, progress=quiet)
     assert all(r.ok for r in res), [(r.outcome, r.cause) for r in res]
     q2, q8, q4 = res
@@ -148,33 +151,33 @@ def test_kld_orders_the_quants(tiny, runner):
         assert hi.kld_mean - lo.kld_mean > 10 * (hi.kld_mean_err + lo.kld_mean_err)
     assert q8.same_top_pct > q4.same_top_pct > q2.same_top_pct
     assert q8.ppl_ref == q4.ppl_ref == q2.ppl_ref  # one reference, one text
-    assert q.qualifying(res, q.Budget(max_kld=q4.kld_mean * 1.01)) == {
+    assert qualifying(res, Budget(max_kld=q4.kld_mean * 1.01)) == {
         q2.model: (False, f"mean KLD {q2.kld_mean:.4f} > {q4.kld_mean * 1.01:g}"),
         q8.model: (True, ""), q4.model: (True, "")}
 
 
 def test_cache_pays_once_per_file(tiny, runner, tmp_path):
-    cache = q.Cache(tmp_path / "results")
-    first = q.measure([tiny["f32"], tiny["q8_0"]], runner, settings=FAST, cache=cache, progress=quiet)
+    cache = Cache(tmp_path / "results")
+    first = measure([tiny["f32"], tiny["q8_0"]], runner, settings=FAST, cache=cache, progress=quiet)
     assert not any(r.cached for r in first)
     assert cache.path.is_file() and len(list(cache.dir.glob("reference-*.npz"))) == 1
     # everything cached: no worker is needed at all
-    second = q.measure([tiny["f32"], tiny["q8_0"]], None, settings=FAST, cache=cache, progress=quiet)
+    second = measure([tiny["f32"], tiny["q8_0"]], None, settings=FAST, cache=cache, progress=quiet)
     assert all(r.cached for r in second)
     assert [r.stats for r in second] == [r.stats for r in first]
     # another ctx is another measurement; the cached reference summary is reused for a new file
-    other = q.measure([tiny["q8_0"]], runner, settings=q.Settings(ctx=32, n_threads=1), cache=cache,
+    other = measure([tiny["q8_0"]], runner, settings=Settings(ctx=32, n_threads=1), cache=cache,
                       progress=quiet)
     assert not other[0].cached and other[0].ctx == 32
     # (the default reference is the highest-precision file given: name the F32 one, or q8_0 would be it)
-    third = q.measure([tiny["q8_0"], tiny["q2_k"]], runner, reference=tiny["f32"], settings=FAST, cache=cache,
+    third = measure([tiny["q8_0"], tiny["q2_k"]], runner, reference=tiny["f32"], settings=FAST, cache=cache,
                       progress=quiet)
     assert third[0].cached and not third[1].cached and third[1].ok
 
 
 
 def test_killed_worker_is_a_recorded_failure_and_the_rest_go_on(tiny, runner, tmp_path):
-    cache = q.Cache(tmp_path / "results")
+    cache = Cache(tmp_path / "results")
     victim = Path(tiny["q4_k_m"]).name
     killed = []
 
@@ -185,7 +188,7 @@ def test_killed_worker_is_a_recorded_failure_and_the_rest_go_on(tiny, runner, tm
             os.kill(procs[0].pid, signal.SIGKILL)
             killed.append(procs[0].pid)
 
-    res = q.measure([tiny["q8_0"], tiny["q4_k_m"], tiny["q2_k"]], runner, reference=tiny["f32"], settings=FAST,
+    res = measure([tiny["q8_0"], tiny["q4_k_m"], tiny["q2_k"]], runner, reference=tiny["f32"], settings=FAST,
                     cache=cache, progress=kill_mid_pass)
     assert killed
     q8, q4, q2 = res
@@ -193,39 +196,39 @@ def test_killed_worker_is_a_recorded_failure_and_the_rest_go_on(tiny, runner, tm
     assert q4.outcome == "crash" and "SIGKILL" in q4.cause and q4.kld_mean is None
     assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
     # only results are cached: the next run measures the killed file and reuses the others
-    again = q.measure([tiny["q8_0"], tiny["q4_k_m"], tiny["q2_k"]], runner, reference=tiny["f32"],
+    again = measure([tiny["q8_0"], tiny["q4_k_m"], tiny["q2_k"]], runner, reference=tiny["f32"],
                       settings=FAST, cache=cache, progress=quiet)
     assert [r.cached for r in again] == [True, False, True] and again[1].ok
 
 
 def test_fault_inside_the_worker_is_classified(tiny, runner):
-    res = q.measure([tiny["q8_0"], tiny["q2_k"]], runner, reference=tiny["f32"], settings=FAST, progress=quiet,
+    res = measure([tiny["q8_0"], tiny["q2_k"]], runner, reference=tiny["f32"], settings=FAST, progress=quiet,
                     faults={tiny["q8_0"]: "abort"})
     assert res[0].outcome == "crash" and "SIGABRT" in res[0].cause
     assert res[1].ok
 
 
 # -- budget and regression judgement -------------------------------------------------------------------------
-def result(kld: float, err: float, **kw) -> q.QualityResult:
+def result(kld: float, err: float, **kw) -> QualityResult:
     base = dict(model="m.gguf", model_hash="h", reference_hash="r", text_hash="t", ctx=512, top_k=256,
                 tail_samples=256)
-    return q.QualityResult(**{**base, **kw}, stats={"kld_mean": kld, "kld_mean_err": err, "same_top_pct": 90.0})
+    return QualityResult(**{**base, **kw}, stats={"kld_mean": kld, "kld_mean_err": err, "same_top_pct": 90.0})
 
 
 def test_budget_and_regression_verdicts():
-    assert q.Budget().max_kld == q.DEFAULT_MAX_KLD
-    assert q.Budget(max_kld=0.1).judge(result(0.05, 0.001)) == (True, "")
-    assert q.Budget(max_kld=0.1, min_same_top=95).judge(result(0.05, 0.001))[0] is False
-    assert q.Budget().judge(q.QualityResult(model="m", model_hash="h", outcome="oom", cause="x"))[0] is False
-    with pytest.raises(q.QualityError, match="must not be negative"):
-        q.Budget(max_kld=-0.1)
-    assert q.judge_regression(result(0.030, 0.001), result(0.045, 0.001)).verdict == "regression"
-    assert q.judge_regression(result(0.045, 0.001), result(0.030, 0.001)).verdict == "improvement"
-    assert q.judge_regression(result(0.030, 0.001), result(0.031, 0.001)).verdict == "unchanged"
-    assert q.judge_regression(result(0.030, 0.010), result(0.045, 0.010)).verdict == "inconclusive"
-    assert q.judge_regression(result(0.03, 0.001), result(0.05, 0.001, ctx=256)).verdict == "incomparable"
+    assert Budget().max_kld == DEFAULT_MAX_KLD
+    assert Budget(max_kld=0.1).judge(result(0.05, 0.001)) == (True, "")
+    assert Budget(max_kld=0.1, min_same_top=95).judge(result(0.05, 0.001))[0] is False
+    assert Budget().judge(QualityResult(model="m", model_hash="h", outcome="oom", cause="x"))[0] is False
+    with pytest.raises(QualityError, match="must not be negative"):
+        Budget(max_kld=-0.1)
+    assert judge_regression(result(0.030, 0.001), result(0.045, 0.001)).verdict == "regression"
+    assert judge_regression(result(0.045, 0.001), result(0.030, 0.001)).verdict == "improvement"
+    assert judge_regression(result(0.030, 0.001), result(0.031, 0.001)).verdict == "unchanged"
+    assert judge_regression(result(0.030, 0.010), result(0.045, 0.010)).verdict == "inconclusive"
+    assert judge_regression(result(0.03, 0.001), result(0.05, 0.001, ctx=256)).verdict == "incomparable"
     d = result(0.03, 0.001).to_dict()
-    assert q.judge_regression(d, result(0.05, 0.001).to_dict()).verdict == "regression"
+    assert judge_regression(d, result(0.05, 0.001).to_dict()).verdict == "regression"
 
 
 # -- the command line ----------------------------------------------------------------------------------------
@@ -327,15 +330,15 @@ def gemma_q4_0(gemma) -> str:
 
 def test_gemma_identical_file_and_a_lower_quant(gemma, gemma_q4_0, runner, tmp_path):
     text = tmp_path / "text.txt"
-    text.write_bytes(q.default_text_path().read_bytes()[:3000])  # ~700 tokens: 2 chunks of 256
+    text.write_bytes(default_text_path().read_bytes()[:3000])  # ~700 tokens: 2 chunks of 256
     saved = tmp_path / "gemma-ref.npz"
-    s = q.Settings(ctx=256, n_threads=1)
-    q.measure([str(gemma)], runner, text=str(text), settings=s, save_reference=str(saved), progress=quiet)
+    s = Settings(ctx=256, n_threads=1)
+    measure([str(gemma)], runner, text=str(text), settings=s, save_reference=str(saved), progress=quiet)
     assert saved.stat().st_size < 3 << 20  # 262k vocabulary, yet a few MB: top-k and tail samples only
     copy = tmp_path / "gemma-copy.gguf"
     shutil.copyfile(gemma, copy)
-    same, low = q.measure([str(copy), gemma_q4_0], runner, reference_logits=str(saved), progress=quiet,
-                          settings=q.Settings(n_threads=1))
+    same, low = measure([str(copy), gemma_q4_0], runner, reference_logits=str(saved), progress=quiet,
+                          settings=Settings(n_threads=1))
     assert same.ok and low.ok, (same.cause, low.cause)
     assert abs(same.kld_mean) < 1e-5 and same.same_top_pct == 100.0
     assert same.n_tokens >= 254 and same.n_tokens % 127 == 0  # 127 scored positions per chunk of 256
@@ -346,9 +349,9 @@ def test_gemma_identical_file_and_a_lower_quant(gemma, gemma_q4_0, runner, tmp_p
 def test_gemma_top_k_estimate_against_the_full_vocabulary(gemma, gemma_q4_0, runner, tmp_path):
     """The default summary (top 256 + 256 tail samples) against every one of the 262,144 log-probs."""
     text = tmp_path / "text.txt"
-    text.write_bytes(q.default_text_path().read_bytes()[:1200])  # one chunk of 128: 63 positions
-    full, default = (q.measure([gemma_q4_0], runner, reference=str(gemma), text=str(text), progress=quiet,
-                               settings=q.Settings(ctx=128, n_threads=1, top_k=k))[0] for k in (0, q.DEFAULT_TOP_K))
+    text.write_bytes(default_text_path().read_bytes()[:1200])  # one chunk of 128: 63 positions
+    full, default = (measure([gemma_q4_0], runner, reference=str(gemma), text=str(text), progress=quiet,
+                               settings=Settings(ctx=128, n_threads=1, top_k=k))[0] for k in (0, DEFAULT_TOP_K))
     assert full.ok and default.ok
     assert default.kld_mean == pytest.approx(full.kld_mean, rel=0.01)
     assert default.same_top_pct == full.same_top_pct and default.ppl == full.ppl

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tuner import quality as q
 from tuner.cli import cli
 from tuner.measure import store
 from tuner.model.synth import synthesize
+from tuner.quality.measure import Budget, StudyQuality
+from tuner.quality.results import Cache
 from tuner.search import recommend as recommendlib
 from tuner.search.loop import Limits
 from tuner.search.run import study_hardware
@@ -58,7 +59,7 @@ def test_search_records_quality_and_never_recommends_a_quant_over_budget(study, 
     searched = by_type([r for r in recs if r.searched])
     assert set(searched) == {"Q8_0", "Q4_K_M", "Q2_K"}
     # every record carries its file's figures, as the quality pass measured them (in quality.json)
-    sq = q.StudyQuality.load(folder)
+    sq = StudyQuality.load(folder)
     assert sq is not None and sq.budget.max_kld == BUDGET and len(sq.results) == 3
     for r in recs:
         res_q = sq.lookup(r.model_hash, r.config.type_k, r.config.type_v)
@@ -93,19 +94,19 @@ def test_a_tighter_budget_leaves_only_the_files_within_it(study):
     """The library filter: a budget only q8_0 meets makes it the recommendation whatever the speeds."""
     folder, _ = study
     recs = store.records(folder)
-    sq = q.StudyQuality.load(folder)
+    sq = StudyQuality.load(folder)
     q8 = next(r for r in sq.results if r.file_type == "Q8_0")
-    tight = q.StudyQuality(sq.results, q.Budget(max_kld=q8.kld_mean * 2))
+    tight = StudyQuality(sq.results, Budget(max_kld=q8.kld_mean * 2))
     out = recommendlib.recommend(recs, study_hardware(recs[0]), Limits(), "mixed", quality=tight)
     assert out["model"]["file_type"] == "Q8_0"
     assert [f["within_budget"] for f in out["quality"]["files"]] == [True, False, False]
-    none = q.StudyQuality(sq.results, q.Budget(max_kld=0.0, min_same_top=100.0))
+    none = StudyQuality(sq.results, Budget(max_kld=0.0, min_same_top=100.0))
     assert recommendlib.recommend(recs, study_hardware(recs[0]), Limits(), "mixed", quality=none) is None
 
 
 def test_a_resumed_search_pays_nothing_for_quality(study, tiny):
     folder, _ = study
-    cache = q.Cache(folder.parent)
+    cache = Cache(folder.parent)
     before = cache.path.read_text()
     res = invoke(search_args(tiny, folder.parent, "--max-kld", BUDGET, "--no-confirm"), folder.parent)
     assert res.exit_code == 0, res.output
@@ -181,7 +182,7 @@ def test_kv_cache_types_are_budgeted_per_combination(tiny, tmp_path):
             "--drift-every", "0", "--no-baselines", "--no-confirm", "--results", tmp_path, "--study", "kv"]
     res = invoke(args, tmp_path)
     assert res.exit_code == 0, res.output
-    sq = q.StudyQuality.load(tmp_path / "kv")
+    sq = StudyQuality.load(tmp_path / "kv")
     assert sorted((r.type_k, r.type_v) for r in sq.results) == [("f16", "f16"), ("q4_0", "f16")]
     assert all(r.ok for r in sq.results)
     by_kv = {r.type_k: r for r in sq.results}

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import click
 
-from tuner import quality as q
 from tuner.cli.options import check_count, quality_params, run_params
 from tuner.measure.lock import measurement_lock
 from tuner.measure.runner import Runner
+from tuner.quality.logits import QualityError
+from tuner.quality.measure import DEFAULT_TOP_K, Budget, Settings, qualifying
+from tuner.quality.measure import measure as measure_quality
+from tuner.quality.results import Cache
 from tuner.record import PARAMS
 from tuner.search import bench as benchlib
 
@@ -59,22 +62,22 @@ def quality_cmd(models, save_reference_logits, reference, reference_logits, text
       tuner quality -m model-IQ2_XXS.gguf --reference-logits ref.npz --json  # anywhere
     """
     try:
-        budget = q.Budget(max_kld, min_same_top) if max_kld is not None or min_same_top is not None else None
-        settings = q.Settings(ctx=ctx, top_k=q.DEFAULT_TOP_K if top_k is None else top_k,
+        budget = Budget(max_kld, min_same_top) if max_kld is not None or min_same_top is not None else None
+        settings = Settings(ctx=ctx, top_k=DEFAULT_TOP_K if top_k is None else top_k,
                               n_threads=n_threads or 0, n_gpu_layers=99 if n_gpu_layers is None else n_gpu_layers,
                               type_k=type_k or "f16", type_v=type_v or "f16")
         if reference_logits and top_k is not None:
-            raise q.QualityError("--top-k is fixed by the --reference-logits file")
-        cache = q.Cache(results) if use_cache else None
+            raise QualityError("--top-k is fixed by the --reference-logits file")
+        cache = Cache(results) if use_cache else None
         with measurement_lock(wait=not no_wait, what="tuner quality", path=lock_file):
             with Runner(timeout=timeout, mem_limit=mem_limit, load_timeout=load_timeout) as runner:
-                res = q.measure(list(models), runner, reference=reference, reference_logits=reference_logits,
+                res = measure_quality(list(models), runner, reference=reference, reference_logits=reference_logits,
                                 text=text, settings=settings, cache=cache,
                                 save_reference=save_reference_logits)
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was cached for the pass that was running", err=True)
         return 130
-    verdicts = q.qualifying(res, budget) if budget else {}
+    verdicts = qualifying(res, budget) if budget else {}
     if as_json:
         rows = [dict(r.to_dict(), **({"within_budget": verdicts[r.model][0]} if budget else {})) for r in res]
         click.echo(json.dumps(rows, indent=2))

@@ -21,7 +21,7 @@ import time
 import gguf
 import numpy as np
 
-from tuner import quality
+from tuner.quality.evaluate import run_job
 from tuner.record import TrialConfig, oom_line, parse_tensor_split
 from tuner.units import physical_cores
 
@@ -427,7 +427,7 @@ def inject_early(fault: str) -> None:
 def dispatch(worker: Worker, job: dict) -> dict:
     """A trial, or another kind of job that runs in a worker (its code lives in its own module)."""
     if job.get("kind") == "quality":
-        return quality.run_job(worker, job)
+        return run_job(worker, job)
     return worker.run(job)
 
 

@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from tuner import quality, stats
+from tuner import stats
 from tuner.errors import TunerError
 from tuner.measure import store
 from tuner.measure.lock import measurement_lock
 from tuner.measure.runner import Runner
+from tuner.quality.results import judge_regression
 from tuner.record import FAILED, TrialConfig, TrialRecord
 from tuner.tables import text_table
 from tuner.units import fmt_size
@@ -660,7 +661,7 @@ def judge_quality(base: list[TrialRecord], cur: list[TrialRecord], settings: Set
     b, c = figures(base), figures(cur)
     if b is None or c is None:
         return None
-    v = quality.judge_regression(b, c, max_increase=settings.max_kld_increase)
+    v = judge_regression(b, c, max_increase=settings.max_kld_increase)
     change = (100.0 * v.delta / b["kld_mean"] if v.delta is not None and b["kld_mean"] else None)
     return MetricResult("kld", v.verdict, len(base), len(cur), base=b["kld_mean"], cur=c["kld_mean"],
                         change_pct=change, threshold_pct=100.0 * settings.max_kld_increase, note=v.detail)

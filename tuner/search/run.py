@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tuner import quality as qualitylib
 from tuner.errors import TunerError
 from tuner.measure import hardware, store
 from tuner.measure.lock import measurement_lock
 from tuner.measure.runner import DEFAULT_LOAD_TIMEOUT, Runner
 from tuner.model.meta import read_model
 from tuner.model.synth import synthesize
+from tuner.quality.measure import DEFAULT_MAX_KLD, Budget, Settings, StudyQuality, combinations
+from tuner.quality.measure import measure as measure_quality
+from tuner.quality.results import Cache
 from tuner.record import TrialConfig, TrialRecord, parse_tensor_split
 from tuner.search import feasible as fitlib
 from tuner.search import fleet
@@ -127,7 +129,7 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
     """
 
     log = log or (lambda line: None)
-    budget = qualitylib.Budget(qualitylib.DEFAULT_MAX_KLD if max_kld is None else max_kld, min_same_top)
+    budget = Budget(DEFAULT_MAX_KLD if max_kld is None else max_kld, min_same_top)
     headroom = parse_headroom(headroom)
     models = list(models)
     if synthetic:
@@ -238,11 +240,11 @@ def measure_quality(models, runner, space, budget, results, *, reference=None, r
     """Each model file's quality against the reference, per KV-cache combination of the space (cached in
     RESULTS/quality/: a resumed search pays nothing). Raises SearchError on bad input, before any pass."""
     out = []
-    for type_k, type_v in qualitylib.combinations(space):
-        settings = qualitylib.Settings(ctx=ctx, n_threads=n_threads, type_k=type_k, type_v=type_v)
-        out += qualitylib.measure(models, runner, reference=reference, reference_logits=reference_logits, text=text,
-                         settings=settings, cache=qualitylib.Cache(results), progress=progress)
-    sq = qualitylib.StudyQuality(out, budget)
+    for type_k, type_v in combinations(space):
+        settings = Settings(ctx=ctx, n_threads=n_threads, type_k=type_k, type_v=type_v)
+        out += measure_quality(models, runner, reference=reference, reference_logits=reference_logits, text=text,
+                         settings=settings, cache=Cache(results), progress=progress)
+    sq = StudyQuality(out, budget)
     for res in out:
         ok, why = budget.judge(res)
         figures = (f"KLD {res.kld_mean:.4f} ± {res.kld_mean_err:.4f}, same top {res.same_top_pct:.1f} %"
@@ -297,7 +299,7 @@ def recommend_study(study_dir: str | Path, objective: str | None = None, limits:
         except ValueError as e:
             raise SearchError(f"{path} is not valid JSON ({e}); remove it or pass --no-write") from None
     objective = objective or old.get("objective", "mixed")
-    sq = qualitylib.StudyQuality.load(study_dir)
+    sq = StudyQuality.load(study_dir)
     rec = recommendlib.recommend(recs, study_hardware(recs[0]), limits, objective, study=recs[0].study,
                                  pareto="pareto_front" in old, quality=sq)
     if rec is None:
