@@ -23,7 +23,7 @@ from tuner.measure.runner import DEFAULT_LOAD_TIMEOUT, Runner
 from tuner.model.meta import read_model
 from tuner.model.synth import synthesize
 from tuner.quality.measure import DEFAULT_MAX_KLD, Budget, Settings, StudyQuality, combinations
-from tuner.quality.measure import measure as measure_quality
+from tuner.quality.measure import measure as measure_files
 from tuner.quality.results import Cache
 from tuner.record import TrialConfig, TrialRecord, parse_tensor_split
 from tuner.search import feasible as fitlib
@@ -242,7 +242,7 @@ def measure_quality(models, runner, space, budget, results, *, reference=None, r
     out = []
     for type_k, type_v in combinations(space):
         settings = Settings(ctx=ctx, n_threads=n_threads, type_k=type_k, type_v=type_v)
-        out += measure_quality(models, runner, reference=reference, reference_logits=reference_logits, text=text,
+        out += measure_files(models, runner, reference=reference, reference_logits=reference_logits, text=text,
                          settings=settings, cache=Cache(results), progress=progress)
     sq = StudyQuality(out, budget)
     for res in out:
