@@ -15,10 +15,13 @@ import pytest
 from click.testing import CliRunner
 
 from tuner.cli import cli
-from tuner.model.meta import read_model
+from tuner.errors import TunerError
+from tuner.model.meta import ModelError, read_model
 from tuner.model.synth import synthesize
 from tuner.plan import planner, whatif
+from tuner.plan.estimate import EstimateError, estimate
 from tuner.record import TrialConfig, TrialRecord
+from tuner.units import fmt_size
 
 MiB = 1 << 20
 
@@ -253,7 +256,7 @@ def test_gpu_split_follows_llama_cpp_layer_assignment(models):
     assert p2.kv_gpu == p2.kv_bytes // 6 and p2.kv_host == 5 * p2.kv_bytes // 6
     full = split(n_gpu_layers=99)  # all blocks + output; token embeddings stay on the host
     embd = sum(t.n_bytes for t in info.tensors if t.group == "embd")
-    assert full.weights_gpu == sum(sum(l.values()) for l in layers) + out
+    assert full.weights_gpu == sum(sum(g.values()) for g in layers) + out
     assert full.weights_host == embd and full.n_gpu_layers == 7
     exps = [layers[i]["exps"] for i in range(6)]
     assert split(n_gpu_layers=99, n_cpu_moe=2).weights_gpu == full.weights_gpu - exps[0] - exps[1]
@@ -363,6 +366,50 @@ def test_estimate_what_if_cli(models):
         assert abs(w["size_bytes"] / real - 1) < 0.02
     r = CliRunner().invoke(cli, ["estimate", f16, "--what-if", "q8_0,q4_k_m"])
     assert "what if" in r.output and "q4_k_m" in r.output and "bits/weight" in r.output
+
+
+def test_estimate_library_call_is_what_the_command_prints(models):
+    """`tuner estimate` is tuner.plan.estimate.estimate plus printing: one call, the same figures."""
+    moe, f16 = str(models / "moe-q8_0.gguf"), str(models / "tiny-f16.gguf")
+    base = TrialConfig(model="", type_k="q8_0", type_v="q8_0", n_ubatch=256)
+    est = estimate([moe, read_model(f16)], ctx=[1024, 65536], ram=300 * MiB, vram=400 * MiB, headroom="5%",
+                   base=base, what_if="q4_k_m")
+    assert (est.ram, est.vram, est.headroom, est.quants, est.probe) == (300 * MiB, 400 * MiB, 0.05, ["q4_k_m"], None)
+    m, d = est.models
+    assert m.info.path == moe and d.info.path == f16 and [c["n_ctx"] for c in m.contexts] == [1024, 65536]
+    info = read_model(moe)
+    want = planner.estimate(info, [1024, 65536], 300 * MiB, 400 * MiB, 0.05, base)
+    assert m.contexts == want and m.speed is None and "speed" not in m.to_dict()
+    assert m.what_if == whatif.what_if(info, ["q4_k_m"])
+    args = ["estimate", moe, f16, "--ctx", "1024,65536", "--ram", "300MiB", "--vram", "400MiB", "-ctk", "q8_0",
+            "-ctv", "q8_0", "-ub", "256", "--what-if", "q4_k_m"]
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == est.to_list() and r.output == est.to_json() + "\n"
+    text = CliRunner().invoke(cli, args).output
+    small, big = m.contexts
+    assert f"{small['max_gpu_layers']}/{info.n_layer + 1}" in text and fmt_size(small["resident_bytes"]) in text
+    assert big["warning"] and f"warning: n_ctx 65536: {big['warning']}" in text
+    assert f"{fmt_size(m.what_if[0]['size_bytes'])}" in text and "planning for 400.00 MiB VRAM, 300.00 MiB RAM" in text
+    # one path, a single context, this machine's memory when none is given
+    one = estimate(f16, ctx=4096, vram=0)
+    assert len(one.models) == 1 and one.ram > 0 and one.models[0].contexts[0]["n_ctx"] == 4096
+
+
+@pytest.mark.parametrize("kwargs, error, msg", [
+    (dict(ctx="4096,x"), EstimateError, "--ctx: not a list"),
+    (dict(ctx=[4096, 0]), EstimateError, "--ctx"),
+    (dict(headroom="95%"), EstimateError, "--headroom"),
+    (dict(headroom=0.95), EstimateError, "--headroom"),
+    (dict(what_if=["q8_0", "q7_z"]), whatif.QuantTypeError, "unknown quant type 'q7_z'"),
+    (dict(n_gpu_layers=-2), EstimateError, "-ngl must be -1"),
+])
+def test_estimate_library_bad_input_raises_tuner_errors(models, kwargs, error, msg):
+    with pytest.raises(error, match=msg) as e:
+        estimate(models / "tiny-f16.gguf", **{"ram": 64 * MiB, "vram": 0, **kwargs})
+    assert isinstance(e.value, TunerError)
+    with pytest.raises(ModelError, match="model not found"):
+        estimate([models / "tiny-f16.gguf", models / "nothere.gguf"], ram=64 * MiB, vram=0)
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -1,6 +1,6 @@
-"""Speed prediction (tuner.plan.speed) and the rig probe (tuner.plan.probe): the arithmetic on given figures, the probe file's
-checks, and one real probe of llama.cpp on small models. Speed itself is never asserted: benchmarks measure it
-(benchmarks/speed_accuracy.py)."""
+"""Speed prediction (tuner.plan.speed) and the rig probe (tuner.plan.probe): the arithmetic on given figures, the
+probe file's checks, and one real probe of llama.cpp on small models. Speed itself is never asserted: benchmarks
+measure it (benchmarks/speed_accuracy.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tuner.cli import cli
 from tuner.measure import hardware
 from tuner.model.meta import read_model
 from tuner.plan import oracle, probe, roofline, speed, whatif
+from tuner.plan.estimate import EstimateError, estimate
 from tuner.record import TrialConfig
 
 TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K"]
@@ -116,7 +117,8 @@ def test_moe_reads_only_the_experts_in_use(models):
     cfg = TrialConfig(model=info.path, n_gpu_layers=0)
     exps = sum(t.n_bytes for t in info.tensors if t.group == "exps")
     tm = speed.terms(info, cfg)
-    everything_else = speed.terms(dataclasses.replace(info, tensors=[t for t in info.tensors if t.group != "exps"]), cfg)
+    everything_else = speed.terms(dataclasses.replace(info, tensors=[t for t in info.tensors if t.group != "exps"]),
+                                  cfg)
     assert sum(tm.tg_bytes.values()) - sum(everything_else.tg_bytes.values()) == pytest.approx(exps * 2 / 8)
     pr = probe_dict({2: figures()})
     all_used = dataclasses.replace(info, n_expert_used=8)
@@ -201,6 +203,30 @@ def test_estimate_speed_json_and_table(tmp_path, models):
     out = CliRunner().invoke(cli, args).output
     assert "pred tg t/s" in out and f"{m['speed'][1]['pred_tg_tps']:.1f}" in out
     assert "predicted speed of this file (q8_0), 2 threads" in out
+
+
+def test_estimate_speed_as_a_library_call(tmp_path, models):
+    """estimate(..., speed=True) returns the rows `tuner estimate --speed` prints; a probe file or its dict."""
+    data = probe_dict({1: figures(), 2: figures(s_per_byte=5e-11)})
+    pf = tmp_path / "probe.json"
+    pf.write_text(json.dumps(data))
+    model = models / "tiny-q8_0.gguf"
+    est = estimate(model, what_if=["q4_0", "q2_k"], speed=True, probe=pf, threads=2, vram=0)
+    (m,) = est.models
+    assert est.probe == data and m.speed_shape == data["shape"]
+    assert m.speed == speed.rows(read_model(model), data, ["q4_0", "q2_k"], 2, gpu_offload=False)
+    assert [w["pred_tg_tps"] for w in m.what_if] == [x["pred_tg_tps"] for x in m.speed[1:]]
+    assert estimate(model, what_if="q4_0,q2_k", speed=True, probe=data, threads=2, vram=0).to_list() == est.to_list()
+    r = CliRunner().invoke(cli, ["estimate", str(model), "--speed", "--probe", str(pf), "--what-if", "q4_0,q2_k",
+                                 "-t", "2", "--vram", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)[0]["speed"] == m.speed and json.loads(r.output)[0]["ram"] == est.ram
+    other = tmp_path / "other-hw.json"
+    other.write_text(json.dumps(probe_dict({2: figures()}, hw_fp="0123456789abcdef")))
+    with pytest.raises(probe.ProbeError, match="another machine"):
+        estimate(model, speed=True, probe=other)
+    with pytest.raises(EstimateError, match="run `tuner probe`"):
+        estimate(model, speed=True)
 
 
 def _one_line_error(r, *words):

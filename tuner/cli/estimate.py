@@ -2,42 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import click
-import psutil
 
 from tuner.cli.options import SIZE
-from tuner.cli.options import parse_headroom as options_headroom
-from tuner.errors import TunerError
-from tuner.measure import hardware
-from tuner.model.meta import read_model
-from tuner.plan import planner, probe, speed, whatif
+from tuner.plan.estimate import ModelEstimate, estimate
 from tuner.record import FLASH_ATTN, KV_TYPES, TrialConfig
 from tuner.tables import text_table
-from tuner.units import fmt_size, headroom_bytes, physical_cores
-
-
-def parse_ctx_list(text: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise TunerError(f"--ctx: not a list of context sizes: {text!r} (e.g. 4096,8192)") from None
-    if not vals or any(v < 1 for v in vals):
-        raise TunerError(f"--ctx: context sizes must be positive integers, got {text!r}")
-    return vals
-
-
-def parse_headroom(text: str, ram: int) -> float:
-    """The shared --headroom spelling ('5%', '0.05' or '1GiB') as the share of memory the planner keeps free."""
-    try:
-        h = options_headroom(text)
-    except ValueError as e:
-        raise TunerError(f"--headroom: {e}") from None
-    v = h if isinstance(h, float) else headroom_bytes(h, ram) / ram
-    if not 0 <= v < 0.9:
-        raise TunerError(f"--headroom must be between 0 and 90% of memory, got {text!r}")
-    return v
+from tuner.units import fmt_size
 
 
 def table(rows: list[dict], headers: list[tuple[str, str]]) -> str:
@@ -58,7 +29,8 @@ def _cell(v) -> str:
 @click.option("--ctx", "ctx", default="4096", show_default=True, help="context sizes, comma-separated")
 @click.option("--vram", type=SIZE, default=None, help="GPU memory to plan for (default: detected, 0 without GPU)")
 @click.option("--ram", type=SIZE, default=None, help="host RAM to plan for (default: this machine's total)")
-@click.option("--headroom", default="5%", show_default=True, help="memory kept free: a share or a size, e.g. 5% or 2GiB")
+@click.option("--headroom", default="5%", show_default=True,
+              help="memory kept free: a share or a size, e.g. 5% or 2GiB")
 @click.option("-ctk", "--cache-type-k", "type_k", type=click.Choice(KV_TYPES), default="f16", show_default=True)
 @click.option("-ctv", "--cache-type-v", "type_v", type=click.Choice(KV_TYPES), default="f16", show_default=True)
 @click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(FLASH_ATTN), default="auto", show_default=True,
@@ -81,8 +53,8 @@ def _cell(v) -> str:
 @click.option("--probe", "probe_path", type=click.Path(dir_okay=False), default=None,
               help="probe file for --speed (default: this machine's and build's, from `tuner probe`)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n_gpu_layers, n_batch, n_ubatch, use_mmap,
-                 n_cpu_moe, cpu_moe, what_if, calib_paths, speed, threads, probe_path, as_json):
+def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n_gpu_layers, n_batch, n_ubatch,
+                 use_mmap, n_cpu_moe, cpu_moe, what_if, calib_paths, speed, threads, probe_path, as_json):
     """Plan memory from GGUF metadata alone: sizes, KV cache, GPU/host split, the largest -ngl that fits.
 
     Reads only the header (a 400 GB split model plans in well under a second). Host RAM comes in two parts:
@@ -100,106 +72,66 @@ def estimate_cmd(models, ctx, vram, ram, headroom, type_k, type_v, flash_attn, n
       tuner estimate models/dense-f16.gguf --what-if q8_0,q4_k_m,iq2_xxs
       tuner estimate gemma-3-270m-q4_k_m.gguf --speed --what-if q8_0,q3_k_m,q2_k -t 2
     """
-    ctxs = parse_ctx_list(ctx)
-    if ram is None:
-        ram = psutil.virtual_memory().total
-    hr = parse_headroom(headroom, ram)
-    if vram is None:
-        vram = sum(g.vram_total for g in hardware.probe().gpus)
-    quants = [q.strip() for q in what_if.split(",") if q.strip()] if what_if else []
-    for q in quants:
-        try:
-            whatif.ftype_key(q)
-        except ValueError as e:
-            raise TunerError(str(e)) from None
-    if n_gpu_layers is not None and n_gpu_layers < -1:
-        raise TunerError(f"-ngl must be -1 (all layers) or more, got {n_gpu_layers}")
-    calib = planner.Calibration.from_store(calib_paths) if calib_paths else None
-    infos = [read_model(m) for m in models]  # all inputs checked before anything is printed
-    probe_data = _speed_probe(probe_path) if speed else None
-    base = TrialConfig(model="", n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
-                       use_mmap=use_mmap, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe)
-    result = []
-    for info in infos:
-        rows = planner.estimate(info, ctxs, ram, vram, hr, base, calib, n_gpu_layers)
-        wi = whatif.what_if(info, quants) if quants else []
-        result.append({"model": info.path, "arch": info.arch, "n_params": info.n_params, "file_size": info.file_size,
-                       "shards": len(info.shards), "ram": ram, "vram": vram, "headroom": hr, "contexts": rows,
-                       "what_if": wi})
-        if probe_data is not None:
-            _add_speed(result[-1], info, probe_data, quants, threads, n_gpu_layers, n_cpu_moe, cpu_moe)
+    base = TrialConfig(model="", n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v,
+                       flash_attn=flash_attn, use_mmap=use_mmap, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe)
+    est = estimate(models, ctx, ram=ram, vram=vram, headroom=headroom, base=base, n_gpu_layers=n_gpu_layers,
+                   what_if=what_if, calib=calib_paths, speed=speed, threads=threads, probe=probe_path)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(est.to_json())
         return
-    for m in result:
-        info = next(i for i in infos if i.path == m["model"])
-        click.echo(f"{info.name} ({info.arch}, {info.file_type}, {info.n_layer} layers"
-                   f"{f', {info.n_expert} experts ({info.n_expert_used} used)' if info.is_moe else ''}"
-                   f"{f', {len(info.shards)} shards' if len(info.shards) > 1 else ''}): "
-                   f"{fmt_size(info.file_size)} on disk; planning for {fmt_size(vram)} VRAM, "
-                   f"{fmt_size(ram)} RAM, {hr:.0%} headroom")
-        rows = [dict(r, size=fmt_size(r["size_bytes"]), kv="-" if r["note"] else fmt_size(r["kv_bytes"]),
-                     gpu=fmt_size(r["gpu_bytes"]), resident=fmt_size(r["resident_bytes"]),
-                     mmap=fmt_size(r["mmap_bytes"]), ngl=f"{r['max_gpu_layers']}/{info.n_layer + 1}")
-                for r in m["contexts"]]
-        # host RAM in two parts: what must stay resident (fits is judged on it) and the mmap'd file pages
-        headers = [("n_ctx", "n_ctx"), ("size", "weights"), ("kv", "KV cache"), ("ngl", "max ngl"),
-                   ("gpu", "GPU"), ("resident", "host resident"), ("mmap", "+ mmap'd"), ("fits", "fits"),
-                   ("weights_cached", "cached")]
-        if info.is_moe and vram:
-            headers.insert(4, ("min_n_cpu_moe", "n_cpu_moe@all"))
-        click.echo(table(rows, headers))
-        if m["contexts"] and m["contexts"][0]["note"]:
-            click.echo(f"note: {m['contexts'][0]['note']}")
-        for r in m["contexts"]:
-            if r["warning"]:
-                click.echo(f"warning: n_ctx {r['n_ctx']}: {r['warning']}")
-        if m["what_if"]:
-            click.echo(f"\nwhat if {info.name} were quantized as (llama.cpp's type choices, from tensor shapes):")
-            wrows = [dict(w, size=fmt_size(w["size_bytes"]), bpw=f"{w['bpw']:.2f}",
-                          rel=f"{100 * w['vs_current']:.0f}%" if w["vs_current"] else "-",
-                          tg=_tps(w.get("pred_tg_tps")), pp=_tps(w.get("pred_pp_tps"))) for w in m["what_if"]]
-            click.echo(table(wrows, [("quant", "quant"), ("size", "size"), ("bpw", "bits/weight"),
-                                     ("rel", "vs this file")]
-                             + ([("tg", "pred tg t/s"), ("pp", "pred pp t/s")] if probe_data else [])))
-        if probe_data is not None:
-            _echo_speed(m)
+    for m in est.models:
+        _echo_model(m)
         click.echo("")
 
 
-# -- --speed: predicted t/s from the rig probe (tuner.plan.speed) ---------------------------------------------------
+def _echo_model(m: ModelEstimate) -> None:
+    info = m.info
+    click.echo(f"{info.name} ({info.arch}, {info.file_type}, {info.n_layer} layers"
+               f"{f', {info.n_expert} experts ({info.n_expert_used} used)' if info.is_moe else ''}"
+               f"{f', {len(info.shards)} shards' if len(info.shards) > 1 else ''}): "
+               f"{fmt_size(info.file_size)} on disk; planning for {fmt_size(m.vram)} VRAM, "
+               f"{fmt_size(m.ram)} RAM, {m.headroom:.0%} headroom")
+    rows = [dict(r, size=fmt_size(r["size_bytes"]), kv="-" if r["note"] else fmt_size(r["kv_bytes"]),
+                 gpu=fmt_size(r["gpu_bytes"]), resident=fmt_size(r["resident_bytes"]),
+                 mmap=fmt_size(r["mmap_bytes"]), ngl=f"{r['max_gpu_layers']}/{info.n_layer + 1}")
+            for r in m.contexts]
+    # host RAM in two parts: what must stay resident (fits is judged on it) and the mmap'd file pages
+    headers = [("n_ctx", "n_ctx"), ("size", "weights"), ("kv", "KV cache"), ("ngl", "max ngl"),
+               ("gpu", "GPU"), ("resident", "host resident"), ("mmap", "+ mmap'd"), ("fits", "fits"),
+               ("weights_cached", "cached")]
+    if info.is_moe and m.vram:
+        headers.insert(4, ("min_n_cpu_moe", "n_cpu_moe@all"))
+    click.echo(table(rows, headers))
+    if m.contexts and m.contexts[0]["note"]:
+        click.echo(f"note: {m.contexts[0]['note']}")
+    for r in m.contexts:
+        if r["warning"]:
+            click.echo(f"warning: n_ctx {r['n_ctx']}: {r['warning']}")
+    if m.what_if:
+        click.echo(f"\nwhat if {info.name} were quantized as (llama.cpp's type choices, from tensor shapes):")
+        wrows = [dict(w, size=fmt_size(w["size_bytes"]), bpw=f"{w['bpw']:.2f}",
+                      rel=f"{100 * w['vs_current']:.0f}%" if w["vs_current"] else "-",
+                      tg=_tps(w.get("pred_tg_tps")), pp=_tps(w.get("pred_pp_tps"))) for w in m.what_if]
+        click.echo(table(wrows, [("quant", "quant"), ("size", "size"), ("bpw", "bits/weight"),
+                                 ("rel", "vs this file")]
+                         + ([("tg", "pred tg t/s"), ("pp", "pred pp t/s")] if m.speed is not None else [])))
+    if m.speed is not None:
+        _echo_speed(m)
 
-def _speed_probe(path) -> dict:
-    """This rig's probe, or a one-line error: estimate stays instant, so it never runs the probe itself."""
-    data = probe.load(path)
-    if data is None:
-        raise TunerError("--speed needs this rig's probe: run `tuner probe` once (a few minutes), then again")
-    return data
 
-
-def _add_speed(m: dict, info, probe_data: dict, quants, threads, n_gpu_layers, n_cpu_moe, cpu_moe) -> None:
-    gpu = bool(probe_data.get("gpu")) and bool(hardware.build_info().get("gpu_offload"))
-    ngl = n_gpu_layers if n_gpu_layers is not None else (m["contexts"][0]["max_gpu_layers"] if gpu and m["contexts"] else 0)
-    rows = speed.rows(info, probe_data, quants, threads or physical_cores(), n_gpu_layers=ngl or 0,
-                      n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, gpu_offload=gpu)
-    m["speed"] = rows
-    m["speed_shape"] = probe_data["shape"]
-    for w in m["what_if"]:
-        r = next(r for r in rows if not r["file"] and r["quant"] == w["quant"])
-        w["pred_tg_tps"], w["pred_pp_tps"] = r["pred_tg_tps"], r["pred_pp_tps"]
-
+# -- --speed: predicted t/s from the rig probe (tuner.plan.estimate, tuner.plan.speed) -------------------------------
 
 def _tps(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def _echo_speed(m: dict) -> None:
-    rows = m["speed"]
+def _echo_speed(m: ModelEstimate) -> None:
+    rows = m.speed
     r0 = rows[0]
     if r0["note"]:
         click.echo(f"speed: {r0['note']}")
         return
-    shape = m["speed_shape"]
+    shape = m.speed_shape
     click.echo(f"predicted speed of this file ({r0['quant']}), {r0['threads']} threads, ngl {r0['n_gpu_layers']}: "
                f"tg{shape['n_gen']} {_tps(r0['pred_tg_tps'])} t/s, pp{shape['n_prompt']} {_tps(r0['pred_pp_tps'])} t/s "
                "(from `tuner probe`; a prediction of `tuner bench`, not a bound)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gguf
 
+from tuner.errors import TunerError
 from tuner.model.meta import ModelInfo
 from tuner.plan.planner import pad, type_bytes
 
@@ -27,6 +28,10 @@ FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS":
 LOW_IQ = {"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
 
 
+class QuantTypeError(TunerError):
+    """A quant type llama.cpp's quantizer does not know (`--what-if q9_k`)."""
+
+
 def ftype_names() -> list[str]:
     return [k.lower() for k in DEFAULT_TYPE if k != "ALL_F32"] + ["f32"]
 
@@ -35,7 +40,7 @@ def ftype_key(name: str) -> str:
     key = name.strip().upper()
     key = "ALL_F32" if key == "F32" else key
     if key not in DEFAULT_TYPE:
-        raise ValueError(f"unknown quant type {name!r} (known: {', '.join(ftype_names())})")
+        raise QuantTypeError(f"unknown quant type {name!r} (known: {', '.join(ftype_names())})")
     return key
 
 
