@@ -4,16 +4,30 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast perf-check gpu-check bench-fidelity bench-search bench-storage clean
+.PHONY: install lint demo test test-fast perf-check gpu-check bench-fidelity bench-search bench-storage clean
 
 install: $(STAMP)
 
 # llama-cpp-python builds from source here (~4 min on 2 cores; pip caches the wheel afterwards).
+# LLAMA_CMAKE_ARGS, always: the RPC backend (llama.cpp's devices on other hosts, and on this one: tuner rpc-server),
+# and no AMX kernels: on this VM's Xeon (AMX_INT8) every model llama.cpp repacks into its AMX buffer crashes in the
+# first decode (SIGSEGV in ggml_backend_amx_mul_mat, upstream ggml-org/llama.cpp#20824, machine-dependent, open).
+# On a machine where AMX works: make install LLAMA_CMAKE_ARGS=-DGGML_RPC=on
 # For CUDA: CMAKE_ARGS="-DGGML_CUDA=on" make install   (see README)
+# pip's wheel cache is keyed by the source archive, not by CMAKE_ARGS, so a wheel built otherwise (a cached CPU-only
+# one, say) would be reused silently: build_check says whether the installed one is what was asked, else the cached
+# wheel is dropped and it is rebuilt (and cached as asked).
+LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8
+LLAMA_ARGS = $(strip $(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS))
+LLAMA_PKG = llama-cpp-python==0.3.36
+
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip setuptools wheel
-	$(BIN)/pip install -e ".[test]"
+	CMAKE_ARGS="$(LLAMA_ARGS)" $(BIN)/pip install -e ".[test]"
+	$(BIN)/python .ci/build_check.py "$(LLAMA_ARGS)" || { $(BIN)/pip cache remove 'llama_cpp_python*'; \
+	  CMAKE_ARGS="$(LLAMA_ARGS)" $(BIN)/pip install --force-reinstall --no-deps --no-binary llama-cpp-python \
+	  "$(LLAMA_PKG)" && $(BIN)/python .ci/build_check.py "$(LLAMA_ARGS)"; }
 	touch $@
 
 # The main job on the built-in default: synthetic models, a short search, a report.
@@ -22,7 +36,11 @@ demo: install
 	$(BIN)/tuner report results/demo --out results/demo/report
 
 test: install
+	$(BIN)/ruff check tuner tests benchmarks
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check tuner tests benchmarks
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -10,24 +10,20 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from pathlib import Path
 
 import llama_cpp
 import llama_cpp.llama_cpp as L
-
-_LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
 
 # llama.cpp's own regex for routed-expert tensors (common/common.h: LLM_FFN_EXPS_REGEX).
 FFN_EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 
 
-def _lib(name: str) -> ctypes.CDLL:
-    # RTLD_GLOBAL: the same shared objects libllama already loaded, so buffer-type pointers agree.
-    return ctypes.CDLL(str(_LIB_DIR / name), mode=ctypes.RTLD_GLOBAL)
-
-
-_ggml = _lib("libggml.so")
-_ggml_base = _lib("libggml-base.so")
+# ggml's symbols through libllama's own handle: dlsym on it searches libllama's dependencies, the very ggml
+# libraries llama.cpp uses. A CDLL of lib/libggml*.so would load second copies (the wheel ships libggml.so,
+# .so.0 and .so.0.x as three files), with their own device registry and threadpool state: buffer types from
+# there are unknown to llama.cpp, and a threadpool from there crashed the worker (SIGSEGV in
+# llama_attach_threadpool on a build with -DGGML_RPC=on).
+_ggml = _ggml_base = _ggml_cpu = L._lib
 
 _ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
 _ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
@@ -91,7 +87,6 @@ class ThreadpoolParams(ctypes.Structure):
                 ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
 
 
-_ggml_cpu = _lib("libggml-cpu.so")
 _ggml_base.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
 _ggml_base.ggml_threadpool_params_default.restype = ThreadpoolParams
 _ggml_cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(ThreadpoolParams)]
