@@ -1,11 +1,11 @@
 """A known slowdown, injected: a test that must see a slower machine takes a known share of a CPU itself.
 
 `pinned()` pins this thread to one CPU; every process it starts inherits that, so the trial workers of a `tuner
-bench` or a search started inside it run there. `Hogs(cpu)` starts HOGS processes pinned to that same CPU and busy
-all the time, each in a session of its own. The worker has its own session too (tuner.measure.runner), and the
-kernel shares a CPU alike between the sessions (autogroups) that want it, so while the hogs run a worker gets at
-most 1/(HOGS + 1) of its CPU: a slowdown of about 4x, which other work on the machine can only make larger, and the
-other CPUs are left to the rest of the machine.
+bench` or a search started inside it run there. `Hogs(cpu, n)` starts n processes (HOGS unless told) pinned to that
+same CPU and busy all the time, each in a session of its own. The worker has its own session too
+(tuner.measure.runner), and the kernel shares a CPU alike between the sessions (autogroups) that want it, so while
+the hogs run a worker gets at most 1/(n + 1) of its CPU (a quarter for three: a slowdown of about 4x, measured), and
+other work on the machine can only take more. The other CPUs are left to the rest of the machine.
 
 benchmarks/gate_power.py injects a small slowdown (a duty of 10 %) with hogs that keep to their duty and, once
 descheduled, sleep to their next slot; on a CPU they share with the worker they would take less than their duty.

@@ -402,34 +402,39 @@ def test_bad_input_is_one_line_exit_2(tiny_runs, tmp_path):
 @pytest.mark.slow
 def test_a_slowdown_injected_by_cpu_hogs_is_caught_and_confirmed_on_rerun(dense_model, tmp_path):
     """One config, measured interleaved as CI does; CURRENT's trials (and the gate's re-measurement of its alert)
-    run with busy hogs on the one CPU the workers are pinned to (tests/slowdown.py): a real slowdown of about 4x
-    that the gate must catch, whatever else runs on this machine. The real path: `tuner bench`, `tuner compare`,
-    its JUnit report and --rerun-on-alert's fresh trials."""
-    shape = ["-t", "1", "-p", "64", "-n", "16", "-r", "2"]
+    run with five busy hogs on the one CPU the workers are pinned to (tests/slowdown.py), which leave a worker a
+    sixth of it at most: a real slowdown that the gate must catch, whatever else runs on this machine. The real
+    path: `tuner bench`, `tuner compare` (paired by round), its JUnit report and --rerun-on-alert's fresh trials.
+
+    Other work on that CPU can still make the BASELINE's trials vary by more than the gate's 20 % noise limit (seen:
+    CV 37 % while a busy loop shared the CPU and the load average was 12), and the gate then rightly says
+    "inconclusive"; that rule is tested on known samples above, so here the limit is 100 %."""
+    shape = ["-t", "1", "-p", "32", "-n", "8", "-r", "2"]
     rounds = 10  # the paired test needs 8 at alpha 0.01; 10 leave room for a round that other work turns around
+    judge = ["--max-cv", "100"]
     base, cur = tmp_path / "base.parquet", tmp_path / "cur.parquet"
     junit = tmp_path / "junit.xml"
     with pinned() as cpu:
         for i in range(rounds):  # interleaved A B B A, as make perf-check measures
             for side in (base, cur) if i % 2 == 0 else (cur, base):
-                with Hogs(cpu) if side == cur else contextlib.nullcontext():
+                with Hogs(cpu, 5) if side == cur else contextlib.nullcontext():
                     bench(dense_model, *shape, "-o", side)
-        res = gate(base, cur, "--junit", junit)
+        res = gate(base, cur, *judge, "--junit", junit)
         assert res.exit_code == 1, res.output
         text = res.stdout
         m = re.search(r"FAIL: (tg|pp|ttft) ([-+]\d+\.\d)%", text)
         assert m, text
         change = float(m[2])
         assert (change < -5) if m[1] in ("tg", "pp") else (change > 5)
-        assert "REGRESSION" in text and "Wilcoxon" in text  # judged round by round
+        assert "REGRESSION" in text and "Wilcoxon signed-rank (rounds paired)" in text
         failures = [c for c in ET.parse(junit).getroot().iter("testcase") if c.find("failure") is not None]
         assert m[1] in {c.get("name") for c in failures}
         assert any(f"{change:+.1f}%" in c.find("failure").get("message") for c in failures)
         # the confirmation re-measures CURRENT's config as many times as CURRENT has it, still slowed, and sees it
         again = tmp_path / "rerun.parquet"
         shutil.copy(cur, again)
-        with Hogs(cpu):
-            res = gate(base, again, "--rerun-on-alert")
+        with Hogs(cpu, 5):
+            res = gate(base, again, *judge, "--rerun-on-alert")
     assert res.exit_code == 1 and re.search(r"(?<!not )confirmed on rerun", res.stdout), res.output
     assert len(store.read(again)) == 2 * len(store.read(cur)) == 2 * rounds  # CURRENT's trials, then as many again
 
