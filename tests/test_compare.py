@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from slowdown import Hogs, pinned
 
 from tuner.cli import cli
 from tuner.measure import store
@@ -159,6 +161,10 @@ def test_a_clear_regression_read_backwards_is_an_improvement():
 
 # -- real trials --------------------------------------------------------------------------------------------
 TINY = ["-p", "16", "-n", "8"]
+# For tests of what the gate does with a verdict, not of speed: a speed alerts only when it changed a thousandfold
+# (tg or pp down 99.9 %, TTFT up 99900 %) and no side is too noisy. Fresh trials of one config differ that much
+# only when one had a thousandth of the CPU the other had; an injected fluke can (test_rerun_on_alert_clears_a_fluke).
+THOUSANDFOLD = ["--threshold", "speed=99.9", "--threshold", "ttft=99900", "--max-cv", "100000"]
 
 
 @pytest.fixture(scope="module")
@@ -197,17 +203,21 @@ def test_bench_config_remeasures_the_saved_config(tiny_runs):
 
 
 def test_same_config_pairs_and_reports_every_metric(tiny_runs, tmp_path):
+    # CURRENT: BASELINE's own real trials of the config both sides have, so every metric is unchanged by
+    # construction and the gate passes at its default settings. Whether two measurements of one config agree on
+    # this shared machine is what benchmarks/gate_power.py's A/A runs measure, not something to hope for here.
+    df = store.read(tiny_runs["base"])
+    same = tmp_path / "same.parquet"
+    store.write_frame(same, df[df["n_ubatch"] != 128])  # all but the config CURRENT lacks
     junit, md = tmp_path / "junit.xml", tmp_path / "report.md"
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
-    res = gate(tiny_runs["base"], tiny_runs["cur"], "--threshold", "speed=60", "--max-cv", "200", "--junit", junit,
-               "--markdown", md, env={"GITHUB_STEP_SUMMARY": str(summary)})
-    # on one shared machine the same config stays within a generous threshold: no regression
+    res = gate(tiny_runs["base"], same, "--junit", junit, "--markdown", md, env={"GITHUB_STEP_SUMMARY": str(summary)})
     assert res.exit_code == 0, res.output
     assert "PASS: no confirmed regression" in res.stdout
     assert re.search(r"hardware\s+same: cpu ", res.stdout)
     out = res.stdout
-    assert f"not measured in {tiny_runs['cur']}" in out and "n_ubatch: 128 → 512" in out  # the config CURRENT lacks
+    assert f"not measured in {same}" in out and "n_ubatch: 128 → 512" in out  # the config CURRENT lacks
     # JUnit: one case per metric of the pair, plus the missing config as skipped
     suite = ET.parse(junit).getroot()
     names = sorted(c.get("name") for c in suite.iter("testcase"))
@@ -273,9 +283,9 @@ def test_a_config_that_now_fails_is_a_regression(tiny_runs, models, tmp_path):
     outcome = [m for p in rep["pairs"] for m in p["metrics"] if m["metric"] == "outcome"]
     assert outcome[0]["verdict"] == "regression" and "every CURRENT trial failed" in outcome[0]["note"]
     # confirmation: re-measured without the cap, the config runs, so the failure was not the build's.
-    # The rerun's speed is one fresh trial of a 0.1 ms/token model on a shared machine (CI saw tg -39 % and
-    # TTFT +96 % against the baseline): this test is about the outcome, so speed cannot alert here.
-    res = gate(tiny_runs["base"], cur, "--rerun-on-alert", "--threshold", "speed=400", "--max-cv", "200", "--json")
+    # The rerun's speed is fresh trials of a 0.1 ms/token model on a shared machine, against trials measured
+    # earlier: this test is about the outcome, so speed alerts only on a thousandfold change.
+    res = gate(tiny_runs["base"], cur, "--rerun-on-alert", *THOUSANDFOLD, "--json")
     assert res.exit_code == 0, res.output
     (pair,) = [p for p in json.loads(res.stdout)["pairs"] if p["rerun"]]
     got = {m["metric"]: m for m in pair["metrics"]}
@@ -286,20 +296,18 @@ def test_a_config_that_now_fails_is_a_regression(tiny_runs, models, tmp_path):
 
 
 def test_rerun_on_alert_clears_a_fluke(tiny_runs, tmp_path):
-    # a bad run: CURRENT's five real trials, their samples dragged down (as a neighbour's burst would)
+    # a bad run: CURRENT's five real trials, their samples dragged down a millionfold (a neighbour's burst, made
+    # certain): the gate alerts on a thousandfold change, which the fluke is far beyond and a fresh trial is not
     df = store.read(tiny_runs["cur"]).head(5).copy()
     for col in ("tg_samples", "pp_samples"):
-        df[col] = [[x * 0.02 for x in v] for v in df[col]]
-    df["ttft_samples_ms"] = [[x / 0.02 for x in v] for v in df["ttft_samples_ms"]]
+        df[col] = [[x * 1e-6 for x in v] for v in df[col]]
+    df["ttft_samples_ms"] = [[x / 1e-6 for x in v] for v in df["ttft_samples_ms"]]
     fluke = tmp_path / "fluke.parquet"
     store.write_frame(fluke, df)
-    # thresholds far above what a fresh trial of this 0.1 ms/token model drifts on a shared machine (CI saw
-    # -41 % tg, +47-96 % TTFT) and far below the fluke (50x slower), so the test is about the rerun, not noise
-    args = ["--threshold", "speed=90", "--threshold", "ttft=400", "--max-cv", "200"]
-    first = gate(tiny_runs["base"], fluke, *args)
+    first = gate(tiny_runs["base"], fluke, *THOUSANDFOLD)
     m = re.search(r"FAIL: (tg|pp|ttft) ([-+]\d+\.\d)%", first.stdout)
-    assert first.exit_code == 1 and m and abs(float(m[2])) > 90, first.stdout
-    res = gate(tiny_runs["base"], fluke, *args, "--rerun-on-alert", "--junit", tmp_path / "j.xml")
+    assert first.exit_code == 1 and m and abs(float(m[2])) > 99.9, first.stdout
+    res = gate(tiny_runs["base"], fluke, *THOUSANDFOLD, "--rerun-on-alert", "--junit", tmp_path / "j.xml")
     assert res.exit_code == 0, res.output
     assert "not confirmed on rerun" in res.stdout and "re-measuring 1 alerting config" in res.stderr
     rows = store.read(fluke)
@@ -392,45 +400,43 @@ def test_bad_input_is_one_line_exit_2(tiny_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_thread_against_two_is_caught(dense_model, tmp_path):
-    shape = ["-p", "64", "-n", "16", "-r", "2"]
-    ignore = ["--ignore", "n_threads,n_threads_batch"]
-    # On a shared 2-core machine a burst of other work slows the 2-thread baseline itself (its threads wait
-    # on each other); the gate then says "inconclusive: too noisy", as it should. Such a round is measured
-    # afresh, at most three times.
-    for attempt in range(3):
-        base, cur = tmp_path / f"t2-{attempt}.parquet", tmp_path / f"t1-{attempt}.parquet"
-        for _ in range(10):  # interleaved, as CI measures; 8 rounds are the fewest the paired test needs, 10
-            # leave room for one round that a burst of other work turns around
-            bench(dense_model, "-t", "2", *shape, "-o", base)
-            bench(dense_model, "-t", "1", *shape, "-o", cur)
-        junit = tmp_path / "junit.xml"
-        res = gate(base, cur, *ignore, "--junit", junit)
-        assert res.exit_code in (0, 1), res.output
-        if res.exit_code == 1:
-            break
-    assert res.exit_code == 1, res.stdout
-    text = res.stdout
-    m = re.search(r"FAIL: (tg|pp|ttft) ([-+]\d+\.\d)%", text)
-    assert m, text
-    change = float(m[2])
-    assert (change < -5) if m[1] in ("tg", "pp") else (change > 5)
-    assert "n_threads=2→1" in text and "REGRESSION" in text
-    failures = [c for c in ET.parse(junit).getroot().iter("testcase") if c.find("failure") is not None]
-    assert m[1] in {c.get("name") for c in failures}
-    assert any(f"{change:+.1f}%" in c.find("failure").get("message") for c in failures)
-    # the confirmation re-measures the 1-thread config as many times as CURRENT has it (10) and still sees it.
-    # The rerun meets the same bursts as the first judgement, so it gets the same three tries, each on a fresh
-    # copy of CURRENT (a rerun appends its trials to the file it judges).
-    for attempt in range(3):
-        again = tmp_path / f"rerun-{attempt}.parquet"
+def test_a_slowdown_injected_by_cpu_hogs_is_caught_and_confirmed_on_rerun(dense_model, tmp_path):
+    """One config, measured interleaved as CI does; CURRENT's trials (and the gate's re-measurement of its alert)
+    run with five busy hogs on the one CPU the workers are pinned to (tests/slowdown.py), which leave a worker a
+    sixth of it at most: a real slowdown that the gate must catch, whatever else runs on this machine. The real
+    path: `tuner bench`, `tuner compare` (paired by round), its JUnit report and --rerun-on-alert's fresh trials.
+
+    Other work on that CPU can still make the BASELINE's trials vary by more than the gate's 20 % noise limit (seen:
+    CV 37 % while a busy loop shared the CPU and the load average was 12), and the gate then rightly says
+    "inconclusive"; that rule is tested on known samples above, so here the limit is 100 %."""
+    shape = ["-t", "1", "-p", "32", "-n", "8", "-r", "2"]
+    rounds = 10  # the paired test needs 8 at alpha 0.01; 10 leave room for a round that other work turns around
+    judge = ["--max-cv", "100"]
+    base, cur = tmp_path / "base.parquet", tmp_path / "cur.parquet"
+    junit = tmp_path / "junit.xml"
+    with pinned() as cpu:
+        for i in range(rounds):  # interleaved A B B A, as make perf-check measures
+            for side in (base, cur) if i % 2 == 0 else (cur, base):
+                with Hogs(cpu, 5) if side == cur else contextlib.nullcontext():
+                    bench(dense_model, *shape, "-o", side)
+        res = gate(base, cur, *judge, "--junit", junit)
+        assert res.exit_code == 1, res.output
+        text = res.stdout
+        m = re.search(r"FAIL: (tg|pp|ttft) ([-+]\d+\.\d)%", text)
+        assert m, text
+        change = float(m[2])
+        assert (change < -5) if m[1] in ("tg", "pp") else (change > 5)
+        assert "REGRESSION" in text and "Wilcoxon signed-rank (rounds paired)" in text
+        failures = [c for c in ET.parse(junit).getroot().iter("testcase") if c.find("failure") is not None]
+        assert m[1] in {c.get("name") for c in failures}
+        assert any(f"{change:+.1f}%" in c.find("failure").get("message") for c in failures)
+        # the confirmation re-measures CURRENT's config as many times as CURRENT has it, still slowed, and sees it
+        again = tmp_path / "rerun.parquet"
         shutil.copy(cur, again)
-        res = gate(base, again, *ignore, "--rerun-on-alert")
-        assert res.exit_code in (0, 1), res.output
-        assert len(store.read(again)) == 2 * len(store.read(cur))  # CURRENT's trials, then as many again
-        if res.exit_code == 1:
-            break
-    assert res.exit_code == 1 and re.search(r"(?<!not )confirmed on rerun", res.stdout), res.stdout
+        with Hogs(cpu, 5):
+            res = gate(base, again, *judge, "--rerun-on-alert")
+    assert res.exit_code == 1 and re.search(r"(?<!not )confirmed on rerun", res.stdout), res.output
+    assert len(store.read(again)) == 2 * len(store.read(cur)) == 2 * rounds  # CURRENT's trials, then as many again
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import pandas as pd
 import pytest
@@ -23,21 +22,21 @@ def _cache_home(tmp_path, monkeypatch):
 
 
 def test_bandwidth_is_measured_once_and_cached(tmp_path):
-    t0 = time.perf_counter()
     bw = roofline.bandwidth()
-    first = time.perf_counter() - t0
     assert bw["host"] > 1e8  # any machine copies more than 100 MB/s
     if hardware.probe().gpus:  # measured through the CUDA driver: any GPU copies more than 10 GB/s
         assert bw["device"] > 1e10
     else:
         assert bw["device"] is None
-    cached = json.loads((tmp_path / "cache" / "tuner" / "bandwidth.json").read_text())
+    path = tmp_path / "cache" / "tuner" / "bandwidth.json"
+    cached = json.loads(path.read_text())
     assert cached["host"] == bw["host"] and cached["key"]
-    t0 = time.perf_counter()
-    assert roofline.bandwidth() == bw  # read back, not re-measured
-    assert time.perf_counter() - t0 < first
+    assert roofline.bandwidth() == bw
+    # read back, not re-measured: a figure no measurement gives, saved under this machine's key, comes back as is
+    path.write_text(json.dumps({**cached, "host": 12345.0}))
+    assert roofline.bandwidth()["host"] == 12345.0
     # a cache from another machine is not trusted
-    (tmp_path / "cache" / "tuner" / "bandwidth.json").write_text(json.dumps({**cached, "key": "other", "host": 1.0}))
+    path.write_text(json.dumps({**cached, "key": "other", "host": 1.0}))
     assert roofline.bandwidth()["host"] > 1e8
 
 
