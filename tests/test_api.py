@@ -8,7 +8,7 @@ import pytest
 
 from tuner.measure import store
 from tuner.search import bench
-from tuner.search.loop import Limits
+from tuner.search.options import Limits
 from tuner.search.run import SearchError, recommend_study, run_search
 
 TINY = {"n_threads": 1, "n_prompt": 16, "n_gen": 8, "repetitions": 2}  # bench: one value each

@@ -14,7 +14,7 @@ from tuner.cli import cli
 from tuner.measure import store
 from tuner.model.synth import synthesize
 from tuner.search import recommend as recommendlib
-from tuner.search.loop import Limits
+from tuner.search.options import Limits
 from tuner.search.run import study_hardware
 
 QUANTS = ("q8_0", "q4_k_m", "q2_k")
