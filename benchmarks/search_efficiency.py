@@ -50,6 +50,9 @@ def key(cfg: dict) -> tuple:
 class Replay:
     """Stands in for the runner in the replay: returns the grid's real measurement of the same config."""
 
+    loaded_key = None  # no worker keeps a model loaded: the search steers repeats to any unmeasured config
+    reuse = False
+
     def __init__(self, table: dict):
         self.table = table
         self.last_log = ""

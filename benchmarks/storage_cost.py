@@ -85,7 +85,7 @@ def one_trial(srch, real) -> dict:
         srch._duplicate(trial, first, key)
         return {"duplicate": True, "total": time.perf_counter() - t0}
     srch.seen.setdefault(key, trial.number)
-    rec = dataclasses.replace(real, config=cfg, study=srch.opts.study_name, trial_number=trial.number,
+    rec = dataclasses.replace(real, config=cfg, study=srch.study_name, trial_number=trial.number,
                               state="COMPLETE")
     srch._tell_and_write(trial.number, rec)
     t3 = time.perf_counter()
