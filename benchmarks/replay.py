@@ -265,11 +265,8 @@ class Clock:
     def __init__(self):
         self.t = 0.0
 
-    def monotonic(self) -> float:
+    def monotonic(self) -> float:  # the search's clock (Search(clock=...)): its budget, its typical trial
         return self.t
-
-    def __getattr__(self, name):  # anything else the study asks of `time`
-        return getattr(time, name)
 
 
 class ReplayRunner:
@@ -300,7 +297,12 @@ class ReplayRunner:
         # the machine's drift cancel as it would live (a random round per candidate would add it as noise)
         rounds = sorted({t.get("round", i) for e in table.entries.values() for i, t in enumerate(e.trials)})
         self.round_of = rng.sample(rounds, len(rounds))
-        self.confirm_round: int | None = None  # set by the replayed study around each confirmation run
+        self.search = None  # the replayed search: its confirm_round pairs a confirmation run with a recorded round
+
+    @property
+    def confirm_round(self) -> int | None:
+        """The round of the confirmation (or ladder) run the search measures now; None for a search trial."""
+        return self.search.confirm_round if self.search is not None else None
 
     def run(self, cfg: TrialConfig) -> TrialRecord:
         from tuner.measure.runner import new_record
@@ -343,58 +345,49 @@ _STORAGE = None
 _N = itertools.count()  # study names in the shared storage
 
 
-def replay_search(*args, **kwargs):
-    """tuner.search.loop.Search as it is, but its Optuna studies share one SQLite storage (made once) and its records
-    stay in memory instead of a Parquet file rewritten per trial: I/O that costs the replay ~0.2 s a run and
-    changes no decision."""
-    import tuner.search.loop as studylib
+def replay_ledger(folder: Path):
+    """tuner's own ledger of a study folder (tuner.search.ledger.LocalLedger), but its Optuna studies share one SQLite
+    storage (made once) and its records stay in the search's memory instead of a Parquet file rewritten per trial:
+    I/O that costs the replay ~0.2 s a run and changes no decision."""
+    from tuner.search.ledger import LocalLedger, open_storage
 
-    class ReplaySearch(studylib.Search):
-        def _open_study(self):
-            global _STORAGE
-            if _STORAGE is None:
-                _STORAGE = studylib.open_storage(f"sqlite:///{tempfile.mkdtemp(prefix='tuner-replay-db-')}/optuna.db")
-            return studylib.open_study(self.opts, self.space, storage=_STORAGE)
+    class ReplayLedger(LocalLedger):
+        def add(self, rec):
+            pass  # the search keeps every record in `records`
 
-        def _store(self, rec):
-            self.records.append(rec)
+        def mark_drift(self, since):
+            pass  # the replay runs no drift anchor
 
-        def _confirm_run(self, c, rnd):
-            self.runner.confirm_round = rnd
-            try:
-                return super()._confirm_run(c, rnd)
-            finally:
-                self.runner.confirm_round = None
-
-    return ReplaySearch(*args, **kwargs)
+    global _STORAGE
+    if _STORAGE is None:
+        _STORAGE = open_storage(f"sqlite:///{tempfile.mkdtemp(prefix='tuner-replay-db-')}/optuna.db")
+    return ReplayLedger(folder, storage=_STORAGE)
 
 
 def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=None) -> dict:
     """One seed of the real search on the table: its recommendation, true objective and wall time (clock).
     `on_search(search, runner, clock)` is called when it is done (tests look inside)."""
-    import tuner.search.loop as studylib
     from tuner.search import confirm
     from tuner.search.confirm import config_key
+    from tuner.search.loop import Search
+    from tuner.search.options import SearchOptions
 
     clock = Clock()
-    real_time = studylib.time
-    studylib.time = clock  # the study reads the replay's clock (its budget, its typical trial)
-    try:
-        opts = studylib.SearchOptions(
-            study_dir=work / f"seed-{seed}", study_name=f"replay-{seed}-{next(_N)}", sampler=st.sampler, seed=seed,
-            n_trials=st.n_trials, objective=OBJECTIVE, confirm=st.confirm,
-            confirm_rounds=(confirm.MIN_ROUNDS, st.max_rounds), drift_every=0, reuse_workers=True)
-        opts.study_dir.mkdir(parents=True)
-        runner = ReplayRunner(table, clock, random.Random(seed))
-        srch = replay_search(table.space, opts, table.infos, table.hw, runner.build, runner=runner)
-        srch.bandwidth = {}  # the roofline needs the machine's bandwidth; the replay never measures it (no bound)
-        srch.prepare()
-        rec = srch.run()
-        srch.close()
-        if on_search:
-            on_search(srch, runner, clock)
-    finally:
-        studylib.time = real_time
+    opts = SearchOptions(results=work / f"seed-{seed}", study=f"replay-{seed}-{next(_N)}", sampler=st.sampler,
+                         seed=seed, n_trials=st.n_trials, objective=OBJECTIVE, confirm=st.confirm,
+                         confirm_rounds=st.max_rounds, drift_every=0, reuse_workers=True)
+    opts.study_dir.mkdir(parents=True)
+    runner = ReplayRunner(table, clock, random.Random(seed))
+    # the study reads the replay's clock (its budget, its typical trial)
+    srch = Search(table.space, opts, table.infos, table.hw, runner.build, runner=runner,
+                  ledger=replay_ledger(opts.study_dir), clock=clock.monotonic)
+    runner.search = srch
+    srch.bandwidth = {}  # the roofline needs the machine's bandwidth; the replay never measures it (no bound)
+    srch.prepare()
+    rec = srch.run()
+    srch.close()
+    if on_search:
+        on_search(srch, runner, clock)
     confirm_runs = sum(1 for r in srch.records if r.state == confirm.CONFIRM_STATE)
     search_s = sum(r.wall_s or 0 for r in srch.records if r.searched and r.ok)
     key = None

@@ -50,6 +50,9 @@ def key(cfg: dict) -> tuple:
 class Replay:
     """Stands in for the runner in the replay: returns the grid's real measurement of the same config."""
 
+    loaded_key = None  # no worker keeps a model loaded: the search steers repeats to any unmeasured config
+    reuse = False
+
     def __init__(self, table: dict):
         self.table = table
         self.last_log = ""
@@ -61,7 +64,8 @@ class Replay:
 def replay(grid_records, seed: int, budget: int, model: str) -> float:
     from tuner.measure import hardware
     from tuner.model.meta import read_model
-    from tuner.search.loop import Search, SearchOptions
+    from tuner.search.loop import Search
+    from tuner.search.options import SearchOptions
     from tuner.search.space import build_space
 
     table = {key(r.config.to_dict()): r for r in grid_records}
@@ -73,7 +77,7 @@ def replay(grid_records, seed: int, budget: int, model: str) -> float:
     space = build_space([model], infos, specs, TrialConfig(model=model, n_prompt=base.n_prompt, n_gen=base.n_gen,
                         repetitions=base.repetitions), False, hw.cores_physical, hw.cores_logical)
     with tempfile.TemporaryDirectory() as d:
-        opts = SearchOptions(study_dir=Path(d) / "s", study_name="s", seed=seed, n_trials=budget, drift_every=0)
+        opts = SearchOptions(results=Path(d), study="s", seed=seed, n_trials=budget, drift_every=0)
         s = Search(space, opts, infos, hw, grid_records[0].build, runner=Replay(table))
         s.prepare()
         s.run()

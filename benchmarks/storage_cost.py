@@ -1,8 +1,8 @@
 """What a fleet's shared storage costs per trial: PostgreSQL against SQLite, through tuner's own fleet code.
 
-Each backend gets a FleetSearch (tuner.search.fleet) on a 384-config space; per trial the script runs the host's whole
-bookkeeping path with the measurement left out: the budget check (fail stale trials, read the other hosts' new
-records, count), ask + suggest, the heartbeat, the config claim, then the record (local Parquet + the shared
+Each backend gets a search over a FleetLedger (tuner.search.fleet) on a 384-config space; per trial the script runs
+the host's whole bookkeeping path with the measurement left out: the budget check (fail stale trials, read the other
+hosts' new records, count), ask + suggest, the heartbeat, the config claim, then the record (local Parquet + the shared
 records table) and the tell. The record is a real one: `tuner bench --json` on the tiny synthetic model, once,
 re-labelled per trial (same size as a search's records). Trials alternate between the backends (interleaved), so
 machine load hits both alike; the report is the median and p90 per phase and backend, over --trials trials each.
@@ -50,8 +50,9 @@ def make_search(url: str, folder: Path, model: str, rec):
     from tuner.model.meta import read_model
     from tuner.record import TrialConfig
     from tuner.search import fleet
-    from tuner.search import loop as studylib
     from tuner.search import space as spacelib
+    from tuner.search.loop import Search
+    from tuner.search.options import SearchOptions
 
     infos = {model: read_model(model)}
     hw, build = hardware.from_dict(rec.hw), rec.build
@@ -59,15 +60,16 @@ def make_search(url: str, folder: Path, model: str, rec):
     specs = {"n_threads": "1:8", "n_ubatch": "64,128,256,512", "n_batch": "256,512,1024,2048",
              "n_ctx": "1024,2048,4096"}
     space = spacelib.build_space([model], infos, specs, base, False, 8, 8)
-    opts = studylib.SearchOptions(study_dir=folder, study_name="cost", storage=url, n_trials=None, confirm=0,
-                                  drift_every=0, plan=False)
-    srch = fleet.FleetSearch(space, opts, infos, hw, build)
+    opts = SearchOptions(results=folder, study="cost", storage=url, n_trials=None, confirm=0, drift_every=0,
+                         plan=False)
+    srch = Search(space, opts, infos, hw, build, ledger=fleet.FleetLedger(opts))
     srch.prepare()
     return srch
 
 
 def one_trial(srch, real) -> dict:
-    """The host's per-trial path from tuner.search.loop.Search.search_loop/run_one, without the measurement."""
+    """The host's per-trial path from tuner.search.loop.Search.search_loop/run_one, without the measurement (and
+    without the heartbeat's thread: one heartbeat is recorded, as the thread's first beat does)."""
     from tuner.search import confirm as confirmlib
 
     t0 = time.perf_counter()
@@ -75,14 +77,15 @@ def one_trial(srch, real) -> dict:
     t1 = time.perf_counter()
     trial = srch.study.ask()
     cfg = srch._suggest(trial)
-    srch.backend.record_heartbeat(trial._trial_id)
+    srch.ledger.backend.record_heartbeat(trial._trial_id)
     key = confirmlib.config_key(cfg)
-    first = srch._claim(key, trial.number)
+    first = srch.ledger.claim(key, trial.number, srch.seen)
     t2 = time.perf_counter()
     if first is not None:
         srch._duplicate(trial, first, key)
         return {"duplicate": True, "total": time.perf_counter() - t0}
-    rec = dataclasses.replace(real, config=cfg, study=srch.opts.study_name, trial_number=trial.number,
+    srch.seen.setdefault(key, trial.number)
+    rec = dataclasses.replace(real, config=cfg, study=srch.study_name, trial_number=trial.number,
                               state="COMPLETE")
     srch._tell_and_write(trial.number, rec)
     t3 = time.perf_counter()
@@ -127,7 +130,7 @@ def main() -> None:
                 for name in order:
                     if sum(not r["duplicate"] for r in rows if r["backend"] == name) < args.trials:
                         rows.append({"backend": name, "i": i, **one_trial(backends[name], real)})
-            with backends["postgresql"].backend.engine.connect() as c:
+            with backends["postgresql"].ledger.backend.engine.connect() as c:
                 server = c.execute(sqlalchemy.text("SHOW server_version")).scalar()
             for s in backends.values():
                 s.close()

@@ -8,7 +8,7 @@ import pytest
 
 from tuner.measure import store
 from tuner.search import bench
-from tuner.search.loop import Limits
+from tuner.search.options import Limits
 from tuner.search.run import SearchError, recommend_study, run_search
 
 TINY = {"n_threads": 1, "n_prompt": 16, "n_gen": 8, "repetitions": 2}  # bench: one value each
@@ -54,3 +54,24 @@ def test_bench_measure_appends_one_record(models, tmp_path):
     with pytest.raises(bench.BenchError, match="expected PATTERN=BUFFER"):
         bench.measure(str(models / "tiny-q8_0.gguf"), out, overrides=("exps",), **TINY)
     assert len(store.read(out)) == 1
+
+
+def test_search_options_are_one_object_from_click_params_to_the_loop(tmp_path):
+    from tuner.search import fleet
+    from tuner.search.ledger import LocalLedger
+    from tuner.search.options import DEFAULTS, SearchOptions
+
+    # Click's params by name: the options' fields, every other name a llama.cpp parameter of the space
+    opts = SearchOptions.from_params({"n_trials": 5, "n_ctx": "4096,8192", "use_mmap": None, "headroom": "5%",
+                                      "results": tmp_path, "study": "s"})
+    assert opts.n_trials == 5 and opts.specs == {"n_ctx": "4096,8192", "use_mmap": None}
+    assert opts.limits.headroom == 0.05 and opts.study_dir == tmp_path / "s"
+    # overrides merge into a copy: the caller's object and the defaults stay as they were
+    more = opts.replace(seed=3, n_gpu_layers="0:13")
+    assert more.specs == {"n_ctx": "4096,8192", "use_mmap": None, "n_gpu_layers": "0:13"} and more.seed == 3
+    assert opts.specs == {"n_ctx": "4096,8192", "use_mmap": None} and opts.seed == 0 and DEFAULTS.specs == {}
+    # the ledger follows the storage, chosen in one place
+    assert isinstance(fleet.ledger_for(opts), LocalLedger)
+    assert isinstance(fleet.ledger_for(opts.replace(storage="sqlite:///x.db")), fleet.FleetLedger)
+    with pytest.raises(fleet.FleetError, match="--allow-mixed needs a shared --storage"):
+        fleet.ledger_for(opts.replace(allow_mixed=True))

@@ -39,7 +39,7 @@ def host_args(models, url, study, folder: Path, n_trials: int, extra=()) -> list
 def ledger_rows(url: str, base: str) -> list[tuple[int, str, TrialRecord]]:
     engine = sa.create_engine(url)
     try:
-        return fleet.Ledger(engine, create=False).rows(base)
+        return fleet.Tables(engine, create=False).rows(base)
     finally:
         engine.dispose()
 
@@ -245,8 +245,8 @@ def test_a_config_claim_has_one_winner_among_racing_hosts(pg_server):
 
     url = pg.create_db(pg_server, "claims")
     engines = [sa.create_engine(url) for _ in range(6)]
-    fleet.Ledger(engines[0])
-    ledgers = [fleet.Ledger(e, create=False) for e in engines]
+    fleet.Tables(engines[0])
+    ledgers = [fleet.Tables(e, create=False) for e in engines]
     results, start = {}, threading.Barrier(len(ledgers))
 
     def race(i):

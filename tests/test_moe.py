@@ -20,7 +20,7 @@ from tuner.measure.runner import Runner, resolve
 from tuner.model.meta import read_model
 from tuner.record import TrialConfig
 from tuner.search import recommend
-from tuner.search.loop import dominated_by
+from tuner.search.trials import dominated_by
 
 # one thread: the CPUs here are shared, and oversubscribed ggml threads spin-wait for seconds per token
 SHAPE = ["-t", "1", "-p", "16", "-n", "4", "-r", "1"]

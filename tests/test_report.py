@@ -30,7 +30,7 @@ from tuner.model.synth import PRESETS, write_base
 from tuner.plan import planner, roofline
 from tuner.record import FAILED
 from tuner.search import recommend
-from tuner.search.loop import Limits
+from tuner.search.options import Limits
 
 MiB = 1 << 20
 EVIL = "<script>alert(1)</script>"

@@ -75,7 +75,7 @@ def test_flagship_dry_run_searches_the_hybrid_region(flagships, arch, rig):
 
 
 def _limits():
-    from tuner.search.loop import Limits
+    from tuner.search.options import Limits
 
     return Limits()
 
@@ -229,13 +229,14 @@ def test_unknown_vram_is_null_not_zero(models):
 
 def test_max_vram_with_unknown_vram_warns_once(models, tmp_path, capsys):
     from tuner.record import TrialRecord
-    from tuner.search.loop import Limits, Search, SearchOptions
+    from tuner.search.loop import Search
+    from tuner.search.options import SearchOptions
     from tuner.search.space import build_space
 
     m = str(models / "tiny-q8_0.gguf")
     hw = hardware.probe(hardware.Nvml(module=FakeNvml(gpus=[FakeGpu(total=24 * GiB)])))
     space = build_space([m], {m: read_model(m)}, {}, TrialConfig(model=m), True, 2, 2)
-    opts = SearchOptions(study_dir=tmp_path, study_name="s", limits=Limits(max_vram=20 * GiB))
+    opts = SearchOptions(results=tmp_path, study="s", max_vram=20 * GiB)
     srch = Search(space, opts, {m: read_model(m)}, hw, {"gpu_offload": True})
     unknown = TrialRecord(config=TrialConfig(model=m), outcome="ok", vram_by="none")
     assert srch.warn_unknown_vram(unknown) and not srch.warn_unknown_vram(unknown)

@@ -19,7 +19,7 @@ from tuner.cli import cli
 from tuner.measure import store
 from tuner.measure.selftest import wait_mid_trial
 from tuner.record import TrialConfig
-from tuner.search.loop import dominated_by
+from tuner.search.trials import dominated_by
 
 SHAPE = ["-p", "32", "-n", "8", "-r", "2"]
 TUNER = str(Path(sys.executable).with_name("tuner"))

@@ -15,7 +15,7 @@ from tuner.model.synth import synthesize
 from tuner.quality.measure import Budget, StudyQuality
 from tuner.quality.results import Cache
 from tuner.search import recommend as recommendlib
-from tuner.search.loop import Limits
+from tuner.search.options import Limits
 from tuner.search.run import study_hardware
 
 QUANTS = ("q8_0", "q4_k_m", "q2_k")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -74,15 +73,15 @@ class Progress:
         opts = srch.opts
         total = search_total(srch)
         n = srch.done_trials()
-        elapsed = time.monotonic() - srch.started
+        elapsed = srch.clock() - srch.started
         eta = None
         if total:
             left = max(total - n, 0)
             if srch.unmeasured is not None:
                 left = min(left, len(srch.unmeasured))  # a small space ends when every config is measured
             eta = elapsed / max(srch.n_run, 1) * left + srch.confirm_estimate_s()  # pace + the confirmation
-        if opts.timeout_s:
-            left = max(0.0, opts.timeout_s - elapsed)
+        if opts.timeout:
+            left = max(0.0, opts.timeout - elapsed)
             eta = min(eta, left) if eta is not None else left
         best = srch.best_so_far()
         tg = rec.metric("tg")
@@ -100,7 +99,7 @@ class Progress:
         """One line per confirmation run: its round, the candidate's roles, the objective it measured."""
         if not getattr(self, "_confirm_started", False):
             self._confirm_started = True
-            lo, hi = srch.opts.confirm_rounds
+            lo, hi = srch.opts.confirm_range
             click.echo(f"confirming: the best configs and llama.cpp's defaults race, re-measured interleaved round "
                        f"by round; from round {lo} on, a candidate behind the best leaves (at most {hi} rounds)",
                        err=True)
@@ -108,7 +107,7 @@ class Progress:
             self._ladder_started = True
             rungs = sorted({c.n_ctx for c in srch.laddering or []})
             click.echo(f"context ladder: the recommended config, the defaults and their alternatives at n_ctx "
-                       f"{', '.join(map(str, rungs))}, each filled to its depth, {srch.opts.confirm_rounds[0]} "
+                       f"{', '.join(map(str, rungs))}, each filled to its depth, {srch.opts.confirm_range[0]} "
                        "interleaved rounds (a rung's first run fills its context once)", err=True)
         s = objective_samples(rec, srch.opts.objective) if rec.ok else []
         what = f"{srch.opts.objective} {sum(s) / len(s):.2f}" if s else f"{rec.outcome}: {rec.cause[:60]}"

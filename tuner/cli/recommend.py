@@ -10,7 +10,7 @@ import click
 from tuner.cli.common import limits_options, print_recommendation
 from tuner.errors import TunerError
 from tuner.search import fleet
-from tuner.search.loop import OBJECTIVES, Limits
+from tuner.search.options import OBJECTIVES, Limits
 from tuner.search.run import recommend_study
 
 

@@ -218,6 +218,33 @@ def candidates_from_records(records: list[TrialRecord]) -> list[Candidate]:
     return list(out.values())
 
 
+def search_candidates(records: list[TrialRecord], objective: str, k: int,
+                      admit: Callable[[TrialRecord], bool]) -> list[Candidate]:
+    """The race's candidates after a search: the top `k` configs at the working context by pooled estimate and the
+    llama.cpp-defaults baseline, each with the confirmation rounds it already has (a resumed race goes on).
+    `admit(record)`: the record may be recommended (within the limits and the quality budget)."""
+    searched = [r for r in records if r.searched and r.ok and r.objective(objective) is not None and admit(r)]
+    groups = prefer_clean(pool(searched))
+    if not groups:
+        return []
+    sign = -1 if objective == "ttft" else 1
+    groups.sort(key=lambda g: -sign * g.estimate(objective))
+    working = max(g.config.effective_ctx() for g in groups)
+    cands: dict[tuple, Candidate] = {}
+    for g in [g for g in groups if g.config.effective_ctx() == working][:k]:
+        cands[g.key] = Candidate(ROLE_TOP, g.config, g.trial_number, roles=[ROLE_TOP])
+    base = next((g for g in groups if any(r.baseline == ROLE_BASELINE for r in g.records)
+                 and g.config.effective_ctx() == working), None)
+    if base is not None:
+        c = cands.setdefault(base.key, Candidate(ROLE_BASELINE, base.config, base.trial_number, roles=[]))
+        c.roles.append(ROLE_BASELINE)
+    earlier = {config_key(c.config): c for c in candidates_from_records(records) if not c.is_rung}
+    for key, c in cands.items():  # a resumed confirmation goes on from the rounds it has
+        if key in earlier:
+            c.records = list(earlier[key].records)
+    return list(cands.values())
+
+
 def rounds_of(cands: list[Candidate]) -> int:
     return max((len(c.records) for c in cands), default=0)
 

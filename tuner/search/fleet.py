@@ -1,6 +1,9 @@
 """Fleet: one study measured by several hosts at once through a shared Optuna RDB storage (PostgreSQL).
 
-Every coordination goes through the storage; there is no scheduler of tuner's own:
+The fleet is a storage concern: `FleetLedger` is the ledger (tuner.search.ledger) of such a study, and the
+search's one loop (tuner.search.loop.Search) runs over it as over a study folder's; `ledger_for` chooses between
+the two from the storage the options name. Every coordination goes through the storage; there is no scheduler of
+tuner's own:
 
 - Records: each host writes every TrialRecord into the table `tuner_records` of the same database (and into its
   own trials.parquet, its durable copy), and reads the others' records before each ask: pooling, OOM dominance,
@@ -42,8 +45,9 @@ import threading
 import time
 import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import optuna
 import pandas as pd
@@ -51,9 +55,19 @@ import sqlalchemy as sa
 
 from tuner.measure import hardware, store
 from tuner.record import TrialRecord, utcnow
-from tuner.search import confirm as confirmlib
 from tuner.search import recommend as recommendlib
-from tuner.search.loop import Limits, Search, SearchOptions, StudyError, make_sampler, open_storage, open_study, redact
+from tuner.search.ledger import (
+    Elsewhere,
+    Ledger,
+    LocalLedger,
+    StudyError,
+    make_sampler,
+    open_storage,
+    open_study,
+    redact,
+)
+from tuner.search.options import Limits, SearchOptions
+from tuner.search.space import Space
 
 GRACE_FACTOR = 3  # a host whose heartbeat is older than GRACE_FACTOR x --heartbeat is dead
 RECORDS, CLAIMS = "tuner_records", "tuner_claims"
@@ -125,7 +139,7 @@ def retry_race(fn: Callable, attempts: int, step_s: float, lost: Callable[[Excep
             time.sleep(step_s * (attempt + 1))
 
 
-class Ledger:
+class Tables:
     """tuner's two tables beside Optuna's in the shared database: records and claims."""
 
     def __init__(self, engine: sa.engine.Engine, create: bool = True):
@@ -227,86 +241,95 @@ def counts(rec: TrialRecord, state) -> bool:
     return state == TS.COMPLETE or (state == TS.FAIL and rec.outcome == "interrupted")
 
 
-class FleetSearch(Search):
-    """A Search whose study lives in a shared storage: see the module docstring for how hosts cooperate."""
+class FleetLedger(Ledger):
+    """A study in a shared storage that several hosts measure at once: see the module docstring for how they
+    cooperate. The study folder keeps this host's trials.parquet (its durable copy of what it measured)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.base = self.opts.study_name
+    shared = True
+
+    def __init__(self, opts: SearchOptions):
+        super().__init__(opts.study_dir)
+        self.base = opts.study  # the --study name every fingerprint group shares
         self.host = host_label()
-        self.ledger: Ledger | None = None
+        self.heartbeat_s = opts.heartbeat_s
+        self.tables: Tables | None = None
         self.backend: optuna.storages.RDBStorage | None = None
         self._last_id = 0
         self._pending: list[tuple[int, str, TrialRecord]] = []  # records of trials still RUNNING when read
         self._own: set[int] = set()
-        self._running = 0
-        self._running_keys: set[tuple] = set()
-        self._waiting = 0
 
     @property
     def grace_s(self) -> int:
-        return GRACE_FACTOR * self.opts.heartbeat_s
+        return GRACE_FACTOR * self.heartbeat_s
 
     # -- joining -----------------------------------------------------------------------------------------------
-    def _open_study(self) -> optuna.Study:
-        url = self.opts.storage_url
+    def open(self, opts: SearchOptions, space: Space, hw, build: dict) -> optuna.Study:
+        """Join (or found) the study: the first host's fingerprints found it; a host of others is refused, or with
+        --allow-mixed runs as a group of its own (`name` NAME@HW.BUILD). The storage is checked before anything
+        is written."""
+        url = opts.storage_url
         # hosts starting together on an empty database race to create Optuna's tables: the losers retry
         self.backend = retry_race(
-            lambda: open_storage(url, heartbeat_interval=self.opts.heartbeat_s, grace_period=self.grace_s,
+            lambda: open_storage(url, heartbeat_interval=opts.heartbeat_s, grace_period=self.grace_s,
                                  heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback()),
             6, 0.3, lambda e: isinstance(e, StudyError) and any(
                 s in str(e) for s in ("UniqueViolation", "already exists", "DuplicateTable", "IntegrityError")))
         try:
-            self.ledger = Ledger(self.backend.engine)
+            self.tables = Tables(self.backend.engine)
         except sa.exc.SQLAlchemyError as e:
             raise FleetError(f"cannot create tuner's tables in {redact(url)}: "
                              f"{redact(str(e).splitlines()[0])[:160]}") from None
-        mine = fingerprint(self.hw, self.build)
-        held = self.ledger.claim(self.base, "fingerprint", self.host, state=mine)
+        mine = fingerprint(hw, build)
+        held = self.tables.claim(self.base, "fingerprint", self.host, state=mine)
         founder = mine if held is None else held["state"]
+        self.name = self.base
         if founder != mine:
-            if not self.opts.allow_mixed:
+            if not opts.allow_mixed:
                 raise FleetError(
                     f"study {self.base!r} is measured on hardware/build fingerprint {founder}, this host is {mine}: "
                     "trials compete only with trials of the same machine and build; pass --allow-mixed to run this "
                     "host as a separate group, or pick another --study")
-            self._check_base_space()
-            self.opts = dataclasses.replace(self.opts, study_name=group_name(self.base, mine))
+            self._check_base_space(space)
+            self.name = group_name(self.base, mine)
         # hosts must not all draw the same start-up configs: each host samples with its own seed
-        seed = (self.opts.seed * 1_000_003 + zlib.crc32(self.host.encode())) % 2**32
-        sampler = make_sampler(self.opts.sampler, seed, self.space, self.opts.pareto, constant_liar=True)
-        study = open_study(self.opts, self.space, storage=self.backend, sampler=sampler)
+        seed = (opts.seed * 1_000_003 + zlib.crc32(self.host.encode())) % 2**32
+        sampler = make_sampler(opts.sampler, seed, space, opts.pareto, constant_liar=True)
+        study = open_study(opts, space, storage=self.backend, sampler=sampler, name=self.name)
         hw_fp, build_fp = mine.split("/")
         attrs = study.user_attrs
         for k, v in (("hw_fingerprint", hw_fp), ("build_fingerprint", build_fp),
-                     ("limits", dataclasses.asdict(self.opts.limits))):
+                     ("limits", dataclasses.asdict(opts.limits))):
             if k not in attrs:
                 study.set_user_attr(k, v)
+        store.check_writable(self.parquet)
+        self.study = study
         return study
 
-    def _check_base_space(self) -> None:
+    def _check_base_space(self, space: Space) -> None:
         """A group of another fingerprint must search the same space as the study it stands beside."""
         try:
             base = optuna.load_study(study_name=self.base, storage=self.backend)
         except KeyError:
             return
         old = base.user_attrs.get("space")
-        if old is not None and old != self.space.describe():
+        if old is not None and old != space.describe():
             raise FleetError(f"study {self.base!r} exists with another search space; re-run the same command to "
                              "join it, or pick a new --study name")
 
-    def _load_records(self) -> list[TrialRecord]:
+    def load(self) -> list[TrialRecord]:
         return self._absorb()
 
-    def _reconcile(self) -> None:
-        # Trials left RUNNING may be other hosts' live trials: only stale ones (no heartbeat) are failed and retried.
+    def abandoned(self) -> list[optuna.trial.FrozenTrial]:
+        """None: trials left RUNNING may be other hosts' live trials. Only stale ones (no heartbeat) are failed, and
+        Optuna's retry callback enqueues their configs again."""
         optuna.storages.fail_stale_trials(self.study)
+        return []
 
     # -- reading the fleet ---------------------------------------------------------------------------------------
     def _absorb(self) -> list[TrialRecord]:
         """Records stored since the last read that count (see counts()); other hosts' drift anchors stay out of
         this host's drift detection (drift is a matter of one machine)."""
-        rows = self._pending + self.ledger.rows(self.base, self.opts.study_name, self._last_id)
+        rows = self._pending + self.tables.rows(self.base, self.name, self._last_id)
         if rows:
             self._last_id = max(self._last_id, max(i for i, _, _ in rows))
         states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
@@ -325,144 +348,90 @@ class FleetSearch(Search):
             keep.append(rec)
         return keep
 
-    def sync(self) -> None:
-        """Fail dead hosts' trials (their configs are enqueued again), take in the others' records."""
+    def sync(self) -> list[TrialRecord]:
+        """Fail dead hosts' trials (their configs are enqueued again), take in the others' records, count what runs
+        and waits."""
         optuna.storages.fail_stale_trials(self.study)
-        for rec in self._absorb():
-            self.records.append(rec)
-            if rec.measured_config and rec.trial_number is not None:
-                key = confirmlib.config_key(rec.config)
-                self.seen.setdefault(key, rec.trial_number)
-                if self.unmeasured is not None:
-                    self.unmeasured.pop(key, None)
-                if rec.outcome == "oom":
-                    self.failed.append((rec.trial_number, rec.config, rec.cause))
+        new = self._absorb()
         trials = self.study.get_trials(deepcopy=False, states=(TS.RUNNING, TS.WAITING))
         running = [t for t in trials if t.state == TS.RUNNING]
-        self._running, self._waiting = len(running), len(trials) - len(running)
-        names = set(self.space.varying()) | ({"model"} if len(self.space.models) > 1 else set())
-        self._running_keys = {confirmlib.config_key(self._config_from_params(t.params)) for t in running
-                              if names <= set(t.params)}
+        self.others = Elsewhere(running=[t.params for t in running], waiting=len(trials) - len(running))
+        return new
 
-    def _trial_state(self, number: int):
+    def trial_state(self, number: int):
         sid = self.study._study_id
         return self.backend.get_trial(self.backend.get_trial_id_from_study_id_trial_number(sid, number)).state
 
-    # -- the loop ------------------------------------------------------------------------------------------------
-    def budget_left(self) -> bool:
-        self.sync()
-        if self.opts.n_trials is not None and self.done_trials() + self._running >= self.opts.n_trials:
-            return False
-        return super().budget_left()
-
-    def exhausted(self) -> bool:
-        if self.unmeasured is None or self._waiting:
-            return False
-        return not (set(self.unmeasured) - self._running_keys)
-
-    def search_loop(self) -> None:
-        waited = False
-        while True:
-            super().search_loop()
-            left = self.time_left()
-            # with a --timeout, waiting must leave this host the time its confirmation needs (as budget_left)
-            if self.stop_requested or not self._running or (left is not None and left <= self.confirm_reserve_s()):
-                break
-            if not waited:
-                print(f"waiting for {self._running} trial(s) running on other hosts (a host silent for "
-                      f"{self.grace_s} s is declared dead and its config measured again)", file=sys.stderr)
-                waited = True
-            time.sleep(self.opts.heartbeat_s)
-            self.finished = ""
-        done = self.done_trials()
-        if self.n_run == 0 and ((self.opts.n_trials is not None and done >= self.opts.n_trials) or self.finished):
-            print(f"study {self.opts.study_name} is finished: {done} trials done; nothing to run"
-                  + (f" ({self.finished})" if self.finished else ""), file=sys.stderr)
-
-    def after_load(self, trial: optuna.Trial, rec: TrialRecord) -> None:
-        """No per-load blocks in a fleet: Optuna's queue is shared, so a queued config would go to whichever
-        host asks next and cost that host a load instead of saving one here."""
-
-    def run_one(self, trial: optuna.Trial) -> TrialRecord | None:
-        # the heartbeat starts at once: a host that dies before measuring leaves a stale trial, not a lost one
-        with Beat(lambda: self.backend.record_heartbeat(trial._trial_id), self.opts.heartbeat_s):
-            return super().run_one(trial)
-
-    def _claim(self, key: tuple, number: int) -> int | None:
+    # -- while searching -----------------------------------------------------------------------------------------
+    def claim(self, key: tuple, number: int, seen: dict[tuple, int]) -> int | None:
+        """The claims table decides (an atomic insert): a claim whose trial is FAIL (a dead host's, or interrupted)
+        passes to this trial (compare-and-set)."""
         ckey = "config:" + hashlib.sha1(repr(key).encode()).hexdigest()
         while True:
-            held = self.ledger.claim(self.opts.study_name, ckey, self.host, number)
+            held = self.tables.claim(self.name, ckey, self.host, number)
             if held is None or held["trial_number"] == number:
-                break
-            if self._trial_state(held["trial_number"]) != TS.FAIL:
+                return None
+            if self.trial_state(held["trial_number"]) != TS.FAIL:
                 return held["trial_number"]  # measured, or being measured, by another trial
             # its trial is FAIL (a dead host's, or interrupted): the config passes to this trial
-            if self.ledger.replace(held, owner=self.host, trial_number=number):
-                break
-        self.seen.setdefault(key, number)
-        return None
+            if self.tables.replace(held, owner=self.host, trial_number=number):
+                return None
 
-    def _duplicate(self, trial: optuna.Trial, first: int, key: tuple) -> None:
-        def measured():
-            return any(r.measured_config and confirmlib.config_key(r.config) == key for r in self.records)
+    def heartbeat(self, trial: optuna.Trial) -> Beat:
+        return Beat(lambda: self.backend.record_heartbeat(trial._trial_id), self.heartbeat_s)
 
-        if not measured():
-            self.sync()
-        if measured():
-            return super()._duplicate(trial, first, key)
-        # another host is measuring it right now: nothing to tell the sampler yet
-        trial.set_user_attr("duplicate_of", first)
-        trial.set_user_attr("in_progress_elsewhere", True)
-        self.study.tell(trial.number, state=TS.FAIL)
-        self._dupes += 1
-        self._steer(trial)
-
-    def _tell(self, number: int, rec: TrialRecord, cons: dict | None = None) -> None:
+    @contextmanager
+    def telling(self, number: int) -> Iterator[None]:
         try:
-            super()._tell(number, rec, cons)
+            yield
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-            if not self._trial_state(number).is_finished():
+            if not self.trial_state(number).is_finished():
                 raise
             print(f"warning: trial #{number} was declared dead by another host (no heartbeat for {self.grace_s} s); "
                   "its config is measured again", file=sys.stderr)
 
-    def _store(self, rec: TrialRecord) -> None:
-        super()._store(rec)  # this host's Parquet first: its durable copy
-        self._own.add(self.ledger.add(self.base, self.opts.study_name, self.host, rec))
+    def add(self, rec: TrialRecord) -> None:
+        super().add(rec)  # this host's Parquet first: its durable copy
+        self._own.add(self.tables.add(self.base, self.name, self.host, rec))
 
-    def ladder(self) -> bool:
-        return True  # the host that confirms measures the ladder too (in confirm): one host's runs, not each host's
+    def wait_for_others(self, first: bool) -> None:
+        if first:
+            print(f"waiting for {len(self.others.running)} trial(s) running on other hosts (a host silent for "
+                  f"{self.grace_s} s is declared dead and its config measured again)", file=sys.stderr)
+        time.sleep(self.heartbeat_s)
 
-    def confirm(self) -> dict | None:
-        """One host of the group confirms (and measures the context ladder): the first to claim it once no trial runs any more."""
-        if self.runner is None or not (self.confirm_candidates() or self.ladder_candidates()):
-            return None
-        study, key = self.opts.study_name, f"confirm:{self.done_trials()}"
-        held = self.ledger.claim(study, key, self.host, state="running")
+    @contextmanager
+    def confirming(self, n_done: int) -> Iterator[Callable[[], None] | None]:
+        """One host of the group confirms (and measures the context ladder): the first to claim `confirm:<n_done>`
+        once no trial runs any more. The claim carries a heartbeat, so a dead confirmer's claim passes on."""
+        study, key = self.name, f"confirm:{n_done}"
+        held = self.tables.claim(study, key, self.host, state="running")
         if held is not None:
             if held["state"] == "done":
-                return None
+                yield None
+                return
             if held["age_s"] <= self.grace_s:
                 print(f"host {held['owner']} confirms the recommendation (`tuner recommend --storage ...` gives "
                       "the confirmed one when it is done)", file=sys.stderr)
-                return None
-            if not self.ledger.replace(held, owner=self.host):
-                return None
+                yield None
+                return
+            if not self.tables.replace(held, owner=self.host):
+                yield None
+                return
             print(f"host {held['owner']} stopped confirming: this host takes over", file=sys.stderr)
-        with Beat(lambda: self.ledger.touch(study, key, self.host), self.opts.heartbeat_s):
-            out = super().confirm()
-            if not self.stop_requested:
-                super().ladder()
-        if not self.stop_requested:
-            self.ledger.touch(study, key, self.host, state="done")
-        return out
+        complete = []
+        with Beat(lambda: self.tables.touch(study, key, self.host), self.heartbeat_s):
+            yield lambda: complete.append(True)
+        if complete:
+            self.tables.touch(study, key, self.host, state="done")
 
 
-def new_search(space, opts: SearchOptions, *args, **kwargs) -> Search:
-    """A Search, or a FleetSearch when the study lives in a storage the user gave (--storage)."""
+def ledger_for(opts: SearchOptions) -> Ledger:
+    """The ledger the options name: a FleetLedger when the study lives in a storage the user gave (--storage), else
+    the study folder's own (LocalLedger)."""
     if opts.allow_mixed and not opts.storage:
         raise FleetError("--allow-mixed needs a shared --storage (hosts of other fingerprints join the study there)")
-    return (FleetSearch if opts.storage else Search)(space, opts, *args, **kwargs)
+    return FleetLedger(opts) if opts.storage else LocalLedger(opts.study_dir)
 
 
 # -- reading a fleet study from any host -----------------------------------------------------------------------------
@@ -487,7 +456,7 @@ def snapshot(url: str, base: str, folder: str | os.PathLike, nest: bool = False)
         if not sa.inspect(storage.engine).has_table(RECORDS):
             raise FleetError(f"study {base!r} in {redact(url)} holds no tuner records (not made by "
                              "`tuner search --storage`)")
-        ledger = Ledger(storage.engine, create=False)
+        tables = Tables(storage.engine, create=False)
         folder = Path(folder)
         out = []
         for name in names:
@@ -495,7 +464,7 @@ def snapshot(url: str, base: str, folder: str | os.PathLike, nest: bool = False)
             _check_snapshot_folder(gdir)
             out.append(gdir)
         for name, gdir in zip(names, out):
-            _write_group(storage, ledger, url, base, name, gdir)
+            _write_group(storage, tables, url, base, name, gdir)
         return out
     finally:
         storage.engine.dispose()
@@ -529,10 +498,10 @@ def _check_snapshot_folder(gdir: Path) -> None:
     store.writable_folder(gdir, "snapshot folder")
 
 
-def _write_group(storage, ledger: Ledger, url: str, base: str, name: str, gdir: Path) -> None:
+def _write_group(storage, tables: Tables, url: str, base: str, name: str, gdir: Path) -> None:
     study = optuna.load_study(study_name=name, storage=storage)
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    recs = [rec for _, _, rec in ledger.rows(base, name) if counts(rec, states.get(rec.trial_number))]
+    recs = [rec for _, _, rec in tables.rows(base, name) if counts(rec, states.get(rec.trial_number))]
     for stale in (gdir / "study.db", gdir / recommendlib.RECOMMENDED_FILE):
         stale.unlink(missing_ok=True)
     if recs:

@@ -3,6 +3,7 @@
     from tuner.search.run import run_search
     result = run_search(["models/dense-q4_k_m.gguf"], n_trials=10, n_gpu_layers="0:13", n_ctx="4096,8192")
     result.recommendation, result.study_dir
+    run_search(models, SearchOptions(n_trials=10, specs={"n_ctx": "4096,8192"}))  # the same, as one object
 
 The Click commands in tuner/cli/ only parse options, call these and print.
 """
@@ -19,7 +20,7 @@ from typing import Callable
 from tuner.errors import TunerError
 from tuner.measure import hardware, store
 from tuner.measure.lock import measurement_lock
-from tuner.measure.runner import DEFAULT_LOAD_TIMEOUT, Runner
+from tuner.measure.runner import Runner, TrialInterrupted
 from tuner.model.meta import read_model
 from tuner.model.synth import synthesize
 from tuner.quality.measure import DEFAULT_MAX_KLD, Budget, Settings, StudyQuality, combinations
@@ -27,15 +28,14 @@ from tuner.quality.measure import measure as measure_files
 from tuner.quality.results import Cache
 from tuner.record import TrialConfig, TrialRecord, parse_tensor_split
 from tuner.search import feasible as fitlib
-from tuner.search import fleet
-from tuner.search import loop as studylib
 from tuner.search import recommend as recommendlib
 from tuner.search import space as spacelib
-from tuner.search.confirm import DEFAULT_K as DEFAULT_CONFIRM
-from tuner.search.confirm import MAX_ROUNDS, MIN_ROUNDS
-from tuner.search.loop import DEFAULT_PER_LOAD, Limits
+from tuner.search.confirm import MIN_ROUNDS
+from tuner.search.ledger import redact
+from tuner.search.loop import Search, StopOnSignal
+from tuner.search.options import DEFAULT_N_TRIALS, Limits, SearchOptions
 from tuner.search.space import SpaceError
-from tuner.units import fmt_size, headroom_bytes, parse_headroom
+from tuner.units import fmt_size, headroom_bytes
 
 
 class SearchError(TunerError):
@@ -90,31 +90,18 @@ def synthetic_models(results: str | Path, preset: str, quants: str) -> list[str]
         raise SearchError(f"cannot write models to {folder}: {e.strerror or e}") from None
 
 
-def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q4_k_m", study: str | None = None,
-               results: str | Path = "results", storage: str | None = None, sampler: str = "tpe", seed: int = 0,
-               n_trials: int | None = None, timeout: float | None = None, resume: bool = False,
-               objective: str = "mixed", pareto: bool = False, min_ctx: int = 0, max_vram: int | None = None,
-               max_ram: int | None = None, headroom: int | float = "1GiB", trial_timeout: float = 600.0,
-               mem_limit: int | None = None, no_wait: bool = False, drift_every: int = 10,
-               drift_tolerance: float = 0.05, baselines: bool = True, plan: bool = True,
-               reuse_workers: bool = True, lock_file: str | None = None, allow_mixed: bool = False,
-               heartbeat_s: int = 10, auto_space: bool = True, confirm: int = DEFAULT_CONFIRM,
-               confirm_rounds: int = MAX_ROUNDS, quality: bool = True, max_kld: float | None = None,
-               min_same_top: float | None = None, reference: str | None = None,
-               reference_logits: str | None = None, quality_text: str | None = None,
-               quality_ctx: int | None = None, on_trial: Callable | None = None,
+def run_search(models=(), options: SearchOptions | None = None, *, on_trial: Callable | None = None,
                on_confirm: Callable | None = None, log: Callable[[str], None] | None = None,
-               quality_progress: Callable | None = None, dry_run: bool = False, gpus: list[int] | None = None,
-               ram: int | None = None, per_load: int = DEFAULT_PER_LOAD, load_timeout: float = DEFAULT_LOAD_TIMEOUT,
-               **params) -> SearchResult:
-    """Run (or resume) one Optuna study and return its recommendation; the arguments are `tuner search`'s options.
+               quality_progress: Callable | None = None, **overrides) -> SearchResult:
+    """Run (or resume) one Optuna study and return its recommendation.
 
-    `params` are the llama.cpp parameters (TrialConfig names: n_gpu_layers="0:61", n_ctx="4096,8192", ...),
-    each a value, a list or a range as a string, plus the test shape (n_prompt, n_gen, n_depth, repetitions)
-    and use_mmap. With `auto_space` every parameter left unset that matters for the objective gets the default
-    space's range (tuner.search.space.auto_dimensions); the context defaults to the working context (4096 capped by
-    the trained one). `confirm` top configs are re-measured against the llama.cpp-defaults baseline before the
-    recommendation is written (0: none), for at most `confirm_rounds` rounds.
+    `options` are `tuner search`'s options (SearchOptions, defaults: the command's); keyword `overrides` change
+    them by the options' names, and any other name is a llama.cpp parameter of the space (TrialConfig names:
+    n_gpu_layers="0:61", n_ctx="4096,8192", ...), each a value, a list or a range as a string. The test shape
+    is n_prompt, n_gen, n_depth, repetitions. With `auto_space` every parameter left unset that matters for the
+    objective gets the default space's range (tuner.search.space.auto_dimensions); the context defaults to the
+    working context (4096 capped by the trained one). `confirm` top configs are re-measured against the
+    llama.cpp-defaults baseline before the recommendation is written (0: none), for at most `confirm_rounds` rounds.
     `on_trial(search, record)` is called after every trial, `on_confirm(search, candidate, record, round)` after
     every confirmation run, `log(line)` with each note.
     Quality (tuner.quality): with two or more model files (or a `reference` / `reference_logits`), and
@@ -122,84 +109,79 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
     uses (cached in RESULTS/quality/) before the trials; configs of files beyond the budget (`max_kld`, default
     quality.DEFAULT_MAX_KLD; `min_same_top`) are measured but never recommended.
     Ctrl-C stops after the current trial, twice aborts it; either way everything measured is kept.
-    `dry_run` builds the space and the planner's verdicts and returns them as `SearchResult.plan` (tuner.search.feasible.plan)
-    without measuring or writing anything; `gpus` (bytes per GPU) and `ram` describe a rig to plan for instead of
-    this machine (dry run only). `per_load`: configs measured in a row per model load (see tuner.search.loop).
+    `dry_run` builds the space and the planner's verdicts and returns them as `SearchResult.plan`
+    (tuner.search.feasible.plan) without measuring or writing anything; `gpus` (bytes per GPU) and `ram` describe a
+    rig to plan for instead of this machine (dry run only). `per_load`: configs measured in a row per model load
+    (see tuner.search.loop).
     Raises SearchError (and tuner.model.meta.ModelError, tuner.measure.lock.LockBusy) before anything runs.
     """
 
+    opts = (options or SearchOptions()).replace(**overrides)
     log = log or (lambda line: None)
-    budget = Budget(DEFAULT_MAX_KLD if max_kld is None else max_kld, min_same_top)
-    headroom = parse_headroom(headroom)
+    budget = Budget(DEFAULT_MAX_KLD if opts.max_kld is None else opts.max_kld, opts.min_same_top)
+    limits = opts.limits
     models = list(models)
-    if synthetic:
-        models += synthetic_models(results, synthetic, quants)
+    if opts.synthetic:
+        models += synthetic_models(opts.results, opts.synthetic, opts.quants)
     if not models:
         raise SearchError("no model: pass --model FILE.gguf (repeatable) or --synthetic tiny|dense|moe")
     models = list(dict.fromkeys(models))
     infos = {m: read_model(m) for m in models}
     hwinfo = hardware.probe()
     build = hardware.build_info()
-    shape = {k: params.pop(k, None) for k in ("n_prompt", "n_gen", "n_depth", "repetitions")}
-    base = TrialConfig(model=models[0], n_threads=hwinfo.cores_physical, n_threads_batch=0,
-                       **{k: v for k, v in shape.items() if v is not None})
-    check_limits(hwinfo, max_ram, max_vram, headroom)
+    base = TrialConfig(model=models[0], n_threads=hwinfo.cores_physical, n_threads_batch=0, **opts.shape)
+    check_limits(hwinfo, opts.max_ram, opts.max_vram, limits.headroom)
     needs = {"tg": base.n_gen, "pp": base.n_prompt, "ttft": base.n_prompt, "mixed": base.n_prompt + base.n_gen}
-    if not needs["tg" if pareto else objective]:
-        raise SearchError(f"--objective {'tg' if pareto else objective} measures nothing with this test shape "
+    objective = "tg" if opts.pareto else opts.objective
+    if not needs[objective]:
+        raise SearchError(f"--objective {objective} measures nothing with this test shape "
                           f"(-p {base.n_prompt} -n {base.n_gen})")
-    if confirm < 0:
+    if opts.confirm < 0:
         raise SearchError("--confirm must be at least 1 (or --no-confirm)")
-    if confirm and confirm_rounds < MIN_ROUNDS:
-        raise SearchError(f"--confirm-rounds {confirm_rounds} is below the confirmation race's minimum of {MIN_ROUNDS} "
-                          "rounds (the fewest at which its paired test can tell two configs apart)")
-    limits = Limits(min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram, headroom=headroom)
-    if not dry_run and (gpus or ram):
-        raise SearchError(f"{'--gpus' if gpus else '--ram'} describes a rig to plan for: it needs --dry-run (a real run "
-                          "measures the machine it runs on, with the GPUs NVML reports)")
-    gpu_offload = bool(build.get("gpu_offload")) or bool(gpus)  # a described GPU rig assumes a GPU build
-    rig = (fitlib.described_rig(gpus, ram, hwinfo, limits) if gpus
+    if opts.confirm and opts.confirm_rounds < MIN_ROUNDS:
+        raise SearchError(f"--confirm-rounds {opts.confirm_rounds} is below the confirmation race's minimum of "
+                          f"{MIN_ROUNDS} rounds (the fewest at which its paired test can tell two configs apart)")
+    if not opts.dry_run and (opts.gpus or opts.ram):
+        raise SearchError(f"{'--gpus' if opts.gpus else '--ram'} describes a rig to plan for: it needs --dry-run (a "
+                          "real run measures the machine it runs on, with the GPUs NVML reports)")
+    gpu_offload = bool(build.get("gpu_offload")) or bool(opts.gpus)  # a described GPU rig assumes a GPU build
+    rig = (fitlib.described_rig(opts.gpus, opts.ram, hwinfo, limits) if opts.gpus
            else fitlib.rig_from_hardware(hwinfo, limits, gpu_offload))
-    space = spacelib.build_space(models, infos, params, base, gpu_offload,
-                                 hwinfo.cores_physical, hwinfo.cores_logical, objective="tg" if pareto
-                                 else objective, auto=auto_space, ram_total=hwinfo.ram_total)
+    space = spacelib.build_space(models, infos, opts.specs, base, gpu_offload, hwinfo.cores_physical,
+                                 hwinfo.cores_logical, objective=objective, auto=opts.auto_space,
+                                 ram_total=hwinfo.ram_total)
     if "n_threads_batch" not in space.dims:
         # threads_batch follows threads unless searched on its own
         space.base = dataclasses.replace(space.base, n_threads_batch=0)
     check_split(space, rig)
-    spacelib.require_ctx(space, min_ctx)
-    spacelib.check_depth(space, shape["n_depth"] is not None)
+    spacelib.require_ctx(space, opts.min_ctx)
+    spacelib.check_depth(space, opts.n_depth is not None)
     asked = len(space.dims["n_ctx"].values) if "n_ctx" in space.dims else 0
-    fitlib.apply(space, infos, rig, plan=plan)
-    spacelib.make_ladder(space, shape["n_depth"] is not None, asked)
-    if dry_run:  # nothing is measured, locked or written
+    fitlib.apply(space, infos, rig, plan=opts.plan)
+    spacelib.make_ladder(space, opts.n_depth is not None, asked)
+    name = opts.study or study_name(models)
+    if opts.dry_run:  # nothing is measured, locked or written
         out = fitlib.plan(space, infos, rig)
         if space.ladder:
             out["ladder"] = [{"n_ctx": c, "n_depth": space.rung_depth(c)} for c in space.ladder]
-        return SearchResult(Path(results) / (study or study_name(models)), None, plan=out)
-    name = study or study_name(models)
-    study_dir = Path(results) / name
-    if n_trials is None and timeout is None and sampler != "grid":
-        n_trials = 20
-    opts = studylib.SearchOptions(
-        study_dir=study_dir, study_name=name, storage=storage, sampler=sampler, seed=seed, n_trials=n_trials,
-        timeout_s=timeout, objective=objective, pareto=pareto, limits=limits,
-        trial_timeout=trial_timeout, mem_limit=mem_limit, reuse_workers=reuse_workers,
-        drift_every=drift_every, drift_tolerance=drift_tolerance, baselines=baselines, resume=resume,
-        plan=plan, confirm=confirm, confirm_rounds=(MIN_ROUNDS, confirm_rounds),
-        allow_mixed=allow_mixed, heartbeat_s=heartbeat_s, per_load=per_load)
+        return SearchResult(Path(opts.results) / name, None, plan=out)
+    n_trials = opts.n_trials
+    if n_trials is None and opts.timeout is None and opts.sampler != "grid":
+        n_trials = DEFAULT_N_TRIALS
+    opts = opts.replace(study=name, n_trials=n_trials)
+    study_dir = opts.study_dir
 
-    srch = fleet.new_search(space, opts, infos, hwinfo, build, on_trial=on_trial, on_confirm=on_confirm)
+    srch = Search(space, opts, infos, hwinfo, build, on_trial=on_trial, on_confirm=on_confirm)
     # the lock comes first: resuming marks trials left RUNNING as interrupted, which must never touch a study
     # that another process is measuring right now
-    with measurement_lock(wait=not no_wait, what=f"tuner search {name}", path=lock_file), \
-            Runner(timeout=trial_timeout, mem_limit=mem_limit, reuse=reuse_workers, hw=hwinfo,
-                   build=build, load_timeout=load_timeout) as runner:
+    with measurement_lock(wait=not opts.no_wait, what=f"tuner search {name}", path=opts.lock_file), \
+            Runner(timeout=opts.trial_timeout, mem_limit=opts.mem_limit, reuse=opts.reuse_workers, hw=hwinfo,
+                   build=build, load_timeout=opts.load_timeout) as runner:
         # quality first: its bad input (a reference of another vocabulary, ...) must leave nothing written
-        if quality and (len(models) > 1 or reference or reference_logits):
-            srch.quality = measure_quality(models, runner, space, budget, results, reference=reference,
-                                           reference_logits=reference_logits, text=quality_text,
-                                           ctx=quality_ctx, n_threads=hwinfo.cores_physical, log=log,
+        if opts.quality and (len(models) > 1 or opts.reference or opts.reference_logits):
+            srch.quality = measure_quality(models, runner, space, budget, opts.results, reference=opts.reference,
+                                           reference_logits=opts.reference_logits, text=opts.quality_text,
+                                           ctx=opts.quality_ctx, n_threads=hwinfo.cores_physical, log=log,
                                            progress=quality_progress)
         srch.prepare()
         if srch.quality is not None and not any(r.ok for r in srch.quality.results):
@@ -215,7 +197,7 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
             log(line)
         varying = ", ".join(f"{k}={d.spec()}" for k, d in space.varying().items()) or "nothing varies"
         log(f"study {name}: {len(models)} model(s), {space.size()} configs ({varying}); "
-            f"storage {studylib.redact(opts.storage_url)}")
+            f"storage {redact(opts.storage_url)}")
         done = srch.done_trials()
         if done:
             log(f"resuming study {name}: {done} trial(s) already done")
@@ -223,9 +205,9 @@ def run_search(models=(), *, synthetic: str | None = None, quants: str = "q8_0,q
             log(f"note: {runner.limit.note}")
         srch.runner = runner
         try:
-            with studylib.StopOnSignal(srch):
+            with StopOnSignal(srch):
                 rec = srch.run()
-        except (KeyboardInterrupt, studylib.TrialInterrupted):
+        except (KeyboardInterrupt, TrialInterrupted):
             return SearchResult(study_dir, srch.write_recommendation(), interrupted=True)
         finally:
             srch.close()
