@@ -32,6 +32,21 @@ _ggml.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
 _ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
 _ggml_base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
 _ggml_base.ggml_backend_buft_name.restype = ctypes.c_char_p
+for _fn in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+    getattr(_ggml, _fn).argtypes = [ctypes.c_void_p]
+    getattr(_ggml, _fn).restype = ctypes.c_char_p
+_ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+_ggml.ggml_backend_dev_type.restype = ctypes.c_int
+_ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                          ctypes.POINTER(ctypes.c_size_t)]
+_ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+_ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+_ggml.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+_ggml.ggml_backend_reg_name.restype = ctypes.c_char_p
+
+# enum ggml_backend_dev_type (ggml-backend.h)
+DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+OFFLOAD_TYPES = ("gpu", "igpu")  # what n_gpu_layers places layers on (an RPC device reports itself as a gpu)
 
 
 class TensorBuftOverride(ctypes.Structure):
@@ -47,6 +62,22 @@ def buffer_types() -> dict[str, int]:
         buft = _ggml.ggml_backend_dev_buffer_type(_ggml.ggml_backend_dev_get(i))
         if buft:
             out[_ggml_base.ggml_backend_buft_name(buft).decode()] = buft
+    return out
+
+
+def devices() -> list[dict]:
+    """Every device the loaded llama.cpp enumerates (CUDA, ROCm, Vulkan, Metal, SYCL, RPC, the CPU...), as its
+    backend registry reports it: name, description, type, backend, free and total memory in bytes."""
+    out = []
+    for i in range(_ggml.ggml_backend_dev_count()):
+        dev = _ggml.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        _ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append({"name": _ggml.ggml_backend_dev_name(dev).decode(errors="replace"),
+                    "description": _ggml.ggml_backend_dev_description(dev).decode(errors="replace"),
+                    "type": DEVICE_TYPES.get(_ggml.ggml_backend_dev_type(dev), "unknown"),
+                    "backend": _ggml.ggml_backend_reg_name(_ggml.ggml_backend_dev_backend_reg(dev)).decode(),
+                    "free": free.value, "total": total.value})
     return out
 
 
@@ -127,7 +158,10 @@ def build_info() -> dict:
     return {
         "llama_cpp_python": llama_cpp.__version__,
         "system_info": L.llama_print_system_info().decode(errors="replace").strip(),
-        "gpu_offload": bool(L.llama_supports_gpu_offload()),
+        # a device to offload to, not only the ability: a build with the RPC backend "supports offload" with no
+        # server registered, and a CUDA build on a machine without a GPU has no device either
+        "gpu_offload": bool(L.llama_supports_gpu_offload()) and any(d["type"] in OFFLOAD_TYPES for d in devices()),
+        "rpc": bool(L.llama_supports_rpc()),
         "buffer_types": sorted(buffer_types()),
     }
 
