@@ -213,3 +213,104 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: int, nthread
     rc = L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc}) for {dst}: {log.text()[-300:]}")
+
+
+# -- llama.cpp's RPC backend -----------------------------------------------------------------------------------
+# llama-cpp-python 0.3.36 ignores `rpc_servers` (no such Llama parameter, no field in llama_model_params), so
+# servers are added as llama-server's --rpc adds them: through the RPC registry's proc addresses, then
+# ggml_backend_register. Registration is per process and permanent; an unreachable server aborts the process
+# (GGML_ABORT "Failed to connect"), so only a worker, never the parent, registers.
+_ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+_ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+_ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+_ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+_ggml.ggml_backend_buffer_get_size.argtypes = [ctypes.c_void_p]
+_ggml.ggml_backend_buffer_get_size.restype = ctypes.c_size_t
+_RPC_ADD = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
+_RPC_SERVE = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
+                              ctypes.POINTER(ctypes.c_void_p))
+
+
+def _rpc_proc(name: str) -> int:
+    reg = _ggml.ggml_backend_reg_by_name(b"RPC")
+    addr = _ggml.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
+    if not addr:
+        raise RuntimeError("this llama.cpp build has no RPC backend (build llama-cpp-python with -DGGML_RPC=on)")
+    return addr
+
+
+def rpc_add_servers(endpoints: list[str]) -> None:
+    """Add every server's devices to llama.cpp's device list (after this, n_gpu_layers and tensor_split place
+    layers on them, as on GPUs). Aborts the process when a server is unreachable: llama.cpp's own behaviour."""
+    add = _RPC_ADD(_rpc_proc("ggml_backend_rpc_add_server"))
+    for endpoint in endpoints:
+        reg = add(endpoint.encode())
+        if not reg:
+            raise RuntimeError(f"RPC server {endpoint} reports no device")
+        _ggml.ggml_backend_register(reg)
+
+
+# struct offsets in ggml-backend-impl.h (GGML_BACKEND_API_VERSION 2): ggml_backend_device_i.get_memory is its 3rd
+# function pointer, ggml_backend_buffer_type_i.alloc_buffer its 2nd, ggml_backend_buffer_i.free_buffer its 1st
+_PTR = ctypes.sizeof(ctypes.c_void_p)
+_GET_MEMORY = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t))
+_ALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+class DeviceCap:
+    """The CPU device as a device of `size` bytes: what it reports (free = size - allocated, total = size) and
+    what its buffers may take agree, as on a GPU of that size. A buffer that would pass the size is refused
+    (NULL), which the RPC server answers as a failed allocation: the client fails the load (`unable to allocate
+    RPC0[...] buffer`) or the context (`failed to allocate compute buffers`), as a too-small GPU does.
+
+    Patches the function pointers of this process's CPU device and buffer type (static structs of ggml), so
+    it belongs in a process that serves nothing else: `tuner rpc-server --mem`.
+    """
+
+    def __init__(self, size: int, log=None):
+        self.size, self.used, self.log = size, 0, log or (lambda line: None)
+        dev = next(_ggml.ggml_backend_dev_get(i) for i in range(_ggml.ggml_backend_dev_count())
+                   if _ggml.ggml_backend_dev_type(_ggml.ggml_backend_dev_get(i)) == 0)
+        self.device = dev
+        buft = _ggml.ggml_backend_dev_buffer_type(dev)
+        self._alloc_slot = ctypes.c_void_p.from_address(buft + 1 * _PTR)
+        self._orig_alloc = _ALLOC(self._alloc_slot.value)
+        self._orig_free: dict[int, object] = {}
+        self._sizes: dict[int, int] = {}
+        # the callbacks live as long as this object: ggml calls them until the process ends
+        self._get_memory_cb = _GET_MEMORY(self._get_memory)
+        self._alloc_cb = _ALLOC(self._alloc)
+        self._free_cb = _FREE(self._free)
+        ctypes.c_void_p.from_address(dev + 2 * _PTR).value = ctypes.cast(self._get_memory_cb, ctypes.c_void_p).value
+        self._alloc_slot.value = ctypes.cast(self._alloc_cb, ctypes.c_void_p).value
+
+    def _get_memory(self, dev, free, total) -> None:
+        free[0], total[0] = max(self.size - self.used, 0), self.size
+
+    def _alloc(self, buft, size) -> int | None:
+        if self.used + size > self.size:
+            self.log(f"refused a buffer of {size} bytes: {self.used} of {self.size} in use")
+            return None
+        buf = self._orig_alloc(buft, size)
+        if buf:
+            actual = _ggml.ggml_backend_buffer_get_size(buf)
+            self.used += actual
+            self._sizes[buf] = actual
+            slot = ctypes.c_void_p.from_address(buf)  # its iface.free_buffer
+            self._orig_free[buf] = _FREE(slot.value)
+            slot.value = ctypes.cast(self._free_cb, ctypes.c_void_p).value
+        return buf
+
+    def _free(self, buf) -> None:
+        self.used -= self._sizes.pop(buf, 0)
+        self._orig_free.pop(buf)(buf)
+
+
+def rpc_serve(endpoint: str, threads: int, cache_dir: str | None = None) -> None:
+    """Serve this host's CPU device to RPC clients (blocks for ever; llama.cpp's ggml-rpc-server in-process)."""
+    serve = _RPC_SERVE(_rpc_proc("ggml_backend_rpc_start_server"))
+    devs = (ctypes.c_void_p * 1)(next(_ggml.ggml_backend_dev_get(i) for i in range(_ggml.ggml_backend_dev_count())
+                                      if _ggml.ggml_backend_dev_type(_ggml.ggml_backend_dev_get(i)) == 0))
+    serve(endpoint.encode(), cache_dir.encode() if cache_dir else None, threads, 1, devs)

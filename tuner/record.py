@@ -115,6 +115,7 @@ class TrialConfig:
     n_cpu_moe: int = 0  # experts of the first N layers stay in host memory (llama.cpp --n-cpu-moe)
     cpu_moe: bool = False  # all routed experts in host memory (llama.cpp --cpu-moe)
     overrides: tuple[str, ...] = ()  # raw -ot PATTERN=BUFFER entries
+    rpc: str = ""  # llama.cpp RPC servers whose devices join the GPUs: "host:port,host:port" (llama-server --rpc)
     n_prompt: int = 512
     n_gen: int = 128
     n_depth: int = 0
@@ -123,7 +124,7 @@ class TrialConfig:
 
     # Parameters that change what is loaded; a worker may keep a model loaded across trials that agree on these.
     LOAD_KEYS = ("model", "n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock",
-                 "n_cpu_moe", "cpu_moe", "overrides")
+                 "n_cpu_moe", "cpu_moe", "overrides", "rpc")
 
     def __post_init__(self) -> None:
         self.overrides = tuple(self.overrides or ())
@@ -223,6 +224,9 @@ class TrialRecord:
     hw_fingerprint: str = ""
     build_fingerprint: str = ""
     overrides_applied: list[str] = field(default_factory=list)  # "tensor=buffer" as llama.cpp reported them
+    # llama.cpp's own buffer sizes per buffer type, from its log ({"CPU": {"model": b, "kv": b, "compute": b},
+    # "RPC0[127.0.0.1:50052]": {...}}): what it allocated on each device, beside the measured peaks above
+    buffers: dict[str, dict[str, int]] = field(default_factory=dict)
     started_utc: str = ""
     finished_utc: str = ""
     # filled by the study (empty for tuner bench)

@@ -26,7 +26,8 @@ class TunerGroup(click.Group):
             "search": "tuner.cli.search:search", "recommend": "tuner.cli.recommend:recommend_cmd",
             "compare": "tuner.cli.compare:compare", "estimate": "tuner.cli.estimate:estimate_cmd",
             "report": "tuner.cli.report:report_cmd", "selftest": "tuner.cli.selftest:selftest_cmd",
-            "quality": "tuner.cli.quality:quality_cmd", "probe": "tuner.cli.probe:probe_cmd"}
+            "quality": "tuner.cli.quality:quality_cmd", "probe": "tuner.cli.probe:probe_cmd",
+            "rpc-server": "tuner.cli.rpc_server:rpc_server_cmd"}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.LAZY))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tuner.cli.options import bench_params, config_option, run_params, shape_params
+from tuner.cli.options import bench_params, config_option, rpc_option, run_params, shape_params
 from tuner.errors import TunerError
 from tuner.search import bench as benchlib
 
@@ -18,6 +18,7 @@ from tuner.search import bench as benchlib
 @click.option("--cpu-moe", "cpu_moe", is_flag=True, default=None, help="all routed experts in host RAM")
 @click.option("-ot", "--override-tensor", "overrides", multiple=True,
               help="PATTERN=BUFFER, as llama.cpp -ot (e.g. 'exps=CPU'); repeatable")
+@rpc_option
 @click.option("--warmup/--no-warmup", "warmup", default=None, help="one untimed run first (as llama-bench)")
 @shape_params
 @run_params()
@@ -35,6 +36,7 @@ def bench(config, model, timeout, load_timeout, mem_limit, no_wait, lock_file, o
     Examples:
       tuner bench models/dense-q4_k_m.gguf -t 2 -p 512 -n 128 -r 5
       tuner bench --config results/my-study/recommended.json -r 10
+      tuner bench models/moe-q8_0.gguf -ngl 99 -ts 1/1 --rpc 127.0.0.1:50052,127.0.0.1:50053
     """
     if not model:
         raise TunerError("no model given (pass MODEL or --config FILE)")

@@ -14,6 +14,7 @@ import click
 import tomllib
 
 from tuner.errors import TunerError
+from tuner.measure import rpc
 from tuner.record import PARAMS, TrialConfig
 from tuner.units import parse_duration, parse_headroom, parse_size, parse_sizes
 
@@ -61,6 +62,16 @@ def _check_positive_size(ctx, param, value):
     if value is not None and value <= 0:
         raise click.BadParameter(f"must be more than 0 bytes, got {value}")
     return value
+
+
+def _parse_rpc(ctx, param, value):
+    return ",".join(rpc.parse_endpoints(value)) if value else value
+
+
+rpc_option = click.option(
+    "--rpc", "rpc", default=None, callback=_parse_rpc, metavar="HOST:PORT[,HOST:PORT...]",
+    help="llama.cpp RPC servers whose devices join this host's GPUs, as llama-server --rpc (tuner rpc-server "
+         "starts one; the protocol has no authentication: loopback or a private network only)")
 
 
 def bench_params(f):

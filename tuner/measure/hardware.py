@@ -207,6 +207,21 @@ def build_info() -> dict:
     return info
 
 
+def llama_devices(rpc: tuple[str, ...] = ()) -> list[dict]:
+    """The devices the installed llama.cpp enumerates (every backend: CUDA, ROCm, Vulkan, Metal, SYCL, the CPU),
+    with the RPC servers' devices added as llama-server's --rpc adds them; free and total memory as each reports
+    it. Asked of a child interpreter, as build_info is: an unreachable server aborts the process that adds it.
+    Raises RuntimeError (one line) when the child fails."""
+    code = ("import json, sys, tuner.llama as g; rpc = [e for e in sys.argv[1].split(',') if e]; "
+            "rpc and g.rpc_add_servers(rpc); print(json.dumps(g.devices()))")
+    out = subprocess.run([sys.executable, "-c", code, ",".join(rpc)], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, GGML_NO_BACKTRACE="1"))
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+        raise RuntimeError(f"llama.cpp could not list its devices: {last}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 FINGERPRINT_SALT = "TUNER_FINGERPRINT_SALT"
 
 

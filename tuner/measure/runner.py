@@ -377,7 +377,7 @@ class Runner:
         if result:
             for k in ("pp_samples", "tg_samples", "ttft_samples_ms", "load_ms", "peak_rss_bytes",
                       "n_gpu_layers_effective", "overrides_applied", "flash_attn_resolved", "depth_fill_ms",
-                      "depth_restore_ms"):
+                      "depth_restore_ms", "buffers"):
                 if k in result and not (killed_for and k in SAMPLES):  # a stopped trial measured nothing
                     setattr(rec, k, result[k])
         if rec.peak_rss_bytes is None:

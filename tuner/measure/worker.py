@@ -21,6 +21,7 @@ import time
 import gguf
 import numpy as np
 
+from tuner.measure import buffers
 from tuner.quality.evaluate import run_job
 from tuner.record import TrialConfig, oom_line, parse_tensor_split
 from tuner.units import physical_cores
@@ -84,6 +85,8 @@ class Worker:
         self.load_ms = None
         self.n_layer = None
         self.applied: list[str] = []
+        self.model_buffers: dict[str, dict[str, int]] = {}
+        self.rpc = ""  # the RPC servers this process registered (llama.cpp cannot forget them)
         self.timing = {"depth_fill_ms": [], "depth_restore_ms": []}
 
     def emit(self, event: str, **data) -> None:
@@ -108,6 +111,14 @@ class Worker:
             time.sleep(10**6)
         if fault == "slow_load":  # a load that takes a while (a big model from disk), then succeeds
             time.sleep(float(os.environ.get("TUNER_SLOW_LOAD_S", "2")))
+        if cfg.rpc != self.rpc:
+            if self.rpc:  # registration is permanent: this process would still place layers on the old servers
+                raise TrialFailure("error", f"this worker registered RPC servers {self.rpc}, the trial asks {cfg.rpc}")
+            try:
+                self.glue.rpc_add_servers(cfg.rpc.split(","))  # an unreachable server aborts: a failed trial
+            except RuntimeError as e:
+                raise TrialFailure("load_error", str(e)) from None
+            self.rpc = cfg.rpc
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = cfg.n_gpu_layers
         mp.split_mode = SPLIT_MODE[cfg.split_mode]
@@ -140,6 +151,7 @@ class Worker:
         self.load_ms = (t1 - t0) / 1e6
         self.n_layer = L.llama_model_n_layer(model)
         self.applied = parse_overrides(self.log.lines[mark:])
+        self.model_buffers = buffers.per_device(buffers.parse_log("".join(self.log.lines[mark:])))
 
     # -- a filled context, once -------------------------------------------------------------------
     def depth_save(self, ctx, key: tuple) -> None:
@@ -210,9 +222,14 @@ class Worker:
         result: dict = {"pp_samples": [], "tg_samples": [], "ttft_samples_ms": []}
         self.timing = {"depth_fill_ms": [], "depth_restore_ms": []}
         fa = None
+        bufs = {k: dict(v) for k, v in self.model_buffers.items()}
         for n_ctx, pp, tg in phases:
+            mark = len(self.log.lines)
             ctx, resolved = self.context(cfg, n_ctx, fault)
             fa = fa or resolved
+            for buft, kinds in buffers.per_device(buffers.parse_log("".join(self.log.lines[mark:]))).items():
+                for kind, n in kinds.items():  # the larger context of a split pp/tg test
+                    bufs.setdefault(buft, {})[kind] = max(n, bufs.get(buft, {}).get(kind, 0))
             pools = self.glue.Threadpools(ctx, *self.threads(cfg))
             try:
                 for k, v in self.measure(ctx, cfg, fault, do_pp=pp, do_tg=tg).items():
@@ -221,8 +238,10 @@ class Worker:
                 pools.free()
                 L.llama_free(ctx)
         result.update(load_ms=self.load_ms, flash_attn_resolved=fa, model_n_layer=self.n_layer, overrides_applied=self.applied,
-                      n_gpu_layers_effective=effective_gpu_layers(cfg.n_gpu_layers, self.n_layer,
-                                                                  bool(L.llama_supports_gpu_offload())),
+                      n_gpu_layers_effective=effective_gpu_layers(
+                          cfg.n_gpu_layers, self.n_layer,
+                          any(d["type"] in self.glue.OFFLOAD_TYPES for d in self.glue.devices())),
+                      buffers=bufs,
                       peak_rss_bytes=(status_kib("VmHWM") or 0) * 1024,
                       depth_fill_ms=sum(self.timing["depth_fill_ms"]) if self.timing["depth_fill_ms"] else None,
                       depth_restore_ms=(float(np.median(self.timing["depth_restore_ms"]))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from tuner.measure.buffers import parse_log
 from tuner.measure.worker import FLASH_ATTN, ggml_type, set_pdeathsig, status_kib
 
 MiB = 1 << 20
@@ -379,39 +379,6 @@ class Job:
 
     def load_key(self) -> tuple:
         return self.model, self.mode, self.n_gpu_layers, self.n_cpu_moe
-
-
-_MIB = r"([\d.]+) MiB"
-LOG_PATTERNS = {
-    "model": re.compile(rf"load_tensors:\s+(\S+) model buffer size =\s+{_MIB}"),
-    "kv": re.compile(rf"llama_kv_cache:\s+(\S+) KV buffer size =\s+{_MIB}"),
-    "rs": re.compile(rf"llama_memory_recurrent:\s+(\S+) RS buffer size =\s+{_MIB}"),
-    "output": re.compile(rf"llama_context:\s+(\S+)\s+output buffer size =\s+{_MIB}"),
-    "compute": re.compile(rf"sched_reserve:\s+(\S+) compute buffer size =\s+{_MIB}"),
-}
-KV_SIZE_RE = re.compile(r"llama_kv_cache: size =\s*[\d.]+ MiB \(\s*(\d+) cells,\s*(\d+) layers.*?K \((\w+)\):\s*"
-                        r"([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB")
-RS_SIZE_RE = re.compile(r"llama_memory_recurrent: size =\s*[\d.]+ MiB \(\s*(\d+) cells,\s*(\d+) layers.*?"
-                        r"R \(\w+\):\s*([\d.]+) MiB, S \(\w+\):\s*([\d.]+) MiB")
-
-
-def parse_log(text: str) -> dict:
-    """llama.cpp's own figures from its log: bytes per buffer kind and buffer type, plus the KV/RS breakdown.
-
-    Figures are logged in MiB with two decimals: each is exact to ±0.005 MiB.
-    """
-    out: dict = {k: {} for k in LOG_PATTERNS}
-    for kind, rx in LOG_PATTERNS.items():
-        for buft, mib in rx.findall(text):
-            out[kind][buft] = out[kind].get(buft, 0) + round(float(mib) * MiB)
-    out["kv_caches"] = [{"cells": int(c), "layers": int(n), "type_k": tk, "k": round(float(k) * MiB),
-                         "type_v": tv, "v": round(float(v) * MiB)}
-                        for c, n, tk, k, tv, v in KV_SIZE_RE.findall(text)]
-    out["rs_caches"] = [{"cells": int(c), "layers": int(n), "r": round(float(r) * MiB), "s": round(float(s) * MiB)}
-                        for c, n, r, s in RS_SIZE_RE.findall(text)]
-    out["kv_bytes"] = sum(c["k"] + c["v"] for c in out["kv_caches"])
-    out["rs_bytes"] = sum(c["r"] + c["s"] for c in out["rs_caches"])
-    return out
 
 
 def measure(jobs: list[Job], timeout: float = 300.0) -> list[dict]:

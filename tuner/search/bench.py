@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from tuner.errors import TunerError
-from tuner.measure import store
+from tuner.measure import rpc, store
 from tuner.measure.lock import measurement_lock
 from tuner.measure.runner import Runner, TrialInterrupted, resolve
 from tuner.model.meta import read_model
@@ -93,6 +93,8 @@ def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem
         except ValueError as e:
             raise BenchError(f"bad --tensor-split {given['tensor_split']!r}: {e}") from None
     cfg = resolve(TrialConfig(model=model, **given), info)
+    if cfg.rpc:  # checked here: llama.cpp aborts the worker that finds a server unreachable
+        rpc.check_reachable(rpc.parse_endpoints(cfg.rpc))
     if invalid_reason(cfg):
         raise BenchError(invalid_reason(cfg))
     out = store.check_writable(out)

@@ -298,15 +298,23 @@ def forms(cfg: TrialConfig, rec: TrialRecord | None = None) -> dict:
         argv += ["--cpu-moe"]
     if cfg.n_cpu_moe:
         argv += ["--n-cpu-moe", str(cfg.n_cpu_moe)]
+    if cfg.rpc:
+        argv += ["--rpc", cfg.rpc]  # llama-server's spelling: host:port,host:port
     modelfile = "\n".join([f"FROM {cfg.model}", f"PARAMETER num_gpu {cfg.n_gpu_layers}", f"PARAMETER num_ctx {ctx}",
                            f"PARAMETER num_thread {cfg.n_threads}", f"PARAMETER num_batch {cfg.n_batch}"])
     out = {"llama_cpp_python": kwargs, "llama_server": shlex.join(argv), "llama_server_argv": argv,
            "ollama_modelfile": modelfile, "tuner": cfg.to_dict(),
            "tuner_bench": shlex.join(["tuner", "bench", "--config", RECOMMENDED_FILE])}
+    notes = []
     if cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe:
-        out["notes"] = ["llama_cpp.Llama() has no tensor-override parameter: the expert placement "
-                        "(--n-cpu-moe / -ot) applies in llama-server and `tuner bench --config`; Ollama "
-                        "Modelfiles cannot express it either"]
+        notes.append("llama_cpp.Llama() has no tensor-override parameter: the expert placement "
+                     "(--n-cpu-moe / -ot) applies in llama-server and `tuner bench --config`; Ollama "
+                     "Modelfiles cannot express it either")
+    if cfg.rpc:
+        notes.append("llama_cpp.Llama() ignores RPC servers (llama-cpp-python 0.3.36 has no rpc_servers "
+                     "parameter): the RPC devices apply in llama-server --rpc and `tuner bench --config`")
+    if notes:
+        out["notes"] = notes
     return out
 
 

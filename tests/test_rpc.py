@@ -1,0 +1,164 @@
+"""llama.cpp's RPC backend as devices: real `tuner rpc-server` processes on 127.0.0.1, real trials over them.
+
+Each server is this machine's CPU served as a device of a given size (`--mem`): what it reports and what its
+buffers may take agree, so a model share that does not fit fails as on a too-small GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tuner.measure import rpc
+from tuner.measure.runner import Runner, resolve
+from tuner.record import TrialConfig
+
+TUNER = str(Path(sys.executable).with_name("tuner"))
+MiB = 1 << 20
+ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # client and servers on 2 cores: no spinning at barriers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `tuner rpc-server` process; stopped with SIGINT, as a user stops it."""
+
+    def __init__(self, mem: str | None, tmp: Path):
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.log = tmp / f"rpc-{self.port}.log"
+        args = [TUNER, "rpc-server", "--port", str(self.port), "-t", "1"] + (["--mem", mem] if mem else [])
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                rpc.check_reachable((self.endpoint,), timeout=1)
+                return
+            except rpc.RpcError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"rpc-server did not start: {self.log.read_text()}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def two_servers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rpc")
+    servers = [Server("64MiB", tmp), Server("64MiB", tmp)]
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def run(*args, timeout=300):
+    return subprocess.run([TUNER, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def test_endpoints_parse_as_llama_server_spells_them():
+    assert rpc.parse_endpoints("127.0.0.1:50052, 10.0.0.2:50053") == ("127.0.0.1:50052", "10.0.0.2:50053")
+    assert rpc.parse_endpoints("") == ()
+    for bad in ("127.0.0.1", "host:", ":50052", "h:99999", "h:1,h:1"):
+        with pytest.raises(rpc.RpcError):
+            rpc.parse_endpoints(bad)
+
+
+def test_hw_lists_each_server_as_a_device_of_its_size(two_servers):
+    res = run("hw", "--json", "--rpc", ",".join(s.endpoint for s in two_servers))
+    assert res.returncode == 0, res.stderr
+    devices = json.loads(res.stdout)["devices"]
+    remote = [d for d in devices if d["backend"] == "RPC"]
+    # llama.cpp's own list: each server a GPU-type device named by its endpoint, of the size it was given
+    assert [d["description"] for d in remote] == [s.endpoint for s in two_servers]
+    assert all(d["type"] == "gpu" and d["total"] == 64 * MiB for d in remote)
+    assert any(d["type"] == "cpu" for d in devices)
+
+
+def test_bench_splits_the_layers_over_two_servers(two_servers, models, tmp_path):
+    out = tmp_path / "b.parquet"
+    res = run("bench", str(models / "moe-q8_0.gguf"), "-ngl", "99", "-ts", "1/1", "-t", "1", "-p", "16", "-n", "4",
+              "-r", "1", "--rpc", ",".join(s.endpoint for s in two_servers), "-o", str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(res.stdout)
+    assert rec["outcome"] == "ok" and rec["config"]["rpc"] == ",".join(s.endpoint for s in two_servers)
+    # llama.cpp's own buffers, per device: both servers hold a share of the weights, a KV cache and compute
+    for s in two_servers:
+        (name,) = [b for b in rec["buffers"] if b.endswith(f"[{s.endpoint}]")]
+        assert rec["buffers"][name]["model"] > 0 and rec["buffers"][name]["kv"] > 0
+        assert rec["buffers"][name]["compute"] > 0
+    assert rec["n_gpu_layers_effective"] == rec["model_n_layer"] + 1
+
+
+def test_a_device_too_small_fails_the_trial_as_oom_and_the_server_goes_on(models, tmp_path):
+    small = Server("16MiB", tmp_path)  # the MoE's weights are ~83 MiB
+    try:
+        out = tmp_path / "b.parquet"
+        args = ["bench", str(models / "moe-q8_0.gguf"), "-t", "1", "-p", "16", "-n", "4", "-r", "1",
+                "--rpc", small.endpoint, "-o", str(out), "--json"]
+        res = run(*args, "-ngl", "99")
+        assert res.returncode == 1
+        rec = json.loads(res.stdout)
+        assert rec["outcome"] == "oom" and f"unable to allocate RPC0[{small.endpoint}] buffer" in rec["cause"]
+        assert "refused a buffer" in small.log.read_text()
+        assert small.proc.poll() is None  # still serving
+        res = run(*args, "-ngl", "1")  # one layer: fits the device
+        assert res.returncode == 0, res.stderr
+        rec = json.loads(res.stdout)
+        (name,) = [b for b in rec["buffers"] if b.startswith("RPC")]
+        assert 0 < rec["buffers"][name]["model"] < 16 * MiB
+    finally:
+        small.stop()
+
+
+def test_a_server_that_died_is_a_failed_trial_and_the_runner_goes_on(models, tmp_path):
+    gone = Server(None, tmp_path)
+    gone.stop()  # it was there when the search started; now nothing listens
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_threads=1, n_prompt=8, n_gen=2,
+                              repetitions=1, rpc=gone.endpoint))
+    with Runner(timeout=120) as r:
+        rec = r.run(cfg)
+        assert rec.outcome == "crash" and rec.signal == signal.SIGABRT
+        assert "failed to connect" in rec.cause.lower(), rec.cause
+        again = r.run(resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_threads=1, n_prompt=8, n_gen=2,
+                                          repetitions=1)))
+        assert again.ok
+
+
+def test_rpc_server_bad_input_is_one_line_and_exit_2(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        res = run("rpc-server", "--port", str(busy), timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("tuner: error: cannot serve on") and \
+        res.stderr.count("\n") == 1, res.stderr
+    res = run("rpc-server", "--port", str(free_port()), "--mem", "100TiB", timeout=60)
+    assert res.returncode == 2 and "more than this host's RAM" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_bench_refuses_a_malformed_or_unreachable_endpoint_before_anything_runs(models, tmp_path):
+    out = tmp_path / "b.parquet"
+    for endpoint, words in (("127.0.0.1", "expected HOST:PORT"), (f"127.0.0.1:{free_port()}", "no RPC server")):
+        res = run("bench", str(models / "tiny-q8_0.gguf"), "--rpc", endpoint, "-o", str(out), timeout=60)
+        assert res.returncode == 2 and words in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert not out.exists()

@@ -1,0 +1,79 @@
+"""llama.cpp's RPC backend: devices on other hosts (and on this one), added as llama-server's `--rpc` adds them.
+
+A server (`tuner rpc-server`, or llama.cpp's own `ggml-rpc-server`) exposes a host's device; the measuring host
+lists servers with `--rpc host:port,host:port`, and their devices join its GPUs: n_gpu_layers, tensor_split,
+the expert overrides and llama.cpp's buffer placement treat each as one. The protocol has no authentication:
+a server belongs on 127.0.0.1 or a private network, never an open one.
+
+Only a worker process registers servers (tuner.llama.rpc_add_servers): llama.cpp aborts the process that finds
+a server unreachable or loses one mid-run, and that must be a failed trial, not the end of the search. The
+parent checks each endpoint before anything runs (bad input: one line, exit 2).
+
+    from tuner.measure import rpc
+    rpc.parse_endpoints("127.0.0.1:50052,127.0.0.1:50053")   # ('127.0.0.1:50052', '127.0.0.1:50053')
+    rpc.check_reachable(("127.0.0.1:50052",))               # RpcError when nothing listens there
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from tuner.errors import TunerError
+
+DEFAULT_PORT = 50052  # ggml-rpc-server's
+ENV = "TUNER_RPC"  # the endpoints a worker registers at start (the Runner sets it)
+
+
+class RpcError(TunerError):
+    """An RPC endpoint that is malformed, unreachable, or a server that cannot start: one line."""
+
+
+def parse_endpoints(text: str | list | tuple | None) -> tuple[str, ...]:
+    """'host:port[,host:port...]' → a tuple of 'host:port' (llama-server's --rpc spelling); '' → ()."""
+    if not text:
+        return ()
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    out = []
+    for item in (str(x).strip() for x in items):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise RpcError(f"--rpc {item!r}: expected HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT})")
+        if item in out:
+            raise RpcError(f"--rpc {item}: listed twice")
+        out.append(item)
+    return tuple(out)
+
+
+def split(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(endpoints: tuple[str, ...], timeout: float = 3.0) -> None:
+    """Every server accepts a connection (checked by this process, which never talks the protocol: an
+    unreachable endpoint here is bad input, not an abort)."""
+    for endpoint in endpoints:
+        try:
+            with socket.create_connection(split(endpoint), timeout=timeout):
+                pass
+        except OSError as e:
+            raise RpcError(f"--rpc {endpoint}: no RPC server reachable there ({e.strerror or e})") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port_free(host: str, port: int) -> None:
+    """The port can be bound (a server started on a port in use would fail inside llama.cpp, after the load)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise RpcError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
