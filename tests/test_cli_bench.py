@@ -15,7 +15,7 @@ from tuner.cli import cli
 from tuner.measure import hardware, store
 from tuner.model.meta import read_model
 from tuner.record import TrialRecord
-from tuner.search import bench as benchlib
+from tuner.units import physical_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNER = Path(sys.executable).with_name("tuner")
@@ -64,7 +64,7 @@ def test_bench_table_row_and_summary(models, tmp_path):
 def test_default_threads_are_physical_cores(models, tmp_path):
     out = tmp_path / "r.parquet"
     assert invoke(models / "tiny-q8_0.gguf", "-p", "8", "-n", "1", "-r", "1", "-o", out).exit_code == 0
-    assert store.read(out).iloc[0]["n_threads"] == benchlib.physical_cores()
+    assert store.read(out).iloc[0]["n_threads"] == physical_cores()
 
 
 def test_json_record_then_rerun_from_it_as_config(models, tmp_path):

@@ -135,7 +135,7 @@ def test_hw_without_gpu_is_not_an_error(as_pynvml):
     assert lines["cores"].startswith(f"{psutil.cpu_count(logical=False) or os.cpu_count()} physical")
     assert "GiB total" in lines["RAM"]
     offload = hardware.build_info()["gpu_offload"]  # asked of llama.cpp in a child interpreter
-    assert lines["GPU offload"] == ("yes" if offload else "no (this llama-cpp-python build is CPU-only)")
+    assert lines["GPU offload"] == ("yes" if offload else "no (no GPU or RPC device to offload to)")
 
 
 def test_hw_json_without_gpu(as_pynvml):

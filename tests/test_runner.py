@@ -258,9 +258,8 @@ def test_parent_process_exits_normally_after_real_faults(models, tmp_path):
     code = textwrap.dedent(f"""
         import json, sys
         from tuner.measure import store
-        from tuner.search import bench
         from tuner.record import TrialConfig
-        from tuner.measure.runner import Runner
+        from tuner.measure.runner import Runner, resolve
         cfg = resolve(TrialConfig(model={str(models / "tiny-q8_0.gguf")!r}, n_prompt=8, n_gen=2,
                                         repetitions=1, n_threads=1))
         with Runner(timeout=60) as r:
