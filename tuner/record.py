@@ -301,6 +301,7 @@ class TrialRecord:
     def from_row(cls, row: dict[str, Any]) -> "TrialRecord":
         cfg_names = {f.name for f in fields(TrialConfig)}
         rec_names = {f.name for f in fields(cls)} - {"config"}
+        dict_fields = {f.name for f in fields(cls) if str(f.type).startswith("dict")}
         cfg = {k: _plain(row[k]) for k in cfg_names if k in row and not _missing(row[k])}
         if "overrides" in cfg:
             cfg["overrides"] = tuple(cfg["overrides"])
@@ -309,7 +310,7 @@ class TrialRecord:
             if k not in row or _missing(row[k]):
                 continue
             v = _plain(row[k])
-            if k in ("hw", "build") and isinstance(v, str):
+            if k in dict_fields and isinstance(v, str):  # to_row wrote dicts as JSON
                 v = json.loads(v) if v else {}
             rec[k] = v
         return cls(config=TrialConfig(**cfg), **rec)
