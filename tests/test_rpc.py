@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tuner.measure import rpc
+from tuner.measure import rpc, store
 from tuner.measure.runner import Runner, resolve
 from tuner.record import TrialConfig
 
@@ -162,3 +162,37 @@ def test_bench_refuses_a_malformed_or_unreachable_endpoint_before_anything_runs(
         res = run("bench", str(models / "tiny-q8_0.gguf"), "--rpc", endpoint, "-o", str(out), timeout=60)
         assert res.returncode == 2 and words in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert not out.exists()
+
+
+def test_a_search_over_two_small_servers_lands_in_the_hybrid_region(models, tmp_path):
+    # two 40 MiB devices: the MoE's dense weights, KV cache and buffers fit, its 76.5 MiB of experts do not
+    servers = [Server("40MiB", tmp_path), Server("40MiB", tmp_path)]
+    try:
+        rpc_arg = ",".join(s.endpoint for s in servers)
+        common = ["search", "-m", str(models / "moe-q8_0.gguf"), "--rpc", rpc_arg, "-p", "16", "-n", "4", "-r", "1",
+                  "--headroom", "2MiB", "-c", "512", "-ub", "512", "-fa", "on", "-t", "1", "-tb", "1",
+                  "--results", str(tmp_path)]
+        res = run(*common, "--dry-run", "--json")
+        assert res.returncode == 0, res.stderr
+        plan = json.loads(res.stdout)
+        dims = plan["dimensions"]
+        n_all = 7  # 6 blocks + the output layer
+        assert dims["n_gpu_layers"] == [n_all] and min(dims["n_cpu_moe"]) >= 1, dims
+        assert [g["vram_total"] for g in plan["rig"]["gpus"]] == [40 * MiB, 40 * MiB]
+
+        res = run(*common, "--study", "rig", "--n-trials", "6", "--no-confirm", timeout=600)
+        assert res.returncode == 0, res.stderr
+        rec = json.loads((tmp_path / "rig" / "recommended.json").read_text())
+        assert rec["config"]["n_gpu_layers"] == n_all and rec["config"]["n_cpu_moe"] >= 1
+        assert f"--rpc {rpc_arg}" in rec["forms"]["llama_server"]
+        recs = store.records(tmp_path / "rig")
+        defaults = [r for r in recs if r.baseline == "llama.cpp defaults"]
+        # all layers and every expert on 2 x 40 MiB: the device runs out, a failed trial with llama.cpp's cause
+        assert defaults and defaults[0].outcome == "oom" and "RPC0[" in defaults[0].cause
+        for r in recs:
+            if r.ok:  # what llama.cpp allocated on each device stayed within the device
+                on_rpc = {k: sum(v.values()) for k, v in r.buffers.items() if k.startswith("RPC")}
+                assert on_rpc and all(n <= 40 * MiB for n in on_rpc.values()), on_rpc
+    finally:
+        for s in servers:
+            s.stop()

@@ -37,11 +37,24 @@ OOM_MARKERS = ("out of memory", "failed to allocate", "insufficient memory", "cu
 
 
 def oom_line(text: str) -> str | None:
-    """The last log line that says memory ran out, if any."""
-    for ln in reversed(text.splitlines()):
-        if any(m in ln.lower() for m in OOM_MARKERS):
-            return ln.strip()[:300]
+    """The last log line that says memory ran out, if any; when it does not say on which device (llama.cpp's
+    "failed to allocate compute pp buffers"), the buffer an earlier line names is added: on a rig of several
+    devices, which one ran out decides what to try next."""
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if any(m in lines[i].lower() for m in OOM_MARKERS):
+            line = lines[i].strip()[:300]
+            if not BUFFER_OF_SIZE.search(line) and " buffer" not in line.replace("buffers", ""):
+                for prev in reversed(lines[max(0, i - 20):i]):
+                    if m := BUFFER_OF_SIZE.search(prev):
+                        return f"{line} ({m.group(1)}: {m.group(2)} bytes)"
+            return line
     return None
+
+
+# llama.cpp's allocator naming the buffer type it could not fill: "failed to allocate RPC0[127.0.0.1:50052]
+# buffer of size 8388608", "... CUDA0 buffer of size ..."
+BUFFER_OF_SIZE = re.compile(r"allocate (\S+) buffer of size (\d+)")
 SPLIT_MODES = ("none", "layer", "row")
 
 
@@ -301,6 +314,7 @@ class TrialRecord:
     def from_row(cls, row: dict[str, Any]) -> "TrialRecord":
         cfg_names = {f.name for f in fields(TrialConfig)}
         rec_names = {f.name for f in fields(cls)} - {"config"}
+        dict_fields = {f.name for f in fields(cls) if str(f.type).startswith("dict")}
         cfg = {k: _plain(row[k]) for k in cfg_names if k in row and not _missing(row[k])}
         if "overrides" in cfg:
             cfg["overrides"] = tuple(cfg["overrides"])
@@ -309,7 +323,7 @@ class TrialRecord:
             if k not in row or _missing(row[k]):
                 continue
             v = _plain(row[k])
-            if k in ("hw", "build") and isinstance(v, str):
+            if k in dict_fields and isinstance(v, str):  # to_row wrote dicts as JSON
                 v = json.loads(v) if v else {}
             rec[k] = v
         return cls(config=TrialConfig(**cfg), **rec)

@@ -16,6 +16,7 @@ from tuner.cli.options import (
     SIZES,
     config_option,
     quality_params,
+    rpc_option,
     run_params,
     shape_params,
     space_params,
@@ -91,6 +92,7 @@ from tuner.search.run import run_search
 @click.option("--gpus", type=SIZES, default=None, help="with --dry-run: plan for these GPUs instead of this "
               "machine's, e.g. 24GiB or 24GiB,24GiB (a GPU build is assumed)")
 @click.option("--ram", "ram", type=SIZE, default=None, help="with --dry-run: plan for this much host RAM")
+@rpc_option
 def search(config, models, as_json, no_confirm, text, **params):
     """Search for the fastest config that fits: an Optuna study, every trial crash-isolated.
 

@@ -529,7 +529,8 @@ def buffers(cfg: TrialConfig, info: ModelInfo) -> dict:
 
 
 def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
-            gpu_offload: bool = False, free: list[int] | None = None) -> Prediction:
+            gpu_offload: bool = False, free: list[int] | None = None,
+            device_baselines: list[int] | None = None) -> Prediction:
     """Peak host RAM and VRAM of one trial of `cfg` on `info`'s model, and what of it must stay resident.
 
     Host memory is split the way the kernel sees it: anonymous memory that cannot be reclaimed without swap
@@ -541,6 +542,8 @@ def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
     `layer_devices`); VRAM is predicted per device (`vram_by_device`), each device holding layers with its own
     CUDA context and compute buffer (an upper bound: llama.cpp sizes each device's buffer by its part of the
     graph). split_mode row spreads the matrices of offloaded layers over the GPUs by the split, rows-wise.
+    `device_baselines`: each device's fixed cost besides its buffers (default: the calibrated CUDA context for
+    every device; 0 for an RPC device, whose memory holds llama.cpp's buffers only).
     """
     calib = calib or Calibration()
     note = unmodelled_note(info)
@@ -607,14 +610,16 @@ def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
     resident = calib.baseline_ram + anon_weights + kv_host + c_host + out
     ram = resident + file_pages
     used = {d for d in devs if d >= 0} | {i for i, w in enumerate(w_dev) if w}
-    by_dev = [(calib.baseline_vram + w_dev[i] + kv_dev[i] + c_gpu) if (gpu_offload and ngl and i in used) else 0
+    base = [device_baselines[i] if device_baselines and i < len(device_baselines) else calib.baseline_vram
+            for i in range(n_dev)]
+    by_dev = [(base[i] + w_dev[i] + kv_dev[i] + c_gpu) if (gpu_offload and ngl and i in used) else 0
               for i in range(n_dev)]
     vram, w_gpu, kv_gpu = sum(by_dev), sum(w_dev), sum(kv_dev)
     c_gpu = c_gpu * len(used) if vram else 0  # one compute buffer per device that holds layers
     return Prediction(ram_bytes=int(ram), vram_bytes=int(vram), weights_host=file_pages + anon_weights,
                       weights_gpu=w_gpu, kv_bytes=kv_host + kv_gpu, compute_bytes=c_host + c_gpu, kv_host=kv_host,
                       kv_gpu=kv_gpu, compute_host=c_host, compute_gpu=c_gpu, baseline_ram=calib.baseline_ram,
-                      baseline_vram=calib.baseline_vram * len(used) if vram else 0, repack_bytes=repack,
+                      baseline_vram=sum(base[i] for i in used) if vram else 0, repack_bytes=repack,
                       reclaimable_bytes=file_pages,
                       weights_total=sum(t.n_bytes for t in info.tensors), n_gpu_layers=ngl,
                       resident_bytes=int(resident), file_bytes=file_pages, compute_reserved=c_host_reserved,

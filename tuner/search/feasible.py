@@ -44,6 +44,8 @@ class Rig:
     gpu_free: list[int] = field(default_factory=list)  # what llama.cpp's default split divides by
     gpu_offload: bool = False
     described: bool = False  # from --gpus (a dry run), not NVML
+    devices: list[str] = field(default_factory=list)  # each GPU's name as llama.cpp logs its buffers, if known
+    baselines: list[int] | None = None  # each GPU's fixed cost besides buffers (None: the calibrated CUDA context)
 
     @property
     def n_gpus(self) -> int:
@@ -60,7 +62,8 @@ class Rig:
 
     def describe(self) -> dict:
         return {"ram_usable": int(self.ram_cap), "described": self.described, "gpu_offload": self.gpu_offload,
-                "gpus": [{"index": i, "vram_total": t, "vram_usable": int(c), "vram_free": f}
+                "gpus": [{"index": i, "vram_total": t, "vram_usable": int(c), "vram_free": f,
+                          **({"device": self.devices[i]} if i < len(self.devices) else {})}
                          for i, (t, c, f) in enumerate(zip(self.gpu_totals, self.vram_caps, self.gpu_free))]}
 
 
@@ -83,11 +86,18 @@ def caps(hw, limits) -> tuple[float, float | None]:
     return ram, (sum(device_caps(totals, limits)) if totals else None)
 
 
-def rig_from_hardware(hw, limits, gpu_offload: bool) -> Rig:
-    """The rig as probed: NVML's GPUs (free memory for llama.cpp's default split)."""
-    totals = [g.vram_total for g in hw.gpus]
+def rig_from_hardware(hw, limits, gpu_offload: bool, remote: list[dict] | None = None) -> Rig:
+    """The rig as probed: the RPC servers' devices (llama.cpp's own list, tuner.measure.hardware.llama_devices)
+    first, as llama.cpp orders them ("RPC servers at the front of the list"), then NVML's GPUs; free memory for
+    llama.cpp's default split."""
+    remote = remote or []
+    totals = [d["total"] for d in remote] + [g.vram_total for g in hw.gpus]
+    free = [d["free"] for d in remote] + [g.vram_free or g.vram_total for g in hw.gpus]
     return Rig(ram_cap=caps(hw, limits)[0], gpu_totals=totals, vram_caps=device_caps(totals, limits),
-               gpu_free=[g.vram_free or g.vram_total for g in hw.gpus], gpu_offload=gpu_offload)
+               gpu_free=free, gpu_offload=gpu_offload, devices=[d["name"] + f"[{d['description']}]" for d in remote]
+               + [f"GPU{g.index}" for g in hw.gpus],
+               # an RPC device's memory holds llama.cpp's buffers only (no CUDA context on this side)
+               baselines=[0] * len(remote) + [planner.DEFAULT_BASELINE_VRAM] * len(hw.gpus) if remote else None)
 
 
 def described_rig(gpus: list[int], ram: int | None, hw, limits) -> Rig:
@@ -113,7 +123,7 @@ def judge(pred: planner.Prediction, rig: Rig) -> tuple[bool, str]:
 
 
 def predict(cfg: TrialConfig, info: ModelInfo, rig: Rig, calib=None) -> planner.Prediction:
-    return planner.predict(cfg, info, calib, rig.gpu_offload, free=rig.free)
+    return planner.predict(cfg, info, calib, rig.gpu_offload, free=rig.free, device_baselines=rig.baselines)
 
 
 def lenient_configs(space: Space, model: str, fixed: dict) -> list[TrialConfig]:

@@ -90,6 +90,8 @@ class SearchOptions:
     # a fleet: several hosts on one shared storage
     allow_mixed: bool = False  # hosts of another hw/build fingerprint join as a separate group
     heartbeat_s: int = 10  # a host silent for GRACE_FACTOR x this long is dead; its trial is run again
+    # llama.cpp RPC servers whose devices join this host's GPUs (llama-server --rpc): "host:port,host:port"
+    rpc: str | None = None
     # a dry run: the space and the planner's verdicts, nothing measured; `gpus`/`ram` describe another rig
     dry_run: bool = False
     gpus: list[int] | None = None

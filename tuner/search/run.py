@@ -19,6 +19,7 @@ from typing import Callable
 
 from tuner.errors import TunerError
 from tuner.measure import hardware, store
+from tuner.measure import rpc as rpclib
 from tuner.measure.lock import measurement_lock
 from tuner.measure.runner import Runner, TrialInterrupted
 from tuner.model.meta import read_model
@@ -129,7 +130,11 @@ def run_search(models=(), options: SearchOptions | None = None, *, on_trial: Cal
     infos = {m: read_model(m) for m in models}
     hwinfo = hardware.probe()
     build = hardware.build_info()
-    base = TrialConfig(model=models[0], n_threads=hwinfo.cores_physical, n_threads_batch=0, **opts.shape)
+    endpoints = rpclib.parse_endpoints(opts.rpc)
+    rpclib.check_reachable(endpoints)  # llama.cpp would abort the worker: bad input, before anything runs
+    remote = [d for d in hardware.llama_devices(endpoints) if d["backend"] == "RPC"] if endpoints else []
+    base = TrialConfig(model=models[0], n_threads=hwinfo.cores_physical, n_threads_batch=0, rpc=",".join(endpoints),
+                       **opts.shape)
     check_limits(hwinfo, opts.max_ram, opts.max_vram, limits.headroom)
     needs = {"tg": base.n_gen, "pp": base.n_prompt, "ttft": base.n_prompt, "mixed": base.n_prompt + base.n_gen}
     objective = "tg" if opts.pareto else opts.objective
@@ -144,9 +149,10 @@ def run_search(models=(), options: SearchOptions | None = None, *, on_trial: Cal
     if not opts.dry_run and (opts.gpus or opts.ram):
         raise SearchError(f"{'--gpus' if opts.gpus else '--ram'} describes a rig to plan for: it needs --dry-run (a "
                           "real run measures the machine it runs on, with the GPUs NVML reports)")
-    gpu_offload = bool(build.get("gpu_offload")) or bool(opts.gpus)  # a described GPU rig assumes a GPU build
+    # a described GPU rig assumes a GPU build; RPC servers' devices are GPUs to llama.cpp
+    gpu_offload = bool(build.get("gpu_offload")) or bool(opts.gpus) or bool(remote)
     rig = (fitlib.described_rig(opts.gpus, opts.ram, hwinfo, limits) if opts.gpus
-           else fitlib.rig_from_hardware(hwinfo, limits, gpu_offload))
+           else fitlib.rig_from_hardware(hwinfo, limits, gpu_offload, remote))
     space = spacelib.build_space(models, infos, opts.specs, base, gpu_offload, hwinfo.cores_physical,
                                  hwinfo.cores_logical, objective=objective, auto=opts.auto_space,
                                  ram_total=hwinfo.ram_total)
