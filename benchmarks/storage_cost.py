@@ -68,15 +68,13 @@ def make_search(url: str, folder: Path, model: str, rec):
 
 def one_trial(srch, real) -> dict:
     """The host's per-trial path from tuner.search.loop.Search.search_loop/run_one, without the measurement."""
-    from tuner.search import confirm as confirmlib
-
     t0 = time.perf_counter()
     srch.budget_left()
     t1 = time.perf_counter()
     trial = srch.study.ask()
     cfg = srch._suggest(trial)
     srch.backend.record_heartbeat(trial._trial_id)
-    key = confirmlib.config_key(cfg)
+    key = cfg.key()
     first = srch._claim(key, trial.number)
     t2 = time.perf_counter()
     if first is not None:
