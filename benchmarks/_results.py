@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from tuner import files  # noqa: E402
+
 
 def _git(*args: str) -> str:
     try:
@@ -104,9 +106,7 @@ def save(name: str, result: dict, out: str | Path = RESULTS, echo: bool = True, 
     path = Path(path) if path else Path(out) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     result = {**result, "provenance": result.get("provenance") or provenance()}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    tmp.replace(path)
+    files.write_atomic(path, json.dumps(result, indent=1, default=str) + "\n", chmod=files.default_mode())
     if echo:
         print(json.dumps(result, indent=2, default=str))
     print(f"wrote {path}", file=sys.stderr)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import save  # noqa: E402
 
+from tuner import files  # noqa: E402
 from tuner.measure.lock import measurement_lock  # noqa: E402
 
 KLD_TOL = 0.05  # relative
@@ -90,8 +91,8 @@ def gemma_case(quants: list[str]) -> dict:
         dst = MODEL_CACHE / "quality" / f"gemma-3-270m-{q}.gguf"
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            quantize(ref, dst.with_suffix(".gguf.part"), quant_ftypes()[q], allow_requantize=True)
-            os.replace(dst.with_suffix(".gguf.part"), dst)
+            with files.atomic_path(dst, tmp=dst.with_suffix(".gguf.part")) as part:
+                quantize(ref, part, quant_ftypes()[q], allow_requantize=True)
         out.append(str(dst))
     return {"name": "gemma", "reference": str(ref), "quants": out}
 

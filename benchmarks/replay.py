@@ -120,13 +120,13 @@ def measure(name: str, rounds: int, out=None, log=print) -> Path:
     from tuner.measure import pagecache
     from tuner.measure.lock import measurement_lock
     from tuner.measure.runner import Runner
-    from tuner.search.confirm import config_key, run_order
+    from tuner.search.confirm import run_order
 
     grid = GRIDS[name]
     models = grid_models(grid)
     space, infos, hw = build(models, grid["specs"], grid["shape"])
     cfgs = grid_configs(space, infos)
-    table = {config_key(c): {"config": c.to_dict(), "trials": []} for c in cfgs}
+    table = {c.key(): {"config": c.to_dict(), "trials": []} for c in cfgs}
     log(f"{name}: {len(cfgs)} configs x {rounds} rounds")
     t0 = time.monotonic()
     with measurement_lock(wait=True, what="benchmarks/replay.py measure"), Runner(timeout=300, reuse=False) as runner:
@@ -135,7 +135,7 @@ def measure(name: str, rounds: int, out=None, log=print) -> Path:
                 if grid.get("cold"):  # as a model bigger than RAM loads: from the disk, every time
                     pagecache.evict(infos[cfg.model].shards)
                 r = runner.run(cfg)
-                table[config_key(cfg)]["trials"].append(
+                table[cfg.key()]["trials"].append(
                     {"round": rnd, "outcome": r.outcome, "cause": r.cause[:200], "tg": r.tg_samples,
                      "pp": r.pp_samples, "ttft_ms": r.ttft_samples_ms, "load_ms": r.load_ms, "wall_s": r.wall_s,
                      "peak_rss_bytes": r.peak_rss_bytes, "page_cache_pct": r.page_cache_pct,
@@ -180,12 +180,12 @@ class Table:
 
     def grid_once_s(self) -> float:
         """Measuring every config once, in the order that reloads least: the reference cost of the grid."""
-        from tuner.search.confirm import config_key, run_order
+        from tuner.search.confirm import run_order
 
         cfgs = [e.config for e in self.entries.values()]
         total, last = 0.0, None
         for c in run_order(cfgs, 0):
-            e = self.entries[config_key(c)]
+            e = self.entries[c.key()]
             total += e.cost_s + (e.load_s if c.load_key() != last else 0.0)
             last = c.load_key()
         return total
@@ -217,7 +217,6 @@ def local_models(doc: dict) -> tuple[list[str], list[str]]:
 def load_table(path: str | Path, grid: str | None = None) -> Table:
     """A measured table, checked against the space the replay searches (its own recipe, or GRIDS[grid])."""
     from tuner import stats
-    from tuner.search.confirm import config_key
 
     try:
         doc = json.loads(Path(path).read_text())
@@ -236,10 +235,10 @@ def load_table(path: str | Path, grid: str | None = None) -> Table:
     for c in doc["configs"]:
         d = dict(c["config"], model=by_model.get(c["config"]["model"], c["config"]["model"]))
         cfg = TrialConfig.from_dict({**d, "overrides": tuple(d.get("overrides", ()))})
-        recorded[config_key(cfg)] = (cfg, c["trials"])
+        recorded[cfg.key()] = (cfg, c["trials"])
     table = Table(str(path), doc, space, infos, hw, alike=alike)
     for cfg in grid_configs(space, infos):
-        k = config_key(cfg)
+        k = cfg.key()
         if k not in recorded:
             what = ", ".join(f"{n}={getattr(cfg, n)}" for n in space.varying())
             raise ReplayError(f"{path} was measured on another space: it has no trial of {what} "
@@ -306,9 +305,8 @@ class ReplayRunner:
 
     def run(self, cfg: TrialConfig) -> TrialRecord:
         from tuner.measure.runner import new_record
-        from tuner.search.confirm import config_key
 
-        k = config_key(cfg)
+        k = cfg.key()
         e = self.table.entries[k]
         left = [i for i in range(len(e.trials)) if i not in self.drawn.get(k, [])] or list(range(len(e.trials)))
         paired = [] if self.confirm_round is None else [
@@ -368,7 +366,6 @@ def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=Non
     """One seed of the real search on the table: its recommendation, true objective and wall time (clock).
     `on_search(search, runner, clock)` is called when it is done (tests look inside)."""
     from tuner.search import confirm
-    from tuner.search.confirm import config_key
     from tuner.search.loop import Search
     from tuner.search.options import SearchOptions
 
@@ -393,7 +390,7 @@ def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=Non
     key = None
     if rec is not None:
         cfg = TrialConfig.from_dict({**rec["config"], "overrides": tuple(rec["config"].get("overrides", ()))})
-        key = config_key(cfg)
+        key = cfg.key()
     truth = table.truth(key) if key else None
     defaults = next((r for r in srch.records if r.baseline == "llama.cpp defaults"), None)
     return {"seed": seed, "trial_number": rec and rec["trial_number"], "true": truth,
@@ -401,7 +398,7 @@ def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=Non
             "confirm_runs": confirm_runs, "search_trials": sum(1 for r in srch.records if r.searched),
             "runs": runner.runs, "loads": runner.loads,
             "verdict": (rec or {}).get("confirmation", {}).get("verdict"),
-            "defaults_true": table.truth(config_key(defaults.config)) if defaults else None}
+            "defaults_true": table.truth(defaults.config.key()) if defaults else None}
 
 
 def resolution(table: Table, boots: int = 1000, seed: int = 0) -> dict:
@@ -450,7 +447,6 @@ def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
     (truth from the table) and wall time against what the replay predicts for the same settings."""
     from search_regret import study_wall  # first trial started to last run finished: not the wait for the lock
 
-    from tuner.search.confirm import config_key
     from tuner.search.run import run_search
 
     recipe = table.doc["recipe"]
@@ -465,7 +461,7 @@ def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
             wall = study_wall(res.study_dir)
             rec = res.recommendation
             cfg = TrialConfig.from_dict({**rec["config"], "overrides": tuple(rec["config"].get("overrides", ()))})
-            truth = table.truth(config_key(cfg))
+            truth = table.truth(cfg.key())
             runs.append({"seed": seed, "wall_s": wall, "true": truth, "share_of_best": (truth or 0) / table.best,
                          "verdict": rec["confirmation"].get("verdict"),
                          "confirm_runs": rec["trials"]["confirmation_runs"]})

@@ -37,7 +37,7 @@ from _results import save  # noqa: E402
 from tuner.measure import hardware, store  # noqa: E402
 from tuner.model.synth import synthesize  # noqa: E402
 from tuner.record import TrialConfig, TrialRecord  # noqa: E402
-from tuner.search.confirm import config_key, objective_samples  # noqa: E402
+from tuner.search.confirm import objective_samples  # noqa: E402
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
 # 2 × 2 × 3 × 2 × 2 = 48 configs: the default space's dimensions on this CPU build plus the K cache type
@@ -110,7 +110,7 @@ def main() -> int:
     grid = [r for r in store.records(work / "grid") if r.searched]
     n_grid = len(grid)
     budget = max(1, int(n_grid * a.share))
-    measured = {config_key(r.config): r for r in grid if r.ok}
+    measured = {r.config.key(): r for r in grid if r.ok}
     print(f"grid: {n_grid} configs, {len(measured)} ok, {grid_wall:.0f} s; budget {budget} trials", file=sys.stderr)
 
     runs = []
@@ -129,17 +129,17 @@ def main() -> int:
             print(f"{study}: {wall:.0f} s, #{rec['trial_number']} {rec['confirmation'].get('verdict')}", file=sys.stderr)
     base_recs = [r for r in store.records(work / "tpe-0") if r.baseline in ("llama.cpp defaults", "heuristic")
                  and r.searched and r.ok]
-    baseline_cfg = max(base_recs, key=lambda r: measured.get(config_key(r.config), r).objective("tg") or 0).config \
+    baseline_cfg = max(base_recs, key=lambda r: measured.get(r.config.key(), r).objective("tg") or 0).config \
         if base_recs else None
 
     # the truth: grid's best by the objective, every recommendation, the baselines; interleaved rounds
     top = sorted(measured.values(), key=lambda r: -(value(r) or 0))[:a.top]
-    truth_cfgs = {config_key(r.config): r.config for r in top}
+    truth_cfgs = {r.config.key(): r.config for r in top}
     for run in runs:
         cfg = TrialConfig.from_dict({**run["config"], "overrides": tuple(run["config"].get("overrides", ()))})
-        truth_cfgs.setdefault(config_key(cfg), cfg)
+        truth_cfgs.setdefault(cfg.key(), cfg)
     for r in base_recs:
-        truth_cfgs.setdefault(config_key(r.config), r.config)
+        truth_cfgs.setdefault(r.config.key(), r.config)
     keys = list(truth_cfgs)
     samples: dict[tuple, list[dict]] = {k: [] for k in keys}
     reps = int(SHAPE[SHAPE.index("-r") + 1])
@@ -162,13 +162,13 @@ def main() -> int:
         vals = [s[what] / by_round[s["round"]] for s in samples[k] if s[what] and by_round.get(s["round"])]
         return statistics.median(vals) if vals else None
 
-    base_key = config_key(baseline_cfg) if baseline_cfg is not None else None
+    base_key = baseline_cfg.key() if baseline_cfg is not None else None
 
     best_obj = max(true(k, "objective") or 0 for k in keys)
     best_tg = max(true(k, "tg") or 0 for k in keys)
     for run in runs:
         cfg = TrialConfig.from_dict({**run["config"], "overrides": tuple(run["config"].get("overrides", ()))})
-        k = config_key(cfg)
+        k = cfg.key()
         run["true_objective"], run["true_tg"] = true(k, "objective"), true(k, "tg")
         run["objective_share_of_best"] = run["true_objective"] / best_obj if run["true_objective"] else 0.0
         run["tg_share_of_best"] = run["true_tg"] / best_tg if run["true_tg"] else 0.0
@@ -202,7 +202,7 @@ def main() -> int:
                                                    and abs(r["reported_vs_true_ratio"] - 1) <= 0.03 for r in rs),
         }
     if baseline_cfg is not None:
-        k = config_key(baseline_cfg)
+        k = baseline_cfg.key()
         summary["baselines"] = {"config": baseline_cfg.to_dict(), "true_objective": true(k, "objective"),
                                 "objective_share_of_best": (true(k, "objective") or 0) / best_obj,
                                 "tg_share_of_best": (true(k, "tg") or 0) / best_tg}

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import model_facts, save  # noqa: E402
 
+from tuner import files  # noqa: E402
 from tuner.model.meta import read_model  # noqa: E402
 from tuner.plan import probe, speed  # noqa: E402
 
@@ -57,9 +58,8 @@ def pairs() -> list[dict]:
     for q in GEMMA_QUANTS:
         p = folder / f"gemma-3-270m-{q}.gguf"
         if not p.exists():
-            part = p.with_suffix(".gguf.part")
-            quantize(src, part, ftypes[q], allow_requantize=True)
-            os.replace(part, p)
+            with files.atomic_path(p, tmp=p.with_suffix(".gguf.part")) as part:
+                quantize(src, part, ftypes[q], allow_requantize=True)
         out.append({"family": "gemma3-270m", "quant": q, "path": str(p)})
     for fam, (preset, sizes, quants) in SYNTH.items():
         for q, p in zip(quants, synth.synthesize(folder / fam, preset, quants, **sizes)):

@@ -70,7 +70,6 @@ def make_search(url: str, folder: Path, model: str, rec):
 def one_trial(srch, real) -> dict:
     """The host's per-trial path from tuner.search.loop.Search.search_loop/run_one, without the measurement (and
     without the heartbeat's thread: one heartbeat is recorded, as the thread's first beat does)."""
-    from tuner.search import confirm as confirmlib
 
     t0 = time.perf_counter()
     srch.budget_left()
@@ -78,7 +77,7 @@ def one_trial(srch, real) -> dict:
     trial = srch.study.ask()
     cfg = srch._suggest(trial)
     srch.ledger.backend.record_heartbeat(trial._trial_id)
-    key = confirmlib.config_key(cfg)
+    key = cfg.key()
     first = srch.ledger.claim(key, trial.number, srch.seen)
     t2 = time.perf_counter()
     if first is not None:

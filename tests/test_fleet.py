@@ -77,7 +77,7 @@ def test_three_hosts_measure_each_trial_once(three_hosts):
     # every counted trial has exactly one record in the storage, and nothing else has one
     assert sorted(numbers) == sorted(t.number for t in counted)
     # no config was measured twice: the claims let one host have each
-    keys = [confirmlib.config_key(r.config) for _, r in searched]
+    keys = [r.config.key() for _, r in searched]
     assert len(keys) == len(set(keys))
     assert len({host for host, _ in searched}) >= 2  # the work was shared
     # the confirmation ran once, on one host, after the search

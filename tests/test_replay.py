@@ -66,10 +66,10 @@ def test_a_seed_runs_the_real_search_sampler_and_confirmation_race(table_path, t
     drawn = {tuple(t["tg"]) for e in table.entries.values() for t in e.trials}
     assert all(tuple(r.tg_samples) in drawn for r in srch.records if r.ok)
     # paired as live: in one confirmation round every candidate ran the same recorded round of the table
-    round_of = {(confirm.config_key(e.config), tuple(t["tg"])): t["round"] for e in table.entries.values()
+    round_of = {(e.config.key(), tuple(t["tg"])): t["round"] for e in table.entries.values()
                 for t in e.trials}
     for rnd in {r.confirm_round for r in conf}:
-        assert len({round_of[(confirm.config_key(r.config), tuple(r.tg_samples))] for r in conf
+        assert len({round_of[(r.config.key(), tuple(r.tg_samples))] for r in conf
                     if r.confirm_round == rnd}) == 1
     assert out["runs"] == len(searched) + len(conf) and 0 < seen["clock"] == out["wall_s"]
     assert out["wall_s"] <= sum(r.wall_s for r in searched + conf) + 1e-9
@@ -77,8 +77,8 @@ def test_a_seed_runs_the_real_search_sampler_and_confirmation_race(table_path, t
     again = replay.replay_seed(table, 7, st, tmp_path / "again")
     assert {k: again[k] for k in ("trial_number", "wall_s", "true")} == {k: out[k] for k in ("trial_number", "wall_s",
                                                                                                "true")}
-    assert out["true"] == table.truth(confirm.config_key(next(r.config for r in srch.records
-                                                              if r.trial_number == out["trial_number"])))
+    assert out["true"] == table.truth(next(r.config for r in srch.records
+                                           if r.trial_number == out["trial_number"]).key())
 
 
 def test_a_table_of_another_space_is_one_line_and_exit_2(table_path, tmp_path, capsys):

@@ -138,6 +138,8 @@ class TrialConfig:
     # Parameters that change what is loaded; a worker may keep a model loaded across trials that agree on these.
     LOAD_KEYS = ("model", "n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock",
                  "n_cpu_moe", "cpu_moe", "overrides", "rpc")
+    # How a config is measured, not what: never part of its key.
+    NOT_KEY = ("repetitions", "warmup")
 
     def __post_init__(self) -> None:
         self.overrides = tuple(self.overrides or ())
@@ -166,6 +168,17 @@ class TrialConfig:
         d = self.to_dict()
         d.pop("model")
         return d
+
+    def key(self, ignore: tuple[str, ...] = ()) -> tuple:
+        """What makes two trials the same config, so that they pool: every parameter and the test shape (the
+        model path included) as (name, value) pairs sorted by name, without how the config was measured (NOT_KEY)
+        and without the names in `ignore` (tuner compare --ignore).
+
+        A comparison across result sets or rigs, where paths differ, ignores "model" and puts its own name for
+        the file in front: its content hash (tuner.report.compare), its name (tuner.report.charts).
+        """
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(self.to_dict().items())
+                     if k not in self.NOT_KEY and k not in ignore)
 
 
 def invalid_reason(cfg: TrialConfig) -> str | None:
@@ -276,9 +289,13 @@ class TrialRecord:
         """A search trial that counts as its config measured (an interrupted one measured nothing: run it again)."""
         return self.searched and self.outcome != "interrupted"
 
+    def samples(self, name: str) -> list[float]:
+        """One metric's value per repetition: tg and pp in t/s, ttft in ms (the record's own list, not a copy)."""
+        return {"pp": self.pp_samples, "tg": self.tg_samples, "ttft": self.ttft_samples_ms}[name]
+
     def metric(self, name: str) -> tuple[float | None, float | None]:
-        samples = {"pp": self.pp_samples, "tg": self.tg_samples, "ttft": self.ttft_samples_ms}[name]
-        return summarize(samples)
+        """Mean and sd of samples(name)."""
+        return summarize(self.samples(name))
 
     def objective(self, name: str) -> float | None:
         """What a search maximizes (tg, pp, mixed) or minimizes (ttft). mixed: end-to-end tokens/s of one

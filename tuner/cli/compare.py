@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from tuner import files
 from tuner.cli.options import run_params
 from tuner.errors import TunerError
 from tuner.report import compare as cmp
@@ -112,9 +113,9 @@ def compare(baseline, current, ignore, thresholds, alpha, max_cv, min_samples, a
     click.echo(report.to_json(fail_on) if as_json else report.table(fail_on))
     md = report.markdown(fail_on)
     if markdown_out:
-        cmp.write_atomic(markdown_out, md)
+        files.write_atomic(markdown_out, md)
     if junit_out:
-        cmp.write_atomic(junit_out, report.junit(fail_on))
+        files.write_atomic(junit_out, report.junit(fail_on))
     if summary_file:
         # GitHub owns this file and appends every step's summary to the run page: add, never replace
         with open(summary_file, "a") as f:

@@ -16,6 +16,7 @@ from tuner.quality.measure import measure as measure_quality
 from tuner.quality.results import Cache
 from tuner.record import PARAMS
 from tuner.search import bench as benchlib
+from tuner.tables import text_table
 
 
 def _llama_params(*names):
@@ -110,8 +111,7 @@ def table(res, verdicts: dict) -> str:
             ok, why = verdicts[r.model]
             row.append("ok" if ok else why)
         rows.append(row)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [head] + rows]
+    lines = text_table(head, [[str(x) for x in r] for r in rows], rule=False).splitlines()
     if res and res[0].reference:
         lines.append(f"reference: {res[0].reference}; text: {res[0].text}; ctx {res[0].ctx}; top-k {res[0].top_k}")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from tuner.errors import TunerError
 from tuner.measure import store
 from tuner.measure.runner import Runner, resolve
 from tuner.record import TrialConfig, TrialRecord
+from tuner.tables import markdown_table
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -187,9 +188,4 @@ def table(results: list[Result]) -> str:
     head = ["case", "expected", "recorded", "cause", "match"]
     rows = [[r.case.name, f"{r.case.outcome}: {r.case.expect}", r.record.outcome,
              (r.record.cause or "(none)")[:80], "yes" if r.ok else "NO"] for r in results]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-
-    def line(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([line(head), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(r) for r in rows])
+    return markdown_table(head, rows)

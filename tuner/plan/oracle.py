@@ -28,6 +28,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from tuner import files
 from tuner.measure.buffers import parse_log
 from tuner.measure.worker import FLASH_ATTN, ggml_type, set_pdeathsig, status_kib
 
@@ -335,24 +336,23 @@ def write_sparse(s: Shape, path: str | os.PathLike) -> Path:
     """Write `s` as a GGUF whose tensor data is a hole: real header, apparent full size, a few MB on disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_suffix(".gguf.part")
-    w = gguf.GGUFWriter(str(part), s.arch)
-    w.add_name(s.name)
-    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_K_M))
-    w.add_tokenizer_model("none")  # llama.cpp makes vocab_size dummy tokens: no vocabulary in the header
-    _add_meta(w, s.arch, s.meta)
-    data = 0
-    for name, ne, qt in s.tensors:
-        nb = _nbytes(qt, _numel(ne))
-        w.add_tensor_info(name, tuple(reversed(ne)), np.float32, nb, raw_dtype=qt)
-        data += -(-nb // ALIGN) * ALIGN
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
-    start = -(-part.stat().st_size // ALIGN) * ALIGN
-    os.truncate(part, start + data)  # the data region: a hole, never read
-    os.replace(part, path)
+    with files.atomic_path(path, tmp=path.with_suffix(".gguf.part")) as part:
+        w = gguf.GGUFWriter(str(part), s.arch)
+        w.add_name(s.name)
+        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_K_M))
+        w.add_tokenizer_model("none")  # llama.cpp makes vocab_size dummy tokens: no vocabulary in the header
+        _add_meta(w, s.arch, s.meta)
+        data = 0
+        for name, ne, qt in s.tensors:
+            nb = _nbytes(qt, _numel(ne))
+            w.add_tensor_info(name, tuple(reversed(ne)), np.float32, nb, raw_dtype=qt)
+            data += -(-nb // ALIGN) * ALIGN
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        start = -(-part.stat().st_size // ALIGN) * ALIGN
+        os.truncate(part, start + data)  # the data region: a hole, never read
     return path
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tuner import files
 from tuner.errors import TunerError
 from tuner.measure import hardware
 from tuner.measure.lock import measurement_lock
@@ -134,15 +135,13 @@ def models(folder: Path, types: list[str], defs: dict[str, dict] = SHAPES) -> li
     for role, name, dims, ty in plan:
         base = folder / f"{name}-f16.gguf"
         if not base.exists():
-            part = base.with_suffix(".gguf.part")
-            synth.write_base(part, synth.Shape(**dims), f"tuner-probe-{name}", "f16")
-            os.replace(part, base)
+            with files.atomic_path(base, tmp=base.with_suffix(".gguf.part")) as part:
+                synth.write_base(part, synth.Shape(**dims), f"tuner-probe-{name}", "f16")
         ft = TYPES[ty]
         path = base if ft == "f16" else folder / f"{name}-{ft}-pure.gguf"
         if not path.exists():
-            part = path.with_suffix(".gguf.part")
-            quantize(base, part, ftypes[ft], pure=True)
-            os.replace(part, path)
+            with files.atomic_path(path, tmp=path.with_suffix(".gguf.part")) as part:
+                quantize(base, part, ftypes[ft], pure=True)
         out.append((ty, role, path))
     return out
 
@@ -373,9 +372,7 @@ def run(out: str | os.PathLike | None = None, types: list[str] | None = None, th
             data["gpu"]["link_bytes_per_s"] = float("inf")
     path = Path(out) if out else default_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    files.write_atomic(path, json.dumps(data, indent=1), chmod=files.default_mode())
     return data, path
 
 

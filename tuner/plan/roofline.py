@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from tuner import files
 from tuner.measure import hardware
 from tuner.model.meta import ModelInfo
 from tuner.plan import planner
@@ -125,10 +126,8 @@ def bandwidth(cache: bool = True) -> dict:
     if cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, **bw, "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                      time.gmtime())}))
-            os.replace(tmp, path)
+            files.write_atomic(path, json.dumps({"key": key, **bw, "measured_utc": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}), chmod=files.default_mode())
         except OSError:
             pass  # an unwritable cache only costs a re-measurement
     return bw

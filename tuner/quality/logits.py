@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from tuner import files
 from tuner.errors import TunerError
 from tuner.model.meta import ModelInfo, tokenizer_hash
 from tuner.quality.kld import KLD_CUTOFF
@@ -65,19 +64,9 @@ class ReferenceLogits:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (a complete temp file renamed into place): a reader never sees half a file."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, header=np.array(json.dumps(self.header, sort_keys=True)),
-                         **{k: getattr(self, k) for k in self.ARRAYS})
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with files.atomic_file(path, chmod=files.default_mode(), fsync=True) as f:
+            np.savez(f, header=np.array(json.dumps(self.header, sort_keys=True)),
+                     **{k: getattr(self, k) for k in self.ARRAYS})
 
     @classmethod
     def read_header(cls, path: str | os.PathLike) -> dict:
@@ -139,12 +128,6 @@ def check_model(header: dict, info: ModelInfo, source: str) -> None:
                            "different tokens")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def default_text_path() -> Path:
     return Path(str(resources.files("tuner") / "data" / DEFAULT_TEXT))
 
@@ -178,15 +161,3 @@ def pick_reference(infos: list[ModelInfo]) -> ModelInfo:
     """The highest-precision file: most bits per weight over its tensors (F32 > BF16/F16 > Q8_0 > ... ); the
     first given wins a tie."""
     return max(infos, key=bits_per_weight)
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".part")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from tuner import files
 from tuner.model.meta import ModelInfo, read_model
 from tuner.quality.logits import (
     QualityError,
     ReferenceLogits,
     check_model,
-    copy_atomic,
     pick_reference,
     read_text,
     reference_header,
@@ -118,10 +118,8 @@ class StudyQuality:
     def save(self, study_dir: str | os.PathLike) -> None:
         path = Path(study_dir) / STUDY_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{STUDY_FILE}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with files.atomic_file(path, text=True) as f:
             json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, study_dir: str | os.PathLike) -> "StudyQuality | None":
@@ -282,7 +280,7 @@ def measure(models: list[str], runner, *, reference: str | None = None, referenc
                                                     cause=f"reference pass ({source}): {x.cause}",
                                                     stderr_tail=_tail(x.log), **base) for m in models]
         if save_reference:
-            copy_atomic(ref_file, Path(save_reference))
+            files.copy_atomic(ref_file, Path(save_reference), chmod=files.default_mode())
         for m in todo:
             info = infos[m]
             res = QualityResult(model=m, model_hash=info.content_hash, file_type=info.file_type,
@@ -325,7 +323,7 @@ def _reference(run, ref_info: ModelInfo, source: str, text_path: Path, header: d
         return None, None, x
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        copy_atomic(tmp, cached)
+        files.copy_atomic(tmp, cached, chmod=files.default_mode())
     return (cached or tmp), (x.result["stats"], x.wall_s, x.peak_rss(), x.result["decode_s"], x.result["numpy_s"]), None
 
 

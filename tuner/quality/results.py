@@ -7,14 +7,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from tuner import stats
+from tuner import files, stats
 from tuner.quality.logits import FORMAT_VERSION
 
 CACHE_DIR = "quality"
@@ -106,10 +105,8 @@ class Cache:
         with FileLock(str(self.path) + ".lock"):
             data = self._read()
             data[key] = res.to_dict()
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=CACHE_FILE + ".", suffix=".part")
-            with os.fdopen(fd, "w") as f:
+            with files.atomic_file(self.path, text=True) as f:
                 json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
 
     def reference_path(self, header: dict) -> Path:
         return self.dir / f"reference-{cache_key(header['model_hash'], header)}.npz"

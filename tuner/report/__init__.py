@@ -9,10 +9,10 @@ assembles and writes the whole report.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuner import files
 from tuner.measure import store
 from tuner.record import TrialConfig
 
@@ -95,28 +95,16 @@ class Report:
         written = []
         for c, f, data in rendered:
             p = out / (c.study or "") / f"{c.key}.{f}"
-            _atomic_write(p, data)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            files.write_atomic(p, data, chmod=0o644)
             c.files[f] = p
             written.append(p)
         fmt = "png" if "png" in self.formats else self.formats[0]
         blocks = self.blocks()
         self.html_path, self.md_path = out / "report.html", out / "report.md"
-        _atomic_write(self.html_path, to_html(self.title, blocks, fmt).encode())
-        _atomic_write(self.md_path, to_markdown(self.title, blocks, fmt, out).encode())
+        files.write_atomic(self.html_path, to_html(self.title, blocks, fmt), chmod=0o644)
+        files.write_atomic(self.md_path, to_markdown(self.title, blocks, fmt, out), chmod=0o644)
         return written + [self.html_path, self.md_path]
-
-
-def _atomic_write(p: Path, data: bytes) -> None:
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def build(paths: list[str | os.PathLike], formats: tuple[str, ...] = ("png", "svg"),

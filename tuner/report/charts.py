@@ -615,22 +615,13 @@ def chart_importance(study: Study, colours, **options) -> Chart:
     return ch
 
 
-def config_key(r: TrialRecord) -> tuple:
-    """What makes two trials the same config across studies: every parameter and the test shape, with the
-    model as its file name (paths differ between rigs) and the repetition count left out."""
-    p = r.config.params()
-    for k in ("repetitions", "warmup"):
-        p.pop(k)
-    p["overrides"] = tuple(p["overrides"])
-    return (model_label(r.config.model),) + tuple(sorted(p.items()))
-
-
 def shared_configs(a: Study, b: Study) -> list[dict]:
-    """Configs measured ok in both studies, tg pooled over every trial of that config in each."""
+    """Configs measured ok in both studies, tg pooled over every trial of that config in each: the same config
+    across studies has the model as its file name (paths differ between rigs)."""
     def pool(s):
         out = defaultdict(list)
         for r in s.ok:
-            out[config_key(r)].append(r)
+            out[(model_label(r.config.model),) + r.config.key(("model",))].append(r)
         return out
 
     pa, pb = pool(a), pool(b)

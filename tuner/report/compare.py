@@ -23,7 +23,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from tuner.measure.lock import measurement_lock
 from tuner.measure.runner import Runner
 from tuner.quality.results import judge_regression
 from tuner.record import FAILED, TrialConfig, TrialRecord
-from tuner.tables import text_table
+from tuner.tables import markdown_table, text_table
 from tuner.units import fmt_size
 
 
@@ -64,8 +63,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 DEFAULT_THRESHOLDS = {"speed": 5.0, "memory": 10.0}  # percent
 VERDICTS = ("regression", "improvement", "unchanged", "inconclusive", "missing")
 # Measurement settings, not part of what is measured: CI re-measures a config with more repetitions.
-NOT_KEY = ("repetitions", "warmup")
-IGNORABLE = tuple(f.name for f in fields(TrialConfig) if f.name not in NOT_KEY)
+IGNORABLE = tuple(f.name for f in fields(TrialConfig) if f.name not in TrialConfig.NOT_KEY)
 
 
 class CompareError(TunerError):
@@ -246,12 +244,6 @@ def derived_ignores(recs: list[TrialRecord], ignore: tuple[str, ...]) -> tuple[s
                  and all(getattr(r.config, name) in (0, derive(r.config)) for r in recs))
 
 
-def key_of(rec: TrialRecord, ignore: tuple[str, ...] = ()) -> tuple:
-    params = {k: _hashable(v) for k, v in rec.config.params().items() if k not in NOT_KEY and k not in ignore}
-    model = "*" if "model" in ignore else model_id(rec)
-    return (("model", model),) + tuple(sorted(params.items()))
-
-
 def _model_label(rec: TrialRecord) -> str:
     return Path(rec.config.model).name.removesuffix(".gguf")
 
@@ -292,7 +284,8 @@ def split(path: str, recs: list[TrialRecord], ignore: tuple[str, ...]) -> Side:
         # skipped/interrupted trials measured nothing: neither a sample nor a failure
         bucket = side.ok if r.ok else side.failed if r.outcome in FAILED - {"interrupted"} else None
         if bucket is not None:
-            bucket.setdefault(key_of(r, ignore), []).append(r)
+            key = (("model", "*" if "model" in ignore else model_id(r)),) + r.config.key((*ignore, "model"))
+            bucket.setdefault(key, []).append(r)
     return side
 
 
@@ -446,8 +439,8 @@ class Report:
         code = self.exit_code(fail_on)
         lines = [f"### tuner compare: {'❌' if code else '✅'} {self.summary_line(fail_on)}", ""]
         lines += [f"- **{k}**: {v}" for k, v in self._header()]
-        lines += ["", _markdown_grid(self.HEAD, [[c.replace("|", "\\|") for c in row] for row in self._cells()]),
-                  ""]
+        lines += ["", markdown_table(self.HEAD, [[c.replace("|", "\\|") for c in row] for row in self._cells()],
+                                     RIGHT), ""]
         return "\n".join(lines)
 
     def junit(self, fail_on: Iterable[str] = ("regression",)) -> str:
@@ -481,19 +474,6 @@ def _jsonable(d: dict) -> dict:
 
 
 RIGHT = {2, 3, 4, 5, 6, 7}  # the figures' columns: baseline, current, change, threshold, p, n
-
-
-def _markdown_grid(head: list[str], rows: list[list[str]]) -> str:
-    # by hand: GitHub markdown with alignment colons (the text table is rich's, tuner.tables); a delimiter cell
-    # needs a hyphen besides the colon
-    widths = [max([len(h), 3] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-
-    def line(cells):
-        return "| " + " | ".join(c.rjust(w) if i in RIGHT else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    sep = "| " + " | ".join(("-" * (w - 1) + ":") if i in RIGHT else "-" * w for i, w in enumerate(widths)) + " |"
-    return "\n".join([line(head), sep] + [line(r) for r in rows])
 
 
 def _fmt_pct(v: float | None) -> str:
@@ -755,16 +735,3 @@ def rerun_on_this_machine(report: Report, current: str | os.PathLike, trial_time
                 raise CompareError(f"--rerun-on-alert: this machine (hw {here}) is not the one CURRENT was measured "
                                    f"on ({'/'.join(sorted(cur_hw))}); rerun there")
             return rerun_alerts(report, cur_path, runner.run)
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a report file whole or not at all (a reader never sees half of it)."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -18,6 +18,7 @@ from tuner.record import OUTCOMES, TrialRecord
 from tuner.report.charts import Chart, shared_configs
 from tuner.report.load import SHAPE_FIELDS, Study, fmt_ts, model_label, parse_utc, shape_label, varying_fields, xvalue
 from tuner.search.recommend import BASELINES, RECOMMENDED_FILE
+from tuner.tables import markdown_table
 from tuner.units import fmt_duration, fmt_size
 
 # ---------------------------------------------------------------------------------------------------------
@@ -403,11 +404,8 @@ def to_markdown(title: str, blocks: list, chart_fmt: str, base: Path) -> str:
         elif kind == "code":
             lines += [_md_fence(b[1]), ""]
         elif kind == "table":
-            head = [_md_text(h) or " " for h in b[1]]
-            lines.append("| " + " | ".join(head) + " |")
-            lines.append("|" + "|".join("---" for _ in head) + "|")
-            lines += ["| " + " | ".join(_md_text(c).replace("\n", " ") for c in row) + " |" for row in b[2]]
-            lines.append("")
+            lines += [markdown_table([_md_text(h) or " " for h in b[1]],
+                                     [[_md_text(c).replace("\n", " ") for c in row] for row in b[2]], pad=False), ""]
         elif kind == "chart":
             c: Chart = b[1]
             f = c.files.get(chart_fmt)

@@ -13,14 +13,14 @@ from tuner.measure.runner import Runner, TrialInterrupted, resolve
 from tuner.model.meta import read_model
 from tuner.plan import planner, roofline
 from tuner.record import TrialConfig, TrialRecord, invalid_reason, parse_tensor_split
+from tuner.tables import markdown_table
 from tuner.units import fmt_params, fmt_size
 
 
 def table(recs: list[TrialRecord]) -> str:
     """A llama-bench style markdown table: one line per test (pp512, tg128, ttft), mean ± sd.
 
-    By hand, not rich (tuner.tables): llama-bench prints this GitHub markdown layout, with alignment colons,
-    and users put the two side by side."""
+    llama-bench's GitHub markdown layout (padded columns, alignment colons): users put the two side by side."""
     head = ["model", "size", "params", "ngl", "threads", "n_batch", "n_ubatch", "fa", "test", "t/s"]
     rows = []
     for r in recs:
@@ -37,15 +37,7 @@ def table(recs: list[TrialRecord]) -> str:
             if mean is not None:
                 label = f"ttft p{n}" if name == "ttft" else f"{name}{n}"
                 rows.append(base + [label + depth, f"{mean:.2f} ± {sd:.2f}" + (" ms" if unit == "ms" else "")])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    right = {1, 2, 3, 4, 5, 6, 9}
-
-    def line(cells):
-        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    sep = "| " + " | ".join(("-" * (w - 1) + ":") if i in right else "-" * w for i, w in enumerate(widths)) + " |"
-    return "\n".join([line(head), sep] + [line(r) for r in rows])
+    return markdown_table(head, rows, right={1, 2, 3, 4, 5, 6, 9})
 
 
 def summary(r: TrialRecord) -> str:

@@ -47,14 +47,8 @@ RUNG, RUNG_DEFAULTS, RUNG_ALT, RUNG_CONTROL = "rung", "rung defaults", "rung alt
 RUNG_ROLES = (RUNG, RUNG_DEFAULTS, RUNG_ALT, RUNG_CONTROL)
 LADDER_OF = "ladder@"  # + the recommended trial's number: which ladder a run belongs to (a resumed study may
 # measure a second one for another winner; the two never pool)
-# How a config is measured, not what: left out of the pooling key (as in tuner compare).
-NOT_KEY = ("repetitions", "warmup")
-
-
-def config_key(cfg: TrialConfig) -> tuple:
-    """Trials of one config pool into one estimate, whichever trial (or confirmation round) measured them."""
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(cfg.to_dict().items())
-                 if k not in NOT_KEY)
+# Trials of one config pool into one estimate, whichever trial (or confirmation round) measured them: the key
+# is TrialConfig.key.
 
 
 def objective_samples(rec: TrialRecord, objective: str) -> list[float]:
@@ -65,7 +59,7 @@ def objective_samples(rec: TrialRecord, objective: str) -> list[float]:
             return [(c.n_prompt + c.n_gen) / (c.n_prompt / pp + c.n_gen / tg)
                     for pp, tg in zip(rec.pp_samples, rec.tg_samples) if pp > 0 and tg > 0]
         return list(rec.tg_samples or rec.pp_samples)
-    return list({"tg": rec.tg_samples, "pp": rec.pp_samples, "ttft": rec.ttft_samples_ms}[objective])
+    return list(rec.samples(objective))
 
 
 def higher_is_better(objective: str) -> bool:
@@ -98,8 +92,7 @@ class Pooled:
         return stats.center(self.trial_values(objective))
 
     def metric_samples(self, name: str) -> list[float]:
-        return [x for r in self.records for x in {"tg": r.tg_samples, "pp": r.pp_samples,
-                                                   "ttft": r.ttft_samples_ms}[name]]
+        return [x for r in self.records for x in r.samples(name)]
 
     @property
     def peak_rss(self) -> int | None:
@@ -130,7 +123,7 @@ def pool(records: list[TrialRecord]) -> list[Pooled]:
     groups: dict[tuple, Pooled] = {}
     for r in records:
         if r.ok:
-            groups.setdefault(config_key(r.config), Pooled(config_key(r.config))).records.append(r)
+            groups.setdefault(r.config.key(), Pooled(r.config.key())).records.append(r)
     return list(groups.values())
 
 
@@ -210,7 +203,7 @@ def candidates_from_records(records: list[TrialRecord]) -> list[Candidate]:
         if r.state != CONFIRM_STATE or r.outcome == "interrupted":  # stopped by the user: run again on resume
             continue
         roles = [x for x in r.baseline.split("+") if x] or [ROLE_TOP]
-        k = (config_key(r.config), tuple(x for x in roles if x.startswith(LADDER_OF)),
+        k = (r.config.key(), tuple(x for x in roles if x.startswith(LADDER_OF)),
              any(x in RUNG_ROLES for x in roles))
         if k not in out:
             out[k] = Candidate(roles[0], r.config, r.trial_number, roles=roles)
@@ -238,7 +231,7 @@ def search_candidates(records: list[TrialRecord], objective: str, k: int,
     if base is not None:
         c = cands.setdefault(base.key, Candidate(ROLE_BASELINE, base.config, base.trial_number, roles=[]))
         c.roles.append(ROLE_BASELINE)
-    earlier = {config_key(c.config): c for c in candidates_from_records(records) if not c.is_rung}
+    earlier = {c.config.key(): c for c in candidates_from_records(records) if not c.is_rung}
     for key, c in cands.items():  # a resumed confirmation goes on from the rounds it has
         if key in earlier:
             c.records = list(earlier[key].records)
@@ -320,7 +313,7 @@ def assess(cands: list[Candidate], objective: str, alpha: float = ALPHA, min_eff
             saved = best.memory() - winner.memory()
             reason = (f"{why}; #{wrow['trial_number']} leaves {saved / 2**20:.0f} MiB more memory headroom, so it is "
                       f"preferred over the nominally fastest #{best_row['trial_number']}")
-    out.update(verdict=verdict, reason=reason, winner=winner.trial_number, winner_key=list(config_key(winner.config)))
+    out.update(verdict=verdict, reason=reason, winner=winner.trial_number, winner_key=list(winner.config.key()))
     base = next((c for c in cands if c.has(ROLE_BASELINE) and c.rounds(objective)), None)
     if base is not None:
         vs = _vs(winner, base, objective, alpha, min_effect)

@@ -55,7 +55,7 @@ def candidates(space: Space, records: list[TrialRecord], winner: int, objective:
                    and r.config.effective_ctx() == working), None)
         if r0 is not None:
             picks.append((r0.config, r0.trial_number, [confirmlib.RUNG_DEFAULTS]))
-    taken = {confirmlib.config_key(c) for c, _, _ in picks}
+    taken = {c.key() for c, _, _ in picks}
     # the alternative: the recommendation with the context-dependent values of the best config that has other
     # ones (only those differ, so the ladder shows their effect alone); kept as measured if llama.cpp would
     # refuse the mix (quantized V without flash attention)
@@ -63,25 +63,25 @@ def candidates(space: Space, records: list[TrialRecord], winner: int, objective:
     if other is not None:
         alt = dataclasses.replace(win.config, **{k: getattr(other.config, k) for k in CONTEXT_DIMS})
         alt = other.config if invalid_reason(alt) else alt
-        same = next((p for p in picks if confirmlib.config_key(p[0]) == confirmlib.config_key(alt)), None)
+        same = next((p for p in picks if p[0].key() == alt.key()), None)
         if same is not None:  # the defaults are that alternative: compared as one too
             same[2].append(confirmlib.RUNG_ALT)
         else:
             picks.append((alt, other.trial_number, [confirmlib.RUNG_ALT]))
-            taken.add(confirmlib.config_key(alt))
+            taken.add(alt.key())
     # the control: the best config with the recommendation's context-dependent values and other others
     control = next((g for g in groups if ctx_dims(g.config) == ctx_dims(win.config)
-                    and confirmlib.config_key(g.config) not in taken and allowed(g.records[0])), None)
+                    and g.config.key() not in taken and allowed(g.records[0])), None)
     if control is not None:
         picks.append((control.config, control.trial_number, [confirmlib.RUNG_CONTROL]))
-    earlier = {confirmlib.config_key(c.config): c for c in confirmlib.candidates_from_records(records) if c.is_rung}
+    earlier = {c.config.key(): c for c in confirmlib.candidates_from_records(records) if c.is_rung}
     out = []
     for n_ctx in rungs:
         for config, number, roles in picks:
             cfg = space.rung_config(config, n_ctx)
             c = confirmlib.Candidate(roles[0], cfg, number,
                                      roles=list(roles) + [f"{confirmlib.LADDER_OF}{win.trial_number}"])
-            old = earlier.get(confirmlib.config_key(cfg))
+            old = earlier.get(cfg.key())
             if old is not None and old.roles == c.roles:  # a resumed ladder goes on from the rounds it has
                 c.records = list(old.records)
             out.append(c)

@@ -106,7 +106,7 @@ class Search:
                 self.anchor_tg, self.anchor_samples = r.metric("tg")[0], list(r.tg_samples)
         for r in self.records:
             if r.measured_config and r.trial_number is not None:
-                self.seen.setdefault(confirmlib.config_key(r.config), r.trial_number)
+                self.seen.setdefault(r.config.key(), r.trial_number)
         self._list_space()
         self.settle_rung()  # a resumed ladder search goes on at the rung it had stepped down to
         if self.opts.baselines and self.opts.sampler != "grid" and not self.study.trials:
@@ -127,7 +127,7 @@ class Search:
                 if len(self.space.models) > 1:
                     params["model"] = model
                 cfg = self._config_from_params(params)
-                key = confirmlib.config_key(cfg)
+                key = cfg.key()
                 if key not in self.seen:
                     self.unmeasured.setdefault(key, params)
                     self._unmeasured_load[key] = cfg.load_key()
@@ -161,14 +161,14 @@ class Search:
         for rec in self.ledger.sync():
             self.records.append(rec)
             if rec.measured_config and rec.trial_number is not None:
-                key = confirmlib.config_key(rec.config)
+                key = rec.config.key()
                 self.seen.setdefault(key, rec.trial_number)
                 if self.unmeasured is not None:
                     self.unmeasured.pop(key, None)
                 if rec.outcome == "oom":
                     self.failed.append((rec.trial_number, rec.config, rec.cause))
         names = set(self.space.varying()) | ({"model"} if len(self.space.models) > 1 else set())
-        self._running_keys = {confirmlib.config_key(self._config_from_params(p)) for p in self.ledger.others.running
+        self._running_keys = {self._config_from_params(p).key() for p in self.ledger.others.running
                               if names <= set(p)}
 
     def _enqueue_baselines(self, again: bool = False) -> None:
@@ -234,7 +234,7 @@ class Search:
                     raise
 
     def _measured(self, key: tuple) -> bool:
-        return any(r.measured_config and confirmlib.config_key(r.config) == key for r in self.records)
+        return any(r.measured_config and r.config.key() == key for r in self.records)
 
     def _duplicate(self, trial: optuna.Trial, first: int, key: tuple) -> None:
         """A config measured before: tell the sampler its pooled figure instead of measuring it again, and
@@ -243,7 +243,7 @@ class Search:
         if not self._measured(key):
             self.sync()
         if self._measured(key):
-            same = [r for r in self.records if r.searched and confirmlib.config_key(r.config) == key]
+            same = [r for r in self.records if r.searched and r.config.key() == key]
             prev = next((r for r in same if r.trial_number == first), same[0])
             if prev.ok:
                 oks = [r for r in same if r.ok]
@@ -302,7 +302,7 @@ class Search:
         cfg = self._suggest(trial)
         number = trial.number
         baseline = trial.user_attrs.get("baseline", "")
-        key = confirmlib.config_key(cfg)
+        key = cfg.key()
         first = self.ledger.claim(key, number, self.seen)
         if first is not None:
             self._duplicate(trial, first, key)

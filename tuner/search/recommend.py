@@ -11,12 +11,11 @@ import json
 import os
 import shlex
 import statistics
-import tempfile
 from pathlib import Path
 
 import gguf
 
-from tuner import stats
+from tuner import files, stats
 from tuner.record import TrialConfig, TrialRecord, parse_tensor_split, summarize, utcnow
 from tuner.search import confirm
 from tuner.search.confirm import objective_samples
@@ -74,10 +73,10 @@ def recommend(records: list[TrialRecord], hw, limits, objective: str = "mixed", 
         verdict = confirm.assess(cands, objective, fits=lambda c: all(fits(r, hw, limits) for r in c.records if r.ok)
                                  and c.config.effective_ctx() == working and all(allowed(r) for r in c.records))
     winner_c = next((c for c in cands if verdict and verdict.get("winner_key") is not None
-                     and list(confirm.config_key(c.config)) == verdict["winner_key"]), None)
+                     and list(c.config.key()) == verdict["winner_key"]), None)
     if winner_c is not None:
         best_recs = [r for r in winner_c.records if r.ok]
-        group = by_key.get(confirm.config_key(winner_c.config))
+        group = by_key.get(winner_c.config.key())
         trial_number = winner_c.trial_number
     else:
         group = max(at_work, key=lambda g: sign * g.estimate(objective))
@@ -168,7 +167,7 @@ def measured(recs: list[TrialRecord]) -> dict:
     """Figures over every repetition of these runs of one config (pooled), with the worst memory peak."""
     out = {}
     for name, unit in (("tg", "ts"), ("pp", "ts"), ("ttft", "ms")):
-        samples = [x for r in recs for x in {"tg": r.tg_samples, "pp": r.pp_samples, "ttft": r.ttft_samples_ms}[name]]
+        samples = [x for r in recs for x in r.samples(name)]
         out[f"{name}_{unit}_mean"], out[f"{name}_{unit}_sd"] = summarize(samples)
         out[f"{name}_samples"] = samples
     out["peak_rss_bytes"] = max((r.peak_rss_bytes for r in recs if r.peak_rss_bytes), default=None)
@@ -243,8 +242,7 @@ def rung_metrics(c: confirm.Candidate, objective: str) -> dict:
     ok = [r for r in c.records if r.ok]
 
     def center(name):
-        return stats.center([v for r in ok if (v := stats.trial_value(
-            {"tg": r.tg_samples, "pp": r.pp_samples, "ttft": r.ttft_samples_ms}[name])) is not None])
+        return stats.center([v for r in ok if (v := stats.trial_value(r.samples(name))) is not None])
 
     return {"objective": c.figure(objective), "tg_ts": center("tg"), "pp_ts": center("pp"),
             "ttft_ms": center("ttft"), "failed_runs": sum(not r.ok for r in c.records),
@@ -319,8 +317,6 @@ def forms(cfg: TrialConfig, rec: TrialRecord | None = None) -> dict:
 
 
 def write(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with files.atomic_file(path, text=True) as f:
         json.dump(data, f, indent=2, default=str)
         f.write("\n")
-    os.replace(tmp, path)
