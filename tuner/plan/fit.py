@@ -44,6 +44,7 @@ UINT32_MAX = (1 << 32) - 1
 MAX_DEVICES = 16  # llama_max_devices() (src/llama.cpp)
 MAX_OVERRIDES = 4096  # llama_max_tensor_buft_overrides() (src/llama.cpp)
 UNSET_NGL = -1  # llama_model_default_params().n_gpu_layers (src/llama-model.cpp)
+TENSOR_ALIGNMENT = 32  # ggml/src/ggml-impl.h: the CPU buffer type's alignment (an RPC server's CPU device too)
 
 SUCCESS, FAILURE, ERROR = "success", "failure", "error"  # common/fit.h: common_params_fit_status
 
@@ -638,15 +639,18 @@ def planner_breakdown(info: ModelInfo, devices: list[DeviceMemory]) -> Breakdown
     return breakdown
 
 
-def device_usage(cfg: TrialConfig, info: ModelInfo, free: list[int] | None, names: tuple[str, ...] = ()) -> list[Usage]:
-    """The planner's llama_memory_breakdown: one Usage per device in `free`'s order, then the host's."""
+def device_usage(cfg: TrialConfig, info: ModelInfo, free: list[int] | None, names: tuple[str, ...] = (),
+                 alignment: int = TENSOR_ALIGNMENT) -> list[Usage]:
+    """The planner's llama_memory_breakdown: one Usage per device in `free`'s order, then the host's. Weights are
+    summed as ggml_backend_alloc_ctx_tensors_from_buft_size sums them (each tensor padded to the buffer type's
+    alignment: 32 for CPU and RPC buffers, ggml-impl.h TENSOR_ALIGNMENT)."""
     n_dev = len(free) if free else 0
     gpu = n_dev > 0
     where, _ = planner.tensor_devices(cfg, info, gpu, free, names)
     layer_dev = planner.layer_devices(cfg, info, gpu, free) if gpu else [-1] * (info.n_layer + 1)
     model = [0] * (n_dev + 1)  # index -1: the host
     for t, d in zip(info.tensors, where):
-        model[d] += t.n_bytes
+        model[d] += planner.pad(t.n_bytes, alignment)
     ctx = [0] * (n_dev + 1)
     if not planner.unmodelled_note(info):
         for il in range(info.n_layer):
