@@ -28,6 +28,7 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import model_facts, save  # noqa: E402
 from tuner.model.meta import read_model  # noqa: E402
 from tuner.plan import fit as F  # noqa: E402
-from tuner.plan import oracle  # noqa: E402
+from tuner.plan import oracle, planner  # noqa: E402
 from tuner.record import TrialConfig  # noqa: E402
 
 MiB = 1 << 20
@@ -129,7 +130,9 @@ def llama_breakdown(binary: str, info, model: str, endpoints: list[str], calls: 
         out, mismatch = [], []
         for i, (r, u) in enumerate(zip(rows, mine)):
             name = devices[i].name if i < len(devices) else "CPU"
-            if (u.model // MiB, u.context // MiB) != (int(r[-3]), int(r[-2])):
+            # the host's figures do not enter a fit with devices (and llama.cpp's no_alloc host "model" is not the
+            # file's host share): only the devices' are checked
+            if i < len(devices) and (u.model // MiB, u.context // MiB) != (int(r[-3]), int(r[-2])):
                 mismatch.append({"device": name, "llama_mib": [int(r[-3]), int(r[-2])],
                                  "planner_mib": [u.model // MiB, u.context // MiB]})
             out.append(F.Usage(u.model, u.context, logged.get(name, int(r[-1]) * MiB)))
@@ -168,16 +171,23 @@ def cases(path: str, ram_mib: int) -> list[dict]:
     total = sum(t.n_bytes for t in info.tensors) // MiB
     out = []
     for n_dev in (1, 2):
-        if total < ram_mib // 4:  # small models: fractions of the weights
-            fracs = (0.15, 0.3, 0.45, 0.6, 0.75, 1.2) if info.is_moe else (0.2, 0.35, 0.5, 0.7, 1.2)
-            sizes = [max(int(total * f / n_dev), 1) for f in fracs]
+        if total < ram_mib // 4:  # small models: fractions of the weights + a 4096-cell KV cache
+            kv = sum(planner.kv_layer_bytes(TrialConfig(model=path, n_ctx=4096), info, il)
+                     for il in range(info.n_layer)) // MiB
+            fracs = (0.15, 0.3, 0.45, 0.6, 0.75, 1.2) if info.is_moe else (0.2, 0.35, 0.5, 0.7, 0.85, 1.2)
+            sizes = [max(int((total + kv) * f / n_dev), 1) for f in fracs]
         else:  # large models: real GPU sizes, up to the default margin's
             sizes = [6144, 12288, 20480, None]
         for dev in sizes:
             for ctx in (0, 4096):
                 out.append({"n_dev": n_dev, "device_mib": [dev] * n_dev, "n_ctx": ctx})
-    if total < ram_mib // 4:  # unequal devices
+    if total < ram_mib // 4:  # unequal devices; room for the weights and part of the trained context (n_ctx between)
         out.append({"n_dev": 2, "device_mib": [int(total * 0.4), int(total * 0.15)], "n_ctx": 4096})
+        full = total + sum(planner.kv_layer_bytes(TrialConfig(model=path, n_ctx=info.n_ctx_train), info, il)
+                           for il in range(info.n_layer)) // MiB
+        for f in (0.3, 0.6):
+            out.append({"n_dev": 1, "device_mib": [int(full * f)], "n_ctx": 0})
+            out.append({"n_dev": 2, "device_mib": [int(full * f / 2)] * 2, "n_ctx": 0})
     else:
         out.append({"n_dev": 2, "device_mib": [16384, 8192], "n_ctx": 4096})
     return out
@@ -188,13 +198,14 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-params", required=True, help="llama-fit-params built from the vendored llama.cpp")
     ap.add_argument("--rpc-server", required=True, help="ggml-rpc-server from the same build")
     ap.add_argument("--shape", action="append", help="moe, dense, qwen3moe, gpt-oss, deepseek2, glm4moe, llama "
-                    "(default: moe, dense, qwen3moe, gpt-oss)")
+                    "(default: all)")
     ap.add_argument("--ports", default="50152,50153")
     ap.add_argument("--no-llama", action="store_true", help="skip the port on llama.cpp's own figures (slow)")
     ap.add_argument("--fixtures", action="store_true", help=f"also write the test fixture {FIXTURE}")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a planner comparison differs")
     args = ap.parse_args(argv)
-    which = args.shape or ["moe", "dense", "qwen3moe", "gpt-oss"]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
+    which = args.shape or ["moe", "dense", "qwen3moe", "gpt-oss", "deepseek2", "glm4moe", "llama"]
     ram = host_ram()
     version = run([args.fit_params, "--version"])
     rows = []
@@ -220,7 +231,6 @@ def main(argv=None) -> int:
                 row = {"shape": m["shape"], **c, "margins_mib": margins_mib,
                        "command": shlex.join(["llama-fit-params"] + cmd[1:]).replace(m["path"], m["shape"] + ".gguf"),
                        "llama_rc": p.returncode, "llama": line, "llama_s": round(took, 2),
-                       "llama_trace": _trace(p.stderr),
                        "planner": port.to_flags() if port.ok else None, "planner_status": port.status,
                        "planner_measured": port.n_measured, "planner_s": round(took_port, 3)}
                 row["planner_equal"] = row["planner"] == line
@@ -234,6 +244,8 @@ def main(argv=None) -> int:
                     except F.FitError as e:
                         row["llama_figures"], row["llama_figures_status"] = None, f"error: {e}"
                     row["llama_figures_equal"] = row["llama_figures"] == line
+                    if row["llama_figures_equal"]:
+                        del row["llama_figures"]  # the same string as "llama"
                     row["llama_figures_measured"] = len(calls)
                     row["model_context_mismatches"] = [c for c in calls if c["mismatch"]]
                     row["compute_error_max_mib"] = round(max(abs(a - b) for c in calls for a, b in zip(
@@ -241,6 +253,8 @@ def main(argv=None) -> int:
                 if not row["planner_equal"]:
                     row["planner_trace"] = port.trace
                 rows.append(row)
+                if row["planner_equal"]:
+                    row["planner"] = "=="  # the same string as "llama" (kept short)
                 own = "" if args.no_llama else f"(llama figures {'==' if row['llama_figures_equal'] else '!='}) "
                 print(f"{m['shape']:<9} {c['n_dev']}x{c['device_mib'][0]:>6} MiB c={c['n_ctx']:<5} "
                       f"{'==' if row['planner_equal'] else '!='} {own}{line}"
@@ -260,22 +274,17 @@ def main(argv=None) -> int:
     return 1 if args.strict and summary["planner_equal"] < summary["cases"] else 0
 
 
-def _trace(stderr: str) -> list[str]:
-    """llama-fit-params' own lines about the fit (common_params_fit_impl / common_fit_params)."""
-    return [ln.strip() for ln in stderr.splitlines() if re.match(r"\s*(common_params_fit_impl|common_fit_params)",
-                                                                  ln)]
-
-
 def _write_fixture(result: dict, source: Path) -> None:
     import json  # noqa: PLC0415 - only the fixture writer
 
-    keep = ("shape", "n_dev", "device_mib", "n_ctx", "margins_mib", "command", "llama_rc", "llama", "planner_equal")
+    keep = ("shape", "n_dev", "device_mib", "n_ctx", "margins_mib", "command", "llama_rc", "llama", "planner",
+            "planner_equal", "llama_figures_equal")
     fx = {"source": str(source.relative_to(Path(__file__).resolve().parents[1])), "host_ram": result["host_ram"],
           "endpoints": result["endpoints"],
           "llama_fit_params_version": result["llama_fit_params_version"],
           "models": {k: {kk: v[kk] for kk in ("arch", "file_type", "size_bytes", "n_params", "what")}
                      for k, v in result["models"].items()},
-          "cases": [{k: r[k] for k in keep} for r in result["rows"]]}
+          "cases": [{k: r[k] for k in keep if not (k == "planner" and r["planner_equal"])} for r in result["rows"]]}
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)
     FIXTURE.write_text(json.dumps(fx, indent=1) + "\n")
     print(f"wrote {FIXTURE}", file=sys.stderr)

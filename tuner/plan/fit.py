@@ -8,7 +8,7 @@ llama.cpp's defaults change; host memory counts as unlimited; speed is never mea
 
 `fit()` is a line-by-line port of that search (fit.cpp lines cited at each step, llama.cpp 0c1e570 as vendored by
 llama-cpp-python 0.3.36). The only thing it asks of the world is a `Breakdown`: a callable that, for a config,
-returns each device's (model, context, compute) bytes, as `common_get_device_memory_data_impl` (fit.cpp 32-155)
+returns each device's (model, context, compute) bytes, as `common_get_device_memory_data_impl` (fit.cpp 30-154)
 does with a real no_alloc load. `planner_breakdown()` builds one from the planner alone, so the placement llama.cpp
 would choose is known for described GPUs without the devices or the weights; another source (llama.cpp's own
 no_alloc figures) can be plugged in unchanged.
@@ -58,7 +58,7 @@ class _Abort(Exception):  # noqa: N818 - fit.cpp's common_params_fit_exception: 
 
 
 class LayerFraction(enum.IntEnum):
-    """Which part of a layer stays on its device when the rest overflows (fit.cpp 17-24)."""
+    """Which part of a layer stays on its device when the rest overflows (fit.cpp 18-24)."""
 
     NONE = 0
     ATTN = 1  # attention only: every FFN tensor overflows
@@ -68,7 +68,7 @@ class LayerFraction(enum.IntEnum):
 
 
 def overflow_pattern(il: int, lf: LayerFraction) -> str:
-    """The regex of the tensors of layer `il` that overflow for fraction `lf` (fit.cpp 498-535)."""
+    """The regex of the tensors of layer `il` that overflow for fraction `lf` (fit.cpp 493-530)."""
     if il >= 1000:
         raise FitError("at most 1000 model layers are supported")
     p = f"blk\\.{il}\\."
@@ -83,7 +83,7 @@ def overflow_pattern(il: int, lf: LayerFraction) -> str:
     raise FitError(f"no overflow pattern for {lf!r}")
 
 
-# fit.cpp 651: every routed-expert tensor, for the "dense weights only" measurement
+# fit.cpp 618: every routed-expert tensor, for the "dense weights only" measurement
 PATTERN_MOE_ALL = r"blk\.\d+\.ffn_(up|down|gate_up|gate)_(ch|)exps"
 
 
@@ -119,7 +119,7 @@ Breakdown = Callable[[TrialConfig], list[Usage]]
 
 @dataclass
 class Layers:
-    """Layers of one device (fit.cpp 537-547, ngl_t): n_layer in all, n_part of them partial (experts, or part of the
+    """Layers of one device (fit.cpp 532-546, ngl_t): n_layer in all, n_part of them partial (experts, or part of the
     FFN, in another buffer); only the first partial layer may overflow a fraction other than MOE."""
 
     n_layer: int = 0
@@ -223,7 +223,7 @@ def _u32(x: int) -> int:
 def fit(info: ModelInfo, devices: list[DeviceMemory], cfg: TrialConfig, margins: list[int] | int | None = None,
         n_ctx_min: int = DEFAULT_N_CTX_MIN, breakdown: Breakdown | None = None, host: DeviceMemory | None = None,
         n_seq_max: int = 1, kv_unified: bool = False) -> FitResult:
-    """llama.cpp's `common_fit_params` (common/fit.cpp 1042-1067 and common_params_fit_impl, 157-939) for `cfg`.
+    """llama.cpp's `common_fit_params` (common/fit.cpp 879-904 and common_params_fit_impl, 179-877) for `cfg`.
 
     `devices`: the GPUs as llama.cpp lists them (each device's free memory is what the fit aims at); `margins`:
     bytes to keep free per device (one value for all; default 1 GiB each, as `--fit-target 1024`); `n_ctx_min`:
@@ -250,7 +250,7 @@ class _State:
     """common_params_fit_impl's locals; `run` follows its steps in order."""
 
     def __init__(self, info, devices, cfg, margins, n_ctx_min, bd, host, n_seq_max, kv_unified, res):
-        if cfg.split_mode == "tensor":  # fit.cpp 161-163 (LLAMA_SPLIT_MODE_TENSOR)
+        if cfg.split_mode == "tensor":  # fit.cpp 183-185 (LLAMA_SPLIT_MODE_TENSOR)
             raise FitError("llama_params_fit is not implemented for SPLIT_MODE_TENSOR, abort")
         self.info, self.devices, self.cfg, self.bd, self.res = info, list(devices), cfg, bd, res
         self.host = host
@@ -263,12 +263,12 @@ class _State:
             margins = [margins] * max(self.nd, 1)
         if len(margins) < max(self.nd, 1):
             raise FitError(f"{len(margins)} margin(s) for {self.nd} devices")
-        self.margins = [int(m) for m in margins[:max(self.nd, 1)]]  # fit.cpp 282-291
+        self.margins = [int(m) for m in margins[:max(self.nd, 1)]]  # fit.cpp 283-291
         self.n_ctx_min = n_ctx_min
         self.hp_ngl = info.n_layer  # llama_model_n_layer (load_mtp off)
         self.hp_nct = info.n_ctx_train
         self.hp_nex = info.n_expert
-        # fit.cpp 179-181: with a non-unified KV cache each sequence has its own stream
+        # fit.cpp 195-197: with a non-unified KV cache each sequence has its own stream
         self.n_streams = 1 if kv_unified else max(1, n_seq_max)
         self.n_ctx_auto = cfg.n_ctx == 0
         self.n_ctx = cfg.n_ctx  # cparams->n_ctx as the fit changes it
@@ -282,7 +282,7 @@ class _State:
 
     def measure(self, ngl: int | None = None, split: list[float] | None = None,
                 overrides: list[tuple[str, str]] | None = None, count: bool = True) -> list[Usage]:
-        """common_get_device_memory_data_impl (fit.cpp 32-155) for the current context and the given weights'
+        """common_get_device_memory_data_impl (fit.cpp 30-154) for the current context and the given weights'
         placement (default: mparams as they are). n_ctx 0 is the trained context, as llama_context makes it."""
         c = dataclasses.replace(self.cfg, n_ctx=self.n_ctx or self.hp_nct,
                                 n_gpu_layers=self.ngl if ngl is None else ngl)
@@ -298,7 +298,7 @@ class _State:
         return out
 
     def set_ngl_tensor_split_tbo(self, ngl_per_device: list[Layers], overflow_bufts: list[str]):
-        """fit.cpp 552-590: n_gpu_layers, tensor_split and overrides for layers per device. Returns (ngl, split,
+        """fit.cpp 548-587: n_gpu_layers, tensor_split and overrides for layers per device. Returns (ngl, split,
         overrides); the overrides give each device's partial layers (after its full ones) to the host, the first
         one of each device (with its overflow fraction) to `overflow_bufts[id]`."""
         ngl = sum(x.n_layer for x in ngl_per_device)
@@ -318,7 +318,7 @@ class _State:
         return ngl, split, tbo
 
     def memory_for_layers(self, ngl_per_device: list[Layers], overflow_bufts: list[str]) -> list[int]:
-        """fit.cpp 593-620: each device's projected total for layers per device."""
+        """fit.cpp 589-614: each device's projected total for layers per device."""
         ngl, split, tbo = self.set_ngl_tensor_split_tbo(ngl_per_device, overflow_bufts)
         dmd = self.measure(ngl, split, tbo)
         for id_, n in enumerate(ngl_per_device):
@@ -332,7 +332,7 @@ class _State:
         self.placed = True
 
     def fits(self, m: list[int], targets: list[int], id_: int) -> bool:
-        """fit.cpp 881/894/907: strictly below the target on this device and on the next one (its overflow)."""
+        """fit.cpp 828/839/851: strictly below the target on this device and on the next one (its overflow)."""
         return m[id_] < targets[id_] and (id_ + 1 == self.nd or m[id_ + 1] < targets[id_ + 1])
 
     # -- the steps -------------------------------------------------------------------------------------------
@@ -352,19 +352,19 @@ class _State:
 
     def _run(self) -> None:
         nd, margins = self.nd, self.margins
-        # step 1 (fit.cpp 261-362): the memory for the parameters as given; anything to change at all?
+        # step 1 (fit.cpp 261-371): the memory for the parameters as given; anything to change at all?
         self.log("getting device memory data for initial parameters:")
         dmds_full = self.measure()
-        n_ctx_max = min(self.hp_nct * self.n_streams, UINT32_MAX)  # fit.cpp 266-268: saturating
+        n_ctx_max = min(self.hp_nct * self.n_streams, UINT32_MAX)  # fit.cpp 265-268: saturating
         n_ctx_min_total = min(self.n_ctx_min * self.n_streams, UINT32_MAX)
-        if self.n_ctx_auto:  # fit.cpp 270-278: llama_context would use n_ctx_train; resolve it first
+        if self.n_ctx_auto:  # fit.cpp 270-279: llama_context would use n_ctx_train; resolve it first
             self.n_ctx = n_ctx_max
             if self.n_streams > 1:
                 dmds_full = self.measure()
 
         sum_free = sum_projected_free = sum_projected_used = sum_projected_model = 0
         projected_free_per_device = []
-        if nd == 0:  # fit.cpp 324-334
+        if nd == 0:  # fit.cpp 317-327
             if self.host is None:
                 raise FitError("no devices and no host memory given")
             sum_projected_used = dmds_full[-1].total
@@ -376,7 +376,7 @@ class _State:
                 self.log(f"will leave {sum_projected_free // MiB} >= {margins[0] // MiB} MiB of system memory, "
                          "no changes needed")
                 return
-        else:  # fit.cpp 335-371
+        else:  # fit.cpp 328-371
             for id_ in range(nd):
                 used = dmds_full[id_].total
                 free = self.devices[id_].free - used
@@ -394,7 +394,7 @@ class _State:
                 self.log("targets for free memory can be met on all devices, no changes needed")
                 return
 
-        # step 2 (fit.cpp 373-471): a smaller context, if the user left it unset
+        # step 2 (fit.cpp 373-461): a smaller context, if the user left it unset
         global_surplus = sum_projected_free - sum(margins[:max(nd, 1)])
         if global_surplus < 0:
             self.log(f"cannot meet free memory targets, need to use {-global_surplus // MiB} MiB less in total")
@@ -402,7 +402,7 @@ class _State:
                 if n_ctx_max > n_ctx_min_total:
                     sum_used_target = sum_free - sum(margins[:max(nd, 1)])
                     if nd > 1:
-                        # fit.cpp 399-406: be conservative with several devices (whole layers / tensors per device)
+                        # fit.cpp 403-410: be conservative with several devices (whole layers / tensors per device)
                         div = min(_u32(self.ngl), self.hp_ngl)
                         model_per_layer = _cdiv(sum_projected_model, div)
                         sum_used_target -= _cdiv((nd + 1) * model_per_layer, 2 if self.hp_nex == 0 else 6)
@@ -411,7 +411,7 @@ class _State:
                     sum_used_min_ctx = (dmds_min_ctx[-1].total if nd == 0 else
                                         sum(dmds_min_ctx[i].total for i in range(nd)))
                     if sum_used_target > sum_used_min_ctx:
-                        # fit.cpp 420-426: interpolate linearly, round down to 256 × streams
+                        # fit.cpp 424-430: interpolate linearly, round down to 256 × streams
                         self.n_ctx = _u32(self.n_ctx + _cdiv((n_ctx_max - n_ctx_min_total) *
                                                              (sum_used_target - sum_used_min_ctx),
                                                              sum_projected_used - sum_used_min_ctx))
@@ -437,7 +437,7 @@ class _State:
         if nd == 0:
             raise _Abort("was unable to fit model into system memory by reducing context, abort")
 
-        # fit.cpp 472-496: only parameters the user left alone may change
+        # fit.cpp 463-486: only parameters the user left alone may change
         if self.cfg.n_gpu_layers != UNSET_NGL:
             raise _Abort(f"n_gpu_layers already set by user to {self.cfg.n_gpu_layers}, abort")
         if nd > 1:
@@ -452,7 +452,7 @@ class _State:
 
     def _distribute(self, dmds_full: list[Usage]) -> None:
         nd, margins, hp_ngl, hp_nex = self.nd, self.margins, self.hp_ngl, self.hp_nex
-        # fit.cpp 648-676: with every routed expert in host memory, is there room for all dense weights?
+        # fit.cpp 616-645: with every routed expert in host memory, is there room for all dense weights?
         global_surplus_cpu_moe = 0
         if hp_nex > 0:
             self.log("getting device memory data with all MoE tensors moved to system memory:")
@@ -466,7 +466,7 @@ class _State:
                 self.log(f"with only dense weights in device memory there is still a total deficit of "
                          f"{-global_surplus_cpu_moe // MiB} MiB")
 
-        # fit.cpp 678-691: targets, overflow buffers (all CPU to begin with), nothing assigned
+        # fit.cpp 647-661: targets, overflow buffers (all CPU to begin with), nothing assigned
         targets = [self.devices[id_].free - margins[id_] for id_ in range(nd)]
         for id_ in range(nd):
             self.log(f"id={id_}, target={targets[id_] // MiB} MiB")
@@ -474,8 +474,9 @@ class _State:
         ngl_per_device = [Layers() for _ in range(nd)]
         mem = self.memory_for_layers(ngl_per_device, overflow_bufts)
 
-        # step 3 (fit.cpp 693-772): fill devices back to front with whole ("dense-only" for MoE) layers, by the
-        # method of false position between a known fit (low) and the device taking every unassigned layer (high)
+        # step 3 (fit.cpp 488-729; the fill itself 663-729): fill devices back to front with whole ("dense-only"
+        # for MoE) layers, by the method of false position between a known fit (low) and the device taking every
+        # unassigned layer (high)
         self.log("filling dense layers back-to-front:" if hp_nex == 0 else
                  "filling dense-only layers back-to-front:")
         for id_ in range(nd - 1, -1, -1):
@@ -494,7 +495,7 @@ class _State:
                         test = [dataclasses.replace(x) for x in ngl_per_device]
                         test[id_].n_layer += step
                         if hp_nex:
-                            # fit.cpp 736-737: the last device's first layer must stay full (the output layer)
+                            # fit.cpp 700-703: the last device's first layer must stay full (the output layer)
                             test[id_].n_part += step - 1 if id_ == nd - 1 and test[id_].n_part == 0 else step
                         mem_test = self.memory_for_layers(test, overflow_bufts)
                         if mem_test[id_] <= targets[id_]:
@@ -509,11 +510,11 @@ class _State:
                     self.log(f"set ngl_per_device[{id_}].n_layer={ngl_per_device[id_].n_layer}")
             self.log(f"  - {self.devices[id_].name}: {ngl_per_device[id_].n_layer:2d} layers, "
                      f"{mem[id_] // MiB:6d} MiB used, {(self.devices[id_].free - mem[id_]) // MiB:6d} MiB free")
-        if hp_nex == 0 or global_surplus_cpu_moe <= 0:  # fit.cpp 773-776
+        if hp_nex == 0 or global_surplus_cpu_moe <= 0:  # fit.cpp 730-733
             self.apply(ngl_per_device, overflow_bufts)
             return
 
-        # step 4 (fit.cpp 778-929): MoE with room for every dense weight: turn dense-only layers at the back into
+        # step 4 (fit.cpp 735-876): MoE with room for every dense weight: turn dense-only layers at the back into
         # full layers at the front, device by device, then try part of one more layer (its FFN split up)
         id_dense_start = nd
         for id_ in range(nd - 1, -1, -1):
@@ -542,7 +543,7 @@ class _State:
                     test = [dataclasses.replace(x) for x in ngl_per_device]
                     id_dense_start_test = id_dense_start
                     n_converted_test = 0
-                    while id_dense_start_test < nd:  # fit.cpp 815-826
+                    while id_dense_start_test < nd:  # fit.cpp 773-783
                         n_convert_jd = min(step - n_converted_test, test[id_dense_start_test].n_part)
                         test[id_dense_start_test].n_layer -= n_convert_jd
                         test[id_dense_start_test].n_part -= n_convert_jd
@@ -566,7 +567,7 @@ class _State:
                 self.log(f"set ngl_per_device[{id_}].(n_layer, n_part)=({ngl_per_device[id_].n_layer}, "
                          f"{ngl_per_device[id_].n_part}), id_dense_start={id_dense_start}")
 
-            # fit.cpp 860-918: try to fit at least part of one more layer
+            # fit.cpp 810-860: try to fit at least part of one more layer
             if ngl_per_device[id_dense_start].n_layer > (0 if id_ < nd - 1 else 1):
                 test = [dataclasses.replace(x) for x in ngl_per_device]
                 id_dense_start_test = id_dense_start
@@ -589,7 +590,7 @@ class _State:
                     self.log(f"set ngl_per_device[{id_}].(n_layer, n_part, overflow_type)=("
                              f"{ngl_per_device[id_].n_layer}, {ngl_per_device[id_].n_part}, UP), "
                              f"id_dense_start={id_dense_start}")
-                    # fit.cpp 893: the same list, changed in place (llama.cpp copies it by value above)
+                    # fit.cpp 836: the same list, changed in place (llama.cpp copies it by value above)
                     test = [dataclasses.replace(x) for x in test]
                     test[id_].overflow_type = LayerFraction.GATE
                     self.log("trying to fit one extra layer with overflow_type=LAYER_FRACTION_GATE")
@@ -618,7 +619,7 @@ class _State:
 
     @staticmethod
     def _step(delta: int, below: int, span: int) -> int:
-        """fit.cpp 724-726 / 804-806: the false-position guess, as uint32_t, clamped to 1..delta-1."""
+        """fit.cpp 694-696 / 766-768: the false-position guess, as uint32_t, clamped to 1..delta-1."""
         step = _u32(_cdiv(delta * below, span))
         return min(max(step, 1), delta - 1)
 
@@ -627,7 +628,7 @@ class _State:
 
 def planner_breakdown(info: ModelInfo, devices: list[DeviceMemory]) -> Breakdown:
     """Each device's (model, context, compute) for a config, from the planner alone, as llama.cpp's no_alloc load
-    reports them (fit.cpp 32-155, llama_context::memory_breakdown): weights by tensor placement (layers by
+    reports them (fit.cpp 30-154, llama_context::memory_breakdown): weights by tensor placement (layers by
     cumulative split fractions, `-ot` buffers by device name), the KV cache of each device's layers, and the
     compute buffer each backend reserves (`compute_by_device`). The last entry is the host."""
     names = tuple(d.name for d in devices)
@@ -659,26 +660,81 @@ def device_usage(cfg: TrialConfig, info: ModelInfo, free: list[int] | None, name
     return [Usage(model[i], ctx[i], comp[i]) for i in list(range(n_dev)) + [-1]]
 
 
+N_COPIES = 4  # ggml-backend.cpp GGML_SCHED_MAX_COPIES: input copies with pipeline parallelism
+UP_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate_)?up(_exps)?\.")
+
+
 def compute_by_device(cfg: TrialConfig, info: ModelInfo, where: list[int], layer_dev: list[int],
                       n_dev: int) -> list[int]:
-    """The compute buffer each backend reserves for a full ubatch (index -1: the host's CPU backend).
+    """The compute buffer each backend reserves for a full ubatch of T tokens, every one an output (index -1:
+    the host's CPU backend, as planner.compute_raw).
 
-    ggml's scheduler runs an op where its weights are (RPC and other backends without `offload_op` never take an
-    op whose weights are in host memory) and sizes each backend's buffer by the tensors alive at once among its
-    own ops and the inputs copied to it. A device that holds layers reserves the widest of them; the one holding
-    the output layer also the logits (every token an output); a device whose experts are in host memory keeps only
-    the rest of its layers' working set.
-    """
+    ggml's scheduler runs an op on the backend that holds its weights (RPC has no `offload_op`: an op whose weights
+    are in host memory stays on the CPU) and gives each backend one buffer, sized by the widest set of its tensors
+    alive at once. Per device, in floats per token (E n_embd, V n_vocab, F n_ff, Fe expert width, u experts used):
+    the KQ mask of the layers it runs (alive through the graph; f16 with flash attention), then the widest phase:
+    a dense FFN 3F + 3E; routed experts max(3·Fe·u + 3E, 2E·u + Fe·u + 2E); a layer whose experts are elsewhere
+    E·u + 4E (the weighting of the experts' outputs runs where the router is); attention (FA: Q, K, V, output;
+    MLA: the absorbed query per head); the output layer V + E, or when the layer before it is elsewhere V + 2E
+    (dense) / V + E·u + E (routed experts: the ops after the last expert matmul follow the output). With pipeline
+    parallelism (several devices, every layer offloaded, no overrides: llama_context) each split input is held
+    N_COPIES times (the mask and the layer input). Fitted on llama.cpp's no_alloc figures for the synthetic and
+    oracle shapes (benchmarks/fit_equivalence.py records the error per config)."""
     out = [0] * (n_dev + 1)
     if planner.unmodelled_note(info):
         return out
     n_tok = min(cfg.n_ubatch, cfg.n_batch, planner.kv_size(cfg.effective_ctx()))
     n_kv = planner.max_kv_cells(cfg, info)
-    full = planner.compute_raw(cfg, info, n_tok, n_tok, n_kv)
-    layer = planner.compute_raw(cfg, info, n_tok, 0, n_kv)
-    for d in set(layer_dev[:info.n_layer]):
-        out[d] = max(out[d], layer)
-    out[layer_dev[info.n_layer]] = max(out[layer_dev[info.n_layer]], full)
+    host_layers = any(d < 0 for d in layer_dev[:info.n_layer])
+    if host_layers or n_dev == 0:
+        out[-1] = planner.compute_raw(cfg, info, n_tok, n_tok, n_kv)
+    if n_dev == 0:
+        return out
+    fa = cfg.flash_attn != "off"
+    e, v, u = info.n_embd, info.n_vocab, max(info.n_expert_used, 1)
+    fe = info.n_ff_exp or info.ff(0)
+    moe_live = max(3 * fe * u + 3 * e, 2 * e * u + fe * u + 2 * e)
+    up_dev: dict[int, set[int]] = {}  # layer -> devices holding an up (or fused gate_up) FFN tensor of it
+    exps_layer: set[int] = set()
+    for t, d in zip(info.tensors, where):
+        m = UP_RE.match(t.name)
+        if m:
+            up_dev.setdefault(int(m[1]), set()).add(d)
+            if m[3]:
+                exps_layer.add(int(m[1]))
+    if info.kv_mla:
+        attn = info.n_head * (info.head_dim_k + info.kv_lora_rank + 3 * info.rope_dim) + 3 * e
+    else:
+        attn = 2 * info.n_head * info.head_dim_k + 2 * max(info.head_kv(il) for il in range(info.n_layer)) * \
+            info.head_dim_k + 3 * e
+    if not fa:
+        attn = max(attn, n_kv * info.n_head + info.n_head * info.head_dim_k + 3 * e)
+    routed_tail = e * u + e if info.is_moe and not info.n_expert_shared else 2 * e
+    pp = (n_dev > 1 and cfg.split_mode == "layer" and all(d >= 0 for d in layer_dev)
+          and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe))
+    first = True
+    for d in range(n_dev):
+        layers = [il for il in range(info.n_layer) if layer_dev[il] == d]
+        phases = [0]
+        mask = 0
+        for il in layers:
+            phases.append(attn)
+            if il in exps_layer:
+                phases.append(moe_live if d in up_dev.get(il, ()) else e * u + 4 * e)
+            elif d in up_dev.get(il, ()):
+                phases.append(3 * info.ff(il) + 3 * e)
+        for il, ds in up_dev.items():  # FFN weights of another device's layer (an overflowing part)
+            if d in ds and layer_dev[min(il, info.n_layer - 1)] != d:
+                phases.append(moe_live if il in exps_layer else 3 * info.ff(il) + 3 * e)
+        cells = {planner.kv_cells(cfg, info, il) for il in layers} - {0}
+        mask = sum(c * n_tok * (2 if fa else 4) for c in cells)
+        if layer_dev[info.n_layer] == d:
+            phases.append(v + e if info.n_layer and layer_dev[info.n_layer - 1] == d else v + routed_tail)
+        buf = max(phases) * n_tok * 4 + mask
+        if pp and layers:
+            buf += (N_COPIES - 1) * mask + N_COPIES * e * n_tok * 4 + (0 if first else 2 * e * n_tok * 4)
+            first = False
+        out[d] = buf
     return out
 
 
