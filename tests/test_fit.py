@@ -124,6 +124,22 @@ def test_user_set_parameters_are_not_changed(moe):
     assert res.ok and res.to_flags() == f"-c {moe.n_ctx_train} -ngl 99"
 
 
+def test_statuses_for_split_mode_tensor_a_broken_breakdown_and_bad_input(moe):
+    # split mode tensor is refused before anything is measured, even for a model that fits (fit.cpp 183-185)
+    res = F.fit(moe, devices(4096, 4096), F.server_config(moe.path, split_mode="tensor"))
+    assert res.status == F.FAILURE and "SPLIT_MODE_TENSOR" in res.message and res.n_measured == 0
+
+    def broken(cfg):
+        raise F.FitError("no_alloc load failed")
+
+    res = F.fit(moe, devices(60), F.server_config(moe.path), breakdown=broken)
+    assert res.status == F.ERROR and "no_alloc load failed" in res.message
+    with pytest.raises(F.FitError, match="margin"):
+        F.fit(moe, devices(60, 60), F.server_config(moe.path), margins=[0])
+    with pytest.raises(F.FitError, match="16 devices"):
+        F.fit(moe, devices(*[60] * 17), F.server_config(moe.path))
+
+
 def test_nothing_fits_gives_no_layers_not_a_failure(moe):
     """llama.cpp gives up on a device that cannot hold even its share of zero layers by offloading nothing
     (fit.cpp 663-729: every device keeps its lower bound, 0 layers) and reports success: -ngl 0."""

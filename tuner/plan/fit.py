@@ -230,6 +230,10 @@ def fit(info: ModelInfo, devices: list[DeviceMemory], cfg: TrialConfig, margins:
     `--fit-ctx` (UINT32_MAX: never lower the context); `breakdown`: memory per device for a config (default:
     `planner_breakdown(info, devices)`); `host`: host memory, used only without devices; `n_seq_max` /
     `kv_unified`: the context's sequences (llama-fit-params: 1 and false).
+
+    Returns a FitResult whose status is SUCCESS, FAILURE (llama.cpp's common_params_fit_exception: a parameter the
+    user set, too many overrides, no devices and no room) or ERROR (a hard error, e.g. of the breakdown). Input the
+    fit cannot read (more than 16 devices, fewer margins than devices) raises FitError.
     """
     bd = breakdown or planner_breakdown(info, devices)
     res = FitResult(status=SUCCESS, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers)
@@ -250,8 +254,6 @@ class _State:
     """common_params_fit_impl's locals; `run` follows its steps in order."""
 
     def __init__(self, info, devices, cfg, margins, n_ctx_min, bd, host, n_seq_max, kv_unified, res):
-        if cfg.split_mode == "tensor":  # fit.cpp 183-185 (LLAMA_SPLIT_MODE_TENSOR)
-            raise FitError("llama_params_fit is not implemented for SPLIT_MODE_TENSOR, abort")
         self.info, self.devices, self.cfg, self.bd, self.res = info, list(devices), cfg, bd, res
         self.host = host
         self.nd = len(self.devices)
@@ -352,6 +354,8 @@ class _State:
 
     def _run(self) -> None:
         nd, margins = self.nd, self.margins
+        if self.cfg.split_mode == "tensor":  # fit.cpp 183-185 (LLAMA_SPLIT_MODE_TENSOR)
+            raise _Abort("llama_params_fit is not implemented for SPLIT_MODE_TENSOR, abort")
         # step 1 (fit.cpp 261-371): the memory for the parameters as given; anything to change at all?
         self.log("getting device memory data for initial parameters:")
         dmds_full = self.measure()
