@@ -287,21 +287,26 @@ def _override_rules(cfg: TrialConfig) -> list:
     return rules
 
 
-def _device_of_buffer(buft: str) -> int | None:
-    """-1 for a host buffer (CPU, CPU_Mapped, ...), the index of a named device (CUDA1 → 1), None: unknown."""
+def _device_of_buffer(buft: str, names: tuple[str, ...] = ()) -> int | None:
+    """-1 for a host buffer (CPU, CPU_Mapped, ...), the index of a named device (one of `names`, as llama.cpp
+    names the devices' buffers: "RPC0[127.0.0.1:50053]"; else CUDA1 → 1), None: unknown."""
     if buft.startswith("CPU"):
         return -1
+    upper = [n.upper() for n in names]
+    if buft.upper() in upper:
+        return upper.index(buft.upper())
     m = re.search(r"(\d+)$", buft)
     return int(m[1]) if m else None
 
 
 def tensor_devices(cfg: TrialConfig, info: ModelInfo, gpu_offload: bool,
-                   free: list[int] | None = None) -> tuple[list[int], int]:
+                   free: list[int] | None = None, names: tuple[str, ...] = ()) -> tuple[list[int], int]:
     """Per tensor (in info.tensors order): -1 when it lives in host memory, else its GPU; plus the effective ngl.
     Token embeddings stay on the host (llama.cpp keeps the input layer on the CPU); output tensors go with the
-    output layer; an override wins over the layer's device."""
+    output layer; an override wins over the layer's device (`names`: the devices' buffer names, for `-ot`)."""
+    names = tuple(names)
     key = (info.path, info.file_size, len(info.tensors), gpu_offload, tuple(free or ()), cfg.n_gpu_layers,
-           cfg.split_mode, cfg.main_gpu, cfg.tensor_split, cfg.n_cpu_moe, cfg.cpu_moe, cfg.overrides)
+           cfg.split_mode, cfg.main_gpu, cfg.tensor_split, cfg.n_cpu_moe, cfg.cpu_moe, cfg.overrides, names)
     hit = _PLACEMENT_CACHE.get(key)
     if hit is not None:
         return hit
@@ -313,7 +318,7 @@ def tensor_devices(cfg: TrialConfig, info: ModelInfo, gpu_offload: bool,
         rules = _override_rules(cfg)
         where = []
         for t in info.tensors:
-            dev = next((_device_of_buffer(b) for match, b in rules if match(t)), None)
+            dev = next((_device_of_buffer(b, names) for match, b in rules if match(t)), None)
             if dev is None:
                 if t.layer is not None:
                     dev = devs[min(t.layer, info.n_layer - 1)]
