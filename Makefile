@@ -35,12 +35,14 @@ demo: install
 	$(BIN)/tuner search --config experiments/demo.toml
 	$(BIN)/tuner report results/demo --out results/demo/report
 
-test: install
-	$(BIN)/ruff check tuner tests benchmarks
+test: lint
 	$(BIN)/python -m pytest -q
 
+# ruff (pyproject.toml): the linter (line length, import order, imports inside functions only where marked
+# with the reason) and the formatter
 lint: install
-	$(BIN)/ruff check tuner tests benchmarks
+	$(BIN)/ruff check tuner tests benchmarks .ci
+	$(BIN)/ruff format --check tuner tests benchmarks .ci
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -17,8 +17,10 @@ info = llama_cpp.llama_print_system_info().decode()
 wrong = []
 if "-DGGML_RPC=on" in args and not llama_cpp.llama_supports_rpc():
     wrong.append("asked for the RPC backend, the installed build has none")
-if any(f"-DGGML_{b}=on" in args for b in ("CUDA", "HIP", "VULKAN", "METAL", "SYCL")) \
-        and not llama_cpp.llama_supports_gpu_offload():
+if (
+    any(f"-DGGML_{b}=on" in args for b in ("CUDA", "HIP", "VULKAN", "METAL", "SYCL"))
+    and not llama_cpp.llama_supports_gpu_offload()
+):
     wrong.append("asked for a GPU backend, the installed build cannot offload")
 if "-mno-amx-int8" in args and "AMX_INT8 = 1" in info:
     wrong.append("asked for no AMX kernels, the installed build has them")

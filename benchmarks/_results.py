@@ -40,9 +40,14 @@ def provenance() -> dict:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "build": hardware.build_info(),
-        "hardware": {"cpu": hw.cpu, "cores_physical": hw.cores_physical, "ram_total": hw.ram_total,
-                     "gpus": [g.name for g in hw.gpus], "machine": platform.machine(),
-                     "fingerprint": hw.fingerprint()},
+        "hardware": {
+            "cpu": hw.cpu,
+            "cores_physical": hw.cores_physical,
+            "ram_total": hw.ram_total,
+            "gpus": [g.name for g in hw.gpus],
+            "machine": platform.machine(),
+            "fingerprint": hw.fingerprint(),
+        },
         "loadavg": os.getloadavg(),
     }
 
@@ -52,8 +57,14 @@ def model_facts(path: str | os.PathLike) -> dict:
     from tuner.model.meta import read_model
 
     info = read_model(path)
-    return {"path": str(path), "size_bytes": info.file_size, "content_hash": info.content_hash,
-            "arch": info.arch, "file_type": info.file_type, "n_params": info.n_params}
+    return {
+        "path": str(path),
+        "size_bytes": info.file_size,
+        "content_hash": info.content_hash,
+        "arch": info.arch,
+        "file_type": info.file_type,
+        "n_params": info.n_params,
+    }
 
 
 # what makes two model files alike for timing: llama.cpp's quantizer writes other bytes from the same f16 on another
@@ -78,8 +89,14 @@ def rate_ci(k: int, n: int) -> dict:
     two = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
     upper = binomtest(k, n, alternative="less").proportion_ci(confidence_level=0.95, method="exact").high
     lower = binomtest(k, n, alternative="greater").proportion_ci(confidence_level=0.95, method="exact").low
-    return {"count": k, "n": n, "rate": k / n, "ci95": [float(two.low), float(two.high)], "lower95": float(lower),
-            "upper95": float(upper)}
+    return {
+        "count": k,
+        "n": n,
+        "rate": k / n,
+        "ci95": [float(two.low), float(two.high)],
+        "lower95": float(lower),
+        "upper95": float(upper),
+    }
 
 
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> list[float]:
@@ -96,12 +113,15 @@ def bounded_rates(hits_aa: int, n_aa: int, hits_ab: int, n_ab: int) -> dict:
     """A gate's false-alarm rate (regressions in A/A runs) with its one-sided 95 % upper bound, and its detection
     rate (regressions in A/B runs) with its one-sided 95 % lower bound (rate_ci)."""
     aa, ab = rate_ci(hits_aa, n_aa), rate_ci(hits_ab, n_ab)
-    return {"false_alarm_rate": aa["rate"], "false_alarm_upper95": aa["upper95"],
-            "detection_rate": ab["rate"], "detection_lower95": ab["lower95"]}
+    return {
+        "false_alarm_rate": aa["rate"],
+        "false_alarm_upper95": aa["upper95"],
+        "detection_rate": ab["rate"],
+        "detection_lower95": ab["lower95"],
+    }
 
 
-def save(name: str, result: dict, out: str | Path = RESULTS, echo: bool = True, path: str | Path | None = None) \
-        -> Path:
+def save(name: str, result: dict, out: str | Path = RESULTS, echo: bool = True, path: str | Path | None = None) -> Path:
     """Write result (plus its provenance) as out/NAME-YYYYmmdd-HHMMSS.json, or to `path`; returns the path."""
     path = Path(path) if path else Path(out) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,10 +48,18 @@ def main() -> int:
     df = store.read(rec_path.parent) if rec_path else None
     fills, restores = [], []
     if df is not None:
-        fills = [{"n_ctx": int(r["n_ctx"]), "n_depth": int(r["n_depth"]), "fill_s": r["depth_fill_ms"] / 1000,
-                  "n_ubatch": int(r["n_ubatch"]), "flash_attn": r["flash_attn"], "state": r["state"]}
-                 for r in df.to_dict("records") if r.get("depth_fill_ms") == r.get("depth_fill_ms")
-                 and r.get("depth_fill_ms")]
+        fills = [
+            {
+                "n_ctx": int(r["n_ctx"]),
+                "n_depth": int(r["n_depth"]),
+                "fill_s": r["depth_fill_ms"] / 1000,
+                "n_ubatch": int(r["n_ubatch"]),
+                "flash_attn": r["flash_attn"],
+                "state": r["state"],
+            }
+            for r in df.to_dict("records")
+            if r.get("depth_fill_ms") == r.get("depth_fill_ms") and r.get("depth_fill_ms")
+        ]
         restores = [float(x) for x in df["depth_restore_ms"].dropna()]
     rungs = [int(c) for c in a.ctx.split(",")]
     shape = rec.get("config", {})
@@ -62,36 +70,55 @@ def main() -> int:
         "every_rung_measured": sorted(by) == sorted(rungs),
         "every_rung_filled": all(by.get(c, {}).get("n_depth") == d for c, d in want.items()),
         "defaults_at_every_rung": all("defaults" in r and (r.get("vs_defaults") or {}).get("ratio") for r in ladder),
-        "searched_once_at_the_working_context": df is not None and set(
-            df[df["state"] != "confirm"]["n_ctx"]) == {max(rungs)},
+        "searched_once_at_the_working_context": df is not None
+        and set(df[df["state"] != "confirm"]["n_ctx"]) == {max(rungs)},
     }
     lo, hi = min(rungs), max(rungs)
     result = {
-        "benchmark": "context_ladder", "command": " ".join(["tuner"] + cmd[1:]), "model": model_facts(model),
-        "exit_code": res.returncode, "wall_s": wall, "checks": checks, "passed": all(checks.values()),
+        "benchmark": "context_ladder",
+        "command": " ".join(["tuner"] + cmd[1:]),
+        "model": model_facts(model),
+        "exit_code": res.returncode,
+        "wall_s": wall,
+        "checks": checks,
+        "passed": all(checks.values()),
         "tg_top_vs_bottom": (by[hi]["tg_ts"] / by[lo]["tg_ts"]) if lo in by and hi in by else None,
         "pp_top_vs_bottom": (by[hi]["pp_ts"] / by[lo]["pp_ts"]) if lo in by and hi in by else None,
-        "ladder": ladder, "confirmation": {k: (rec.get("confirmation") or {}).get(k)
-                                           for k in ("verdict", "reason", "rounds", "vs_baseline")},
-        "fills": fills, "fill_s_total": sum(f["fill_s"] for f in fills),
-        "restore_ms_median": statistics.median(restores) if restores else None, "restores": len(restores),
-        "trials": {"searched": int((df["state"] != "confirm").sum()) if df is not None else 0,
-                   "confirm_and_ladder_runs": int((df["state"] == "confirm").sum()) if df is not None else 0},
+        "ladder": ladder,
+        "confirmation": {
+            k: (rec.get("confirmation") or {}).get(k) for k in ("verdict", "reason", "rounds", "vs_baseline")
+        },
+        "fills": fills,
+        "fill_s_total": sum(f["fill_s"] for f in fills),
+        "restore_ms_median": statistics.median(restores) if restores else None,
+        "restores": len(restores),
+        "trials": {
+            "searched": int((df["state"] != "confirm").sum()) if df is not None else 0,
+            "confirm_and_ladder_runs": int((df["state"] == "confirm").sum()) if df is not None else 0,
+        },
         # where the wall time went: the search, the race, the ladder (each run's own wall, fills included)
-        "wall_s_by_phase": {} if df is None else {
+        "wall_s_by_phase": {}
+        if df is None
+        else {
             "search": float(df[df["state"] != "confirm"]["wall_s"].sum()),
             "race": float(df[(df["state"] == "confirm") & ~df["baseline"].str.contains("rung")]["wall_s"].sum()),
-            "ladder": float(df[(df["state"] == "confirm") & df["baseline"].str.contains("rung")]["wall_s"].sum())},
+            "ladder": float(df[(df["state"] == "confirm") & df["baseline"].str.contains("rung")]["wall_s"].sum()),
+        },
         "provenance": prov,
-        "stdout": res.stdout, "stderr": res.stderr[-30000:], "recommended": rec,
+        "stdout": res.stdout,
+        "stderr": res.stderr[-30000:],
+        "recommended": rec,
     }
     path = save("context-ladder", result, echo=False)
     print(f"saved {path}: wall {wall / 60:.1f} min, checks {checks}", file=sys.stderr)
     for r in ladder:
         d = r.get("defaults") or {}
-        print(f"  n_ctx {r['n_ctx']} depth {r['n_depth']}: tg {r['tg_ts']:.1f} (defaults {d.get('tg_ts') or 0:.1f}), "
-              f"pp {r['pp_ts']:.1f} (defaults {d.get('pp_ts') or 0:.1f}), x defaults "
-              f"{(r.get('vs_defaults') or {}).get('ratio')}", file=sys.stderr)
+        print(
+            f"  n_ctx {r['n_ctx']} depth {r['n_depth']}: tg {r['tg_ts']:.1f} (defaults {d.get('tg_ts') or 0:.1f}), "
+            f"pp {r['pp_ts']:.1f} (defaults {d.get('pp_ts') or 0:.1f}), x defaults "
+            f"{(r.get('vs_defaults') or {}).get('ratio')}",
+            file=sys.stderr,
+        )
     return 0 if result["passed"] else 1
 
 

@@ -54,15 +54,24 @@ def csv_ints(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__[__doc__.index("Examples:"):])
-    ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH"),
-                    help="llama-bench binary built from the same llama.cpp source (env LLAMA_BENCH)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__[__doc__.index("Examples:") :],
+    )
+    ap.add_argument(
+        "--llama-bench",
+        default=os.environ.get("LLAMA_BENCH"),
+        help="llama-bench binary built from the same llama.cpp source (env LLAMA_BENCH)",
+    )
     ap.add_argument("--tuner", default=None, help="tuner CLI (default: the one next to this Python)")
-    ap.add_argument("--model", action="append", default=None,
-                    help="GGUF file or `dense` (synthetic q4_0 + q8_0) or `gemma` (the real Gemma 3 270M "
-                         "Q4_K_M); repeatable (default: dense and gemma)")
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="GGUF file or `dense` (synthetic q4_0 + q8_0) or `gemma` (the real Gemma 3 270M "
+        "Q4_K_M); repeatable (default: dense and gemma)",
+    )
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-r", "--repetitions", type=int, default=5)
@@ -72,15 +81,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=99)
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--order", choices=["ab", "abba"], default="abba",
-                    help="per round and case: one run of each tool (ab), or A B B A (abba, default: cancels a "
-                         "speed that drifts during the round; A alternates by round)")
+    ap.add_argument(
+        "--order",
+        choices=["ab", "abba"],
+        default="abba",
+        help="per round and case: one run of each tool (ab), or A B B A (abba, default: cancels a "
+        "speed that drifts during the round; A alternates by round)",
+    )
     ap.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/fidelity-<date>-<time>.json)")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="compare CPU seconds per token instead of t/s (robust on a busy machine; use -t 1 "
-                         "and one of -p/-n only: with more threads, spinning OpenMP workers add CPU time)")
-    ap.add_argument("--same-libs", action="store_true",
-                    help="run llama-bench on llama-cpp-python's own libllama/libggml (LD_LIBRARY_PATH)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="compare CPU seconds per token instead of t/s (robust on a busy machine; use -t 1 "
+        "and one of -p/-n only: with more threads, spinning OpenMP workers add CPU time)",
+    )
+    ap.add_argument(
+        "--same-libs",
+        action="store_true",
+        help="run llama-bench on llama-cpp-python's own libllama/libggml (LD_LIBRARY_PATH)",
+    )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per tool run")
     a = ap.parse_args(argv)
     if not a.llama_bench:
@@ -159,13 +178,44 @@ FACTS: dict = {"llama_bench": {}, "tuner": {}}  # build facts of each tool, from
 
 
 def llama_bench(a, case: dict, env: dict, reps: int | None = None) -> dict:
-    cmd = [a.llama_bench, "-m", case["model"], "-p", str(a.n_prompt), "-n", str(a.n_gen),
-           "-r", str(reps or a.repetitions), "-t", str(case["threads"]), "-b", str(case["n_batch"]),
-           "-ub", str(case["n_ubatch"]), "-fa", a.flash_attn, "-ngl", str(a.n_gpu_layers), "-o", "json"]
+    cmd = [
+        a.llama_bench,
+        "-m",
+        case["model"],
+        "-p",
+        str(a.n_prompt),
+        "-n",
+        str(a.n_gen),
+        "-r",
+        str(reps or a.repetitions),
+        "-t",
+        str(case["threads"]),
+        "-b",
+        str(case["n_batch"]),
+        "-ub",
+        str(case["n_ubatch"]),
+        "-fa",
+        a.flash_attn,
+        "-ngl",
+        str(a.n_gpu_layers),
+        "-o",
+        "json",
+    ]
     out, wall, cpu = run(cmd, env, a.timeout)
     tests = json.loads(out)
-    FACTS["llama_bench"] = FACTS["llama_bench"] or {k: tests[0].get(k) for k in (
-        "build_commit", "build_number", "cpu_info", "backends", "flash_attn", "type_k", "type_v", "model_type")}
+    FACTS["llama_bench"] = FACTS["llama_bench"] or {
+        k: tests[0].get(k)
+        for k in (
+            "build_commit",
+            "build_number",
+            "cpu_info",
+            "backends",
+            "flash_attn",
+            "type_k",
+            "type_v",
+            "model_type",
+        )
+    }
     res = {"wall_s": wall, "cpu_s": cpu}
     for t in tests:
         key = "pp" if t["n_prompt"] and not t["n_gen"] else "tg" if t["n_gen"] and not t["n_prompt"] else None
@@ -175,9 +225,29 @@ def llama_bench(a, case: dict, env: dict, reps: int | None = None) -> dict:
 
 
 def tuner_bench(a, case: dict, env: dict, tmp: Path, cli: list[str], reps: int | None = None) -> dict:
-    cmd = cli + ["bench", case["model"], "-p", str(a.n_prompt), "-n", str(a.n_gen), "-r", str(reps or a.repetitions),
-                 "-t", str(case["threads"]), "-b", str(case["n_batch"]), "-ub", str(case["n_ubatch"]),
-                 "-fa", a.flash_attn, "-ngl", str(a.n_gpu_layers), "--json", "-o", str(tmp / "bench.parquet")]
+    cmd = cli + [
+        "bench",
+        case["model"],
+        "-p",
+        str(a.n_prompt),
+        "-n",
+        str(a.n_gen),
+        "-r",
+        str(reps or a.repetitions),
+        "-t",
+        str(case["threads"]),
+        "-b",
+        str(case["n_batch"]),
+        "-ub",
+        str(case["n_ubatch"]),
+        "-fa",
+        a.flash_attn,
+        "-ngl",
+        str(a.n_gpu_layers),
+        "--json",
+        "-o",
+        str(tmp / "bench.parquet"),
+    ]
     out, wall, cpu = run(cmd, env, a.timeout)
     rec = json.loads(out.strip().splitlines()[-1])
     FACTS["tuner"] = FACTS["tuner"] or rec.get("build", {})
@@ -185,8 +255,7 @@ def tuner_bench(a, case: dict, env: dict, tmp: Path, cli: list[str], reps: int |
     for key in ("pp", "tg"):
         s = rec[f"{key}_samples"]
         if s:
-            res[key] = {"mean": statistics.fmean(s), "sd": statistics.stdev(s) if len(s) > 1 else 0.0,
-                        "samples": s}
+            res[key] = {"mean": statistics.fmean(s), "sd": statistics.stdev(s) if len(s) > 1 else 0.0, "samples": s}
     return res
 
 
@@ -198,8 +267,11 @@ def merge_runs(runs: list[dict]) -> dict:
     for key in ("pp", "tg"):
         if all(key in r for r in runs):
             samples = [x for r in runs for x in r[key]["samples"]]
-            out[key] = {"mean": statistics.fmean(r[key]["mean"] for r in runs),
-                        "sd": statistics.stdev(samples) if len(samples) > 1 else 0.0, "samples": samples}
+            out[key] = {
+                "mean": statistics.fmean(r[key]["mean"] for r in runs),
+                "sd": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+                "samples": samples,
+            }
     return out
 
 
@@ -207,9 +279,17 @@ def model_facts(path: str) -> dict:
     from tuner.model.meta import read_model
 
     i = read_model(path)
-    return {"arch": i.arch, "name": i.name, "file_type": i.file_type, "file_size": i.file_size,
-            "n_params": i.n_params, "n_vocab": i.n_vocab, "n_layer": i.n_layer,
-            "sliding_window": i.sliding_window, "content_hash": i.content_hash}
+    return {
+        "arch": i.arch,
+        "name": i.name,
+        "file_type": i.file_type,
+        "file_size": i.file_size,
+        "n_params": i.n_params,
+        "n_vocab": i.n_vocab,
+        "n_layer": i.n_layer,
+        "sliding_window": i.sliding_window,
+        "content_hash": i.content_hash,
+    }
 
 
 def cv(values: list[float]) -> float | None:
@@ -223,18 +303,24 @@ def summarize(rounds: list[dict], key: str) -> dict | None:
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     med = statistics.median(ratios)
     best = [r["ratio_best"][key] for r in rounds if r["ratio_best"].get(key)]
-    return {"median_ratio": med, "min_ratio": min(ratios), "max_ratio": max(ratios), "iqr": [q[0], q[2]],
-            "median_ratio_best_rep": statistics.median(best),
-            "llama_bench_median_ts": statistics.median(r["llama_bench"][key]["mean"] for r in rounds),
-            "tuner_median_ts": statistics.median(r["tuner"][key]["mean"] for r in rounds),
-            # round-to-round noise of each tool, and the mean within-run repetition noise
-            "llama_bench_cv_rounds": cv([r["llama_bench"][key]["mean"] for r in rounds]),
-            "tuner_cv_rounds": cv([r["tuner"][key]["mean"] for r in rounds]),
-            "llama_bench_cv_reps": statistics.fmean(r["llama_bench"][key]["sd"] / r["llama_bench"][key]["mean"]
-                                                    for r in rounds),
-            "tuner_cv_reps": statistics.fmean(r["tuner"][key]["sd"] / r["tuner"][key]["mean"] for r in rounds),
-            **ceiling(rounds, key),
-            "within_tolerance": abs(med - 1) <= TOLERANCE}
+    return {
+        "median_ratio": med,
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
+        "iqr": [q[0], q[2]],
+        "median_ratio_best_rep": statistics.median(best),
+        "llama_bench_median_ts": statistics.median(r["llama_bench"][key]["mean"] for r in rounds),
+        "tuner_median_ts": statistics.median(r["tuner"][key]["mean"] for r in rounds),
+        # round-to-round noise of each tool, and the mean within-run repetition noise
+        "llama_bench_cv_rounds": cv([r["llama_bench"][key]["mean"] for r in rounds]),
+        "tuner_cv_rounds": cv([r["tuner"][key]["mean"] for r in rounds]),
+        "llama_bench_cv_reps": statistics.fmean(
+            r["llama_bench"][key]["sd"] / r["llama_bench"][key]["mean"] for r in rounds
+        ),
+        "tuner_cv_reps": statistics.fmean(r["tuner"][key]["sd"] / r["tuner"][key]["mean"] for r in rounds),
+        **ceiling(rounds, key),
+        "within_tolerance": abs(med - 1) <= TOLERANCE,
+    }
 
 
 def ceiling(rounds: list[dict], key: str) -> dict:
@@ -273,8 +359,10 @@ def main(argv=None) -> int:
     import psutil
 
     threads = a.threads or [psutil.cpu_count(logical=False) or 1]
-    cases = [{"model": str(Path(m).resolve()), "threads": t, "n_batch": b, "n_ubatch": ub, "rounds": []}
-             for m, t, b, ub in itertools.product(models, threads, a.batch_size, a.ubatch_size)]
+    cases = [
+        {"model": str(Path(m).resolve()), "threads": t, "n_batch": b, "n_ubatch": ub, "rounds": []}
+        for m, t, b, ub in itertools.product(models, threads, a.batch_size, a.ubatch_size)
+    ]
     cli = tuner_cli(a.tuner)
     tmp = Path(tempfile.mkdtemp(prefix="fidelity-"))
     # The children run under our lock: `tuner bench` gets a private lock file so it does not wait on us.
@@ -283,7 +371,8 @@ def main(argv=None) -> int:
     if a.same_libs:
         # LD_LIBRARY_PATH wins over llama-bench's RUNPATH: only llama-bench's own loop stays its own
         lb_env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            [str(llama_cpp_lib_dir())] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
+            [str(llama_cpp_lib_dir())] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else [])
+        )
     started = dt.datetime.now(dt.timezone.utc)
     load_before = os.getloadavg()
     with measurement_lock(wait=True, what="benchmarks/fidelity.py"):
@@ -294,18 +383,31 @@ def main(argv=None) -> int:
                 load = os.getloadavg()[0]
                 if a.cpu_time:
                     key = "pp" if a.n_prompt else "tg"
-                    tools = [("llama_bench", lambda r: llama_bench(a, case, lb_env, r)),
-                             ("tuner", lambda r: tuner_bench(a, case, env, tmp, cli, r))]
+                    tools = [
+                        ("llama_bench", lambda r: llama_bench(a, case, lb_env, r)),
+                        ("tuner", lambda r: tuner_bench(a, case, env, tmp, cli, r)),
+                    ]
                     ms = {name: cpu_per_token(a, f) for name, f in (tools if lb_first else tools[::-1])}
                     ratio = ms["llama_bench"] / ms["tuner"]  # > 1: tuner needs less CPU per token
-                    case["rounds"].append({"round": rnd, "first": "llama-bench" if lb_first else "tuner",
-                                           "loadavg_1m": load, "cpu_ms_per_token": ms, "ratio": {key: ratio}})
-                    print(f"round {rnd + 1}/{a.rounds} {label(case, a)}: {key} CPU ms/token "
-                          f"llama-bench {ms['llama_bench']:.4f} tuner {ms['tuner']:.4f} speed ratio {ratio:.4f}",
-                          flush=True)
+                    case["rounds"].append(
+                        {
+                            "round": rnd,
+                            "first": "llama-bench" if lb_first else "tuner",
+                            "loadavg_1m": load,
+                            "cpu_ms_per_token": ms,
+                            "ratio": {key: ratio},
+                        }
+                    )
+                    print(
+                        f"round {rnd + 1}/{a.rounds} {label(case, a)}: {key} CPU ms/token "
+                        f"llama-bench {ms['llama_bench']:.4f} tuner {ms['tuner']:.4f} speed ratio {ratio:.4f}",
+                        flush=True,
+                    )
                     continue
-                tools = {"llama_bench": lambda: llama_bench(a, case, lb_env),
-                         "tuner": lambda: tuner_bench(a, case, env, tmp, cli)}
+                tools = {
+                    "llama_bench": lambda: llama_bench(a, case, lb_env),
+                    "tuner": lambda: tuner_bench(a, case, env, tmp, cli),
+                }
                 first, second = ("llama_bench", "tuner") if lb_first else ("tuner", "llama_bench")
                 # ab: one run each; abba: first, second, second, first, so a speed that drifts through the
                 # round (boost and neighbours' load on a shared VM) weighs on both tools alike
@@ -316,13 +418,23 @@ def main(argv=None) -> int:
                 ratio = {k: tu[k]["mean"] / lb[k]["mean"] for k in ("pp", "tg") if k in tu and k in lb}
                 # contention only ever slows a repetition down: the best one is the least disturbed
                 best = {k: max(tu[k]["samples"]) / max(lb[k]["samples"]) for k in ratio}
-                case["rounds"].append({"round": rnd, "first": "llama-bench" if lb_first else "tuner",
-                                       "loadavg_1m": load, "llama_bench": lb, "tuner": tu, "ratio": ratio,
-                                       "ratio_best": best})
-                print(f"round {rnd + 1}/{a.rounds} {label(case, a)} ({'lb' if lb_first else 'tuner'} first, "
-                      f"load {load:.1f}): " + ", ".join(
-                          f"{k} {tu[k]['mean']:.2f}/{lb[k]['mean']:.2f} = {ratio[k]:.4f}" for k in ratio),
-                      flush=True)
+                case["rounds"].append(
+                    {
+                        "round": rnd,
+                        "first": "llama-bench" if lb_first else "tuner",
+                        "loadavg_1m": load,
+                        "llama_bench": lb,
+                        "tuner": tu,
+                        "ratio": ratio,
+                        "ratio_best": best,
+                    }
+                )
+                print(
+                    f"round {rnd + 1}/{a.rounds} {label(case, a)} ({'lb' if lb_first else 'tuner'} first, "
+                    f"load {load:.1f}): "
+                    + ", ".join(f"{k} {tu[k]['mean']:.2f}/{lb[k]['mean']:.2f} = {ratio[k]:.4f}" for k in ratio),
+                    flush=True,
+                )
     shutil.rmtree(tmp, ignore_errors=True)
 
     if a.cpu_time:
@@ -332,17 +444,31 @@ def main(argv=None) -> int:
     result = {
         "started_utc": started.isoformat(timespec="seconds"),
         "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-                 "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "llama_bench": {"path": a.llama_bench, **FACTS["llama_bench"],
-                        "libs": str(llama_cpp_lib_dir()) if a.same_libs else "its own build (RUNPATH)"},
+        "host": {
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "llama_bench": {
+            "path": a.llama_bench,
+            **FACTS["llama_bench"],
+            "libs": str(llama_cpp_lib_dir()) if a.same_libs else "its own build (RUNPATH)",
+        },
         "tuner_build": FACTS["tuner"],
         "models": {m: model_facts(m) for m in models},
-        "settings": {"n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.repetitions,
-                     "flash_attn": a.flash_attn, "n_gpu_layers": a.n_gpu_layers, "rounds": a.rounds,
-                     "order": "ab" if a.cpu_time else a.order,
-                     "metric": "cpu_ms_per_token" if a.cpu_time else "t/s",
-                     "tolerance": TOLERANCE, "argv": sys.argv[1:] if argv is None else argv},
+        "settings": {
+            "n_prompt": a.n_prompt,
+            "n_gen": a.n_gen,
+            "repetitions": a.repetitions,
+            "flash_attn": a.flash_attn,
+            "n_gpu_layers": a.n_gpu_layers,
+            "rounds": a.rounds,
+            "order": "ab" if a.cpu_time else a.order,
+            "metric": "cpu_ms_per_token" if a.cpu_time else "t/s",
+            "tolerance": TOLERANCE,
+            "argv": sys.argv[1:] if argv is None else argv,
+        },
         "within_tolerance": ok,
         "cases": cases,
     }
@@ -359,23 +485,34 @@ def cpu_summary(cases: list[dict]) -> bool:
         key = next(iter(case["rounds"][0]["ratio"]))
         ratios = [r["ratio"][key] for r in case["rounds"]]
         med = statistics.median(ratios)
-        case["summary"] = {key: {
-            "median_ratio": med, "min_ratio": min(ratios), "max_ratio": max(ratios),
-            "llama_bench_median_cpu_ms": statistics.median(r["cpu_ms_per_token"]["llama_bench"] for r in case["rounds"]),
-            "tuner_median_cpu_ms": statistics.median(r["cpu_ms_per_token"]["tuner"] for r in case["rounds"]),
-            "within_tolerance": abs(med - 1) <= TOLERANCE}}
+        case["summary"] = {
+            key: {
+                "median_ratio": med,
+                "min_ratio": min(ratios),
+                "max_ratio": max(ratios),
+                "llama_bench_median_cpu_ms": statistics.median(
+                    r["cpu_ms_per_token"]["llama_bench"] for r in case["rounds"]
+                ),
+                "tuner_median_cpu_ms": statistics.median(r["cpu_ms_per_token"]["tuner"] for r in case["rounds"]),
+                "within_tolerance": abs(med - 1) <= TOLERANCE,
+            }
+        }
         s = case["summary"][key]
         ok &= s["within_tolerance"]
-        print(f"{Path(case['model']).stem + ' t=' + str(case['threads']):58} {key:5} "
-              f"{s['llama_bench_median_cpu_ms']:10.4f} {s['tuner_median_cpu_ms']:12.4f} {med:8.4f} "
-              f"{s['min_ratio']:7.4f} {s['max_ratio']:7.4f}{'' if s['within_tolerance'] else '  OUTSIDE ±3%'}")
+        print(
+            f"{Path(case['model']).stem + ' t=' + str(case['threads']):58} {key:5} "
+            f"{s['llama_bench_median_cpu_ms']:10.4f} {s['tuner_median_cpu_ms']:12.4f} {med:8.4f} "
+            f"{s['min_ratio']:7.4f} {s['max_ratio']:7.4f}{'' if s['within_tolerance'] else '  OUTSIDE ±3%'}"
+        )
     return ok
 
 
 def rate_summary(cases: list[dict], a) -> bool:
     ok = True
-    print(f"\n{'case':58} {'test':5} {'llama-bench':>12} {'tuner':>10} {'median':>8} {'min':>7} {'max':>7}"
-          f" {'best-rep':>8} {'ceiling (plateau n lb/tu)':>26} {'cv lb/tu (rounds)':>18}")
+    print(
+        f"\n{'case':58} {'test':5} {'llama-bench':>12} {'tuner':>10} {'median':>8} {'min':>7} {'max':>7}"
+        f" {'best-rep':>8} {'ceiling (plateau n lb/tu)':>26} {'cv lb/tu (rounds)':>18}"
+    )
     for case in cases:
         case["summary"] = {}
         for key in ("pp", "tg"):
@@ -385,11 +522,14 @@ def rate_summary(cases: list[dict], a) -> bool:
             case["summary"][key] = s
             ok &= s["within_tolerance"]
             n = a.n_prompt if key == "pp" else a.n_gen
-            print(f"{label(case, a):58} {key}{n:<3} {s['llama_bench_median_ts']:12.2f} {s['tuner_median_ts']:10.2f}"
-                  f" {s['median_ratio']:8.4f} {s['min_ratio']:7.4f} {s['max_ratio']:7.4f} {s['median_ratio_best_rep']:8.4f}"
-                  f" {s['best_ratio']:8.4f} ({s['plateau_llama_bench']:>3}/{s['plateau_tuner']:<3})      "
-                  f" {100 * (s['llama_bench_cv_rounds'] or 0):8.1f}%/{100 * (s['tuner_cv_rounds'] or 0):.1f}%"
-                  f"{'' if s['within_tolerance'] else '  OUTSIDE ±3%'}")
+            print(
+                f"{label(case, a):58} {key}{n:<3} {s['llama_bench_median_ts']:12.2f} {s['tuner_median_ts']:10.2f}"
+                f" {s['median_ratio']:8.4f} {s['min_ratio']:7.4f} {s['max_ratio']:7.4f}"
+                f" {s['median_ratio_best_rep']:8.4f}"
+                f" {s['best_ratio']:8.4f} ({s['plateau_llama_bench']:>3}/{s['plateau_tuner']:<3})      "
+                f" {100 * (s['llama_bench_cv_rounds'] or 0):8.1f}%/{100 * (s['tuner_cv_rounds'] or 0):.1f}%"
+                f"{'' if s['within_tolerance'] else '  OUTSIDE ±3%'}"
+            )
 
     return ok
 

@@ -68,8 +68,14 @@ class RpcServers:
 
     def __enter__(self):
         for p in self.ports:
-            self.procs.append(subprocess.Popen([self.binary, "-p", str(p), "-t", "1"], env=ENV,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.procs.append(
+                subprocess.Popen(
+                    [self.binary, "-p", str(p), "-t", "1"],
+                    env=ENV,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         for p, proc in zip(self.ports, self.procs):
             for _ in range(100):
                 if proc.poll() is not None:
@@ -90,8 +96,15 @@ class RpcServers:
                 proc.kill()
 
 
-def fit_params_cmd(binary: str, model: str, endpoints: list[str], margins_mib: list[int] | None = None,
-                   n_ctx: int | None = None, n_ctx_min: int | None = None, extra: list[str] = ()) -> list[str]:
+def fit_params_cmd(
+    binary: str,
+    model: str,
+    endpoints: list[str],
+    margins_mib: list[int] | None = None,
+    n_ctx: int | None = None,
+    n_ctx_min: int | None = None,
+    extra: list[str] = (),
+) -> list[str]:
     cmd = [binary, "-m", model, "--rpc", ",".join(endpoints)]  # --rpc first: -ot looks devices up as it parses
     if margins_mib is not None:
         cmd += ["-fitt", ",".join(str(m) for m in margins_mib)]
@@ -133,11 +146,22 @@ def llama_breakdown(binary: str, info, model: str, endpoints: list[str], calls: 
             # the host's figures do not enter a fit with devices (and llama.cpp's no_alloc host "model" is not the
             # file's host share): only the devices' are checked
             if i < len(devices) and (u.model // MiB, u.context // MiB) != (int(r[-3]), int(r[-2])):
-                mismatch.append({"device": name, "llama_mib": [int(r[-3]), int(r[-2])],
-                                 "planner_mib": [u.model // MiB, u.context // MiB]})
+                mismatch.append(
+                    {
+                        "device": name,
+                        "llama_mib": [int(r[-3]), int(r[-2])],
+                        "planner_mib": [u.model // MiB, u.context // MiB],
+                    }
+                )
             out.append(F.Usage(u.model, u.context, logged.get(name, int(r[-1]) * MiB)))
-        calls.append({"args": shlex.join(cmd[3:]), "compute_llama": [x.compute for x in out],
-                      "compute_planner": [x.compute for x in mine], "mismatch": mismatch})
+        calls.append(
+            {
+                "args": shlex.join(cmd[3:]),
+                "compute_llama": [x.compute for x in out],
+                "compute_planner": [x.compute for x in mine],
+                "mismatch": mismatch,
+            }
+        )
         return out
 
     return breakdown
@@ -152,15 +176,30 @@ def shapes(out: Path, which: list[str]) -> list[dict]:
 
     found = []
     if "moe" in which:
-        found.append({"shape": "moe", "path": str(synthesize(CACHE, "moe", ("q8_0",))[0]),
-                      "what": "synthetic Mixtral-style MoE (tuner synth moe, q8_0)"})
+        found.append(
+            {
+                "shape": "moe",
+                "path": str(synthesize(CACHE, "moe", ("q8_0",))[0]),
+                "what": "synthetic Mixtral-style MoE (tuner synth moe, q8_0)",
+            }
+        )
     if "dense" in which:
-        found.append({"shape": "dense", "path": str(synthesize(CACHE, "dense", ("q4_0",))[0]),
-                      "what": "synthetic dense llama (tuner synth dense, q4_0)"})
+        found.append(
+            {
+                "shape": "dense",
+                "path": str(synthesize(CACHE, "dense", ("q4_0",))[0]),
+                "what": "synthetic dense llama (tuner synth dense, q4_0)",
+            }
+        )
     for arch in ("qwen3moe", "gpt-oss", "deepseek2", "glm4moe", "llama"):
         if arch in which:
-            found.append({"shape": arch, "path": str(oracle.model_file(arch, out)),
-                          "what": f"sparse {oracle.shape(arch).name} (real header, no weights)"})
+            found.append(
+                {
+                    "shape": arch,
+                    "path": str(oracle.model_file(arch, out)),
+                    "what": f"sparse {oracle.shape(arch).name} (real header, no weights)",
+                }
+            )
     return found
 
 
@@ -172,8 +211,10 @@ def cases(path: str, ram_mib: int) -> list[dict]:
     out = []
     for n_dev in (1, 2):
         if total < ram_mib // 4:  # small models: fractions of the weights + a 4096-cell KV cache
-            kv = sum(planner.kv_layer_bytes(TrialConfig(model=path, n_ctx=4096), info, il)
-                     for il in range(info.n_layer)) // MiB
+            kv = (
+                sum(planner.kv_layer_bytes(TrialConfig(model=path, n_ctx=4096), info, il) for il in range(info.n_layer))
+                // MiB
+            )
             fracs = (0.15, 0.3, 0.45, 0.6, 0.75, 1.2) if info.is_moe else (0.2, 0.35, 0.5, 0.7, 0.85, 1.2)
             sizes = [max(int((total + kv) * f / n_dev), 1) for f in fracs]
         else:  # large models: real GPU sizes, up to the default margin's
@@ -183,8 +224,14 @@ def cases(path: str, ram_mib: int) -> list[dict]:
                 out.append({"n_dev": n_dev, "device_mib": [dev] * n_dev, "n_ctx": ctx})
     if total < ram_mib // 4:  # unequal devices; room for the weights and part of the trained context (n_ctx between)
         out.append({"n_dev": 2, "device_mib": [int(total * 0.4), int(total * 0.15)], "n_ctx": 4096})
-        full = total + sum(planner.kv_layer_bytes(TrialConfig(model=path, n_ctx=info.n_ctx_train), info, il)
-                           for il in range(info.n_layer)) // MiB
+        full = (
+            total
+            + sum(
+                planner.kv_layer_bytes(TrialConfig(model=path, n_ctx=info.n_ctx_train), info, il)
+                for il in range(info.n_layer)
+            )
+            // MiB
+        )
         for f in (0.3, 0.6):
             out.append({"n_dev": 1, "device_mib": [int(full * f)], "n_ctx": 0})
             out.append({"n_dev": 2, "device_mib": [int(full * f / 2)] * 2, "n_ctx": 0})
@@ -197,8 +244,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fit-params", required=True, help="llama-fit-params built from the vendored llama.cpp")
     ap.add_argument("--rpc-server", required=True, help="ggml-rpc-server from the same build")
-    ap.add_argument("--shape", action="append", help="moe, dense, qwen3moe, gpt-oss, deepseek2, glm4moe, llama "
-                    "(default: all)")
+    ap.add_argument(
+        "--shape", action="append", help="moe, dense, qwen3moe, gpt-oss, deepseek2, glm4moe, llama (default: all)"
+    )
     ap.add_argument("--ports", default="50152,50153")
     ap.add_argument("--no-llama", action="store_true", help="skip the port on llama.cpp's own figures (slow)")
     ap.add_argument("--fixtures", action="store_true", help=f"also write the test fixture {FIXTURE}")
@@ -209,13 +257,15 @@ def main(argv=None) -> int:
     ram = host_ram()
     version = run([args.fit_params, "--version"])
     rows = []
-    with tempfile.TemporaryDirectory(prefix="fit-eq-") as tmp, \
-            RpcServers(args.rpc_server, [int(p) for p in args.ports.split(",")]) as srv:
+    with (
+        tempfile.TemporaryDirectory(prefix="fit-eq-") as tmp,
+        RpcServers(args.rpc_server, [int(p) for p in args.ports.split(",")]) as srv,
+    ):
         endpoints = srv.endpoints
         for m in shapes(Path(tmp), which):
             info = read_model(m["path"])
             for c in cases(m["path"], ram // MiB):
-                eps = srv.endpoints[:c["n_dev"]]
+                eps = srv.endpoints[: c["n_dev"]]
                 margins_mib = [1024 if d is None else ram // MiB - d for d in c["device_mib"]]
                 c["device_mib"] = [ram // MiB - mm for mm in margins_mib]
                 cmd = fit_params_cmd(args.fit_params, m["path"], eps, margins_mib, c["n_ctx"] or None)
@@ -228,11 +278,19 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 port = F.fit(info, devices, cfg, [mm * MiB for mm in margins_mib])
                 took_port = time.perf_counter() - t0
-                row = {"shape": m["shape"], **c, "margins_mib": margins_mib,
-                       "command": shlex.join(["llama-fit-params"] + cmd[1:]).replace(m["path"], m["shape"] + ".gguf"),
-                       "llama_rc": p.returncode, "llama": line, "llama_s": round(took, 2),
-                       "planner": port.to_flags() if port.ok else None, "planner_status": port.status,
-                       "planner_measured": port.n_measured, "planner_s": round(took_port, 3)}
+                row = {
+                    "shape": m["shape"],
+                    **c,
+                    "margins_mib": margins_mib,
+                    "command": shlex.join(["llama-fit-params"] + cmd[1:]).replace(m["path"], m["shape"] + ".gguf"),
+                    "llama_rc": p.returncode,
+                    "llama": line,
+                    "llama_s": round(took, 2),
+                    "planner": port.to_flags() if port.ok else None,
+                    "planner_status": port.status,
+                    "planner_measured": port.n_measured,
+                    "planner_s": round(took_port, 3),
+                }
                 row["planner_equal"] = row["planner"] == line
                 if not args.no_llama:
                     calls: list = []
@@ -248,25 +306,47 @@ def main(argv=None) -> int:
                         del row["llama_figures"]  # the same string as "llama"
                     row["llama_figures_measured"] = len(calls)
                     row["model_context_mismatches"] = [c for c in calls if c["mismatch"]]
-                    row["compute_error_max_mib"] = round(max(abs(a - b) for c in calls for a, b in zip(
-                        c["compute_llama"][:-1], c["compute_planner"][:-1])) / MiB, 2) if calls else None
+                    row["compute_error_max_mib"] = (
+                        round(
+                            max(
+                                abs(a - b)
+                                for c in calls
+                                for a, b in zip(c["compute_llama"][:-1], c["compute_planner"][:-1])
+                            )
+                            / MiB,
+                            2,
+                        )
+                        if calls
+                        else None
+                    )
                 if not row["planner_equal"]:
                     row["planner_trace"] = port.trace
                 rows.append(row)
                 if row["planner_equal"]:
                     row["planner"] = "=="  # the same string as "llama" (kept short)
                 own = "" if args.no_llama else f"(llama figures {'==' if row['llama_figures_equal'] else '!='}) "
-                print(f"{m['shape']:<9} {c['n_dev']}x{c['device_mib'][0]:>6} MiB c={c['n_ctx']:<5} "
-                      f"{'==' if row['planner_equal'] else '!='} {own}{line}"
-                      + ("" if row["planner_equal"] else f"\n{'':>34}port: {row['planner']}"), flush=True)
-        models = {m["shape"]: {**model_facts(m["path"]), "what": m["what"], "path": m["shape"] + ".gguf"}
-                  for m in shapes(Path(tmp), which)}
+                print(
+                    f"{m['shape']:<9} {c['n_dev']}x{c['device_mib'][0]:>6} MiB c={c['n_ctx']:<5} "
+                    f"{'==' if row['planner_equal'] else '!='} {own}{line}"
+                    + ("" if row["planner_equal"] else f"\n{'':>34}port: {row['planner']}"),
+                    flush=True,
+                )
+        models = {
+            m["shape"]: {**model_facts(m["path"]), "what": m["what"], "path": m["shape"] + ".gguf"}
+            for m in shapes(Path(tmp), which)
+        }
     summary = {"cases": len(rows), "planner_equal": sum(r["planner_equal"] for r in rows)}
     if not args.no_llama:
         summary["llama_figures_equal"] = sum(r["llama_figures_equal"] for r in rows)
-    result = {"host_ram": ram, "endpoints": endpoints,
-              "llama_fit_params_version": (version.stdout + version.stderr).strip(),
-              "rpc_server": Path(args.rpc_server).name, "models": models, "summary": summary, "rows": rows}
+    result = {
+        "host_ram": ram,
+        "endpoints": endpoints,
+        "llama_fit_params_version": (version.stdout + version.stderr).strip(),
+        "rpc_server": Path(args.rpc_server).name,
+        "models": models,
+        "summary": summary,
+        "rows": rows,
+    }
     path = save("fit-equivalence", result, echo=False)
     print(summary, file=sys.stderr)
     if args.fixtures:
@@ -277,14 +357,30 @@ def main(argv=None) -> int:
 def _write_fixture(result: dict, source: Path) -> None:
     import json  # noqa: PLC0415 - only the fixture writer
 
-    keep = ("shape", "n_dev", "device_mib", "n_ctx", "margins_mib", "command", "llama_rc", "llama", "planner",
-            "planner_equal", "llama_figures_equal")
-    fx = {"source": str(source.relative_to(Path(__file__).resolve().parents[1])), "host_ram": result["host_ram"],
-          "endpoints": result["endpoints"],
-          "llama_fit_params_version": result["llama_fit_params_version"],
-          "models": {k: {kk: v[kk] for kk in ("arch", "file_type", "size_bytes", "n_params", "what")}
-                     for k, v in result["models"].items()},
-          "cases": [{k: r[k] for k in keep if not (k == "planner" and r["planner_equal"])} for r in result["rows"]]}
+    keep = (
+        "shape",
+        "n_dev",
+        "device_mib",
+        "n_ctx",
+        "margins_mib",
+        "command",
+        "llama_rc",
+        "llama",
+        "planner",
+        "planner_equal",
+        "llama_figures_equal",
+    )
+    fx = {
+        "source": str(source.relative_to(Path(__file__).resolve().parents[1])),
+        "host_ram": result["host_ram"],
+        "endpoints": result["endpoints"],
+        "llama_fit_params_version": result["llama_fit_params_version"],
+        "models": {
+            k: {kk: v[kk] for kk in ("arch", "file_type", "size_bytes", "n_params", "what")}
+            for k, v in result["models"].items()
+        },
+        "cases": [{k: r[k] for k in keep if not (k == "planner" and r["planner_equal"])} for r in result["rows"]],
+    }
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)
     FIXTURE.write_text(json.dumps(fx, indent=1) + "\n")
     print(f"wrote {FIXTURE}", file=sys.stderr)

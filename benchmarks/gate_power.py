@@ -31,7 +31,8 @@ did not measure a ~10 % slowdown). Exit 0 when met, 1 when not.
 The result is saved after every A/B run (replacing the last save), so a run stopped early keeps what it measured;
 --join FILE... makes one result of the runs of several saved files with the same settings and model (or one made
 alike on another machine: _results.same_make) (60 + 60
-runs take hours: sessions can measure them in parts). --rejudge FILE... recomputes the intervals of saved gate-power-*.json and gate-projection-*.json files (no
+runs take hours: sessions can measure them in parts). --rejudge FILE... recomputes the intervals of saved
+gate-power-*.json and gate-projection-*.json files (no
 measurement) and writes them to benchmarks/results/gate-intervals-*.json.
 
 Examples:
@@ -96,9 +97,13 @@ def shipped() -> dict:
     shape = re.search(r'"n_prompt": (\d+), "n_gen": (\d+)', text)
     if not shape:
         sys.exit("Makefile: perf-check's config line (n_prompt, n_gen) not found")
-    return {"rounds": int(var("PERF_ROUNDS")), "bench_args": shlex.split(var("PERF_ARGS")),
-            "n_prompt": int(shape.group(1)), "n_gen": int(shape.group(2)),
-            "gate_args": shlex.split(var("PERF_COMPARE_ARGS"))}
+    return {
+        "rounds": int(var("PERF_ROUNDS")),
+        "bench_args": shlex.split(var("PERF_ARGS")),
+        "n_prompt": int(shape.group(1)),
+        "n_gen": int(shape.group(2)),
+        "gate_args": shlex.split(var("PERF_COMPARE_ARGS")),
+    }
 
 
 class Tuner:
@@ -126,8 +131,10 @@ class Hog:
     def __enter__(self):
         self.t0 = time.monotonic()
         start = self.t0 + 0.05  # every hog starts on the same period boundary
-        self.procs = [subprocess.Popen([sys.executable, "-c", HOG, str(c), str(self.duty), str(self.period),
-                                        str(start)]) for c in self.cpus]
+        self.procs = [
+            subprocess.Popen([sys.executable, "-c", HOG, str(c), str(self.duty), str(self.period), str(start)])
+            for c in self.cpus
+        ]
         return self
 
     def __exit__(self, *exc):
@@ -159,9 +166,17 @@ class Nothing:
 
 
 def verdicts(report: dict) -> dict[str, dict]:
-    return {m["metric"]: {"verdict": m["verdict"], "change_pct": m["change_pct"], "p": m["p"],
-                          "n": [m["n_base"], m["n_cur"]], "note": m["note"]}
-            for p in report["pairs"] for m in p["metrics"]}
+    return {
+        m["metric"]: {
+            "verdict": m["verdict"],
+            "change_pct": m["change_pct"],
+            "p": m["p"],
+            "n": [m["n_base"], m["n_cur"]],
+            "note": m["note"],
+        }
+        for p in report["pairs"]
+        for m in p["metrics"]
+    }
 
 
 def classify(exit_code: int, judged: dict[str, dict]) -> str:
@@ -174,23 +189,37 @@ def trials(path: Path, skip: int = 0) -> list[dict]:
     """Every trial a side measured, with its samples (the JSON keeps what ran, for any later re-analysis)."""
     from tuner.measure import store
 
-    return [{"started_utc": r.started_utc, "outcome": r.outcome, "tg": r.tg_samples, "pp": r.pp_samples,
-             "ttft_ms": r.ttft_samples_ms, "peak_rss_bytes": r.peak_rss_bytes}
-            for r in store.records(path)[skip:]] if path.exists() else []
+    return (
+        [
+            {
+                "started_utc": r.started_utc,
+                "outcome": r.outcome,
+                "tg": r.tg_samples,
+                "pp": r.pp_samples,
+                "ttft_ms": r.ttft_samples_ms,
+                "peak_rss_bytes": r.peak_rss_bytes,
+            }
+            for r in store.records(path)[skip:]
+        ]
+        if path.exists()
+        else []
+    )
 
 
 def one_run(tuner: Tuner, cfg: Path, work: Path, settings: dict, slow) -> dict:
     base, cur = work / "baseline.parquet", work / "current.parquet"
     for i in range(settings["rounds"]):  # as make perf-check: A B B A, the side measured first alternates
-        for side in ((base, cur) if i % 2 == 0 else (cur, base)):
+        for side in (base, cur) if i % 2 == 0 else (cur, base):
             with slow if side == cur else Nothing():
                 tuner("bench", "--config", cfg, *settings["bench_args"], "-o", side)
     rerun = "--rerun-on-alert" in settings["gate_args"]
     judge_args = [x for x in settings["gate_args"] if x != "--rerun-on-alert"]
     bare = tuner("compare", base, cur, *judge_args, "--json")
     first = verdicts(json.loads(bare.stdout))
-    run = {"bare": {"exit": bare.returncode, "class": classify(bare.returncode, first), "metrics": first},
-           "trials": {"baseline": trials(base), "current": trials(cur)}}
+    run = {
+        "bare": {"exit": bare.returncode, "class": classify(bare.returncode, first), "metrics": first},
+        "trials": {"baseline": trials(base), "current": trials(cur)},
+    }
     if bare.returncode == 1 and rerun:  # the gate re-measures an alert (CURRENT's build: the hog runs)
         cur2 = work / "current-rerun.parquet"
         shutil.copy(cur, cur2)
@@ -210,17 +239,28 @@ def rates(runs: list[dict], which: str) -> dict:
     out: dict = {"runs": n}
     for c in ("regression", "inconclusive", "pass"):
         ci = rate_ci(sum(r[which]["class"] == c for r in runs), n)
-        out.update({f"{c}_count": ci["count"], f"{c}_rate": ci["rate"], f"{c}_ci95": ci["ci95"],
-                    f"{c}_lower95": ci["lower95"], f"{c}_upper95": ci["upper95"]})
+        out.update(
+            {
+                f"{c}_count": ci["count"],
+                f"{c}_rate": ci["rate"],
+                f"{c}_ci95": ci["ci95"],
+                f"{c}_lower95": ci["lower95"],
+                f"{c}_upper95": ci["upper95"],
+            }
+        )
     return out
 
 
 def gate_figures(gate_aa: dict, gate_ab: dict) -> dict:
     """The claim's four figures: false alarms with their one-sided 95 % upper bound, detection with its lower."""
-    return {"false_alarm_rate": gate_aa["regression_rate"], "false_alarm_upper95": gate_aa["regression_upper95"],
-            "false_alarms": [gate_aa["regression_count"], gate_aa["runs"]],
-            "detection_rate": gate_ab["regression_rate"], "detection_lower95": gate_ab["regression_lower95"],
-            "detections": [gate_ab["regression_count"], gate_ab["runs"]]}
+    return {
+        "false_alarm_rate": gate_aa["regression_rate"],
+        "false_alarm_upper95": gate_aa["regression_upper95"],
+        "false_alarms": [gate_aa["regression_count"], gate_aa["runs"]],
+        "detection_rate": gate_ab["regression_rate"],
+        "detection_lower95": gate_ab["regression_lower95"],
+        "detections": [gate_ab["regression_count"], gate_ab["runs"]],
+    }
 
 
 def target_met(fig: dict) -> bool:
@@ -234,8 +274,11 @@ def effect(runs: list[dict]) -> dict[str, float | None]:
     """Median change per speed metric (percent, sign as measured) over the runs' first judgements."""
     out = {}
     for m in SPEED:
-        xs = [r["bare"]["metrics"][m]["change_pct"] for r in runs
-              if m in r["bare"]["metrics"] and r["bare"]["metrics"][m]["change_pct"] is not None]
+        xs = [
+            r["bare"]["metrics"][m]["change_pct"]
+            for r in runs
+            if m in r["bare"]["metrics"] and r["bare"]["metrics"][m]["change_pct"] is not None
+        ]
         out[m] = statistics.median(xs) if xs else None
     return out
 
@@ -254,27 +297,55 @@ def rejudge(files: list[str], out: str | None) -> int:
             s = doc["settings"]
             for which in ("gate", "bare"):
                 fig = gate_figures(rates(aa, which), rates(ab, which))
-                rows.append({"file": name, "kind": "gate-power", "judged": which, "rounds": s["rounds"],
-                             "gate": s.get("gate"), "order": s.get("order", "baseline first"), **fig,
-                             "target_met": target_met(fig)})
+                rows.append(
+                    {
+                        "file": name,
+                        "kind": "gate-power",
+                        "judged": which,
+                        "rounds": s["rounds"],
+                        "gate": s.get("gate"),
+                        "order": s.get("order", "baseline first"),
+                        **fig,
+                        "target_met": target_met(fig),
+                    }
+                )
         else:  # gate-projection: each row's rates, bounded by the independent joined runs behind it
-            n = {k: sum(r["kind"] == k for src in doc["sources"]
-                        for r in json.loads((ROOT / src).read_text())["runs"]) for k in ("A/A", "A/B")}
+            n = {
+                k: sum(r["kind"] == k for src in doc["sources"] for r in json.loads((ROOT / src).read_text())["runs"])
+                for k in ("A/A", "A/B")
+            }
             for p in doc["projection"]:
                 for which in ("gate", "bare"):
-                    b = bounds(p["A/A"][which]["regression"], p["A/B"][which]["regression"], n["A/A"] // p["blocks"],
-                               n["A/B"] // p["blocks"])
-                    rows.append({"file": name, "kind": "gate-projection", "judged": which, "rounds": p["rounds"],
-                                 "gate": "projected (rerun emulated)" if which == "gate" else "projected, judged once",
-                                 **b})
+                    b = bounds(
+                        p["A/A"][which]["regression"],
+                        p["A/B"][which]["regression"],
+                        n["A/A"] // p["blocks"],
+                        n["A/B"] // p["blocks"],
+                    )
+                    rows.append(
+                        {
+                            "file": name,
+                            "kind": "gate-projection",
+                            "judged": which,
+                            "rounds": p["rounds"],
+                            "gate": "projected (rerun emulated)" if which == "gate" else "projected, judged once",
+                            **b,
+                        }
+                    )
     print(f"{'file':40s} {'judged':6s} {'rounds':>6}  {'false alarms (upper95)':>22}  {'detection (lower95)':>20}")
     for r in rows:
         fa = f"{100 * r['false_alarm_rate']:.1f} % ({100 * r['false_alarm_upper95']:.1f} %)"
         det = f"{100 * r['detection_rate']:.1f} % ({100 * r['detection_lower95']:.1f} %)"
-        print(f"{r['file']:40s} {r['judged']:6s} {r['rounds']:6d}  {fa:>22}  {det:>20}"
-              + ("  target met" if r["target_met"] else ""))
-    save("gate-intervals", {"sources": files, "target": TARGET, "rows": rows},
-         out or Path(__file__).resolve().parent / "results", echo=False)
+        print(
+            f"{r['file']:40s} {r['judged']:6s} {r['rounds']:6d}  {fa:>22}  {det:>20}"
+            + ("  target met" if r["target_met"] else "")
+        )
+    save(
+        "gate-intervals",
+        {"sources": files, "target": TARGET, "rows": rows},
+        out or Path(__file__).resolve().parent / "results",
+        echo=False,
+    )
     return 0
 
 
@@ -290,12 +361,24 @@ def main() -> int:
     ap.add_argument("--hog-cpus", help="CPUs to hog, e.g. 0,1 (default: every CPU this process may use)")
     ap.add_argument("--effect", default="7,13", help="the injected tg slowdown must fall in this range, percent")
     ap.add_argument("--out", default=None, help="folder for the JSON result (default benchmarks/results)")
-    ap.add_argument("--gate-args", default=None, help="`tuner compare` options instead of the Makefile's "
-                    "PERF_COMPARE_ARGS, e.g. '--alpha 0.05' or '--rerun-on-alert' (not the shipped gate)")
-    ap.add_argument("--rejudge", nargs="+", metavar="FILE", help="saved gate-power/gate-projection JSON files: "
-                    "recompute their rates' 95 %% bounds, measure nothing")
-    ap.add_argument("--join", nargs="+", metavar="FILE", help="saved gate-power JSON files of the same settings: "
-                    "one result from all their runs, measure nothing")
+    ap.add_argument(
+        "--gate-args",
+        default=None,
+        help="`tuner compare` options instead of the Makefile's "
+        "PERF_COMPARE_ARGS, e.g. '--alpha 0.05' or '--rerun-on-alert' (not the shipped gate)",
+    )
+    ap.add_argument(
+        "--rejudge",
+        nargs="+",
+        metavar="FILE",
+        help="saved gate-power/gate-projection JSON files: recompute their rates' 95 %% bounds, measure nothing",
+    )
+    ap.add_argument(
+        "--join",
+        nargs="+",
+        metavar="FILE",
+        help="saved gate-power JSON files of the same settings: one result from all their runs, measure nothing",
+    )
     a = ap.parse_args()
     if a.rejudge:
         return rejudge(a.rejudge, a.out)
@@ -325,6 +408,7 @@ def main() -> int:
         model = Path(a.model)
     else:
         from tuner.model.synth import synthesize
+
         model = synthesize(MODEL_CACHE, "dense", ("q4_0",))[0]
     from tuner.measure.lock import measurement_lock
 
@@ -337,10 +421,13 @@ def main() -> int:
     cfg.write_text(json.dumps({"config": config}))
     tuner = Tuner(work / "child.lock")
     hog = Hog(cpus, a.duty, a.period_ms / 1000)
-    print(f"{model.name}: {settings['rounds']} rounds of `tuner bench {' '.join(settings['bench_args'])}` a side, "
-          f"-p {settings['n_prompt']} -n {settings['n_gen']} ({'the Makefile' if settings['shipped'] else 'NOT'} "
-          f"the shipped settings); {a.runs} A/A + {a.runs} A/B runs; hog {100 * a.duty:g} % of "
-          f"{a.period_ms:g} ms on CPUs {','.join(map(str, cpus))}; files in {work}", flush=True)
+    print(
+        f"{model.name}: {settings['rounds']} rounds of `tuner bench {' '.join(settings['bench_args'])}` a side, "
+        f"-p {settings['n_prompt']} -n {settings['n_gen']} ({'the Makefile' if settings['shipped'] else 'NOT'} "
+        f"the shipped settings); {a.runs} A/A + {a.runs} A/B runs; hog {100 * a.duty:g} % of "
+        f"{a.period_ms:g} ms on CPUs {','.join(map(str, cpus))}; files in {work}",
+        flush=True,
+    )
     runs: list[dict] = []
     t0 = time.monotonic()
     path = None
@@ -353,18 +440,38 @@ def main() -> int:
             run = one_run(tuner, cfg, d, settings, hog if kind == "A/B" else Nothing())
             run.update(run=i, kind=kind, wall_s=round(time.monotonic() - start, 1), loadavg_1m=os.getloadavg()[0])
             runs.append(run)
-            ch = "  ".join(f"{m} {v['change_pct']:+.1f}% {v['verdict'][:5]}"
-                           for m, v in run["bare"]["metrics"].items() if m in SPEED and v["change_pct"] is not None)
-            print(f"run {i + 1:3d}/{2 * a.runs} {kind}: gate {run['gate']['class']:12s} (bare "
-                  f"{run['bare']['class']}) {ch}  [{run['wall_s']:.0f} s, load {run['loadavg_1m']:.1f}]", flush=True)
+            ch = "  ".join(
+                f"{m} {v['change_pct']:+.1f}% {v['verdict'][:5]}"
+                for m, v in run["bare"]["metrics"].items()
+                if m in SPEED and v["change_pct"] is not None
+            )
+            print(
+                f"run {i + 1:3d}/{2 * a.runs} {kind}: gate {run['gate']['class']:12s} (bare "
+                f"{run['bare']['class']}) {ch}  [{run['wall_s']:.0f} s, load {run['loadavg_1m']:.1f}]",
+                flush=True,
+            )
             if kind == "A/B":  # saved after every pair of runs, replacing the last: a stopped run keeps its runs
-                result = {"settings": {**settings, "makefile": from_makefile, "order": "ABBA", "runs_per_kind": a.runs,
-                                       "duty": a.duty, "period_ms": a.period_ms, "hog_cpus": cpus,
-                                       "gate": " ".join(["tuner compare", *settings["gate_args"]]), "config": config},
-                          "model": model_facts(model), "summary": summarize(runs, hog.share, lo, hi),
-                          "wall_s": round(time.monotonic() - t0), "runs": runs}
-                last, path = path, save("gate-power", result,
-                                        a.out or Path(__file__).resolve().parent / "results", echo=False)
+                result = {
+                    "settings": {
+                        **settings,
+                        "makefile": from_makefile,
+                        "order": "ABBA",
+                        "runs_per_kind": a.runs,
+                        "duty": a.duty,
+                        "period_ms": a.period_ms,
+                        "hog_cpus": cpus,
+                        "gate": " ".join(["tuner compare", *settings["gate_args"]]),
+                        "config": config,
+                    },
+                    "model": model_facts(model),
+                    "summary": summarize(runs, hog.share, lo, hi),
+                    "wall_s": round(time.monotonic() - t0),
+                    "runs": runs,
+                }
+                last, path = (
+                    path,
+                    save("gate-power", result, a.out or Path(__file__).resolve().parent / "results", echo=False),
+                )
                 if last and last != path:
                     last.unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
@@ -389,8 +496,12 @@ def summarize(runs: list[dict], hog_share: float | None, lo: float, hi: float) -
     aa_tg = summary["effect_pct"]["A/A"]["tg"]
     injected = -(slowdown - (aa_tg or 0.0)) if slowdown is not None else None
     summary["injected_tg_slowdown_pct"] = injected
-    summary.update(target=TARGET, target_met=target_met(summary), effect_range_pct=[lo, hi],
-                   effect_in_range=injected is not None and lo <= injected <= hi)
+    summary.update(
+        target=TARGET,
+        target_met=target_met(summary),
+        effect_range_pct=[lo, hi],
+        effect_in_range=injected is not None and lo <= injected <= hi,
+    )
     return summary
 
 
@@ -402,21 +513,31 @@ def finish(path: Path, lo: float, hi: float) -> bool:
     def pct(x):
         return "-" if x is None else f"{100 * x:.0f} %"
 
-    print(f"\nA/A ({gate_aa['runs']} runs): false alarms {pct(gate_aa['regression_rate'])} (95 % upper bound "
-          f"{pct(summary['false_alarm_upper95'])}), inconclusive "
-          f"{pct(gate_aa['inconclusive_rate'])}, pass {pct(gate_aa['pass_rate'])}   "
-          f"[bare gate: false alarms {pct(summary['bare_gate']['A/A']['regression_rate'])}]")
-    print(f"A/B ({gate_ab['runs']} runs): detected {pct(gate_ab['regression_rate'])} (95 % lower bound "
-          f"{pct(summary['detection_lower95'])}), inconclusive "
-          f"{pct(gate_ab['inconclusive_rate'])}, missed (pass) {pct(gate_ab['pass_rate'])}   "
-          f"[bare gate: detected {pct(summary['bare_gate']['A/B']['regression_rate'])}]")
+    print(
+        f"\nA/A ({gate_aa['runs']} runs): false alarms {pct(gate_aa['regression_rate'])} (95 % upper bound "
+        f"{pct(summary['false_alarm_upper95'])}), inconclusive "
+        f"{pct(gate_aa['inconclusive_rate'])}, pass {pct(gate_aa['pass_rate'])}   "
+        f"[bare gate: false alarms {pct(summary['bare_gate']['A/A']['regression_rate'])}]"
+    )
+    print(
+        f"A/B ({gate_ab['runs']} runs): detected {pct(gate_ab['regression_rate'])} (95 % lower bound "
+        f"{pct(summary['detection_lower95'])}), inconclusive "
+        f"{pct(gate_ab['inconclusive_rate'])}, missed (pass) {pct(gate_ab['pass_rate'])}   "
+        f"[bare gate: detected {pct(summary['bare_gate']['A/B']['regression_rate'])}]"
+    )
     eff, share, injected = summary["effect_pct"], summary["hog_cpu_share"], summary["injected_tg_slowdown_pct"]
-    print("median change A/B: " + ", ".join(f"{m} {v:+.1f} %" for m, v in eff["A/B"].items() if v is not None)
-          + "; A/A: " + ", ".join(f"{m} {v:+.1f} %" for m, v in eff["A/A"].items() if v is not None)
-          + (f"; the hogs took {100 * share:.1f} % of their CPUs" if share else ""))
-    print(f"injected tg slowdown {'-' if injected is None else f'{injected:.1f} %'} "
-          f"({'within' if summary['effect_in_range'] else 'OUTSIDE'} {lo:g}-{hi:g} %); target "
-          f"(bounds: detection >= 95 %, false alarms <= 5 %): {'met' if summary['target_met'] else 'NOT met'}; {path}")
+    print(
+        "median change A/B: "
+        + ", ".join(f"{m} {v:+.1f} %" for m, v in eff["A/B"].items() if v is not None)
+        + "; A/A: "
+        + ", ".join(f"{m} {v:+.1f} %" for m, v in eff["A/A"].items() if v is not None)
+        + (f"; the hogs took {100 * share:.1f} % of their CPUs" if share else "")
+    )
+    print(
+        f"injected tg slowdown {'-' if injected is None else f'{injected:.1f} %'} "
+        f"({'within' if summary['effect_in_range'] else 'OUTSIDE'} {lo:g}-{hi:g} %); target "
+        f"(bounds: detection >= 95 %, false alarms <= 5 %): {'met' if summary['target_met'] else 'NOT met'}; {path}"
+    )
     return summary["target_met"] and summary["effect_in_range"]
 
 
@@ -442,16 +563,23 @@ def join(files: list[str], out: str | None, lo: float, hi: float) -> int:
         if not same_make(doc["model"], first["model"]):  # the quantizer's bytes differ between machines
             diff.append("model")
         if diff:
-            print(f"error: {f} was measured with other {', '.join(diff)} than {docs[0][0]}: its runs do not join",
-                  file=sys.stderr)
+            print(
+                f"error: {f} was measured with other {', '.join(diff)} than {docs[0][0]}: its runs do not join",
+                file=sys.stderr,
+            )
             return 2
     runs = [{**r, "source": Path(f).name} for f, doc in docs for r in doc["runs"]]
     shares = [(doc["summary"]["hog_cpu_share"], sum(r["kind"] == "A/B" for r in doc["runs"])) for _, doc in docs]
     weight = sum(n for v, n in shares if v is not None)
     share = sum(v * n for v, n in shares if v is not None) / weight if weight else None
-    result = {"settings": first["settings"], "model": first["model"], "joined": [Path(f).name for f, _ in docs],
-              "summary": summarize(runs, share, lo, hi), "wall_s": sum(doc["wall_s"] for _, doc in docs),
-              "runs": runs}
+    result = {
+        "settings": first["settings"],
+        "model": first["model"],
+        "joined": [Path(f).name for f, _ in docs],
+        "summary": summarize(runs, share, lo, hi),
+        "wall_s": sum(doc["wall_s"] for _, doc in docs),
+        "runs": runs,
+    }
     path = save("gate-power", result, out or Path(__file__).resolve().parent / "results", echo=False)
     return 0 if finish(path, lo, hi) else 1
 

@@ -47,9 +47,18 @@ def records(trials: list[dict]) -> list:
     from tuner.record import TrialConfig, TrialRecord
 
     # started_utc: the gate pairs interleaved rounds by their start times (tuner.report.compare.interleaved)
-    return [TrialRecord(TrialConfig(model="gate"), outcome=t["outcome"], tg_samples=t["tg"], pp_samples=t["pp"],
-                        ttft_samples_ms=t["ttft_ms"], peak_rss_bytes=t.get("peak_rss_bytes"),
-                        started_utc=t.get("started_utc", "")) for t in trials]
+    return [
+        TrialRecord(
+            TrialConfig(model="gate"),
+            outcome=t["outcome"],
+            tg_samples=t["tg"],
+            pp_samples=t["pp"],
+            ttft_samples_ms=t["ttft_ms"],
+            peak_rss_bytes=t.get("peak_rss_bytes"),
+            started_utc=t.get("started_utc", ""),
+        )
+        for t in trials
+    ]
 
 
 def judge_sides(base: list[dict], cur: list[dict], settings) -> dict[str, str]:
@@ -58,8 +67,9 @@ def judge_sides(base: list[dict], cur: list[dict], settings) -> dict[str, str]:
     from tuner.report.compare import judge_pair
 
     b, c = records(base), records(cur)
-    results = judge_pair([r for r in b if r.ok], [r for r in c if r.ok], [r for r in b if not r.ok],
-                         [r for r in c if not r.ok], settings)
+    results = judge_pair(
+        [r for r in b if r.ok], [r for r in c if r.ok], [r for r in b if not r.ok], [r for r in c if not r.ok], settings
+    )
     return {r.metric: r.verdict for r in results}
 
 
@@ -91,32 +101,41 @@ def project(runs: list[dict], m: int, draws: int, rng: random.Random, settings) 
         base = [t for i in combo for t in runs[i]["trials"]["baseline"]]
         cur = [t for i in combo for t in runs[i]["trials"]["current"]]
         others = [i for i in range(len(runs)) if i not in combo]
-        rerun = ([t for i in rng.sample(others, m) for t in runs[i]["trials"]["current"]]
-                 if len(others) >= m else None)
+        rerun = [t for i in rng.sample(others, m) for t in runs[i]["trials"]["current"]] if len(others) >= m else None
         bare, with_rerun = gate(base, cur, rerun, settings)
         tally["bare"][bare] = tally["bare"].get(bare, 0) + 1
         tally["gate"][with_rerun] = tally["gate"].get(with_rerun, 0) + 1
     n = len(combos)
-    return {"draws": n, "regressions": {w: t.get("regression", 0) for w, t in tally.items()},
-            **{which: {c: t.get(c, 0) / n for c in ("regression", "inconclusive", "pass")}
-               for which, t in tally.items()}}
+    return {
+        "draws": n,
+        "regressions": {w: t.get("regression", 0) for w, t in tally.items()},
+        **{which: {c: t.get(c, 0) / n for c in ("regression", "inconclusive", "pass")} for which, t in tally.items()},
+    }
 
 
 def bounds(false_alarm: float, detection: float, n_aa: int, n_ab: int) -> dict:
     """A projected row's rates with the exact 95 % bounds of as many independent joined runs as the data holds
     (n_aa, n_ab), and whether the bounds (not the rates) meet the target."""
     fa, det = rate_ci(round(false_alarm * n_aa), n_aa), rate_ci(round(detection * n_ab), n_ab)
-    return {"false_alarm_rate": false_alarm, "false_alarm_upper95": fa["upper95"], "false_alarm_ci95": fa["ci95"],
-            "detection_rate": detection, "detection_lower95": det["lower95"], "detection_ci95": det["ci95"],
-            "independent_runs": {"A/A": n_aa, "A/B": n_ab},
-            "rates_meet_target": detection >= 0.95 and false_alarm <= 0.05,
-            "target_met": (det["lower95"] or 0) >= 0.95 and (fa["upper95"] or 1) <= 0.05}
+    return {
+        "false_alarm_rate": false_alarm,
+        "false_alarm_upper95": fa["upper95"],
+        "false_alarm_ci95": fa["ci95"],
+        "detection_rate": detection,
+        "detection_lower95": det["lower95"],
+        "detection_ci95": det["ci95"],
+        "independent_runs": {"A/A": n_aa, "A/B": n_ab},
+        "rates_meet_target": detection >= 0.95 and false_alarm <= 0.05,
+        "target_met": (det["lower95"] or 0) >= 0.95 and (fa["upper95"] or 1) <= 0.05,
+    }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__[__doc__.index("Examples:"):])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__[__doc__.index("Examples:") :],
+    )
     ap.add_argument("files", nargs="+", help="gate-power-*.json files measured with the same rounds, reps and shape")
     ap.add_argument("--blocks", default="1,2,3,4", help="runs joined per side: m x the files' rounds [1,2,3,4]")
     ap.add_argument("--draws", type=int, default=400, help="most combinations judged per kind and m [400]")
@@ -126,8 +145,16 @@ def main(argv=None) -> int:
     from tuner.report.compare import Settings
 
     docs = [json.loads(Path(f).read_text()) for f in a.files]
-    shape = {(d["settings"]["rounds"], tuple(d["settings"]["bench_args"]), d["settings"]["n_prompt"],
-              d["settings"]["n_gen"], d["model"]["content_hash"]) for d in docs}
+    shape = {
+        (
+            d["settings"]["rounds"],
+            tuple(d["settings"]["bench_args"]),
+            d["settings"]["n_prompt"],
+            d["settings"]["n_gen"],
+            d["model"]["content_hash"],
+        )
+        for d in docs
+    }
     if len(shape) != 1:
         sys.exit("gate_projection: error: the files were measured with different rounds, reps, shape or model")
     if any("trials" not in r for d in docs for r in d["runs"]):
@@ -137,37 +164,61 @@ def main(argv=None) -> int:
     rng = random.Random(a.seed)
     kinds = {k: [r for d in docs for r in d["runs"] if r["kind"] == k] for k in ("A/A", "A/B")}
     rows = []
-    print(f"{len(kinds['A/A'])} A/A + {len(kinds['A/B'])} A/B runs of {rounds} rounds "
-          f"(`tuner bench {' '.join(docs[0]['settings']['bench_args'])}`); shipped compare rule, projected:")
-    print(f"{'rounds':>6}  {'false alarms':>12} {'(bare)':>7}  {'detection':>9} {'(bare)':>7}  "
-          f"{'inconclusive A/A, A/B':>22}  draws")
+    print(
+        f"{len(kinds['A/A'])} A/A + {len(kinds['A/B'])} A/B runs of {rounds} rounds "
+        f"(`tuner bench {' '.join(docs[0]['settings']['bench_args'])}`); shipped compare rule, projected:"
+    )
+    print(
+        f"{'rounds':>6}  {'false alarms':>12} {'(bare)':>7}  {'detection':>9} {'(bare)':>7}  "
+        f"{'inconclusive A/A, A/B':>22}  draws"
+    )
     for m in (int(x) for x in a.blocks.split(",")):
         aa = project(kinds["A/A"], m, a.draws, rng, settings)
         ab = project(kinds["A/B"], m, a.draws, rng, settings)
-        row = {"blocks": m, "rounds": m * rounds, "A/A": aa, "A/B": ab,
-               **bounds(aa["gate"]["regression"], ab["gate"]["regression"], len(kinds["A/A"]) // m,
-                        len(kinds["A/B"]) // m)}
+        row = {
+            "blocks": m,
+            "rounds": m * rounds,
+            "A/A": aa,
+            "A/B": ab,
+            **bounds(
+                aa["gate"]["regression"], ab["gate"]["regression"], len(kinds["A/A"]) // m, len(kinds["A/B"]) // m
+            ),
+        }
         if m == 1:  # each run judged alone: independent runs, so the rates get Clopper-Pearson bounds
             row.update(bounded_rates(aa["regressions"]["gate"], aa["draws"], ab["regressions"]["gate"], ab["draws"]))
-            row["bare_bounds"] = bounded_rates(aa["regressions"]["bare"], aa["draws"], ab["regressions"]["bare"],
-                                               ab["draws"])
+            row["bare_bounds"] = bounded_rates(
+                aa["regressions"]["bare"], aa["draws"], ab["regressions"]["bare"], ab["draws"]
+            )
         rows.append(row)
-        print(f"{m * rounds:6d}  {100 * aa['gate']['regression']:11.1f}% {100 * aa['bare']['regression']:6.1f}%  "
-              f"{100 * ab['gate']['regression']:8.1f}% {100 * ab['bare']['regression']:6.1f}%  "
-              f"{100 * aa['gate']['inconclusive']:10.1f}%, {100 * ab['gate']['inconclusive']:5.1f}%      "
-              f"{aa['draws']}/{ab['draws']}{'  rates meet target' if row['rates_meet_target'] else ''}")
+        print(
+            f"{m * rounds:6d}  {100 * aa['gate']['regression']:11.1f}% {100 * aa['bare']['regression']:6.1f}%  "
+            f"{100 * ab['gate']['regression']:8.1f}% {100 * ab['bare']['regression']:6.1f}%  "
+            f"{100 * aa['gate']['inconclusive']:10.1f}%, {100 * ab['gate']['inconclusive']:5.1f}%      "
+            f"{aa['draws']}/{ab['draws']}{'  rates meet target' if row['rates_meet_target'] else ''}"
+        )
     first = next((r for r in rows if r["rates_meet_target"]), None)
-    result = {"sources": [str(Path(f)) for f in a.files], "rounds_per_run": rounds,
-              "bench_args": docs[0]["settings"]["bench_args"], "model": docs[0]["model"],
-              "rule": {"alpha": settings.alpha, "max_cv": settings.max_cv, "test": "tuner.stats (per-trial values; Wilcoxon paired / Mann-Whitney U)",
-                       "rerun_on_alert": True},
-              "method": "block bootstrap over gate_power runs: m runs of one kind joined per side",
-              "projection": rows, "fewest_rounds_meeting_target": first["rounds"] if first else None,
-              "note": "fewest_rounds_meeting_target is judged on the projected rates; target_met per row on "
-                      "their 95 % bounds, which the runs behind a projection rarely reach"}
+    result = {
+        "sources": [str(Path(f)) for f in a.files],
+        "rounds_per_run": rounds,
+        "bench_args": docs[0]["settings"]["bench_args"],
+        "model": docs[0]["model"],
+        "rule": {
+            "alpha": settings.alpha,
+            "max_cv": settings.max_cv,
+            "test": "tuner.stats (per-trial values; Wilcoxon paired / Mann-Whitney U)",
+            "rerun_on_alert": True,
+        },
+        "method": "block bootstrap over gate_power runs: m runs of one kind joined per side",
+        "projection": rows,
+        "fewest_rounds_meeting_target": first["rounds"] if first else None,
+        "note": "fewest_rounds_meeting_target is judged on the projected rates; target_met per row on "
+        "their 95 % bounds, which the runs behind a projection rarely reach",
+    }
     path = save("gate-projection", result, a.out or Path(__file__).resolve().parent / "results", echo=False)
-    print(f"fewest rounds whose projected rates meet detection >= 95 % with false alarms <= 5 %: "
-          f"{first['rounds'] if first else 'none of those tried'}; {path}")
+    print(
+        f"fewest rounds whose projected rates meet detection >= 95 % with false alarms <= 5 %: "
+        f"{first['rounds'] if first else 'none of those tried'}; {path}"
+    )
     return 0
 
 

@@ -45,15 +45,31 @@ def main() -> int:
     beats = vs.get("verdict") == "faster" and vs.get("ci95", [0])[0] > 1.0
     ties = vs.get("verdict") in ("tie", "same config")
     passed = res.returncode == 0 and len(varying) >= 4 and (beats or ties)
-    result = {"benchmark": "new_user", "model": model, "command": f"tuner search --model {model}",
-              "exit_code": res.returncode, "wall_s": wall, "varying": varying, "n_varying": len(varying),
-              "vs_baseline": vs, "beats_baseline": beats, "ties_baseline": ties,
-              "confirmation": {k: (rec.get("confirmation") or {}).get(k) for k in ("verdict", "reason", "rounds")},
-              "stdout": res.stdout, "stderr": res.stderr[-20000:], "recommended": rec, "passed": passed,
-              "build": hardware.build_info(), "hw": hardware.probe().to_dict()}
+    result = {
+        "benchmark": "new_user",
+        "model": model,
+        "command": f"tuner search --model {model}",
+        "exit_code": res.returncode,
+        "wall_s": wall,
+        "varying": varying,
+        "n_varying": len(varying),
+        "vs_baseline": vs,
+        "beats_baseline": beats,
+        "ties_baseline": ties,
+        "confirmation": {k: (rec.get("confirmation") or {}).get(k) for k in ("verdict", "reason", "rounds")},
+        "stdout": res.stdout,
+        "stderr": res.stderr[-20000:],
+        "recommended": rec,
+        "passed": passed,
+        "build": hardware.build_info(),
+        "hw": hardware.probe().to_dict(),
+    }
     path = save("new-user", result)
-    print(f"saved {path}: {len(varying)} dimensions varied, vs baseline {vs.get('verdict')} "
-          f"{vs.get('ratio')} {vs.get('ci95')}", file=sys.stderr)
+    print(
+        f"saved {path}: {len(varying)} dimensions varied, vs baseline {vs.get('verdict')} "
+        f"{vs.get('ratio')} {vs.get('ci95')}",
+        file=sys.stderr,
+    )
     return 0 if passed else 1
 
 

@@ -11,7 +11,8 @@ use_extra_bufts off, buffers allocated) at 4k to show that both modes report the
 Grid: n_ctx 4k/32k/128k × KV f16/q8_0 × flash attention on/off × n_ubatch 512/2048 (q8_0 without flash
 attention is K q8_0 + V f16: llama.cpp refuses a quantized V without it). Buffers: model, KV (K + V over all
 caches), recurrent state, output, compute. Targets (uncalibrated planner): KV, recurrent state and output exact
-to llama.cpp's log resolution (±0.005 MiB per logged figure), model within 2 %, compute within 10 %; a config llama.cpp refuses
+to llama.cpp's log resolution (±0.005 MiB per logged figure), model within 2 %, compute within 10 %; a config
+llama.cpp refuses
 must be one the planner says it refuses. Then cold-start peak RSS of real trials (tuner.measure.runner, the real
 Gemma 3 270M and the synthetic models) against the uncalibrated prediction: within 10 %.
 
@@ -43,8 +44,13 @@ MiB = 1 << 20
 CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 GEMMA = CACHE / "gemma-3-270m-q4_k_m.gguf"
 HALF = 0.005 * MiB + 1  # llama.cpp logs MiB with two decimals: each logged figure is exact to half a step
-TARGET = {"kv": ("abs", HALF), "rs": ("abs", HALF), "output": ("abs", HALF), "model": ("rel", 0.02),
-          "compute": ("rel", 0.10)}
+TARGET = {
+    "kv": ("abs", HALF),
+    "rs": ("abs", HALF),
+    "output": ("abs", HALF),
+    "model": ("rel", 0.02),
+    "compute": ("rel", 0.10),
+}
 
 
 def models(out: Path, archs: list[str]) -> list[dict]:
@@ -53,8 +59,13 @@ def models(out: Path, archs: list[str]) -> list[dict]:
         found.append({"tag": arch, "set": "flagship", "path": str(oracle.model_file(arch, out))})
         for tag, (a, dims) in oracle.HELD_OUT.items():
             if a == arch:
-                found.append({"tag": tag, "set": "held-out",
-                              "path": str(oracle.model_file(a, out, tag=tag.split("/")[1], **dims))})
+                found.append(
+                    {
+                        "tag": tag,
+                        "set": "held-out",
+                        "path": str(oracle.model_file(a, out, tag=tag.split("/")[1], **dims)),
+                    }
+                )
     if GEMMA.exists() and "gemma3" in archs:
         found.append({"tag": "gemma3/270M (real file)", "set": "real", "path": str(GEMMA)})
     for m in found:
@@ -63,25 +74,58 @@ def models(out: Path, archs: list[str]) -> list[dict]:
 
 
 def jobs_for(m: dict, ctxs, kvs, fas, ubs) -> list[oracle.Job]:
-    jobs = [oracle.Job(model=m["path"], n_ctx=c, type_k=kv, type_v=kv if fa == "on" else "f16", flash_attn=fa,
-                       n_ubatch=ub, mode="sim") for c, kv, fa, ub in itertools.product(ctxs, kvs, fas, ubs)]
+    jobs = [
+        oracle.Job(
+            model=m["path"],
+            n_ctx=c,
+            type_k=kv,
+            type_v=kv if fa == "on" else "f16",
+            flash_attn=fa,
+            n_ubatch=ub,
+            mode="sim",
+        )
+        for c, kv, fa, ub in itertools.product(ctxs, kvs, fas, ubs)
+    ]
     if m["file_size"] <= oracle.REAL_LOAD_MAX:
         jobs += [oracle.Job(model=m["path"], n_ctx=4096, flash_attn=fa, mode="real") for fa in fas]
     return jobs
 
 
 def compare(job: oracle.Job, res: dict, info) -> list[dict]:
-    cfg = TrialConfig(model=job.model, n_ctx=job.n_ctx, n_batch=job.n_batch, n_ubatch=job.n_ubatch,
-                      type_k=job.type_k, type_v=job.type_v, flash_attn=job.flash_attn)
-    base = {"n_ctx": job.n_ctx, "kv_type": f"{job.type_k}/{job.type_v}", "fa": job.flash_attn,
-            "n_ubatch": job.n_ubatch, "mode": job.mode}
+    cfg = TrialConfig(
+        model=job.model,
+        n_ctx=job.n_ctx,
+        n_batch=job.n_batch,
+        n_ubatch=job.n_ubatch,
+        type_k=job.type_k,
+        type_v=job.type_v,
+        flash_attn=job.flash_attn,
+    )
+    base = {
+        "n_ctx": job.n_ctx,
+        "kv_type": f"{job.type_k}/{job.type_v}",
+        "fa": job.flash_attn,
+        "n_ubatch": job.n_ubatch,
+        "mode": job.mode,
+    }
     refused = planner.refusal(cfg, info)
     if res["outcome"] != "ok":
-        return [dict(base, buffer="context", llama_cpp=f"refused: {res.get('cause', '')}",
-                     planner=f"refused: {refused}" if refused else "would create it", ok=bool(refused))]
+        return [
+            dict(
+                base,
+                buffer="context",
+                llama_cpp=f"refused: {res.get('cause', '')}",
+                planner=f"refused: {refused}" if refused else "would create it",
+                ok=bool(refused),
+            )
+        ]
     pred = planner.buffers(cfg, info)
-    seen = {"kv": res["kv_bytes"], "rs": res["rs_bytes"], "output": sum(res["output"].values()),
-            "compute": sum(res["compute"].values())}
+    seen = {
+        "kv": res["kv_bytes"],
+        "rs": res["rs_bytes"],
+        "output": sum(res["output"].values()),
+        "compute": sum(res["compute"].values()),
+    }
     if "model" in res:
         # sim: llama.cpp's model size (tensor bytes); real: the mmap'd range of the file
         seen["model"] = res["model_size"] if job.mode == "sim" else sum(res["model"].values())
@@ -93,8 +137,7 @@ def compare(job: oracle.Job, res: dict, info) -> list[dict]:
         kind, tol = TARGET[buf]
         tol *= max(figures.get(buf, 1), 1) if kind == "abs" else 1
         err = float(want - got) if kind == "abs" else (want / got - 1 if got else float(want != 0))
-        rows.append(dict(base, buffer=buf, llama_cpp=got, planner=want, error=err, error_kind=kind,
-                         ok=abs(err) <= tol))
+        rows.append(dict(base, buffer=buf, llama_cpp=got, planner=want, error=err, error_kind=kind, ok=abs(err) <= tol))
     if refused:  # llama.cpp created a context the planner says it refuses
         rows.append(dict(base, buffer="context", llama_cpp="created", planner=f"refused: {refused}", ok=False))
     return rows
@@ -106,25 +149,52 @@ def rss_trials(n_threads: int) -> list[dict]:
     from tuner.measure.runner import Runner
     from tuner.model.synth import synthesize
 
-    files = [synthesize(CACHE, "tiny", ("q8_0",))[0], synthesize(CACHE, "moe", ("q8_0",))[0],
-             synthesize(CACHE, "dense", ("q4_0",))[0]] + ([GEMMA] if GEMMA.exists() else [])
+    files = [
+        synthesize(CACHE, "tiny", ("q8_0",))[0],
+        synthesize(CACHE, "moe", ("q8_0",))[0],
+        synthesize(CACHE, "dense", ("q4_0",))[0],
+    ] + ([GEMMA] if GEMMA.exists() else [])
     grid = [(4096, 512, "f16", True, "on"), (8192, 128, "q8_0", False, "off"), (2048, 512, "f16", True, "off")]
     out = []
     with Runner(timeout=300) as runner:
         for m, (ctx, ub, kv, mm, fa) in itertools.product(files, grid):
-            cfg = TrialConfig(model=str(m), n_ctx=ctx, n_ubatch=ub, type_k=kv, type_v=kv if fa == "on" else "f16",
-                              use_mmap=mm, flash_attn=fa, n_prompt=512, n_gen=16, repetitions=1, n_threads=n_threads)
+            cfg = TrialConfig(
+                model=str(m),
+                n_ctx=ctx,
+                n_ubatch=ub,
+                type_k=kv,
+                type_v=kv if fa == "on" else "f16",
+                use_mmap=mm,
+                flash_attn=fa,
+                n_prompt=512,
+                n_gen=16,
+                repetitions=1,
+                n_threads=n_threads,
+            )
             rec = runner.run(cfg)
             p = planner.predict(cfg, read_model(m))
-            row = {"model": Path(m).name, "n_ctx": ctx, "n_ubatch": ub, "kv_type": kv, "mmap": mm, "fa": fa,
-                   "outcome": rec.outcome, "measured": rec.peak_rss_bytes, "predicted": p.ram_bytes,
-                   "resident": p.resident_bytes, "file_pages": p.file_bytes}
+            row = {
+                "model": Path(m).name,
+                "n_ctx": ctx,
+                "n_ubatch": ub,
+                "kv_type": kv,
+                "mmap": mm,
+                "fa": fa,
+                "outcome": rec.outcome,
+                "measured": rec.peak_rss_bytes,
+                "predicted": p.ram_bytes,
+                "resident": p.resident_bytes,
+                "file_pages": p.file_bytes,
+            }
             row["error"] = p.ram_bytes / rec.peak_rss_bytes - 1 if rec.peak_rss_bytes else None
             row["ok"] = rec.outcome == "ok" and abs(row["error"]) <= 0.10
             out.append(row)
-            print(f"rss {row['model']:<26} ctx {ctx:>6} ub {ub:>4} {kv:<5} mmap {mm!s:<5} fa {fa:<3} measured "
-                  f"{(rec.peak_rss_bytes or 0) / MiB:8.1f} MiB  predicted {p.ram_bytes / MiB:8.1f} MiB  "
-                  f"{100 * (row['error'] or 0):+6.1f} %{'' if row['ok'] else '  MISS'}", flush=True)
+            print(
+                f"rss {row['model']:<26} ctx {ctx:>6} ub {ub:>4} {kv:<5} mmap {mm!s:<5} fa {fa:<3} measured "
+                f"{(rec.peak_rss_bytes or 0) / MiB:8.1f} MiB  predicted {p.ram_bytes / MiB:8.1f} MiB  "
+                f"{100 * (row['error'] or 0):+6.1f} %{'' if row['ok'] else '  MISS'}",
+                flush=True,
+            )
     return out
 
 
@@ -156,16 +226,20 @@ def main() -> int:
             m.update(arch=info.arch, n_layer=info.n_layer, weights=sum(t.n_bytes for t in info.tensors))
             for r in compare(job, res, info):
                 rows.append(dict(model=m["tag"], set=m["set"], **r))
-    print(f"{'model':<24}{'set':<9}{'n_ctx':>7} {'kv':<10}{'fa':<4}{'ub':>5} {'mode':<5}{'buffer':<8}"
-          f"{'llama.cpp':>16}{'planner':>16}{'error':>10}")
+    print(
+        f"{'model':<24}{'set':<9}{'n_ctx':>7} {'kv':<10}{'fa':<4}{'ub':>5} {'mode':<5}{'buffer':<8}"
+        f"{'llama.cpp':>16}{'planner':>16}{'error':>10}"
+    )
     for r in rows:
         if isinstance(r.get("error"), float):
             e = f"{100 * r['error']:+.2f}%" if r["error_kind"] == "rel" else f"{r['error'] / MiB:+.3f}Mi"
         else:
             e = "-"
-        print(f"{r['model']:<24}{r['set']:<9}{r['n_ctx']:>7} {r['kv_type']:<10}{r['fa']:<4}{r['n_ubatch']:>5} "
-              f"{r['mode']:<5}{r['buffer']:<8}{fmt(r['llama_cpp']):>16}{fmt(r['planner']):>16}{e:>10}"
-              f"{'' if r['ok'] else '  MISS'}")
+        print(
+            f"{r['model']:<24}{r['set']:<9}{r['n_ctx']:>7} {r['kv_type']:<10}{r['fa']:<4}{r['n_ubatch']:>5} "
+            f"{r['mode']:<5}{r['buffer']:<8}{fmt(r['llama_cpp']):>16}{fmt(r['planner']):>16}{e:>10}"
+            f"{'' if r['ok'] else '  MISS'}"
+        )
     rss = [] if args.no_rss else rss_trials(args.threads)
     worst: dict[str, dict[str, float]] = {}
     for r in rows:
@@ -175,23 +249,42 @@ def main() -> int:
     misses = [r for r in rows if not r["ok"]] + [r for r in rss if not r["ok"]]
     print("\nworst |error| per model: compute/model as %, kv/rs/output in MiB")
     for name, w in worst.items():
-        print(f"  {name:<24}" + "  ".join(f"{b} {100 * v:.1f}%" if TARGET[b][0] == "rel" else f"{b} {v / MiB:.3f}"
-                                         for b, v in w.items()))
+        print(
+            f"  {name:<24}"
+            + "  ".join(f"{b} {100 * v:.1f}%" if TARGET[b][0] == "rel" else f"{b} {v / MiB:.3f}" for b, v in w.items())
+        )
     if rss:
-        print(f"  cold-start peak RSS: worst {100 * max(abs(r['error'] or 1) for r in rss):.1f} % over {len(rss)} trials")
+        print(
+            f"  cold-start peak RSS: worst {100 * max(abs(r['error'] or 1) for r in rss):.1f} % over {len(rss)} trials"
+        )
     print(f"{len(misses)} of {len(rows) + len(rss)} checks missed their target")
     import llama_cpp
 
     result = {
-        "settings": {"archs": archs, "ctx": ctxs, "kv": ["f16", "q8_0"], "fa": ["on", "off"], "n_ubatch": [512, 2048],
-                     "targets": {k: list(v) for k, v in TARGET.items()}, "rss": not args.no_rss,
-                     "threads": args.threads,
-                     "real_loads": f"files up to {oracle.REAL_LOAD_MAX} B at n_ctx 4096 only: llama.cpp maps with "
-                                   "MAP_POPULATE, which pages a sparse file's holes through the page cache of this "
-                                   "shared 24 GB machine; every figure is also sized without allocating (sim)"},
-        "build": {"llama_cpp_python": llama_cpp.__version__, "machine": platform.machine(),
-                  "python": platform.python_version()},
-        "models": ms, "rows": rows, "rss": rss, "worst": worst, "misses": len(misses), "ok": not misses,
+        "settings": {
+            "archs": archs,
+            "ctx": ctxs,
+            "kv": ["f16", "q8_0"],
+            "fa": ["on", "off"],
+            "n_ubatch": [512, 2048],
+            "targets": {k: list(v) for k, v in TARGET.items()},
+            "rss": not args.no_rss,
+            "threads": args.threads,
+            "real_loads": f"files up to {oracle.REAL_LOAD_MAX} B at n_ctx 4096 only: llama.cpp maps with "
+            "MAP_POPULATE, which pages a sparse file's holes through the page cache of this "
+            "shared 24 GB machine; every figure is also sized without allocating (sim)",
+        },
+        "build": {
+            "llama_cpp_python": llama_cpp.__version__,
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        },
+        "models": ms,
+        "rows": rows,
+        "rss": rss,
+        "worst": worst,
+        "misses": len(misses),
+        "ok": not misses,
     }
     # echo=False: the whole JSON is thousands of rows
     save("planner-oracle", result, Path(args.out) if args.out else RESULTS, echo=False)

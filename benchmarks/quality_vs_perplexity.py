@@ -68,14 +68,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gemma-quants", default="q4_0,q2_k", help="lower quants requantized from Gemma's Q4_K_M")
     ap.add_argument("--synthetic-quants", default="q8_0,q4_k_m,q2_k")
     ap.add_argument("-c", "--ctx", type=int, default=512)
-    ap.add_argument("-t", "--threads", type=int, default=1,
-                    help="threads for both tools (1: far less sensitive to a busy machine)")
+    ap.add_argument(
+        "-t", "--threads", type=int, default=1, help="threads for both tools (1: far less sensitive to a busy machine)"
+    )
     ap.add_argument("--text", default=None, help="UTF-8 text (default: the text tuner ships)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="judge the time target on CPU seconds (user + sys of each tool's whole process tree) "
-                         "instead of wall seconds: on a busy machine wall time measures the scheduler")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="judge the time target on CPU seconds (user + sys of each tool's whole process tree) "
+        "instead of wall seconds: on a busy machine wall time measures the scheduler",
+    )
     return ap.parse_args(argv)
 
 
@@ -119,26 +123,41 @@ def run(cmd: list[str], env: dict, timeout: float) -> tuple[subprocess.Completed
 def llama_side(a, case: dict, text: str, tmp: Path) -> dict:
     base = tmp / "base.bin"
     common = ["-c", str(a.ctx), "-t", str(a.threads)]
-    proc, wall, cpu = run([a.llama_perplexity, "-m", case["reference"], "-f", text, *common,
-                           "--kl-divergence-base", str(base)], os.environ.copy(), a.timeout)
+    proc, wall, cpu = run(
+        [a.llama_perplexity, "-m", case["reference"], "-f", text, *common, "--kl-divergence-base", str(base)],
+        os.environ.copy(),
+        a.timeout,
+    )
     # (its log is asynchronous: on a fast run the last lines can be missing, so the base PPL is optional)
     m = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", proc.stdout + proc.stderr)
-    out = {"reference": {"ppl": float(m[1]) if m else None, "ppl_err": float(m[2]) if m else None,
-                         "wall_s": wall, "cpu_s": cpu,
-                         "base_file_bytes": base.stat().st_size}, "quants": {}}
+    out = {
+        "reference": {
+            "ppl": float(m[1]) if m else None,
+            "ppl_err": float(m[2]) if m else None,
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "base_file_bytes": base.stat().st_size,
+        },
+        "quants": {},
+    }
     for q in case["quants"]:
         # llama.cpp's log is written by a thread; a short run can exit before its last lines are out (seen on
         # the tiny model). The figures are deterministic, so such a run is repeated (and counted).
         for attempt in range(3):
-            proc, wall, cpu = run([a.llama_perplexity, "-m", q, *common, "--kl-divergence-base", str(base),
-                                   "--kl-divergence"], os.environ.copy(), a.timeout)
+            proc, wall, cpu = run(
+                [a.llama_perplexity, "-m", q, *common, "--kl-divergence-base", str(base), "--kl-divergence"],
+                os.environ.copy(),
+                a.timeout,
+            )
             found = {k: re.search(p, proc.stdout + proc.stderr) for k, p in PATTERNS.items()}  # LOG() is stdout
             missing = [k for k, m in found.items() if not m]
             if not missing:
                 break
         else:
-            sys.exit(f"quality_vs_perplexity: error: no {', '.join(missing)} in llama-perplexity's output for {q} "
-                     f"(3 tries):\n{proc.stderr[-1500:]}")
+            sys.exit(
+                f"quality_vs_perplexity: error: no {', '.join(missing)} in llama-perplexity's output for {q} "
+                f"(3 tries):\n{proc.stderr[-1500:]}"
+            )
         fig = {k: float(m[1]) for k, m in found.items()}
         out["quants"][q] = {**fig, "wall_s": wall, "cpu_s": cpu, "output_retries": attempt}
     base.unlink()
@@ -148,17 +167,50 @@ def llama_side(a, case: dict, text: str, tmp: Path) -> dict:
 
 
 def tuner_side(a, case: dict, text: str, env: dict) -> dict:
-    cmd = [sys.executable, "-c", "from tuner.cli import cli; cli()", "quality",
-           "-m", case["reference"], *sum((["-m", q] for q in case["quants"]), []), "--reference", case["reference"],
-           "--text", text, "-c", str(a.ctx), "-t", str(a.threads), "--no-cache", "--json"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from tuner.cli import cli; cli()",
+        "quality",
+        "-m",
+        case["reference"],
+        *sum((["-m", q] for q in case["quants"]), []),
+        "--reference",
+        case["reference"],
+        "--text",
+        text,
+        "-c",
+        str(a.ctx),
+        "-t",
+        str(a.threads),
+        "--no-cache",
+        "--json",
+    ]
     proc, wall, cpu = run(cmd, env, a.timeout)
     rows = {r["model"]: r for r in json.loads(proc.stdout)}
     ref = rows[case["reference"]]
-    return {"reference": {"ppl": ref["ppl"], "ppl_err": ref.get("ppl_err"), "pass_wall_s": ref["wall_s"],
-                          "decode_s": ref["decode_s"], "numpy_s": ref["numpy_s"]},
-            "quants": {q: {**{k: rows[q][k] for k in COMPARED}, "pass_wall_s": rows[q]["wall_s"],
-                           "decode_s": rows[q]["decode_s"], "numpy_s": rows[q]["numpy_s"]} for q in case["quants"]},
-            "wall_s": wall, "cpu_s": cpu, "top_k": ref["top_k"], "tail_samples": ref["tail_samples"]}
+    return {
+        "reference": {
+            "ppl": ref["ppl"],
+            "ppl_err": ref.get("ppl_err"),
+            "pass_wall_s": ref["wall_s"],
+            "decode_s": ref["decode_s"],
+            "numpy_s": ref["numpy_s"],
+        },
+        "quants": {
+            q: {
+                **{k: rows[q][k] for k in COMPARED},
+                "pass_wall_s": rows[q]["wall_s"],
+                "decode_s": rows[q]["decode_s"],
+                "numpy_s": rows[q]["numpy_s"],
+            }
+            for q in case["quants"]
+        },
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "top_k": ref["top_k"],
+        "tail_samples": ref["tail_samples"],
+    }
 
 
 def summarize(case: dict, cpu_time: bool = False) -> dict:
@@ -177,21 +229,33 @@ def summarize(case: dict, cpu_time: bool = False) -> dict:
         q_ok = kld_ok and abs(top_diff) <= SAME_TOP_TOL
         ok &= q_ok
         per_quant[Path(q).name] = {
-            "tuner": {k: t[k] for k in COMPARED}, "llama_perplexity": {k: lp[k] for k in COMPARED},
-            "kld_mean_rel_diff": kld_rel, "same_top_diff_points": top_diff,
+            "tuner": {k: t[k] for k in COMPARED},
+            "llama_perplexity": {k: lp[k] for k in COMPARED},
+            "kld_mean_rel_diff": kld_rel,
+            "same_top_diff_points": top_diff,
             "kld_median_rel_diff": t["kld_median"] / lp["kld_median"] - 1 if lp["kld_median"] else None,
             "kld_p99_rel_diff": t["kld_p99"] / lp["kld_p99"] - 1 if lp["kld_p99"] else None,
-            "ppl_rel_diff": t["ppl"] / lp["ppl"] - 1, "tuner_figures_repeat": repeat,
+            "ppl_rel_diff": t["ppl"] / lp["ppl"] - 1,
+            "tuner_figures_repeat": repeat,
             "kld_limited_by_print_resolution": KLD_TOL * abs(lp["kld_mean"]) < KLD_PRINT,
-            "within_targets": q_ok}
+            "within_targets": q_ok,
+        }
     wall = [r["tuner"]["wall_s"] / r["llama_perplexity"]["wall_s"] for r in rounds]
     cpu = [r["tuner"]["cpu_s"] / r["llama_perplexity"]["cpu_s"] for r in rounds]
     judged = statistics.median(r["llama_perplexity"]["wall_s"] for r in rounds) >= TIME_MIN_S
     time_ok = statistics.median(cpu if cpu_time else wall) <= TIME_TOL or not judged
-    return {"quants": per_quant, "time_judged": judged, "time_judged_on": "cpu" if cpu_time else "wall",
-            "wall_ratio_median": statistics.median(wall), "wall_ratio_min": min(wall),
-            "wall_ratio_max": max(wall), "cpu_ratio_median": statistics.median(cpu),
-            "figures_within_targets": ok, "time_within_target": time_ok, "ok": ok and time_ok}
+    return {
+        "quants": per_quant,
+        "time_judged": judged,
+        "time_judged_on": "cpu" if cpu_time else "wall",
+        "wall_ratio_median": statistics.median(wall),
+        "wall_ratio_min": min(wall),
+        "wall_ratio_max": max(wall),
+        "cpu_ratio_median": statistics.median(cpu),
+        "figures_within_targets": ok,
+        "time_within_target": time_ok,
+        "ok": ok and time_ok,
+    }
 
 
 def main(argv=None) -> int:
@@ -200,12 +264,16 @@ def main(argv=None) -> int:
     from tuner.quality.logits import default_text_path
 
     if not Path(a.llama_perplexity).is_file():
-        sys.exit(f"quality_vs_perplexity: error: llama-perplexity not found at {a.llama_perplexity} "
-                 "(see benchmarks/README.md to build it)")
+        sys.exit(
+            f"quality_vs_perplexity: error: llama-perplexity not found at {a.llama_perplexity} "
+            "(see benchmarks/README.md to build it)"
+        )
     text = a.text or str(default_text_path())
     names = [c.strip() for c in a.cases.split(",") if c.strip()]
-    cases = [gemma_case(a.gemma_quants.split(",")) if n == "gemma" else synthetic_case(a.synthetic_quants.split(","))
-             for n in names]
+    cases = [
+        gemma_case(a.gemma_quants.split(",")) if n == "gemma" else synthetic_case(a.synthetic_quants.split(","))
+        for n in names
+    ]
     tmp = Path(tempfile.mkdtemp(prefix="quality-bench-"))
     env = {**os.environ, "TUNER_LOCK_FILE": str(tmp / "child.lock"), "PYTHONPATH": str(ROOT)}
     version = subprocess.run([a.llama_perplexity, "--version"], capture_output=True, text=True)
@@ -215,42 +283,67 @@ def main(argv=None) -> int:
             for i, case in enumerate(cases):
                 lp_first = (rnd + i) % 2 == 0
                 load = os.getloadavg()[0]
-                sides = [("llama_perplexity", lambda: llama_side(a, case, text, tmp)),
-                         ("tuner", lambda: tuner_side(a, case, text, env))]
+                sides = [
+                    ("llama_perplexity", lambda: llama_side(a, case, text, tmp)),
+                    ("tuner", lambda: tuner_side(a, case, text, env)),
+                ]
                 got = {name: f() for name, f in (sides if lp_first else sides[::-1])}
-                case.setdefault("rounds", []).append({"round": rnd, "first": sides[0 if lp_first else 1][0],
-                                                      "loadavg_1m": load, **got})
-                line = ", ".join(f"{Path(q).name} KLD {got['tuner']['quants'][q]['kld_mean']:.5f} vs "
-                                 f"{got['llama_perplexity']['quants'][q]['kld_mean']:.5f}" for q in case["quants"])
-                print(f"round {rnd + 1}/{a.rounds} {case['name']}: wall tuner {got['tuner']['wall_s']:.1f} s, "
-                      f"llama-perplexity {got['llama_perplexity']['wall_s']:.1f} s; {line}", flush=True)
+                case.setdefault("rounds", []).append(
+                    {"round": rnd, "first": sides[0 if lp_first else 1][0], "loadavg_1m": load, **got}
+                )
+                line = ", ".join(
+                    f"{Path(q).name} KLD {got['tuner']['quants'][q]['kld_mean']:.5f} vs "
+                    f"{got['llama_perplexity']['quants'][q]['kld_mean']:.5f}"
+                    for q in case["quants"]
+                )
+                print(
+                    f"round {rnd + 1}/{a.rounds} {case['name']}: wall tuner {got['tuner']['wall_s']:.1f} s, "
+                    f"llama-perplexity {got['llama_perplexity']['wall_s']:.1f} s; {line}",
+                    flush=True,
+                )
     shutil.rmtree(tmp, ignore_errors=True)
     for case in cases:
         case["summary"] = summarize(case, a.cpu_time)
     ok = all(c["summary"]["ok"] for c in cases)
     result = {
         "time_judged_on": "cpu" if a.cpu_time else "wall",
-        "benchmark": "quality_vs_perplexity", "started_utc": started.isoformat(timespec="seconds"),
+        "benchmark": "quality_vs_perplexity",
+        "started_utc": started.isoformat(timespec="seconds"),
         "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {"ctx": a.ctx, "threads": a.threads, "rounds": a.rounds, "text": text,
-                     "targets": {"kld_mean_rel": KLD_TOL, "kld_mean_abs_print_resolution": KLD_PRINT,
-                                 "time_judged_above_s": TIME_MIN_S,
-                                 "same_top_points": SAME_TOP_TOL, "wall_ratio": TIME_TOL}},
+        "settings": {
+            "ctx": a.ctx,
+            "threads": a.threads,
+            "rounds": a.rounds,
+            "text": text,
+            "targets": {
+                "kld_mean_rel": KLD_TOL,
+                "kld_mean_abs_print_resolution": KLD_PRINT,
+                "time_judged_above_s": TIME_MIN_S,
+                "same_top_points": SAME_TOP_TOL,
+                "wall_ratio": TIME_TOL,
+            },
+        },
         "llama_perplexity": {"path": a.llama_perplexity, "version": (version.stdout + version.stderr).strip()},
-        "tuner_build": hardware.build_info(), "host": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
-        "cases": cases, "ok": ok,
+        "tuner_build": hardware.build_info(),
+        "host": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+        "cases": cases,
+        "ok": ok,
     }
     path = save("quality-vs-perplexity", result)
     for c in cases:
         s = c["summary"]
         what = "not judged: start-up dominates" if not s["time_judged"] else f"judged on {s['time_judged_on']}"
-        print(f"{c['name']}: tuner/llama-perplexity median wall ratio {s['wall_ratio_median']:.3f}, "
-              f"CPU ratio {s['cpu_ratio_median']:.3f} (target <= {TIME_TOL}, {what})")
+        print(
+            f"{c['name']}: tuner/llama-perplexity median wall ratio {s['wall_ratio_median']:.3f}, "
+            f"CPU ratio {s['cpu_ratio_median']:.3f} (target <= {TIME_TOL}, {what})"
+        )
         for name, qv in s["quants"].items():
-            print(f"  {name}: KLD {qv['tuner']['kld_mean']:.6f} vs {qv['llama_perplexity']['kld_mean']:.6f} "
-                  f"({100 * qv['kld_mean_rel_diff']:+.2f} %), same top {qv['tuner']['same_top_pct']:.3f} vs "
-                  f"{qv['llama_perplexity']['same_top_pct']:.3f} ({qv['same_top_diff_points']:+.3f} points)"
-                  + ("" if qv["within_targets"] else "  MISS"))
+            print(
+                f"  {name}: KLD {qv['tuner']['kld_mean']:.6f} vs {qv['llama_perplexity']['kld_mean']:.6f} "
+                f"({100 * qv['kld_mean_rel_diff']:+.2f} %), same top {qv['tuner']['same_top_pct']:.3f} vs "
+                f"{qv['llama_perplexity']['same_top_pct']:.3f} ({qv['same_top_diff_points']:+.3f} points)"
+                + ("" if qv["within_targets"] else "  MISS")
+            )
     print(f"{'OK' if ok else 'MISS'}: results in {path}")
     return 0 if ok else 1
 

@@ -42,40 +42,61 @@ from tuner.record import TrialConfig, TrialRecord  # noqa: E402
 MODEL_CACHE = Path.home() / ".cache" / "tuner-test-models"
 # Grids: small spaces where llama.cpp's defaults (the first model file, f16 KV, every core) are not the best.
 GRIDS = {
-    # quant files × K-cache type × flash attention × threads (24 configs); the defaults run the first file (f16), which reads the most bytes
-    "quant-kv": {"preset": "dense", "quants": ["f16", "q8_0", "q4_0"],
-                 "specs": {"n_threads": "1,2", "type_k": "f16,q8_0", "flash_attn": "on,off"},
-                 "shape": {"n_prompt": 64, "n_gen": 16, "repetitions": 2}},
+    # quant files × K-cache type × flash attention × threads (24 configs); the defaults run the first file (f16),
+    # which reads the most bytes
+    "quant-kv": {
+        "preset": "dense",
+        "quants": ["f16", "q8_0", "q4_0"],
+        "specs": {"n_threads": "1,2", "type_k": "f16,q8_0", "flash_attn": "on,off"},
+        "shape": {"n_prompt": 64, "n_gen": 16, "repetitions": 2},
+    },
     # 12 configs, mmap off: every change of file reloads it from the page cache into anonymous memory, a large part of a
     # short trial's cost; the batch size matters for the prompt
-    "nommap-batch": {"preset": "dense", "quants": ["f32", "q8_0", "q4_k_m"],
-                     "specs": {"n_threads": "1,2", "n_ubatch": "8,64", "use_mmap": "false"},
-                     "shape": {"n_prompt": 64, "n_gen": 8, "repetitions": 2}},
+    "nommap-batch": {
+        "preset": "dense",
+        "quants": ["f32", "q8_0", "q4_k_m"],
+        "specs": {"n_threads": "1,2", "n_ubatch": "8,64", "use_mmap": "false"},
+        "shape": {"n_prompt": 64, "n_gen": 8, "repetitions": 2},
+    },
     # Two grids measured on a quiet machine (2026-12-03 evening), big enough that a search of a fifth of a grid
     # and a 5-round race can fit in 35 % of measuring it once. A request of 128 + 128 tokens: at 64 + 16 a trial's
     # value scattered 12 % (log sd) between rounds on this VM (replay-grid-dense-64-20261203-195841.json), more
     # than the gaps between the best configs; 256 generated tokens scatter about 4 %. 64 configs: quant files ×
     # threads × K-cache type × flash attention × micro-batch; the defaults (f16, every core, f16 K, ubatch 512)
     # are not the best.
-    "dense-64": {"preset": "dense", "quants": ["f16", "q8_0", "q4_0", "q4_k_m"],
-                 "specs": {"n_threads": "1,2", "type_k": "f16,q8_0", "flash_attn": "on,off", "n_ubatch": "16,512"},
-                 "shape": {"n_prompt": 128, "n_gen": 128, "repetitions": 2}},
+    "dense-64": {
+        "preset": "dense",
+        "quants": ["f16", "q8_0", "q4_0", "q4_k_m"],
+        "specs": {"n_threads": "1,2", "type_k": "f16,q8_0", "flash_attn": "on,off", "n_ubatch": "16,512"},
+        "shape": {"n_prompt": 128, "n_gen": 128, "repetitions": 2},
+    },
     # 60 configs, mmap off and a short request: every file is read into anonymous memory, so a search that hops
     # between files pays for it (meant as the grid whose load is >= 30 % of a trial; measured: 9 % median, the
     # 518 MB f32 loads in 0.3-0.5 s from the page cache, so that grid still needs a model of several GB)
-    "nommap-60": {"preset": "dense", "quants": ["f32", "f16", "q8_0", "q4_k_m", "q4_0"],
-                  "specs": {"n_threads": "1,2", "n_ubatch": "8,64,512", "type_k": "f16,q8_0", "use_mmap": "false"},
-                  "shape": {"n_prompt": 64, "n_gen": 32, "repetitions": 2}},
+    "nommap-60": {
+        "preset": "dense",
+        "quants": ["f32", "f16", "q8_0", "q4_k_m", "q4_0"],
+        "specs": {"n_threads": "1,2", "n_ubatch": "8,64,512", "type_k": "f16,q8_0", "use_mmap": "false"},
+        "shape": {"n_prompt": 64, "n_gen": 32, "repetitions": 2},
+    },
     # 48 configs whose loads are >= 30 % of a trial: a 575 M-parameter model, mmap off, its pages evicted before
     # every trial (as a model bigger than RAM loads: from the disk, every time) and a short request. On the 130 M
     # dense model cold loads were 15-55 % of a trial (median ~20 %): a trial's fixed costs did not scale with it;
     # one repetition, as two put the xl model's loads at a median ~31 % (probe of 8 configs)
-    "cold-48": {"preset": "dense-xl", "quants": ["f16", "q8_0", "q4_k_m", "q4_0"],
-                "specs": {"n_threads": "1,2", "n_ubatch": "8,64,512", "type_k": "f16,q8_0", "use_mmap": "false"},
-                "shape": {"n_prompt": 32, "n_gen": 16, "repetitions": 1}, "cold": True},
+    "cold-48": {
+        "preset": "dense-xl",
+        "quants": ["f16", "q8_0", "q4_k_m", "q4_0"],
+        "specs": {"n_threads": "1,2", "n_ubatch": "8,64,512", "type_k": "f16,q8_0", "use_mmap": "false"},
+        "shape": {"n_prompt": 32, "n_gen": 16, "repetitions": 1},
+        "cold": True,
+    },
     # for tests: loads in milliseconds
-    "tiny": {"preset": "tiny", "quants": ["q8_0", "q4_k_m"], "specs": {"n_threads": "1,2"},
-             "shape": {"n_prompt": 16, "n_gen": 4, "repetitions": 2}},
+    "tiny": {
+        "preset": "tiny",
+        "quants": ["q8_0", "q4_k_m"],
+        "specs": {"n_threads": "1,2"},
+        "shape": {"n_prompt": 16, "n_gen": 4, "repetitions": 2},
+    },
 }
 GRIDS["tiny-cold"] = {**GRIDS["tiny"], "cold": True}
 OBJECTIVE = "mixed"
@@ -95,8 +116,18 @@ def build(models: list[str], specs: dict, shape: dict):
     infos = {m: read_model(m) for m in models}
     hw = hardware.probe()
     base = TrialConfig(model=models[0], n_threads=hw.cores_physical, n_threads_batch=0, **shape)
-    space = spacelib.build_space(models, infos, dict(specs), base, False, hw.cores_physical, hw.cores_logical,
-                                 objective=OBJECTIVE, auto=False, ram_total=hw.ram_total)
+    space = spacelib.build_space(
+        models,
+        infos,
+        dict(specs),
+        base,
+        False,
+        hw.cores_physical,
+        hw.cores_logical,
+        objective=OBJECTIVE,
+        auto=False,
+        ram_total=hw.ram_total,
+    )
     if "n_threads_batch" not in space.dims:  # as run_search: threads_batch follows threads
         space.base = dataclasses.replace(space.base, n_threads_batch=0)
     return space, infos, hw
@@ -136,14 +167,31 @@ def measure(name: str, rounds: int, out=None, log=print) -> Path:
                     pagecache.evict(infos[cfg.model].shards)
                 r = runner.run(cfg)
                 table[cfg.key()]["trials"].append(
-                    {"round": rnd, "outcome": r.outcome, "cause": r.cause[:200], "tg": r.tg_samples,
-                     "pp": r.pp_samples, "ttft_ms": r.ttft_samples_ms, "load_ms": r.load_ms, "wall_s": r.wall_s,
-                     "peak_rss_bytes": r.peak_rss_bytes, "page_cache_pct": r.page_cache_pct,
-                     "started_utc": r.started_utc})
+                    {
+                        "round": rnd,
+                        "outcome": r.outcome,
+                        "cause": r.cause[:200],
+                        "tg": r.tg_samples,
+                        "pp": r.pp_samples,
+                        "ttft_ms": r.ttft_samples_ms,
+                        "load_ms": r.load_ms,
+                        "wall_s": r.wall_s,
+                        "peak_rss_bytes": r.peak_rss_bytes,
+                        "page_cache_pct": r.page_cache_pct,
+                        "started_utc": r.started_utc,
+                    }
+                )
             log(f"round {rnd + 1}/{rounds} done, {time.monotonic() - t0:.0f} s")
-    result = {"grid": name, "recipe": grid, "rounds": rounds, "objective": OBJECTIVE,
-              "models": [model_facts(m) for m in models], "space": space.describe(),
-              "configs": list(table.values()), "wall_s": round(time.monotonic() - t0, 1)}
+    result = {
+        "grid": name,
+        "recipe": grid,
+        "rounds": rounds,
+        "objective": OBJECTIVE,
+        "models": [model_facts(m) for m in models],
+        "space": space.describe(),
+        "configs": list(table.values()),
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
     return save(f"replay-grid-{name}", result, out or Path(__file__).resolve().parent / "results", echo=False)
 
 
@@ -209,8 +257,9 @@ def local_models(doc: dict) -> tuple[list[str], list[str]]:
     have = [model_facts(p) if Path(p).is_file() else {} for p in paths]
     bad = next((p for p, h, w in zip(paths, have, want) if not same_make(h, w)), None)
     if bad:
-        raise ReplayError(f"model {bad} is not the file the table measured, nor made alike (size, type or "
-                          "parameters differ)")
+        raise ReplayError(
+            f"model {bad} is not the file the table measured, nor made alike (size, type or parameters differ)"
+        )
     return paths, [p for p, h, w in zip(paths, have, want) if h["content_hash"] != w["content_hash"]]
 
 
@@ -227,8 +276,10 @@ def load_table(path: str | Path, grid: str | None = None) -> Table:
     models, alike = local_models(doc)
     want = GRIDS[grid] if grid else recipe
     if grid and (want["preset"], want["quants"]) != (recipe["preset"], recipe["quants"]):
-        raise ReplayError(f"{path} was measured on another space (models {recipe['preset']} "
-                          f"{','.join(recipe['quants'])}), not grid {grid!r}")
+        raise ReplayError(
+            f"{path} was measured on another space (models {recipe['preset']} "
+            f"{','.join(recipe['quants'])}), not grid {grid!r}"
+        )
     space, infos, hw = build(models, want["specs"], want["shape"])
     by_model = dict(zip([m["path"] for m in doc["models"]], models))
     recorded = {}
@@ -241,8 +292,9 @@ def load_table(path: str | Path, grid: str | None = None) -> Table:
         k = cfg.key()
         if k not in recorded:
             what = ", ".join(f"{n}={getattr(cfg, n)}" for n in space.varying())
-            raise ReplayError(f"{path} was measured on another space: it has no trial of {what} "
-                              f"(model {Path(cfg.model).name})")
+            raise ReplayError(
+                f"{path} was measured on another space: it has no trial of {what} (model {Path(cfg.model).name})"
+            )
         cfg, trials = recorded[k]
         valued = [(t, v) for t in trials if t["outcome"] == "ok" and (v := trial_objective(t, cfg))]
         ok = [t for t, _ in valued]
@@ -309,9 +361,15 @@ class ReplayRunner:
         k = cfg.key()
         e = self.table.entries[k]
         left = [i for i in range(len(e.trials)) if i not in self.drawn.get(k, [])] or list(range(len(e.trials)))
-        paired = [] if self.confirm_round is None else [
-            i for i, t in enumerate(e.trials)
-            if t.get("round", i) == self.round_of[self.confirm_round % len(self.round_of)]]
+        paired = (
+            []
+            if self.confirm_round is None
+            else [
+                i
+                for i, t in enumerate(e.trials)
+                if t.get("round", i) == self.round_of[self.confirm_round % len(self.round_of)]
+            ]
+        )
         i = paired[0] if paired else self.rng.choice(left)
         self.drawn.setdefault(k, []).append(i)
         t = e.trials[i]
@@ -370,14 +428,31 @@ def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=Non
     from tuner.search.options import SearchOptions
 
     clock = Clock()
-    opts = SearchOptions(results=work / f"seed-{seed}", study=f"replay-{seed}-{next(_N)}", sampler=st.sampler,
-                         seed=seed, n_trials=st.n_trials, objective=OBJECTIVE, confirm=st.confirm,
-                         confirm_rounds=st.max_rounds, drift_every=0, reuse_workers=True)
+    opts = SearchOptions(
+        results=work / f"seed-{seed}",
+        study=f"replay-{seed}-{next(_N)}",
+        sampler=st.sampler,
+        seed=seed,
+        n_trials=st.n_trials,
+        objective=OBJECTIVE,
+        confirm=st.confirm,
+        confirm_rounds=st.max_rounds,
+        drift_every=0,
+        reuse_workers=True,
+    )
     opts.study_dir.mkdir(parents=True)
     runner = ReplayRunner(table, clock, random.Random(seed))
     # the study reads the replay's clock (its budget, its typical trial)
-    srch = Search(table.space, opts, table.infos, table.hw, runner.build, runner=runner,
-                  ledger=replay_ledger(opts.study_dir), clock=clock.monotonic)
+    srch = Search(
+        table.space,
+        opts,
+        table.infos,
+        table.hw,
+        runner.build,
+        runner=runner,
+        ledger=replay_ledger(opts.study_dir),
+        clock=clock.monotonic,
+    )
     runner.search = srch
     srch.bandwidth = {}  # the roofline needs the machine's bandwidth; the replay never measures it (no bound)
     srch.prepare()
@@ -386,19 +461,25 @@ def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=Non
     if on_search:
         on_search(srch, runner, clock)
     confirm_runs = sum(1 for r in srch.records if r.state == confirm.CONFIRM_STATE)
-    search_s = sum(r.wall_s or 0 for r in srch.records if r.searched and r.ok)
     key = None
     if rec is not None:
         cfg = TrialConfig.from_dict({**rec["config"], "overrides": tuple(rec["config"].get("overrides", ()))})
         key = cfg.key()
     truth = table.truth(key) if key else None
     defaults = next((r for r in srch.records if r.baseline == "llama.cpp defaults"), None)
-    return {"seed": seed, "trial_number": rec and rec["trial_number"], "true": truth,
-            "share_of_best": (truth or 0.0) / table.best, "wall_s": clock.t,
-            "confirm_runs": confirm_runs, "search_trials": sum(1 for r in srch.records if r.searched),
-            "runs": runner.runs, "loads": runner.loads,
-            "verdict": (rec or {}).get("confirmation", {}).get("verdict"),
-            "defaults_true": table.truth(defaults.config.key()) if defaults else None}
+    return {
+        "seed": seed,
+        "trial_number": rec and rec["trial_number"],
+        "true": truth,
+        "share_of_best": (truth or 0.0) / table.best,
+        "wall_s": clock.t,
+        "confirm_runs": confirm_runs,
+        "search_trials": sum(1 for r in srch.records if r.searched),
+        "runs": runner.runs,
+        "loads": runner.loads,
+        "verdict": (rec or {}).get("confirmation", {}).get("verdict"),
+        "defaults_true": table.truth(defaults.config.key()) if defaults else None,
+    }
 
 
 def resolution(table: Table, boots: int = 1000, seed: int = 0) -> dict:
@@ -415,15 +496,22 @@ def resolution(table: Table, boots: int = 1000, seed: int = 0) -> dict:
     meds = np.array([[np.median(rng.choice(v, len(v))) for v in vals] for _ in range(boots)])
     held = float(np.mean(meds[:, top] >= 0.98 * meds.max(axis=1)))
     sd = [float(np.std(np.log(v / np.median(v)))) for v in vals]
-    return {"best_within_2pct_on_resampling": held, "configs_within_2pct": sum(
-        table.entries[k].truth >= 0.98 * table.best for k in keys), "trial_log_sd_median": statistics.median(sd),
-        "rounds": table.doc.get("rounds")}
+    return {
+        "best_within_2pct_on_resampling": held,
+        "configs_within_2pct": sum(table.entries[k].truth >= 0.98 * table.best for k in keys),
+        "trial_log_sd_median": statistics.median(sd),
+        "rounds": table.doc.get("rounds"),
+    }
 
 
 def load_share(table: Table) -> float:
     """The median share of a trial's recorded wall time that its model load took (every trial of the table)."""
-    return statistics.median((t["load_ms"] or 0) / 1000 / t["wall_s"] for e in table.entries.values()
-                             for t in e.trials if t["outcome"] == "ok" and t["wall_s"])
+    return statistics.median(
+        (t["load_ms"] or 0) / 1000 / t["wall_s"]
+        for e in table.entries.values()
+        for t in e.trials
+        if t["outcome"] == "ok" and t["wall_s"]
+    )
 
 
 def replay(table: Table, st: Settings, seeds: int, log=lambda s: None) -> dict:
@@ -433,11 +521,18 @@ def replay(table: Table, st: Settings, seeds: int, log=lambda s: None) -> dict:
         runs = [replay_seed(table, seed, st, Path(work)) for seed in range(seeds)]
     walls = [r["wall_s"] / grid_s for r in runs]
     within = sum(r["share_of_best"] >= 0.98 for r in runs)
-    out = {"settings": dataclasses.asdict(st), "seeds": seeds, "within_2pct": within,
-           "within_2pct_rate": within / seeds, "within_2pct_ci95": clopper_pearson(within, seeds),
-           "median_share_of_best": statistics.median(r["share_of_best"] for r in runs),
-           "wall_vs_grid_median": statistics.median(walls), "wall_vs_grid_max": max(walls),
-           "median_confirm_runs": statistics.median(r["confirm_runs"] for r in runs), "runs": runs}
+    out = {
+        "settings": dataclasses.asdict(st),
+        "seeds": seeds,
+        "within_2pct": within,
+        "within_2pct_rate": within / seeds,
+        "within_2pct_ci95": clopper_pearson(within, seeds),
+        "median_share_of_best": statistics.median(r["share_of_best"] for r in runs),
+        "wall_vs_grid_median": statistics.median(walls),
+        "wall_vs_grid_max": max(walls),
+        "median_confirm_runs": statistics.median(r["confirm_runs"] for r in runs),
+        "runs": runs,
+    }
     log(f"  {st}: within 2 % in {within}/{seeds}, median wall {100 * out['wall_vs_grid_median']:.0f} % of the grid")
     return out
 
@@ -454,26 +549,51 @@ def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
     runs = []
     with tempfile.TemporaryDirectory(prefix="tuner-live-") as work:
         for seed in range(seeds):
-            res = run_search(list(table.infos), study=f"live-{seed}", results=work, sampler=st.sampler, seed=seed,
-                             n_trials=st.n_trials, confirm=st.confirm, confirm_rounds=st.max_rounds,
-                             objective=OBJECTIVE, drift_every=0, quality=False, auto_space=False,
-                             **recipe["shape"], **params)
+            res = run_search(
+                list(table.infos),
+                study=f"live-{seed}",
+                results=work,
+                sampler=st.sampler,
+                seed=seed,
+                n_trials=st.n_trials,
+                confirm=st.confirm,
+                confirm_rounds=st.max_rounds,
+                objective=OBJECTIVE,
+                drift_every=0,
+                quality=False,
+                auto_space=False,
+                **recipe["shape"],
+                **params,
+            )
             wall = study_wall(res.study_dir)
             rec = res.recommendation
             cfg = TrialConfig.from_dict({**rec["config"], "overrides": tuple(rec["config"].get("overrides", ()))})
             truth = table.truth(cfg.key())
-            runs.append({"seed": seed, "wall_s": wall, "true": truth, "share_of_best": (truth or 0) / table.best,
-                         "verdict": rec["confirmation"].get("verdict"),
-                         "confirm_runs": rec["trials"]["confirmation_runs"]})
+            runs.append(
+                {
+                    "seed": seed,
+                    "wall_s": wall,
+                    "true": truth,
+                    "share_of_best": (truth or 0) / table.best,
+                    "verdict": rec["confirmation"].get("verdict"),
+                    "confirm_runs": rec["trials"]["confirmation_runs"],
+                }
+            )
             log(f"  live seed {seed}: {wall:.0f} s, {100 * runs[-1]['share_of_best']:.1f} % of the best")
     grid_s = table.grid_once_s()
     within = sum(r["share_of_best"] >= 0.98 for r in runs)
     predicted = replay(table, st, max(seeds, 30))
-    return {"settings": dataclasses.asdict(st), "seeds": seeds, "within_2pct": within,
-            "within_2pct_rate": within / seeds, "within_2pct_ci95": clopper_pearson(within, seeds),
-            "wall_vs_grid_median": statistics.median(r["wall_s"] for r in runs) / grid_s,
-            "replay_within_2pct_rate": predicted["within_2pct_rate"],
-            "replay_wall_vs_grid_median": predicted["wall_vs_grid_median"], "runs": runs}
+    return {
+        "settings": dataclasses.asdict(st),
+        "seeds": seeds,
+        "within_2pct": within,
+        "within_2pct_rate": within / seeds,
+        "within_2pct_ci95": clopper_pearson(within, seeds),
+        "wall_vs_grid_median": statistics.median(r["wall_s"] for r in runs) / grid_s,
+        "replay_within_2pct_rate": predicted["within_2pct_rate"],
+        "replay_wall_vs_grid_median": predicted["wall_vs_grid_median"],
+        "runs": runs,
+    }
 
 
 def choose(results: list[dict], wall_target: float) -> dict:
@@ -489,44 +609,65 @@ def tune_settings(tune: Table, tune_seeds: int, settings: list[Settings], wall_t
     tuned = [replay(tune, st, tune_seeds, log) for st in settings]
     for t in tuned:
         t.pop("runs")  # the per-seed detail of 20+ settings is noise in the saved file
-    return {"grid": tune.doc["grid"], "table": tune.path, "tune_seeds": tune_seeds, "wall_target": wall_target,
-            "results": tuned, "chosen": choose(tuned, wall_target)["settings"]}
+    return {
+        "grid": tune.doc["grid"],
+        "table": tune.path,
+        "tune_seeds": tune_seeds,
+        "wall_target": wall_target,
+        "results": tuned,
+        "chosen": choose(tuned, wall_target)["settings"],
+    }
 
 
-def evaluate(tune: Table, held: Table, seeds: int, tuning: dict, held_out_only: bool = False, log=print,
-             ceiling_seeds: int = 20) -> dict:
+def evaluate(
+    tune: Table, held: Table, seeds: int, tuning: dict, held_out_only: bool = False, log=print, ceiling_seeds: int = 20
+) -> dict:
     """Report the settings chosen on the tuning table, and the controls, on both tables (the held-out one counts;
     `held_out_only`: that one alone)."""
     st = Settings(**tuning["chosen"])
     log(f"chosen: {st}; held-out {held.doc['grid']} ({len(held.entries)} configs, {seeds} seeds):")
     out = {}
-    for name, table in (("tuning", tune), ("held_out", held))[1 if held_out_only else 0:]:
+    for name, table in (("tuning", tune), ("held_out", held))[1 if held_out_only else 0 :]:
         n = max(1, round(st.n_trials * len(table.entries) / len(tune.entries)))  # the same share of the grid
         search = replay(table, dataclasses.replace(st, n_trials=n), seeds, log)
-        controls = {"random": replay(table, dataclasses.replace(st, sampler="random", n_trials=n), seeds, log),
-                    "no_confirmation": replay(table, dataclasses.replace(st, confirm=0, n_trials=n), seeds, log)}
+        controls = {
+            "random": replay(table, dataclasses.replace(st, sampler="random", n_trials=n), seeds, log),
+            "no_confirmation": replay(table, dataclasses.replace(st, confirm=0, n_trials=n), seeds, log),
+        }
         # the ceiling: every config measured once, then the same race (grid sampler, no baselines); slow, so
         # fewer seeds
-        controls["exhaustive"] = replay(table, dataclasses.replace(st, sampler="grid", n_trials=len(table.entries)),
-                                        ceiling_seeds, log)
+        controls["exhaustive"] = replay(
+            table, dataclasses.replace(st, sampler="grid", n_trials=len(table.entries)), ceiling_seeds, log
+        )
         d = next(r["defaults_true"] for r in search["runs"] if r["defaults_true"] is not None)
         controls["defaults"] = {"share_of_best": d / table.best, "within_2pct": d / table.best >= 0.98}
-        out[name] = {"grid": table.doc["grid"], "table": table.path, "models_made_alike": table.alike,
-                     "configs": len(table.entries),
-                     "grid_once_s": table.grid_once_s(), "held_out": name == "held_out",
-                     "seeds": seeds, "n_trials": n, "within_2pct_rate": search["within_2pct_rate"],
-                     "within_2pct_ci95": search["within_2pct_ci95"],
-                     "wall_vs_grid_median": search["wall_vs_grid_median"],
-                     "defaults_vs_best": d / table.best, "load_share_median": load_share(table),
-                     "resolution": resolution(table), "search": search,
-                     "controls": controls}
+        out[name] = {
+            "grid": table.doc["grid"],
+            "table": table.path,
+            "models_made_alike": table.alike,
+            "configs": len(table.entries),
+            "grid_once_s": table.grid_once_s(),
+            "held_out": name == "held_out",
+            "seeds": seeds,
+            "n_trials": n,
+            "within_2pct_rate": search["within_2pct_rate"],
+            "within_2pct_ci95": search["within_2pct_ci95"],
+            "wall_vs_grid_median": search["wall_vs_grid_median"],
+            "defaults_vs_best": d / table.best,
+            "load_share_median": load_share(table),
+            "resolution": resolution(table),
+            "search": search,
+            "controls": controls,
+        }
     return {"tuning": tuning, "chosen": dataclasses.asdict(st), "grids": out}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__[__doc__.index("Examples:"):])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__[__doc__.index("Examples:") :],
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("measure", help="measure a grid's table")
     m.add_argument("--grid", choices=sorted(GRIDS), required=True)
@@ -537,8 +678,12 @@ def main(argv=None) -> int:
     r.add_argument("held_out", help="the held-out grid's table")
     r.add_argument("--seeds", type=int, default=100)
     r.add_argument("--tune-seeds", type=int, default=30)
-    r.add_argument("--ceiling-seeds", type=int, default=20,
-                   help="seeds of the exhaustive control (every config once, then the race) [20]")
+    r.add_argument(
+        "--ceiling-seeds",
+        type=int,
+        default=20,
+        help="seeds of the exhaustive control (every config once, then the race) [20]",
+    )
     r.add_argument("--k", default="1,2,3", help="top K candidates to try on the tuning grid")
     r.add_argument("--max-rounds", default=None, help="round limits to try (default: the race's minimum, +1, 8)")
     r.add_argument("--n-trials", default=None, help="search trials to try (default: 20,30,40 %% of the grid)")
@@ -562,12 +707,15 @@ def main(argv=None) -> int:
             print(f"replay.py: error: {e}", file=sys.stderr)
             return 2
         out = live(table, Settings("tpe", a.n_trials, a.k, a.max_rounds), a.seeds)
-        out.update(grid=table.doc["grid"], table=a.table, grid_once_s=table.grid_once_s(),
-                   models_made_alike=table.alike)
+        out.update(
+            grid=table.doc["grid"], table=a.table, grid_once_s=table.grid_once_s(), models_made_alike=table.alike
+        )
         path = save("replay-live", out, a.out or Path(__file__).resolve().parent / "results", echo=False)
-        print(f"live: within 2 % in {out['within_2pct']}/{a.seeds}, median wall "
-              f"{100 * out['wall_vs_grid_median']:.0f} % of the grid; the replay predicted "
-              f"{100 * out['replay_within_2pct_rate']:.0f} % and {100 * out['replay_wall_vs_grid_median']:.0f} %; {path}")
+        print(
+            f"live: within 2 % in {out['within_2pct']}/{a.seeds}, median wall "
+            f"{100 * out['wall_vs_grid_median']:.0f} % of the grid; the replay predicted "
+            f"{100 * out['replay_within_2pct_rate']:.0f} % and {100 * out['replay_wall_vs_grid_median']:.0f} %; {path}"
+        )
         return 0
     if a.cmd == "measure":
         if a.rounds < 1:
@@ -583,8 +731,11 @@ def main(argv=None) -> int:
         if min(rounds) < MIN_ROUNDS:
             raise ReplayError(f"--max-rounds {min(rounds)} is below the confirmation race's minimum of {MIN_ROUNDS}")
         n = len(tune.entries)
-        trials = [int(x) for x in a.n_trials.split(",")] if a.n_trials else \
-            sorted({max(3, round(n * f)) for f in (0.2, 0.3, 0.4)})
+        trials = (
+            [int(x) for x in a.n_trials.split(",")]
+            if a.n_trials
+            else sorted({max(3, round(n * f)) for f in (0.2, 0.3, 0.4)})
+        )
     except (ReplayError, ValueError) as e:
         print(f"replay.py: error: {e}", file=sys.stderr)
         return 2
@@ -603,23 +754,30 @@ def main(argv=None) -> int:
     result = evaluate(tune, held, a.seeds, tuning, a.held_out_only, ceiling_seeds=a.ceiling_seeds)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     h = result["grids"]["held_out"]
-    result["target"] = {"within_2pct_seeds": 95, "wall_vs_grid": a.wall_target,
-                        "met": h["within_2pct_rate"] >= 0.95 and h["wall_vs_grid_median"] <= a.wall_target}
+    result["target"] = {
+        "within_2pct_seeds": 95,
+        "wall_vs_grid": a.wall_target,
+        "met": h["within_2pct_rate"] >= 0.95 and h["wall_vs_grid_median"] <= a.wall_target,
+    }
     path = save("replay", result, out_dir, echo=False)
     for name, g in result["grids"].items():
         c = g["controls"]
-        print(f"{name} {g['grid']}: within 2 % in {100 * g['within_2pct_rate']:.0f} % of {g['seeds']} seeds "
-              f"(95 % CI {100 * g['within_2pct_ci95'][0]:.0f}-{100 * g['within_2pct_ci95'][1]:.0f} %), median wall "
-              f"{100 * g['wall_vs_grid_median']:.0f} % of the grid; random {100 * c['random']['within_2pct_rate']:.0f} %"
-              f" ({100 * c['random']['wall_vs_grid_median']:.0f} %), no confirmation "
-              f"{100 * c['no_confirmation']['within_2pct_rate']:.0f} % "
-              f"({100 * c['no_confirmation']['wall_vs_grid_median']:.0f} %), every config once "
-              f"{100 * c['exhaustive']['within_2pct_rate']:.0f} % ({100 * c['exhaustive']['wall_vs_grid_median']:.0f}"
-              f" %), defaults at {100 * g['defaults_vs_best']:.0f} % of the best, loads "
-              f"{100 * g['load_share_median']:.0f} % of a trial; the table's best stays within 2 % "
-              f"in {100 * g['resolution']['best_within_2pct_on_resampling']:.0f} % of its resamplings")
-    print(f"target (held-out: >= 95 % within 2 %, wall <= {100 * a.wall_target:.0f} %): "
-          f"{'met' if result['target']['met'] else 'NOT met'}; {path}")
+        print(
+            f"{name} {g['grid']}: within 2 % in {100 * g['within_2pct_rate']:.0f} % of {g['seeds']} seeds "
+            f"(95 % CI {100 * g['within_2pct_ci95'][0]:.0f}-{100 * g['within_2pct_ci95'][1]:.0f} %), median wall "
+            f"{100 * g['wall_vs_grid_median']:.0f} % of the grid; random {100 * c['random']['within_2pct_rate']:.0f} %"
+            f" ({100 * c['random']['wall_vs_grid_median']:.0f} %), no confirmation "
+            f"{100 * c['no_confirmation']['within_2pct_rate']:.0f} % "
+            f"({100 * c['no_confirmation']['wall_vs_grid_median']:.0f} %), every config once "
+            f"{100 * c['exhaustive']['within_2pct_rate']:.0f} % ({100 * c['exhaustive']['wall_vs_grid_median']:.0f}"
+            f" %), defaults at {100 * g['defaults_vs_best']:.0f} % of the best, loads "
+            f"{100 * g['load_share_median']:.0f} % of a trial; the table's best stays within 2 % "
+            f"in {100 * g['resolution']['best_within_2pct_on_resampling']:.0f} % of its resamplings"
+        )
+    print(
+        f"target (held-out: >= 95 % within 2 %, wall <= {100 * a.wall_target:.0f} %): "
+        f"{'met' if result['target']['met'] else 'NOT met'}; {path}"
+    )
     return 0
 
 

@@ -50,8 +50,9 @@ def main(argv=None) -> int:
             info = read_model(path)
             for rig, gpus in RIGS.items():
                 t0 = time.perf_counter()
-                res = CliRunner().invoke(cli, ["search", "-m", str(path), "--dry-run", "--json", "--gpus", gpus,
-                                               "--ram", args.ram])
+                res = CliRunner().invoke(
+                    cli, ["search", "-m", str(path), "--dry-run", "--json", "--gpus", gpus, "--ram", args.ram]
+                )
                 took = time.perf_counter() - t0
                 if res.exit_code != 0:
                     rows.append({"model": info.name, "rig": rig, "error": res.output.strip()[-300:]})
@@ -59,21 +60,33 @@ def main(argv=None) -> int:
                 plan = json.loads(res.stdout)
                 dims = plan["dimensions"]
                 total = sum(int(float(g[:-3]) * GiB) for g in gpus.split(","))
-                rows.append({
-                    "model": oracle.shape(arch).name, "arch": arch, "file_bytes": info.file_size, "rig": rig,
-                    "n_gpu_layers": dims["n_gpu_layers"], "n_cpu_moe": [min(dims["n_cpu_moe"]),
-                                                                        max(dims["n_cpu_moe"])],
-                    "tensor_split": dims.get("tensor_split"), "configs": plan["configs"],
-                    "configs_in_space": plan["configs_in_space"],
-                    "lowest_vram_by_gpu": plan["lowest_vram"]["vram_by_device"],
-                    "highest_vram_by_gpu": plan["highest_vram"]["vram_by_device"],
-                    "highest_vram_config": {k: plan["highest_vram"]["config"][k]
-                                            for k in ("n_cpu_moe", "tensor_split", "n_ubatch", "flash_attn")},
-                    "old_bound_n_gpu_layers": old_bound(info, total), "plan_s": round(took, 2)})
+                rows.append(
+                    {
+                        "model": oracle.shape(arch).name,
+                        "arch": arch,
+                        "file_bytes": info.file_size,
+                        "rig": rig,
+                        "n_gpu_layers": dims["n_gpu_layers"],
+                        "n_cpu_moe": [min(dims["n_cpu_moe"]), max(dims["n_cpu_moe"])],
+                        "tensor_split": dims.get("tensor_split"),
+                        "configs": plan["configs"],
+                        "configs_in_space": plan["configs_in_space"],
+                        "lowest_vram_by_gpu": plan["lowest_vram"]["vram_by_device"],
+                        "highest_vram_by_gpu": plan["highest_vram"]["vram_by_device"],
+                        "highest_vram_config": {
+                            k: plan["highest_vram"]["config"][k]
+                            for k in ("n_cpu_moe", "tensor_split", "n_ubatch", "flash_attn")
+                        },
+                        "old_bound_n_gpu_layers": old_bound(info, total),
+                        "plan_s": round(took, 2),
+                    }
+                )
                 r = rows[-1]
-                print(f"{r['model']:<28} {rig:<8} -ngl {r['n_gpu_layers']} --n-cpu-moe {r['n_cpu_moe'][0]}.."
-                      f"{r['n_cpu_moe'][1]}  {r['configs']}/{r['configs_in_space']} fit  (old bound: -ngl "
-                      f"{r['old_bound_n_gpu_layers']})  {took:.1f} s")
+                print(
+                    f"{r['model']:<28} {rig:<8} -ngl {r['n_gpu_layers']} --n-cpu-moe {r['n_cpu_moe'][0]}.."
+                    f"{r['n_cpu_moe'][1]}  {r['configs']}/{r['configs_in_space']} fit  (old bound: -ngl "
+                    f"{r['old_bound_n_gpu_layers']})  {took:.1f} s"
+                )
     save("rig-plans", {"ram": args.ram, "rows": rows}, echo=False)
     return 0
 

@@ -38,8 +38,21 @@ SHAPE = ["-p", "64", "-n", "128", "-r", "5"]
 
 
 def tuner_search(results: Path, study: str, model: str, extra: list[str]) -> None:
-    cmd = [TUNER, "search", "-m", model, *SPACE, *SHAPE, "--results", str(results), "--study", study,
-           "--drift-every", "0", *extra]
+    cmd = [
+        TUNER,
+        "search",
+        "-m",
+        model,
+        *SPACE,
+        *SHAPE,
+        "--results",
+        str(results),
+        "--study",
+        study,
+        "--drift-every",
+        "0",
+        *extra,
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -72,10 +85,22 @@ def replay(grid_records, seed: int, budget: int, model: str) -> float:
     infos = {model: read_model(model)}
     hw = hardware.Hardware(**{k: v for k, v in grid_records[0].hw.items() if k != "gpus"}, gpus=[])
     base = grid_records[0].config
-    specs = {"n_threads": "1:2", "n_ubatch": "64,128,256,512", "flash_attn": "on,off", "type_k": "f16,q8_0",
-             "type_v": "f16,q8_0"}
-    space = build_space([model], infos, specs, TrialConfig(model=model, n_prompt=base.n_prompt, n_gen=base.n_gen,
-                        repetitions=base.repetitions), False, hw.cores_physical, hw.cores_logical)
+    specs = {
+        "n_threads": "1:2",
+        "n_ubatch": "64,128,256,512",
+        "flash_attn": "on,off",
+        "type_k": "f16,q8_0",
+        "type_v": "f16,q8_0",
+    }
+    space = build_space(
+        [model],
+        infos,
+        specs,
+        TrialConfig(model=model, n_prompt=base.n_prompt, n_gen=base.n_gen, repetitions=base.repetitions),
+        False,
+        hw.cores_physical,
+        hw.cores_logical,
+    )
     with tempfile.TemporaryDirectory() as d:
         opts = SearchOptions(results=Path(d), study="s", seed=seed, n_trials=budget, drift_every=0)
         s = Search(space, opts, infos, hw, grid_records[0].build, runner=Replay(table))
@@ -113,14 +138,26 @@ def main() -> None:
     for seed in range(args.seeds):
         found = replay(recs, seed, budget, args.model)
         shares.append(found / grid_best)
-        print(f"seed {seed}: best tg in {budget} trials = {found:.2f} t/s = {100 * found / grid_best:.1f} % "
-              f"of the grid's best", file=sys.stderr)
-    result = {"grid_configs": n_grid, "grid_ok": len(ok), "grid_best_tg": grid_best, "budget_trials": budget,
-              "shares": shares, "median_share": statistics.median(shares), "model": args.model,
-              "grid_dir": str(grid_dir)}
+        print(
+            f"seed {seed}: best tg in {budget} trials = {found:.2f} t/s = {100 * found / grid_best:.1f} % "
+            f"of the grid's best",
+            file=sys.stderr,
+        )
+    result = {
+        "grid_configs": n_grid,
+        "grid_ok": len(ok),
+        "grid_best_tg": grid_best,
+        "budget_trials": budget,
+        "shares": shares,
+        "median_share": statistics.median(shares),
+        "model": args.model,
+        "grid_dir": str(grid_dir),
+    }
     save("search-efficiency", result, args.out)
-    print(f"median over {args.seeds} seeds: {100 * result['median_share']:.1f} % of the grid's best tg "
-          f"within {budget}/{n_grid} trials (target >= 97 %)")
+    print(
+        f"median over {args.seeds} seeds: {100 * result['median_share']:.1f} % of the grid's best tg "
+        f"within {budget}/{n_grid} trials (target >= 97 %)"
+    )
 
 
 if __name__ == "__main__":

@@ -60,34 +60,89 @@ def main() -> int:
 
         args.model = str(synthesize(Path.home() / ".cache" / "tuner-test-models", "dense", ("q4_0",))[0])
     n_configs = len(args.threads.split(",")) * len(args.ubatch.split(",")) * len(args.fa.split(","))
-    lb = [args.llama_bench, "-m", args.model, "-t", args.threads, "-ub", args.ubatch, "-fa", args.fa,
-          "-p", str(args.p), "-n", str(args.n), "-r", str(args.r), "-o", "json"]
+    lb = [
+        args.llama_bench,
+        "-m",
+        args.model,
+        "-t",
+        args.threads,
+        "-ub",
+        args.ubatch,
+        "-fa",
+        args.fa,
+        "-p",
+        str(args.p),
+        "-n",
+        str(args.n),
+        "-r",
+        str(args.r),
+        "-o",
+        "json",
+    ]
     env = dict(os.environ, TUNER_LOCK_FILE=str(Path(tempfile.gettempdir()) / "tuner-overhead.lock"))
     rows = []
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory() as d:
-            tn = [TUNER, "search", "-m", args.model, "--sampler", "grid", "--no-baselines", "--drift-every", "0",
-                  "--threads", args.threads.replace(",", ","), "-ub", args.ubatch, "-fa", args.fa,
-                  "-p", str(args.p), "-n", str(args.n), "-r", str(args.r), "--results", d, "--study", "ovh"]
+            tn = [
+                TUNER,
+                "search",
+                "-m",
+                args.model,
+                "--sampler",
+                "grid",
+                "--no-baselines",
+                "--drift-every",
+                "0",
+                "--threads",
+                args.threads.replace(",", ","),
+                "-ub",
+                args.ubatch,
+                "-fa",
+                args.fa,
+                "-p",
+                str(args.p),
+                "-n",
+                str(args.n),
+                "-r",
+                str(args.r),
+                "--results",
+                d,
+                "--study",
+                "ovh",
+            ]
             if args.fresh_workers:
                 tn.append("--fresh-workers")
             order = [("llama-bench", lb), ("tuner", tn)] if i % 2 == 0 else [("tuner", tn), ("llama-bench", lb)]
             t = {name: timed(cmd, env) for name, cmd in order}
         rows.append({"round": i, "first": order[0][0], **t, "ratio": t["tuner"] / t["llama-bench"]})
-        print(f"round {i}: llama-bench {t['llama-bench']:.1f} s, tuner {t['tuner']:.1f} s, "
-              f"ratio {t['tuner'] / t['llama-bench']:.3f}", file=sys.stderr)
+        print(
+            f"round {i}: llama-bench {t['llama-bench']:.1f} s, tuner {t['tuner']:.1f} s, "
+            f"ratio {t['tuner'] / t['llama-bench']:.3f}",
+            file=sys.stderr,
+        )
     ratios = [r["ratio"] for r in rows]
-    result = {"configs": n_configs,
-              "grid": {"threads": args.threads, "n_ubatch": args.ubatch, "flash_attn": args.fa},
-              "p": args.p, "n": args.n, "r": args.r, "model": model_facts(args.model),
-              "llama_bench": {"path": args.llama_bench, "version": llama_bench_version(args.llama_bench)},
-              "commands": {"llama-bench": lb, "tuner": [x if x != d else "TMPDIR" for x in tn]},
-              "fresh_workers": args.fresh_workers, "rounds": rows, "median_ratio": statistics.median(ratios),
-              "min_ratio": min(ratios), "max_ratio": max(ratios), "target": "median_ratio <= 1.15",
-              "target_met": statistics.median(ratios) <= 1.15}
+    result = {
+        "configs": n_configs,
+        "grid": {"threads": args.threads, "n_ubatch": args.ubatch, "flash_attn": args.fa},
+        "p": args.p,
+        "n": args.n,
+        "r": args.r,
+        "model": model_facts(args.model),
+        "llama_bench": {"path": args.llama_bench, "version": llama_bench_version(args.llama_bench)},
+        "commands": {"llama-bench": lb, "tuner": [x if x != d else "TMPDIR" for x in tn]},
+        "fresh_workers": args.fresh_workers,
+        "rounds": rows,
+        "median_ratio": statistics.median(ratios),
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
+        "target": "median_ratio <= 1.15",
+        "target_met": statistics.median(ratios) <= 1.15,
+    }
     save("search-overhead", result, args.out)
-    print(f"median wall-time ratio tuner/llama-bench over {n_configs} configs: {result['median_ratio']:.3f} "
-          f"(target <= 1.15: {'met' if result['target_met'] else 'NOT met'})")
+    print(
+        f"median wall-time ratio tuner/llama-bench over {n_configs} configs: {result['median_ratio']:.3f} "
+        f"(target <= 1.15: {'met' if result['target_met'] else 'NOT met'})"
+    )
     return 0 if result["target_met"] else 1
 
 

@@ -60,9 +60,28 @@ def search(results: Path, study: str, model: str, extra: list[str]) -> float:
     if (results / study / "DONE").exists():  # --work: finished in an earlier run of this script
         return study_wall(results / study)
     t0 = time.monotonic()
-    subprocess.run([TUNER, "search", "-m", model, *SPACE, *SHAPE, "--results", str(results), "--study", study,
-                    "--drift-every", "0", "--objective", OBJECTIVE, *extra], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            TUNER,
+            "search",
+            "-m",
+            model,
+            *SPACE,
+            *SHAPE,
+            "--results",
+            str(results),
+            "--study",
+            study,
+            "--drift-every",
+            "0",
+            "--objective",
+            OBJECTIVE,
+            *extra,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     (results / study / "DONE").write_text("")
     return time.monotonic() - t0
 
@@ -85,8 +104,11 @@ def value(rec: TrialRecord) -> float | None:
 def bench(cfg: TrialConfig, reps: int, work: Path) -> TrialRecord:
     path = work / "cfg.json"
     path.write_text(json.dumps({"config": cfg.to_dict()}))
-    out = subprocess.run([TUNER, "bench", "--config", str(path), "-r", str(reps), "--json", "-o",
-                          str(work / "true.parquet")], capture_output=True, text=True)
+    out = subprocess.run(
+        [TUNER, "bench", "--config", str(path), "-r", str(reps), "--json", "-o", str(work / "true.parquet")],
+        capture_output=True,
+        text=True,
+    )
     return TrialRecord.from_json(out.stdout.strip().splitlines()[-1])
 
 
@@ -98,8 +120,12 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=8, help="grid configs re-measured for the truth")
     ap.add_argument("--controls", default="random,baselines")
     ap.add_argument("--random-seeds", type=int, default=None, help="seeds of the random control [--seeds]")
-    ap.add_argument("--work", default=None, help="go on from an earlier run's work folder: finished studies "
-                    "are read back (their wall time from their records), not run again")
+    ap.add_argument(
+        "--work",
+        default=None,
+        help="go on from an earlier run's work folder: finished studies "
+        "are read back (their wall time from their records), not run again",
+    )
     ap.add_argument("--model", default=None, help="default: the synthetic dense model (q4_k_m)")
     a = ap.parse_args()
     model = a.model or str(synthesize(Path.home() / ".cache" / "tuner-test-models", "dense", ("q4_k_m",))[0])
@@ -120,20 +146,36 @@ def main() -> int:
             study = f"{sampler}-{seed}"
             wall = search(work, study, model, ["--sampler", sampler, "--seed", str(seed), "--n-trials", str(budget)])
             rec = json.loads((work / study / "recommended.json").read_text())
-            runs.append({"sampler": sampler, "seed": seed, "wall_s": wall, "trial_number": rec["trial_number"],
-                         "config": rec["config"], "reported_tg": rec["measured"]["tg_ts_mean"],
-                         "confirmation": {k: rec["confirmation"].get(k) for k in ("verdict", "reason", "rounds")},
-                         "reported_vs_baseline": (rec.get("baselines", {}).get("llama.cpp defaults") or {})
-                         .get("recommended_vs_baseline"),
-                         "trials": rec["trials"], "runs": phases(work / study)})
-            print(f"{study}: {wall:.0f} s, #{rec['trial_number']} {rec['confirmation'].get('verdict')}", file=sys.stderr)
-    base_recs = [r for r in store.records(work / "tpe-0") if r.baseline in ("llama.cpp defaults", "heuristic")
-                 and r.searched and r.ok]
-    baseline_cfg = max(base_recs, key=lambda r: measured.get(r.config.key(), r).objective("tg") or 0).config \
-        if base_recs else None
+            runs.append(
+                {
+                    "sampler": sampler,
+                    "seed": seed,
+                    "wall_s": wall,
+                    "trial_number": rec["trial_number"],
+                    "config": rec["config"],
+                    "reported_tg": rec["measured"]["tg_ts_mean"],
+                    "confirmation": {k: rec["confirmation"].get(k) for k in ("verdict", "reason", "rounds")},
+                    "reported_vs_baseline": (rec.get("baselines", {}).get("llama.cpp defaults") or {}).get(
+                        "recommended_vs_baseline"
+                    ),
+                    "trials": rec["trials"],
+                    "runs": phases(work / study),
+                }
+            )
+            print(
+                f"{study}: {wall:.0f} s, #{rec['trial_number']} {rec['confirmation'].get('verdict')}", file=sys.stderr
+            )
+    base_recs = [
+        r
+        for r in store.records(work / "tpe-0")
+        if r.baseline in ("llama.cpp defaults", "heuristic") and r.searched and r.ok
+    ]
+    baseline_cfg = (
+        max(base_recs, key=lambda r: measured.get(r.config.key(), r).objective("tg") or 0).config if base_recs else None
+    )
 
     # the truth: grid's best by the objective, every recommendation, the baselines; interleaved rounds
-    top = sorted(measured.values(), key=lambda r: -(value(r) or 0))[:a.top]
+    top = sorted(measured.values(), key=lambda r: -(value(r) or 0))[: a.top]
     truth_cfgs = {r.config.key(): r.config for r in top}
     for run in runs:
         cfg = TrialConfig.from_dict({**run["config"], "overrides": tuple(run["config"].get("overrides", ()))})
@@ -147,8 +189,14 @@ def main() -> int:
         shift = rnd % len(keys)
         for k in keys[shift:] + keys[:shift]:
             r = bench(truth_cfgs[k], reps, work)
-            samples[k].append({"round": rnd, "ok": r.ok, "objective": value(r) if r.ok else None,
-                               "tg": r.metric("tg")[0] if r.ok else None})
+            samples[k].append(
+                {
+                    "round": rnd,
+                    "ok": r.ok,
+                    "objective": value(r) if r.ok else None,
+                    "tg": r.metric("tg")[0] if r.ok else None,
+                }
+            )
         print(f"truth round {rnd + 1}/{a.rounds}", file=sys.stderr)
 
     def true(k, what):
@@ -191,35 +239,65 @@ def main() -> int:
             "median_tg_share": statistics.median(r["tg_share_of_best"] for r in rs),
             "median_wall_share": statistics.median(r["wall_share_of_grid"] for r in rs),
             "max_wall_share": max(r["wall_share_of_grid"] for r in rs),
-            "median_confirm_share": statistics.median(r["runs"].get("confirm", {}).get("wall_s", 0.0) / grid_wall
-                                                      for r in rs),
+            "median_confirm_share": statistics.median(
+                r["runs"].get("confirm", {}).get("wall_s", 0.0) / grid_wall for r in rs
+            ),
             "median_confirm_runs": statistics.median(r["runs"].get("confirm", {}).get("runs", 0) for r in rs),
-            "winners_curse_within_3pct": sum(r["reported_vs_true_tg"] is not None
-                                             and abs(r["reported_vs_true_tg"] - 1) <= 0.03 for r in rs),
+            "winners_curse_within_3pct": sum(
+                r["reported_vs_true_tg"] is not None and abs(r["reported_vs_true_tg"] - 1) <= 0.03 for r in rs
+            ),
             "median_reported_vs_true_tg": statistics.median(r["reported_vs_true_tg"] or 0 for r in rs),
             # reported, not a target: the same check on the drift-free ×baseline ratio
-            "winners_curse_ratio_within_3pct": sum(r["reported_vs_true_ratio"] is not None
-                                                   and abs(r["reported_vs_true_ratio"] - 1) <= 0.03 for r in rs),
+            "winners_curse_ratio_within_3pct": sum(
+                r["reported_vs_true_ratio"] is not None and abs(r["reported_vs_true_ratio"] - 1) <= 0.03 for r in rs
+            ),
         }
     if baseline_cfg is not None:
         k = baseline_cfg.key()
-        summary["baselines"] = {"config": baseline_cfg.to_dict(), "true_objective": true(k, "objective"),
-                                "objective_share_of_best": (true(k, "objective") or 0) / best_obj,
-                                "tg_share_of_best": (true(k, "tg") or 0) / best_tg}
+        summary["baselines"] = {
+            "config": baseline_cfg.to_dict(),
+            "true_objective": true(k, "objective"),
+            "objective_share_of_best": (true(k, "objective") or 0) / best_obj,
+            "tg_share_of_best": (true(k, "tg") or 0) / best_tg,
+        }
     t = summary["tpe"]
     need = -(-9 * a.seeds // 10)
-    passed = (t["objective_within_2pct"] >= need and t["median_wall_share"] <= 0.35
-              and t["winners_curse_within_3pct"] >= need)
-    result = {"benchmark": "search_regret", "model": model, "space": SPACE, "shape": SHAPE, "objective": OBJECTIVE,
-              "grid": {"configs": n_grid, "ok": len(measured), "wall_s": grid_wall,
-                       "table": [{"config": r.config.to_dict(), "outcome": r.outcome, "objective": value(r),
-                                  "tg": r.metric("tg")[0]} for r in grid]},
-              "budget_trials": budget, "rounds": a.rounds, "runs": runs,
-              "truth": [{"config": truth_cfgs[k].to_dict(), "samples": samples[k], "objective": true(k, "objective"),
-                         "tg": true(k, "tg")} for k in keys],
-              "summary": summary, "targets": {"within_2pct_seeds": need, "wall_share": 0.35,
-                                              "winners_curse_seeds": need},
-              "passed": passed, "build": hardware.build_info(), "hw": hardware.probe().to_dict()}
+    passed = (
+        t["objective_within_2pct"] >= need and t["median_wall_share"] <= 0.35 and t["winners_curse_within_3pct"] >= need
+    )
+    result = {
+        "benchmark": "search_regret",
+        "model": model,
+        "space": SPACE,
+        "shape": SHAPE,
+        "objective": OBJECTIVE,
+        "grid": {
+            "configs": n_grid,
+            "ok": len(measured),
+            "wall_s": grid_wall,
+            "table": [
+                {"config": r.config.to_dict(), "outcome": r.outcome, "objective": value(r), "tg": r.metric("tg")[0]}
+                for r in grid
+            ],
+        },
+        "budget_trials": budget,
+        "rounds": a.rounds,
+        "runs": runs,
+        "truth": [
+            {
+                "config": truth_cfgs[k].to_dict(),
+                "samples": samples[k],
+                "objective": true(k, "objective"),
+                "tg": true(k, "tg"),
+            }
+            for k in keys
+        ],
+        "summary": summary,
+        "targets": {"within_2pct_seeds": need, "wall_share": 0.35, "winners_curse_seeds": need},
+        "passed": passed,
+        "build": hardware.build_info(),
+        "hw": hardware.probe().to_dict(),
+    }
     path = save("search-regret", result)
     print(f"saved {path}", file=sys.stderr)
     return 0 if passed else 1

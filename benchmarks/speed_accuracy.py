@@ -1,4 +1,5 @@
-"""Speed prediction accuracy: `tuner estimate --speed` (tuner.plan.speed on a fresh `tuner probe`) against `tuner bench`.
+"""Speed prediction accuracy: `tuner estimate --speed` (tuner.plan.speed on a fresh `tuner probe`) against `tuner
+bench`.
 
 Pairs the probe never saw: the real Gemma 3 270M Q4_K_M and llama.cpp's requantizations of it (Q8_0, Q3_K_M,
 Q2_K), and synthetic llama models of other widths and depths (a mid-size dense one at Q8_0 / Q4_K_M, a narrow
@@ -35,10 +36,16 @@ from tuner.plan import probe, speed  # noqa: E402
 
 CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 SYNTH = {  # family: (synth preset, shape overrides, quants)
-    "mid": ("dense", dict(n_embd=768, n_ff=2048, n_head=12, n_head_kv=4, n_layer=12, n_vocab=16384),
-            ("q8_0", "q4_k_m")),
-    "narrow-deep": ("dense", dict(n_embd=512, n_ff=1792, n_head=8, n_head_kv=2, n_layer=20, n_vocab=8192),
-                    ("q5_k_m", "q3_k_m")),
+    "mid": (
+        "dense",
+        dict(n_embd=768, n_ff=2048, n_head=12, n_head_kv=4, n_layer=12, n_vocab=16384),
+        ("q8_0", "q4_k_m"),
+    ),
+    "narrow-deep": (
+        "dense",
+        dict(n_embd=512, n_ff=1792, n_head=8, n_head_kv=2, n_layer=20, n_vocab=8192),
+        ("q5_k_m", "q3_k_m"),
+    ),
     "moe": ("moe", dict(n_embd=768, n_ff=1024, n_head=12, n_head_kv=4, n_layer=8, n_vocab=8192), ("q4_k_m",)),
 }
 GEMMA_QUANTS = ("q8_0", "q3_k_m", "q2_k")
@@ -71,13 +78,26 @@ def measure(path: str, threads: int, n_prompt: int, n_gen: int, reps: int, out: 
     from tuner.search import bench
 
     load = os.getloadavg()[0]
-    res = bench.measure(path, out=str(out), n_threads=threads, n_threads_batch=threads, n_prompt=n_prompt,
-                        n_gen=n_gen, repetitions=reps, n_gpu_layers=0)
+    res = bench.measure(
+        path,
+        out=str(out),
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_prompt=n_prompt,
+        n_gen=n_gen,
+        repetitions=reps,
+        n_gpu_layers=0,
+    )
     rec = res.record
     if not rec.ok:
         raise RuntimeError(f"bench failed on {path}: {rec.outcome} {rec.cause}")
-    return {"tg_tps": statistics.median(rec.tg_samples), "pp_tps": statistics.median(rec.pp_samples),
-            "tg_samples": rec.tg_samples, "pp_samples": rec.pp_samples, "loadavg_1m": [load, os.getloadavg()[0]]}
+    return {
+        "tg_tps": statistics.median(rec.tg_samples),
+        "pp_tps": statistics.median(rec.pp_samples),
+        "tg_samples": rec.tg_samples,
+        "pp_samples": rec.pp_samples,
+        "loadavg_1m": [load, os.getloadavg()[0]],
+    }
 
 
 def ranking_ok(rows: list[dict], threads: list[int], rounds: list[dict] | None = None) -> dict:
@@ -92,17 +112,24 @@ def ranking_ok(rows: list[dict], threads: list[int], rounds: list[dict] | None =
                 continue
             pred = [r["quant"] for r in sorted(sel, key=lambda r: -r["pred_tg_tps"])]
             meas = [r["quant"] for r in sorted(sel, key=lambda r: -r["tg_tps"])]
-            per_round = [{r["quant"]: r["tg_tps"] for r in rnd["rows"] if r["family"] == fam and r["threads"] == t}
-                         for rnd in rounds or []]
+            per_round = [
+                {r["quant"]: r["tg_tps"] for r in rnd["rows"] if r["family"] == fam and r["threads"] == t}
+                for rnd in rounds or []
+            ]
             resolved = []
             for i, a in enumerate(meas):
-                for b in meas[i + 1:]:
+                for b in meas[i + 1 :]:
                     if per_round and all(m[a] > m[b] for m in per_round):
                         resolved.append([a, b])
             agree = all(pred.index(a) < pred.index(b) for a, b in resolved)
-            out[f"{fam} t{t}"] = {"predicted": pred, "measured": meas, "equal": pred == meas,
-                                  "measured_by_round": [sorted(m, key=lambda q: -m[q]) for m in per_round],
-                                  "resolved_pairs": resolved, "resolved_equal": agree}
+            out[f"{fam} t{t}"] = {
+                "predicted": pred,
+                "measured": meas,
+                "equal": pred == meas,
+                "measured_by_round": [sorted(m, key=lambda q: -m[q]) for m in per_round],
+                "resolved_pairs": resolved,
+                "resolved_equal": agree,
+            }
     return out
 
 
@@ -111,19 +138,32 @@ def drift(rounds: list[dict]) -> dict:
     errors less that round's common factor (its median signed error: what a faster or slower moment of the
     whole machine shifts alike)."""
     first = {(r["path"], r["threads"]): r for r in rounds[0]["rows"]}
-    ratios = [r[k] / first[(r["path"], r["threads"])][k] for rnd in rounds[1:] for r in rnd["rows"]
-              for k in ("tg_tps", "pp_tps")]
+    ratios = [
+        r[k] / first[(r["path"], r["threads"])][k]
+        for rnd in rounds[1:]
+        for r in rnd["rows"]
+        for k in ("tg_tps", "pp_tps")
+    ]
     per_round = []
     for rnd in rounds:
         errs = [r[f"{k}_error"] for r in rnd["rows"] for k in ("tg", "pp")]
         common = statistics.median(errs)
         adj = [abs((1 + e) / (1 + common) - 1) for e in errs]
-        per_round.append({"round": rnd["round"], "common_error": common,
-                          "median_abs_error": statistics.median(abs(e) for e in errs),
-                          "median_abs_error_less_common": statistics.median(adj),
-                          "worst_abs_error_less_common": max(adj)})
-    return {"measured_vs_round0": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-            if ratios else None, "rounds": per_round}
+        per_round.append(
+            {
+                "round": rnd["round"],
+                "common_error": common,
+                "median_abs_error": statistics.median(abs(e) for e in errs),
+                "median_abs_error_less_common": statistics.median(adj),
+                "worst_abs_error_less_common": max(adj),
+            }
+        )
+    return {
+        "measured_vs_round0": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        if ratios
+        else None,
+        "rounds": per_round,
+    }
 
 
 def summarize(rounds: list[dict], todo: list[dict], threads: list[int], args) -> dict:
@@ -135,33 +175,60 @@ def summarize(rounds: list[dict], todo: list[dict], threads: list[int], args) ->
             med = {k: statistics.median(r[k] for r in rs) for k in ("tg_tps", "pp_tps", "pred_tg_tps", "pred_pp_tps")}
             # beside the medians: the best repetition, what the trial ran at when the shared machine let it
             best = {f"best_{k}": statistics.median(max(r[f"{k}_samples"]) for r in rs) for k in ("tg", "pp")}
-            summary_rows.append({**p, "threads": t, **med, "tg_error": med["pred_tg_tps"] / med["tg_tps"] - 1,
-                                 "pp_error": med["pred_pp_tps"] / med["pp_tps"] - 1, **best,
-                                 "tg_error_vs_best": med["pred_tg_tps"] / best["best_tg"] - 1,
-                                 "pp_error_vs_best": med["pred_pp_tps"] / best["best_pp"] - 1,
-                                 "loadavg_1m": [r["loadavg_1m"][0] for r in rs]})
+            summary_rows.append(
+                {
+                    **p,
+                    "threads": t,
+                    **med,
+                    "tg_error": med["pred_tg_tps"] / med["tg_tps"] - 1,
+                    "pp_error": med["pred_pp_tps"] / med["pp_tps"] - 1,
+                    **best,
+                    "tg_error_vs_best": med["pred_tg_tps"] / best["best_tg"] - 1,
+                    "pp_error_vs_best": med["pred_pp_tps"] / best["best_pp"] - 1,
+                    "loadavg_1m": [r["loadavg_1m"][0] for r in rs],
+                }
+            )
     errs = {k: [abs(r[f"{k}_error"]) for r in summary_rows] for k in ("tg", "pp")}
     allerr = errs["tg"] + errs["pp"]
     ranks = ranking_ok(summary_rows, threads, rounds)
     result = {
         "what": "predicted (tuner probe + tuner.plan.speed) vs measured (tuner bench) tg and pp t/s, CPU",
-        "shape": {"n_prompt": args.n_prompt, "n_gen": args.n_gen, "repetitions": args.reps,
-                  "probe_repetitions": args.probe_reps,
-                  "probe_passes": args.probe_passes, "threads": threads, "rounds": len(rounds)},
+        "shape": {
+            "n_prompt": args.n_prompt,
+            "n_gen": args.n_gen,
+            "repetitions": args.reps,
+            "probe_repetitions": args.probe_reps,
+            "probe_passes": args.probe_passes,
+            "threads": threads,
+            "rounds": len(rounds),
+        },
         "models": {p["path"]: model_facts(p["path"]) for p in todo},
-        "median_abs_error": {"tg": statistics.median(errs["tg"]), "pp": statistics.median(errs["pp"]),
-                             "all": statistics.median(allerr)},
+        "median_abs_error": {
+            "tg": statistics.median(errs["tg"]),
+            "pp": statistics.median(errs["pp"]),
+            "all": statistics.median(allerr),
+        },
         "worst_abs_error": {"tg": max(errs["tg"]), "pp": max(errs["pp"]), "all": max(allerr)},
-        "by_threads": {t: {k: statistics.median(abs(r[f"{k}_error"]) for r in summary_rows if r["threads"] == t)
-                           for k in ("tg", "pp")} for t in threads},
-        "ranking": ranks, "ranking_equal": all(v["equal"] for v in ranks.values()),
+        "by_threads": {
+            t: {
+                k: statistics.median(abs(r[f"{k}_error"]) for r in summary_rows if r["threads"] == t)
+                for k in ("tg", "pp")
+            }
+            for t in threads
+        },
+        "ranking": ranks,
+        "ranking_equal": all(v["equal"] for v in ranks.values()),
         "ranking_resolved_equal": all(v["resolved_equal"] for v in ranks.values()),
         "drift": drift(rounds),
         "targets": {"median_abs_error": 0.15, "worst_abs_error": 0.25},
-        "pairs": summary_rows, "rounds": rounds,
+        "pairs": summary_rows,
+        "rounds": rounds,
     }
-    result["met"] = (result["median_abs_error"]["all"] <= 0.15 and result["worst_abs_error"]["all"] <= 0.25
-                     and result["ranking_equal"])
+    result["met"] = (
+        result["median_abs_error"]["all"] <= 0.15
+        and result["worst_abs_error"]["all"] <= 0.25
+        and result["ranking_equal"]
+    )
     return result
 
 
@@ -188,9 +255,13 @@ def main() -> int:
         if args.probe:
             data = probe.load(args.probe)
         else:
-            data, _ = probe.run(tmp / f"probe-{rnd}.json", threads=threads, repetitions=args.probe_reps,
-                                passes=args.probe_passes,
-                                echo=lambda s: print(s, file=sys.stderr))
+            data, _ = probe.run(
+                tmp / f"probe-{rnd}.json",
+                threads=threads,
+                repetitions=args.probe_reps,
+                passes=args.probe_passes,
+                echo=lambda s: print(s, file=sys.stderr),
+            )
             print(probe.summary(data), file=sys.stderr)
         rows = []
         for p in todo:
@@ -198,37 +269,59 @@ def main() -> int:
             for t in threads:
                 pred = speed.predict(info, data, t, n_prompt=args.n_prompt, n_gen=args.n_gen)
                 m = measure(p["path"], t, args.n_prompt, args.n_gen, args.reps, tmp / "bench.parquet")
-                row = {**p, "threads": t, **pred.to_dict(), **m,
-                       "tg_error": pred.pred_tg_tps / m["tg_tps"] - 1, "pp_error": pred.pred_pp_tps / m["pp_tps"] - 1}
+                row = {
+                    **p,
+                    "threads": t,
+                    **pred.to_dict(),
+                    **m,
+                    "tg_error": pred.pred_tg_tps / m["tg_tps"] - 1,
+                    "pp_error": pred.pred_pp_tps / m["pp_tps"] - 1,
+                }
                 rows.append(row)
-                print(f"round {rnd} {p['family']:<18} {p['quant']:<7} t={t}: tg {m['tg_tps']:7.1f} pred "
-                      f"{pred.pred_tg_tps:7.1f} ({100 * row['tg_error']:+5.1f} %)  pp {m['pp_tps']:7.1f} pred "
-                      f"{pred.pred_pp_tps:7.1f} ({100 * row['pp_error']:+5.1f} %)  load {m['loadavg_1m'][0]:.1f}",
-                      file=sys.stderr)
-        rounds.append({"round": rnd, "seconds": round(time.time() - t0), "probe": {k: v for k, v in data.items()
-                                                                                  if k != "trials"},
-                       "probe_trials": data.get("trials"), "rows": rows})
+                print(
+                    f"round {rnd} {p['family']:<18} {p['quant']:<7} t={t}: tg {m['tg_tps']:7.1f} pred "
+                    f"{pred.pred_tg_tps:7.1f} ({100 * row['tg_error']:+5.1f} %)  pp {m['pp_tps']:7.1f} pred "
+                    f"{pred.pred_pp_tps:7.1f} ({100 * row['pp_error']:+5.1f} %)  load {m['loadavg_1m'][0]:.1f}",
+                    file=sys.stderr,
+                )
+        rounds.append(
+            {
+                "round": rnd,
+                "seconds": round(time.time() - t0),
+                "probe": {k: v for k, v in data.items() if k != "trials"},
+                "probe_trials": data.get("trials"),
+                "rows": rows,
+            }
+        )
         # saved after every round (replacing the previous round's file): a stopped run keeps what it measured
         result = summarize(rounds, todo, threads, args)
         path = save("speed-accuracy", result, echo=False)
         if last:
             last.unlink(missing_ok=True)
         last = path
-    print(f"median |error| tg {100 * result['median_abs_error']['tg']:.1f} %, pp "
-          f"{100 * result['median_abs_error']['pp']:.1f} %; worst tg {100 * result['worst_abs_error']['tg']:.1f} %, "
-          f"pp {100 * result['worst_abs_error']['pp']:.1f} %; ranking equal: {result['ranking_equal']} (on the "
-          f"pairs every round measured in one order: {result['ranking_resolved_equal']})")
+    print(
+        f"median |error| tg {100 * result['median_abs_error']['tg']:.1f} %, pp "
+        f"{100 * result['median_abs_error']['pp']:.1f} %; worst tg {100 * result['worst_abs_error']['tg']:.1f} %, "
+        f"pp {100 * result['worst_abs_error']['pp']:.1f} %; ranking equal: {result['ranking_equal']} (on the "
+        f"pairs every round measured in one order: {result['ranking_resolved_equal']})"
+    )
     d = result["drift"]
     if d["measured_vs_round0"]:
-        print(f"the machine: a pair's t/s in a later round / round 0: median {d['measured_vs_round0']['median']:.2f}, "
-              f"{d['measured_vs_round0']['min']:.2f}-{d['measured_vs_round0']['max']:.2f}")
+        print(
+            f"the machine: a pair's t/s in a later round / round 0: median {d['measured_vs_round0']['median']:.2f}, "
+            f"{d['measured_vs_round0']['min']:.2f}-{d['measured_vs_round0']['max']:.2f}"
+        )
     for r in d["rounds"]:
-        print(f"round {r['round']}: common error {100 * r['common_error']:+.1f} %; less it, median |error| "
-              f"{100 * r['median_abs_error_less_common']:.1f} %, worst {100 * r['worst_abs_error_less_common']:.1f} %")
+        print(
+            f"round {r['round']}: common error {100 * r['common_error']:+.1f} %; less it, median |error| "
+            f"{100 * r['median_abs_error_less_common']:.1f} %, worst {100 * r['worst_abs_error_less_common']:.1f} %"
+        )
     for r in result["pairs"]:
-        print(f"  {r['family']:<18} {r['quant']:<7} t={r['threads']}: tg {r['tg_tps']:7.1f} pred {r['pred_tg_tps']:7.1f} "
-              f"({100 * r['tg_error']:+5.1f} %)  pp {r['pp_tps']:7.1f} pred {r['pred_pp_tps']:7.1f} "
-              f"({100 * r['pp_error']:+5.1f} %)")
+        print(
+            f"  {r['family']:<18} {r['quant']:<7} t={r['threads']}: tg {r['tg_tps']:7.1f} pred {r['pred_tg_tps']:7.1f} "
+            f"({100 * r['tg_error']:+5.1f} %)  pp {r['pp_tps']:7.1f} pred {r['pred_pp_tps']:7.1f} "
+            f"({100 * r['pp_error']:+5.1f} %)"
+        )
     return 0 if result["met"] else 1
 
 

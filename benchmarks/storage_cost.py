@@ -39,9 +39,29 @@ PHASES = ("budget", "ask", "record_tell")
 def real_record(model: str, lock: str):
     from tuner.record import TrialRecord
 
-    out = subprocess.run([TUNER, "bench", model, "-t", "1", "-p", "64", "-n", "16", "-r", "5", "--json",
-                          "-o", str(Path(lock).with_suffix(".parquet")), "--lock-file", lock],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            TUNER,
+            "bench",
+            model,
+            "-t",
+            "1",
+            "-p",
+            "64",
+            "-n",
+            "16",
+            "-r",
+            "5",
+            "--json",
+            "-o",
+            str(Path(lock).with_suffix(".parquet")),
+            "--lock-file",
+            lock,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return TrialRecord.from_json(out.stdout.strip().splitlines()[-1])
 
 
@@ -57,11 +77,14 @@ def make_search(url: str, folder: Path, model: str, rec):
     infos = {model: read_model(model)}
     hw, build = hardware.from_dict(rec.hw), rec.build
     base = TrialConfig(model=model, n_prompt=64, n_gen=16, repetitions=5)
-    specs = {"n_threads": "1:8", "n_ubatch": "64,128,256,512", "n_batch": "256,512,1024,2048",
-             "n_ctx": "1024,2048,4096"}
+    specs = {
+        "n_threads": "1:8",
+        "n_ubatch": "64,128,256,512",
+        "n_batch": "256,512,1024,2048",
+        "n_ctx": "1024,2048,4096",
+    }
     space = spacelib.build_space([model], infos, specs, base, False, 8, 8)
-    opts = SearchOptions(results=folder, study="cost", storage=url, n_trials=None, confirm=0, drift_every=0,
-                         plan=False)
+    opts = SearchOptions(results=folder, study="cost", storage=url, n_trials=None, confirm=0, drift_every=0, plan=False)
     srch = Search(space, opts, infos, hw, build, ledger=fleet.FleetLedger(opts))
     srch.prepare()
     return srch
@@ -84,8 +107,7 @@ def one_trial(srch, real) -> dict:
         srch._duplicate(trial, first, key)
         return {"duplicate": True, "total": time.perf_counter() - t0}
     srch.seen.setdefault(key, trial.number)
-    rec = dataclasses.replace(real, config=cfg, study=srch.study_name, trial_number=trial.number,
-                              state="COMPLETE")
+    rec = dataclasses.replace(real, config=cfg, study=srch.study_name, trial_number=trial.number, state="COMPLETE")
     srch._tell_and_write(trial.number, rec)
     t3 = time.perf_counter()
     return {"duplicate": False, "budget": t1 - t0, "ask": t2 - t1, "record_tell": t3 - t2, "total": t3 - t0}
@@ -93,8 +115,13 @@ def one_trial(srch, real) -> dict:
 
 def stats(xs: list[float]) -> dict:
     xs = sorted(xs)
-    return {"median_s": statistics.median(xs), "p90_s": xs[int(0.9 * (len(xs) - 1))], "min_s": xs[0],
-            "max_s": xs[-1], "n": len(xs)}
+    return {
+        "median_s": statistics.median(xs),
+        "p90_s": xs[int(0.9 * (len(xs) - 1))],
+        "min_s": xs[0],
+        "max_s": xs[-1],
+        "n": len(xs),
+    }
 
 
 def main() -> None:
@@ -119,8 +146,10 @@ def main() -> None:
             d = Path(d)
             real = real_record(model, str(d / "bench.lock"))
             record_bytes = len(real.to_json())
-            backends = {"postgresql": make_search(srv.url(), d / "pg", model, real),
-                        "sqlite": make_search(f"sqlite:///{d / 'cost.db'}", d / "sqlite", model, real)}
+            backends = {
+                "postgresql": make_search(srv.url(), d / "pg", model, real),
+                "sqlite": make_search(f"sqlite:///{d / 'cost.db'}", d / "sqlite", model, real),
+            }
             rows = []
             for i in range(args.trials * 3):  # repeats (duplicates) do not count toward --trials
                 if all(sum(not r["duplicate"] for r in rows if r["backend"] == b) >= args.trials for b in backends):
@@ -135,10 +164,20 @@ def main() -> None:
                 s.close()
     finally:
         pg.stop(srv)
-    result = {"trials_per_backend": args.trials, "record_json_bytes": record_bytes, "space_configs": 384,
-              "target_median_s": TARGET_S, "postgresql_server": server, "optuna": optuna.__version__,
-              "sqlalchemy": sqlalchemy.__version__, "psycopg": psycopg.__version__,
-              "machine": hardware.probe().fingerprint_dict(), "model": model, "rounds": rows, "summary": {}}
+    result = {
+        "trials_per_backend": args.trials,
+        "record_json_bytes": record_bytes,
+        "space_configs": 384,
+        "target_median_s": TARGET_S,
+        "postgresql_server": server,
+        "optuna": optuna.__version__,
+        "sqlalchemy": sqlalchemy.__version__,
+        "psycopg": psycopg.__version__,
+        "machine": hardware.probe().fingerprint_dict(),
+        "model": model,
+        "rounds": rows,
+        "summary": {},
+    }
     ok = True
     for name in ("postgresql", "sqlite"):
         full = [r for r in rows if r["backend"] == name and not r["duplicate"]]
@@ -149,11 +188,14 @@ def main() -> None:
         summ["repeats"] = stats(dup) if dup else None
         result["summary"][name] = summ
         ok &= summ["total"]["median_s"] <= TARGET_S
-        print(f"{name:10s} per trial: median {summ['total']['median_s'] * 1000:.1f} ms, "
-              f"p90 {summ['total']['p90_s'] * 1000:.1f} ms (budget {summ['budget']['median_s'] * 1000:.1f}, "
-              f"ask {summ['ask']['median_s'] * 1000:.1f}, record+tell {summ['record_tell']['median_s'] * 1000:.1f});"
-              f" first 10 {summ['first_10_total']['median_s'] * 1000:.1f} ms, last 10 "
-              f"{summ['last_10_total']['median_s'] * 1000:.1f} ms", file=sys.stderr)
+        print(
+            f"{name:10s} per trial: median {summ['total']['median_s'] * 1000:.1f} ms, "
+            f"p90 {summ['total']['p90_s'] * 1000:.1f} ms (budget {summ['budget']['median_s'] * 1000:.1f}, "
+            f"ask {summ['ask']['median_s'] * 1000:.1f}, record+tell {summ['record_tell']['median_s'] * 1000:.1f});"
+            f" first 10 {summ['first_10_total']['median_s'] * 1000:.1f} ms, last 10 "
+            f"{summ['last_10_total']['median_s'] * 1000:.1f} ms",
+            file=sys.stderr,
+        )
     result["passed"] = bool(ok)
     save("storage-cost", result, args.out)
     print(json.dumps({k: v["total"] for k, v in result["summary"].items()}))

@@ -31,8 +31,7 @@ class Server:
 
 
 def _bin(name: str) -> str:
-    path = shutil.which(name) or next((str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))),
-                                      None)
+    path = shutil.which(name) or next((str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
     if path is None:
         raise RuntimeError(f"PostgreSQL's {name} is not installed (the fleet tests need a real server)")
     return path
@@ -44,8 +43,9 @@ def _as_server_user(cmd: list[str]) -> list[str]:
     try:
         pwd.getpwnam("postgres")
     except KeyError:  # a fresh machine with the binaries but no service account
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"],
-                       check=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"], check=True
+        )
     return ["runuser", "-u", "postgres", "--", *cmd]
 
 
@@ -67,18 +67,41 @@ def start() -> Server:
         shutil.chown(folder, "postgres")
         shutil.chown(sock, "postgres")
         shutil.chown(pwfile, "postgres")
-    subprocess.run(_as_server_user([_bin("initdb"), "-D", str(data), "-U", USER, "--pwfile", str(pwfile),
-                                    "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8",
-                                    "--no-sync"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_server_user(
+            [
+                _bin("initdb"),
+                "-D",
+                str(data),
+                "-U",
+                USER,
+                "--pwfile",
+                str(pwfile),
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
     port = _free_port()
     opts = f"-h 127.0.0.1 -p {port} -k {sock} -c fsync=off -c max_connections=200"
-    subprocess.run(_as_server_user([_bin("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(folder / "log"),
-                                    "-w", "-t", "60", "start"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_server_user(
+            [_bin("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(folder / "log"), "-w", "-t", "60", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
     srv = Server(port, password, folder)
     import psycopg
 
-    with psycopg.connect(f"host=127.0.0.1 port={port} user={USER} password={password} dbname=postgres",
-                         autocommit=True) as conn:
+    with psycopg.connect(
+        f"host=127.0.0.1 port={port} user={USER} password={password} dbname=postgres", autocommit=True
+    ) as conn:
         conn.execute("CREATE DATABASE tuner")
     return srv
 
@@ -86,13 +109,16 @@ def start() -> Server:
 def create_db(srv: Server, name: str) -> str:
     import psycopg
 
-    with psycopg.connect(f"host=127.0.0.1 port={srv.port} user={USER} password={srv.password} dbname=postgres",
-                         autocommit=True) as conn:
+    with psycopg.connect(
+        f"host=127.0.0.1 port={srv.port} user={USER} password={srv.password} dbname=postgres", autocommit=True
+    ) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return srv.url(name)
 
 
 def stop(srv: Server) -> None:
-    subprocess.run(_as_server_user([_bin("pg_ctl"), "-D", str(srv.folder / "data"), "-m", "immediate", "-w",
-                                    "stop"]), capture_output=True)
+    subprocess.run(
+        _as_server_user([_bin("pg_ctl"), "-D", str(srv.folder / "data"), "-m", "immediate", "-w", "stop"]),
+        capture_output=True,
+    )
     shutil.rmtree(srv.folder, ignore_errors=True)

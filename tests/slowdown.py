@@ -45,8 +45,9 @@ class Hogs:
 
     def __enter__(self):
         # each in its own session: a scheduling group of its own, as the worker has
-        self.procs = [subprocess.Popen([sys.executable, "-c", HOG, str(self.cpu)], start_new_session=True)
-                      for _ in range(self.n)]
+        self.procs = [
+            subprocess.Popen([sys.executable, "-c", HOG, str(self.cpu)], start_new_session=True) for _ in range(self.n)
+        ]
         return self
 
     def __exit__(self, *exc):

@@ -17,10 +17,24 @@ TINY = {"n_threads": 1, "n_prompt": 16, "n_gen": 8, "repetitions": 2}  # bench: 
 def test_run_search_is_one_call(models, tmp_path):
     # search: llama.cpp parameters as `tuner search` spells them (a value, a list or a range), the shape as numbers
     seen, lines = [], []
-    res = run_search([str(models / "tiny-q8_0.gguf")], results=tmp_path, study="api", n_trials=3,
-                     n_ctx="128", n_threads_batch="1,2", baselines=False, drift_every=0, on_trial=lambda s, rec: seen.append(rec),
-                     log=lines.append, n_threads="1", n_prompt=16, n_gen=8, repetitions=2, auto_space=False,
-                     confirm=0)
+    res = run_search(
+        [str(models / "tiny-q8_0.gguf")],
+        results=tmp_path,
+        study="api",
+        n_trials=3,
+        n_ctx="128",
+        n_threads_batch="1,2",
+        baselines=False,
+        drift_every=0,
+        on_trial=lambda s, rec: seen.append(rec),
+        log=lines.append,
+        n_threads="1",
+        n_prompt=16,
+        n_gen=8,
+        repetitions=2,
+        auto_space=False,
+        confirm=0,
+    )
     assert res.study_dir == tmp_path / "api" and not res.interrupted and not res.stopped
     # two configs and a budget of three: the space is finished, not re-sampled
     assert res.finished == "every config of the space is measured (2 configs)"
@@ -62,8 +76,9 @@ def test_search_options_are_one_object_from_click_params_to_the_loop(tmp_path):
     from tuner.search.options import DEFAULTS, SearchOptions
 
     # Click's params by name: the options' fields, every other name a llama.cpp parameter of the space
-    opts = SearchOptions.from_params({"n_trials": 5, "n_ctx": "4096,8192", "use_mmap": None, "headroom": "5%",
-                                      "results": tmp_path, "study": "s"})
+    opts = SearchOptions.from_params(
+        {"n_trials": 5, "n_ctx": "4096,8192", "use_mmap": None, "headroom": "5%", "results": tmp_path, "study": "s"}
+    )
     assert opts.n_trials == 5 and opts.specs == {"n_ctx": "4096,8192", "use_mmap": None}
     assert opts.limits.headroom == 0.05 and opts.study_dir == tmp_path / "s"
     # overrides merge into a copy: the caller's object and the defaults stay as they were

@@ -62,12 +62,24 @@ def bad(tmp_path_factory, models) -> dict[str, Path]:
     files["afile"].write_text("x")
     files["notparquet"].write_text("trial,outcome\n1,ok\n")
     # what `llama-bench -o json` writes: a list of result objects, not a tuner config
-    files["llamabench"].write_text(json.dumps([{"build_commit": "abc", "model_filename": "m.gguf", "n_prompt": 512,
-                                                "n_gen": 0, "avg_ts": 100.0, "samples_ts": [100.0]}]))
+    files["llamabench"].write_text(
+        json.dumps(
+            [
+                {
+                    "build_commit": "abc",
+                    "model_filename": "m.gguf",
+                    "n_prompt": 512,
+                    "n_gen": 0,
+                    "avg_ts": 100.0,
+                    "samples_ts": [100.0],
+                }
+            ]
+        )
+    )
     files["badjson"].write_text('{"config": {"model": ')
     files["unknownjson"].write_text(json.dumps({"config": {"model": "m.gguf", "n_threadz": 4}}))
-    files["badtoml"].write_text('[space]\nn_threads = [1, 2\n')
-    files["unknowntoml"].write_text('n_threads = 2\nturbo_mode = true\n')
+    files["badtoml"].write_text("[space]\nn_threads = [1, 2\n")
+    files["unknowntoml"].write_text("n_threads = 2\nturbo_mode = true\n")
     return files
 
 
@@ -154,16 +166,27 @@ def test_bad_input_cli(bad, models, results, tmp_path, case_args, words):
     assert not (tmp_path / "nowhere").exists()
 
 
-SUBPROCESS_CASES = ["truncated-header", "arch-clip", "ngl-below-minus-1", "results-not-parquet",
-                    "config-llama-bench-json", "config-malformed-toml"]
+SUBPROCESS_CASES = [
+    "truncated-header",
+    "arch-clip",
+    "ngl-below-minus-1",
+    "results-not-parquet",
+    "config-llama-bench-json",
+    "config-malformed-toml",
+]
 
 
 @pytest.mark.parametrize("case_id", SUBPROCESS_CASES)
 def test_bad_input_real_process(bad, models, results, tmp_path, case_id):
     case_args, words = next(c[1:] for c in CASES if c[0] == case_id)
     before = snapshot(results.parent, bad["afile"].parent)
-    proc = subprocess.run([str(TUNER), *argv(case_args, bad, models, results, tmp_path)], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(TUNER), *argv(case_args, bad, models, results, tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     check_one_line_error(proc.returncode, proc.stderr, proc.stdout, words)
     assert snapshot(results.parent, bad["afile"].parent) == before
 
@@ -174,12 +197,18 @@ SEARCH_CASES = [
     ("gpus-zero", ["--dry-run", "--gpus", "0"], "every size must be above 0"),
     ("gpus-without-dry-run", ["--gpus", "24GiB"], "--gpus describes a rig to plan for: it needs --dry-run"),
     ("ram-without-dry-run", ["--ram", "256GiB"], "--ram describes a rig to plan for: it needs --dry-run"),
-    ("tensor-split-more-than-gpus", ["--dry-run", "--gpus", "24GiB,24GiB", "--tensor-split", "1/1,2/1/1"],
-     "--tensor-split 2/1/1: 3 shares for 2 GPU(s)"),
+    (
+        "tensor-split-more-than-gpus",
+        ["--dry-run", "--gpus", "24GiB,24GiB", "--tensor-split", "1/1,2/1/1"],
+        "--tensor-split 2/1/1: 3 shares for 2 GPU(s)",
+    ),
     ("tensor-split-no-gpu", ["--tensor-split", "3/1"], "--tensor-split 3/1: 2 shares for 0 GPU(s)"),
     ("tensor-split-garbage", ["--dry-run", "--gpus", "24GiB,24GiB", "-ts", "3:1"], "bad --tensor-split '3:1'"),
-    ("split-mode-unknown", ["--dry-run", "--gpus", "24GiB", "--split-mode", "diagonal"],
-     "split_mode: unknown value(s) diagonal"),
+    (
+        "split-mode-unknown",
+        ["--dry-run", "--gpus", "24GiB", "--split-mode", "diagonal"],
+        "split_mode: unknown value(s) diagonal",
+    ),
     ("json-without-dry-run", ["--json"], "--json prints a dry run's plan: add --dry-run"),
 ]
 
@@ -187,8 +216,20 @@ SEARCH_CASES = [
 @pytest.mark.parametrize("case_args,words", [c[1:] for c in SEARCH_CASES], ids=[c[0] for c in SEARCH_CASES])
 def test_bad_input_search(models, tmp_path, case_args, words):
     out = tmp_path / "results"
-    res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), "--results", str(out),
-                                   "--no-wait", "--lock-file", str(tmp_path / "lock"), *case_args])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "search",
+            "-m",
+            str(models / "tiny-q8_0.gguf"),
+            "--results",
+            str(out),
+            "--no-wait",
+            "--lock-file",
+            str(tmp_path / "lock"),
+            *case_args,
+        ],
+    )
     check_one_line_error(res.exit_code, res.stderr, res.stdout, words)
     assert not out.exists(), "a refused search writes nothing"
 

@@ -69,8 +69,9 @@ def test_default_threads_are_physical_cores(models, tmp_path):
 
 def test_json_record_then_rerun_from_it_as_config(models, tmp_path):
     out = tmp_path / "r.parquet"
-    res = invoke(models / "tiny-q8_0.gguf", "-c", "256", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on", *SHAPE,
-                 "-o", out, "--json")
+    res = invoke(
+        models / "tiny-q8_0.gguf", "-c", "256", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on", *SHAPE, "-o", out, "--json"
+    )
     assert res.exit_code == 0, res.output
     rec = TrialRecord.from_json(res.stdout)
     assert rec.outcome == "ok" and rec.config.n_ctx == 256 and rec.config.type_k == "q8_0"
@@ -111,8 +112,13 @@ def test_model_path_with_spaces_and_unicode(models, tmp_path):
 def test_real_console_script(models, tmp_path):
     """The installed `tuner` entry point, in its own process: exit code, stdout table, stderr notes."""
     out = tmp_path / "r.parquet"
-    proc = subprocess.run([str(TUNER), "bench", str(models / "tiny-q4_k_m.gguf"), *SHAPE, "-o", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(TUNER), "bench", str(models / "tiny-q4_k_m.gguf"), *SHAPE, "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "tuner-synth-tiny Q4_K_M" in proc.stdout and "tg4" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -147,9 +153,13 @@ def test_ctrl_c_during_bench_records_the_trial_as_interrupted(models, tmp_path):
     model = models / "tiny-q8_0.gguf"
     # as from a terminal: a suite started in the background of a non-interactive shell inherits SIGINT ignored,
     # and a process that starts with it ignored never sees Ctrl-C
-    p = subprocess.Popen([tuner, "bench", str(model), "-t", "1", "-p", "512", "-n", "4096",
-                          "-r", "40", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: sig.signal(sig.SIGINT, sig.SIG_DFL))
+    p = subprocess.Popen(
+        [tuner, "bench", str(model), "-t", "1", "-p", "512", "-n", "4096", "-r", "40", "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: sig.signal(sig.SIGINT, sig.SIG_DFL),
+    )
     # Ctrl-C mid-trial: once the worker has mapped the model, a job is running (a spare worker maps nothing)
     deadline = _time.monotonic() + 120
     while _time.monotonic() < deadline and not _maps_file(p.pid, model):

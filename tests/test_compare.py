@@ -87,7 +87,7 @@ def test_too_few_trials_is_inconclusive():
 def test_paired_rounds_cancel_the_drift_between_rounds():
     # the machine slows down round by round (drift 3 % a round) and CURRENT is 6 % slower in every round:
     # unpaired, the two sides' trial values overlap; paired by round, every round says "slower"
-    base = [100.0 * 0.97 ** i for i in range(10)]
+    base = [100.0 * 0.97**i for i in range(10)]
     cur = [b * 0.94 for b in base]
     unpaired, paired = cmp.judge("tg", base, cur, S), cmp.judge("tg", base, cur, S, paired=True)
     assert unpaired.verdict == "inconclusive" and paired.verdict == "regression"
@@ -180,17 +180,30 @@ def tiny_runs(models, tmp_path_factory):
 def _tiny_runs(d: Path, models: Path) -> dict:
     model = models / "tiny-q8_0.gguf"
     recommended = d / "recommended.json"
-    recommended.write_text(json.dumps({"study": "s", "config": {"model": str(model), "n_threads": 1,
-                                                                   "n_prompt": 16, "n_gen": 8, "repetitions": 3},
-                                       "measured": {"tg_ts": 1.0}, "forms": {}}))
+    recommended.write_text(
+        json.dumps(
+            {
+                "study": "s",
+                "config": {"model": str(model), "n_threads": 1, "n_prompt": 16, "n_gen": 8, "repetitions": 3},
+                "measured": {"tg_ts": 1.0},
+                "forms": {},
+            }
+        )
+    )
     base, cur = d / "base.parquet", d / "cur.parquet"
     res = bench("--config", recommended, "-r", "5", "-o", base, "--json")  # command line beats the file
     for out in (cur, base) * 4 + (cur,):  # 5 trials a side, interleaved: the gate judges trials, not repetitions
         bench("--config", recommended, "-r", "5", "-o", out)
     bench(model, "-t", "1", *TINY, "-r", "5", "-ub", "128", "-o", base)  # a config CURRENT lacks
     bench(model, "-t", "1", *TINY, "-r", "5", "-fa", "on", "-o", d / "fa-on.parquet")
-    return {"dir": d, "model": model, "base": base, "cur": cur, "first": json.loads(res.stdout),
-            "recommended": recommended}
+    return {
+        "dir": d,
+        "model": model,
+        "base": base,
+        "cur": cur,
+        "first": json.loads(res.stdout),
+        "recommended": recommended,
+    }
 
 
 def test_bench_config_remeasures_the_saved_config(tiny_runs):
@@ -232,8 +245,17 @@ def test_same_config_pairs_and_reports_every_metric(tiny_runs, tmp_path):
 
 
 def test_missing_config_can_fail_the_gate(tiny_runs):
-    res = gate(tiny_runs["base"], tiny_runs["cur"], "--threshold", "speed=60", "--max-cv", "200",
-               "--fail-on", "regression,missing", "--json")
+    res = gate(
+        tiny_runs["base"],
+        tiny_runs["cur"],
+        "--threshold",
+        "speed=60",
+        "--max-cv",
+        "200",
+        "--fail-on",
+        "regression,missing",
+        "--json",
+    )
     rep = json.loads(res.stdout)
     assert res.exit_code == 1 and rep["exit_code"] == 1
     missing = [p for p in rep["pairs"] if p["metrics"][0]["verdict"] == "missing"]
@@ -321,17 +343,43 @@ def derived_runs(models, tmp_path_factory):
     """Real tiny-model trials whose derived parameters (n_threads_batch, n_ubatch) followed what they derive from."""
     d = tmp_path_factory.mktemp("derived")
     model = models / "tiny-q8_0.gguf"
-    runs = {"t2": ["-t", "2"], "t1": ["-t", "1"], "t2-tb1": ["-t", "2", "-tb", "1"], "t1-tb2": ["-t", "1", "-tb", "2"],
-            }
+    runs = {
+        "t2": ["-t", "2"],
+        "t1": ["-t", "1"],
+        "t2-tb1": ["-t", "2", "-tb", "1"],
+        "t1-tb2": ["-t", "1", "-tb", "2"],
+    }
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNER_LOCK_FILE", str(d / "measure.lock"))
         for name, args in runs.items():
             bench(model, *args, *TINY, "-r", "3", "-o", d / f"{name}.parquet")
         for b in (64, 32):  # a search records n_ubatch as llama.cpp runs it: clamped to n_batch
-            res = CliRunner().invoke(cli, ["search", "-m", str(model), "--study", f"b{b}", "--results", str(d),
-                                           "-t", "1", "-b", str(b), *TINY, "-r", "3", "--n-trials", "1",
-                                           "--no-baselines", "--drift-every", "0", "--no-auto-space",
-                                           "--no-confirm"])
+            res = CliRunner().invoke(
+                cli,
+                [
+                    "search",
+                    "-m",
+                    str(model),
+                    "--study",
+                    f"b{b}",
+                    "--results",
+                    str(d),
+                    "-t",
+                    "1",
+                    "-b",
+                    str(b),
+                    *TINY,
+                    "-r",
+                    "3",
+                    "--n-trials",
+                    "1",
+                    "--no-baselines",
+                    "--drift-every",
+                    "0",
+                    "--no-auto-space",
+                    "--no-confirm",
+                ],
+            )
             assert res.exit_code == 0, res.output
     return d
 
@@ -365,8 +413,9 @@ def test_ignoring_batch_ignores_the_ubatch_clamped_to_it(derived_runs):
 
 
 def test_derived_parameters_follow_only_an_ignored_source():
-    follows = cmp.TrialRecord(config=cmp.TrialConfig(model="m.gguf", n_threads=2, n_threads_batch=2, n_batch=64,
-                                                     n_ubatch=64))
+    follows = cmp.TrialRecord(
+        config=cmp.TrialConfig(model="m.gguf", n_threads=2, n_threads_batch=2, n_batch=64, n_ubatch=64)
+    )
     own = cmp.TrialRecord(config=cmp.TrialConfig(model="m.gguf", n_threads=2, n_threads_batch=1, n_ctx=4096))
     assert cmp.derived_ignores([follows], ()) == ()
     assert cmp.derived_ignores([follows], ("n_threads",)) == ("n_threads_batch",)

@@ -16,8 +16,17 @@ from tuner.search import confirm
 
 def rec(n, samples, threads=1, rss=100 << 20, state="confirm", roles="candidate", ctx=4096, pp=None, rnd=None):
     cfg = TrialConfig(model="m.gguf", n_threads=threads, n_ctx=ctx, n_prompt=64, n_gen=16)
-    return TrialRecord(config=cfg, outcome="ok", tg_samples=list(samples), pp_samples=list(pp or []),
-                       peak_rss_bytes=rss, trial_number=n, state=state, baseline=roles, confirm_round=rnd)
+    return TrialRecord(
+        config=cfg,
+        outcome="ok",
+        tg_samples=list(samples),
+        pp_samples=list(pp or []),
+        peak_rss_bytes=rss,
+        trial_number=n,
+        state=state,
+        baseline=roles,
+        confirm_round=rnd,
+    )
 
 
 def rounds(n, center, k=6, sd=0.01, seed=0, **kw):
@@ -44,8 +53,10 @@ def test_pooling_is_one_estimate_per_config():
 
 def test_separated_winner_and_paired_baseline_ratio_with_interval():
     cands = confirm.candidates_from_records(
-        rounds(1, 110, seed=1) + rounds(2, 100, seed=2, threads=2)
-        + rounds(0, 80, seed=3, threads=3, roles="llama.cpp defaults"))
+        rounds(1, 110, seed=1)
+        + rounds(2, 100, seed=2, threads=2)
+        + rounds(0, 80, seed=3, threads=3, roles="llama.cpp defaults")
+    )
     v = confirm.assess(cands, "tg")
     assert v["verdict"] == "separated" and v["winner"] == 1
     vs = v["vs_baseline"]
@@ -68,7 +79,8 @@ def test_the_unit_is_the_round_not_the_repetition():
 
 def test_memory_breaks_a_tie_only_when_it_matters():
     lean = confirm.candidates_from_records(
-        rounds(1, 100.3, sd=0.03, seed=4, rss=900 << 20) + rounds(2, 100.0, sd=0.03, seed=5, threads=2, rss=300 << 20))
+        rounds(1, 100.3, sd=0.03, seed=4, rss=900 << 20) + rounds(2, 100.0, sd=0.03, seed=5, threads=2, rss=300 << 20)
+    )
     v = confirm.assess(lean, "tg")
     assert v["verdict"] == "tie" and v["winner"] == 2
     assert "headroom" in v["reason"] and "#1" in v["reason"] and "#2" in v["reason"]
@@ -76,7 +88,8 @@ def test_memory_breaks_a_tie_only_when_it_matters():
     for saved in (7 << 20, 72 << 10):
         close = confirm.candidates_from_records(
             rounds(1, 100.3, sd=0.03, seed=4, rss=900 << 20)
-            + rounds(2, 100.0, sd=0.03, seed=5, threads=2, rss=(900 << 20) - saved))
+            + rounds(2, 100.0, sd=0.03, seed=5, threads=2, rss=(900 << 20) - saved)
+        )
         v = confirm.assess(close, "tg")
         assert v["verdict"] == "tie" and v["winner"] == 1 and "no other saves memory that matters" in v["reason"]
 
@@ -115,8 +128,9 @@ def test_the_race_drops_a_candidate_behind_after_its_minimum_and_stops():
 
     def measure(c, rnd):
         runs.append((rnd, c.trial_number))
-        return rec(c.trial_number, noisy(speed[c.trial_number], n=3, sd=0.02, seed=len(runs)),
-                   threads=c.trial_number, rnd=rnd)
+        return rec(
+            c.trial_number, noisy(speed[c.trial_number], n=3, sd=0.02, seed=len(runs)), threads=c.trial_number, rnd=rnd
+        )
 
     v = confirm.run_rounds(cands, measure, "tg", max_rounds=8)
     per = {t: sum(1 for _, x in runs if x == t) for t in speed}
@@ -137,8 +151,13 @@ def test_the_race_ends_when_one_remains_and_the_baseline_stays_while_needed():
 
     def measure(c, rnd):
         runs.append(c.trial_number)
-        return rec(c.trial_number, noisy(speed[c.trial_number], n=3, sd=0.03, seed=len(runs)),
-                   threads=c.trial_number, rnd=rnd, roles="+".join(c.roles))
+        return rec(
+            c.trial_number,
+            noisy(speed[c.trial_number], n=3, sd=0.03, seed=len(runs)),
+            threads=c.trial_number,
+            rnd=rnd,
+            roles="+".join(c.roles),
+        )
 
     v = confirm.run_rounds(cands, measure, "tg", max_rounds=7)
     assert runs.count(2) == 5 and runs.count(3) == 7 and v["vs_baseline"]["rounds"] == 7
@@ -165,7 +184,7 @@ def test_run_order_groups_load_keys_and_alternates_between_rounds():
     cands = [cand(1, model="a"), cand(2, model="b"), cand(3, model="a"), cand(4, model="b")]
     order = [c for rnd in range(6) for c in confirm.run_order(cands, rnd, config=lambda c: c.config)]
     changes = sum(1 for x, y in zip(order, order[1:]) if x.config.load_key() != y.config.load_key())
-    rotation = [c for rnd in range(6) for c in cands[rnd % 4:] + cands[:rnd % 4]]
+    rotation = [c for rnd in range(6) for c in cands[rnd % 4 :] + cands[: rnd % 4]]
     rot_changes = sum(1 for x, y in zip(rotation, rotation[1:]) if x.config.load_key() != y.config.load_key())
     assert changes == 6 and rot_changes >= 3 * changes  # one reload per round (A B | B A), not one per run
     firsts = [confirm.run_order(cands, rnd, config=lambda c: c.config)[0].trial_number for rnd in range(2)]
@@ -189,8 +208,9 @@ def test_a_ladder_run_is_its_own_candidate_and_each_rung_is_judged_on_its_own_ro
     ladder = []
     for ctx, speed in ((1024, 300), (4096, 100)):
         ladder += rounds(1, speed, k=5, seed=ctx, ctx=ctx, roles=confirm.RUNG)
-        ladder += rounds(0, speed * 0.8, k=5, seed=ctx + 1, threads=2, ctx=ctx,
-                         roles=f"{confirm.RUNG_DEFAULTS}+{confirm.RUNG_ALT}")
+        ladder += rounds(
+            0, speed * 0.8, k=5, seed=ctx + 1, threads=2, ctx=ctx, roles=f"{confirm.RUNG_DEFAULTS}+{confirm.RUNG_ALT}"
+        )
         ladder += rounds(3, speed * 1.0, k=5, seed=ctx + 2, threads=4, ctx=ctx, roles=confirm.RUNG_CONTROL)
     cands = confirm.candidates_from_records(race + ladder)
     assert len(cands) == 2 + 6 and sum(c.is_rung for c in cands) == 6
@@ -207,14 +227,24 @@ def test_a_ladder_run_is_its_own_candidate_and_each_rung_is_judged_on_its_own_ro
 
 
 def test_the_ladder_measures_every_rung_for_its_rounds_interleaved_and_resumes():
-    cands = [confirm.Candidate(role, TrialConfig(model="m.gguf", n_ctx=ctx, n_threads=t), n, roles=[role])
-             for ctx in (1024, 4096) for role, t, n in ((confirm.RUNG, 1, 1), (confirm.RUNG_DEFAULTS, 2, 0))]
+    cands = [
+        confirm.Candidate(role, TrialConfig(model="m.gguf", n_ctx=ctx, n_threads=t), n, roles=[role])
+        for ctx in (1024, 4096)
+        for role, t, n in ((confirm.RUNG, 1, 1), (confirm.RUNG_DEFAULTS, 2, 0))
+    ]
     order = []
 
     def measure(c, rnd):
         order.append((rnd, c.config.n_ctx, c.trial_number))
-        return TrialRecord(config=c.config, outcome="ok", tg_samples=[1.0], trial_number=c.trial_number,
-                           state="confirm", baseline=c.role, confirm_round=rnd)
+        return TrialRecord(
+            config=c.config,
+            outcome="ok",
+            tg_samples=[1.0],
+            trial_number=c.trial_number,
+            state="confirm",
+            baseline=c.role,
+            confirm_round=rnd,
+        )
 
     stop_after = iter(range(6))
     assert not confirm.run_ladder(cands, measure, rounds=3, keep_going=lambda: next(stop_after, None) is not None)
@@ -229,8 +259,9 @@ def test_two_ladders_never_pool_and_a_stopped_run_is_run_again():
     # a resumed study whose winner changed measures a second ladder: the defaults' runs of each stay apart
     first = rounds(0, 100, k=5, seed=1, ctx=1024, roles=f"{confirm.RUNG_DEFAULTS}+{confirm.LADDER_OF}3")
     second = rounds(0, 200, k=5, seed=2, ctx=1024, roles=f"{confirm.RUNG_DEFAULTS}+{confirm.LADDER_OF}7")
-    stopped = TrialRecord(config=second[0].config, outcome="interrupted", trial_number=0, state="confirm",
-                          baseline=second[0].baseline)
+    stopped = TrialRecord(
+        config=second[0].config, outcome="interrupted", trial_number=0, state="confirm", baseline=second[0].baseline
+    )
     cands = confirm.candidates_from_records(first + second + [stopped])
     assert sorted((c.ladder, len(c.records)) for c in cands) == [(3, 5), (7, 5)]
     assert not any(c.failed for c in cands)  # the Ctrl-C'd run is not a failure of the config
@@ -239,7 +270,6 @@ def test_two_ladders_never_pool_and_a_stopped_run_is_run_again():
 def test_a_baseline_without_a_round_in_common_is_a_tie_at_1x_not_a_crash():
     # the winner's rounds 0-5, the baseline's only later ones (its earlier runs failed): nothing to pair
     win = rounds(1, 120, seed=3)
-    base = [rec(0, noisy(100, n=3, seed=50 + i), rnd=10 + i, threads=2, roles="llama.cpp defaults")
-            for i in range(3)]
+    base = [rec(0, noisy(100, n=3, seed=50 + i), rnd=10 + i, threads=2, roles="llama.cpp defaults") for i in range(3)]
     vs = confirm.assess(confirm.candidates_from_records(win + base), "tg")["vs_baseline"]
     assert vs["ratio"] == 1.0 and vs["ci95"] == [1.0, 1.0] and vs["rounds"] == 0 and vs["verdict"] == "tie"

@@ -37,8 +37,10 @@ def tiny(models):
 
 def devices(*mib: int, ram: int = 0) -> list[F.DeviceMemory]:
     """Devices of these sizes; with `ram`, RPC-style devices that all report `ram` (sizes then come from margins)."""
-    return [F.DeviceMemory(free=ram or m * MiB, total=ram or m * MiB, name=f"RPC0[127.0.0.1:{50052 + i}]")
-            for i, m in enumerate(mib)]
+    return [
+        F.DeviceMemory(free=ram or m * MiB, total=ram or m * MiB, name=f"RPC0[127.0.0.1:{50052 + i}]")
+        for i, m in enumerate(mib)
+    ]
 
 
 def weights_by_device(res: F.FitResult, info, devs) -> tuple[list[int], list[str]]:
@@ -49,6 +51,7 @@ def weights_by_device(res: F.FitResult, info, devs) -> tuple[list[int], list[str
 
 
 # -- (b) the rules ---------------------------------------------------------------------------------------------
+
 
 def test_nothing_changes_when_the_model_fits(moe):
     devs = devices(4096, 4096)
@@ -107,11 +110,13 @@ def test_dense_model_moves_whole_layers(tiny):
 
 def test_user_set_parameters_are_not_changed(moe):
     devs = devices(10, 10)  # too small even with every expert in host memory
-    for kw, why in ((dict(n_gpu_layers=99), "n_gpu_layers already set by user to 99"),
-                    (dict(tensor_split="1,1"), "tensor_split already set by user"),
-                    (dict(overrides=(r"exps=CPU",)), "tensor_buft_overrides already set by user"),
-                    (dict(n_cpu_moe=2), "tensor_buft_overrides already set by user"),
-                    (dict(split_mode="row"), "LLAMA_SPLIT_MODE_ROW not implemented")):
+    for kw, why in (
+        (dict(n_gpu_layers=99), "n_gpu_layers already set by user to 99"),
+        (dict(tensor_split="1,1"), "tensor_split already set by user"),
+        (dict(overrides=(r"exps=CPU",)), "tensor_buft_overrides already set by user"),
+        (dict(n_cpu_moe=2), "tensor_buft_overrides already set by user"),
+        (dict(split_mode="row"), "LLAMA_SPLIT_MODE_ROW not implemented"),
+    ):
         cfg = F.server_config(moe.path, n_ctx=4096, **kw)
         res = F.fit(moe, devs, cfg, margins=0)
         assert res.status == F.FAILURE and why in res.message, (kw, res.message)
@@ -167,8 +172,9 @@ def test_flags_and_trial_config_round_trip(moe):
     args = res.server_args()
     assert args[args.index("-ot") + 1] == ",".join(f"{p}={b}" for p, b in res.overrides)
     # the planner reads the fitted config back to the same figures the fit projected
-    again = F.device_usage(dataclasses.replace(cfg, n_ctx=4096), moe, [d.free for d in devs],
-                           tuple(d.name for d in devs))
+    again = F.device_usage(
+        dataclasses.replace(cfg, n_ctx=4096), moe, [d.free for d in devs], tuple(d.name for d in devs)
+    )
     assert again == res.projected
 
 
@@ -200,20 +206,26 @@ def test_search_on_a_made_up_breakdown():
 
     res = F.fit(info, devices(100), F.server_config("m", n_ctx=4096), margins=0, breakdown=bd)
     exps = "ffn_(up|down|gate_up|gate)_(ch|)exps=CPU"
-    assert res.to_flags() == ('-c 4096 -ngl 6 -ot "blk\\.4\\.ffn_(gate|up|gate_up|down).*=CPU,'
-                              + ",".join(f"blk\\.{il}\\.{exps}" for il in (5, 6, 7, 8)) + '"')
+    assert res.to_flags() == (
+        '-c 4096 -ngl 6 -ot "blk\\.4\\.ffn_(gate|up|gate_up|down).*=CPU,'
+        + ",".join(f"blk\\.{il}\\.{exps}" for il in (5, 6, 7, 8))
+        + '"'
+    )
     assert res.n_measured == 10 and [x.n_part for x in res.layers] == [5]
     assert res.projected[0].total == 93 * MiB
 
 
 # -- (a) recorded llama-fit-params runs ------------------------------------------------------------------------
 
+
 def _fixture_cases():
     if not FIXTURE.exists():
         return []
     data = json.loads(FIXTURE.read_text())
-    return [pytest.param(data, c, id=f"{c['shape']}-{c['n_dev']}x{c['device_mib'][0]}MiB-c{c['n_ctx']}")
-            for c in data["cases"]]
+    return [
+        pytest.param(data, c, id=f"{c['shape']}-{c['n_dev']}x{c['device_mib'][0]}MiB-c{c['n_ctx']}")
+        for c in data["cases"]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +260,7 @@ def test_port_prints_what_llama_fit_params_printed(data, case, shape_files):
     info = shape_files(case["shape"])
     made = data["models"][case["shape"]]
     assert (info.arch, info.file_type) == (made["arch"], made["file_type"])
-    devs = F.rpc_devices(data["endpoints"][:case["n_dev"]], data["host_ram"])
+    devs = F.rpc_devices(data["endpoints"][: case["n_dev"]], data["host_ram"])
     res = F.fit(info, devs, F.server_config(info.path, n_ctx=case["n_ctx"]), [m * MiB for m in case["margins_mib"]])
     got = res.to_flags() if res.ok else None
     if case["planner_equal"]:

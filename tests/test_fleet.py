@@ -25,15 +25,46 @@ from tuner.search import fleet
 
 TUNER = str(Path(sys.executable).parent / "tuner")
 TS = optuna.trial.TrialState
-SPACE = ["--threads", "1,2", "-ub", "64,128,256,512", "-b", "512,1024", "-p", "16", "-n", "4", "-r", "2",
-         "--drift-every", "0", "--heartbeat", "1"]
+SPACE = [
+    "--threads",
+    "1,2",
+    "-ub",
+    "64,128,256,512",
+    "-b",
+    "512,1024",
+    "-p",
+    "16",
+    "-n",
+    "4",
+    "-r",
+    "2",
+    "--drift-every",
+    "0",
+    "--heartbeat",
+    "1",
+]
 
 
 def host_args(models, url, study, folder: Path, n_trials: int, extra=()) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
-    return [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), *SPACE, "--n-trials", str(n_trials),
-            "--storage", url, "--study", study, "--results", str(folder), "--lock-file", str(folder / "host.lock"),
-            *extra]
+    return [
+        TUNER,
+        "search",
+        "-m",
+        str(models / "tiny-q8_0.gguf"),
+        *SPACE,
+        "--n-trials",
+        str(n_trials),
+        "--storage",
+        url,
+        "--study",
+        study,
+        "--results",
+        str(folder),
+        "--lock-file",
+        str(folder / "host.lock"),
+        *extra,
+    ]
 
 
 def ledger_rows(url: str, base: str) -> list[tuple[int, str, TrialRecord]]:
@@ -53,8 +84,15 @@ def three_hosts(pg_server, models, tmp_path_factory):
     """Three hosts started together on one study of 9 trials; confirmation on (one host confirms)."""
     url = pg.create_db(pg_server, "three")
     root = tmp_path_factory.mktemp("three")
-    procs = [subprocess.Popen(host_args(models, url, "fleet", root / f"host{i}", 9), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            host_args(models, url, "fleet", root / f"host{i}", 9),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
     outs = [p.communicate(timeout=400) for p in procs]
     return url, root, procs, outs
 
@@ -99,8 +137,9 @@ def pg_server_password(url: str) -> str:
 def test_a_host_joining_a_finished_study_says_so(three_hosts, models, tmp_path):
     url, root, _, _ = three_hosts
     before = len(load(url, "fleet").trials)
-    res = subprocess.run(host_args(models, url, "fleet", tmp_path / "late", 9), capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        host_args(models, url, "fleet", tmp_path / "late", 9), capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "study fleet is finished:" in res.stderr and "nothing to run" in res.stderr
     assert "recommended (trial #" in res.stdout and "no config" not in res.stdout
@@ -118,8 +157,11 @@ def test_recommend_and_report_from_the_storage_without_parquet(three_hosts, tmp_
     # the same recommendation the confirming host wrote (the one that ran the confirmation)
     confirmer = {h for _, h, r in ledger_rows(url, "fleet") if r.state == confirmlib.CONFIRM_STATE}.pop()
     assert rec["confirmation"]["verdict"] != "unconfirmed"
-    mine = [json.loads((d / "fleet" / "recommended.json").read_text()) for d in root.iterdir()
-            if (d / "fleet" / "recommended.json").exists()]
+    mine = [
+        json.loads((d / "fleet" / "recommended.json").read_text())
+        for d in root.iterdir()
+        if (d / "fleet" / "recommended.json").exists()
+    ]
     assert rec["trial_number"] in {m["trial_number"] for m in mine}
     assert confirmer
     assert not list(tmp_path.rglob(store.TRIALS_FILE))  # nothing left behind in the working folder
@@ -144,10 +186,12 @@ def test_a_host_killed_mid_trial_has_its_trial_run_again(pg_server, models, tmp_
     a[a.index("-n") + 1] = "128"
     p = subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # a trial that is measuring: RUNNING, with a heartbeat, its config claimed (not a repeat), no record yet
-    q = sa.text("SELECT t.number FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-                "WHERE t.state = 'RUNNING' AND t.number NOT IN (SELECT trial_number FROM tuner_records) "
-                "AND t.number IN (SELECT trial_number FROM tuner_claims WHERE key LIKE 'config:%') "
-                "AND t.number > 0")
+    q = sa.text(
+        "SELECT t.number FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "WHERE t.state = 'RUNNING' AND t.number NOT IN (SELECT trial_number FROM tuner_records) "
+        "AND t.number IN (SELECT trial_number FROM tuner_claims WHERE key LIKE 'config:%') "
+        "AND t.number > 0"
+    )
     deadline, victim = time.monotonic() + 120, None
     while victim is None and time.monotonic() < deadline:
         try:
@@ -206,8 +250,7 @@ def test_a_host_of_another_build_is_refused_or_kept_apart(pg_server, models, tmp
     assert other_group.startswith("m@")
     # each group has its own budget: 2 trials each
     for g in by_group:
-        assert sum(1 for t in load(url, g).trials
-                   if t.state == TS.COMPLETE and "duplicate_of" not in t.user_attrs) == 2
+        assert sum(1 for t in load(url, g).trials if t.state == TS.COMPLETE and "duplicate_of" not in t.user_attrs) == 2
     res = CliRunner().invoke(cli, ["recommend", "--storage", url, "--study", "m"])
     assert res.exit_code == 0, res.output
     assert res.output.count("recommended (trial #") == 2  # one recommendation per fingerprint
@@ -216,8 +259,18 @@ def test_a_host_of_another_build_is_refused_or_kept_apart(pg_server, models, tmp
 @pytest.mark.parametrize("case", ["unreachable", "credentials", "space", "mixed-local"])
 def test_bad_fleet_input_is_one_line_exit_2(pg_server, models, tmp_path, case):
     url = pg_server.url()
-    args = ["search", "-m", str(models / "tiny-q8_0.gguf"), *SPACE, "--n-trials", "1", "--results", str(tmp_path),
-            "--study", "bad"]
+    args = [
+        "search",
+        "-m",
+        str(models / "tiny-q8_0.gguf"),
+        *SPACE,
+        "--n-trials",
+        "1",
+        "--results",
+        str(tmp_path),
+        "--study",
+        "bad",
+    ]
     if case == "unreachable":
         args += ["--storage", f"postgresql://tuner:{pg_server.password}@127.0.0.1:1/tuner"]
     elif case == "credentials":
@@ -234,8 +287,12 @@ def test_bad_fleet_input_is_one_line_exit_2(pg_server, models, tmp_path, case):
     line = res.output.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in line
     assert pg_server.password not in line and "wrong-secret" not in line
-    assert {"unreachable": "cannot open storage", "credentials": "password authentication failed",
-            "space": "another search space", "mixed-local": "--allow-mixed needs a shared --storage"}[case] in line
+    assert {
+        "unreachable": "cannot open storage",
+        "credentials": "password authentication failed",
+        "space": "another search space",
+        "mixed-local": "--allow-mixed needs a shared --storage",
+    }[case] in line
     assert not list(tmp_path.rglob(store.TRIALS_FILE))
 
 
@@ -273,10 +330,12 @@ def test_a_config_claim_has_one_winner_among_racing_hosts(pg_server):
 @pytest.mark.parametrize("command", ["recommend", "report"])
 def test_reading_a_fleet_with_bad_input_is_one_line_exit_2(pg_server, tmp_path, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
-    cases = [([f"postgresql://tuner:{pg_server.password}@127.0.0.1:1/tuner", "s"], "Connection refused"),
-             ([pg_server.url(password="wrong-secret"), "s"], "password authentication failed"),
-             ([pg_server.url(), "no-such-study"], "no study named 'no-such-study'"),
-             ([f"sqlite:///{tmp_path / 'none.db'}", "s"], "no database at")]
+    cases = [
+        ([f"postgresql://tuner:{pg_server.password}@127.0.0.1:1/tuner", "s"], "Connection refused"),
+        ([pg_server.url(password="wrong-secret"), "s"], "password authentication failed"),
+        ([pg_server.url(), "no-such-study"], "no study named 'no-such-study'"),
+        ([f"sqlite:///{tmp_path / 'none.db'}", "s"], "no database at"),
+    ]
     for (url, study), message in cases:
         res = CliRunner().invoke(cli, [command, "--storage", url, "--study", study])
         assert res.exit_code == 2, res.output

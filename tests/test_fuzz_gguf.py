@@ -21,8 +21,12 @@ CASE_TIMEOUT = 10  # seconds per case; reading the tiny header takes millisecond
 
 def test_fuzz_read_model(models, tmp_path):
     # 1000 cases take ~6 s on 2 cores; the child prints a summary line that proves it really ran them.
-    proc = subprocess.run([sys.executable, __file__, str(models / "tiny-q8_0.gguf"), "1000", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(models / "tiny-q8_0.gguf"), "1000", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     summary = [ln for ln in proc.stdout.splitlines() if ln.startswith("fuzzed ")]
@@ -35,8 +39,12 @@ def test_fuzz_read_model(models, tmp_path):
 
 def test_known_hostile_headers(models, tmp_path):
     """Hand-made worst cases run in the same capped child: huge counts and lengths in every header field."""
-    proc = subprocess.run([sys.executable, __file__, str(models / "tiny-q8_0.gguf"), "hostile", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(models / "tiny-q8_0.gguf"), "hostile", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("hostile ")][-1]
@@ -44,6 +52,7 @@ def test_known_hostile_headers(models, tmp_path):
 
 
 # --- the child side ------------------------------------------------------------------------------------------
+
 
 def _interesting_offsets(path: Path) -> list[int]:
     """Where counts and lengths live: n_tensors, n_kv, every key length, string length and array count."""
@@ -110,10 +119,10 @@ def _hostile_cases(base: bytes, offsets: list[int]) -> list[bytes]:
     for off in offsets:
         for v in (2**64 - 1, 2**63, 2**40, 2**32 - 1, 2**31, 0):
             d = bytearray(base)
-            d[off:off + 8] = struct.pack("<Q", v)
+            d[off : off + 8] = struct.pack("<Q", v)
             cases.append(bytes(d))
         d = bytearray(base)
-        d[off:off + 4] = struct.pack("<I", 0xFFFFFFFF)
+        d[off : off + 4] = struct.pack("<I", 0xFFFFFFFF)
         cases.append(bytes(d))
     for n in (0, 3, 4, 7, 8, 23, 24, 100, 4096, HEADER):
         cases.append(base[:n])
@@ -151,12 +160,16 @@ def _main(argv: list[str]) -> int:
         st.tuples(st.just("insert"), pos, st.binary(min_size=1, max_size=16)),
         st.tuples(st.just("delete"), pos, st.integers(1, 64)),
         st.tuples(st.just("truncate"), st.integers(0, HEADER), st.just(0)),
-        st.tuples(st.just("u64"), st.sampled_from(offsets),
-                  st.sampled_from([0, 1, 255, 2**16, 2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1])),
+        st.tuples(
+            st.just("u64"),
+            st.sampled_from(offsets),
+            st.sampled_from([0, 1, 255, 2**16, 2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1]),
+        ),
     )
 
-    @settings(max_examples=n_examples, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n_examples, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(st.lists(op, min_size=1, max_size=4))
     def fuzz(ops):
         d = bytearray(base)
@@ -169,11 +182,11 @@ def _main(argv: list[str]) -> int:
             elif kind == "insert":
                 d[at:at] = arg
             elif kind == "delete":
-                del d[at:at + arg]
+                del d[at : at + arg]
             elif kind == "truncate":
                 del d[at:]
             elif kind == "u64":
-                d[at:at + 8] = arg.to_bytes(8, "little")
+                d[at : at + 8] = arg.to_bytes(8, "little")
         counts[_check(bytes(d), work, counter)] += 1
 
     fuzz()

@@ -38,8 +38,9 @@ def test_rejudged_shipped_gate_matches_the_readme_and_misses_the_target(tmp_path
     proj = json.loads((ROOT / "benchmarks" / "results" / "gate-projection-20261203-073950.json").read_text())
     once = next(r for r in proj["projection"] if r["blocks"] == 1)["bare_bounds"]
     assert once["false_alarm_rate"] == 0 and once["detection_rate"] == 0.65
-    assert (f"13 of 20 detections (65 %, lower bound {100 * once['detection_lower95']:.1f} %)"
-            in " ".join(readme.split()))
+    assert f"13 of 20 detections (65 %, lower bound {100 * once['detection_lower95']:.1f} %)" in " ".join(
+        readme.split()
+    )
 
 
 def test_a_run_measured_in_parts_joins_into_the_whole_and_other_settings_do_not_join(tmp_path, capsys):
@@ -70,8 +71,11 @@ def test_a_run_measured_in_parts_joins_into_the_whole_and_other_settings_do_not_
     alike.write_text(json.dumps({**doc, "runs": doc["runs"][16:], "model": {**doc["model"], "content_hash": "0" * 32}}))
     assert gate_power.join([parts[0], str(alike)], str(tmp_path / "alike-out"), 7, 13) == 1
     bigger = tmp_path / "bigger.json"
-    bigger.write_text(json.dumps({**doc, "model": {**doc["model"], "content_hash": "0" * 32,
-                                                   "size_bytes": doc["model"]["size_bytes"] + 1}}))
+    bigger.write_text(
+        json.dumps(
+            {**doc, "model": {**doc["model"], "content_hash": "0" * 32, "size_bytes": doc["model"]["size_bytes"] + 1}}
+        )
+    )
     capsys.readouterr()
     assert gate_power.join([parts[0], str(bigger)], str(tmp_path / "no"), 7, 13) == 2
     assert "other model" in capsys.readouterr().err and not (tmp_path / "no").exists()

@@ -38,7 +38,8 @@ def _packages(mods: dict[str, Path]) -> set[str]:
 def _type_checking(node: ast.If) -> bool:
     t = node.test
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 def import_graph(function_level: bool = False) -> dict[str, set[str]]:
@@ -52,8 +53,7 @@ def import_graph(function_level: bool = False) -> dict[str, set[str]]:
                 continue  # never runs
             if isinstance(child, (ast.Import, ast.ImportFrom)) and (function_level or not in_function):
                 graph[name].update(t for t in _targets(child, name, mods) if t != name)
-            visit(child, name, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                                  ast.Lambda)))
+            visit(child, name, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
     for name, path in mods.items():
         visit(ast.parse(path.read_text()), name, False)
@@ -118,8 +118,16 @@ def test_no_module_over_900_lines():
 
 # The pipeline, lowest layer first: a package may import its own layer and those below, never one above.
 # "tuner" is the ground floor (tuner/*.py: the record, errors, units, statistics, tables, the llama.cpp glue).
-LAYERS = ("tuner", "tuner.model", "tuner.quality", "tuner.measure", "tuner.plan", "tuner.search", "tuner.report",
-          "tuner.cli")
+LAYERS = (
+    "tuner",
+    "tuner.model",
+    "tuner.quality",
+    "tuner.measure",
+    "tuner.plan",
+    "tuner.search",
+    "tuner.report",
+    "tuner.cli",
+)
 
 
 def layer_of(module: str) -> int:
@@ -135,8 +143,13 @@ def test_every_module_is_in_a_layer():
 
 
 def test_no_package_imports_one_above_it():
-    up = sorted(f"{m} imports {t}" for m, ts in import_graph(function_level=True).items() if m != "tuner"
-                for t in ts if layer_of(t) > layer_of(m))
+    up = sorted(
+        f"{m} imports {t}"
+        for m, ts in import_graph(function_level=True).items()
+        if m != "tuner"
+        for t in ts
+        if layer_of(t) > layer_of(m)
+    )
     assert up == []
 
 
@@ -156,8 +169,11 @@ def _imports_of(path: Path) -> list[str]:
 
 
 def test_click_only_in_cli():
-    clicky = sorted(m for m, p in modules().items() if not m.startswith("tuner.cli")
-                    and any(i == "click" or i.startswith("click.") for i in _imports_of(p)))
+    clicky = sorted(
+        m
+        for m, p in modules().items()
+        if not m.startswith("tuner.cli") and any(i == "click" or i.startswith("click.") for i in _imports_of(p))
+    )
     assert clicky == []
 
 
@@ -175,8 +191,13 @@ def private_crossings(path: Path, mods: dict[str, Path]) -> list[str]:
         elif isinstance(node, ast.Import):
             aliases.update(a.asname or a.name for a in node.names if a.name.startswith("tuner"))
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                and isinstance(node.value, ast.Name) and node.value.id in aliases):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+        ):
             out.append(f"{node.value.id}.{node.attr}")
     return out
 

@@ -64,8 +64,9 @@ def test_probe_with_fake_gpus_changes_the_fingerprint():
     with_gpu = hardware.probe(hardware.Nvml(module=FakeNvml()))
     assert cpu_only.gpus == [] and cpu_only.nvml.startswith("NVML unavailable")
     assert with_gpu.gpus[0].vram_total == 80 * GiB and with_gpu.nvml == ""
-    assert with_gpu.fingerprint_dict()["gpus"] == [{"name": "FAKE NVIDIA H100 80GB HBM3", "vram_total_gib": 80,
-                                                     "driver": "550.54.15"}]
+    assert with_gpu.fingerprint_dict()["gpus"] == [
+        {"name": "FAKE NVIDIA H100 80GB HBM3", "vram_total_gib": 80, "driver": "550.54.15"}
+    ]
     assert cpu_only.fingerprint() != with_gpu.fingerprint()
     assert cpu_only.cores_logical >= cpu_only.cores_physical >= 1
     assert cpu_only.ram_total == psutil.virtual_memory().total
@@ -85,8 +86,7 @@ def test_runner_records_peak_vram_of_the_worker_pid(models):
 
     fake = FakeNvml(gpus=[FakeGpu(), FakeGpu(uuid="GPU-fake-1")], processes=processes)
     nv = hardware.Nvml(module=fake)
-    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, repetitions=1,
-                                      n_threads=1))
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, repetitions=1, n_threads=1))
     with Runner(timeout=120, nvml=nv) as runner:
         rec = runner.run(cfg)
     assert rec.outcome == "ok", rec.cause
@@ -99,8 +99,7 @@ def test_runner_records_peak_vram_of_the_worker_pid(models):
 
 
 def test_runner_without_nvml_records_no_vram(models):
-    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1,
-                                      n_threads=1))
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1, n_threads=1))
     with Runner(timeout=120, nvml=hardware.Nvml(module=no_gpu())) as runner:
         rec = runner.run(cfg)
     assert rec.outcome == "ok"
@@ -109,6 +108,7 @@ def test_runner_without_nvml_records_no_vram(models):
 
 
 # --- tuner hw -------------------------------------------------------------------------------------------------
+
 
 def table_rows(output: str) -> dict[str, str]:
     """`tuner hw` prints 'key<padding>  value' lines; keys may hold single spaces ('GPU 0')."""
@@ -150,8 +150,9 @@ def test_hw_json_without_gpu(as_pynvml):
 
 
 def test_hw_with_fake_gpus(as_pynvml):
-    as_pynvml(FakeNvml(gpus=[FakeGpu(), FakeGpu(name="FAKE RTX 4090", uuid="GPU-fake-1", total=24 * GiB,
-                                                used=4 * GiB)]))
+    as_pynvml(
+        FakeNvml(gpus=[FakeGpu(), FakeGpu(name="FAKE RTX 4090", uuid="GPU-fake-1", total=24 * GiB, used=4 * GiB)])
+    )
     res = CliRunner().invoke(cli, ["hw"])
     assert res.exit_code == 0, res.output
     lines = table_rows(res.output)

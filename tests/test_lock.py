@@ -65,8 +65,10 @@ def test_lock_files_are_open_to_every_user_whatever_the_umask(monkeypatch, tmp_p
     assert (folder / "measure.owner").read_text() == f"mode test (pid {os.getpid()})"
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("/usr/bin/python3"),
-                    reason="needs root to run a process as another user, and a system python3 that user can run")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("/usr/bin/python3"),
+    reason="needs root to run a process as another user, and a system python3 that user can run",
+)
 def test_another_user_meets_the_same_lock(monkeypatch):
     base = Path(tempfile.mkdtemp(prefix="tuner-lock-test-", dir="/tmp"))
     try:
@@ -76,8 +78,14 @@ def test_another_user_meets_the_same_lock(monkeypatch):
         path = lock.lock_path()
 
         def other() -> subprocess.Popen:
-            return subprocess.Popen(["/usr/bin/python3", "-c", OTHER_USER, str(path)], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True, user="nobody", group="nogroup")
+            return subprocess.Popen(
+                ["/usr/bin/python3", "-c", OTHER_USER, str(path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                user="nobody",
+                group="nogroup",
+            )
 
         with measurement_lock(wait=False, what="root"):
             p = other()

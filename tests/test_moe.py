@@ -54,15 +54,19 @@ def bench_row(tmp_path, *args):
     return res, rows
 
 
-@pytest.mark.parametrize("args, layers, n_cpu_moe", [
-    (["--n-cpu-moe", "2"], {0, 1}, 2),
-    ([r"-ot", r"blk\.0\.ffn_.*_exps=CPU"], {0}, 0),
-    (["--cpu-moe"], set(range(6)), 0),
-    (["--n-cpu-moe", "99"], set(range(6)), 6),  # bounded to the layer count, as recorded
-    # -ot first, then --n-cpu-moe: llama.cpp takes the first match per tensor, so blk.0 is listed once
-    ([r"-ot", r"blk\.0\.ffn_.*_exps=CPU", "--n-cpu-moe", "2"], {0, 1}, 2),
-    ([], set(), 0),
-], ids=["n-cpu-moe-2", "ot-blk0", "cpu-moe", "n-cpu-moe-99", "ot-and-n-cpu-moe", "none"])
+@pytest.mark.parametrize(
+    "args, layers, n_cpu_moe",
+    [
+        (["--n-cpu-moe", "2"], {0, 1}, 2),
+        ([r"-ot", r"blk\.0\.ffn_.*_exps=CPU"], {0}, 0),
+        (["--cpu-moe"], set(range(6)), 0),
+        (["--n-cpu-moe", "99"], set(range(6)), 6),  # bounded to the layer count, as recorded
+        # -ot first, then --n-cpu-moe: llama.cpp takes the first match per tensor, so blk.0 is listed once
+        ([r"-ot", r"blk\.0\.ffn_.*_exps=CPU", "--n-cpu-moe", "2"], {0, 1}, 2),
+        ([], set(), 0),
+    ],
+    ids=["n-cpu-moe-2", "ot-blk0", "cpu-moe", "n-cpu-moe-99", "ot-and-n-cpu-moe", "none"],
+)
 def test_bench_override_reaches_llama_cpp_and_parquet(models, tmp_path, args, layers, n_cpu_moe):
     model = models / MOE
     res, rows = bench_row(tmp_path, model, *args)
@@ -92,20 +96,55 @@ def test_unknown_buffer_type_is_a_failed_trial_naming_the_known_ones(models, tmp
 def test_runner_reloads_when_the_expert_placement_changes(models):
     """Library path, one reusing Runner: a new n_cpu_moe is a new load, never a stale placement."""
     model = str(models / MOE)
-    cfg = lambda **kw: resolve(TrialConfig(model=model, n_threads=1, n_prompt=8, n_gen=2,  # noqa: E731
-                                                 repetitions=1, **kw))
+
+    def cfg(**kw):
+        return resolve(
+            TrialConfig(
+                model=model,
+                n_threads=1,
+                n_prompt=8,
+                n_gen=2,
+                repetitions=1,
+                **kw,
+            )
+        )
+
     with Runner(timeout=120, reuse=True) as runner:
         recs = [runner.run(cfg(n_cpu_moe=n)) for n in (2, 2, 1, 0)]
     assert [r.outcome for r in recs] == ["ok"] * 4
     assert [host_placed(r.overrides_applied) for r in recs] == [expert_tensors(model, {0, 1})] * 2 + [
-        expert_tensors(model, {0}), set()]
+        expert_tensors(model, {0}),
+        set(),
+    ]
 
 
 def test_search_over_n_cpu_moe_and_the_recommendation(models, tmp_path):
     model = models / MOE
-    res = CliRunner().invoke(cli, ["search", "-m", str(model), "--n-cpu-moe", "0:6", "--ngl", "0", *SHAPE,
-                                   "--sampler", "grid", "--drift-every", "0", "--no-auto-space", "--no-confirm",
-                                   "--objective", "tg", "--results", str(tmp_path), "--study", "moe"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "search",
+            "-m",
+            str(model),
+            "--n-cpu-moe",
+            "0:6",
+            "--ngl",
+            "0",
+            *SHAPE,
+            "--sampler",
+            "grid",
+            "--drift-every",
+            "0",
+            "--no-auto-space",
+            "--no-confirm",
+            "--objective",
+            "tg",
+            "--results",
+            str(tmp_path),
+            "--study",
+            "moe",
+        ],
+    )
     assert res.exit_code == 0, res.output
     d = tmp_path / "moe"
     df = store.read(d)
@@ -135,18 +174,24 @@ def test_search_over_n_cpu_moe_and_the_recommendation(models, tmp_path):
     assert host_placed(row["overrides_applied"]) == expert_tensors(model, set(range(n)))
 
 
-@pytest.mark.parametrize("kw, flags", [
-    ({"n_cpu_moe": 3}, ["--n-cpu-moe", "3"]),
-    ({"cpu_moe": True}, ["--cpu-moe"]),
-    ({"overrides": (r"blk\.0\.ffn_.*_exps=CPU",)}, ["-ot", r"blk\.0\.ffn_.*_exps=CPU"]),
-    ({}, []),
-])
+@pytest.mark.parametrize(
+    "kw, flags",
+    [
+        ({"n_cpu_moe": 3}, ["--n-cpu-moe", "3"]),
+        ({"cpu_moe": True}, ["--cpu-moe"]),
+        ({"overrides": (r"blk\.0\.ffn_.*_exps=CPU",)}, ["-ot", r"blk\.0\.ffn_.*_exps=CPU"]),
+        ({}, []),
+    ],
+)
 def test_forms_emit_the_expert_placement(kw, flags):
     cfg = TrialConfig(model="/m/moe.gguf", n_gpu_layers=99, n_threads=8, n_threads_batch=8, **kw)
     f = recommend.forms(cfg)
     argv = f["llama_server_argv"]
-    moe_flags = [a for i, a in enumerate(argv) if a in ("--n-cpu-moe", "--cpu-moe", "-ot")
-                 or (i and argv[i - 1] in ("--n-cpu-moe", "-ot"))]
+    moe_flags = [
+        a
+        for i, a in enumerate(argv)
+        if a in ("--n-cpu-moe", "--cpu-moe", "-ot") or (i and argv[i - 1] in ("--n-cpu-moe", "-ot"))
+    ]
     assert moe_flags == flags
     assert shlex.split(f["llama_server"]) == argv
     assert TrialConfig.from_dict(f["tuner"]) == cfg  # `tuner bench --config` gets it back

@@ -30,14 +30,24 @@ def files(tmp_path_factory):
 def measured(files):
     """One llama.cpp worker per model, several contexts each (sim: buffers sized, nothing allocated)."""
     grid = [(4096, "on", 512, "f16"), (8192, "off", 256, "f16"), (2048, "on", 1024, "q8_0")]
-    jobs = [oracle.Job(model=str(p), n_ctx=c, flash_attn=fa, n_ubatch=ub, type_k=kv, type_v=kv)
-            for p in files.values() for c, fa, ub, kv in grid]
+    jobs = [
+        oracle.Job(model=str(p), n_ctx=c, flash_attn=fa, n_ubatch=ub, type_k=kv, type_v=kv)
+        for p in files.values()
+        for c, fa, ub, kv in grid
+    ]
     return list(zip(jobs, oracle.measure(jobs)))
 
 
 def _cfg(job: oracle.Job) -> TrialConfig:
-    return TrialConfig(model=job.model, n_ctx=job.n_ctx, n_batch=job.n_batch, n_ubatch=job.n_ubatch,
-                       type_k=job.type_k, type_v=job.type_v, flash_attn=job.flash_attn)
+    return TrialConfig(
+        model=job.model,
+        n_ctx=job.n_ctx,
+        n_batch=job.n_batch,
+        n_ubatch=job.n_ubatch,
+        type_k=job.type_k,
+        type_v=job.type_v,
+        flash_attn=job.flash_attn,
+    )
 
 
 def test_sparse_files_are_holes_with_real_headers(files):
@@ -81,8 +91,10 @@ def test_layouts_llama_cpp_reports(measured):
     lfm = by[("lfm2", 4096)]
     assert lfm["rs_caches"] and lfm["rs_bytes"] > 0 and lfm["kv_caches"][0]["cells"] == 4096
     info = read_model(next(j.model for j, _ in measured if "lfm2" in j.model))
-    assert planner.rs_layer_bytes(info, 0) == 4 * info.n_embd * 2 and planner.kv_layer_bytes(
-        TrialConfig(model="", n_ctx=4096), info, 0) == 0
+    assert (
+        planner.rs_layer_bytes(info, 0) == 4 * info.n_embd * 2
+        and planner.kv_layer_bytes(TrialConfig(model="", n_ctx=4096), info, 0) == 0
+    )
 
 
 def test_sim_and_real_loads_report_the_same_buffers(files):
@@ -100,9 +112,11 @@ def test_sim_and_real_loads_report_the_same_buffers(files):
 
 def test_refused_configs_are_the_ones_the_planner_names(files):
     ds, oss = str(files["deepseek2"]), str(files["gpt-oss"])
-    jobs = [oracle.Job(model=ds, type_k="q8_0", type_v="f16", flash_attn="off"),
-            oracle.Job(model=oss, type_k="q8_0", type_v="q8_0", flash_attn="off"),
-            oracle.Job(model=ds, type_k="q8_0", type_v="q8_0", flash_attn="on")]
+    jobs = [
+        oracle.Job(model=ds, type_k="q8_0", type_v="f16", flash_attn="off"),
+        oracle.Job(model=oss, type_k="q8_0", type_v="q8_0", flash_attn="off"),
+        oracle.Job(model=ds, type_k="q8_0", type_v="q8_0", flash_attn="on"),
+    ]
     res = oracle.measure(jobs)
     assert res[0]["outcome"] == "error" and "different K (q8_0) and V (f16)" in res[0]["cause"]
     assert "MLA" in planner.refusal(_cfg(jobs[0]), read_model(ds))
@@ -153,7 +167,12 @@ def test_estimate_table_json_and_warning_say_the_same_host_numbers(files):
     assert fmt_size(row["resident_bytes"]) in text and fmt_size(row["mmap_bytes"]) in text
     assert f"next to {fmt_size(row['resident_bytes'])} resident" in text
     # less RAM than the resident part: it would swap, and says so with the same figure
-    short = json.loads(CliRunner().invoke(cli, ["estimate", p, "--ctx", "4096", "--ram",
-                                                 str(pred.resident_bytes // 2), "--vram", "0", "--json"]).output)
+    short = json.loads(
+        CliRunner()
+        .invoke(cli, ["estimate", p, "--ctx", "4096", "--ram", str(pred.resident_bytes // 2), "--vram", "0", "--json"])
+        .output
+    )
     srow = short[0]["contexts"][0]
-    assert not srow["fits"] and re.search(rf"needs {re.escape(fmt_size(pred.resident_bytes))} resident", srow["warning"])
+    assert not srow["fits"] and re.search(
+        rf"needs {re.escape(fmt_size(pred.resident_bytes))} resident", srow["warning"]
+    )

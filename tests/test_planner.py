@@ -28,6 +28,7 @@ MiB = 1 << 20
 
 # -- a DeepSeek-V3-like split model: real GGUF headers, sparse data regions --------------------------------------
 
+
 def _nbytes(qt, n: int) -> int:
     blck, size = gguf.GGML_QUANT_SIZES[qt]
     return n // blck * size
@@ -46,28 +47,35 @@ def write_deepseek_v3(out_dir: Path, n_shards: int = 2) -> Path:
     tensors = [("token_embd.weight", (n_vocab, n_embd), Q.Q4_K)]
     for il in range(n_layer):
         p = f"blk.{il}"
-        tensors += [(f"{p}.attn_norm.weight", (n_embd,), Q.F32), (f"{p}.ffn_norm.weight", (n_embd,), Q.F32),
-                    (f"{p}.attn_q_a_norm.weight", (q_lora,), Q.F32),
-                    (f"{p}.attn_kv_a_norm.weight", (kv_lora,), Q.F32),
-                    (f"{p}.attn_q_a.weight", (q_lora, n_embd), Q.Q4_K),
-                    (f"{p}.attn_q_b.weight", (n_head * (nope + rope), q_lora), Q.Q4_K),
-                    (f"{p}.attn_kv_a_mqa.weight", (kv_lora + rope, n_embd), Q.Q4_K),
-                    (f"{p}.attn_k_b.weight", (n_head, kv_lora, nope), Q.Q8_0),
-                    (f"{p}.attn_v_b.weight", (n_head, vdim, kv_lora), Q.Q8_0),
-                    (f"{p}.attn_output.weight", (n_embd, n_head * vdim), Q.Q4_K)]
+        tensors += [
+            (f"{p}.attn_norm.weight", (n_embd,), Q.F32),
+            (f"{p}.ffn_norm.weight", (n_embd,), Q.F32),
+            (f"{p}.attn_q_a_norm.weight", (q_lora,), Q.F32),
+            (f"{p}.attn_kv_a_norm.weight", (kv_lora,), Q.F32),
+            (f"{p}.attn_q_a.weight", (q_lora, n_embd), Q.Q4_K),
+            (f"{p}.attn_q_b.weight", (n_head * (nope + rope), q_lora), Q.Q4_K),
+            (f"{p}.attn_kv_a_mqa.weight", (kv_lora + rope, n_embd), Q.Q4_K),
+            (f"{p}.attn_k_b.weight", (n_head, kv_lora, nope), Q.Q8_0),
+            (f"{p}.attn_v_b.weight", (n_head, vdim, kv_lora), Q.Q8_0),
+            (f"{p}.attn_output.weight", (n_embd, n_head * vdim), Q.Q4_K),
+        ]
         if il < n_dense:
-            tensors += [(f"{p}.ffn_gate.weight", (n_ff, n_embd), Q.Q4_K),
-                        (f"{p}.ffn_up.weight", (n_ff, n_embd), Q.Q4_K),
-                        (f"{p}.ffn_down.weight", (n_embd, n_ff), Q.Q6_K)]
+            tensors += [
+                (f"{p}.ffn_gate.weight", (n_ff, n_embd), Q.Q4_K),
+                (f"{p}.ffn_up.weight", (n_ff, n_embd), Q.Q4_K),
+                (f"{p}.ffn_down.weight", (n_embd, n_ff), Q.Q6_K),
+            ]
         else:
-            tensors += [(f"{p}.ffn_gate_inp.weight", (n_exp, n_embd), Q.F32),
-                        (f"{p}.exp_probs_b.bias", (n_exp,), Q.F32),
-                        (f"{p}.ffn_gate_exps.weight", (n_exp, n_ff_exp, n_embd), Q.Q4_K),
-                        (f"{p}.ffn_up_exps.weight", (n_exp, n_ff_exp, n_embd), Q.Q4_K),
-                        (f"{p}.ffn_down_exps.weight", (n_exp, n_embd, n_ff_exp), Q.Q6_K),
-                        (f"{p}.ffn_gate_shexp.weight", (n_ff_exp, n_embd), Q.Q4_K),
-                        (f"{p}.ffn_up_shexp.weight", (n_ff_exp, n_embd), Q.Q4_K),
-                        (f"{p}.ffn_down_shexp.weight", (n_embd, n_ff_exp), Q.Q6_K)]
+            tensors += [
+                (f"{p}.ffn_gate_inp.weight", (n_exp, n_embd), Q.F32),
+                (f"{p}.exp_probs_b.bias", (n_exp,), Q.F32),
+                (f"{p}.ffn_gate_exps.weight", (n_exp, n_ff_exp, n_embd), Q.Q4_K),
+                (f"{p}.ffn_up_exps.weight", (n_exp, n_ff_exp, n_embd), Q.Q4_K),
+                (f"{p}.ffn_down_exps.weight", (n_exp, n_embd, n_ff_exp), Q.Q6_K),
+                (f"{p}.ffn_gate_shexp.weight", (n_ff_exp, n_embd), Q.Q4_K),
+                (f"{p}.ffn_up_shexp.weight", (n_ff_exp, n_embd), Q.Q4_K),
+                (f"{p}.ffn_down_shexp.weight", (n_embd, n_ff_exp), Q.Q6_K),
+            ]
     tensors += [("output_norm.weight", (n_embd,), Q.F32), ("output.weight", (n_vocab, n_embd), Q.Q6_K)]
     per = -(-len(tensors) // n_shards)
     paths = []
@@ -103,7 +111,7 @@ def write_deepseek_v3(out_dir: Path, n_shards: int = 2) -> Path:
             w.add_token_list([f"tok{i}" for i in range(n_vocab)])  # a real-sized vocabulary in the header
             w.add_token_types([1] * n_vocab)
         total = 0
-        for name, shape, qt in tensors[s * per:(s + 1) * per]:
+        for name, shape, qt in tensors[s * per : (s + 1) * per]:
             nb = _nbytes(qt, int(np.prod(shape)))
             w.add_tensor_info(name, shape, np.float32, nb, raw_dtype=qt)
             total += -(-nb // 32) * 32
@@ -150,10 +158,20 @@ def test_400gb_model_plans_without_reading_data(deepseek):
     assert _bytes_read() - read0 < 64 * MiB, "planning read tensor data"
     # the facts of the model, summed over both shards
     assert len(info.shards) == 2 and info.file_size == apparent
-    assert (info.arch, info.n_layer, info.n_expert, info.n_expert_used, info.n_expert_shared) == \
-        ("deepseek2", 61, 256, 8, 1)
-    assert (info.kv_lora_rank, info.rope_dim, info.head_kv(0), info.head_dim_k, info.head_dim_v) == \
-        (512, 64, 1, 576, 512)
+    assert (info.arch, info.n_layer, info.n_expert, info.n_expert_used, info.n_expert_shared) == (
+        "deepseek2",
+        61,
+        256,
+        8,
+        1,
+    )
+    assert (info.kv_lora_rank, info.rope_dim, info.head_kv(0), info.head_dim_k, info.head_dim_v) == (
+        512,
+        64,
+        1,
+        576,
+        512,
+    )
     assert info.n_vocab == 129280 and info.n_ff_exp == 2048 and info.n_layer_dense_lead == 3
     # MLA KV as llama.cpp allocates it: one latent K row (512 + 64) per cell per layer, f16, no V tensor
     assert pred.kv_bytes == 61 * 32768 * 576 * 2
@@ -187,14 +205,31 @@ def test_predicted_peak_rss_within_10_percent_of_real_trials(models, dense_model
     monkeypatch.setenv("TUNER_WORKER_VERBOSE", "1")  # llama.cpp prints its buffer sizes at info level
     moe = models / "moe-q8_0.gguf"
     tiny = models / "tiny-q8_0.gguf"
-    grid = [TrialConfig(model=str(m), n_ctx=ctx, n_batch=b, n_ubatch=ub, type_k=t, type_v=t, use_mmap=mm,
-                        n_prompt=256, n_gen=8, repetitions=1, n_threads=2)
-            for m, ctx, b, ub, t, mm in [(tiny, 1024, 2048, 512, "f16", True), (tiny, 8192, 256, 128, "q8_0", False),
-                                         (moe, 2048, 512, 256, "f16", True), (moe, 4096, 256, 64, "q8_0", False),
-                                         (dense_model, 1024, 512, 512, "f16", True),
-                                         (dense_model, 2048, 128, 128, "q8_0", False),
-                                         (gemma_model, 4096, 2048, 512, "f16", True),
-                                         (gemma_model, 8192, 512, 128, "q8_0", False)]]
+    grid = [
+        TrialConfig(
+            model=str(m),
+            n_ctx=ctx,
+            n_batch=b,
+            n_ubatch=ub,
+            type_k=t,
+            type_v=t,
+            use_mmap=mm,
+            n_prompt=256,
+            n_gen=8,
+            repetitions=1,
+            n_threads=2,
+        )
+        for m, ctx, b, ub, t, mm in [
+            (tiny, 1024, 2048, 512, "f16", True),
+            (tiny, 8192, 256, 128, "q8_0", False),
+            (moe, 2048, 512, 256, "f16", True),
+            (moe, 4096, 256, 64, "q8_0", False),
+            (dense_model, 1024, 512, 512, "f16", True),
+            (dense_model, 2048, 128, 128, "q8_0", False),
+            (gemma_model, 4096, 2048, 512, "f16", True),
+            (gemma_model, 8192, 512, 128, "q8_0", False),
+        ]
+    ]
     recs = []
     with Runner(timeout=300) as r:
         for cfg in grid:
@@ -210,20 +245,23 @@ def test_predicted_peak_rss_within_10_percent_of_real_trials(models, dense_model
             recs.append(rec)
     # leave-one-out: each trial is predicted by a calibration learned from the others
     for i, rec in enumerate(recs):
-        cal = planner.Calibration.from_records(recs[:i] + recs[i + 1:])
+        cal = planner.Calibration.from_records(recs[:i] + recs[i + 1 :])
         pred = planner.predict(rec.config, read_model(rec.config.model), cal).ram_bytes
         assert abs(pred / rec.peak_rss_bytes - 1) < 0.10, (rec.config, pred, rec.peak_rss_bytes)
     # and uncalibrated: llama.cpp's layout plus the process baseline
-    default_err = [planner.predict(r.config, read_model(r.config.model)).ram_bytes / r.peak_rss_bytes - 1
-                   for r in recs]
+    default_err = [planner.predict(r.config, read_model(r.config.model)).ram_bytes / r.peak_rss_bytes - 1 for r in recs]
     assert max(abs(e) for e in default_err) < 0.10, default_err
 
 
 def test_calibration_recovers_baseline_and_scale(models, dense_model):
     """Records whose peaks are raw terms + 40 MiB + 0.8 × compute give back exactly those terms."""
     recs = []
-    for m, ctx, ub in [(models / "tiny-q8_0.gguf", 1024, 512), (models / "moe-q8_0.gguf", 4096, 128),
-                       (dense_model, 2048, 256), (dense_model, 8192, 64)]:
+    for m, ctx, ub in [
+        (models / "tiny-q8_0.gguf", 1024, 512),
+        (models / "moe-q8_0.gguf", 4096, 128),
+        (dense_model, 2048, 256),
+        (dense_model, 8192, 64),
+    ]:
         cfg = TrialConfig(model=str(m), n_ctx=ctx, n_ubatch=ub)
         raw = planner.predict(cfg, read_model(m), planner.RAW)
         peak = raw.ram_bytes - raw.compute_host + 40 * MiB + int(0.8 * raw.compute_host)
@@ -261,8 +299,10 @@ def test_gpu_split_follows_llama_cpp_layer_assignment(models):
     exps = [layers[i]["exps"] for i in range(6)]
     assert split(n_gpu_layers=99, n_cpu_moe=2).weights_gpu == full.weights_gpu - exps[0] - exps[1]
     assert split(n_gpu_layers=99, cpu_moe=True).weights_gpu == full.weights_gpu - sum(exps)
-    assert split(n_gpu_layers=99, overrides=("blk\\.5\\.ffn_(gate|up|down)=CPU",)).weights_gpu == \
-        full.weights_gpu - layers[5]["exps"] - layers[5]["ffn"]
+    assert (
+        split(n_gpu_layers=99, overrides=("blk\\.5\\.ffn_(gate|up|down)=CPU",)).weights_gpu
+        == full.weights_gpu - layers[5]["exps"] - layers[5]["ffn"]
+    )
     # without offload (this CPU build) everything is host memory
     cpu = planner.predict(dataclasses.replace(cfg, n_gpu_layers=99), info, gpu_offload=False)
     assert cpu.vram_bytes == 0 and cpu.weights_gpu == 0
@@ -272,8 +312,10 @@ def test_max_gpu_layers_and_fits(models):
     info = read_model(models / "moe-q8_0.gguf")
     cfg = TrialConfig(model=info.path, n_ctx=4096)
     cal = planner.Calibration(baseline_vram=10 * MiB)
-    vram = [planner.predict(dataclasses.replace(cfg, n_gpu_layers=n), info, cal, gpu_offload=True).vram_bytes
-            for n in range(8)]
+    vram = [
+        planner.predict(dataclasses.replace(cfg, n_gpu_layers=n), info, cal, gpu_offload=True).vram_bytes
+        for n in range(8)
+    ]
     assert vram == sorted(vram)
     budget = (vram[4] + vram[5]) // 2
     n = planner.max_gpu_layers(cfg, info, int(budget / 0.95), headroom=0.05, calib=cal)
@@ -332,10 +374,12 @@ def test_what_if_rejects_unknown_types(models):
 
 # -- tuner estimate ----------------------------------------------------------------------------------------
 
+
 def test_estimate_cli_table_and_json(models):
     moe = str(models / "moe-q8_0.gguf")
-    r = CliRunner().invoke(cli, ["estimate", moe, "--ctx", "1024,65536", "--vram", "400MiB", "--ram", "300MiB",
-                                 "--json"])
+    r = CliRunner().invoke(
+        cli, ["estimate", moe, "--ctx", "1024,65536", "--vram", "400MiB", "--ram", "300MiB", "--json"]
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     (m,) = data
@@ -372,8 +416,15 @@ def test_estimate_library_call_is_what_the_command_prints(models):
     """`tuner estimate` is tuner.plan.estimate.estimate plus printing: one call, the same figures."""
     moe, f16 = str(models / "moe-q8_0.gguf"), str(models / "tiny-f16.gguf")
     base = TrialConfig(model="", type_k="q8_0", type_v="q8_0", n_ubatch=256)
-    est = estimate([moe, read_model(f16)], ctx=[1024, 65536], ram=300 * MiB, vram=400 * MiB, headroom="5%",
-                   base=base, what_if="q4_k_m")
+    est = estimate(
+        [moe, read_model(f16)],
+        ctx=[1024, 65536],
+        ram=300 * MiB,
+        vram=400 * MiB,
+        headroom="5%",
+        base=base,
+        what_if="q4_k_m",
+    )
     assert (est.ram, est.vram, est.headroom, est.quants, est.probe) == (300 * MiB, 400 * MiB, 0.05, ["q4_k_m"], None)
     m, d = est.models
     assert m.info.path == moe and d.info.path == f16 and [c["n_ctx"] for c in m.contexts] == [1024, 65536]
@@ -381,8 +432,25 @@ def test_estimate_library_call_is_what_the_command_prints(models):
     want = planner.estimate(info, [1024, 65536], 300 * MiB, 400 * MiB, 0.05, base)
     assert m.contexts == want and m.speed is None and "speed" not in m.to_dict()
     assert m.what_if == whatif.what_if(info, ["q4_k_m"])
-    args = ["estimate", moe, f16, "--ctx", "1024,65536", "--ram", "300MiB", "--vram", "400MiB", "-ctk", "q8_0",
-            "-ctv", "q8_0", "-ub", "256", "--what-if", "q4_k_m"]
+    args = [
+        "estimate",
+        moe,
+        f16,
+        "--ctx",
+        "1024,65536",
+        "--ram",
+        "300MiB",
+        "--vram",
+        "400MiB",
+        "-ctk",
+        "q8_0",
+        "-ctv",
+        "q8_0",
+        "-ub",
+        "256",
+        "--what-if",
+        "q4_k_m",
+    ]
     r = CliRunner().invoke(cli, [*args, "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output) == est.to_list() and r.output == est.to_json() + "\n"
@@ -396,14 +464,17 @@ def test_estimate_library_call_is_what_the_command_prints(models):
     assert len(one.models) == 1 and one.ram > 0 and one.models[0].contexts[0]["n_ctx"] == 4096
 
 
-@pytest.mark.parametrize("kwargs, error, msg", [
-    (dict(ctx="4096,x"), EstimateError, "--ctx: not a list"),
-    (dict(ctx=[4096, 0]), EstimateError, "--ctx"),
-    (dict(headroom="95%"), EstimateError, "--headroom"),
-    (dict(headroom=0.95), EstimateError, "--headroom"),
-    (dict(what_if=["q8_0", "q7_z"]), whatif.QuantTypeError, "unknown quant type 'q7_z'"),
-    (dict(n_gpu_layers=-2), EstimateError, "-ngl must be -1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, msg",
+    [
+        (dict(ctx="4096,x"), EstimateError, "--ctx: not a list"),
+        (dict(ctx=[4096, 0]), EstimateError, "--ctx"),
+        (dict(headroom="95%"), EstimateError, "--headroom"),
+        (dict(headroom=0.95), EstimateError, "--headroom"),
+        (dict(what_if=["q8_0", "q7_z"]), whatif.QuantTypeError, "unknown quant type 'q7_z'"),
+        (dict(n_gpu_layers=-2), EstimateError, "-ngl must be -1"),
+    ],
+)
 def test_estimate_library_bad_input_raises_tuner_errors(models, kwargs, error, msg):
     with pytest.raises(error, match=msg) as e:
         estimate(models / "tiny-f16.gguf", **{"ram": 64 * MiB, "vram": 0, **kwargs})
@@ -412,16 +483,19 @@ def test_estimate_library_bad_input_raises_tuner_errors(models, kwargs, error, m
         estimate([models / "tiny-f16.gguf", models / "nothere.gguf"], ram=64 * MiB, vram=0)
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["nothere.gguf"], "model not found"),
-    (["{tiny}", "--ctx", "4096,x"], "--ctx"),
-    (["{tiny}", "--ctx", "0"], "--ctx"),
-    (["{tiny}", "--what-if", "q4_k_m,q7_z"], "unknown quant type 'q7_z'"),
-    (["{tiny}", "--headroom", "95%"], "--headroom"),
-    (["{tiny}", "--headroom", "lots"], "--headroom"),
-    (["{tiny}", "--vram", "24 potatoes"], "not a size"),
-    (["{tiny}", "nothere.gguf"], "model not found"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["nothere.gguf"], "model not found"),
+        (["{tiny}", "--ctx", "4096,x"], "--ctx"),
+        (["{tiny}", "--ctx", "0"], "--ctx"),
+        (["{tiny}", "--what-if", "q4_k_m,q7_z"], "unknown quant type 'q7_z'"),
+        (["{tiny}", "--headroom", "95%"], "--headroom"),
+        (["{tiny}", "--headroom", "lots"], "--headroom"),
+        (["{tiny}", "--vram", "24 potatoes"], "not a size"),
+        (["{tiny}", "nothere.gguf"], "model not found"),
+    ],
+)
 def test_estimate_bad_input_is_one_line_exit_2(models, args, msg):
     args = [a.format(tiny=models / "tiny-f16.gguf") for a in args]
     r = CliRunner().invoke(cli, ["estimate", *args])
@@ -431,8 +505,24 @@ def test_estimate_bad_input_is_one_line_exit_2(models, args, msg):
 
 
 def test_estimate_split_model_via_cli(deepseek):
-    r = CliRunner().invoke(cli, ["estimate", str(deepseek), "--ctx", "8192", "--vram", "80GiB", "--ram", "512GiB",
-                                 "-ctk", "q8_0", "-ctv", "q8_0", "--json"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "estimate",
+            str(deepseek),
+            "--ctx",
+            "8192",
+            "--vram",
+            "80GiB",
+            "--ram",
+            "512GiB",
+            "-ctk",
+            "q8_0",
+            "-ctv",
+            "q8_0",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = json.loads(r.output)[0]
     assert m["shards"] == 2 and m["file_size"] > 400e9

@@ -50,7 +50,7 @@ def quiet(*_):
 def random_logits(seed: int, n: int = 40, n_vocab: int = 3000, noise: float = 0.3):
     rng = np.random.default_rng(seed)
     # a peaked head and a long flat tail, like a language model's next-token logits
-    ref = (rng.standard_normal((n, n_vocab)) * 2.0 - 4.0 * np.log1p(np.arange(n_vocab))[None, :] ** 0.5)
+    ref = rng.standard_normal((n, n_vocab)) * 2.0 - 4.0 * np.log1p(np.arange(n_vocab))[None, :] ** 0.5
     ref = ref[:, rng.permutation(n_vocab)].astype(np.float32)
     model = (ref + rng.standard_normal(ref.shape) * noise).astype(np.float32)
     targets = rng.integers(0, n_vocab, n)
@@ -113,8 +113,9 @@ def test_statistics_as_llama_perplexity_prints_them():
 # -- real passes on synthetic models -------------------------------------------------------------------------
 def test_identical_file_and_saved_reference(tiny, runner, tmp_path):
     saved = tmp_path / "ref.npz"
-    live = measure([tiny["f32"], tiny["q4_k_m"], tiny["q2_k"]], runner, settings=FAST, progress=quiet,
-                     save_reference=str(saved))
+    live = measure(
+        [tiny["f32"], tiny["q4_k_m"], tiny["q2_k"]], runner, settings=FAST, progress=quiet, save_reference=str(saved)
+    )
     by = {Path(r.model).stem: r for r in live}
     assert all(r.ok for r in live), [(r.outcome, r.cause) for r in live]
     ref = by["tiny-f32"]  # measured against its own summary in the reference pass: 0 within float error
@@ -127,8 +128,13 @@ def test_identical_file_and_saved_reference(tiny, runner, tmp_path):
     # the same file under another name, in a real compare pass against the saved reference: KLD 0, all tops agree
     copy = tmp_path / "copy-of-f32.gguf"
     shutil.copyfile(tiny["f32"], copy)
-    again = measure([str(copy), tiny["q4_k_m"], tiny["q2_k"]], runner, reference_logits=str(saved),
-                      settings=Settings(n_threads=1), progress=quiet)
+    again = measure(
+        [str(copy), tiny["q4_k_m"], tiny["q2_k"]],
+        runner,
+        reference_logits=str(saved),
+        settings=Settings(n_threads=1),
+        progress=quiet,
+    )
     same = again[0]
     assert same.ok and same.n_tokens == by["tiny-f32"].n_tokens > 1000
     assert abs(same.kld_mean) < 1e-6 and same.kld_max < 1e-5
@@ -141,8 +147,9 @@ def test_identical_file_and_saved_reference(tiny, runner, tmp_path):
 
 
 def test_kld_orders_the_quants(tiny, runner):
-    res = measure([tiny["q2_k"], tiny["q8_0"], tiny["q4_k_m"]], runner, reference=tiny["f32"],
-                    settings=FAST, progress=quiet)
+    res = measure(
+        [tiny["q2_k"], tiny["q8_0"], tiny["q4_k_m"]], runner, reference=tiny["f32"], settings=FAST, progress=quiet
+    )
     assert all(r.ok for r in res), [(r.outcome, r.cause) for r in res]
     q2, q8, q4 = res
     # each step down costs several times more divergence, far beyond the standard errors
@@ -153,7 +160,9 @@ def test_kld_orders_the_quants(tiny, runner):
     assert q8.ppl_ref == q4.ppl_ref == q2.ppl_ref  # one reference, one text
     assert qualifying(res, Budget(max_kld=q4.kld_mean * 1.01)) == {
         q2.model: (False, f"mean KLD {q2.kld_mean:.4f} > {q4.kld_mean * 1.01:g}"),
-        q8.model: (True, ""), q4.model: (True, "")}
+        q8.model: (True, ""),
+        q4.model: (True, ""),
+    }
 
 
 def test_cache_pays_once_per_file(tiny, runner, tmp_path):
@@ -166,14 +175,13 @@ def test_cache_pays_once_per_file(tiny, runner, tmp_path):
     assert all(r.cached for r in second)
     assert [r.stats for r in second] == [r.stats for r in first]
     # another ctx is another measurement; the cached reference summary is reused for a new file
-    other = measure([tiny["q8_0"]], runner, settings=Settings(ctx=32, n_threads=1), cache=cache,
-                      progress=quiet)
+    other = measure([tiny["q8_0"]], runner, settings=Settings(ctx=32, n_threads=1), cache=cache, progress=quiet)
     assert not other[0].cached and other[0].ctx == 32
     # (the default reference is the highest-precision file given: name the F32 one, or q8_0 would be it)
-    third = measure([tiny["q8_0"], tiny["q2_k"]], runner, reference=tiny["f32"], settings=FAST, cache=cache,
-                      progress=quiet)
+    third = measure(
+        [tiny["q8_0"], tiny["q2_k"]], runner, reference=tiny["f32"], settings=FAST, cache=cache, progress=quiet
+    )
     assert third[0].cached and not third[1].cached and third[1].ok
-
 
 
 def test_killed_worker_is_a_recorded_failure_and_the_rest_go_on(tiny, runner, tmp_path):
@@ -188,30 +196,47 @@ def test_killed_worker_is_a_recorded_failure_and_the_rest_go_on(tiny, runner, tm
             os.kill(procs[0].pid, signal.SIGKILL)
             killed.append(procs[0].pid)
 
-    res = measure([tiny["q8_0"], tiny["q4_k_m"], tiny["q2_k"]], runner, reference=tiny["f32"], settings=FAST,
-                    cache=cache, progress=kill_mid_pass)
+    res = measure(
+        [tiny["q8_0"], tiny["q4_k_m"], tiny["q2_k"]],
+        runner,
+        reference=tiny["f32"],
+        settings=FAST,
+        cache=cache,
+        progress=kill_mid_pass,
+    )
     assert killed
     q8, q4, q2 = res
     assert q8.ok and q2.ok
     assert q4.outcome == "crash" and "SIGKILL" in q4.cause and q4.kld_mean is None
     assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
     # only results are cached: the next run measures the killed file and reuses the others
-    again = measure([tiny["q8_0"], tiny["q4_k_m"], tiny["q2_k"]], runner, reference=tiny["f32"],
-                      settings=FAST, cache=cache, progress=quiet)
+    again = measure(
+        [tiny["q8_0"], tiny["q4_k_m"], tiny["q2_k"]],
+        runner,
+        reference=tiny["f32"],
+        settings=FAST,
+        cache=cache,
+        progress=quiet,
+    )
     assert [r.cached for r in again] == [True, False, True] and again[1].ok
 
 
 def test_fault_inside_the_worker_is_classified(tiny, runner):
-    res = measure([tiny["q8_0"], tiny["q2_k"]], runner, reference=tiny["f32"], settings=FAST, progress=quiet,
-                    faults={tiny["q8_0"]: "abort"})
+    res = measure(
+        [tiny["q8_0"], tiny["q2_k"]],
+        runner,
+        reference=tiny["f32"],
+        settings=FAST,
+        progress=quiet,
+        faults={tiny["q8_0"]: "abort"},
+    )
     assert res[0].outcome == "crash" and "SIGABRT" in res[0].cause
     assert res[1].ok
 
 
 # -- budget and regression judgement -------------------------------------------------------------------------
 def result(kld: float, err: float, **kw) -> QualityResult:
-    base = dict(model="m.gguf", model_hash="h", reference_hash="r", text_hash="t", ctx=512, top_k=256,
-                tail_samples=256)
+    base = dict(model="m.gguf", model_hash="h", reference_hash="r", text_hash="t", ctx=512, top_k=256, tail_samples=256)
     return QualityResult(**{**base, **kw}, stats={"kld_mean": kld, "kld_mean_err": err, "same_top_pct": 90.0})
 
 
@@ -244,8 +269,18 @@ def test_cli_json_cache_and_budget(tiny, tmp_path):
     rows = json.loads(r.stdout)
     assert [Path(x["model"]).name for x in rows] == ["tiny-f32.gguf", "tiny-q8_0.gguf", "tiny-q2_k.gguf"]
     for x in rows:
-        assert {"kld_mean", "kld_mean_err", "kld_median", "kld_p99", "same_top_pct", "ppl", "ppl_ratio",
-                "n_tokens", "model", "model_hash"} <= set(x)
+        assert {
+            "kld_mean",
+            "kld_mean_err",
+            "kld_median",
+            "kld_p99",
+            "same_top_pct",
+            "ppl",
+            "ppl_ratio",
+            "n_tokens",
+            "model",
+            "model_hash",
+        } <= set(x)
     assert rows[0]["is_reference"] and abs(rows[0]["kld_mean"]) < 1e-9
     assert rows[2]["kld_mean"] > rows[1]["kld_mean"] > 0
     assert "ETA" in r.stderr
@@ -272,8 +307,11 @@ BAD = [
     ("ctx-below-16", ["-m", "{q8_0}", "-c", "8"], "--ctx must be at least 16"),
     ("ctx-above-trained", ["-m", "{q8_0}", "-c", "200000"], "above tiny-q8_0.gguf's trained context (131072)"),
     ("logits-other-model", ["-m", "{moe}", "--reference-logits", "{saved}"], "vocabulary of 2048 tokens"),
-    ("logits-other-text", ["-m", "{q8_0}", "--reference-logits", "{saved}", "--text", "{short}"],
-     "made from another text"),
+    (
+        "logits-other-text",
+        ["-m", "{q8_0}", "--reference-logits", "{saved}", "--text", "{short}"],
+        "made from another text",
+    ),
     ("logits-other-ctx", ["-m", "{q8_0}", "--reference-logits", "{saved}", "-c", "128"], "made with --ctx 64"),
     ("logits-not-a-logits-file", ["-m", "{q8_0}", "--reference-logits", "{short}"], "not a tuner reference logits"),
     ("max-kld-negative", ["-m", "{q8_0}", "--max-kld", "-0.01"], "--max-kld must not be negative"),
@@ -292,12 +330,26 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny, models, saved_
     short.write_text("Too short for a chunk.\n")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9 ".encode("latin-1") * 100)
-    subs = {**tiny, "moe": models / "moe-q8_0.gguf", "gemma": gemma, "short": short, "latin1": latin1,
-            "saved": saved_ref, "nowhere": tmp_path / "nowhere.txt"}
+    subs = {
+        **tiny,
+        "moe": models / "moe-q8_0.gguf",
+        "gemma": gemma,
+        "short": short,
+        "latin1": latin1,
+        "saved": saved_ref,
+        "nowhere": tmp_path / "nowhere.txt",
+    }
     results, target = tmp_path / "results", tmp_path / "out.npz"
     before = saved_ref.read_bytes()
-    r = invoke(*[a.format(**{k: str(v) for k, v in subs.items()}) for a in args], "-t", 1, "--results", results,
-               "--save-reference-logits", target)
+    r = invoke(
+        *[a.format(**{k: str(v) for k, v in subs.items()}) for a in args],
+        "-t",
+        1,
+        "--results",
+        results,
+        "--save-reference-logits",
+        target,
+    )
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
     lines = r.stderr.strip().splitlines()
@@ -337,8 +389,9 @@ def test_gemma_identical_file_and_a_lower_quant(gemma, gemma_q4_0, runner, tmp_p
     assert saved.stat().st_size < 3 << 20  # 262k vocabulary, yet a few MB: top-k and tail samples only
     copy = tmp_path / "gemma-copy.gguf"
     shutil.copyfile(gemma, copy)
-    same, low = measure([str(copy), gemma_q4_0], runner, reference_logits=str(saved), progress=quiet,
-                          settings=Settings(n_threads=1))
+    same, low = measure(
+        [str(copy), gemma_q4_0], runner, reference_logits=str(saved), progress=quiet, settings=Settings(n_threads=1)
+    )
     assert same.ok and low.ok, (same.cause, low.cause)
     assert abs(same.kld_mean) < 1e-5 and same.same_top_pct == 100.0
     assert same.n_tokens >= 254 and same.n_tokens % 127 == 0  # 127 scored positions per chunk of 256
@@ -350,8 +403,17 @@ def test_gemma_top_k_estimate_against_the_full_vocabulary(gemma, gemma_q4_0, run
     """The default summary (top 256 + 256 tail samples) against every one of the 262,144 log-probs."""
     text = tmp_path / "text.txt"
     text.write_bytes(default_text_path().read_bytes()[:1200])  # one chunk of 128: 63 positions
-    full, default = (measure([gemma_q4_0], runner, reference=str(gemma), text=str(text), progress=quiet,
-                               settings=Settings(ctx=128, n_threads=1, top_k=k))[0] for k in (0, DEFAULT_TOP_K))
+    full, default = (
+        measure(
+            [gemma_q4_0],
+            runner,
+            reference=str(gemma),
+            text=str(text),
+            progress=quiet,
+            settings=Settings(ctx=128, n_threads=1, top_k=k),
+        )[0]
+        for k in (0, DEFAULT_TOP_K)
+    )
     assert full.ok and default.ok
     assert default.kld_mean == pytest.approx(full.kld_mean, rel=0.01)
     assert default.same_top_pct == full.same_top_pct and default.ppl == full.ppl

@@ -41,8 +41,9 @@ def test_model_facts(gemma_model):
 @pytest.mark.slow
 def test_bench_measures_the_swa_model(gemma_model, tmp_path):
     out = tmp_path / "r.parquet"
-    res = CliRunner().invoke(cli, ["bench", str(gemma_model), "-t", "1", "-p", "32", "-n", "8", "-r", "2",
-                                   "-o", str(out)])
+    res = CliRunner().invoke(
+        cli, ["bench", str(gemma_model), "-t", "1", "-p", "32", "-n", "8", "-r", "2", "-o", str(out)]
+    )
     assert res.exit_code == 0, res.output
     (row,) = store.read(out).to_dict("records")
     assert row["outcome"] == "ok"

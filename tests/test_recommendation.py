@@ -28,8 +28,22 @@ def run(args):
 def new_user(models, tmp_path_factory):
     """`tuner search --model M` and nothing else but a small test shape and a budget above the space."""
     results = tmp_path_factory.mktemp("results")
-    res = run(["search", "--model", str(models / "tiny-q8_0.gguf"), *SHAPE, "--n-trials", "40",
-               "--drift-every", "0", "--results", str(results), "--study", "new"])
+    res = run(
+        [
+            "search",
+            "--model",
+            str(models / "tiny-q8_0.gguf"),
+            *SHAPE,
+            "--n-trials",
+            "40",
+            "--drift-every",
+            "0",
+            "--results",
+            str(results),
+            "--study",
+            "new",
+        ]
+    )
     assert res.exit_code == 0, res.output
     return results / "new", res.output
 
@@ -111,9 +125,31 @@ def test_the_winner_is_confirmed_against_the_defaults(new_user):
 
 
 def test_context_ladder_searches_once_and_measures_every_rung_filled_against_the_defaults(models, tmp_path):
-    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "256,1024", "-t", "1", "-fa", "on,off",
-               *SHAPE, "--no-auto-space", "--confirm", "2", "--confirm-rounds", "5", "--drift-every", "0",
-               "--results", str(tmp_path), "--study", "ladder"])
+    res = run(
+        [
+            "search",
+            "-m",
+            str(models / "tiny-q8_0.gguf"),
+            "--ctx",
+            "256,1024",
+            "-t",
+            "1",
+            "-fa",
+            "on,off",
+            *SHAPE,
+            "--no-auto-space",
+            "--confirm",
+            "2",
+            "--confirm-rounds",
+            "5",
+            "--drift-every",
+            "0",
+            "--results",
+            str(tmp_path),
+            "--study",
+            "ladder",
+        ]
+    )
     assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "ladder" / "recommended.json").read_text())
     # the search ran once, at the working context (the largest rung), filled: depth = n_ctx - n_prompt - n_gen
@@ -149,8 +185,26 @@ def test_context_ladder_searches_once_and_measures_every_rung_filled_against_the
 
 
 def test_no_confirm_says_the_figure_is_unconfirmed(models, tmp_path):
-    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1:2", *SHAPE, "--no-auto-space",
-               "--no-confirm", "--n-trials", "6", "--drift-every", "0", "--results", str(tmp_path), "--study", "nc"])
+    res = run(
+        [
+            "search",
+            "-m",
+            str(models / "tiny-q8_0.gguf"),
+            "--threads",
+            "1:2",
+            *SHAPE,
+            "--no-auto-space",
+            "--no-confirm",
+            "--n-trials",
+            "6",
+            "--drift-every",
+            "0",
+            "--results",
+            str(tmp_path),
+            "--study",
+            "nc",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "search finished: every config of the space is measured (2 configs)" in res.output
     rec = json.loads((tmp_path / "nc" / "recommended.json").read_text())
@@ -158,14 +212,17 @@ def test_no_confirm_says_the_figure_is_unconfirmed(models, tmp_path):
     assert not (store.read(tmp_path / "nc")["state"] == "confirm").any()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--ctx", "200000"], "above the trained context of tiny-q8_0.gguf (131072 tokens)"),
-    (["--depth", "4096"], "--depth 4096 is beyond the context 4096"),
-    (["--ctx", "256,4096", "--depth", "300"], "--depth 300 is beyond the context 256 of --ctx 256,4096"),
-    (["--ctx", "256,4096", "-p", "512"], "--ctx 256 cannot hold the test"),
-    (["--confirm", "0"], "--confirm"),
-    (["--ctx", "65536,131072", "--max-ram", "2MiB"], "no context of --ctx 65536,131072 can fit"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ctx", "200000"], "above the trained context of tiny-q8_0.gguf (131072 tokens)"),
+        (["--depth", "4096"], "--depth 4096 is beyond the context 4096"),
+        (["--ctx", "256,4096", "--depth", "300"], "--depth 300 is beyond the context 256 of --ctx 256,4096"),
+        (["--ctx", "256,4096", "-p", "512"], "--ctx 256 cannot hold the test"),
+        (["--confirm", "0"], "--confirm"),
+        (["--ctx", "65536,131072", "--max-ram", "2MiB"], "no context of --ctx 65536,131072 can fit"),
+    ],
+)
 def test_bad_recommendation_input_is_one_line_exit_2(models, tmp_path, extra, message):
     res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), *extra, "--results", str(tmp_path)])
     assert res.exit_code == 2, res.output

@@ -25,8 +25,9 @@ def test_the_table_holds_every_config_with_its_rounds_and_costs(table_path):
     assert len(doc["configs"]) == 4 and doc["provenance"]["git_commit"]
     for c in doc["configs"]:
         assert [t["round"] for t in c["trials"]] == list(range(5))
-        assert all(t["outcome"] == "ok" and t["tg"] and t["load_ms"] is not None and t["wall_s"] > 0
-                   for t in c["trials"])
+        assert all(
+            t["outcome"] == "ok" and t["tg"] and t["load_ms"] is not None and t["wall_s"] > 0 for t in c["trials"]
+        )
     table = replay.load_table(table_path)
     assert len(table.entries) == 4 and table.grid_once_s() > 0
 
@@ -58,27 +59,28 @@ def test_a_seed_runs_the_real_search_sampler_and_confirmation_race(table_path, t
     conf = [r for r in srch.records if r.state == confirm.CONFIRM_STATE]
     assert conf and out["confirm_runs"] == len(conf)
     assert max(r.confirm_round for r in conf) < st.max_rounds
-    assert min(sum(1 for r in conf if r.config == c.config) for c in confirm.candidates_from_records(conf)) \
-        >= confirm.MIN_ROUNDS or out["verdict"] in ("single", "none")
+    assert min(
+        sum(1 for r in conf if r.config == c.config) for c in confirm.candidates_from_records(conf)
+    ) >= confirm.MIN_ROUNDS or out["verdict"] in ("single", "none")
     verdict = confirm.assess(confirm.candidates_from_records(srch.records), "mixed")
     assert (out["trial_number"], out["verdict"]) == (verdict["winner"], verdict["verdict"])
     # every sample came from the table, and the clock is the sum of the recorded costs
     drawn = {tuple(t["tg"]) for e in table.entries.values() for t in e.trials}
     assert all(tuple(r.tg_samples) in drawn for r in srch.records if r.ok)
     # paired as live: in one confirmation round every candidate ran the same recorded round of the table
-    round_of = {(e.config.key(), tuple(t["tg"])): t["round"] for e in table.entries.values()
-                for t in e.trials}
+    round_of = {(e.config.key(), tuple(t["tg"])): t["round"] for e in table.entries.values() for t in e.trials}
     for rnd in {r.confirm_round for r in conf}:
-        assert len({round_of[(r.config.key(), tuple(r.tg_samples))] for r in conf
-                    if r.confirm_round == rnd}) == 1
+        assert len({round_of[(r.config.key(), tuple(r.tg_samples))] for r in conf if r.confirm_round == rnd}) == 1
     assert out["runs"] == len(searched) + len(conf) and 0 < seen["clock"] == out["wall_s"]
     assert out["wall_s"] <= sum(r.wall_s for r in searched + conf) + 1e-9
     # a seed is a seed: the same one replays the same, and its true figure comes from the table
     again = replay.replay_seed(table, 7, st, tmp_path / "again")
-    assert {k: again[k] for k in ("trial_number", "wall_s", "true")} == {k: out[k] for k in ("trial_number", "wall_s",
-                                                                                               "true")}
-    assert out["true"] == table.truth(next(r.config for r in srch.records
-                                           if r.trial_number == out["trial_number"]).key())
+    assert {k: again[k] for k in ("trial_number", "wall_s", "true")} == {
+        k: out[k] for k in ("trial_number", "wall_s", "true")
+    }
+    assert out["true"] == table.truth(
+        next(r.config for r in srch.records if r.trial_number == out["trial_number"]).key()
+    )
 
 
 def test_a_table_of_another_space_is_one_line_and_exit_2(table_path, tmp_path, capsys):
@@ -122,20 +124,36 @@ def _with_values(table_path, tmp_path, values: list[list[float]]) -> Path:
 
 
 def test_the_resolution_says_whether_the_table_itself_tells_its_best_apart(table_path, tmp_path):
-    apart = replay.resolution(replay.load_table(_with_values(table_path, tmp_path, [
-        [200, 210, 190, 205, 195], [100, 105, 95, 102, 98], [100, 105, 95, 102, 98], [50, 52, 48, 51, 49]])))
+    apart = replay.resolution(
+        replay.load_table(
+            _with_values(
+                table_path,
+                tmp_path,
+                [[200, 210, 190, 205, 195], [100, 105, 95, 102, 98], [100, 105, 95, 102, 98], [50, 52, 48, 51, 49]],
+            )
+        )
+    )
     assert apart["best_within_2pct_on_resampling"] == 1.0 and apart["configs_within_2pct"] == 1
     # two configs with the same rounds, scattered 20 %: which is "best" is the noise of the table
-    tied = replay.resolution(replay.load_table(_with_values(table_path, tmp_path, [
-        [100, 120, 80, 110, 90], [120, 100, 90, 80, 110], [50, 52, 48, 51, 49], [50, 52, 48, 51, 49]])))
+    tied = replay.resolution(
+        replay.load_table(
+            _with_values(
+                table_path,
+                tmp_path,
+                [[100, 120, 80, 110, 90], [120, 100, 90, 80, 110], [50, 52, 48, 51, 49], [50, 52, 48, 51, 49]],
+            )
+        )
+    )
     assert tied["configs_within_2pct"] == 2 and tied["best_within_2pct_on_resampling"] < 0.8
     assert tied["trial_log_sd_median"] > apart["trial_log_sd_median"]
 
 
 def test_settings_are_chosen_by_rate_within_the_wall_target_else_by_rate_then_wall():
-    rows = [{"settings": "a", "within_2pct_rate": 0.9, "wall_vs_grid_median": 0.5},
-            {"settings": "b", "within_2pct_rate": 0.6, "wall_vs_grid_median": 0.3},
-            {"settings": "c", "within_2pct_rate": 0.5, "wall_vs_grid_median": 0.2}]
+    rows = [
+        {"settings": "a", "within_2pct_rate": 0.9, "wall_vs_grid_median": 0.5},
+        {"settings": "b", "within_2pct_rate": 0.6, "wall_vs_grid_median": 0.3},
+        {"settings": "c", "within_2pct_rate": 0.5, "wall_vs_grid_median": 0.2},
+    ]
     assert replay.choose(rows, 0.35)["settings"] == "b"
     assert replay.choose(rows, 0.1)["settings"] == "a"
     rows.append({"settings": "d", "within_2pct_rate": 0.9, "wall_vs_grid_median": 0.4})

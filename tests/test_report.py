@@ -39,8 +39,11 @@ SHAPE = ["-p", "32", "-n", "8", "-r", "2"]
 
 def _search(tmp: Path, *args: str) -> None:
     # session fixtures run before conftest's per-test private lock: give the search its own lock file
-    res = CliRunner().invoke(cli, ["search", *args, *SHAPE, "--results", str(tmp), "--mem-limit", "150MiB"],
-                             env={"TUNER_LOCK_FILE": str(tmp / "measure.lock"), **HOST_ONLY})
+    res = CliRunner().invoke(
+        cli,
+        ["search", *args, *SHAPE, "--results", str(tmp), "--mem-limit", "150MiB"],
+        env={"TUNER_LOCK_FILE": str(tmp / "measure.lock"), **HOST_ONLY},
+    )
     assert res.exit_code == 0, res.output
 
 
@@ -49,10 +52,35 @@ def cpu_study(models, tmp_path_factory) -> Path:
     """Two quants, threads × ubatch × ctx; ctx 65536 runs out of memory under the 150 MiB limit. --ngl 0: a CPU
     study on a GPU build too (host memory is what the limit caps)."""
     tmp = tmp_path_factory.mktemp("studies")
-    _search(tmp, "-m", str(models / "tiny-q8_0.gguf"), "-m", str(models / "tiny-q4_k_m.gguf"), "--ngl", "0",
-            "--threads", "1:2", "-ub", "128,512", "--ctx", "256,4096,65536", "--n-trials", "10", "--drift-every", "4",
-            "--drift-tolerance", "0.5",  # anchors run; a tiny model's 2-repetition noise is no drift
-            "--study", "cpu", "--no-auto-space", "--confirm", "2", "--confirm-rounds", "5", "--no-quality")
+    _search(
+        tmp,
+        "-m",
+        str(models / "tiny-q8_0.gguf"),
+        "-m",
+        str(models / "tiny-q4_k_m.gguf"),
+        "--ngl",
+        "0",
+        "--threads",
+        "1:2",
+        "-ub",
+        "128,512",
+        "--ctx",
+        "256,4096,65536",
+        "--n-trials",
+        "10",
+        "--drift-every",
+        "4",
+        "--drift-tolerance",
+        "0.5",  # anchors run; a tiny model's 2-repetition noise is no drift
+        "--study",
+        "cpu",
+        "--no-auto-space",
+        "--confirm",
+        "2",
+        "--confirm-rounds",
+        "5",
+        "--no-quality",
+    )
     return tmp / "cpu"
 
 
@@ -60,8 +88,25 @@ def cpu_study(models, tmp_path_factory) -> Path:
 def rig_b(models, tmp_path_factory) -> Path:
     """A second, smaller study of the same model and shape (a grid), for the comparison."""
     tmp = tmp_path_factory.mktemp("rigb")
-    _search(tmp, "-m", str(models / "tiny-q8_0.gguf"), "--ngl", "0", "--threads", "1:2", "-ub", "128",
-            "--ctx", "256,4096", "--sampler", "grid", "--study", "cpu", "--no-auto-space", "--no-confirm")
+    _search(
+        tmp,
+        "-m",
+        str(models / "tiny-q8_0.gguf"),
+        "--ngl",
+        "0",
+        "--threads",
+        "1:2",
+        "-ub",
+        "128",
+        "--ctx",
+        "256,4096",
+        "--sampler",
+        "grid",
+        "--study",
+        "cpu",
+        "--no-auto-space",
+        "--no-confirm",
+    )
     return tmp / "cpu"
 
 
@@ -71,8 +116,20 @@ def failed_study(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("failed")
     model = tmp / "<script>tiny.gguf"
     write_base(model, PRESETS["tiny"], EVIL, "f16")
-    _search(tmp, "-m", str(model), "--ngl", "0", "--ctx", "65536", "--n-trials", "3", "--study", "all-failed",
-            "--no-auto-space")
+    _search(
+        tmp,
+        "-m",
+        str(model),
+        "--ngl",
+        "0",
+        "--ctx",
+        "65536",
+        "--n-trials",
+        "3",
+        "--study",
+        "all-failed",
+        "--no-auto-space",
+    )
     return tmp / "all-failed"
 
 
@@ -85,8 +142,15 @@ def gpu_study(cpu_study, failed_study, models, tmp_path_factory) -> Path:
     info = read_model(models / "tiny-q8_0.gguf")
     ok = [r for r in store.records(cpu_study) if r.ok and r.state != "anchor"]
     oom = next(r for r in store.records(failed_study) if r.outcome == "oom")
-    gpu = {"index": 0, "name": "FAKE GPU <b>", "uuid": "GPU-fake", "vram_total": 1 << 30, "vram_free": 1 << 30,
-           "driver": "550", "cuda": "12.4"}
+    gpu = {
+        "index": 0,
+        "name": "FAKE GPU <b>",
+        "uuid": "GPU-fake",
+        "vram_total": 1 << 30,
+        "vram_free": 1 << 30,
+        "driver": "550",
+        "cuda": "12.4",
+    }
     calib = planner.Calibration.from_records(ok)
     recs = []
     for i, r in enumerate(ok):
@@ -130,9 +194,18 @@ def test_cpu_study_report(cpu_study, tmp_path):
     # reading never changes the study
     assert {f: _digest(cpu_study / f) for f in before} == before
 
-    keys = ["1-speed-vs-varied", "2-speed-vs-threads", "3-memory", "4-pareto", "5-outcome-map",
-            "6-search-progress", "7-parameter-importance", "8-confirmation", "9-context-ladder",
-            "10-speed-vs-kld"]
+    keys = [
+        "1-speed-vs-varied",
+        "2-speed-vs-threads",
+        "3-memory",
+        "4-pareto",
+        "5-outcome-map",
+        "6-search-progress",
+        "7-parameter-importance",
+        "8-confirmation",
+        "9-context-ladder",
+        "10-speed-vs-kld",
+    ]
     charts = {c.key: c for c in rep.charts}
     assert list(charts) == keys
     for k in keys:
@@ -185,7 +258,10 @@ def test_cpu_study_report(cpu_study, tmp_path):
     c7 = charts["7-parameter-importance"]
     assert c7.counts["bars_tg"] == 3
     assert {t.get_text() for t in c7.fig.axes[0].get_yticklabels()} == {
-        "model (quant file)", "n_threads (generation threads)", "n_ubatch (tokens)"}
+        "model (quant file)",
+        "n_threads (generation threads)",
+        "n_ubatch (tokens)",
+    }
 
     html = (tmp_path / "out" / "report.html").read_text()
     md = (tmp_path / "out" / "report.md").read_text()
@@ -195,8 +271,11 @@ def test_cpu_study_report(cpu_study, tmp_path):
     # two candidates and the defaults, unless load made the drift guard fire: configs measured under drift are
     # the last choice (confirm.prefer_clean), and the race may then have a single clean one (seen when the suite
     # ran beside another full suite)
-    assert charts["8-confirmation"].counts["candidate"] == len(conf["candidates"]) >= (
-        1 if any(r.drift for r in trials) else 2)
+    assert (
+        charts["8-confirmation"].counts["candidate"]
+        == len(conf["candidates"])
+        >= (1 if any(r.drift for r in trials) else 2)
+    )
     assert charts["8-confirmation"].counts["samples"] == sum(len(c["samples"]) for c in conf["candidates"])
     assert [r["n_ctx"] for r in rec["context_ladder"]] == [256, 4096] and rec["working_ctx"] == 4096
     c9 = charts["9-context-ladder"].counts
@@ -219,8 +298,10 @@ def test_cpu_study_report(cpu_study, tmp_path):
     assert "PARAMETER num_ctx" in html and "from llama_cpp import Llama" in md
     b = rec["baselines"]["llama.cpp defaults"]
     assert b["outcome"] == "ok" and b["source"] == "confirmation"
-    assert (f"{b['recommended_vs_baseline']:.2f}× the llama.cpp defaults baseline, 95 % interval "
-            f"{b['ci95'][0]:.2f}-{b['ci95'][1]:.2f}") in html
+    assert (
+        f"{b['recommended_vs_baseline']:.2f}× the llama.cpp defaults baseline, 95 % interval "
+        f"{b['ci95'][0]:.2f}-{b['ci95'][1]:.2f}"
+    ) in html
     assert "#### Confirmation" in md and "#### Context ladder" in md and escape(conf["reason"]) in html
     drifted = any(r.drift for r in trials)
     assert ("Drift detected" in md) == drifted and ("No drift detected" in md) == (not drifted)
@@ -260,9 +341,20 @@ def test_all_failed_study_explains_what_failed(failed_study, tmp_path):
     assert "<script" not in md
     # the charts still come, saying why they are empty; only SVG was asked for
     assert sorted(p.name for p in (out / "all-failed").iterdir()) == sorted(
-        f"{k}.svg" for k in ("1-speed-vs-varied", "2-speed-vs-threads", "3-memory", "4-pareto",
-                             "5-outcome-map", "6-search-progress", "7-parameter-importance", "8-confirmation",
-                             "9-context-ladder", "10-speed-vs-kld"))
+        f"{k}.svg"
+        for k in (
+            "1-speed-vs-varied",
+            "2-speed-vs-threads",
+            "3-memory",
+            "4-pareto",
+            "5-outcome-map",
+            "6-search-progress",
+            "7-parameter-importance",
+            "8-confirmation",
+            "9-context-ladder",
+            "10-speed-vs-kld",
+        )
+    )
     assert html.count('src="data:image/svg+xml;base64,') == 10
     assert "no quality figures in this study" in _svg_text(out / "all-failed" / "10-speed-vs-kld.svg")
     assert "no trial succeeded" in _svg_text(out / "all-failed" / "1-speed-vs-varied.svg")  # nothing varied either
@@ -280,10 +372,14 @@ def test_speed_chart_draws_what_varied_and_not_a_constant(cpu_study, gpu_study):
     are the parameters whose values differ between trials, threads excepted (chart 2)."""
     for folder in (cpu_study, gpu_study):
         study = report.load_study(folder)
-        chart = next(c for c in report.study_charts(study, report.quant_colours([study]))
-                     if c.key == "1-speed-vs-varied")
-        varied = [k for k in ("n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "flash_attn", "use_mmap")
-                  if len({getattr(r.config, k) for r in study.trials}) > 1]
+        chart = next(
+            c for c in report.study_charts(study, report.quant_colours([study])) if c.key == "1-speed-vs-varied"
+        )
+        varied = [
+            k
+            for k in ("n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "flash_attn", "use_mmap")
+            if len({getattr(r.config, k) for r in study.trials}) > 1
+        ]
         labels = [ax.get_xlabel().split(" ")[0] for ax in chart.fig.axes]
         assert labels == [k for k in varied for _ in ("tg", "pp")], (folder, labels)
         assert ("n_gpu_layers" in labels) == (folder == gpu_study)
@@ -333,8 +429,9 @@ def test_compare_two_studies(cpu_study, rig_b, tmp_path):
     a, b = report.load_study(cpu_study), report.load_study(rig_b)
 
     def keys(s):
-        return {(Path(r.config.model).name, r.config.n_threads, r.config.n_ubatch, r.config.effective_ctx())
-                for r in s.ok}
+        return {
+            (Path(r.config.model).name, r.config.n_threads, r.config.n_ubatch, r.config.effective_ctx()) for r in s.ok
+        }
 
     shared = keys(a) & keys(b)
     md = (out / "report.md").read_text()
@@ -370,12 +467,15 @@ def test_outcome_map_dimensions_and_default_out(cpu_study, tmp_path):
     assert (study / "report" / "report.html").is_file()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--format", "png,gif"], "--format 'gif'"),
-    (["--format", ","], "--format: give at least one"),
-    (["--outcome-map", "n_ctx"], "expected two different config parameters"),
-    (["--outcome-map", "n_ctx,colour"], "unknown parameter 'colour'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "png,gif"], "--format 'gif'"),
+        (["--format", ","], "--format: give at least one"),
+        (["--outcome-map", "n_ctx"], "expected two different config parameters"),
+        (["--outcome-map", "n_ctx,colour"], "unknown parameter 'colour'"),
+    ],
+)
 def test_bad_options_write_nothing(cpu_study, tmp_path, args, message):
     out = tmp_path / "out"
     res = CliRunner().invoke(cli, ["report", str(cpu_study), "--out", str(out), *args])
@@ -393,8 +493,12 @@ def test_bad_study_folders(cpu_study, tmp_path):
     (bad_rec / "recommended.json").write_text("{not json")
     afile = tmp_path / "file"
     afile.write_text("x")
-    cases = [([str(tmp_path / "missing")], "does not exist"), ([str(empty)], "no results at"),
-             ([str(bad_rec)], "unreadable"), ([str(cpu_study), "--out", str(afile)], "is a file")]
+    cases = [
+        ([str(tmp_path / "missing")], "does not exist"),
+        ([str(empty)], "no results at"),
+        ([str(bad_rec)], "unreadable"),
+        ([str(cpu_study), "--out", str(afile)], "is a file"),
+    ]
     for args, message in cases:
         res = CliRunner().invoke(cli, ["report", *args])
         assert res.exit_code == 2, (args, res.output)

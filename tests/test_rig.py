@@ -35,8 +35,9 @@ def flagships(tmp_path_factory) -> dict:
 
 
 def dry_run(model, gpus: str, *extra) -> dict:
-    res = CliRunner().invoke(cli, ["search", "-m", str(model), "--dry-run", "--json", "--gpus", gpus,
-                                   "--ram", "512GiB", *extra])
+    res = CliRunner().invoke(
+        cli, ["search", "-m", str(model), "--dry-run", "--json", "--gpus", gpus, "--ram", "512GiB", *extra]
+    )
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
 
@@ -63,13 +64,13 @@ def test_flagship_dry_run_searches_the_hybrid_region(flagships, arch, rig):
         assert x["config"]["n_gpu_layers"] == info.n_layer + 1
     assert plan["lowest_vram"]["config"]["n_cpu_moe"] == info.n_layer  # every expert in RAM needs least
     # the lower bound is tight: one expert layer fewer in RAM does not fit even at the leanest settings
-    rig_ = fit.described_rig(RIGS[rig], 512 * GiB, hardware.probe(hardware.Nvml(module=FakeNvml(gpus=[]))),
-                             _limits())
+    rig_ = fit.described_rig(RIGS[rig], 512 * GiB, hardware.probe(hardware.Nvml(module=FakeNvml(gpus=[]))), _limits())
     space = _space(flagships[arch], info, rig_)
     assert fit.can_fit(space, {space.models[0]: info}, rig_, n_gpu_layers=info.n_layer + 1, n_cpu_moe=ncm[0])
     if ncm[0] > 0:
-        assert not fit.can_fit(space, {space.models[0]: info}, rig_, n_gpu_layers=info.n_layer + 1,
-                               n_cpu_moe=ncm[0] - 1)
+        assert not fit.can_fit(
+            space, {space.models[0]: info}, rig_, n_gpu_layers=info.n_layer + 1, n_cpu_moe=ncm[0] - 1
+        )
     if len(usable) > 1:
         assert len(dims["tensor_split"]) >= 3 and "50/50" in dims["tensor_split"]
 
@@ -83,8 +84,9 @@ def _limits():
 def _space(model, info, rig_):
     from tuner.search.space import build_space
 
-    space = build_space([str(model)], {str(model): info}, {}, TrialConfig(model=str(model)), True, 2, 2, auto=True,
-                        ram_total=512 * GiB)
+    space = build_space(
+        [str(model)], {str(model): info}, {}, TrialConfig(model=str(model)), True, 2, 2, auto=True, ram_total=512 * GiB
+    )
     fit.apply(space, {str(model): info}, rig_)
     return space
 
@@ -110,8 +112,21 @@ def test_partial_offload_only_when_the_non_expert_weights_do_not_fit(flagships):
 
 
 def test_dry_run_text_names_the_region_and_writes_nothing(flagships, tmp_path):
-    res = CliRunner().invoke(cli, ["search", "-m", str(flagships["deepseek2"]), "--dry-run", "--gpus",
-                                   "24GiB,24GiB", "--ram", "512GiB", "--results", str(tmp_path / "r")])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "search",
+            "-m",
+            str(flagships["deepseek2"]),
+            "--dry-run",
+            "--gpus",
+            "24GiB,24GiB",
+            "--ram",
+            "512GiB",
+            "--results",
+            str(tmp_path / "r"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "the hybrid region" in res.stdout and "fewest expert layers in RAM" in res.stdout
     assert "tensor_split = " in res.stdout and "highest vram" in res.stdout
@@ -130,12 +145,14 @@ def test_dense_model_bounds_gpu_layers_per_device(models):
     """A dense model on two small GPUs: n_gpu_layers is bounded where the fullest GPU overflows, not the pool."""
     m = models / "tiny-q8_0.gguf"
     info = read_model(m)
-    one = planner.predict(TrialConfig(model=str(m), n_gpu_layers=info.n_layer + 1, n_ctx=512), info,
-                          gpu_offload=True, free=[GiB, GiB])
+    one = planner.predict(
+        TrialConfig(model=str(m), n_gpu_layers=info.n_layer + 1, n_ctx=512), info, gpu_offload=True, free=[GiB, GiB]
+    )
     assert len(one.vram_by_device) == 2 and sum(one.vram_by_device) == one.vram_bytes
 
 
 # -- llama.cpp's layer assignment ------------------------------------------------------------------------------
+
 
 def test_layer_devices_follow_llama_cpp_split_points(flagships):
     """src/llama-model.cpp load_tensors: i_gpu_start = n_layer + 1 - ngl; layer il goes to the first device whose
@@ -154,8 +171,9 @@ def test_layer_devices_follow_llama_cpp_split_points(flagships):
     assert d[:52] == [-1] * 52 and d[52:60] == [0] * 8 and d[60:] == [1, 1]
     d = devs(n_gpu_layers=62)  # no split given: by free memory, here equal
     assert d == devs(n_gpu_layers=62, tensor_split="1/1")
-    uneven = planner.layer_devices(TrialConfig(model=info.path, n_gpu_layers=62), info, True,
-                                   free=[16 * GiB, 48 * GiB])  # 1/4 of the layers to device 0
+    uneven = planner.layer_devices(
+        TrialConfig(model=info.path, n_gpu_layers=62), info, True, free=[16 * GiB, 48 * GiB]
+    )  # 1/4 of the layers to device 0
     assert uneven.count(0) == 16 and uneven.count(1) == 46
     none = devs(n_gpu_layers=62, split_mode="none", main_gpu=1)
     assert set(none) == {1}
@@ -175,9 +193,11 @@ def test_per_device_prediction_adds_up(flagships):
 
 # -- VRAM that is true or says it is unknown -------------------------------------------------------------------
 
+
 def _trial(models, nvml, fault=None, **kw):
-    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, repetitions=1,
-                                    n_threads=1, **kw))
+    cfg = resolve(
+        TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, repetitions=1, n_threads=1, **kw)
+    )
     with Runner(timeout=120, nvml=hardware.Nvml(module=nvml)) as runner:
         return runner.run(cfg, fault)
 
@@ -248,6 +268,7 @@ def test_max_vram_with_unknown_vram_warns_once(models, tmp_path, capsys):
 
 # -- loads: page cache, load timeout, several configs per load ---------------------------------------------------
 
+
 def test_page_cache_share_of_a_file(tmp_path):
     f = tmp_path / "w.bin"
     f.write_bytes(os.urandom(8 * MiB))
@@ -265,8 +286,7 @@ def test_page_cache_share_of_a_file(tmp_path):
 
 
 def test_records_say_which_trial_loaded_and_how_cached(models):
-    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1,
-                                    n_threads=1))
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1, n_threads=1))
     with Runner(timeout=120, reuse=True) as runner:
         first = runner.run(cfg)
         again = runner.run(dataclasses.replace(cfg, n_ubatch=64))  # same load key: the worker keeps the model
@@ -279,8 +299,7 @@ def test_records_say_which_trial_loaded_and_how_cached(models):
 def test_a_slow_load_is_not_the_trials_timeout(models, monkeypatch):
     """The trial timeout counts from the end of the load; only a load beyond --load-timeout fails the trial."""
     monkeypatch.setenv("TUNER_SLOW_LOAD_S", "3")
-    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1,
-                                    n_threads=1))
+    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=8, n_gen=2, repetitions=1, n_threads=1))
     with Runner(timeout=2.5, load_timeout=60) as runner:
         rec = runner.run(cfg, "slow_load")
     assert rec.ok, rec.cause
@@ -293,8 +312,17 @@ def test_a_slow_depth_fill_is_setup_not_the_trials_timeout(models, monkeypatch):
     """Filling a deep context (minutes at 32k on a CPU) is setup, like the load: outside the trial timeout,
     bounded by --load-timeout."""
     monkeypatch.setenv("TUNER_SLOW_LOAD_S", "3")
-    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_ctx=256, n_prompt=8, n_gen=2,
-                                    n_depth=200, repetitions=2, n_threads=1))
+    cfg = resolve(
+        TrialConfig(
+            model=str(models / "tiny-q8_0.gguf"),
+            n_ctx=256,
+            n_prompt=8,
+            n_gen=2,
+            n_depth=200,
+            repetitions=2,
+            n_threads=1,
+        )
+    )
     with Runner(timeout=2.5, load_timeout=60) as runner:
         rec = runner.run(cfg, "slow_fill")
     assert rec.ok, rec.cause
@@ -308,10 +336,44 @@ def test_search_loads_each_load_key_once(models, tmp_path):
     """4 load keys (experts in RAM for 0 or 1 layers × mmap on/off) × 4 configs each (batch, flash attention):
     with --per-load 4 every key's configs are measured in one load, 4 loads for 16 configs."""
     moe = str(models / "moe-q8_0.gguf")
-    res = CliRunner().invoke(cli, ["search", "-m", moe, "--results", str(tmp_path), "--study", "loads",
-                                   "--no-auto-space", "--n-cpu-moe", "0,1", "--mmap", "true,false", "-ub", "64,128",
-                                   "-fa", "on,off", "-t", "1", "-p", "16", "-n", "4", "-r", "1", "--n-trials", "16",
-                                   "--no-confirm", "--drift-every", "0", "--per-load", "4", "--seed", "3"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "search",
+            "-m",
+            moe,
+            "--results",
+            str(tmp_path),
+            "--study",
+            "loads",
+            "--no-auto-space",
+            "--n-cpu-moe",
+            "0,1",
+            "--mmap",
+            "true,false",
+            "-ub",
+            "64,128",
+            "-fa",
+            "on,off",
+            "-t",
+            "1",
+            "-p",
+            "16",
+            "-n",
+            "4",
+            "-r",
+            "1",
+            "--n-trials",
+            "16",
+            "--no-confirm",
+            "--drift-every",
+            "0",
+            "--per-load",
+            "4",
+            "--seed",
+            "3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     recs = [r for r in store.records(tmp_path / "loads" / store.TRIALS_FILE) if r.searched and r.ok]
     assert len({r.config.load_key() for r in recs}) == 4 and len(recs) == 16
@@ -324,8 +386,17 @@ def test_a_depth_is_filled_once_and_restored_for_each_repetition(models):
     """-d N: the filled context is saved to a state file after the first fill and restored before every other
     repetition, and for any later trial with the same context settings: the file is the runner's, so a fresh
     worker (every trial gets one here, as in the race and the ladder) restores it too."""
-    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_prompt=16, n_gen=4, n_depth=200,
-                                    n_ctx=512, repetitions=3, n_threads=1))
+    cfg = resolve(
+        TrialConfig(
+            model=str(models / "tiny-q8_0.gguf"),
+            n_prompt=16,
+            n_gen=4,
+            n_depth=200,
+            n_ctx=512,
+            repetitions=3,
+            n_threads=1,
+        )
+    )
     with Runner(timeout=120, reuse=False) as runner:
         first = runner.run(cfg)
         again = runner.run(dataclasses.replace(cfg, n_threads=2))  # threads never change the cache

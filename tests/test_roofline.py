@@ -74,8 +74,12 @@ def test_tg_bound_splits_host_and_device(models):
 
 
 def test_roofline_pct_in_record_row(models):
-    rec = TrialRecord(config=TrialConfig(model=str(models / "tiny-q8_0.gguf")), outcome="ok",
-                      tg_samples=[50.0, 70.0], tg_roofline_ts=200.0)
+    rec = TrialRecord(
+        config=TrialConfig(model=str(models / "tiny-q8_0.gguf")),
+        outcome="ok",
+        tg_samples=[50.0, 70.0],
+        tg_roofline_ts=200.0,
+    )
     assert rec.to_row()["tg_roofline_pct"] == pytest.approx(30.0)
 
 

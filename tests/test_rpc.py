@@ -96,8 +96,27 @@ def test_hw_lists_each_server_as_a_device_of_its_size(two_servers):
 
 def test_bench_splits_the_layers_over_two_servers(two_servers, models, tmp_path):
     out = tmp_path / "b.parquet"
-    res = run("bench", str(models / "moe-q8_0.gguf"), "-ngl", "99", "-ts", "1/1", "-t", "1", "-p", "16", "-n", "4",
-              "-r", "1", "--rpc", ",".join(s.endpoint for s in two_servers), "-o", str(out), "--json")
+    res = run(
+        "bench",
+        str(models / "moe-q8_0.gguf"),
+        "-ngl",
+        "99",
+        "-ts",
+        "1/1",
+        "-t",
+        "1",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--rpc",
+        ",".join(s.endpoint for s in two_servers),
+        "-o",
+        str(out),
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     rec = json.loads(res.stdout)
     assert rec["outcome"] == "ok" and rec["config"]["rpc"] == ",".join(s.endpoint for s in two_servers)
@@ -113,8 +132,23 @@ def test_a_device_too_small_fails_the_trial_as_oom_and_the_server_goes_on(models
     small = Server("16MiB", tmp_path)  # the MoE's weights are ~83 MiB
     try:
         out = tmp_path / "b.parquet"
-        args = ["bench", str(models / "moe-q8_0.gguf"), "-t", "1", "-p", "16", "-n", "4", "-r", "1",
-                "--rpc", small.endpoint, "-o", str(out), "--json"]
+        args = [
+            "bench",
+            str(models / "moe-q8_0.gguf"),
+            "-t",
+            "1",
+            "-p",
+            "16",
+            "-n",
+            "4",
+            "-r",
+            "1",
+            "--rpc",
+            small.endpoint,
+            "-o",
+            str(out),
+            "--json",
+        ]
         res = run(*args, "-ngl", "99")
         assert res.returncode == 1
         rec = json.loads(res.stdout)
@@ -133,14 +167,18 @@ def test_a_device_too_small_fails_the_trial_as_oom_and_the_server_goes_on(models
 def test_a_server_that_died_is_a_failed_trial_and_the_runner_goes_on(models, tmp_path):
     gone = Server(None, tmp_path)
     gone.stop()  # it was there when the search started; now nothing listens
-    cfg = resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_threads=1, n_prompt=8, n_gen=2,
-                              repetitions=1, rpc=gone.endpoint))
+    cfg = resolve(
+        TrialConfig(
+            model=str(models / "tiny-q8_0.gguf"), n_threads=1, n_prompt=8, n_gen=2, repetitions=1, rpc=gone.endpoint
+        )
+    )
     with Runner(timeout=120) as r:
         rec = r.run(cfg)
         assert rec.outcome == "crash" and rec.signal == signal.SIGABRT
         assert "failed to connect" in rec.cause.lower(), rec.cause
-        again = r.run(resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_threads=1, n_prompt=8, n_gen=2,
-                                          repetitions=1)))
+        again = r.run(
+            resolve(TrialConfig(model=str(models / "tiny-q8_0.gguf"), n_threads=1, n_prompt=8, n_gen=2, repetitions=1))
+        )
         assert again.ok
 
 
@@ -150,8 +188,9 @@ def test_rpc_server_bad_input_is_one_line_and_exit_2(tmp_path):
         s.listen()
         busy = s.getsockname()[1]
         res = run("rpc-server", "--port", str(busy), timeout=60)
-    assert res.returncode == 2 and res.stderr.startswith("tuner: error: cannot serve on") and \
-        res.stderr.count("\n") == 1, res.stderr
+    assert (
+        res.returncode == 2 and res.stderr.startswith("tuner: error: cannot serve on") and res.stderr.count("\n") == 1
+    ), res.stderr
     res = run("rpc-server", "--port", str(free_port()), "--mem", "100TiB", timeout=60)
     assert res.returncode == 2 and "more than this host's RAM" in res.stderr and res.stderr.count("\n") == 1
 
@@ -169,9 +208,33 @@ def test_a_search_over_two_small_servers_lands_in_the_hybrid_region(models, tmp_
     servers = [Server("40MiB", tmp_path), Server("40MiB", tmp_path)]
     try:
         rpc_arg = ",".join(s.endpoint for s in servers)
-        common = ["search", "-m", str(models / "moe-q8_0.gguf"), "--rpc", rpc_arg, "-p", "16", "-n", "4", "-r", "1",
-                  "--headroom", "2MiB", "-c", "512", "-ub", "512", "-fa", "on", "-t", "1", "-tb", "1",
-                  "--results", str(tmp_path)]
+        common = [
+            "search",
+            "-m",
+            str(models / "moe-q8_0.gguf"),
+            "--rpc",
+            rpc_arg,
+            "-p",
+            "16",
+            "-n",
+            "4",
+            "-r",
+            "1",
+            "--headroom",
+            "2MiB",
+            "-c",
+            "512",
+            "-ub",
+            "512",
+            "-fa",
+            "on",
+            "-t",
+            "1",
+            "-tb",
+            "1",
+            "--results",
+            str(tmp_path),
+        ]
         res = run(*common, "--dry-run", "--json")
         assert res.returncode == 0, res.stderr
         plan = json.loads(res.stdout)

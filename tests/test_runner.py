@@ -44,7 +44,6 @@ def kib_status(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
-
 @pytest.fixture(scope="module")
 def runner():
     # One runner for the fault matrix: it must keep working after every kind of worker death.
@@ -177,8 +176,17 @@ def test_mem_limit_makes_allocation_fail_as_oom(models, mmap, host_only):
         cfg = tiny_cfg(models, n_ctx=1_000_000, n_gpu_layers=0)
         limit = 400 * MiB
     else:
-        cfg = resolve(TrialConfig(model=str(models / "moe-q8_0.gguf"), use_mmap=False, n_prompt=8,
-                                        n_gen=2, repetitions=1, n_threads=1, n_gpu_layers=0))
+        cfg = resolve(
+            TrialConfig(
+                model=str(models / "moe-q8_0.gguf"),
+                use_mmap=False,
+                n_prompt=8,
+                n_gen=2,
+                repetitions=1,
+                n_threads=1,
+                n_gpu_layers=0,
+            )
+        )
         limit = 150 * MiB  # the worker's own data segment (Python, numpy, llama.cpp) is ~100 MiB of it
     with Runner(timeout=120, mem_limit=limit) as r:
         rec = r.run(cfg)
@@ -209,8 +217,7 @@ def test_mem_limit_covers_mmapped_weights(models, host_only):
     """
     model = synthesize(models, "moe", ("f16",))[0]
     assert model.stat().st_size > 150 * MiB
-    cfg = resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
-                                    n_gpu_layers=0))
+    cfg = resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1, n_gpu_layers=0))
     with Runner(timeout=120, mem_limit=130 * MiB) as r:
         lim = r.limit
         cgroup = lim.cgroup
@@ -225,8 +232,9 @@ def test_mem_limit_covers_mmapped_weights(models, host_only):
             assert Path(f"/proc/{pid}/exe").resolve() == python
             assert cgroup.name in Path(f"/proc/{pid}/cgroup").read_text()
         rec = r.run(cfg)
-        again = r.run(resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
-                                               n_gpu_layers=0)))  # same model, same limit: still too small
+        again = r.run(
+            resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1, n_gpu_layers=0))
+        )  # same model, same limit: still too small
     assert rec.mem_limit_bytes == 130 * MiB and rec.mem_limit_by == lim.mechanism
     if machine_has_memory_cgroups():
         assert rec.outcome == "oom", (rec.outcome, rec.cause)
@@ -243,8 +251,7 @@ def test_mem_limit_covers_mmapped_weights(models, host_only):
 
 def test_mem_limit_cgroup_lets_a_fitting_model_run(models, host_only):
     model = synthesize(models, "moe", ("f16",))[0]
-    cfg = resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1,
-                                    n_gpu_layers=0))
+    cfg = resolve(TrialConfig(model=str(model), n_prompt=32, n_gen=16, repetitions=2, n_threads=1, n_gpu_layers=0))
     with Runner(timeout=120, mem_limit=400 * MiB) as r:
         rec = r.run(cfg)
     assert rec.outcome == "ok", rec.cause
@@ -277,17 +284,22 @@ def test_parent_process_exits_normally_after_real_faults(models, tmp_path):
 
 def test_classify_kernel_oom_kill_and_signals():
     assert classify(None, -9, "", True, None) == (
-        "oom", "killed by the kernel OOM killer (SIGKILL, oom_kill counter rose)")
+        "oom",
+        "killed by the kernel OOM killer (SIGKILL, oom_kill counter rose)",
+    )
     assert classify(None, -9, "loading...\n", False, None) == ("crash", "killed by SIGKILL: loading...")
     outcome, cause = classify(None, -6, "x\nggml_aligned_malloc: insufficient memory (attempted 5 MB)\n", False, None)
     assert outcome == "oom" and cause == "SIGABRT after: ggml_aligned_malloc: insufficient memory (attempted 5 MB)"
     assert classify(None, 1, "CUDA error: out of memory\n", False, None) == ("oom", "CUDA error: out of memory")
     assert classify({"outcome": "load_error", "cause": "bad"}, 0, "", False, None) == ("load_error", "bad")
     assert classify(None, None, "", False, "timeout: no result after 3 s (stage load)") == (
-        "timeout", "no result after 3 s (stage load)")
+        "timeout",
+        "no result after 3 s (stage load)",
+    )
 
 
 # --- the host-wide measurement lock ---------------------------------------------------------------------------
+
 
 def test_measurement_lock_is_released_when_its_holder_is_killed(tmp_path):
     code = textwrap.dedent("""

@@ -34,10 +34,35 @@ def run(args, **kw):
 def study10(models, tmp_path_factory):
     """A 10-trial TPE search over two quants of the tiny model."""
     results = tmp_path_factory.mktemp("results")
-    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "-m", str(models / "tiny-q4_k_m.gguf"),
-               "--threads", "1:2", "-ub", "64,128,256", "-fa", "on,off", *SHAPE, "--n-trials", "10",
-               "--drift-every", "4", "--no-auto-space", "--confirm", "2", "--confirm-rounds", "5",
-               "--results", str(results), "--study", "s10"])
+    res = run(
+        [
+            "search",
+            "-m",
+            str(models / "tiny-q8_0.gguf"),
+            "-m",
+            str(models / "tiny-q4_k_m.gguf"),
+            "--threads",
+            "1:2",
+            "-ub",
+            "64,128,256",
+            "-fa",
+            "on,off",
+            *SHAPE,
+            "--n-trials",
+            "10",
+            "--drift-every",
+            "4",
+            "--no-auto-space",
+            "--confirm",
+            "2",
+            "--confirm-rounds",
+            "5",
+            "--results",
+            str(results),
+            "--study",
+            "s10",
+        ]
+    )
     assert res.exit_code == 0, res.output
     return results / "s10", res.output
 
@@ -73,8 +98,9 @@ def test_ten_trials_ten_rows_and_a_recommendation(study10):
     # the figures a user reads come from the winner's confirmation runs, not from its search trial
     won = confirm_rows[confirm_rows["trial_number"] == rec["trial_number"]]
     assert rec["measured"]["runs"] == 5
-    assert rec["measured"]["tg_ts_mean"] == pytest.approx(sum(sum(s) for s in won["tg_samples"]) /
-                                                          sum(len(s) for s in won["tg_samples"]))
+    assert rec["measured"]["tg_ts_mean"] == pytest.approx(
+        sum(sum(s) for s in won["tg_samples"]) / sum(len(s) for s in won["tg_samples"])
+    )
     best = trials[trials["trial_number"] == rec["trial_number"]].iloc[0]
     assert rec["config"]["n_threads"] == int(best["n_threads"])
     base = rec["baselines"]["llama.cpp defaults"]
@@ -91,8 +117,9 @@ def test_ten_trials_ten_rows_and_a_recommendation(study10):
 def test_storage_is_a_standard_optuna_study(study10):
     d, _ = study10
     study = optuna.load_study(study_name="s10", storage=f"sqlite:///{d / 'study.db'}")
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-            and "duplicate_of" not in t.user_attrs]
+    done = [
+        t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
+    ]
     assert len(done) == 10
     assert all("failed" in t.constraints for t in done)
     # Optuna's best single trial is among the confirmation's candidates (which then decide), unless it was
@@ -120,9 +147,11 @@ def test_recommended_config_reruns_with_tuner_bench(study10, tmp_path):
 def test_recommended_kwargs_run_in_llama_cpp_python(study10):
     d, _ = study10
     kwargs = json.loads((d / "recommended.json").read_text())["forms"]["llama_cpp_python"]
-    code = ("import json, sys, llama_cpp; kw = json.loads(sys.argv[1]); "
-            "llm = llama_cpp.Llama(**kw, verbose=False); out = llm('hello', max_tokens=4); "
-            "print(out['usage']['completion_tokens'])")
+    code = (
+        "import json, sys, llama_cpp; kw = json.loads(sys.argv[1]); "
+        "llm = llama_cpp.Llama(**kw, verbose=False); out = llm('hello', max_tokens=4); "
+        "print(out['usage']['completion_tokens'])"
+    )
     p = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert int(p.stdout.strip().splitlines()[-1]) >= 1
@@ -143,16 +172,43 @@ def test_recommend_rederives_under_other_limits(study10):
     assert conf["winner"] == fastest["trial_number"] or conf["verdict"] == "tie"
 
 
-def test_a_rung_that_runs_out_of_memory_steps_the_ladder_down_and_dominated_configs_never_run(models, tmp_path,
-                                                                                                 host_only):
+def test_a_rung_that_runs_out_of_memory_steps_the_ladder_down_and_dominated_configs_never_run(
+    models, tmp_path, host_only
+):
     """A 150 MiB cap makes n_ctx >= 16384 fail for real (the planner, which knows nothing of --mem-limit, lets
     them through): after two OOMs and no success at a rung, the search steps down to the next one. `--depth 256`:
     every rung is filled to 256 tokens, not to its end (a 16k fill under this cap takes about a minute per run,
     and the OOMs here come at context creation, which the depth does not change)."""
-    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "2048,8192,16384,32768,65536",
-               "-ub", "64,128,256,512", "-t", "1", *SHAPE, "--depth", "256", "--n-trials", "18",
-               "--mem-limit", "150MiB", "--no-auto-space", "--no-confirm", "--drift-every", "0",
-               "--results", str(tmp_path), "--study", "oom", "--seed", "3"])
+    res = run(
+        [
+            "search",
+            "-m",
+            str(models / "tiny-q8_0.gguf"),
+            "--ctx",
+            "2048,8192,16384,32768,65536",
+            "-ub",
+            "64,128,256,512",
+            "-t",
+            "1",
+            *SHAPE,
+            "--depth",
+            "256",
+            "--n-trials",
+            "18",
+            "--mem-limit",
+            "150MiB",
+            "--no-auto-space",
+            "--no-confirm",
+            "--drift-every",
+            "0",
+            "--results",
+            str(tmp_path),
+            "--study",
+            "oom",
+            "--seed",
+            "3",
+        ]
+    )
     assert res.exit_code == 0, res.output
     df = store.read(tmp_path / "oom")
     df = df[df["state"] != "confirm"].sort_values("trial_number")
@@ -175,8 +231,9 @@ def test_a_rung_that_runs_out_of_memory_steps_the_ladder_down_and_dominated_conf
     # no config that a known OOM dominates was run: such configs are skipped with the dominating trial
     failed = []
     for row in df.to_dict("records"):
-        cfg = TrialConfig.from_dict({k: row[k] for k in TrialConfig.__dataclass_fields__ if k in row}
-                                    | {"overrides": tuple(row["overrides"])})
+        cfg = TrialConfig.from_dict(
+            {k: row[k] for k in TrialConfig.__dataclass_fields__ if k in row} | {"overrides": tuple(row["overrides"])}
+        )
         if row["outcome"] not in ("skipped",):
             assert dominated_by(cfg, failed) is None, row["trial_number"]
         else:
@@ -203,9 +260,34 @@ def _rows(path: Path) -> int:
 
 
 def test_sigkill_mid_trial_then_same_command_resumes(models, tmp_path):
-    args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
-            "-fa", "on,off", "-p", "256", "-n", "1024", "-r", "3", "--n-trials", "6", "--drift-every", "0",
-            "--no-auto-space", "--no-confirm", "--results", str(tmp_path), "--study", "kill"]
+    args = [
+        TUNER,
+        "search",
+        "-m",
+        str(models / "tiny-q8_0.gguf"),
+        "--threads",
+        "1",
+        "-ub",
+        "64,128,256,512",
+        "-fa",
+        "on,off",
+        "-p",
+        "256",
+        "-n",
+        "1024",
+        "-r",
+        "3",
+        "--n-trials",
+        "6",
+        "--drift-every",
+        "0",
+        "--no-auto-space",
+        "--no-confirm",
+        "--results",
+        str(tmp_path),
+        "--study",
+        "kill",
+    ]
     env = dict(os.environ)
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     parquet = tmp_path / "kill" / "trials.parquet"
@@ -229,8 +311,7 @@ def test_sigkill_mid_trial_then_same_command_resumes(models, tmp_path):
     study = optuna.load_study(study_name="kill", storage=f"sqlite:///{tmp_path / 'kill' / 'study.db'}")
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     # Optuna and Parquet agree: every Optuna trial that measured something has exactly one row
-    assert sorted(t.number for t in study.trials if "duplicate_of" not in t.user_attrs) == \
-        sorted(after["trial_number"])
+    assert sorted(t.number for t in study.trials if "duplicate_of" not in t.user_attrs) == sorted(after["trial_number"])
     # the trial the kill interrupted is recorded once, as interrupted, and is FAIL for Optuna
     interrupted = after[after["outcome"] == "interrupted"]
     assert list(interrupted["trial_number"]) == [target]
@@ -241,9 +322,31 @@ def test_sigkill_mid_trial_then_same_command_resumes(models, tmp_path):
 
 
 def test_ctrl_c_stops_after_the_current_trial(models, tmp_path):
-    args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
-            "-p", "256", "-n", "64", "-r", "3", "--n-trials", "50", "--drift-every", "0", "--no-auto-space",
-            "--results", str(tmp_path), "--study", "int"]
+    args = [
+        TUNER,
+        "search",
+        "-m",
+        str(models / "tiny-q8_0.gguf"),
+        "--threads",
+        "1",
+        "-ub",
+        "64,128,256,512",
+        "-p",
+        "256",
+        "-n",
+        "64",
+        "-r",
+        "3",
+        "--n-trials",
+        "50",
+        "--drift-every",
+        "0",
+        "--no-auto-space",
+        "--results",
+        str(tmp_path),
+        "--study",
+        "int",
+    ]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parquet = tmp_path / "int" / "trials.parquet"
     deadline = time.monotonic() + 120
@@ -258,26 +361,45 @@ def test_ctrl_c_stops_after_the_current_trial(models, tmp_path):
 
 
 def test_bound_above_layer_count_is_clamped_with_a_note(models, tmp_path):
-    res = run(["search", "-m", str(models / "tiny-q8_0.gguf"), "--ngl", "0:999", "-t", "1", *SHAPE,
-               "--n-trials", "1", "--drift-every", "0", "--no-confirm", "--results", str(tmp_path)])
+    res = run(
+        [
+            "search",
+            "-m",
+            str(models / "tiny-q8_0.gguf"),
+            "--ngl",
+            "0:999",
+            "-t",
+            "1",
+            *SHAPE,
+            "--n-trials",
+            "1",
+            "--drift-every",
+            "0",
+            "--no-confirm",
+            "--results",
+            str(tmp_path),
+        ]
+    )
     assert res.exit_code == 0, res.output
     # CPU-only build: the dimension collapses with a note; a GPU build would bound it to n_layer + 1
     assert "n_gpu_layers collapsed to 0" in res.output or "bounded to the model's real count" in res.output
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--ctx", "8192:4096"], "empty range"),
-    (["--threads", "1:4:0"], "step is 0"),
-    (["--threads", "0"], "at least 1"),
-    (["-ub", "abc"], "integers expected"),
-    (["-fa", "maybe"], "unknown value"),
-    (["--storage", "nosuchdb://user:hunter2@host/x"], "cannot open storage"),
-    (["--storage", "not-a-url"], "bad storage URL"),
-    (["--confirm-rounds", "3"], "below the confirmation race's minimum of 5 rounds"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ctx", "8192:4096"], "empty range"),
+        (["--threads", "1:4:0"], "step is 0"),
+        (["--threads", "0"], "at least 1"),
+        (["-ub", "abc"], "integers expected"),
+        (["-fa", "maybe"], "unknown value"),
+        (["--storage", "nosuchdb://user:hunter2@host/x"], "cannot open storage"),
+        (["--storage", "not-a-url"], "bad storage URL"),
+        (["--confirm-rounds", "3"], "below the confirmation race's minimum of 5 rounds"),
+    ],
+)
 def test_bad_search_input_is_one_line_exit_2(models, tmp_path, extra, message):
-    res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), *extra,
-                                   "--results", str(tmp_path)])
+    res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), *extra, "--results", str(tmp_path)])
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert "Traceback" not in res.output and "hunter2" not in res.output
@@ -301,25 +423,36 @@ def test_unwritable_results_folder(models, tmp_path):
 
 def test_experiment_file_fills_defaults_and_command_line_wins(models, tmp_path):
     cfg = tmp_path / "x.toml"
-    cfg.write_text(f'[study]\nmodel = ["{models / "tiny-q8_0.gguf"}"]\nn_trials = 2\nstudy = "exp"\n'
-                   f'drift_every = 0\n[space]\nthreads = "1:2"\nn_ubatch = [64, 128]\n'
-                   f'[shape]\nn_prompt = 16\nn_gen = 4\nrepetitions = 2\n')
-    res = run(["search", "--config", str(cfg), "--results", str(tmp_path), "-ub", "256", "--no-auto-space",
-               "--no-confirm"])
+    cfg.write_text(
+        f'[study]\nmodel = ["{models / "tiny-q8_0.gguf"}"]\nn_trials = 2\nstudy = "exp"\n'
+        f'drift_every = 0\n[space]\nthreads = "1:2"\nn_ubatch = [64, 128]\n'
+        f"[shape]\nn_prompt = 16\nn_gen = 4\nrepetitions = 2\n"
+    )
+    res = run(
+        ["search", "--config", str(cfg), "--results", str(tmp_path), "-ub", "256", "--no-auto-space", "--no-confirm"]
+    )
     assert res.exit_code == 0, res.output
     df = store.read(tmp_path / "exp")
     assert len(df) == 2 and set(df["n_ubatch"]) == {256} and set(df["n_prompt"]) == {16}
 
 
 def test_dominance_rule():
-    oom = TrialConfig(model="m", n_gpu_layers=10, n_ctx=8192, n_batch=512, n_ubatch=256, type_k="q8_0",
-                      type_v="q8_0", flash_attn="on")
+    oom = TrialConfig(
+        model="m", n_gpu_layers=10, n_ctx=8192, n_batch=512, n_ubatch=256, type_k="q8_0", type_v="q8_0", flash_attn="on"
+    )
     failed = [(7, oom, "cuda oom")]
-    bigger = TrialConfig(model="m", n_gpu_layers=12, n_ctx=16384, n_batch=512, n_ubatch=512, type_k="f16",
-                         type_v="q8_0", flash_attn="on")
+    bigger = TrialConfig(
+        model="m", n_gpu_layers=12, n_ctx=16384, n_batch=512, n_ubatch=512, type_k="f16", type_v="q8_0", flash_attn="on"
+    )
     assert dominated_by(bigger, failed) == (7, "cuda oom")
-    for smaller in (dict(n_gpu_layers=9), dict(n_ctx=4096), dict(n_ubatch=128), dict(type_k="q4_0"),
-                    dict(use_mmap=False), dict(model="other")):
+    for smaller in (
+        dict(n_gpu_layers=9),
+        dict(n_ctx=4096),
+        dict(n_ubatch=128),
+        dict(type_k="q4_0"),
+        dict(use_mmap=False),
+        dict(model="other"),
+    ):
         cfg = TrialConfig(**{**bigger.to_dict(), "overrides": (), **smaller})
         assert dominated_by(cfg, failed) is None, smaller
 
@@ -328,9 +461,33 @@ def test_drift_is_detected_when_the_machine_slows_down(models, tmp_path):
     """A real slowdown mid-study: the search and its workers on one CPU, and busy hogs start there after the
     first anchor (tests/slowdown.py: the workers then get a quarter of the CPU at most, whatever else runs on this
     machine). Later trials are marked drift."""
-    args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
-            "-p", "64", "-n", "1024", "-r", "6", "--n-trials", "6", "--drift-every", "2", "--no-auto-space",
-            "--no-confirm", "--results", str(tmp_path), "--study", "drift", "--no-baselines"]
+    args = [
+        TUNER,
+        "search",
+        "-m",
+        str(models / "tiny-q8_0.gguf"),
+        "--threads",
+        "1",
+        "-ub",
+        "64,128,256,512",
+        "-p",
+        "64",
+        "-n",
+        "1024",
+        "-r",
+        "6",
+        "--n-trials",
+        "6",
+        "--drift-every",
+        "2",
+        "--no-auto-space",
+        "--no-confirm",
+        "--results",
+        str(tmp_path),
+        "--study",
+        "drift",
+        "--no-baselines",
+    ]
     with pinned() as cpu:
         p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parquet = tmp_path / "drift" / "trials.parquet"
@@ -359,9 +516,31 @@ def test_drift_is_detected_when_the_machine_slows_down(models, tmp_path):
 
 
 def test_a_second_search_never_touches_a_running_one(models, tmp_path):
-    args = [TUNER, "search", "-m", str(models / "tiny-q8_0.gguf"), "--threads", "1", "-ub", "64,128,256,512",
-            "-p", "256", "-n", "1024", "-r", "3", "--n-trials", "200", "--drift-every", "0", "--no-auto-space",
-            "--results", str(tmp_path), "--study", "busy"]
+    args = [
+        TUNER,
+        "search",
+        "-m",
+        str(models / "tiny-q8_0.gguf"),
+        "--threads",
+        "1",
+        "-ub",
+        "64,128,256,512",
+        "-p",
+        "256",
+        "-n",
+        "1024",
+        "-r",
+        "3",
+        "--n-trials",
+        "200",
+        "--drift-every",
+        "0",
+        "--no-auto-space",
+        "--results",
+        str(tmp_path),
+        "--study",
+        "busy",
+    ]
     env = dict(os.environ, TUNER_LOCK_FILE=str(tmp_path / "lock"))
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     parquet = tmp_path / "busy" / "trials.parquet"
@@ -378,8 +557,22 @@ def test_a_second_search_never_touches_a_running_one(models, tmp_path):
 
 
 def test_changed_test_shape_does_not_resume_a_study(models, tmp_path):
-    base = ["search", "-m", str(models / "tiny-q8_0.gguf"), "-t", "1", "--n-trials", "1", "--drift-every", "0",
-            "--no-confirm", "--results", str(tmp_path), "--study", "shape"]
+    base = [
+        "search",
+        "-m",
+        str(models / "tiny-q8_0.gguf"),
+        "-t",
+        "1",
+        "--n-trials",
+        "1",
+        "--drift-every",
+        "0",
+        "--no-confirm",
+        "--results",
+        str(tmp_path),
+        "--study",
+        "shape",
+    ]
     assert run(base + ["-p", "16", "-n", "4", "-r", "2"]).exit_code == 0
     res = CliRunner().invoke(cli, base + ["-p", "64", "-n", "4", "-r", "2"])
     assert res.exit_code == 2 and "exists with another search space" in res.output
@@ -393,12 +586,27 @@ def test_synthetic_with_bad_quants_is_one_line(tmp_path):
 
 
 def test_context_smaller_than_the_test_is_refused(models, tmp_path):
-    res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), "--ctx", "64,1024", "-p", "128",
-                                   "-n", "4", "--results", str(tmp_path)])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "search",
+            "-m",
+            str(models / "tiny-q8_0.gguf"),
+            "--ctx",
+            "64,1024",
+            "-p",
+            "128",
+            "-n",
+            "4",
+            "--results",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 2 and "--ctx 64 cannot hold the test" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not list(tmp_path.rglob("trials.parquet"))
-    res = CliRunner().invoke(cli, ["bench", str(models / "tiny-q8_0.gguf"), "-c", "64", "-p", "128",
-                                   "-o", str(tmp_path / "b.parquet")])
+    res = CliRunner().invoke(
+        cli, ["bench", str(models / "tiny-q8_0.gguf"), "-c", "64", "-p", "128", "-o", str(tmp_path / "b.parquet")]
+    )
     assert res.exit_code == 2 and "smaller than the test needs" in res.output
 
 
@@ -441,15 +649,15 @@ def test_space_bounds_from_min_ctx_and_the_planner(models):
 
     m = str(models / "tiny-q8_0.gguf")
     infos = {m: read_model(m)}
-    space = build_space([m], infos, {"n_gpu_layers": "0:3", "n_ctx": "512,2048,8192"}, TrialConfig(model=m),
-                        True, 2, 2)
+    space = build_space([m], infos, {"n_gpu_layers": "0:3", "n_ctx": "512,2048,8192"}, TrialConfig(model=m), True, 2, 2)
     require_ctx(space, 2048)
     assert space.dims["n_ctx"].values == [2048, 8192]
     with pytest.raises(SpaceError, match="no n_ctx in the space is that large"):
         require_ctx(space, 100_000)
     # a VRAM budget that holds one layer (the output layer) but not two: the planner drops the rest
     one = predict(space.config(m, {"n_gpu_layers": 1, "n_ctx": 2048}), infos[m], gpu_offload=True).vram_bytes
-    fit.gpu_region(space, infos, fit.Rig(ram_cap=1 << 40, gpu_totals=[one], vram_caps=[one], gpu_free=[one],
-                                         gpu_offload=True))
+    fit.gpu_region(
+        space, infos, fit.Rig(ram_cap=1 << 40, gpu_totals=[one], vram_caps=[one], gpu_free=[one], gpu_offload=True)
+    )
     assert max(space.dims["n_gpu_layers"].values) == 1
     assert any("bounded to 1" in n for n in space.notes)

@@ -30,10 +30,33 @@ def tiny(models) -> dict[str, str]:
 
 
 def search_args(tiny, results: Path, *extra) -> list[str]:
-    return ["search", *[a for k in QUANTS for a in ("-m", tiny[k])], "--reference", tiny["f32"],
-            "--quality-ctx", "64", "-t", "1", "-p", "16", "-n", "8", "-r", "1", "--no-auto-space",
-            "--sampler", "grid", "--drift-every", "0", "--no-baselines", "--results", str(results),
-            "--study", "q", *extra]
+    return [
+        "search",
+        *[a for k in QUANTS for a in ("-m", tiny[k])],
+        "--reference",
+        tiny["f32"],
+        "--quality-ctx",
+        "64",
+        "-t",
+        "1",
+        "-p",
+        "16",
+        "-n",
+        "8",
+        "-r",
+        "1",
+        "--no-auto-space",
+        "--sampler",
+        "grid",
+        "--drift-every",
+        "0",
+        "--no-baselines",
+        "--results",
+        str(results),
+        "--study",
+        "q",
+        *extra,
+    ]
 
 
 def invoke(args, tmp: Path):
@@ -115,11 +138,14 @@ def test_a_resumed_search_pays_nothing_for_quality(study, tiny):
     assert cache.path.read_text() == before
 
 
-@pytest.mark.parametrize("extra,words", [
-    (["--max-kld", "-0.01"], "--max-kld must not be negative"),
-    (["--min-same-top", "-5"], "--min-same-top is a percentage"),
-    (["--reference", "{moe}"], "the reference (moe-q8_0.gguf) has 2048"),
-])
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--max-kld", "-0.01"], "--max-kld must not be negative"),
+        (["--min-same-top", "-5"], "--min-same-top is a percentage"),
+        (["--reference", "{moe}"], "the reference (moe-q8_0.gguf) has 2048"),
+    ],
+)
 def test_bad_quality_input_is_one_line_exit_2_nothing_written(tiny, models, tmp_path, extra, words):
     args = search_args(tiny, tmp_path / "results", "--no-confirm")
     if extra[0] == "--reference":
@@ -177,9 +203,38 @@ def test_compare_gates_a_quality_regression(study, tmp_path):
 
 def test_kv_cache_types_are_budgeted_per_combination(tiny, tmp_path):
     """-ctk f16,q4_0: quality is measured per (file, type_k, type_v) and each trial carries its own pair's."""
-    args = ["search", "-m", tiny["q8_0"], "--reference", tiny["f32"], "--quality-ctx", "64", "-t", "1", "-p", "16",
-            "-n", "8", "-r", "1", "-ctk", "f16,q4_0", "-fa", "on", "--no-auto-space", "--sampler", "grid",
-            "--drift-every", "0", "--no-baselines", "--no-confirm", "--results", tmp_path, "--study", "kv"]
+    args = [
+        "search",
+        "-m",
+        tiny["q8_0"],
+        "--reference",
+        tiny["f32"],
+        "--quality-ctx",
+        "64",
+        "-t",
+        "1",
+        "-p",
+        "16",
+        "-n",
+        "8",
+        "-r",
+        "1",
+        "-ctk",
+        "f16,q4_0",
+        "-fa",
+        "on",
+        "--no-auto-space",
+        "--sampler",
+        "grid",
+        "--drift-every",
+        "0",
+        "--no-baselines",
+        "--no-confirm",
+        "--results",
+        tmp_path,
+        "--study",
+        "kv",
+    ]
     res = invoke(args, tmp_path)
     assert res.exit_code == 0, res.output
     sq = StudyQuality.load(tmp_path / "kv")

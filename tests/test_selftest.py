@@ -29,10 +29,12 @@ def test_selftest_command_all_cases_match():
     assert causes["hang while loading"] == "the model load took over 5 s (--load-timeout)"
     assert re.search(r"insufficient memory|failed to allocate", causes["allocation failure"])
     assert re.search(r"selftest passed: 8 of 8 cases recorded as expected in \d+ s", res.stderr)
-    assert re.search(r"parent killed mid-trial, same command re-run: resumed \(\d+ trial\(s\) done at the "
-                     r"kill, 0 lost, 1 recorded interrupted \(the running trial #\d+: yes\), 0 left running, "
-                     r"Optuna and Parquet agree\)",
-                     res.stdout)
+    assert re.search(
+        r"parent killed mid-trial, same command re-run: resumed \(\d+ trial\(s\) done at the "
+        r"kill, 0 lost, 1 recorded interrupted \(the running trial #\d+: yes\), 0 left running, "
+        r"Optuna and Parquet agree\)",
+        res.stdout,
+    )
 
 
 def test_selftest_library_reports_a_mismatch(monkeypatch):

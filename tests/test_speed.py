@@ -28,17 +28,30 @@ def _cache_home(tmp_path, monkeypatch):
 def figures(s_per_byte=1e-10, s_per_flop=1e-11, layer=0.0, fixed=0.0, **per_type) -> dict:
     """Probe figures as `tuner probe` writes them (chosen here, not measured): one rate for every type unless
     per_type names one (Q2_K=3e-10 makes Q2_K's bytes three times as dear)."""
-    return {"tg_s_per_byte": {t: per_type.get(t, s_per_byte) for t in TYPES}, "tg_layer_s": layer,
-            "tg_fixed_s": fixed, "pp_s_per_flop": {t: s_per_flop for t in TYPES}, "pp_layer_s": layer,
-            "pp_fixed_s": fixed}
+    return {
+        "tg_s_per_byte": {t: per_type.get(t, s_per_byte) for t in TYPES},
+        "tg_layer_s": layer,
+        "tg_fixed_s": fixed,
+        "pp_s_per_flop": {t: s_per_flop for t in TYPES},
+        "pp_layer_s": layer,
+        "pp_fixed_s": fixed,
+    }
 
 
-def probe_dict(cpu: dict[int, dict], gpu: dict | None = None, hw_fp: str | None = None,
-               build_fp: str | None = None) -> dict:
+def probe_dict(
+    cpu: dict[int, dict], gpu: dict | None = None, hw_fp: str | None = None, build_fp: str | None = None
+) -> dict:
     here_hw, here_build = probe.fingerprints()
-    return {"version": probe.VERSION, "hw_fingerprint": hw_fp or here_hw, "build_fingerprint": build_fp or here_build,
-            "shape": {"n_prompt": 128, "n_gen": 32, "repetitions": 1}, "types": TYPES, "threads": sorted(cpu),
-            "cpu": {str(t): f for t, f in cpu.items()}, "gpu": gpu}
+    return {
+        "version": probe.VERSION,
+        "hw_fingerprint": hw_fp or here_hw,
+        "build_fingerprint": build_fp or here_build,
+        "shape": {"n_prompt": 128, "n_gen": 32, "repetitions": 1},
+        "types": TYPES,
+        "threads": sorted(cpu),
+        "cpu": {str(t): f for t, f in cpu.items()},
+        "gpu": gpu,
+    }
 
 
 def test_tg_time_is_the_bytes_read_per_token_over_the_rate(models):
@@ -79,8 +92,11 @@ def test_each_matrix_row_a_token_computes_costs_the_row_figure(models):
     tied = not any(t.name == "output.weight" for t in info.tensors)
     # every weight matrix's rows (ne1 and beyond: a row is ne0 long) except the embedding, which is a row lookup
     # unless it is also the output matrix
-    rows = sum(t.n_elements // t.shape[0] for t in info.tensors if len(t.shape) >= 2
-               and (tied or not t.name.startswith("token_embd")))
+    rows = sum(
+        t.n_elements // t.shape[0]
+        for t in info.tensors
+        if len(t.shape) >= 2 and (tied or not t.name.startswith("token_embd"))
+    )
     assert tm.rows == {speed.HOST: rows}
     assert tm.out_rows == {speed.HOST: info.n_vocab}
     base, per_row = figures(s_per_byte=1e-10, s_per_flop=1e-11), 5e-9
@@ -117,8 +133,9 @@ def test_moe_reads_only_the_experts_in_use(models):
     cfg = TrialConfig(model=info.path, n_gpu_layers=0)
     exps = sum(t.n_bytes for t in info.tensors if t.group == "exps")
     tm = speed.terms(info, cfg)
-    everything_else = speed.terms(dataclasses.replace(info, tensors=[t for t in info.tensors if t.group != "exps"]),
-                                  cfg)
+    everything_else = speed.terms(
+        dataclasses.replace(info, tensors=[t for t in info.tensors if t.group != "exps"]), cfg
+    )
     assert sum(tm.tg_bytes.values()) - sum(everything_else.tg_bytes.values()) == pytest.approx(exps * 2 / 8)
     pr = probe_dict({2: figures()})
     all_used = dataclasses.replace(info, n_expert_used=8)
@@ -161,8 +178,14 @@ def test_experts_in_ram_cost_host_layers_and_their_prompt_products_run_on_the_gp
 
     def pred(host_layer=0.0, gpu_flop=1e-13):
         gpu = {**figures(s_per_byte=1e-12, s_per_flop=gpu_flop), "link_bytes_per_s": 2e10}
-        return speed.predict(info, probe_dict({2: figures(layer=host_layer)}, gpu=gpu), 2, n_gpu_layers=99,
-                             cpu_moe=True, gpu_offload=True)
+        return speed.predict(
+            info,
+            probe_dict({2: figures(layer=host_layer)}, gpu=gpu),
+            2,
+            n_gpu_layers=99,
+            cpu_moe=True,
+            gpu_offload=True,
+        )
 
     base = pred()
     assert 1 / pred(host_layer=1e-4).pred_tg_tps - 1 / base.pred_tg_tps == pytest.approx(info.n_layer * 1e-4)
@@ -178,8 +201,9 @@ def test_unmodelled_architecture_predicts_nothing(tmp_path, models):
     path = oracle.write_sparse(s, tmp_path / "bloom.gguf")
     pf = tmp_path / "probe.json"
     pf.write_text(json.dumps(probe_dict({2: figures()})))
-    r = CliRunner().invoke(cli, ["estimate", str(path), "--speed", "--probe", str(pf), "--what-if", "q4_0",
-                                 "--vram", "0", "--json"])
+    r = CliRunner().invoke(
+        cli, ["estimate", str(path), "--speed", "--probe", str(pf), "--what-if", "q4_0", "--vram", "0", "--json"]
+    )
     assert r.exit_code == 0, r.output
     m = json.loads(r.output)[0]
     assert all(row["pred_tg_tps"] is None and row["pred_pp_tps"] is None for row in m["speed"])
@@ -192,8 +216,19 @@ def test_unmodelled_architecture_predicts_nothing(tmp_path, models):
 def test_estimate_speed_json_and_table(tmp_path, models):
     pf = tmp_path / "probe.json"
     pf.write_text(json.dumps(probe_dict({1: figures(), 2: figures(s_per_byte=5e-11)})))
-    args = ["estimate", str(models / "tiny-q8_0.gguf"), "--speed", "--probe", str(pf), "--what-if", "q4_0,q2_k",
-            "-t", "2", "--vram", "0"]
+    args = [
+        "estimate",
+        str(models / "tiny-q8_0.gguf"),
+        "--speed",
+        "--probe",
+        str(pf),
+        "--what-if",
+        "q4_0,q2_k",
+        "-t",
+        "2",
+        "--vram",
+        "0",
+    ]
     r = CliRunner().invoke(cli, args + ["--json"])
     assert r.exit_code == 0, r.output
     m = json.loads(r.output)[0]
@@ -217,8 +252,23 @@ def test_estimate_speed_as_a_library_call(tmp_path, models):
     assert m.speed == speed.rows(read_model(model), data, ["q4_0", "q2_k"], 2, gpu_offload=False)
     assert [w["pred_tg_tps"] for w in m.what_if] == [x["pred_tg_tps"] for x in m.speed[1:]]
     assert estimate(model, what_if="q4_0,q2_k", speed=True, probe=data, threads=2, vram=0).to_list() == est.to_list()
-    r = CliRunner().invoke(cli, ["estimate", str(model), "--speed", "--probe", str(pf), "--what-if", "q4_0,q2_k",
-                                 "-t", "2", "--vram", "0", "--json"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "estimate",
+            str(model),
+            "--speed",
+            "--probe",
+            str(pf),
+            "--what-if",
+            "q4_0,q2_k",
+            "-t",
+            "2",
+            "--vram",
+            "0",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)[0]["speed"] == m.speed and json.loads(r.output)[0]["ram"] == est.ram
     other = tmp_path / "other-hw.json"
@@ -240,21 +290,28 @@ def test_probe_files_of_another_machine_or_build_are_refused(tmp_path, models, m
     model = str(models / "tiny-q8_0.gguf")
     other_hw = tmp_path / "other-hw.json"
     other_hw.write_text(json.dumps(probe_dict({2: figures()}, hw_fp="0123456789abcdef")))
-    _one_line_error(CliRunner().invoke(cli, ["estimate", model, "--speed", "--probe", str(other_hw)]),
-                    "another machine", "tuner probe")
+    _one_line_error(
+        CliRunner().invoke(cli, ["estimate", model, "--speed", "--probe", str(other_hw)]),
+        "another machine",
+        "tuner probe",
+    )
     # a build tuner cannot tell apart itself is kept apart by the salt (hardware.FINGERPRINT_SALT)
     monkeypatch.setenv(hardware.FINGERPRINT_SALT, "other-driver")
     salted = tmp_path / "other-build.json"
     salted.write_text(json.dumps(probe_dict({2: figures()})))
     monkeypatch.delenv(hardware.FINGERPRINT_SALT)
-    _one_line_error(CliRunner().invoke(cli, ["estimate", model, "--speed", "--probe", str(salted)]),
-                    "another llama.cpp build")
+    _one_line_error(
+        CliRunner().invoke(cli, ["estimate", model, "--speed", "--probe", str(salted)]), "another llama.cpp build"
+    )
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
-    _one_line_error(CliRunner().invoke(cli, ["estimate", model, "--speed", "--probe", str(garbage)]),
-                    "not a tuner probe file")
-    _one_line_error(CliRunner().invoke(cli, ["estimate", model, "--speed", "--probe", str(tmp_path / "none.json")]),
-                    "probe file not found")
+    _one_line_error(
+        CliRunner().invoke(cli, ["estimate", model, "--speed", "--probe", str(garbage)]), "not a tuner probe file"
+    )
+    _one_line_error(
+        CliRunner().invoke(cli, ["estimate", model, "--speed", "--probe", str(tmp_path / "none.json")]),
+        "probe file not found",
+    )
     # probe --show reads it the same way
     _one_line_error(CliRunner().invoke(cli, ["probe", "--show", "-o", str(other_hw)]), "another machine")
 
@@ -270,24 +327,40 @@ def test_probe_bad_input_is_one_line(tmp_path):
     assert not list(tmp_path.glob("cache/tuner/probe-*.json"))
 
 
-SMALL = {"wide": dict(n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_layer=2, n_vocab=512),
-         "overhead": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=512),
-         "moe": dict(n_embd=512, n_ff=512, n_head=8, n_head_kv=4, n_layer=2, n_vocab=512, n_expert=8,
-                     n_expert_used=2),
-         "rows": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=32768)}
+SMALL = {
+    "wide": dict(n_embd=512, n_ff=1024, n_head=8, n_head_kv=4, n_layer=2, n_vocab=512),
+    "overhead": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=512),
+    "moe": dict(n_embd=512, n_ff=512, n_head=8, n_head_kv=4, n_layer=2, n_vocab=512, n_expert=8, n_expert_used=2),
+    "rows": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=32768),
+}
 
 
 @pytest.mark.slow
 def test_probe_measures_llama_cpp_and_estimate_uses_it(tmp_path, models):
     """A real probe (llama.cpp's kernels through tuner's worker) on small models: the file, its fingerprints,
     and estimate --speed reading it. The figures are measured, so only their presence is checked."""
-    data, path = probe.run(tmp_path / "p.json", ["Q8_0", "Q4_0", "F16"], [1], repetitions=1,
-                           model_dir=tmp_path / "m", shapes=SMALL, passes=2)
+    data, path = probe.run(
+        tmp_path / "p.json",
+        ["Q8_0", "Q4_0", "F16"],
+        [1],
+        repetitions=1,
+        model_dir=tmp_path / "m",
+        shapes=SMALL,
+        passes=2,
+    )
     assert path == tmp_path / "p.json" and probe.load(path) == json.loads(path.read_text())
     assert (data["hw_fingerprint"], data["build_fingerprint"]) == probe.fingerprints()
     assert sorted((r["type"], r["role"]) for r in data["trials"]) == [
-        ("F16", "moe"), ("F16", "wide"), ("Q4_0", "moe"), ("Q4_0", "wide"), ("Q8_0", "moe"), ("Q8_0", "overhead"),
-        ("Q8_0", "overhead"), ("Q8_0", "rows"), ("Q8_0", "wide")]
+        ("F16", "moe"),
+        ("F16", "wide"),
+        ("Q4_0", "moe"),
+        ("Q4_0", "wide"),
+        ("Q8_0", "moe"),
+        ("Q8_0", "overhead"),
+        ("Q8_0", "overhead"),
+        ("Q8_0", "rows"),
+        ("Q8_0", "wide"),
+    ]
     assert all(r["tg_tps"] > 0 and r["pp_tps"] > 0 and r["threads"] == 1 for r in data["trials"])
     # every trial ran once per pass (one repetition each here), and its figure is the median over its passes
     for r in data["trials"]:
@@ -331,8 +404,21 @@ def test_probe_measures_llama_cpp_and_estimate_uses_it(tmp_path, models):
     # one-type models: every weight matrix is the probed type
     q4 = read_model(next(r["model"] for r in data["trials"] if r["type"] == "Q4_0"))
     assert {t.type for t in q4.tensors if len(t.shape) >= 2} == {"Q4_0"}
-    r = CliRunner().invoke(cli, ["estimate", str(models / "tiny-q8_0.gguf"), "--speed", "--probe", str(path),
-                                 "--what-if", "q4_0", "-t", "1", "--json"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "estimate",
+            str(models / "tiny-q8_0.gguf"),
+            "--speed",
+            "--probe",
+            str(path),
+            "--what-if",
+            "q4_0",
+            "-t",
+            "1",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)[0]["speed"]
     assert [x["quant"] for x in rows] == ["q8_0", "q4_0"] and all(x["pred_tg_tps"] > 0 for x in rows)

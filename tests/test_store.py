@@ -23,9 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def rec(i: int, outcome: str = "ok", **kw) -> TrialRecord:
     cfg = TrialConfig(model=f"/models/m{i % 3}.gguf", n_threads=1 + i % 4, n_batch=512, overrides=("exps=CPU",))
-    base = dict(outcome=outcome, pp_samples=[100.0 + i, 102.0 + i], tg_samples=[10.0, 11.0, 12.0],
-                ttft_samples_ms=[5.0], peak_rss_bytes=1000 + i, hw={"cpu": "x", "gpus": []},
-                build={"llama_cpp_python": "0.3"}, trial_number=i, tg_roofline_ts=22.0)
+    base = dict(
+        outcome=outcome,
+        pp_samples=[100.0 + i, 102.0 + i],
+        tg_samples=[10.0, 11.0, 12.0],
+        ttft_samples_ms=[5.0],
+        peak_rss_bytes=1000 + i,
+        hw={"cpu": "x", "gpus": []},
+        build={"llama_cpp_python": "0.3"},
+        trial_number=i,
+        tg_roofline_ts=22.0,
+    )
     base.update(kw)
     return TrialRecord(config=cfg, **base)
 
@@ -103,8 +111,9 @@ def test_append_survives_sigkill_at_random_moments(tmp_path):
     for i in range(40):  # at least 12 kills, and more until one has landed inside a write (~1 in 3 do)
         if i >= 12 and torn_writes:
             break
-        w = subprocess.Popen([sys.executable, "-c", WRITER, str(p), str(rows)], stdout=subprocess.PIPE, text=True,
-                             cwd=ROOT)
+        w = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(p), str(rows)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
         assert w.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, 0.6))
         os.kill(w.pid, signal.SIGKILL)
@@ -143,8 +152,9 @@ def test_concurrent_appends_lose_nothing(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(p), name], cwd=ROOT) for name in ("a", "b")]
     assert [pr.wait(timeout=300) for pr in procs] == [0, 0]
     df = store.read(p)
-    assert sorted(map(tuple, df[["study", "trial_number"]].values.tolist())) == \
-        sorted((s, k) for s in "ab" for k in range(8))
+    assert sorted(map(tuple, df[["study", "trial_number"]].values.tolist())) == sorted(
+        (s, k) for s in "ab" for k in range(8)
+    )
 
 
 def test_record_json_round_trip():

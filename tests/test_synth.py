@@ -23,8 +23,15 @@ def test_tiny_presets_and_quants(tmp_path):
     assert [i.file_type for i in infos] == ["F16", "Q8_0", "Q4_K_M"]
     shape = PRESETS["tiny"]
     for i in infos:
-        assert (i.arch, i.n_layer, i.n_embd, i.n_head, i.n_head_kv, i.n_ff, i.n_vocab) == \
-            ("llama", shape.n_layer, shape.n_embd, shape.n_head, shape.n_head_kv, shape.n_ff, shape.n_vocab)
+        assert (i.arch, i.n_layer, i.n_embd, i.n_head, i.n_head_kv, i.n_ff, i.n_vocab) == (
+            "llama",
+            shape.n_layer,
+            shape.n_embd,
+            shape.n_head,
+            shape.n_head_kv,
+            shape.n_ff,
+            shape.n_vocab,
+        )
         assert i.n_params == shape.n_params()
         assert i.name == "tuner-synth-tiny"
     # quantized files are smaller, in the order of their bits per weight
@@ -69,12 +76,15 @@ def test_moe_preset_has_routed_experts(models):
     assert len(per_layer) == shape.n_layer and all(layer["exps"] > 0 for layer in per_layer)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    ({"quants": ("q9_9",)}, "unknown quant type"),
-    ({"n_embd": 100}, "multiples of 256"),
-    ({"n_head": 3}, "must divide"),
-    ({"n_vocab": 100}, "n_vocab must be at least"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"quants": ("q9_9",)}, "unknown quant type"),
+        ({"n_embd": 100}, "multiples of 256"),
+        ({"n_head": 3}, "must divide"),
+        ({"n_vocab": 100}, "n_vocab must be at least"),
+    ],
+)
 def test_bad_shapes_are_value_errors(tmp_path, kw, msg):
     quants = kw.pop("quants", ("f16",))
     with pytest.raises(ValueError, match=msg):
@@ -86,8 +96,10 @@ def test_synth_command(tmp_path):
     res = CliRunner().invoke(cli, ["synth", str(tmp_path / "m"), "--quants", "f16,q4_0"])
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert [ln.split()[0] for ln in lines] == [str(tmp_path / "m" / "tiny-f16.gguf"),
-                                               str(tmp_path / "m" / "tiny-q4_0.gguf")]
+    assert [ln.split()[0] for ln in lines] == [
+        str(tmp_path / "m" / "tiny-f16.gguf"),
+        str(tmp_path / "m" / "tiny-q4_0.gguf"),
+    ]
     assert lines[0].endswith("MiB")
     assert read_model(tmp_path / "m" / "tiny-q4_0.gguf").file_type == "Q4_0"
 

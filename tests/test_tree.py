@@ -39,8 +39,7 @@ def test_real_core_dump_is_refused(tmp_path):
     _add(repo, "ok.txt", core.name)
     bad = check_tree.offenders(repo)
     assert len(bad) == 1 and core.name in bad[0] and "core dump" in bad[0]
-    r = subprocess.run([sys.executable, str(ROOT / ".ci" / "check_tree.py"), str(repo)], capture_output=True,
-                       text=True)
+    r = subprocess.run([sys.executable, str(ROOT / ".ci" / "check_tree.py"), str(repo)], capture_output=True, text=True)
     assert r.returncode == 1 and core.name in r.stderr
 
 

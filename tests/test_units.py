@@ -8,9 +8,19 @@ from test_house import import_graph
 from tuner import units
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("24GiB", 24 << 30), ("24G", 24 << 30), ("512M", 512 << 20), ("1.5GB", 1_500_000_000), ("1000000", 1_000_000),
-    ("4 KiB", 4096), (7, 7), (None, None)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("24GiB", 24 << 30),
+        ("24G", 24 << 30),
+        ("512M", 512 << 20),
+        ("1.5GB", 1_500_000_000),
+        ("1000000", 1_000_000),
+        ("4 KiB", 4096),
+        (7, 7),
+        (None, None),
+    ],
+)
 def test_sizes_parse_binary_unless_the_unit_says_decimal(text, expected):
     assert units.parse_size(text) == expected
 

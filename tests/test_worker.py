@@ -54,8 +54,9 @@ DRIVER = textwrap.dedent("""
 
 
 def drive(jobs: list[dict]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(jobs)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -129,16 +130,24 @@ def test_effective_gpu_layers_all_means_n_layer_plus_output(requested, expected)
 
 
 def test_classify_log_picks_llama_cpp_lines():
-    log = ("llama_model_load: loading\nggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer of "
-           "size 1024\nllama_init_from_model: failed to initialize the context\n")
+    log = (
+        "llama_model_load: loading\nggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer of "
+        "size 1024\nllama_init_from_model: failed to initialize the context\n"
+    )
     assert classify_log(log, "error", "fallback") == (
-        "oom", "ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer of size 1024")
+        "oom",
+        "ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer of size 1024",
+    )
     assert classify_log("llama_model_load: error loading model: bad magic\n", "load_error", "x") == (
-        "load_error", "llama_model_load: error loading model: bad magic")
+        "load_error",
+        "llama_model_load: error loading model: bad magic",
+    )
     assert classify_log("nothing useful\n", "error", "fallback") == ("error", "fallback")
 
 
 def test_parse_overrides_reads_llama_cpp_lines():
-    lines = ["tensor blk.0.ffn_up_exps.weight (1 MiB q8_0) buffer type overridden to CPU\n",
-             "load_tensors: something else\n"]
+    lines = [
+        "tensor blk.0.ffn_up_exps.weight (1 MiB q8_0) buffer type overridden to CPU\n",
+        "load_tensors: something else\n",
+    ]
     assert parse_overrides(lines) == ["blk.0.ffn_up_exps.weight=CPU"]

@@ -28,8 +28,9 @@ def default_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, tmp: str | os.PathLike | None = None, suffix: str = ".tmp",
-                chmod: int | None = None) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, *, tmp: str | os.PathLike | None = None, suffix: str = ".tmp", chmod: int | None = None
+) -> Iterator[Path]:
     """A temp path beside `path` for a writer that takes a path (llama.cpp's quantize, a GGUF writer): renamed
     over `path` when the block ends, removed when it raises.
 
@@ -51,14 +52,15 @@ def atomic_path(path: str | os.PathLike, *, tmp: str | os.PathLike | None = None
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, *, text: bool = False, chmod: int | None = None,
-                fsync: bool = False) -> Iterator[IO]:
+def atomic_file(
+    path: str | os.PathLike, *, text: bool = False, chmod: int | None = None, fsync: bool = False
+) -> Iterator[IO]:
     """An open temp file beside `path` for a writer that takes a file (json.dump, np.savez, Parquet): renamed over
     `path` when the block ends, removed when it raises. text: opened for str (UTF-8), else for bytes."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with (os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb")) as f:
+        with os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
             yield f
             if fsync:
                 f.flush()

@@ -37,8 +37,11 @@ for _fn in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
     getattr(_ggml, _fn).restype = ctypes.c_char_p
 _ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
 _ggml.ggml_backend_dev_type.restype = ctypes.c_int
-_ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                          ctypes.POINTER(ctypes.c_size_t)]
+_ggml.ggml_backend_dev_memory.argtypes = [
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_size_t),
+    ctypes.POINTER(ctypes.c_size_t),
+]
 _ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
 _ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
 _ggml.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
@@ -73,11 +76,16 @@ def devices() -> list[dict]:
         dev = _ggml.ggml_backend_dev_get(i)
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
         _ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        out.append({"name": _ggml.ggml_backend_dev_name(dev).decode(errors="replace"),
-                    "description": _ggml.ggml_backend_dev_description(dev).decode(errors="replace"),
-                    "type": DEVICE_TYPES.get(_ggml.ggml_backend_dev_type(dev), "unknown"),
-                    "backend": _ggml.ggml_backend_reg_name(_ggml.ggml_backend_dev_backend_reg(dev)).decode(),
-                    "free": free.value, "total": total.value})
+        out.append(
+            {
+                "name": _ggml.ggml_backend_dev_name(dev).decode(errors="replace"),
+                "description": _ggml.ggml_backend_dev_description(dev).decode(errors="replace"),
+                "type": DEVICE_TYPES.get(_ggml.ggml_backend_dev_type(dev), "unknown"),
+                "backend": _ggml.ggml_backend_reg_name(_ggml.ggml_backend_dev_backend_reg(dev)).decode(),
+                "free": free.value,
+                "total": total.value,
+            }
+        )
     return out
 
 
@@ -114,8 +122,14 @@ class Overrides:
 
 # ggml threadpools, as llama-bench attaches one per context (ggml.h: struct ggml_threadpool_params).
 class ThreadpoolParams(ctypes.Structure):
-    _fields_ = [("cpumask", ctypes.c_bool * 512), ("n_threads", ctypes.c_int), ("prio", ctypes.c_int),
-                ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * 512),
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
 
 
 _ggml_base.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
@@ -199,8 +213,14 @@ class LogCapture:
         return "".join(self.lines)
 
 
-def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: int, nthread: int = 0,
-             allow_requantize: bool = False, pure: bool = False) -> None:
+def quantize(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    ftype: int,
+    nthread: int = 0,
+    allow_requantize: bool = False,
+    pure: bool = False,
+) -> None:
     """Write `dst` as llama.cpp's quantizer does; `allow_requantize` accepts an already quantized `src`
     (lower quants of a real model when only its Q4_K_M is at hand); `pure` gives every weight matrix the
     ftype's base type (llama-quantize --pure: the probe's one-type models)."""
@@ -228,8 +248,9 @@ _ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
 _ggml.ggml_backend_buffer_get_size.argtypes = [ctypes.c_void_p]
 _ggml.ggml_backend_buffer_get_size.restype = ctypes.c_size_t
 _RPC_ADD = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
-_RPC_SERVE = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
-                              ctypes.POINTER(ctypes.c_void_p))
+_RPC_SERVE = ctypes.CFUNCTYPE(
+    None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)
+)
 
 
 def _rpc_proc(name: str) -> int:
@@ -271,8 +292,11 @@ class DeviceCap:
 
     def __init__(self, size: int, log=None):
         self.size, self.used, self.log = size, 0, log or (lambda line: None)
-        dev = next(_ggml.ggml_backend_dev_get(i) for i in range(_ggml.ggml_backend_dev_count())
-                   if _ggml.ggml_backend_dev_type(_ggml.ggml_backend_dev_get(i)) == 0)
+        dev = next(
+            _ggml.ggml_backend_dev_get(i)
+            for i in range(_ggml.ggml_backend_dev_count())
+            if _ggml.ggml_backend_dev_type(_ggml.ggml_backend_dev_get(i)) == 0
+        )
         self.device = dev
         buft = _ggml.ggml_backend_dev_buffer_type(dev)
         self._alloc_slot = ctypes.c_void_p.from_address(buft + 1 * _PTR)
@@ -311,6 +335,11 @@ class DeviceCap:
 def rpc_serve(endpoint: str, threads: int, cache_dir: str | None = None) -> None:
     """Serve this host's CPU device to RPC clients (blocks for ever; llama.cpp's ggml-rpc-server in-process)."""
     serve = _RPC_SERVE(_rpc_proc("ggml_backend_rpc_start_server"))
-    devs = (ctypes.c_void_p * 1)(next(_ggml.ggml_backend_dev_get(i) for i in range(_ggml.ggml_backend_dev_count())
-                                      if _ggml.ggml_backend_dev_type(_ggml.ggml_backend_dev_get(i)) == 0))
+    devs = (ctypes.c_void_p * 1)(
+        next(
+            _ggml.ggml_backend_dev_get(i)
+            for i in range(_ggml.ggml_backend_dev_count())
+            if _ggml.ggml_backend_dev_type(_ggml.ggml_backend_dev_get(i)) == 0
+        )
+    )
     serve(endpoint.encode(), cache_dir.encode() if cache_dir else None, threads, 1, devs)

@@ -25,15 +25,32 @@ SIDE_STATES = ("anchor", "confirm")
 
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "iq4_nl", "q4_1", "q4_0")
 # Bytes per element, used to order KV types ("same or larger KV type" in dominance checks).
-KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
-                 "iq4_nl": 18 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
+KV_TYPE_BYTES = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "iq4_nl": 18 / 32,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+}
 FLASH_ATTN = ("auto", "on", "off")
 # quantized V needs flash attention in llama.cpp (a context with fa off and quantized V fails to create)
 FULL_PRECISION_KV = {"f32", "f16", "bf16"}
 # What llama.cpp, ggml, CUDA, libstdc++ and Python print when memory runs out.
-OOM_MARKERS = ("out of memory", "failed to allocate", "insufficient memory", "cudamalloc failed",
-               "std::bad_alloc", "cannot allocate memory", "memoryerror", "unable to allocate",
-               "allocation failed")
+OOM_MARKERS = (
+    "out of memory",
+    "failed to allocate",
+    "insufficient memory",
+    "cudamalloc failed",
+    "std::bad_alloc",
+    "cannot allocate memory",
+    "memoryerror",
+    "unable to allocate",
+    "allocation failed",
+)
 
 
 def oom_line(text: str) -> str | None:
@@ -45,7 +62,7 @@ def oom_line(text: str) -> str | None:
         if any(m in lines[i].lower() for m in OOM_MARKERS):
             line = lines[i].strip()[:300]
             if not BUFFER_OF_SIZE.search(line) and " buffer" not in line.replace("buffers", ""):
-                for prev in reversed(lines[max(0, i - 20):i]):
+                for prev in reversed(lines[max(0, i - 20) : i]):
                     if m := BUFFER_OF_SIZE.search(prev):
                         return f"{line} ({m.group(1)}: {m.group(2)} bytes)"
             return line
@@ -86,10 +103,16 @@ class Param:
 
 # The llama.cpp parameters a trial can set. bench takes one value each; search takes a value, a list or a range.
 PARAMS = (
-    Param("n_gpu_layers", ("-ngl", "--n-gpu-layers"), int,
-          "layers on the GPU; -1, 99 or 999 = all (recorded as the real count)", ("--ngl",)),
-    Param("n_ctx", ("-c", "--ctx-size"), int, "context size (0 = n_prompt + n_gen + n_depth, as llama-bench)",
-          ("--ctx",)),
+    Param(
+        "n_gpu_layers",
+        ("-ngl", "--n-gpu-layers"),
+        int,
+        "layers on the GPU; -1, 99 or 999 = all (recorded as the real count)",
+        ("--ngl",),
+    ),
+    Param(
+        "n_ctx", ("-c", "--ctx-size"), int, "context size (0 = n_prompt + n_gen + n_depth, as llama-bench)", ("--ctx",)
+    ),
     Param("n_threads", ("-t", "--threads"), int, "generation threads (default: physical cores)"),
     Param("n_threads_batch", ("-tb", "--threads-batch"), int, "prompt/batch threads (default: = threads)"),
     Param("n_batch", ("-b", "--batch-size"), int, "logical batch size"),
@@ -100,10 +123,13 @@ PARAMS = (
     Param("n_cpu_moe", ("-ncmoe", "--n-cpu-moe"), int, "keep the experts of the first N layers in host RAM"),
     Param("split_mode", ("-sm", "--split-mode"), SPLIT_MODES, "how to split across GPUs"),
     Param("main_gpu", ("-mg", "--main-gpu"), int, "GPU for the whole model with split-mode none"),
-    Param("tensor_split", ("-ts", "--tensor-split"), str,
-          "share of the layers per GPU, e.g. 3/1 (llama-bench's spelling; search: a list 1/1,3/1)"),
+    Param(
+        "tensor_split",
+        ("-ts", "--tensor-split"),
+        str,
+        "share of the layers per GPU, e.g. 3/1 (llama-bench's spelling; search: a list 1/1,3/1)",
+    ),
 )
-
 
 
 @dataclass
@@ -136,8 +162,19 @@ class TrialConfig:
     warmup: bool = True
 
     # Parameters that change what is loaded; a worker may keep a model loaded across trials that agree on these.
-    LOAD_KEYS = ("model", "n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock",
-                 "n_cpu_moe", "cpu_moe", "overrides", "rpc")
+    LOAD_KEYS = (
+        "model",
+        "n_gpu_layers",
+        "split_mode",
+        "main_gpu",
+        "tensor_split",
+        "use_mmap",
+        "use_mlock",
+        "n_cpu_moe",
+        "cpu_moe",
+        "overrides",
+        "rpc",
+    )
     # How a config is measured, not what: never part of its key.
     NOT_KEY = ("repetitions", "warmup")
 
@@ -177,8 +214,11 @@ class TrialConfig:
         A comparison across result sets or rigs, where paths differ, ignores "model" and puts its own name for
         the file in front: its content hash (tuner.report.compare), its name (tuner.report.charts).
         """
-        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(self.to_dict().items())
-                     if k not in self.NOT_KEY and k not in ignore)
+        return tuple(
+            (k, tuple(v) if isinstance(v, list) else v)
+            for k, v in sorted(self.to_dict().items())
+            if k not in self.NOT_KEY and k not in ignore
+        )
 
 
 def invalid_reason(cfg: TrialConfig) -> str | None:
@@ -323,8 +363,9 @@ class TrialRecord:
             unit = "ms" if name == "ttft" else "ts"
             row[f"{name}_{unit}_mean"] = mean
             row[f"{name}_{unit}_sd"] = sd
-        row["tg_roofline_pct"] = (100.0 * row["tg_ts_mean"] / self.tg_roofline_ts
-                                  if row["tg_ts_mean"] and self.tg_roofline_ts else None)
+        row["tg_roofline_pct"] = (
+            100.0 * row["tg_ts_mean"] / self.tg_roofline_ts if row["tg_ts_mean"] and self.tg_roofline_ts else None
+        )
         return row
 
     @classmethod

@@ -72,7 +72,7 @@ def min_p(n1: int, n2: int, paired: bool, alternative: str = "two-sided") -> flo
         return min(1.0, 2.0 ** (k - n)) if n else 1.0
     if not n1 or not n2:
         return 1.0
-    return min(1.0, 2.0 ** k / math.comb(n1 + n2, n1))
+    return min(1.0, 2.0**k / math.comb(n1 + n2, n1))
 
 
 def min_rounds(alpha: float, alternative: str = "two-sided") -> int:
@@ -105,8 +105,15 @@ def ratio(a: Sequence[float], b: Sequence[float], paired: bool) -> float:
     return float(np.median(a) / np.median(b))
 
 
-def compare(a: Sequence[float], b: Sequence[float], *, paired: bool, alpha: float, min_effect: float,
-            alternative: str = "two-sided") -> Comparison:
+def compare(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    paired: bool,
+    alpha: float,
+    min_effect: float,
+    alternative: str = "two-sided",
+) -> Comparison:
     """The rule: A and B differ when |ratio - 1| > min_effect (in the asked direction) AND p < alpha.
 
     Paired: a[i] and b[i] are round i's trial values of each side (equal lengths)."""
@@ -131,8 +138,9 @@ def median_ci(values: Sequence[float], seed: int = 0) -> tuple[float, float]:
     if len(x) < 2 or np.all(x == x[0]):
         v = float(x[0]) if len(x) else float("nan")
         return v, v
-    res = sps.bootstrap((x,), np.median, n_resamples=BOOT, method="percentile", confidence_level=0.95,
-                        rng=np.random.default_rng(seed))
+    res = sps.bootstrap(
+        (x,), np.median, n_resamples=BOOT, method="percentile", confidence_level=0.95, rng=np.random.default_rng(seed)
+    )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -144,14 +152,27 @@ def ratio_ci(a: Sequence[float], b: Sequence[float], paired: bool, seed: int = 0
     if min(len(a), len(b)) < 2:
         return r, r, r
     if paired:
-        stat = (lambda x, y, axis=-1: np.median(x / y, axis=axis))
+
+        def stat(x, y, axis=-1):
+            return np.median(x / y, axis=axis)
     else:
-        stat = (lambda x, y, axis=-1: np.median(x, axis=axis) / np.median(y, axis=axis))
+
+        def stat(x, y, axis=-1):
+            return np.median(x, axis=axis) / np.median(y, axis=axis)
+
     d = a / b if paired else None
     if paired and np.all(d == d[0]):
         return r, r, r
-    res = sps.bootstrap((a, b), stat, paired=paired, vectorized=True, n_resamples=BOOT, method="percentile",
-                        confidence_level=0.95, rng=np.random.default_rng(seed))
+    res = sps.bootstrap(
+        (a, b),
+        stat,
+        paired=paired,
+        vectorized=True,
+        n_resamples=BOOT,
+        method="percentile",
+        confidence_level=0.95,
+        rng=np.random.default_rng(seed),
+    )
     return r, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -163,8 +184,9 @@ def memory_matters(less: float, more: float) -> bool:
     return saved >= MEMORY_MIN_BYTES and saved >= MEMORY_MIN_SHARE * more
 
 
-def estimates_differ(base: float, base_err: float, cur: float, cur_err: float, rel: float,
-                     abs_floor: float = 0.0, z: float = Z) -> tuple[bool, bool]:
+def estimates_differ(
+    base: float, base_err: float, cur: float, cur_err: float, rel: float, abs_floor: float = 0.0, z: float = Z
+) -> tuple[bool, bool]:
     """(beyond the practical threshold, beyond z combined standard errors) for two estimates with standard
     errors: the threshold is `rel` of the base with an absolute floor (a change of a tiny base figure)."""
     delta = cur - base

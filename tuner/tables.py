@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 
-def text_table(head: list[str], rows: list[list[str]], right: set[int] | frozenset[int] = frozenset(),
-               rule: bool = True) -> str:
+def text_table(
+    head: list[str], rows: list[list[str]], right: set[int] | frozenset[int] = frozenset(), rule: bool = True
+) -> str:
     """Plain text (no colour, no markup): a header, a rule (unless rule=False), one line per row; columns two
     spaces apart, those in `right` right-aligned, no trailing spaces."""
     t = Table(box=box.SIMPLE_HEAD if rule else None, show_edge=False, pad_edge=False, highlight=False)
@@ -33,8 +34,9 @@ def text_table(head: list[str], rows: list[list[str]], right: set[int] | frozens
     return "\n".join(line.rstrip() for line in buf.getvalue().splitlines())
 
 
-def markdown_table(head: list[str], rows: Iterable[list[str]], right: set[int] | frozenset[int] = frozenset(),
-                   pad: bool = True) -> str:
+def markdown_table(
+    head: list[str], rows: Iterable[list[str]], right: set[int] | frozenset[int] = frozenset(), pad: bool = True
+) -> str:
     """GitHub markdown: the header, the delimiter row, one line per row; columns in `right` right-aligned.
 
     pad: each column as wide as its widest cell, as llama-bench prints it (the text reads as a table too); a
@@ -42,14 +44,21 @@ def markdown_table(head: list[str], rows: Iterable[list[str]], right: set[int] |
     `---` delimiters (a long table in a file stays small; a markdown viewer aligns it)."""
     rows = list(rows)
     if not pad:
-        return "\n".join(["| " + " | ".join(head) + " |",
-                          "|" + "|".join("--:" if i in right else "---" for i in range(len(head))) + "|"]
-                         + ["| " + " | ".join(r) + " |" for r in rows])
+        return "\n".join(
+            [
+                "| " + " | ".join(head) + " |",
+                "|" + "|".join("--:" if i in right else "---" for i in range(len(head))) + "|",
+            ]
+            + ["| " + " | ".join(r) + " |" for r in rows]
+        )
     widths = [max([len(h), 3 if i in right else 1] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
 
     def line(cells):
-        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
 
     delim = ["-" * (w - 1) + ":" if i in right else "-" * w for i, w in enumerate(widths)]
     return "\n".join([line(head), "| " + " | ".join(delim) + " |"] + [line(r) for r in rows])

@@ -71,8 +71,7 @@ def hms(s: float) -> str:
 def fmt_duration(seconds: float) -> str:
     """Seconds as a short label: 45s, 3m05s, 2h07m."""
     s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60
-                                                                   else f"{s}s")
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
 
 def parse_sizes(text: str | list | None) -> list[int] | None:

@@ -22,12 +22,20 @@ class TunerGroup(click.Group):
     """
 
     # every command: its module loads only when it runs (a new command is one line here and one module)
-    LAZY = {"hw": "tuner.cli.hw:hw", "synth": "tuner.cli.synth:synth", "bench": "tuner.cli.bench:bench",
-            "search": "tuner.cli.search:search", "recommend": "tuner.cli.recommend:recommend_cmd",
-            "compare": "tuner.cli.compare:compare", "estimate": "tuner.cli.estimate:estimate_cmd",
-            "report": "tuner.cli.report:report_cmd", "selftest": "tuner.cli.selftest:selftest_cmd",
-            "quality": "tuner.cli.quality:quality_cmd", "probe": "tuner.cli.probe:probe_cmd",
-            "rpc-server": "tuner.cli.rpc_server:rpc_server_cmd"}
+    LAZY = {
+        "hw": "tuner.cli.hw:hw",
+        "synth": "tuner.cli.synth:synth",
+        "bench": "tuner.cli.bench:bench",
+        "search": "tuner.cli.search:search",
+        "recommend": "tuner.cli.recommend:recommend_cmd",
+        "compare": "tuner.cli.compare:compare",
+        "estimate": "tuner.cli.estimate:estimate_cmd",
+        "report": "tuner.cli.report:report_cmd",
+        "selftest": "tuner.cli.selftest:selftest_cmd",
+        "quality": "tuner.cli.quality:quality_cmd",
+        "probe": "tuner.cli.probe:probe_cmd",
+        "rpc-server": "tuner.cli.rpc_server:rpc_server_cmd",
+    }
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.LAZY))

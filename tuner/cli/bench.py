@@ -16,14 +16,25 @@ from tuner.search import bench as benchlib
 @click.option("--mmap/--no-mmap", "use_mmap", default=None, help="memory-map the model (llama.cpp default: on)")
 @click.option("--mlock", "use_mlock", is_flag=True, default=None, help="lock the model in RAM")
 @click.option("--cpu-moe", "cpu_moe", is_flag=True, default=None, help="all routed experts in host RAM")
-@click.option("-ot", "--override-tensor", "overrides", multiple=True,
-              help="PATTERN=BUFFER, as llama.cpp -ot (e.g. 'exps=CPU'); repeatable")
+@click.option(
+    "-ot",
+    "--override-tensor",
+    "overrides",
+    multiple=True,
+    help="PATTERN=BUFFER, as llama.cpp -ot (e.g. 'exps=CPU'); repeatable",
+)
 @rpc_option
 @click.option("--warmup/--no-warmup", "warmup", default=None, help="one untimed run first (as llama-bench)")
 @shape_params
 @run_params()
-@click.option("-o", "--out", type=click.Path(dir_okay=False), default="results/bench.parquet", show_default=True,
-              help="Parquet file the trial row is appended to")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False),
+    default="results/bench.parquet",
+    show_default=True,
+    help="Parquet file the trial row is appended to",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the trial record as JSON")
 def bench(config, model, timeout, load_timeout, mem_limit, no_wait, lock_file, out, as_json, **params):
     """Measure one config the way llama-bench does, in a crash-isolated worker process.
@@ -40,8 +51,9 @@ def bench(config, model, timeout, load_timeout, mem_limit, no_wait, lock_file, o
     """
     if not model:
         raise TunerError("no model given (pass MODEL or --config FILE)")
-    res = benchlib.measure(model, out, timeout, mem_limit, no_wait, lock_file=lock_file, load_timeout=load_timeout,
-                           **params)
+    res = benchlib.measure(
+        model, out, timeout, mem_limit, no_wait, lock_file=lock_file, load_timeout=load_timeout, **params
+    )
     if res.interrupted:
         click.echo(f"interrupted: the trial was stopped and recorded as such in {res.out}", err=True)
         return 130

@@ -37,35 +37,91 @@ def _fail_on(value: tuple[str, ...]) -> tuple[str, ...]:
 @click.command("compare")
 @click.argument("baseline", type=click.Path(dir_okay=True))
 @click.argument("current", type=click.Path(dir_okay=True))
-@click.option("--ignore", "ignore", multiple=True, metavar="PARAM",
-              help="pair configs that differ only in PARAM (repeatable or comma-separated), e.g. flash_attn")
-@click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=PCT",
-              help="practical threshold in percent per metric (tg, pp, ttft, peak_ram, peak_vram) or group "
-                   "(speed, memory); defaults speed=5, memory=10")
-@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
-              show_default=True, help="significance level of the statistical test")
-@click.option("--max-cv", type=click.FloatRange(0, min_open=True), default=20.0, show_default=True,
-              help="percent: a side whose trials vary more than this (robust CV = 1.4826·MAD/median of the "
-                   "trial values) is inconclusive")
-@click.option("--min-samples", type=click.IntRange(2), default=3, show_default=True,
-              help="fewer trials a side is inconclusive (memory: threshold only)")
-@click.option("--allow-hw-mismatch", is_flag=True,
-              help="compare even when the hardware fingerprints differ (flagged in every output)")
-@click.option("--max-kld-increase", type=click.FloatRange(min=0), default=10.0, show_default=True,
-              help="percent: the quality gate, when both sides' records carry their model file's KLD (tuner "
-                   "search measured it): mean KLD up by more than this, and beyond 2 standard errors, regresses")
-@click.option("--fail-on", "fail_on", multiple=True, metavar="VERDICTS", show_default=True,
-              help="verdicts that fail the gate (exit 1): regression [default], inconclusive, missing")
-@click.option("--rerun-on-alert", is_flag=True,
-              help="re-measure each CURRENT config with a regression as many times as CURRENT measured it "
-                   "(appended to CURRENT) and fail only when the rerun confirms it")
+@click.option(
+    "--ignore",
+    "ignore",
+    multiple=True,
+    metavar="PARAM",
+    help="pair configs that differ only in PARAM (repeatable or comma-separated), e.g. flash_attn",
+)
+@click.option(
+    "--threshold",
+    "thresholds",
+    multiple=True,
+    metavar="METRIC=PCT",
+    help="practical threshold in percent per metric (tg, pp, ttft, peak_ram, peak_vram) or group "
+    "(speed, memory); defaults speed=5, memory=10",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.01,
+    show_default=True,
+    help="significance level of the statistical test",
+)
+@click.option(
+    "--max-cv",
+    type=click.FloatRange(0, min_open=True),
+    default=20.0,
+    show_default=True,
+    help="percent: a side whose trials vary more than this (robust CV = 1.4826·MAD/median of the "
+    "trial values) is inconclusive",
+)
+@click.option(
+    "--min-samples",
+    type=click.IntRange(2),
+    default=3,
+    show_default=True,
+    help="fewer trials a side is inconclusive (memory: threshold only)",
+)
+@click.option(
+    "--allow-hw-mismatch",
+    is_flag=True,
+    help="compare even when the hardware fingerprints differ (flagged in every output)",
+)
+@click.option(
+    "--max-kld-increase",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="percent: the quality gate, when both sides' records carry their model file's KLD (tuner "
+    "search measured it): mean KLD up by more than this, and beyond 2 standard errors, regresses",
+)
+@click.option(
+    "--fail-on",
+    "fail_on",
+    multiple=True,
+    metavar="VERDICTS",
+    show_default=True,
+    help="verdicts that fail the gate (exit 1): regression [default], inconclusive, missing",
+)
+@click.option(
+    "--rerun-on-alert",
+    is_flag=True,
+    help="re-measure each CURRENT config with a regression as many times as CURRENT measured it "
+    "(appended to CURRENT) and fail only when the rerun confirms it",
+)
 @run_params()
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON instead of a table")
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), help="also write a markdown report")
 @click.option("--junit", "junit_out", type=click.Path(dir_okay=False), help="also write JUnit XML for CI")
-def compare(baseline, current, ignore, thresholds, alpha, max_cv, min_samples, allow_hw_mismatch,
-            max_kld_increase, fail_on,
-            rerun_on_alert, as_json, markdown_out, junit_out, **run_opts):
+def compare(
+    baseline,
+    current,
+    ignore,
+    thresholds,
+    alpha,
+    max_cv,
+    min_samples,
+    allow_hw_mismatch,
+    max_kld_increase,
+    fail_on,
+    rerun_on_alert,
+    as_json,
+    markdown_out,
+    junit_out,
+    **run_opts,
+):
     """CI regression gate: compare CURRENT against BASELINE (Parquet files or study folders).
 
     Trials are paired by config (model content hash, every llama.cpp parameter and the test shape; not the
@@ -95,9 +151,15 @@ def compare(baseline, current, ignore, thresholds, alpha, max_cv, min_samples, a
       tuner compare results/base.parquet results/cand.parquet --rerun-on-alert
       tuner compare results/study-a results/study-b --ignore flash_attn --threshold tg=3 --json
     """
-    settings = cmp.Settings(thresholds=cmp.parse_thresholds(thresholds), alpha=alpha, max_cv=max_cv / 100.0,
-                            min_samples=min_samples, ignore=cmp.parse_ignore(ignore),
-                            allow_hw_mismatch=allow_hw_mismatch, max_kld_increase=max_kld_increase / 100.0)
+    settings = cmp.Settings(
+        thresholds=cmp.parse_thresholds(thresholds),
+        alpha=alpha,
+        max_cv=max_cv / 100.0,
+        min_samples=min_samples,
+        ignore=cmp.parse_ignore(ignore),
+        allow_hw_mismatch=allow_hw_mismatch,
+        max_kld_increase=max_kld_increase / 100.0,
+    )
     fail_on = _fail_on(fail_on)
     _check_out(markdown_out, "the markdown report")
     _check_out(junit_out, "the JUnit report")
@@ -106,9 +168,15 @@ def compare(baseline, current, ignore, thresholds, alpha, max_cv, min_samples, a
     report = cmp.compare(baseline, current, settings)
     if rerun_on_alert and report.regressions():
         # run_params' names (timeout, mem_limit, no_wait) are shared with bench and search
-        cmp.rerun_on_this_machine(report, current, run_opts.get("timeout", run_opts.get("trial_timeout", 600.0)),
-                                  run_opts.get("mem_limit"), run_opts.get("no_wait", False),
-                                  log=lambda line: click.echo(line, err=True), lock_file=run_opts.get("lock_file"))
+        cmp.rerun_on_this_machine(
+            report,
+            current,
+            run_opts.get("timeout", run_opts.get("trial_timeout", 600.0)),
+            run_opts.get("mem_limit"),
+            run_opts.get("no_wait", False),
+            log=lambda line: click.echo(line, err=True),
+            lock_file=run_opts.get("lock_file"),
+        )
 
     click.echo(report.to_json(fail_on) if as_json else report.table(fail_on))
     md = report.markdown(fail_on)

@@ -36,22 +36,37 @@ def hw(rpc, as_json):
     else:
         error = ""
     if as_json:
-        click.echo(json.dumps({**h.to_dict(), "devices": devices, **({"devices_error": error} if error else {})},
-                              indent=2))
+        click.echo(
+            json.dumps({**h.to_dict(), "devices": devices, **({"devices_error": error} if error else {})}, indent=2)
+        )
         return
     gib = 2**30
-    rows = [("CPU", h.cpu), ("cores", f"{h.cores_physical} physical, {h.cores_logical} logical"),
-            ("RAM", f"{h.ram_total / gib:.1f} GiB total, {h.ram_available / gib:.1f} GiB available"),
-            ("swap", f"{h.swap_total / gib:.1f} GiB total, {h.swap_free / gib:.1f} GiB free"),
-            ("OS", h.os), ("GPU offload", "yes" if h.gpu_offload else "no (no GPU or RPC device to offload to)")]
+    rows = [
+        ("CPU", h.cpu),
+        ("cores", f"{h.cores_physical} physical, {h.cores_logical} logical"),
+        ("RAM", f"{h.ram_total / gib:.1f} GiB total, {h.ram_available / gib:.1f} GiB available"),
+        ("swap", f"{h.swap_total / gib:.1f} GiB total, {h.swap_free / gib:.1f} GiB free"),
+        ("OS", h.os),
+        ("GPU offload", "yes" if h.gpu_offload else "no (no GPU or RPC device to offload to)"),
+    ]
     for g in h.gpus:
-        rows.append((f"GPU {g.index}", f"{g.name}, {g.vram_total / gib:.1f} GiB ({g.vram_free / gib:.1f} free), "
-                                       f"driver {g.driver}, CUDA {g.cuda}"))
+        rows.append(
+            (
+                f"GPU {g.index}",
+                f"{g.name}, {g.vram_total / gib:.1f} GiB ({g.vram_free / gib:.1f} free), "
+                f"driver {g.driver}, CUDA {g.cuda}",
+            )
+        )
     if not h.gpus:
         rows.append(("GPUs", f"none ({h.nvml or 'NVML found no device'})"))
     for d in devices:  # llama.cpp's own list: what n_gpu_layers and tensor_split place layers on
-        rows.append((f"device {d['name']}", f"{d['description']} ({d['backend']}, {d['type']}), "
-                                            f"{fmt_size(d['total'])} ({fmt_size(d['free'])} free)"))
+        rows.append(
+            (
+                f"device {d['name']}",
+                f"{d['description']} ({d['backend']}, {d['type']}), "
+                f"{fmt_size(d['total'])} ({fmt_size(d['free'])} free)",
+            )
+        )
     if error:
         rows.append(("devices", error))
     w = max(len(k) for k, _ in rows)

@@ -69,38 +69,80 @@ def _parse_rpc(ctx, param, value):
 
 
 rpc_option = click.option(
-    "--rpc", "rpc", default=None, callback=_parse_rpc, metavar="HOST:PORT[,HOST:PORT...]",
+    "--rpc",
+    "rpc",
+    default=None,
+    callback=_parse_rpc,
+    metavar="HOST:PORT[,HOST:PORT...]",
     help="llama.cpp RPC servers whose devices join this host's GPUs, as llama-server --rpc (tuner rpc-server "
-         "starts one; the protocol has no authentication: loopback or a private network only)")
+    "starts one; the protocol has no authentication: loopback or a private network only)",
+)
 
 
 def bench_params(f):
     """One value per llama.cpp parameter, named as in llama-bench."""
     for p in reversed(PARAMS):
-        f = click.option(*p.flags, p.name, type=click.Choice(p.type) if isinstance(p.type, tuple) else p.type, default=None, callback=check_count, help=p.help)(f)
+        f = click.option(
+            *p.flags,
+            p.name,
+            type=click.Choice(p.type) if isinstance(p.type, tuple) else p.type,
+            default=None,
+            callback=check_count,
+            help=p.help,
+        )(f)
     return f
 
 
 def space_params(f):
     """For search: each parameter a value, a list (4096,8192) or a range (0:61, 4:16:2)."""
     for p in reversed(PARAMS):
-        f = click.option(*p.flags, *p.search_flags, p.name, type=str, default=None,
-                         help=f"{p.help}; a value, a list or a range")(f)
+        f = click.option(
+            *p.flags, *p.search_flags, p.name, type=str, default=None, help=f"{p.help}; a value, a list or a range"
+        )(f)
     return f
 
 
 def shape_params(f):
     """The llama-bench test shape, shared by bench and search."""
     opts = [
-        click.option("-p", "--n-prompt", "n_prompt", type=int, default=None, callback=check_count,
-                     help="prompt tokens per pp repetition [512]"),
-        click.option("-n", "--n-gen", "n_gen", type=int, default=None, callback=check_count,
-                     help="generated tokens per tg repetition [128]"),
-        click.option("-d", "--n-depth", "--depth", "n_depth", type=int, default=None, callback=check_count,
-                     help="tokens already in the context before timing, as llama-bench -d [0; search: each rung of a "
-                     "--ctx ladder filled, n_ctx - n_prompt - n_gen]"),
-        click.option("-r", "--repetitions", "repetitions", type=int, default=None, callback=check_count,
-                     help="repetitions per test [5]"),
+        click.option(
+            "-p",
+            "--n-prompt",
+            "n_prompt",
+            type=int,
+            default=None,
+            callback=check_count,
+            help="prompt tokens per pp repetition [512]",
+        ),
+        click.option(
+            "-n",
+            "--n-gen",
+            "n_gen",
+            type=int,
+            default=None,
+            callback=check_count,
+            help="generated tokens per tg repetition [128]",
+        ),
+        click.option(
+            "-d",
+            "--n-depth",
+            "--depth",
+            "n_depth",
+            type=int,
+            default=None,
+            callback=check_count,
+            help="tokens already in the context before timing, as llama-bench -d [0; search: each rung of a "
+            "--ctx ladder filled, n_ctx - n_prompt - n_gen]",
+        ),
+        click.option(
+            "-r",
+            "--repetitions",
+            "repetitions",
+            type=int,
+            default=None,
+            callback=check_count,
+            help="repetitions per test [5]",
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -112,20 +154,40 @@ def run_params(timeout_flag: str = "--timeout"):
 
     def deco(f):
         opts = [
-            click.option(timeout_flag, timeout_flag.lstrip("-").replace("-", "_"), type=click.FloatRange(min=0, min_open=True), default=600.0,
-                         show_default=True,
-                         help="seconds before a trial is killed and recorded as timeout"),
-            click.option("--load-timeout", type=click.FloatRange(min=0, min_open=True), default=3600.0,
-                         show_default=True, help="seconds a model load may take before the trial is a timeout "
-                         "(the trial's own timeout counts from the end of the load)"),
-            click.option("--mem-limit", type=SIZE, default=None, callback=_check_positive_size,
-                         help="cap each trial's memory, e.g. 4GiB: a smaller machine (a memory cgroup, mmap'd "
-                              "weights included, where this machine allows one; else RLIMIT_DATA only)"),
-            click.option("--no-wait", is_flag=True,
-                         help="fail instead of waiting when another measurement runs on this machine"),
-            click.option("--lock-file", type=click.Path(dir_okay=False), default=None,
-                         help="the host-wide measurement lock [TUNER_LOCK_FILE, else /run/lock/tuner/measure.lock, "
-                              "shared by every user]; a lock file each lets one machine stand in for several hosts"),
+            click.option(
+                timeout_flag,
+                timeout_flag.lstrip("-").replace("-", "_"),
+                type=click.FloatRange(min=0, min_open=True),
+                default=600.0,
+                show_default=True,
+                help="seconds before a trial is killed and recorded as timeout",
+            ),
+            click.option(
+                "--load-timeout",
+                type=click.FloatRange(min=0, min_open=True),
+                default=3600.0,
+                show_default=True,
+                help="seconds a model load may take before the trial is a timeout "
+                "(the trial's own timeout counts from the end of the load)",
+            ),
+            click.option(
+                "--mem-limit",
+                type=SIZE,
+                default=None,
+                callback=_check_positive_size,
+                help="cap each trial's memory, e.g. 4GiB: a smaller machine (a memory cgroup, mmap'd "
+                "weights included, where this machine allows one; else RLIMIT_DATA only)",
+            ),
+            click.option(
+                "--no-wait", is_flag=True, help="fail instead of waiting when another measurement runs on this machine"
+            ),
+            click.option(
+                "--lock-file",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="the host-wide measurement lock [TUNER_LOCK_FILE, else /run/lock/tuner/measure.lock, "
+                "shared by every user]; a lock file each lets one machine stand in for several hosts",
+            ),
         ]
         for o in reversed(opts):
             f = o(f)
@@ -140,18 +202,38 @@ def quality_params(budget_help: str = "", text_flag: str = "--text"):
 
     def deco(f):
         opts = [
-            click.option("--reference", type=click.Path(dir_okay=False), default=None,
-                         help="the quality reference model (default: the highest-precision file among --model)"),
-            click.option("--reference-logits", type=click.Path(dir_okay=False), default=None,
-                         help="a file written by `tuner quality --save-reference-logits`: the reference without "
-                              "running it"),
-            click.option(text_flag, "text", type=click.Path(dir_okay=False), default=None,
-                         help="UTF-8 text to measure quality on (default: the text shipped with tuner; with "
-                              "--reference-logits: the file's text)"),
-            click.option("--max-kld", type=float, default=None,
-                         help="quality budget: mean KLD from the reference at most this" + budget_help),
-            click.option("--min-same-top", type=float, default=None,
-                         help="quality budget: top-token agreement with the reference at least this percentage"),
+            click.option(
+                "--reference",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="the quality reference model (default: the highest-precision file among --model)",
+            ),
+            click.option(
+                "--reference-logits",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="a file written by `tuner quality --save-reference-logits`: the reference without running it",
+            ),
+            click.option(
+                text_flag,
+                "text",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="UTF-8 text to measure quality on (default: the text shipped with tuner; with "
+                "--reference-logits: the file's text)",
+            ),
+            click.option(
+                "--max-kld",
+                type=float,
+                default=None,
+                help="quality budget: mean KLD from the reference at most this" + budget_help,
+            ),
+            click.option(
+                "--min-same-top",
+                type=float,
+                default=None,
+                help="quality budget: top-token agreement with the reference at least this percentage",
+            ),
         ]
         for o in reversed(opts):
             f = o(f)
@@ -179,8 +261,10 @@ def load_config_file(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise TunerError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or "model" not in data["config"]:
-        raise TunerError(f"{path} is not a tuner config (expected a JSON object with a 'config' holding "
-                         "'model', as recommended.json or `tuner bench --json` write)")
+        raise TunerError(
+            f"{path} is not a tuner config (expected a JSON object with a 'config' holding "
+            "'model', as recommended.json or `tuner bench --json` write)"
+        )
     cfg = dict(data["config"])
     unknown = set(cfg) - CONFIG_FIELDS
     if unknown:
@@ -207,8 +291,9 @@ def config_option(help_text: str):
             return value
         raw = load_config_file(Path(value))
         # keys may be parameter names (n_gpu_layers) or any long flag spelling (ngl, threads, model)
-        alias = {o.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for o in p.opts
-                 if o.startswith("--")}
+        alias = {
+            o.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for o in p.opts if o.startswith("--")
+        }
         alias.update({p.name: p.name for p in ctx.command.params})
         values = {alias.get(k, k): v for k, v in raw.items()}
         names = {p.name for p in ctx.command.params}
@@ -224,5 +309,6 @@ def config_option(help_text: str):
         ctx.default_map = {**(ctx.default_map or {}), **values}
         return value
 
-    return click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=True,
-                        callback=callback, help=help_text)
+    return click.option(
+        "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=True, callback=callback, help=help_text
+    )

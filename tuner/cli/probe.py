@@ -11,19 +11,49 @@ from tuner.plan import probe
 
 
 @click.command("probe")
-@click.option("-t", "--threads", "threads", default=None,
-              help="thread counts to measure, comma-separated (default: 1, 2, 4, ... and the physical cores)")
-@click.option("--types", "types", default=None,
-              help="ggml types to measure, comma-separated (default: F16,Q8_0,Q6_K,Q5_K,Q5_0,Q4_K,Q4_0,Q3_K,Q2_K)")
-@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=2, show_default=True,
-              help="repetitions within each trial")
-@click.option("--passes", type=click.IntRange(min=1), default=2, show_default=True,
-              help="passes over every model; a figure is the median over its passes (a shared machine drifts "
-                   "between minutes more than within a trial)")
-@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
-              help="probe file (default: ~/.cache/tuner/probe-<hardware>-<build>.json, which estimate --speed reads)")
-@click.option("--models", "model_dir", type=click.Path(file_okay=False), default=None,
-              help="folder for the probe's synthetic models (default: ~/.cache/tuner/probe-models)")
+@click.option(
+    "-t",
+    "--threads",
+    "threads",
+    default=None,
+    help="thread counts to measure, comma-separated (default: 1, 2, 4, ... and the physical cores)",
+)
+@click.option(
+    "--types",
+    "types",
+    default=None,
+    help="ggml types to measure, comma-separated (default: F16,Q8_0,Q6_K,Q5_K,Q5_0,Q4_K,Q4_0,Q3_K,Q2_K)",
+)
+@click.option(
+    "-r",
+    "--repetitions",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="repetitions within each trial",
+)
+@click.option(
+    "--passes",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="passes over every model; a figure is the median over its passes (a shared machine drifts "
+    "between minutes more than within a trial)",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="probe file (default: ~/.cache/tuner/probe-<hardware>-<build>.json, which estimate --speed reads)",
+)
+@click.option(
+    "--models",
+    "model_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="folder for the probe's synthetic models (default: ~/.cache/tuner/probe-models)",
+)
 @click.option("--show", is_flag=True, help="print this rig's probe without measuring")
 @click.option("--json", "as_json", is_flag=True, help="print the probe as JSON")
 def probe_cmd(threads, types, repetitions, passes, out, model_dir, show, as_json):
@@ -47,8 +77,15 @@ def probe_cmd(threads, types, repetitions, passes, out, model_dir, show, as_json
     else:
         ts = _ints(threads, "--threads") if threads else None
         ty = [t.strip().upper() for t in types.split(",") if t.strip()] if types else None
-        data, path = probe.run(out, ty, ts, repetitions, model_dir=model_dir, passes=passes,
-                               echo=None if as_json else lambda s: click.echo(s, err=True))
+        data, path = probe.run(
+            out,
+            ty,
+            ts,
+            repetitions,
+            model_dir=model_dir,
+            passes=passes,
+            echo=None if as_json else lambda s: click.echo(s, err=True),
+        )
         click.echo(f"wrote {path}", err=True)
     if as_json:
         click.echo(json.dumps(data, indent=1))

@@ -24,7 +24,14 @@ def _llama_params(*names):
 
     def deco(f):
         for p in reversed([p for p in PARAMS if p.name in names]):
-            f = click.option(*p.flags, p.name, type=click.Choice(p.type) if isinstance(p.type, tuple) else p.type, default=None, callback=check_count, help=p.help)(f)
+            f = click.option(
+                *p.flags,
+                p.name,
+                type=click.Choice(p.type) if isinstance(p.type, tuple) else p.type,
+                default=None,
+                callback=check_count,
+                help=p.help,
+            )(f)
         return f
 
     return deco
@@ -32,23 +39,66 @@ def _llama_params(*names):
 
 @click.command("quality")
 @click.option("-m", "--model", "models", multiple=True, help="GGUF file to measure (repeat for several quants)")
-@click.option("--save-reference-logits", type=click.Path(dir_okay=False), default=None,
-              help="write the reference's summary here, for --reference-logits on another machine")
+@click.option(
+    "--save-reference-logits",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="write the reference's summary here, for --reference-logits on another machine",
+)
 @quality_params(" (exit 1 beyond)")
-@click.option("-c", "--ctx", type=int, default=None,
-              help="tokens per chunk, as llama-perplexity -c [512; with --reference-logits: the file's]")
-@click.option("--top-k", type=click.IntRange(min=0), default=None,
-              help="reference tokens kept per position (0: the whole vocabulary) [1024]")
+@click.option(
+    "-c",
+    "--ctx",
+    type=int,
+    default=None,
+    help="tokens per chunk, as llama-perplexity -c [512; with --reference-logits: the file's]",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=0),
+    default=None,
+    help="reference tokens kept per position (0: the whole vocabulary) [1024]",
+)
 @_llama_params("n_gpu_layers", "n_threads", "type_k", "type_v")
-@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="the cache lives in RESULTS/quality/")
-@click.option("--cache/--no-cache", "use_cache", default=True, show_default=True,
-              help="reuse (and keep) results for the same model, reference, text, ctx and KV types")
+@click.option(
+    "--results",
+    default="results",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="the cache lives in RESULTS/quality/",
+)
+@click.option(
+    "--cache/--no-cache",
+    "use_cache",
+    default=True,
+    show_default=True,
+    help="reuse (and keep) results for the same model, reference, text, ctx and KV types",
+)
 @run_params()
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per model")
-def quality_cmd(models, save_reference_logits, reference, reference_logits, text, max_kld, min_same_top, ctx, top_k,
-                n_gpu_layers, n_threads, type_k, type_v, results, use_cache, timeout, load_timeout, mem_limit, no_wait,
-                lock_file, as_json):
+def quality_cmd(
+    models,
+    save_reference_logits,
+    reference,
+    reference_logits,
+    text,
+    max_kld,
+    min_same_top,
+    ctx,
+    top_k,
+    n_gpu_layers,
+    n_threads,
+    type_k,
+    type_v,
+    results,
+    use_cache,
+    timeout,
+    load_timeout,
+    mem_limit,
+    no_wait,
+    lock_file,
+    as_json,
+):
     """Measure what each quant costs in quality: KL divergence of its next-token distributions from a reference.
 
     Computed as llama-perplexity --kl-divergence does (chunks of --ctx tokens, the second half of each scored):
@@ -64,17 +114,29 @@ def quality_cmd(models, save_reference_logits, reference, reference_logits, text
     """
     try:
         budget = Budget(max_kld, min_same_top) if max_kld is not None or min_same_top is not None else None
-        settings = Settings(ctx=ctx, top_k=DEFAULT_TOP_K if top_k is None else top_k,
-                              n_threads=n_threads or 0, n_gpu_layers=99 if n_gpu_layers is None else n_gpu_layers,
-                              type_k=type_k or "f16", type_v=type_v or "f16")
+        settings = Settings(
+            ctx=ctx,
+            top_k=DEFAULT_TOP_K if top_k is None else top_k,
+            n_threads=n_threads or 0,
+            n_gpu_layers=99 if n_gpu_layers is None else n_gpu_layers,
+            type_k=type_k or "f16",
+            type_v=type_v or "f16",
+        )
         if reference_logits and top_k is not None:
             raise QualityError("--top-k is fixed by the --reference-logits file")
         cache = Cache(results) if use_cache else None
         with measurement_lock(wait=not no_wait, what="tuner quality", path=lock_file):
             with Runner(timeout=timeout, mem_limit=mem_limit, load_timeout=load_timeout) as runner:
-                res = measure_quality(list(models), runner, reference=reference, reference_logits=reference_logits,
-                                text=text, settings=settings, cache=cache,
-                                save_reference=save_reference_logits)
+                res = measure_quality(
+                    list(models),
+                    runner,
+                    reference=reference,
+                    reference_logits=reference_logits,
+                    text=text,
+                    settings=settings,
+                    cache=cache,
+                    save_reference=save_reference_logits,
+                )
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was cached for the pass that was running", err=True)
         return 130
@@ -102,9 +164,18 @@ def table(res, verdicts: dict) -> str:
         name = Path(r.model).name + (" (ref)" if r.is_reference else "") + (" (cached)" if r.cached else "")
         size = benchlib.fmt_size(r.model_size_bytes) if r.model_size_bytes else ""
         if r.ok:
-            row = [name, r.file_type, size, f"{r.kld_mean:.5f} ± {r.kld_mean_err:.5f}", f"{r.kld_median:.5f}",
-                   f"{r.kld_p99:.4f}", f"{r.same_top_pct:.2f} %", f"{r.ppl:.3f}", f"{r.ppl_ratio:.4f}",
-                   str(r.n_tokens)]
+            row = [
+                name,
+                r.file_type,
+                size,
+                f"{r.kld_mean:.5f} ± {r.kld_mean_err:.5f}",
+                f"{r.kld_median:.5f}",
+                f"{r.kld_p99:.4f}",
+                f"{r.same_top_pct:.2f} %",
+                f"{r.ppl:.3f}",
+                f"{r.ppl_ratio:.4f}",
+                str(r.n_tokens),
+            ]
         else:
             row = [name, r.file_type, size, f"{r.outcome}: {r.cause[:80]}"] + [""] * 6
         if verdicts:

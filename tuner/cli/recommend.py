@@ -16,8 +16,12 @@ from tuner.search.run import recommend_study
 
 @click.command("recommend")
 @click.argument("study_dir", type=click.Path(file_okay=False), required=False)
-@click.option("--storage", default=None, help="read the study from this shared storage (a fleet) instead of "
-              "STUDY_DIR, which then receives a snapshot (optional)")
+@click.option(
+    "--storage",
+    default=None,
+    help="read the study from this shared storage (a fleet) instead of "
+    "STUDY_DIR, which then receives a snapshot (optional)",
+)
 @click.option("--study", "study_name", default=None, help="with --storage: the study's name")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=None, help="default: the study's")
 @limits_options
@@ -34,10 +38,17 @@ def recommend_cmd(study_dir, storage, study_name, objective, min_ctx, max_vram, 
     if storage or study_name:
         for folder in fleet.snapshot_for_cli(storage, study_name, study_dir):  # one per fingerprint group
             # without STUDY_DIR the snapshot is a temp folder deleted at exit: nothing there to point at
-            click.get_current_context().invoke(recommend_cmd, study_dir=str(folder), objective=objective,
-                                               min_ctx=min_ctx, max_vram=max_vram, max_ram=max_ram,
-                                               headroom=headroom, as_json=as_json,
-                                               write=write and study_dir is not None)
+            click.get_current_context().invoke(
+                recommend_cmd,
+                study_dir=str(folder),
+                objective=objective,
+                min_ctx=min_ctx,
+                max_vram=max_vram,
+                max_ram=max_ram,
+                headroom=headroom,
+                as_json=as_json,
+                write=write and study_dir is not None,
+            )
         return
     if study_dir is None:
         raise TunerError("no study: pass STUDY_DIR, or --storage URL --study NAME")

@@ -14,17 +14,32 @@ from tuner.search import fleet
 
 @click.command("report")
 @click.argument("study_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False))
-@click.option("--storage", default=None, help="also report a study of this shared storage (a fleet): one study "
-              "per fingerprint group, from any host, no Parquet needed")
+@click.option(
+    "--storage",
+    default=None,
+    help="also report a study of this shared storage (a fleet): one study "
+    "per fingerprint group, from any host, no Parquet needed",
+)
 @click.option("--study", "study_name", default=None, help="with --storage: the study's name")
-@click.option("-o", "--out", type=click.Path(file_okay=False), default=None,
-              help="folder for the report  [default: STUDY_DIR/report for one study, ./report for several]")
-@click.option("--format", "formats", default="png,svg", show_default=True,
-              help="chart formats, comma-separated: png, svg, pdf")
-@click.option("--outcome-map", "outcome_map", default=",".join(reportlib.DEFAULT_MAP), show_default=True,
-              metavar="X,Y", help="the two config parameters of the outcome map")
-@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
-              help="rows in the top-configs table")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="folder for the report  [default: STUDY_DIR/report for one study, ./report for several]",
+)
+@click.option(
+    "--format", "formats", default="png,svg", show_default=True, help="chart formats, comma-separated: png, svg, pdf"
+)
+@click.option(
+    "--outcome-map",
+    "outcome_map",
+    default=",".join(reportlib.DEFAULT_MAP),
+    show_default=True,
+    metavar="X,Y",
+    help="the two config parameters of the outcome map",
+)
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="rows in the top-configs table")
 def report_cmd(study_dirs, storage, study_name, out, formats, outcome_map, top):
     """Charts and a report (report.html, report.md) from what `tuner search` wrote; nothing is re-run.
 
@@ -61,5 +76,7 @@ def _report(study_dirs, out, formats, outcome_map, top):
     click.echo(f"  {rep.md_path}")
     for s in rep.studies:
         rec = s.recommended
-        click.echo(f"  {s.label}: {len(s.ok)}/{len(s.trials)} trials ok; "
-                   + (f"recommended trial #{rec['trial_number']}" if rec else "no recommendation"))
+        click.echo(
+            f"  {s.label}: {len(s.ok)}/{len(s.trials)} trials ok; "
+            + (f"recommended trial #{rec['trial_number']}" if rec else "no recommendation")
+        )

@@ -14,12 +14,21 @@ from tuner.units import fmt_size
 
 
 @click.command("rpc-server")
-@click.option("-H", "--host", default="127.0.0.1", show_default=True,
-              help="address to listen on; anything but loopback exposes an unauthenticated protocol")
+@click.option(
+    "-H",
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="address to listen on; anything but loopback exposes an unauthenticated protocol",
+)
 @click.option("-p", "--port", type=click.IntRange(1, 65535), default=rpc.DEFAULT_PORT, show_default=True)
-@click.option("--mem", type=SIZE, default=None,
-              help="make it a device of this size: the size clients are told and the limit its buffers meet "
-                   "(default: the host's RAM, reported, not enforced, as llama.cpp's server does)")
+@click.option(
+    "--mem",
+    type=SIZE,
+    default=None,
+    help="make it a device of this size: the size clients are told and the limit its buffers meet "
+    "(default: the host's RAM, reported, not enforced, as llama.cpp's server does)",
+)
 @click.option("-t", "--threads", type=click.IntRange(1), default=None, help="compute threads (default: physical cores)")
 def rpc_server_cmd(host, port, mem, threads):
     """Serve this host's CPU to llama.cpp RPC clients until stopped (Ctrl-C).
@@ -41,8 +50,11 @@ def rpc_server_cmd(host, port, mem, threads):
         raise rpc.RpcError(f"--mem {fmt_size(mem)} is more than this host's RAM ({fmt_size(ram)})")
     rpc.check_port_free(host, port)
     if not rpc.is_loopback(host):
-        click.echo(f"warning: serving on {host}: llama.cpp's RPC protocol has no authentication; anyone who can "
-                   "reach this port can use this machine's memory and compute", err=True)
+        click.echo(
+            f"warning: serving on {host}: llama.cpp's RPC protocol has no authentication; anyone who can "
+            "reach this port can use this machine's memory and compute",
+            err=True,
+        )
     from tuner import llama  # noqa: PLC0415 - loads llama.cpp: only the server process, after its checks
 
     cap = llama.DeviceCap(mem, log=lambda line: click.echo(f"rpc-server: {line}", err=True)) if mem else None
@@ -51,8 +63,11 @@ def rpc_server_cmd(host, port, mem, threads):
     n = threads or psutil.cpu_count(logical=False) or 1
     server = threading.Thread(target=llama.rpc_serve, args=(endpoint, n), daemon=True)
     server.start()
-    click.echo(f"tuner rpc-server: serving {'a ' + fmt_size(cap.size) + ' device' if cap else 'the CPU'} on "
-               f"{endpoint} (pid {os.getpid()})", err=True)
+    click.echo(
+        f"tuner rpc-server: serving {'a ' + fmt_size(cap.size) + ' device' if cap else 'the CPU'} on "
+        f"{endpoint} (pid {os.getpid()})",
+        err=True,
+    )
     try:
         while server.is_alive():
             server.join(0.5)

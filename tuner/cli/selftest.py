@@ -12,8 +12,13 @@ from tuner.record import TrialRecord
 
 
 @click.command("selftest")
-@click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT, show_default=True,
-              help="seconds before a trial counts as hung (the two hang cases take this long each)")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="seconds before a trial counts as hung (the two hang cases take this long each)",
+)
 @click.option("--no-wait", is_flag=True, help="fail instead of waiting when another measurement runs")
 def selftest_cmd(timeout, no_wait):
     """Inject real faults into real trial workers and check that each is recorded right.
@@ -21,11 +26,13 @@ def selftest_cmd(timeout, no_wait):
     Makes a tiny synthetic model in a temporary folder, then runs a clean trial and trials whose worker is
     killed by SIGKILL, segfaults, aborts, exits without a result, hangs while loading, hangs while decoding,
     and fails to allocate memory; then kills a running `tuner search` itself (SIGKILL, mid-trial) and checks
-    that re-running the same command resumes it with no completed trial lost. Prints expected vs recorded outcome and cause; exits 0 only if all match
+    that re-running the same command resumes it with no completed trial lost. Prints expected vs recorded outcome and
+    cause; exits 0 only if all match
     (1 otherwise). Takes about 2 x --timeout plus a few seconds.
 
     Example: tuner selftest --timeout 20
     """
+
     def progress(case: Case, rec: TrialRecord) -> None:
         click.echo(f"  {case.name}: {rec.outcome} ({rec.wall_s:.1f} s)", err=True)
 
@@ -40,12 +47,18 @@ def selftest_cmd(timeout, no_wait):
         click.echo("selftest FAILED: the search did not resume cleanly after a SIGKILL", err=True)
         return 1
     if bad:
-        click.echo(f"selftest FAILED: {len(bad)} of {len(results)} cases recorded wrong "
-                   f"({', '.join(r.case.name for r in bad)})", err=True)
+        click.echo(
+            f"selftest FAILED: {len(bad)} of {len(results)} cases recorded wrong "
+            f"({', '.join(r.case.name for r in bad)})",
+            err=True,
+        )
         for r in bad:
             if r.record.stderr_tail:
                 click.echo(f"--- {r.case.name}: worker stderr (tail) ---\n{r.record.stderr_tail}", err=True)
         return 1
-    click.echo(f"selftest passed: {len(results)} of {len(results)} cases recorded as expected "
-               f"in {time.monotonic() - t0:.0f} s", err=True)
+    click.echo(
+        f"selftest passed: {len(results)} of {len(results)} cases recorded as expected "
+        f"in {time.monotonic() - t0:.0f} s",
+        err=True,
+    )
     return 0

@@ -19,10 +19,14 @@ LOG_PATTERNS = {
     "output": re.compile(rf"llama_context:\s+(\S+)\s+output buffer size =\s+{_MIB}"),
     "compute": re.compile(rf"sched_reserve:\s+(\S+) compute buffer size =\s+{_MIB}"),
 }
-KV_SIZE_RE = re.compile(r"llama_kv_cache: size =\s*[\d.]+ MiB \(\s*(\d+) cells,\s*(\d+) layers.*?K \((\w+)\):\s*"
-                        r"([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB")
-RS_SIZE_RE = re.compile(r"llama_memory_recurrent: size =\s*[\d.]+ MiB \(\s*(\d+) cells,\s*(\d+) layers.*?"
-                        r"R \(\w+\):\s*([\d.]+) MiB, S \(\w+\):\s*([\d.]+) MiB")
+KV_SIZE_RE = re.compile(
+    r"llama_kv_cache: size =\s*[\d.]+ MiB \(\s*(\d+) cells,\s*(\d+) layers.*?K \((\w+)\):\s*"
+    r"([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB"
+)
+RS_SIZE_RE = re.compile(
+    r"llama_memory_recurrent: size =\s*[\d.]+ MiB \(\s*(\d+) cells,\s*(\d+) layers.*?"
+    r"R \(\w+\):\s*([\d.]+) MiB, S \(\w+\):\s*([\d.]+) MiB"
+)
 
 
 def parse_log(text: str) -> dict:
@@ -34,11 +38,21 @@ def parse_log(text: str) -> dict:
     for kind, rx in LOG_PATTERNS.items():
         for buft, mib in rx.findall(text):
             out[kind][buft] = out[kind].get(buft, 0) + round(float(mib) * MiB)
-    out["kv_caches"] = [{"cells": int(c), "layers": int(n), "type_k": tk, "k": round(float(k) * MiB),
-                         "type_v": tv, "v": round(float(v) * MiB)}
-                        for c, n, tk, k, tv, v in KV_SIZE_RE.findall(text)]
-    out["rs_caches"] = [{"cells": int(c), "layers": int(n), "r": round(float(r) * MiB), "s": round(float(s) * MiB)}
-                        for c, n, r, s in RS_SIZE_RE.findall(text)]
+    out["kv_caches"] = [
+        {
+            "cells": int(c),
+            "layers": int(n),
+            "type_k": tk,
+            "k": round(float(k) * MiB),
+            "type_v": tv,
+            "v": round(float(v) * MiB),
+        }
+        for c, n, tk, k, tv, v in KV_SIZE_RE.findall(text)
+    ]
+    out["rs_caches"] = [
+        {"cells": int(c), "layers": int(n), "r": round(float(r) * MiB), "s": round(float(s) * MiB)}
+        for c, n, r, s in RS_SIZE_RE.findall(text)
+    ]
     out["kv_bytes"] = sum(c["k"] + c["v"] for c in out["kv_caches"])
     out["rs_bytes"] = sum(c["r"] + c["s"] for c in out["rs_caches"])
     return out

@@ -50,10 +50,16 @@ class Hardware:
 
     def fingerprint_dict(self) -> dict:
         """What makes two machines comparable: not the free memory of the moment."""
-        return {"cpu": self.cpu, "cores_physical": self.cores_physical, "cores_logical": self.cores_logical,
-                "ram_total_gib": round(self.ram_total / 2**30), "os": platform.system(),
-                "gpus": [{"name": g.name, "vram_total_gib": round(g.vram_total / 2**30), "driver": g.driver}
-                         for g in self.gpus]}
+        return {
+            "cpu": self.cpu,
+            "cores_physical": self.cores_physical,
+            "cores_logical": self.cores_logical,
+            "ram_total_gib": round(self.ram_total / 2**30),
+            "os": platform.system(),
+            "gpus": [
+                {"name": g.name, "vram_total_gib": round(g.vram_total / 2**30), "driver": g.driver} for g in self.gpus
+            ],
+        }
 
     def fingerprint(self) -> str:
         return digest(self.fingerprint_dict())
@@ -102,8 +108,17 @@ class Nvml:
         out = []
         for i, h in enumerate(self.handles):
             mem = nv.nvmlDeviceGetMemoryInfo(h)
-            out.append(GPU(i, _s(nv.nvmlDeviceGetName(h)), _s(nv.nvmlDeviceGetUUID(h)), int(mem.total),
-                           int(mem.free), driver, cuda))
+            out.append(
+                GPU(
+                    i,
+                    _s(nv.nvmlDeviceGetName(h)),
+                    _s(nv.nvmlDeviceGetUUID(h)),
+                    int(mem.total),
+                    int(mem.free),
+                    driver,
+                    cuda,
+                )
+            )
         return out
 
     def process_vram(self, pids: set[int]) -> list[int]:
@@ -163,10 +178,18 @@ def cpu_name() -> str:
 def probe(nvml: Nvml | None = None, with_llama: bool = False) -> Hardware:
     nvml = nvml or Nvml()
     vm, sw = psutil.virtual_memory(), psutil.swap_memory()
-    hw = Hardware(cpu=cpu_name(), cores_physical=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
-                  cores_logical=psutil.cpu_count() or 1, ram_total=vm.total, ram_available=vm.available,
-                  swap_total=sw.total, swap_free=sw.free, os=f"{platform.system()} {platform.release()}",
-                  gpus=nvml.gpus(), nvml=nvml.error)
+    hw = Hardware(
+        cpu=cpu_name(),
+        cores_physical=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        cores_logical=psutil.cpu_count() or 1,
+        ram_total=vm.total,
+        ram_available=vm.available,
+        swap_total=sw.total,
+        swap_free=sw.free,
+        os=f"{platform.system()} {platform.release()}",
+        gpus=nvml.gpus(),
+        nvml=nvml.error,
+    )
     if with_llama:
         hw.gpu_offload = build_info()["gpu_offload"]
     return hw
@@ -212,10 +235,17 @@ def llama_devices(rpc: tuple[str, ...] = ()) -> list[dict]:
     with the RPC servers' devices added as llama-server's --rpc adds them; free and total memory as each reports
     it. Asked of a child interpreter, as build_info is: an unreachable server aborts the process that adds it.
     Raises RuntimeError (one line) when the child fails."""
-    code = ("import json, sys, tuner.llama as g; rpc = [e for e in sys.argv[1].split(',') if e]; "
-            "rpc and g.rpc_add_servers(rpc); print(json.dumps(g.devices()))")
-    out = subprocess.run([sys.executable, "-c", code, ",".join(rpc)], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, GGML_NO_BACKTRACE="1"))
+    code = (
+        "import json, sys, tuner.llama as g; rpc = [e for e in sys.argv[1].split(',') if e]; "
+        "rpc and g.rpc_add_servers(rpc); print(json.dumps(g.devices()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, ",".join(rpc)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, GGML_NO_BACKTRACE="1"),
+    )
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
         raise RuntimeError(f"llama.cpp could not list its devices: {last}")

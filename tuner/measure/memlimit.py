@@ -65,7 +65,7 @@ def _mounts() -> list[tuple[str, str, str, str]]:
 
 
 def _folder(mount: str, root: str, path: str) -> Path:
-    rel = path[len(root):] if root != "/" and path.startswith(root) else path
+    rel = path[len(root) :] if root != "/" and path.startswith(root) else path
     return Path(mount) / rel.lstrip("/")
 
 
@@ -187,9 +187,11 @@ class MemLimit:
         """One line for the user when the limit is weaker than asked (empty when a cgroup applies)."""
         if self.version:
             return ""
-        return (f"--mem-limit: no memory cgroup here ({self.why_not}); only RLIMIT_DATA applies, which does not "
-                "cover llama.cpp's mmap of the weights (run as root on a machine with a writable memory "
-                "controller, or pass --no-mmap)")
+        return (
+            f"--mem-limit: no memory cgroup here ({self.why_not}); only RLIMIT_DATA applies, which does not "
+            "cover llama.cpp's mmap of the weights (run as root on a machine with a writable memory "
+            "controller, or pass --no-mmap)"
+        )
 
     def command(self, argv: list[str]) -> list[str]:
         """argv, started inside the cgroup: the process joins it before exec, so all it allocates is charged."""

@@ -44,8 +44,14 @@ REFAULT_FLOOR = 64 << 20  # file pages re-read under --mem-limit before a small 
 
 def new_record(cfg: TrialConfig, hw: hardware.Hardware, build: dict, info=None) -> TrialRecord:
     """A trial record with the facts every row carries: hardware, build, model (read once, cached)."""
-    rec = TrialRecord(config=cfg, started_utc=utcnow(), hw=hw.to_dict(), build=dict(build),
-                      hw_fingerprint=hw.fingerprint(), build_fingerprint=hardware.build_fingerprint(build))
+    rec = TrialRecord(
+        config=cfg,
+        started_utc=utcnow(),
+        hw=hw.to_dict(),
+        build=dict(build),
+        hw_fingerprint=hw.fingerprint(),
+        build_fingerprint=hardware.build_fingerprint(build),
+    )
     rec.__dict__.update((info or read_model(cfg.model)).facts())
     return rec
 
@@ -125,8 +131,9 @@ def tail(text: str, lines: int = 40, chars: int = 4000) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])[-chars:]
 
 
-def classify(result: dict | None, returncode: int | None, stderr: str, oom_killed: bool,
-             killed_for: str | None) -> tuple[str, str]:
+def classify(
+    result: dict | None, returncode: int | None, stderr: str, oom_killed: bool, killed_for: str | None
+) -> tuple[str, str]:
     """Outcome and one-line cause for a trial without a clean result."""
     if killed_for:
         return killed_for.split(":", 1)[0], killed_for.split(":", 1)[1].strip()
@@ -151,10 +158,18 @@ def classify(result: dict | None, returncode: int | None, stderr: str, oom_kille
 class Runner:
     """Runs trials in worker processes and returns one TrialRecord per trial."""
 
-    def __init__(self, timeout: float = DEFAULT_TIMEOUT, mem_limit: int | None = None, reuse: bool = False,
-                 nvml: hardware.Nvml | None = None, swap_rate_limit: int = DEFAULT_SWAP_RATE,
-                 poll_interval: float = 0.5, hw: hardware.Hardware | None = None, build: dict | None = None,
-                 load_timeout: float = DEFAULT_LOAD_TIMEOUT):
+    def __init__(
+        self,
+        timeout: float = DEFAULT_TIMEOUT,
+        mem_limit: int | None = None,
+        reuse: bool = False,
+        nvml: hardware.Nvml | None = None,
+        swap_rate_limit: int = DEFAULT_SWAP_RATE,
+        poll_interval: float = 0.5,
+        hw: hardware.Hardware | None = None,
+        build: dict | None = None,
+        load_timeout: float = DEFAULT_LOAD_TIMEOUT,
+    ):
         self.timeout = timeout
         self.load_timeout = load_timeout
         self.mem_limit = mem_limit
@@ -188,8 +203,9 @@ class Runner:
             argv = [sys.executable, "-m", "tuner.measure.worker", str(wfd)]
             if self.limit:
                 argv = self.limit.command(argv)
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(wfd,),
-                                    start_new_session=True, env=env)
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(wfd,), start_new_session=True, env=env
+            )
         os.close(wfd)
         return _Worker(proc, rfd, log_path, device_base=base)
 
@@ -254,8 +270,11 @@ class Runner:
         for this job, and no reuse after it). `on_stage(event)` sees every stage event as it arrives.
         """
         w = self._worker
-        usable = w is not None and w.proc.poll() is None and (
-            not w.used or (self.reuse and load_key is not None and w.load_key == load_key))
+        usable = (
+            w is not None
+            and w.proc.poll() is None
+            and (not w.used or (self.reuse and load_key is not None and w.load_key == load_key))
+        )
         if not usable:
             if w is not None:
                 self._reap(w, kill=not w.used)
@@ -310,18 +329,25 @@ class Runner:
                 x.vram.add(self.nvml.sample({w.pid}), w.device_base)
                 rate = swap.thrashing(now, psutil.swap_memory().sin) if swap else None
                 if rate is not None:
-                    x.killed_for = (f"swap: stopped while thrashing swap ({rate / 2**20:.0f} MiB/s swapped in, "
-                                    f"stage {x.stage})")
+                    x.killed_for = (
+                        f"swap: stopped while thrashing swap ({rate / 2**20:.0f} MiB/s swapped in, stage {x.stage})"
+                    )
                     break
-                if x.result is None and x.stage in SETUP_STAGES and setup_t0 is not None \
-                        and now - setup_t0 > self.load_timeout:
+                if (
+                    x.result is None
+                    and x.stage in SETUP_STAGES
+                    and setup_t0 is not None
+                    and now - setup_t0 > self.load_timeout
+                ):
                     what = "the model load" if x.stage == "load" else "filling the context to its depth"
                     x.killed_for = f"timeout: {what} took over {self.load_timeout:g} s (--load-timeout)"
                     break
                 if x.result is None and x.stage not in SETUP_STAGES and now - t0 - setup_s > self.timeout:
-                    x.killed_for = (f"timeout: no result after {self.timeout:g} s (stage {x.stage})"
-                                    + (f"; the {setup_s:.0f} s of model load and context fill before it not counted"
-                                       if setup_s >= 1 else ""))
+                    x.killed_for = f"timeout: no result after {self.timeout:g} s (stage {x.stage})" + (
+                        f"; the {setup_s:.0f} s of model load and context fill before it not counted"
+                        if setup_s >= 1
+                        else ""
+                    )
                     break
                 x.killed_for = self._thrashing_weights(model, refault0, x.stage) if self.limit and model else None
                 if x.killed_for:
@@ -333,8 +359,13 @@ class Runner:
             x.killed_for = self._thrashing_weights(model, refault0, x.stage)
         x.wall_s = time.monotonic() - t0
         x.swap_in_bytes = max(0, psutil.swap_memory().sin - sin0)
-        keep = (x.result is not None and x.result["outcome"] == "ok" and self.reuse and x.killed_for is None
-                and load_key is not None)
+        keep = (
+            x.result is not None
+            and x.result["outcome"] == "ok"
+            and self.reuse
+            and x.killed_for is None
+            and load_key is not None
+        )
         if not keep:
             x.returncode, x.maxrss = self._reap(w, kill=x.killed_for is not None or x.result is None)
             if not x.interrupted:
@@ -346,8 +377,11 @@ class Runner:
             self.last_log = f.read().decode(errors="replace")
         x.log = self.last_log
         oom_killed = vmstat("oom_kill") > oom0 or bool(self.limit and self.limit.oom_kills() > cg_oom0)
-        x.outcome, x.cause = ("ok", "") if (x.result and x.result["outcome"] == "ok" and not x.killed_for) else \
-            classify(x.result, x.returncode, self.last_log, oom_killed, x.killed_for)
+        x.outcome, x.cause = (
+            ("ok", "")
+            if (x.result and x.result["outcome"] == "ok" and not x.killed_for)
+            else classify(x.result, x.returncode, self.last_log, oom_killed, x.killed_for)
+        )
         return x
 
     def run_job(self, job: dict, on_stage=None) -> "_Exchange":
@@ -375,9 +409,19 @@ class Runner:
         rec.signal = -x.returncode if x.returncode is not None and x.returncode < 0 else None
         rec.outcome, rec.cause = x.outcome, x.cause
         if result:
-            for k in ("pp_samples", "tg_samples", "ttft_samples_ms", "load_ms", "peak_rss_bytes",
-                      "n_gpu_layers_effective", "overrides_applied", "flash_attn_resolved", "depth_fill_ms",
-                      "depth_restore_ms", "buffers"):
+            for k in (
+                "pp_samples",
+                "tg_samples",
+                "ttft_samples_ms",
+                "load_ms",
+                "peak_rss_bytes",
+                "n_gpu_layers_effective",
+                "overrides_applied",
+                "flash_attn_resolved",
+                "depth_fill_ms",
+                "depth_restore_ms",
+                "buffers",
+            ):
                 if k in result and not (killed_for and k in SAMPLES):  # a stopped trial measured nothing
                     setattr(rec, k, result[k])
         if rec.peak_rss_bytes is None:
@@ -405,9 +449,11 @@ class Runner:
             return None
         if again <= max(size, REFAULT_FLOOR):
             return None
-        return (f"oom: the trial does not fit under --mem-limit {fmt_size(self.mem_limit)}: {fmt_size(again)} of "
-                f"file pages (its mmap'd weights are {fmt_size(size)}) re-read from disk after the limit evicted "
-                f"them (stage {stage})")
+        return (
+            f"oom: the trial does not fit under --mem-limit {fmt_size(self.mem_limit)}: {fmt_size(again)} of "
+            f"file pages (its mmap'd weights are {fmt_size(size)}) re-read from disk after the limit evicted "
+            f"them (stage {stage})"
+        )
 
 
 @dataclass
@@ -476,5 +522,6 @@ def resolve(cfg: TrialConfig, info: ModelInfo | None = None) -> TrialConfig:
     ngl = all_layers(info) if ngl < 0 or ngl > all_layers(info) else ngl
     threads = cfg.n_threads or physical_cores()
     n_cpu_moe = min(cfg.n_cpu_moe, info.n_layer)
-    return dataclasses.replace(cfg, n_gpu_layers=ngl, n_threads=threads,
-                               n_threads_batch=cfg.n_threads_batch or threads, n_cpu_moe=n_cpu_moe)
+    return dataclasses.replace(
+        cfg, n_gpu_layers=ngl, n_threads=threads, n_threads_batch=cfg.n_threads_batch or threads, n_cpu_moe=n_cpu_moe
+    )

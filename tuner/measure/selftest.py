@@ -51,12 +51,27 @@ CASES: tuple[Case, ...] = (
     Case("segfault", "segv", "crash", r"^killed by SIGSEGV", "killed by SIGSEGV"),
     Case("abort()", "abort", "crash", r"^killed by SIGABRT", "killed by SIGABRT"),
     Case("exit, no result", "exit", "error", r"^worker exited with code 3 and no result", "exited with code 3"),
-    Case("hang while loading", "hang_load", "timeout", r"^the model load took over .* s \(--load-timeout\)",
-         "the model load took over ... s"),
-    Case("hang while decoding", "hang_decode", "timeout", r"^no result after .* \(stage (warmup|pp|tg)\)",
-         "no result ... (stage warmup)"),
-    Case("allocation failure", "alloc_fail", "oom", r"(?i)(alloc|out of memory|insufficient memory)",
-         "llama.cpp allocation line"),
+    Case(
+        "hang while loading",
+        "hang_load",
+        "timeout",
+        r"^the model load took over .* s \(--load-timeout\)",
+        "the model load took over ... s",
+    ),
+    Case(
+        "hang while decoding",
+        "hang_decode",
+        "timeout",
+        r"^no result after .* \(stage (warmup|pp|tg)\)",
+        "no result ... (stage warmup)",
+    ),
+    Case(
+        "allocation failure",
+        "alloc_fail",
+        "oom",
+        r"(?i)(alloc|out of memory|insufficient memory)",
+        "llama.cpp allocation line",
+    ),
 )
 
 
@@ -82,8 +97,12 @@ def make_model(folder: Path) -> Path:
     return model
 
 
-def run(timeout: float = DEFAULT_TIMEOUT, cases: tuple[Case, ...] | None = None, workdir: str | None = None,
-        progress: Callable[[Case, TrialRecord], None] | None = None) -> list[Result]:
+def run(
+    timeout: float = DEFAULT_TIMEOUT,
+    cases: tuple[Case, ...] | None = None,
+    workdir: str | None = None,
+    progress: Callable[[Case, TrialRecord], None] | None = None,
+) -> list[Result]:
     """Run every case in real worker processes on a fresh tiny model; one Result per case, in order."""
     cases = CASES if cases is None else cases
     with tempfile.TemporaryDirectory(prefix="tuner-selftest-", dir=workdir) as tmp:
@@ -144,10 +163,34 @@ def parent_kill(workdir: str | None = None, deadline_s: float = 120.0) -> tuple[
     with tempfile.TemporaryDirectory(prefix="tuner-selftest-", dir=workdir) as tmp:
         model = make_model(Path(tmp))
         results = Path(tmp) / "results"
-        cmd = [sys.executable, "-c", "from tuner.cli import cli; cli()", "search", "-m", str(model), "-t", "1",
-               "-ub", "64,128,256,512", "-p", "256", "-n", "1024", "-r", "3", "--n-trials", "4",
-               "--drift-every", "0", "--no-auto-space", "--no-confirm", "--results", str(results), "--study",
-               "selftest"]
+        cmd = [
+            sys.executable,
+            "-c",
+            "from tuner.cli import cli; cli()",
+            "search",
+            "-m",
+            str(model),
+            "-t",
+            "1",
+            "-ub",
+            "64,128,256,512",
+            "-p",
+            "256",
+            "-n",
+            "1024",
+            "-r",
+            "3",
+            "--n-trials",
+            "4",
+            "--drift-every",
+            "0",
+            "--no-auto-space",
+            "--no-confirm",
+            "--results",
+            str(results),
+            "--study",
+            "selftest",
+        ]
         # the selftest holds the rig's lock; its own search must not wait for it
         env = dict(os.environ, TUNER_LOCK_FILE=str(Path(tmp) / "lock"))
         parquet = results / "selftest" / store.TRIALS_FILE
@@ -173,19 +216,36 @@ def parent_kill(workdir: str | None = None, deadline_s: float = 120.0) -> tuple[
         study = optuna.load_study(study_name="selftest", storage=f"sqlite:///{results / 'selftest' / 'study.db'}")
         running = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
         # queued trials (a block of the loaded model's configs, see Search.after_load) have not run yet
-        agree = sorted(t.number for t in study.trials if "duplicate_of" not in t.user_attrs
-                       and t.state != optuna.trial.TrialState.WAITING) == \
-            sorted(int(n) for n in after["trial_number"])
+        agree = sorted(
+            t.number
+            for t in study.trials
+            if "duplicate_of" not in t.user_attrs and t.state != optuna.trial.TrialState.WAITING
+        ) == sorted(int(n) for n in after["trial_number"])
         interrupted = [int(n) for n in after.loc[after["outcome"] == "interrupted", "trial_number"]]
-        ok = (not lost and not running and agree and interrupted == [target]
-              and int((after["outcome"] == "ok").sum()) == 4)
-        return ok, (f"{len(before)} trial(s) done at the kill, {len(lost)} lost, {len(interrupted)} recorded "
-                    f"interrupted (the running trial #{target}: {'yes' if interrupted == [target] else 'NO'}), "
-                    f"{len(running)} left running, Optuna and Parquet {'agree' if agree else 'DISAGREE'}")
+        ok = (
+            not lost
+            and not running
+            and agree
+            and interrupted == [target]
+            and int((after["outcome"] == "ok").sum()) == 4
+        )
+        return ok, (
+            f"{len(before)} trial(s) done at the kill, {len(lost)} lost, {len(interrupted)} recorded "
+            f"interrupted (the running trial #{target}: {'yes' if interrupted == [target] else 'NO'}), "
+            f"{len(running)} left running, Optuna and Parquet {'agree' if agree else 'DISAGREE'}"
+        )
 
 
 def table(results: list[Result]) -> str:
     head = ["case", "expected", "recorded", "cause", "match"]
-    rows = [[r.case.name, f"{r.case.outcome}: {r.case.expect}", r.record.outcome,
-             (r.record.cause or "(none)")[:80], "yes" if r.ok else "NO"] for r in results]
+    rows = [
+        [
+            r.case.name,
+            f"{r.case.outcome}: {r.case.expect}",
+            r.record.outcome,
+            (r.record.cause or "(none)")[:80],
+            "yes" if r.ok else "NO",
+        ]
+        for r in results
+    ]
     return markdown_table(head, rows)

@@ -145,8 +145,9 @@ class Worker:
         model = L.llama_model_load_from_file(cfg.model.encode(), mp)
         t1 = time.perf_counter_ns()
         if not model:
-            raise TrialFailure(*classify_log("".join(self.log.lines[mark:]), "load_error",
-                                             "llama.cpp failed to load the model"))
+            raise TrialFailure(
+                *classify_log("".join(self.log.lines[mark:]), "load_error", "llama.cpp failed to load the model")
+            )
         self.model, self.model_key, self.model_overrides = model, cfg.load_key(), overrides
         self.load_ms = (t1 - t0) / 1e6
         self.n_layer = L.llama_model_n_layer(model)
@@ -237,15 +238,21 @@ class Worker:
             finally:
                 pools.free()
                 L.llama_free(ctx)
-        result.update(load_ms=self.load_ms, flash_attn_resolved=fa, model_n_layer=self.n_layer, overrides_applied=self.applied,
-                      n_gpu_layers_effective=effective_gpu_layers(
-                          cfg.n_gpu_layers, self.n_layer,
-                          any(d["type"] in self.glue.OFFLOAD_TYPES for d in self.glue.devices())),
-                      buffers=bufs,
-                      peak_rss_bytes=(status_kib("VmHWM") or 0) * 1024,
-                      depth_fill_ms=sum(self.timing["depth_fill_ms"]) if self.timing["depth_fill_ms"] else None,
-                      depth_restore_ms=(float(np.median(self.timing["depth_restore_ms"]))
-                                        if self.timing["depth_restore_ms"] else None))
+        result.update(
+            load_ms=self.load_ms,
+            flash_attn_resolved=fa,
+            model_n_layer=self.n_layer,
+            overrides_applied=self.applied,
+            n_gpu_layers_effective=effective_gpu_layers(
+                cfg.n_gpu_layers, self.n_layer, any(d["type"] in self.glue.OFFLOAD_TYPES for d in self.glue.devices())
+            ),
+            buffers=bufs,
+            peak_rss_bytes=(status_kib("VmHWM") or 0) * 1024,
+            depth_fill_ms=sum(self.timing["depth_fill_ms"]) if self.timing["depth_fill_ms"] else None,
+            depth_restore_ms=(
+                float(np.median(self.timing["depth_restore_ms"])) if self.timing["depth_restore_ms"] else None
+            ),
+        )
         return result
 
     @staticmethod
@@ -274,8 +281,9 @@ class Worker:
         mark = len(self.log.lines)
         ctx = L.llama_init_from_model(self.model, cp)
         if not ctx:
-            raise TrialFailure(*classify_log("".join(self.log.lines[mark:]), "error",
-                                             "llama.cpp failed to create the context"))
+            raise TrialFailure(
+                *classify_log("".join(self.log.lines[mark:]), "error", "llama.cpp failed to create the context")
+            )
         return ctx, resolved_flash_attn(self.log.lines[mark:], cfg.flash_attn)
 
     def measure(self, ctx, cfg: TrialConfig, fault: str | None, do_pp: bool = True, do_tg: bool = True) -> dict:
@@ -319,8 +327,15 @@ class Worker:
             L.llama_memory_clear(mem, False)
             if not cfg.n_depth:
                 return
-            key = (cfg.load_key(), L.llama_n_ctx(ctx), cfg.n_depth, cfg.type_k, cfg.type_v, cfg.flash_attn,
-                   cfg.n_ubatch)
+            key = (
+                cfg.load_key(),
+                L.llama_n_ctx(ctx),
+                cfg.n_depth,
+                cfg.type_k,
+                cfg.type_v,
+                cfg.flash_attn,
+                cfg.n_ubatch,
+            )
             if self.depth_restore(ctx, key, cfg.n_depth):
                 return
             self.emit("stage", stage="fill")  # setup, like the load: outside the trial timeout (tuner.measure.runner)
@@ -422,7 +437,7 @@ def resolved_flash_attn(lines: list[str], asked: str) -> str:
 
 
 def parse_overrides(lines: list[str]) -> list[str]:
-    """"tensor=buffer" for every tensor llama.cpp reports as overridden (its own log line)."""
+    """ "tensor=buffer" for every tensor llama.cpp reports as overridden (its own log line)."""
     out = []
     for ln in lines:
         if "buffer type overridden to" in ln:

@@ -118,9 +118,15 @@ class ModelInfo:
 
     def facts(self) -> dict:
         """The model columns of a trial row."""
-        return {"model_size_bytes": self.file_size, "model_arch": self.arch, "model_name": self.name,
-                "model_n_params": self.n_params, "model_n_layer": self.n_layer,
-                "model_file_type": self.file_type, "model_hash": self.content_hash}
+        return {
+            "model_size_bytes": self.file_size,
+            "model_arch": self.arch,
+            "model_name": self.name,
+            "model_n_params": self.n_params,
+            "model_n_layer": self.n_layer,
+            "model_file_type": self.file_type,
+            "model_hash": self.content_hash,
+        }
 
 
 def _group(name: str) -> str:
@@ -324,8 +330,7 @@ def _read_cached(path: str, mtime_ns: int, size: int) -> ModelInfo:
     except (TypeError, ValueError, OverflowError) as e:
         # a damaged header can give any key a value of the wrong type (a string where a count belongs)
         msg = str(e).splitlines()[0][:100] if str(e) else ""
-        raise ModelError(f"GGUF metadata has a value of the wrong type ({type(e).__name__}: {msg}): {path}") \
-            from None
+        raise ModelError(f"GGUF metadata has a value of the wrong type ({type(e).__name__}: {msg}): {path}") from None
 
 
 def _is_int(x) -> bool:
@@ -365,8 +370,17 @@ def _read(path: Path) -> ModelInfo:
             if end > size:
                 raise ModelError(f"truncated GGUF: tensor {t.name} ends at byte {end}, file has {size}: {s}")
             m = LAYER_RE.match(t.name)
-            tensors.append(TensorInfo(t.name, t.tensor_type.name, tuple(int(x) for x in t.shape),
-                                      int(t.n_elements), int(t.n_bytes), int(m[1]) if m else None, _group(t.name)))
+            tensors.append(
+                TensorInfo(
+                    t.name,
+                    t.tensor_type.name,
+                    tuple(int(x) for x in t.shape),
+                    int(t.n_elements),
+                    int(t.n_bytes),
+                    int(m[1]) if m else None,
+                    _group(t.name),
+                )
+            )
     n_layer = kv("block_count")
     n_embd = kv("embedding_length")
     n_head = kv("attention.head_count")
@@ -376,8 +390,9 @@ def _read(path: Path) -> ModelInfo:
     head0 = max(heads)
     # Bounds before anything is sized by them (layer_bytes makes n_layer entries).
     if not 1 <= n_layer <= MAX_LAYERS or n_embd < 1 or head0 < 1:
-        raise ModelError(f"GGUF has implausible sizes (block_count {n_layer}, embedding_length {n_embd}, "
-                         f"head_count {head0}): {path}")
+        raise ModelError(
+            f"GGUF has implausible sizes (block_count {n_layer}, embedding_length {n_embd}, head_count {head0}): {path}"
+        )
     n_head_kv = kv("attention.head_count_kv", n_head)
     head_dim_k = kv("attention.key_length", n_embd // max(head0, 1))
     head_dim_v = kv("attention.value_length", n_embd // max(head0, 1))
@@ -389,27 +404,44 @@ def _read(path: Path) -> ModelInfo:
     except ValueError:
         ftype_name = f"ftype{ftype}"
     return ModelInfo(
-        path=str(path), shards=[str(s) for s in shards], file_size=sum(s.stat().st_size for s in shards),
-        arch=arch, name=str(_field(r0, "general.name", path.stem)), file_type=ftype_name,
-        n_layer=int(n_layer), n_embd=int(n_embd), n_head=int(head0), n_head_kv=n_head_kv,
-        head_dim_k=int(head_dim_k), head_dim_v=int(head_dim_v), n_ff=kv("feed_forward_length", 0),
-        n_vocab=int(n_vocab), n_ctx_train=int(kv("context_length", 0) or 0),
-        n_expert=int(kv("expert_count", 0) or 0), n_expert_used=int(kv("expert_used_count", 0) or 0),
+        path=str(path),
+        shards=[str(s) for s in shards],
+        file_size=sum(s.stat().st_size for s in shards),
+        arch=arch,
+        name=str(_field(r0, "general.name", path.stem)),
+        file_type=ftype_name,
+        n_layer=int(n_layer),
+        n_embd=int(n_embd),
+        n_head=int(head0),
+        n_head_kv=n_head_kv,
+        head_dim_k=int(head_dim_k),
+        head_dim_v=int(head_dim_v),
+        n_ff=kv("feed_forward_length", 0),
+        n_vocab=int(n_vocab),
+        n_ctx_train=int(kv("context_length", 0) or 0),
+        n_expert=int(kv("expert_count", 0) or 0),
+        n_expert_used=int(kv("expert_used_count", 0) or 0),
         n_expert_shared=int(kv("expert_shared_count", 0) or 0),
         kv_lora_rank=int(kv("attention.kv_lora_rank", 0) or 0),
         rope_dim=int(kv("rope.dimension_count", 0) or 0),
         sliding_window=int(kv("attention.sliding_window", 0) or 0),
         n_params=sum(t.n_elements for t in tensors),
-        content_hash=content_hash(shards, header_bytes), tensors=tensors,
+        content_hash=content_hash(shards, header_bytes),
+        tensors=tensors,
         n_ff_exp=int(kv("expert_feed_forward_length", 0) or 0),
         n_layer_dense_lead=int(kv("leading_dense_block_count", 0) or 0),
-        header_bytes=sum(header_bytes), alignment=int(_field(r0, "general.alignment", 32) or 32),
+        header_bytes=sum(header_bytes),
+        alignment=int(_field(r0, "general.alignment", 32) or 32),
         kv_mla=bool(kv("attention.key_length_mla", 0) and kv("attention.value_length_mla", 0)),
         swa_pattern=kv("attention.sliding_window_pattern"),
         shortconv_l_cache=int(kv("shortconv.l_cache", 0) or 0),
-        ssm={k: int(kv(f"ssm.{k}", 0) or 0) for k in ("conv_kernel", "inner_size", "state_size", "group_count")
-             if kv(f"ssm.{k}") is not None},
-        n_layer_nextn=int(kv("nextn_predict_layers", 0) or 0))
+        ssm={
+            k: int(kv(f"ssm.{k}", 0) or 0)
+            for k in ("conv_kernel", "inner_size", "state_size", "group_count")
+            if kv(f"ssm.{k}") is not None
+        },
+        n_layer_nextn=int(kv("nextn_predict_layers", 0) or 0),
+    )
 
 
 def tokenizer_hash(path: str | os.PathLike) -> str:

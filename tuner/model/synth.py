@@ -51,8 +51,7 @@ PRESETS: dict[str, Shape] = {
     # ~575 M params (1.2 GB as f16): a load from the disk is a large part of a short trial (the replay's cold grid)
     "dense-xl": Shape(n_embd=2048, n_layer=12, n_head=16, n_head_kv=4, n_ff=5632, n_vocab=8192),
     # Mixtral-style MoE: routed experts in blk.N.ffn_{gate,up,down}_exps
-    "moe": Shape(n_embd=512, n_layer=6, n_head=8, n_head_kv=4, n_ff=1024, n_vocab=2048, n_expert=8,
-                 n_expert_used=2),
+    "moe": Shape(n_embd=512, n_layer=6, n_head=8, n_head_kv=4, n_ff=1024, n_vocab=2048, n_expert=8, n_expert_used=2),
 }
 
 BASE_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}
@@ -60,8 +59,9 @@ BASE_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantization
 
 def quant_ftypes() -> dict[str, int]:
     """Quant names llama.cpp's quantizer accepts, as `q4_k_m` → LLAMA_FTYPE_MOSTLY_Q4_K_M."""
-    return {ft.name.removeprefix("MOSTLY_").lower(): int(ft) for ft in gguf.LlamaFileType
-            if ft.name.startswith("MOSTLY_")}
+    return {
+        ft.name.removeprefix("MOSTLY_").lower(): int(ft) for ft in gguf.LlamaFileType if ft.name.startswith("MOSTLY_")
+    }
 
 
 def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
@@ -162,8 +162,14 @@ def _current(path: Path, shape: Shape) -> bool:
     return (info.n_ctx_train, info.n_layer, info.n_embd) == (shape.n_ctx_train, shape.n_layer, shape.n_embd)
 
 
-def synthesize(out_dir: str | os.PathLike, preset: str = "tiny", quants: tuple[str, ...] = ("f16",),
-               seed: int = 0, force: bool = False, **sizes: int) -> list[Path]:
+def synthesize(
+    out_dir: str | os.PathLike,
+    preset: str = "tiny",
+    quants: tuple[str, ...] = ("f16",),
+    seed: int = 0,
+    force: bool = False,
+    **sizes: int,
+) -> list[Path]:
     """Make `<preset>-<quant>.gguf` files in out_dir; existing files are kept unless `force`.
 
     `sizes` override the preset's shape (n_embd=..., n_layer=..., ...).

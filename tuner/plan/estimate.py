@@ -52,9 +52,18 @@ class ModelEstimate:
 
     def to_dict(self) -> dict:
         """One element of `tuner estimate --json`."""
-        d = {"model": self.info.path, "arch": self.info.arch, "n_params": self.info.n_params,
-             "file_size": self.info.file_size, "shards": len(self.info.shards), "ram": self.ram, "vram": self.vram,
-             "headroom": self.headroom, "contexts": self.contexts, "what_if": self.what_if}
+        d = {
+            "model": self.info.path,
+            "arch": self.info.arch,
+            "n_params": self.info.n_params,
+            "file_size": self.info.file_size,
+            "shards": len(self.info.shards),
+            "ram": self.ram,
+            "vram": self.vram,
+            "headroom": self.headroom,
+            "contexts": self.contexts,
+            "what_if": self.what_if,
+        }
         if self.speed is not None:
             d["speed"], d["speed_shape"] = self.speed, self.speed_shape
         return d
@@ -117,12 +126,21 @@ def parse_quants(what_if: str | Iterable[str] | None) -> list[str]:
     return quants
 
 
-def estimate(models: str | os.PathLike | ModelInfo | Iterable[str | os.PathLike | ModelInfo],
-             ctx: str | int | Iterable[int] = 4096, *, ram: int | None = None, vram: int | None = None,
-             headroom: str | int | float = "5%", base: TrialConfig | None = None, n_gpu_layers: int | None = None,
-             what_if: str | Iterable[str] | None = None,
-             calib: planner.Calibration | Iterable[str | os.PathLike] | None = None, speed: bool = False,
-             threads: int | None = None, probe: str | os.PathLike | dict | None = None) -> Estimate:
+def estimate(
+    models: str | os.PathLike | ModelInfo | Iterable[str | os.PathLike | ModelInfo],
+    ctx: str | int | Iterable[int] = 4096,
+    *,
+    ram: int | None = None,
+    vram: int | None = None,
+    headroom: str | int | float = "5%",
+    base: TrialConfig | None = None,
+    n_gpu_layers: int | None = None,
+    what_if: str | Iterable[str] | None = None,
+    calib: planner.Calibration | Iterable[str | os.PathLike] | None = None,
+    speed: bool = False,
+    threads: int | None = None,
+    probe: str | os.PathLike | dict | None = None,
+) -> Estimate:
     """Plan memory for `models` (paths or ModelInfo) at each context of `ctx`, as `tuner estimate` does.
 
     ram: host RAM to plan for (default: this machine's total); vram: GPU memory (default: the GPUs detected,
@@ -153,9 +171,14 @@ def estimate(models: str | os.PathLike | ModelInfo | Iterable[str | os.PathLike 
     base = base or TrialConfig(model="")
     out = Estimate(ram=ram, vram=vram, headroom=hr, quants=quants, probe=probe_data)
     for info in infos:
-        m = ModelEstimate(info=info, ram=ram, vram=vram, headroom=hr,
-                          contexts=planner.estimate(info, ctxs, ram, vram, hr, base, calib, n_gpu_layers),
-                          what_if=whatif.what_if(info, quants) if quants else [])
+        m = ModelEstimate(
+            info=info,
+            ram=ram,
+            vram=vram,
+            headroom=hr,
+            contexts=planner.estimate(info, ctxs, ram, vram, hr, base, calib, n_gpu_layers),
+            what_if=whatif.what_if(info, quants) if quants else [],
+        )
         if probe_data is not None:
             add_speed(m, probe_data, quants, threads, n_gpu_layers, base)
         out.models.append(m)
@@ -163,6 +186,7 @@ def estimate(models: str | os.PathLike | ModelInfo | Iterable[str | os.PathLike 
 
 
 # -- speed: predicted t/s from the rig probe (tuner.plan.speed) ----------------------------------------------------
+
 
 def speed_probe(path: str | os.PathLike | dict | None) -> dict:
     """This rig's probe (a loaded one as it is), or a one-line error: estimate stays instant, so it never runs
@@ -175,14 +199,28 @@ def speed_probe(path: str | os.PathLike | dict | None) -> dict:
     return data
 
 
-def add_speed(m: ModelEstimate, probe_data: dict, quants: list[str], threads: int | None, n_gpu_layers: int | None,
-              base: TrialConfig) -> None:
+def add_speed(
+    m: ModelEstimate,
+    probe_data: dict,
+    quants: list[str],
+    threads: int | None,
+    n_gpu_layers: int | None,
+    base: TrialConfig,
+) -> None:
     """The speed rows of the file and each what-if quant, at the -ngl asked for or the largest that fits (first
     context) when the probe and this build have a GPU; each what-if row gets its predicted t/s."""
     gpu = bool(probe_data.get("gpu")) and bool(hardware.build_info().get("gpu_offload"))
     ngl = n_gpu_layers if n_gpu_layers is not None else (m.contexts[0]["max_gpu_layers"] if gpu and m.contexts else 0)
-    rows = speed_rows(m.info, probe_data, quants, threads or physical_cores(), n_gpu_layers=ngl or 0,
-                      n_cpu_moe=base.n_cpu_moe, cpu_moe=base.cpu_moe, gpu_offload=gpu)
+    rows = speed_rows(
+        m.info,
+        probe_data,
+        quants,
+        threads or physical_cores(),
+        n_gpu_layers=ngl or 0,
+        n_cpu_moe=base.n_cpu_moe,
+        cpu_moe=base.cpu_moe,
+        gpu_offload=gpu,
+    )
     m.speed = rows
     m.speed_shape = probe_data["shape"]
     for w in m.what_if:

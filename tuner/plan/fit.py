@@ -184,14 +184,19 @@ class FitResult:
     def trial_config(self, cfg: TrialConfig) -> TrialConfig:
         """`cfg` with the fitted n_ctx, n_gpu_layers (-1: all, tuner spells it n_layer + 1 as well),
         tensor_split ("a,b", llama-server's spelling) and overrides (tuner's `-ot PATTERN=BUFFER` entries)."""
-        return dataclasses.replace(cfg, n_ctx=self.n_ctx, n_gpu_layers=self.n_gpu_layers,
-                                   tensor_split=_split_text(self.tensor_split),
-                                   overrides=tuple(f"{p}={b}" for p, b in self.overrides))
+        return dataclasses.replace(
+            cfg,
+            n_ctx=self.n_ctx,
+            n_gpu_layers=self.n_gpu_layers,
+            tensor_split=_split_text(self.tensor_split),
+            overrides=tuple(f"{p}={b}" for p, b in self.overrides),
+        )
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["layers"] = [{"n_layer": x.n_layer, "n_part": x.n_part, "overflow_type": x.overflow_type.name}
-                       for x in self.layers]
+        d["layers"] = [
+            {"n_layer": x.n_layer, "n_part": x.n_part, "overflow_type": x.overflow_type.name} for x in self.layers
+        ]
         d["flags"] = self.to_flags() if self.ok else None
         return d
 
@@ -199,8 +204,7 @@ class FitResult:
 def server_config(model: str, **kw) -> TrialConfig:
     """A TrialConfig as llama-server starts with only `-m`: nothing set that the fit may change (n_ctx 0,
     n_gpu_layers -1, no tensor split, no overrides); `kw` sets other fields (n_ubatch, type_k, ...)."""
-    base = dict(model=model, n_ctx=0, n_gpu_layers=UNSET_NGL, tensor_split="", overrides=(), n_cpu_moe=0,
-                cpu_moe=False)
+    base = dict(model=model, n_ctx=0, n_gpu_layers=UNSET_NGL, tensor_split="", overrides=(), n_cpu_moe=0, cpu_moe=False)
     return TrialConfig(**{**base, **kw})
 
 
@@ -220,9 +224,17 @@ def _u32(x: int) -> int:
     return x & UINT32_MAX
 
 
-def fit(info: ModelInfo, devices: list[DeviceMemory], cfg: TrialConfig, margins: list[int] | int | None = None,
-        n_ctx_min: int = DEFAULT_N_CTX_MIN, breakdown: Breakdown | None = None, host: DeviceMemory | None = None,
-        n_seq_max: int = 1, kv_unified: bool = False) -> FitResult:
+def fit(
+    info: ModelInfo,
+    devices: list[DeviceMemory],
+    cfg: TrialConfig,
+    margins: list[int] | int | None = None,
+    n_ctx_min: int = DEFAULT_N_CTX_MIN,
+    breakdown: Breakdown | None = None,
+    host: DeviceMemory | None = None,
+    n_seq_max: int = 1,
+    kv_unified: bool = False,
+) -> FitResult:
     """llama.cpp's `common_fit_params` (common/fit.cpp 879-904 and common_params_fit_impl, 179-877) for `cfg`.
 
     `devices`: the GPUs as llama.cpp lists them (each device's free memory is what the fit aims at); `margins`:
@@ -265,7 +277,7 @@ class _State:
             margins = [margins] * max(self.nd, 1)
         if len(margins) < max(self.nd, 1):
             raise FitError(f"{len(margins)} margin(s) for {self.nd} devices")
-        self.margins = [int(m) for m in margins[:max(self.nd, 1)]]  # fit.cpp 283-291
+        self.margins = [int(m) for m in margins[: max(self.nd, 1)]]  # fit.cpp 283-291
         self.n_ctx_min = n_ctx_min
         self.hp_ngl = info.n_layer  # llama_model_n_layer (load_mtp off)
         self.hp_nct = info.n_ctx_train
@@ -282,12 +294,18 @@ class _State:
     def log(self, msg: str) -> None:
         self.res.trace.append(msg)
 
-    def measure(self, ngl: int | None = None, split: list[float] | None = None,
-                overrides: list[tuple[str, str]] | None = None, count: bool = True) -> list[Usage]:
+    def measure(
+        self,
+        ngl: int | None = None,
+        split: list[float] | None = None,
+        overrides: list[tuple[str, str]] | None = None,
+        count: bool = True,
+    ) -> list[Usage]:
         """common_get_device_memory_data_impl (fit.cpp 30-154) for the current context and the given weights'
         placement (default: mparams as they are). n_ctx 0 is the trained context, as llama_context makes it."""
-        c = dataclasses.replace(self.cfg, n_ctx=self.n_ctx or self.hp_nct,
-                                n_gpu_layers=self.ngl if ngl is None else ngl)
+        c = dataclasses.replace(
+            self.cfg, n_ctx=self.n_ctx or self.hp_nct, n_gpu_layers=self.ngl if ngl is None else ngl
+        )
         if split is not None:
             c = dataclasses.replace(c, tensor_split=_split_text(split))
         if overrides is not None:
@@ -314,8 +332,12 @@ class _State:
                 if len(tbo) + 1 >= MAX_OVERRIDES:
                     raise _Abort(f"llama_max_tensor_buft_overrides() == {MAX_OVERRIDES} is insufficient for model")
                 first = il == il0
-                tbo.append((overflow_pattern(il, x.overflow_type if first else LayerFraction.MOE),
-                            overflow_bufts[id_] if first else "CPU"))
+                tbo.append(
+                    (
+                        overflow_pattern(il, x.overflow_type if first else LayerFraction.MOE),
+                        overflow_bufts[id_] if first else "CPU",
+                    )
+                )
             il0 += x.n_part
         return ngl, split, tbo
 
@@ -324,8 +346,10 @@ class _State:
         ngl, split, tbo = self.set_ngl_tensor_split_tbo(ngl_per_device, overflow_bufts)
         dmd = self.measure(ngl, split, tbo)
         for id_, n in enumerate(ngl_per_device):
-            self.log(f"id={id_}, n_layer={n.n_layer:2d}, n_part={n.n_part:2d}, overflow_type={int(n.overflow_type)},"
-                     f" mem={dmd[id_].total // MiB:6d} MiB")
+            self.log(
+                f"id={id_}, n_layer={n.n_layer:2d}, n_part={n.n_part:2d}, overflow_type={int(n.overflow_type)},"
+                f" mem={dmd[id_].total // MiB:6d} MiB"
+            )
         return [dmd[id_].total for id_ in range(self.nd)]
 
     def apply(self, ngl_per_device: list[Layers], overflow_bufts: list[str]) -> None:
@@ -374,11 +398,15 @@ class _State:
             sum_projected_used = dmds_full[-1].total
             sum_free = self.host.total
             sum_projected_free = sum_free - sum_projected_used
-            self.log(f"projected to use {sum_projected_used // MiB} MiB of host memory vs. {sum_free // MiB} MiB "
-                     "of total host memory")
+            self.log(
+                f"projected to use {sum_projected_used // MiB} MiB of host memory vs. {sum_free // MiB} MiB "
+                "of total host memory"
+            )
             if sum_projected_free >= margins[0]:
-                self.log(f"will leave {sum_projected_free // MiB} >= {margins[0] // MiB} MiB of system memory, "
-                         "no changes needed")
+                self.log(
+                    f"will leave {sum_projected_free // MiB} >= {margins[0] // MiB} MiB of system memory, "
+                    "no changes needed"
+                )
                 return
         else:  # fit.cpp 328-371
             for id_ in range(nd):
@@ -390,21 +418,25 @@ class _State:
                 sum_projected_free += free
                 sum_projected_model += dmds_full[id_].model
                 if nd > 1:
-                    self.log(f"  - {self.devices[id_].name}: {self.devices[id_].total // MiB:6d} total, "
-                             f"{used // MiB:6d} used, {free // MiB:6d} free vs. target of {margins[id_] // MiB:6d}")
-            self.log(f"projected to use {sum_projected_used // MiB} MiB of device memory vs. {sum_free // MiB} MiB "
-                     "of free device memory")
+                    self.log(
+                        f"  - {self.devices[id_].name}: {self.devices[id_].total // MiB:6d} total, "
+                        f"{used // MiB:6d} used, {free // MiB:6d} free vs. target of {margins[id_] // MiB:6d}"
+                    )
+            self.log(
+                f"projected to use {sum_projected_used // MiB} MiB of device memory vs. {sum_free // MiB} MiB "
+                "of free device memory"
+            )
             if all(projected_free_per_device[i] >= margins[i] for i in range(nd)):
                 self.log("targets for free memory can be met on all devices, no changes needed")
                 return
 
         # step 2 (fit.cpp 373-461): a smaller context, if the user left it unset
-        global_surplus = sum_projected_free - sum(margins[:max(nd, 1)])
+        global_surplus = sum_projected_free - sum(margins[: max(nd, 1)])
         if global_surplus < 0:
             self.log(f"cannot meet free memory targets, need to use {-global_surplus // MiB} MiB less in total")
             if self.n_ctx_auto:
                 if n_ctx_max > n_ctx_min_total:
-                    sum_used_target = sum_free - sum(margins[:max(nd, 1)])
+                    sum_used_target = sum_free - sum(margins[: max(nd, 1)])
                     if nd > 1:
                         # fit.cpp 403-410: be conservative with several devices (whole layers / tensors per device)
                         div = min(_u32(self.ngl), self.hp_ngl)
@@ -412,30 +444,41 @@ class _State:
                         sum_used_target -= _cdiv((nd + 1) * model_per_layer, 2 if self.hp_nex == 0 else 6)
                     self.n_ctx = n_ctx_min_total
                     dmds_min_ctx = self.measure()
-                    sum_used_min_ctx = (dmds_min_ctx[-1].total if nd == 0 else
-                                        sum(dmds_min_ctx[i].total for i in range(nd)))
+                    sum_used_min_ctx = (
+                        dmds_min_ctx[-1].total if nd == 0 else sum(dmds_min_ctx[i].total for i in range(nd))
+                    )
                     if sum_used_target > sum_used_min_ctx:
                         # fit.cpp 424-430: interpolate linearly, round down to 256 × streams
-                        self.n_ctx = _u32(self.n_ctx + _cdiv((n_ctx_max - n_ctx_min_total) *
-                                                             (sum_used_target - sum_used_min_ctx),
-                                                             sum_projected_used - sum_used_min_ctx))
+                        self.n_ctx = _u32(
+                            self.n_ctx
+                            + _cdiv(
+                                (n_ctx_max - n_ctx_min_total) * (sum_used_target - sum_used_min_ctx),
+                                sum_projected_used - sum_used_min_ctx,
+                            )
+                        )
                         align = 256 * self.n_streams
                         self.n_ctx = max(self.n_ctx - self.n_ctx % align, n_ctx_min_total)
                         bytes_per_ctx = _cdiv(sum_projected_used - sum_used_min_ctx, n_ctx_max - n_ctx_min_total)
-                        self.log(f"context size reduced from {n_ctx_max} to {self.n_ctx} -> need "
-                                 f"{(n_ctx_max - self.n_ctx) * bytes_per_ctx // MiB} MiB less memory in total")
+                        self.log(
+                            f"context size reduced from {n_ctx_max} to {self.n_ctx} -> need "
+                            f"{(n_ctx_max - self.n_ctx) * bytes_per_ctx // MiB} MiB less memory in total"
+                        )
                         if nd <= 1:
                             self.log("entire model can be fit by reducing context")
                             return
                         self.log("entire model should be fit across devices by reducing context")
                     else:
-                        self.log(f"context size reduced from {n_ctx_max} to {self.n_ctx} -> need "
-                                 f"{(sum_projected_used - sum_used_min_ctx) // MiB} MiB less memory in total")
+                        self.log(
+                            f"context size reduced from {n_ctx_max} to {self.n_ctx} -> need "
+                            f"{(sum_projected_used - sum_used_min_ctx) // MiB} MiB less memory in total"
+                        )
                 elif self.n_ctx_min == UINT32_MAX:
                     self.log(f"user has requested full context size of {n_ctx_max} -> no change")
                 else:
-                    self.log(f"default model context size is {n_ctx_max} which is <= the min. context size of "
-                             f"{n_ctx_min_total} -> no change")
+                    self.log(
+                        f"default model context size is {n_ctx_max} which is <= the min. context size of "
+                        f"{n_ctx_min_total} -> no change"
+                    )
             else:
                 self.log(f"context size set by user to {self.n_ctx} -> no change")
         if nd == 0:
@@ -464,11 +507,15 @@ class _State:
             for id_ in range(nd):
                 global_surplus_cpu_moe += self.devices[id_].free - (dmds_cpu_moe[id_].total + margins[id_])
             if global_surplus_cpu_moe > 0:
-                self.log(f"with only dense weights in device memory there is a total surplus of "
-                         f"{global_surplus_cpu_moe // MiB} MiB")
+                self.log(
+                    f"with only dense weights in device memory there is a total surplus of "
+                    f"{global_surplus_cpu_moe // MiB} MiB"
+                )
             else:
-                self.log(f"with only dense weights in device memory there is still a total deficit of "
-                         f"{-global_surplus_cpu_moe // MiB} MiB")
+                self.log(
+                    f"with only dense weights in device memory there is still a total deficit of "
+                    f"{-global_surplus_cpu_moe // MiB} MiB"
+                )
 
         # fit.cpp 647-661: targets, overflow buffers (all CPU to begin with), nothing assigned
         targets = [self.devices[id_].free - margins[id_] for id_ in range(nd)]
@@ -481,8 +528,7 @@ class _State:
         # step 3 (fit.cpp 488-729; the fill itself 663-729): fill devices back to front with whole ("dense-only"
         # for MoE) layers, by the method of false position between a known fit (low) and the device taking every
         # unassigned layer (high)
-        self.log("filling dense layers back-to-front:" if hp_nex == 0 else
-                 "filling dense-only layers back-to-front:")
+        self.log("filling dense layers back-to-front:" if hp_nex == 0 else "filling dense-only layers back-to-front:")
         for id_ in range(nd - 1, -1, -1):
             n_unassigned = hp_ngl + 1 - sum(ngl_per_device[jd].n_layer for jd in range(id_ + 1, nd))
             high = [dataclasses.replace(x) for x in ngl_per_device]
@@ -512,8 +558,10 @@ class _State:
                 else:
                     ngl_per_device, mem = high, mem_high
                     self.log(f"set ngl_per_device[{id_}].n_layer={ngl_per_device[id_].n_layer}")
-            self.log(f"  - {self.devices[id_].name}: {ngl_per_device[id_].n_layer:2d} layers, "
-                     f"{mem[id_] // MiB:6d} MiB used, {(self.devices[id_].free - mem[id_]) // MiB:6d} MiB free")
+            self.log(
+                f"  - {self.devices[id_].name}: {ngl_per_device[id_].n_layer:2d} layers, "
+                f"{mem[id_] // MiB:6d} MiB used, {(self.devices[id_].free - mem[id_]) // MiB:6d} MiB free"
+            )
         if hp_nex == 0 or global_surplus_cpu_moe <= 0:  # fit.cpp 730-733
             self.apply(ngl_per_device, overflow_bufts)
             return
@@ -527,8 +575,10 @@ class _State:
                 continue
             break
         assert id_dense_start < nd
-        self.log("converting dense-only layers to full layers and filling them front-to-back with overflow to next "
-                 "device/system memory:")
+        self.log(
+            "converting dense-only layers to full layers and filling them front-to-back with overflow to next "
+            "device/system memory:"
+        )
         id_ = 0
         while id_ <= id_dense_start and id_dense_start < nd:
             high = [dataclasses.replace(x) for x in ngl_per_device]
@@ -559,17 +609,23 @@ class _State:
                     mem_test = self.memory_for_layers(test, overflow_bufts)
                     if mem_test[id_] <= targets[id_]:
                         ngl_per_device, mem, id_dense_start = test, mem_test, id_dense_start_test
-                        self.log(f"set ngl_per_device[{id_}].(n_layer, n_part)=({ngl_per_device[id_].n_layer}, "
-                                 f"{ngl_per_device[id_].n_part}), id_dense_start={id_dense_start}")
+                        self.log(
+                            f"set ngl_per_device[{id_}].(n_layer, n_part)=({ngl_per_device[id_].n_layer}, "
+                            f"{ngl_per_device[id_].n_part}), id_dense_start={id_dense_start}"
+                        )
                     else:
                         high, mem_high, id_dense_start_high = test, mem_test, id_dense_start_test
-                        self.log(f"set ngl_per_device_high[{id_}].(n_layer, n_part)=({high[id_].n_layer}, "
-                                 f"{high[id_].n_part}), id_dense_start_high={id_dense_start_high}")
+                        self.log(
+                            f"set ngl_per_device_high[{id_}].(n_layer, n_part)=({high[id_].n_layer}, "
+                            f"{high[id_].n_part}), id_dense_start_high={id_dense_start_high}"
+                        )
                     delta = high[id_].n_full - ngl_per_device[id_].n_full
             else:
                 ngl_per_device, mem, id_dense_start = high, mem_high, id_dense_start_high
-                self.log(f"set ngl_per_device[{id_}].(n_layer, n_part)=({ngl_per_device[id_].n_layer}, "
-                         f"{ngl_per_device[id_].n_part}), id_dense_start={id_dense_start}")
+                self.log(
+                    f"set ngl_per_device[{id_}].(n_layer, n_part)=({ngl_per_device[id_].n_layer}, "
+                    f"{ngl_per_device[id_].n_part}), id_dense_start={id_dense_start}"
+                )
 
             # fit.cpp 810-860: try to fit at least part of one more layer
             if ngl_per_device[id_dense_start].n_layer > (0 if id_ < nd - 1 else 1):
@@ -591,9 +647,11 @@ class _State:
                 if self.fits(mem_test, targets, id_):
                     ngl_per_device, overflow_bufts, mem = test, overflow_bufts_test, mem_test
                     id_dense_start = id_dense_start_test
-                    self.log(f"set ngl_per_device[{id_}].(n_layer, n_part, overflow_type)=("
-                             f"{ngl_per_device[id_].n_layer}, {ngl_per_device[id_].n_part}, UP), "
-                             f"id_dense_start={id_dense_start}")
+                    self.log(
+                        f"set ngl_per_device[{id_}].(n_layer, n_part, overflow_type)=("
+                        f"{ngl_per_device[id_].n_layer}, {ngl_per_device[id_].n_part}, UP), "
+                        f"id_dense_start={id_dense_start}"
+                    )
                     # fit.cpp 836: the same list, changed in place (llama.cpp copies it by value above)
                     test = [dataclasses.replace(x) for x in test]
                     test[id_].overflow_type = LayerFraction.GATE
@@ -602,9 +660,11 @@ class _State:
                     if self.fits(mem_test, targets, id_):
                         ngl_per_device, overflow_bufts, mem = test, overflow_bufts_test, mem_test
                         id_dense_start = id_dense_start_test
-                        self.log(f"set ngl_per_device[{id_}].(n_layer, n_part, overflow_type)=("
-                                 f"{ngl_per_device[id_].n_layer}, {ngl_per_device[id_].n_part}, GATE), "
-                                 f"id_dense_start={id_dense_start}")
+                        self.log(
+                            f"set ngl_per_device[{id_}].(n_layer, n_part, overflow_type)=("
+                            f"{ngl_per_device[id_].n_layer}, {ngl_per_device[id_].n_part}, GATE), "
+                            f"id_dense_start={id_dense_start}"
+                        )
                 else:
                     test[id_].overflow_type = LayerFraction.ATTN
                     self.log("trying to fit one extra layer with overflow_type=LAYER_FRACTION_ATTN")
@@ -612,12 +672,16 @@ class _State:
                     if self.fits(mem_test, targets, id_):
                         ngl_per_device, overflow_bufts, mem = test, overflow_bufts_test, mem_test
                         id_dense_start = id_dense_start_test
-                        self.log(f"set ngl_per_device[{id_}].(n_layer, n_part, overflow_type)=("
-                                 f"{ngl_per_device[id_].n_layer}, {ngl_per_device[id_].n_part}, ATTN), "
-                                 f"id_dense_start={id_dense_start}")
-            self.log(f"  - {self.devices[id_].name}: {ngl_per_device[id_].n_layer:2d} layers "
-                     f"({ngl_per_device[id_].n_part:2d} overflowing), {mem[id_] // MiB:6d} MiB used, "
-                     f"{(self.devices[id_].free - mem[id_]) // MiB:6d} MiB free")
+                        self.log(
+                            f"set ngl_per_device[{id_}].(n_layer, n_part, overflow_type)=("
+                            f"{ngl_per_device[id_].n_layer}, {ngl_per_device[id_].n_part}, ATTN), "
+                            f"id_dense_start={id_dense_start}"
+                        )
+            self.log(
+                f"  - {self.devices[id_].name}: {ngl_per_device[id_].n_layer:2d} layers "
+                f"({ngl_per_device[id_].n_part:2d} overflowing), {mem[id_] // MiB:6d} MiB used, "
+                f"{(self.devices[id_].free - mem[id_]) // MiB:6d} MiB free"
+            )
             id_ += 1
         self.apply(ngl_per_device, overflow_bufts)
 
@@ -629,6 +693,7 @@ class _State:
 
 
 # -- the breakdown from the planner --------------------------------------------------------------------------
+
 
 def planner_breakdown(info: ModelInfo, devices: list[DeviceMemory]) -> Breakdown:
     """Each device's (model, context, compute) for a config, from the planner alone, as llama.cpp's no_alloc load
@@ -644,8 +709,13 @@ def planner_breakdown(info: ModelInfo, devices: list[DeviceMemory]) -> Breakdown
     return breakdown
 
 
-def device_usage(cfg: TrialConfig, info: ModelInfo, free: list[int] | None, names: tuple[str, ...] = (),
-                 alignment: int = TENSOR_ALIGNMENT) -> list[Usage]:
+def device_usage(
+    cfg: TrialConfig,
+    info: ModelInfo,
+    free: list[int] | None,
+    names: tuple[str, ...] = (),
+    alignment: int = TENSOR_ALIGNMENT,
+) -> list[Usage]:
     """The planner's llama_memory_breakdown: one Usage per device in `free`'s order, then the host's. Weights are
     summed as ggml_backend_alloc_ctx_tensors_from_buft_size sums them (each tensor padded to the buffer type's
     alignment: 32 for CPU and RPC buffers, ggml-impl.h TENSOR_ALIGNMENT)."""
@@ -668,8 +738,9 @@ N_COPIES = 4  # ggml-backend.cpp GGML_SCHED_MAX_COPIES: input copies with pipeli
 UP_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate_)?up(_exps)?\.")
 
 
-def compute_by_device(cfg: TrialConfig, info: ModelInfo, where: list[int], layer_dev: list[int],
-                      n_dev: int) -> list[int]:
+def compute_by_device(
+    cfg: TrialConfig, info: ModelInfo, where: list[int], layer_dev: list[int], n_dev: int
+) -> list[int]:
     """The compute buffer each backend reserves for a full ubatch of T tokens, every one an output (index -1:
     the host's CPU backend, as planner.compute_raw).
 
@@ -689,7 +760,7 @@ def compute_by_device(cfg: TrialConfig, info: ModelInfo, where: list[int], layer
         return out
     n_tok = min(cfg.n_ubatch, cfg.n_batch, planner.kv_size(cfg.effective_ctx()))
     n_kv = planner.max_kv_cells(cfg, info)
-    host_layers = any(d < 0 for d in layer_dev[:info.n_layer])
+    host_layers = any(d < 0 for d in layer_dev[: info.n_layer])
     if host_layers or n_dev == 0:
         out[-1] = planner.compute_raw(cfg, info, n_tok, n_tok, n_kv)
     if n_dev == 0:
@@ -709,13 +780,20 @@ def compute_by_device(cfg: TrialConfig, info: ModelInfo, where: list[int], layer
     if info.kv_mla:
         attn = info.n_head * (info.head_dim_k + info.kv_lora_rank + 3 * info.rope_dim) + 3 * e
     else:
-        attn = 2 * info.n_head * info.head_dim_k + 2 * max(info.head_kv(il) for il in range(info.n_layer)) * \
-            info.head_dim_k + 3 * e
+        attn = (
+            2 * info.n_head * info.head_dim_k
+            + 2 * max(info.head_kv(il) for il in range(info.n_layer)) * info.head_dim_k
+            + 3 * e
+        )
     if not fa:
         attn = max(attn, n_kv * info.n_head + info.n_head * info.head_dim_k + 3 * e)
     routed_tail = e * u + e if info.is_moe and not info.n_expert_shared else 2 * e
-    pp = (n_dev > 1 and cfg.split_mode == "layer" and all(d >= 0 for d in layer_dev)
-          and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe))
+    pp = (
+        n_dev > 1
+        and cfg.split_mode == "layer"
+        and all(d >= 0 for d in layer_dev)
+        and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe)
+    )
     first = True
     for d in range(n_dev):
         layers = [il for il in range(info.n_layer) if layer_dev[il] == d]

@@ -68,8 +68,9 @@ def _nbytes(qt: Q, n: int) -> int:
 def q4_k_m_type(name: str, ne: tuple[int, ...]) -> Q:
     """A Q4_K_M-like type: norms, biases, routers and 1-D tensors F32; V / down projections and the output Q6_K;
     the rest Q4_K; a row length that no K-quant block divides falls back to Q8_0 (then F16), as the quantizer does."""
-    if len(ne) == 1 or any(k in name for k in ("norm", "ffn_gate_inp", "exp_probs_b", "attn_sinks", ".bias",
-                                                "shortconv.conv")):
+    if len(ne) == 1 or any(
+        k in name for k in ("norm", "ffn_gate_inp", "exp_probs_b", "attn_sinks", ".bias", "shortconv.conv")
+    ):
         return Q.F32
     want = Q.Q6_K if any(k in name for k in ("attn_v.", "ffn_down", "output.weight")) else Q.Q4_K
     for qt in (want, Q.Q8_0, Q.F16):
@@ -83,9 +84,16 @@ def _t(tensors, name, ne, qt=None):
 
 
 def _common(n_embd, n_layer, n_head, n_head_kv, n_ff, n_vocab, n_ctx, **extra) -> dict:
-    meta = {".context_length": n_ctx, ".embedding_length": n_embd, ".block_count": n_layer,
-            ".attention.head_count": n_head, ".attention.head_count_kv": n_head_kv,
-            ".attention.layer_norm_rms_epsilon": 1e-6, ".rope.freq_base": 10000.0, ".vocab_size": n_vocab}
+    meta = {
+        ".context_length": n_ctx,
+        ".embedding_length": n_embd,
+        ".block_count": n_layer,
+        ".attention.head_count": n_head,
+        ".attention.head_count_kv": n_head_kv,
+        ".attention.layer_norm_rms_epsilon": 1e-6,
+        ".rope.freq_base": 10000.0,
+        ".vocab_size": n_vocab,
+    }
     if n_ff is not None:
         meta[".feed_forward_length"] = n_ff
     meta.update(extra)
@@ -123,28 +131,64 @@ def _io(t, n_embd, n_vocab, tied=False, norm="output_norm.weight"):
         _t(t, "output.weight", (n_embd, n_vocab))
 
 
-def deepseek_v3(n_layer=61, n_expert=256, n_vocab=129280, n_embd=7168, n_head=128, q_lora=1536, kv_lora=512,
-                n_ff=18432, n_ff_exp=2048, n_used=8, n_dense=3) -> Shape:
+def deepseek_v3(
+    n_layer=61,
+    n_expert=256,
+    n_vocab=129280,
+    n_embd=7168,
+    n_head=128,
+    q_lora=1536,
+    kv_lora=512,
+    n_ff=18432,
+    n_ff_exp=2048,
+    n_used=8,
+    n_dense=3,
+) -> Shape:
     """DeepSeek-V3/R1: MLA (kv_lora_rank 512 + 64 rope dims cached), 256 routed experts (8 used) + 1 shared."""
     rope, nope, vdim = 64, 128, 128
     n_dense = min(n_dense, n_layer - 1)
-    meta = _common(n_embd, n_layer, n_head, 1, n_ff, n_vocab, 163840, **{
-        ".attention.key_length": kv_lora + rope, ".attention.value_length": kv_lora,
-        ".attention.key_length_mla": nope + rope, ".attention.value_length_mla": vdim,
-        ".attention.q_lora_rank": q_lora, ".attention.kv_lora_rank": kv_lora, ".rope.dimension_count": rope,
-        ".expert_count": n_expert, ".expert_used_count": n_used, ".expert_shared_count": 1,
-        ".expert_feed_forward_length": n_ff_exp, ".leading_dense_block_count": n_dense,
-        ".expert_weights_scale": 2.5, ".expert_weights_norm": True, ".expert_gating_func": 2})
+    meta = _common(
+        n_embd,
+        n_layer,
+        n_head,
+        1,
+        n_ff,
+        n_vocab,
+        163840,
+        **{
+            ".attention.key_length": kv_lora + rope,
+            ".attention.value_length": kv_lora,
+            ".attention.key_length_mla": nope + rope,
+            ".attention.value_length_mla": vdim,
+            ".attention.q_lora_rank": q_lora,
+            ".attention.kv_lora_rank": kv_lora,
+            ".rope.dimension_count": rope,
+            ".expert_count": n_expert,
+            ".expert_used_count": n_used,
+            ".expert_shared_count": 1,
+            ".expert_feed_forward_length": n_ff_exp,
+            ".leading_dense_block_count": n_dense,
+            ".expert_weights_scale": 2.5,
+            ".expert_weights_norm": True,
+            ".expert_gating_func": 2,
+        },
+    )
     t: list = []
     _io(t, n_embd, n_vocab)
     for il in range(n_layer):
         p = f"blk.{il}"
-        for name, ne in [("attn_norm.weight", (n_embd,)), ("attn_q_a_norm.weight", (q_lora,)),
-                         ("attn_kv_a_norm.weight", (kv_lora,)), ("attn_q_a.weight", (n_embd, q_lora)),
-                         ("attn_q_b.weight", (q_lora, n_head * (nope + rope))),
-                         ("attn_kv_a_mqa.weight", (n_embd, kv_lora + rope)),
-                         ("attn_k_b.weight", (nope, kv_lora, n_head)), ("attn_v_b.weight", (kv_lora, vdim, n_head)),
-                         ("attn_output.weight", (n_head * vdim, n_embd)), ("ffn_norm.weight", (n_embd,))]:
+        for name, ne in [
+            ("attn_norm.weight", (n_embd,)),
+            ("attn_q_a_norm.weight", (q_lora,)),
+            ("attn_kv_a_norm.weight", (kv_lora,)),
+            ("attn_q_a.weight", (n_embd, q_lora)),
+            ("attn_q_b.weight", (q_lora, n_head * (nope + rope))),
+            ("attn_kv_a_mqa.weight", (n_embd, kv_lora + rope)),
+            ("attn_k_b.weight", (nope, kv_lora, n_head)),
+            ("attn_v_b.weight", (kv_lora, vdim, n_head)),
+            ("attn_output.weight", (n_head * vdim, n_embd)),
+            ("ffn_norm.weight", (n_embd,)),
+        ]:
             _t(t, f"{p}.{name}", ne, Q.Q8_0 if name.startswith(("attn_k_b", "attn_v_b")) else None)
         _dense_or_shared_moe(t, p, il < n_dense, n_embd, n_ff, n_ff_exp, n_expert)
     return Shape("deepseek2", "DeepSeek-V3 shape", meta, t)
@@ -161,12 +205,25 @@ def _dense_or_shared_moe(t, p: str, dense: bool, n_embd: int, n_ff: int, n_ff_ex
         _ffn(t, p, n_embd, n_ff_exp, "_shexp")
 
 
-def qwen3_moe(n_layer=94, n_expert=128, n_vocab=151936, n_embd=4096, n_head=64, n_kv=4, hd=128,
-              n_ff_exp=1536) -> Shape:
+def qwen3_moe(n_layer=94, n_expert=128, n_vocab=151936, n_embd=4096, n_head=64, n_kv=4, hd=128, n_ff_exp=1536) -> Shape:
     """Qwen3-235B-A22B: 64 query / 4 KV heads of 128, 128 experts (8 used), QK norm."""
-    meta = _common(n_embd, n_layer, n_head, n_kv, 12288, n_vocab, 40960, **{
-        ".attention.key_length": hd, ".attention.value_length": hd, ".expert_count": n_expert,
-        ".expert_used_count": 8, ".expert_feed_forward_length": n_ff_exp, ".rope.freq_base": 1e6})
+    meta = _common(
+        n_embd,
+        n_layer,
+        n_head,
+        n_kv,
+        12288,
+        n_vocab,
+        40960,
+        **{
+            ".attention.key_length": hd,
+            ".attention.value_length": hd,
+            ".expert_count": n_expert,
+            ".expert_used_count": 8,
+            ".expert_feed_forward_length": n_ff_exp,
+            ".rope.freq_base": 1e6,
+        },
+    )
     t: list = []
     _io(t, n_embd, n_vocab)
     for il in range(n_layer):
@@ -180,13 +237,28 @@ def qwen3_moe(n_layer=94, n_expert=128, n_vocab=151936, n_embd=4096, n_head=64, 
     return Shape("qwen3moe", "Qwen3-235B-A22B shape", meta, t)
 
 
-def gpt_oss(n_layer=36, n_expert=128, n_vocab=201088, n_embd=2880, n_head=64, n_kv=8, hd=64,
-            n_ff_exp=2880) -> Shape:
+def gpt_oss(n_layer=36, n_expert=128, n_vocab=201088, n_embd=2880, n_head=64, n_kv=8, hd=64, n_ff_exp=2880) -> Shape:
     """gpt-oss-120b: attention sinks, sliding window 128 on every other layer, MXFP4 experts with biases."""
-    meta = _common(n_embd, n_layer, n_head, n_kv, n_ff_exp, n_vocab, 131072, **{
-        ".attention.key_length": hd, ".attention.value_length": hd, ".rope.dimension_count": hd,
-        ".expert_count": n_expert, ".expert_used_count": 4, ".expert_feed_forward_length": n_ff_exp,
-        ".attention.sliding_window": 128, ".rope.freq_base": 150000.0, ".attention.layer_norm_rms_epsilon": 1e-5})
+    meta = _common(
+        n_embd,
+        n_layer,
+        n_head,
+        n_kv,
+        n_ff_exp,
+        n_vocab,
+        131072,
+        **{
+            ".attention.key_length": hd,
+            ".attention.value_length": hd,
+            ".rope.dimension_count": hd,
+            ".expert_count": n_expert,
+            ".expert_used_count": 4,
+            ".expert_feed_forward_length": n_ff_exp,
+            ".attention.sliding_window": 128,
+            ".rope.freq_base": 150000.0,
+            ".attention.layer_norm_rms_epsilon": 1e-5,
+        },
+    )
     t: list = []
     _io(t, n_embd, n_vocab)
     for il in range(n_layer):
@@ -206,9 +278,21 @@ def gpt_oss(n_layer=36, n_expert=128, n_vocab=201088, n_embd=2880, n_head=64, n_
 
 def gemma3(n_layer=62, n_vocab=262208, n_embd=5376, n_head=32, n_kv=16, hd=128, n_ff=21504) -> Shape:
     """Gemma 3 27B: 5 of every 6 layers attend to a 1024-token window; tied output."""
-    meta = _common(n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
-        ".attention.key_length": hd, ".attention.value_length": hd, ".attention.sliding_window": 1024,
-        ".rope.freq_base": 1e6})
+    meta = _common(
+        n_embd,
+        n_layer,
+        n_head,
+        n_kv,
+        n_ff,
+        n_vocab,
+        131072,
+        **{
+            ".attention.key_length": hd,
+            ".attention.value_length": hd,
+            ".attention.sliding_window": 1024,
+            ".rope.freq_base": 1e6,
+        },
+    )
     t: list = []
     _io(t, n_embd, n_vocab, tied=True)
     for il in range(n_layer):
@@ -225,8 +309,16 @@ def gemma3(n_layer=62, n_vocab=262208, n_embd=5376, n_head=32, n_kv=16, hd=128, 
 def llama_70b(n_layer=80, n_vocab=128256, n_embd=8192, n_head=64, n_kv=8, n_ff=28672) -> Shape:
     """Llama 3.x 70B: dense, 64 query / 8 KV heads of 128."""
     hd = n_embd // n_head
-    meta = _common(n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
-        ".rope.dimension_count": hd, ".rope.freq_base": 500000.0, ".attention.layer_norm_rms_epsilon": 1e-5})
+    meta = _common(
+        n_embd,
+        n_layer,
+        n_head,
+        n_kv,
+        n_ff,
+        n_vocab,
+        131072,
+        **{".rope.dimension_count": hd, ".rope.freq_base": 500000.0, ".attention.layer_norm_rms_epsilon": 1e-5},
+    )
     t: list = []
     _io(t, n_embd, n_vocab)
     for il in range(n_layer):
@@ -238,14 +330,42 @@ def llama_70b(n_layer=80, n_vocab=128256, n_embd=8192, n_head=64, n_kv=8, n_ff=2
     return Shape("llama", "Llama 3 70B shape", meta, t)
 
 
-def glm45_air(n_layer=46, n_expert=128, n_vocab=151552, n_embd=4096, n_head=96, n_kv=8, hd=128, n_ff=10944,
-              n_ff_exp=1408, n_dense=1) -> Shape:
+def glm45_air(
+    n_layer=46,
+    n_expert=128,
+    n_vocab=151552,
+    n_embd=4096,
+    n_head=96,
+    n_kv=8,
+    hd=128,
+    n_ff=10944,
+    n_ff_exp=1408,
+    n_dense=1,
+) -> Shape:
     """GLM-4.5-Air (glm4moe): 96 query / 8 KV heads of 128, partial rotary, 128 experts + 1 shared, QKV bias."""
-    meta = _common(n_embd, n_layer, n_head, n_kv, n_ff, n_vocab, 131072, **{
-        ".attention.key_length": hd, ".attention.value_length": hd, ".rope.dimension_count": hd // 2,
-        ".expert_count": n_expert, ".expert_used_count": 8, ".expert_shared_count": 1,
-        ".expert_feed_forward_length": n_ff_exp, ".leading_dense_block_count": n_dense, ".expert_gating_func": 2,
-        ".expert_weights_norm": True, ".expert_weights_scale": 1.0, ".nextn_predict_layers": 0})
+    meta = _common(
+        n_embd,
+        n_layer,
+        n_head,
+        n_kv,
+        n_ff,
+        n_vocab,
+        131072,
+        **{
+            ".attention.key_length": hd,
+            ".attention.value_length": hd,
+            ".rope.dimension_count": hd // 2,
+            ".expert_count": n_expert,
+            ".expert_used_count": 8,
+            ".expert_shared_count": 1,
+            ".expert_feed_forward_length": n_ff_exp,
+            ".leading_dense_block_count": n_dense,
+            ".expert_gating_func": 2,
+            ".expert_weights_norm": True,
+            ".expert_weights_scale": 1.0,
+            ".nextn_predict_layers": 0,
+        },
+    )
     t: list = []
     _io(t, n_embd, n_vocab)
     for il in range(n_layer):
@@ -260,13 +380,22 @@ def glm45_air(n_layer=46, n_expert=128, n_vocab=151552, n_embd=4096, n_head=96, 
 LFM2_ATTN = (2, 5, 8, 10, 12, 14)  # LFM2-1.2B: attention layers; the rest are short convolutions
 
 
-def lfm2(n_layer=16, attn_layers=LFM2_ATTN, n_vocab=65536, n_embd=2048, n_head=32, n_kv=8, n_ff=8192,
-         l_cache=3) -> Shape:
+def lfm2(
+    n_layer=16, attn_layers=LFM2_ATTN, n_vocab=65536, n_embd=2048, n_head=32, n_kv=8, n_ff=8192, l_cache=3
+) -> Shape:
     """LFM2-1.2B (hybrid): gated short-convolution layers (a recurrent state) and 6 GQA attention layers."""
     hd = n_embd // n_head
     heads_kv = [n_kv if il in attn_layers else 0 for il in range(n_layer)]
-    meta = _common(n_embd, n_layer, n_head, heads_kv, n_ff, n_vocab, 128000, **{
-        ".shortconv.l_cache": l_cache, ".rope.freq_base": 1e6, ".attention.layer_norm_rms_epsilon": 1e-5})
+    meta = _common(
+        n_embd,
+        n_layer,
+        n_head,
+        heads_kv,
+        n_ff,
+        n_vocab,
+        128000,
+        **{".shortconv.l_cache": l_cache, ".rope.freq_base": 1e6, ".attention.layer_norm_rms_epsilon": 1e-5},
+    )
     t: list = []
     _t(t, "token_embd.weight", (n_embd, n_vocab))
     _t(t, "token_embd_norm.weight", (n_embd,))
@@ -286,13 +415,25 @@ def lfm2(n_layer=16, attn_layers=LFM2_ATTN, n_vocab=65536, n_embd=2048, n_head=3
     return Shape("lfm2", "LFM2-1.2B shape", meta, t)
 
 
-SHAPES = {"deepseek2": deepseek_v3, "qwen3moe": qwen3_moe, "gpt-oss": gpt_oss, "gemma3": gemma3,
-          "llama": llama_70b, "glm4moe": glm45_air, "lfm2": lfm2}
+SHAPES = {
+    "deepseek2": deepseek_v3,
+    "qwen3moe": qwen3_moe,
+    "gpt-oss": gpt_oss,
+    "gemma3": gemma3,
+    "llama": llama_70b,
+    "glm4moe": glm45_air,
+    "lfm2": lfm2,
+}
 # Few layers/experts and a small vocabulary: the same layout rules, loaded in a fraction of a second (tests).
-SMALL = {"deepseek2": dict(n_layer=4, n_expert=16, n_vocab=4096), "qwen3moe": dict(n_layer=3, n_expert=16, n_vocab=4096),
-         "gpt-oss": dict(n_layer=4, n_expert=8, n_vocab=4096), "gemma3": dict(n_layer=7, n_vocab=4096),
-         "llama": dict(n_layer=3, n_vocab=4096), "glm4moe": dict(n_layer=3, n_expert=16, n_vocab=4096),
-         "lfm2": dict(n_layer=6, attn_layers=(2, 5), n_vocab=4096)}
+SMALL = {
+    "deepseek2": dict(n_layer=4, n_expert=16, n_vocab=4096),
+    "qwen3moe": dict(n_layer=3, n_expert=16, n_vocab=4096),
+    "gpt-oss": dict(n_layer=4, n_expert=8, n_vocab=4096),
+    "gemma3": dict(n_layer=7, n_vocab=4096),
+    "llama": dict(n_layer=3, n_vocab=4096),
+    "glm4moe": dict(n_layer=3, n_expert=16, n_vocab=4096),
+    "lfm2": dict(n_layer=6, attn_layers=(2, 5), n_vocab=4096),
+}
 
 
 # Other published sizes of the same architectures: never looked at while the planner's formulas were written,
@@ -303,8 +444,10 @@ HELD_OUT = {
     "gpt-oss/20b": ("gpt-oss", dict(n_layer=24, n_expert=32)),
     "gemma3/12B": ("gemma3", dict(n_layer=48, n_embd=3840, n_head=16, n_kv=8, hd=256, n_ff=15360)),
     "llama/8B": ("llama", dict(n_layer=32, n_embd=4096, n_head=32, n_kv=8, n_ff=14336)),
-    "glm4moe/GLM-4.5": ("glm4moe", dict(n_layer=92, n_embd=5120, n_head=96, n_kv=8, n_ff=12288, n_ff_exp=1536,
-                                        n_expert=160, n_dense=3)),
+    "glm4moe/GLM-4.5": (
+        "glm4moe",
+        dict(n_layer=92, n_embd=5120, n_head=96, n_kv=8, n_ff=12288, n_ff_exp=1536, n_expert=160, n_dense=3),
+    ),
     "lfm2/LFM2-2.6B": ("lfm2", dict(n_layer=30, attn_layers=(2, 5, 8, 10, 12, 14, 17, 21), n_ff=10752)),
 }
 
@@ -364,6 +507,7 @@ def model_file(arch: str, out_dir: str | os.PathLike, small: bool = False, tag: 
 
 # -- what llama.cpp reports ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Job:
     model: str
@@ -401,8 +545,15 @@ def _run_group(jobs: list[Job], timeout: float) -> list[dict]:
     rfd, wfd = os.pipe()
     env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1")
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tuner.plan.oracle", str(wfd)], stdin=subprocess.PIPE,
-                                stdout=log, stderr=log, pass_fds=(wfd,), start_new_session=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tuner.plan.oracle", str(wfd)],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=log,
+            pass_fds=(wfd,),
+            start_new_session=True,
+            env=env,
+        )
         os.close(wfd)
         payload = "".join(json.dumps(dataclasses.asdict(j)) + "\n" for j in jobs)
         try:
@@ -425,6 +576,7 @@ def _run_group(jobs: list[Job], timeout: float) -> list[dict]:
 
 
 # -- the worker side (python -m tuner.plan.oracle RESULT_FD) -----------------------------------------------------
+
 
 def _worker(out) -> None:
     # llama.cpp loads in the oracle's subprocess only: the parent sizes files and reads logs without it

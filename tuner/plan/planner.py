@@ -54,27 +54,67 @@ REPACK_ARM = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "Q8_0"})
 # Sliding-window layers, as llama.cpp's load_swa_pattern sets them: (period, dense_first) per architecture, used
 # when the GGUF has no attention.sliding_window_pattern. A period n makes il % n < n - 1 sliding (dense_first:
 # il % n != 0). "all": every attention layer slides (lfm2 with a window).
-SWA_PATTERN = {"gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5, False), "cohere2": (4, False),
-               "llama4": (4, False), "gpt-oss": (2, False), "exaone4": (4, False), "olmo2": (4, False),
-               "smallthinker": (4, True), "afmoe": (4, False), "lfm2": "all", "lfm2moe": "all"}
+SWA_PATTERN = {
+    "gemma2": (2, False),
+    "gemma3": (6, False),
+    "gemma3n": (5, False),
+    "cohere2": (4, False),
+    "llama4": (4, False),
+    "gpt-oss": (2, False),
+    "exaone4": (4, False),
+    "olmo2": (4, False),
+    "smallthinker": (4, True),
+    "afmoe": (4, False),
+    "lfm2": "all",
+    "lfm2moe": "all",
+}
 # Architectures whose memory layout the planner models: checked against llama.cpp by tuner.plan.oracle (first line),
 # or built from the same standard attention/FFN blocks (the rest). Anything else: weights only, with a note.
 ORACLE_CHECKED = frozenset({"deepseek2", "qwen3moe", "gpt-oss", "gemma3", "llama", "glm4moe", "lfm2"})
-MODELLED = ORACLE_CHECKED | frozenset({
-    "qwen2", "qwen2moe", "qwen3", "gemma2", "mistral3", "phi3", "granite", "granitemoe", "olmo2", "olmoe",
-    "glm4", "deepseek", "mixtral", "smollm3", "exaone4", "cohere2", "command-r", "starcoder2", "lfm2moe",
-    "ernie4_5", "ernie4_5-moe", "seed_oss", "apertus", "hunyuan-moe", "hunyuan-dense", "dots1", "arcee"})
+MODELLED = ORACLE_CHECKED | frozenset(
+    {
+        "qwen2",
+        "qwen2moe",
+        "qwen3",
+        "gemma2",
+        "mistral3",
+        "phi3",
+        "granite",
+        "granitemoe",
+        "olmo2",
+        "olmoe",
+        "glm4",
+        "deepseek",
+        "mixtral",
+        "smollm3",
+        "exaone4",
+        "cohere2",
+        "command-r",
+        "starcoder2",
+        "lfm2moe",
+        "ernie4_5",
+        "ernie4_5-moe",
+        "seed_oss",
+        "apertus",
+        "hunyuan-moe",
+        "hunyuan-dense",
+        "dots1",
+        "arcee",
+    }
+)
 # Recurrent-state layouts llama.cpp sizes from these keys (llama_hparams::n_embd_r / n_embd_s).
 RECURRENT_ALL = frozenset({"mamba", "mamba2"})
 HYBRID_SSM = frozenset({"granitehybrid", "nemotron_h", "jamba", "falcon-h1"})
 
 
 def unmodelled_note(info: ModelInfo) -> str:
-    """"" when the planner models this architecture's KV cache and compute buffers, else the note to show."""
+    """ "" when the planner models this architecture's KV cache and compute buffers, else the note to show."""
     if info.arch in MODELLED or info.arch in RECURRENT_ALL or info.arch in HYBRID_SSM:
         return ""
-    return (f"unknown architecture {info.arch}: KV and compute not modelled "
-            f"(weights only, from tensor sizes: {_gib(sum(t.n_bytes for t in info.tensors))})")
+    return (
+        f"unknown architecture {info.arch}: KV and compute not modelled "
+        f"(weights only, from tensor sizes: {_gib(sum(t.n_bytes for t in info.tensors))})"
+    )
 
 
 @lru_cache(maxsize=1)
@@ -282,8 +322,9 @@ def _override_rules(cfg: TrialConfig) -> list:
         rules.append((lambda t: EXPS_RE.search(t.name) is not None, "CPU"))
     if cfg.n_cpu_moe:
         # --n-cpu-moe N: one `blk\.i\.ffn_..._exps` pattern per layer i < N, i.e. the experts of layers 0..N-1
-        rules.append((lambda t: t.layer is not None and t.layer < cfg.n_cpu_moe and EXPS_RE.search(t.name)
-                      is not None, "CPU"))
+        rules.append(
+            (lambda t: t.layer is not None and t.layer < cfg.n_cpu_moe and EXPS_RE.search(t.name) is not None, "CPU")
+        )
     return rules
 
 
@@ -299,14 +340,28 @@ def _device_of_buffer(buft: str, names: tuple[str, ...] = ()) -> int | None:
     return int(m[1]) if m else None
 
 
-def tensor_devices(cfg: TrialConfig, info: ModelInfo, gpu_offload: bool,
-                   free: list[int] | None = None, names: tuple[str, ...] = ()) -> tuple[list[int], int]:
+def tensor_devices(
+    cfg: TrialConfig, info: ModelInfo, gpu_offload: bool, free: list[int] | None = None, names: tuple[str, ...] = ()
+) -> tuple[list[int], int]:
     """Per tensor (in info.tensors order): -1 when it lives in host memory, else its GPU; plus the effective ngl.
     Token embeddings stay on the host (llama.cpp keeps the input layer on the CPU); output tensors go with the
     output layer; an override wins over the layer's device (`names`: the devices' buffer names, for `-ot`)."""
     names = tuple(names)
-    key = (info.path, info.file_size, len(info.tensors), gpu_offload, tuple(free or ()), cfg.n_gpu_layers,
-           cfg.split_mode, cfg.main_gpu, cfg.tensor_split, cfg.n_cpu_moe, cfg.cpu_moe, cfg.overrides, names)
+    key = (
+        info.path,
+        info.file_size,
+        len(info.tensors),
+        gpu_offload,
+        tuple(free or ()),
+        cfg.n_gpu_layers,
+        cfg.split_mode,
+        cfg.main_gpu,
+        cfg.tensor_split,
+        cfg.n_cpu_moe,
+        cfg.cpu_moe,
+        cfg.overrides,
+        names,
+    )
     hit = _PLACEMENT_CACHE.get(key)
     if hit is not None:
         return hit
@@ -481,8 +536,10 @@ def compute_raw(cfg: TrialConfig, info: ModelInfo, n_tok: int, n_out: int, n_kv:
     ffn = _ffn_live(info)
     if cfg.flash_attn == "off":
         cast = q_dim if cfg.type_k.lower() in ("f16", "bf16") else 0
-        layer = max(4 * n_kv * (info.n_head + 1) + 4 * max(attn, q_dim + cast + 2 * info.n_embd + 5 * kv_dim),
-                    4 * n_kv + 4 * ffn)
+        layer = max(
+            4 * n_kv * (info.n_head + 1) + 4 * max(attn, q_dim + cast + 2 * info.n_embd + 5 * kv_dim),
+            4 * n_kv + 4 * ffn,
+        )
     else:
         layer = 2 * n_kv + 4 * max(attn, ffn)
     out = 4 * (n_out * info.n_vocab + n_tok * 2 * info.n_embd)
@@ -493,8 +550,7 @@ def refusal(cfg: TrialConfig, info: ModelInfo) -> str:
     """Why llama.cpp refuses to create this context ("" when it does not): its own checks on cache types."""
     quant = ("f32", "f16", "bf16")
     if info.kv_mla and cfg.type_k.lower() != cfg.type_v.lower():
-        return (f"MLA caches V inside K: llama.cpp refuses different K ({cfg.type_k}) and V ({cfg.type_v}) "
-                "cache types")
+        return f"MLA caches V inside K: llama.cpp refuses different K ({cfg.type_k}) and V ({cfg.type_v}) cache types"
     if cfg.flash_attn == "off" and cfg.type_v.lower() not in quant:
         return f"a quantized V cache ({cfg.type_v}) needs flash attention: llama.cpp refuses it with -fa off"
     return ""
@@ -524,18 +580,27 @@ def buffers(cfg: TrialConfig, info: ModelInfo) -> dict:
         if c:
             cells[c] = cells.get(c, 0) + 1
     n_tok = min(cfg.n_ubatch, cfg.n_batch, kv_size(cfg.effective_ctx()))
-    return {"model": sum(t.n_bytes for t in info.tensors),
-            "kv": None if note else k + v, "kv_k": None if note else k, "kv_v": None if note else v,
-            "kv_cells": {} if note else cells,
-            "rs": None if note else sum(rs_layer_bytes(info, il) for il in range(info.n_layer)),
-            "output": output_bytes(info),
-            "compute": None if note else compute_raw(cfg, info, n_tok, n_tok, max_kv_cells(cfg, info)),
-            "note": note}
+    return {
+        "model": sum(t.n_bytes for t in info.tensors),
+        "kv": None if note else k + v,
+        "kv_k": None if note else k,
+        "kv_v": None if note else v,
+        "kv_cells": {} if note else cells,
+        "rs": None if note else sum(rs_layer_bytes(info, il) for il in range(info.n_layer)),
+        "output": output_bytes(info),
+        "compute": None if note else compute_raw(cfg, info, n_tok, n_tok, max_kv_cells(cfg, info)),
+        "note": note,
+    }
 
 
-def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
-            gpu_offload: bool = False, free: list[int] | None = None,
-            device_baselines: list[int] | None = None) -> Prediction:
+def predict(
+    cfg: TrialConfig,
+    info: ModelInfo,
+    calib: Calibration | None = None,
+    gpu_offload: bool = False,
+    free: list[int] | None = None,
+    device_baselines: list[int] | None = None,
+) -> Prediction:
     """Peak host RAM and VRAM of one trial of `cfg` on `info`'s model, and what of it must stay resident.
 
     Host memory is split the way the kernel sees it: anonymous memory that cannot be reclaimed without swap
@@ -615,21 +680,40 @@ def predict(cfg: TrialConfig, info: ModelInfo, calib: Calibration | None = None,
     resident = calib.baseline_ram + anon_weights + kv_host + c_host + out
     ram = resident + file_pages
     used = {d for d in devs if d >= 0} | {i for i, w in enumerate(w_dev) if w}
-    base = [device_baselines[i] if device_baselines and i < len(device_baselines) else calib.baseline_vram
-            for i in range(n_dev)]
-    by_dev = [(base[i] + w_dev[i] + kv_dev[i] + c_gpu) if (gpu_offload and ngl and i in used) else 0
-              for i in range(n_dev)]
+    base = [
+        device_baselines[i] if device_baselines and i < len(device_baselines) else calib.baseline_vram
+        for i in range(n_dev)
+    ]
+    by_dev = [
+        (base[i] + w_dev[i] + kv_dev[i] + c_gpu) if (gpu_offload and ngl and i in used) else 0 for i in range(n_dev)
+    ]
     vram, w_gpu, kv_gpu = sum(by_dev), sum(w_dev), sum(kv_dev)
     c_gpu = c_gpu * len(used) if vram else 0  # one compute buffer per device that holds layers
-    return Prediction(ram_bytes=int(ram), vram_bytes=int(vram), weights_host=file_pages + anon_weights,
-                      weights_gpu=w_gpu, kv_bytes=kv_host + kv_gpu, compute_bytes=c_host + c_gpu, kv_host=kv_host,
-                      kv_gpu=kv_gpu, compute_host=c_host, compute_gpu=c_gpu, baseline_ram=calib.baseline_ram,
-                      baseline_vram=sum(base[i] for i in used) if vram else 0, repack_bytes=repack,
-                      reclaimable_bytes=file_pages,
-                      weights_total=sum(t.n_bytes for t in info.tensors), n_gpu_layers=ngl,
-                      resident_bytes=int(resident), file_bytes=file_pages, compute_reserved=c_host_reserved,
-                      output_bytes=out, note=note, layers_host=layers_host,
-                      vram_by_device=by_dev if vram else [0] * n_dev)
+    return Prediction(
+        ram_bytes=int(ram),
+        vram_bytes=int(vram),
+        weights_host=file_pages + anon_weights,
+        weights_gpu=w_gpu,
+        kv_bytes=kv_host + kv_gpu,
+        compute_bytes=c_host + c_gpu,
+        kv_host=kv_host,
+        kv_gpu=kv_gpu,
+        compute_host=c_host,
+        compute_gpu=c_gpu,
+        baseline_ram=calib.baseline_ram,
+        baseline_vram=sum(base[i] for i in used) if vram else 0,
+        repack_bytes=repack,
+        reclaimable_bytes=file_pages,
+        weights_total=sum(t.n_bytes for t in info.tensors),
+        n_gpu_layers=ngl,
+        resident_bytes=int(resident),
+        file_bytes=file_pages,
+        compute_reserved=c_host_reserved,
+        output_bytes=out,
+        note=note,
+        layers_host=layers_host,
+        vram_by_device=by_dev if vram else [0] * n_dev,
+    )
 
 
 def _row_shares(cfg: TrialConfig, free: list[int]) -> list[float]:
@@ -638,28 +722,37 @@ def _row_shares(cfg: TrialConfig, free: list[int]) -> list[float]:
     return [c - p for c, p in zip(cum, [0.0] + cum[:-1])]
 
 
-def fits(pred: Prediction, ram_total: int | None, vram_total: int | None, max_ram: int | None = None,
-         max_vram: int | None = None, headroom: float = DEFAULT_HEADROOM) -> tuple[bool, str]:
+def fits(
+    pred: Prediction,
+    ram_total: int | None,
+    vram_total: int | None,
+    max_ram: int | None = None,
+    max_vram: int | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+) -> tuple[bool, str]:
     """Whether a prediction fits the machine: (ok, one-line reason). `max_*` are user caps below the totals.
 
     Host RAM short is the swap trap: the trial would page and crawl (or be OOM-killed) rather than fail fast.
     """
+
     def budget(total, cap):
         vals = [v for v in (total, cap) if v]
         return int(min(vals) * (1 - headroom)) if vals else None
 
     ram_budget, vram_budget = budget(ram_total, max_ram), budget(vram_total, max_vram)
     if pred.vram_bytes and vram_budget is not None and pred.vram_bytes > vram_budget:
-        return False, (f"needs {_gib(pred.vram_bytes)} VRAM, {_gib(vram_budget)} usable "
-                       f"({headroom:.0%} headroom)")
+        return False, (f"needs {_gib(pred.vram_bytes)} VRAM, {_gib(vram_budget)} usable ({headroom:.0%} headroom)")
     if ram_budget is not None and pred.resident_bytes > ram_budget:
-        return False, (f"needs {_gib(pred.resident_bytes)} resident host RAM, {_gib(ram_budget)} usable "
-                       f"({headroom:.0%} headroom): it would swap")
+        return False, (
+            f"needs {_gib(pred.resident_bytes)} resident host RAM, {_gib(ram_budget)} usable "
+            f"({headroom:.0%} headroom): it would swap"
+        )
     return True, "fits"
 
 
-def weights_cached(pred: Prediction, ram_total: int | None, max_ram: int | None = None,
-                   headroom: float = DEFAULT_HEADROOM) -> bool | None:
+def weights_cached(
+    pred: Prediction, ram_total: int | None, max_ram: int | None = None, headroom: float = DEFAULT_HEADROOM
+) -> bool | None:
     """Whether the mmap'd weights stay in the page cache next to the resident memory (full speed). When they
     do not, llama.cpp still runs (the kernel drops clean file pages, it never swaps them) but re-reads weights
     from disk for every token: this, not "RAM > model size + 10 GB", is the real boundary for mmap."""
@@ -707,8 +800,13 @@ def last_true(lo: int, hi: int, ok) -> int | None:
     return lo
 
 
-def max_gpu_layers(cfg: TrialConfig, info: ModelInfo, vram_total: int | list[int],
-                   headroom: float = DEFAULT_HEADROOM, calib: Calibration | None = None) -> int:
+def max_gpu_layers(
+    cfg: TrialConfig,
+    info: ModelInfo,
+    vram_total: int | list[int],
+    headroom: float = DEFAULT_HEADROOM,
+    calib: Calibration | None = None,
+) -> int:
     """The largest n_gpu_layers (0..n_layer + 1) whose predicted VRAM fits, on every GPU, with headroom.
     `vram_total`: one GPU's memory, or a list of every GPU's."""
     budgets, free = device_budgets(vram_total, headroom)
@@ -742,8 +840,16 @@ def min_cpu_moe(cfg: TrialConfig, info: ModelInfo, vram: int | list[int], headro
     return first_true(0, info.n_layer, ok)
 
 
-def estimate(info: ModelInfo, ctxs: list[int], ram: int, vram: int, headroom: float, base: TrialConfig,
-             calib: Calibration | None = None, ngl: int | None = None) -> list[dict]:
+def estimate(
+    info: ModelInfo,
+    ctxs: list[int],
+    ram: int,
+    vram: int,
+    headroom: float,
+    base: TrialConfig,
+    calib: Calibration | None = None,
+    ngl: int | None = None,
+) -> list[dict]:
     """One row per context: sizes, the largest n_gpu_layers that fits and the host/GPU split it gives."""
     rows = []
     for ctx in ctxs:
@@ -762,23 +868,42 @@ def estimate(info: ModelInfo, ctxs: list[int], ram: int, vram: int, headroom: fl
         if refused:
             warning = f"llama.cpp refuses this config: {refused}"
         elif p.resident_bytes > usable:
-            warning = (f"host RAM short: needs {fmt_size(p.resident_bytes)} resident (KV cache, compute and output "
-                       f"buffers, repacked weights), {fmt_size(usable)} usable - it would swap (use more GPU layers, "
-                       "a smaller quant or context)")
+            warning = (
+                f"host RAM short: needs {fmt_size(p.resident_bytes)} resident (KV cache, compute and output "
+                f"buffers, repacked weights), {fmt_size(usable)} usable - it would swap (use more GPU layers, "
+                "a smaller quant or context)"
+            )
         elif not ok:
             warning = why
         elif cached is False:
-            warning = (f"mmap'd weights ({fmt_size(p.file_bytes)}) do not all fit next to {fmt_size(p.resident_bytes)} "
-                       f"resident in {fmt_size(usable)} usable: it runs (the kernel drops clean file pages, never "
-                       "swaps them) but re-reads weights from disk for every token")
-        row = {"model": info.path, "name": info.name, "file_type": info.file_type, "n_ctx": ctx,
-               "size_bytes": p.weights_total, "kv_bytes": p.kv_bytes, "n_layer": info.n_layer,
-               "max_gpu_layers": use, "gpu_bytes": p.vram_bytes, "host_bytes": p.ram_bytes,
-               "resident_bytes": p.resident_bytes, "mmap_bytes": p.file_bytes, "weights_cached": cached,
-               "repack_bytes": p.repack_bytes,
-               "weights_gpu": p.weights_gpu, "weights_host": p.weights_host, "compute_bytes": p.compute_bytes,
-               "compute_reserved": p.compute_reserved, "fits": ok and not refused and p.resident_bytes <= usable,
-               "warning": warning, "note": p.note}
+            warning = (
+                f"mmap'd weights ({fmt_size(p.file_bytes)}) do not all fit next to {fmt_size(p.resident_bytes)} "
+                f"resident in {fmt_size(usable)} usable: it runs (the kernel drops clean file pages, never "
+                "swaps them) but re-reads weights from disk for every token"
+            )
+        row = {
+            "model": info.path,
+            "name": info.name,
+            "file_type": info.file_type,
+            "n_ctx": ctx,
+            "size_bytes": p.weights_total,
+            "kv_bytes": p.kv_bytes,
+            "n_layer": info.n_layer,
+            "max_gpu_layers": use,
+            "gpu_bytes": p.vram_bytes,
+            "host_bytes": p.ram_bytes,
+            "resident_bytes": p.resident_bytes,
+            "mmap_bytes": p.file_bytes,
+            "weights_cached": cached,
+            "repack_bytes": p.repack_bytes,
+            "weights_gpu": p.weights_gpu,
+            "weights_host": p.weights_host,
+            "compute_bytes": p.compute_bytes,
+            "compute_reserved": p.compute_reserved,
+            "fits": ok and not refused and p.resident_bytes <= usable,
+            "warning": warning,
+            "note": p.note,
+        }
         if info.is_moe and gpu:
             row["min_n_cpu_moe"] = min_cpu_moe(cfg, info, vram, headroom, calib)
         rows.append(row)

@@ -54,18 +54,28 @@ from tuner.record import TrialConfig
 
 VERSION = 3  # 2: the MoE figures (tg_moe_layer_s, pp_moe_factor); 3: the row cost (tg_s_per_row), passes
 # ggml type → the ftype whose --pure quantization is that type everywhere
-TYPES = {"F16": "f16", "Q8_0": "q8_0", "Q6_K": "q6_k", "Q5_K": "q5_k_m", "Q5_0": "q5_0", "Q4_K": "q4_k_m",
-         "Q4_0": "q4_0", "Q3_K": "q3_k_m", "Q2_K": "q2_k"}
+TYPES = {
+    "F16": "f16",
+    "Q8_0": "q8_0",
+    "Q6_K": "q6_k",
+    "Q5_K": "q5_k_m",
+    "Q5_0": "q5_0",
+    "Q4_K": "q4_k_m",
+    "Q4_0": "q4_0",
+    "Q3_K": "q3_k_m",
+    "Q2_K": "q2_k",
+}
 # "wide": one model per type (8 × 15 M weights: 40 MB at Q2_K to 240 MB at F16, beyond a 32 MB L3); "overhead":
 # 0.5 M weights a layer (0.6 MB at Q8_0), built at OVERHEAD_LAYERS depths, for the costs that are not weights;
 # "moe": 8 layers of 8 experts, 2 used, one per type (100 M expert weights, 27 MB of them read per token at Q8_0);
 # "rows": short rows, many of them (a 262k vocabulary's 256-wide output: 67 M weights, 71 MB at Q8_0, 4x the rows
 # per byte of the wide model), beside the wide Q8_0 model's long ones: what a row costs beyond its bytes.
-SHAPES = {"wide": dict(n_embd=1024, n_ff=4096, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048),
-          "overhead": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=512),
-          "moe": dict(n_embd=1024, n_ff=512, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048, n_expert=8,
-                      n_expert_used=2),
-          "rows": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=262144)}
+SHAPES = {
+    "wide": dict(n_embd=1024, n_ff=4096, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048),
+    "overhead": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=512),
+    "moe": dict(n_embd=1024, n_ff=512, n_head=16, n_head_kv=4, n_layer=8, n_vocab=2048, n_expert=8, n_expert_used=2),
+    "rows": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_layer=2, n_vocab=262144),
+}
 OVERHEAD_LAYERS = (2, 16)
 OVERHEAD_TYPE = "Q8_0"
 SHAPE = {"n_prompt": 128, "n_gen": 32}  # the test shape of the probe's trials (pp128, tg32)
@@ -99,13 +109,18 @@ def load(path: str | os.PathLike | None = None) -> dict | None:
         raise ProbeError(f"{p}: not a tuner probe file ({type(e).__name__})") from None
     here_hw, here_build = fingerprints()
     if hw_fp != here_hw:
-        raise ProbeError(f"{p} was measured on another machine (hardware {hw_fp}, this one {here_hw}): "
-                         "run `tuner probe` here")
+        raise ProbeError(
+            f"{p} was measured on another machine (hardware {hw_fp}, this one {here_hw}): run `tuner probe` here"
+        )
     if build_fp != here_build:
-        raise ProbeError(f"{p} was measured with another llama.cpp build ({build_fp}, this one {here_build}): "
-                         "run `tuner probe` again")
+        raise ProbeError(
+            f"{p} was measured with another llama.cpp build ({build_fp}, this one {here_build}): "
+            "run `tuner probe` again"
+        )
     if data.get("version") != VERSION:
-        raise ProbeError(f"{p}: probe format {data.get('version')}, this tuner reads {VERSION}: run `tuner probe` again")
+        raise ProbeError(
+            f"{p}: probe format {data.get('version')}, this tuner reads {VERSION}: run `tuner probe` again"
+        )
     return data
 
 
@@ -146,8 +161,9 @@ def models(folder: Path, types: list[str], defs: dict[str, dict] = SHAPES) -> li
     return out
 
 
-def measure(paths: list[tuple[str, str, Path]], threads: list[int], repetitions: int, gpu: bool,
-            echo=None, passes: int = 2) -> list[dict]:
+def measure(
+    paths: list[tuple[str, str, Path]], threads: list[int], repetitions: int, gpu: bool, echo=None, passes: int = 2
+) -> list[dict]:
     """One trial per (model, thread count) and pass through tuner's worker, as `tuner bench -p 128 -n 32` would run
     it; on a GPU build also one fully offloaded trial per model. A row's figures are the median over its passes
     of each trial's median: on a shared machine a trial's speed moves by a fifth from one minute to the next,
@@ -158,22 +174,40 @@ def measure(paths: list[tuple[str, str, Path]], threads: list[int], repetitions:
             for ty, role, path in paths:
                 runs = [(t, 0) for t in threads] + ([(threads[-1], -1)] if gpu else [])
                 for t, ngl in runs:
-                    cfg = TrialConfig(model=str(path), n_threads=t, n_threads_batch=t, n_gpu_layers=ngl,
-                                      repetitions=repetitions, **SHAPE)
+                    cfg = TrialConfig(
+                        model=str(path),
+                        n_threads=t,
+                        n_threads_batch=t,
+                        n_gpu_layers=ngl,
+                        repetitions=repetitions,
+                        **SHAPE,
+                    )
                     rec = runner.run(cfg)
                     if not rec.ok:
                         raise RuntimeError(f"probe trial failed on {path.name} ({rec.outcome}): {rec.cause}")
-                    row = trials.setdefault((str(path), t, ngl), {
-                        "type": ty, "role": role, "model": str(path), "threads": t,
-                        "backend": speed.DEVICE if ngl else speed.HOST, "tg_samples": [], "pp_samples": [],
-                        "passes": []})
+                    row = trials.setdefault(
+                        (str(path), t, ngl),
+                        {
+                            "type": ty,
+                            "role": role,
+                            "model": str(path),
+                            "threads": t,
+                            "backend": speed.DEVICE if ngl else speed.HOST,
+                            "tg_samples": [],
+                            "pp_samples": [],
+                            "passes": [],
+                        },
+                    )
                     row["tg_samples"] += rec.tg_samples
                     row["pp_samples"] += rec.pp_samples
-                    row["passes"].append({"tg_tps": statistics.median(rec.tg_samples),
-                                          "pp_tps": statistics.median(rec.pp_samples)})
+                    row["passes"].append(
+                        {"tg_tps": statistics.median(rec.tg_samples), "pp_tps": statistics.median(rec.pp_samples)}
+                    )
                     if echo:
-                        echo(f"  pass {n + 1}/{passes} {path.name:<24} {row['backend']} t={t}: "
-                             f"tg {row['passes'][-1]['tg_tps']:7.1f} t/s  pp {row['passes'][-1]['pp_tps']:7.1f} t/s")
+                        echo(
+                            f"  pass {n + 1}/{passes} {path.name:<24} {row['backend']} t={t}: "
+                            f"tg {row['passes'][-1]['tg_tps']:7.1f} t/s  pp {row['passes'][-1]['pp_tps']:7.1f} t/s"
+                        )
     rows = list(trials.values())
     for row in rows:
         for k in ("tg_tps", "pp_tps"):
@@ -202,9 +236,16 @@ def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = 
     tg_layer, tg_fixed = np.polyfit(layers, [1.0 / r["tg_tps"] for r in over], 1)
     pp_layer, pp_fixed = np.polyfit(layers, [1.0 / r["pp_tps"] for r in over], 1)
     # noise can tilt a line through two points below zero: a cost is never negative
-    fig = {"tg_layer_s": max(float(tg_layer), 0.0), "tg_fixed_s": max(float(tg_fixed), 0.0),
-           "pp_layer_s": max(float(pp_layer), 0.0), "pp_fixed_s": max(float(pp_fixed), 0.0),
-           "tg_s_per_row": 0.0, "tg_s_per_byte": {}, "pp_s_per_flop": {}, "overhead_share": {}}
+    fig = {
+        "tg_layer_s": max(float(tg_layer), 0.0),
+        "tg_fixed_s": max(float(tg_fixed), 0.0),
+        "pp_layer_s": max(float(pp_layer), 0.0),
+        "pp_fixed_s": max(float(pp_fixed), 0.0),
+        "tg_s_per_row": 0.0,
+        "tg_s_per_byte": {},
+        "pp_s_per_flop": {},
+        "overhead_share": {},
+    }
 
     def per_type() -> None:
         # F16 first: the other models' F32 norms and F16 KV cache are then charged as speed.predict charges them
@@ -226,8 +267,9 @@ def fit(rows: list[dict], types: list[str], backend: str, threads: int | None = 
             # at least a tenth of the trial's time is the weights' (a noisy overhead trial must not leave them free)
             s_byte = max(t_tg - fixed_tg, 0.1 * t_tg) / own_b
             # the output matrix, once per batch
-            out_s = (sum(tm.out_bytes.values()) * s_byte
-                     + sum(tm.out_rows.values()) * fig["tg_s_per_row"]) / SHAPE["n_prompt"]
+            out_s = (sum(tm.out_bytes.values()) * s_byte + sum(tm.out_rows.values()) * fig["tg_s_per_row"]) / SHAPE[
+                "n_prompt"
+            ]
             fig["tg_s_per_byte"][ty] = s_byte
             fig["pp_s_per_flop"][ty] = max(t_pp - fixed_pp - out_s, 0.1 * t_pp) / own_f
             fig["overhead_share"][ty] = {"tg": min(fixed_tg / t_tg, 1.0), "pp": min((fixed_pp + out_s) / t_pp, 1.0)}
@@ -276,8 +318,12 @@ def _row_cost(sel: list[dict], counted, fig: dict) -> float:
         tm = counted(r)
         own, rest = split(tm.tg_bytes, r["type"])
         a.append([own, sum(tm.rows.values())])
-        b.append(1.0 / r["tg_tps"] - fig["tg_fixed_s"] - sum(tm.layers.values()) * fig["tg_layer_s"]
-                 - sum(v * speed.rate(fig, "tg_s_per_byte", t, set()) for t, v in rest.items()))
+        b.append(
+            1.0 / r["tg_tps"]
+            - fig["tg_fixed_s"]
+            - sum(tm.layers.values()) * fig["tg_layer_s"]
+            - sum(v * speed.rate(fig, "tg_s_per_byte", t, set()) for t, v in rest.items())
+        )
     try:
         _, s_row = np.linalg.solve(np.array(a), np.array(b))
     except np.linalg.LinAlgError:
@@ -291,11 +337,13 @@ def _moe_figures(r: dict, fig: dict, tm: speed.Terms, gpu: bool) -> tuple[float,
     backend = speed.DEVICE if gpu else speed.HOST
     # the figures so far, as speed.predict reads them (the CPU's per thread count)
     probe = {"shape": SHAPE, backend: fig if gpu else {str(r["threads"]): fig}}
-    base = speed.predict(read_model(r["model"]), probe, r["threads"], n_gpu_layers=-1 if gpu else 0,
-                         gpu_offload=gpu, **SHAPE)
+    base = speed.predict(
+        read_model(r["model"]), probe, r["threads"], n_gpu_layers=-1 if gpu else 0, gpu_offload=gpu, **SHAPE
+    )
     n_moe = tm.moe_layers.get(backend, 0)
-    exp_s = sum(f * speed.rate(fig, "pp_s_per_flop", ty, set()) for (w, ty), f in tm.exp_pp_flops.items()
-                if w == backend)
+    exp_s = sum(
+        f * speed.rate(fig, "pp_s_per_flop", ty, set()) for (w, ty), f in tm.exp_pp_flops.items() if w == backend
+    )
     if not (n_moe and exp_s and base.pred_tg_tps and base.pred_pp_tps):
         return None
     extra_tg = 1.0 / r["tg_tps"] - 1.0 / base.pred_tg_tps
@@ -315,8 +363,9 @@ def link_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float | None:
     if cu.cuInit(0) or cu.cuDeviceGet(ctypes.byref(dev), 0) or cu.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev):
         return None
     try:
-        if cu.cuMemAllocHost_v2(ctypes.byref(host), ctypes.c_size_t(nbytes)) or \
-                cu.cuMemAlloc_v2(ctypes.byref(d), ctypes.c_size_t(nbytes)):
+        if cu.cuMemAllocHost_v2(ctypes.byref(host), ctypes.c_size_t(nbytes)) or cu.cuMemAlloc_v2(
+            ctypes.byref(d), ctypes.c_size_t(nbytes)
+        ):
             return None
         cu.cuMemcpyHtoD_v2(d, host, ctypes.c_size_t(nbytes))  # first touch, untimed
         cu.cuCtxSynchronize()
@@ -330,9 +379,16 @@ def link_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float | None:
         cu.cuCtxDestroy_v2(ctx)
 
 
-def run(out: str | os.PathLike | None = None, types: list[str] | None = None, threads: list[int] | None = None,
-        repetitions: int = 2, model_dir: str | os.PathLike | None = None, echo=None,
-        shapes: dict[str, dict] = SHAPES, passes: int = 2) -> tuple[dict, Path]:
+def run(
+    out: str | os.PathLike | None = None,
+    types: list[str] | None = None,
+    threads: list[int] | None = None,
+    repetitions: int = 2,
+    model_dir: str | os.PathLike | None = None,
+    echo=None,
+    shapes: dict[str, dict] = SHAPES,
+    passes: int = 2,
+) -> tuple[dict, Path]:
     """Measure this rig (held under the measurement lock) and write the probe file; returns (probe, path).
 
     `shapes` ({"wide": ..., "overhead": ...} synth.Shape fields) are for tests: smaller models fit in the caches
@@ -356,15 +412,26 @@ def run(out: str | os.PathLike | None = None, types: list[str] | None = None, th
         host_bw = {str(t): roofline.host_bandwidth(threads=t) for t in threads}
         link = _in_child("link") if gpu else None
         device_bw = roofline.device_bandwidth() if gpu else None
-    data = {"version": VERSION, "hw_fingerprint": hw.fingerprint(), "build_fingerprint": hardware.build_fingerprint(build),
-            "hardware": hw.fingerprint_dict(), "build": {k: build.get(k) for k in ("llama_cpp_python", "system_info",
-                                                                                     "gpu_offload")},
-            "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
-            "loadavg_before": load0, "loadavg_after": os.getloadavg(), "shape": {**SHAPE, "repetitions": repetitions, "passes": passes},
-            "model_shapes": shapes,
-            "types": types, "threads": threads, "host_bandwidth_bytes_per_s": host_bw,
-            "cpu": {str(t): fit(rows, types, speed.HOST, t) for t in threads}, "gpu": None,
-            "gpu_note": "" if gpu else "this llama.cpp build cannot offload: no GPU figures", "trials": rows}
+    data = {
+        "version": VERSION,
+        "hw_fingerprint": hw.fingerprint(),
+        "build_fingerprint": hardware.build_fingerprint(build),
+        "hardware": hw.fingerprint_dict(),
+        "build": {k: build.get(k) for k in ("llama_cpp_python", "system_info", "gpu_offload")},
+        "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - t0, 1),
+        "loadavg_before": load0,
+        "loadavg_after": os.getloadavg(),
+        "shape": {**SHAPE, "repetitions": repetitions, "passes": passes},
+        "model_shapes": shapes,
+        "types": types,
+        "threads": threads,
+        "host_bandwidth_bytes_per_s": host_bw,
+        "cpu": {str(t): fit(rows, types, speed.HOST, t) for t in threads},
+        "gpu": None,
+        "gpu_note": "" if gpu else "this llama.cpp build cannot offload: no GPU figures",
+        "trials": rows,
+    }
     if gpu:
         data["gpu"] = {**fit(rows, types, speed.DEVICE), "link_bytes_per_s": link, "vram_bytes_per_s": device_bw}
         if not link:
@@ -378,9 +445,11 @@ def run(out: str | os.PathLike | None = None, types: list[str] | None = None, th
 
 def summary(data: dict) -> str:
     """Per type and thread count: effective GB/s (tg) and GFLOP/s (pp), then the fixed costs."""
-    lines = [f"rig probe {data['measured_utc']} ({data['seconds']:.0f} s, load {data['loadavg_before'][0]:.1f}): "
-             f"pp{data['shape']['n_prompt']} / tg{data['shape']['n_gen']}, -r {data['shape']['repetitions']}, "
-             f"{data['shape']['passes']} passes"]
+    lines = [
+        f"rig probe {data['measured_utc']} ({data['seconds']:.0f} s, load {data['loadavg_before'][0]:.1f}): "
+        f"pp{data['shape']['n_prompt']} / tg{data['shape']['n_gen']}, -r {data['shape']['repetitions']}, "
+        f"{data['shape']['passes']} passes"
+    ]
     cols = [("cpu", t, data["cpu"][str(t)]) for t in data["threads"]]
     if data.get("gpu"):
         cols.append(("gpu", "", data["gpu"]))
@@ -390,14 +459,19 @@ def summary(data: dict) -> str:
         cells = "".join(f"{_num(f['tg_gbps'].get(ty)):>12}{_num(f['pp_gflops'].get(ty)):>12}  " for _, _, f in cols)
         lines.append(f"{ty:<8}{cells}".rstrip())
     for b, t, f in cols:
-        lines.append(f"{b}{t}: fixed {1e6 * f['tg_fixed_s']:.0f} µs + {1e6 * f['tg_layer_s']:.0f} µs/layer + "
-                     f"{1e9 * f['tg_s_per_row']:.1f} ns/matrix row per generated token, {1e6 * f['pp_fixed_s']:.0f} µs + {1e6 * f['pp_layer_s']:.1f} µs/layer per "
-                     "prompt token")
+        lines.append(
+            f"{b}{t}: fixed {1e6 * f['tg_fixed_s']:.0f} µs + {1e6 * f['tg_layer_s']:.0f} µs/layer + "
+            f"{1e9 * f['tg_s_per_row']:.1f} ns/matrix row per generated token, {1e6 * f['pp_fixed_s']:.0f} µs +"
+            f" {1e6 * f['pp_layer_s']:.1f} µs/layer per "
+            "prompt token"
+        )
     for b, t, f in cols:
         if f.get("pp_moe_factor"):
             factors = ", ".join(f"{ty} x{v:.2f}" for ty, v in f["pp_moe_factor_by_type"].items())
-            lines.append(f"{b}{t} MoE: routing {1e6 * f['tg_moe_layer_s']:.0f} µs per MoE layer per generated token; "
-                         f"expert products in pp x{f['pp_moe_factor']:.2f} a dense product's time ({factors})")
+            lines.append(
+                f"{b}{t} MoE: routing {1e6 * f['tg_moe_layer_s']:.0f} µs per MoE layer per generated token; "
+                f"expert products in pp x{f['pp_moe_factor']:.2f} a dense product's time ({factors})"
+            )
     bw = ", ".join(f"{t} threads {v / 1e9:.1f} GB/s" for t, v in data["host_bandwidth_bytes_per_s"].items())
     lines.append(f"memory copy bandwidth (numpy): {bw}")
     if data.get("gpu_note"):

@@ -41,8 +41,14 @@ def cache_dir() -> Path:
 
 def _machine_key() -> str:
     h = hardware.probe()
-    return hardware.digest({"cpu": h.cpu, "cores": h.cores_physical, "ram_gib": round(h.ram_total / 2**30),
-                            "gpus": [g.name for g in h.gpus]})
+    return hardware.digest(
+        {
+            "cpu": h.cpu,
+            "cores": h.cores_physical,
+            "ram_gib": round(h.ram_total / 2**30),
+            "gpus": [g.name for g in h.gpus],
+        }
+    )
 
 
 def host_bandwidth(nbytes: int = HOST_BYTES, threads: int | None = None, repeats: int = 5) -> float:
@@ -82,12 +88,17 @@ def _device_bandwidth_child(nbytes: int = DEVICE_BYTES, repeats: int = 10) -> fl
     ok = lambda rc: rc == 0  # noqa: E731 - CUresult 0 = CUDA_SUCCESS
     dev, ctx = ctypes.c_int(), ctypes.c_void_p()
     a, b = ctypes.c_uint64(), ctypes.c_uint64()
-    if not (ok(cu.cuInit(0)) and ok(cu.cuDeviceGet(ctypes.byref(dev), 0))
-            and ok(cu.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev))):
+    if not (
+        ok(cu.cuInit(0))
+        and ok(cu.cuDeviceGet(ctypes.byref(dev), 0))
+        and ok(cu.cuCtxCreate_v2(ctypes.byref(ctx), 0, dev))
+    ):
         return None
     try:
-        if not (ok(cu.cuMemAlloc_v2(ctypes.byref(a), ctypes.c_size_t(nbytes)))
-                and ok(cu.cuMemAlloc_v2(ctypes.byref(b), ctypes.c_size_t(nbytes)))):
+        if not (
+            ok(cu.cuMemAlloc_v2(ctypes.byref(a), ctypes.c_size_t(nbytes)))
+            and ok(cu.cuMemAlloc_v2(ctypes.byref(b), ctypes.c_size_t(nbytes)))
+        ):
             return None
         cu.cuMemcpyDtoD_v2(b, a, ctypes.c_size_t(nbytes))
         cu.cuCtxSynchronize()
@@ -104,8 +115,13 @@ def _device_bandwidth_child(nbytes: int = DEVICE_BYTES, repeats: int = 10) -> fl
 def device_bandwidth(timeout: float = 60.0) -> float | None:
     """Measured in a child process, so this process never creates a CUDA context."""
     try:
-        out = subprocess.run([sys.executable, "-m", "tuner.plan.roofline", "device"], capture_output=True, text=True,
-                             timeout=timeout, check=False)
+        out = subprocess.run(
+            [sys.executable, "-m", "tuner.plan.roofline", "device"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])["device"]
     except (subprocess.SubprocessError, ValueError, IndexError, KeyError, OSError):
         return None
@@ -126,8 +142,11 @@ def bandwidth(cache: bool = True) -> dict:
     if cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            files.write_atomic(path, json.dumps({"key": key, **bw, "measured_utc": time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}), chmod=files.default_mode())
+            files.write_atomic(
+                path,
+                json.dumps({"key": key, **bw, "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}),
+                chmod=files.default_mode(),
+            )
         except OSError:
             pass  # an unwritable cache only costs a re-measurement
     return bw

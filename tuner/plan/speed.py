@@ -6,7 +6,8 @@ embedding one row, the KV cache filled so far) and the multiply-adds of a prompt
 in use; the output matrix runs once per batch, since only the last token's logits are computed). The rig probe
 (tuner.plan.probe) measured, per type and thread count, seconds per byte (tg) and per FLOP (pp) of llama.cpp's
 kernels on one-type models beyond the caches, plus a fixed cost per layer and per token (graph launch, thread
-barriers) and one per matrix row a token computes (a dot product's setup and reduction), and what routed experts cost beyond their weights (measured on a MoE: the routing per MoE layer and
+barriers) and one per matrix row a token computes (a dot product's setup and reduction), and what routed experts cost
+beyond their weights (measured on a MoE: the routing per MoE layer and
 token in tg, the expert matrix products' efficiency at the few rows each expert gets in pp); `predict` adds
 them up. It is a prediction of what `tuner bench` would measure, not a bound.
 """
@@ -23,8 +24,17 @@ from tuner.plan import planner, whatif
 from tuner.record import TrialConfig
 
 HOST, DEVICE = "cpu", "gpu"
-KV_TYPE = {"f16": "F16", "bf16": "BF16", "f32": "F32", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
-           "q5_0": "Q5_0", "q5_1": "Q5_1", "iq4_nl": "IQ4_NL"}
+KV_TYPE = {
+    "f16": "F16",
+    "bf16": "BF16",
+    "f32": "F32",
+    "q8_0": "Q8_0",
+    "q4_0": "Q4_0",
+    "q4_1": "Q4_1",
+    "q5_0": "Q5_0",
+    "q5_1": "Q5_1",
+    "iq4_nl": "IQ4_NL",
+}
 # llama.cpp hands a host weight's matrix multiply to the GPU (copying the weight over the link) from this batch
 # size on (ggml-cuda's offload_op: get_op_batch_size >= 32)
 OP_OFFLOAD_MIN_BATCH = 32
@@ -62,8 +72,7 @@ def _bytes(type_name: str, n_elements: int) -> int:
     return planner.type_bytes(type_name, n_elements)
 
 
-def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None,
-          gpu_offload: bool = False) -> Terms:
+def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None, gpu_offload: bool = False) -> Terms:
     """Per-token work of `info` (in `types`, default the file's) placed as llama.cpp places it for cfg."""
     types = types or tensor_types(info)
     host, _ = planner.placement(cfg, info, gpu_offload)
@@ -126,6 +135,7 @@ def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None
 
 
 # -- the probe's figures -------------------------------------------------------------------------------------
+
 
 def _bpw(type_name: str) -> float:
     blck, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
@@ -192,13 +202,28 @@ class SpeedPrediction:
     note: str = ""
 
     def to_dict(self) -> dict:
-        return {"pred_tg_tps": self.pred_tg_tps, "pred_pp_tps": self.pred_pp_tps, "threads": self.threads,
-                "n_gpu_layers": self.n_gpu_layers, "unprobed_types": self.unprobed_types, "note": self.note}
+        return {
+            "pred_tg_tps": self.pred_tg_tps,
+            "pred_pp_tps": self.pred_pp_tps,
+            "threads": self.threads,
+            "n_gpu_layers": self.n_gpu_layers,
+            "unprobed_types": self.unprobed_types,
+            "note": self.note,
+        }
 
 
-def predict(info: ModelInfo, probe: dict, threads: int, quant: str | None = None, n_gpu_layers: int = 0,
-            n_cpu_moe: int = 0, cpu_moe: bool = False, n_prompt: int | None = None, n_gen: int | None = None,
-            gpu_offload: bool = False) -> SpeedPrediction:
+def predict(
+    info: ModelInfo,
+    probe: dict,
+    threads: int,
+    quant: str | None = None,
+    n_gpu_layers: int = 0,
+    n_cpu_moe: int = 0,
+    cpu_moe: bool = False,
+    n_prompt: int | None = None,
+    n_gen: int | None = None,
+    gpu_offload: bool = False,
+) -> SpeedPrediction:
     """tg and pp t/s `tuner bench` would measure for this model (or its `quant` what-if) at this config.
 
     Predicts nothing (None, with a note) for an architecture the planner does not model, and for GPU layers
@@ -212,13 +237,22 @@ def predict(info: ModelInfo, probe: dict, threads: int, quant: str | None = None
     if note:
         none.note = f"no speed prediction: {note}"
         return none
-    cfg = TrialConfig(model=info.path, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe,
-                      n_prompt=n_prompt, n_gen=n_gen, n_threads=threads)
+    cfg = TrialConfig(
+        model=info.path,
+        n_gpu_layers=ngl,
+        n_cpu_moe=n_cpu_moe,
+        cpu_moe=cpu_moe,
+        n_prompt=n_prompt,
+        n_gen=n_gen,
+        n_threads=threads,
+    )
     tm = terms(info, cfg, tensor_types(info, quant), gpu_offload)
     cpu = figures(probe, HOST, threads)
     gpu = figures(probe, DEVICE, threads) if gpu_offload else None
     if any(w == DEVICE for w, _ in tm.tg_bytes) and gpu is None:
-        none.note = "no speed prediction for GPU layers: the probe has no GPU figures (run `tuner probe` on a GPU build)"
+        none.note = (
+            "no speed prediction for GPU layers: the probe has no GPU figures (run `tuner probe` on a GPU build)"
+        )
         return none
     unprobed: set = set()
     tg = pp = 0.0
@@ -236,19 +270,20 @@ def predict(info: ModelInfo, probe: dict, threads: int, quant: str | None = None
         tg += tm.layers.get(backend, 0) * fig["tg_layer_s"] + fig["tg_fixed_s"]
         # a GPU build multiplies a prompt batch's host matrices on the GPU too (their copy is the link term)
         pp_fig = gpu if backend == HOST and tm.link_bytes else fig
-        pp += sum(f * rate(pp_fig, "pp_s_per_flop", ty, unprobed) for (w, ty), f in tm.pp_flops.items()
-                  if w == backend)
+        pp += sum(f * rate(pp_fig, "pp_s_per_flop", ty, unprobed) for (w, ty), f in tm.pp_flops.items() if w == backend)
         # an expert's product (mul_mat_id) gets only the rows routed to it, and no tiled GEMM: the probe's factor
         pp += (pp_fig.get("pp_moe_factor", 1.0) - 1.0) * sum(
-            f * rate(pp_fig, "pp_s_per_flop", ty, unprobed) for (w, ty), f in tm.exp_pp_flops.items() if w == backend)
-        pp += (sum(b * rate(fig, "tg_s_per_byte", ty, unprobed) for (w, ty), b in tm.out_bytes.items() if w == backend)
-               + tm.out_rows.get(backend, 0.0) * fig.get("tg_s_per_row", 0.0)) / n_prompt
+            f * rate(pp_fig, "pp_s_per_flop", ty, unprobed) for (w, ty), f in tm.exp_pp_flops.items() if w == backend
+        )
+        pp += (
+            sum(b * rate(fig, "tg_s_per_byte", ty, unprobed) for (w, ty), b in tm.out_bytes.items() if w == backend)
+            + tm.out_rows.get(backend, 0.0) * fig.get("tg_s_per_row", 0.0)
+        ) / n_prompt
         # the fixed costs are per batch, fitted per token at the probe's prompt length
         pp += (tm.layers.get(backend, 0) * fig["pp_layer_s"] + fig["pp_fixed_s"]) * probe_np / n_prompt
     if tm.link_bytes and gpu is not None:
         pp += tm.link_bytes / gpu["link_bytes_per_s"]
-    return SpeedPrediction(1.0 / tg if tg > 0 else None, 1.0 / pp if pp > 0 else None, threads, ngl,
-                           sorted(unprobed))
+    return SpeedPrediction(1.0 / tg if tg > 0 else None, 1.0 / pp if pp > 0 else None, threads, ngl, sorted(unprobed))
 
 
 def rows(info: ModelInfo, probe: dict, quants: list[str], threads: int, **config) -> list[dict]:
@@ -258,4 +293,3 @@ def rows(info: ModelInfo, probe: dict, quants: list[str], threads: int, **config
         p = predict(info, probe, threads, quant=q, **config)
         out.append({"quant": (q or info.file_type).lower(), "file": q is None, **p.to_dict()})
     return out
-

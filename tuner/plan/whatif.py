@@ -11,20 +11,73 @@ from tuner.model.meta import ModelInfo
 from tuner.plan.planner import pad, type_bytes
 
 ATTN_V_LIKE = ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")
-NO_QUANT_SUBSTR = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
-                   "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "time_mix_", "attn_rel_b.weight",
-                   "position_embd", "token_types.weight", "pos_embd.weight")
+NO_QUANT_SUBSTR = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "time_mix_",
+    "attn_rel_b.weight",
+    "position_embd",
+    "token_types.weight",
+    "pos_embd.weight",
+)
 DEFAULT_TYPE = {  # llama_ftype_get_default_type
-    "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0", "F16": "F16",
-    "BF16": "BF16", "ALL_F32": "F32", "Q2_K_S": "Q2_K", "Q2_K": "Q2_K", "IQ3_XS": "IQ3_S", "Q3_K_S": "Q3_K",
-    "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K",
-    "Q6_K": "Q6_K", "TQ1_0": "TQ1_0", "TQ2_0": "TQ2_0", "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS",
-    "IQ2_S": "IQ2_XS", "IQ2_M": "IQ2_S", "IQ3_XXS": "IQ3_XXS", "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M",
-    "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S", "MXFP4_MOE": "MXFP4",
+    "Q4_0": "Q4_0",
+    "Q4_1": "Q4_1",
+    "Q5_0": "Q5_0",
+    "Q5_1": "Q5_1",
+    "Q8_0": "Q8_0",
+    "F16": "F16",
+    "BF16": "BF16",
+    "ALL_F32": "F32",
+    "Q2_K_S": "Q2_K",
+    "Q2_K": "Q2_K",
+    "IQ3_XS": "IQ3_S",
+    "Q3_K_S": "Q3_K",
+    "Q3_K_M": "Q3_K",
+    "Q3_K_L": "Q3_K",
+    "Q4_K_S": "Q4_K",
+    "Q4_K_M": "Q4_K",
+    "Q5_K_S": "Q5_K",
+    "Q5_K_M": "Q5_K",
+    "Q6_K": "Q6_K",
+    "TQ1_0": "TQ1_0",
+    "TQ2_0": "TQ2_0",
+    "IQ2_XXS": "IQ2_XXS",
+    "IQ2_XS": "IQ2_XS",
+    "IQ2_S": "IQ2_XS",
+    "IQ2_M": "IQ2_S",
+    "IQ3_XXS": "IQ3_XXS",
+    "IQ1_S": "IQ1_S",
+    "IQ1_M": "IQ1_M",
+    "IQ4_NL": "IQ4_NL",
+    "IQ4_XS": "IQ4_XS",
+    "IQ3_S": "IQ3_S",
+    "IQ3_M": "IQ3_S",
+    "MXFP4_MOE": "MXFP4",
 }
-FALLBACK = {"IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
-            "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0",
-            "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {
+    "IQ1_S": "IQ4_NL",
+    "IQ1_M": "IQ4_NL",
+    "IQ2_XXS": "IQ4_NL",
+    "IQ2_XS": "IQ4_NL",
+    "IQ2_S": "IQ4_NL",
+    "IQ3_XXS": "IQ4_NL",
+    "IQ3_S": "IQ4_NL",
+    "IQ4_XS": "IQ4_NL",
+    "Q2_K": "Q4_0",
+    "Q3_K": "Q4_0",
+    "TQ1_0": "Q4_0",
+    "TQ2_0": "Q4_0",
+    "Q4_K": "Q5_0",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q8_0",
+}
 LOW_IQ = {"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
 
 
@@ -161,12 +214,24 @@ def quant_types(info: ModelInfo, ftype: str) -> dict[str, str]:
         elif "attn_output.weight" in name:
             if info.arch != "falcon":
                 if n_exp == 8:
-                    if ft in ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M",
-                              "IQ3_S", "IQ3_M", "IQ4_XS"):
+                    if ft in (
+                        "Q2_K",
+                        "IQ3_XS",
+                        "IQ3_XXS",
+                        "Q3_K_S",
+                        "Q3_K_M",
+                        "IQ4_NL",
+                        "Q4_K_S",
+                        "Q4_K_M",
+                        "IQ3_S",
+                        "IQ3_M",
+                        "IQ4_XS",
+                    ):
                         new = "Q5_K"
                 else:
-                    new = {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K",
-                           "IQ3_M": "Q4_K"}.get(ft, new)
+                    new = {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(
+                        ft, new
+                    )
             elif ft == "Q3_K_L":
                 new = "Q4_K"
         elif "ffn_up" in name:
@@ -232,7 +297,12 @@ def what_if(info: ModelInfo, ftypes: list[str]) -> list[dict]:
     rows = []
     for ft in ftypes:
         size = quant_size(info, ft)
-        rows.append({"quant": ft.lower(), "size_bytes": size,
-                     "bpw": 8 * (size - info.header_bytes) / max(info.n_params, 1),
-                     "vs_current": size / info.file_size if info.file_size else None})
+        rows.append(
+            {
+                "quant": ft.lower(),
+                "size_bytes": size,
+                "bpw": 8 * (size - info.header_bytes) / max(info.n_params, 1),
+                "vs_current": size / info.file_size if info.file_size else None,
+            }
+        )
     return rows

@@ -35,8 +35,11 @@ def tokenize(L, model_path: str, data: bytes) -> tuple[np.ndarray, bool, int]:
         n = L.llama_tokenize(vocab, data, len(data), buf, n_max, True, False)
         if n < 0:
             raise RuntimeError(f"tokenizer needs {-n} tokens, more than {n_max}")
-        return (np.frombuffer(buf, dtype=np.int32, count=n).copy(), bool(L.llama_vocab_get_add_bos(vocab)),
-                int(L.llama_vocab_bos(vocab)))
+        return (
+            np.frombuffer(buf, dtype=np.int32, count=n).copy(),
+            bool(L.llama_vocab_get_add_bos(vocab)),
+            int(L.llama_vocab_bos(vocab)),
+        )
     finally:
         L.llama_model_free(model)
 
@@ -58,8 +61,9 @@ def run_job(worker, job: dict) -> dict:
         tokens, add_bos, bos = tokenize(L, job["model"], data)
         n_chunk = len(tokens) // ctx_n
         if n_chunk < 1:
-            raise TrialFailure("bad_input", f"the text is {len(tokens)} tokens, shorter than one chunk of "
-                                            f"--ctx {ctx_n}")
+            raise TrialFailure(
+                "bad_input", f"the text is {len(tokens)} tokens, shorter than one chunk of --ctx {ctx_n}"
+            )
         tokens = tokens[: n_chunk * ctx_n]
         ref = None
         top_k, tail_samples = int(job["top_k"]), int(job["tail_samples"])
@@ -90,8 +94,9 @@ def run_job(worker, job: dict) -> dict:
     mark = len(worker.log.lines)
     ctx = L.llama_init_from_model(model, cp)
     if not ctx:
-        raise TrialFailure(*classify_log("".join(worker.log.lines[mark:]), "error",
-                                         "llama.cpp failed to create the context"))
+        raise TrialFailure(
+            *classify_log("".join(worker.log.lines[mark:]), "error", "llama.cpp failed to create the context")
+        )
     first = ctx_n // 2
     per = per_chunk(ctx_n)
     batch = L.llama_batch_init(n_batch, 0, 1)
@@ -109,17 +114,17 @@ def run_job(worker, job: dict) -> dict:
         decode_s = numpy_s = 0.0
         worker.emit("stage", stage="chunk", done=0, total=n_chunk)
         for c in range(n_chunk):
-            chunk = tokens[c * ctx_n:(c + 1) * ctx_n].copy()
+            chunk = tokens[c * ctx_n : (c + 1) * ctx_n].copy()
             if add_bos:
                 chunk[0] = bos
-            targets = chunk[first + 1:]  # position p predicts token p + 1
+            targets = chunk[first + 1 :]  # position p predicts token p + 1
             ref_c = ref.chunk(c) if ref is not None else None
             L.llama_memory_clear(mem, True)
             row = 0  # scored positions handled so far in this chunk
             for start in range(0, ctx_n, n_batch):
                 n = min(n_batch, ctx_n - start)
                 pos = np.arange(start, start + n)
-                b_tok[:n] = chunk[start:start + n]
+                b_tok[:n] = chunk[start : start + n]
                 b_pos[:n] = pos
                 want = (pos >= first) & (pos <= ctx_n - 2)  # only the scored positions' logits
                 b_out[:n] = want
@@ -127,8 +132,10 @@ def run_job(worker, job: dict) -> dict:
                 t0 = time.perf_counter()
                 rc = L.llama_decode(ctx, batch)
                 if rc != 0:
-                    raise TrialFailure("oom" if rc in DECODE_OOM else "error",
-                                       f"llama_decode returned {rc}" + (f": {DECODE_OOM[rc]}" if rc in DECODE_OOM else ""))
+                    raise TrialFailure(
+                        "oom" if rc in DECODE_OOM else "error",
+                        f"llama_decode returned {rc}" + (f": {DECODE_OOM[rc]}" if rc in DECODE_OOM else ""),
+                    )
                 n_out = int(want.sum())
                 L.llama_synchronize(ctx)
                 t1 = time.perf_counter()
@@ -138,9 +145,9 @@ def run_job(worker, job: dict) -> dict:
                 ptr = L.llama_get_logits(ctx)
                 logits = np.ctypeslib.as_array(ptr, shape=(n_out * n_vocab,)).reshape(n_out, n_vocab)
                 for r0 in range(0, n_out, ROWS):
-                    x = logits[r0:r0 + ROWS]
+                    x = logits[r0 : r0 + ROWS]
                     k = slice(row + r0, row + r0 + len(x))
-                    b = buf[:len(x)]
+                    b = buf[: len(x)]
                     if ref is None:
                         summ = summarize_rows(x, targets[k], top_k, b, tail_samples, rng)
                         for name, arr in summ.items():
@@ -168,6 +175,5 @@ def run_job(worker, job: dict) -> dict:
         header = dict(job["header"], n_chunk=n_chunk, add_bos=add_bos, bos=int(bos))
         if n_vocab != header["n_vocab"]:
             raise TrialFailure("error", f"llama.cpp reports {n_vocab} tokens, the GGUF header {header['n_vocab']}")
-        ReferenceLogits(header, tokens.astype(np.int32), *(cat[k] for k in ReferenceLogits.ARRAYS[1:])) \
-            .save(job["out"])
+        ReferenceLogits(header, tokens.astype(np.int32), *(cat[k] for k in ReferenceLogits.ARRAYS[1:])).save(job["out"])
     return out

@@ -33,7 +33,7 @@ def top_ids(x: np.ndarray, k: int) -> np.ndarray:
     n, n_vocab = x.shape
     stride = 64 if n_vocab >= 64 * 16 * k else 1
     if stride == 1:
-        return np.argpartition(x, n_vocab - k, axis=1)[:, n_vocab - k:]
+        return np.argpartition(x, n_vocab - k, axis=1)[:, n_vocab - k :]
     sub = x[:, ::stride]
     j = max(1, 4 * k // stride)
     thr = np.partition(sub, sub.shape[1] - j, axis=1)[:, sub.shape[1] - j]
@@ -44,15 +44,21 @@ def top_ids(x: np.ndarray, k: int) -> np.ndarray:
     starts = np.concatenate(([0], np.cumsum(counts)))
     for r in range(n):
         if counts[r] < k:
-            out[r] = np.argpartition(x[r], n_vocab - k)[n_vocab - k:]
+            out[r] = np.argpartition(x[r], n_vocab - k)[n_vocab - k :]
             continue
-        cand = c_idx[starts[r]:starts[r + 1]]
-        out[r] = cand[np.argpartition(x[r, cand], len(cand) - k)[len(cand) - k:]]
+        cand = c_idx[starts[r] : starts[r + 1]]
+        out[r] = cand[np.argpartition(x[r, cand], len(cand) - k)[len(cand) - k :]]
     return out
 
 
-def summarize_rows(x: np.ndarray, targets: np.ndarray, top_k: int, buf: np.ndarray, tail_samples: int = 0,
-                   rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+def summarize_rows(
+    x: np.ndarray,
+    targets: np.ndarray,
+    top_k: int,
+    buf: np.ndarray,
+    tail_samples: int = 0,
+    rng: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
     """The reference summary of logit rows: the top-k tokens (most likely first) with their log-probs, the mass
     outside them (`tail`), `tail_samples` tokens drawn from that tail in proportion to their probability
     (systematic sampling, so the tail's share of the KLD is estimated without bias), and the target's nll."""
@@ -76,12 +82,19 @@ def summarize_rows(x: np.ndarray, targets: np.ndarray, top_k: int, buf: np.ndarr
             t_ids[r] = np.minimum(np.searchsorted(cdf, u, side="right"), n_vocab - 1)
     t_logp = x[rows, t_ids].astype(np.float64) - lse[:, None]
     nll = lse - x[np.arange(n), targets].astype(np.float64)
-    return {"ids": ids, "logp": logp.astype(np.float32), "tail": tail, "tail_ids": t_ids,
-            "tail_logp": t_logp.astype(np.float32), "nll": nll}
+    return {
+        "ids": ids,
+        "logp": logp.astype(np.float32),
+        "tail": tail,
+        "tail_ids": t_ids,
+        "tail_logp": t_logp.astype(np.float32),
+        "nll": nll,
+    }
 
 
-def compare_rows(x: np.ndarray, targets: np.ndarray, ref: dict[str, np.ndarray], buf: np.ndarray) \
-        -> dict[str, np.ndarray]:
+def compare_rows(
+    x: np.ndarray, targets: np.ndarray, ref: dict[str, np.ndarray], buf: np.ndarray
+) -> dict[str, np.ndarray]:
     """Per position: KLD(reference || x), model nll of the target, and whether the argmaxes agree.
 
     KLD = sum over the reference's top-k of p (log p - log q), plus the tail: its mass times the mean of
@@ -135,11 +148,19 @@ def statistics(kld: np.ndarray, nll: np.ndarray, nll_ref: np.ndarray, same_top: 
     same = float(same_top.mean())
     p_diff = np.exp(-nll) - np.exp(-nll_ref)
     return {
-        "kld_mean": kld_mean, "kld_mean_err": kld_err, "kld_median": float(np.median(kld)),
-        "kld_p99": float(np.percentile(kld, 99.0)), "kld_max": float(kld.max()),
-        "same_top_pct": 100.0 * same, "same_top_err": 100.0 * math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0,
-        "ppl": math.exp(lp), "ppl_err": math.exp(lp) * lp_err, "ppl_ref": math.exp(lb),
-        "ppl_ratio": math.exp(ln_ratio), "ln_ppl_ratio": ln_ratio, "ln_ppl_ratio_err": ln_ratio_err,
+        "kld_mean": kld_mean,
+        "kld_mean_err": kld_err,
+        "kld_median": float(np.median(kld)),
+        "kld_p99": float(np.percentile(kld, 99.0)),
+        "kld_max": float(kld.max()),
+        "same_top_pct": 100.0 * same,
+        "same_top_err": 100.0 * math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0,
+        "ppl": math.exp(lp),
+        "ppl_err": math.exp(lp) * lp_err,
+        "ppl_ref": math.exp(lb),
+        "ppl_ratio": math.exp(ln_ratio),
+        "ln_ppl_ratio": ln_ratio,
+        "ln_ppl_ratio_err": ln_ratio_err,
         "p_diff_rms_pct": 100.0 * math.sqrt(float((p_diff * p_diff).mean())),
         "n_tokens": n,
     }

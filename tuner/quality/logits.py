@@ -65,8 +65,11 @@ class ReferenceLogits:
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (a complete temp file renamed into place): a reader never sees half a file."""
         with files.atomic_file(path, chmod=files.default_mode(), fsync=True) as f:
-            np.savez(f, header=np.array(json.dumps(self.header, sort_keys=True)),
-                     **{k: getattr(self, k) for k in self.ARRAYS})
+            np.savez(
+                f,
+                header=np.array(json.dumps(self.header, sort_keys=True)),
+                **{k: getattr(self, k) for k in self.ARRAYS},
+            )
 
     @classmethod
     def read_header(cls, path: str | os.PathLike) -> dict:
@@ -94,8 +97,12 @@ class ReferenceLogits:
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             raise QualityError(f"{p} is not a tuner reference logits file ({type(e).__name__})") from None
         per = per_chunk(ref.ctx)
-        if (len(ref.tokens) % ref.ctx or len(ref.nll) != ref.n_chunk * per or ref.ids.shape != ref.logp.shape
-                or ref.tail_ids.shape != ref.tail_logp.shape):
+        if (
+            len(ref.tokens) % ref.ctx
+            or len(ref.nll) != ref.n_chunk * per
+            or ref.ids.shape != ref.logp.shape
+            or ref.tail_ids.shape != ref.tail_logp.shape
+        ):
             raise QualityError(f"{p} is damaged: its arrays do not match its header (ctx {ref.ctx})")
         return ref
 
@@ -105,14 +112,36 @@ def per_chunk(ctx: int) -> int:
     return ctx - 1 - ctx // 2
 
 
-def reference_header(info: ModelInfo, text_hash: str, text_name: str, ctx: int, top_k: int,
-                     tail_samples: int = 0, type_k: str = "f16", type_v: str = "f16") -> dict:
+def reference_header(
+    info: ModelInfo,
+    text_hash: str,
+    text_name: str,
+    ctx: int,
+    top_k: int,
+    tail_samples: int = 0,
+    type_k: str = "f16",
+    type_v: str = "f16",
+) -> dict:
     """What identifies a reference summary: model (arch, vocabulary, tokenizer), text, ctx, top-k, KV types."""
-    return {"format": FORMAT, "version": FORMAT_VERSION, "arch": info.arch, "n_vocab": info.n_vocab,
-            "tokenizer_hash": tokenizer_hash(info.path), "model_hash": info.content_hash,
-            "model_file": Path(info.path).name, "model_name": info.name, "file_type": info.file_type,
-            "text_hash": text_hash, "text_name": text_name, "ctx": ctx, "top_k": top_k,
-            "tail_samples": tail_samples, "type_k": type_k, "type_v": type_v, "kld_cutoff": KLD_CUTOFF}
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "arch": info.arch,
+        "n_vocab": info.n_vocab,
+        "tokenizer_hash": tokenizer_hash(info.path),
+        "model_hash": info.content_hash,
+        "model_file": Path(info.path).name,
+        "model_name": info.name,
+        "file_type": info.file_type,
+        "text_hash": text_hash,
+        "text_name": text_name,
+        "ctx": ctx,
+        "top_k": top_k,
+        "tail_samples": tail_samples,
+        "type_k": type_k,
+        "type_v": type_v,
+        "kld_cutoff": KLD_CUTOFF,
+    }
 
 
 def check_model(header: dict, info: ModelInfo, source: str) -> None:
@@ -121,11 +150,13 @@ def check_model(header: dict, info: ModelInfo, source: str) -> None:
     if header["arch"] != info.arch:
         raise QualityError(f"{name} is a {info.arch} model but the reference ({source}) is {header['arch']}")
     if header["n_vocab"] != info.n_vocab:
-        raise QualityError(f"{name} has a vocabulary of {info.n_vocab} tokens but the reference ({source}) has "
-                           f"{header['n_vocab']}")
+        raise QualityError(
+            f"{name} has a vocabulary of {info.n_vocab} tokens but the reference ({source}) has {header['n_vocab']}"
+        )
     if header["tokenizer_hash"] != tokenizer_hash(info.path):
-        raise QualityError(f"{name} has another tokenizer than the reference ({source}): same vocabulary size, "
-                           "different tokens")
+        raise QualityError(
+            f"{name} has another tokenizer than the reference ({source}): same vocabulary size, different tokens"
+        )
 
 
 def default_text_path() -> Path:

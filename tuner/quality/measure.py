@@ -89,15 +89,18 @@ class StudyQuality:
     budget: Budget = field(default_factory=Budget)
 
     def lookup(self, model_hash: str, type_k: str, type_v: str) -> QualityResult | None:
-        return next((r for r in self.results if (r.model_hash, r.type_k, r.type_v) == (model_hash, type_k, type_v)),
-                    None)
+        return next(
+            (r for r in self.results if (r.model_hash, r.type_k, r.type_v) == (model_hash, type_k, type_v)), None
+        )
 
     def judge(self, rec) -> tuple[bool, str]:
         """(qualifies, why not) for a TrialRecord; a file or KV combination never measured does not qualify."""
         res = self.lookup(rec.model_hash, rec.config.type_k, rec.config.type_v)
         if res is None:
-            return False, f"quality not measured for {Path(rec.config.model).name} " \
-                          f"({rec.config.type_k}/{rec.config.type_v})"
+            return (
+                False,
+                f"quality not measured for {Path(rec.config.model).name} ({rec.config.type_k}/{rec.config.type_v})",
+            )
         return self.budget.judge(res)
 
     def stamp(self, rec) -> None:
@@ -108,9 +111,10 @@ class StudyQuality:
         rec.kld_mean, rec.kld_mean_err = res.kld_mean, res.kld_mean_err
         rec.same_top_pct, rec.ppl_ratio = res.same_top_pct, res.ppl_ratio
         rec.quality_ok = self.budget.judge(res)[0]
-        rec.quality_basis = hashlib.blake2b(json.dumps(
-            [res.reference_hash, res.text_hash, res.ctx, res.top_k, res.tail_samples]).encode(),
-            digest_size=8).hexdigest()
+        rec.quality_basis = hashlib.blake2b(
+            json.dumps([res.reference_hash, res.text_hash, res.ctx, res.top_k, res.tail_samples]).encode(),
+            digest_size=8,
+        ).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": dataclasses.asdict(self.budget), "results": [r.to_dict() for r in self.results]}
@@ -178,15 +182,26 @@ class Progress:
             self.chunk_s = (now - pass_t0) / done
         left = (total - done) + total * max(self.passes_total - self.passes_done - 1, 0)
         eta = f", ETA {hms(left * self.chunk_s)}" if self.chunk_s is not None else ""
-        self.stream.write(f"quality [{self.passes_done + 1}/{self.passes_total}] {label}: chunk {done}/{total}, "
-                          f"{hms(now - self.t0)} elapsed{eta}\n")
+        self.stream.write(
+            f"quality [{self.passes_done + 1}/{self.passes_total}] {label}: chunk {done}/{total}, "
+            f"{hms(now - self.t0)} elapsed{eta}\n"
+        )
         self.stream.flush()
 
 
-def measure(models: list[str], runner, *, reference: str | None = None, reference_logits: str | None = None,
-            text: str | None = None, settings: Settings | None = None, cache: Cache | None = None,
-            save_reference: str | None = None, progress: Callable | None = None,
-            faults: dict[str, str] | None = None) -> list[QualityResult]:
+def measure(
+    models: list[str],
+    runner,
+    *,
+    reference: str | None = None,
+    reference_logits: str | None = None,
+    text: str | None = None,
+    settings: Settings | None = None,
+    cache: Cache | None = None,
+    save_reference: str | None = None,
+    progress: Callable | None = None,
+    faults: dict[str, str] | None = None,
+) -> list[QualityResult]:
     """Quality of each model file against a reference on a text; one QualityResult per model, in order.
 
     The reference is `reference`, or the reference logits file `reference_logits`, or the highest-precision
@@ -216,8 +231,9 @@ def measure(models: list[str], runner, *, reference: str | None = None, referenc
         if s.ctx is not None and s.ctx != header["ctx"]:
             raise QualityError(f"{source} was made with --ctx {header['ctx']}, not {s.ctx}")
         if (s.type_k, s.type_v) != (header["type_k"], header["type_v"]):
-            raise QualityError(f"{source} was made with KV cache {header['type_k']}/{header['type_v']}, "
-                               f"not {s.type_k}/{s.type_v}")
+            raise QualityError(
+                f"{source} was made with KV cache {header['type_k']}/{header['type_v']}, not {s.type_k}/{s.type_v}"
+            )
         ref_info, text_path = None, None
         ctx = header["ctx"]
     else:
@@ -225,8 +241,7 @@ def measure(models: list[str], runner, *, reference: str | None = None, referenc
         source = Path(ref_info.path).name
         text_path, th = read_text(text)
         ctx = s.ctx if s.ctx is not None else DEFAULT_CTX
-        header = reference_header(ref_info, th, text_path.name, ctx, s.top_k, s.tail_samples, s.type_k,
-                                  s.type_v)
+        header = reference_header(ref_info, th, text_path.name, ctx, s.top_k, s.tail_samples, s.type_k, s.type_v)
     if ctx < MIN_CTX:
         raise QualityError(f"--ctx must be at least {MIN_CTX}, got {ctx}")
     for m, info in infos.items():
@@ -245,15 +260,28 @@ def measure(models: list[str], runner, *, reference: str | None = None, referenc
                 results[m] = dataclasses.replace(hit, model=m, cached=True)
     todo = [m for m in models if m not in results]
     ref_label = reference_logits or (ref_info.path if ref_info else "")
-    base = {"reference": ref_label, "reference_hash": header["model_hash"], "text": header["text_name"],
-            "text_hash": header["text_hash"], "ctx": ctx, "top_k": header["top_k"],
-            "tail_samples": header["tail_samples"], "type_k": header["type_k"],
-            "type_v": header["type_v"]}
+    base = {
+        "reference": ref_label,
+        "reference_hash": header["model_hash"],
+        "text": header["text_name"],
+        "text_hash": header["text_hash"],
+        "ctx": ctx,
+        "top_k": header["top_k"],
+        "tail_samples": header["tail_samples"],
+        "type_k": header["type_k"],
+        "type_v": header["type_v"],
+    }
     if not todo and not save_reference:
         return [results[m] for m in models]
 
-    job = {"kind": "quality", "ctx": ctx, "n_threads": s.n_threads, "n_gpu_layers": s.n_gpu_layers,
-           "type_k": s.type_k, "type_v": s.type_v}
+    job = {
+        "kind": "quality",
+        "ctx": ctx,
+        "n_threads": s.n_threads,
+        "n_gpu_layers": s.n_gpu_layers,
+        "type_k": s.type_k,
+        "type_v": s.type_v,
+    }
     prog = progress if progress is not None else Progress()
     if isinstance(prog, Progress):
         live_ref = ref_info.content_hash if ref_info is not None else None
@@ -272,26 +300,40 @@ def measure(models: list[str], runner, *, reference: str | None = None, referenc
         return x
 
     with tempfile.TemporaryDirectory(prefix="tuner-quality-") as tmpdir:
-        ref_file, self_stats, failed = (Path(reference_logits), None, None) if reference_logits else \
-            _reference(run, ref_info, source, text_path, header, s, cache, Path(tmpdir), prog)
+        ref_file, self_stats, failed = (
+            (Path(reference_logits), None, None)
+            if reference_logits
+            else _reference(run, ref_info, source, text_path, header, s, cache, Path(tmpdir), prog)
+        )
         if failed is not None:  # the reference pass failed: no file can be measured
             x = failed
-            return [results.get(m) or QualityResult(model=m, model_hash=infos[m].content_hash, outcome=x.outcome,
-                                                    cause=f"reference pass ({source}): {x.cause}",
-                                                    stderr_tail=_tail(x.log), **base) for m in models]
+            return [
+                results.get(m)
+                or QualityResult(
+                    model=m,
+                    model_hash=infos[m].content_hash,
+                    outcome=x.outcome,
+                    cause=f"reference pass ({source}): {x.cause}",
+                    stderr_tail=_tail(x.log),
+                    **base,
+                )
+                for m in models
+            ]
         if save_reference:
             files.copy_atomic(ref_file, Path(save_reference), chmod=files.default_mode())
         for m in todo:
             info = infos[m]
-            res = QualityResult(model=m, model_hash=info.content_hash, file_type=info.file_type,
-                                model_size_bytes=info.file_size, **base)
+            res = QualityResult(
+                model=m, model_hash=info.content_hash, file_type=info.file_type, model_size_bytes=info.file_size, **base
+            )
             if self_stats is not None and info.content_hash == header["model_hash"]:
                 # the reference's own pass already measured it against itself (same logits, no second decode)
                 res.stats, res.wall_s, res.peak_rss_bytes, res.decode_s, res.numpy_s = self_stats
                 res.is_reference = True
             else:
-                x = run(Path(m).name, {"mode": "compare", "model": m, "reference": str(ref_file),
-                                       "fault": faults.get(m)})
+                x = run(
+                    Path(m).name, {"mode": "compare", "model": m, "reference": str(ref_file), "fault": faults.get(m)}
+                )
                 res.wall_s, res.peak_rss_bytes = x.wall_s, x.peak_rss()
                 if x.outcome == "ok":
                     res.stats, res.decode_s, res.numpy_s = x.result["stats"], x.result["decode_s"], x.result["numpy_s"]
@@ -304,8 +346,17 @@ def measure(models: list[str], runner, *, reference: str | None = None, referenc
     return [results[m] for m in models]
 
 
-def _reference(run, ref_info: ModelInfo, source: str, text_path: Path, header: dict, s: Settings,
-               cache: Cache | None, tmpdir: Path, prog):
+def _reference(
+    run,
+    ref_info: ModelInfo,
+    source: str,
+    text_path: Path,
+    header: dict,
+    s: Settings,
+    cache: Cache | None,
+    tmpdir: Path,
+    prog,
+):
     """The reference summary file: from the cache, or from a reference pass (moved into the cache only once
     it succeeded). Returns (file, (stats, wall_s, peak_rss) of the pass or None, the pass if it failed)."""
     cached = cache.reference_path(header) if cache else None
@@ -314,9 +365,18 @@ def _reference(run, ref_info: ModelInfo, source: str, text_path: Path, header: d
             prog.passes_total -= 1
         return cached, None, None
     tmp = tmpdir / "reference.npz"
-    x = run(f"reference {source}", {"mode": "reference", "model": ref_info.path, "text": str(text_path),
-                                    "top_k": s.top_k, "tail_samples": s.tail_samples, "header": header,
-                                    "out": str(tmp)})
+    x = run(
+        f"reference {source}",
+        {
+            "mode": "reference",
+            "model": ref_info.path,
+            "text": str(text_path),
+            "top_k": s.top_k,
+            "tail_samples": s.tail_samples,
+            "header": header,
+            "out": str(tmp),
+        },
+    )
     if x.outcome == "bad_input":
         raise QualityError(x.cause)
     if x.outcome != "ok":

@@ -20,9 +20,23 @@ CACHE_DIR = "quality"
 CACHE_FILE = "cache.json"
 
 
-STAT_KEYS = ("kld_mean", "kld_mean_err", "kld_median", "kld_p99", "kld_max", "same_top_pct", "same_top_err",
-             "ppl", "ppl_err", "ppl_ref", "ppl_ratio", "ln_ppl_ratio", "ln_ppl_ratio_err", "p_diff_rms_pct",
-             "n_tokens")
+STAT_KEYS = (
+    "kld_mean",
+    "kld_mean_err",
+    "kld_median",
+    "kld_p99",
+    "kld_max",
+    "same_top_pct",
+    "same_top_err",
+    "ppl",
+    "ppl_err",
+    "ppl_ref",
+    "ppl_ratio",
+    "ln_ppl_ratio",
+    "ln_ppl_ratio_err",
+    "p_diff_rms_pct",
+    "n_tokens",
+)
 
 
 @dataclass
@@ -71,14 +85,23 @@ class QualityResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QualityResult":
         names = {f.name for f in dataclasses.fields(cls)} - {"stats"}
-        return cls(**{k: v for k, v in d.items() if k in names},
-                   stats={k: d[k] for k in STAT_KEYS if d.get(k) is not None})
+        return cls(
+            **{k: v for k, v in d.items() if k in names}, stats={k: d[k] for k in STAT_KEYS if d.get(k) is not None}
+        )
 
 
 def cache_key(model_hash: str, header: dict) -> str:
-    parts = {"v": FORMAT_VERSION, "model": model_hash, "reference": header["model_hash"],
-             "text": header["text_hash"], "ctx": header["ctx"], "top_k": header["top_k"],
-             "tail_samples": header["tail_samples"], "type_k": header["type_k"], "type_v": header["type_v"]}
+    parts = {
+        "v": FORMAT_VERSION,
+        "model": model_hash,
+        "reference": header["model_hash"],
+        "text": header["text_hash"],
+        "ctx": header["ctx"],
+        "top_k": header["top_k"],
+        "tail_samples": header["tail_samples"],
+        "type_k": header["type_k"],
+        "type_v": header["type_v"],
+    }
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
@@ -119,8 +142,13 @@ class QualityVerdict:
     detail: str = ""
 
 
-def judge_regression(base: QualityResult | dict | None, cur: QualityResult | dict | None,
-                     max_increase: float = 0.10, min_abs: float = 0.001, z: float = 2.0) -> QualityVerdict:
+def judge_regression(
+    base: QualityResult | dict | None,
+    cur: QualityResult | dict | None,
+    max_increase: float = 0.10,
+    min_abs: float = 0.001,
+    z: float = 2.0,
+) -> QualityVerdict:
     # min_abs: a change of a near-lossless file's tiny KLD (0.0003 -> 0.0004 is +33 %) is no regression
     """Did the quality of a file get worse between two measurements? For `tuner compare`.
 
@@ -134,14 +162,19 @@ def judge_regression(base: QualityResult | dict | None, cur: QualityResult | dic
         cur = QualityResult.from_dict(cur)
     if base is None or cur is None or not base.ok or not cur.ok:
         return QualityVerdict("missing", detail="a side has no quality result")
-    same = [k for k in ("reference_hash", "text_hash", "ctx", "top_k", "tail_samples") if getattr(base, k) != getattr(cur, k)]
+    same = [
+        k
+        for k in ("reference_hash", "text_hash", "ctx", "top_k", "tail_samples")
+        if getattr(base, k) != getattr(cur, k)
+    ]
     if same:
         return QualityVerdict("incomparable", detail=f"measured with another {', '.join(same)}")
     delta = cur.kld_mean - base.kld_mean
     err = math.hypot(base.kld_mean_err or 0.0, cur.kld_mean_err or 0.0)
     # the one rule for an estimate with a standard error (tuner.stats): beyond the threshold AND beyond noise
-    practical, significant = stats.estimates_differ(base.kld_mean, base.kld_mean_err, cur.kld_mean,
-                                                    cur.kld_mean_err, max_increase, min_abs, z)
+    practical, significant = stats.estimates_differ(
+        base.kld_mean, base.kld_mean_err, cur.kld_mean, cur.kld_mean_err, max_increase, min_abs, z
+    )
     detail = f"mean KLD {base.kld_mean:.4f} -> {cur.kld_mean:.4f} (±{err:.4f})"
     if not practical:
         return QualityVerdict("unchanged", delta, detail)

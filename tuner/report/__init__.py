@@ -29,9 +29,28 @@ from tuner.report.charts import (
 from tuner.report.load import DEFAULT_MAP, FORMATS, ReportError, Study, load_studies, load_study
 from tuner.report.render import compare_blocks, failure_groups, planner_rows, study_blocks, to_html, to_markdown
 
-__all__ = ["DEFAULT_MAP", "FORMATS", "NO_OFFLOAD", "STUDY_CHARTS", "Chart", "Report", "ReportError", "Study",
-           "build", "failure_groups", "load_study", "load_studies", "parse_formats", "parse_map", "planner_rows",
-           "quant_colours", "speed_dimensions", "study_charts", "to_html", "to_markdown"]
+__all__ = [
+    "DEFAULT_MAP",
+    "FORMATS",
+    "NO_OFFLOAD",
+    "STUDY_CHARTS",
+    "Chart",
+    "Report",
+    "ReportError",
+    "Study",
+    "build",
+    "failure_groups",
+    "load_study",
+    "load_studies",
+    "parse_formats",
+    "parse_map",
+    "planner_rows",
+    "quant_colours",
+    "speed_dimensions",
+    "study_charts",
+    "to_html",
+    "to_markdown",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -51,12 +70,13 @@ def parse_map(text: str) -> tuple[str, str]:
     dims = tuple(d.strip() for d in text.split(",") if d.strip())
     names = set(TrialConfig.__dataclass_fields__)
     if len(dims) != 2 or dims[0] == dims[1]:
-        raise ReportError(f"--outcome-map {text!r}: expected two different config parameters, e.g. "
-                          f"n_gpu_layers,n_ctx")
+        raise ReportError(f"--outcome-map {text!r}: expected two different config parameters, e.g. n_gpu_layers,n_ctx")
     for d in dims:
         if d not in names:
-            raise ReportError(f"--outcome-map: unknown parameter {d!r} (e.g. n_gpu_layers, n_ctx, n_threads, "
-                              f"n_ubatch, flash_attn, model)")
+            raise ReportError(
+                f"--outcome-map: unknown parameter {d!r} (e.g. n_gpu_layers, n_ctx, n_threads, "
+                f"n_ubatch, flash_attn, model)"
+            )
     return dims  # type: ignore[return-value]
 
 
@@ -107,8 +127,12 @@ class Report:
         return written + [self.html_path, self.md_path]
 
 
-def build(paths: list[str | os.PathLike], formats: tuple[str, ...] = ("png", "svg"),
-          outcome_map: tuple[str, str] = DEFAULT_MAP, top: int = 10) -> Report:
+def build(
+    paths: list[str | os.PathLike],
+    formats: tuple[str, ...] = ("png", "svg"),
+    outcome_map: tuple[str, str] = DEFAULT_MAP,
+    top: int = 10,
+) -> Report:
     """Load the studies and draw every chart (nothing is written until Report.write)."""
     studies = load_studies(paths)
     colours = quant_colours(studies)

@@ -36,18 +36,38 @@ from tuner.report.load import (
 from tuner.search.recommend import BASELINES, pareto_front
 from tuner.units import fmt_size
 
-OUTCOME_COLOURS = {"ok": "#2ca02c", "oom": "#d62728", "crash": "#9467bd", "timeout": "#ff7f0e",
-                   "swap": "#8c564b", "load_error": "#e377c2", "error": "#111111", "skipped": "#9a9a9a",
-                   "interrupted": "#bcbd22"}
+OUTCOME_COLOURS = {
+    "ok": "#2ca02c",
+    "oom": "#d62728",
+    "crash": "#9467bd",
+    "timeout": "#ff7f0e",
+    "swap": "#8c564b",
+    "load_error": "#e377c2",
+    "error": "#111111",
+    "skipped": "#9a9a9a",
+    "interrupted": "#bcbd22",
+}
 MODEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 BASELINE_STYLE = {"llama.cpp defaults": ("#222222", "--"), "heuristic": ("#8e44ad", ":")}
 NO_OFFLOAD = "no GPU offload on this build: n_gpu_layers is 0 in every trial"
-LABELS = {"n_gpu_layers": "n_gpu_layers (layers on the GPU)", "n_ctx": "n_ctx (context size, tokens)",
-          "n_threads": "n_threads (generation threads)", "n_threads_batch": "n_threads_batch (prompt threads)",
-          "n_batch": "n_batch (tokens)", "n_ubatch": "n_ubatch (tokens)", "flash_attn": "flash_attn",
-          "model": "model (quant file)"}
-RC = {"svg.fonttype": "none",  # keep text as <text> in SVGs: searchable, small, selectable
-      "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7.5, "axes.grid": True, "grid.alpha": 0.3}
+LABELS = {
+    "n_gpu_layers": "n_gpu_layers (layers on the GPU)",
+    "n_ctx": "n_ctx (context size, tokens)",
+    "n_threads": "n_threads (generation threads)",
+    "n_threads_batch": "n_threads_batch (prompt threads)",
+    "n_batch": "n_batch (tokens)",
+    "n_ubatch": "n_ubatch (tokens)",
+    "flash_attn": "flash_attn",
+    "model": "model (quant file)",
+}
+RC = {
+    "svg.fonttype": "none",  # keep text as <text> in SVGs: searchable, small, selectable
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "legend.fontsize": 7.5,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+}
 
 
 def quant_colours(studies: list[Study]) -> dict[str, Any]:
@@ -81,8 +101,9 @@ class Chart:
     def render(self, fmt: str) -> bytes:
         buf = io.BytesIO()
         with matplotlib.rc_context(RC):
-            self.fig.savefig(buf, format=fmt, dpi=110, bbox_inches="tight",
-                             metadata={"Date": None} if fmt == "svg" else None)
+            self.fig.savefig(
+                buf, format=fmt, dpi=110, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None
+            )
         return buf.getvalue()
 
 
@@ -98,8 +119,18 @@ def _note(ax, text: str, chart: Chart, where: str = "center") -> None:
     """Say on the chart what is missing, instead of drawing nothing: in the middle of an empty panel, or
     (where="top") as the panel's title line, so it never hides data."""
     if where == "center":
-        ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, wrap=True,
-                bbox={"boxstyle": "round", "fc": "#fff6d5", "ec": "#c9a227"}, zorder=10)
+        ax.text(
+            0.5,
+            0.5,
+            text,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=9,
+            wrap=True,
+            bbox={"boxstyle": "round", "fc": "#fff6d5", "ec": "#c9a227"},
+            zorder=10,
+        )
     else:
         old = ax.get_title()
         ax.set_title((old + "\n" if old else "") + text, fontsize=8.5, color="#8a6d00")
@@ -108,8 +139,7 @@ def _note(ax, text: str, chart: Chart, where: str = "center") -> None:
         chart.notes.append(text)
 
 
-def _mark_not_ok(ax, recs: list[TrialRecord], x_of: Callable, y_of: Callable, chart: Chart,
-                 handles: dict) -> None:
+def _mark_not_ok(ax, recs: list[TrialRecord], x_of: Callable, y_of: Callable, chart: Chart, handles: dict) -> None:
     """Failed trials as × in their outcome's colour, skipped ones as hollow grey circles: never dropped."""
     by = defaultdict(list)
     for r in recs:
@@ -142,8 +172,7 @@ def _legend(fig, extras: list[dict] = (), where: str = "below") -> None:
     if not seen:
         return
     if where == "below":
-        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(3, len(seen)),
-                   framealpha=0.9)
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(3, len(seen)), framealpha=0.9)
     else:
         fig.legend(list(seen.values()), list(seen), loc="outside right upper", framealpha=0.9)
 
@@ -155,8 +184,6 @@ def _single_x(ax, values) -> None:
         v = vals.pop()
         ax.set_xlim(v - 1, v + 1)
         ax.set_xticks([v])
-
-
 
 
 def _speed_panel(ax, study: Study, colours, param: str, metric: str, chart: Chart) -> dict:
@@ -176,16 +203,27 @@ def _speed_panel(ax, study: Study, colours, param: str, metric: str, chart: Char
         by_model[model_label(r.config.model)].append(r)
     for m, rs in sorted(by_model.items()):
         c = colours[m]
-        ax.scatter([x_of(r) for r in rs], [r.metric(metric)[0] for r in rs], color=c, alpha=0.3, s=16,
-                   linewidths=0, zorder=2)
+        ax.scatter(
+            [x_of(r) for r in rs], [r.metric(metric)[0] for r in rs], color=c, alpha=0.3, s=16, linewidths=0, zorder=2
+        )
         best: dict = {}
         for r in rs:
             x = x_of(r)
             if x not in best or r.metric(metric)[0] > best[x].metric(metric)[0]:
                 best[x] = r
         xs = sorted(best)
-        ax.errorbar(xs, [best[x].metric(metric)[0] for x in xs], yerr=[best[x].metric(metric)[1] or 0 for x in xs],
-                    color=c, marker="o", ms=5, capsize=3, lw=1.5, zorder=3, label=f"{m} (best at each value)")
+        ax.errorbar(
+            xs,
+            [best[x].metric(metric)[0] for x in xs],
+            yerr=[best[x].metric(metric)[1] or 0 for x in xs],
+            color=c,
+            marker="o",
+            ms=5,
+            capsize=3,
+            lw=1.5,
+            zorder=3,
+            label=f"{m} (best at each value)",
+        )
         chart.counts["ok"] += len(rs)
     extra: dict = {}
     _mark_not_ok(ax, trials, x_of, lambda r: 0.0, chart, extra)
@@ -220,19 +258,27 @@ def chart_speed_vs_varied(study: Study, colours, **options) -> Chart:
     point that says nothing, so it gets no panel."""
     dims = speed_dimensions(study)
     fig = _figure(2, max(1, len(dims)), height=3.6)
-    ch = Chart("1-speed-vs-varied", "Speed against what the study varied",
-               "tg and pp t/s against each parameter the study varied (threads: chart 2), one line per quant "
-               "file (best trial at each value, error bars: sd over the repetitions); × = failed trials at 0 "
-               "t/s. Parameters that never varied get no panel.", fig, study=study.label)
+    ch = Chart(
+        "1-speed-vs-varied",
+        "Speed against what the study varied",
+        "tg and pp t/s against each parameter the study varied (threads: chart 2), one line per quant "
+        "file (best trial at each value, error bars: sd over the repetitions); × = failed trials at 0 "
+        "t/s. Parameters that never varied get no panel.",
+        fig,
+        study=study.label,
+    )
     extras = []
     for i, d in enumerate(dims):
-        for ax, metric in zip(fig.axes[2 * i:2 * i + 2], ("tg", "pp")):
+        for ax, metric in zip(fig.axes[2 * i : 2 * i + 2], ("tg", "pp")):
             extras.append(_speed_panel(ax, study, colours, d, metric, ch))
             if d == "n_gpu_layers":
                 _vram_wall(ax, study, ch)
     if not dims:
-        why = ("no trial succeeded: no t/s to plot" if not study.ok else
-               "no parameter but threads varied (chart 2 draws those)")
+        why = (
+            "no trial succeeded: no t/s to plot"
+            if not study.ok
+            else "no parameter but threads varied (chart 2 draws those)"
+        )
         for ax in fig.axes:
             ax.set_axis_off()
         _note(fig.axes[0], why, ch)
@@ -263,11 +309,21 @@ def _vram_wall(ax, study: Study, chart: Chart) -> None:
 
 def chart_speed_vs_threads(study: Study, colours, **options) -> Chart:
     fig = _figure(2)
-    ch = Chart("2-speed-vs-threads", "Speed against threads",
-               "tg t/s against n_threads and pp t/s against n_threads_batch (the threads llama.cpp uses for "
-               "prompt batches), one line per quant file.", fig, study=study.label)
-    _legend(fig, [_speed_panel(fig.axes[0], study, colours, "n_threads", "tg", ch),
-                  _speed_panel(fig.axes[1], study, colours, "n_threads_batch", "pp", ch)])
+    ch = Chart(
+        "2-speed-vs-threads",
+        "Speed against threads",
+        "tg t/s against n_threads and pp t/s against n_threads_batch (the threads llama.cpp uses for "
+        "prompt batches), one line per quant file.",
+        fig,
+        study=study.label,
+    )
+    _legend(
+        fig,
+        [
+            _speed_panel(fig.axes[0], study, colours, "n_threads", "tg", ch),
+            _speed_panel(fig.axes[1], study, colours, "n_threads_batch", "pp", ch),
+        ],
+    )
     fig.suptitle(f"{study.label}: t/s against threads (physical cores: {study.hw.get('cores_physical', '?')})")
     return ch
 
@@ -283,27 +339,41 @@ def _mem_panel(ax, study: Study, colours, param: str, what: str, chart: Chart) -
         if r.ok and getattr(r, attr):
             by_model[model_label(r.config.model)].append(r)
     for m, rs in sorted(by_model.items()):
-        ax.scatter([xvalue(r, param) for r in rs], [getattr(r, attr) / div for r in rs], color=colours[m], s=22,
-                   alpha=0.8, zorder=3, label=m)
+        ax.scatter(
+            [xvalue(r, param) for r in rs],
+            [getattr(r, attr) / div for r in rs],
+            color=colours[m],
+            s=22,
+            alpha=0.8,
+            zorder=3,
+            label=m,
+        )
         chart.counts["ok"] += len(rs)
     extra: dict = {}
     # a failed trial's peak is what it reached before dying: that is where the wall is
-    _mark_not_ok(ax, trials, lambda r: xvalue(r, param),
-                 lambda r: getattr(r, attr) / div if getattr(r, attr) else None, chart, extra)
+    _mark_not_ok(
+        ax,
+        trials,
+        lambda r: xvalue(r, param),
+        lambda r: getattr(r, attr) / div if getattr(r, attr) else None,
+        chart,
+        extra,
+    )
     name = "RAM (peak RSS)" if what == "ram" else "VRAM"
     if total and vals and total / max(vals) > 8:
         # the machine dwarfs this model: a line up there would squash every point onto the axis
-        ax.set_title(f"machine {name.split()[0]}: {fmt_size(total)}, off this scale "
-                     f"({total / max(vals):.0f}× the largest peak)", fontsize=8, color="#444444")
+        ax.set_title(
+            f"machine {name.split()[0]}: {fmt_size(total)}, off this scale ({total / max(vals):.0f}× the largest peak)",
+            fontsize=8,
+            color="#444444",
+        )
         chart.counts[f"{what}_total_text"] += 1
     elif total:
-        ax.axhline(total / div, color="#444444", ls="--", lw=1.2, label=f"machine {name.split()[0]}: "
-                                                                        f"{fmt_size(total)}")
+        ax.axhline(total / div, color="#444444", ls="--", lw=1.2, label=f"machine {name.split()[0]}: {fmt_size(total)}")
         chart.counts[f"{what}_total_line"] += 1
         cap = _cap(study, what)
         if cap and cap < total:
-            ax.axhline(cap / div, color="#c0392b", ls=":", lw=1.2, label=f"usable (limits − headroom): "
-                                                                         f"{fmt_size(cap)}")
+            ax.axhline(cap / div, color="#c0392b", ls=":", lw=1.2, label=f"usable (limits − headroom): {fmt_size(cap)}")
     ax.set_xlabel(LABELS.get(param, param))
     ax.set_ylabel(f"peak {name} ({unit})")
     if param == "n_ctx" and vals:
@@ -324,8 +394,14 @@ def _mem_panel(ax, study: Study, colours, param: str, what: str, chart: Chart) -
             _note(ax, "no trial has a peak RAM reading", chart)
     missing = sum(1 for r in trials if not r.ok and not getattr(r, attr))
     if vals and missing and what == "ram":
-        ax.text(0.01, 0.01, f"{missing} failed/skipped trial(s) without a reading not placed",
-                transform=ax.transAxes, fontsize=7, color="#666666")
+        ax.text(
+            0.01,
+            0.01,
+            f"{missing} failed/skipped trial(s) without a reading not placed",
+            transform=ax.transAxes,
+            fontsize=7,
+            color="#666666",
+        )
     return extra
 
 
@@ -341,14 +417,21 @@ def _cap(study: Study, what: str) -> int | None:
 
 def chart_memory(study: Study, colours, **options) -> Chart:
     fig = _figure(2, 2, height=3.6)
-    ch = Chart("3-memory", "Measured memory",
-               "Peak RAM (worker RSS) and peak VRAM against n_gpu_layers and n_ctx, with the machine's totals "
-               "as dashed lines: the hardware math, measured instead of guessed.", fig, study=study.label)
+    ch = Chart(
+        "3-memory",
+        "Measured memory",
+        "Peak RAM (worker RSS) and peak VRAM against n_gpu_layers and n_ctx, with the machine's totals "
+        "as dashed lines: the hardware math, measured instead of guessed.",
+        fig,
+        study=study.label,
+    )
     a = fig.axes
-    extras = [_mem_panel(a[0], study, colours, "n_gpu_layers", "ram", ch),
-              _mem_panel(a[1], study, colours, "n_ctx", "ram", ch),
-              _mem_panel(a[2], study, colours, "n_gpu_layers", "vram", ch),
-              _mem_panel(a[3], study, colours, "n_ctx", "vram", ch)]
+    extras = [
+        _mem_panel(a[0], study, colours, "n_gpu_layers", "ram", ch),
+        _mem_panel(a[1], study, colours, "n_ctx", "ram", ch),
+        _mem_panel(a[2], study, colours, "n_gpu_layers", "vram", ch),
+        _mem_panel(a[3], study, colours, "n_ctx", "vram", ch),
+    ]
     if not study.gpu_offload:
         _note(a[0], NO_OFFLOAD, ch, "top")
     _legend(fig, extras)
@@ -359,10 +442,14 @@ def chart_memory(study: Study, colours, **options) -> Chart:
 def chart_pareto(study: Study, colours, **options) -> Chart:
     fig = _figure(1, width=7.5, height=4.6)
     ax = fig.axes[0]
-    ch = Chart("4-pareto", "Speed against memory (Pareto front)",
-               "tg t/s against peak memory (RSS + VRAM) of every trial; the line joins the configs no other "
-               "config beats on both; the star is the recommendation; hollow = measured under drift.", fig,
-               study=study.label)
+    ch = Chart(
+        "4-pareto",
+        "Speed against memory (Pareto front)",
+        "tg t/s against peak memory (RSS + VRAM) of every trial; the line joins the configs no other "
+        "config beats on both; the star is the recommendation; hollow = measured under drift.",
+        fig,
+        study=study.label,
+    )
     trials = study.trials
     ok = [r for r in trials if r.ok and r.metric("tg")[0] is not None and (r.peak_rss_bytes or r.peak_vram_bytes)]
     mem = lambda r: (r.peak_rss_bytes or 0) + (r.peak_vram_bytes or 0)  # noqa: E731
@@ -372,33 +459,68 @@ def chart_pareto(study: Study, colours, **options) -> Chart:
             # trials measured under drift are hollow: the recommendation passes them over
             rs = [r for r in ok if model_label(r.config.model) == m and r.drift == drift]
             if rs:
-                ax.errorbar([mem(r) / div for r in rs], [r.metric("tg")[0] for r in rs],
-                            yerr=[r.metric("tg")[1] or 0 for r in rs], fmt="o", color=colours[m], ms=5,
-                            alpha=0.8, capsize=2, mfc="white" if drift else colours[m], zorder=3,
-                            label=f"{m} (measured under drift)" if drift else m)
+                ax.errorbar(
+                    [mem(r) / div for r in rs],
+                    [r.metric("tg")[0] for r in rs],
+                    yerr=[r.metric("tg")[1] or 0 for r in rs],
+                    fmt="o",
+                    color=colours[m],
+                    ms=5,
+                    alpha=0.8,
+                    capsize=2,
+                    mfc="white" if drift else colours[m],
+                    zorder=3,
+                    label=f"{m} (measured under drift)" if drift else m,
+                )
                 ch.counts["ok"] += len(rs)
     front = pareto_front(ok)
     if front:
         xs = [f["peak_memory_bytes"] / div for f in front]
         ys = [f["tg_ts_mean"] for f in front]
-        ax.step(xs, ys, where="post", color="#333333", lw=1.2, alpha=0.7, zorder=2,
-                label=f"Pareto front ({len(front)} configs)")
+        ax.step(
+            xs,
+            ys,
+            where="post",
+            color="#333333",
+            lw=1.2,
+            alpha=0.7,
+            zorder=2,
+            label=f"Pareto front ({len(front)} configs)",
+        )
         ch.counts["front"] = len(front)
     extra: dict = {}
     _mark_not_ok(ax, trials, lambda r: mem(r) / div, lambda r: 0.0 if mem(r) else None, ch, extra)
     rec = study.recommended
     best = next((r for r in ok if rec and r.trial_number == rec.get("trial_number")), None)
     if best is not None:
-        ax.scatter([mem(best) / div], [best.metric("tg")[0]], marker="*", s=320, color="gold", edgecolors="black",
-                   linewidths=1, zorder=6, label=f"recommended (trial #{best.trial_number})")
-        ax.annotate(f"#{best.trial_number}: {best.metric('tg')[0]:.1f} t/s", (mem(best) / div, best.metric("tg")[0]),
-                    xytext=(8, 8), textcoords="offset points", fontsize=8)
+        ax.scatter(
+            [mem(best) / div],
+            [best.metric("tg")[0]],
+            marker="*",
+            s=320,
+            color="gold",
+            edgecolors="black",
+            linewidths=1,
+            zorder=6,
+            label=f"recommended (trial #{best.trial_number})",
+        )
+        ax.annotate(
+            f"#{best.trial_number}: {best.metric('tg')[0]:.1f} t/s",
+            (mem(best) / div, best.metric("tg")[0]),
+            xytext=(8, 8),
+            textcoords="offset points",
+            fontsize=8,
+        )
         ch.counts["recommended"] = 1
     ax.set_xlabel(f"peak memory: RSS + VRAM ({unit})")
     ax.set_ylabel("tg: generation speed (tokens/s)")
     if not ok:
-        _note(ax, "no trial succeeded: no speed/memory point to plot\n(failed trials with a memory reading "
-                  "are marked at 0 t/s)", ch)
+        _note(
+            ax,
+            "no trial succeeded: no speed/memory point to plot\n(failed trials with a memory reading "
+            "are marked at 0 t/s)",
+            ch,
+        )
     elif len(ok) < 2:
         _note(ax, "only one ok trial: no trade-off to show", ch, "top")
     if rec is None:
@@ -417,18 +539,24 @@ def chart_outcome_map(study: Study, colours, outcome_map: tuple[str, str] = DEFA
     fig = _figure(1, width=7.5, height=4.8)
     ax = fig.axes[0]
     xd, yd = dims
-    ch = Chart("5-outcome-map", f"Outcome map ({xd} × {yd})",
-               f"Every trial at its {xd} × {yd} cell, coloured by outcome (trials sharing a cell are spread "
-               f"within it; marker shape = quant file): the out-of-memory wall is where green turns red.",
-               fig, study=study.label)
+    ch = Chart(
+        "5-outcome-map",
+        f"Outcome map ({xd} × {yd})",
+        f"Every trial at its {xd} × {yd} cell, coloured by outcome (trials sharing a cell are spread "
+        f"within it; marker shape = quant file): the out-of-memory wall is where green turns red.",
+        fig,
+        study=study.label,
+    )
     trials = study.trials
     xs = sorted({xvalue(r, xd) for r in trials}, key=_sort_key)
     ys = sorted({xvalue(r, yd) for r in trials}, key=_sort_key)
     cells = defaultdict(list)
     for r in trials:
         cells[(xs.index(xvalue(r, xd)), ys.index(xvalue(r, yd)))].append(r)
-    markers = {m: MODEL_MARKERS[i % len(MODEL_MARKERS)]
-               for i, m in enumerate(sorted({model_label(r.config.model) for r in trials}))}
+    markers = {
+        m: MODEL_MARKERS[i % len(MODEL_MARKERS)]
+        for i, m in enumerate(sorted({model_label(r.config.model) for r in trials}))
+    }
     seen_outcomes = Counter()
     for (cx, cy), rs in cells.items():
         k = len(rs)
@@ -437,9 +565,16 @@ def chart_outcome_map(study: Study, colours, outcome_map: tuple[str, str] = DEFA
         for i, r in enumerate(sorted(rs, key=lambda r: r.trial_number or 0)):
             dx = (i % cols - (cols - 1) / 2) * step
             dy = (i // cols - (math.ceil(k / cols) - 1) / 2) * step
-            ax.scatter([cx + dx], [cy + dy], marker=markers[model_label(r.config.model)], s=60 if k < 10 else 30,
-                       color=OUTCOME_COLOURS.get(r.outcome, "#000000"), edgecolors="white", linewidths=0.6,
-                       zorder=3)
+            ax.scatter(
+                [cx + dx],
+                [cy + dy],
+                marker=markers[model_label(r.config.model)],
+                s=60 if k < 10 else 30,
+                color=OUTCOME_COLOURS.get(r.outcome, "#000000"),
+                edgecolors="white",
+                linewidths=0.6,
+                zorder=3,
+            )
             seen_outcomes[r.outcome] += 1
             ch.counts[r.outcome] += 1
     ax.set_xticks(range(len(xs)), [str(v) for v in xs])
@@ -453,9 +588,10 @@ def chart_outcome_map(study: Study, colours, outcome_map: tuple[str, str] = DEFA
         ax.axhline(i - 0.5, color="#dddddd", lw=0.8)
     ax.set_xlabel(LABELS.get(xd, xd))
     ax.set_ylabel(LABELS.get(yd, yd))
-    handles = [Line2D([], [], ls="", marker="o", color=OUTCOME_COLOURS.get(o, "#000"), label=f"{o} ({n})")
-               for o, n in sorted(seen_outcomes.items(), key=lambda kv: OUTCOMES.index(kv[0])
-                                  if kv[0] in OUTCOMES else 99)]
+    handles = [
+        Line2D([], [], ls="", marker="o", color=OUTCOME_COLOURS.get(o, "#000"), label=f"{o} ({n})")
+        for o, n in sorted(seen_outcomes.items(), key=lambda kv: OUTCOMES.index(kv[0]) if kv[0] in OUTCOMES else 99)
+    ]
     if len(markers) > 1:
         handles += [Line2D([], [], ls="", marker=mk, color="#555555", label=m) for m, mk in markers.items()]
     fig.legend(handles=handles, loc="outside right upper", framealpha=0.9)
@@ -469,15 +605,26 @@ def chart_outcome_map(study: Study, colours, outcome_map: tuple[str, str] = DEFA
 
 def chart_progress(study: Study, colours, **options) -> Chart:
     fig = _figure(2)
-    ch = Chart("6-search-progress", "Search progress",
-               "Best tg so far against trial number and wall time, with the baselines (llama.cpp's defaults and "
-               "the seed's 3500 MB/layer heuristic) as horizontal lines; ◆ = drift-anchor re-measurements.",
-               fig, study=study.label)
+    ch = Chart(
+        "6-search-progress",
+        "Search progress",
+        "Best tg so far against trial number and wall time, with the baselines (llama.cpp's defaults and "
+        "the seed's 3500 MB/layer heuristic) as horizontal lines; ◆ = drift-anchor re-measurements.",
+        fig,
+        study=study.label,
+    )
     trials = sorted([r for r in study.trials if r.trial_number is not None], key=lambda r: r.trial_number)
     starts = [t for t in (parse_utc(r.started_utc) for r in study.records) if t]
     t0 = min(starts) if starts else None
-    span = max(((parse_utc(r.finished_utc) or parse_utc(r.started_utc)) - t0).total_seconds()
-               for r in study.records if (parse_utc(r.finished_utc) or parse_utc(r.started_utc))) if t0 else 0
+    span = (
+        max(
+            ((parse_utc(r.finished_utc) or parse_utc(r.started_utc)) - t0).total_seconds()
+            for r in study.records
+            if (parse_utc(r.finished_utc) or parse_utc(r.started_utc))
+        )
+        if t0
+        else 0
+    )
     tdiv, tunit = (3600, "h") if span > 7200 else ((60, "min") if span > 120 else (1, "s"))
 
     def when(r):
@@ -487,8 +634,10 @@ def chart_progress(study: Study, colours, **options) -> Chart:
     tg = lambda r: r.metric("tg")[0] if r.ok else None  # noqa: E731
     counted = None
     extras = []
-    for ax, x_of, xlabel in ((fig.axes[0], lambda r: r.trial_number, "trial number"),
-                             (fig.axes[1], when, f"wall time since the first trial started ({tunit})")):
+    for ax, x_of, xlabel in (
+        (fig.axes[0], lambda r: r.trial_number, "trial number"),
+        (fig.axes[1], when, f"wall time since the first trial started ({tunit})"),
+    ):
         pts = [(x_of(r), tg(r), r) for r in trials if tg(r) is not None and x_of(r) is not None]
         for m in sorted({model_label(r.config.model) for _, _, r in pts}):
             mp = [(x, y) for x, y, r in pts if model_label(r.config.model) == m]
@@ -502,12 +651,20 @@ def chart_progress(study: Study, colours, **options) -> Chart:
                 bx.append(x)
                 by.append(best)
         if bx:
-            ax.step(bx, by, where="post", color="#1f77b4", lw=2, zorder=4, label="best so far (tg)"
-                    + (", drift-marked trials excluded" if any(r.drift for r in trials) else ""))
+            ax.step(
+                bx,
+                by,
+                where="post",
+                color="#1f77b4",
+                lw=2,
+                zorder=4,
+                label="best so far (tg)" + (", drift-marked trials excluded" if any(r.drift for r in trials) else ""),
+            )
         anchors = [(x_of(r), tg(r)) for r in study.anchors if tg(r) is not None and x_of(r) is not None]
         if anchors:
-            ax.scatter(*zip(*anchors), marker="D", s=26, color="#777777", zorder=3,
-                       label=f"drift anchor ({len(anchors)})")
+            ax.scatter(
+                *zip(*anchors), marker="D", s=26, color="#777777", zorder=3, label=f"drift anchor ({len(anchors)})"
+            )
         drift = [x_of(r) for r in trials if r.drift and x_of(r) is not None]
         if drift:
             ax.axvspan(min(drift), max(drift), color="#f39c12", alpha=0.12, label="marked drift")
@@ -517,12 +674,14 @@ def chart_progress(study: Study, colours, **options) -> Chart:
             b = next((r for r in trials if r.baseline == label), None)
             col, ls = BASELINE_STYLE[label]
             if b is not None and tg(b) is not None:
-                ax.axhline(tg(b), color=col, ls=ls, lw=1.3,
-                           label=f"{label} baseline (#{b.trial_number}): {tg(b):.1f} t/s")
+                ax.axhline(
+                    tg(b), color=col, ls=ls, lw=1.3, label=f"{label} baseline (#{b.trial_number}): {tg(b):.1f} t/s"
+                )
                 ch.counts["baseline"] += 1
             elif b is not None:
-                extra[label] = Line2D([], [], color=col, ls=ls, label=f"{label} baseline (#{b.trial_number}): "
-                                                                      f"{b.outcome}")
+                extra[label] = Line2D(
+                    [], [], color=col, ls=ls, label=f"{label} baseline (#{b.trial_number}): {b.outcome}"
+                )
         ax.set_xlabel(xlabel)
         ax.set_ylabel("tg: generation speed (tokens/s)")
         top = max([y for _, y, _ in pts] + [y for _, y in anchors], default=1.0)
@@ -555,32 +714,45 @@ def importances(study: Study, target: str) -> tuple[dict[str, float] | None, str
     if len(rows) < 3:
         return None, f"too few trials ({len(rows)}) for parameter importance (needs 3)"
     if len({v for _, v in rows}) < 2:
-        return None, ("every trial failed" if target == "failed" and rows[0][1] else
-                      "no trial failed" if target == "failed" else "every ok trial ran at the same speed")
+        return None, (
+            "every trial failed"
+            if target == "failed" and rows[0][1]
+            else "no trial failed"
+            if target == "failed"
+            else "every ok trial ran at the same speed"
+        )
     by_number = {t.number: t for t in (study.optuna_trials or []) if t.params}
     if by_number:
-        space = [(by_number[r.trial_number].params, by_number[r.trial_number].distributions, v)
-                 for r, v in rows if r.trial_number in by_number]
+        space = [
+            (by_number[r.trial_number].params, by_number[r.trial_number].distributions, v)
+            for r, v in rows
+            if r.trial_number in by_number
+        ]
     else:
         names = [k for k in list(TrialConfig.__dataclass_fields__) if k not in SHAPE_FIELDS]
         vals = {k: sorted({xvalue(r, k) for r, _ in rows}, key=_sort_key) for k in names}
         vary = {k: v for k, v in vals.items() if len(v) > 1}
-        space = [({k: xvalue(r, k) for k in vary}, {k: CategoricalDistribution(v) for k, v in vary.items()}, v)
-                 for r, v in rows]
+        space = [
+            ({k: xvalue(r, k) for k in vary}, {k: CategoricalDistribution(v) for k, v in vary.items()}, v)
+            for r, v in rows
+        ]
     if not space or not any(p for p, _, _ in space):
         return None, "no parameter varied"
     keys = set.intersection(*(set(p) for p, _, _ in space))
-    frozen = [optuna.trial.create_trial(params={k: p[k] for k in keys}, distributions={k: d[k] for k in keys},
-                                        value=v) for p, d, v in space]
+    frozen = [
+        optuna.trial.create_trial(params={k: p[k] for k in keys}, distributions={k: d[k] for k in keys}, value=v)
+        for p, d, v in space
+    ]
     tmp = optuna.create_study(direction="maximize")
     tmp.add_trials(frozen)
     # PED-ANOVA (Optuna's default evaluator, no scikit-learn needed): what it takes to reach the top quantile.
     # Small studies need a quantile holding a few trials; for "failed" the top quantile is the failing share.
     values = [v for _, _, v in space]
-    q = (sum(values) / len(values) if target == "failed" else max(0.1, min(0.5, 3 / len(values))))
+    q = sum(values) / len(values) if target == "failed" else max(0.1, min(0.5, 3 / len(values)))
     try:
         imp = optuna.importance.get_param_importances(
-            tmp, evaluator=optuna.importance.PedAnovaImportanceEvaluator(target_quantile=min(max(q, 0.05), 0.95)))
+            tmp, evaluator=optuna.importance.PedAnovaImportanceEvaluator(target_quantile=min(max(q, 0.05), 0.95))
+        )
     except (ValueError, RuntimeError) as e:
         return None, f"Optuna could not compute importances: {str(e).splitlines()[0][:100]}"
     if not imp:
@@ -590,11 +762,18 @@ def importances(study: Study, target: str) -> tuple[dict[str, float] | None, str
 
 def chart_importance(study: Study, colours, **options) -> Chart:
     fig = _figure(2, height=3.8)
-    ch = Chart("7-parameter-importance", "Parameter importance",
-               "Optuna's importance (PED-ANOVA, its default evaluator) of each searched parameter: for reaching the "
-               "top tg t/s (ok trials) and for failing (all trials).", fig, study=study.label)
-    for ax, target, title in ((fig.axes[0], "tg", "what drives tg t/s (ok trials)"),
-                              (fig.axes[1], "failed", "what makes a trial fail (all trials)")):
+    ch = Chart(
+        "7-parameter-importance",
+        "Parameter importance",
+        "Optuna's importance (PED-ANOVA, its default evaluator) of each searched parameter: for reaching the "
+        "top tg t/s (ok trials) and for failing (all trials).",
+        fig,
+        study=study.label,
+    )
+    for ax, target, title in (
+        (fig.axes[0], "tg", "what drives tg t/s (ok trials)"),
+        (fig.axes[1], "failed", "what makes a trial fail (all trials)"),
+    ):
         imp, why = importances(study, target)
         ax.set_title(title)
         ax.set_xlabel("importance (Optuna PED-ANOVA, sums to 1)")
@@ -603,8 +782,12 @@ def chart_importance(study: Study, colours, **options) -> Chart:
             _note(ax, why, ch)
             continue
         names = sorted(imp, key=imp.get)
-        ax.barh([LABELS.get(n, n) for n in names], [imp[n] for n in names],
-                color="#d62728" if target == "failed" else "#1f77b4", alpha=0.8)
+        ax.barh(
+            [LABELS.get(n, n) for n in names],
+            [imp[n] for n in names],
+            color="#d62728" if target == "failed" else "#1f77b4",
+            alpha=0.8,
+        )
         for i, n in enumerate(names):
             ax.text(imp[n], i, f" {imp[n]:.2f}", va="center", fontsize=8)
         ax.set_xlim(0, max(1.0, max(imp.values()) * 1.15))
@@ -618,6 +801,7 @@ def chart_importance(study: Study, colours, **options) -> Chart:
 def shared_configs(a: Study, b: Study) -> list[dict]:
     """Configs measured ok in both studies, tg pooled over every trial of that config in each: the same config
     across studies has the model as its file name (paths differ between rigs)."""
+
     def pool(s):
         out = defaultdict(list)
         for r in s.ok:
@@ -632,9 +816,18 @@ def shared_configs(a: Study, b: Study) -> list[dict]:
         if not ta or not tb:
             continue
         ma, mb = statistics.fmean(ta), statistics.fmean(tb)
-        rows.append({"key": k, "model": k[0], "config": _key_text(k, a, b), "tg_a": ma, "tg_b": mb,
-                     "ratio": mb / ma if ma else None, "trials_a": [r.trial_number for r in pa[k]],
-                     "trials_b": [r.trial_number for r in pb[k]]})
+        rows.append(
+            {
+                "key": k,
+                "model": k[0],
+                "config": _key_text(k, a, b),
+                "tg_a": ma,
+                "tg_b": mb,
+                "ratio": mb / ma if ma else None,
+                "trials_a": [r.trial_number for r in pa[k]],
+                "trials_b": [r.trial_number for r in pb[k]],
+            }
+        )
     return rows
 
 
@@ -646,10 +839,14 @@ def _key_text(k: tuple, *studies: Study) -> str:
 
 def chart_compare(studies: list[Study], colours) -> Chart:
     fig = _figure(2, width=6.2, height=4.4)
-    ch = Chart("compare", "Comparison",
-               "Left: the best tg of each quant file in each study (error bars: sd over the repetitions). Right: "
-               "configs measured in both the first study and another, tg against tg (on the diagonal = same "
-               "speed).", fig)
+    ch = Chart(
+        "compare",
+        "Comparison",
+        "Left: the best tg of each quant file in each study (error bars: sd over the repetitions). Right: "
+        "configs measured in both the first study and another, tg against tg (on the diagonal = same "
+        "speed).",
+        fig,
+    )
     ax = fig.axes[0]
     models = sorted({model_label(r.config.model) for s in studies for r in s.trials})
     width = 0.8 / max(1, len(models))
@@ -680,8 +877,15 @@ def chart_compare(studies: list[Study], colours) -> Chart:
         rows = shared_configs(base, s)
         for m in sorted({r["model"] for r in rows}):
             mr = [r for r in rows if r["model"] == m]
-            ax.scatter([r["tg_a"] for r in mr], [r["tg_b"] for r in mr], color=colours[m],
-                       marker=markers[s.label], s=30, label=f"{s.label}: {m}", zorder=3)
+            ax.scatter(
+                [r["tg_a"] for r in mr],
+                [r["tg_b"] for r in mr],
+                color=colours[m],
+                marker=markers[s.label],
+                s=30,
+                label=f"{s.label}: {m}",
+                zorder=3,
+            )
             top = max(top, *(max(r["tg_a"], r["tg_b"]) for r in mr))
         ch.counts["shared"] += len(rows)
     if top:
@@ -703,15 +907,23 @@ def chart_confirmation(study: Study, colours, **options) -> Chart:
     ax = fig.axes[0]
     conf = (study.recommended or {}).get("confirmation") or {}
     obj = conf.get("objective") or study.objective
-    ch = Chart("8-confirmation", "Confirmation of the winner",
-               f"The best configs of the search and llama.cpp's defaults re-measured interleaved round by round: "
-               f"every repetition's {obj} (dots), the median (bar) and its bootstrap 95 % interval; ★ = the "
-               f"recommendation. Verdict: {conf.get('verdict', 'none')}: {conf.get('reason', 'no confirmation ran')}",
-               fig, study=study.label)
+    ch = Chart(
+        "8-confirmation",
+        "Confirmation of the winner",
+        f"The best configs of the search and llama.cpp's defaults re-measured interleaved round by round: "
+        f"every repetition's {obj} (dots), the median (bar) and its bootstrap 95 % interval; ★ = the "
+        f"recommendation. Verdict: {conf.get('verdict', 'none')}: {conf.get('reason', 'no confirmation ran')}",
+        fig,
+        study=study.label,
+    )
     rows = [c for c in conf.get("candidates", []) if c.get("samples")]
     if not rows:
-        _note(ax, "no confirmation ran (--no-confirm, a Ctrl-C or the budget ended first):\n"
-                  "the recommendation is the search's own best estimate", ch)
+        _note(
+            ax,
+            "no confirmation ran (--no-confirm, a Ctrl-C or the budget ended first):\n"
+            "the recommendation is the search's own best estimate",
+            ch,
+        )
     unit = "ms" if obj == "ttft" else "t/s"
     for i, c in enumerate(rows):
         win = c["trial_number"] == study.recommended.get("trial_number")
@@ -720,14 +932,26 @@ def chart_confirmation(study: Study, colours, **options) -> Chart:
         xs = [i + 0.25 * ((j % 7) / 6 - 0.5) for j in range(len(ys))]
         ax.scatter(xs, ys, s=10, alpha=0.5, color=colour, zorder=3)
         lo, hi = c["ci95"]
-        ax.errorbar([i], [c["median"]], yerr=[[c["median"] - lo], [hi - c["median"]]], fmt="_", ms=22,
-                    color=colour, capsize=6, lw=2, zorder=4)
+        ax.errorbar(
+            [i],
+            [c["median"]],
+            yerr=[[c["median"] - lo], [hi - c["median"]]],
+            fmt="_",
+            ms=22,
+            color=colour,
+            capsize=6,
+            lw=2,
+            zorder=4,
+        )
         if win:
             ax.scatter([i], [c["median"]], marker="*", s=220, color=colour, edgecolors="black", zorder=5)
         ch.counts["candidate"] += 1
         ch.counts["samples"] += len(ys)
-    ax.set_xticks(range(len(rows)), [f"#{c['trial_number']}\n{'+'.join(c['roles'])}\nn_ctx {c['n_ctx']}"
-                                     for c in rows], fontsize=7)
+    ax.set_xticks(
+        range(len(rows)),
+        [f"#{c['trial_number']}\n{'+'.join(c['roles'])}\nn_ctx {c['n_ctx']}" for c in rows],
+        fontsize=7,
+    )
     ax.set_ylabel(f"{obj} ({unit}) per repetition")
     vs = conf.get("vs_baseline")
     title = f"{study.label}: confirmation over {conf.get('rounds', 0)} round(s)"
@@ -743,11 +967,15 @@ def chart_context_ladder(study: Study, colours, **options) -> Chart:
     fig = _figure(2)
     # rows written before rungs were filled (no n_depth) are not shown as a ladder
     ladder = [r for r in (study.recommended or {}).get("context_ladder") or [] if "n_depth" in r]
-    ch = Chart("9-context-ladder", "Context ladder",
-               "The recommended config (solid) and the llama.cpp defaults (dashed) at each context of --ctx, each "
-               "filled to the depth under the context (tuner search fills a rung unless --depth is given), measured "
-               "interleaved: generation and prompt speed (left), peak memory (right).",
-               fig, study=study.label)
+    ch = Chart(
+        "9-context-ladder",
+        "Context ladder",
+        "The recommended config (solid) and the llama.cpp defaults (dashed) at each context of --ctx, each "
+        "filled to the depth under the context (tuner search fills a rung unless --depth is given), measured "
+        "interleaved: generation and prompt speed (left), peak memory (right).",
+        fig,
+        study=study.label,
+    )
     ax, am = fig.axes
     if len(ladder) < 2:
         for a in (ax, am):
@@ -760,13 +988,21 @@ def chart_context_ladder(study: Study, colours, **options) -> Chart:
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", color=colour, label=f"{label}, {who}")
                     ch.counts[f"{label} {who}"] += len(pts)
-            for key, label, colour in (("peak_rss_bytes", "peak RAM", "#2ca02c"),
-                                       ("peak_vram_bytes", "peak VRAM", "#9467bd")):
+            for key, label, colour in (
+                ("peak_rss_bytes", "peak RAM", "#2ca02c"),
+                ("peak_vram_bytes", "peak VRAM", "#9467bd"),
+            ):
                 pts = [(x, get(r)[key]) for x, r in zip(xs, ladder) if get(r) and get(r).get(key)]
                 if pts:
                     scale, unit = mem_scale([y for _, y in pts])
-                    am.plot([x for x, _ in pts], [y / scale for _, y in pts], style, marker="o", color=colour,
-                            label=f"{label}, {who} ({unit})")
+                    am.plot(
+                        [x for x, _ in pts],
+                        [y / scale for _, y in pts],
+                        style,
+                        marker="o",
+                        color=colour,
+                        label=f"{label}, {who} ({unit})",
+                    )
                     ch.counts[f"{label} {who}"] += len(pts)
         for a in (ax, am):
             a.set_xscale("log", base=2)
@@ -785,10 +1021,15 @@ def chart_quality(study: Study, colours, **options) -> Chart:
     ax = fig.axes[0]
     rec = study.recommended or {}
     obj = rec.get("objective", "tg")
-    ch = Chart("10-speed-vs-kld", "Speed against quality loss per quant",
-               f"Best {obj} of each model file (and KV-cache types) against its mean KL divergence from the "
-               "reference (tuner quality); marker area: peak memory; the dashed line is the quality budget: "
-               "files right of it are never recommended; the star is the recommendation.", fig, study=study.label)
+    ch = Chart(
+        "10-speed-vs-kld",
+        "Speed against quality loss per quant",
+        f"Best {obj} of each model file (and KV-cache types) against its mean KL divergence from the "
+        "reference (tuner quality); marker area: peak memory; the dashed line is the quality budget: "
+        "files right of it are never recommended; the star is the recommendation.",
+        fig,
+        study=study.label,
+    )
     groups: dict[tuple, list[TrialRecord]] = defaultdict(list)
     for r in study.trials:
         if r.kld_mean is not None:
@@ -801,22 +1042,46 @@ def chart_quality(study: Study, colours, **options) -> Chart:
         best = max(ok, key=lambda r: (-1 if obj == "ttft" else 1) * r.objective(obj))
         points.append((m, tk, tv, rs[0].kld_mean, best))
     if not points:
-        _note(ax, "no quality figures in this study: search two or more quant files (or pass --reference) "
-                  "without --no-quality", ch)
+        _note(
+            ax,
+            "no quality figures in this study: search two or more quant files (or pass --reference) "
+            "without --no-quality",
+            ch,
+        )
         fig.suptitle(f"{study.label}: speed against KLD")
         return ch
     mems = [(b.peak_rss_bytes or 0) + (b.peak_vram_bytes or 0) for *_, b in points]
     top = max(mems) or 1
     for (m, tk, tv, kld, best), mem in zip(points, mems):
         label = m + ("" if (tk, tv) == ("f16", "f16") else f" KV {tk}/{tv}")
-        ax.scatter([kld], [best.objective(obj)], s=40 + 260 * mem / top, color=colours.get(m, "#1f77b4"),
-                   alpha=0.8, edgecolors="black", linewidths=0.5, zorder=3, label=f"{label} ({fmt_size(mem)})")
+        ax.scatter(
+            [kld],
+            [best.objective(obj)],
+            s=40 + 260 * mem / top,
+            color=colours.get(m, "#1f77b4"),
+            alpha=0.8,
+            edgecolors="black",
+            linewidths=0.5,
+            zorder=3,
+            label=f"{label} ({fmt_size(mem)})",
+        )
         ax.annotate(label, (kld, best.objective(obj)), xytext=(6, 4), textcoords="offset points", fontsize=7.5)
         ch.counts["ok"] += 1
-        if best.trial_number == rec.get("trial_number") or rec.get("model", {}).get("hash") == best.model_hash \
-                and (rec.get("config", {}).get("type_k"), rec.get("config", {}).get("type_v")) == (tk, tv):
-            ax.scatter([kld], [best.objective(obj)], marker="*", s=320, color="gold", edgecolors="black",
-                       zorder=6, label="recommended")
+        if (
+            best.trial_number == rec.get("trial_number")
+            or rec.get("model", {}).get("hash") == best.model_hash
+            and (rec.get("config", {}).get("type_k"), rec.get("config", {}).get("type_v")) == (tk, tv)
+        ):
+            ax.scatter(
+                [kld],
+                [best.objective(obj)],
+                marker="*",
+                s=320,
+                color="gold",
+                edgecolors="black",
+                zorder=6,
+                label="recommended",
+            )
             ch.counts["recommended"] = 1
     budget = (rec.get("quality") or {}).get("budget", {}).get("max_kld")
     if budget is not None:
@@ -841,8 +1106,16 @@ def chart_quality(study: Study, colours, **options) -> Chart:
 # ones it needs as keywords and ignores the rest.
 # ---------------------------------------------------------------------------------------------------------
 STUDY_CHARTS: tuple[Callable[..., Chart], ...] = (
-    chart_speed_vs_varied, chart_speed_vs_threads, chart_memory, chart_pareto, chart_outcome_map, chart_progress,
-    chart_importance, chart_confirmation, chart_context_ladder, chart_quality,
+    chart_speed_vs_varied,
+    chart_speed_vs_threads,
+    chart_memory,
+    chart_pareto,
+    chart_outcome_map,
+    chart_progress,
+    chart_importance,
+    chart_confirmation,
+    chart_context_ladder,
+    chart_quality,
 )
 
 

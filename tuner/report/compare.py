@@ -53,13 +53,16 @@ def _one(v) -> list[float]:
     return [float(v)] if v is not None else []
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("tg", "tg t/s", "t/s", True, "speed", lambda r: list(r.tg_samples)),
-    Metric("pp", "pp t/s", "t/s", True, "speed", lambda r: list(r.pp_samples)),
-    Metric("ttft", "TTFT", "ms", False, "speed", lambda r: list(r.ttft_samples_ms)),
-    Metric("peak_ram", "peak RAM", "bytes", False, "memory", lambda r: _one(r.peak_rss_bytes)),
-    Metric("peak_vram", "peak VRAM", "bytes", False, "memory", lambda r: _one(r.peak_vram_bytes)),
-)}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("tg", "tg t/s", "t/s", True, "speed", lambda r: list(r.tg_samples)),
+        Metric("pp", "pp t/s", "t/s", True, "speed", lambda r: list(r.pp_samples)),
+        Metric("ttft", "TTFT", "ms", False, "speed", lambda r: list(r.ttft_samples_ms)),
+        Metric("peak_ram", "peak RAM", "bytes", False, "memory", lambda r: _one(r.peak_rss_bytes)),
+        Metric("peak_vram", "peak VRAM", "bytes", False, "memory", lambda r: _one(r.peak_vram_bytes)),
+    )
+}
 DEFAULT_THRESHOLDS = {"speed": 5.0, "memory": 10.0}  # percent
 VERDICTS = ("regression", "improvement", "unchanged", "inconclusive", "missing")
 # Measurement settings, not part of what is measured: CI re-measures a config with more repetitions.
@@ -101,8 +104,9 @@ def parse_thresholds(items: Iterable[str]) -> dict[str, float]:
         elif name in METRICS:
             out[name] = pct
         else:
-            raise CompareError(f"bad threshold {item!r}: unknown metric {name!r} "
-                               f"(one of {', '.join([*METRICS, *DEFAULT_THRESHOLDS])})")
+            raise CompareError(
+                f"bad threshold {item!r}: unknown metric {name!r} (one of {', '.join([*METRICS, *DEFAULT_THRESHOLDS])})"
+            )
     return out
 
 
@@ -187,21 +191,27 @@ def judge(metric: str, base: list[float], cur: list[float], s: Settings, paired:
     if not enough:
         if m.kind == "memory":
             r.verdict = direction if beyond else "unchanged"
-            r.note = (f"one sample per trial, {len(base)} vs {len(cur)} trial(s) (a {test} test needs "
-                      f"{trials_needed(s, paired)} a side at alpha {s.alpha:g}): judged on the {r.threshold_pct:g}% "
-                      "threshold alone")
+            r.note = (
+                f"one sample per trial, {len(base)} vs {len(cur)} trial(s) (a {test} test needs "
+                f"{trials_needed(s, paired)} a side at alpha {s.alpha:g}): judged on the {r.threshold_pct:g}% "
+                "threshold alone"
+            )
         else:
             r.verdict = "inconclusive"
-            r.note = (f"too few trials ({len(base)} vs {len(cur)}) for a {test} test at alpha {s.alpha:g}; "
-                      f"measure at least {trials_needed(s, paired)} a side")
+            r.note = (
+                f"too few trials ({len(base)} vs {len(cur)}) for a {test} test at alpha {s.alpha:g}; "
+                f"measure at least {trials_needed(s, paired)} a side"
+            )
         return r
-    noisy = [(side, cv) for side, cv in (("BASELINE", r.cv_base), ("CURRENT", r.cv_cur))
-             if cv is not None and cv > s.max_cv]
+    noisy = [
+        (side, cv) for side, cv in (("BASELINE", r.cv_base), ("CURRENT", r.cv_cur)) if cv is not None and cv > s.max_cv
+    ]
     r.p = stats.p_value(cur, base, paired) if not paired or (all(base) and all(cur)) else 1.0
     if noisy:
         r.verdict = "inconclusive"
-        r.note = "too noisy: " + ", ".join(f"{side} CV {100 * cv:.0f}%" for side, cv in noisy) + \
-                 f" > {100 * s.max_cv:.0f}%"
+        r.note = (
+            "too noisy: " + ", ".join(f"{side} CV {100 * cv:.0f}%" for side, cv in noisy) + f" > {100 * s.max_cv:.0f}%"
+        )
     elif not beyond:
         r.verdict = "unchanged"
         r.note = f"within the {r.threshold_pct:g}% threshold"
@@ -210,8 +220,9 @@ def judge(metric: str, base: list[float], cur: list[float], s: Settings, paired:
         r.note = f"beyond the {r.threshold_pct:g}% threshold, {test} p {_fmt_p(r.p)} < {s.alpha:g}"
     else:
         r.verdict = "inconclusive"
-        r.note = (f"beyond the {r.threshold_pct:g}% threshold but not significant ({test} p {_fmt_p(r.p)} >= "
-                  f"{s.alpha:g})")
+        r.note = (
+            f"beyond the {r.threshold_pct:g}% threshold but not significant ({test} p {_fmt_p(r.p)} >= {s.alpha:g})"
+        )
     return r
 
 
@@ -239,9 +250,14 @@ def derived_ignores(recs: list[TrialRecord], ignore: tuple[str, ...]) -> tuple[s
 
     A derived parameter someone set on its own (on either side) stays in the key.
     """
-    return tuple(name for name, sources, derive in DERIVED
-                 if name not in ignore and any(s in ignore for s in sources) and recs
-                 and all(getattr(r.config, name) in (0, derive(r.config)) for r in recs))
+    return tuple(
+        name
+        for name, sources, derive in DERIVED
+        if name not in ignore
+        and any(s in ignore for s in sources)
+        and recs
+        and all(getattr(r.config, name) in (0, derive(r.config)) for r in recs)
+    )
 
 
 def _model_label(rec: TrialRecord) -> str:
@@ -313,18 +329,29 @@ def hw_facts(hw: dict) -> dict[str, Any]:
     """What a reader needs to see to tell two machines apart (the fingerprint is a hash of about these)."""
     if not hw:
         return {}
-    return {"cpu": hw.get("cpu"), "cores": hw.get("cores_physical"),
-            "ram_gib": round((hw.get("ram_total") or 0) / 2**30),
-            "gpus": ", ".join(f"{g.get('name')} {round((g.get('vram_total') or 0) / 2**30)} GiB"
-                              for g in hw.get("gpus") or []) or "none"}
+    return {
+        "cpu": hw.get("cpu"),
+        "cores": hw.get("cores_physical"),
+        "ram_gib": round((hw.get("ram_total") or 0) / 2**30),
+        "gpus": ", ".join(
+            f"{g.get('name')} {round((g.get('vram_total') or 0) / 2**30)} GiB" for g in hw.get("gpus") or []
+        )
+        or "none",
+    }
 
 
 def hw_diff(base: list[TrialRecord], cur: list[TrialRecord]) -> str:
     fb = {k: sorted({str(hw_facts(r.hw).get(k)) for r in base}) for k in ("cpu", "cores", "ram_gib", "gpus")}
     fc = {k: sorted({str(hw_facts(r.hw).get(k)) for r in cur}) for k in fb}
     parts = [f"{k} {'/'.join(fb[k])} → {'/'.join(fc[k])}" for k in fb if fb[k] != fc[k]]
-    return "; ".join(parts) or "fingerprints differ (" + "/".join(sorted({r.hw_fingerprint for r in base})) + \
-        " → " + "/".join(sorted({r.hw_fingerprint for r in cur})) + ")"
+    return (
+        "; ".join(parts)
+        or "fingerprints differ ("
+        + "/".join(sorted({r.hw_fingerprint for r in base}))
+        + " → "
+        + "/".join(sorted({r.hw_fingerprint for r in cur}))
+        + ")"
+    )
 
 
 def _build_label(r: TrialRecord) -> str:
@@ -380,12 +407,26 @@ class Report:
 
     def to_dict(self, fail_on: Iterable[str] = ("regression",)) -> dict:
         settings = {**asdict(self.settings), "thresholds": {m: self.settings.threshold(m) for m in METRICS}}
-        return {"baseline": self.baseline, "current": self.current, "settings": settings,
-                "hardware": self.hardware, "build": self.build,
-                "pairs": [{"label": p.label, "config": p.config, "trials": {"baseline": p.n_base, "current": p.n_cur},
-                           "hw_mismatch": p.hw_mismatch, "rerun": p.rerun,
-                           "metrics": [_jsonable(asdict(r)) for r in p.results]} for p in self.pairs],
-                "summary": self.summary_line(fail_on), "exit_code": self.exit_code(fail_on)}
+        return {
+            "baseline": self.baseline,
+            "current": self.current,
+            "settings": settings,
+            "hardware": self.hardware,
+            "build": self.build,
+            "pairs": [
+                {
+                    "label": p.label,
+                    "config": p.config,
+                    "trials": {"baseline": p.n_base, "current": p.n_cur},
+                    "hw_mismatch": p.hw_mismatch,
+                    "rerun": p.rerun,
+                    "metrics": [_jsonable(asdict(r)) for r in p.results],
+                }
+                for p in self.pairs
+            ],
+            "summary": self.summary_line(fail_on),
+            "exit_code": self.exit_code(fail_on),
+        }
 
     def to_json(self, fail_on: Iterable[str] = ("regression",)) -> str:
         return json.dumps(self.to_dict(fail_on), indent=2)
@@ -393,25 +434,42 @@ class Report:
     # -- text forms --
     def _header(self) -> list[tuple[str, str]]:
         h, b = self.hardware, self.build
-        rows = [("baseline", f"{self.baseline}  ({self.counts.get('baseline', 0)} trial(s), hw {h['baseline']}, "
-                             f"build {b['baseline']})"),
-                ("current", f"{self.current}  ({self.counts.get('current', 0)} trial(s), hw {h['current']}, "
-                            f"build {b['current']})")]
+        rows = [
+            (
+                "baseline",
+                f"{self.baseline}  ({self.counts.get('baseline', 0)} trial(s), hw {h['baseline']}, "
+                f"build {b['baseline']})",
+            ),
+            (
+                "current",
+                f"{self.current}  ({self.counts.get('current', 0)} trial(s), hw {h['current']}, build {b['current']})",
+            ),
+        ]
         if h["mismatch"]:
-            rows.append(("hardware", f"DIFFERS: {h['mismatch']}" +
-                         (" (compared anyway: --allow-hw-mismatch)" if self.settings.allow_hw_mismatch else "")))
+            rows.append(
+                (
+                    "hardware",
+                    f"DIFFERS: {h['mismatch']}"
+                    + (" (compared anyway: --allow-hw-mismatch)" if self.settings.allow_hw_mismatch else ""),
+                )
+            )
         else:
             rows.append(("hardware", f"same: {h['facts']}"))
         rows.append(("build", "same" if b["baseline"] == b["current"] else "differs (this is what is compared)"))
         if self.settings.ignore:
             rows.append(("ignored", ", ".join(self.settings.ignore)))
         s = self.settings
-        rows.append(("rule", f"one value per trial (the median of its repetitions); regression = change beyond "
-                             f"the threshold AND p < {s.alpha:g} (Wilcoxon signed-rank when the rounds were "
-                             f"interleaved and are enough, else Mann-Whitney U); inconclusive when the CV between trials > "
-                             f"{100 * s.max_cv:.0f}% or < {s.min_samples} trials; peak memory with fewer trials "
-                             f"than the test needs ({trials_needed(s)} unpaired, {trials_needed(s, True)} paired): "
-                             "the threshold alone"))
+        rows.append(
+            (
+                "rule",
+                f"one value per trial (the median of its repetitions); regression = change beyond "
+                f"the threshold AND p < {s.alpha:g} (Wilcoxon signed-rank when the rounds were "
+                f"interleaved and are enough, else Mann-Whitney U); inconclusive when the CV between trials > "
+                f"{100 * s.max_cv:.0f}% or < {s.min_samples} trials; peak memory with fewer trials "
+                f"than the test needs ({trials_needed(s)} unpaired, {trials_needed(s, True)} paired): "
+                "the threshold alone",
+            )
+        )
         return rows
 
     def _cells(self) -> list[list[str]]:
@@ -420,11 +478,20 @@ class Report:
             for r in p.results:
                 title, unit = _title_unit(r.metric)
                 note = r.note + (f"; rerun: {p.rerun}" if p.rerun and r.first else "")
-                out.append([p.label, title,
-                            _fmt_val(r.base, unit), _fmt_val(r.cur, unit), _fmt_pct(r.change_pct),
-                            f"{r.threshold_pct:g}%" if r.threshold_pct is not None else "-",
-                            _fmt_p(r.p), f"{r.n_base}/{r.n_cur}", r.verdict.upper() if r.verdict == "regression"
-                            else r.verdict, note])
+                out.append(
+                    [
+                        p.label,
+                        title,
+                        _fmt_val(r.base, unit),
+                        _fmt_val(r.cur, unit),
+                        _fmt_pct(r.change_pct),
+                        f"{r.threshold_pct:g}%" if r.threshold_pct is not None else "-",
+                        _fmt_p(r.p),
+                        f"{r.n_base}/{r.n_cur}",
+                        r.verdict.upper() if r.verdict == "regression" else r.verdict,
+                        note,
+                    ]
+                )
         return out
 
     HEAD = ["config", "metric", "baseline", "current", "change", "thr", "p", "n", "verdict", "note"]
@@ -439,8 +506,11 @@ class Report:
         code = self.exit_code(fail_on)
         lines = [f"### tuner compare: {'❌' if code else '✅'} {self.summary_line(fail_on)}", ""]
         lines += [f"- **{k}**: {v}" for k, v in self._header()]
-        lines += ["", markdown_table(self.HEAD, [[c.replace("|", "\\|") for c in row] for row in self._cells()],
-                                     RIGHT), ""]
+        lines += [
+            "",
+            markdown_table(self.HEAD, [[c.replace("|", "\\|") for c in row] for row in self._cells()], RIGHT),
+            "",
+        ]
         return "\n".join(lines)
 
     def junit(self, fail_on: Iterable[str] = ("regression",)) -> str:
@@ -449,15 +519,23 @@ class Report:
         cases = [(p, r) for p in self.pairs for r in p.results]
         failures = sum(r.verdict in fail_on for _, r in cases)
         skipped = sum(r.verdict in ("inconclusive", "missing") and r.verdict not in fail_on for _, r in cases)
-        suite = ET.Element("testsuite", name="tuner compare", tests=str(len(cases)), failures=str(failures),
-                           errors="0", skipped=str(skipped))
+        suite = ET.Element(
+            "testsuite",
+            name="tuner compare",
+            tests=str(len(cases)),
+            failures=str(failures),
+            errors="0",
+            skipped=str(skipped),
+        )
         props = ET.SubElement(suite, "properties")
         for k, v in self._header():
             ET.SubElement(props, "property", name=k, value=v)
         for p, r in cases:
             title, unit = _title_unit(r.metric)
-            msg = (f"{title}: {r.verdict}, {_fmt_pct(r.change_pct)} ({_fmt_val(r.base, unit)} → "
-                   f"{_fmt_val(r.cur, unit)}), p {_fmt_p(r.p)}; {r.note}")
+            msg = (
+                f"{title}: {r.verdict}, {_fmt_pct(r.change_pct)} ({_fmt_val(r.base, unit)} → "
+                f"{_fmt_val(r.cur, unit)}), p {_fmt_p(r.p)}; {r.note}"
+            )
             case = ET.SubElement(suite, "testcase", classname=p.label, name=r.metric)
             if r.verdict in fail_on:
                 ET.SubElement(case, "failure", message=msg, type=r.verdict).text = msg
@@ -508,8 +586,9 @@ def _label(key: tuple, rec: TrialRecord, varying: set[str], ignored_diff: list[s
     d = dict(key)
     c = rec.config
     parts = [_model_label(rec), f"pp{c.n_prompt}/tg{c.n_gen}" + (f"@d{c.n_depth}" if c.n_depth else "")]
-    parts += [f"{k}={_fmt_v(d[k])}" for k in sorted(varying) if k in d and k not in
-              ("model", "n_prompt", "n_gen", "n_depth")]
+    parts += [
+        f"{k}={_fmt_v(d[k])}" for k in sorted(varying) if k in d and k not in ("model", "n_prompt", "n_gen", "n_depth")
+    ]
     parts += ignored_diff
     return " ".join(parts)
 
@@ -518,20 +597,40 @@ def _failed_result(base_ok: list, cur_ok: list, base_failed: list, cur_failed: l
     """A config that measured on one side and failed on the other (OOM, crash...) is itself a verdict."""
     if cur_failed and not cur_ok and base_ok:
         f = cur_failed[-1]
-        return MetricResult("outcome", "regression", len(base_ok), len(cur_failed),
-                            note=f"every CURRENT trial failed: {f.outcome}: {f.cause[:120]}")
+        return MetricResult(
+            "outcome",
+            "regression",
+            len(base_ok),
+            len(cur_failed),
+            note=f"every CURRENT trial failed: {f.outcome}: {f.cause[:120]}",
+        )
     if base_failed and not base_ok and cur_ok:
         f = base_failed[-1]
-        return MetricResult("outcome", "improvement", len(base_failed), len(cur_ok),
-                            note=f"BASELINE failed ({f.outcome}), CURRENT measures")
+        return MetricResult(
+            "outcome",
+            "improvement",
+            len(base_failed),
+            len(cur_ok),
+            note=f"BASELINE failed ({f.outcome}), CURRENT measures",
+        )
     if base_failed and cur_failed and not base_ok and not cur_ok:
-        return MetricResult("outcome", "missing", len(base_failed), len(cur_failed),
-                            note=f"failed on both sides: {base_failed[-1].outcome} / {cur_failed[-1].outcome}")
+        return MetricResult(
+            "outcome",
+            "missing",
+            len(base_failed),
+            len(cur_failed),
+            note=f"failed on both sides: {base_failed[-1].outcome} / {cur_failed[-1].outcome}",
+        )
     return None
 
 
-def compare_records(base_recs: list[TrialRecord], cur_recs: list[TrialRecord], settings: Settings,
-                    baseline: str = "BASELINE", current: str = "CURRENT") -> Report:
+def compare_records(
+    base_recs: list[TrialRecord],
+    cur_recs: list[TrialRecord],
+    settings: Settings,
+    baseline: str = "BASELINE",
+    current: str = "CURRENT",
+) -> Report:
     """Pair the two record sets and judge every metric. CompareError when nothing pairs or the hardware differs."""
     settings = replace(settings, ignore=settings.ignore + derived_ignores([*base_recs, *cur_recs], settings.ignore))
     b = split(baseline, base_recs, settings.ignore)
@@ -546,8 +645,10 @@ def compare_records(base_recs: list[TrialRecord], cur_recs: list[TrialRecord], s
         near = min(((bk, ck) for bk in bkeys for ck in ckeys), key=lambda kk: len(diff_keys(*kk)))
         diff = diff_keys(*near)
         hint = [d.split(":")[0] for d in diff]
-        raise CompareError(f"no config of {baseline} matches one of {current}: the closest pair differs in "
-                           f"{'; '.join(diff)} (pass --ignore {','.join(hint)} to pair them anyway)")
+        raise CompareError(
+            f"no config of {baseline} matches one of {current}: the closest pair differs in "
+            f"{'; '.join(diff)} (pass --ignore {','.join(hint)} to pair them anyway)"
+        )
     all_keys = list(dict.fromkeys([*bkeys, *ckeys]))
     varying = {k for k in dict(all_keys[0]) if len({dict(x).get(k) for x in all_keys}) > 1}
 
@@ -573,41 +674,69 @@ def compare_records(base_recs: list[TrialRecord], cur_recs: list[TrialRecord], s
             note = f"not measured in {where}"
             if near:
                 note += f"; closest config there differs in {'; '.join(near[1])}"
-            pairs.append(Pair(key, label, config, len(brows), len(crows),
-                              [MetricResult("config", "missing", len(brows), len(crows), note=note)]))
+            pairs.append(
+                Pair(
+                    key,
+                    label,
+                    config,
+                    len(brows),
+                    len(crows),
+                    [MetricResult("config", "missing", len(brows), len(crows), note=note)],
+                )
+            )
             continue
         pair = Pair(key, label, config, len(brows), len(crows), [])
         fb, fc = {r.hw_fingerprint for r in brows}, {r.hw_fingerprint for r in crows}
         if fb != fc:
             pair.hw_mismatch = hw_diff(brows, crows)
             mismatches.append((label, pair.hw_mismatch))
-        pair.results = judge_pair(b.ok.get(key, []), c.ok.get(key, []), b.failed.get(key, []),
-                                  c.failed.get(key, []), settings)
+        pair.results = judge_pair(
+            b.ok.get(key, []), c.ok.get(key, []), b.failed.get(key, []), c.failed.get(key, []), settings
+        )
         if pair.hw_mismatch:
             for r in pair.results:
                 r.note = f"hardware differs ({pair.hw_mismatch}); " + r.note
         pairs.append(pair)
     if mismatches and not settings.allow_hw_mismatch:
         label, what = mismatches[0]
-        raise CompareError(f"hardware differs between {baseline} and {current} for {len(mismatches)} config(s), "
-                           f"e.g. {label}: {what}; measure both on one machine, or pass --allow-hw-mismatch "
-                           "to compare anyway")
+        raise CompareError(
+            f"hardware differs between {baseline} and {current} for {len(mismatches)} config(s), "
+            f"e.g. {label}: {what}; measure both on one machine, or pass --allow-hw-mismatch "
+            "to compare anyway"
+        )
 
     def sides(recs):
         return "/".join(sorted({r.hw_fingerprint or "?" for r in recs}))
 
     facts = hw_facts((base_recs[-1]).hw)
-    hardware = {"baseline": sides(base_recs), "current": sides(cur_recs),
-                "facts": ", ".join(f"{k} {v}" for k, v in facts.items()) if facts else "unknown",
-                "mismatch": "; ".join(f"{lbl}: {w}" for lbl, w in dict(mismatches).items())}
-    build = {"baseline": " / ".join(sorted({_build_label(r) for r in base_recs})),
-             "current": " / ".join(sorted({_build_label(r) for r in cur_recs}))}
-    return Report(baseline, current, settings, pairs, hardware, build,
-                  counts={"baseline": len(base_recs), "current": len(cur_recs)})
+    hardware = {
+        "baseline": sides(base_recs),
+        "current": sides(cur_recs),
+        "facts": ", ".join(f"{k} {v}" for k, v in facts.items()) if facts else "unknown",
+        "mismatch": "; ".join(f"{lbl}: {w}" for lbl, w in dict(mismatches).items()),
+    }
+    build = {
+        "baseline": " / ".join(sorted({_build_label(r) for r in base_recs})),
+        "current": " / ".join(sorted({_build_label(r) for r in cur_recs})),
+    }
+    return Report(
+        baseline,
+        current,
+        settings,
+        pairs,
+        hardware,
+        build,
+        counts={"baseline": len(base_recs), "current": len(cur_recs)},
+    )
 
 
-def judge_pair(base_ok: list[TrialRecord], cur_ok: list[TrialRecord], base_failed: list[TrialRecord],
-               cur_failed: list[TrialRecord], settings: Settings) -> list[MetricResult]:
+def judge_pair(
+    base_ok: list[TrialRecord],
+    cur_ok: list[TrialRecord],
+    base_failed: list[TrialRecord],
+    cur_failed: list[TrialRecord],
+    settings: Settings,
+) -> list[MetricResult]:
     out = []
     failed = _failed_result(base_ok, cur_ok, base_failed, cur_failed)
     if failed:
@@ -632,19 +761,37 @@ def judge_pair(base_ok: list[TrialRecord], cur_ok: list[TrialRecord], base_faile
 def judge_quality(base: list[TrialRecord], cur: list[TrialRecord], settings: Settings) -> MetricResult | None:
     """The quality gate: the model file's mean KLD as each side's search measured it (on its records), judged by
     tuner.quality.judge_regression; None when a side has no quality figures."""
+
     def figures(recs):
         r = next((r for r in recs if r.kld_mean is not None), None)
-        return None if r is None else {"model": r.config.model, "model_hash": r.model_hash,
-                                       "reference_hash": r.quality_basis, "kld_mean": r.kld_mean,
-                                       "kld_mean_err": r.kld_mean_err or 0.0}
+        return (
+            None
+            if r is None
+            else {
+                "model": r.config.model,
+                "model_hash": r.model_hash,
+                "reference_hash": r.quality_basis,
+                "kld_mean": r.kld_mean,
+                "kld_mean_err": r.kld_mean_err or 0.0,
+            }
+        )
 
     b, c = figures(base), figures(cur)
     if b is None or c is None:
         return None
     v = judge_regression(b, c, max_increase=settings.max_kld_increase)
-    change = (100.0 * v.delta / b["kld_mean"] if v.delta is not None and b["kld_mean"] else None)
-    return MetricResult("kld", v.verdict, len(base), len(cur), base=b["kld_mean"], cur=c["kld_mean"],
-                        change_pct=change, threshold_pct=100.0 * settings.max_kld_increase, note=v.detail)
+    change = 100.0 * v.delta / b["kld_mean"] if v.delta is not None and b["kld_mean"] else None
+    return MetricResult(
+        "kld",
+        v.verdict,
+        len(base),
+        len(cur),
+        base=b["kld_mean"],
+        cur=c["kld_mean"],
+        change_pct=change,
+        threshold_pct=100.0 * settings.max_kld_increase,
+        note=v.detail,
+    )
 
 
 def compare(baseline: str | os.PathLike, current: str | os.PathLike, settings: Settings | None = None) -> Report:
@@ -677,8 +824,13 @@ def rerun_alerts(report: Report, current: str | os.PathLike, run: Callable[[Tria
             fresh.append(run(replace(last.config, repetitions=reps)))
             store.append(current, fresh[-1:])
         ok = [f for f in fresh if f.ok]
-        again = judge_pair(base_side.ok.get(pair.key, []), ok, base_side.failed.get(pair.key, []),
-                           [f for f in fresh if not f.ok], report.settings)
+        again = judge_pair(
+            base_side.ok.get(pair.key, []),
+            ok,
+            base_side.failed.get(pair.key, []),
+            [f for f in fresh if not f.ok],
+            report.settings,
+        )
         again_by = {r.metric: r for r in again}
         confirmed = False
         merged = []
@@ -710,9 +862,15 @@ def rerun_alerts(report: Report, current: str | os.PathLike, run: Callable[[Tria
     return report
 
 
-def rerun_on_this_machine(report: Report, current: str | os.PathLike, trial_timeout: float = 600.0,
-                          mem_limit: int | None = None, no_wait: bool = False,
-                          log: Callable[[str], None] | None = None, lock_file: str | None = None) -> Report:
+def rerun_on_this_machine(
+    report: Report,
+    current: str | os.PathLike,
+    trial_timeout: float = 600.0,
+    mem_limit: int | None = None,
+    no_wait: bool = False,
+    log: Callable[[str], None] | None = None,
+    lock_file: str | None = None,
+) -> Report:
     """--rerun-on-alert as a call: take the measurement lock, check this is CURRENT's machine, rerun_alerts.
 
     CompareError when a model file is gone or this machine is not the one CURRENT was measured on.
@@ -732,6 +890,8 @@ def rerun_on_this_machine(report: Report, current: str | os.PathLike, trial_time
             here = runner.hw.fingerprint()
             cur_hw = {r.hw_fingerprint for r in load(current)}
             if here not in cur_hw:
-                raise CompareError(f"--rerun-on-alert: this machine (hw {here}) is not the one CURRENT was measured "
-                                   f"on ({'/'.join(sorted(cur_hw))}); rerun there")
+                raise CompareError(
+                    f"--rerun-on-alert: this machine (hw {here}) is not the one CURRENT was measured "
+                    f"on ({'/'.join(sorted(cur_hw))}); rerun there"
+                )
             return rerun_alerts(report, cur_path, runner.run)

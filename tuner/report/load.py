@@ -113,7 +113,7 @@ def load_study(path: str | os.PathLike, label: str | None = None) -> Study:
         except (OSError, ValueError) as e:
             raise ReportError(f"unreadable {rp}: {str(e).splitlines()[0][:120]}") from None
         if not isinstance(recommended, dict) or "config" not in recommended:
-            raise ReportError(f"{rp} is not a recommendation written by tuner (no \"config\")")
+            raise ReportError(f'{rp} is not a recommendation written by tuner (no "config")')
     study = Study(path=p, label=label or p.name, records=recs, recommended=recommended)
     study.optuna_trials, study.optuna_note = _load_optuna(p, study.name)
     return study
@@ -212,5 +212,3 @@ def varying_fields(recs: list[TrialRecord]) -> list[str]:
         if len({str(xvalue(r, k)) for r in recs}) > 1:
             out.append(k)
     return out
-
-

@@ -29,29 +29,46 @@ from tuner.units import fmt_duration, fmt_size
 
 def _outcome_counts(recs: list[TrialRecord]) -> str:
     c = Counter(r.outcome for r in recs)
-    return ", ".join(f"{n} {o}" for o, n in sorted(c.items(), key=lambda kv: OUTCOMES.index(kv[0])
-                                                   if kv[0] in OUTCOMES else 99))
+    return ", ".join(
+        f"{n} {o}" for o, n in sorted(c.items(), key=lambda kv: OUTCOMES.index(kv[0]) if kv[0] in OUTCOMES else 99)
+    )
 
 
 def _hw_rows(s: Study) -> list[list[str]]:
     hw, build = s.hw, s.build
     gpus = hw.get("gpus") or []
-    rows = [["CPU", f"{hw.get('cpu', '?')}, {hw.get('cores_physical', '?')} physical / "
-                    f"{hw.get('cores_logical', '?')} logical cores"],
-            ["RAM", fmt_size(hw.get("ram_total")) + (f", swap {fmt_size(hw.get('swap_total'))}"
-                                                     if hw.get("swap_total") is not None else "")],
-            ["GPUs", "; ".join(f"{g.get('name', '?')} ({fmt_size(g.get('vram_total'))}"
-                               + (f", driver {g['driver']}" if g.get("driver") else "") + ")" for g in gpus)
-             or f"none ({hw.get('nvml') or 'no NVML device'})"],
-            ["OS", str(hw.get("os", "?"))],
-            ["llama-cpp-python", f"{build.get('llama_cpp_python', '?')}, GPU offload "
-                                 f"{'yes' if build.get('gpu_offload') else 'no'}"],
-            ["system info", str(build.get("system_info", ""))[:240]]]
+    rows = [
+        [
+            "CPU",
+            f"{hw.get('cpu', '?')}, {hw.get('cores_physical', '?')} physical / "
+            f"{hw.get('cores_logical', '?')} logical cores",
+        ],
+        [
+            "RAM",
+            fmt_size(hw.get("ram_total"))
+            + (f", swap {fmt_size(hw.get('swap_total'))}" if hw.get("swap_total") is not None else ""),
+        ],
+        [
+            "GPUs",
+            "; ".join(
+                f"{g.get('name', '?')} ({fmt_size(g.get('vram_total'))}"
+                + (f", driver {g['driver']}" if g.get("driver") else "")
+                + ")"
+                for g in gpus
+            )
+            or f"none ({hw.get('nvml') or 'no NVML device'})",
+        ],
+        ["OS", str(hw.get("os", "?"))],
+        [
+            "llama-cpp-python",
+            f"{build.get('llama_cpp_python', '?')}, GPU offload {'yes' if build.get('gpu_offload') else 'no'}",
+        ],
+        ["system info", str(build.get("system_info", ""))[:240]],
+    ]
     for what in ("hw_fingerprint", "build_fingerprint"):
         fps = Counter(getattr(r, what) for r in s.records if getattr(r, what))
         label = "hardware fingerprint" if what == "hw_fingerprint" else "build fingerprint"
-        rows.append([label, ", ".join(f"{fp} ({n} trials)" if len(fps) > 1 else fp for fp, n in fps.items())
-                     or "-"])
+        rows.append([label, ", ".join(f"{fp} ({n} trials)" if len(fps) > 1 else fp for fp, n in fps.items()) or "-"])
     return rows
 
 
@@ -66,81 +83,154 @@ def _recommendation_blocks(s: Study) -> list:
     out: list = [("h", 3, "Recommendation")]
     if rec is None:
         n_ok = len(s.ok)
-        why = ("no trial succeeded" if not n_ok else
-               f"{n_ok} trial(s) ran ok but none within the limits")
+        why = "no trial succeeded" if not n_ok else f"{n_ok} trial(s) ran ok but none within the limits"
         out.append(("p", f"No recommendation: {why}. The failures below say what went wrong."))
         return out
     m = rec.get("measured") or {}
     model = rec.get("model") or {}
     obj = rec.get("objective", "tg")
-    parts = [f"tg {fmt_ts(m.get('tg_ts_mean'), m.get('tg_ts_sd'))} t/s",
-             f"pp {fmt_ts(m.get('pp_ts_mean'), m.get('pp_ts_sd'))} t/s"]
+    parts = [
+        f"tg {fmt_ts(m.get('tg_ts_mean'), m.get('tg_ts_sd'))} t/s",
+        f"pp {fmt_ts(m.get('pp_ts_mean'), m.get('pp_ts_sd'))} t/s",
+    ]
     if m.get("ttft_ms_mean") is not None:
         parts.append(f"TTFT {fmt_ts(m.get('ttft_ms_mean'), m.get('ttft_ms_sd'))} ms")
     parts.append(f"peak RAM {fmt_size(m.get('peak_rss_bytes'))}")
     if m.get("peak_vram_bytes"):
         parts.append(f"peak VRAM {fmt_size(m.get('peak_vram_bytes'))}")
-    out.append(("p", f"Trial #{rec.get('trial_number')} (objective: {obj}): "
-                     f"{model_label(str(model.get('path') or rec['config'].get('model', '')))} "
-                     f"({model.get('file_type') or '?'}, {fmt_size(model.get('size_bytes'))}); "
-                     + ", ".join(parts) + f" over {m.get('repetitions', '?')} repetitions "
-                     f"(pp{m.get('n_prompt', '?')}/tg{m.get('n_gen', '?')})."))
+    out.append(
+        (
+            "p",
+            f"Trial #{rec.get('trial_number')} (objective: {obj}): "
+            f"{model_label(str(model.get('path') or rec['config'].get('model', '')))} "
+            f"({model.get('file_type') or '?'}, {fmt_size(model.get('size_bytes'))}); "
+            + ", ".join(parts)
+            + f" over {m.get('repetitions', '?')} repetitions "
+            f"(pp{m.get('n_prompt', '?')}/tg{m.get('n_gen', '?')}).",
+        )
+    )
     head = rec.get("headroom_left") or {}
     if head.get("ram_bytes") is not None:
-        out.append(("p", f"Headroom left: RAM {fmt_size(head['ram_bytes'])}"
-                         + (f", VRAM {fmt_size(head['vram_bytes'])}" if head.get("vram_bytes") is not None else "")
-                         + f"; model file: {model.get('path') or rec['config'].get('model')}"))
+        out.append(
+            (
+                "p",
+                f"Headroom left: RAM {fmt_size(head['ram_bytes'])}"
+                + (f", VRAM {fmt_size(head['vram_bytes'])}" if head.get("vram_bytes") is not None else "")
+                + f"; model file: {model.get('path') or rec['config'].get('model')}",
+            )
+        )
     cfg = rec["config"]
     keys = [k for k in cfg if k not in ("model", "overrides") and k not in SHAPE_FIELDS] + ["overrides"]
-    out.append(("table", ["parameter", "value"], [[k, ", ".join(cfg[k]) if isinstance(cfg[k], list) else
-                                                   str(cfg[k])] for k in keys if k in cfg]))
+    out.append(
+        (
+            "table",
+            ["parameter", "value"],
+            [[k, ", ".join(cfg[k]) if isinstance(cfg[k], list) else str(cfg[k])] for k in keys if k in cfg],
+        )
+    )
     conf = rec.get("confirmation") or {}
     if conf:
         out += [("h", 4, "Confirmation"), ("p", f"{conf.get('verdict', '?')}: {conf.get('reason', '')}")]
-        rows = [[f"#{c['trial_number']}", "+".join(c["roles"]), str(c["n_ctx"]), str(c["runs"]),
-                 f"{c['median']:.2f}" if c.get("median") is not None else "-",
-                 f"{c['ci95'][0]:.2f}-{c['ci95'][1]:.2f}" if c.get("median") is not None else "-",
-                 fmt_size(c.get("peak_memory_bytes"))] for c in conf.get("candidates", [])]
+        rows = [
+            [
+                f"#{c['trial_number']}",
+                "+".join(c["roles"]),
+                str(c["n_ctx"]),
+                str(c["runs"]),
+                f"{c['median']:.2f}" if c.get("median") is not None else "-",
+                f"{c['ci95'][0]:.2f}-{c['ci95'][1]:.2f}" if c.get("median") is not None else "-",
+                fmt_size(c.get("peak_memory_bytes")),
+            ]
+            for c in conf.get("candidates", [])
+        ]
         if rows:
-            out.append(("table", ["trial", "role", "n_ctx", "runs", f"median {obj}", "95 % interval",
-                                  "peak memory"], rows))
+            out.append(
+                ("table", ["trial", "role", "n_ctx", "runs", f"median {obj}", "95 % interval", "peak memory"], rows)
+            )
     # rows written before rungs were filled (no n_depth) are not shown as a ladder
     ladder = [r for r in rec.get("context_ladder") or [] if "n_depth" in r]
     if ladder:
+
         def f(v):
             return f"{v:.2f}" if v is not None else "-"
 
         rows = []
         for r in ladder:
             d, vs = r.get("defaults") or {}, r.get("vs_defaults") or {}
-            rows.append([str(r["n_ctx"]), str(r["n_depth"]), f"#{r['trial_number']}", f(r["tg_ts"]),
-                         f(d.get("tg_ts")), f(r["pp_ts"]), f(d.get("pp_ts")), fmt_size(r.get("peak_rss_bytes")),
-                         fmt_size(d.get("peak_rss_bytes")),
-                         f"{vs['ratio']:.2f}x ({vs['ci95'][0]:.2f}-{vs['ci95'][1]:.2f}, {vs['verdict']})"
-                         if vs.get("ratio") is not None else "-"])
-        out += [("h", 4, "Context ladder"),
-                ("p", "The recommended config and the llama.cpp defaults at each context, filled to the depth "
-                      f"shown, {ladder[0]['rounds']} interleaved rounds."),
-                ("table", ["n_ctx", "depth", "trial", "tg t/s", "defaults", "pp t/s", "defaults", "peak RAM",
-                           "defaults", f"{obj} x defaults (95 %)"], rows)]
-        alts = [[str(r["n_ctx"]), f"#{a['trial_number']}", ", ".join(f"{k} {v}" for k, v in a["differs"].items()),
-                 a["kind"], f"{a['ratio_vs_recommended']:.2f}x", f"{a['p']:.3g}", a["verdict"]]
-                for r in ladder for a in r.get("alternatives") or [] if a["ratio_vs_recommended"] is not None]
+            rows.append(
+                [
+                    str(r["n_ctx"]),
+                    str(r["n_depth"]),
+                    f"#{r['trial_number']}",
+                    f(r["tg_ts"]),
+                    f(d.get("tg_ts")),
+                    f(r["pp_ts"]),
+                    f(d.get("pp_ts")),
+                    fmt_size(r.get("peak_rss_bytes")),
+                    fmt_size(d.get("peak_rss_bytes")),
+                    f"{vs['ratio']:.2f}x ({vs['ci95'][0]:.2f}-{vs['ci95'][1]:.2f}, {vs['verdict']})"
+                    if vs.get("ratio") is not None
+                    else "-",
+                ]
+            )
+        out += [
+            ("h", 4, "Context ladder"),
+            (
+                "p",
+                "The recommended config and the llama.cpp defaults at each context, filled to the depth "
+                f"shown, {ladder[0]['rounds']} interleaved rounds.",
+            ),
+            (
+                "table",
+                [
+                    "n_ctx",
+                    "depth",
+                    "trial",
+                    "tg t/s",
+                    "defaults",
+                    "pp t/s",
+                    "defaults",
+                    "peak RAM",
+                    "defaults",
+                    f"{obj} x defaults (95 %)",
+                ],
+                rows,
+            ),
+        ]
+        alts = [
+            [
+                str(r["n_ctx"]),
+                f"#{a['trial_number']}",
+                ", ".join(f"{k} {v}" for k, v in a["differs"].items()),
+                a["kind"],
+                f"{a['ratio_vs_recommended']:.2f}x",
+                f"{a['p']:.3g}",
+                a["verdict"],
+            ]
+            for r in ladder
+            for a in r.get("alternatives") or []
+            if a["ratio_vs_recommended"] is not None
+        ]
         if alts:
-            out.append(("table", ["n_ctx", "alternative", "differs in", "kind", "x recommended", "p", "verdict"],
-                        alts))
+            out.append(("table", ["n_ctx", "alternative", "differs in", "kind", "x recommended", "p", "verdict"], alts))
     items = []
     for label, b in (rec.get("baselines") or {}).items():
         if b.get("source") == "confirmation":
-            items.append(f"{b['recommended_vs_baseline']:.2f}× the {label} baseline, 95 % interval "
-                         f"{b['ci95'][0]:.2f}-{b['ci95'][1]:.2f} ({b['verdict']}; winner and baseline measured "
-                         "interleaved in the confirmation)")
+            items.append(
+                f"{b['recommended_vs_baseline']:.2f}× the {label} baseline, 95 % interval "
+                f"{b['ci95'][0]:.2f}-{b['ci95'][1]:.2f} ({b['verdict']}; winner and baseline measured "
+                "interleaved in the confirmation)"
+            )
         elif b.get("recommended_vs_baseline"):
-            items.append(f"{b['recommended_vs_baseline']:.2f}× the {label} baseline (trial #{b.get('trial_number')}: "
-                         f"{obj} {b.get(obj):.2f}{' ms' if obj == 'ttft' else ' t/s'}; unconfirmed)")
+            items.append(
+                f"{b['recommended_vs_baseline']:.2f}× the {label} baseline (trial #{b.get('trial_number')}: "
+                f"{obj} {b.get(obj):.2f}{' ms' if obj == 'ttft' else ' t/s'}; unconfirmed)"
+            )
         else:
-            items.append(f"{label} baseline (trial #{b.get('trial_number')}): {b.get('outcome')}"
-                         + (f": {b['cause'][:160]}" if b.get("cause") else ""))
+            items.append(
+                f"{label} baseline (trial #{b.get('trial_number')}): {b.get('outcome')}"
+                + (f": {b['cause'][:160]}" if b.get("cause") else "")
+            )
     for label in BASELINES:
         if label not in (rec.get("baselines") or {}):
             items.append(f"{label} baseline: not run (same config as another baseline, --no-baselines or grid)")
@@ -153,8 +243,10 @@ def _recommendation_blocks(s: Study) -> list:
     if forms.get("ollama_modelfile"):
         out += [("h", 4, "Ollama Modelfile"), ("code", forms["ollama_modelfile"])]
     if forms.get("tuner_bench"):
-        out += [("h", 4, "re-measure"), ("code", forms["tuner_bench"].replace(
-            RECOMMENDED_FILE, str(s.path / RECOMMENDED_FILE)))]
+        out += [
+            ("h", 4, "re-measure"),
+            ("code", forms["tuner_bench"].replace(RECOMMENDED_FILE, str(s.path / RECOMMENDED_FILE))),
+        ]
     for n in forms.get("notes") or []:
         out.append(("p", f"Note: {n}"))
     return out
@@ -170,18 +262,28 @@ def _drift_blocks(s: Study) -> list:
     first = anchors[0].metric("tg")[0] if anchors else None
     seq = ", ".join(f"{r.metric('tg')[0]:.2f}" for r in anchors)
     if drifted:
-        text = (f"Drift detected: the anchor config (re-measured {len(s.anchors)}×, tg t/s: {seq}) moved beyond the "
-                f"tolerance; {len(drifted)} trial(s) were measured under drift (#{drifted[0]}–#{drifted[-1]}) and "
-                f"count only when nothing else fits.")
+        text = (
+            f"Drift detected: the anchor config (re-measured {len(s.anchors)}×, tg t/s: {seq}) moved beyond the "
+            f"tolerance; {len(drifted)} trial(s) were measured under drift (#{drifted[0]}–#{drifted[-1]}) and "
+            f"count only when nothing else fits."
+        )
     else:
         text = f"No drift detected: the anchor config was re-measured {len(s.anchors)}× (tg t/s: {seq})."
     if first and anchors:
         text += f" Last anchor vs first: {anchors[-1].metric('tg')[0] / first - 1:+.1%}."
     out.append(("p", text))
     if s.recommended is not None:
-        out.append(("p", "The recommended config was " + ("measured under drift: re-measure it with the command "
-                                                           "above." if s.recommended.get("drift") else
-                                                           "measured while the machine was stable.")))
+        out.append(
+            (
+                "p",
+                "The recommended config was "
+                + (
+                    "measured under drift: re-measure it with the command above."
+                    if s.recommended.get("drift")
+                    else "measured while the machine was stable."
+                ),
+            )
+        )
     return out
 
 
@@ -197,11 +299,26 @@ def _top_blocks(s: Study, top: int) -> list:
     headers = ["trial", "model"] + show + ["tg t/s", "pp t/s", "peak RAM", "peak VRAM", "note"]
     rows = []
     for r in ok[:top]:
-        note = ", ".join(x for x in ("recommended" if r.trial_number == rec_n else "",
-                                     r.baseline if r.baseline else "", "drift" if r.drift else "") if x)
-        rows.append([f"#{r.trial_number}", model_label(r.config.model)] + [str(xvalue(r, k)) for k in show]
-                    + [fmt_ts(*r.metric("tg")), fmt_ts(*r.metric("pp")), fmt_size(r.peak_rss_bytes),
-                       fmt_size(r.peak_vram_bytes), note])
+        note = ", ".join(
+            x
+            for x in (
+                "recommended" if r.trial_number == rec_n else "",
+                r.baseline if r.baseline else "",
+                "drift" if r.drift else "",
+            )
+            if x
+        )
+        rows.append(
+            [f"#{r.trial_number}", model_label(r.config.model)]
+            + [str(xvalue(r, k)) for k in show]
+            + [
+                fmt_ts(*r.metric("tg")),
+                fmt_ts(*r.metric("pp")),
+                fmt_size(r.peak_rss_bytes),
+                fmt_size(r.peak_vram_bytes),
+                note,
+            ]
+        )
     out.append(("table", headers, rows))
     return out
 
@@ -216,20 +333,34 @@ def _quality_blocks(s: Study) -> list:
     budget = f"mean KLD <= {b['max_kld']:g}" if b.get("max_kld") is not None else "no KLD bound"
     if b.get("min_same_top") is not None:
         budget += f", same top >= {b['min_same_top']:g} %"
-    rows = [[Path(f["model"]).name + (" (ref)" if f["is_reference"] else ""), f["file_type"],
-             f"{f['type_k']}/{f['type_v']}",
-             f"{f['kld_mean']:.5f} ± {f['kld_mean_err']:.5f}" if f["kld_mean"] is not None else f["outcome"],
-             f"{f['same_top_pct']:.2f} %" if f["same_top_pct"] is not None else "-",
-             f"{f['ppl_ratio']:.4f}" if f["ppl_ratio"] is not None else "-",
-             f"{f['best_objective']:.2f}" if f["best_objective"] else "-", fmt_size(f.get("peak_rss_bytes")),
-             "recommended" if f["recommended"] else ("yes" if f["within_budget"] else f["reason"])]
-            for f in qual["files"]]
-    return [("h", 3, "Quality"),
-            ("p", f"KL divergence of each file from {Path(qual.get('reference') or '?').name} on "
-                  f"{qual.get('text')} (ctx {qual.get('ctx')}); budget: {budget}. Files beyond the budget were "
-                  "searched but are never recommended: their best speed shows what they would have given."),
-            ("table", ["model", "type", "KV", "mean KLD", "same top", "PPL ratio", f"best {obj}", "peak RAM",
-                       "within budget"], rows)]
+    rows = [
+        [
+            Path(f["model"]).name + (" (ref)" if f["is_reference"] else ""),
+            f["file_type"],
+            f"{f['type_k']}/{f['type_v']}",
+            f"{f['kld_mean']:.5f} ± {f['kld_mean_err']:.5f}" if f["kld_mean"] is not None else f["outcome"],
+            f"{f['same_top_pct']:.2f} %" if f["same_top_pct"] is not None else "-",
+            f"{f['ppl_ratio']:.4f}" if f["ppl_ratio"] is not None else "-",
+            f"{f['best_objective']:.2f}" if f["best_objective"] else "-",
+            fmt_size(f.get("peak_rss_bytes")),
+            "recommended" if f["recommended"] else ("yes" if f["within_budget"] else f["reason"]),
+        ]
+        for f in qual["files"]
+    ]
+    return [
+        ("h", 3, "Quality"),
+        (
+            "p",
+            f"KL divergence of each file from {Path(qual.get('reference') or '?').name} on "
+            f"{qual.get('text')} (ctx {qual.get('ctx')}); budget: {budget}. Files beyond the budget were "
+            "searched but are never recommended: their best speed shows what they would have given.",
+        ),
+        (
+            "table",
+            ["model", "type", "KV", "mean KLD", "same top", "PPL ratio", f"best {obj}", "peak RAM", "within budget"],
+            rows,
+        ),
+    ]
 
 
 def failure_groups(s: Study) -> list[dict]:
@@ -239,8 +370,9 @@ def failure_groups(s: Study) -> list[dict]:
         if r.ok:
             continue
         key = (r.outcome, re.sub(r"#\d+", "#N", r.cause or ""))
-        g = groups.setdefault(key, {"outcome": r.outcome, "cause": r.cause or "(no cause recorded)",
-                                    "trials": [], "stderr": ""})
+        g = groups.setdefault(
+            key, {"outcome": r.outcome, "cause": r.cause or "(no cause recorded)", "trials": [], "stderr": ""}
+        )
         g["trials"].append(r.trial_number)
         if not g["stderr"]:
             g["stderr"] = s.stderr_first_line(r)
@@ -253,11 +385,23 @@ def _failure_blocks(s: Study) -> list:
     if not groups:
         out.append(("p", "No trial failed."))
         return out
-    out.append(("p", f"{sum(len(g['trials']) for g in groups)} of {len(s.trials)} trials did not run ok "
-                     f"({_outcome_counts([r for r in s.trials if not r.ok])}). Worker logs: {s.path / 'logs'}"))
-    rows = [[g["outcome"], str(len(g["trials"])), ", ".join(f"#{n}" for n in g["trials"][:12])
-             + (" …" if len(g["trials"]) > 12 else ""), g["cause"][:240], g["stderr"][:240] or "-"]
-            for g in groups]
+    out.append(
+        (
+            "p",
+            f"{sum(len(g['trials']) for g in groups)} of {len(s.trials)} trials did not run ok "
+            f"({_outcome_counts([r for r in s.trials if not r.ok])}). Worker logs: {s.path / 'logs'}",
+        )
+    )
+    rows = [
+        [
+            g["outcome"],
+            str(len(g["trials"])),
+            ", ".join(f"#{n}" for n in g["trials"][:12]) + (" …" if len(g["trials"]) > 12 else ""),
+            g["cause"][:240],
+            g["stderr"][:240] or "-",
+        ]
+        for g in groups
+    ]
     out.append(("table", ["outcome", "count", "trials", "cause", "first line of stderr"], rows))
     return out
 
@@ -267,9 +411,16 @@ def planner_rows(s: Study) -> list[dict]:
     for r in s.trials:
         if not r.ok or r.predicted_ram_bytes is None or not r.peak_rss_bytes:
             continue
-        row = {"trial": r.trial_number, "model": model_label(r.config.model), "pred_ram": r.predicted_ram_bytes,
-               "ram": r.peak_rss_bytes, "ram_err": r.predicted_ram_bytes / r.peak_rss_bytes - 1,
-               "pred_vram": r.predicted_vram_bytes, "vram": r.peak_vram_bytes, "vram_err": None}
+        row = {
+            "trial": r.trial_number,
+            "model": model_label(r.config.model),
+            "pred_ram": r.predicted_ram_bytes,
+            "ram": r.peak_rss_bytes,
+            "ram_err": r.predicted_ram_bytes / r.peak_rss_bytes - 1,
+            "pred_vram": r.predicted_vram_bytes,
+            "vram": r.peak_vram_bytes,
+            "vram_err": None,
+        }
         if r.predicted_vram_bytes is not None and r.peak_vram_bytes:
             row["vram_err"] = r.predicted_vram_bytes / r.peak_vram_bytes - 1
         rows.append(row)
@@ -284,27 +435,59 @@ def _planner_blocks(s: Study, top: int) -> list:
         return []
     out: list = [("h", 3, "Planner and roofline")]
     if rows:
+
         def summary(key, what):
             errs = [x[key] for x in rows if x[key] is not None]
             if not errs:
                 return None
             worst = max(errs, key=abs)
-            return (f"{what}: median |error| {statistics.median(abs(e) for e in errs):.1%}, worst {worst:+.1%} "
-                    f"over {len(errs)} ok trials (predicted / measured − 1)")
+            return (
+                f"{what}: median |error| {statistics.median(abs(e) for e in errs):.1%}, worst {worst:+.1%} "
+                f"over {len(errs)} ok trials (predicted / measured − 1)"
+            )
+
         out.append(("list", [x for x in (summary("ram_err", "peak RAM"), summary("vram_err", "peak VRAM")) if x]))
         worst = sorted(rows, key=lambda x: -abs(x["ram_err"]))[:top]
-        out.append(("table", ["trial", "model", "predicted RAM", "measured RAM", "error", "predicted VRAM",
-                              "measured VRAM", "error"],
-                    [[f"#{x['trial']}", x["model"], fmt_size(x["pred_ram"]), fmt_size(x["ram"]),
-                      f"{x['ram_err']:+.1%}", fmt_size(x["pred_vram"]), fmt_size(x["vram"]),
-                      f"{x['vram_err']:+.1%}" if x["vram_err"] is not None else "-"] for x in worst]))
+        out.append(
+            (
+                "table",
+                [
+                    "trial",
+                    "model",
+                    "predicted RAM",
+                    "measured RAM",
+                    "error",
+                    "predicted VRAM",
+                    "measured VRAM",
+                    "error",
+                ],
+                [
+                    [
+                        f"#{x['trial']}",
+                        x["model"],
+                        fmt_size(x["pred_ram"]),
+                        fmt_size(x["ram"]),
+                        f"{x['ram_err']:+.1%}",
+                        fmt_size(x["pred_vram"]),
+                        fmt_size(x["vram"]),
+                        f"{x['vram_err']:+.1%}" if x["vram_err"] is not None else "-",
+                    ]
+                    for x in worst
+                ],
+            )
+        )
     if roof:
         pcts = [p for _, p in roof]
         rec_n = (s.recommended or {}).get("trial_number")
         rec_p = next((p for r, p in roof if r.trial_number == rec_n), None)
-        out.append(("p", f"tg as % of the memory-bandwidth roofline: median {statistics.median(pcts):.0f}%, best "
-                         f"{max(pcts):.0f}% over {len(pcts)} ok trials"
-                         + (f"; the recommended config: {rec_p:.0f}%." if rec_p is not None else ".")))
+        out.append(
+            (
+                "p",
+                f"tg as % of the memory-bandwidth roofline: median {statistics.median(pcts):.0f}%, best "
+                f"{max(pcts):.0f}% over {len(pcts)} ok trials"
+                + (f"; the recommended config: {rec_p:.0f}%." if rec_p is not None else "."),
+            )
+        )
     return out
 
 
@@ -312,22 +495,41 @@ def study_blocks(s: Study, charts: list[Chart], top: int = 10) -> list:
     trials = s.trials
     starts = [t for t in (parse_utc(r.started_utc) for r in s.records) if t]
     ends = [t for t in (parse_utc(r.finished_utc) for r in s.records) if t]
-    when = (f"; {min(starts):%Y-%m-%d %H:%M} UTC, {fmt_duration((max(ends) - min(starts)).total_seconds())}"
-            if starts and ends else "")
+    when = (
+        f"; {min(starts):%Y-%m-%d %H:%M} UTC, {fmt_duration((max(ends) - min(starts)).total_seconds())}"
+        if starts and ends
+        else ""
+    )
     models = Counter(model_label(r.config.model) for r in trials)
     facts = {model_label(r.config.model): r for r in s.records if r.model_name or r.model_file_type}
     blocks: list = [
         ("h", 2, f"Study {s.label}" + (f" ({s.name})" if s.name != s.label else "")),
-        ("p", f"Folder {s.path}: {len(trials)} trials ({_outcome_counts(trials)})"
-              + (f" and {len(s.anchors)} drift-anchor re-measurements" if s.anchors else "")
-              + f"; objective {s.objective}; test shape {shape_label(trials)}{when}."),
-        ("p", "Quant files: " + "; ".join(
-            f"{m} (" + (f"GGUF name {facts[m].model_name}, {facts[m].model_file_type}, "
-                        f"{fmt_size(facts[m].model_size_bytes)}; " if m in facts else "") + f"{n} trials)"
-            for m, n in sorted(models.items()))
-              + ". Searched: " + (", ".join(f for f in varying_fields(trials) if f != "model") or "nothing varied")
-              + "."),
-        ("h", 3, "Hardware and build"), ("table", ["", ""], _hw_rows(s)),
+        (
+            "p",
+            f"Folder {s.path}: {len(trials)} trials ({_outcome_counts(trials)})"
+            + (f" and {len(s.anchors)} drift-anchor re-measurements" if s.anchors else "")
+            + f"; objective {s.objective}; test shape {shape_label(trials)}{when}.",
+        ),
+        (
+            "p",
+            "Quant files: "
+            + "; ".join(
+                f"{m} ("
+                + (
+                    f"GGUF name {facts[m].model_name}, {facts[m].model_file_type}, "
+                    f"{fmt_size(facts[m].model_size_bytes)}; "
+                    if m in facts
+                    else ""
+                )
+                + f"{n} trials)"
+                for m, n in sorted(models.items())
+            )
+            + ". Searched: "
+            + (", ".join(f for f in varying_fields(trials) if f != "model") or "nothing varied")
+            + ".",
+        ),
+        ("h", 3, "Hardware and build"),
+        ("table", ["", ""], _hw_rows(s)),
     ]
     blocks += _recommendation_blocks(s)
     blocks += _drift_blocks(s)
@@ -348,18 +550,47 @@ def compare_blocks(studies: list[Study], chart: Chart | None) -> list:
         rec = s.recommended or {}
         m = rec.get("measured") or {}
         gpus = ", ".join(g.get("name", "?") for g in s.hw.get("gpus") or []) or "none"
-        rows.append([s.label, str(s.hw.get("cpu", "?")), gpus, s.trials[0].hw_fingerprint or "-",
-                     s.trials[0].build_fingerprint or "-", f"{len(s.ok)}/{len(s.trials)}",
-                     (f"#{rec.get('trial_number')} {model_label(str(rec['config'].get('model', '')))}"
-                      if rec else "none"), fmt_ts(m.get("tg_ts_mean"), m.get("tg_ts_sd")),
-                     fmt_size(m.get("peak_rss_bytes")) if rec else "-"])
-    out: list = [("h", 2, f"Comparison of {len(studies)} studies"),
-                 ("table", ["study", "CPU", "GPUs", "hw fingerprint", "build fingerprint", "ok/trials",
-                            "recommended", "tg t/s", "peak RAM"], rows)]
+        rows.append(
+            [
+                s.label,
+                str(s.hw.get("cpu", "?")),
+                gpus,
+                s.trials[0].hw_fingerprint or "-",
+                s.trials[0].build_fingerprint or "-",
+                f"{len(s.ok)}/{len(s.trials)}",
+                (f"#{rec.get('trial_number')} {model_label(str(rec['config'].get('model', '')))}" if rec else "none"),
+                fmt_ts(m.get("tg_ts_mean"), m.get("tg_ts_sd")),
+                fmt_size(m.get("peak_rss_bytes")) if rec else "-",
+            ]
+        )
+    out: list = [
+        ("h", 2, f"Comparison of {len(studies)} studies"),
+        (
+            "table",
+            [
+                "study",
+                "CPU",
+                "GPUs",
+                "hw fingerprint",
+                "build fingerprint",
+                "ok/trials",
+                "recommended",
+                "tg t/s",
+                "peak RAM",
+            ],
+            rows,
+        ),
+    ]
     hws = {s.trials[0].hw_fingerprint for s in studies}
     builds = {s.trials[0].build_fingerprint for s in studies}
-    out.append(("p", ("Same hardware" if len(hws) == 1 else "Different hardware") + " and "
-                + ("the same build." if len(builds) == 1 else "different llama.cpp builds.")))
+    out.append(
+        (
+            "p",
+            ("Same hardware" if len(hws) == 1 else "Different hardware")
+            + " and "
+            + ("the same build." if len(builds) == 1 else "different llama.cpp builds."),
+        )
+    )
     base = studies[0]
     for s in studies[1:]:
         shared = shared_configs(base, s)
@@ -368,12 +599,24 @@ def compare_blocks(studies: list[Study], chart: Chart | None) -> list:
             out.append(("p", "No config was measured ok in both."))
             continue
         ratios = [x["ratio"] for x in shared if x["ratio"]]
-        out.append(("p", f"{len(shared)} config(s) measured ok in both: tg in {s.label} is a median "
-                         f"{statistics.median(ratios):.2f}× that in {base.label} (geometric mean "
-                         f"{math.exp(statistics.fmean(math.log(r) for r in ratios)):.2f}×)."))
-        out.append(("table", ["config", f"tg {base.label}", f"tg {s.label}", "ratio"],
-                    [[x["config"], f"{x['tg_a']:.2f}", f"{x['tg_b']:.2f}", f"{x['ratio']:.2f}×"]
-                     for x in sorted(shared, key=lambda x: x["ratio"] or 0)]))
+        out.append(
+            (
+                "p",
+                f"{len(shared)} config(s) measured ok in both: tg in {s.label} is a median "
+                f"{statistics.median(ratios):.2f}× that in {base.label} (geometric mean "
+                f"{math.exp(statistics.fmean(math.log(r) for r in ratios)):.2f}×).",
+            )
+        )
+        out.append(
+            (
+                "table",
+                ["config", f"tg {base.label}", f"tg {s.label}", "ratio"],
+                [
+                    [x["config"], f"{x['tg_a']:.2f}", f"{x['tg_b']:.2f}", f"{x['ratio']:.2f}×"]
+                    for x in sorted(shared, key=lambda x: x["ratio"] or 0)
+                ],
+            )
+        )
     if chart is not None:
         out.append(("chart", chart))
     return out
@@ -404,15 +647,25 @@ def to_markdown(title: str, blocks: list, chart_fmt: str, base: Path) -> str:
         elif kind == "code":
             lines += [_md_fence(b[1]), ""]
         elif kind == "table":
-            lines += [markdown_table([_md_text(h) or " " for h in b[1]],
-                                     [[_md_text(c).replace("\n", " ") for c in row] for row in b[2]], pad=False), ""]
+            lines += [
+                markdown_table(
+                    [_md_text(h) or " " for h in b[1]],
+                    [[_md_text(c).replace("\n", " ") for c in row] for row in b[2]],
+                    pad=False,
+                ),
+                "",
+            ]
         elif kind == "chart":
             c: Chart = b[1]
             f = c.files.get(chart_fmt)
             rel = os.path.relpath(f, base).replace(os.sep, "/") if f else ""
-            lines += [f"![{_md_text(c.title)}]({rel})" if rel else f"*{_md_text(c.title)}*", "",
-                      f"*{_md_text(c.caption)}*" + (" " + " ".join(f"Note: {_md_text(n)}." for n in c.notes)
-                                                    if c.notes else ""), ""]
+            lines += [
+                f"![{_md_text(c.title)}]({rel})" if rel else f"*{_md_text(c.title)}*",
+                "",
+                f"*{_md_text(c.caption)}*"
+                + (" " + " ".join(f"Note: {_md_text(n)}." for n in c.notes) if c.notes else ""),
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -430,8 +683,12 @@ figcaption{font-size:.9em;color:#444}.note{color:#8a6d00}
 
 def to_html(title: str, blocks: list, chart_fmt: str) -> str:
     e = html.escape
-    parts = ["<!doctype html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-             f"<title>{e(title)}</title><style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
     for b in blocks:
         kind = b[0]
         if kind == "h":
@@ -451,13 +708,16 @@ def to_html(title: str, blocks: list, chart_fmt: str) -> str:
             fmt = chart_fmt if chart_fmt in c.files else next(iter(c.files), None)
             mime = {"png": "image/png", "svg": "image/svg+xml"}.get(fmt or "")
             # images as data: URIs in <img>: self-contained, and an <img> never runs script from an SVG
-            img = (f"<img alt=\"{e(c.title)}\" src=\"data:{mime};base64,"
-                   f"{base64.b64encode(c.files[fmt].read_bytes()).decode()}\">" if mime else
-                   f"<p class=\"note\">(chart only as {e(fmt or 'nothing')})</p>")
-            notes = "".join(f" <span class=\"note\">Note: {e(n)}.</span>" for n in c.notes)
-            parts.append(f"<figure id=\"{e((c.study + '-' if c.study else '') + c.key)}\">{img}<figcaption><b>"
-                         f"{e(c.title)}.</b> {e(c.caption)}{notes}</figcaption></figure>")
+            img = (
+                f'<img alt="{e(c.title)}" src="data:{mime};base64,'
+                f'{base64.b64encode(c.files[fmt].read_bytes()).decode()}">'
+                if mime
+                else f'<p class="note">(chart only as {e(fmt or "nothing")})</p>'
+            )
+            notes = "".join(f' <span class="note">Note: {e(n)}.</span>' for n in c.notes)
+            parts.append(
+                f'<figure id="{e((c.study + "-" if c.study else "") + c.key)}">{img}<figcaption><b>'
+                f"{e(c.title)}.</b> {e(c.caption)}{notes}</figcaption></figure>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)
-
-

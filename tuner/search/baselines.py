@@ -20,12 +20,25 @@ def baseline_params(space: Space, infos: dict[str, ModelInfo], hw, min_ctx: int)
 
     def nearest(name, want):
         vals = dims[name].values if name in dims else [want]
-        return min(vals, key=lambda v: (abs(v - want), v)) if isinstance(want, (int, float)) and not \
-            isinstance(want, bool) else (want if want in vals else vals[0])
+        return (
+            min(vals, key=lambda v: (abs(v - want), v))
+            if isinstance(want, (int, float)) and not isinstance(want, bool)
+            else (want if want in vals else vals[0])
+        )
 
-    defaults = {"n_gpu_layers": all_layers, "n_ctx": max(4096, min_ctx), "n_threads": phys,
-                "n_threads_batch": phys, "n_batch": 2048, "n_ubatch": 512, "flash_attn": "auto",
-                "type_k": "f16", "type_v": "f16", "use_mmap": True, "n_cpu_moe": 0}
+    defaults = {
+        "n_gpu_layers": all_layers,
+        "n_ctx": max(4096, min_ctx),
+        "n_threads": phys,
+        "n_threads_batch": phys,
+        "n_batch": 2048,
+        "n_ubatch": 512,
+        "flash_attn": "auto",
+        "type_k": "f16",
+        "type_v": "f16",
+        "use_mmap": True,
+        "n_cpu_moe": 0,
+    }
     vram = sum(g.vram_total for g in hw.gpus)
     heuristic_ngl = max(0, min(all_layers, int((vram / 2**20 - HEURISTIC_RESERVE_MB) // HEURISTIC_MB_PER_LAYER)))
     out: list[tuple[dict, str]] = []

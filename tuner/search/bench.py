@@ -25,9 +25,16 @@ def table(recs: list[TrialRecord]) -> str:
     rows = []
     for r in recs:
         c = r.config
-        base = [f"{r.model_name or c.model} {r.model_file_type}", fmt_size(r.model_size_bytes),
-                fmt_params(r.model_n_params), str(c.n_gpu_layers), str(c.n_threads), str(c.n_batch),
-                str(c.n_ubatch), c.flash_attn]
+        base = [
+            f"{r.model_name or c.model} {r.model_file_type}",
+            fmt_size(r.model_size_bytes),
+            fmt_params(r.model_n_params),
+            str(c.n_gpu_layers),
+            str(c.n_threads),
+            str(c.n_batch),
+            str(c.n_ubatch),
+            c.flash_attn,
+        ]
         depth = f" @ d{c.n_depth}" if c.n_depth else ""
         if not r.ok:
             rows.append(base + ["-", f"{r.outcome}: {r.cause[:60]}"])
@@ -42,13 +49,16 @@ def table(recs: list[TrialRecord]) -> str:
 
 def summary(r: TrialRecord) -> str:
     """Memory and load figures that llama-bench does not print."""
-    parts = [f"load {r.load_ms:.0f} ms" if r.load_ms is not None else None,
-             f"peak RSS {fmt_size(r.peak_rss_bytes)}",
-             f"peak VRAM {fmt_size(r.peak_vram_bytes)}" if r.peak_vram_bytes is not None else None,
-             f"swap-in {fmt_size(r.swap_in_bytes)}" if r.swap_in_bytes else None,
-             f"tg {100 * r.metric('tg')[0] / r.tg_roofline_ts:.0f}% of the bandwidth bound"
-             if r.tg_roofline_ts and r.metric("tg")[0] else None,
-             f"wall {r.wall_s:.1f} s" if r.wall_s is not None else None]
+    parts = [
+        f"load {r.load_ms:.0f} ms" if r.load_ms is not None else None,
+        f"peak RSS {fmt_size(r.peak_rss_bytes)}",
+        f"peak VRAM {fmt_size(r.peak_vram_bytes)}" if r.peak_vram_bytes is not None else None,
+        f"swap-in {fmt_size(r.swap_in_bytes)}" if r.swap_in_bytes else None,
+        f"tg {100 * r.metric('tg')[0] / r.tg_roofline_ts:.0f}% of the bandwidth bound"
+        if r.tg_roofline_ts and r.metric("tg")[0]
+        else None,
+        f"wall {r.wall_s:.1f} s" if r.wall_s is not None else None,
+    ]
     return ", ".join(p for p in parts if p)
 
 
@@ -63,9 +73,16 @@ class BenchResult:
     interrupted: bool = False  # Ctrl-C: the trial was stopped and recorded as such
 
 
-def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem_limit: int | None = None,
-            no_wait: bool = False, lock_file: str | None = None, load_timeout: float | None = None,
-            **params) -> BenchResult:
+def measure(
+    model: str,
+    out="results/bench.parquet",
+    timeout: float = 600.0,
+    mem_limit: int | None = None,
+    no_wait: bool = False,
+    lock_file: str | None = None,
+    load_timeout: float | None = None,
+    **params,
+) -> BenchResult:
     """`tuner bench` as a call: resolve one config against its model, measure it in a worker, append the record.
 
     params are TrialConfig fields (n_threads=2, n_prompt=512, overrides=("exps=CPU",), ...); None means the
@@ -91,8 +108,9 @@ def measure(model: str, out="results/bench.parquet", timeout: float = 600.0, mem
         raise BenchError(invalid_reason(cfg))
     out = store.check_writable(out)
     with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}", path=lock_file):
-        with Runner(timeout=timeout, mem_limit=mem_limit,
-                    **({"load_timeout": load_timeout} if load_timeout else {})) as runner:
+        with Runner(
+            timeout=timeout, mem_limit=mem_limit, **({"load_timeout": load_timeout} if load_timeout else {})
+        ) as runner:
             if runner.limit and runner.limit.note:  # how --mem-limit is enforced on this machine
                 print(f"note: {runner.limit.note}", file=sys.stderr)
             try:

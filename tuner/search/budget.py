@@ -29,9 +29,14 @@ def n_ladder_runs(space: Space, opts: SearchOptions) -> int:
     return len(rungs) * 4 * opts.confirm_range[0] if len(rungs) > 1 and not opts.pareto else 0
 
 
-def confirm_estimate_s(opts: SearchOptions, space: Space, typical_s: float,
-                       confirming: list[confirmlib.Candidate] | None,
-                       laddering: list[confirmlib.Candidate] | None, n_cands: int | None = None) -> float:
+def confirm_estimate_s(
+    opts: SearchOptions,
+    space: Space,
+    typical_s: float,
+    confirming: list[confirmlib.Candidate] | None,
+    laddering: list[confirmlib.Candidate] | None,
+    n_cands: int | None = None,
+) -> float:
     """The ETA of the confirmation: the runs its race can still take (every candidate still racing, to the round
     limit) × a typical run, then the ladder's. Before it starts: the candidates × the round limit."""
     lo, hi = opts.confirm_range

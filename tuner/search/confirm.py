@@ -56,8 +56,11 @@ def objective_samples(rec: TrialRecord, objective: str) -> list[float]:
     if objective == "mixed":
         c = rec.config
         if rec.pp_samples and rec.tg_samples:
-            return [(c.n_prompt + c.n_gen) / (c.n_prompt / pp + c.n_gen / tg)
-                    for pp, tg in zip(rec.pp_samples, rec.tg_samples) if pp > 0 and tg > 0]
+            return [
+                (c.n_prompt + c.n_gen) / (c.n_prompt / pp + c.n_gen / tg)
+                for pp, tg in zip(rec.pp_samples, rec.tg_samples)
+                if pp > 0 and tg > 0
+            ]
         return list(rec.tg_samples or rec.pp_samples)
     return list(rec.samples(objective))
 
@@ -167,7 +170,7 @@ class Candidate:
     @property
     def ladder(self) -> int | None:
         """The trial number of the recommendation whose ladder this run belongs to."""
-        return next((int(r[len(LADDER_OF):]) for r in self.roles if r.startswith(LADDER_OF)), None)
+        return next((int(r[len(LADDER_OF) :]) for r in self.roles if r.startswith(LADDER_OF)), None)
 
     @property
     def n_ctx(self) -> int:
@@ -182,14 +185,16 @@ class Candidate:
         for i, r in enumerate(self.records):
             v = stats.trial_value(objective_samples(r, objective)) if r.ok else None
             if v:
-                out[r.confirm_round if r.confirm_round is not None else i] = v if higher_is_better(objective) \
-                    else 1.0 / v
+                out[r.confirm_round if r.confirm_round is not None else i] = (
+                    v if higher_is_better(objective) else 1.0 / v
+                )
         return out
 
     def figure(self, objective: str) -> float | None:
         """The median of its round values, in the objective's own unit."""
-        return stats.center([x for r in self.records if r.ok
-                             and (x := stats.trial_value(objective_samples(r, objective))) is not None])
+        return stats.center(
+            [x for r in self.records if r.ok and (x := stats.trial_value(objective_samples(r, objective))) is not None]
+        )
 
     def memory(self) -> int:
         return max(((r.peak_rss_bytes or 0) + (r.peak_vram_bytes or 0) for r in self.records if r.ok), default=0)
@@ -203,16 +208,16 @@ def candidates_from_records(records: list[TrialRecord]) -> list[Candidate]:
         if r.state != CONFIRM_STATE or r.outcome == "interrupted":  # stopped by the user: run again on resume
             continue
         roles = [x for x in r.baseline.split("+") if x] or [ROLE_TOP]
-        k = (r.config.key(), tuple(x for x in roles if x.startswith(LADDER_OF)),
-             any(x in RUNG_ROLES for x in roles))
+        k = (r.config.key(), tuple(x for x in roles if x.startswith(LADDER_OF)), any(x in RUNG_ROLES for x in roles))
         if k not in out:
             out[k] = Candidate(roles[0], r.config, r.trial_number, roles=roles)
         out[k].records.append(r)
     return list(out.values())
 
 
-def search_candidates(records: list[TrialRecord], objective: str, k: int,
-                      admit: Callable[[TrialRecord], bool]) -> list[Candidate]:
+def search_candidates(
+    records: list[TrialRecord], objective: str, k: int, admit: Callable[[TrialRecord], bool]
+) -> list[Candidate]:
     """The race's candidates after a search: the top `k` configs at the working context by pooled estimate and the
     llama.cpp-defaults baseline, each with the confirmation rounds it already has (a resumed race goes on).
     `admit(record)`: the record may be recommended (within the limits and the quality budget)."""
@@ -226,8 +231,14 @@ def search_candidates(records: list[TrialRecord], objective: str, k: int,
     cands: dict[tuple, Candidate] = {}
     for g in [g for g in groups if g.config.effective_ctx() == working][:k]:
         cands[g.key] = Candidate(ROLE_TOP, g.config, g.trial_number, roles=[ROLE_TOP])
-    base = next((g for g in groups if any(r.baseline == ROLE_BASELINE for r in g.records)
-                 and g.config.effective_ctx() == working), None)
+    base = next(
+        (
+            g
+            for g in groups
+            if any(r.baseline == ROLE_BASELINE for r in g.records) and g.config.effective_ctx() == working
+        ),
+        None,
+    )
     if base is not None:
         c = cands.setdefault(base.key, Candidate(ROLE_BASELINE, base.config, base.trial_number, roles=[]))
         c.roles.append(ROLE_BASELINE)
@@ -242,41 +253,68 @@ def rounds_of(cands: list[Candidate]) -> int:
     return max((len(c.records) for c in cands), default=0)
 
 
-def versus(a: Candidate, b: Candidate, objective: str, alpha: float, min_effect: float,
-           alternative: str = "greater") -> stats.Comparison:
+def versus(
+    a: Candidate, b: Candidate, objective: str, alpha: float, min_effect: float, alternative: str = "greater"
+) -> stats.Comparison:
     """A against B on the rounds both ran, paired by round (tuner.stats.compare); "greater": is A ahead?"""
     ra, rb = a.rounds(objective), b.rounds(objective)
     common = sorted(set(ra) & set(rb))
-    return stats.compare([ra[i] for i in common], [rb[i] for i in common], paired=True, alpha=alpha,
-                         min_effect=min_effect, alternative=alternative)
+    return stats.compare(
+        [ra[i] for i in common],
+        [rb[i] for i in common],
+        paired=True,
+        alpha=alpha,
+        min_effect=min_effect,
+        alternative=alternative,
+    )
 
 
 def competing(cands: list[Candidate], objective: str, fits: Callable[[Candidate], bool] | None = None) -> list:
     """Candidates that can win (not a ladder run, no failed run, within the limits), best first."""
-    out = [c for c in cands if not c.is_rung and not c.failed and c.rounds(objective)
-           and (fits is None or fits(c))]
+    out = [c for c in cands if not c.is_rung and not c.failed and c.rounds(objective) and (fits is None or fits(c))]
     return sorted(out, key=lambda c: -stats.center(list(c.rounds(objective).values())))
 
 
-def assess(cands: list[Candidate], objective: str, alpha: float = ALPHA, min_effect: float = MIN_EFFECT,
-           fits: Callable[[Candidate], bool] | None = None) -> dict:
+def assess(
+    cands: list[Candidate],
+    objective: str,
+    alpha: float = ALPHA,
+    min_effect: float = MIN_EFFECT,
+    fits: Callable[[Candidate], bool] | None = None,
+) -> dict:
     """The verdict of a confirmation: winner, why, each candidate's median and interval, ratio to the baseline."""
     rows = []
     for c in cands:
         # back in the objective's own unit (rounds() inverts a lower-is-better objective)
         vals = [v if higher_is_better(objective) else 1.0 / v for v in c.rounds(objective).values()]
         lo, hi = stats.median_ci(vals) if vals else (None, None)
-        rows.append({"trial_number": c.trial_number, "roles": c.roles or [c.role], "n_ctx": c.config.effective_ctx(),
-                     "config": short_config(c.config), "runs": len(c.records), "failed_runs": sum(not r.ok for r in c.records),
-                     "samples": c.samples(objective), "round_values": vals, "median": c.figure(objective),
-                     "ci95": [lo, hi], "peak_memory_bytes": c.memory() or None})
+        rows.append(
+            {
+                "trial_number": c.trial_number,
+                "roles": c.roles or [c.role],
+                "n_ctx": c.config.effective_ctx(),
+                "config": short_config(c.config),
+                "runs": len(c.records),
+                "failed_runs": sum(not r.ok for r in c.records),
+                "samples": c.samples(objective),
+                "round_values": vals,
+                "median": c.figure(objective),
+                "ci95": [lo, hi],
+                "peak_memory_bytes": c.memory() or None,
+            }
+        )
     row_of = {id(c): row for c, row in zip(cands, rows)}
     comp = competing(cands, objective, fits)
-    out = {"objective": objective, "rounds": rounds_of(cands), "alpha": alpha, "min_effect": min_effect,
-           "test": "one-sided exact Wilcoxon signed-rank on the per-round log ratios (rounds paired; a round's value "
-                   "is the median of its repetitions) + the median per-round ratio beyond the threshold; bootstrap "
-                   "95 % intervals (tuner.stats)",
-           "candidates": rows}
+    out = {
+        "objective": objective,
+        "rounds": rounds_of(cands),
+        "alpha": alpha,
+        "min_effect": min_effect,
+        "test": "one-sided exact Wilcoxon signed-rank on the per-round log ratios (rounds paired; a round's value "
+        "is the median of its repetitions) + the median per-round ratio beyond the threshold; bootstrap "
+        "95 % intervals (tuner.stats)",
+        "candidates": rows,
+    }
     if not comp:
         out.update(verdict="none", reason="no candidate completed its confirmation runs", winner=None)
         return out
@@ -294,9 +332,11 @@ def assess(cands: list[Candidate], objective: str, alpha: float = ALPHA, min_eff
     elif not ties:
         winner, verdict = best, "separated"
         second = row_of[id(comp[1])]
-        reason = (f"trial #{best_row['trial_number']} is ahead of every other candidate "
-                  f"(next: #{second['trial_number']}, {_pct(best_row['median'], second['median'])}, "
-                  f"p {second['p_vs_best']:.3g} < {alpha:g})")
+        reason = (
+            f"trial #{best_row['trial_number']} is ahead of every other candidate "
+            f"(next: #{second['trial_number']}, {_pct(best_row['median'], second['median'])}, "
+            f"p {second['p_vs_best']:.3g} < {alpha:g})"
+        )
     else:
         pool_ = [best] + ties
         # memory breaks the tie only when the saving matters (tuner.stats.memory_matters); else the fastest
@@ -307,12 +347,16 @@ def assess(cands: list[Candidate], objective: str, alpha: float = ALPHA, min_eff
         names = ", ".join(f"#{row_of[id(c)]['trial_number']}" for c in pool_)
         why = f"{names} cannot be told apart (within {min_effect:.0%} or not significant at alpha {alpha:g})"
         if winner is best:
-            reason = (f"{why}; #{wrow['trial_number']} is the fastest of them, and no other saves memory that "
-                      f"matters (>= {stats.MEMORY_MIN_BYTES >> 20} MiB and {stats.MEMORY_MIN_SHARE:.0%})")
+            reason = (
+                f"{why}; #{wrow['trial_number']} is the fastest of them, and no other saves memory that "
+                f"matters (>= {stats.MEMORY_MIN_BYTES >> 20} MiB and {stats.MEMORY_MIN_SHARE:.0%})"
+            )
         else:
             saved = best.memory() - winner.memory()
-            reason = (f"{why}; #{wrow['trial_number']} leaves {saved / 2**20:.0f} MiB more memory headroom, so it is "
-                      f"preferred over the nominally fastest #{best_row['trial_number']}")
+            reason = (
+                f"{why}; #{wrow['trial_number']} leaves {saved / 2**20:.0f} MiB more memory headroom, so it is "
+                f"preferred over the nominally fastest #{best_row['trial_number']}"
+            )
     out.update(verdict=verdict, reason=reason, winner=winner.trial_number, winner_key=list(winner.config.key()))
     base = next((c for c in cands if c.has(ROLE_BASELINE) and c.rounds(objective)), None)
     if base is not None:
@@ -329,12 +373,33 @@ def _pct(a: float, b: float) -> str:
 
 def short_config(cfg: TrialConfig) -> dict:
     d = cfg.to_dict()
-    return {k: d[k] for k in ("model", "n_gpu_layers", "n_ctx", "n_threads", "n_threads_batch", "n_batch",
-                              "n_ubatch", "flash_attn", "type_k", "type_v", "use_mmap", "n_cpu_moe")}
+    return {
+        k: d[k]
+        for k in (
+            "model",
+            "n_gpu_layers",
+            "n_ctx",
+            "n_threads",
+            "n_threads_batch",
+            "n_batch",
+            "n_ubatch",
+            "flash_attn",
+            "type_k",
+            "type_v",
+            "use_mmap",
+            "n_cpu_moe",
+        )
+    }
 
 
-def race(cands: list[Candidate], objective: str, done: int, min_rounds: int = MIN_ROUNDS, alpha: float = ALPHA,
-         min_effect: float = MIN_EFFECT) -> None:
+def race(
+    cands: list[Candidate],
+    objective: str,
+    done: int,
+    min_rounds: int = MIN_ROUNDS,
+    alpha: float = ALPHA,
+    min_effect: float = MIN_EFFECT,
+) -> None:
     """After round `done` (1-based count): candidates the paired test puts behind the current best leave."""
     if done < min_rounds:
         return
@@ -359,9 +424,16 @@ def remaining_runs(cands: list[Candidate], max_rounds: int) -> int:
     return sum(max_rounds - len(c.records) for c in cands if c.racing) if done < max_rounds else 0
 
 
-def run_rounds(cands: list[Candidate], measure: Callable[[Candidate, int], TrialRecord], objective: str,
-               min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS, alpha: float = ALPHA,
-               min_effect: float = MIN_EFFECT, keep_going: Callable[[], bool] = lambda: True) -> dict:
+def run_rounds(
+    cands: list[Candidate],
+    measure: Callable[[Candidate, int], TrialRecord],
+    objective: str,
+    min_rounds: int = MIN_ROUNDS,
+    max_rounds: int = MAX_ROUNDS,
+    alpha: float = ALPHA,
+    min_effect: float = MIN_EFFECT,
+    keep_going: Callable[[], bool] = lambda: True,
+) -> dict:
     """Race the candidates round by round (see the module's docstring) from the rounds they already have.
 
     `measure(candidate, round)` runs one confirmation trial and returns its record (already stored by the
@@ -389,23 +461,29 @@ def _with_race(verdict: dict, cands: list[Candidate]) -> dict:
     return verdict
 
 
-def run_ladder(cands: list[Candidate], measure: Callable[[Candidate, int], TrialRecord], rounds: int = MIN_ROUNDS,
-               keep_going: Callable[[], bool] = lambda: True) -> bool:
+def run_ladder(
+    cands: list[Candidate],
+    measure: Callable[[Candidate, int], TrialRecord],
+    rounds: int = MIN_ROUNDS,
+    keep_going: Callable[[], bool] = lambda: True,
+) -> bool:
     """Measure every rung candidate for `rounds` interleaved rounds (run_order: one load key's runs back to back,
     every other round reversed), from the rounds they already have. No race: every rung needs the recommended
     config and the defaults for its figures, and a fixed count keeps the rungs' intervals alike. False when
     `keep_going()` ended it early."""
     for rnd in range(min((len(c.records) for c in cands), default=rounds), rounds):
-        for c in run_order([c for c in cands if not c.failed and len(c.records) <= rnd], rnd,
-                           config=lambda c: c.config):
+        for c in run_order(
+            [c for c in cands if not c.failed and len(c.records) <= rnd], rnd, config=lambda c: c.config
+        ):
             if not keep_going():
                 return False
             c.records.append(measure(c, rnd))
     return True
 
 
-def rung_figures(cands: list[Candidate], objective: str, alpha: float = ALPHA,
-                 min_effect: float = MIN_EFFECT) -> list[dict]:
+def rung_figures(
+    cands: list[Candidate], objective: str, alpha: float = ALPHA, min_effect: float = MIN_EFFECT
+) -> list[dict]:
     """Per rung of a measured ladder: the recommended config's figure, the defaults' figure and the paired ratio
     between them (tuner.stats, as the race judges), and each alternative against the recommended config."""
     out = []
@@ -415,10 +493,17 @@ def rung_figures(cands: list[Candidate], objective: str, alpha: float = ALPHA,
         if rec is None:
             continue
         # the defaults: their own runs, or the recommendation's when it is the defaults
-        base = next((c for c in here if c.has(RUNG_DEFAULTS) and c is not rec), None) or \
-            (rec if rec.has(RUNG_DEFAULTS) else None)
-        row = {"n_ctx": n_ctx, "n_depth": rec.config.n_depth, "recommended": rec, "rounds": len(rec.records),
-               "defaults": base, "alternatives": []}
+        base = next((c for c in here if c.has(RUNG_DEFAULTS) and c is not rec), None) or (
+            rec if rec.has(RUNG_DEFAULTS) else None
+        )
+        row = {
+            "n_ctx": n_ctx,
+            "n_depth": rec.config.n_depth,
+            "recommended": rec,
+            "rounds": len(rec.records),
+            "defaults": base,
+            "alternatives": [],
+        }
         if base is rec:
             row["vs_defaults"] = {"ratio": 1.0, "ci95": [1.0, 1.0], "p": None, "verdict": "same config"}
         elif base is not None and rec.rounds(objective) and base.rounds(objective):
@@ -439,8 +524,14 @@ def _vs(a: Candidate, b: Candidate, objective: str, alpha: float, min_effect: fl
         return {"ratio": 1.0, "ci95": [1.0, 1.0], "p": 1.0, "rounds": 0, "verdict": "tie"}
     x, y = [ra[i] for i in common], [rb[i] for i in common]
     r, lo, hi = stats.ratio_ci(x, y, paired=True)
-    cmp = stats.compare(x, y, paired=True, alpha=alpha, min_effect=min_effect,
-                        alternative="greater" if r >= 1 else "less")
+    cmp = stats.compare(
+        x, y, paired=True, alpha=alpha, min_effect=min_effect, alternative="greater" if r >= 1 else "less"
+    )
     d = cmp.differ and (lo > 1 or hi < 1)
-    return {"ratio": r, "ci95": [lo, hi], "p": cmp.p, "rounds": len(common),
-            "verdict": ("faster" if r > 1 else "slower") if d else "tie"}
+    return {
+        "ratio": r,
+        "ci95": [lo, hi],
+        "p": cmp.p,
+        "rounds": len(common),
+        "verdict": ("faster" if r > 1 else "slower") if d else "tie",
+    }

@@ -1,6 +1,7 @@
 """What of a search space can fit this rig: the planner's verdicts applied to the space, GPU by GPU.
 
-The planner (tuner.plan.planner) predicts the memory of one config; the space (tuner.search.space) lists configs; neither
+The planner (tuner.plan.planner) predicts the memory of one config; the space (tuner.search.space) lists configs;
+neither
 imports the other. This module joins them: the memory a rig offers (`Rig`: host RAM and every GPU on its own,
 probed or only described), the verdict on one config (`judge`), the GPU region of the default space (for a MoE
 model bigger than VRAM: all layers on the GPU, the experts of the first N layers in host RAM), the tensor split
@@ -61,10 +62,21 @@ class Rig:
         return self.gpu_offload and bool(self.vram_caps) and all(c > 0 for c in self.vram_caps)
 
     def describe(self) -> dict:
-        return {"ram_usable": int(self.ram_cap), "described": self.described, "gpu_offload": self.gpu_offload,
-                "gpus": [{"index": i, "vram_total": t, "vram_usable": int(c), "vram_free": f,
-                          **({"device": self.devices[i]} if i < len(self.devices) else {})}
-                         for i, (t, c, f) in enumerate(zip(self.gpu_totals, self.vram_caps, self.gpu_free))]}
+        return {
+            "ram_usable": int(self.ram_cap),
+            "described": self.described,
+            "gpu_offload": self.gpu_offload,
+            "gpus": [
+                {
+                    "index": i,
+                    "vram_total": t,
+                    "vram_usable": int(c),
+                    "vram_free": f,
+                    **({"device": self.devices[i]} if i < len(self.devices) else {}),
+                }
+                for i, (t, c, f) in enumerate(zip(self.gpu_totals, self.vram_caps, self.gpu_free))
+            ],
+        }
 
 
 def device_caps(totals: list[int], limits) -> list[float]:
@@ -80,8 +92,9 @@ def device_caps(totals: list[int], limits) -> list[float]:
 def caps(hw, limits) -> tuple[float, float | None]:
     """RAM and VRAM (all GPUs together) a config may use: the machine's total minus the headroom, or the
     user's limit if lower. Per-GPU budgets: `device_caps`."""
-    ram = min(x for x in (limits.max_ram, hw.ram_total - headroom_bytes(limits.headroom, hw.ram_total))
-              if x is not None)
+    ram = min(
+        x for x in (limits.max_ram, hw.ram_total - headroom_bytes(limits.headroom, hw.ram_total)) if x is not None
+    )
     totals = [g.vram_total for g in hw.gpus if g.vram_total]
     return ram, (sum(device_caps(totals, limits)) if totals else None)
 
@@ -93,11 +106,16 @@ def rig_from_hardware(hw, limits, gpu_offload: bool, remote: list[dict] | None =
     remote = remote or []
     totals = [d["total"] for d in remote] + [g.vram_total for g in hw.gpus]
     free = [d["free"] for d in remote] + [g.vram_free or g.vram_total for g in hw.gpus]
-    return Rig(ram_cap=caps(hw, limits)[0], gpu_totals=totals, vram_caps=device_caps(totals, limits),
-               gpu_free=free, gpu_offload=gpu_offload, devices=[d["name"] + f"[{d['description']}]" for d in remote]
-               + [f"GPU{g.index}" for g in hw.gpus],
-               # an RPC device's memory holds llama.cpp's buffers only (no CUDA context on this side)
-               baselines=[0] * len(remote) + [planner.DEFAULT_BASELINE_VRAM] * len(hw.gpus) if remote else None)
+    return Rig(
+        ram_cap=caps(hw, limits)[0],
+        gpu_totals=totals,
+        vram_caps=device_caps(totals, limits),
+        gpu_free=free,
+        gpu_offload=gpu_offload,
+        devices=[d["name"] + f"[{d['description']}]" for d in remote] + [f"GPU{g.index}" for g in hw.gpus],
+        # an RPC device's memory holds llama.cpp's buffers only (no CUDA context on this side)
+        baselines=[0] * len(remote) + [planner.DEFAULT_BASELINE_VRAM] * len(hw.gpus) if remote else None,
+    )
 
 
 def described_rig(gpus: list[int], ram: int | None, hw, limits) -> Rig:
@@ -105,8 +123,14 @@ def described_rig(gpus: list[int], ram: int | None, hw, limits) -> Rig:
     machine's. The GPUs are taken as empty (free = total), as on a rig that runs nothing else."""
     if ram:
         hw = dataclasses.replace(hw, ram_total=ram)
-    return Rig(ram_cap=caps(hw, limits)[0], gpu_totals=list(gpus), vram_caps=device_caps(gpus, limits),
-               gpu_free=list(gpus), gpu_offload=True, described=True)
+    return Rig(
+        ram_cap=caps(hw, limits)[0],
+        gpu_totals=list(gpus),
+        vram_caps=device_caps(gpus, limits),
+        gpu_free=list(gpus),
+        gpu_offload=True,
+        described=True,
+    )
 
 
 def judge(pred: planner.Prediction, rig: Rig) -> tuple[bool, str]:
@@ -145,8 +169,9 @@ def lenient_configs(space: Space, model: str, fixed: dict) -> list[TrialConfig]:
 
 def can_fit(space: Space, infos: dict[str, ModelInfo], rig: Rig, calib=None, **fixed) -> bool:
     """Whether any model's most lenient config with these fixed values fits."""
-    return any(judge(predict(c, infos[m], rig, calib), rig)[0]
-               for m in space.models for c in lenient_configs(space, m, fixed))
+    return any(
+        judge(predict(c, infos[m], rig, calib), rig)[0] for m in space.models for c in lenient_configs(space, m, fixed)
+    )
 
 
 def split_dimension(space: Space, rig: Rig) -> None:
@@ -167,8 +192,10 @@ def split_dimension(space: Space, rig: Rig) -> None:
         if text not in values:
             values.append(text)
     space.dims["tensor_split"] = Dimension("tensor_split", values)
-    space.auto["tensor_split"] = (f"{rig.n_gpus} GPUs: the share of the layers on each, around the free-memory "
-                                  f"split ({'/'.join(str(round(100 * s)) for s in share)}); checked per GPU")
+    space.auto["tensor_split"] = (
+        f"{rig.n_gpus} GPUs: the share of the layers on each, around the free-memory "
+        f"split ({'/'.join(str(round(100 * s)) for s in share)}); checked per GPU"
+    )
 
 
 def gpu_region(space: Space, infos: dict[str, ModelInfo], rig: Rig, calib=None) -> None:
@@ -183,32 +210,43 @@ def gpu_region(space: Space, infos: dict[str, ModelInfo], rig: Rig, calib=None) 
     moe = any(i.is_moe for i in infos.values())
     if not rig.vram_known:
         if space.varying():
-            space.notes.append("GPU memory unknown (NVML reports none): n_gpu_layers and n_cpu_moe are not bounded "
-                               "by the planner")
+            space.notes.append(
+                "GPU memory unknown (NVML reports none): n_gpu_layers and n_cpu_moe are not bounded by the planner"
+            )
         return
     where = " and ".join(f"{_gib(c)} usable on GPU {i}" for i, c in enumerate(rig.vram_caps))
     auto_ngl, auto_ncm = "n_gpu_layers" in space.auto, "n_cpu_moe" in space.auto
     if moe and auto_ngl and auto_ncm:
-        first = planner.first_true(0, n_layer, lambda n: can_fit(space, infos, rig, calib,
-                                                                 n_gpu_layers=all_layers, n_cpu_moe=n))
+        first = planner.first_true(
+            0, n_layer, lambda n: can_fit(space, infos, rig, calib, n_gpu_layers=all_layers, n_cpu_moe=n)
+        )
         if first is not None:
             space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", [all_layers])
             space.dims["n_cpu_moe"] = Dimension("n_cpu_moe", list(range(first, n_layer + 1)), 1)
-            space.auto["n_gpu_layers"] = (f"the hybrid region: all {all_layers} layers on the GPU (attention, shared "
-                                          "experts, KV cache), routed experts of the first n_cpu_moe layers in host "
-                                          "RAM, as llama.cpp's -ngl 99 --n-cpu-moe N")
-            space.auto["n_cpu_moe"] = (f"{first} is the fewest expert layers in RAM that fit ({where}, planner at the "
-                                       f"leanest context and batches), {n_layer} = every expert in RAM")
+            space.auto["n_gpu_layers"] = (
+                f"the hybrid region: all {all_layers} layers on the GPU (attention, shared "
+                "experts, KV cache), routed experts of the first n_cpu_moe layers in host "
+                "RAM, as llama.cpp's -ngl 99 --n-cpu-moe N"
+            )
+            space.auto["n_cpu_moe"] = (
+                f"{first} is the fewest expert layers in RAM that fit ({where}, planner at the "
+                f"leanest context and batches), {n_layer} = every expert in RAM"
+            )
             return
-        last = planner.last_true(0, all_layers, lambda n: can_fit(space, infos, rig, calib, n_gpu_layers=n,
-                                                                  n_cpu_moe=n_layer))
+        last = planner.last_true(
+            0, all_layers, lambda n: can_fit(space, infos, rig, calib, n_gpu_layers=n, n_cpu_moe=n_layer)
+        )
         space.dims["n_cpu_moe"] = Dimension("n_cpu_moe", [n_layer])
-        space.dims["n_gpu_layers"] = (Dimension("n_gpu_layers", list(range(0, last + 1)), 1) if last
-                                      else Dimension("n_gpu_layers", [0]))
-        space.auto["n_cpu_moe"] = (f"all {n_layer} expert layers in host RAM: even then the other weights, KV cache "
-                                   f"and buffers of all layers do not fit ({where})")
-        space.auto["n_gpu_layers"] = (f"partial offload: 0 to {last or 0} layers on the GPU (the most that fit with "
-                                      "every expert in RAM, planner)")
+        space.dims["n_gpu_layers"] = (
+            Dimension("n_gpu_layers", list(range(0, last + 1)), 1) if last else Dimension("n_gpu_layers", [0])
+        )
+        space.auto["n_cpu_moe"] = (
+            f"all {n_layer} expert layers in host RAM: even then the other weights, KV cache "
+            f"and buffers of all layers do not fit ({where})"
+        )
+        space.auto["n_gpu_layers"] = (
+            f"partial offload: 0 to {last or 0} layers on the GPU (the most that fit with every expert in RAM, planner)"
+        )
         return
     # the user's own ranges (or a dense model): drop the values no config can fit, each judged at the most
     # lenient value of the other placement dimension
@@ -217,8 +255,9 @@ def gpu_region(space: Space, infos: dict[str, ModelInfo], rig: Rig, calib=None) 
     lenient_ncm = max(ncm.values) if ncm else None
 
     def fits_ngl(v):
-        return can_fit(space, infos, rig, calib, n_gpu_layers=v,
-                       **({"n_cpu_moe": lenient_ncm} if lenient_ncm is not None else {}))
+        return can_fit(
+            space, infos, rig, calib, n_gpu_layers=v, **({"n_cpu_moe": lenient_ncm} if lenient_ncm is not None else {})
+        )
 
     keep = [v for v in ngl.values if fits_ngl(v)]
     if len(keep) < len(ngl.values):
@@ -232,8 +271,9 @@ def gpu_region(space: Space, infos: dict[str, ModelInfo], rig: Rig, calib=None) 
         lenient_ngl = min(space.dims["n_gpu_layers"].values)
         kept = [v for v in ncm.values if can_fit(space, infos, rig, calib, n_gpu_layers=lenient_ngl, n_cpu_moe=v)]
         if kept and len(kept) < len(ncm.values):
-            space.notes.append(f"n_cpu_moe bounded to {min(kept)}..{max(kept)}: fewer experts in RAM cannot fit "
-                               f"({where})")
+            space.notes.append(
+                f"n_cpu_moe bounded to {min(kept)}..{max(kept)}: fewer experts in RAM cannot fit ({where})"
+            )
             space.dims["n_cpu_moe"] = ranged("n_cpu_moe", kept, ncm.step)
 
 
@@ -246,13 +286,19 @@ def drop_unfit_contexts(space: Space, infos: dict[str, ModelInfo], rig: Rig, cal
     placements = [{}]
     if rig.gpu_offload:
         ngl, ncm = space.dims.get("n_gpu_layers"), space.dims.get("n_cpu_moe")
-        placements = [{**({"n_gpu_layers": a} if ngl else {}), **({"n_cpu_moe": b} if ncm else {})}
-                      for a in ({min(ngl.values), max(ngl.values)} if ngl else {None})
-                      for b in ({min(ncm.values), max(ncm.values)} if ncm else {None})]
+        placements = [
+            {**({"n_gpu_layers": a} if ngl else {}), **({"n_cpu_moe": b} if ncm else {})}
+            for a in ({min(ngl.values), max(ngl.values)} if ngl else {None})
+            for b in ({min(ncm.values), max(ncm.values)} if ncm else {None})
+        ]
     keep, why = [], ""
     for v in d.values:
-        verdicts = [judge(predict(c, infos[m], rig, calib), rig) for m in space.models for p in placements
-                    for c in lenient_configs(space, m, {**p, "n_ctx": v})]
+        verdicts = [
+            judge(predict(c, infos[m], rig, calib), rig)
+            for m in space.models
+            for p in placements
+            for c in lenient_configs(space, m, {**p, "n_ctx": v})
+        ]
         if any(ok for ok, _ in verdicts):
             keep.append(v)
         elif not why:
@@ -303,11 +349,25 @@ def plan(space: Space, infos: dict[str, ModelInfo], rig: Rig, calib=None) -> dic
         if x is None:
             return None
         _, cfg, p = x
-        return {"config": cfg.to_dict(), "vram_bytes": p.vram_bytes, "vram_by_device": p.vram_by_device,
-                "host_bytes": p.ram_bytes, "resident_bytes": p.ram_bytes - p.reclaimable_bytes,
-                "mmap_bytes": p.reclaimable_bytes}
+        return {
+            "config": cfg.to_dict(),
+            "vram_bytes": p.vram_bytes,
+            "vram_by_device": p.vram_by_device,
+            "host_bytes": p.ram_bytes,
+            "resident_bytes": p.ram_bytes - p.reclaimable_bytes,
+            "mmap_bytes": p.reclaimable_bytes,
+        }
 
-    return {"dimensions": {k: list(d.values) for k, d in space.dims.items()}, "models": list(space.models),
-            "configs": fitting, "configs_in_space": space.size(), "skipped_by_planner": skipped,
-            "notes": list(space.notes), "reasons": dict(space.auto), "rig": rig.describe(),
-            "why_skipped": sorted(set(why.values()))[:5], "lowest_vram": show(low), "highest_vram": show(high)}
+    return {
+        "dimensions": {k: list(d.values) for k, d in space.dims.items()},
+        "models": list(space.models),
+        "configs": fitting,
+        "configs_in_space": space.size(),
+        "skipped_by_planner": skipped,
+        "notes": list(space.notes),
+        "reasons": dict(space.auto),
+        "rig": rig.describe(),
+        "why_skipped": sorted(set(why.values()))[:5],
+        "lowest_vram": show(low),
+        "highest_vram": show(high),
+    }

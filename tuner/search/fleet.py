@@ -83,7 +83,8 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 
 META = sa.MetaData()
 RECORDS_T = sa.Table(
-    RECORDS, META,
+    RECORDS,
+    META,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("base", sa.String(512), nullable=False, index=True),  # the --study name all groups share
     sa.Column("study", sa.String(512), nullable=False),  # the Optuna study (fingerprint group) it belongs to
@@ -96,7 +97,8 @@ RECORDS_T = sa.Table(
     sa.Column("created", sa.DateTime, server_default=sa.func.now()),
 )
 CLAIMS_T = sa.Table(
-    CLAIMS, META,
+    CLAIMS,
+    META,
     sa.Column("study", sa.String(512), primary_key=True),
     sa.Column("key", sa.String(128), primary_key=True),
     sa.Column("owner", sa.String(256)),
@@ -145,38 +147,57 @@ class Tables:
     def __init__(self, engine: sa.engine.Engine, create: bool = True):
         self.engine = engine
         if create:  # hosts starting together race to create the tables; the losers retry
-            retry_race(lambda: META.create_all(engine, checkfirst=True), 5, 0.2,
-                       lambda e: isinstance(e, sa.exc.SQLAlchemyError))
+            retry_race(
+                lambda: META.create_all(engine, checkfirst=True),
+                5,
+                0.2,
+                lambda e: isinstance(e, sa.exc.SQLAlchemyError),
+            )
 
     def add(self, base: str, study: str, host: str, rec: TrialRecord) -> int:
         with self.engine.begin() as c:
-            res = c.execute(RECORDS_T.insert().values(
-                base=base, study=study, trial_number=rec.trial_number, state=rec.state, host=host,
-                hw_fingerprint=rec.hw_fingerprint, build_fingerprint=rec.build_fingerprint, record=rec.to_json()))
+            res = c.execute(
+                RECORDS_T.insert().values(
+                    base=base,
+                    study=study,
+                    trial_number=rec.trial_number,
+                    state=rec.state,
+                    host=host,
+                    hw_fingerprint=rec.hw_fingerprint,
+                    build_fingerprint=rec.build_fingerprint,
+                    record=rec.to_json(),
+                )
+            )
             return int(res.inserted_primary_key[0])
 
     def rows(self, base: str, study: str | None = None, after: int = 0) -> list[tuple[int, str, TrialRecord]]:
-        q = (sa.select(RECORDS_T.c.id, RECORDS_T.c.host, RECORDS_T.c.record)
-             .where(RECORDS_T.c.base == base, RECORDS_T.c.id > after).order_by(RECORDS_T.c.id))
+        q = (
+            sa.select(RECORDS_T.c.id, RECORDS_T.c.host, RECORDS_T.c.record)
+            .where(RECORDS_T.c.base == base, RECORDS_T.c.id > after)
+            .order_by(RECORDS_T.c.id)
+        )
         if study is not None:
             q = q.where(RECORDS_T.c.study == study)
         with self.engine.connect() as c:
             return [(i, h, TrialRecord.from_json(r)) for i, h, r in c.execute(q)]
 
-    def claim(self, study: str, key: str, owner: str, trial_number: int | None = None,
-              state: str = "") -> dict | None:
+    def claim(self, study: str, key: str, owner: str, trial_number: int | None = None, state: str = "") -> dict | None:
         """Take the claim: None when it is ours now, else the row that holds it (with its age in seconds)."""
         try:
             with self.engine.begin() as c:
-                c.execute(CLAIMS_T.insert().values(study=study, key=key, owner=owner, trial_number=trial_number,
-                                                   state=state, updated=sa.func.now()))
+                c.execute(
+                    CLAIMS_T.insert().values(
+                        study=study, key=key, owner=owner, trial_number=trial_number, state=state, updated=sa.func.now()
+                    )
+                )
             return None
         except sa.exc.IntegrityError:
             return self.get(study, key)
 
     def get(self, study: str, key: str) -> dict | None:
         q = sa.select(CLAIMS_T, sa.func.now(type_=sa.DateTime).label("now")).where(
-            CLAIMS_T.c.study == study, CLAIMS_T.c.key == key)
+            CLAIMS_T.c.study == study, CLAIMS_T.c.key == key
+        )
         with self.engine.connect() as c:
             row = c.execute(q).mappings().first()
         if row is None:
@@ -189,17 +210,29 @@ class Tables:
     def replace(self, held: dict, **values) -> bool:
         """Compare-and-set: take over `held` only if nobody changed it since it was read."""
         c_ = CLAIMS_T.c
-        same_trial = (c_.trial_number.is_(None) if held["trial_number"] is None
-                      else c_.trial_number == held["trial_number"])
-        q = (CLAIMS_T.update().where(c_.study == held["study"], c_.key == held["key"], c_.owner == held["owner"],
-                                     c_.state == held["state"], same_trial)
-             .values(updated=sa.func.now(), **values))
+        same_trial = (
+            c_.trial_number.is_(None) if held["trial_number"] is None else c_.trial_number == held["trial_number"]
+        )
+        q = (
+            CLAIMS_T.update()
+            .where(
+                c_.study == held["study"],
+                c_.key == held["key"],
+                c_.owner == held["owner"],
+                c_.state == held["state"],
+                same_trial,
+            )
+            .values(updated=sa.func.now(), **values)
+        )
         with self.engine.begin() as c:
             return c.execute(q).rowcount == 1
 
     def touch(self, study: str, key: str, owner: str, **values) -> None:
-        q = (CLAIMS_T.update().where(CLAIMS_T.c.study == study, CLAIMS_T.c.key == key, CLAIMS_T.c.owner == owner)
-             .values(updated=sa.func.now(), **values))
+        q = (
+            CLAIMS_T.update()
+            .where(CLAIMS_T.c.study == study, CLAIMS_T.c.key == key, CLAIMS_T.c.owner == owner)
+            .values(updated=sa.func.now(), **values)
+        )
         with self.engine.begin() as c:
             c.execute(q)
 
@@ -270,15 +303,25 @@ class FleetLedger(Ledger):
         url = opts.storage_url
         # hosts starting together on an empty database race to create Optuna's tables: the losers retry
         self.backend = retry_race(
-            lambda: open_storage(url, heartbeat_interval=opts.heartbeat_s, grace_period=self.grace_s,
-                                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback()),
-            6, 0.3, lambda e: isinstance(e, StudyError) and any(
-                s in str(e) for s in ("UniqueViolation", "already exists", "DuplicateTable", "IntegrityError")))
+            lambda: open_storage(
+                url,
+                heartbeat_interval=opts.heartbeat_s,
+                grace_period=self.grace_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+            ),
+            6,
+            0.3,
+            lambda e: (
+                isinstance(e, StudyError)
+                and any(s in str(e) for s in ("UniqueViolation", "already exists", "DuplicateTable", "IntegrityError"))
+            ),
+        )
         try:
             self.tables = Tables(self.backend.engine)
         except sa.exc.SQLAlchemyError as e:
-            raise FleetError(f"cannot create tuner's tables in {redact(url)}: "
-                             f"{redact(str(e).splitlines()[0])[:160]}") from None
+            raise FleetError(
+                f"cannot create tuner's tables in {redact(url)}: {redact(str(e).splitlines()[0])[:160]}"
+            ) from None
         mine = fingerprint(hw, build)
         held = self.tables.claim(self.base, "fingerprint", self.host, state=mine)
         founder = mine if held is None else held["state"]
@@ -288,7 +331,8 @@ class FleetLedger(Ledger):
                 raise FleetError(
                     f"study {self.base!r} is measured on hardware/build fingerprint {founder}, this host is {mine}: "
                     "trials compete only with trials of the same machine and build; pass --allow-mixed to run this "
-                    "host as a separate group, or pick another --study")
+                    "host as a separate group, or pick another --study"
+                )
             self._check_base_space(space)
             self.name = group_name(self.base, mine)
         # hosts must not all draw the same start-up configs: each host samples with its own seed
@@ -297,8 +341,11 @@ class FleetLedger(Ledger):
         study = open_study(opts, space, storage=self.backend, sampler=sampler, name=self.name)
         hw_fp, build_fp = mine.split("/")
         attrs = study.user_attrs
-        for k, v in (("hw_fingerprint", hw_fp), ("build_fingerprint", build_fp),
-                     ("limits", dataclasses.asdict(opts.limits))):
+        for k, v in (
+            ("hw_fingerprint", hw_fp),
+            ("build_fingerprint", build_fp),
+            ("limits", dataclasses.asdict(opts.limits)),
+        ):
             if k not in attrs:
                 study.set_user_attr(k, v)
         store.check_writable(self.parquet)
@@ -313,8 +360,10 @@ class FleetLedger(Ledger):
             return
         old = base.user_attrs.get("space")
         if old is not None and old != space.describe():
-            raise FleetError(f"study {self.base!r} exists with another search space; re-run the same command to "
-                             "join it, or pick a new --study name")
+            raise FleetError(
+                f"study {self.base!r} exists with another search space; re-run the same command to "
+                "join it, or pick a new --study name"
+            )
 
     def load(self) -> list[TrialRecord]:
         return self._absorb()
@@ -387,8 +436,11 @@ class FleetLedger(Ledger):
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
             if not self.trial_state(number).is_finished():
                 raise
-            print(f"warning: trial #{number} was declared dead by another host (no heartbeat for {self.grace_s} s); "
-                  "its config is measured again", file=sys.stderr)
+            print(
+                f"warning: trial #{number} was declared dead by another host (no heartbeat for {self.grace_s} s); "
+                "its config is measured again",
+                file=sys.stderr,
+            )
 
     def add(self, rec: TrialRecord) -> None:
         super().add(rec)  # this host's Parquet first: its durable copy
@@ -396,8 +448,11 @@ class FleetLedger(Ledger):
 
     def wait_for_others(self, first: bool) -> None:
         if first:
-            print(f"waiting for {len(self.others.running)} trial(s) running on other hosts (a host silent for "
-                  f"{self.grace_s} s is declared dead and its config measured again)", file=sys.stderr)
+            print(
+                f"waiting for {len(self.others.running)} trial(s) running on other hosts (a host silent for "
+                f"{self.grace_s} s is declared dead and its config measured again)",
+                file=sys.stderr,
+            )
         time.sleep(self.heartbeat_s)
 
     @contextmanager
@@ -411,8 +466,11 @@ class FleetLedger(Ledger):
                 yield None
                 return
             if held["age_s"] <= self.grace_s:
-                print(f"host {held['owner']} confirms the recommendation (`tuner recommend --storage ...` gives "
-                      "the confirmed one when it is done)", file=sys.stderr)
+                print(
+                    f"host {held['owner']} confirms the recommendation (`tuner recommend --storage ...` gives "
+                    "the confirmed one when it is done)",
+                    file=sys.stderr,
+                )
                 yield None
                 return
             if not self.tables.replace(held, owner=self.host):
@@ -454,8 +512,9 @@ def snapshot(url: str, base: str, folder: str | os.PathLike, nest: bool = False)
         if not names:
             raise FleetError(f"no study named {base!r} in {redact(url)}")
         if not sa.inspect(storage.engine).has_table(RECORDS):
-            raise FleetError(f"study {base!r} in {redact(url)} holds no tuner records (not made by "
-                             "`tuner search --storage`)")
+            raise FleetError(
+                f"study {base!r} in {redact(url)} holds no tuner records (not made by `tuner search --storage`)"
+            )
         tables = Tables(storage.engine, create=False)
         folder = Path(folder)
         out = []
@@ -474,7 +533,7 @@ def _check_readable(url: str, base: str) -> None:
     """A reader connects first, so an unreachable server or wrong credentials read as such (Optuna's storage wraps
     them in a generic commit error when it skips table creation) and no empty SQLite file is made."""
     if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):].split("?")[0]
+        path = url[len("sqlite:///") :].split("?")[0]
         if path and path != ":memory:" and not Path(path).is_file():
             raise FleetError(f"no database at {path}")
     try:
@@ -506,19 +565,32 @@ def _write_group(storage, tables: Tables, url: str, base: str, name: str, gdir: 
         stale.unlink(missing_ok=True)
     if recs:
         store.write_frame(gdir / store.TRIALS_FILE, pd.DataFrame([r.to_row() for r in recs]))
-    optuna.copy_study(from_study_name=name, from_storage=storage,
-                      to_storage=f"sqlite:///{(gdir / 'study.db').resolve()}", to_study_name=name)
+    optuna.copy_study(
+        from_study_name=name,
+        from_storage=storage,
+        to_storage=f"sqlite:///{(gdir / 'study.db').resolve()}",
+        to_study_name=name,
+    )
     attrs = study.user_attrs
     objective = attrs.get("objective", "tg")
     if recs:
         lim = attrs.get("limits") or {}
-        rec = recommendlib.recommend(recs, hardware.from_dict(recs[0].hw), Limits(**lim),
-                                     "tg" if objective.startswith("pareto") else objective, study=name,
-                                     pareto=objective.startswith("pareto"))
+        rec = recommendlib.recommend(
+            recs,
+            hardware.from_dict(recs[0].hw),
+            Limits(**lim),
+            "tg" if objective.startswith("pareto") else objective,
+            study=name,
+            pareto=objective.startswith("pareto"),
+        )
         if rec is not None:
             recommendlib.write(gdir / recommendlib.RECOMMENDED_FILE, rec)
-    (gdir / SNAPSHOT_FILE).write_text(json.dumps({"storage": redact(url), "study": name, "taken_utc": utcnow(),
-                                                  "records": len(recs), "trials": len(states)}, indent=2))
+    (gdir / SNAPSHOT_FILE).write_text(
+        json.dumps(
+            {"storage": redact(url), "study": name, "taken_utc": utcnow(), "records": len(recs), "trials": len(states)},
+            indent=2,
+        )
+    )
 
 
 def snapshot_for_cli(url: str | None, base: str | None, folder, nest: bool = False) -> list[Path]:

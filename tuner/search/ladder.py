@@ -1,6 +1,7 @@
 """The context ladder's choices: which configs it measures at every rung, and when the working rung steps down.
 
-The ladder itself runs in tuner.search.loop (Search.ladder, through tuner.search.confirm.run_ladder); what it shows is built by
+The ladder itself runs in tuner.search.loop (Search.ladder, through tuner.search.confirm.run_ladder); what it shows
+is built by
 tuner.search.recommend.context_ladder. See README "A context ladder".
 """
 
@@ -17,8 +18,14 @@ DEFAULTS = confirmlib.ROLE_BASELINE  # the baseline label its search trial carri
 OOMS_TO_STEP = 2  # OOMs of the search's own configs (not the baselines) at a rung with nothing completed
 
 
-def candidates(space: Space, records: list[TrialRecord], winner: int, objective: str,
-               fits: Callable[[TrialRecord], bool], allowed: Callable[[TrialRecord], bool]) -> list[confirmlib.Candidate]:
+def candidates(
+    space: Space,
+    records: list[TrialRecord],
+    winner: int,
+    objective: str,
+    fits: Callable[[TrialRecord], bool],
+    allowed: Callable[[TrialRecord], bool],
+) -> list[confirmlib.Candidate]:
     """The recommended config (trial `winner`), the llama.cpp defaults and the recommended config's alternatives at
     every rung up to the working context, each at the rung's depth (tuner.search.space.Space.rung_config).
 
@@ -31,8 +38,17 @@ def candidates(space: Space, records: list[TrialRecord], winner: int, objective:
     rungs = [c for c in space.ladder if c <= working]
     if len(rungs) < 2:
         return []
-    groups = confirmlib.pool([r for r in records if r.searched and r.ok and r.objective(objective) is not None
-                              and fits(r) and r.config.effective_ctx() == working])
+    groups = confirmlib.pool(
+        [
+            r
+            for r in records
+            if r.searched
+            and r.ok
+            and r.objective(objective) is not None
+            and fits(r)
+            and r.config.effective_ctx() == working
+        ]
+    )
     groups = confirmlib.prefer_clean(groups)
     win = next((g for g in groups if g.trial_number == winner), None)
     if win is None:
@@ -51,8 +67,9 @@ def candidates(space: Space, records: list[TrialRecord], winner: int, objective:
         picks.append((base, [confirmlib.RUNG_DEFAULTS]))
     picks = [(g.config, g.trial_number, roles) for g, roles in picks]
     if base is None:  # the defaults failed here (or do not fit the limits): still measured at every rung
-        r0 = next((r for r in records if r.baseline == DEFAULTS and r.searched
-                   and r.config.effective_ctx() == working), None)
+        r0 = next(
+            (r for r in records if r.baseline == DEFAULTS and r.searched and r.config.effective_ctx() == working), None
+        )
         if r0 is not None:
             picks.append((r0.config, r0.trial_number, [confirmlib.RUNG_DEFAULTS]))
     taken = {c.key() for c, _, _ in picks}
@@ -70,8 +87,14 @@ def candidates(space: Space, records: list[TrialRecord], winner: int, objective:
             picks.append((alt, other.trial_number, [confirmlib.RUNG_ALT]))
             taken.add(alt.key())
     # the control: the best config with the recommendation's context-dependent values and other others
-    control = next((g for g in groups if ctx_dims(g.config) == ctx_dims(win.config)
-                    and g.config.key() not in taken and allowed(g.records[0])), None)
+    control = next(
+        (
+            g
+            for g in groups
+            if ctx_dims(g.config) == ctx_dims(win.config) and g.config.key() not in taken and allowed(g.records[0])
+        ),
+        None,
+    )
     if control is not None:
         picks.append((control.config, control.trial_number, [confirmlib.RUNG_CONTROL]))
     earlier = {c.config.key(): c for c in confirmlib.candidates_from_records(records) if c.is_rung}
@@ -79,8 +102,9 @@ def candidates(space: Space, records: list[TrialRecord], winner: int, objective:
     for n_ctx in rungs:
         for config, number, roles in picks:
             cfg = space.rung_config(config, n_ctx)
-            c = confirmlib.Candidate(roles[0], cfg, number,
-                                     roles=list(roles) + [f"{confirmlib.LADDER_OF}{win.trial_number}"])
+            c = confirmlib.Candidate(
+                roles[0], cfg, number, roles=list(roles) + [f"{confirmlib.LADDER_OF}{win.trial_number}"]
+            )
             old = earlier.get(cfg.key())
             if old is not None and old.roles == c.roles:  # a resumed ladder goes on from the rounds it has
                 c.records = list(old.records)

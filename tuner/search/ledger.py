@@ -41,16 +41,21 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
-def make_sampler(name: str, seed: int, space: Space, multi: bool,
-                 constant_liar: bool = False) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    name: str, seed: int, space: Space, multi: bool, constant_liar: bool = False
+) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         # multivariate: n_gpu_layers × n_ctx interact (the OOM wall is diagonal). Random start-up trials:
         # Optuna's 10 for big spaces, fewer for small grids, where the baselines already inform the model
         # (benchmarks/search_efficiency.py: 5 reached 97 % of a 64-config grid's best in 17 of 20 seeds
         # within 16 trials, 10 in 5 of 20).
         # constant_liar: with several hosts asking at once, running trials count as bad, so hosts spread out
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=constant_liar,
-                                          n_startup_trials=min(10, max(5, space.size() // 16)))
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            multivariate=True,
+            constant_liar=constant_liar,
+            n_startup_trials=min(10, max(5, space.size() // 16)),
+        )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
@@ -60,8 +65,9 @@ def make_sampler(name: str, seed: int, space: Space, multi: bool,
             raise StudyError("--sampler gp supports one objective; use tpe with --pareto")
 
         if importlib.util.find_spec("torch") is None:
-            raise StudyError("--sampler gp needs PyTorch, which is not installed (pip install torch), "
-                             "or use --sampler tpe")
+            raise StudyError(
+                "--sampler gp needs PyTorch, which is not installed (pip install torch), or use --sampler tpe"
+            )
         return optuna.samplers.GPSampler(seed=seed)
     raise StudyError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
 
@@ -92,14 +98,18 @@ def objective_label(opts: SearchOptions) -> str:
     return "pareto:tg,mem" if opts.pareto else opts.objective
 
 
-def open_study(opts: SearchOptions, space: Space, storage: optuna.storages.RDBStorage | None = None,
-               sampler: optuna.samplers.BaseSampler | None = None, name: str | None = None) -> optuna.Study:
+def open_study(
+    opts: SearchOptions,
+    space: Space,
+    storage: optuna.storages.RDBStorage | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    name: str | None = None,
+) -> optuna.Study:
     """The Optuna study `name` (default: opts.study) in the storage, made or resumed: a resume must search the same
     space for the same objective."""
     name = name or opts.study
     multi = opts.pareto
-    directions = (["maximize", "minimize"] if multi else
-                  ["minimize" if opts.objective == "ttft" else "maximize"])
+    directions = ["maximize", "minimize"] if multi else ["minimize" if opts.objective == "ttft" else "maximize"]
     storage = storage or open_storage(opts.storage_url)
     if storage.engine.dialect.name == "sqlite":
         event.listen(storage.engine, "connect", _sqlite_wal)
@@ -108,14 +118,20 @@ def open_study(opts: SearchOptions, space: Space, storage: optuna.storages.RDBSt
     exists = name in names
     if opts.resume and not exists:
         raise StudyError(f"--resume: no study named {name!r} in {redact(opts.storage_url)}")
-    study = optuna.create_study(study_name=name, storage=storage, directions=directions,
-                                sampler=sampler or make_sampler(opts.sampler, opts.seed, space, multi),
-                                load_if_exists=True)
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        directions=directions,
+        sampler=sampler or make_sampler(opts.sampler, opts.seed, space, multi),
+        load_if_exists=True,
+    )
     if exists:
         old = study.user_attrs.get("space")
         if old is not None and old != space.describe():
-            raise StudyError(f"study {name!r} exists with another search space; re-run the same "
-                             f"command to resume it, or pick a new --study name")
+            raise StudyError(
+                f"study {name!r} exists with another search space; re-run the same "
+                f"command to resume it, or pick a new --study name"
+            )
         if study.user_attrs.get("objective") not in (None, objective_label(opts)):
             raise StudyError(f"study {name!r} exists with objective {study.user_attrs['objective']!r}")
     else:
@@ -186,8 +202,14 @@ class Ledger:
 
     def mark_drift(self, since: int) -> None:
         """Mark this host's records of the trials after `since` (anchors aside) as measured during drift."""
-        store.mark(self.parquet, "drift", True, lambda row: row.get("trial_number") is not None
-                   and row["trial_number"] > since and row.get("state") != "anchor")
+        store.mark(
+            self.parquet,
+            "drift",
+            True,
+            lambda row: (
+                row.get("trial_number") is not None and row["trial_number"] > since and row.get("state") != "anchor"
+            ),
+        )
 
     def wait_for_others(self, first: bool) -> None:
         """Wait a while (a heartbeat) for the trials running on other hosts, saying so the `first` time. One process:

@@ -48,10 +48,19 @@ class Search:
     SPACE_LIST_LIMIT = 20000  # configs; above it the space is never "finished" by enumeration
     MAX_DUPLICATES = 50  # suggestions in a row of measured configs: the sampler has nothing new to offer
 
-    def __init__(self, space: Space, opts: SearchOptions, infos: dict[str, ModelInfo], hw, build,
-                 on_trial: Callable[["Search", TrialRecord], None] | None = None,
-                 runner: Runner | None = None, on_confirm: Callable | None = None,
-                 ledger: Ledger | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        space: Space,
+        opts: SearchOptions,
+        infos: dict[str, ModelInfo],
+        hw,
+        build,
+        on_trial: Callable[["Search", TrialRecord], None] | None = None,
+        runner: Runner | None = None,
+        on_confirm: Callable | None = None,
+        ledger: Ledger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.space, self.opts, self.infos, self.hw, self.build = space, opts, infos, hw, build
         self.ledger = ledger if ledger is not None else fleet.ledger_for(opts)
         self.on_trial = on_trial
@@ -146,8 +155,12 @@ class Search:
             rec = by_number.get(t.number)
             if rec is None:
                 cfg = self._config_from_params(t.params)
-                rec = self._blank(cfg, t.number, "interrupted",
-                                  "the search stopped during this trial (parent killed); recorded on resume")
+                rec = self._blank(
+                    cfg,
+                    t.number,
+                    "interrupted",
+                    "the search stopped during this trial (parent killed); recorded on resume",
+                )
                 rec.baseline = t.user_attrs.get("baseline", "")
                 self.ledger.add(rec)
                 self.records.append(rec)
@@ -168,8 +181,7 @@ class Search:
                 if rec.outcome == "oom":
                     self.failed.append((rec.trial_number, rec.config, rec.cause))
         names = set(self.space.varying()) | ({"model"} if len(self.space.models) > 1 else set())
-        self._running_keys = {self._config_from_params(p).key() for p in self.ledger.others.running
-                              if names <= set(p)}
+        self._running_keys = {self._config_from_params(p).key() for p in self.ledger.others.running if names <= set(p)}
 
     def _enqueue_baselines(self, again: bool = False) -> None:
         for params, label in baseline_params(self.space, self.infos, self.hw, self.opts.min_ctx):
@@ -191,15 +203,19 @@ class Search:
                 params[name] = trial.suggest_int(name, d.values[0], d.values[-1], step=d.step)
             else:
                 params[name] = trial.suggest_categorical(name, d.values)
-        model = trial.suggest_categorical("model", self.space.models) if len(self.space.models) > 1 \
+        model = (
+            trial.suggest_categorical("model", self.space.models)
+            if len(self.space.models) > 1
             else self.space.models[0]
+        )
         return resolve(self.space.config(model, params), self.infos[model])
 
     def _config_from_params(self, params: dict) -> TrialConfig:
         params = dict(params)
         model = params.pop("model", self.space.models[0])
-        return resolve(self.space.config(model, {k: v for k, v in params.items() if k in self.space.dims}),
-                       self.infos[model])
+        return resolve(
+            self.space.config(model, {k: v for k, v in params.items() if k in self.space.dims}), self.infos[model]
+        )
 
     def _blank(self, cfg: TrialConfig, number: int, outcome: str, cause: str) -> TrialRecord:
         """A trial that never ran (skipped, interrupted): the same facts as a measured one."""
@@ -247,9 +263,12 @@ class Search:
             prev = next((r for r in same if r.trial_number == first), same[0])
             if prev.ok:
                 oks = [r for r in same if r.ok]
-                prev = dataclasses.replace(prev, tg_samples=[x for r in oks for x in r.tg_samples],
-                                           pp_samples=[x for r in oks for x in r.pp_samples],
-                                           ttft_samples_ms=[x for r in oks for x in r.ttft_samples_ms])
+                prev = dataclasses.replace(
+                    prev,
+                    tg_samples=[x for r in oks for x in r.tg_samples],
+                    pp_samples=[x for r in oks for x in r.pp_samples],
+                    ttft_samples_ms=[x for r in oks for x in r.ttft_samples_ms],
+                )
             trial.set_user_attr("duplicate_of", first)
             self._tell(trial.number, prev)
         else:
@@ -274,8 +293,15 @@ class Search:
         reload (minutes for a model of hundreds of GB) is paid once for several measurements, as llama-bench
         sweeps every test of one load before the next. Not in a shared study: its queue is every host's, so a
         queued config would go to whichever host asks next and cost that host a load instead of saving one here."""
-        if (self.opts.per_load <= 1 or not rec.model_loaded or not rec.ok or self.opts.sampler == "grid"
-                or self.runner is None or not self.runner.reuse or self.ledger.shared):
+        if (
+            self.opts.per_load <= 1
+            or not rec.model_loaded
+            or not rec.ok
+            or self.opts.sampler == "grid"
+            or self.runner is None
+            or not self.runner.reuse
+            or self.ledger.shared
+        ):
             return  # fresh workers (--fresh-workers, --mem-limit) load for every trial: nothing to amortize
         varying = self.space.varying()
         if not [k for k in varying if k not in LOAD_DIMS]:
@@ -318,8 +344,9 @@ class Search:
         if skip or dom:
             plan_skip = None
         if skip or dom or plan_skip:
-            rec = self._blank(cfg, number, "skipped", skip or plan_skip or
-                              f"dominated by trial #{dom[0]} (oom: {dom[1][:120]})")
+            rec = self._blank(
+                cfg, number, "skipped", skip or plan_skip or f"dominated by trial #{dom[0]} (oom: {dom[1][:120]})"
+            )
             rec.skipped_by = dom[0] if dom else None
         else:
             try:
@@ -340,8 +367,9 @@ class Search:
         if rec.ok and rec.config.n_gen:
             if self.bandwidth is None:
                 self.bandwidth = roofline.bandwidth()
-            rec.tg_roofline_ts = roofline.tg_bound(cfg, self.infos[cfg.model], self.bandwidth,
-                                                   bool(self.build.get("gpu_offload")))
+            rec.tg_roofline_ts = roofline.tg_bound(
+                cfg, self.infos[cfg.model], self.bandwidth, bool(self.build.get("gpu_offload"))
+            )
         rec.baseline = baseline
         rec.drift = self.drifting
         rec.state = "COMPLETE"
@@ -352,13 +380,20 @@ class Search:
     def warn_unknown_vram(self, rec: TrialRecord) -> bool:
         """--max-vram cannot be kept when NVML reports neither the worker's VRAM nor the device's: say so once
         (the trial's VRAM is null, never 0, and the limit is then judged on the planner's prediction alone)."""
-        if (self._vram_warned or not rec.ok or rec.peak_vram_bytes is not None or not self.opts.max_vram
-                or not self.rig.gpu_offload):
+        if (
+            self._vram_warned
+            or not rec.ok
+            or rec.peak_vram_bytes is not None
+            or not self.opts.max_vram
+            or not self.rig.gpu_offload
+        ):
             return False
         self._vram_warned = True
-        print(f"warning: --max-vram cannot be checked against measurements: NVML reports no VRAM for this worker "
-              f"(vram_by {rec.vram_by or 'none'}); only the planner's prediction keeps configs within it",
-              file=sys.stderr)
+        print(
+            f"warning: --max-vram cannot be checked against measurements: NVML reports no VRAM for this worker "
+            f"(vram_by {rec.vram_by or 'none'}); only the planner's prediction keeps configs within it",
+            file=sys.stderr,
+        )
         return True
 
     def _plan(self, cfg: TrialConfig):
@@ -414,18 +449,23 @@ class Search:
             change = tg / self.anchor_tg - 1
             was = self.drifting
             # drift = a change beyond the tolerance that the repetitions' noise does not explain (Welch's t)
-            self.drifting = abs(change) > self.opts.drift_tolerance and trials.drifted(self.anchor_samples,
-                                                                                       rec.tg_samples)
+            self.drifting = abs(change) > self.opts.drift_tolerance and trials.drifted(
+                self.anchor_samples, rec.tg_samples
+            )
             if self.drifting:
-                since = max((r.trial_number for r in self.records if r.state == "anchor" and
-                             r.trial_number is not None), default=-1)
+                since = max(
+                    (r.trial_number for r in self.records if r.state == "anchor" and r.trial_number is not None),
+                    default=-1,
+                )
                 self.ledger.mark_drift(since)
                 for r in self.records:
                     if r.trial_number is not None and r.trial_number > since:
                         r.drift = True
-                print(f"warning: drift: the anchor config now runs at {tg:.2f} t/s, {change:+.1%} against "
-                      f"{self.anchor_tg:.2f} at the start; trials since #{since + 1} are marked drift",
-                      file=sys.stderr)
+                print(
+                    f"warning: drift: the anchor config now runs at {tg:.2f} t/s, {change:+.1%} against "
+                    f"{self.anchor_tg:.2f} at the start; trials since #{since + 1} are marked drift",
+                    file=sys.stderr,
+                )
             elif was:
                 print(f"drift over: the anchor is back within {self.opts.drift_tolerance:.0%}", file=sys.stderr)
         rec.trial_number = max((r.trial_number for r in self.records if r.trial_number is not None), default=0)
@@ -439,16 +479,20 @@ class Search:
     def done_trials(self) -> int:
         # finished trials, skipped ones included; interrupted ones (FAIL) are not: they are run again. A repeated
         # suggestion of a measured config is no trial: it was told its pooled figure, nothing ran.
-        return sum(1 for t in self.study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
-                   if "duplicate_of" not in t.user_attrs)
+        return sum(
+            1
+            for t in self.study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
+            if "duplicate_of" not in t.user_attrs
+        )
 
     def typical_trial_s(self) -> float:
         return budget.typical_trial_s(self.records)
 
     def confirm_estimate_s(self, n_cands: int | None = None) -> float:
         """The ETA of the confirmation and the ladder (tuner.search.budget.confirm_estimate_s)."""
-        return budget.confirm_estimate_s(self.opts, self.space, self.typical_trial_s(), self.confirming,
-                                         self.laddering, n_cands)
+        return budget.confirm_estimate_s(
+            self.opts, self.space, self.typical_trial_s(), self.confirming, self.laddering, n_cands
+        )
 
     def confirm_reserve_s(self) -> float:
         """What --timeout keeps for the confirmation and the ladder (tuner.search.budget.confirm_reserve_s)."""
@@ -462,8 +506,10 @@ class Search:
     def _trials_spent(self) -> bool:
         """--n-trials is the study's total: with a shared ledger, the trials running on other hosts count too, so
         the fleet stops at the budget (hosts that ask at the very same moment may overshoot by one each)."""
-        return (self.opts.n_trials is not None
-                and self.done_trials() + len(self.ledger.others.running) >= self.opts.n_trials)
+        return (
+            self.opts.n_trials is not None
+            and self.done_trials() + len(self.ledger.others.running) >= self.opts.n_trials
+        )
 
     def budget_left(self) -> bool:
         self.sync()
@@ -475,9 +521,11 @@ class Search:
         # the confirmation is part of the budget: the search stops early enough to leave time for its race
         if left is not None and left <= self.confirm_reserve_s():
             if not self.finished:
-                self.finished = (f"--timeout: the {hms(left)} left are kept for the confirmation"
-                                 + (" and the context ladder" if budget.n_ladder_runs(self.space, self.opts) else "")
-                                 + f" (about {hms(self.confirm_reserve_s())} at {hms(self.typical_trial_s())} a run)")
+                self.finished = (
+                    f"--timeout: the {hms(left)} left are kept for the confirmation"
+                    + (" and the context ladder" if budget.n_ladder_runs(self.space, self.opts) else "")
+                    + f" (about {hms(self.confirm_reserve_s())} at {hms(self.typical_trial_s())} a run)"
+                )
             return False
         if self._trials_spent():
             return False
@@ -494,8 +542,11 @@ class Search:
         self.n_run = 0
         self.search_loop()
         # after a Ctrl-C the recommendation says it is unconfirmed
-        if not self.stop_requested and self.runner is not None and (self.confirm_candidates()
-                                                                    or self.ladder_candidates()):
+        if (
+            not self.stop_requested
+            and self.runner is not None
+            and (self.confirm_candidates() or self.ladder_candidates())
+        ):
             with self.ledger.confirming(self.done_trials()) as done:
                 if done is not None:
                     self.confirm()
@@ -512,8 +563,11 @@ class Search:
         while True:
             self._trials()
             left = self.time_left()
-            if (self.stop_requested or not self.ledger.others.running
-                    or (left is not None and left <= self.confirm_reserve_s())):
+            if (
+                self.stop_requested
+                or not self.ledger.others.running
+                or (left is not None and left <= self.confirm_reserve_s())
+            ):
                 break
             self.ledger.wait_for_others(first=not waited)
             waited = True
@@ -521,8 +575,11 @@ class Search:
         if self.ledger.shared:  # a host that joins a finished study says so
             done = self.done_trials()
             if self.n_run == 0 and ((self.opts.n_trials is not None and done >= self.opts.n_trials) or self.finished):
-                print(f"study {self.study_name} is finished: {done} trials done; nothing to run"
-                      + (f" ({self.finished})" if self.finished else ""), file=sys.stderr)
+                print(
+                    f"study {self.study_name} is finished: {done} trials done; nothing to run"
+                    + (f" ({self.finished})" if self.finished else ""),
+                    file=sys.stderr,
+                )
 
     def _trials(self) -> None:
         while self.budget_left():
@@ -560,8 +617,11 @@ class Search:
             return []
         limits = self.opts.limits
         return confirmlib.search_candidates(
-            self.records, self.opts.objective, self.opts.confirm,
-            admit=lambda r: fits(r, self.hw, limits) and (self.quality is None or self.quality.judge(r)[0]))
+            self.records,
+            self.opts.objective,
+            self.opts.confirm,
+            admit=lambda r: fits(r, self.hw, limits) and (self.quality is None or self.quality.judge(r)[0]),
+        )
 
     def confirm(self) -> dict | None:
         """Re-measure the candidates interleaved, round by round (see tuner.search.confirm); records are state
@@ -578,8 +638,9 @@ class Search:
 
         self.confirming = cands
         try:
-            self.confirmation = confirmlib.run_rounds(cands, self._confirm_run, self.opts.objective, lo, hi,
-                                                      keep_going=keep_going)
+            self.confirmation = confirmlib.run_rounds(
+                cands, self._confirm_run, self.opts.objective, lo, hi, keep_going=keep_going
+            )
         finally:
             self.confirming = None
         return self.confirmation
@@ -611,9 +672,14 @@ class Search:
         rec = recommendlib.recommend(self.records, self.hw, limits, self.opts.objective, quality=self.quality)
         if rec is None:
             return []
-        return ladderlib.candidates(self.space, self.records, rec["trial_number"], self.opts.objective,
-                                    fits=lambda r: fits(r, self.hw, limits),
-                                    allowed=lambda r: self.quality is None or self.quality.judge(r)[0])
+        return ladderlib.candidates(
+            self.space,
+            self.records,
+            rec["trial_number"],
+            self.opts.objective,
+            fits=lambda r: fits(r, self.hw, limits),
+            allowed=lambda r: self.quality is None or self.quality.judge(r)[0],
+        )
 
     def ladder(self) -> bool:
         """Measure the ladder (tuner.search.confirm.run_ladder) for the race's minimum of rounds; False when stopped."""
@@ -635,19 +701,32 @@ class Search:
         """Step the working rung down the ladder while the trials say it does not fit (tuner.search.ladder.step_down);
         the baselines run again at the new rung."""
         while (lower := ladderlib.step_down(self.space, self.records)) is not None:
-            print(f"note: nothing fits at n_ctx {self.space.base.n_ctx} (the search's configs ran out of memory "
-                  f"there, none completed): the working context steps down the ladder to {lower}", file=sys.stderr)
+            print(
+                f"note: nothing fits at n_ctx {self.space.base.n_ctx} (the search's configs ran out of memory "
+                f"there, none completed): the working context steps down the ladder to {lower}",
+                file=sys.stderr,
+            )
             self.space.set_working(lower)
             self._list_space()
-            if self.opts.baselines and self.opts.sampler != "grid" and not any(
-                    r.baseline and r.config.effective_ctx() == lower for r in self.records):
+            if (
+                self.opts.baselines
+                and self.opts.sampler != "grid"
+                and not any(r.baseline and r.config.effective_ctx() == lower for r in self.records)
+            ):
                 # the baselines again, at this rung: the race and the ladder compare with the defaults here
                 self._baselines.clear()
                 self._enqueue_baselines(again=True)
 
     def write_recommendation(self) -> dict | None:
-        rec = recommendlib.recommend(self.records, self.hw, self.opts.limits, self.opts.objective,
-                                     study=self.study_name, pareto=self.opts.pareto, quality=self.quality)
+        rec = recommendlib.recommend(
+            self.records,
+            self.hw,
+            self.opts.limits,
+            self.opts.objective,
+            study=self.study_name,
+            pareto=self.opts.pareto,
+            quality=self.quality,
+        )
         if rec is not None:
             recommendlib.write(self.dir / recommendlib.RECOMMENDED_FILE, rec)
         return rec
@@ -659,8 +738,9 @@ class Search:
                 v = r.objective("tg" if self.opts.pareto else self.opts.objective)
                 if v is None:
                     continue
-                better = best is None or (v < best[1] if self.opts.objective == "ttft" and not self.opts.pareto
-                                          else v > best[1])
+                better = best is None or (
+                    v < best[1] if self.opts.objective == "ttft" and not self.opts.pareto else v > best[1]
+                )
                 if better:
                     best = (r.trial_number, v)
         return best

@@ -118,8 +118,9 @@ class SearchOptions:
 
     @property
     def limits(self) -> Limits:
-        return Limits(min_ctx=self.min_ctx, max_vram=self.max_vram, max_ram=self.max_ram,
-                      headroom=parse_headroom(self.headroom))
+        return Limits(
+            min_ctx=self.min_ctx, max_vram=self.max_vram, max_ram=self.max_ram, headroom=parse_headroom(self.headroom)
+        )
 
     @property
     def confirm_range(self) -> tuple[int, int]:

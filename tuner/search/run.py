@@ -78,8 +78,10 @@ def check_split(space, rig) -> None:
     d = space.dims.get("tensor_split")
     for v in d.values if d else []:
         if len(parse_tensor_split(v)) > max(rig.n_gpus, 1):
-            raise SpaceError(f"--tensor-split {v}: {len(parse_tensor_split(v))} shares for {rig.n_gpus} GPU(s)"
-                             + (" (--gpus describes the GPUs of a dry run)" if not rig.described else ""))
+            raise SpaceError(
+                f"--tensor-split {v}: {len(parse_tensor_split(v))} shares for {rig.n_gpus} GPU(s)"
+                + (" (--gpus describes the GPUs of a dry run)" if not rig.described else "")
+            )
 
 
 def synthetic_models(results: str | Path, preset: str, quants: str) -> list[str]:
@@ -91,9 +93,16 @@ def synthetic_models(results: str | Path, preset: str, quants: str) -> list[str]
         raise SearchError(f"cannot write models to {folder}: {e.strerror or e}") from None
 
 
-def run_search(models=(), options: SearchOptions | None = None, *, on_trial: Callable | None = None,
-               on_confirm: Callable | None = None, log: Callable[[str], None] | None = None,
-               quality_progress: Callable | None = None, **overrides) -> SearchResult:
+def run_search(
+    models=(),
+    options: SearchOptions | None = None,
+    *,
+    on_trial: Callable | None = None,
+    on_confirm: Callable | None = None,
+    log: Callable[[str], None] | None = None,
+    quality_progress: Callable | None = None,
+    **overrides,
+) -> SearchResult:
     """Run (or resume) one Optuna study and return its recommendation.
 
     `options` are `tuner search`'s options (SearchOptions, defaults: the command's); keyword `overrides` change
@@ -133,29 +142,47 @@ def run_search(models=(), options: SearchOptions | None = None, *, on_trial: Cal
     endpoints = rpclib.parse_endpoints(opts.rpc)
     rpclib.check_reachable(endpoints)  # llama.cpp would abort the worker: bad input, before anything runs
     remote = [d for d in hardware.llama_devices(endpoints) if d["backend"] == "RPC"] if endpoints else []
-    base = TrialConfig(model=models[0], n_threads=hwinfo.cores_physical, n_threads_batch=0, rpc=",".join(endpoints),
-                       **opts.shape)
+    base = TrialConfig(
+        model=models[0], n_threads=hwinfo.cores_physical, n_threads_batch=0, rpc=",".join(endpoints), **opts.shape
+    )
     check_limits(hwinfo, opts.max_ram, opts.max_vram, limits.headroom)
     needs = {"tg": base.n_gen, "pp": base.n_prompt, "ttft": base.n_prompt, "mixed": base.n_prompt + base.n_gen}
     objective = "tg" if opts.pareto else opts.objective
     if not needs[objective]:
-        raise SearchError(f"--objective {objective} measures nothing with this test shape "
-                          f"(-p {base.n_prompt} -n {base.n_gen})")
+        raise SearchError(
+            f"--objective {objective} measures nothing with this test shape (-p {base.n_prompt} -n {base.n_gen})"
+        )
     if opts.confirm < 0:
         raise SearchError("--confirm must be at least 1 (or --no-confirm)")
     if opts.confirm and opts.confirm_rounds < MIN_ROUNDS:
-        raise SearchError(f"--confirm-rounds {opts.confirm_rounds} is below the confirmation race's minimum of "
-                          f"{MIN_ROUNDS} rounds (the fewest at which its paired test can tell two configs apart)")
+        raise SearchError(
+            f"--confirm-rounds {opts.confirm_rounds} is below the confirmation race's minimum of "
+            f"{MIN_ROUNDS} rounds (the fewest at which its paired test can tell two configs apart)"
+        )
     if not opts.dry_run and (opts.gpus or opts.ram):
-        raise SearchError(f"{'--gpus' if opts.gpus else '--ram'} describes a rig to plan for: it needs --dry-run (a "
-                          "real run measures the machine it runs on, with the GPUs NVML reports)")
+        raise SearchError(
+            f"{'--gpus' if opts.gpus else '--ram'} describes a rig to plan for: it needs --dry-run (a "
+            "real run measures the machine it runs on, with the GPUs NVML reports)"
+        )
     # a described GPU rig assumes a GPU build; RPC servers' devices are GPUs to llama.cpp
     gpu_offload = bool(build.get("gpu_offload")) or bool(opts.gpus) or bool(remote)
-    rig = (fitlib.described_rig(opts.gpus, opts.ram, hwinfo, limits) if opts.gpus
-           else fitlib.rig_from_hardware(hwinfo, limits, gpu_offload, remote))
-    space = spacelib.build_space(models, infos, opts.specs, base, gpu_offload, hwinfo.cores_physical,
-                                 hwinfo.cores_logical, objective=objective, auto=opts.auto_space,
-                                 ram_total=hwinfo.ram_total)
+    rig = (
+        fitlib.described_rig(opts.gpus, opts.ram, hwinfo, limits)
+        if opts.gpus
+        else fitlib.rig_from_hardware(hwinfo, limits, gpu_offload, remote)
+    )
+    space = spacelib.build_space(
+        models,
+        infos,
+        opts.specs,
+        base,
+        gpu_offload,
+        hwinfo.cores_physical,
+        hwinfo.cores_logical,
+        objective=objective,
+        auto=opts.auto_space,
+        ram_total=hwinfo.ram_total,
+    )
     if "n_threads_batch" not in space.dims:
         # threads_batch follows threads unless searched on its own
         space.base = dataclasses.replace(space.base, n_threads_batch=0)
@@ -180,15 +207,33 @@ def run_search(models=(), options: SearchOptions | None = None, *, on_trial: Cal
     srch = Search(space, opts, infos, hwinfo, build, on_trial=on_trial, on_confirm=on_confirm)
     # the lock comes first: resuming marks trials left RUNNING as interrupted, which must never touch a study
     # that another process is measuring right now
-    with measurement_lock(wait=not opts.no_wait, what=f"tuner search {name}", path=opts.lock_file), \
-            Runner(timeout=opts.trial_timeout, mem_limit=opts.mem_limit, reuse=opts.reuse_workers, hw=hwinfo,
-                   build=build, load_timeout=opts.load_timeout) as runner:
+    with (
+        measurement_lock(wait=not opts.no_wait, what=f"tuner search {name}", path=opts.lock_file),
+        Runner(
+            timeout=opts.trial_timeout,
+            mem_limit=opts.mem_limit,
+            reuse=opts.reuse_workers,
+            hw=hwinfo,
+            build=build,
+            load_timeout=opts.load_timeout,
+        ) as runner,
+    ):
         # quality first: its bad input (a reference of another vocabulary, ...) must leave nothing written
         if opts.quality and (len(models) > 1 or opts.reference or opts.reference_logits):
-            srch.quality = measure_quality(models, runner, space, budget, opts.results, reference=opts.reference,
-                                           reference_logits=opts.reference_logits, text=opts.quality_text,
-                                           ctx=opts.quality_ctx, n_threads=hwinfo.cores_physical, log=log,
-                                           progress=quality_progress)
+            srch.quality = measure_quality(
+                models,
+                runner,
+                space,
+                budget,
+                opts.results,
+                reference=opts.reference,
+                reference_logits=opts.reference_logits,
+                text=opts.quality_text,
+                ctx=opts.quality_ctx,
+                n_threads=hwinfo.cores_physical,
+                log=log,
+                progress=quality_progress,
+            )
         srch.prepare()
         if srch.quality is not None and not any(r.ok for r in srch.quality.results):
             # nothing measured (every pass failed, e.g. under --mem-limit): no budget can be applied, and
@@ -202,8 +247,10 @@ def run_search(models=(), options: SearchOptions | None = None, *, on_trial: Cal
         for line in describe_space(space):
             log(line)
         varying = ", ".join(f"{k}={d.spec()}" for k, d in space.varying().items()) or "nothing varies"
-        log(f"study {name}: {len(models)} model(s), {space.size()} configs ({varying}); "
-            f"storage {redact(opts.storage_url)}")
+        log(
+            f"study {name}: {len(models)} model(s), {space.size()} configs ({varying}); "
+            f"storage {redact(opts.storage_url)}"
+        )
         done = srch.done_trials()
         if done:
             log(f"resuming study {name}: {done} trial(s) already done")
@@ -218,28 +265,56 @@ def run_search(models=(), options: SearchOptions | None = None, *, on_trial: Cal
         finally:
             srch.close()
     if rec is None and srch.quality is not None and any(r.ok for r in srch.records):
-        log("note: no config of a model file within the quality budget completed (see the quality lines above; "
-            "--max-kld sets the budget)")
+        log(
+            "note: no config of a model file within the quality budget completed (see the quality lines above; "
+            "--max-kld sets the budget)"
+        )
     return SearchResult(study_dir, rec, stopped=srch.stop_requested, finished=srch.finished)
 
 
-def measure_quality(models, runner, space, budget, results, *, reference=None, reference_logits=None, text=None,
-                    ctx=None, n_threads=0, log=lambda line: None, progress=None):
+def measure_quality(
+    models,
+    runner,
+    space,
+    budget,
+    results,
+    *,
+    reference=None,
+    reference_logits=None,
+    text=None,
+    ctx=None,
+    n_threads=0,
+    log=lambda line: None,
+    progress=None,
+):
     """Each model file's quality against the reference, per KV-cache combination of the space (cached in
     RESULTS/quality/: a resumed search pays nothing). Raises SearchError on bad input, before any pass."""
     out = []
     for type_k, type_v in combinations(space):
         settings = Settings(ctx=ctx, n_threads=n_threads, type_k=type_k, type_v=type_v)
-        out += measure_files(models, runner, reference=reference, reference_logits=reference_logits, text=text,
-                         settings=settings, cache=Cache(results), progress=progress)
+        out += measure_files(
+            models,
+            runner,
+            reference=reference,
+            reference_logits=reference_logits,
+            text=text,
+            settings=settings,
+            cache=Cache(results),
+            progress=progress,
+        )
     sq = StudyQuality(out, budget)
     for res in out:
         ok, why = budget.judge(res)
-        figures = (f"KLD {res.kld_mean:.4f} ± {res.kld_mean_err:.4f}, same top {res.same_top_pct:.1f} %"
-                   if res.ok else f"{res.outcome}: {res.cause[:100]}")
-        log(f"quality {Path(res.model).name} (KV {res.type_k}/{res.type_v}){' [ref]' if res.is_reference else ''}"
+        figures = (
+            f"KLD {res.kld_mean:.4f} ± {res.kld_mean_err:.4f}, same top {res.same_top_pct:.1f} %"
+            if res.ok
+            else f"{res.outcome}: {res.cause[:100]}"
+        )
+        log(
+            f"quality {Path(res.model).name} (KV {res.type_k}/{res.type_v}){' [ref]' if res.is_reference else ''}"
             f"{' (cached)' if res.cached else ''}: {figures}; "
-            + ("within the budget" if ok else f"not recommended: {why}"))
+            + ("within the budget" if ok else f"not recommended: {why}")
+        )
     return sq
 
 
@@ -249,11 +324,15 @@ def describe_space(space) -> list[str]:
     if lines:
         lines.insert(0, "default space (set any of these yourself to override):")
     if space.auto and "n_batch" not in space.dims and space.base is not None:
-        lines.append(f"  n_batch = {space.base.n_batch}: llama.cpp's default; it changes speed only for prompts "
-                     f"longer than itself (this test's prompt: {space.base.n_prompt} tokens)")
+        lines.append(
+            f"  n_batch = {space.base.n_batch}: llama.cpp's default; it changes speed only for prompts "
+            f"longer than itself (this test's prompt: {space.base.n_prompt} tokens)"
+        )
     if "type_k" not in space.dims and "type_v" not in space.dims:
-        lines.append("  type_k/type_v = f16: KV-cache types change the output; list them (-ctk f16,q8_0 -ctv "
-                     "f16,q8_0) to search them")
+        lines.append(
+            "  type_k/type_v = f16: KV-cache types change the output; list them (-ctk f16,q8_0 -ctv "
+            "f16,q8_0) to search them"
+        )
     return lines
 
 
@@ -264,12 +343,14 @@ def search_total(srch) -> int | None:
 
 def study_hardware(rec: TrialRecord) -> hardware.Hardware:
     """The machine a study was measured on, as its records saved it."""
-    return hardware.Hardware(**{k: v for k, v in rec.hw.items() if k != "gpus"},
-                             gpus=[hardware.GPU(**g) for g in rec.hw.get("gpus", [])])
+    return hardware.Hardware(
+        **{k: v for k, v in rec.hw.items() if k != "gpus"}, gpus=[hardware.GPU(**g) for g in rec.hw.get("gpus", [])]
+    )
 
 
-def recommend_study(study_dir: str | Path, objective: str | None = None, limits: Limits = Limits(),
-                    write: bool = True) -> dict:
+def recommend_study(
+    study_dir: str | Path, objective: str | None = None, limits: Limits = Limits(), write: bool = True
+) -> dict:
     """Re-derive a study's recommendation under other limits from its saved trials (nothing is re-run).
 
     objective None keeps the study's; write rewrites STUDY_DIR/recommended.json. Raises SearchError when the
@@ -288,8 +369,9 @@ def recommend_study(study_dir: str | Path, objective: str | None = None, limits:
             raise SearchError(f"{path} is not valid JSON ({e}); remove it or pass --no-write") from None
     objective = objective or old.get("objective", "mixed")
     sq = StudyQuality.load(study_dir)
-    rec = recommendlib.recommend(recs, study_hardware(recs[0]), limits, objective, study=recs[0].study,
-                                 pareto="pareto_front" in old, quality=sq)
+    rec = recommendlib.recommend(
+        recs, study_hardware(recs[0]), limits, objective, study=recs[0].study, pareto="pareto_front" in old, quality=sq
+    )
     if rec is None:
         raise SearchError(f"no completed trial in {study_dir} meets these limits")
     if write:

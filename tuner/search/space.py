@@ -167,8 +167,7 @@ class Space:
 
     def describe(self) -> dict:
         """What a resumed study must agree on: models, dimensions and the test shape."""
-        shape = {k: getattr(self.base, k) for k in ("n_prompt", "n_gen", "n_depth", "repetitions")} \
-            if self.base else {}
+        shape = {k: getattr(self.base, k) for k in ("n_prompt", "n_gen", "n_depth", "repetitions")} if self.base else {}
         out = {"models": self.models, "dims": {k: d.spec() for k, d in self.dims.items()}, "shape": shape}
         if self.ladder:
             out["ladder"] = {"rungs": list(self.ladder), "depth": "fill" if self.depth_fill else self.base.n_depth}
@@ -206,9 +205,18 @@ def ranged(name: str, vals: list[int], step: int | None) -> Dimension:
     return Dimension(name, vals)
 
 
-def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str, object], base: TrialConfig,
-                gpu_offload: bool, physical_cores: int, logical_cores: int, objective: str = "mixed",
-                auto: bool = False, ram_total: int | None = None) -> Space:
+def build_space(
+    models: list[str],
+    infos: dict[str, ModelInfo],
+    specs: dict[str, object],
+    base: TrialConfig,
+    gpu_offload: bool,
+    physical_cores: int,
+    logical_cores: int,
+    objective: str = "mixed",
+    auto: bool = False,
+    ram_total: int | None = None,
+) -> Space:
     """Dimensions from the user's specs, bounded by the models' layer counts and the build's abilities.
 
     With `auto`, every dimension the user left unset that matters for this objective, build and model gets
@@ -220,8 +228,9 @@ def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str,
             continue
         space.dims[name] = parse_dimension(name, spec)
     if auto:
-        for name, (dim, why) in auto_dimensions(infos, gpu_offload, physical_cores, logical_cores, objective,
-                                                ram_total, base).items():
+        for name, (dim, why) in auto_dimensions(
+            infos, gpu_offload, physical_cores, logical_cores, objective, ram_total, base
+        ).items():
             if name not in space.dims:
                 space.dims[name] = dim
                 space.auto[name] = why
@@ -230,14 +239,18 @@ def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str,
     if "n_gpu_layers" in space.dims:
         d = space.dims["n_gpu_layers"]
         if not gpu_offload:
-            space.notes.append("n_gpu_layers collapsed to 0: this llama-cpp-python build has no GPU offload "
-                               "(see README: CMAKE_ARGS=\"-DGGML_CUDA=on\")")
+            space.notes.append(
+                "n_gpu_layers collapsed to 0: this llama-cpp-python build has no GPU offload "
+                '(see README: CMAKE_ARGS="-DGGML_CUDA=on")'
+            )
             space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", [0])
         else:
             vals = sorted({all_layers if v < 0 or v > all_layers else v for v in d.values})
             if max(d.values) > all_layers or min(d.values) < 0:
-                space.notes.append(f"n_gpu_layers bounded to the model's real count: {all_layers} "
-                                   f"({n_layer} layers + output; -1/99/999 mean all)")
+                space.notes.append(
+                    f"n_gpu_layers bounded to the model's real count: {all_layers} "
+                    f"({n_layer} layers + output; -1/99/999 mean all)"
+                )
             space.dims["n_gpu_layers"] = ranged("n_gpu_layers", vals, d.step)
     elif gpu_offload:
         space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", list(range(0, all_layers + 1)), 1)
@@ -255,8 +268,10 @@ def build_space(models: list[str], infos: dict[str, ModelInfo], specs: dict[str,
                 space.notes.append(f"n_cpu_moe bounded to the layer count: {n_layer}")
             space.dims["n_cpu_moe"] = ranged("n_cpu_moe", vals, d.step)
             if not gpu_offload and len(vals) > 1:
-                space.notes.append("n_cpu_moe kept as asked, but on this CPU-only build experts are in host "
-                                   "memory anyway: it changes buffer placement, not where compute runs")
+                space.notes.append(
+                    "n_cpu_moe kept as asked, but on this CPU-only build experts are in host "
+                    "memory anyway: it changes buffer placement, not where compute runs"
+                )
     elif gpu_offload and any(i.is_moe for i in infos.values()):
         space.dims["n_cpu_moe"] = Dimension("n_cpu_moe", list(range(0, n_layer + 1)), 1)
         space.auto["n_cpu_moe"] = "a MoE model on a GPU build: experts of the first N layers in host RAM"
@@ -287,10 +302,12 @@ def working_context(space: Space, infos: dict[str, ModelInfo]) -> None:
     if d is None:
         w = min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
         space.dims["n_ctx"] = Dimension("n_ctx", [w])
-        space.auto["n_ctx"] = ("the working context" + (f" ({DEFAULT_CTX} capped by the trained {trained})"
-                                                        if trained and trained < DEFAULT_CTX else "")
-                               + ": every trial allocates it; --ctx sets yours (a list or range also gives a context "
-                                 "ladder)")
+        space.auto["n_ctx"] = (
+            "the working context"
+            + (f" ({DEFAULT_CTX} capped by the trained {trained})" if trained and trained < DEFAULT_CTX else "")
+            + ": every trial allocates it; --ctx sets yours (a list or range also gives a context "
+            "ladder)"
+        )
         d = space.dims["n_ctx"]
     over = [v for v in d.values if trained and v > trained]
     if over:
@@ -311,8 +328,10 @@ def check_depth(space: Space, depth_given: bool) -> None:
         need = depth + max(b.n_prompt, b.n_gen) + 1
         if v < need:
             if depth_given and depth:
-                raise SpaceError(f"--depth {depth} is beyond the context {v} of --ctx {d.spec()}: a context must "
-                                 f"hold the depth plus the test (depth + max(n_prompt, n_gen) + 1 = {need})")
+                raise SpaceError(
+                    f"--depth {depth} is beyond the context {v} of --ctx {d.spec()}: a context must "
+                    f"hold the depth plus the test (depth + max(n_prompt, n_gen) + 1 = {need})"
+                )
             raise SpaceError(f"--ctx {v} cannot hold the test (max(n_prompt, n_gen) + 1 = {need} tokens)")
 
 
@@ -336,16 +355,22 @@ def make_ladder(space: Space, depth_given: bool, asked: int = 0) -> None:
     space.depth_fill = not depth_given
     space.set_working(space.ladder[-1])
     depth = "filled" if space.depth_fill else f"at depth {space.base.n_depth}"
-    space.auto["n_ctx"] = (f"a context ladder ({', '.join(map(str, space.ladder))}): searched at the working "
-                           f"context {space.ladder[-1]}, {depth}; then every rung measured with the winner and the "
-                           "defaults, interleaved")
+    space.auto["n_ctx"] = (
+        f"a context ladder ({', '.join(map(str, space.ladder))}): searched at the working "
+        f"context {space.ladder[-1]}, {depth}; then every rung measured with the winner and the "
+        "defaults, interleaved"
+    )
 
 
-
-
-def auto_dimensions(infos: dict[str, ModelInfo], gpu_offload: bool, physical_cores: int, logical_cores: int,
-                    objective: str = "mixed", ram_total: int | None = None,
-                    base: TrialConfig | None = None) -> dict[str, tuple[Dimension, str]]:
+def auto_dimensions(
+    infos: dict[str, ModelInfo],
+    gpu_offload: bool,
+    physical_cores: int,
+    logical_cores: int,
+    objective: str = "mixed",
+    ram_total: int | None = None,
+    base: TrialConfig | None = None,
+) -> dict[str, tuple[Dimension, str]]:
     """The default space: what llama.cpp users tune by hand on this kind of machine, each with its reason.
 
     KV-cache types are never here: they change the output, so they are searched only when the user lists them.
@@ -364,14 +389,17 @@ def auto_dimensions(infos: dict[str, ModelInfo], gpu_offload: bool, physical_cor
         ub = [512, 1024, 2048] if gpu_offload else [128, 256, 512]
         if base is not None:
             ub = [u for u in ub if u <= base.n_batch] or [base.n_batch]
-        out["n_ubatch"] = (Dimension("n_ubatch", ub), "physical batch size: prompt speed against compute-buffer "
-                                                      "memory")
-    out["flash_attn"] = (Dimension("flash_attn", ["on", "off"]), "flash attention: speed and KV memory differ by "
-                                                                 "backend and model")
+        out["n_ubatch"] = (Dimension("n_ubatch", ub), "physical batch size: prompt speed against compute-buffer memory")
+    out["flash_attn"] = (
+        Dimension("flash_attn", ["on", "off"]),
+        "flash attention: speed and KV memory differ by backend and model",
+    )
     big = max(i.file_size for i in infos.values())
     if ram_total and big > ram_total // 2:
-        out["use_mmap"] = (Dimension("use_mmap", [True, False]),
-                           f"the model ({big / 2**30:.1f} GiB) is over half the RAM: mmap or a full load can differ")
+        out["use_mmap"] = (
+            Dimension("use_mmap", [True, False]),
+            f"the model ({big / 2**30:.1f} GiB) is over half the RAM: mmap or a full load can differ",
+        )
     return out
 
 

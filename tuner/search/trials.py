@@ -37,15 +37,22 @@ def dominated_by(cfg: TrialConfig, failed: list[tuple[int, TrialConfig, str]]) -
         on_gpu = bool(VRAM_OOM.search(cause))
         more_gpu = cfg.n_gpu_layers >= f.n_gpu_layers and cfg.n_cpu_moe <= f.n_cpu_moe
         more_host = cfg.n_gpu_layers <= f.n_gpu_layers and cfg.n_cpu_moe >= f.n_cpu_moe
-        if (cfg.model == f.model and cfg.use_mmap == f.use_mmap and cfg.overrides == f.overrides
-                and cfg.cpu_moe == f.cpu_moe and cfg.split_mode == f.split_mode and cfg.main_gpu == f.main_gpu
-                and cfg.tensor_split == f.tensor_split
-                and (more_gpu if on_gpu else more_host)
-                and cfg.effective_ctx() >= f.effective_ctx()
-                and cfg.n_batch >= f.n_batch and cfg.n_ubatch >= f.n_ubatch
-                and KV_TYPE_BYTES[cfg.type_k] >= KV_TYPE_BYTES[f.type_k]
-                and KV_TYPE_BYTES[cfg.type_v] >= KV_TYPE_BYTES[f.type_v]
-                and (cfg.flash_attn == f.flash_attn or f.flash_attn == "on")):
+        if (
+            cfg.model == f.model
+            and cfg.use_mmap == f.use_mmap
+            and cfg.overrides == f.overrides
+            and cfg.cpu_moe == f.cpu_moe
+            and cfg.split_mode == f.split_mode
+            and cfg.main_gpu == f.main_gpu
+            and cfg.tensor_split == f.tensor_split
+            and (more_gpu if on_gpu else more_host)
+            and cfg.effective_ctx() >= f.effective_ctx()
+            and cfg.n_batch >= f.n_batch
+            and cfg.n_ubatch >= f.n_ubatch
+            and KV_TYPE_BYTES[cfg.type_k] >= KV_TYPE_BYTES[f.type_k]
+            and KV_TYPE_BYTES[cfg.type_v] >= KV_TYPE_BYTES[f.type_v]
+            and (cfg.flash_attn == f.flash_attn or f.flash_attn == "on")
+        ):
             return number, cause
     return None
 
