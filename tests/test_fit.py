@@ -18,7 +18,7 @@ import pytest
 
 from tuner.model.meta import EXPS_RE, read_model
 from tuner.plan import fit as F
-from tuner.plan import planner
+from tuner.plan import placement
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -46,7 +46,7 @@ def devices(*mib: int, ram: int = 0) -> list[F.DeviceMemory]:
 def weights_by_device(res: F.FitResult, info, devs) -> tuple[list[int], list[str]]:
     """Where the fitted config puts each tensor (the planner's placement), and the names of those on the host."""
     cfg = res.trial_config(F.server_config(info.path))
-    where, _ = planner.tensor_devices(cfg, info, True, [d.free for d in devs], tuple(d.name for d in devs))
+    where, _ = placement.tensor_devices(cfg, info, True, [d.free for d in devs], tuple(d.name for d in devs))
     return where, [t.name for t, d in zip(info.tensors, where) if d < 0]
 
 
@@ -101,7 +101,7 @@ def test_experts_move_to_host_before_dense_weights(moe):
 
 def test_dense_model_moves_whole_layers(tiny):
     devs = devices(1)
-    per_layer = [d for d in planner.layer_devices(F.server_config(tiny.path, n_ctx=4096, n_gpu_layers=3), tiny, True)]
+    per_layer = [d for d in placement.layer_devices(F.server_config(tiny.path, n_ctx=4096, n_gpu_layers=3), tiny, True)]
     assert per_layer == [0, 0, 0]
     full = F.fit(tiny, devs, F.server_config(tiny.path, n_ctx=512), margins=0)
     assert full.ok and not full.overrides  # dense: no overrides, only n_gpu_layers

@@ -20,7 +20,7 @@ from tuner.cli import cli
 from tuner.measure import hardware, pagecache, store
 from tuner.measure.runner import Runner, resolve
 from tuner.model.meta import read_model
-from tuner.plan import oracle, planner
+from tuner.plan import oracle, placement, planner
 from tuner.record import TrialConfig
 from tuner.search import feasible as fit
 
@@ -161,7 +161,7 @@ def test_layer_devices_follow_llama_cpp_split_points(flagships):
     info = read_model(flagships["deepseek2"])  # 61 blocks + output
 
     def devs(**kw):
-        return planner.layer_devices(TrialConfig(model=info.path, **kw), info, True, free=[24 * GiB, 24 * GiB])
+        return placement.layer_devices(TrialConfig(model=info.path, **kw), info, True, free=[24 * GiB, 24 * GiB])
 
     d = devs(n_gpu_layers=62, tensor_split="3/1")  # split points 0.75, 1: il/62 < 0.75 for il <= 46
     assert d[:47] == [0] * 47 and d[47:] == [1] * 15
@@ -171,7 +171,7 @@ def test_layer_devices_follow_llama_cpp_split_points(flagships):
     assert d[:52] == [-1] * 52 and d[52:60] == [0] * 8 and d[60:] == [1, 1]
     d = devs(n_gpu_layers=62)  # no split given: by free memory, here equal
     assert d == devs(n_gpu_layers=62, tensor_split="1/1")
-    uneven = planner.layer_devices(
+    uneven = placement.layer_devices(
         TrialConfig(model=info.path, n_gpu_layers=62), info, True, free=[16 * GiB, 48 * GiB]
     )  # 1/4 of the layers to device 0
     assert uneven.count(0) == 16 and uneven.count(1) == 46

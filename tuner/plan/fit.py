@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from tuner.errors import TunerError
 from tuner.model.meta import ModelInfo
-from tuner.plan import planner
+from tuner.plan import placement, planner
 from tuner.record import TrialConfig, parse_tensor_split
 
 MiB = 1 << 20
@@ -721,8 +721,8 @@ def device_usage(
     alignment: 32 for CPU and RPC buffers, ggml-impl.h TENSOR_ALIGNMENT)."""
     n_dev = len(free) if free else 0
     gpu = n_dev > 0
-    where, _ = planner.tensor_devices(cfg, info, gpu, free, names)
-    layer_dev = planner.layer_devices(cfg, info, gpu, free) if gpu else [-1] * (info.n_layer + 1)
+    where, _ = placement.tensor_devices(cfg, info, gpu, free, names)
+    layer_dev = placement.layer_devices(cfg, info, gpu, free) if gpu else [-1] * (info.n_layer + 1)
     model = [0] * (n_dev + 1)  # index -1: the host
     for t, d in zip(info.tensors, where):
         model[d] += planner.pad(t.n_bytes, alignment)

@@ -28,7 +28,8 @@ from tuner import files
 from tuner.measure import hardware
 from tuner.model.meta import ModelInfo
 from tuner.plan import planner
-from tuner.plan.planner import gpu_layer_start, kv_layer_bytes, placement
+from tuner.plan.placement import gpu_layer_start, placement
+from tuner.plan.planner import kv_layer_bytes
 from tuner.record import TrialConfig
 
 HOST_BYTES = 256 << 20  # per copy: far beyond any cache

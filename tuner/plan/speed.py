@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import gguf
 
 from tuner.model.meta import ModelInfo
-from tuner.plan import planner, whatif
+from tuner.plan import placement, planner, whatif
 from tuner.record import TrialConfig
 
 HOST, DEVICE = "cpu", "gpu"
@@ -75,8 +75,8 @@ def _bytes(type_name: str, n_elements: int) -> int:
 def terms(info: ModelInfo, cfg: TrialConfig, types: dict[str, str] | None = None, gpu_offload: bool = False) -> Terms:
     """Per-token work of `info` (in `types`, default the file's) placed as llama.cpp places it for cfg."""
     types = types or tensor_types(info)
-    host, _ = planner.placement(cfg, info, gpu_offload)
-    start, out_gpu, _ = planner.gpu_layer_start(info, cfg.n_gpu_layers, gpu_offload)
+    host, _ = placement.placement(cfg, info, gpu_offload)
+    start, out_gpu, _ = placement.gpu_layer_start(info, cfg.n_gpu_layers, gpu_offload)
     tied = not any(t.name.startswith("output.weight") for t in info.tensors)
     frac = info.n_expert_used / info.n_expert if info.n_expert else 1.0
     out = Terms()

@@ -17,15 +17,8 @@ from tuner.measure import store
 from tuner.record import TrialConfig
 
 # the public names, importable as tuner.report.NAME (loading, charts, rendering live in the submodules)
-from tuner.report.charts import (
-    NO_OFFLOAD,
-    STUDY_CHARTS,
-    Chart,
-    chart_compare,
-    quant_colours,
-    speed_dimensions,
-    study_charts,
-)
+from tuner.report.canvas import NO_OFFLOAD, Chart, quant_colours
+from tuner.report.charts import STUDY_CHARTS, chart_compare, speed_dimensions, study_charts
 from tuner.report.load import DEFAULT_MAP, FORMATS, ReportError, Study, load_studies, load_study
 from tuner.report.render import compare_blocks, failure_groups, planner_rows, study_blocks, to_html, to_markdown
 

@@ -5,23 +5,30 @@ A new chart: write `chart_NAME(study, colours, **options) -> Chart` here and add
 
 from __future__ import annotations
 
-import io
 import math
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import matplotlib
 import optuna
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from optuna.distributions import CategoricalDistribution
 
-from tuner.record import OUTCOMES, TrialConfig, TrialRecord
+from tuner.record import OUTCOMES, TrialConfig
+from tuner.report.canvas import (
+    BASELINE_STYLE,
+    LABELS,
+    MODEL_MARKERS,
+    NO_OFFLOAD,
+    OUTCOME_COLOURS,
+    Chart,
+    figure,
+    legend,
+    mark_not_ok,
+    note,
+    single_x,
+)
 from tuner.report.load import (
     DEFAULT_MAP,
     SHAPE_FIELDS,
@@ -33,157 +40,9 @@ from tuner.report.load import (
     varying_fields,
     xvalue,
 )
+from tuner.report.proofs import chart_confirmation, chart_context_ladder, chart_quality
 from tuner.search.recommend import BASELINES, pareto_front
 from tuner.units import fmt_size
-
-OUTCOME_COLOURS = {
-    "ok": "#2ca02c",
-    "oom": "#d62728",
-    "crash": "#9467bd",
-    "timeout": "#ff7f0e",
-    "swap": "#8c564b",
-    "load_error": "#e377c2",
-    "error": "#111111",
-    "skipped": "#9a9a9a",
-    "interrupted": "#bcbd22",
-}
-MODEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-BASELINE_STYLE = {"llama.cpp defaults": ("#222222", "--"), "heuristic": ("#8e44ad", ":")}
-NO_OFFLOAD = "no GPU offload on this build: n_gpu_layers is 0 in every trial"
-LABELS = {
-    "n_gpu_layers": "n_gpu_layers (layers on the GPU)",
-    "n_ctx": "n_ctx (context size, tokens)",
-    "n_threads": "n_threads (generation threads)",
-    "n_threads_batch": "n_threads_batch (prompt threads)",
-    "n_batch": "n_batch (tokens)",
-    "n_ubatch": "n_ubatch (tokens)",
-    "flash_attn": "flash_attn",
-    "model": "model (quant file)",
-}
-RC = {
-    "svg.fonttype": "none",  # keep text as <text> in SVGs: searchable, small, selectable
-    "font.size": 9,
-    "axes.titlesize": 10,
-    "legend.fontsize": 7.5,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-}
-
-
-def quant_colours(studies: list[Study]) -> dict[str, Any]:
-    """One colour per quant file, the same in every chart of every study of one report."""
-    names = sorted({model_label(r.config.model) for s in studies for r in s.records})
-    palette = list(matplotlib.colormaps["tab10"].colors)
-    palette = [c for i, c in enumerate(palette) if i not in (3, 7)]  # red and grey mean failed/skipped here
-    palette += list(matplotlib.colormaps["Dark2"].colors)
-    return {n: palette[i % len(palette)] for i, n in enumerate(names)}
-
-
-def model_markers(studies: list[Study]) -> dict[str, str]:
-    names = sorted({model_label(r.config.model) for s in studies for r in s.records})
-    return {n: MODEL_MARKERS[i % len(MODEL_MARKERS)] for i, n in enumerate(names)}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# charts
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class Chart:
-    key: str  # file stem, e.g. "1-speed-vs-varied"
-    title: str
-    caption: str
-    fig: Figure
-    counts: Counter = field(default_factory=Counter)  # markers drawn: ok / failed outcomes / skipped / ...
-    notes: list[str] = field(default_factory=list)  # what the chart says instead of data it lacks
-    study: str = ""  # study label ("" for the comparison)
-    files: dict[str, Path] = field(default_factory=dict)
-
-    def render(self, fmt: str) -> bytes:
-        buf = io.BytesIO()
-        with matplotlib.rc_context(RC):
-            self.fig.savefig(
-                buf, format=fmt, dpi=110, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None
-            )
-        return buf.getvalue()
-
-
-def _figure(ncols: int, nrows: int = 1, width: float = 5.6, height: float = 4.0) -> Figure:
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-        FigureCanvasAgg(fig)
-        fig.subplots(nrows, ncols, squeeze=False)
-    return fig
-
-
-def _note(ax, text: str, chart: Chart, where: str = "center") -> None:
-    """Say on the chart what is missing, instead of drawing nothing: in the middle of an empty panel, or
-    (where="top") as the panel's title line, so it never hides data."""
-    if where == "center":
-        ax.text(
-            0.5,
-            0.5,
-            text,
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            fontsize=9,
-            wrap=True,
-            bbox={"boxstyle": "round", "fc": "#fff6d5", "ec": "#c9a227"},
-            zorder=10,
-        )
-    else:
-        old = ax.get_title()
-        ax.set_title((old + "\n" if old else "") + text, fontsize=8.5, color="#8a6d00")
-    text = " ".join(text.split())
-    if text not in chart.notes:
-        chart.notes.append(text)
-
-
-def _mark_not_ok(ax, recs: list[TrialRecord], x_of: Callable, y_of: Callable, chart: Chart, handles: dict) -> None:
-    """Failed trials as × in their outcome's colour, skipped ones as hollow grey circles: never dropped."""
-    by = defaultdict(list)
-    for r in recs:
-        if not r.ok:
-            y = y_of(r)
-            if y is not None:
-                by[r.outcome].append((x_of(r), y))
-    for outcome, pts in sorted(by.items()):
-        col = OUTCOME_COLOURS.get(outcome, "#000000")
-        if outcome == "skipped":
-            ax.scatter(*zip(*pts), s=42, facecolors="none", edgecolors=col, linewidths=1.2, zorder=4)
-            h = Line2D([], [], ls="", marker="o", mfc="none", mec=col, label=f"skipped ({len(pts)})")
-        else:
-            ax.scatter(*zip(*pts), s=48, marker="x", color=col, linewidths=1.8, zorder=5)
-            h = Line2D([], [], ls="", marker="x", color=col, mew=1.8, label=f"{outcome} ({len(pts)})")
-        handles[outcome] = h
-        chart.counts[outcome] += len(pts)
-
-
-def _legend(fig, extras: list[dict] = (), where: str = "below") -> None:
-    """One legend for the whole figure, outside the panels (a legend inside hides points); entries with the
-    same label in several panels appear once."""
-    seen: dict = {}
-    for ax in fig.axes:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(label, h)
-    for extra in extras:
-        for h in extra.values():
-            seen.setdefault(h.get_label(), h)
-    if not seen:
-        return
-    if where == "below":
-        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(3, len(seen)), framealpha=0.9)
-    else:
-        fig.legend(list(seen.values()), list(seen), loc="outside right upper", framealpha=0.9)
-
-
-def _single_x(ax, values) -> None:
-    """One numeric x value: a readable axis around it instead of matplotlib's ±0.05 ticks."""
-    vals = {v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if len(vals) == 1:
-        v = vals.pop()
-        ax.set_xlim(v - 1, v + 1)
-        ax.set_xticks([v])
 
 
 def _speed_panel(ax, study: Study, colours, param: str, metric: str, chart: Chart) -> dict:
@@ -226,7 +85,7 @@ def _speed_panel(ax, study: Study, colours, param: str, metric: str, chart: Char
         )
         chart.counts["ok"] += len(rs)
     extra: dict = {}
-    _mark_not_ok(ax, trials, x_of, lambda r: 0.0, chart, extra)
+    mark_not_ok(ax, trials, x_of, lambda r: 0.0, chart, extra)
     what = {"tg": "tg: generation", "pp": "pp: prompt processing"}[metric]
     ax.set_ylabel(f"{what} speed (tokens/s)")
     ax.set_xlabel(LABELS.get(param, param))
@@ -235,11 +94,11 @@ def _speed_panel(ax, study: Study, colours, param: str, metric: str, chart: Char
     top = max([r.metric(metric)[0] + (r.metric(metric)[1] or 0) for r in ok], default=1.0)
     ax.set_ylim(-0.05 * top, 1.12 * top)
     if not ok:
-        _note(ax, f"no trial succeeded: no {metric} t/s to plot\n(failed trials are marked at 0)", chart)
+        note(ax, f"no trial succeeded: no {metric} t/s to plot\n(failed trials are marked at 0)", chart)
     elif len({x_of(r) for r in trials}) < 2:
-        _note(ax, f"only one {param} value was measured", chart, "top")
+        note(ax, f"only one {param} value was measured", chart, "top")
     if not categorical:
-        _single_x(ax, [xvalue(r, param) for r in trials])
+        single_x(ax, [xvalue(r, param) for r in trials])
     return extra
 
 
@@ -257,7 +116,7 @@ def chart_speed_vs_varied(study: Study, colours, **options) -> Chart:
     """tg and pp against each dimension the study varied: a constant (n_gpu_layers 0 on a CPU build) is one
     point that says nothing, so it gets no panel."""
     dims = speed_dimensions(study)
-    fig = _figure(2, max(1, len(dims)), height=3.6)
+    fig = figure(2, max(1, len(dims)), height=3.6)
     ch = Chart(
         "1-speed-vs-varied",
         "Speed against what the study varied",
@@ -281,10 +140,10 @@ def chart_speed_vs_varied(study: Study, colours, **options) -> Chart:
         )
         for ax in fig.axes:
             ax.set_axis_off()
-        _note(fig.axes[0], why, ch)
+        note(fig.axes[0], why, ch)
     if not study.gpu_offload and "n_gpu_layers" not in dims:
         ch.notes.append(NO_OFFLOAD)  # said in the report's text: why there is no GPU-layers panel
-    _legend(fig, extras)
+    legend(fig, extras)
     varied = ", ".join(dims) or "nothing but threads"
     fig.suptitle(f"{study.label}: t/s against {varied} ({shape_label(study.trials)})")
     return ch
@@ -308,7 +167,7 @@ def _vram_wall(ax, study: Study, chart: Chart) -> None:
 
 
 def chart_speed_vs_threads(study: Study, colours, **options) -> Chart:
-    fig = _figure(2)
+    fig = figure(2)
     ch = Chart(
         "2-speed-vs-threads",
         "Speed against threads",
@@ -317,7 +176,7 @@ def chart_speed_vs_threads(study: Study, colours, **options) -> Chart:
         fig,
         study=study.label,
     )
-    _legend(
+    legend(
         fig,
         [
             _speed_panel(fig.axes[0], study, colours, "n_threads", "tg", ch),
@@ -351,7 +210,7 @@ def _mem_panel(ax, study: Study, colours, param: str, what: str, chart: Chart) -
         chart.counts["ok"] += len(rs)
     extra: dict = {}
     # a failed trial's peak is what it reached before dying: that is where the wall is
-    _mark_not_ok(
+    mark_not_ok(
         ax,
         trials,
         lambda r: xvalue(r, param),
@@ -384,14 +243,14 @@ def _mem_panel(ax, study: Study, colours, param: str, what: str, chart: Chart) -
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if vals:
-        _single_x(ax, [xvalue(r, param) for r in trials])
+        single_x(ax, [xvalue(r, param) for r in trials])
     else:
         ax.set_xticks([])
         ax.set_yticks([])
         if what == "vram":
-            _note(ax, "no VRAM measured" + (f"\n({NO_OFFLOAD})" if not study.gpu_offload else ""), chart)
+            note(ax, "no VRAM measured" + (f"\n({NO_OFFLOAD})" if not study.gpu_offload else ""), chart)
         else:
-            _note(ax, "no trial has a peak RAM reading", chart)
+            note(ax, "no trial has a peak RAM reading", chart)
     missing = sum(1 for r in trials if not r.ok and not getattr(r, attr))
     if vals and missing and what == "ram":
         ax.text(
@@ -416,7 +275,7 @@ def _cap(study: Study, what: str) -> int | None:
 
 
 def chart_memory(study: Study, colours, **options) -> Chart:
-    fig = _figure(2, 2, height=3.6)
+    fig = figure(2, 2, height=3.6)
     ch = Chart(
         "3-memory",
         "Measured memory",
@@ -433,14 +292,14 @@ def chart_memory(study: Study, colours, **options) -> Chart:
         _mem_panel(a[3], study, colours, "n_ctx", "vram", ch),
     ]
     if not study.gpu_offload:
-        _note(a[0], NO_OFFLOAD, ch, "top")
-    _legend(fig, extras)
+        note(a[0], NO_OFFLOAD, ch, "top")
+    legend(fig, extras)
     fig.suptitle(f"{study.label}: peak memory")
     return ch
 
 
 def chart_pareto(study: Study, colours, **options) -> Chart:
-    fig = _figure(1, width=7.5, height=4.6)
+    fig = figure(1, width=7.5, height=4.6)
     ax = fig.axes[0]
     ch = Chart(
         "4-pareto",
@@ -489,7 +348,7 @@ def chart_pareto(study: Study, colours, **options) -> Chart:
         )
         ch.counts["front"] = len(front)
     extra: dict = {}
-    _mark_not_ok(ax, trials, lambda r: mem(r) / div, lambda r: 0.0 if mem(r) else None, ch, extra)
+    mark_not_ok(ax, trials, lambda r: mem(r) / div, lambda r: 0.0 if mem(r) else None, ch, extra)
     rec = study.recommended
     best = next((r for r in ok if rec and r.trial_number == rec.get("trial_number")), None)
     if best is not None:
@@ -515,17 +374,17 @@ def chart_pareto(study: Study, colours, **options) -> Chart:
     ax.set_xlabel(f"peak memory: RSS + VRAM ({unit})")
     ax.set_ylabel("tg: generation speed (tokens/s)")
     if not ok:
-        _note(
+        note(
             ax,
             "no trial succeeded: no speed/memory point to plot\n(failed trials with a memory reading "
             "are marked at 0 t/s)",
             ch,
         )
     elif len(ok) < 2:
-        _note(ax, "only one ok trial: no trade-off to show", ch, "top")
+        note(ax, "only one ok trial: no trade-off to show", ch, "top")
     if rec is None:
-        _note(ax, "no recommendation (no trial succeeded within the limits)", ch, "top")
-    _legend(fig, [extra], "right")
+        note(ax, "no recommendation (no trial succeeded within the limits)", ch, "top")
+    legend(fig, [extra], "right")
     fig.suptitle(f"{study.label}: tg t/s against peak memory")
     return ch
 
@@ -536,7 +395,7 @@ def _sort_key(v):
 
 def chart_outcome_map(study: Study, colours, outcome_map: tuple[str, str] = DEFAULT_MAP, **options) -> Chart:
     dims = outcome_map
-    fig = _figure(1, width=7.5, height=4.8)
+    fig = figure(1, width=7.5, height=4.8)
     ax = fig.axes[0]
     xd, yd = dims
     ch = Chart(
@@ -596,15 +455,15 @@ def chart_outcome_map(study: Study, colours, outcome_map: tuple[str, str] = DEFA
         handles += [Line2D([], [], ls="", marker=mk, color="#555555", label=m) for m, mk in markers.items()]
     fig.legend(handles=handles, loc="outside right upper", framealpha=0.9)
     if "n_gpu_layers" in dims and not study.gpu_offload:
-        _note(ax, NO_OFFLOAD, ch, "top")
+        note(ax, NO_OFFLOAD, ch, "top")
     if len(xs) * len(ys) < 2:
-        _note(ax, f"only one {xd} × {yd} cell was measured", ch, "top")
+        note(ax, f"only one {xd} × {yd} cell was measured", ch, "top")
     fig.suptitle(f"{study.label}: outcome of every trial ({len(trials)})")
     return ch
 
 
 def chart_progress(study: Study, colours, **options) -> Chart:
-    fig = _figure(2)
+    fig = figure(2)
     ch = Chart(
         "6-search-progress",
         "Search progress",
@@ -669,7 +528,7 @@ def chart_progress(study: Study, colours, **options) -> Chart:
         if drift:
             ax.axvspan(min(drift), max(drift), color="#f39c12", alpha=0.12, label="marked drift")
         extra: dict = {}
-        _mark_not_ok(ax, trials, x_of, lambda r: 0.0, ch, extra)
+        mark_not_ok(ax, trials, x_of, lambda r: 0.0, ch, extra)
         for label in BASELINES:
             b = next((r for r in trials if r.baseline == label), None)
             col, ls = BASELINE_STYLE[label]
@@ -689,13 +548,13 @@ def chart_progress(study: Study, colours, **options) -> Chart:
         if ax is fig.axes[0]:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if not pts:
-            _note(ax, "no trial succeeded: no best-so-far line\n(failed trials are marked at 0)", ch)
+            note(ax, "no trial succeeded: no best-so-far line\n(failed trials are marked at 0)", ch)
         elif x_of is when and t0 is None:
-            _note(ax, "no timestamps recorded", ch)
+            note(ax, "no timestamps recorded", ch)
         extras.append(extra)
         counted = counted or Counter(ch.counts)
     ch.counts = counted  # both panels draw the same trials: count them once
-    _legend(fig, extras)
+    legend(fig, extras)
     fig.suptitle(f"{study.label}: search progress ({len(trials)} trials, objective {study.objective})")
     return ch
 
@@ -761,7 +620,7 @@ def importances(study: Study, target: str) -> tuple[dict[str, float] | None, str
 
 
 def chart_importance(study: Study, colours, **options) -> Chart:
-    fig = _figure(2, height=3.8)
+    fig = figure(2, height=3.8)
     ch = Chart(
         "7-parameter-importance",
         "Parameter importance",
@@ -779,7 +638,7 @@ def chart_importance(study: Study, colours, **options) -> Chart:
         ax.set_xlabel("importance (Optuna PED-ANOVA, sums to 1)")
         if imp is None:
             ax.set_yticks([])
-            _note(ax, why, ch)
+            note(ax, why, ch)
             continue
         names = sorted(imp, key=imp.get)
         ax.barh(
@@ -793,7 +652,7 @@ def chart_importance(study: Study, colours, **options) -> Chart:
         ax.set_xlim(0, max(1.0, max(imp.values()) * 1.15))
         ch.counts[f"bars_{target}"] = len(names)
     if study.optuna_trials is None:
-        _note(fig.axes[0], f"{study.optuna_note}: parameters taken from trials.parquet", ch, "top")
+        note(fig.axes[0], f"{study.optuna_note}: parameters taken from trials.parquet", ch, "top")
     fig.suptitle(f"{study.label}: parameter importance")
     return ch
 
@@ -838,7 +697,7 @@ def _key_text(k: tuple, *studies: Study) -> str:
 
 
 def chart_compare(studies: list[Study], colours) -> Chart:
-    fig = _figure(2, width=6.2, height=4.4)
+    fig = figure(2, width=6.2, height=4.4)
     ch = Chart(
         "compare",
         "Comparison",
@@ -893,210 +752,11 @@ def chart_compare(studies: list[Study], colours) -> Chart:
         ax.set_xlim(0, top * 1.08)
         ax.set_ylim(0, top * 1.08)
     else:
-        _note(ax, "no config was measured ok in both the first study and another", ch)
+        note(ax, "no config was measured ok in both the first study and another", ch)
     ax.set_xlabel(f"tg in {base.label} (tokens/s)")
     ax.set_ylabel("tg in the other study (tokens/s)")
-    _legend(fig)
+    legend(fig)
     fig.suptitle(f"comparison of {len(studies)} studies")
-    return ch
-
-
-def chart_confirmation(study: Study, colours, **options) -> Chart:
-    """Each confirmed candidate's samples with the median and its bootstrap interval; the winner starred."""
-    fig = _figure(1, width=7.5)
-    ax = fig.axes[0]
-    conf = (study.recommended or {}).get("confirmation") or {}
-    obj = conf.get("objective") or study.objective
-    ch = Chart(
-        "8-confirmation",
-        "Confirmation of the winner",
-        f"The best configs of the search and llama.cpp's defaults re-measured interleaved round by round: "
-        f"every repetition's {obj} (dots), the median (bar) and its bootstrap 95 % interval; ★ = the "
-        f"recommendation. Verdict: {conf.get('verdict', 'none')}: {conf.get('reason', 'no confirmation ran')}",
-        fig,
-        study=study.label,
-    )
-    rows = [c for c in conf.get("candidates", []) if c.get("samples")]
-    if not rows:
-        _note(
-            ax,
-            "no confirmation ran (--no-confirm, a Ctrl-C or the budget ended first):\n"
-            "the recommendation is the search's own best estimate",
-            ch,
-        )
-    unit = "ms" if obj == "ttft" else "t/s"
-    for i, c in enumerate(rows):
-        win = c["trial_number"] == study.recommended.get("trial_number")
-        colour = "#d62728" if win else ("#222222" if "llama.cpp defaults" in c["roles"] else "#1f77b4")
-        ys = c["samples"]
-        xs = [i + 0.25 * ((j % 7) / 6 - 0.5) for j in range(len(ys))]
-        ax.scatter(xs, ys, s=10, alpha=0.5, color=colour, zorder=3)
-        lo, hi = c["ci95"]
-        ax.errorbar(
-            [i],
-            [c["median"]],
-            yerr=[[c["median"] - lo], [hi - c["median"]]],
-            fmt="_",
-            ms=22,
-            color=colour,
-            capsize=6,
-            lw=2,
-            zorder=4,
-        )
-        if win:
-            ax.scatter([i], [c["median"]], marker="*", s=220, color=colour, edgecolors="black", zorder=5)
-        ch.counts["candidate"] += 1
-        ch.counts["samples"] += len(ys)
-    ax.set_xticks(
-        range(len(rows)),
-        [f"#{c['trial_number']}\n{'+'.join(c['roles'])}\nn_ctx {c['n_ctx']}" for c in rows],
-        fontsize=7,
-    )
-    ax.set_ylabel(f"{obj} ({unit}) per repetition")
-    vs = conf.get("vs_baseline")
-    title = f"{study.label}: confirmation over {conf.get('rounds', 0)} round(s)"
-    if vs:
-        title += f"; {vs['ratio']:.2f}x the defaults (95 % {vs['ci95'][0]:.2f}-{vs['ci95'][1]:.2f}, {vs['verdict']})"
-    fig.suptitle(title)
-    return ch
-
-
-def chart_context_ladder(study: Study, colours, **options) -> Chart:
-    """What a filled context costs: tg and pp (left) and peak memory (right) of the recommended config and of the
-    llama.cpp defaults at each rung, each filled to the rung's depth and measured interleaved."""
-    fig = _figure(2)
-    # rows written before rungs were filled (no n_depth) are not shown as a ladder
-    ladder = [r for r in (study.recommended or {}).get("context_ladder") or [] if "n_depth" in r]
-    ch = Chart(
-        "9-context-ladder",
-        "Context ladder",
-        "The recommended config (solid) and the llama.cpp defaults (dashed) at each context of --ctx, each "
-        "filled to the depth under the context (tuner search fills a rung unless --depth is given), measured "
-        "interleaved: generation and prompt speed (left), peak memory (right).",
-        fig,
-        study=study.label,
-    )
-    ax, am = fig.axes
-    if len(ladder) < 2:
-        for a in (ax, am):
-            _note(a, "one context only: pass several, e.g. --ctx 4096,16384,32768, for a ladder", ch)
-    else:
-        xs = [r["n_ctx"] for r in ladder]
-        for who, style, get in (("recommended", "-", lambda r: r), ("defaults", "--", lambda r: r.get("defaults"))):
-            for key, label, colour in (("tg_ts", "tg", "#1f77b4"), ("pp_ts", "pp", "#ff7f0e")):
-                pts = [(x, get(r)[key]) for x, r in zip(xs, ladder) if get(r) and get(r).get(key) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), style, marker="o", color=colour, label=f"{label}, {who}")
-                    ch.counts[f"{label} {who}"] += len(pts)
-            for key, label, colour in (
-                ("peak_rss_bytes", "peak RAM", "#2ca02c"),
-                ("peak_vram_bytes", "peak VRAM", "#9467bd"),
-            ):
-                pts = [(x, get(r)[key]) for x, r in zip(xs, ladder) if get(r) and get(r).get(key)]
-                if pts:
-                    scale, unit = mem_scale([y for _, y in pts])
-                    am.plot(
-                        [x for x, _ in pts],
-                        [y / scale for _, y in pts],
-                        style,
-                        marker="o",
-                        color=colour,
-                        label=f"{label}, {who} ({unit})",
-                    )
-                    ch.counts[f"{label} {who}"] += len(pts)
-        for a in (ax, am):
-            a.set_xscale("log", base=2)
-            a.set_xticks(xs, [f"{r['n_ctx']}\n({r['n_depth']} filled)" for r in ladder])
-            a.set_xlabel("n_ctx (context size, tokens; depth in the cache below)")
-            a.legend(fontsize="small")
-        ax.set_ylabel("tokens/s")
-        am.set_ylabel("peak memory")
-    fig.suptitle(f"{study.label}: context ladder ({len(ladder)} context(s))")
-    return ch
-
-
-def chart_quality(study: Study, colours, **options) -> Chart:
-    """Speed against quality loss per quant file (and KV-cache types): what each faster quant costs in KLD."""
-    fig = _figure(1, width=7.5, height=4.6)
-    ax = fig.axes[0]
-    rec = study.recommended or {}
-    obj = rec.get("objective", "tg")
-    ch = Chart(
-        "10-speed-vs-kld",
-        "Speed against quality loss per quant",
-        f"Best {obj} of each model file (and KV-cache types) against its mean KL divergence from the "
-        "reference (tuner quality); marker area: peak memory; the dashed line is the quality budget: "
-        "files right of it are never recommended; the star is the recommendation.",
-        fig,
-        study=study.label,
-    )
-    groups: dict[tuple, list[TrialRecord]] = defaultdict(list)
-    for r in study.trials:
-        if r.kld_mean is not None:
-            groups[(model_label(r.config.model), r.config.type_k, r.config.type_v)].append(r)
-    points = []
-    for (m, tk, tv), rs in sorted(groups.items()):
-        ok = [r for r in rs if r.ok and r.objective(obj) is not None]
-        if not ok:
-            continue
-        best = max(ok, key=lambda r: (-1 if obj == "ttft" else 1) * r.objective(obj))
-        points.append((m, tk, tv, rs[0].kld_mean, best))
-    if not points:
-        _note(
-            ax,
-            "no quality figures in this study: search two or more quant files (or pass --reference) "
-            "without --no-quality",
-            ch,
-        )
-        fig.suptitle(f"{study.label}: speed against KLD")
-        return ch
-    mems = [(b.peak_rss_bytes or 0) + (b.peak_vram_bytes or 0) for *_, b in points]
-    top = max(mems) or 1
-    for (m, tk, tv, kld, best), mem in zip(points, mems):
-        label = m + ("" if (tk, tv) == ("f16", "f16") else f" KV {tk}/{tv}")
-        ax.scatter(
-            [kld],
-            [best.objective(obj)],
-            s=40 + 260 * mem / top,
-            color=colours.get(m, "#1f77b4"),
-            alpha=0.8,
-            edgecolors="black",
-            linewidths=0.5,
-            zorder=3,
-            label=f"{label} ({fmt_size(mem)})",
-        )
-        ax.annotate(label, (kld, best.objective(obj)), xytext=(6, 4), textcoords="offset points", fontsize=7.5)
-        ch.counts["ok"] += 1
-        if (
-            best.trial_number == rec.get("trial_number")
-            or rec.get("model", {}).get("hash") == best.model_hash
-            and (rec.get("config", {}).get("type_k"), rec.get("config", {}).get("type_v")) == (tk, tv)
-        ):
-            ax.scatter(
-                [kld],
-                [best.objective(obj)],
-                marker="*",
-                s=320,
-                color="gold",
-                edgecolors="black",
-                zorder=6,
-                label="recommended",
-            )
-            ch.counts["recommended"] = 1
-    budget = (rec.get("quality") or {}).get("budget", {}).get("max_kld")
-    if budget is not None:
-        ax.axvline(budget, color="#d62728", ls="--", lw=1.2, label=f"budget: mean KLD <= {budget:g}")
-        ch.counts["budget"] = 1
-    else:
-        _note(ax, "no quality budget in recommended.json", ch, "top")
-    xs = [p[3] for p in points] + ([budget] if budget else [])
-    positive = [x for x in xs if x > 0]
-    if positive:
-        ax.set_xscale("symlog", linthresh=min(positive))
-    ax.set_xlabel("mean KL divergence from the reference (lower is better)")
-    ax.set_ylabel(f"best {obj} of the file's configs")
-    _legend(fig, [], "right")
-    fig.suptitle(f"{study.label}: speed against KLD per quant")
     return ch
 
 

@@ -15,7 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 from tuner.record import OUTCOMES, TrialRecord
-from tuner.report.charts import Chart, shared_configs
+from tuner.report.canvas import Chart
+from tuner.report.charts import shared_configs
 from tuner.report.load import SHAPE_FIELDS, Study, fmt_ts, model_label, parse_utc, shape_label, varying_fields, xvalue
 from tuner.search.recommend import BASELINES, RECOMMENDED_FILE
 from tuner.tables import markdown_table
