@@ -103,8 +103,8 @@ def fit_placement(space: Space, info: ModelInfo, rig: Rig) -> tuple[TrialConfig,
 def recipe_config(space: Space, info: ModelInfo, rig: Rig, hw, fits) -> TrialConfig | None:
     """The MoE recipe the community runs on one consumer GPU (DeepSeek-V3, Qwen3-235B): every layer on the GPUs,
     routed experts of the first N layers in host RAM with N the fewest that fits (`fits(cfg)`: the planner's
-    verdict), threads = physical cores. None for a dense model or without a device."""
-    if not info.is_moe or not rig.gpu_offload or not rig.n_gpus:
+    verdict), threads = physical cores. None for a dense model, or without a device whose budget is known."""
+    if not info.is_moe or not rig.vram_known:  # without each device's budget, "fits" says nothing
         return None
     base = dataclasses.replace(
         space.base,
