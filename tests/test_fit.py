@@ -267,3 +267,25 @@ def test_port_prints_what_llama_fit_params_printed(data, case, shape_files):
         assert got == case["llama"]
     else:  # recorded: the planner's compute figures differ enough from llama.cpp's to change the answer
         assert got == case["planner"] != case["llama"]
+
+
+def test_dry_run_lists_every_baseline_with_fits_placement_from_the_planner(models):
+    from click.testing import CliRunner
+
+    from tuner.cli import cli
+
+    m = str(models / "moe-q8_0.gguf")
+    res = CliRunner().invoke(
+        cli,
+        ["search", "-m", m, "--dry-run", "--json", "--gpus", "120MiB,120MiB", "-c", "4096", "-p", "16", "-n", "4"],
+    )
+    assert res.exit_code == 0, res.output
+    rows = {b["label"]: b for b in json.loads(res.output)["baselines"]}
+    assert set(rows) >= {"llama.cpp defaults", "llama-server default (--fit)"}
+    fitted = rows["llama-server default (--fit)"]
+    # the same placement as the port called directly on the described GPUs (CUDA0, CUDA1), at the working context
+    devices = [F.DeviceMemory(120 << 20, 120 << 20, f"CUDA{i}") for i in range(2)]
+    direct = F.fit(read_model(m), devices, F.server_config(m, n_ctx=4096, flash_attn="auto", n_batch=2048))
+    assert fitted["fit_status"] == direct.status and fitted["fit_flags"] == direct.to_flags()
+    for b in rows.values():  # every baseline is something llama-server runs: its flags, llama-server's spelling
+        assert b["server_flags"].startswith("-ngl ") and " -c 4096 " in b["server_flags"]

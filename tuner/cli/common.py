@@ -83,6 +83,8 @@ def describe_plan(plan: dict) -> list[str]:
                 f" -ub {c['n_ubatch']} -fa {c['flash_attn']}: VRAM {where}, host "
                 f"{fmt_size(x['resident_bytes'])} resident + {fmt_size(x['mmap_bytes'])} mmap'd"
             )
+    for b in plan.get("baselines", []):
+        lines.append(f"baseline {b['label']}: {b['server_flags']}")
     return lines
 
 

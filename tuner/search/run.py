@@ -28,6 +28,7 @@ from tuner.quality.measure import DEFAULT_MAX_KLD, Budget, Settings, StudyQualit
 from tuner.quality.measure import measure as measure_files
 from tuner.quality.results import Cache
 from tuner.record import TrialConfig, TrialRecord, parse_tensor_split
+from tuner.search import baselines
 from tuner.search import feasible as fitlib
 from tuner.search import recommend as recommendlib
 from tuner.search import space as spacelib
@@ -195,6 +196,14 @@ def run_search(
     name = opts.study or study_name(models)
     if opts.dry_run:  # nothing is measured, locked or written
         out = fitlib.plan(space, infos, rig)
+        out["baselines"] = baselines.listed(
+            space,
+            infos,
+            rig,
+            hwinfo,
+            opts.min_ctx,
+            fits=lambda cfg: fitlib.judge(fitlib.predict(cfg, infos[cfg.model], rig), rig)[0],
+        )
         if space.ladder:
             out["ladder"] = [{"n_ctx": c, "n_depth": space.rung_depth(c)} for c in space.ladder]
         return SearchResult(Path(opts.results) / name, None, plan=out)
