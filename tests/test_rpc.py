@@ -71,6 +71,28 @@ def two_servers(tmp_path_factory):
         s.stop()
 
 
+def bench_args(model: Path, rpc_arg: str, out: Path, *extra: str) -> list[str]:
+    """`tuner bench` of a short test (-t 1 -p 16 -n 4 -r 1) over RPC servers, its record printed as JSON."""
+    return [
+        "bench",
+        str(model),
+        *extra,
+        "-t",
+        "1",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--rpc",
+        rpc_arg,
+        "-o",
+        str(out),
+        "--json",
+    ]
+
+
 def run(*args, timeout=300):
     return subprocess.run([TUNER, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
 
@@ -97,25 +119,9 @@ def test_hw_lists_each_server_as_a_device_of_its_size(two_servers):
 def test_bench_splits_the_layers_over_two_servers(two_servers, models, tmp_path):
     out = tmp_path / "b.parquet"
     res = run(
-        "bench",
-        str(models / "moe-q8_0.gguf"),
-        "-ngl",
-        "99",
-        "-ts",
-        "1/1",
-        "-t",
-        "1",
-        "-p",
-        "16",
-        "-n",
-        "4",
-        "-r",
-        "1",
-        "--rpc",
-        ",".join(s.endpoint for s in two_servers),
-        "-o",
-        str(out),
-        "--json",
+        *bench_args(
+            models / "moe-q8_0.gguf", ",".join(s.endpoint for s in two_servers), out, "-ngl", "99", "-ts", "1/1"
+        )
     )
     assert res.returncode == 0, res.stderr
     rec = json.loads(res.stdout)
@@ -132,23 +138,7 @@ def test_a_device_too_small_fails_the_trial_as_oom_and_the_server_goes_on(models
     small = Server("16MiB", tmp_path)  # the MoE's weights are ~83 MiB
     try:
         out = tmp_path / "b.parquet"
-        args = [
-            "bench",
-            str(models / "moe-q8_0.gguf"),
-            "-t",
-            "1",
-            "-p",
-            "16",
-            "-n",
-            "4",
-            "-r",
-            "1",
-            "--rpc",
-            small.endpoint,
-            "-o",
-            str(out),
-            "--json",
-        ]
+        args = bench_args(models / "moe-q8_0.gguf", small.endpoint, out)
         res = run(*args, "-ngl", "99")
         assert res.returncode == 1
         rec = json.loads(res.stdout)
