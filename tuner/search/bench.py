@@ -103,7 +103,9 @@ def measure(
             raise BenchError(f"bad --tensor-split {given['tensor_split']!r}: {e}") from None
     cfg = resolve(TrialConfig(model=model, **given), info)
     if cfg.rpc:  # checked here: llama.cpp aborts the worker that finds a server unreachable
-        rpc.check_reachable(rpc.parse_endpoints(cfg.rpc))
+        endpoints = rpc.parse_endpoints(cfg.rpc)
+        rpc.check_reachable(endpoints)
+        cfg = dataclasses.replace(cfg, rpc=",".join(endpoints))  # llama-server's spelling, as the worker reads it
     if invalid_reason(cfg):
         raise BenchError(invalid_reason(cfg))
     out = store.check_writable(out)
