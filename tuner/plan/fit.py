@@ -637,46 +637,32 @@ class _State:
                 test[id_].n_part += 1
                 if test[id_dense_start_test].n_part == 0:
                     id_dense_start_test += 1
-                test[id_].overflow_type = LayerFraction.UP
                 overflow_bufts_test = list(overflow_bufts)
                 if id_ < nd - 1:
                     overflow_bufts_test[id_] = self.devices[id_ + 1].name
 
-                self.log("trying to fit one extra layer with overflow_type=LAYER_FRACTION_UP")
-                mem_test = self.memory_for_layers(test, overflow_bufts_test)
-                if self.fits(mem_test, targets, id_):
+                def attempt(test: list[Layers], fraction: LayerFraction) -> bool:
+                    """fit.cpp 822-860: keep `fraction` of the extra layer on this device if it then fits."""
+                    nonlocal ngl_per_device, overflow_bufts, mem, id_dense_start
+                    test[id_].overflow_type = fraction
+                    self.log(f"trying to fit one extra layer with overflow_type=LAYER_FRACTION_{fraction.name}")
+                    mem_test = self.memory_for_layers(test, overflow_bufts_test)
+                    if not self.fits(mem_test, targets, id_):
+                        return False
                     ngl_per_device, overflow_bufts, mem = test, overflow_bufts_test, mem_test
                     id_dense_start = id_dense_start_test
                     self.log(
                         f"set ngl_per_device[{id_}].(n_layer, n_part, overflow_type)=("
-                        f"{ngl_per_device[id_].n_layer}, {ngl_per_device[id_].n_part}, UP), "
+                        f"{ngl_per_device[id_].n_layer}, {ngl_per_device[id_].n_part}, {fraction.name}), "
                         f"id_dense_start={id_dense_start}"
                     )
+                    return True
+
+                if attempt(test, LayerFraction.UP):
                     # fit.cpp 836: the same list, changed in place (llama.cpp copies it by value above)
-                    test = [dataclasses.replace(x) for x in test]
-                    test[id_].overflow_type = LayerFraction.GATE
-                    self.log("trying to fit one extra layer with overflow_type=LAYER_FRACTION_GATE")
-                    mem_test = self.memory_for_layers(test, overflow_bufts_test)
-                    if self.fits(mem_test, targets, id_):
-                        ngl_per_device, overflow_bufts, mem = test, overflow_bufts_test, mem_test
-                        id_dense_start = id_dense_start_test
-                        self.log(
-                            f"set ngl_per_device[{id_}].(n_layer, n_part, overflow_type)=("
-                            f"{ngl_per_device[id_].n_layer}, {ngl_per_device[id_].n_part}, GATE), "
-                            f"id_dense_start={id_dense_start}"
-                        )
+                    attempt([dataclasses.replace(x) for x in test], LayerFraction.GATE)
                 else:
-                    test[id_].overflow_type = LayerFraction.ATTN
-                    self.log("trying to fit one extra layer with overflow_type=LAYER_FRACTION_ATTN")
-                    mem_test = self.memory_for_layers(test, overflow_bufts_test)
-                    if self.fits(mem_test, targets, id_):
-                        ngl_per_device, overflow_bufts, mem = test, overflow_bufts_test, mem_test
-                        id_dense_start = id_dense_start_test
-                        self.log(
-                            f"set ngl_per_device[{id_}].(n_layer, n_part, overflow_type)=("
-                            f"{ngl_per_device[id_].n_layer}, {ngl_per_device[id_].n_part}, ATTN), "
-                            f"id_dense_start={id_dense_start}"
-                        )
+                    attempt(test, LayerFraction.ATTN)
             self.log(
                 f"  - {self.devices[id_].name}: {ngl_per_device[id_].n_layer:2d} layers "
                 f"({ngl_per_device[id_].n_part:2d} overflowing), {mem[id_] // MiB:6d} MiB used, "
