@@ -10,7 +10,7 @@ import psutil
 
 from tuner.cli.options import SIZE
 from tuner.measure import rpc
-from tuner.units import fmt_size
+from tuner.units import fmt_size, physical_cores
 
 
 @click.command("rpc-server")
@@ -60,7 +60,7 @@ def rpc_server_cmd(host, port, mem, threads):
     cap = llama.DeviceCap(mem, log=lambda line: click.echo(f"rpc-server: {line}", err=True)) if mem else None
     endpoint = f"{host}:{port}"
     # the server blocks in accept() inside llama.cpp: it runs in a thread so that Ctrl-C and SIGTERM end the process
-    n = threads or psutil.cpu_count(logical=False) or 1
+    n = threads or physical_cores()
     server = threading.Thread(target=llama.rpc_serve, args=(endpoint, n), daemon=True)
     server.start()
     click.echo(

@@ -112,7 +112,8 @@ def rig_from_hardware(hw, limits, gpu_offload: bool, remote: list[dict] | None =
         vram_caps=device_caps(totals, limits),
         gpu_free=free,
         gpu_offload=gpu_offload,
-        devices=[d["name"] + f"[{d['description']}]" for d in remote] + [f"GPU{g.index}" for g in hw.gpus],
+        # named as llama.cpp names their buffers: RPC0[host:port]; NVML's GPUs are NVIDIA's, CUDA0...
+        devices=[d["name"] + f"[{d['description']}]" for d in remote] + [f"CUDA{g.index}" for g in hw.gpus],
         # an RPC device's memory holds llama.cpp's buffers only (no CUDA context on this side)
         baselines=[0] * len(remote) + [planner.DEFAULT_BASELINE_VRAM] * len(hw.gpus) if remote else None,
     )
