@@ -245,6 +245,8 @@ _ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
 _ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
 _ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+_ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+_ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
 _ggml.ggml_backend_buffer_get_size.argtypes = [ctypes.c_void_p]
 _ggml.ggml_backend_buffer_get_size.restype = ctypes.c_size_t
 _RPC_ADD = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
@@ -292,11 +294,7 @@ class DeviceCap:
 
     def __init__(self, size: int, log=None):
         self.size, self.used, self.log = size, 0, log or (lambda line: None)
-        dev = next(
-            _ggml.ggml_backend_dev_get(i)
-            for i in range(_ggml.ggml_backend_dev_count())
-            if _ggml.ggml_backend_dev_type(_ggml.ggml_backend_dev_get(i)) == 0
-        )
+        dev = _ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
         self.device = dev
         buft = _ggml.ggml_backend_dev_buffer_type(dev)
         self._alloc_slot = ctypes.c_void_p.from_address(buft + 1 * _PTR)
@@ -335,11 +333,5 @@ class DeviceCap:
 def rpc_serve(endpoint: str, threads: int, cache_dir: str | None = None) -> None:
     """Serve this host's CPU device to RPC clients (blocks for ever; llama.cpp's ggml-rpc-server in-process)."""
     serve = _RPC_SERVE(_rpc_proc("ggml_backend_rpc_start_server"))
-    devs = (ctypes.c_void_p * 1)(
-        next(
-            _ggml.ggml_backend_dev_get(i)
-            for i in range(_ggml.ggml_backend_dev_count())
-            if _ggml.ggml_backend_dev_type(_ggml.ggml_backend_dev_get(i)) == 0
-        )
-    )
+    devs = (ctypes.c_void_p * 1)(_ggml.ggml_backend_dev_by_type(0))  # GGML_BACKEND_DEVICE_TYPE_CPU
     serve(endpoint.encode(), cache_dir.encode() if cache_dir else None, threads, 1, devs)
