@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,46 +19,16 @@ import pytest
 from tuner.measure import rpc, store
 from tuner.measure.runner import Runner, resolve
 from tuner.record import TrialConfig
+from tuner.units import parse_size
 
 TUNER = str(Path(sys.executable).with_name("tuner"))
 MiB = 1 << 20
 ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # client and servers on 2 cores: no spinning at barriers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A `tuner rpc-server` process; stopped with SIGINT, as a user stops it."""
-
-    def __init__(self, mem: str | None, tmp: Path):
-        self.port = free_port()
-        self.endpoint = f"127.0.0.1:{self.port}"
-        self.log = tmp / f"rpc-{self.port}.log"
-        args = [TUNER, "rpc-server", "--port", str(self.port), "-t", "1"] + (["--mem", mem] if mem else [])
-        with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=ENV)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                rpc.check_reachable((self.endpoint,), timeout=1)
-                return
-            except rpc.RpcError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"rpc-server did not start: {self.log.read_text()}") from None
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def Server(mem: str | None, tmp: Path) -> rpc.LocalServer:  # noqa: N802 - reads as the class it returns
+    """A `tuner rpc-server` of `mem` (e.g. "40MiB") on a free port, logging into tmp."""
+    return rpc.LocalServer(parse_size(mem) if mem else None, tmp)
 
 
 @pytest.fixture(scope="module")
@@ -181,13 +150,13 @@ def test_rpc_server_bad_input_is_one_line_and_exit_2(tmp_path):
     assert (
         res.returncode == 2 and res.stderr.startswith("tuner: error: cannot serve on") and res.stderr.count("\n") == 1
     ), res.stderr
-    res = run("rpc-server", "--port", str(free_port()), "--mem", "100TiB", timeout=60)
+    res = run("rpc-server", "--port", str(rpc.free_port()), "--mem", "100TiB", timeout=60)
     assert res.returncode == 2 and "more than this host's RAM" in res.stderr and res.stderr.count("\n") == 1
 
 
 def test_bench_refuses_a_malformed_or_unreachable_endpoint_before_anything_runs(models, tmp_path):
     out = tmp_path / "b.parquet"
-    for endpoint, words in (("127.0.0.1", "expected HOST:PORT"), (f"127.0.0.1:{free_port()}", "no RPC server")):
+    for endpoint, words in (("127.0.0.1", "expected HOST:PORT"), (f"127.0.0.1:{rpc.free_port()}", "no RPC server")):
         res = run("bench", str(models / "tiny-q8_0.gguf"), "--rpc", endpoint, "-o", str(out), timeout=60)
         assert res.returncode == 2 and words in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert not out.exists()
@@ -224,24 +193,40 @@ def test_a_search_over_two_small_servers_lands_in_the_hybrid_region(models, tmp_
             "1",
             "--results",
             str(tmp_path),
+            "--fit-target",
+            "2",  # llama-server's margin scaled to the devices, as --headroom
         ]
         res = run(*common, "--dry-run", "--json")
         assert res.returncode == 0, res.stderr
         plan = json.loads(res.stdout)
         dims = plan["dimensions"]
         n_all = 7  # 6 blocks + the output layer
-        assert dims["n_gpu_layers"] == [n_all] and min(dims["n_cpu_moe"]) >= 1, dims
+        assert dims["n_gpu_layers"] == [n_all] and min(dims["n_cpu_moe"]) >= 0, dims
+        assert dims["moe_part"] == ["none", "down", "gate_down", "ffn"], dims  # finer than whole layers
         assert [g["vram_total"] for g in plan["rig"]["gpus"]] == [40 * MiB, 40 * MiB]
+        listed = {b["label"]: b for b in plan["baselines"]}
+        fitted = listed["llama-server default (--fit)"]
+        # fit's placement over the two servers: experts of some layers (or part of one) in host RAM
+        assert fitted["fit_status"] == "success" and "-ot" in fitted["fit_flags"], fitted
+        assert fitted["space_point"]["n_cpu_moe"] + (fitted["space_point"]["moe_part"] != "none") >= 1
 
         res = run(*common, "--study", "rig", "--n-trials", "6", "--no-confirm", timeout=600)
         assert res.returncode == 0, res.stderr
         rec = json.loads((tmp_path / "rig" / "recommended.json").read_text())
-        assert rec["config"]["n_gpu_layers"] == n_all and rec["config"]["n_cpu_moe"] >= 1
+        cfg = rec["config"]
+        assert cfg["n_gpu_layers"] == n_all and (cfg["n_cpu_moe"] >= 1 or cfg["moe_part"] != "none" or cfg["overrides"])
         assert f"--rpc {rpc_arg}" in rec["forms"]["llama_server"]
         recs = store.records(tmp_path / "rig")
-        defaults = [r for r in recs if r.baseline == "llama.cpp defaults"]
+        by_label = {r.baseline: r for r in recs if r.baseline}
+        defaults = by_label["llama.cpp defaults"]
         # all layers and every expert on 2 x 40 MiB: the device runs out, a failed trial with llama.cpp's cause
-        assert defaults and defaults[0].outcome == "oom" and "RPC0[" in defaults[0].cause
+        assert defaults.outcome == "oom" and "RPC0[" in defaults.cause
+        # llama-server's own placement measured as it is (its -ot overrides), and the community recipe
+        fitted_rec = by_label["llama-server default (--fit)"]
+        assert fitted_rec.ok and fitted_rec.config.overrides, fitted_rec.cause
+        assert fitted_rec.config.tensor_split == fitted["config"]["tensor_split"]
+        assert by_label["community recipe (-ngl 99, the fewest --n-cpu-moe that fits)"].config.n_cpu_moe >= 1
+        assert rec["baselines"]["llama-server default (--fit)"]["outcome"] == "ok"
         for r in recs:
             if r.ok:  # what llama.cpp allocated on each device stayed within the device
                 on_rpc = {k: sum(v.values()) for k, v in r.buffers.items() if k.startswith("RPC")}
@@ -249,3 +234,34 @@ def test_a_search_over_two_small_servers_lands_in_the_hybrid_region(models, tmp_
     finally:
         for s in servers:
             s.stop()
+
+
+def test_estimate_plans_each_server_as_its_own_device(two_servers, models):
+    rpc_arg = ",".join(s.endpoint for s in two_servers)
+    res = run("estimate", str(models / "moe-q8_0.gguf"), "--rpc", rpc_arg, "--ctx", "512", "--headroom", "0", "--json")
+    assert res.returncode == 0, res.stderr
+    est = json.loads(res.stdout)[0]
+    # each server by the name llama.cpp gives its buffers, at the size it reports (--mem)
+    assert [d["name"] for d in est["devices"]] == [f"RPC0[{s.endpoint}]" for s in two_servers]
+    assert [d["vram"] for d in est["devices"]] == [64 * MiB, 64 * MiB]
+    row = est["contexts"][0]
+    # judged per device, never as one pool: every device's share within its own 64 MiB
+    assert len(row["gpu_by_device"]) == 2 and all(0 < v <= 64 * MiB for v in row["gpu_by_device"]), row
+    assert row["min_n_cpu_moe"] is not None
+    res = run("estimate", str(models / "moe-q8_0.gguf"), "--rpc", f"127.0.0.1:{rpc.free_port()}")
+    assert res.returncode == 2 and "no RPC server" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_quality_runs_its_passes_on_the_servers_devices(two_servers, models, tmp_path):
+    rpc_arg = ",".join(s.endpoint for s in two_servers)
+    ref, q = models / "tiny-f16.gguf", models / "tiny-q4_k_m.gguf"
+    common = ["quality", "-m", str(ref), "-m", str(q), "-c", "64", "-t", "1", "--no-cache", "--json"]
+    over_rpc = run(*common, "-ngl", "99", "--rpc", rpc_arg, "--results", str(tmp_path / "a"))
+    assert over_rpc.returncode == 0, over_rpc.stderr
+    local = run(*common, "-ngl", "0", "--results", str(tmp_path / "b"))
+    assert local.returncode == 0, local.stderr
+    a, b = (json.loads(r.stdout) for r in (over_rpc, local))
+    # the same files, the same text: the KL divergence does not depend on which device computed it
+    assert a[1]["kld_mean"] > 0 and a[1]["kld_mean"] == pytest.approx(b[1]["kld_mean"], rel=0.05)
+    res = run("quality", "-m", str(q), "--rpc", f"127.0.0.1:{rpc.free_port()}")
+    assert res.returncode == 2 and "no RPC server" in res.stderr and "Traceback" not in res.stderr

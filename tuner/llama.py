@@ -14,6 +14,8 @@ import sys
 import llama_cpp
 import llama_cpp.llama_cpp as L
 
+from tuner.record import moe_part_pattern
+
 # llama.cpp's own regex for routed-expert tensors (common/common.h: LLM_FFN_EXPS_REGEX).
 FFN_EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 
@@ -70,12 +72,15 @@ def buffer_types() -> dict[str, int]:
 
 def devices() -> list[dict]:
     """Every device the loaded llama.cpp enumerates (CUDA, ROCm, Vulkan, Metal, SYCL, RPC, the CPU...), as its
-    backend registry reports it: name, description, type, backend, free and total memory in bytes."""
+    backend registry reports it: name, description, type, backend, free and total memory in bytes, and the name
+    of its buffer type (what llama.cpp's logs and `-ot` call it: "CUDA0", "RPC0[127.0.0.1:50052]" for every
+    server's first device, whatever the device's own name)."""
     out = []
     for i in range(_ggml.ggml_backend_dev_count()):
         dev = _ggml.ggml_backend_dev_get(i)
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
         _ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        buft = _ggml.ggml_backend_dev_buffer_type(dev)
         out.append(
             {
                 "name": _ggml.ggml_backend_dev_name(dev).decode(errors="replace"),
@@ -84,13 +89,17 @@ def devices() -> list[dict]:
                 "backend": _ggml.ggml_backend_reg_name(_ggml.ggml_backend_dev_backend_reg(dev)).decode(),
                 "free": free.value,
                 "total": total.value,
+                "buffer": _ggml_base.ggml_backend_buft_name(buft).decode() if buft else "",
             }
         )
     return out
 
 
-def override_patterns(n_cpu_moe: int, cpu_moe: bool, overrides: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(regex, buffer name) pairs in llama.cpp's order: raw -ot first, then --cpu-moe / --n-cpu-moe."""
+def override_patterns(
+    n_cpu_moe: int, cpu_moe: bool, overrides: tuple[str, ...], moe_part: str = "none"
+) -> list[tuple[str, str]]:
+    """(regex, buffer name) pairs in llama.cpp's order: raw -ot first, then --cpu-moe / --n-cpu-moe, then the
+    partial layer after the --n-cpu-moe block (the `-ot` the forms print after --n-cpu-moe)."""
     pairs = []
     for item in overrides:
         pattern, _, buft = item.rpartition("=")
@@ -99,6 +108,8 @@ def override_patterns(n_cpu_moe: int, cpu_moe: bool, overrides: tuple[str, ...])
         pairs.append((FFN_EXPS_REGEX, "CPU"))
     for i in range(n_cpu_moe):
         pairs.append((rf"blk\.{i}{FFN_EXPS_REGEX}", "CPU"))
+    if moe_part != "none" and not cpu_moe:
+        pairs.append((moe_part_pattern(n_cpu_moe, moe_part), "CPU"))
     return pairs
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tuner.cli.options import SIZE
+from tuner.cli.options import SIZE, SIZES, rpc_option
 from tuner.plan.estimate import ModelEstimate, estimate
 from tuner.record import FLASH_ATTN, KV_TYPES, TrialConfig
 from tuner.tables import text_table
@@ -28,7 +28,13 @@ def _cell(v) -> str:
 @click.command("estimate")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--ctx", "ctx", default="4096", show_default=True, help="context sizes, comma-separated")
-@click.option("--vram", type=SIZE, default=None, help="GPU memory to plan for (default: detected, 0 without GPU)")
+@click.option(
+    "--vram",
+    type=SIZES,
+    default=None,
+    help="GPU memory to plan for, one device's or each device's: 24GiB or 24GiB,24GiB (default: detected, 0 without "
+    "GPU)",
+)
 @click.option("--ram", type=SIZE, default=None, help="host RAM to plan for (default: this machine's total)")
 @click.option(
     "--headroom", default="5%", show_default=True, help="memory kept free: a share or a size, e.g. 5% or 2GiB"
@@ -85,6 +91,7 @@ def _cell(v) -> str:
     default=None,
     help="probe file for --speed (default: this machine's and build's, from `tuner probe`)",
 )
+@rpc_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def estimate_cmd(
     models,
@@ -106,6 +113,7 @@ def estimate_cmd(
     speed,
     threads,
     probe_path,
+    rpc,
     as_json,
 ):
     """Plan memory from GGUF metadata alone: sizes, KV cache, GPU/host split, the largest -ngl that fits.
@@ -124,6 +132,7 @@ def estimate_cmd(
       tuner estimate DeepSeek-V3-Q4_K_M-00001-of-00009.gguf --vram 80GiB -ctk q8_0 --json
       tuner estimate models/dense-f16.gguf --what-if q8_0,q4_k_m,iq2_xxs
       tuner estimate gemma-3-270m-q4_k_m.gguf --speed --what-if q8_0,q3_k_m,q2_k -t 2
+      tuner estimate models/moe-q8_0.gguf --rpc 127.0.0.1:50052,127.0.0.1:50053   # the servers' devices
     """
     base = TrialConfig(
         model="",
@@ -149,6 +158,7 @@ def estimate_cmd(
         speed=speed,
         threads=threads,
         probe=probe_path,
+        rpc=rpc,
     )
     if as_json:
         click.echo(est.to_json())
@@ -164,7 +174,13 @@ def _echo_model(m: ModelEstimate) -> None:
         f"{info.name} ({info.arch}, {info.file_type}, {info.n_layer} layers"
         f"{f', {info.n_expert} experts ({info.n_expert_used} used)' if info.is_moe else ''}"
         f"{f', {len(info.shards)} shards' if len(info.shards) > 1 else ''}): "
-        f"{fmt_size(info.file_size)} on disk; planning for {fmt_size(m.vram)} VRAM, "
+        f"{fmt_size(info.file_size)} on disk; planning for "
+        + (
+            " + ".join(f"{d['name']} {fmt_size(d['vram'])}" for d in m.devices)
+            if len(m.devices) > 1 or any(d["name"].startswith("RPC") for d in m.devices)
+            else fmt_size(m.vram)
+        )
+        + " VRAM, "
         f"{fmt_size(m.ram)} RAM, {m.headroom:.0%} headroom"
     )
     rows = [

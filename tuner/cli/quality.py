@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from tuner.cli.options import check_count, quality_params, run_params
+from tuner.cli.options import check_count, quality_params, rpc_option, run_params
+from tuner.measure import rpc as rpclib
 from tuner.measure.lock import measurement_lock
 from tuner.measure.runner import Runner
 from tuner.quality.logits import QualityError
@@ -75,6 +76,7 @@ def _llama_params(*names):
     help="reuse (and keep) results for the same model, reference, text, ctx and KV types",
 )
 @run_params()
+@rpc_option
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per model")
 def quality_cmd(
     models,
@@ -97,6 +99,7 @@ def quality_cmd(
     mem_limit,
     no_wait,
     lock_file,
+    rpc,
     as_json,
 ):
     """Measure what each quant costs in quality: KL divergence of its next-token distributions from a reference.
@@ -111,8 +114,11 @@ def quality_cmd(
       tuner quality -m model-Q8_0.gguf -m model-Q4_K_M.gguf -m model-Q2_K.gguf
       tuner quality -m model-BF16.gguf --save-reference-logits ref.npz     # on the big machine
       tuner quality -m model-IQ2_XXS.gguf --reference-logits ref.npz --json  # anywhere
+      tuner quality -m model-Q4_K_M.gguf -m model-Q8_0.gguf --rpc 10.0.0.2:50052  # layers on another host
     """
     try:
+        endpoints = rpclib.parse_endpoints(rpc)
+        rpclib.check_reachable(endpoints)  # llama.cpp would abort the worker: bad input, before anything runs
         budget = Budget(max_kld, min_same_top) if max_kld is not None or min_same_top is not None else None
         settings = Settings(
             ctx=ctx,
@@ -121,6 +127,7 @@ def quality_cmd(
             n_gpu_layers=99 if n_gpu_layers is None else n_gpu_layers,
             type_k=type_k or "f16",
             type_v=type_v or "f16",
+            rpc=",".join(endpoints),
         )
         if reference_logits and top_k is not None:
             raise QualityError("--top-k is fixed by the --reference-logits file")

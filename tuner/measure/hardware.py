@@ -230,6 +230,13 @@ def build_info() -> dict:
     return info
 
 
+def buffer_name(dev: dict) -> str:
+    """A device of `llama_devices` by the name llama.cpp gives its buffers (and `-ot` reads), as ggml names its
+    buffer type: an RPC server's is "RPC0[host:port]" for every server (its per-server index, then the endpoint),
+    while the device itself is RPC0, RPC1, ..."""
+    return dev.get("buffer") or dev["name"]
+
+
 def llama_devices(rpc: tuple[str, ...] = ()) -> list[dict]:
     """The devices the installed llama.cpp enumerates (every backend: CUDA, ROCm, Vulkan, Metal, SYCL, the CPU),
     with the RPC servers' devices added as llama-server's --rpc adds them; free and total memory as each reports

@@ -17,7 +17,13 @@ parent checks each endpoint before anything runs (bad input: one line, exit 2).
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from tuner.errors import TunerError
 
@@ -77,3 +83,55 @@ def check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
     except OSError as e:
         raise RpcError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel has just handed out on `host` (for a local server)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """A `tuner rpc-server` process on this host: this CPU as a device of `mem` bytes (None: the host's RAM),
+    reachable when the constructor returns; stopped with SIGINT, as a user stops it (`stop`, or a `with` block).
+    For rig checks and notebooks: two of them make a two-device rig on a CPU-only machine.
+
+        with LocalServer(40 << 20, log_dir) as a, LocalServer(40 << 20, log_dir) as b:
+            run_search([model], SearchOptions(rpc=f"{a.endpoint},{b.endpoint}"))
+    """
+
+    def __init__(self, mem: int | None, log_dir: str | os.PathLike, threads: int = 1, start_s: float = 60):
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.log = Path(log_dir) / f"rpc-{self.port}.log"
+        args = [sys.executable, "-c", "from tuner.cli import cli; cli()", "rpc-server", "--port", str(self.port)]
+        args += ["-t", str(threads)] + (["--mem", str(mem)] if mem else [])
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # servers and client share the cores: no spinning
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + start_s
+        while True:
+            try:
+                check_reachable((self.endpoint,), timeout=1)
+                return
+            except RpcError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RpcError(f"rpc-server did not start: {self.log.read_text()[-300:]}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> LocalServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

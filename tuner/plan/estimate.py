@@ -24,6 +24,7 @@ import psutil
 
 from tuner.errors import TunerError
 from tuner.measure import hardware
+from tuner.measure import rpc as rpclib
 from tuner.model.meta import ModelInfo, read_model
 from tuner.plan import planner, whatif
 from tuner.plan.probe import load as load_probe
@@ -49,6 +50,7 @@ class ModelEstimate:
     what_if: list[dict]  # one row per --what-if quant: size, bits per weight, vs this file (+ predicted t/s)
     speed: list[dict] | None = None  # with speed: the file first, then each what-if quant (tuner.plan.speed.rows)
     speed_shape: dict | None = None  # the probe's test shape the speed is predicted at (n_prompt, n_gen)
+    devices: list[dict] = field(default_factory=list)  # each device planned for: name (its buffers'), vram
 
     def to_dict(self) -> dict:
         """One element of `tuner estimate --json`."""
@@ -60,6 +62,7 @@ class ModelEstimate:
             "shards": len(self.info.shards),
             "ram": self.ram,
             "vram": self.vram,
+            "devices": self.devices,
             "headroom": self.headroom,
             "contexts": self.contexts,
             "what_if": self.what_if,
@@ -131,7 +134,7 @@ def estimate(
     ctx: str | int | Iterable[int] = 4096,
     *,
     ram: int | None = None,
-    vram: int | None = None,
+    vram: int | list[int] | None = None,
     headroom: str | int | float = "5%",
     base: TrialConfig | None = None,
     n_gpu_layers: int | None = None,
@@ -140,11 +143,14 @@ def estimate(
     speed: bool = False,
     threads: int | None = None,
     probe: str | os.PathLike | dict | None = None,
+    rpc: str | Iterable[str] | None = None,
 ) -> Estimate:
     """Plan memory for `models` (paths or ModelInfo) at each context of `ctx`, as `tuner estimate` does.
 
-    ram: host RAM to plan for (default: this machine's total); vram: GPU memory (default: the GPUs detected,
-    0 without one); headroom: kept free, a share or a size ('5%', 0.05, '2GiB'); base: the llama.cpp config
+    ram: host RAM to plan for (default: this machine's total); vram: GPU memory, one device's or a list of each
+    device's (default: the GPUs NVML detects, 0 without one); rpc: llama.cpp RPC servers ("host:port,...") whose
+    devices join the GPUs, first, as llama-server --rpc adds them (each as large as it reports itself); headroom:
+    kept free, a share or a size ('5%', 0.05, '2GiB'); base: the llama.cpp config
     (batch sizes, KV cache types, flash attention, mmap, n_cpu_moe/cpu_moe; its model and n_ctx are ignored);
     n_gpu_layers: the split for this many layers (-1: all) instead of the largest that fits; what_if: quant
     types to size each model in; calib: a Calibration or Parquet results of this rig to calibrate from;
@@ -157,8 +163,18 @@ def estimate(
     if ram is None:
         ram = psutil.virtual_memory().total
     hr = parse_headroom(headroom, ram)
+    endpoints = rpclib.parse_endpoints(rpc)
+    rpclib.check_reachable(endpoints)
+    remote = [d for d in hardware.llama_devices(endpoints) if d["backend"] == "RPC"] if endpoints else []
     if vram is None:
-        vram = sum(g.vram_total for g in hardware.probe().gpus)
+        local = [g.vram_total for g in hardware.probe().gpus]
+    else:
+        local = [int(v) for v in vram] if isinstance(vram, (list, tuple)) else ([int(vram)] if vram else [])
+    totals = [d["total"] for d in remote] + local
+    names = tuple(hardware.buffer_name(d) for d in remote) + tuple(f"CUDA{i}" for i in range(len(local)))
+    # an RPC device's memory holds llama.cpp's buffers only; a GPU also a CUDA context (the planner's default)
+    baselines = [0] * len(remote) + [planner.DEFAULT_BASELINE_VRAM] * len(local) if remote else None
+    devices = [{"name": n, "vram": v} for n, v in zip(names, totals)]
     quants = parse_quants(what_if)
     if n_gpu_layers is not None and n_gpu_layers < -1:
         raise EstimateError(f"-ngl must be -1 (all layers) or more, got {n_gpu_layers}")
@@ -169,15 +185,16 @@ def estimate(
     infos = [m if isinstance(m, ModelInfo) else read_model(m) for m in items]
     probe_data = speed_probe(probe) if speed else None
     base = base or TrialConfig(model="")
-    out = Estimate(ram=ram, vram=vram, headroom=hr, quants=quants, probe=probe_data)
+    out = Estimate(ram=ram, vram=sum(totals), headroom=hr, quants=quants, probe=probe_data)
     for info in infos:
         m = ModelEstimate(
             info=info,
             ram=ram,
-            vram=vram,
+            vram=sum(totals),
             headroom=hr,
-            contexts=planner.estimate(info, ctxs, ram, vram, hr, base, calib, n_gpu_layers),
+            contexts=planner.estimate(info, ctxs, ram, totals or 0, hr, base, calib, n_gpu_layers, names, baselines),
             what_if=whatif.what_if(info, quants) if quants else [],
+            devices=devices,
         )
         if probe_data is not None:
             add_speed(m, probe_data, quants, threads, n_gpu_layers, base)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from tuner.errors import TunerError
 from tuner.model.meta import ModelInfo
 from tuner.plan import placement, planner
-from tuner.record import TrialConfig, parse_tensor_split
+from tuner.record import TrialConfig, moe_part_pattern, parse_tensor_split
 
 MiB = 1 << 20
 DEFAULT_MARGIN = 1024 * MiB  # common/common.h: fit_params_target, per device (--fit-target MiB)
@@ -67,19 +67,18 @@ class LayerFraction(enum.IntEnum):
     MOE = 4  # everything but the routed experts
 
 
+# the fractions as tuner's --moe-part spells them (the same tensors: tuner.record.moe_part_pattern)
+PART_OF_FRACTION = {LayerFraction.ATTN: "ffn", LayerFraction.UP: "gate_down", LayerFraction.GATE: "down"}
+
+
 def overflow_pattern(il: int, lf: LayerFraction) -> str:
     """The regex of the tensors of layer `il` that overflow for fraction `lf` (fit.cpp 493-530)."""
     if il >= 1000:
         raise FitError("at most 1000 model layers are supported")
-    p = f"blk\\.{il}\\."
-    if lf == LayerFraction.ATTN:
-        return p + "ffn_(gate|up|gate_up|down).*"
-    if lf == LayerFraction.UP:
-        return p + "ffn_(gate|gate_up|down).*"
-    if lf == LayerFraction.GATE:
-        return p + "ffn_down.*"
+    if lf in PART_OF_FRACTION:
+        return moe_part_pattern(il, PART_OF_FRACTION[lf])
     if lf == LayerFraction.MOE:
-        return p + "ffn_(up|down|gate_up|gate)_(ch|)exps"
+        return f"blk\\.{il}\\.ffn_(up|down|gate_up|gate)_(ch|)exps"
     raise FitError(f"no overflow pattern for {lf!r}")
 
 
@@ -716,94 +715,8 @@ def device_usage(
     if not planner.unmodelled_note(info):
         for il in range(info.n_layer):
             ctx[layer_dev[il]] += planner.kv_layer_bytes(cfg, info, il) + planner.rs_layer_bytes(info, il)
-    comp = compute_by_device(cfg, info, where, layer_dev, n_dev)
+    comp = planner.compute_by_device(cfg, info, where, layer_dev, n_dev)
     return [Usage(model[i], ctx[i], comp[i]) for i in list(range(n_dev)) + [-1]]
-
-
-N_COPIES = 4  # ggml-backend.cpp GGML_SCHED_MAX_COPIES: input copies with pipeline parallelism
-UP_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate_)?up(_exps)?\.")
-
-
-def compute_by_device(
-    cfg: TrialConfig, info: ModelInfo, where: list[int], layer_dev: list[int], n_dev: int
-) -> list[int]:
-    """The compute buffer each backend reserves for a full ubatch of T tokens, every one an output (index -1:
-    the host's CPU backend, as planner.compute_raw).
-
-    ggml's scheduler runs an op on the backend that holds its weights (RPC has no `offload_op`: an op whose weights
-    are in host memory stays on the CPU) and gives each backend one buffer, sized by the widest set of its tensors
-    alive at once. Per device, in floats per token (E n_embd, V n_vocab, F n_ff, Fe expert width, u experts used):
-    the KQ mask of the layers it runs (alive through the graph; f16 with flash attention), then the widest phase:
-    a dense FFN 3F + 3E; routed experts max(3·Fe·u + 3E, 2E·u + Fe·u + 2E); a layer whose experts are elsewhere
-    E·u + 4E (the weighting of the experts' outputs runs where the router is); attention (FA: Q, K, V, output;
-    MLA: the absorbed query per head); the output layer V + E, or when the layer before it is elsewhere V + 2E
-    (dense) / V + E·u + E (routed experts: the ops after the last expert matmul follow the output). With pipeline
-    parallelism (several devices, every layer offloaded, no overrides: llama_context) each split input is held
-    N_COPIES times (the mask and the layer input). Fitted on llama.cpp's no_alloc figures for the synthetic and
-    oracle shapes (benchmarks/fit_equivalence.py records the error per config)."""
-    out = [0] * (n_dev + 1)
-    if planner.unmodelled_note(info):
-        return out
-    n_tok = min(cfg.n_ubatch, cfg.n_batch, planner.kv_size(cfg.effective_ctx()))
-    n_kv = planner.max_kv_cells(cfg, info)
-    host_layers = any(d < 0 for d in layer_dev[: info.n_layer])
-    if host_layers or n_dev == 0:
-        out[-1] = planner.compute_raw(cfg, info, n_tok, n_tok, n_kv)
-    if n_dev == 0:
-        return out
-    fa = cfg.flash_attn != "off"
-    e, v, u = info.n_embd, info.n_vocab, max(info.n_expert_used, 1)
-    fe = info.n_ff_exp or info.ff(0)
-    moe_live = max(3 * fe * u + 3 * e, 2 * e * u + fe * u + 2 * e)
-    up_dev: dict[int, set[int]] = {}  # layer -> devices holding an up (or fused gate_up) FFN tensor of it
-    exps_layer: set[int] = set()
-    for t, d in zip(info.tensors, where):
-        m = UP_RE.match(t.name)
-        if m:
-            up_dev.setdefault(int(m[1]), set()).add(d)
-            if m[3]:
-                exps_layer.add(int(m[1]))
-    if info.kv_mla:
-        attn = info.n_head * (info.head_dim_k + info.kv_lora_rank + 3 * info.rope_dim) + 3 * e
-    else:
-        attn = (
-            2 * info.n_head * info.head_dim_k
-            + 2 * max(info.head_kv(il) for il in range(info.n_layer)) * info.head_dim_k
-            + 3 * e
-        )
-    if not fa:
-        attn = max(attn, n_kv * info.n_head + info.n_head * info.head_dim_k + 3 * e)
-    routed_tail = e * u + e if info.is_moe and not info.n_expert_shared else 2 * e
-    pp = (
-        n_dev > 1
-        and cfg.split_mode == "layer"
-        and all(d >= 0 for d in layer_dev)
-        and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe)
-    )
-    first = True
-    for d in range(n_dev):
-        layers = [il for il in range(info.n_layer) if layer_dev[il] == d]
-        phases = [0]
-        mask = 0
-        for il in layers:
-            phases.append(attn)
-            if il in exps_layer:
-                phases.append(moe_live if d in up_dev.get(il, ()) else e * u + 4 * e)
-            elif d in up_dev.get(il, ()):
-                phases.append(3 * info.ff(il) + 3 * e)
-        for il, ds in up_dev.items():  # FFN weights of another device's layer (an overflowing part)
-            if d in ds and layer_dev[min(il, info.n_layer - 1)] != d:
-                phases.append(moe_live if il in exps_layer else 3 * info.ff(il) + 3 * e)
-        cells = {planner.kv_cells(cfg, info, il) for il in layers} - {0}
-        mask = sum(c * n_tok * (2 if fa else 4) for c in cells)
-        if layer_dev[info.n_layer] == d:
-            phases.append(v + e if info.n_layer and layer_dev[info.n_layer - 1] == d else v + routed_tail)
-        buf = max(phases) * n_tok * 4 + mask
-        if pp and layers:
-            buf += (N_COPIES - 1) * mask + N_COPIES * e * n_tok * 4 + (0 if first else 2 * e * n_tok * 4)
-            first = False
-        out[d] = buf
-    return out
 
 
 def rpc_devices(endpoints: list[str], host_ram: int) -> list[DeviceMemory]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -461,6 +462,7 @@ def predict(
     gpu_offload: bool = False,
     free: list[int] | None = None,
     device_baselines: list[int] | None = None,
+    names: tuple[str, ...] | list[str] = (),
 ) -> Prediction:
     """Peak host RAM and VRAM of one trial of `cfg` on `info`'s model, and what of it must stay resident.
 
@@ -474,11 +476,14 @@ def predict(
     CUDA context and compute buffer (an upper bound: llama.cpp sizes each device's buffer by its part of the
     graph). split_mode row spreads the matrices of offloaded layers over the GPUs by the split, rows-wise.
     `device_baselines`: each device's fixed cost besides its buffers (default: the calibrated CUDA context for
-    every device; 0 for an RPC device, whose memory holds llama.cpp's buffers only).
+    every device; 0 for an RPC device, whose memory holds llama.cpp's buffers only). `names`: the devices' buffer
+    names (RPC0[host:port], CUDA0): an RPC device's compute buffer is its own part of the graph
+    (`compute_by_device`: RPC has no offload_op), a GPU's the whole graph's (CUDA offloads the matmuls of host
+    weights for big batches too).
     """
     calib = calib or Calibration()
     note = unmodelled_note(info)
-    where, ngl = tensor_devices(cfg, info, gpu_offload, free)
+    where, ngl = tensor_devices(cfg, info, gpu_offload, free, tuple(names))
     n_dev = len(free) if free else 1
     shares = _row_shares(cfg, free) if n_dev > 1 and cfg.split_mode == "row" else None
     # a GPU build puts host weights in the GPU's host buffer type, listed before the CPU's repack buffers
@@ -541,15 +546,18 @@ def predict(
     resident = calib.baseline_ram + anon_weights + kv_host + c_host + out
     ram = resident + file_pages
     used = {d for d in devs if d >= 0} | {i for i, w in enumerate(w_dev) if w}
+    rpc = [i < len(names) and names[i].startswith("RPC") for i in range(n_dev)]
+    by_graph = compute_by_device(cfg, info, where, devs, n_dev) if gpu_offload and ngl and any(rpc) else None
+    c_dev = [int(calib.compute_scale_gpu * by_graph[i]) if by_graph and rpc[i] else c_gpu for i in range(n_dev)]
     base = [
         device_baselines[i] if device_baselines and i < len(device_baselines) else calib.baseline_vram
         for i in range(n_dev)
     ]
     by_dev = [
-        (base[i] + w_dev[i] + kv_dev[i] + c_gpu) if (gpu_offload and ngl and i in used) else 0 for i in range(n_dev)
+        (base[i] + w_dev[i] + kv_dev[i] + c_dev[i]) if (gpu_offload and ngl and i in used) else 0 for i in range(n_dev)
     ]
     vram, w_gpu, kv_gpu = sum(by_dev), sum(w_dev), sum(kv_dev)
-    c_gpu = c_gpu * len(used) if vram else 0  # one compute buffer per device that holds layers
+    c_gpu = sum(c_dev[i] for i in used) if vram else 0  # one compute buffer per device that holds layers
     return Prediction(
         ram_bytes=int(ram),
         vram_bytes=int(vram),
@@ -575,6 +583,92 @@ def predict(
         layers_host=layers_host,
         vram_by_device=by_dev if vram else [0] * n_dev,
     )
+
+
+N_COPIES = 4  # ggml-backend.cpp GGML_SCHED_MAX_COPIES: input copies with pipeline parallelism
+UP_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate_)?up(_exps)?\.")
+
+
+def compute_by_device(
+    cfg: TrialConfig, info: ModelInfo, where: list[int], layer_dev: list[int], n_dev: int
+) -> list[int]:
+    """The compute buffer each backend reserves for a full ubatch of T tokens, every one an output (index -1:
+    the host's CPU backend, as compute_raw).
+
+    ggml's scheduler runs an op on the backend that holds its weights (RPC has no `offload_op`: an op whose weights
+    are in host memory stays on the CPU) and gives each backend one buffer, sized by the widest set of its tensors
+    alive at once. Per device, in floats per token (E n_embd, V n_vocab, F n_ff, Fe expert width, u experts used):
+    the KQ mask of the layers it runs (alive through the graph; f16 with flash attention), then the widest phase:
+    a dense FFN 3F + 3E; routed experts max(3·Fe·u + 3E, 2E·u + Fe·u + 2E); a layer whose experts are elsewhere
+    E·u + 4E (the weighting of the experts' outputs runs where the router is); attention (FA: Q, K, V, output;
+    MLA: the absorbed query per head); the output layer V + E, or when the layer before it is elsewhere V + 2E
+    (dense) / V + E·u + E (routed experts: the ops after the last expert matmul follow the output). With pipeline
+    parallelism (several devices, every layer offloaded, no overrides: llama_context) each split input is held
+    N_COPIES times (the mask and the layer input). Fitted on llama.cpp's no_alloc figures for the synthetic and
+    oracle shapes (benchmarks/fit_equivalence.py records the error per config)."""
+    out = [0] * (n_dev + 1)
+    if unmodelled_note(info):
+        return out
+    n_tok = min(cfg.n_ubatch, cfg.n_batch, kv_size(cfg.effective_ctx()))
+    n_kv = max_kv_cells(cfg, info)
+    host_layers = any(d < 0 for d in layer_dev[: info.n_layer])
+    if host_layers or n_dev == 0:
+        out[-1] = compute_raw(cfg, info, n_tok, n_tok, n_kv)
+    if n_dev == 0:
+        return out
+    fa = cfg.flash_attn != "off"
+    e, v, u = info.n_embd, info.n_vocab, max(info.n_expert_used, 1)
+    fe = info.n_ff_exp or info.ff(0)
+    moe_live = max(3 * fe * u + 3 * e, 2 * e * u + fe * u + 2 * e)
+    up_dev: dict[int, set[int]] = {}  # layer -> devices holding an up (or fused gate_up) FFN tensor of it
+    exps_layer: set[int] = set()
+    for t, d in zip(info.tensors, where):
+        m = UP_RE.match(t.name)
+        if m:
+            up_dev.setdefault(int(m[1]), set()).add(d)
+            if m[3]:
+                exps_layer.add(int(m[1]))
+    if info.kv_mla:
+        attn = info.n_head * (info.head_dim_k + info.kv_lora_rank + 3 * info.rope_dim) + 3 * e
+    else:
+        attn = (
+            2 * info.n_head * info.head_dim_k
+            + 2 * max(info.head_kv(il) for il in range(info.n_layer)) * info.head_dim_k
+            + 3 * e
+        )
+    if not fa:
+        attn = max(attn, n_kv * info.n_head + info.n_head * info.head_dim_k + 3 * e)
+    routed_tail = e * u + e if info.is_moe and not info.n_expert_shared else 2 * e
+    pp = (
+        n_dev > 1
+        and cfg.split_mode == "layer"
+        and all(d >= 0 for d in layer_dev)
+        and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe)
+    )
+    first = True
+    for d in range(n_dev):
+        layers = [il for il in range(info.n_layer) if layer_dev[il] == d]
+        phases = [0]
+        mask = 0
+        for il in layers:
+            phases.append(attn)
+            if il in exps_layer:
+                phases.append(moe_live if d in up_dev.get(il, ()) else e * u + 4 * e)
+            elif d in up_dev.get(il, ()):
+                phases.append(3 * info.ff(il) + 3 * e)
+        for il, ds in up_dev.items():  # FFN weights of another device's layer (an overflowing part)
+            if d in ds and layer_dev[min(il, info.n_layer - 1)] != d:
+                phases.append(moe_live if il in exps_layer else 3 * info.ff(il) + 3 * e)
+        cells = {kv_cells(cfg, info, il) for il in layers} - {0}
+        mask = sum(c * n_tok * (2 if fa else 4) for c in cells)
+        if layer_dev[info.n_layer] == d:
+            phases.append(v + e if info.n_layer and layer_dev[info.n_layer - 1] == d else v + routed_tail)
+        buf = max(phases) * n_tok * 4 + mask
+        if pp and layers:
+            buf += (N_COPIES - 1) * mask + N_COPIES * e * n_tok * 4 + (0 if first else 2 * e * n_tok * 4)
+            first = False
+        out[d] = buf
+    return out
 
 
 def _row_shares(cfg: TrialConfig, free: list[int]) -> list[float]:
@@ -688,40 +782,45 @@ def _gib(n: int) -> str:
 
 
 # -- `tuner estimate` as a library: one row per context -----------------------------------------------------
-def min_cpu_moe(cfg: TrialConfig, info: ModelInfo, vram: int | list[int], headroom: float, calib) -> int | None:
-    """Fewest layers whose experts stay in host RAM so that all layers fit the GPU(s) (MoE only); None when
-    even all experts in host RAM leave too much (the non-expert weights, KV and buffers do not fit)."""
-    full = dataclasses.replace(cfg, n_gpu_layers=info.n_layer + 1)
-    budgets, free = device_budgets(vram, headroom)
-
-    def ok(n):
-        c = dataclasses.replace(full, n_cpu_moe=n)
-        return vram_fits(predict(c, info, calib, gpu_offload=True, free=free), budgets)
-
-    return first_true(0, info.n_layer, ok)
-
-
 def estimate(
     info: ModelInfo,
     ctxs: list[int],
     ram: int,
-    vram: int,
+    vram: int | list[int],
     headroom: float,
     base: TrialConfig,
     calib: Calibration | None = None,
     ngl: int | None = None,
+    names: tuple[str, ...] = (),
+    device_baselines: list[int] | None = None,
 ) -> list[dict]:
-    """One row per context: sizes, the largest n_gpu_layers that fits and the host/GPU split it gives."""
+    """One row per context: sizes, the largest n_gpu_layers that fits and the host/GPU split it gives.
+    `vram`: one device's memory, or each device's (llama.cpp's default split over them, each judged on its own);
+    `names` / `device_baselines`: the devices as the planner's `predict` takes them (RPC devices: RPC0[...], 0)."""
     rows = []
+    budgets, free = device_budgets(vram, headroom)
     for ctx in ctxs:
         cfg = dataclasses.replace(base, model=info.path, n_ctx=ctx)
-        gpu = vram > 0
+        gpu = sum(budgets) > 0
+
+        def pred(n: int, cfg=cfg) -> Prediction:
+            return predict(dataclasses.replace(cfg, n_gpu_layers=n), info, calib, True, free, device_baselines, names)
+
         if ngl is not None:  # asked for: show its split
             use = info.n_layer + 1 if ngl < 0 else min(ngl, info.n_layer + 1)
         else:
-            use = max_gpu_layers(cfg, info, vram, headroom, calib) if gpu else 0
-        p = predict(dataclasses.replace(cfg, n_gpu_layers=use), info, calib, gpu_offload=gpu)
-        ok, why = fits(p, ram, vram if gpu else None, headroom=headroom)
+            use = (last_true(0, info.n_layer + 1, lambda n: vram_fits(pred(n), budgets)) or 0) if gpu else 0
+        p = pred(use) if gpu else predict(dataclasses.replace(cfg, n_gpu_layers=0), info, calib, gpu_offload=False)
+        ok, why = fits(p, ram, None, headroom=headroom)
+        if ok and gpu and not vram_fits(p, budgets):
+            ok, why = (
+                False,
+                "VRAM short: "
+                + ", ".join(
+                    f"device {i} needs {_gib(v)}, {_gib(b)} usable"
+                    for i, (v, b) in enumerate(zip(p.vram_by_device, budgets))
+                ),
+            )
         cached = weights_cached(p, ram, headroom=headroom)
         usable = int(ram * (1 - headroom))
         refused = refusal(cfg, info)
@@ -765,7 +864,14 @@ def estimate(
             "warning": warning,
             "note": p.note,
         }
+        if gpu and len(budgets) > 1:
+            row["gpu_by_device"] = list(p.vram_by_device)
         if info.is_moe and gpu:
-            row["min_n_cpu_moe"] = min_cpu_moe(cfg, info, vram, headroom, calib)
+            full = dataclasses.replace(cfg, n_gpu_layers=info.n_layer + 1)
+            row["min_n_cpu_moe"] = first_true(
+                0,
+                info.n_layer,
+                lambda n: vram_fits(pred(info.n_layer + 1, dataclasses.replace(full, n_cpu_moe=n)), budgets),
+            )
         rows.append(row)
     return rows

@@ -71,7 +71,8 @@ def run_job(worker, job: dict) -> dict:
     else:
         ref = ReferenceLogits.load(job["reference"])
         tokens, n_chunk = ref.tokens, ref.n_chunk
-    worker.load(TrialConfig(model=job["model"], n_gpu_layers=int(job.get("n_gpu_layers", 99))), None)
+    cfg = TrialConfig(model=job["model"], n_gpu_layers=int(job.get("n_gpu_layers", 99)), rpc=job.get("rpc", ""))
+    worker.load(cfg, None)
     model = worker.model
     vocab = L.llama_model_get_vocab(model)
     n_vocab = L.llama_vocab_n_tokens(vocab)

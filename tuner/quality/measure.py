@@ -158,6 +158,7 @@ class Settings:
     n_gpu_layers: int = 99
     type_k: str = "f16"
     type_v: str = "f16"
+    rpc: str = ""  # llama.cpp RPC servers whose devices take the offloaded layers (llama-server --rpc)
 
 
 class Progress:
@@ -279,6 +280,7 @@ def measure(
         "ctx": ctx,
         "n_threads": s.n_threads,
         "n_gpu_layers": s.n_gpu_layers,
+        "rpc": s.rpc,
         "type_k": s.type_k,
         "type_v": s.type_v,
     }
