@@ -300,12 +300,13 @@ step search search
 # -- 7. verify what llama.cpp did ------------------------------------------------------------------------------------------
 verify() {
   "$PY" - "$OUT" "$STUDY" "$MODEL" "$CPU" <<'PY'
-import json, shlex, sys
+import json, re, shlex, sys
 from pathlib import Path
 
 from tuner.measure import store
 from tuner.search.bench import fmt_size
 from tuner.model.meta import read_model
+from tuner.record import moe_part_pattern
 
 out, study, model, cpu = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 info = read_model(model)
@@ -326,8 +327,13 @@ def placed(applied):
     return set(names) if host and len(names) == len(set(names)) else None
 
 
-def expected(n):
-    return {name for name, t in exps.items() if t.layer < n}
+def expected(n, part="none"):
+    """Experts of the first n layers, and the tensors of layer n that --moe-part names (tuner.record)."""
+    out = {name for name, t in exps.items() if t.layer < n}
+    if part != "none":
+        rx = re.compile(moe_part_pattern(n, part))
+        out |= {t.name for t in info.tensors if rx.search(t.name)}
+    return out
 
 
 b4 = json.loads((out / "bench-ncmoe4.json").read_text())
@@ -369,9 +375,20 @@ if not cpu:  # the hybrid region: every layer on the GPU, experts of the first N
         lines.append(f"--   trial {r.trial_number} ncmoe {r.n_cpu_moe}: VRAM {fmt_size(r.peak_vram_bytes or 0)} "
                      f"by {r.vram_by}, device-wide {fmt_size(sum(r.vram_device_by_gpu))}, planner "
                      f"{fmt_size(r.predicted_vram_bytes or 0)}")
-wrong = [int(r.trial_number) for r in okt.itertuples() if placed(list(r.overrides_applied)) != expected(r.n_cpu_moe)]
-check(not wrong, f"every ok trial's expert placement matches its n_cpu_moe (mismatched: {wrong})")
+# a baseline with its own -ot placement (--fit's) is checked below, by what llama.cpp reports for it
+wrong = [
+    int(r.trial_number)
+    for r in okt.itertuples()
+    if not len(r.overrides) and placed(list(r.overrides_applied)) != expected(r.n_cpu_moe, r.moe_part)
+]
+check(not wrong, f"every ok trial's expert placement matches its n_cpu_moe and moe_part (mismatched: {wrong})")
 rec = json.loads((study / "recommended.json").read_text())
+if not cpu:  # llama-server's own placement (--fit, on by default) measured as the baseline to beat
+    fitted = trials[trials["baseline"] == "llama-server default (--fit)"]
+    check(len(fitted) >= 1, f"llama-server's --fit placement measured as a baseline: "
+          f"{[(r.outcome, list(r.overrides)[:2]) for r in fitted.itertuples()]}")
+    lines.append(f"--   headline: {json.dumps(rec.get('vs_defaults'))}")
+    lines.append(f"--   vs --fit (confirmation): {json.dumps((rec.get('confirmation') or {}).get('vs_fit'))}")
 n = rec["config"]["n_cpu_moe"]
 if not cpu:
     check(rec["config"]["n_gpu_layers"] == info.n_layer + 1 and n >= lo,

@@ -73,6 +73,24 @@ def oom_line(text: str) -> str | None:
 # buffer of size 8388608", "... CUDA0 buffer of size ..."
 BUFFER_OF_SIZE = re.compile(r"allocate (\S+) buffer of size (\d+)")
 SPLIT_MODES = ("none", "layer", "row")
+# Finer than --n-cpu-moe: part of the FFN of the layer after the --n-cpu-moe block in host memory too, the partial
+# layer llama.cpp's --fit makes (common/fit.cpp 18-24 and 493-530, LAYER_FRACTION_*): "down" keeps attention, up and
+# gate on the device (fit's GATE), "gate_down" attention and up (UP), "ffn" attention only (ATTN).
+MOE_PARTS = ("none", "down", "gate_down", "ffn")
+# share of a MoE layer's experts each part moves (up, gate and down are equal in size): orders the hybrid region
+MOE_PART_SHARE = {"none": 0.0, "down": 1 / 3, "gate_down": 2 / 3, "ffn": 1.0}
+
+
+def moe_part_pattern(il: int, part: str) -> str:
+    """The `-ot` regex of the tensors of layer `il` that `part` keeps in host memory (fit.cpp's own patterns)."""
+    p = f"blk\\.{il}\\."
+    if part == "ffn":
+        return p + "ffn_(gate|up|gate_up|down).*"
+    if part == "gate_down":
+        return p + "ffn_(gate|gate_up|down).*"
+    if part == "down":
+        return p + "ffn_down.*"
+    raise ValueError(f"no tensor pattern for moe_part {part!r} (one of {', '.join(MOE_PARTS[1:])})")
 
 
 def parse_tensor_split(text: str) -> list[float]:
@@ -121,6 +139,12 @@ PARAMS = (
     Param("type_k", ("-ctk", "--cache-type-k"), KV_TYPES, "KV cache type for K"),
     Param("type_v", ("-ctv", "--cache-type-v"), KV_TYPES, "KV cache type for V"),
     Param("n_cpu_moe", ("-ncmoe", "--n-cpu-moe"), int, "keep the experts of the first N layers in host RAM"),
+    Param(
+        "moe_part",
+        ("--moe-part",),
+        MOE_PARTS,
+        "of the layer after the --n-cpu-moe block, also keep these FFN tensors in host RAM (--fit's partial layer)",
+    ),
     Param("split_mode", ("-sm", "--split-mode"), SPLIT_MODES, "how to split across GPUs"),
     Param("main_gpu", ("-mg", "--main-gpu"), int, "GPU for the whole model with split-mode none"),
     Param(
@@ -153,6 +177,7 @@ class TrialConfig:
     type_v: str = "f16"
     n_cpu_moe: int = 0  # experts of the first N layers stay in host memory (llama.cpp --n-cpu-moe)
     cpu_moe: bool = False  # all routed experts in host memory (llama.cpp --cpu-moe)
+    moe_part: str = "none"  # FFN tensors of layer n_cpu_moe in host memory too (MOE_PARTS; llama-server: one -ot)
     overrides: tuple[str, ...] = ()  # raw -ot PATTERN=BUFFER entries
     rpc: str = ""  # llama.cpp RPC servers whose devices join the GPUs: "host:port,host:port" (llama-server --rpc)
     n_prompt: int = 512
@@ -172,6 +197,7 @@ class TrialConfig:
         "use_mlock",
         "n_cpu_moe",
         "cpu_moe",
+        "moe_part",
         "overrides",
         "rpc",
     )
@@ -183,6 +209,11 @@ class TrialConfig:
 
     def load_key(self) -> tuple:
         return tuple(getattr(self, k) for k in self.LOAD_KEYS)
+
+    def experts_in_host(self) -> float:
+        """How many layers' routed experts stay in host memory (--cpu-moe: all), the partial layer counted by its
+        share: orders configs along the hybrid region (more host, less device)."""
+        return float("inf") if self.cpu_moe else self.n_cpu_moe + MOE_PART_SHARE.get(self.moe_part, 0.0)
 
     def effective_ctx(self) -> int:
         return self.n_ctx or (self.n_prompt + self.n_gen + self.n_depth)

@@ -183,6 +183,16 @@ from tuner.search.run import run_search
 )
 @click.option("--ram", "ram", type=SIZE, default=None, help="with --dry-run: plan for this much host RAM")
 @rpc_option
+@click.option(
+    "-fitt",
+    "--fit-target",
+    "fit_target",
+    default="1024",
+    show_default=True,
+    metavar="MiB[,MiB...]",
+    help="the margin llama-server's --fit leaves free per device, for the --fit baseline (llama-server's spelling; "
+    "one value for all devices or one per device)",
+)
 def search(config, models, as_json, no_confirm, text, **params):
     """Search for the fastest config that fits: an Optuna study, every trial crash-isolated.
 

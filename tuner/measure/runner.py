@@ -522,6 +522,13 @@ def resolve(cfg: TrialConfig, info: ModelInfo | None = None) -> TrialConfig:
     ngl = all_layers(info) if ngl < 0 or ngl > all_layers(info) else ngl
     threads = cfg.n_threads or physical_cores()
     n_cpu_moe = min(cfg.n_cpu_moe, info.n_layer)
+    # a partial layer past the last one, with every expert in host memory, or of a dense model places nothing
+    part = cfg.moe_part if info.is_moe and not cfg.cpu_moe and n_cpu_moe < info.n_layer else "none"
     return dataclasses.replace(
-        cfg, n_gpu_layers=ngl, n_threads=threads, n_threads_batch=cfg.n_threads_batch or threads, n_cpu_moe=n_cpu_moe
+        cfg,
+        n_gpu_layers=ngl,
+        n_threads=threads,
+        n_threads_batch=cfg.n_threads_batch or threads,
+        n_cpu_moe=n_cpu_moe,
+        moe_part=part,
     )

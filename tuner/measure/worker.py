@@ -132,7 +132,7 @@ class Worker:
             n = L.llama_max_devices()
             self._tensor_split = (ctypes.c_float * n)(*(parts + [0.0] * (n - len(parts)))[:n])
             mp.tensor_split = self._tensor_split
-        pairs = self.glue.override_patterns(cfg.n_cpu_moe, cfg.cpu_moe, cfg.overrides)
+        pairs = self.glue.override_patterns(cfg.n_cpu_moe, cfg.cpu_moe, cfg.overrides, cfg.moe_part)
         overrides = None
         if pairs:
             try:

@@ -10,7 +10,7 @@ import re
 import numpy as np
 
 from tuner.model.meta import EXPS_RE, ModelInfo
-from tuner.record import TrialConfig, parse_tensor_split
+from tuner.record import TrialConfig, moe_part_pattern, parse_tensor_split
 
 
 def gpu_layer_start(info: ModelInfo, n_gpu_layers: int, gpu_offload: bool) -> tuple[int, bool, int]:
@@ -78,6 +78,9 @@ def _override_rules(cfg: TrialConfig) -> list:
         rules.append(
             (lambda t: t.layer is not None and t.layer < cfg.n_cpu_moe and EXPS_RE.search(t.name) is not None, "CPU")
         )
+    if cfg.moe_part != "none" and not cfg.cpu_moe:
+        rx = re.compile(moe_part_pattern(cfg.n_cpu_moe, cfg.moe_part))
+        rules.append((lambda t, rx=rx: rx.search(t.name) is not None, "CPU"))
     return rules
 
 
@@ -112,6 +115,7 @@ def tensor_devices(
         cfg.tensor_split,
         cfg.n_cpu_moe,
         cfg.cpu_moe,
+        cfg.moe_part,
         cfg.overrides,
         names,
     )

@@ -1,39 +1,43 @@
-"""The configs a search starts with: llama.cpp's defaults and the seed script's GPU-layer heuristic, snapped to the
-space (each is enqueued as a trial of its own, labelled in `baseline`)."""
+"""The configs a search starts with (`starting`): llama.cpp's defaults and the seed script's GPU-layer heuristic,
+snapped to the space; on a rig with devices, llama-server's own placement (--fit, on by default: the user's real
+alternative) and the community MoE recipe, measured as they are. Each is enqueued as a trial of its own, labelled in
+`baseline`; the confirmation races the winner against --fit's placement where there is one."""
 
 from __future__ import annotations
 
 import dataclasses
 import shlex
+from dataclasses import dataclass
 
 from tuner.measure.runner import resolve
-from tuner.model.meta import ModelInfo
-from tuner.plan.fit import DeviceMemory, FitResult, fit, server_config
-from tuner.record import TrialConfig
+from tuner.model.meta import EXPS_RE, ModelInfo
+from tuner.plan import placement
+from tuner.plan.fit import DeviceMemory, FitError, FitResult, fit, server_config
+from tuner.record import MOE_PART_SHARE, TrialConfig
+from tuner.search.confirm import ROLE_BASELINE, ROLE_FIT, ROLE_RECIPE
 from tuner.search.feasible import Rig
 from tuner.search.recommend import forms
 from tuner.search.space import Space
 
 HEURISTIC_MB_PER_LAYER = 3500  # the seed script's guess
 HEURISTIC_RESERVE_MB = 2048
+DEFAULT_FIT_TARGET = 1024  # MiB: llama-server's --fit-target (common/common.h fit_params_target)
+
+
+def nearest(space: Space, name: str, want):
+    """The space's value of `name` nearest to `want` (the first value for a choice it does not have)."""
+    vals = space.dims[name].values if name in space.dims else [want]
+    if isinstance(want, (int, float)) and not isinstance(want, bool):
+        return min(vals, key=lambda v: (abs(v - want), v))
+    return want if want in vals else vals[0]
 
 
 def baseline_params(space: Space, infos: dict[str, ModelInfo], hw, min_ctx: int) -> list[tuple[dict, str]]:
     """The baselines' sampler params with their labels, each value the space's nearest to the baseline's; a
     baseline the space makes equal to an earlier one is left out."""
-    dims = space.dims
     n_layer = max(i.n_layer for i in infos.values())
     all_layers = n_layer + 1
     phys = hw.cores_physical
-
-    def nearest(name, want):
-        vals = dims[name].values if name in dims else [want]
-        return (
-            min(vals, key=lambda v: (abs(v - want), v))
-            if isinstance(want, (int, float)) and not isinstance(want, bool)
-            else (want if want in vals else vals[0])
-        )
-
     defaults = {
         "n_gpu_layers": all_layers,
         "n_ctx": max(4096, min_ctx),
@@ -46,14 +50,15 @@ def baseline_params(space: Space, infos: dict[str, ModelInfo], hw, min_ctx: int)
         "type_v": "f16",
         "use_mmap": True,
         "n_cpu_moe": 0,
+        "moe_part": "none",
     }
     vram = sum(g.vram_total for g in hw.gpus)
     heuristic_ngl = max(0, min(all_layers, int((vram / 2**20 - HEURISTIC_RESERVE_MB) // HEURISTIC_MB_PER_LAYER)))
     out: list[tuple[dict, str]] = []
-    for label, overrides in (("llama.cpp defaults", {}), ("heuristic", {"n_gpu_layers": heuristic_ngl})):
+    for label, overrides in ((DEFAULTS_LABEL, {}), ("heuristic", {"n_gpu_layers": heuristic_ngl})):
         params = {}
         for name, d in space.varying().items():
-            params[name] = nearest(name, overrides.get(name, defaults.get(name, d.values[0])))
+            params[name] = nearest(space, name, overrides.get(name, defaults.get(name, d.values[0])))
         if len(space.models) > 1:
             params["model"] = space.models[0]
         if any(params == p for p, _ in out):
@@ -62,8 +67,9 @@ def baseline_params(space: Space, infos: dict[str, ModelInfo], hw, min_ctx: int)
     return out
 
 
-FIT_LABEL = "llama-server default (--fit)"
-RECIPE_LABEL = "community recipe (-ngl 99, the fewest --n-cpu-moe that fits)"
+DEFAULTS_LABEL = ROLE_BASELINE  # llama-bench's defaults: every layer offloaded, no expert in host memory
+FIT_LABEL = ROLE_FIT
+RECIPE_LABEL = ROLE_RECIPE
 
 
 def working_context(space: Space) -> int:
@@ -76,11 +82,24 @@ def fit_device_names(rig: Rig) -> list[str]:
     return [rig.devices[i] if i < len(rig.devices) else f"CUDA{i}" for i in range(rig.n_gpus)]
 
 
-def fit_placement(space: Space, info: ModelInfo, rig: Rig) -> tuple[TrialConfig, FitResult] | None:
+def fit_margins(text: str | int | None) -> list[int]:
+    """--fit-target as llama-server reads it: MiB, one value for every device or one per device → bytes."""
+    try:
+        vals = [int(x) for x in str(text if text is not None else DEFAULT_FIT_TARGET).split(",")]
+    except ValueError:
+        raise FitError(f"--fit-target {text!r}: whole MiB expected, e.g. 1024 or 512,2048") from None
+    if any(v < 0 for v in vals):
+        raise FitError(f"--fit-target {text!r}: a margin cannot be negative")
+    return [v * 2**20 for v in vals]
+
+
+def fit_placement(
+    space: Space, info: ModelInfo, rig: Rig, fit_target: str | int | None = None
+) -> tuple[TrialConfig, FitResult] | None:
     """What llama-server started with `-m MODEL -c CTX` places (its --fit, on by default: tuner.plan.fit) on this
     rig's devices, from the planner alone: the working context is set (the fit leaves a set context alone),
-    everything else at llama-server's defaults, its default margin (--fit-target 1024 MiB) on every device.
-    None without a device to fit to."""
+    everything else at llama-server's defaults, the margin `fit_target` (--fit-target: MiB, default 1024) on every
+    device. None without a device to fit to."""
     if not rig.gpu_offload or not rig.n_gpus or not all(t > 0 for t in rig.gpu_totals):
         return None
     names = fit_device_names(rig)
@@ -96,7 +115,10 @@ def fit_placement(space: Space, info: ModelInfo, rig: Rig) -> tuple[TrialConfig,
         type_v=base.type_v,
         use_mmap=base.use_mmap,
     )
-    res = fit(info, devices, cfg)
+    margins = fit_margins(fit_target)
+    if len(margins) not in (1, len(devices)):
+        raise FitError(f"--fit-target: {len(margins)} margins for {len(devices)} devices (give one, or one each)")
+    res = fit(info, devices, cfg, margins if len(margins) > 1 else margins[0])
     return res.trial_config(dataclasses.replace(base, model=info.path)), res
 
 
@@ -124,29 +146,85 @@ def recipe_config(space: Space, info: ModelInfo, rig: Rig, hw, fits) -> TrialCon
     return None
 
 
-def listed(space: Space, infos: dict[str, ModelInfo], rig: Rig, hw, min_ctx: int, fits) -> list[dict]:
-    """Every baseline a search on this rig starts from, as a config and llama-server flags (`--dry-run --json`):
-    llama.cpp's defaults and the seed heuristic snapped to the space (enqueued as trials), llama-server's own
-    placement (--fit) and the community MoE recipe, computed from the planner (for described GPUs too)."""
+@dataclass
+class Baseline:
+    """One config a search starts from: its label, the sampler's params (the space's nearest point: what the
+    sampler learns its result as) and, where it is no point of the space (fit's `-ot` placement, the recipe's
+    threads), the exact config that is measured."""
+
+    label: str
+    params: dict
+    config: TrialConfig | None = None
+    fit: FitResult | None = None
+
+
+def experts_in_host(cfg: TrialConfig, info: ModelInfo, rig: Rig) -> float:
+    """Layers' worth of routed experts the config leaves in host memory, by the planner's tensor placement (a
+    partial layer counts by its share of expert tensors): how any placement maps onto n_cpu_moe + moe_part."""
+    where, _ = placement.tensor_devices(cfg, info, rig.gpu_offload, rig.gpu_free or None, tuple(fit_device_names(rig)))
+    per_layer: dict[int, list[bool]] = {}
+    for t, d in zip(info.tensors, where):
+        if t.layer is not None and EXPS_RE.search(t.name):
+            per_layer.setdefault(t.layer, []).append(d < 0)
+    return sum(sum(v) / len(v) for v in per_layer.values())
+
+
+def space_point(space: Space, cfg: TrialConfig, info: ModelInfo, rig: Rig) -> dict:
+    """The space's nearest point to a config: every dimension its value, the hybrid region by how many layers'
+    experts it leaves in host memory (fit's experts of the last layers are the first layers' for --n-cpu-moe)."""
+    host = experts_in_host(cfg, info, rig) if info.is_moe else 0.0
+    whole = int(host + 1e-9)
+    part = min(MOE_PART_SHARE, key=lambda p: abs(MOE_PART_SHARE[p] - (host - whole)))
+    params = {}
+    for name in space.varying():
+        want = {"n_cpu_moe": whole, "moe_part": part}.get(name, getattr(cfg, name, None))
+        params[name] = nearest(space, name, want)
+    if len(space.models) > 1:
+        params["model"] = cfg.model
+    return params
+
+
+def starting(
+    space: Space, infos: dict[str, ModelInfo], rig: Rig, hw, min_ctx: int, fits, fit_target: str | int | None = None
+) -> list[Baseline]:
+    """Every baseline a search starts from, in the order they run: llama.cpp's defaults and the seed heuristic
+    snapped to the space, llama-server's own placement (--fit, from the planner: tuner.plan.fit) and the community
+    MoE recipe measured as they are (each a trial of its own, labelled in `baseline`). `fits(cfg)`: the planner's
+    verdict, for the recipe's fewest --n-cpu-moe."""
     info = infos[space.models[0]]
-    out = []
-    for params, label in baseline_params(space, infos, hw, min_ctx):
-        p = dict(params)
-        model = p.pop("model", space.models[0])
-        out.append((label, space.config(model, {k: v for k, v in p.items() if k in space.dims}), None))
-    placed = fit_placement(space, info, rig)
+    out = [Baseline(label, params) for params, label in baseline_params(space, infos, hw, min_ctx)]
+    placed = fit_placement(space, info, rig, fit_target)
     if placed:
         cfg, res = placed
-        out.append((FIT_LABEL, cfg, res))
+        out.append(Baseline(FIT_LABEL, space_point(space, cfg, info, rig), cfg, res))
     recipe = recipe_config(space, info, rig, hw, fits)
     if recipe is not None:
-        out.append((RECIPE_LABEL, recipe, None))
+        out.append(Baseline(RECIPE_LABEL, space_point(space, recipe, info, rig), recipe))
+    return out
+
+
+def config_of(space: Space, b: Baseline) -> TrialConfig:
+    """The config a baseline measures: its own, else the space's at its params."""
+    if b.config is not None:
+        return b.config
+    p = dict(b.params)
+    model = p.pop("model", space.models[0])
+    return space.config(model, {k: v for k, v in p.items() if k in space.dims})
+
+
+def listed(
+    space: Space, infos: dict[str, ModelInfo], rig: Rig, hw, min_ctx: int, fits, fit_target: str | int | None = None
+) -> list[dict]:
+    """Every baseline a search on this rig starts from (`starting`), as a config and llama-server flags
+    (`--dry-run --json`), computed from the planner alone (for described GPUs too)."""
     rows = []
-    for label, cfg, res in out:
-        cfg = resolve(cfg, infos[cfg.model])  # threads as they would run (0: physical cores, batch = generation)
+    for b in starting(space, infos, rig, hw, min_ctx, fits, fit_target):
+        cfg = resolve(config_of(space, b), infos[b.params.get("model", space.models[0])])
         argv = forms(cfg)["llama_server_argv"]
-        row = {"label": label, "config": cfg.to_dict(), "server_flags": shlex.join(argv[3:])}
-        if res is not None:  # fit's own status and its flags exactly as llama-fit-params prints them
-            row.update(fit_status=res.status, fit_flags=res.to_flags() if res.ok else None)
+        row = {"label": b.label, "config": cfg.to_dict(), "server_flags": shlex.join(argv[3:])}
+        if b.config is not None:
+            row["space_point"] = b.params  # what the sampler learns this measurement as
+        if b.fit is not None:  # fit's own status and its flags exactly as llama-fit-params prints them
+            row.update(fit_status=b.fit.status, fit_flags=b.fit.to_flags() if b.fit.ok else None)
         rows.append(row)
     return rows

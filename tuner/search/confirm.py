@@ -41,6 +41,11 @@ MIN_ROUNDS = stats.min_rounds(ALPHA, "greater")
 MAX_ROUNDS = 8
 CONFIRM_STATE = "confirm"
 ROLE_TOP, ROLE_BASELINE = "candidate", "llama.cpp defaults"
+# llama-server's own placement (common/fit.cpp, on by default): on a rig with devices, the baseline the headline
+# "x the llama.cpp defaults" is against, raced beside the all-layers defaults
+ROLE_FIT = "llama-server default (--fit)"
+BASELINE_ROLES = (ROLE_FIT, ROLE_BASELINE)
+ROLE_RECIPE = "community recipe (-ngl 99, the fewest --n-cpu-moe that fits)"  # measured in the search, not raced
 # the ladder's runs: the recommended config at a rung, the defaults there, and alternatives to the recommended
 # config in a context-dependent dimension (ALT) or, as a control, in a context-independent one (CONTROL)
 RUNG, RUNG_DEFAULTS, RUNG_ALT, RUNG_CONTROL = "rung", "rung defaults", "rung alternative", "rung control"
@@ -231,17 +236,14 @@ def search_candidates(
     cands: dict[tuple, Candidate] = {}
     for g in [g for g in groups if g.config.effective_ctx() == working][:k]:
         cands[g.key] = Candidate(ROLE_TOP, g.config, g.trial_number, roles=[ROLE_TOP])
-    base = next(
-        (
-            g
-            for g in groups
-            if any(r.baseline == ROLE_BASELINE for r in g.records) and g.config.effective_ctx() == working
-        ),
-        None,
-    )
-    if base is not None:
-        c = cands.setdefault(base.key, Candidate(ROLE_BASELINE, base.config, base.trial_number, roles=[]))
-        c.roles.append(ROLE_BASELINE)
+    for role in BASELINE_ROLES:
+        base = next(
+            (g for g in groups if any(r.baseline == role for r in g.records) and g.config.effective_ctx() == working),
+            None,
+        )
+        if base is not None:
+            c = cands.setdefault(base.key, Candidate(role, base.config, base.trial_number, roles=[]))
+            c.roles.append(role)
     earlier = {c.config.key(): c for c in candidates_from_records(records) if not c.is_rung}
     for key, c in cands.items():  # a resumed confirmation goes on from the rounds it has
         if key in earlier:
@@ -358,12 +360,13 @@ def assess(
                 f"preferred over the nominally fastest #{best_row['trial_number']}"
             )
     out.update(verdict=verdict, reason=reason, winner=winner.trial_number, winner_key=list(winner.config.key()))
-    base = next((c for c in cands if c.has(ROLE_BASELINE) and c.rounds(objective)), None)
-    if base is not None:
-        vs = _vs(winner, base, objective, alpha, min_effect)
-        if base is winner:
-            vs["verdict"] = "same config"
-        out["vs_baseline"] = {"trial_number": base.trial_number, **vs}
+    for role, key in ((ROLE_BASELINE, "vs_baseline"), (ROLE_FIT, "vs_fit")):
+        base = next((c for c in cands if c.has(role) and c.rounds(objective)), None)
+        if base is not None:
+            vs = _vs(winner, base, objective, alpha, min_effect)
+            if base is winner:
+                vs["verdict"] = "same config"
+            out[key] = {"trial_number": base.trial_number, **vs}
     return out
 
 
@@ -388,6 +391,7 @@ def short_config(cfg: TrialConfig) -> dict:
             "type_v",
             "use_mmap",
             "n_cpu_moe",
+            "moe_part",
         )
     }
 
@@ -411,7 +415,7 @@ def race(
         v = versus(best, c, objective, alpha, min_effect)
         if not v.differ:
             continue
-        if c.has(ROLE_BASELINE) and not c.has(ROLE_TOP):
+        if any(c.has(r) for r in BASELINE_ROLES) and not c.has(ROLE_TOP):
             # the "x defaults" figure needs the baseline until whoever wins is ahead of it
             if not all(versus(o, c, objective, alpha, min_effect).differ for o in comp if o is not c):
                 continue

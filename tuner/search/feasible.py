@@ -18,9 +18,10 @@ import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
+from tuner.measure import hardware
 from tuner.model.meta import ModelInfo
 from tuner.plan import planner
-from tuner.record import KV_TYPE_BYTES, TrialConfig
+from tuner.record import KV_TYPE_BYTES, MOE_PARTS, TrialConfig
 from tuner.search.space import Dimension, Space, SpaceError, ranged
 from tuner.units import headroom_bytes
 
@@ -113,7 +114,7 @@ def rig_from_hardware(hw, limits, gpu_offload: bool, remote: list[dict] | None =
         gpu_free=free,
         gpu_offload=gpu_offload,
         # named as llama.cpp names their buffers: RPC0[host:port]; NVML's GPUs are NVIDIA's, CUDA0...
-        devices=[d["name"] + f"[{d['description']}]" for d in remote] + [f"CUDA{g.index}" for g in hw.gpus],
+        devices=[hardware.buffer_name(d) for d in remote] + [f"CUDA{g.index}" for g in hw.gpus],
         # an RPC device's memory holds llama.cpp's buffers only (no CUDA context on this side)
         baselines=[0] * len(remote) + [planner.DEFAULT_BASELINE_VRAM] * len(hw.gpus) if remote else None,
     )
@@ -148,7 +149,9 @@ def judge(pred: planner.Prediction, rig: Rig) -> tuple[bool, str]:
 
 
 def predict(cfg: TrialConfig, info: ModelInfo, rig: Rig, calib=None) -> planner.Prediction:
-    return planner.predict(cfg, info, calib, rig.gpu_offload, free=rig.free, device_baselines=rig.baselines)
+    return planner.predict(
+        cfg, info, calib, rig.gpu_offload, free=rig.free, device_baselines=rig.baselines, names=rig.devices
+    )
 
 
 def lenient_configs(space: Space, model: str, fixed: dict) -> list[TrialConfig]:
@@ -223,7 +226,17 @@ def gpu_region(space: Space, infos: dict[str, ModelInfo], rig: Rig, calib=None) 
         )
         if first is not None:
             space.dims["n_gpu_layers"] = Dimension("n_gpu_layers", [all_layers])
-            space.dims["n_cpu_moe"] = Dimension("n_cpu_moe", list(range(first, n_layer + 1)), 1)
+            lowest = first
+            if "moe_part" not in space.dims and first > 0:
+                # finer than whole layers, as --fit places them: part of layer N's FFN in RAM too
+                space.dims["moe_part"] = Dimension("moe_part", list(MOE_PARTS))
+                space.auto["moe_part"] = (
+                    "part of the FFN of the layer after the n_cpu_moe block in host RAM too (down, gate+down, "
+                    "the whole FFN), the partial layer llama.cpp's --fit makes: the hybrid region by expert "
+                    "tensors, not only whole layers"
+                )
+                lowest = first - 1  # (first - 1, a part) may fit where first - 1 whole layers do not
+            space.dims["n_cpu_moe"] = Dimension("n_cpu_moe", list(range(lowest, n_layer + 1)), 1)
             space.auto["n_gpu_layers"] = (
                 f"the hybrid region: all {all_layers} layers on the GPU (attention, shared "
                 "experts, KV cache), routed experts of the first n_cpu_moe layers in host "

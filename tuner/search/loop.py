@@ -23,12 +23,12 @@ from tuner.measure.runner import Runner, TrialInterrupted, new_record, resolve
 from tuner.model.meta import ModelInfo
 from tuner.plan import planner, roofline
 from tuner.record import TrialConfig, TrialRecord, invalid_reason, utcnow
+from tuner.search import baselines as baselinelib
 from tuner.search import budget, fleet, trials
 from tuner.search import confirm as confirmlib
 from tuner.search import feasible as fit
 from tuner.search import ladder as ladderlib
 from tuner.search import recommend as recommendlib
-from tuner.search.baselines import baseline_params
 from tuner.search.ledger import Ledger
 from tuner.search.options import SearchOptions
 from tuner.search.recommend import fits
@@ -60,6 +60,7 @@ class Search:
         on_confirm: Callable | None = None,
         ledger: Ledger | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rig: fit.Rig | None = None,
     ):
         self.space, self.opts, self.infos, self.hw, self.build = space, opts, infos, hw, build
         self.ledger = ledger if ledger is not None else fleet.ledger_for(opts)
@@ -68,7 +69,8 @@ class Search:
         self.dir = opts.study_dir
         self.logs = self.dir / "logs"
         self.runner = runner
-        self.rig = fit.rig_from_hardware(hw, opts.limits, bool(build.get("gpu_offload")))
+        # the rig run_search planned the space for (its RPC devices included), else this machine's
+        self.rig = rig or fit.rig_from_hardware(hw, opts.limits, bool(build.get("gpu_offload")))
         self.calib = None  # the planner's calibration, refitted from this study's completed trials
         self.bandwidth = None
         self.stop_requested = False
@@ -90,7 +92,7 @@ class Search:
         self.quality = None  # tuner.quality.StudyQuality: the budget the recommendation keeps to
         self.n_run = 0
         self._dupes = 0
-        self._baselines: list[tuple[dict, str, bool]] = []  # enqueued one at a time, each after the last one's block
+        self._baselines: list[tuple[baselinelib.Baseline, bool]] = []  # enqueued one at a time, after the last's block
         self._unmeasured_load: dict[tuple, tuple] = {}  # unmeasured config → its load key
         self._running_keys: set[tuple] = set()  # configs running on other hosts (a shared ledger)
         self._anchor_due = False
@@ -154,7 +156,7 @@ class Search:
         for t in self.ledger.abandoned():
             rec = by_number.get(t.number)
             if rec is None:
-                cfg = self._config_from_params(t.params)
+                cfg = self._trial_config(t)
                 rec = self._blank(
                     cfg,
                     t.number,
@@ -184,16 +186,25 @@ class Search:
         self._running_keys = {self._config_from_params(p).key() for p in self.ledger.others.running if names <= set(p)}
 
     def _enqueue_baselines(self, again: bool = False) -> None:
-        for params, label in baseline_params(self.space, self.infos, self.hw, self.opts.min_ctx):
-            self._baselines.append((params, label, again))
+        def fits(cfg: TrialConfig) -> bool:
+            return fit.judge(fit.predict(cfg, self.infos[cfg.model], self.rig, self.calib), self.rig)[0]
+
+        for b in baselinelib.starting(
+            self.space, self.infos, self.rig, self.hw, self.opts.min_ctx, fits, self.opts.fit_target
+        ):
+            self._baselines.append((b, again))
         self._next_baseline()
 
     def _next_baseline(self) -> None:
         """Baselines are queued one at a time, so a baseline's block (after_load) runs before the next one's load."""
         if self._baselines and not self.study.get_trials(deepcopy=False, states=(TS.WAITING,)):
-            params, label, again = self._baselines.pop(0)
-            # again (another rung): the same params ran at the rung above, so Optuna must not skip them
-            self.study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=not again)
+            b, again = self._baselines.pop(0)
+            attrs = {"baseline": b.label}
+            if b.config is not None:  # measured as it is; the sampler learns it at its nearest point (b.params)
+                attrs["config"] = b.config.to_dict()
+            # again (another rung): the same params ran at the rung above, so Optuna must not skip them; a
+            # baseline of its own config may share its nearest point with an earlier trial
+            self.study.enqueue_trial(b.params, user_attrs=attrs, skip_if_exists=not again and b.config is None)
 
     # -- trials ----------------------------------------------------------------------------------------
     def _suggest(self, trial: optuna.Trial) -> TrialConfig:
@@ -209,6 +220,14 @@ class Search:
             else self.space.models[0]
         )
         return resolve(self.space.config(model, params), self.infos[model])
+
+    def _trial_config(self, trial) -> TrialConfig:
+        """A trial's config: a baseline's own where it has one (fit's placement), else its params' in the space."""
+        own = trial.user_attrs.get("config")
+        if own:
+            cfg = TrialConfig.from_dict(own)
+            return resolve(cfg, self.infos[cfg.model])
+        return self._config_from_params(trial.params)
 
     def _config_from_params(self, params: dict) -> TrialConfig:
         params = dict(params)
@@ -326,6 +345,8 @@ class Search:
 
     def _measure(self, trial: optuna.Trial) -> TrialRecord | None:
         cfg = self._suggest(trial)
+        if trial.user_attrs.get("config"):
+            cfg = self._trial_config(trial)
         number = trial.number
         baseline = trial.user_attrs.get("baseline", "")
         key = cfg.key()
@@ -341,8 +362,8 @@ class Search:
         skip = invalid_reason(cfg)
         dom = None if skip else trials.dominated_by(cfg, self.failed)
         pred, plan_skip = self._plan(cfg)
-        if skip or dom:
-            plan_skip = None
+        if skip or dom or baseline:
+            plan_skip = None  # a baseline is what the user would run: measured, whatever the planner says
         if skip or dom or plan_skip:
             rec = self._blank(
                 cfg, number, "skipped", skip or plan_skip or f"dominated by trial #{dom[0]} (oom: {dom[1][:120]})"

@@ -92,6 +92,9 @@ class SearchOptions:
     heartbeat_s: int = 10  # a host silent for GRACE_FACTOR x this long is dead; its trial is run again
     # llama.cpp RPC servers whose devices join this host's GPUs (llama-server --rpc): "host:port,host:port"
     rpc: str | None = None
+    # llama-server's --fit-target: MiB its --fit leaves free per device, for the --fit baseline ("1024" or one per
+    # device, "512,2048")
+    fit_target: str = "1024"
     # a dry run: the space and the planner's verdicts, nothing measured; `gpus`/`ram` describe another rig
     dry_run: bool = False
     gpus: list[int] | None = None

@@ -16,14 +16,20 @@ from pathlib import Path
 import gguf
 
 from tuner import files, stats
-from tuner.record import TrialConfig, TrialRecord, parse_tensor_split, summarize, utcnow
+from tuner.record import TrialConfig, TrialRecord, moe_part_pattern, parse_tensor_split, summarize, utcnow
 from tuner.search import confirm
 from tuner.search.confirm import objective_samples
 from tuner.search.feasible import caps, device_caps
 
 RECOMMENDED_FILE = "recommended.json"
 SPLIT_MODE_INT = {"none": 0, "layer": 1, "row": 2}
-BASELINES = ("llama.cpp defaults", "heuristic")
+# every baseline a search enqueues (tuner.search.baselines), in the order reports list them
+BASELINES = (
+    confirm.ROLE_FIT,
+    confirm.ROLE_BASELINE,
+    "heuristic",
+    confirm.ROLE_RECIPE,
+)
 
 
 def fits(r: TrialRecord, hw, limits) -> bool:
@@ -136,7 +142,8 @@ def recommend(
             "headroom": limits.headroom,
         },
         "confirmation": verdict,
-        "baselines": baselines(searched, best_recs, objective, verdict),
+        "baselines": (bases := baselines(searched, best_recs, objective, verdict)),
+        "vs_defaults": headline(bases),
         "drift": any(r.drift for r in best_recs),
         "trials": {
             "total": len(searched),
@@ -270,8 +277,8 @@ def baselines(records: list[TrialRecord], best: list[TrialRecord], objective: st
             "n_gpu_layers": r.config.n_gpu_layers,
             objective: v,
         }
-        vs = (verdict or {}).get("vs_baseline")
-        if label == "llama.cpp defaults" and vs:
+        vs = (verdict or {}).get({confirm.ROLE_BASELINE: "vs_baseline", confirm.ROLE_FIT: "vs_fit"}.get(label, ""))
+        if vs:
             entry.update(
                 recommended_vs_baseline=vs["ratio"], ci95=vs["ci95"], verdict=vs["verdict"], source="confirmation"
             )
@@ -282,6 +289,17 @@ def baselines(records: list[TrialRecord], best: list[TrialRecord], objective: st
             )
         out[label] = entry
     return out
+
+
+def headline(bases: dict) -> dict | None:
+    """The "x the llama.cpp defaults" figure: against llama-server's own placement (--fit, on by default) wherever
+    it was measured and ran, else against llama.cpp's all-layers defaults; None when neither ran."""
+    for label in confirm.BASELINE_ROLES:
+        b = bases.get(label)
+        if b and b.get("recommended_vs_baseline"):
+            keys = ("recommended_vs_baseline", "ci95", "verdict", "source", "trial_number")
+            return {"against": label, **{k: b[k] for k in keys if k in b}}
+    return None
 
 
 def _obj(r: TrialRecord, objective: str) -> list[float]:
@@ -426,6 +444,8 @@ def forms(cfg: TrialConfig, rec: TrialRecord | None = None) -> dict:
         argv += ["--cpu-moe"]
     if cfg.n_cpu_moe:
         argv += ["--n-cpu-moe", str(cfg.n_cpu_moe)]
+    if cfg.moe_part != "none" and not cfg.cpu_moe:  # after --n-cpu-moe: llama-server keeps the order given
+        argv += ["-ot", f"{moe_part_pattern(cfg.n_cpu_moe, cfg.moe_part)}=CPU"]
     if cfg.rpc:
         argv += ["--rpc", cfg.rpc]  # llama-server's spelling: host:port,host:port
     modelfile = "\n".join(
@@ -446,7 +466,7 @@ def forms(cfg: TrialConfig, rec: TrialRecord | None = None) -> dict:
         "tuner_bench": shlex.join(["tuner", "bench", "--config", RECOMMENDED_FILE]),
     }
     notes = []
-    if cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe:
+    if cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe or cfg.moe_part != "none":
         notes.append(
             "llama_cpp.Llama() has no tensor-override parameter: the expert placement "
             "(--n-cpu-moe / -ot) applies in llama-server and `tuner bench --config`; Ollama "

@@ -153,6 +153,7 @@ def run_search(
         raise SearchError(
             f"--objective {objective} measures nothing with this test shape (-p {base.n_prompt} -n {base.n_gen})"
         )
+    baselines.fit_margins(opts.fit_target)  # bad input before anything runs
     if opts.confirm < 0:
         raise SearchError("--confirm must be at least 1 (or --no-confirm)")
     if opts.confirm and opts.confirm_rounds < MIN_ROUNDS:
@@ -203,6 +204,7 @@ def run_search(
             hwinfo,
             opts.min_ctx,
             fits=lambda cfg: fitlib.judge(fitlib.predict(cfg, infos[cfg.model], rig), rig)[0],
+            fit_target=opts.fit_target,
         )
         if space.ladder:
             out["ladder"] = [{"n_ctx": c, "n_depth": space.rung_depth(c)} for c in space.ladder]
@@ -213,7 +215,7 @@ def run_search(
     opts = opts.replace(study=name, n_trials=n_trials)
     study_dir = opts.study_dir
 
-    srch = Search(space, opts, infos, hwinfo, build, on_trial=on_trial, on_confirm=on_confirm)
+    srch = Search(space, opts, infos, hwinfo, build, on_trial=on_trial, on_confirm=on_confirm, rig=rig)
     # the lock comes first: resuming marks trials left RUNNING as interrupted, which must never touch a study
     # that another process is measuring right now
     with (
@@ -300,7 +302,7 @@ def measure_quality(
     RESULTS/quality/: a resumed search pays nothing). Raises SearchError on bad input, before any pass."""
     out = []
     for type_k, type_v in combinations(space):
-        settings = Settings(ctx=ctx, n_threads=n_threads, type_k=type_k, type_v=type_v)
+        settings = Settings(ctx=ctx, n_threads=n_threads, type_k=type_k, type_v=type_v, rpc=space.base.rpc)
         out += measure_files(
             models,
             runner,

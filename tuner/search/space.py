@@ -13,9 +13,15 @@ from pathlib import Path
 
 from tuner.errors import TunerError
 from tuner.model.meta import ModelInfo
-from tuner.record import FLASH_ATTN, KV_TYPES, PARAMS, SPLIT_MODES, TrialConfig, parse_tensor_split
+from tuner.record import FLASH_ATTN, KV_TYPES, MOE_PARTS, PARAMS, SPLIT_MODES, TrialConfig, parse_tensor_split
 
-CHOICES = {"flash_attn": FLASH_ATTN, "type_k": KV_TYPES, "type_v": KV_TYPES, "split_mode": SPLIT_MODES}
+CHOICES = {
+    "flash_attn": FLASH_ATTN,
+    "type_k": KV_TYPES,
+    "type_v": KV_TYPES,
+    "split_mode": SPLIT_MODES,
+    "moe_part": MOE_PARTS,
+}
 BOOLS = {"use_mmap"}
 SPLITS = {"tensor_split"}  # each value "3/1"; a list of them "1/1,3/1", as llama-bench -ts
 INTS = {p.name for p in PARAMS} - set(CHOICES) - SPLITS
@@ -25,7 +31,7 @@ DIMENSIONS = tuple(p.name for p in PARAMS) + ("use_mmap",)
 # types (bytes read per token grow with the depth), n_ubatch (the KQ product and its compute buffer scale with
 # ubatch x context) and the offload split (the KV cache takes memory the layers would use). Threads, batch
 # chunking, mmap and the quant file change the per-token weight work, which a context does not.
-CONTEXT_DIMS = ("flash_attn", "type_k", "type_v", "n_ubatch", "n_gpu_layers", "n_cpu_moe")
+CONTEXT_DIMS = ("flash_attn", "type_k", "type_v", "n_ubatch", "n_gpu_layers", "n_cpu_moe", "moe_part")
 
 
 class SpaceError(TunerError):

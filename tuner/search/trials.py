@@ -35,8 +35,8 @@ def dominated_by(cfg: TrialConfig, failed: list[tuple[int, TrialConfig, str]]) -
     """
     for number, f, cause in failed:
         on_gpu = bool(VRAM_OOM.search(cause))
-        more_gpu = cfg.n_gpu_layers >= f.n_gpu_layers and cfg.n_cpu_moe <= f.n_cpu_moe
-        more_host = cfg.n_gpu_layers <= f.n_gpu_layers and cfg.n_cpu_moe >= f.n_cpu_moe
+        more_gpu = cfg.n_gpu_layers >= f.n_gpu_layers and cfg.experts_in_host() <= f.experts_in_host()
+        more_host = cfg.n_gpu_layers <= f.n_gpu_layers and cfg.experts_in_host() >= f.experts_in_host()
         if (
             cfg.model == f.model
             and cfg.use_mmap == f.use_mmap
