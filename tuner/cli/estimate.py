@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tuner.cli.options import SIZE, SIZES, rpc_option
+from tuner.cli.options import SIZE, VRAM, rpc_option
 from tuner.plan.estimate import ModelEstimate, estimate
 from tuner.record import FLASH_ATTN, KV_TYPES, TrialConfig
 from tuner.tables import text_table
@@ -30,7 +30,7 @@ def _cell(v) -> str:
 @click.option("--ctx", "ctx", default="4096", show_default=True, help="context sizes, comma-separated")
 @click.option(
     "--vram",
-    type=SIZES,
+    type=VRAM,
     default=None,
     help="GPU memory to plan for, one device's or each device's: 24GiB or 24GiB,24GiB (default: detected, 0 without "
     "GPU)",

@@ -40,6 +40,8 @@ SIZE = Parsed("SIZE", parse_size)
 
 
 SIZES = Parsed("SIZE[,SIZE...]", parse_sizes)
+# GPU memory to plan for: 0 plans a machine without a GPU
+VRAM = Parsed("0|SIZE[,SIZE...]", lambda text: [] if str(text).strip() in ("0", "0B") else parse_sizes(text))
 
 
 HEADROOM = Parsed("SIZE|PCT", parse_headroom)

@@ -711,6 +711,9 @@ def device_usage(
     model = [0] * (n_dev + 1)  # index -1: the host
     for t, d in zip(info.tensors, where):
         model[d] += planner.pad(t.n_bytes, alignment)
+    dev, extra = placement.tied_output_copy(info, where)
+    if extra and dev < n_dev:
+        model[dev] += planner.pad(extra, alignment)
     ctx = [0] * (n_dev + 1)
     if not planner.unmodelled_note(info):
         for il in range(info.n_layer):

@@ -16,6 +16,7 @@ fewer layers/experts for fast tests. Nothing is decoded: no weight is ever read.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -30,7 +31,8 @@ import numpy as np
 
 from tuner import files
 from tuner.measure.buffers import parse_log
-from tuner.measure.worker import FLASH_ATTN, ggml_type, set_pdeathsig, status_kib
+from tuner.measure.worker import FLASH_ATTN, SPLIT_MODE, ggml_type, set_pdeathsig, status_kib
+from tuner.record import parse_tensor_split
 
 MiB = 1 << 20
 Q = gguf.GGMLQuantizationType
@@ -520,9 +522,21 @@ class Job:
     mode: str = "sim"  # sim (no_alloc) | real (mmap, buffers allocated)
     n_gpu_layers: int = 0
     n_cpu_moe: int = 0
+    moe_part: str = "none"
+    rpc: str = ""  # llama.cpp RPC servers ("host:port,..."): their devices join, as `--rpc` adds them
+    tensor_split: str = ""
+    split_mode: str = "layer"  # none | layer (row: CUDA/SYCL only)
 
     def load_key(self) -> tuple:
-        return self.model, self.mode, self.n_gpu_layers, self.n_cpu_moe
+        return (
+            self.model,
+            self.mode,
+            self.n_gpu_layers,
+            self.n_cpu_moe,
+            self.moe_part,
+            self.tensor_split,
+            self.split_mode,
+        )
 
 
 def measure(jobs: list[Job], timeout: float = 300.0) -> list[dict]:
@@ -533,7 +547,7 @@ def measure(jobs: list[Job], timeout: float = 300.0) -> list[dict]:
     """
     groups: dict[tuple, list[int]] = {}
     for i, j in enumerate(jobs):
-        groups.setdefault(j.load_key(), []).append(i)
+        groups.setdefault((j.rpc, *j.load_key()), []).append(i)  # a process registers RPC servers for good
     results: list[dict | None] = [None] * len(jobs)
     for idx in groups.values():
         for i, res in zip(idx, _run_group([jobs[i] for i in idx], timeout)):
@@ -587,7 +601,7 @@ def _worker(out) -> None:
     set_pdeathsig()
     L.llama_backend_init()
     log = glue.LogCapture(echo_level=4, stream=sys.stderr)
-    model, key, overrides = None, None, None
+    model, key, overrides, rpc = None, None, None, ""
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -600,13 +614,22 @@ def _worker(out) -> None:
                 if model is not None:
                     L.llama_model_free(model)
                     model = None
+                if job.rpc and job.rpc != rpc:
+                    glue.rpc_add_servers(job.rpc.split(","))
+                    rpc = job.rpc
                 mp = L.llama_model_default_params()
                 mp.n_gpu_layers = job.n_gpu_layers
+                mp.split_mode = SPLIT_MODE[job.split_mode]
+                if job.tensor_split:
+                    parts = parse_tensor_split(job.tensor_split)
+                    n = L.llama_max_devices()
+                    split = (ctypes.c_float * n)(*(parts + [0.0] * (n - len(parts)))[:n])  # kept by the loop
+                    mp.tensor_split = split
                 mp.use_extra_bufts = False  # no repacked copies: weights stay in the (sparse) file
                 mp.no_alloc = job.mode == "sim"
                 # no_alloc sizes buffers without mapping the file; "real" maps it
                 mp.load_mode = L.LLAMA_LOAD_MODE_NONE if job.mode == "sim" else L.LLAMA_LOAD_MODE_AUTO
-                pairs = glue.override_patterns(job.n_cpu_moe, False, ())
+                pairs = glue.override_patterns(job.n_cpu_moe, False, (), job.moe_part)
                 overrides = glue.Overrides(pairs) if pairs else None
                 if overrides:
                     mp.tensor_buft_overrides = overrides.pointer

@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 
 from tuner.model.meta import EXPS_RE, ModelInfo, read_model
-from tuner.plan.placement import gpu_layer_start, layer_devices, split_fractions, tensor_devices
+from tuner.plan.placement import gpu_layer_start, layer_devices, split_fractions, tensor_devices, tied_output_copy
 from tuner.record import KV_TYPE_BYTES, TrialConfig, TrialRecord
 from tuner.units import fmt_size
 
@@ -505,6 +505,9 @@ def predict(
         # only matrices used by MUL_MAT are repacked (not the embeddings, read with GET_ROWS)
         if t.type in rp and len(t.shape) >= 2 and t.shape[1] % 8 == 0 and t.group != "embd":
             repack += t.n_bytes
+    dev, extra = tied_output_copy(info, where)
+    if extra:
+        w_dev[min(dev, n_dev - 1)] += extra
     mapped = cfg.use_mmap and not cfg.use_mlock
     # with mmap the host weights are file pages (the repacked ones too: read once to repack, then clean);
     # their repacked copies, and every weight read without mmap, are anonymous
@@ -601,11 +604,12 @@ def compute_by_device(
     the KQ mask of the layers it runs (alive through the graph; f16 with flash attention), then the widest phase:
     a dense FFN 3F + 3E; routed experts max(3·Fe·u + 3E, 2E·u + Fe·u + 2E); a layer whose experts are elsewhere
     E·u + 4E (the weighting of the experts' outputs runs where the router is); attention (FA: Q, K, V, output;
-    MLA: the absorbed query per head); the output layer V + E, or when the layer before it is elsewhere V + 2E
-    (dense) / V + E·u + E (routed experts: the ops after the last expert matmul follow the output). With pipeline
-    parallelism (several devices, every layer offloaded, no overrides: llama_context) each split input is held
-    N_COPIES times (the mask and the layer input). Fitted on llama.cpp's no_alloc figures for the synthetic and
-    oracle shapes (benchmarks/fit_equivalence.py records the error per config)."""
+    MLA: the absorbed query per head and four rope-sized parts); the output layer V + E, or when the layer before it
+    is elsewhere V + 2E (dense) / V + E·u + E (routed experts: the ops after the last expert matmul follow the
+    output). With pipeline parallelism (several devices, every layer offloaded, no overrides: llama_context) each
+    split input is held N_COPIES times (the mask and the layer input), and a later device holds 4E more. Fitted on
+    llama.cpp's no_alloc figures for the synthetic and oracle shapes over RPC devices (benchmarks/device_oracle.py
+    and fit_equivalence.py record the error per config and buffer)."""
     out = [0] * (n_dev + 1)
     if unmodelled_note(info):
         return out
@@ -629,7 +633,7 @@ def compute_by_device(
             if m[3]:
                 exps_layer.add(int(m[1]))
     if info.kv_mla:
-        attn = info.n_head * (info.head_dim_k + info.kv_lora_rank + 3 * info.rope_dim) + 3 * e
+        attn = info.n_head * (info.head_dim_k + info.kv_lora_rank + 4 * info.rope_dim) + 3 * e
     else:
         attn = (
             2 * info.n_head * info.head_dim_k
@@ -665,7 +669,7 @@ def compute_by_device(
             phases.append(v + e if info.n_layer and layer_dev[info.n_layer - 1] == d else v + routed_tail)
         buf = max(phases) * n_tok * 4 + mask
         if pp and layers:
-            buf += (N_COPIES - 1) * mask + N_COPIES * e * n_tok * 4 + (0 if first else 2 * e * n_tok * 4)
+            buf += (N_COPIES - 1) * mask + N_COPIES * e * n_tok * 4 + (0 if first else 4 * e * n_tok * 4)
             first = False
         out[d] = buf
     return out

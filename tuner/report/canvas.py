@@ -19,6 +19,7 @@ from tuner.report.load import (
     Study,
     model_label,
 )
+from tuner.search.confirm import ROLE_BASELINE, ROLE_FIT, ROLE_RECIPE
 
 OUTCOME_COLOURS = {
     "ok": "#2ca02c",
@@ -32,7 +33,12 @@ OUTCOME_COLOURS = {
     "interrupted": "#bcbd22",
 }
 MODEL_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-BASELINE_STYLE = {"llama.cpp defaults": ("#222222", "--"), "heuristic": ("#8e44ad", ":")}
+BASELINE_STYLE = {
+    ROLE_FIT: ("#c0392b", "-."),
+    ROLE_BASELINE: ("#222222", "--"),
+    "heuristic": ("#8e44ad", ":"),
+    ROLE_RECIPE: ("#16a085", (0, (1, 1))),
+}
 NO_OFFLOAD = "no GPU offload on this build: n_gpu_layers is 0 in every trial"
 LABELS = {
     "n_gpu_layers": "n_gpu_layers (layers on the GPU)",

@@ -467,8 +467,9 @@ def chart_progress(study: Study, colours, **options) -> Chart:
     ch = Chart(
         "6-search-progress",
         "Search progress",
-        "Best tg so far against trial number and wall time, with the baselines (llama.cpp's defaults and "
-        "the seed's 3500 MB/layer heuristic) as horizontal lines; ◆ = drift-anchor re-measurements.",
+        "Best tg so far against trial number and wall time, with the baselines (llama-server's own --fit "
+        "placement, llama.cpp's defaults, the seed's 3500 MB/layer heuristic and the community MoE recipe) as "
+        "horizontal lines; ◆ = drift-anchor re-measurements.",
         fig,
         study=study.label,
     )

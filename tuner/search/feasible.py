@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from tuner.measure import hardware
 from tuner.model.meta import ModelInfo
 from tuner.plan import planner
-from tuner.record import KV_TYPE_BYTES, MOE_PARTS, TrialConfig
+from tuner.record import KV_TYPE_BYTES, MOE_PART_SHARE, MOE_PARTS, TrialConfig
 from tuner.search.space import Dimension, Space, SpaceError, ranged
 from tuner.units import headroom_bytes
 
@@ -164,6 +164,8 @@ def lenient_configs(space: Space, model: str, fixed: dict) -> list[TrialConfig]:
     for k in ("type_k", "type_v"):
         if k in space.dims:
             params[k] = min(space.dims[k].values, key=lambda t: KV_TYPE_BYTES[t])
+    if "moe_part" in space.dims:  # the most of the next layer's FFN in host memory
+        params["moe_part"] = max(space.dims["moe_part"].values, key=MOE_PART_SHARE.get)
     either = [k for k in EVERY_VALUE if k in space.dims and len(space.dims[k].values) > 1 and k not in fixed]
     out = []
     for combo in itertools.product(*(space.dims[k].values for k in either)):
@@ -235,7 +237,9 @@ def gpu_region(space: Space, infos: dict[str, ModelInfo], rig: Rig, calib=None) 
                     "the whole FFN), the partial layer llama.cpp's --fit makes: the hybrid region by expert "
                     "tensors, not only whole layers"
                 )
-                lowest = first - 1  # (first - 1, a part) may fit where first - 1 whole layers do not
+                # (first - 1, a part) may fit where first - 1 whole layers do not
+                if can_fit(space, infos, rig, calib, n_gpu_layers=all_layers, n_cpu_moe=first - 1):
+                    lowest = first - 1
             space.dims["n_cpu_moe"] = Dimension("n_cpu_moe", list(range(lowest, n_layer + 1)), 1)
             space.auto["n_gpu_layers"] = (
                 f"the hybrid region: all {all_layers} layers on the GPU (attention, shared "
