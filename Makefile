@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint demo test test-fast perf-check gpu-check bench-fidelity bench-search bench-storage clean
+.PHONY: install lint demo test test-fast perf-check gpu-check bench-fidelity bench-search bench-storage rpc-check clean
 
 install: $(STAMP)
 
@@ -104,6 +104,11 @@ bench-search: install
 # a fleet's shared storage per trial, PostgreSQL (started for the run) vs SQLite
 bench-storage: install
 	$(BIN)/python benchmarks/storage_cost.py --trials 60
+
+# the rig check on this machine: two llama.cpp RPC servers of 40 MiB as devices, a search raced against --fit, and
+# every hybrid-region point against the planner's verdict and per-device buffers
+rpc-check: install
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/rpc_check.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

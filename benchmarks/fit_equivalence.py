@@ -139,7 +139,7 @@ def llama_breakdown(binary: str, info, model: str, endpoints: list[str], calls: 
         if p.returncode != 0 or len(rows) != len(endpoints) + 1:
             raise F.FitError(f"llama-fit-params --fit-print failed ({p.returncode}): {p.stderr[-300:]}")
         logged = {b: round(float(m) * MiB) for b, m in COMPUTE_RE.findall(p.stderr)}
-        mine = F.device_usage(cfg, info, [d.free for d in devices], tuple(d.name for d in devices))
+        mine = F.device_usage(cfg, info, [d.free for d in devices], tuple(d.name for d in devices), no_alloc=True)
         out, mismatch = [], []
         for i, (r, u) in enumerate(zip(rows, mine)):
             name = devices[i].name if i < len(devices) else "CPU"

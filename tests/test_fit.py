@@ -173,7 +173,7 @@ def test_flags_and_trial_config_round_trip(moe):
     assert args[args.index("-ot") + 1] == ",".join(f"{p}={b}" for p, b in res.overrides)
     # the planner reads the fitted config back to the same figures the fit projected
     again = F.device_usage(
-        dataclasses.replace(cfg, n_ctx=4096), moe, [d.free for d in devs], tuple(d.name for d in devs)
+        dataclasses.replace(cfg, n_ctx=4096), moe, [d.free for d in devs], tuple(d.name for d in devs), no_alloc=True
     )
     assert again == res.projected
 

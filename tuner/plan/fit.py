@@ -689,7 +689,7 @@ def planner_breakdown(info: ModelInfo, devices: list[DeviceMemory]) -> Breakdown
     free = [d.free for d in devices] if devices else None
 
     def breakdown(cfg: TrialConfig) -> list[Usage]:
-        return device_usage(cfg, info, free, names)
+        return device_usage(cfg, info, free, names, no_alloc=True)
 
     return breakdown
 
@@ -700,10 +700,12 @@ def device_usage(
     free: list[int] | None,
     names: tuple[str, ...] = (),
     alignment: int = TENSOR_ALIGNMENT,
+    no_alloc: bool = False,
 ) -> list[Usage]:
     """The planner's llama_memory_breakdown: one Usage per device in `free`'s order, then the host's. Weights are
     summed as ggml_backend_alloc_ctx_tensors_from_buft_size sums them (each tensor padded to the buffer type's
-    alignment: 32 for CPU and RPC buffers, ggml-impl.h TENSOR_ALIGNMENT)."""
+    alignment: 32 for CPU and RPC buffers, ggml-impl.h TENSOR_ALIGNMENT). `no_alloc`: the compute buffers as a
+    no_alloc load sizes them (what --fit plans with), else as a real load allocates them."""
     n_dev = len(free) if free else 0
     gpu = n_dev > 0
     where, _ = placement.tensor_devices(cfg, info, gpu, free, names)
@@ -718,7 +720,7 @@ def device_usage(
     if not planner.unmodelled_note(info):
         for il in range(info.n_layer):
             ctx[layer_dev[il]] += planner.kv_layer_bytes(cfg, info, il) + planner.rs_layer_bytes(info, il)
-    comp = planner.compute_by_device(cfg, info, where, layer_dev, n_dev)
+    comp = planner.compute_by_device(cfg, info, where, layer_dev, n_dev, no_alloc)
     return [Usage(model[i], ctx[i], comp[i]) for i in list(range(n_dev)) + [-1]]
 
 

@@ -593,7 +593,7 @@ UP_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate_)?up(_exps)?\.")
 
 
 def compute_by_device(
-    cfg: TrialConfig, info: ModelInfo, where: list[int], layer_dev: list[int], n_dev: int
+    cfg: TrialConfig, info: ModelInfo, where: list[int], layer_dev: list[int], n_dev: int, no_alloc: bool = False
 ) -> list[int]:
     """The compute buffer each backend reserves for a full ubatch of T tokens, every one an output (index -1:
     the host's CPU backend, as compute_raw).
@@ -607,7 +607,8 @@ def compute_by_device(
     MLA: the absorbed query per head and four rope-sized parts); the output layer V + E, or when the layer before it
     is elsewhere V + 2E (dense) / V + E·u + E (routed experts: the ops after the last expert matmul follow the
     output). With pipeline parallelism (several devices, every layer offloaded, no overrides: llama_context) each
-    split input is held N_COPIES times (the mask and the layer input), and a later device holds 4E more. Fitted on
+    split input is held N_COPIES times (the mask and the layer input); sized by a no_alloc load (`no_alloc`: what
+    --fit plans with) a later device reports 4E more than it allocates when loaded for real. Fitted on
     llama.cpp's no_alloc figures for the synthetic and oracle shapes over RPC devices (benchmarks/device_oracle.py
     and fit_equivalence.py record the error per config and buffer)."""
     out = [0] * (n_dev + 1)
@@ -669,7 +670,9 @@ def compute_by_device(
             phases.append(v + e if info.n_layer and layer_dev[info.n_layer - 1] == d else v + routed_tail)
         buf = max(phases) * n_tok * 4 + mask
         if pp and layers:
-            buf += (N_COPIES - 1) * mask + N_COPIES * e * n_tok * 4 + (0 if first else 4 * e * n_tok * 4)
+            buf += (
+                (N_COPIES - 1) * mask + N_COPIES * e * n_tok * 4 + (4 * e * n_tok * 4 if no_alloc and not first else 0)
+            )
             first = False
         out[d] = buf
     return out

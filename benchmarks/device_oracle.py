@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""The planner per device, checked by llama.cpp on real devices: two llama.cpp RPC servers on this host.
+
+Starts two `tuner rpc-server` processes on 127.0.0.1 (this CPU served twice as a device) and loads, in oracle
+worker processes (tuner.plan.oracle), each model with its layers placed over them: dense and MoE synthetic models,
+the real Gemma 3 270M when cached, and the oracle's DeepSeek-V3 / Qwen3-MoE / Llama 3 70B shapes (sparse files:
+sized with `no_alloc`, nothing allocated). Grid per model: n_gpu_layers (all, half), tensor_split (the default by
+free memory, 1,3), split mode (layer; none = everything on the main device), and for MoE models n_cpu_moe (0, half)
+× moe_part (none, down). Small files are also loaded for real (buffers allocated on the servers).
+
+For every device and the host, each buffer llama.cpp logs (model, KV, compute) is set against the planner's
+(tuner.plan.fit.device_usage: the figures the search and --fit plan with). Target: every buffer within 2 %.
+
+    python benchmarks/device_oracle.py                # ~5 min on 2 cores
+    python benchmarks/device_oracle.py --no-big       # the synthetic models and Gemma only
+
+Writes benchmarks/results/device-oracle-*.json (every comparison, the error distribution per buffer kind);
+exits 1 when a buffer is off by more than 2 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._results import save  # noqa: E402
+from tuner.measure import rpc  # noqa: E402
+from tuner.measure.buffers import per_device  # noqa: E402
+from tuner.model.meta import read_model  # noqa: E402
+from tuner.model.synth import synthesize  # noqa: E402
+from tuner.plan import fit as F  # noqa: E402
+from tuner.plan import oracle  # noqa: E402
+from tuner.record import TrialConfig  # noqa: E402
+
+MiB = 1 << 20
+TOLERANCE = 0.02
+HALF = 0.005 * MiB + 1  # llama.cpp logs MiB with two decimals
+DEVICE_MEM = 16 << 30  # what each server reports (no_alloc allocates nothing; real loads stay far below)
+N_CTX = 4096
+
+
+def grid(info, path: str, endpoints: str, real: bool) -> list[oracle.Job]:
+    n = info.n_layer + 1
+    jobs = []
+    moe = [(0, "none"), (info.n_layer // 2, "none"), (info.n_layer // 2, "down")] if info.is_moe else [(0, "none")]
+    modes = ["sim", "real"] if real else ["sim"]
+    for mode, ngl, ts, sm, (cpu_moe, part) in itertools.product(
+        modes, (n, max(1, info.n_layer // 2)), ("", "1,3"), ("layer", "none"), moe
+    ):
+        if sm == "none" and ts:
+            continue  # split mode none puts everything on the main device: no split to vary
+        jobs.append(
+            oracle.Job(
+                model=path,
+                n_ctx=N_CTX,
+                n_ubatch=512,
+                flash_attn="on",
+                mode=mode,
+                n_gpu_layers=ngl,
+                n_cpu_moe=cpu_moe,
+                moe_part=part,
+                rpc=endpoints,
+                tensor_split=ts,
+                split_mode=sm,
+            )
+        )
+    return jobs
+
+
+def compare(job: oracle.Job, res: dict, info, names: tuple[str, ...]) -> list[dict]:
+    cfg = TrialConfig(
+        model=job.model,
+        n_ctx=job.n_ctx,
+        n_batch=job.n_batch,
+        n_ubatch=job.n_ubatch,
+        flash_attn=job.flash_attn,
+        n_gpu_layers=job.n_gpu_layers,
+        n_cpu_moe=job.n_cpu_moe,
+        moe_part=job.moe_part,
+        tensor_split=job.tensor_split,
+        split_mode=job.split_mode,
+        rpc=job.rpc,
+    )
+    base = {
+        "mode": job.mode,
+        "ngl": job.n_gpu_layers,
+        "ts": job.tensor_split,
+        "sm": job.split_mode,
+        "n_cpu_moe": job.n_cpu_moe,
+        "moe_part": job.moe_part,
+    }
+    if res["outcome"] != "ok":
+        return [dict(base, buffer="load", device="", llama_cpp=res.get("cause", ""), planner=None, error=None)]
+    theirs = per_device(res)
+    mine = F.device_usage(cfg, info, [DEVICE_MEM] * len(names), names, no_alloc=job.mode == "sim")
+    rows = []
+    for i, name in enumerate(names):
+        got = theirs.get(name, {})
+        kinds = [("model", mine[i].model), ("kv", mine[i].context), ("compute", mine[i].compute)]
+        # no_alloc sizes the compute buffers only: the weights and the KV cache are logged as 0 ("sim")
+        for kind, planned in kinds if job.mode == "real" else kinds[2:]:
+            llama = got.get(kind, 0)
+            if not llama and not planned:
+                continue
+            within = abs(planned - llama) <= HALF or (llama and abs(planned / llama - 1) <= TOLERANCE)
+            rows.append(
+                dict(
+                    base,
+                    device=name,
+                    buffer=kind,
+                    llama_mib=round(llama / MiB, 3),
+                    planner_mib=round(planned / MiB, 3),
+                    error=round(planned / llama - 1, 4) if llama else None,
+                    within=bool(within),
+                )
+            )
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-big", action="store_true", help="skip the oracle's big sparse shapes")
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    cache = Path.home() / ".cache" / "tuner-test-models"
+    found = [
+        {"tag": "synthetic dense q8_0", "path": str(synthesize(cache, "dense", ("q8_0",))[0]), "real": True},
+        {"tag": "synthetic moe q8_0", "path": str(synthesize(cache, "moe", ("q8_0",))[0]), "real": True},
+    ]
+    gemma = cache / "gemma-3-270m-q4_k_m.gguf"
+    if gemma.exists():
+        found.append({"tag": "gemma3 270M (real file)", "path": str(gemma), "real": True})
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="device-oracle-") as tmp:
+        if not args.no_big:
+            for arch in ("deepseek2", "qwen3moe", "llama"):
+                found.append({"tag": f"{arch} (sparse)", "path": str(oracle.model_file(arch, tmp)), "real": False})
+        with rpc.LocalServer(DEVICE_MEM, tmp) as a, rpc.LocalServer(DEVICE_MEM, tmp) as b:
+            endpoints = f"{a.endpoint},{b.endpoint}"
+            names = tuple(f"RPC0[{e}]" for e in (a.endpoint, b.endpoint))
+            for m in found:
+                info = read_model(m["path"])
+                jobs = grid(info, m["path"], endpoints, m["real"])
+                for job, res in zip(jobs, oracle.measure(jobs, timeout=600)):
+                    for r in compare(job, res, info, names):
+                        rows.append({"model": m["tag"], **r})
+                done = [r for r in rows if r["model"] == m["tag"] and r.get("error") is not None]
+                worst = max((abs(r["error"]) for r in done), default=0)
+                print(f"{m['tag']}: {len(done)} buffers, worst {worst:.1%}", file=sys.stderr)
+    summary = {}
+    for kind in ("model", "kv", "compute"):
+        errs = [abs(r["error"]) for r in rows if r.get("buffer") == kind and r.get("error") is not None]
+        summary[kind] = {
+            "n": len(errs),
+            "within_2pct": sum(1 for r in rows if r.get("buffer") == kind and r.get("within")),
+            "median_abs_error": round(statistics.median(errs), 4) if errs else None,
+            "max_abs_error": round(max(errs), 4) if errs else None,
+        }
+    failed_loads = [r for r in rows if r["buffer"] == "load"]
+    result = {
+        "devices": {"count": 2, "reported_bytes": DEVICE_MEM},
+        "n_ctx": N_CTX,
+        "models": found,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "summary": summary,
+        "failed_loads": len(failed_loads),
+        "rows": rows,
+    }
+    path = save("device-oracle", result)
+    for kind, s in summary.items():
+        print(
+            f"{kind:8s}: {s['within_2pct']}/{s['n']} within 2 %, median |error| {s['median_abs_error']}, "
+            f"max {s['max_abs_error']}"
+        )
+    print(path)
+    bad = sum(s["n"] - s["within_2pct"] for s in summary.values()) + len(failed_loads)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
