@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from lcp_args import server_table
 
-from tuner.record import TrialConfig, parse_tensor_split
+from tuner.record import TrialConfig, moe_part_pattern, parse_tensor_split
 from tuner.search.recommend import forms
 
 DATA = Path(__file__).parent / "data"
 TABLE = json.loads((DATA / "llama_server_args.json").read_text())
 OLLAMA = json.loads((DATA / "ollama_parameters.json").read_text())
 VENDORED = Path(os.environ.get("TUNER_LLAMA_CPP_SOURCE", "/work/ref/lcp/vendor/llama.cpp"))
-NAMED = ("-fa", "-lm", "-sm", "-ctk", "-ctv")  # flags whose values forms spells by name
+NAMED = ("-fa", "-lm", "-sm", "-ctk", "-ctv", "-fit")  # flags whose values forms spells by name
 INTS = ("-ngl", "-c", "-t", "-tb", "-b", "-ub", "-mg", "--n-cpu-moe", "-np")
 
 M = "/models/m.gguf"
@@ -40,6 +40,12 @@ CONFIGS = {
     "overrides": TrialConfig(model=M, overrides=(r"blk\.1[0-9]\.ffn_.*_exps\.=CPU", r"token_embd\.weight=CPU")),
     "n_cpu_moe": TrialConfig(model=M, n_gpu_layers=99, n_cpu_moe=12),
     "cpu_moe": TrialConfig(model=M, cpu_moe=True),
+    # fit's partial-layer expert overrides (issue 34): one more -ot after --n-cpu-moe
+    "n_cpu_moe and the next layer's down experts": TrialConfig(model=M, n_gpu_layers=99, n_cpu_moe=4, moe_part="down"),
+    "gate+down of layer 0": TrialConfig(model=M, n_gpu_layers=99, moe_part="gate_down"),
+    "whole FFN with overrides": TrialConfig(
+        model=M, n_gpu_layers=99, n_cpu_moe=2, moe_part="ffn", overrides=(r"token_embd\.weight=CPU",)
+    ),
     "rpc": TrialConfig(model=M, rpc="10.0.0.2:50052,10.0.0.3:50052", n_gpu_layers=40, tensor_split="2/1/1"),
     "everything": TrialConfig(
         model=M,
@@ -108,7 +114,8 @@ def test_llama_server_line_has_only_flags_llama_server_has(name):
     pairs = dict(zip(argv[1::2], argv[2::2]))
     if cfg.tensor_split:
         assert [float(x) for x in argv[argv.index("-ts") + 1].split(",")] == parse_tensor_split(cfg.tensor_split)
-    assert [argv[j + 1] for j, a in enumerate(argv) if a == "-ot"] == list(cfg.overrides)
+    part = [] if cfg.moe_part == "none" or cfg.cpu_moe else [f"{moe_part_pattern(cfg.n_cpu_moe, cfg.moe_part)}=CPU"]
+    assert [argv[j + 1] for j, a in enumerate(argv) if a == "-ot"] == [*cfg.overrides, *part]
     assert ("--cpu-moe" in argv) == cfg.cpu_moe
     assert pairs.get("--n-cpu-moe") == (str(cfg.n_cpu_moe) if cfg.n_cpu_moe else None)
     assert pairs.get("--rpc") == (cfg.rpc or None)
@@ -118,10 +125,18 @@ def test_llama_server_line_has_only_flags_llama_server_has(name):
     assert pairs.get("-lm") == mode[(cfg.use_mmap, cfg.use_mlock)]
 
 
+def test_the_checker_passes_llama_servers_own_spellings():
+    # -ot entries joined with ',' (llama-server's separator; llama-bench uses ';'), -ts with ',', -fit off
+    good = ["llama-server", "-m", M, "-ot", r"blk\.1\.ffn_down.*=CPU,token_embd\.weight=CPU", "-ts", "3,1"]
+    good += ["--n-cpu-moe", "4", "-fit", "off", "-np", "4", "--kv-unified", "-lm", "none"]
+    assert server_argv_problems(good) == []
+
+
 def test_the_checker_fails_a_flag_llama_server_does_not_have():
     bad = ["llama-server", "-m", M, "--mmap", "-ts", "3/1", "-ot", "a=CPU;b=CPU", "-fa", "yes", "-ctk", "q4_k"]
+    bad += ["-fit", "no", "--n-cpu-moe", "all"]
     problems = server_argv_problems(bad)
-    assert len(problems) == 5, problems
+    assert len(problems) == 7, problems
     assert problems[0] == "--mmap: no such llama-server option"
 
 
