@@ -102,6 +102,9 @@ def load_recommendation(study_dir: str | os.PathLike) -> dict:
 def check_port(port: int, host: str = HOST) -> int:
     """`port` if nothing listens there (bound and released here), else VerifyError; 0 picks a free port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the servers bind (uvicorn, llama-server): a port a closed connection left in TIME_WAIT is free,
+        # one a process listens on is not
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -122,7 +125,7 @@ def not_applied(rec: dict, kind: str) -> list[str]:
     if kind == "llama-server":
         return []
     out = []
-    if cfg.get("overrides") or cfg.get("n_cpu_moe") or cfg.get("cpu_moe"):
+    if cfg.get("overrides") or cfg.get("n_cpu_moe") or cfg.get("cpu_moe") or cfg.get("moe_part", "none") != "none":
         out.append("expert placement (--n-cpu-moe / -ot): llama_cpp.Llama() has no tensor-override parameter")
     if cfg.get("rpc"):
         out.append("RPC devices (--rpc): llama-cpp-python 0.3.36's Llama() takes none")
@@ -261,15 +264,16 @@ def make_prompts(client, spec: ServerSpec, n_prompt: int, count: int) -> list[tu
         ring = words[start:] + words[:start]
         while count_tokens(" ".join(ring)) < n_prompt:  # a long test shape: the text again, end to end
             ring = ring + words
-        lo, hi = 1, len(ring)  # the most words whose text is at most n_prompt tokens
+        text = " ".join(ring)
+        # the longest prefix of at most n_prompt tokens, to the character (a word can be several tokens)
+        lo, hi = 1, len(text)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if count_tokens(" ".join(ring[:mid])) <= n_prompt:
+            if count_tokens(text[:mid]) <= n_prompt:
                 lo = mid
             else:
                 hi = mid - 1
-        text = " ".join(ring[:lo])
-        prompts.append((text, count_tokens(text)))
+        prompts.append((text[:lo], count_tokens(text[:lo])))
     return prompts
 
 
@@ -438,21 +442,29 @@ def verify(
         ):
             t_start = time.perf_counter()
             say(f"starting {spec.kind} on port {port}: {' '.join(spec.argv)}")
-            with running(spec, log, start_timeout, client) as proc:
-                start_s = time.perf_counter() - t_start
-                say(f"{spec.kind} up after {start_s:.1f} s; {count} prompts of {n_prompt} tokens")
-                prompts = make_prompts(client, spec, n_prompt, count)
-                it = iter(prompts)
-                for _ in range(warmup):
-                    stream_one(client, spec, next(it)[0], n_gen, request_timeout)
-                results = []
-                for c in levels:
-                    say(f"{requests} {'request(s) one at a time' if c == 1 else f'rounds of {c} at a time'}")
-                    chunk = [next(it) for _ in range(requests * c)]
-                    results.append(run_level(client, spec, chunk, n_gen, c, requests, request_timeout))
-                    if proc.poll() is not None:
-                        raise ServerError(f"{spec.kind} died while serving: {log_tail(log)}")
-                server_log = log_tail(log, 40)
+            try:
+                with running(spec, log, start_timeout, client) as proc:
+                    start_s = time.perf_counter() - t_start
+                    say(f"{spec.kind} up after {start_s:.1f} s; {count} prompts of {n_prompt} tokens")
+                    try:
+                        prompts = make_prompts(client, spec, n_prompt, count)
+                    except (httpx.HTTPError, KeyError, ValueError) as e:
+                        raise ServerError(f"{spec.kind} did not tokenize the prompts: {e}") from None
+                    it = iter(prompts)
+                    for _ in range(warmup):
+                        stream_one(client, spec, next(it)[0], n_gen, request_timeout)
+                    results = []
+                    for c in levels:
+                        say(f"{requests} {'request(s) one at a time' if c == 1 else f'rounds of {c} at a time'}")
+                        chunk = [next(it) for _ in range(requests * c)]
+                        results.append(run_level(client, spec, chunk, n_gen, c, requests, request_timeout))
+                        if proc.poll() is not None:
+                            raise ServerError(f"{spec.kind} died while serving: {log_tail(log)}")
+                    server_log = log_tail(log, 40)
+            except ServerError as e:
+                # a recommendation that does not serve is a finding: recorded (verdict failed), then exit 1
+                write(Path(study_dir) / VERIFY_FILE, failure(rec, spec, str(e), log_tail(log, 40)))
+                raise
     study = study_figures(rec)
     seq = results[0]
     out = {
@@ -497,6 +509,31 @@ def verify(
     out["verdict"] = "ok" if out["requests_ok"] == out["requests_sent"] else "failed"
     write(Path(study_dir) / VERIFY_FILE, out)
     return out
+
+
+def failure(rec: dict, spec: ServerSpec, error: str, server_log: str) -> dict:
+    """verify.json of a server that did not come up or died: no client figures, the error and the log's tail."""
+    return {
+        "study": rec.get("study"),
+        "created_utc": utcnow(),
+        "server": spec.kind,
+        "command": spec.argv,
+        "settings": spec.settings or None,
+        "recommended_trial": rec.get("trial_number"),
+        "requests_ok": 0,
+        "requests_sent": 0,
+        "client_tg_tps": None,
+        "client_ttft_ms": None,
+        "study_figures": study_figures(rec),
+        "ratio": {"tg": None, "ttft": None},
+        "levels": [],
+        "server_adds": SERVER_ADDS,
+        "notes": [],
+        "not_applied": not_applied(rec, spec.kind),
+        "error": error,
+        "server_log_tail": server_log,
+        "verdict": "failed",
+    }
 
 
 def provenance(rec: dict) -> dict:
