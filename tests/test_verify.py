@@ -68,18 +68,24 @@ def test_verify_serves_the_recommendation_and_measures_it_from_a_client(study):
     assert out["ratio"]["tg"] == pytest.approx(out["client_tg_tps"] / st["tg_tps"])
     assert out["ratio"]["ttft"] == pytest.approx(out["client_ttft_ms"] / st["ttft_ms"])
     assert len(out["levels"]) == 1  # a study without --parallel: one at a time only
+    # the config measured bare before and after serving: the ratio against this machine now as well
+    now = out["bare_now"]
+    assert [r["outcome"] for r in now["runs"]] == ["ok", "ok"] and now["tg_tps"] > 0
+    assert out["ratio_now"]["tg"] == pytest.approx(out["client_tg_tps"] / now["tg_tps"])
+    assert "bare now" in res.output
     # what the server adds is said, in the output and the file
     assert "HTTP" in res.output and "sampling" in res.output and "detokenization" in res.output
     assert "HTTP" in out["server_adds"]
     # and the report shows it
     md = to_markdown("r", study_blocks(load_study(study), [], top=3), "svg", study)
     assert "Served (tuner verify)" in md and "llama_cpp.server served trial" in md and "client / study" in md
+    assert "bare now" in md
 
 
 def test_a_parallel_study_is_also_served_n_at_a_time(study, tmp_path):
     """recommended.json's "parallel" (a --parallel search): N requests at a time after the sequential ones."""
     d = copy_study(study, tmp_path / "par", parallel={"n_seq": 2, "aggregate_tg_tps": 1000.0})
-    res = run(["verify", str(d), "--requests", "2", "--warmup", "0", "--json"], env=HOST_ONLY)
+    res = run(["verify", str(d), "--requests", "2", "--warmup", "0", "--no-bare", "--json"], env=HOST_ONLY)
     assert res.exit_code == 0, res.output
     out = json.loads((d / "verify.json").read_text())
     assert [lv["concurrency"] for lv in out["levels"]] == [1, 2]
@@ -88,6 +94,7 @@ def test_a_parallel_study_is_also_served_n_at_a_time(study, tmp_path):
     assert par["requests"] == 4 and par["aggregate_tg_tps"] > 0
     assert out["ratio"]["aggregate_tg"] == pytest.approx(par["aggregate_tg_tps"] / 1000.0)
     assert any("one request at a time" in n for n in out["notes"])  # llama_cpp.server queues them
+    assert "bare_now" not in out and json.loads(res.output[res.output.index("{") :]) == out
 
 
 def one_line_exit_2(res, *needles):
@@ -142,7 +149,7 @@ def test_a_server_that_does_not_come_up_is_exit_1_and_recorded(study, tmp_path):
 def test_the_printed_llama_server_line_serves(study, tmp_path):
     """The printed command line run by a real llama-server built from the vendored source (TUNER_LLAMA_SERVER)."""
     d = copy_study(study, tmp_path / "s")
-    res = run(["verify", str(d), "--llama-server", str(LLAMA_SERVER), "--requests", "2"], env=HOST_ONLY)
+    res = run(["verify", str(d), "--llama-server", str(LLAMA_SERVER), "--requests", "2", "--no-bare"], env=HOST_ONLY)
     assert res.exit_code == 0, res.output
     out = json.loads((d / "verify.json").read_text())
     rec = json.loads((d / "recommended.json").read_text())

@@ -47,6 +47,13 @@ from tuner.search import verify as verifylib
     show_default=True,
     help="seconds one request may take",
 )
+@click.option(
+    "--bare/--no-bare",
+    default=True,
+    show_default=True,
+    help="also measure the config bare, as the study did, just before and after serving: the client's figures "
+    "against this machine now as well as against the study's",
+)
 @lock_params
 @click.option("--json", "as_json", is_flag=True, help="print verify.json instead of a summary")
 def verify_cmd(
@@ -58,6 +65,7 @@ def verify_cmd(
     concurrency,
     start_timeout,
     request_timeout,
+    bare,
     no_wait,
     lock_file,
     as_json,
@@ -87,6 +95,7 @@ def verify_cmd(
         request_timeout=request_timeout,
         wait=not no_wait,
         lock_file=lock_file,
+        bare=bare,
         progress=log,
     )
     if as_json:
@@ -106,10 +115,21 @@ def summary(out: dict) -> list[str]:
     lines = [
         f"{out['server']} served trial #{out['recommended_trial']}: {out['requests_ok']}/{out['requests_sent']} "
         f"requests ok (pp{shape['n_prompt']} + tg{shape['n_gen']}, streamed)",
-        f"  client: tg {num(out['client_tg_tps'])} t/s, TTFT {num(out['client_ttft_ms'])} ms (medians)",
+        f"  client: tg {num(out['client_tg_tps'])} t/s, TTFT {num(out['client_ttft_ms'])} ms (medians)"
+        + (
+            f"; the server's own tg {num(out['levels'][0]['server_tg_tps'])} t/s (its timings: no HTTP)"
+            if out["levels"][0].get("server_tg_tps")
+            else ""
+        ),
         f"  study:  tg {num(st['tg_tps'])} t/s, TTFT {num(st['ttft_ms'])} ms"
         f"  ->  client/study tg {num(r['tg'], '.2f')}, TTFT {num(r['ttft'], '.2f')}",
     ]
+    if now := out.get("bare_now"):
+        rn = out["ratio_now"]
+        lines.append(
+            f"  bare now (before and after serving): tg {num(now['tg_tps'])} t/s, TTFT {num(now['ttft_ms'])} ms"
+            f"  ->  client/bare tg {num(rn['tg'], '.2f')}, TTFT {num(rn['ttft'], '.2f')}"
+        )
     for lv in out["levels"][1:]:
         lines.append(
             f"  {lv['concurrency']} at a time: {lv['requests_ok']}/{lv['requests']} ok, aggregate tg "

@@ -289,6 +289,17 @@ def _verify_blocks(s: Study) -> list:
             f"{r['ttft']:.2f}" if r.get("ttft") else "-",
         ],
     ]
+    if now := v.get("bare_now"):
+        rn = v.get("ratio_now") or {}
+        for label, key, rk in (("tg t/s", "tg_tps", "tg"), ("TTFT ms", "ttft_ms", "ttft")):
+            rows.append(
+                [
+                    f"{label} (bare now: before and after serving)",
+                    f(v.get(f"client_{key}")),
+                    f(now.get(key)),
+                    f"{rn[rk]:.2f}" if rn.get(rk) else "-",
+                ]
+            )
     for lv in (v.get("levels") or [])[1:]:
         rows.append(
             [

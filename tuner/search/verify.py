@@ -44,7 +44,8 @@ from tuner import files
 from tuner.errors import TunerError
 from tuner.measure import hardware
 from tuner.measure.lock import measurement_lock
-from tuner.record import utcnow
+from tuner.measure.runner import Runner
+from tuner.record import TrialConfig, utcnow
 from tuner.search.recommend import RECOMMENDED_FILE
 
 VERIFY_FILE = "verify.json"
@@ -372,6 +373,9 @@ def run_level(client, spec, prompts, n_gen, concurrency, rounds, timeout) -> dic
         "errors": sorted({r["error"] for r in results if r["error"]}),
         "per_request": results,
     }
+    server = [(r.get("server_timings") or {}).get("predicted_per_second") for r in ok]
+    if any(server):  # llama-server's own decode rate (its sampling inside, no HTTP): where the time goes
+        level["server_tg_tps"] = median(server)
     if concurrency > 1:
         level["aggregate_tg_tps"] = median(aggregate)
     return level
@@ -394,6 +398,29 @@ def study_figures(rec: dict) -> dict:
     return out
 
 
+def measure_bare(rec: dict, timeout: float) -> dict:
+    """The recommended config measured now as the study measured it: one trial in a worker (its own process,
+    gone before the server starts or after it stopped), the study's test shape and repetitions."""
+    cfg = TrialConfig.from_dict(rec["config"])
+    with Runner(timeout=timeout) as runner:
+        r = runner.run(cfg)
+    out = {"outcome": r.outcome, "tg_samples": r.tg_samples, "pp_samples": r.pp_samples}
+    out["ttft_samples_ms"] = r.ttft_samples_ms
+    if not r.ok:
+        out["cause"] = (r.cause or "")[:200]
+    return out
+
+
+def bare_figures(runs: list[dict]) -> dict:
+    """Medians over the bare runs before and after serving (every repetition of both)."""
+    return {
+        "tg_tps": median(x for r in runs for x in r["tg_samples"]),
+        "pp_tps": median(x for r in runs for x in r["pp_samples"]),
+        "ttft_ms": median(x for r in runs for x in r["ttft_samples_ms"]),
+        "runs": runs,
+    }
+
+
 def ratio(a, b) -> float | None:
     return a / b if a and b else None
 
@@ -410,12 +437,15 @@ def verify(
     request_timeout: float = 600.0,
     wait: bool = True,
     lock_file: str | None = None,
+    bare: bool = True,
     progress=None,
 ) -> dict:
     """Serve the study's recommendation and measure it from a client; write STUDY/verify.json and return it.
 
     requests: measured requests one at a time (and rounds of `concurrency` at a time), after `warmup`
-    unmeasured ones. concurrency: default the study's served sequences (1 without --parallel).
+    unmeasured ones. concurrency: default the study's served sequences (1 without --parallel). bare: also
+    measure the config bare, as the study did, just before and just after serving (never while the server holds
+    the model), so the client's figures are also set against this machine as it is now (`ratio_now`).
     Raises VerifyError (bad input, nothing written) or ServerError (the server did not come up)."""
     say = progress or (lambda msg: None)
     if requests < 1 or warmup < 0:
@@ -440,6 +470,10 @@ def verify(
             measurement_lock(wait=wait, what=f"tuner verify {study_dir}", path=lock_file),
             httpx.Client(timeout=request_timeout, trust_env=False) as client,
         ):
+            bare_runs = []
+            if bare:
+                say("the config measured bare first (a worker, as the study measured it)")
+                bare_runs.append(measure_bare(rec, request_timeout))
             t_start = time.perf_counter()
             say(f"starting {spec.kind} on port {port}: {' '.join(spec.argv)}")
             try:
@@ -465,6 +499,9 @@ def verify(
                 # a recommendation that does not serve is a finding: recorded (verdict failed), then exit 1
                 write(Path(study_dir) / VERIFY_FILE, failure(rec, spec, str(e), log_tail(log, 40)))
                 raise
+            if bare:
+                say("the config measured bare again")
+                bare_runs.append(measure_bare(rec, request_timeout))
     study = study_figures(rec)
     seq = results[0]
     out = {
@@ -499,6 +536,13 @@ def verify(
         "server_log_tail": server_log,
         "provenance": provenance(rec),
     }
+    if bare_runs:
+        now = bare_figures(bare_runs)
+        out["bare_now"] = now
+        out["ratio_now"] = {
+            "tg": ratio(seq["client_tg_tps"], now.get("tg_tps")),
+            "ttft": ratio(seq["client_ttft_ms"], now.get("ttft_ms")),
+        }
     if n > 1 and (par := study.get("parallel")):
         out["ratio"]["aggregate_tg"] = ratio(results[-1].get("aggregate_tg_tps"), par.get("aggregate_tg_tps"))
     if cfg.get("n_depth"):
