@@ -35,6 +35,7 @@ class TunerGroup(click.Group):
         "quality": "tuner.cli.quality:quality_cmd",
         "probe": "tuner.cli.probe:probe_cmd",
         "rpc-server": "tuner.cli.rpc_server:rpc_server_cmd",
+        "verify": "tuner.cli.verify:verify_cmd",
     }
 
     def list_commands(self, ctx):
@@ -75,6 +76,7 @@ def cli():
       tuner bench MODEL -t 4 -p 512      measure one config, llama-bench style
       tuner search --model A.gguf        an Optuna study overnight
       tuner report results/<study>       charts and a report
+      tuner verify results/<study>       serve the recommendation, measure it from an HTTP client
       tuner compare BASE CURRENT         CI regression gate
     """
 

@@ -180,22 +180,35 @@ def run_params(timeout_flag: str = "--timeout"):
                 help="cap each trial's memory, e.g. 4GiB: a smaller machine (a memory cgroup, mmap'd "
                 "weights included, where this machine allows one; else RLIMIT_DATA only)",
             ),
-            click.option(
-                "--no-wait", is_flag=True, help="fail instead of waiting when another measurement runs on this machine"
-            ),
-            click.option(
-                "--lock-file",
-                type=click.Path(dir_okay=False),
-                default=None,
-                help="the host-wide measurement lock [TUNER_LOCK_FILE, else /run/lock/tuner/measure.lock, "
-                "shared by every user]; a lock file each lets one machine stand in for several hosts",
-            ),
+            *LOCK_OPTIONS,
         ]
         for o in reversed(opts):
             f = o(f)
         return f
 
     return deco
+
+
+# the host-wide measurement lock (tuner.measure.lock): every command that measures takes these
+LOCK_OPTIONS = (
+    click.option(
+        "--no-wait", is_flag=True, help="fail instead of waiting when another measurement runs on this machine"
+    ),
+    click.option(
+        "--lock-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="the host-wide measurement lock [TUNER_LOCK_FILE, else /run/lock/tuner/measure.lock, "
+        "shared by every user]; a lock file each lets one machine stand in for several hosts",
+    ),
+)
+
+
+def lock_params(f):
+    """--no-wait and --lock-file alone, for a command that measures but runs no trials (tuner verify)."""
+    for o in reversed(LOCK_OPTIONS):
+        f = o(f)
+    return f
 
 
 def quality_params(budget_help: str = "", text_flag: str = "--text"):

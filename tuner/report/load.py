@@ -1,4 +1,5 @@
-"""Reading a study folder for the report: trials.parquet (tuner.measure.store), study.db (Optuna), recommended.json."""
+"""Reading a study folder for the report: trials.parquet (tuner.measure.store), study.db (Optuna), recommended.json,
+verify.json (tuner verify)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import optuna
 from tuner.errors import TunerError
 from tuner.measure import store
 from tuner.record import TrialConfig, TrialRecord
+from tuner.search import verify
 from tuner.search.recommend import RECOMMENDED_FILE
 
 FORMATS = ("png", "svg", "pdf")
@@ -39,6 +41,7 @@ class Study:
     recommended: dict | None
     optuna_trials: list | None = None  # optuna FrozenTrials, when the storage could be read
     optuna_note: str = ""  # why not
+    verified: dict | None = None  # verify.json: the recommendation served and measured by a client
 
     @property
     def name(self) -> str:
@@ -114,7 +117,7 @@ def load_study(path: str | os.PathLike, label: str | None = None) -> Study:
             raise ReportError(f"unreadable {rp}: {str(e).splitlines()[0][:120]}") from None
         if not isinstance(recommended, dict) or "config" not in recommended:
             raise ReportError(f'{rp} is not a recommendation written by tuner (no "config")')
-    study = Study(path=p, label=label or p.name, records=recs, recommended=recommended)
+    study = Study(path=p, label=label or p.name, records=recs, recommended=recommended, verified=verify.read(p))
     study.optuna_trials, study.optuna_note = _load_optuna(p, study.name)
     return study
 

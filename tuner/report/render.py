@@ -253,6 +253,71 @@ def _recommendation_blocks(s: Study) -> list:
     return out
 
 
+def _verify_blocks(s: Study) -> list:
+    """verify.json: the recommendation served (tuner verify) and what a client measured, beside the study."""
+    v = s.verified
+    if not v or s.recommended is None:
+        return []
+
+    def f(x):
+        return f"{x:.2f}" if x is not None else "-"
+
+    st, r = v.get("study_figures") or {}, v.get("ratio") or {}
+    shape = v.get("test_shape") or {}
+    out: list = [
+        ("h", 4, "Served (tuner verify)"),
+        (
+            "p",
+            f"{v.get('server')} served trial #{v.get('recommended_trial')} ({v.get('created_utc', '?')}): "
+            f"{v.get('requests_ok')}/{v.get('requests_sent')} streamed requests ok, "
+            f"pp{shape.get('n_prompt', '?')} + tg{shape.get('n_gen', '?')}; verdict {v.get('verdict', '?')}.",
+        ),
+    ]
+    if v.get("error"):
+        out.append(("p", f"The server failed: {v['error']}"))
+    rows = [
+        [
+            "tg t/s",
+            f(v.get("client_tg_tps")),
+            f(st.get("tg_tps")),
+            f"{r['tg']:.2f}" if r.get("tg") else "-",
+        ],
+        [
+            "TTFT ms",
+            f(v.get("client_ttft_ms")),
+            f(st.get("ttft_ms")),
+            f"{r['ttft']:.2f}" if r.get("ttft") else "-",
+        ],
+    ]
+    if now := v.get("bare_now"):
+        rn = v.get("ratio_now") or {}
+        for label, key, rk in (("tg t/s", "tg_tps", "tg"), ("TTFT ms", "ttft_ms", "ttft")):
+            rows.append(
+                [
+                    f"{label} (bare now: before and after serving)",
+                    f(v.get(f"client_{key}")),
+                    f(now.get(key)),
+                    f"{rn[rk]:.2f}" if rn.get(rk) else "-",
+                ]
+            )
+    for lv in (v.get("levels") or [])[1:]:
+        rows.append(
+            [
+                f"aggregate tg t/s, {lv['concurrency']} at a time",
+                f(lv.get("aggregate_tg_tps")),
+                f((st.get("parallel") or {}).get("aggregate_tg_tps")),
+                f"{r['aggregate_tg']:.2f}" if r.get("aggregate_tg") else "-",
+            ]
+        )
+    out.append(("table", ["", "client (median)", "study", "client / study"], rows))
+    notes = [v.get("server_adds") or "", *(v.get("notes") or [])]
+    notes += [f"not applied by this server: {n}" for n in v.get("not_applied") or []]
+    if v.get("recommended_trial") != s.recommended.get("trial_number"):
+        notes.append("verify.json served another trial than the current recommendation: run `tuner verify` again")
+    out.append(("list", [n for n in notes if n]))
+    return out
+
+
 def _drift_blocks(s: Study) -> list:
     out: list = [("h", 3, "Drift")]
     anchors = [r for r in s.anchors if r.metric("tg")[0] is not None]
@@ -533,6 +598,7 @@ def study_blocks(s: Study, charts: list[Chart], top: int = 10) -> list:
         ("table", ["", ""], _hw_rows(s)),
     ]
     blocks += _recommendation_blocks(s)
+    blocks += _verify_blocks(s)
     blocks += _drift_blocks(s)
     blocks += _top_blocks(s, top)
     blocks += _quality_blocks(s)

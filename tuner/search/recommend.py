@@ -455,6 +455,8 @@ def forms(cfg: TrialConfig, rec: TrialRecord | None = None) -> dict:
             f"PARAMETER num_ctx {ctx}",
             f"PARAMETER num_thread {cfg.n_threads}",
             f"PARAMETER num_batch {cfg.n_batch}",
+            # Ollama mmaps by default (use_mmap is one of its runner options, api/types.go)
+            *([] if cfg.use_mmap else ["PARAMETER use_mmap false"]),
         ]
     )
     out = {
