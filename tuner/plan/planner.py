@@ -595,22 +595,22 @@ UP_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate_)?up(_exps)?\.")
 def compute_by_device(
     cfg: TrialConfig, info: ModelInfo, where: list[int], layer_dev: list[int], n_dev: int, no_alloc: bool = False
 ) -> list[int]:
-    """The compute buffer each backend reserves for a full ubatch of T tokens, every one an output (index -1:
-    the host's CPU backend, as compute_raw).
+    """The compute buffer each backend reserves for a full ubatch of T tokens, every one an output (index -1: the
+    host's CPU backend, as compute_raw).
 
     ggml's scheduler runs an op on the backend that holds its weights (RPC has no `offload_op`: an op whose weights
     are in host memory stays on the CPU) and gives each backend one buffer, sized by the widest set of its tensors
     alive at once. Per device, in floats per token (E n_embd, V n_vocab, F n_ff, Fe expert width, u experts used):
-    the KQ mask of the layers it runs (alive through the graph; f16 with flash attention), then the widest phase:
-    a dense FFN 3F + 3E; routed experts max(3·Fe·u + 3E, 2E·u + Fe·u + 2E); a layer whose experts are elsewhere
-    E·u + 4E (the weighting of the experts' outputs runs where the router is); attention (FA: Q, K, V, output;
-    MLA: the absorbed query per head and four rope-sized parts); the output layer V + E, or when the layer before it
-    is elsewhere V + 2E (dense) / V + E·u + E (routed experts: the ops after the last expert matmul follow the
-    output). With pipeline parallelism (several devices, every layer offloaded, no overrides: llama_context) each
-    split input is held N_COPIES times (the mask and the layer input); sized by a no_alloc load (`no_alloc`: what
-    --fit plans with) a later device reports 4E more than it allocates when loaded for real. Fitted on
-    llama.cpp's no_alloc figures for the synthetic and oracle shapes over RPC devices (benchmarks/device_oracle.py
-    and fit_equivalence.py record the error per config and buffer)."""
+    the KQ mask of the layers it runs (alive through the graph; f16 with flash attention), then the widest phase: a
+    dense FFN 3F + 2E (3F + 3E with every layer offloaded); routed experts max(3·Fe·u + 3E, 2E·u + Fe·u + 2E); a
+    layer whose experts are elsewhere E·u + 4E (the weighting of the experts' outputs runs where the router is);
+    attention (FA: Q, K, V, output; MLA: the absorbed query per head and four rope-sized parts); the output layer V
+    + E, or when the layer before it is elsewhere V + 2E (dense) / V + E·u + E (routed experts: the ops after the
+    last expert matmul follow the output). With pipeline parallelism (several devices, every layer offloaded, no
+    overrides: llama_context) each split input is held N_COPIES times (the mask and the layer input); sized by a
+    no_alloc load (`no_alloc`: what --fit plans with) a later device reports 4E more than it allocates when loaded
+    for real. Fitted on llama.cpp's no_alloc figures for the synthetic and oracle shapes over RPC devices
+    (benchmarks/device_oracle.py and fit_equivalence.py record the error per config and buffer)."""
     out = [0] * (n_dev + 1)
     if unmodelled_note(info):
         return out
@@ -650,6 +650,7 @@ def compute_by_device(
         and all(d >= 0 for d in layer_dev)
         and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe)
     )
+    full = all(d >= 0 for d in layer_dev)  # the first layer's input comes from the host's embeddings
     first = True
     for d in range(n_dev):
         layers = [il for il in range(info.n_layer) if layer_dev[il] == d]
@@ -660,7 +661,7 @@ def compute_by_device(
             if il in exps_layer:
                 phases.append(moe_live if d in up_dev.get(il, ()) else e * u + 4 * e)
             elif d in up_dev.get(il, ()):
-                phases.append(3 * info.ff(il) + 3 * e)
+                phases.append(3 * info.ff(il) + (3 if full else 2) * e)
         for il, ds in up_dev.items():  # FFN weights of another device's layer (an overflowing part)
             if d in ds and layer_dev[min(il, info.n_layer - 1)] != d:
                 phases.append(moe_live if il in exps_layer else 3 * info.ff(il) + 3 * e)

@@ -32,9 +32,14 @@ def nearest(space: Space, name: str, want):
     return want if want in vals else vals[0]
 
 
-def baseline_params(space: Space, infos: dict[str, ModelInfo], hw, min_ctx: int) -> list[tuple[dict, str]]:
-    """The baselines' sampler params with their labels, each value the space's nearest to the baseline's; a
-    baseline the space makes equal to an earlier one is left out."""
+PLACEMENT = ("n_gpu_layers", "n_cpu_moe", "moe_part")  # measured as the baseline has them, even outside the space
+
+
+def baseline_params(space: Space, infos: dict[str, ModelInfo], hw, min_ctx: int) -> list[tuple[dict, str, dict]]:
+    """The baselines' sampler params with their labels, each value the space's nearest to the baseline's, and
+    the placement values the space could not hold (e.g. no expert in host RAM where the hybrid region starts at
+    a few layers' worth: llama.cpp's defaults are measured as they are); a baseline the space makes equal to an
+    earlier one is left out."""
     n_layer = max(i.n_layer for i in infos.values())
     all_layers = n_layer + 1
     phys = hw.cores_physical
@@ -54,16 +59,19 @@ def baseline_params(space: Space, infos: dict[str, ModelInfo], hw, min_ctx: int)
     }
     vram = sum(g.vram_total for g in hw.gpus)
     heuristic_ngl = max(0, min(all_layers, int((vram / 2**20 - HEURISTIC_RESERVE_MB) // HEURISTIC_MB_PER_LAYER)))
-    out: list[tuple[dict, str]] = []
+    out: list[tuple[dict, str, dict]] = []
     for label, overrides in ((DEFAULTS_LABEL, {}), ("heuristic", {"n_gpu_layers": heuristic_ngl})):
-        params = {}
+        params, off = {}, {}
         for name, d in space.varying().items():
-            params[name] = nearest(space, name, overrides.get(name, defaults.get(name, d.values[0])))
+            want = overrides.get(name, defaults.get(name, d.values[0]))
+            params[name] = nearest(space, name, want)
+            if name in PLACEMENT and params[name] != want:
+                off[name] = want
         if len(space.models) > 1:
             params["model"] = space.models[0]
-        if any(params == p for p, _ in out):
+        if any(params == p and off == o for p, _, o in out):
             continue
-        out.append((params, label))
+        out.append((params, label, off))
     return out
 
 
@@ -192,7 +200,13 @@ def starting(
     MoE recipe measured as they are (each a trial of its own, labelled in `baseline`). `fits(cfg)`: the planner's
     verdict, for the recipe's fewest --n-cpu-moe."""
     info = infos[space.models[0]]
-    out = [Baseline(label, params) for params, label in baseline_params(space, infos, hw, min_ctx)]
+    out = []
+    for params, label, off in baseline_params(space, infos, hw, min_ctx):
+        exact = None
+        if off:  # outside the space: measured as it is, learned by the sampler as its nearest point
+            p = {k: v for k, v in params.items() if k in space.dims}
+            exact = space.config(params.get("model", space.models[0]), {**p, **off})
+        out.append(Baseline(label, params, exact))
     placed = fit_placement(space, info, rig, fit_target)
     if placed:
         cfg, res = placed
