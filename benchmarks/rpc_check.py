@@ -14,7 +14,7 @@ Starts two `tuner rpc-server --mem MEM` processes on 127.0.0.1 (each this CPU se
    llama.cpp logged per device (model, KV, compute) against the planner's (tuner.plan.fit.device_usage: the same
    figures --fit plans with). Target: every buffer within 2 %.
 
-    python benchmarks/rpc_check.py                   # ~6 min on 2 cores
+    python benchmarks/rpc_check.py                   # ~1 min on 2 cores
     python benchmarks/rpc_check.py --mem 48MiB --trials 8
 
 Writes benchmarks/results/rpc-check-*.json; exits 1 when a check fails (the winner outside the hybrid region, a
