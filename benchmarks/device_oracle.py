@@ -37,7 +37,6 @@ from tuner.model.meta import read_model  # noqa: E402
 from tuner.model.synth import synthesize  # noqa: E402
 from tuner.plan import fit as F  # noqa: E402
 from tuner.plan import oracle  # noqa: E402
-from tuner.record import TrialConfig  # noqa: E402
 
 MiB = 1 << 20
 TOLERANCE = 0.02
@@ -75,19 +74,7 @@ def grid(info, path: str, endpoints: str, real: bool) -> list[oracle.Job]:
 
 
 def compare(job: oracle.Job, res: dict, info, names: tuple[str, ...]) -> list[dict]:
-    cfg = TrialConfig(
-        model=job.model,
-        n_ctx=job.n_ctx,
-        n_batch=job.n_batch,
-        n_ubatch=job.n_ubatch,
-        flash_attn=job.flash_attn,
-        n_gpu_layers=job.n_gpu_layers,
-        n_cpu_moe=job.n_cpu_moe,
-        moe_part=job.moe_part,
-        tensor_split=job.tensor_split,
-        split_mode=job.split_mode,
-        rpc=job.rpc,
-    )
+    cfg = job.config()
     base = {
         "mode": job.mode,
         "ngl": job.n_gpu_layers,

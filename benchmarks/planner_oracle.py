@@ -92,15 +92,7 @@ def jobs_for(m: dict, ctxs, kvs, fas, ubs) -> list[oracle.Job]:
 
 
 def compare(job: oracle.Job, res: dict, info) -> list[dict]:
-    cfg = TrialConfig(
-        model=job.model,
-        n_ctx=job.n_ctx,
-        n_batch=job.n_batch,
-        n_ubatch=job.n_ubatch,
-        type_k=job.type_k,
-        type_v=job.type_v,
-        flash_attn=job.flash_attn,
-    )
+    cfg = job.config()
     base = {
         "n_ctx": job.n_ctx,
         "kv_type": f"{job.type_k}/{job.type_v}",

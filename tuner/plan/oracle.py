@@ -32,7 +32,7 @@ import numpy as np
 from tuner import files
 from tuner.measure.buffers import parse_log
 from tuner.measure.worker import FLASH_ATTN, SPLIT_MODE, ggml_type, set_pdeathsig, status_kib
-from tuner.record import parse_tensor_split
+from tuner.record import TrialConfig, parse_tensor_split
 
 MiB = 1 << 20
 Q = gguf.GGMLQuantizationType
@@ -526,6 +526,12 @@ class Job:
     rpc: str = ""  # llama.cpp RPC servers ("host:port,..."): their devices join, as `--rpc` adds them
     tensor_split: str = ""
     split_mode: str = "layer"  # none | layer (row: CUDA/SYCL only)
+
+    def config(self) -> TrialConfig:
+        """The job as a TrialConfig: the planner's side of a comparison with what llama.cpp reported."""
+        fields = ("n_ctx", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn", "n_gpu_layers", "n_cpu_moe")
+        more = ("moe_part", "rpc", "tensor_split", "split_mode")
+        return TrialConfig(model=self.model, **{k: getattr(self, k) for k in fields + more})
 
     def load_key(self) -> tuple:
         return (
