@@ -153,6 +153,19 @@ PARAMS = (
         str,
         "share of the layers per GPU, e.g. 3/1 (llama-bench's spelling; search: a list 1/1,3/1)",
     ),
+    Param(
+        "n_seq",
+        ("-np", "--parallel"),
+        int,
+        "N sequences of the test shape decoded together, as llama-batched-bench -npl N and llama-server -np N "
+        "(aggregate and per-stream t/s; unset: one request, as llama-bench)",
+    ),
+    Param(
+        "kv_unified",
+        ("-kvu", "--kv-unified"),
+        bool,
+        "with --parallel: one KV cache shared by the sequences (llama-server -kvu) instead of n_ctx/N cells each",
+    ),
 )
 
 
@@ -180,6 +193,10 @@ class TrialConfig:
     moe_part: str = "none"  # FFN tensors of layer n_cpu_moe in host memory too (MOE_PARTS; llama-server: one -ot)
     overrides: tuple[str, ...] = ()  # raw -ot PATTERN=BUFFER entries
     rpc: str = ""  # llama.cpp RPC servers whose devices join the GPUs: "host:port,host:port" (llama-server --rpc)
+    # parallel sequences (llama-server -np, llama-batched-bench -npl): 0 = one request measured as llama-bench
+    # (pp and tg as separate tests); N >= 1 = N sequences decoded together as llama-batched-bench does
+    n_seq: int = 0
+    kv_unified: bool = False  # one KV cache for all sequences (llama-server -kvu), else n_ctx / n_seq cells each
     n_prompt: int = 512
     n_gen: int = 128
     n_depth: int = 0
@@ -216,7 +233,24 @@ class TrialConfig:
         return float("inf") if self.cpu_moe else self.n_cpu_moe + MOE_PART_SHARE.get(self.moe_part, 0.0)
 
     def effective_ctx(self) -> int:
-        return self.n_ctx or (self.n_prompt + self.n_gen + self.n_depth)
+        """The context's cells: n_ctx, or what the test needs (with --parallel: every sequence's share)."""
+        return self.n_ctx or self.streams() * self.seq_need()
+
+    def streams(self) -> int:
+        """Sequences decoded together (1 without --parallel)."""
+        return max(self.n_seq, 1)
+
+    def seq_need(self) -> int:
+        """Cells one sequence of the test shape fills."""
+        return self.n_depth + self.n_prompt + self.n_gen
+
+    def seq_cells(self) -> int:
+        """Cells each sequence may use, as llama.cpp splits the context (llama_context: n_ctx padded to 256,
+        then n_ctx / n_seq_max padded to 256 per sequence; a unified cache lets one sequence use all of it)."""
+        total = _pad256(self.effective_ctx())
+        if self.kv_unified or self.n_seq <= 1:
+            return total
+        return _pad256(total // self.n_seq)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -252,10 +286,30 @@ class TrialConfig:
         )
 
 
+def _pad256(n: int) -> int:
+    return -(-max(n, 1) // 256) * 256
+
+
 def invalid_reason(cfg: TrialConfig) -> str | None:
     """Configs llama.cpp rejects outright: not worth a trial, recorded as skipped."""
     if cfg.type_v not in FULL_PRECISION_KV and cfg.flash_attn == "off":
         return f"quantized V cache ({cfg.type_v}) needs flash attention; flash_attn=off"
+    if cfg.n_seq < 0:
+        return f"--parallel must be at least 1, got {cfg.n_seq}"
+    if cfg.n_seq:
+        need = cfg.seq_need()
+        if cfg.kv_unified and _pad256(cfg.effective_ctx()) < cfg.n_seq * need:
+            return (
+                f"--parallel {cfg.n_seq} with a unified KV cache of {_pad256(cfg.effective_ctx())} cells cannot hold "
+                f"{cfg.n_seq} sequences of {need} (n_depth + n_prompt + n_gen)"
+            )
+        if cfg.seq_cells() < need:
+            return (
+                f"--parallel {cfg.n_seq} leaves {cfg.seq_cells()} KV cells per sequence (n_ctx {cfg.effective_ctx()} / "
+                f"{cfg.n_seq}), fewer than the test needs (n_depth + n_prompt + n_gen = {need}); raise --ctx or add "
+                "--kv-unified"
+            )
+        return None
     need = cfg.n_depth + max(cfg.n_prompt, cfg.n_gen)
     if cfg.n_ctx and cfg.n_ctx < need:
         return f"n_ctx {cfg.n_ctx} is smaller than the test needs (n_depth + max(n_prompt, n_gen) = {need})"
@@ -283,6 +337,12 @@ class TrialRecord:
     pp_samples: list[float] = field(default_factory=list)
     tg_samples: list[float] = field(default_factory=list)
     ttft_samples_ms: list[float] = field(default_factory=list)
+    # --parallel N (config.n_seq): pp/tg samples above are the aggregate of the N sequences (llama-batched-bench's
+    # S_PP, S_TG), these are one sequence's t/s per repetition, TTFT above is the mean over the sequences per
+    # repetition and ttft_stream_ms each sequence's TTFT (mean over the repetitions, in the order they start)
+    pp_stream_samples: list[float] = field(default_factory=list)
+    tg_stream_samples: list[float] = field(default_factory=list)
+    ttft_stream_ms: list[float] = field(default_factory=list)
     load_ms: float | None = None
     peak_rss_bytes: int | None = None
     peak_vram_bytes: int | None = None
@@ -361,7 +421,11 @@ class TrialRecord:
         return self.searched and self.outcome != "interrupted"
 
     def samples(self, name: str) -> list[float]:
-        """One metric's value per repetition: tg and pp in t/s, ttft in ms (the record's own list, not a copy)."""
+        """One metric's value per repetition: tg and pp in t/s (with --parallel: all sequences together), ttft in
+        ms; tg_stream and pp_stream: one sequence's t/s (without --parallel: tg, pp). The record's own list."""
+        if name in ("pp_stream", "tg_stream"):
+            own = self.pp_stream_samples if name == "pp_stream" else self.tg_stream_samples
+            return own if own or self.config.n_seq else self.samples(name[:2])
         return {"pp": self.pp_samples, "tg": self.tg_samples, "ttft": self.ttft_samples_ms}[name]
 
     def metric(self, name: str) -> tuple[float | None, float | None]:
@@ -370,9 +434,11 @@ class TrialRecord:
 
     def objective(self, name: str) -> float | None:
         """What a search maximizes (tg, pp, mixed) or minimizes (ttft). mixed: end-to-end tokens/s of one
-        request of the test shape, prompt then generation."""
-        if name == "mixed":
-            tg, pp, c = self.metric("tg")[0], self.metric("pp")[0], self.config
+        request of the test shape, prompt then generation (with --parallel: of the N requests together, as
+        llama-batched-bench's S). *_stream: the same for one of the N sequences."""
+        if name in ("mixed", "mixed_stream"):
+            sfx = name[5:]
+            tg, pp, c = self.metric("tg" + sfx)[0], self.metric("pp" + sfx)[0], self.config
             if tg and pp:
                 return (c.n_prompt + c.n_gen) / (c.n_prompt / pp + c.n_gen / tg)
             return tg or pp
@@ -389,14 +455,14 @@ class TrialRecord:
         cfg = self.config.to_dict()
         cfg["overrides"] = list(cfg["overrides"])
         row.update(cfg)
-        for name in ("pp", "tg", "ttft"):
+        for name in ("pp", "tg", "ttft") + (("pp_stream", "tg_stream") if self.config.n_seq else ()):
             mean, sd = self.metric(name)
             unit = "ms" if name == "ttft" else "ts"
             row[f"{name}_{unit}_mean"] = mean
             row[f"{name}_{unit}_sd"] = sd
-        row["tg_roofline_pct"] = (
-            100.0 * row["tg_ts_mean"] / self.tg_roofline_ts if row["tg_ts_mean"] and self.tg_roofline_ts else None
-        )
+        # the bound is one sequence's: N sequences together read the weights once for N tokens
+        tg_one = self.metric("tg_stream")[0]
+        row["tg_roofline_pct"] = 100.0 * tg_one / self.tg_roofline_ts if tg_one and self.tg_roofline_ts else None
         return row
 
     @classmethod
@@ -405,6 +471,10 @@ class TrialRecord:
         rec_names = {f.name for f in fields(cls)} - {"config"}
         dict_fields = {f.name for f in fields(cls) if str(f.type).startswith("dict")}
         cfg = {k: _plain(row[k]) for k in cfg_names if k in row and not _missing(row[k])}
+        # a column that is missing in some rows (an older file appended to) comes back as floats or objects
+        for f in fields(TrialConfig):
+            if f.name in cfg and f.type in ("int", "bool") and not isinstance(cfg[f.name], str):
+                cfg[f.name] = int(cfg[f.name]) if f.type == "int" else bool(cfg[f.name])
         if "overrides" in cfg:
             cfg["overrides"] = tuple(cfg["overrides"])
         rec = {}

@@ -38,7 +38,14 @@ DEFAULT_LOAD_TIMEOUT = 3600.0
 SETUP_STAGES = ("load", "fill")  # worker stages bounded by load_timeout, outside the trial timeout
 DEFAULT_SWAP_RATE = 64 << 20  # bytes/s swapped in, sustained over SWAP_WINDOW: the machine is thrashing
 SWAP_WINDOW = 3.0
-SAMPLES = ("pp_samples", "tg_samples", "ttft_samples_ms")
+SAMPLES = (
+    "pp_samples",
+    "tg_samples",
+    "ttft_samples_ms",
+    "pp_stream_samples",
+    "tg_stream_samples",
+    "ttft_stream_ms",
+)
 REFAULT_FLOOR = 64 << 20  # file pages re-read under --mem-limit before a small model's trial counts as not fitting
 
 
@@ -410,9 +417,7 @@ class Runner:
         rec.outcome, rec.cause = x.outcome, x.cause
         if result:
             for k in (
-                "pp_samples",
-                "tg_samples",
-                "ttft_samples_ms",
+                *SAMPLES,
                 "load_ms",
                 "peak_rss_bytes",
                 "n_gpu_layers_effective",

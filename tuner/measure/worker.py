@@ -21,7 +21,7 @@ import time
 import gguf
 import numpy as np
 
-from tuner.measure import buffers
+from tuner.measure import batched, buffers
 from tuner.quality.evaluate import run_job
 from tuner.record import TrialConfig, oom_line, parse_tensor_split
 from tuner.units import physical_cores
@@ -205,7 +205,10 @@ class Worker:
             inject_early(fault)
         self.load(cfg, fault)
         L = self.L
-        if not cfg.n_ctx and cfg.n_prompt and cfg.n_gen:
+        if cfg.n_seq:
+            # N sequences together in one context of every sequence's cells (tuner.measure.batched)
+            phases = [(cfg.effective_ctx(), True, True)]
+        elif not cfg.n_ctx and cfg.n_prompt and cfg.n_gen:
             # llama-bench runs pp and tg as separate tests, each in a fresh context sized for it (n_depth +
             # n_prompt, n_depth + n_gen cells; n_batch and n_ubatch capped by it). tg measured in the shared
             # pp+tg context, after the pp runs, read ~3 % below llama-bench on Gemma 3 270M at 2 threads and at
@@ -233,8 +236,13 @@ class Worker:
                     bufs.setdefault(buft, {})[kind] = max(n, bufs.get(buft, {}).get(kind, 0))
             pools = self.glue.Threadpools(ctx, *self.threads(cfg))
             try:
-                for k, v in self.measure(ctx, cfg, fault, do_pp=pp, do_tg=tg).items():
-                    result[k] += v
+                got = (
+                    batched.measure(self, ctx, cfg, decode_failure, self.emit)
+                    if cfg.n_seq
+                    else self.measure(ctx, cfg, fault, do_pp=pp, do_tg=tg)
+                )
+                for k, v in got.items():
+                    result[k] = result.get(k, []) + v
             finally:
                 pools.free()
                 L.llama_free(ctx)
@@ -272,6 +280,8 @@ class Worker:
         cp.type_k = ggml_type(cfg.type_k)
         cp.type_v = ggml_type(cfg.type_v)
         cp.swa_full = False  # as llama-bench
+        cp.n_seq_max = cfg.streams()  # llama-server -np: one sequence per slot
+        cp.kv_unified = cfg.kv_unified
         cp.no_perf = True
         if fault == "alloc_fail":
             # A real allocation failure: cap the data segment just above what is in use now.
@@ -304,9 +314,7 @@ class Worker:
             ptr = ctypes.cast(arr.ctypes.data + 4 * start, ctypes.POINTER(L.llama_token))
             rc = L.llama_decode(ctx, L.llama_batch_get_one(ptr, n))
             if rc != 0:
-                if rc in DECODE_OOM:
-                    raise TrialFailure("oom", f"llama_decode returned {rc}: {DECODE_OOM[rc]}")
-                raise TrialFailure("error", f"llama_decode returned {rc}")
+                decode_failure(rc)
 
         def prompt(arr: np.ndarray) -> None:
             # n_batch chunks, one synchronize at the end (llama-bench test_prompt)
@@ -385,6 +393,13 @@ class Worker:
             t1 = time.perf_counter_ns()
             tg.append(n_gen * 1e9 / (t1 - t0))
         return {"pp_samples": pp, "tg_samples": tg, "ttft_samples_ms": ttft}
+
+
+def decode_failure(rc: int) -> None:
+    """The trial's failure for llama_decode's return code rc (not 0)."""
+    if rc in DECODE_OOM:
+        raise TrialFailure("oom", f"llama_decode returned {rc}: {DECODE_OOM[rc]}")
+    raise TrialFailure("error", f"llama_decode returned {rc}")
 
 
 def _depth_folder() -> str:
