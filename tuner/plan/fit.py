@@ -719,7 +719,9 @@ def device_usage(
     ctx = [0] * (n_dev + 1)
     if not planner.unmodelled_note(info):
         for il in range(info.n_layer):
-            ctx[layer_dev[il]] += planner.kv_layer_bytes(cfg, info, il) + planner.rs_layer_bytes(info, il)
+            ctx[layer_dev[il]] += planner.kv_layer_bytes(cfg, info, il) + planner.rs_layer_bytes(
+                info, il, cfg.streams()
+            )
     comp = planner.compute_by_device(cfg, info, where, layer_dev, n_dev, no_alloc)
     return [Usage(model[i], ctx[i], comp[i]) for i in list(range(n_dev)) + [-1]]
 

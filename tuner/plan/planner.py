@@ -294,14 +294,22 @@ def kv_size(n_ctx: int) -> int:
     return pad(max(n_ctx, 1), KV_PAD)
 
 
+def kv_streams(cfg: TrialConfig) -> int:
+    """KV streams llama.cpp allocates: one per sequence (--parallel N without a unified cache), else one."""
+    return 1 if cfg.kv_unified or cfg.n_seq <= 1 else cfg.n_seq
+
+
 def kv_cells(cfg: TrialConfig, info: ModelInfo, il: int) -> int:
-    """Cells of layer il's cache: the padded context, or for a sliding-window layer the window plus one ubatch
-    (llama_kv_cache_iswa: pad(min(size, n_swa + n_ubatch), 256)); 0 for a layer without KV."""
+    """Cells of layer il's cache per stream: the padded context (with --parallel N and no unified cache: its
+    n_ctx / N share, TrialConfig.seq_cells), or for a sliding-window layer the window plus one ubatch
+    (llama_kv_cache_iswa: pad(min(size, n_swa x (N if unified else 1) + n_ubatch), 256)); 0 for a layer without
+    KV. Every stream holds this many (`kv_streams`)."""
     if il >= n_attn_layers(info) or info.head_kv(il) <= 0 or is_recurrent(info, il):
         return 0
-    size = kv_size(cfg.effective_ctx())
+    size = cfg.seq_cells()
     if is_swa(info, il):
-        return pad(min(size, info.sliding_window + cfg.n_ubatch), KV_PAD)
+        windows = cfg.streams() if cfg.kv_unified else 1
+        return pad(min(size, info.sliding_window * windows + cfg.n_ubatch), KV_PAD)
     return size
 
 
@@ -321,7 +329,11 @@ def kv_layer_bytes(cfg: TrialConfig, info: ModelInfo, il: int, cells: int | None
 
 
 def kv_layer_kv(cfg: TrialConfig, info: ModelInfo, il: int, cells: int | None = None) -> tuple[int, int]:
-    cells = kv_cells(cfg, info, il) if cells is None else cells
+    """K and V bytes of layer il: of the whole cache (every stream's) by default, of `cells` cells when given
+    (what one token reads at that depth)."""
+    if cells is None:
+        k, v = kv_layer_kv(cfg, info, il, kv_cells(cfg, info, il))
+        return k * kv_streams(cfg), v * kv_streams(cfg)
     if not cells:
         return 0, 0
     k = cells * kv_row_bytes(cfg.type_k, info.head_kv(il) * info.head_dim_k)
@@ -349,14 +361,17 @@ def rs_layer_bytes(info: ModelInfo, il: int, n_seq: int = 1) -> int:
 
 
 def ubatch_tokens(cfg: TrialConfig) -> int:
-    """Tokens one ubatch really carries in a llama-bench style trial (what the graph touches)."""
-    chunk = max(cfg.n_prompt, cfg.n_depth, 1)
+    """Tokens one ubatch really carries in a llama-bench style trial (what the graph touches); --parallel N: the
+    N prompts go in one batch."""
+    chunk = max(cfg.n_prompt, cfg.n_depth, 1) * cfg.streams()
     return max(1, min(cfg.n_ubatch, cfg.n_batch, chunk))
 
 
 def used_cells(cfg: TrialConfig) -> int:
-    """KV cells a trial really fills (the graph's n_kv grows with them, in steps of 256)."""
-    return min(pad(cfg.effective_ctx(), KV_PAD), pad(cfg.n_depth + cfg.n_prompt + cfg.n_gen + 1, KV_PAD))
+    """KV cells a trial really fills (the graph's n_kv grows with them, in steps of 256); per stream with
+    --parallel N (a unified cache: all N sequences)."""
+    filled = (cfg.n_depth + cfg.n_prompt + cfg.n_gen + 1) * (cfg.streams() if cfg.kv_unified else 1)
+    return min(cfg.seq_cells(), pad(filled, KV_PAD))
 
 
 def _ffn_live(info: ModelInfo) -> int:
@@ -448,8 +463,8 @@ def buffers(cfg: TrialConfig, info: ModelInfo) -> dict:
         "kv_k": None if note else k,
         "kv_v": None if note else v,
         "kv_cells": {} if note else cells,
-        "rs": None if note else sum(rs_layer_bytes(info, il) for il in range(info.n_layer)),
-        "output": output_bytes(info),
+        "rs": None if note else sum(rs_layer_bytes(info, il, cfg.streams()) for il in range(info.n_layer)),
+        "output": output_bytes(info, cfg.streams()),
         "compute": None if note else compute_raw(cfg, info, n_tok, n_tok, max_kv_cells(cfg, info)),
         "note": note,
     }
@@ -519,7 +534,7 @@ def predict(
     kv_dev = [0] * n_dev
     layers_host = []
     for il in range(info.n_layer):
-        b = 0 if note else kv_layer_bytes(cfg, info, il) + rs_layer_bytes(info, il)
+        b = 0 if note else kv_layer_bytes(cfg, info, il) + rs_layer_bytes(info, il, cfg.streams())
         if devs[il] < 0:
             kv_host += b
             layers_host.append(il)
@@ -543,7 +558,7 @@ def predict(
     else:
         c_gpu = 0
         c_host, c_host_reserved = touched, reserved
-    out = output_bytes(info) + VOCAB_BYTES_PER_TOKEN * info.n_vocab
+    out = output_bytes(info, cfg.streams()) + VOCAB_BYTES_PER_TOKEN * info.n_vocab
     # the compute pages a trial touches (its ubatch, one output) are resident; the rest of the reserved
     # buffer is address space until a bigger batch touches it
     resident = calib.baseline_ram + anon_weights + kv_host + c_host + out

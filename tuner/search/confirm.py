@@ -57,16 +57,18 @@ LADDER_OF = "ladder@"  # + the recommended trial's number: which ladder a run be
 
 
 def objective_samples(rec: TrialRecord, objective: str) -> list[float]:
-    """One value per repetition. mixed: the end-to-end t/s of one request, from the same repetition's pp and tg."""
-    if objective == "mixed":
-        c = rec.config
-        if rec.pp_samples and rec.tg_samples:
+    """One value per repetition. mixed: the end-to-end t/s of one request (with --parallel: of the N together;
+    mixed_stream: of one of them), from the same repetition's pp and tg."""
+    if objective in ("mixed", "mixed_stream"):
+        c, sfx = rec.config, objective[5:]
+        pps, tgs = rec.samples("pp" + sfx), rec.samples("tg" + sfx)
+        if pps and tgs:
             return [
                 (c.n_prompt + c.n_gen) / (c.n_prompt / pp + c.n_gen / tg)
-                for pp, tg in zip(rec.pp_samples, rec.tg_samples)
+                for pp, tg in zip(pps, tgs)
                 if pp > 0 and tg > 0
             ]
-        return list(rec.tg_samples or rec.pp_samples)
+        return list(tgs or pps)
     return list(rec.samples(objective))
 
 

@@ -26,8 +26,8 @@ from tuner.search.space import Dimension, Space, SpaceError, ranged
 from tuner.units import headroom_bytes
 
 MEMORY_BLIND = ("n_threads", "n_threads_batch")  # dimensions that change speed, never memory
-LENIENT_MIN = ("n_ctx", "n_batch", "n_ubatch")  # smaller needs less memory
-EVERY_VALUE = ("flash_attn", "tensor_split", "split_mode", "use_mmap")  # memory goes either way: try each
+LENIENT_MIN = ("n_ctx", "n_batch", "n_ubatch", "n_seq")  # smaller needs less memory
+EVERY_VALUE = ("flash_attn", "tensor_split", "split_mode", "use_mmap", "kv_unified")  # memory goes either way: try each
 # --gpus sizes of a described rig are totals; llama.cpp's default split uses free memory, taken as the total
 SPLIT_STEPS = (-0.25, -0.125, 0.0, 0.125, 0.25)  # tensor_split ratios tried around the free-memory split
 

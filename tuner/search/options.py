@@ -16,7 +16,9 @@ from tuner.measure.runner import DEFAULT_LOAD_TIMEOUT, DEFAULT_TIMEOUT
 from tuner.search.confirm import DEFAULT_K, MAX_ROUNDS, MIN_ROUNDS
 from tuner.units import parse_headroom
 
-OBJECTIVES = ("tg", "pp", "ttft", "mixed")
+# *_stream: one of the --parallel N sequences (without --parallel the same as tg, pp, mixed); tg, pp and mixed
+# are then all N together
+OBJECTIVES = ("tg", "pp", "ttft", "mixed", "tg_stream", "pp_stream", "mixed_stream")
 SAMPLERS = ("tpe", "random", "grid", "gp")
 DEFAULT_PER_LOAD = 4
 DEFAULT_HEADROOM = 1 << 30  # left free for the OS and the display (WDDM reserves VRAM on Windows)

@@ -149,7 +149,7 @@ def run_search(
     check_limits(hwinfo, opts.max_ram, opts.max_vram, limits.headroom)
     needs = {"tg": base.n_gen, "pp": base.n_prompt, "ttft": base.n_prompt, "mixed": base.n_prompt + base.n_gen}
     objective = "tg" if opts.pareto else opts.objective
-    if not needs[objective]:
+    if not needs[objective.removesuffix("_stream")]:
         raise SearchError(
             f"--objective {objective} measures nothing with this test shape (-p {base.n_prompt} -n {base.n_gen})"
         )

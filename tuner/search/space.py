@@ -22,9 +22,9 @@ CHOICES = {
     "split_mode": SPLIT_MODES,
     "moe_part": MOE_PARTS,
 }
-BOOLS = {"use_mmap"}
+BOOLS = {"use_mmap", "kv_unified"}
 SPLITS = {"tensor_split"}  # each value "3/1"; a list of them "1/1,3/1", as llama-bench -ts
-INTS = {p.name for p in PARAMS} - set(CHOICES) - SPLITS
+INTS = {p.name for p in PARAMS} - set(CHOICES) - SPLITS - BOOLS
 DIMENSIONS = tuple(p.name for p in PARAMS) + ("use_mmap",)
 # Dimensions whose best value can change with the filled context, so the ladder re-judges them at every rung:
 # flash attention (the attention kernel, whose share of a token's work grows with the cells it reads), the KV
@@ -130,7 +130,7 @@ def _check_values(name: str, values: list[int]) -> None:
     bad = [v for v in values if v < low]
     if bad:
         what = "-1 (all layers) or more" if name == "n_gpu_layers" else f"at least {low}"
-        raise SpaceError(f"{name}: must be {what}, got {bad[0]}")
+        raise SpaceError(f"{'--parallel' if name == 'n_seq' else name}: must be {what}, got {bad[0]}")
 
 
 @dataclass
@@ -384,6 +384,7 @@ def auto_dimensions(
     out: dict[str, tuple[Dimension, str]] = {}
     threads = sorted({max(1, physical_cores // 2), physical_cores, logical_cores})
     cores = f"this machine's {physical_cores} physical / {logical_cores} logical cores"
+    objective = objective.removesuffix("_stream")
     uses_gen = objective in ("tg", "mixed")
     uses_prompt = objective in ("pp", "ttft", "mixed")
     if uses_gen and len(threads) > 1:
