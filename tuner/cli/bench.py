@@ -40,30 +40,39 @@ def bench(config, model, timeout, load_timeout, mem_limit, no_wait, lock_file, o
     """Measure one config the way llama-bench does, in a crash-isolated worker process.
 
     Prints pp/tg t/s (mean ± sd over the repetitions), TTFT and peak memory, and appends the trial to a
-    Parquet file. The trial's outcome (ok, oom, crash, timeout, ...) is recorded either way; the exit code
-    is 1 when the trial failed.
+    Parquet file. --parallel N (or a list, one trial each): N sequences of the test shape decoded together as
+    llama-batched-bench does, in one context of n_ctx / N cells per sequence (--kv-unified: one shared cache),
+    as llama-server -np N serves them: aggregate and per-stream t/s, TTFT per stream. The trial's outcome (ok,
+    oom, crash, timeout, ...) is recorded either way; the exit code is 1 when a trial failed.
 
     \b
     Examples:
       tuner bench models/dense-q4_k_m.gguf -t 2 -p 512 -n 128 -r 5
       tuner bench --config results/my-study/recommended.json -r 10
       tuner bench models/moe-q8_0.gguf -ngl 99 -ts 1/1 --rpc 127.0.0.1:50052,127.0.0.1:50053
+      tuner bench gemma-3-270m-q4_k_m.gguf --parallel 1,2,4 -c 4096 -p 512 -n 128
     """
     if not model:
         raise TunerError("no model given (pass MODEL or --config FILE)")
-    res = benchlib.measure(
-        model, out, timeout, mem_limit, no_wait, lock_file=lock_file, load_timeout=load_timeout, **params
+    run = {"timeout": timeout, "mem_limit": mem_limit, "no_wait": no_wait, "lock_file": lock_file}
+    counts = params.pop("n_seq")
+    results = (
+        benchlib.measure_parallel(model, counts, out, load_timeout=load_timeout, **run, **params)
+        if counts
+        else [benchlib.measure(model, out, load_timeout=load_timeout, **run, **params)]
     )
-    if res.interrupted:
-        click.echo(f"interrupted: the trial was stopped and recorded as such in {res.out}", err=True)
+    if results[-1].interrupted:
+        click.echo(f"interrupted: the trial was stopped and recorded as such in {results[-1].out}", err=True)
         return 130
-    rec = res.record
+    recs = [res.record for res in results]
     if as_json:
-        click.echo(rec.to_json())
+        for rec in recs:
+            click.echo(rec.to_json())
     else:
-        click.echo(benchlib.table([rec]))
-        click.echo(benchlib.summary(rec))
-        if not rec.ok and rec.stderr_tail:
-            click.echo("--- worker stderr (tail) ---\n" + rec.stderr_tail, err=True)
-        click.echo(f"appended to {res.out}", err=True)
-    return 0 if rec.ok else 1
+        click.echo(benchlib.table(recs))
+        for rec in recs:
+            click.echo(benchlib.summary(rec))
+            if not rec.ok and rec.stderr_tail:
+                click.echo("--- worker stderr (tail) ---\n" + rec.stderr_tail, err=True)
+        click.echo(f"appended to {results[-1].out}", err=True)
+    return 0 if all(rec.ok for rec in recs) else 1

@@ -81,9 +81,31 @@ rpc_option = click.option(
 )
 
 
+def _parse_parallel(ctx, param, value):
+    """--parallel 4 or a list 1,2,4 (one trial each, as llama-batched-bench -npl): a tuple of counts."""
+    if value is None or value == "":
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        counts = tuple(dict.fromkeys(int(str(x).strip()) for x in items))
+    except ValueError:
+        raise click.BadParameter(f"a count or a list of counts expected (4 or 1,2,4), got {value!r}") from None
+    if any(n < 1 for n in counts):
+        raise click.BadParameter(f"must be at least 1, got {min(counts)}")
+    return counts
+
+
 def bench_params(f):
-    """One value per llama.cpp parameter, named as in llama-bench."""
+    """One value per llama.cpp parameter, named as in llama-bench (--parallel: a value or a list)."""
     for p in reversed(PARAMS):
+        if p.type is bool:
+            f = click.option(*p.flags, p.name, is_flag=True, default=None, help=p.help)(f)
+            continue
+        if p.name == "n_seq":
+            f = click.option(*p.flags, p.name, default=None, callback=_parse_parallel, metavar="N[,N...]", help=p.help)(
+                f
+            )
+            continue
         f = click.option(
             *p.flags,
             p.name,

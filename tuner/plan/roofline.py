@@ -169,12 +169,15 @@ def bytes_per_token(cfg: TrialConfig, info: ModelInfo, gpu_offload: bool) -> tup
             host += n
         else:
             dev += n
-    # KV: llama-bench's tg test runs at depth n_depth, generating n_gen tokens: mean fill n_depth + n_gen / 2
-    cells = cfg.n_depth + cfg.n_gen // 2 + 1
+    # KV: llama-bench's tg test runs at depth n_depth, generating n_gen tokens: mean fill n_depth + n_gen / 2;
+    # --parallel N: each step reads the weights once for N tokens and each sequence's cache, filled after its
+    # prompt (the bound is then one sequence's t/s: a step yields one token per sequence)
+    cells = cfg.n_depth + cfg.n_gen // 2 + 1 + (cfg.n_prompt if cfg.n_seq else 0)
+    kv_reads = cfg.streams()
 
     start, _, _ = gpu_layer_start(info, cfg.n_gpu_layers, gpu_offload)
     for il in range(info.n_layer):
-        b = kv_layer_bytes(cfg, info, il, cells=cells)
+        b = kv_layer_bytes(cfg, info, il, cells=cells) * kv_reads
         if il < start:
             host += b
         else:

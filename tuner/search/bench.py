@@ -39,10 +39,17 @@ def table(recs: list[TrialRecord]) -> str:
         if not r.ok:
             rows.append(base + ["-", f"{r.outcome}: {r.cause[:60]}"])
             continue
-        for name, n, unit in (("pp", c.n_prompt, "t/s"), ("tg", c.n_gen, "t/s"), ("ttft", c.n_prompt, "ms")):
+        # --parallel N: aggregate of the N sequences (llama-batched-bench's S_PP, S_TG), then one sequence's
+        tests = [("pp", c.n_prompt, "t/s"), ("tg", c.n_gen, "t/s"), ("ttft", c.n_prompt, "ms")]
+        if c.n_seq:
+            tests[2:2] = [("pp_stream", c.n_prompt, "t/s"), ("tg_stream", c.n_gen, "t/s")]
+        for name, n, unit in tests:
             mean, sd = r.metric(name)
             if mean is not None:
-                label = f"ttft p{n}" if name == "ttft" else f"{name}{n}"
+                label = f"ttft p{n}" if name == "ttft" else f"{name[:2]}{n}"
+                if c.n_seq:
+                    label += " per stream" if name.endswith("_stream") else f" x{c.n_seq}"
+                    label += " kvu" if c.kv_unified else ""
                 rows.append(base + [label + depth, f"{mean:.2f} ± {sd:.2f}" + (" ms" if unit == "ms" else "")])
     return markdown_table(head, rows, right={1, 2, 3, 4, 5, 6, 9})
 
@@ -58,6 +65,7 @@ def summary(r: TrialRecord) -> str:
         if r.tg_roofline_ts and r.metric("tg")[0]
         else None,
         f"wall {r.wall_s:.1f} s" if r.wall_s is not None else None,
+        f"TTFT per stream {', '.join(f'{x:.0f}' for x in r.ttft_stream_ms)} ms" if r.ttft_stream_ms else None,
     ]
     return ", ".join(p for p in parts if p)
 
@@ -73,22 +81,9 @@ class BenchResult:
     interrupted: bool = False  # Ctrl-C: the trial was stopped and recorded as such
 
 
-def measure(
-    model: str,
-    out="results/bench.parquet",
-    timeout: float = 600.0,
-    mem_limit: int | None = None,
-    no_wait: bool = False,
-    lock_file: str | None = None,
-    load_timeout: float | None = None,
-    **params,
-) -> BenchResult:
-    """`tuner bench` as a call: resolve one config against its model, measure it in a worker, append the record.
-
-    params are TrialConfig fields (n_threads=2, n_prompt=512, overrides=("exps=CPU",), ...); None means the
-    default. The planner's prediction (calibrated on earlier trials in `out`) and the bandwidth bound are added.
-    Raises BenchError (or ModelError, LockBusy, StoreError) before anything runs.
-    """
+def config(model: str, **params) -> tuple[TrialConfig, object]:
+    """One config of `tuner bench` resolved against its model, with the model's ModelInfo; raises BenchError for
+    input llama.cpp would refuse (a --parallel count whose sequences cannot fit the context, ...)."""
     info = read_model(model)
     given = {k: v for k, v in params.items() if v is not None and v != ()}
     if "overrides" in given:
@@ -108,6 +103,26 @@ def measure(
         cfg = dataclasses.replace(cfg, rpc=",".join(endpoints))  # llama-server's spelling, as the worker reads it
     if invalid_reason(cfg):
         raise BenchError(invalid_reason(cfg))
+    return cfg, info
+
+
+def measure(
+    model: str,
+    out="results/bench.parquet",
+    timeout: float = 600.0,
+    mem_limit: int | None = None,
+    no_wait: bool = False,
+    lock_file: str | None = None,
+    load_timeout: float | None = None,
+    **params,
+) -> BenchResult:
+    """`tuner bench` as a call: resolve one config against its model, measure it in a worker, append the record.
+
+    params are TrialConfig fields (n_threads=2, n_prompt=512, overrides=("exps=CPU",), n_seq=4, ...); None means
+    the default. The planner's prediction (calibrated on earlier trials in `out`) and the bandwidth bound are
+    added. Raises BenchError (or ModelError, LockBusy, StoreError) before anything runs.
+    """
+    cfg, info = config(model, **params)
     out = store.check_writable(out)
     with measurement_lock(wait=not no_wait, what=f"tuner bench {Path(model).name}", path=lock_file):
         with Runner(
@@ -124,3 +139,22 @@ def measure(
         roofline.annotate(rec, info, planner.Calibration.from_store([out], rec.hw_fingerprint))
     store.append(out, [rec])
     return BenchResult(rec, out)
+
+
+RUN_KWARGS = ("timeout", "mem_limit", "no_wait", "lock_file", "load_timeout")
+
+
+def measure_parallel(model: str, counts, out="results/bench.parquet", **kwargs) -> list[BenchResult]:
+    """`tuner bench --parallel 1,2,4`: one trial per count (as llama-batched-bench -npl 1,2,4), every count checked
+    before any runs (a count whose sequences cannot fit the context is refused: nothing measured or written).
+    kwargs: measure's. Stops at an interrupted trial."""
+    params = {k: v for k, v in kwargs.items() if k not in RUN_KWARGS}
+    for n in counts:
+        config(model, **{**params, "n_seq": n})
+    store.check_writable(out)
+    results = []
+    for n in counts:
+        results.append(measure(model, out, **{**kwargs, "n_seq": n}))
+        if results[-1].interrupted:
+            break
+    return results
