@@ -163,6 +163,8 @@ def recommend(
         },
         "forms": forms(best.config, best),
     }
+    if best.config.n_seq:
+        out["parallel"] = parallel(best_recs)
     notes = []
     if working < asked:
         notes.append(f"nothing fit within the limits at the largest context asked ({asked}); recommended at {working}")
@@ -252,6 +254,27 @@ def measured(recs: list[TrialRecord]) -> dict:
     c = recs[0].config
     out.update(runs=len(recs), repetitions=c.repetitions, n_prompt=c.n_prompt, n_gen=c.n_gen, n_depth=c.n_depth)
     return out
+
+
+def parallel(recs: list[TrialRecord]) -> dict:
+    """--parallel N: the sequences served together, all N (aggregate, llama-batched-bench's S_TG, S_PP) and one of
+    them, over every repetition of these runs of one config."""
+    c = recs[0].config
+
+    def mean(name):
+        return summarize([x for r in recs for x in r.samples(name)])[0]
+
+    by_stream = [r.ttft_stream_ms for r in recs if r.ttft_stream_ms]
+    return {
+        "n_seq": c.n_seq,
+        "kv_unified": c.kv_unified,
+        "n_ctx_per_seq": c.seq_cells(),
+        "aggregate_tg_tps": mean("tg"),
+        "per_stream_tg_tps": mean("tg_stream"),
+        "aggregate_pp_tps": mean("pp"),
+        "per_stream_pp_tps": mean("pp_stream"),
+        "ttft_ms_per_stream": [statistics.fmean(x) for x in zip(*by_stream)] if by_stream else [],
+    }
 
 
 def baselines(records: list[TrialRecord], best: list[TrialRecord], objective: str, verdict: dict | None) -> dict:
@@ -448,6 +471,9 @@ def forms(cfg: TrialConfig, rec: TrialRecord | None = None) -> dict:
         argv += ["-ot", f"{moe_part_pattern(cfg.n_cpu_moe, cfg.moe_part)}=CPU"]
     if cfg.rpc:
         argv += ["--rpc", cfg.rpc]  # llama-server's spelling: host:port,host:port
+    if cfg.n_seq:
+        # the slots measured; -kvu or -no-kvu always, since llama-server's auto slot count turns -kvu on
+        argv += ["-np", str(cfg.n_seq), "-kvu" if cfg.kv_unified else "-no-kvu"]
     modelfile = "\n".join(
         [
             f"FROM {cfg.model}",
@@ -458,6 +484,8 @@ def forms(cfg: TrialConfig, rec: TrialRecord | None = None) -> dict:
             # Ollama mmaps by default (use_mmap is one of its runner options, api/types.go)
             *([] if cfg.use_mmap else ["PARAMETER use_mmap false"]),
         ]
+        # Ollama sets the parallel requests per server, not per model (no PARAMETER for it)
+        + ([f"# start the server with OLLAMA_NUM_PARALLEL={cfg.n_seq}"] if cfg.n_seq else [])
     )
     out = {
         "llama_cpp_python": kwargs,
@@ -478,6 +506,13 @@ def forms(cfg: TrialConfig, rec: TrialRecord | None = None) -> dict:
         notes.append(
             "llama_cpp.Llama() ignores RPC servers (llama-cpp-python 0.3.36 has no rpc_servers "
             "parameter): the RPC devices apply in llama-server --rpc and `tuner bench --config`"
+        )
+    if cfg.n_seq:
+        out["parallel"] = {"n_seq_max": cfg.n_seq, "kv_unified": cfg.kv_unified}  # llama_context_params' names
+        notes.append(
+            f"llama_cpp.Llama() decodes one sequence at a time and takes no n_seq_max (its **kwargs would swallow "
+            f"it): the {cfg.n_seq} parallel sequences measured apply in llama-server -np {cfg.n_seq} "
+            "(llama_context_params n_seq_max / kv_unified for the low-level API) and Ollama's OLLAMA_NUM_PARALLEL"
         )
     if notes:
         out["notes"] = notes

@@ -191,6 +191,7 @@ def run_search(
     check_split(space, rig)
     spacelib.require_ctx(space, opts.min_ctx)
     spacelib.check_depth(space, opts.n_depth is not None)
+    spacelib.check_parallel(space)
     asked = len(space.dims["n_ctx"].values) if "n_ctx" in space.dims else 0
     fitlib.apply(space, infos, rig, plan=opts.plan)
     spacelib.make_ladder(space, opts.n_depth is not None, asked)

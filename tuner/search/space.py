@@ -13,7 +13,16 @@ from pathlib import Path
 
 from tuner.errors import TunerError
 from tuner.model.meta import ModelInfo
-from tuner.record import FLASH_ATTN, KV_TYPES, MOE_PARTS, PARAMS, SPLIT_MODES, TrialConfig, parse_tensor_split
+from tuner.record import (
+    FLASH_ATTN,
+    KV_TYPES,
+    MOE_PARTS,
+    PARAMS,
+    SPLIT_MODES,
+    TrialConfig,
+    invalid_reason,
+    parse_tensor_split,
+)
 
 CHOICES = {
     "flash_attn": FLASH_ATTN,
@@ -339,6 +348,23 @@ def check_depth(space: Space, depth_given: bool) -> None:
                     f"hold the depth plus the test (depth + max(n_prompt, n_gen) + 1 = {need})"
                 )
             raise SpaceError(f"--ctx {v} cannot hold the test (max(n_prompt, n_gen) + 1 = {need} tokens)")
+
+
+def check_parallel(space: Space) -> None:
+    """--parallel N: every count must fit N sequences of the test in some context of the space (n_ctx / N cells
+    each, as llama.cpp splits it, or all of it with --kv-unified); a context ladder fills one sequence per rung,
+    so it does not take --parallel."""
+    d, b = space.dims.get("n_seq"), space.base
+    if d is None or b is None:
+        return
+    ctxs = space.dims["n_ctx"].values if "n_ctx" in space.dims else [b.n_ctx]
+    if len(ctxs) > 1:
+        raise SpaceError(f"--ctx {space.dims['n_ctx'].spec()} is a ladder: one context with --parallel")
+    unified = space.dims["kv_unified"].values if "kv_unified" in space.dims else [b.kv_unified]
+    for n in d.values:
+        whys = [invalid_reason(dataclasses.replace(b, n_seq=n, n_ctx=c, kv_unified=u)) for c in ctxs for u in unified]
+        if all(whys):
+            raise SpaceError(whys[0])
 
 
 def make_ladder(space: Space, depth_given: bool, asked: int = 0) -> None:
