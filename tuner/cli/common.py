@@ -171,6 +171,14 @@ def print_recommendation(rec: dict | None, study_dir: Path, written: bool = True
         f"peak RSS {fmt_size(m['peak_rss_bytes'])}"
         + (f", peak VRAM {fmt_size(m['peak_vram_bytes'])}" if m.get("peak_vram_bytes") else "")
     )
+    par = rec.get("parallel")
+    if par:
+        kv = "one unified KV cache" if par.get("kv_unified") else "n_ctx / N cells each"
+        click.echo(
+            f"  {par['n_seq']} parallel sequences ({kv}): tg {par['aggregate_tg_tps'] or 0:.2f} t/s together, "
+            f"{par['per_stream_tg_tps'] or 0:.2f} per stream; "
+            f"pp {par['aggregate_pp_tps'] or 0:.2f} t/s together"
+        )
     row = next((c for c in conf.get("candidates", []) if c["trial_number"] == rec["trial_number"]), None)
     if row and row.get("median") is not None:
         click.echo(
