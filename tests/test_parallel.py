@@ -179,3 +179,9 @@ def test_search_with_parallel_recommends_the_slots(models, tmp_path):
     assert "2 parallel sequences" in res.output
     trials = store.records(tmp_path / "p")
     assert trials and all(t.config.n_seq == 2 for t in trials)
+    # the `tuner bench --config recommended.json` form re-measures the slots
+    out = tmp_path / "again.parquet"
+    res = CliRunner().invoke(cli, ["bench", "--config", str(tmp_path / "p" / "recommended.json"), "-r", "1", "-o", out])
+    assert res.exit_code == 0, res.output
+    (again,) = store.records(out)
+    assert (again.config.n_seq, again.config.kv_unified, len(again.ttft_stream_ms)) == (2, False, 2)

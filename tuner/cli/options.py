@@ -85,6 +85,8 @@ def _parse_parallel(ctx, param, value):
     """--parallel 4 or a list 1,2,4 (one trial each, as llama-batched-bench -npl): a tuple of counts."""
     if value is None or value == "":
         return None
+    if ctx.get_parameter_source(param.name) == click.core.ParameterSource.DEFAULT_MAP and str(value) == "0":
+        return None  # a saved config of one request (n_seq 0), not a count typed as 0
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
         counts = tuple(dict.fromkeys(int(str(x).strip()) for x in items))
