@@ -122,6 +122,9 @@ def fit_placement(
         type_k=base.type_k,
         type_v=base.type_v,
         use_mmap=base.use_mmap,
+        # llama-server -np N fits with every slot's KV cache counted, as the measured config serves them
+        n_seq=base.n_seq,
+        kv_unified=base.kv_unified,
     )
     margins = fit_margins(fit_target)
     if len(margins) not in (1, len(devices)):
