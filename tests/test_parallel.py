@@ -185,3 +185,20 @@ def test_search_with_parallel_recommends_the_slots(models, tmp_path):
     assert res.exit_code == 0, res.output
     (again,) = store.records(out)
     assert (again.config.n_seq, again.config.kv_unified, len(again.ttft_stream_ms)) == (2, False, 2)
+
+
+def test_fit_baseline_counts_every_slot(gemma_model):
+    """llama-server -np 8 fits with 8 slots' KV cache: on a GPU where one slot's cache lets every layer in, the
+    --fit baseline of a --parallel 8 search keeps layers out (Gemma 3's sliding-window cache is per slot)."""
+    from tuner.plan import fit as F  # noqa: PLC0415 - only this test needs the fit port
+
+    m = str(gemma_model)
+    args = ["search", "-m", m, "--dry-run", "--json", "--gpus", "1750MiB", "-c", "32768", "-p", "16", "-n", "4"]
+    res = CliRunner().invoke(cli, [*args, "--parallel", "8"])
+    assert res.exit_code == 0, res.output
+    fitted = {b["label"]: b for b in json.loads(res.output)["baselines"]}["llama-server default (--fit)"]
+    assert fitted["config"]["n_seq"] == 8 and " -np 8 " in f" {fitted['server_flags']} "
+    dev = [F.DeviceMemory(1750 << 20, 1750 << 20, "CUDA0")]
+    info = read_model(m)
+    slots, one = (F.fit(info, dev, F.server_config(m, n_ctx=32768, n_seq=n)).to_flags() for n in (8, 0))
+    assert fitted["fit_flags"] == slots != one

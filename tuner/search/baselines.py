@@ -85,6 +85,13 @@ def working_context(space: Space) -> int:
     return max(space.dims["n_ctx"].values) if "n_ctx" in space.dims else space.base.effective_ctx()
 
 
+def serving(space: Space) -> dict:
+    """The sequences every trial serves together (--parallel's count and KV layout: the space's value, the first
+    of a list as the defaults baseline takes): the fit and recipe baselines serve the same, or they would be
+    one request raced against N."""
+    return {k: space.dims[k].values[0] if k in space.dims else getattr(space.base, k) for k in ("n_seq", "kv_unified")}
+
+
 def fit_device_names(rig: Rig) -> list[str]:
     """Each GPU of the rig by the buffer name llama.cpp gives it (RPC0[host:port], CUDA0, ...)."""
     return [rig.devices[i] if i < len(rig.devices) else f"CUDA{i}" for i in range(rig.n_gpus)]
@@ -112,7 +119,7 @@ def fit_placement(
         return None
     names = fit_device_names(rig)
     devices = [DeviceMemory(free=f or t, total=t, name=n) for f, t, n in zip(rig.gpu_free, rig.gpu_totals, names)]
-    base = space.base
+    base = dataclasses.replace(space.base, **serving(space))
     cfg = server_config(
         info.path,
         n_ctx=working_context(space),
@@ -141,6 +148,7 @@ def recipe_config(space: Space, info: ModelInfo, rig: Rig, hw, fits) -> TrialCon
         return None
     base = dataclasses.replace(
         space.base,
+        **serving(space),
         model=info.path,
         n_ctx=working_context(space),
         n_gpu_layers=info.n_layer + 1,
