@@ -12,15 +12,22 @@ Run the searches (the commands are recorded in the result), then summarize them:
   tuner search -m gemma-3-270m-q4_k_m.gguf --parallel 1 --sampler grid --ubatch-size 32,128,512 --threads 1,2 \\
       --flash-attn on,off -c 1024 -p 128 -n 32 -r 3 --no-auto-space --results /tmp/par-search --study n1
   (the same with --parallel 4 --study n4)
-  benchmarks/parallel_best_config.py /tmp/par-search/n1 /tmp/par-search/n4
+  benchmarks/parallel_best_config.py /tmp/par-search/n1 /tmp/par-search/n4 --interleave 4
+
+A grid point is one trial, measured minutes apart from the next: on a shared machine the winners' figures at the
+other N can be the neighbours' load. --interleave R re-measures the two winners at both N with `tuner bench`,
+alternating which goes first, R rounds, and reports the paired ratios (medians and range).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +60,39 @@ def study(folder: Path) -> dict:
         "grid": {json.dumps(list(k)): statistics.median(v) for k, v in sorted(grid.items(), key=str)},
         "parallel": rec.get("parallel"),
         "model": rec["config"]["model"],
+        "shape": {k: rec["config"][k] for k in ("n_ctx", "n_prompt", "n_gen", "repetitions")},
     }
+
+
+def bench(model: str, cfg: dict, n_seq: int, shape: dict, tmp: Path) -> float:
+    """The mixed objective of one `tuner bench --parallel N` run of a winner (the real CLI, as a subprocess)."""
+    cmd = [sys.executable, "-c", "import sys; sys.argv[0] = 'tuner'; from tuner.cli import main; main()", "bench"]
+    cmd += [model, "--parallel", str(n_seq), "-c", str(shape["n_ctx"]), "-p", str(shape["n_prompt"])]
+    cmd += ["-n", str(shape["n_gen"]), "-r", str(shape["repetitions"]), "-ub", str(cfg["n_ubatch"])]
+    cmd += ["-t", str(cfg["n_threads"]), "-tb", str(cfg["n_threads"]), "-fa", cfg["flash_attn"]]
+    cmd += ["--json", "-o", str(tmp / "bench.parquet")]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    rec = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("{")))
+    tg, pp = statistics.median(rec["tg_samples"]), statistics.median(rec["pp_samples"])
+    return (shape["n_prompt"] + shape["n_gen"]) / (shape["n_prompt"] / pp + shape["n_gen"] / tg)
+
+
+def interleave(s1: dict, sn: dict, shape: dict, rounds: int) -> dict:
+    """Both winners at both N, alternating order by round: per N the ratio (this N's winner / the other's)."""
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="parallel-best-") as tmp:
+        for n in (s1["n_seq"], sn["n_seq"]):
+            own, other = (s1, sn) if n == s1["n_seq"] else (sn, s1)
+            ratios = []
+            for i in range(rounds):
+                pair = [own["winner"], other["winner"]][:: 1 if i % 2 == 0 else -1]
+                got = [bench(s1["model"], c, n, shape, Path(tmp)) for c in pair]
+                ratio = got[0] / got[1] if i % 2 == 0 else got[1] / got[0]
+                ratios.append(ratio)
+                print(f"N={n} round {i}: own winner / other's {ratio:.3f}", file=sys.stderr, flush=True)
+            out[str(n)] = {"own_winner_over_other": statistics.median(ratios), "ratios": ratios}
+    return out
 
 
 def main(argv=None) -> int:
@@ -64,6 +103,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("one", type=Path, help="the --parallel 1 study folder")
     ap.add_argument("many", type=Path, help="the --parallel N study folder")
+    ap.add_argument("--interleave", type=int, default=0, metavar="R", help="paired rounds of the two winners [0]")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/parallel_best_config-*.json)")
     a = ap.parse_args(argv)
     s1, sn = study(a.one), study(a.many)
@@ -82,6 +122,8 @@ def main(argv=None) -> int:
         "cross": cross,
         "studies": {str(s["n_seq"]): {k: v for k, v in s.items() if k != "model"} for s in (s1, sn)},
     }
+    if a.interleave and w1 != wn:
+        result["interleaved"] = interleave(s1, sn, s1["shape"], a.interleave)
     save("parallel_best_config", result, echo=False, path=a.out)
     for s in (s1, sn):
         print(f"N={s['n_seq']}: winner {s['winner']} ({s['objective']})")
@@ -89,6 +131,9 @@ def main(argv=None) -> int:
             print(f"  {k:28s} {v:8.2f}" + ("  <- winner" if k == json.dumps(list(s["winner"].values())) else ""))
     for k, v in cross.items():
         print(f"{k}: {v:.3f}")
+    for n, v in result.get("interleaved", {}).items():
+        r = v["ratios"]
+        print(f"interleaved N={n}: own winner / other's {v['own_winner_over_other']:.3f} ({min(r):.3f}-{max(r):.3f})")
     return 0
 
 
