@@ -84,7 +84,9 @@ def test_verify_serves_the_recommendation_and_measures_it_from_a_client(study):
 
 def test_a_parallel_study_is_also_served_n_at_a_time(study, tmp_path):
     """recommended.json's "parallel" (a --parallel search): N requests at a time after the sequential ones."""
-    d = copy_study(study, tmp_path / "par", parallel={"n_seq": 2, "aggregate_tg_tps": 1000.0})
+    d = copy_study(
+        study, tmp_path / "par", parallel={"n_seq": 2, "aggregate_tg_tps": 1000.0, "per_stream_tg_tps": 500.0}
+    )
     res = run(["verify", str(d), "--requests", "2", "--warmup", "0", "--no-bare", "--json"], env=HOST_ONLY)
     assert res.exit_code == 0, res.output
     out = json.loads((d / "verify.json").read_text())
@@ -93,6 +95,9 @@ def test_a_parallel_study_is_also_served_n_at_a_time(study, tmp_path):
     par = out["levels"][1]
     assert par["requests"] == 4 and par["aggregate_tg_tps"] > 0
     assert out["ratio"]["aggregate_tg"] == pytest.approx(par["aggregate_tg_tps"] / 1000.0)
+    assert out["ratio"]["per_stream_tg"] == pytest.approx(par["client_tg_tps"] / 500.0)
+    # the study's figures are two streams' together: one request at a time is set against none of them
+    assert out["ratio"]["tg"] is None and out["ratio"]["ttft"] is None
     assert any("one request at a time" in n for n in out["notes"])  # llama_cpp.server queues them
     assert "bare_now" not in out and json.loads(res.output[res.output.index("{") :]) == out
 

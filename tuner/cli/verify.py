@@ -135,7 +135,12 @@ def summary(out: dict) -> list[str]:
             f"  {lv['concurrency']} at a time: {lv['requests_ok']}/{lv['requests']} ok, aggregate tg "
             f"{num(lv.get('aggregate_tg_tps'))} t/s, per stream {num(lv['client_tg_tps'])} t/s, "
             f"TTFT {num(lv['client_ttft_ms'])} ms"
-            + (f" (study aggregate ratio {num(r['aggregate_tg'], '.2f')})" if r.get("aggregate_tg") else "")
+            + (
+                f" (against the study: aggregate {num(r['aggregate_tg'], '.2f')}, per stream "
+                f"{num(r.get('per_stream_tg'), '.2f')}, TTFT {num(r.get('ttft_at_n'), '.2f')})"
+                if r.get("aggregate_tg")
+                else ""
+            )
         )
     for lv in out["levels"]:
         lines += [f"  error ({lv['concurrency']} at a time): {e}" for e in lv["errors"]]

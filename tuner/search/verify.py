@@ -543,8 +543,23 @@ def verify(
             "tg": ratio(seq["client_tg_tps"], now.get("tg_tps")),
             "ttft": ratio(seq["client_ttft_ms"], now.get("ttft_ms")),
         }
+    if study_concurrency(rec) > 1:
+        # the study (and a bare run of its config) decoded N sequences together: its tg is their aggregate and
+        # its TTFT a stream's; one request at a time has no study figure to be set against
+        out["ratio"].update(tg=None, ttft=None)
+        if "ratio_now" in out:
+            out["ratio_now"].update(tg=None, ttft=None)
+        out["notes"].append(
+            f"the study served {study_concurrency(rec)} sequences together: its figures are set against the "
+            "requests sent that many at a time, not one at a time"
+        )
     if n > 1 and (par := study.get("parallel")):
-        out["ratio"]["aggregate_tg"] = ratio(results[-1].get("aggregate_tg_tps"), par.get("aggregate_tg_tps"))
+        last = results[-1]
+        out["ratio"]["aggregate_tg"] = ratio(last.get("aggregate_tg_tps"), par.get("aggregate_tg_tps"))
+        out["ratio"]["per_stream_tg"] = ratio(last.get("client_tg_tps"), par.get("per_stream_tg_tps"))
+        out["ratio"]["ttft_at_n"] = ratio(last.get("client_ttft_ms"), study.get("ttft_ms"))
+        if "ratio_now" in out:
+            out["ratio_now"]["aggregate_tg"] = ratio(last.get("aggregate_tg_tps"), out["bare_now"].get("tg_tps"))
     if cfg.get("n_depth"):
         out["notes"].append(
             f"the study measured at depth {cfg['n_depth']} (a filled cache); the client's requests start from an "
