@@ -90,6 +90,15 @@ GRIDS = {
         "shape": {"n_prompt": 32, "n_gen": 16, "repetitions": 1},
         "cold": True,
     },
+    # 108 configs, held out for the prior (issue 36): two dimensions the speed model predicts (quant file, threads)
+    # crossed with three it does not model (K-cache type, flash attention, micro-batch), so the prediction alone
+    # cannot read the best off; a short request (one repetition) to keep the grid within ~15 minutes
+    "prior-108": {
+        "preset": "dense",
+        "quants": ["f16", "q8_0", "q4_0"],
+        "specs": {"n_threads": "1,2", "type_k": "f16,q8_0,q4_0", "flash_attn": "on,off", "n_ubatch": "8,16,512"},
+        "shape": {"n_prompt": 64, "n_gen": 32, "repetitions": 1},
+    },
     # for tests: loads in milliseconds
     "tiny": {
         "preset": "tiny",
@@ -420,9 +429,12 @@ def replay_ledger(folder: Path):
     return ReplayLedger(folder, storage=_STORAGE)
 
 
-def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=None) -> dict:
+def replay_seed(
+    table: Table, seed: int, st: Settings, work: Path, on_search=None, prior=None, per_load: int | None = None
+) -> dict:
     """One seed of the real search on the table: its recommendation, true objective and wall time (clock).
-    `on_search(search, runner, clock)` is called when it is done (tests look inside)."""
+    `on_search(search, runner, clock)` is called when it is done (tests look inside); `prior`: the search's
+    tuner.search.prior.Prior (None: none, as without a probe); `per_load`: the search's --per-load."""
     from tuner.search import confirm
     from tuner.search.loop import Search
     from tuner.search.options import SearchOptions
@@ -439,6 +451,7 @@ def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=Non
         confirm_rounds=st.max_rounds,
         drift_every=0,
         reuse_workers=True,
+        **({"per_load": per_load} if per_load else {}),
     )
     opts.study_dir.mkdir(parents=True)
     runner = ReplayRunner(table, clock, random.Random(seed))
@@ -454,6 +467,7 @@ def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=Non
         clock=clock.monotonic,
     )
     runner.search = srch
+    srch.prior = prior
     srch.bandwidth = {}  # the roofline needs the machine's bandwidth; the replay never measures it (no bound)
     srch.prepare()
     rec = srch.run()

@@ -98,6 +98,7 @@ class Search:
         self._anchor_due = False
         self._block_left = 0  # queued configs of the loaded model not yet run (after_load)
         self._vram_warned = False
+        self.prior = None  # tuner.search.prior.Prior: the predictions measured first and corrected (None: off)
 
     @property
     def study_name(self) -> str:
@@ -332,6 +333,9 @@ class Search:
         if self.unmeasured is not None:
             key = rec.config.load_key()
             n = min(n, sum(1 for k in self.unmeasured if self._unmeasured_load.get(k) == key))
+        if self.prior is not None and self.prior.active:  # the block: the corrected predictions of this load
+            self._block_left = self.prior.fill_block(self, rec.config.load_key(), n)
+            return
         for _ in range(n):
             self.study.enqueue_trial(fixed, user_attrs={"enqueued": "same load"})
         self._block_left = max(n, 0)
@@ -611,6 +615,8 @@ class Search:
                 self.finished = f"the sampler proposed {self._dupes} measured configs in a row"
                 break
             self._next_baseline()
+            if self.prior is not None:  # its next pick, when nothing waits
+                self.prior.before_ask(self)
             trial = self.study.ask()
             if trial.user_attrs.get("enqueued") == "same load":
                 self._block_left = max(0, self._block_left - 1)
@@ -749,6 +755,8 @@ class Search:
             quality=self.quality,
         )
         if rec is not None:
+            if self.prior is not None and self.prior.active:  # the winner: predicted vs measured
+                rec["prior"] = self.prior.explain(rec["config"], self.records)
             recommendlib.write(self.dir / recommendlib.RECOMMENDED_FILE, rec)
         return rec
 
