@@ -174,11 +174,13 @@ def main(argv=None) -> int:
     ap.add_argument("--start", type=int, default=None, help="the prior's start picks (tuner.search.prior.START)")
     ap.add_argument("--keep", type=float, default=None, help="tuner.search.prior.KEEP")
     ap.add_argument("--block", type=int, default=None, help="tuner.search.prior.BLOCK")
+    ap.add_argument("--own", type=float, default=None, help="tuner.search.prior.OWN")
+    ap.add_argument("--ridge", type=float, default=None, help="tuner.search.prior.RIDGE")
     ap.add_argument("--k", type=int, default=K, help="the search's race: its top K and the defaults")
     ap.add_argument("--only", default=None, help="methods to run, comma-separated (tuning: nothing is saved)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    knobs = {k: v for k in ("start", "keep", "block") if (v := getattr(a, k)) is not None}
+    knobs = {k: v for k in ("start", "keep", "block", "own", "ridge") if (v := getattr(a, k)) is not None}
     for path in a.tables:
         try:
             only = a.only.split(",") if a.only else None

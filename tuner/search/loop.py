@@ -648,6 +648,7 @@ class Search:
             self.opts.objective,
             self.opts.confirm,
             admit=lambda r: fits(r, self.hw, limits) and (self.quality is None or self.quality.judge(r)[0]),
+            rank=self.prior.rank(self.records) if self.prior is not None and self.prior.active else None,
         )
 
     def confirm(self) -> dict | None:

@@ -57,6 +57,7 @@ KEEP = 0.85  # a load's block holds only configs within this share of the best c
 TS = optuna.trial.TrialState
 BLOCK = 3  # configs of the same load after one that loaded it (at most the search's --per-load - 1)
 RIDGE = 1.0  # the correction's shrinkage (in units of one measurement)
+OWN = 3.0  # the race's order: a config's own trials weigh n / (n + OWN) against the fit (Prior.rank)
 
 
 def load_probe(path: str | None) -> dict | None:
@@ -124,6 +125,7 @@ class Prior:
     keep: float = KEEP
     block: int = BLOCK
     ridge: float = RIDGE
+    own: float = OWN
     seed: int = 0
     picks: list[tuple] = field(default_factory=list)  # the start, in order
     picked: int = 0
@@ -232,6 +234,27 @@ class Prior:
         pen[0, 0] = 0.0  # the common error (this machine slower than its probe today) is not shrunk
         beta = np.linalg.solve(x.T @ x + pen, x.T @ y)
         return {k: base[k] + beta[0] + sum(beta[idx[f]] for f in self.features(k)) for k in self.guesses}
+
+    def rank(self, records: list[TrialRecord]) -> Callable[[TrialConfig], float | None]:
+        """The race's order (tuner.search.confirm.search_candidates): a measured config's corrected estimate,
+        its own measurements weighted n / (n + `own`) against what the fit says of its dimensions' values. On a
+        noisy machine one trial scatters more than the top configs differ; the fit pools every trial that shares
+        a value, so it tells the top configs apart better than their own single trials do."""
+        corr = self.corrected(records)
+        meas = self.measured(records)
+        counts: dict[tuple, int] = {}
+        for r in records:
+            if r.ok and r.searched:
+                counts[r.config.key()] = counts.get(r.config.key(), 0) + 1
+
+        def score(cfg: TrialConfig) -> float | None:
+            k = cfg.key()
+            if k not in corr or k not in meas:
+                return None
+            w = counts.get(k, 1) / (counts.get(k, 1) + self.own)
+            return corr[k] + w * (meas[k] - corr[k])
+
+        return score
 
     # -- proposing ---------------------------------------------------------------------------------------------
     def next_start(self, measured: set) -> dict | None:
