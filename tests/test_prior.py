@@ -28,11 +28,11 @@ def _cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-def recorded_probe(hw_fp: str | None = None) -> dict:
-    """The recorded probe, its fingerprints this machine's (or `hw_fp`): figures measured, not chosen."""
+def recorded_probe(hw_fp: str | None = None, build_fp: str | None = None) -> dict:
+    """The recorded probe, its fingerprints this machine's (or `hw_fp`, `build_fp`): figures measured, not chosen."""
     data = json.loads(RECORDED.read_text())["rounds"][0]["probe"]
     here_hw, here_build = probelib.fingerprints()
-    return {**data, "hw_fingerprint": hw_fp or here_hw, "build_fingerprint": here_build}
+    return {**data, "hw_fingerprint": hw_fp or here_hw, "build_fingerprint": build_fp or here_build}
 
 
 def tiny_space(models, specs=None):
@@ -120,9 +120,9 @@ def test_a_block_keeps_to_its_load_and_to_configs_near_the_best(models):
     )
 
 
-def probe_file(tmp_path, hw_fp=None) -> str:
-    p = tmp_path / "probe.json"
-    p.write_text(json.dumps(recorded_probe(hw_fp)))
+def probe_file(tmp_path, hw_fp=None, build_fp=None) -> str:
+    p = tmp_path / f"probe-{hw_fp}-{build_fp}.json"
+    p.write_text(json.dumps(recorded_probe(hw_fp, build_fp)))
     return str(p)
 
 
@@ -140,12 +140,19 @@ def test_dry_run_prints_the_predicted_best(models, tmp_path):
     assert res.exit_code == 0 and json.loads(res.output)["prior"] is None
 
 
-def test_a_probe_of_another_machine_is_refused(models, tmp_path):
-    other = probe_file(tmp_path, hw_fp="0000000000000000")
-    res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), "--dry-run", "--probe", other])
+@pytest.mark.parametrize(
+    ("fps", "says"), [({"hw_fp": "0000000000000000"}, "another machine"), ({"build_fp": "0" * 16}, "another llama.cpp")]
+)
+def test_a_probe_of_another_machine_or_build_is_refused_unless_the_prior_is_off(models, tmp_path, fps, says):
+    other = probe_file(tmp_path, **fps)
+    args = ["search", "-m", str(models / "tiny-q8_0.gguf"), "--dry-run", "--probe", other]
+    res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2
-    assert "another machine" in res.output and len(res.output.strip().splitlines()) == 1
+    assert says in res.output and len(res.output.strip().splitlines()) == 1
     assert "Traceback" not in res.output
+    res = CliRunner().invoke(cli, [*args, "--no-prior", "--json"])  # off: the probe is not read at all
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["prior"] is None
 
 
 def test_the_winner_keeps_predicted_against_measured(models, tmp_path):

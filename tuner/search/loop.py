@@ -728,7 +728,7 @@ class Search:
     def settle_rung(self) -> None:
         """Step the working rung down the ladder while the trials say it does not fit (tuner.search.ladder.step_down);
         the baselines run again at the new rung."""
-        while (lower := ladderlib.step_down(self.space, self.records)) is not None:
+        while (lower := ladderlib.step_down(self.space, self.records, self.exhausted())) is not None:
             print(
                 f"note: nothing fits at n_ctx {self.space.base.n_ctx} (the search's configs ran out of memory "
                 f"there, none completed): the working context steps down the ladder to {lower}",
