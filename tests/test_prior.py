@@ -174,3 +174,26 @@ def test_no_probe_means_no_prior(models, tmp_path):
     assert hardware.probe()  # the machine is known; its probe is not (a fresh cache home)
     res = CliRunner().invoke(cli, ["search", "-m", str(models / "tiny-q8_0.gguf"), "--dry-run", "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["prior"] is None
+
+
+def test_after_the_start_the_prior_leads_with_its_best_corrected_config_and_prefers_the_loaded_model(models):
+    """`lead`: the next config of any load, best corrected first; between configs the prediction cannot tell
+    apart, one of the model already loaded; none once nothing unmeasured is within `keep` of the best."""
+    prior = build(models, keep=0.5)
+    top = prior.ranked()[0]
+    g = prior.guesses[top]
+    recs = [record(prior, top, g.tg, g.pp)]
+    [nxt] = prior.block_params(recs, None, 1, prefer=prior.configs[top].load_key())
+    k = next(k for k, p in prior.params.items() if p == nxt)
+    assert k != top and prior.configs[k].load_key() == prior.configs[top].load_key()
+    # measured at a tenth of its prediction while another file meets its own, the top file falls behind: the lead
+    # moves to the other file
+    other = next(k for k in prior.ranked() if prior.configs[k].model != prior.configs[top].model)
+    h = prior.guesses[other]
+    recs = [record(prior, top, g.tg / 10, g.pp / 10), record(prior, other, h.tg, h.pp)]
+    [nxt] = prior.block_params(recs, None, 1, prefer=prior.configs[top].load_key())
+    k = next(k for k, p in prior.params.items() if p == nxt)
+    assert prior.configs[k].model != prior.configs[top].model
+    # nothing within keep: the sampler's turn
+    strict = build(models, keep=1.5)
+    assert strict.block_params(recs, None, 1) == []

@@ -21,6 +21,11 @@ The method, and why:
     right", and an unmodelled value is neutral) until measurements pull it away. It is per-dimension and
     multiplicative, as the model's errors are (a type's kernel figure, a thread count's scaling), and it learns the
     unmodelled dimensions' effects from the same measurements; with a few trials it cannot overfit.
+  * The lead (`lead`): after the start, when nothing waits, the prior proposes its best corrected config not
+    measured yet (ties: the loaded model, then unmodelled values measured least) while one is within `keep` of
+    the best corrected estimate; TPE proposes only once none is. On a noisy machine the top configs of the best
+    load differ by less than one trial scatters, so a small budget is better spent measuring all of them (the
+    fit pools them for the race) than on exploring loads the prediction ranks far below.
   * The blocks: a trial that loaded a model is followed (Search.after_load) by configs of the same load. With the
     prior, they are the best corrected predictions of that load, ties (unmodelled values not yet measured) broken
     towards values not measured yet, and only those within `keep` of the best corrected prediction: a load the
@@ -58,6 +63,7 @@ TS = optuna.trial.TrialState
 BLOCK = 3  # configs of the same load after one that loaded it (at most the search's --per-load - 1)
 RIDGE = 1.0  # the correction's shrinkage (in units of one measurement)
 OWN = 3.0  # the race's order: a config's own trials weigh n / (n + OWN) against the fit (Prior.rank)
+LEAD = True  # after the start, the prior proposes its best corrected config while one is within KEEP of the best
 
 
 def load_probe(path: str | None) -> dict | None:
@@ -126,6 +132,7 @@ class Prior:
     block: int = BLOCK
     ridge: float = RIDGE
     own: float = OWN
+    lead: bool = LEAD
     seed: int = 0
     picks: list[tuple] = field(default_factory=list)  # the start, in order
     picked: int = 0
@@ -267,9 +274,11 @@ class Prior:
                 return self.params[k]
         return None
 
-    def block_params(self, records: list[TrialRecord], load_key: tuple, n: int) -> list[dict]:
-        """Up to n configs of this load, not measured yet, best corrected first, within `keep` of the best
-        corrected prediction; ties broken towards unmodelled values measured least."""
+    def block_params(
+        self, records: list[TrialRecord], load_key: tuple | None, n: int, prefer: tuple | None = None
+    ) -> list[dict]:
+        """Up to n configs of this load (None: of any load), not measured yet, best corrected first, within
+        `keep` of the best corrected prediction; ties broken towards unmodelled values measured least."""
         n = min(n, self.block)
         if n <= 0:
             return []
@@ -288,7 +297,9 @@ class Prior:
         cands = [
             k
             for k in fit_keys
-            if k not in seen and self.configs[k].load_key() == load_key and corr[k] >= top + math.log(self.keep)
+            if k not in seen
+            and (load_key is None or self.configs[k].load_key() == load_key)
+            and corr[k] >= top + math.log(self.keep)
         ]
         rng.shuffle(cands)
         out = []
@@ -300,6 +311,7 @@ class Prior:
                 cands,
                 key=lambda k: (
                     round(corr[k] * 100),
+                    self.configs[k].load_key() == prefer,  # the loaded model: no reload
                     -sum(counts.get(f, 0) for f in self.features(k) if f[0] in self.unmodelled),
                 ),
             )
@@ -312,10 +324,17 @@ class Prior:
 
     # -- the search's hooks (tuner.search.loop.Search) --------------------------------------------------------------
     def before_ask(self, search) -> None:
-        """Queue the next start pick when nothing waits (the baselines and a load's block go first)."""
+        """Queue the next start pick when nothing waits (the baselines and a load's block go first); after the
+        start (`lead`), the best corrected config not measured yet while one is within `keep` of the best
+        corrected estimate, and the sampler's own pick when none is."""
         if not self.active or search.study.get_trials(deepcopy=False, states=(TS.WAITING,)):
             return
         params = self.next_start(set(search.seen))
+        if params is None and self.lead:
+            records = [r for r in search.records if r.searched]
+            last = next((r.config.load_key() for r in reversed(records) if r.ok), None)
+            nxt = self.block_params(records, None, 1, prefer=last)
+            params = nxt[0] if nxt else None
         if params is not None:
             search.study.enqueue_trial(params, user_attrs={"enqueued": "prior"})
 
