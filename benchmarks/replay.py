@@ -551,9 +551,11 @@ def replay(table: Table, st: Settings, seeds: int, log=lambda s: None) -> dict:
     return out
 
 
-def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
+def live(table: Table, st: Settings, seeds: int, log=print, predict=None) -> dict:
     """The same search run for real (`tuner.search.run.run_search`, real workers) for `seeds` seeds: its regret
-    (truth from the table) and wall time against what the replay predicts for the same settings."""
+    (truth from the table) and wall time against what the replay predicts for the same settings (`predict()`:
+    another replay of them, e.g. with the prior, replay_prior.py; its within_2pct_rate, wall_vs_grid_median and
+    median_share_of_best)."""
     from search_regret import study_wall  # first trial started to last run finished: not the wait for the lock
 
     from tuner.search.run import run_search
@@ -596,7 +598,7 @@ def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
             log(f"  live seed {seed}: {wall:.0f} s, {100 * runs[-1]['share_of_best']:.1f} % of the best")
     grid_s = table.grid_once_s()
     within = sum(r["share_of_best"] >= 0.98 for r in runs)
-    predicted = replay(table, st, max(seeds, 30))
+    predicted = predict() if predict else replay(table, st, max(seeds, 30))
     return {
         "settings": dataclasses.asdict(st),
         "seeds": seeds,
@@ -606,6 +608,8 @@ def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
         "wall_vs_grid_median": statistics.median(r["wall_s"] for r in runs) / grid_s,
         "replay_within_2pct_rate": predicted["within_2pct_rate"],
         "replay_wall_vs_grid_median": predicted["wall_vs_grid_median"],
+        "median_share_of_best": statistics.median(r["share_of_best"] for r in runs),
+        "replay_median_share_of_best": predicted["median_share_of_best"],
         "runs": runs,
     }
 

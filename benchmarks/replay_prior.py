@@ -38,6 +38,9 @@ from replay import OBJECTIVE, ReplayError, Settings, load_table, replay_seed  # 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the settings the replay chose on dense-64 (replay-tune-20261203-210804.json): 1/8 of the grid, the top 1 raced
 SHARE, K, MAX_ROUNDS = 0.125, 1, 5
+# what the held-out runs use: chosen on dense-64 (replay-grid-dense-64-20261203-204121.json) and nommap-60, 30 seeds
+# each, among share 0.125/0.2/0.25 x race top 1/2/3: the best median share on both within the wall target on dense-64
+TUNED = {"share": 0.125, "k": 2, "tuned_on": ["dense-64 (20261203-204121)", "nommap-60 (20261203-212331)"]}
 
 
 def table_probe(table) -> dict:
@@ -70,12 +73,11 @@ def seeded(prior, seed: int):
 
 
 def method(table, name: str, seeds: int, n_trials: int, prior=None, work: Path | None = None, k: int = K) -> dict:
-    """`seeds` replayed searches of one method: the summary keys of the saved JSON (`k`: the search's race)."""
-    st = Settings("tpe", n_trials, K, MAX_ROUNDS)
+    """`seeds` replayed searches of one method: the summary keys of the saved JSON (`k`: the race's top K, the same
+    for every method but the prediction's)."""
+    st = Settings("tpe", n_trials, k, MAX_ROUNDS)
     per_load = None
-    if name == "search":
-        st = dataclasses.replace(st, confirm=k)
-    elif name == "random":
+    if name == "random":
         st = dataclasses.replace(st, sampler="random")
     elif name == "ceiling":
         st = dataclasses.replace(st, sampler="grid", n_trials=len(table.entries))
@@ -100,12 +102,20 @@ def method(table, name: str, seeds: int, n_trials: int, prior=None, work: Path |
 
 
 def evaluate(
-    path: str, seeds: int, ceiling_seeds: int, held_out: bool, knobs: dict, k: int = K, only=None, log=print
+    path: str,
+    seeds: int,
+    ceiling_seeds: int,
+    held_out: bool,
+    knobs: dict,
+    k: int = K,
+    only=None,
+    log=print,
+    share: float = SHARE,
 ) -> dict:
     table = load_table(path)
     probe = table_probe(table)
     prior = make_prior(table, probe, **knobs)
-    n = max(3, round(SHARE * len(table.entries)))
+    n = max(3, round(share * len(table.entries)))
     out = {"grid": table.doc["grid"], "table": path, "configs": len(table.entries), "n_trials": n}
     with tempfile.TemporaryDirectory(prefix="tuner-replay-prior-") as work:
         res = {}
@@ -138,8 +148,10 @@ def evaluate(
         median_share_of_best=s["median_share_of_best"],
         wall_vs_grid_median=s["wall_vs_grid_median"],
         ceiling_within_2pct_rate=res["ceiling"]["within_2pct_rate"],
+        settings={"share": share, "k": k, "max_rounds": MAX_ROUNDS, "tuned_on": TUNED["tuned_on"]},
         prior={
             "knobs": knobs,
+            "values": {n: getattr(prior, n) for n in ("start", "keep", "block", "ridge", "own", "lead")},
             "probe_hw_fingerprint": probe.get("hw_fingerprint"),
             "start": [prior.describe(k) for k in prior.picks],
             "unmodelled": prior.unmodelled,
@@ -161,6 +173,22 @@ def evaluate(
     return out
 
 
+def live_check(path: str, seeds: int, k: int, share: float, log=print) -> dict:
+    """The search with the prior run for real (`tuner search`'s own run_search, this machine's probe) for `seeds`
+    seeds on a grid's space, against what the replay of the same settings predicts (30 seeds)."""
+    from replay import live
+
+    table = load_table(path)
+    n = max(3, round(share * len(table.entries)))
+    st = Settings("tpe", n, k, MAX_ROUNDS)
+    prior = make_prior(table, table_probe(table))
+    with tempfile.TemporaryDirectory(prefix="tuner-replay-prior-") as work:
+        out = live(table, st, seeds, log, predict=lambda: method(table, "search", 30, n, prior, Path(work), k))
+    out.update(grid=table.doc["grid"], table=path, grid_once_s=table.grid_once_s(), models_made_alike=table.alike)
+    out["cold_loads_replayed_not_live"] = bool(table.doc["recipe"].get("cold"))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -169,22 +197,33 @@ def main(argv=None) -> int:
     )
     ap.add_argument("tables", nargs="+")
     ap.add_argument("--seeds", type=int, default=100)
-    ap.add_argument("--ceiling-seeds", type=int, default=20)
+    ap.add_argument("--ceiling-seeds", type=int, default=100)
     ap.add_argument("--held-out", action="store_true", help="these tables were not used to choose the knobs")
     ap.add_argument("--start", type=int, default=None, help="the prior's start picks (tuner.search.prior.START)")
     ap.add_argument("--keep", type=float, default=None, help="tuner.search.prior.KEEP")
     ap.add_argument("--block", type=int, default=None, help="tuner.search.prior.BLOCK")
     ap.add_argument("--own", type=float, default=None, help="tuner.search.prior.OWN")
     ap.add_argument("--ridge", type=float, default=None, help="tuner.search.prior.RIDGE")
-    ap.add_argument("--k", type=int, default=K, help="the search's race: its top K and the defaults")
+    ap.add_argument("--k", type=int, default=TUNED["k"], help="the race: its top K and the defaults")
+    ap.add_argument("--share", type=float, default=TUNED["share"], help="the search's trials, a share of the grid")
     ap.add_argument("--only", default=None, help="methods to run, comma-separated (tuning: nothing is saved)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--live", type=int, default=0, help="run the search for real this many seeds (one table)")
     a = ap.parse_args(argv)
+    if a.live:
+        out = live_check(a.tables[0], a.live, a.k, a.share)
+        saved = save("replay-prior-live", out, a.out or RESULTS, echo=False)
+        print(
+            f"live: within 2 % {out['within_2pct_rate']:.2f}, share {out['median_share_of_best']:.3f}, wall "
+            f"{out['wall_vs_grid_median']:.2f}; the replay: {out['replay_within_2pct_rate']:.2f}, "
+            f"{out['replay_median_share_of_best']:.3f}, {out['replay_wall_vs_grid_median']:.2f}; {saved}"
+        )
+        return 0
     knobs = {k: v for k in ("start", "keep", "block", "own", "ridge") if (v := getattr(a, k)) is not None}
     for path in a.tables:
         try:
             only = a.only.split(",") if a.only else None
-            out = evaluate(path, a.seeds, a.ceiling_seeds, a.held_out, knobs, a.k, only)
+            out = evaluate(path, a.seeds, a.ceiling_seeds, a.held_out, knobs, a.k, only, share=a.share)
             if only:
                 continue
         except ReplayError as e:
