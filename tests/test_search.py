@@ -556,6 +556,9 @@ def test_a_second_search_never_touches_a_running_one(models, tmp_path):
     assert second.returncode == 75 and "another measurement is running" in second.stderr
     assert first.returncode == 0, err[-2000:]
     df = store.read(parquet)
+    # on a loaded machine the 4 configs may all be measured before the SIGINT: the race's runs then repeat a
+    # searched trial's number (state confirm), which is not a second search's doing
+    df = df[df["state"] != "confirm"]
     assert len(df) >= 1 and (df["outcome"] == "ok").all() and df["trial_number"].is_unique
 
 
