@@ -225,6 +225,8 @@ def main(argv=None) -> int:
             only = a.only.split(",") if a.only else None
             out = evaluate(path, a.seeds, a.ceiling_seeds, a.held_out, knobs, a.k, only, share=a.share)
             if only:
+                if a.out:  # a part of a grid's figures, to merge (nothing under results)
+                    Path(a.out).write_text(json.dumps(out, indent=1))
                 continue
         except ReplayError as e:
             print(f"replay_prior.py: error: {e}", file=sys.stderr)
