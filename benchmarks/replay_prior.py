@@ -39,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # the settings the replay chose on dense-64 (replay-tune-20261203-210804.json): 1/8 of the grid, the top 1 raced
 SHARE, K, MAX_ROUNDS = 0.125, 1, 5
 # what the held-out runs use: chosen on dense-64 (replay-grid-dense-64-20261203-204121.json) and nommap-60, 30 seeds
-# each, among share 0.125/0.2/0.25 x race top 1/2/3: the best median share on both within the wall target on dense-64
+# each, pairs of share 0.125-0.25 and race top 1-3: the best median share on both, within the wall target on dense-64
 TUNED = {"share": 0.125, "k": 2, "tuned_on": ["dense-64 (20261203-204121)", "nommap-60 (20261203-212331)"]}
 
 
