@@ -90,6 +90,15 @@ GRIDS = {
         "shape": {"n_prompt": 32, "n_gen": 16, "repetitions": 1},
         "cold": True,
     },
+    # 108 configs, held out for the prior (issue 36): two dimensions the speed model predicts (quant file, threads)
+    # crossed with three it does not model (K-cache type, flash attention, micro-batch), so the prediction alone
+    # cannot read the best off; a short request (one repetition) to keep the grid within ~15 minutes
+    "prior-108": {
+        "preset": "dense",
+        "quants": ["f16", "q8_0", "q4_0"],
+        "specs": {"n_threads": "1,2", "type_k": "f16,q8_0,q4_0", "flash_attn": "on,off", "n_ubatch": "8,16,512"},
+        "shape": {"n_prompt": 64, "n_gen": 32, "repetitions": 1},
+    },
     # for tests: loads in milliseconds
     "tiny": {
         "preset": "tiny",
@@ -420,9 +429,12 @@ def replay_ledger(folder: Path):
     return ReplayLedger(folder, storage=_STORAGE)
 
 
-def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=None) -> dict:
+def replay_seed(
+    table: Table, seed: int, st: Settings, work: Path, on_search=None, prior=None, per_load: int | None = None
+) -> dict:
     """One seed of the real search on the table: its recommendation, true objective and wall time (clock).
-    `on_search(search, runner, clock)` is called when it is done (tests look inside)."""
+    `on_search(search, runner, clock)` is called when it is done (tests look inside); `prior`: the search's
+    tuner.search.prior.Prior (None: none, as without a probe); `per_load`: the search's --per-load."""
     from tuner.search import confirm
     from tuner.search.loop import Search
     from tuner.search.options import SearchOptions
@@ -439,6 +451,7 @@ def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=Non
         confirm_rounds=st.max_rounds,
         drift_every=0,
         reuse_workers=True,
+        **({"per_load": per_load} if per_load else {}),
     )
     opts.study_dir.mkdir(parents=True)
     runner = ReplayRunner(table, clock, random.Random(seed))
@@ -454,6 +467,7 @@ def replay_seed(table: Table, seed: int, st: Settings, work: Path, on_search=Non
         clock=clock.monotonic,
     )
     runner.search = srch
+    srch.prior = prior
     srch.bandwidth = {}  # the roofline needs the machine's bandwidth; the replay never measures it (no bound)
     srch.prepare()
     rec = srch.run()
@@ -537,9 +551,11 @@ def replay(table: Table, st: Settings, seeds: int, log=lambda s: None) -> dict:
     return out
 
 
-def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
+def live(table: Table, st: Settings, seeds: int, log=print, predict=None) -> dict:
     """The same search run for real (`tuner.search.run.run_search`, real workers) for `seeds` seeds: its regret
-    (truth from the table) and wall time against what the replay predicts for the same settings."""
+    (truth from the table) and wall time against what the replay predicts for the same settings (`predict()`:
+    another replay of them, e.g. with the prior, replay_prior.py; its within_2pct_rate, wall_vs_grid_median and
+    median_share_of_best)."""
     from search_regret import study_wall  # first trial started to last run finished: not the wait for the lock
 
     from tuner.search.run import run_search
@@ -582,7 +598,7 @@ def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
             log(f"  live seed {seed}: {wall:.0f} s, {100 * runs[-1]['share_of_best']:.1f} % of the best")
     grid_s = table.grid_once_s()
     within = sum(r["share_of_best"] >= 0.98 for r in runs)
-    predicted = replay(table, st, max(seeds, 30))
+    predicted = predict() if predict else replay(table, st, max(seeds, 30))
     return {
         "settings": dataclasses.asdict(st),
         "seeds": seeds,
@@ -592,6 +608,8 @@ def live(table: Table, st: Settings, seeds: int, log=print) -> dict:
         "wall_vs_grid_median": statistics.median(r["wall_s"] for r in runs) / grid_s,
         "replay_within_2pct_rate": predicted["within_2pct_rate"],
         "replay_wall_vs_grid_median": predicted["wall_vs_grid_median"],
+        "median_share_of_best": statistics.median(r["share_of_best"] for r in runs),
+        "replay_median_share_of_best": predicted["median_share_of_best"],
         "runs": runs,
     }
 

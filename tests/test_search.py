@@ -220,10 +220,13 @@ def test_a_rung_that_runs_out_of_memory_steps_the_ladder_down_and_dominated_conf
     assert 2048 <= working <= 16384  # 16384 fits with the smallest ubatch under the cap
     above = df[df["n_ctx"] > working]
     # each rung above: the two OOMs of the search's own configs that stepped it down (the defaults, run again at
-    # each rung, do not count: all layers and f16 KV are the likeliest to run out), nothing completed there
+    # each rung, do not count: all layers and f16 KV are the likeliest to run out), nothing completed there; one
+    # OOM when it was the smallest micro-batch (the prior may measure it first) and dominated every other config
     for ctx in [c for c in (65536, 32768, 16384, 8192) if c > working]:
         here = above[above["n_ctx"] == ctx]
-        assert ((here["outcome"] == "oom") & (here["baseline"] == "")).sum() == 2, ctx
+        own = here[here["baseline"] == ""]
+        ooms = (own["outcome"] == "oom").sum()
+        assert ooms == 2 or (ooms == 1 and (own["outcome"] == "skipped").sum() == len(own) - 1), ctx
         assert (here["baseline"] == "llama.cpp defaults").sum() == 1, ctx
     assert list(df["n_ctx"]) == sorted(df["n_ctx"], reverse=True)
     assert f"the working context steps down the ladder to {working}" in res.output
@@ -553,6 +556,9 @@ def test_a_second_search_never_touches_a_running_one(models, tmp_path):
     assert second.returncode == 75 and "another measurement is running" in second.stderr
     assert first.returncode == 0, err[-2000:]
     df = store.read(parquet)
+    # on a loaded machine the 4 configs may all be measured before the SIGINT: the race's runs then repeat a
+    # searched trial's number (state confirm), which is not a second search's doing
+    df = df[df["state"] != "confirm"]
     assert len(df) >= 1 and (df["outcome"] == "ok").all() and df["trial_number"].is_unique
 
 

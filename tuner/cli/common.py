@@ -85,7 +85,25 @@ def describe_plan(plan: dict) -> list[str]:
             )
     for b in plan.get("baselines", []):
         lines.append(f"baseline {b['label']}: {b['server_flags']}")
+    lines += describe_prior(plan.get("prior"))
     return lines
+
+
+def describe_prior(prior: dict | None) -> list[str]:
+    """The prior's answer in a dry run: the predicted-best config, its predicted tg/pp, what it does not model."""
+    if not prior:
+        return ["prior: none (no probe of this rig: `tuner probe`; or --no-prior)"]
+    best = prior["best"]
+    if best is None:
+        return [f"prior: no prediction ({prior['note'] or 'no config fits'})"]
+    what = " ".join(f"{k}={Path(v).name if k == 'model' else v}" for k, v in best["params"].items()) or "the base"
+    out = [
+        f"predicted best: {what}: tg {best['pred_tg_tps']:.1f} t/s, pp {best['pred_pp_tps']:.1f} t/s, "
+        f"{best['objective']} {best['pred_objective']:.1f} (of {prior['configs_predicted']} configs predicted)"
+    ]
+    if prior["unmodelled"]:
+        out.append(f"prior: the speed model does not cover {', '.join(prior['unmodelled'])}: unknown until measured")
+    return out
 
 
 class Progress:

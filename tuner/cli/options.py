@@ -97,6 +97,26 @@ def _parse_parallel(ctx, param, value):
     return counts
 
 
+def prior_params(f):
+    """The search's prior (tuner.search.prior): on by default where this rig has a probe."""
+    f = click.option(
+        "--probe",
+        "probe",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="the rig probe the prior predicts from (default: this machine's and build's, when `tuner probe` "
+        "has run; a probe of another machine or build is refused)",
+    )(f)
+    return click.option(
+        "--prior/--no-prior",
+        "prior",
+        default=True,
+        show_default=True,
+        help="measure first what the speed model and the planner predict best (needs `tuner probe`), "
+        "then correct the predictions with each measurement",
+    )(f)
+
+
 def bench_params(f):
     """One value per llama.cpp parameter, named as in llama-bench (--parallel: a value or a list)."""
     for p in reversed(PARAMS):

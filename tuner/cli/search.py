@@ -15,6 +15,7 @@ from tuner.cli.options import (
     SIZE,
     SIZES,
     config_option,
+    prior_params,
     quality_params,
     rpc_option,
     run_params,
@@ -115,6 +116,7 @@ from tuner.search.run import run_search
     default=DEFAULTS.baselines,
     help="start with llama.cpp's defaults and the 3500 MB/layer heuristic",
 )
+@prior_params
 @click.option(
     "--plan/--no-plan",
     default=DEFAULTS.plan,

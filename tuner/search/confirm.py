@@ -223,17 +223,27 @@ def candidates_from_records(records: list[TrialRecord]) -> list[Candidate]:
 
 
 def search_candidates(
-    records: list[TrialRecord], objective: str, k: int, admit: Callable[[TrialRecord], bool]
+    records: list[TrialRecord],
+    objective: str,
+    k: int,
+    admit: Callable[[TrialRecord], bool],
+    rank: Callable[[TrialConfig], float | None] | None = None,
 ) -> list[Candidate]:
     """The race's candidates after a search: the top `k` configs at the working context by pooled estimate and the
     llama.cpp-defaults baseline, each with the confirmation rounds it already has (a resumed race goes on).
-    `admit(record)`: the record may be recommended (within the limits and the quality budget)."""
+    `admit(record)`: the record may be recommended (within the limits and the quality budget); `rank(config)`:
+    another order, higher first (the prior's corrected estimate, tuner.search.prior), the pooled estimate where
+    it says None."""
     searched = [r for r in records if r.searched and r.ok and r.objective(objective) is not None and admit(r)]
     groups = prefer_clean(pool(searched))
     if not groups:
         return []
     sign = -1 if objective == "ttft" else 1
     groups.sort(key=lambda g: -sign * g.estimate(objective))
+    if rank is not None:
+        ranks = [rank(g.config) for g in groups]
+        if None not in ranks:
+            groups = [g for _, g in sorted(zip(ranks, groups), key=lambda x: -x[0])]
     working = max(g.config.effective_ctx() for g in groups)
     cands: dict[tuple, Candidate] = {}
     for g in [g for g in groups if g.config.effective_ctx() == working][:k]:

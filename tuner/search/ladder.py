@@ -112,14 +112,16 @@ def candidates(
     return out
 
 
-def step_down(space: Space, records: list[TrialRecord]) -> int | None:
+def step_down(space: Space, records: list[TrialRecord], exhausted: bool = False) -> int | None:
     """The next rung down when the working one does not fit although the planner let it through (it does not
     know --mem-limit or a driver's reserve): OOMS_TO_STEP of the search's own configs ran out of memory there
     and none completed. The baselines (all layers on the GPU, an f16 cache) are the likeliest to run out, so
-    they do not count. None: stay."""
+    they do not count. `exhausted`: nothing is left to try at the rung (the smallest config ran out first and
+    dominates the rest), so one OOM of its own suffices. None: stay."""
     if not space.ladder or space.base.n_ctx == space.ladder[0]:
         return None
     here = [r for r in records if r.searched and r.config.effective_ctx() == space.base.n_ctx]
-    if any(r.ok for r in here) or sum(r.outcome == "oom" and not r.baseline for r in here) < OOMS_TO_STEP:
+    need = 1 if exhausted else OOMS_TO_STEP
+    if any(r.ok for r in here) or sum(r.outcome == "oom" and not r.baseline for r in here) < need:
         return None
     return max(c for c in space.ladder if c < space.base.n_ctx)

@@ -98,6 +98,7 @@ class Search:
         self._anchor_due = False
         self._block_left = 0  # queued configs of the loaded model not yet run (after_load)
         self._vram_warned = False
+        self.prior = None  # tuner.search.prior.Prior: the predictions measured first and corrected (None: off)
 
     @property
     def study_name(self) -> str:
@@ -332,6 +333,9 @@ class Search:
         if self.unmeasured is not None:
             key = rec.config.load_key()
             n = min(n, sum(1 for k in self.unmeasured if self._unmeasured_load.get(k) == key))
+        if self.prior is not None and self.prior.active:  # the block: the corrected predictions of this load
+            self._block_left = self.prior.fill_block(self, rec.config.load_key(), n)
+            return
         for _ in range(n):
             self.study.enqueue_trial(fixed, user_attrs={"enqueued": "same load"})
         self._block_left = max(n, 0)
@@ -611,6 +615,8 @@ class Search:
                 self.finished = f"the sampler proposed {self._dupes} measured configs in a row"
                 break
             self._next_baseline()
+            if self.prior is not None:  # its next pick, when nothing waits
+                self.prior.before_ask(self)
             trial = self.study.ask()
             if trial.user_attrs.get("enqueued") == "same load":
                 self._block_left = max(0, self._block_left - 1)
@@ -642,6 +648,7 @@ class Search:
             self.opts.objective,
             self.opts.confirm,
             admit=lambda r: fits(r, self.hw, limits) and (self.quality is None or self.quality.judge(r)[0]),
+            rank=self.prior.rank(self.records) if self.prior is not None and self.prior.active else None,
         )
 
     def confirm(self) -> dict | None:
@@ -721,7 +728,7 @@ class Search:
     def settle_rung(self) -> None:
         """Step the working rung down the ladder while the trials say it does not fit (tuner.search.ladder.step_down);
         the baselines run again at the new rung."""
-        while (lower := ladderlib.step_down(self.space, self.records)) is not None:
+        while (lower := ladderlib.step_down(self.space, self.records, self.exhausted())) is not None:
             print(
                 f"note: nothing fits at n_ctx {self.space.base.n_ctx} (the search's configs ran out of memory "
                 f"there, none completed): the working context steps down the ladder to {lower}",
@@ -749,6 +756,8 @@ class Search:
             quality=self.quality,
         )
         if rec is not None:
+            if self.prior is not None and self.prior.active:  # the winner: predicted vs measured
+                rec["prior"] = self.prior.explain(rec["config"], self.records)
             recommendlib.write(self.dir / recommendlib.RECOMMENDED_FILE, rec)
         return rec
 

@@ -74,6 +74,8 @@ class SearchOptions:
     per_load: int = DEFAULT_PER_LOAD  # configs measured in a row per model load (Search.after_load)
     plan: bool = True  # skip configs the memory planner predicts cannot fit
     baselines: bool = True
+    prior: bool = True  # tuner.search.prior: the predicted best measured first (where this rig has a probe)
+    probe: str | None = None  # the probe file it predicts from (default: this machine's and build's)
     drift_every: int = 10
     drift_tolerance: float = 0.05
     no_wait: bool = False  # fail instead of waiting for the host's measurement lock

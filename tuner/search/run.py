@@ -30,6 +30,7 @@ from tuner.quality.results import Cache
 from tuner.record import TrialConfig, TrialRecord, parse_tensor_split
 from tuner.search import baselines
 from tuner.search import feasible as fitlib
+from tuner.search import prior as priorlib
 from tuner.search import recommend as recommendlib
 from tuner.search import space as spacelib
 from tuner.search.confirm import MIN_ROUNDS
@@ -166,6 +167,8 @@ def run_search(
             f"{'--gpus' if opts.gpus else '--ram'} describes a rig to plan for: it needs --dry-run (a "
             "real run measures the machine it runs on, with the GPUs NVML reports)"
         )
+    # the prior's probe before anything runs: one of another machine or build is bad input (tuner.plan.probe)
+    probe_data = priorlib.load_probe(opts.probe) if opts.prior and opts.sampler != "grid" else None
     # a described GPU rig assumes a GPU build; RPC servers' devices are GPUs to llama.cpp
     gpu_offload = bool(build.get("gpu_offload")) or bool(opts.gpus) or bool(remote)
     rig = (
@@ -196,8 +199,24 @@ def run_search(
     fitlib.apply(space, infos, rig, plan=opts.plan)
     spacelib.make_ladder(space, opts.n_depth is not None, asked)
     name = opts.study or study_name(models)
+    prior = None
+    if probe_data is not None:
+        prior = priorlib.Prior.build(
+            space,
+            infos,
+            probe_data,
+            objective,
+            gpu_offload,
+            fits=lambda cfg: fitlib.judge(fitlib.predict(cfg, infos[cfg.model], rig), rig)[0],
+            seed=opts.seed,
+        )
+        if not prior.active:
+            log(f"note: no prior: {prior.note}")
+    elif opts.prior and opts.sampler != "grid":
+        log("note: no prior (the predicted best measured first): this rig has no probe yet; run `tuner probe`")
     if opts.dry_run:  # nothing is measured, locked or written
         out = fitlib.plan(space, infos, rig)
+        out["prior"] = prior.summary() if prior is not None else None
         out["baselines"] = baselines.listed(
             space,
             infos,
@@ -217,6 +236,7 @@ def run_search(
     study_dir = opts.study_dir
 
     srch = Search(space, opts, infos, hwinfo, build, on_trial=on_trial, on_confirm=on_confirm, rig=rig)
+    srch.prior = prior if prior is not None and prior.active else None
     # the lock comes first: resuming marks trials left RUNNING as interrupted, which must never touch a study
     # that another process is measuring right now
     with (
