@@ -505,12 +505,7 @@ def verify(
     study = study_figures(rec)
     seq = results[0]
     out = {
-        "study": rec.get("study"),
-        "created_utc": utcnow(),
-        "server": spec.kind,
-        "command": spec.argv,
-        "settings": spec.settings or None,
-        "recommended_trial": rec.get("trial_number"),
+        **header(rec, spec),
         "test_shape": {
             "n_prompt": n_prompt,
             "n_gen": n_gen,
@@ -570,8 +565,8 @@ def verify(
     return out
 
 
-def failure(rec: dict, spec: ServerSpec, error: str, server_log: str) -> dict:
-    """verify.json of a server that did not come up or died: no client figures, the error and the log's tail."""
+def header(rec: dict, spec: ServerSpec) -> dict:
+    """What every verify.json starts with: the study, when, and the server as it was started."""
     return {
         "study": rec.get("study"),
         "created_utc": utcnow(),
@@ -579,6 +574,13 @@ def failure(rec: dict, spec: ServerSpec, error: str, server_log: str) -> dict:
         "command": spec.argv,
         "settings": spec.settings or None,
         "recommended_trial": rec.get("trial_number"),
+    }
+
+
+def failure(rec: dict, spec: ServerSpec, error: str, server_log: str) -> dict:
+    """verify.json of a server that did not come up or died: no client figures, the error and the log's tail."""
+    return {
+        **header(rec, spec),
         "requests_ok": 0,
         "requests_sent": 0,
         "client_tg_tps": None,
