@@ -249,7 +249,8 @@ def predict(
     tm = terms(info, cfg, tensor_types(info, quant), gpu_offload)
     cpu = figures(probe, HOST, threads)
     gpu = figures(probe, DEVICE, threads) if gpu_offload else None
-    if any(w == DEVICE for w, _ in tm.tg_bytes) and gpu is None:
+    # a GPU build multiplies a prompt batch's host matrices on the GPU too (tm.link_bytes): that needs its figures
+    if (any(w == DEVICE for w, _ in tm.tg_bytes) or tm.link_bytes) and gpu_offload and gpu is None:
         none.note = (
             "no speed prediction for GPU layers: the probe has no GPU figures (run `tuner probe` on a GPU build)"
         )

@@ -211,9 +211,10 @@ def run_search(
             seed=opts.seed,
         )
         if not prior.active:
-            log(f"note: no prior: {prior.note}")
+            space.notes.append(f"no prior: {prior.note}")
     elif opts.prior and opts.sampler != "grid":
-        log("note: no prior (the predicted best measured first): this rig has no probe yet; run `tuner probe`")
+        # a note with the others, once the study's input has been checked (bad input is one line)
+        space.notes.append("no prior (the predicted best measured first): this rig has no probe yet; run `tuner probe`")
     if opts.dry_run:  # nothing is measured, locked or written
         out = fitlib.plan(space, infos, rig)
         out["prior"] = prior.summary() if prior is not None else None
