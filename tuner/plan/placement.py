@@ -155,14 +155,15 @@ def tied_output_copy(info: ModelInfo, where: list[int]) -> tuple[int, int]:
     A model without `output.weight` reads its output through the token embeddings, which stay on the host;
     llama.cpp loads them again into the output layer's buffer (llama-model.cpp: TENSOR_DUPLICATED) when that
     layer is offloaded (Gemma 3 270M: 170 MiB on the last device)."""
-    names = {t.name for t in info.tensors}
-    if "output.weight" in names or "token_embd.weight" not in names:
-        return -1, 0
-    out_dev = next((d for t, d in zip(info.tensors, where) if t.name.startswith("output_norm")), None)
-    if out_dev is None or out_dev < 0:
-        return -1, 0
-    embd = next(t for t in info.tensors if t.name == "token_embd.weight")
-    return out_dev, embd.n_bytes
+    embd, out_dev = 0, -1
+    for t, d in zip(info.tensors, where):  # one pass: predict() asks for every config of a dry run
+        if t.name == "output.weight":
+            return -1, 0
+        if t.name == "token_embd.weight":
+            embd = t.n_bytes
+        elif t.name.startswith("output_norm"):
+            out_dev = d
+    return (out_dev, embd) if embd and out_dev >= 0 else (-1, 0)
 
 
 def placement(cfg: TrialConfig, info: ModelInfo, gpu_offload: bool) -> tuple[list[bool], int]:

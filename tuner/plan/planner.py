@@ -659,13 +659,8 @@ def compute_by_device(
     if not fa:
         attn = max(attn, n_kv * info.n_head + info.n_head * info.head_dim_k + 3 * e)
     routed_tail = e * u + e if info.is_moe and not info.n_expert_shared else 2 * e
-    pp = (
-        n_dev > 1
-        and cfg.split_mode == "layer"
-        and all(d >= 0 for d in layer_dev)
-        and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe)
-    )
     full = all(d >= 0 for d in layer_dev)  # the first layer's input comes from the host's embeddings
+    pp = n_dev > 1 and cfg.split_mode == "layer" and full and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe)
     first = True
     for d in range(n_dev):
         layers = [il for il in range(info.n_layer) if layer_dev[il] == d]
@@ -784,14 +779,16 @@ def max_gpu_layers(
     vram_total: int | list[int],
     headroom: float = DEFAULT_HEADROOM,
     calib: Calibration | None = None,
+    names: tuple[str, ...] = (),
+    device_baselines: list[int] | None = None,
 ) -> int:
     """The largest n_gpu_layers (0..n_layer + 1) whose predicted VRAM fits, on every GPU, with headroom.
-    `vram_total`: one GPU's memory, or a list of every GPU's."""
+    `vram_total`: one GPU's memory, or a list of every GPU's; `names` / `device_baselines` as `predict` takes them."""
     budgets, free = device_budgets(vram_total, headroom)
 
     def ok(n):  # VRAM grows with every offloaded layer
-        p = predict(dataclasses.replace(cfg, n_gpu_layers=n), info, calib, gpu_offload=True, free=free)
-        return vram_fits(p, budgets)
+        c = dataclasses.replace(cfg, n_gpu_layers=n)
+        return vram_fits(predict(c, info, calib, True, free, device_baselines, names), budgets)
 
     return last_true(0, info.n_layer + 1, ok) or 0
 
@@ -832,7 +829,7 @@ def estimate(
         if ngl is not None:  # asked for: show its split
             use = info.n_layer + 1 if ngl < 0 else min(ngl, info.n_layer + 1)
         else:
-            use = (last_true(0, info.n_layer + 1, lambda n: vram_fits(pred(n), budgets)) or 0) if gpu else 0
+            use = max_gpu_layers(cfg, info, vram, headroom, calib, names, device_baselines) if gpu else 0
         p = pred(use) if gpu else predict(dataclasses.replace(cfg, n_gpu_layers=0), info, calib, gpu_offload=False)
         ok, why = fits(p, ram, None, headroom=headroom)
         if ok and gpu and not vram_fits(p, budgets):
@@ -890,11 +887,10 @@ def estimate(
         if gpu and len(budgets) > 1:
             row["gpu_by_device"] = list(p.vram_by_device)
         if info.is_moe and gpu:
-            full = dataclasses.replace(cfg, n_gpu_layers=info.n_layer + 1)
-            row["min_n_cpu_moe"] = first_true(
+            row["min_n_cpu_moe"] = first_true(  # all layers offloaded, the experts of the first n in host RAM
                 0,
                 info.n_layer,
-                lambda n: vram_fits(pred(info.n_layer + 1, dataclasses.replace(full, n_cpu_moe=n)), budgets),
+                lambda n: vram_fits(pred(info.n_layer + 1, dataclasses.replace(cfg, n_cpu_moe=n)), budgets),
             )
         rows.append(row)
     return rows
