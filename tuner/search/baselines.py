@@ -60,7 +60,7 @@ def baseline_params(space: Space, infos: dict[str, ModelInfo], hw, min_ctx: int)
     vram = sum(g.vram_total for g in hw.gpus)
     heuristic_ngl = max(0, min(all_layers, int((vram / 2**20 - HEURISTIC_RESERVE_MB) // HEURISTIC_MB_PER_LAYER)))
     out: list[tuple[dict, str, dict]] = []
-    for label, overrides in ((DEFAULTS_LABEL, {}), ("heuristic", {"n_gpu_layers": heuristic_ngl})):
+    for label, overrides in ((ROLE_BASELINE, {}), ("heuristic", {"n_gpu_layers": heuristic_ngl})):
         params, off = {}, {}
         for name, d in space.varying().items():
             want = overrides.get(name, defaults.get(name, d.values[0]))
@@ -73,11 +73,6 @@ def baseline_params(space: Space, infos: dict[str, ModelInfo], hw, min_ctx: int)
             continue
         out.append((params, label, off))
     return out
-
-
-DEFAULTS_LABEL = ROLE_BASELINE  # llama-bench's defaults: every layer offloaded, no expert in host memory
-FIT_LABEL = ROLE_FIT
-RECIPE_LABEL = ROLE_RECIPE
 
 
 def working_context(space: Space) -> int:
@@ -221,10 +216,10 @@ def starting(
     placed = fit_placement(space, info, rig, fit_target)
     if placed:
         cfg, res = placed
-        out.append(Baseline(FIT_LABEL, space_point(space, cfg, info, rig), cfg, res))
+        out.append(Baseline(ROLE_FIT, space_point(space, cfg, info, rig), cfg, res))
     recipe = recipe_config(space, info, rig, hw, fits)
     if recipe is not None:
-        out.append(Baseline(RECIPE_LABEL, space_point(space, recipe, info, rig), recipe))
+        out.append(Baseline(ROLE_RECIPE, space_point(space, recipe, info, rig), recipe))
     return out
 
 

@@ -199,6 +199,10 @@ def run_search(
     fitlib.apply(space, infos, rig, plan=opts.plan)
     spacelib.make_ladder(space, opts.n_depth is not None, asked)
     name = opts.study or study_name(models)
+
+    def fits(cfg: TrialConfig) -> bool:  # the planner's verdict on this rig
+        return fitlib.judge(fitlib.predict(cfg, infos[cfg.model], rig), rig)[0]
+
     prior = None
     if probe_data is not None:
         prior = priorlib.Prior.build(
@@ -207,7 +211,7 @@ def run_search(
             probe_data,
             objective,
             gpu_offload,
-            fits=lambda cfg: fitlib.judge(fitlib.predict(cfg, infos[cfg.model], rig), rig)[0],
+            fits=fits,
             seed=opts.seed,
         )
         if not prior.active:
@@ -224,7 +228,7 @@ def run_search(
             rig,
             hwinfo,
             opts.min_ctx,
-            fits=lambda cfg: fitlib.judge(fitlib.predict(cfg, infos[cfg.model], rig), rig)[0],
+            fits=fits,
             fit_target=opts.fit_target,
         )
         if space.ladder:

@@ -16,8 +16,11 @@ from tuner.record import FAILED, KV_TYPE_BYTES, TrialConfig, TrialRecord
 from tuner.search import confirm as confirmlib
 from tuner.search.feasible import Rig, caps
 
-WORST = {"tg": 0.0, "pp": 0.0, "mixed": 0.0, "ttft": 1e9, "mem": 1e15, "tg_stream": 0.0, "pp_stream": 0.0}
-WORST["mixed_stream"] = 0.0
+WORST = {
+    **dict.fromkeys(("tg", "pp", "mixed", "tg_stream", "pp_stream", "mixed_stream"), 0.0),
+    "ttft": 1e9,
+    "mem": 1e15,
+}
 # what a device's (not the host's) memory running out says: a GPU backend's words, or a buffer of an RPC device
 # ("unable to allocate RPC0[127.0.0.1:50052] buffer", "failed to allocate compute pp buffers" on RPC0[...])
 VRAM_OOM = re.compile(r"cuda|vram|device memory|hip|vulkan|metal|sycl|gpu|RPC\d+\[", re.IGNORECASE)

@@ -40,13 +40,12 @@ from pathlib import Path
 
 import httpx
 
-from tuner import files
 from tuner.errors import TunerError
 from tuner.measure import hardware
 from tuner.measure.lock import measurement_lock
 from tuner.measure.runner import Runner
 from tuner.record import TrialConfig, utcnow
-from tuner.search.recommend import RECOMMENDED_FILE
+from tuner.search.recommend import RECOMMENDED_FILE, write
 
 VERIFY_FILE = "verify.json"
 HOST = "127.0.0.1"
@@ -617,12 +616,6 @@ def provenance(rec: dict) -> dict:
         "httpx": version("httpx"),
         "python": sys.version.split()[0],
     }
-
-
-def write(path: Path, data: dict) -> None:
-    with files.atomic_file(path, text=True) as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
 
 
 def read(study_dir: str | os.PathLike) -> dict | None:
