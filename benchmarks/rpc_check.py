@@ -107,7 +107,7 @@ def sweep(model: Path, endpoints: tuple[str, ...], mem: int, headroom: str) -> d
     """Every hybrid-region point measured once (no planner in the way) against the planner's verdict and buffers."""
     info = read_model(str(model))
     hw = hardware.probe()
-    remote = [d for d in hardware.llama_devices(endpoints) if d["backend"] == "RPC"]
+    remote = hardware.rpc_devices(endpoints)
     limits = SearchOptions(headroom=headroom).limits
     rig = feasible.rig_from_hardware(hw, limits, True, remote)  # each device as it reports itself: --mem
     names, free = tuple(rig.devices), list(rig.gpu_free)

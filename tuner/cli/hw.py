@@ -26,8 +26,7 @@ def hw(rpc, as_json):
       tuner hw --json
       tuner hw --rpc 127.0.0.1:50052,127.0.0.1:50053
     """
-    endpoints = rpclib.parse_endpoints(rpc)
-    rpclib.check_reachable(endpoints)
+    endpoints = rpclib.reachable(rpc)
     h = hardware.probe(with_llama=True)
     try:
         devices = hardware.llama_devices(endpoints)

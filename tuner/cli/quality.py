@@ -117,8 +117,7 @@ def quality_cmd(
       tuner quality -m model-Q4_K_M.gguf -m model-Q8_0.gguf --rpc 10.0.0.2:50052  # layers on another host
     """
     try:
-        endpoints = rpclib.parse_endpoints(rpc)
-        rpclib.check_reachable(endpoints)  # llama.cpp would abort the worker: bad input, before anything runs
+        endpoints = rpclib.reachable(rpc)
         budget = Budget(max_kld, min_same_top) if max_kld is not None or min_same_top is not None else None
         settings = Settings(
             ctx=ctx,

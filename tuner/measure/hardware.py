@@ -259,6 +259,11 @@ def llama_devices(rpc: tuple[str, ...] = ()) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def rpc_devices(endpoints: tuple[str, ...]) -> list[dict]:
+    """The devices the RPC servers at `endpoints` add (`llama_devices`, the RPC backend's only); none without one."""
+    return [d for d in llama_devices(endpoints) if d["backend"] == "RPC"] if endpoints else []
+
+
 FINGERPRINT_SALT = "TUNER_FINGERPRINT_SALT"
 
 

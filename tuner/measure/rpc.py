@@ -67,6 +67,15 @@ def check_reachable(endpoints: tuple[str, ...], timeout: float = 3.0) -> None:
             raise RpcError(f"--rpc {endpoint}: no RPC server reachable there ({e.strerror or e})") from None
 
 
+def reachable(text: str | list | tuple | None) -> tuple[str, ...]:
+    """`--rpc` as every command takes it: parsed (`parse_endpoints`) and each server reachable now
+    (`check_reachable`), since llama.cpp aborts the process that adds an unreachable one: bad input, before
+    anything runs."""
+    endpoints = parse_endpoints(text)
+    check_reachable(endpoints)
+    return endpoints
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -163,9 +163,7 @@ def estimate(
     if ram is None:
         ram = psutil.virtual_memory().total
     hr = parse_headroom(headroom, ram)
-    endpoints = rpclib.parse_endpoints(rpc)
-    rpclib.check_reachable(endpoints)
-    remote = [d for d in hardware.llama_devices(endpoints) if d["backend"] == "RPC"] if endpoints else []
+    remote = hardware.rpc_devices(rpclib.reachable(rpc))
     if vram is None:
         local = [g.vram_total for g in hardware.probe().gpus]
     else:

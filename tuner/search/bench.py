@@ -98,8 +98,7 @@ def config(model: str, **params) -> tuple[TrialConfig, object]:
             raise BenchError(f"bad --tensor-split {given['tensor_split']!r}: {e}") from None
     cfg = resolve(TrialConfig(model=model, **given), info)
     if cfg.rpc:  # checked here: llama.cpp aborts the worker that finds a server unreachable
-        endpoints = rpc.parse_endpoints(cfg.rpc)
-        rpc.check_reachable(endpoints)
+        endpoints = rpc.reachable(cfg.rpc)
         cfg = dataclasses.replace(cfg, rpc=",".join(endpoints))  # llama-server's spelling, as the worker reads it
     if invalid_reason(cfg):
         raise BenchError(invalid_reason(cfg))

@@ -141,9 +141,8 @@ def run_search(
     infos = {m: read_model(m) for m in models}
     hwinfo = hardware.probe()
     build = hardware.build_info()
-    endpoints = rpclib.parse_endpoints(opts.rpc)
-    rpclib.check_reachable(endpoints)  # llama.cpp would abort the worker: bad input, before anything runs
-    remote = [d for d in hardware.llama_devices(endpoints) if d["backend"] == "RPC"] if endpoints else []
+    endpoints = rpclib.reachable(opts.rpc)
+    remote = hardware.rpc_devices(endpoints)
     base = TrialConfig(
         model=models[0], n_threads=hwinfo.cores_physical, n_threads_batch=0, rpc=",".join(endpoints), **opts.shape
     )
