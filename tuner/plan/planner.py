@@ -12,7 +12,8 @@ Terms of a prediction (all bytes):
   hold only n_swa + n_ubatch cells. KV lives where its layer lives.
 - compute: llama.cpp's graph buffers. The raw term below follows the graph's largest live tensors for the
   tokens that really go through one ubatch; `Calibration` scales it and learns the process baseline (Python,
-  numpy and the llama.cpp libraries: tens of MB of RSS; the CUDA context on a GPU) from measured trials.
+  numpy and the llama.cpp libraries: tens of MB of RSS; the CUDA context on a GPU) from measured trials. An RPC
+  device's own part of the graph: tuner.plan.compute.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -28,6 +28,7 @@ import gguf
 import numpy as np
 
 from tuner.model.meta import EXPS_RE, ModelInfo, read_model
+from tuner.plan.compute import device_buffers
 from tuner.plan.placement import gpu_layer_start, layer_devices, split_fractions, tensor_devices, tied_output_copy
 from tuner.record import KV_TYPE_BYTES, TrialConfig, TrialRecord
 from tuner.units import fmt_size
@@ -603,29 +604,12 @@ def predict(
     )
 
 
-N_COPIES = 4  # ggml-backend.cpp GGML_SCHED_MAX_COPIES: input copies with pipeline parallelism
-UP_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate_)?up(_exps)?\.")
-
-
 def compute_by_device(
     cfg: TrialConfig, info: ModelInfo, where: list[int], layer_dev: list[int], n_dev: int, no_alloc: bool = False
 ) -> list[int]:
-    """The compute buffer each backend reserves for a full ubatch of T tokens, every one an output (index -1: the
-    host's CPU backend, as compute_raw).
-
-    ggml's scheduler runs an op on the backend that holds its weights (RPC has no `offload_op`: an op whose weights
-    are in host memory stays on the CPU) and gives each backend one buffer, sized by the widest set of its tensors
-    alive at once. Per device, in floats per token (E n_embd, V n_vocab, F n_ff, Fe expert width, u experts used):
-    the KQ mask of the layers it runs (alive through the graph; f16 with flash attention), then the widest phase: a
-    dense FFN 3F + 2E (3F + 3E with every layer offloaded); routed experts max(3·Fe·u + 3E, 2E·u + Fe·u + 2E); a
-    layer whose experts are elsewhere E·u + 4E (the weighting of the experts' outputs runs where the router is);
-    attention (FA: Q, K, V, output; MLA: the absorbed query per head and four rope-sized parts); the output layer V
-    + E, or when the layer before it is elsewhere V + 2E (dense) / V + E·u + E (routed experts: the ops after the
-    last expert matmul follow the output). With pipeline parallelism (several devices, every layer offloaded, no
-    overrides: llama_context) each split input is held N_COPIES times (the mask and the layer input); sized by a
-    no_alloc load (`no_alloc`: what --fit plans with) a later device reports 4E more than it allocates when loaded
-    for real. Fitted on llama.cpp's no_alloc figures for the synthetic and oracle shapes over RPC devices
-    (benchmarks/device_oracle.py and fit_equivalence.py record the error per config and buffer)."""
+    """The compute buffer each backend reserves for a full ubatch of T tokens, every one an output: each device's
+    as tuner.plan.compute.device_buffers models it, then (index -1) the host's CPU backend, as compute_raw, when it
+    runs layers."""
     out = [0] * (n_dev + 1)
     if unmodelled_note(info):
         return out
@@ -634,58 +618,9 @@ def compute_by_device(
     host_layers = any(d < 0 for d in layer_dev[: info.n_layer])
     if host_layers or n_dev == 0:
         out[-1] = compute_raw(cfg, info, n_tok, n_tok, n_kv)
-    if n_dev == 0:
-        return out
-    fa = cfg.flash_attn != "off"
-    e, v, u = info.n_embd, info.n_vocab, max(info.n_expert_used, 1)
-    fe = info.n_ff_exp or info.ff(0)
-    moe_live = max(3 * fe * u + 3 * e, 2 * e * u + fe * u + 2 * e)
-    up_dev: dict[int, set[int]] = {}  # layer -> devices holding an up (or fused gate_up) FFN tensor of it
-    exps_layer: set[int] = set()
-    for t, d in zip(info.tensors, where):
-        m = UP_RE.match(t.name)
-        if m:
-            up_dev.setdefault(int(m[1]), set()).add(d)
-            if m[3]:
-                exps_layer.add(int(m[1]))
-    if info.kv_mla:
-        attn = info.n_head * (info.head_dim_k + info.kv_lora_rank + 4 * info.rope_dim) + 3 * e
-    else:
-        attn = (
-            2 * info.n_head * info.head_dim_k
-            + 2 * max(info.head_kv(il) for il in range(info.n_layer)) * info.head_dim_k
-            + 3 * e
-        )
-    if not fa:
-        attn = max(attn, n_kv * info.n_head + info.n_head * info.head_dim_k + 3 * e)
-    routed_tail = e * u + e if info.is_moe and not info.n_expert_shared else 2 * e
-    full = all(d >= 0 for d in layer_dev)  # the first layer's input comes from the host's embeddings
-    pp = n_dev > 1 and cfg.split_mode == "layer" and full and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe)
-    first = True
-    for d in range(n_dev):
-        layers = [il for il in range(info.n_layer) if layer_dev[il] == d]
-        phases = [0]
-        mask = 0
-        for il in layers:
-            phases.append(attn)
-            if il in exps_layer:
-                phases.append(moe_live if d in up_dev.get(il, ()) else e * u + 4 * e)
-            elif d in up_dev.get(il, ()):
-                phases.append(3 * info.ff(il) + (3 if full else 2) * e)
-        for il, ds in up_dev.items():  # FFN weights of another device's layer (an overflowing part)
-            if d in ds and layer_dev[min(il, info.n_layer - 1)] != d:
-                phases.append(moe_live if il in exps_layer else 3 * info.ff(il) + 3 * e)
-        cells = {kv_cells(cfg, info, il) for il in layers} - {0}
-        mask = sum(c * n_tok * (2 if fa else 4) for c in cells)
-        if layer_dev[info.n_layer] == d:
-            phases.append(v + e if info.n_layer and layer_dev[info.n_layer - 1] == d else v + routed_tail)
-        buf = max(phases) * n_tok * 4 + mask
-        if pp and layers:
-            buf += (
-                (N_COPIES - 1) * mask + N_COPIES * e * n_tok * 4 + (4 * e * n_tok * 4 if no_alloc and not first else 0)
-            )
-            first = False
-        out[d] = buf
+    if n_dev:
+        cells = [kv_cells(cfg, info, il) for il in range(info.n_layer)]
+        out[:n_dev] = device_buffers(cfg, info, where, layer_dev, n_dev, cells, n_tok, no_alloc)
     return out
 
 
