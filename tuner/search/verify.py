@@ -45,9 +45,8 @@ from tuner.measure import hardware
 from tuner.measure.lock import measurement_lock
 from tuner.measure.runner import Runner
 from tuner.record import TrialConfig, utcnow
-from tuner.search.recommend import RECOMMENDED_FILE, write
+from tuner.search.recommend import RECOMMENDED_FILE, VERIFY_FILE, write
 
-VERIFY_FILE = "verify.json"
 HOST = "127.0.0.1"
 SEED = 0  # the sampler's seed in every request: the same text on a rerun, so the same detokenization work
 LOG_TAIL_LINES = 12
@@ -603,12 +602,3 @@ def provenance(rec: dict) -> dict:
         "httpx": version("httpx"),
         "python": sys.version.split()[0],
     }
-
-
-def read(study_dir: str | os.PathLike) -> dict | None:
-    """STUDY/verify.json, or None when the study was never verified (or the file cannot be read)."""
-    path = Path(study_dir) / VERIFY_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
