@@ -11,11 +11,12 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tuner import ports
 
 USER = "tuner"
 
@@ -47,12 +48,6 @@ def _as_server_user(cmd: list[str]) -> list[str]:
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"], check=True
         )
     return ["runuser", "-u", "postgres", "--", *cmd]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start() -> Server:
@@ -87,7 +82,7 @@ def start() -> Server:
         check=True,
         capture_output=True,
     )
-    port = _free_port()
+    port = ports.free_port()
     opts = f"-h 127.0.0.1 -p {port} -k {sock} -c fsync=off -c max_connections=200"
     subprocess.run(
         _as_server_user(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tuner import ports
 from tuner.measure import rpc, store
 from tuner.measure.runner import Runner, resolve
 from tuner.record import TrialConfig
@@ -150,13 +151,13 @@ def test_rpc_server_bad_input_is_one_line_and_exit_2(tmp_path):
     assert (
         res.returncode == 2 and res.stderr.startswith("tuner: error: cannot serve on") and res.stderr.count("\n") == 1
     ), res.stderr
-    res = run("rpc-server", "--port", str(rpc.free_port()), "--mem", "100TiB", timeout=60)
+    res = run("rpc-server", "--port", str(ports.free_port()), "--mem", "100TiB", timeout=60)
     assert res.returncode == 2 and "more than this host's RAM" in res.stderr and res.stderr.count("\n") == 1
 
 
 def test_bench_refuses_a_malformed_or_unreachable_endpoint_before_anything_runs(models, tmp_path):
     out = tmp_path / "b.parquet"
-    for endpoint, words in (("127.0.0.1", "expected HOST:PORT"), (f"127.0.0.1:{rpc.free_port()}", "no RPC server")):
+    for endpoint, words in (("127.0.0.1", "expected HOST:PORT"), (f"127.0.0.1:{ports.free_port()}", "no RPC server")):
         res = run("bench", str(models / "tiny-q8_0.gguf"), "--rpc", endpoint, "-o", str(out), timeout=60)
         assert res.returncode == 2 and words in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert not out.exists()
@@ -248,7 +249,7 @@ def test_estimate_plans_each_server_as_its_own_device(two_servers, models):
     # judged per device, never as one pool: every device's share within its own 64 MiB
     assert len(row["gpu_by_device"]) == 2 and all(0 < v <= 64 * MiB for v in row["gpu_by_device"]), row
     assert row["min_n_cpu_moe"] is not None
-    res = run("estimate", str(models / "moe-q8_0.gguf"), "--rpc", f"127.0.0.1:{rpc.free_port()}")
+    res = run("estimate", str(models / "moe-q8_0.gguf"), "--rpc", f"127.0.0.1:{ports.free_port()}")
     assert res.returncode == 2 and "no RPC server" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -263,5 +264,5 @@ def test_quality_runs_its_passes_on_the_servers_devices(two_servers, models, tmp
     a, b = (json.loads(r.stdout) for r in (over_rpc, local))
     # the same files, the same text: the KL divergence does not depend on which device computed it
     assert a[1]["kld_mean"] > 0 and a[1]["kld_mean"] == pytest.approx(b[1]["kld_mean"], rel=0.05)
-    res = run("quality", "-m", str(q), "--rpc", f"127.0.0.1:{rpc.free_port()}")
+    res = run("quality", "-m", str(q), "--rpc", f"127.0.0.1:{ports.free_port()}")
     assert res.returncode == 2 and "no RPC server" in res.stderr and "Traceback" not in res.stderr

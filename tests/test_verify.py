@@ -123,7 +123,7 @@ def test_a_port_in_use(study, tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        one_line_exit_2(run(["verify", str(d), "--port", str(port)]), f"--port {port}", "in use")
+        one_line_exit_2(run(["verify", str(d), "--port", str(port)]), f"cannot serve on 127.0.0.1:{port}", "in use")
     assert not (d / "verify.json").exists()
 
 
@@ -163,7 +163,6 @@ def test_the_printed_llama_server_line_serves(study, tmp_path):
     assert out["client_tg_tps"] > 0 and all(r["n_gen"] == 8 for r in out["levels"][0]["per_request"])
 
 
-def test_library_port_check_and_concurrency():
-    assert verifylib.check_port(0) > 0
+def test_library_concurrency():
     assert verifylib.study_concurrency({"config": {}}) == 1
     assert verifylib.study_concurrency({"config": {}, "parallel": {"n_seq": 4}}) == 4

@@ -8,6 +8,7 @@ import threading
 import click
 import psutil
 
+from tuner import ports
 from tuner.cli.options import SIZE
 from tuner.measure import rpc
 from tuner.units import fmt_size, physical_cores
@@ -48,7 +49,7 @@ def rpc_server_cmd(host, port, mem, threads):
         raise rpc.RpcError(f"--mem must be more than 0 bytes, got {mem}")
     if mem is not None and mem > ram:
         raise rpc.RpcError(f"--mem {fmt_size(mem)} is more than this host's RAM ({fmt_size(ram)})")
-    rpc.check_port_free(host, port)
+    ports.check_port(host, port)
     if not rpc.is_loopback(host):
         click.echo(
             f"warning: serving on {host}: llama.cpp's RPC protocol has no authentication; anyone who can "

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from tuner import ports
 from tuner.errors import TunerError
 
 DEFAULT_PORT = 50052  # ggml-rpc-server's
@@ -85,22 +86,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_port_free(host: str, port: int) -> None:
-    """The port can be bound (a server started on a port in use would fail inside llama.cpp, after the load)."""
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.bind((host, port))
-    except OSError as e:
-        raise RpcError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel has just handed out on `host` (for a local server)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class LocalServer:
     """A `tuner rpc-server` process on this host: this CPU as a device of `mem` bytes (None: the host's RAM),
     reachable when the constructor returns; stopped with SIGINT, as a user stops it (`stop`, or a `with` block).
@@ -111,7 +96,7 @@ class LocalServer:
     """
 
     def __init__(self, mem: int | None, log_dir: str | os.PathLike, threads: int = 1, start_s: float = 60):
-        self.port = free_port()
+        self.port = ports.free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.log = Path(log_dir) / f"rpc-{self.port}.log"
         args = [sys.executable, "-c", "from tuner.cli import cli; cli()", "rpc-server", "--port", str(self.port)]

@@ -16,8 +16,7 @@ import optuna
 from tuner.errors import TunerError
 from tuner.measure import store
 from tuner.record import TrialConfig, TrialRecord
-from tuner.search import verify
-from tuner.search.recommend import RECOMMENDED_FILE
+from tuner.search.recommend import RECOMMENDED_FILE, read_verified
 
 FORMATS = ("png", "svg", "pdf")
 DEFAULT_MAP = ("n_gpu_layers", "n_ctx")
@@ -117,7 +116,7 @@ def load_study(path: str | os.PathLike, label: str | None = None) -> Study:
             raise ReportError(f"unreadable {rp}: {str(e).splitlines()[0][:120]}") from None
         if not isinstance(recommended, dict) or "config" not in recommended:
             raise ReportError(f'{rp} is not a recommendation written by tuner (no "config")')
-    study = Study(path=p, label=label or p.name, records=recs, recommended=recommended, verified=verify.read(p))
+    study = Study(path=p, label=label or p.name, records=recs, recommended=recommended, verified=read_verified(p))
     study.optuna_trials, study.optuna_note = _load_optuna(p, study.name)
     return study
 

@@ -22,6 +22,7 @@ from tuner.search.confirm import objective_samples
 from tuner.search.feasible import caps, device_caps
 
 RECOMMENDED_FILE = "recommended.json"
+VERIFY_FILE = "verify.json"  # `tuner verify`: the recommendation served and measured by a client
 SPLIT_MODE_INT = {"none": 0, "layer": 1, "row": 2}
 # every baseline a search enqueues (tuner.search.baselines), in the order reports list them
 BASELINES = (
@@ -523,3 +524,11 @@ def write(path: Path, data: dict) -> None:
     with files.atomic_file(path, text=True) as f:
         json.dump(data, f, indent=2, default=str)
         f.write("\n")
+
+
+def read_verified(study_dir: str | os.PathLike) -> dict | None:
+    """STUDY/verify.json, or None when the study was never verified (or the file cannot be read)."""
+    try:
+        return json.loads((Path(study_dir) / VERIFY_FILE).read_text())
+    except (OSError, ValueError):
+        return None

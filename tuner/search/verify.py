@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,14 +39,14 @@ from pathlib import Path
 
 import httpx
 
+from tuner import ports
 from tuner.errors import TunerError
 from tuner.measure import hardware
 from tuner.measure.lock import measurement_lock
 from tuner.measure.runner import Runner
 from tuner.record import TrialConfig, utcnow
-from tuner.search.recommend import RECOMMENDED_FILE, write
+from tuner.search.recommend import RECOMMENDED_FILE, VERIFY_FILE, write
 
-VERIFY_FILE = "verify.json"
 HOST = "127.0.0.1"
 SEED = 0  # the sampler's seed in every request: the same text on a rerun, so the same detokenization work
 LOG_TAIL_LINES = 12
@@ -97,19 +96,6 @@ def load_recommendation(study_dir: str | os.PathLike) -> dict:
     if not model or not Path(model).is_file():
         raise VerifyError(f"the recommended model {model!r} is not on this machine")
     return rec
-
-
-def check_port(port: int, host: str = HOST) -> int:
-    """`port` if nothing listens there (bound and released here), else VerifyError; 0 picks a free port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # as the servers bind (uvicorn, llama-server): a port a closed connection left in TIME_WAIT is free,
-        # one a process listens on is not
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise VerifyError(f"--port {port}: {host}:{port} is in use ({e.strerror})") from None
-        return s.getsockname()[1]
 
 
 def study_concurrency(rec: dict) -> int:
@@ -453,7 +439,7 @@ def verify(
         raise VerifyError(f"--concurrency {concurrency}: at least 1")
     rec = load_recommendation(study_dir)
     n = concurrency or study_concurrency(rec)
-    port = check_port(port) if port else check_port(0)
+    port = ports.check_port(HOST, port or 0)
     cfg = rec["config"]
     n_prompt, n_gen = int(cfg["n_prompt"]), int(cfg["n_gen"])
     with tempfile.TemporaryDirectory(prefix="tuner-verify-") as tmp:
@@ -616,12 +602,3 @@ def provenance(rec: dict) -> dict:
         "httpx": version("httpx"),
         "python": sys.version.split()[0],
     }
-
-
-def read(study_dir: str | os.PathLike) -> dict | None:
-    """STUDY/verify.json, or None when the study was never verified (or the file cannot be read)."""
-    path = Path(study_dir) / VERIFY_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
