@@ -165,7 +165,10 @@ def test_llama_cpp_python_kwargs_are_llama_parameters(name):
     assert set(kwargs) <= set(inspect.signature(llama_cpp.Llama.__init__).parameters)
 
 
-@pytest.mark.skipif(not (VENDORED / "common" / "arg.cpp").is_file(), reason="no vendored llama.cpp source here")
+@pytest.mark.skipif(
+    not (VENDORED / "common" / "arg.cpp").is_file(),
+    reason=f"no vendored llama.cpp source at {VENDORED} (TUNER_LLAMA_CPP_SOURCE)",
+)
 def test_committed_table_is_the_vendored_sources():
     """Regenerate with `python tests/lcp_args.py /work/ref/lcp/vendor/llama.cpp > tests/data/llama_server_args.json`
     when llama-cpp-python (and its vendored llama.cpp) is upgraded."""

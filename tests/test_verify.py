@@ -150,7 +150,7 @@ def test_a_server_that_does_not_come_up_is_exit_1_and_recorded(study, tmp_path):
     assert out["command"][0] == str(fake) and out["command"][1:3] == ["-m", out["command"][2]]
 
 
-@pytest.mark.skipif(not LLAMA_SERVER.is_file(), reason=f"no llama-server binary at {LLAMA_SERVER}")
+@pytest.mark.skipif(not LLAMA_SERVER.is_file(), reason=f"no llama-server binary at {LLAMA_SERVER} (TUNER_LLAMA_SERVER)")
 def test_the_printed_llama_server_line_serves(study, tmp_path):
     """The printed command line run by a real llama-server built from the vendored source (TUNER_LLAMA_SERVER)."""
     d = copy_study(study, tmp_path / "s")

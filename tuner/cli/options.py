@@ -47,6 +47,9 @@ VRAM = Parsed("0|SIZE[,SIZE...]", lambda text: [] if str(text).strip() in ("0", 
 HEADROOM = Parsed("SIZE|PCT", parse_headroom)
 
 
+SECONDS = click.FloatRange(min=0, min_open=True)  # a duration of more than 0 s (timeouts)
+
+
 def check_count(ctx, param, value):
     if value is None:
         return value
@@ -203,14 +206,14 @@ def run_params(timeout_flag: str = "--timeout"):
             click.option(
                 timeout_flag,
                 timeout_flag.lstrip("-").replace("-", "_"),
-                type=click.FloatRange(min=0, min_open=True),
+                type=SECONDS,
                 default=600.0,
                 show_default=True,
                 help="seconds before a trial is killed and recorded as timeout",
             ),
             click.option(
                 "--load-timeout",
-                type=click.FloatRange(min=0, min_open=True),
+                type=SECONDS,
                 default=3600.0,
                 show_default=True,
                 help="seconds a model load may take before the trial is a timeout "

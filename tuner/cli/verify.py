@@ -8,7 +8,7 @@ import json
 import click
 
 from tuner.cli.common import log
-from tuner.cli.options import lock_params
+from tuner.cli.options import SECONDS, lock_params
 from tuner.search import verify as verifylib
 
 
@@ -35,14 +35,14 @@ from tuner.search import verify as verifylib
 )
 @click.option(
     "--start-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=SECONDS,
     default=600.0,
     show_default=True,
     help="seconds the server may take to load the model and answer",
 )
 @click.option(
     "--request-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=SECONDS,
     default=600.0,
     show_default=True,
     help="seconds one request may take",
