@@ -6,13 +6,17 @@ worker processes (tuner.plan.oracle), each model with its layers placed over the
 the real Gemma 3 270M when cached, and the oracle's DeepSeek-V3 / Qwen3-MoE / Llama 3 70B shapes (sparse files:
 sized with `no_alloc`, nothing allocated). Grid per model: n_gpu_layers (all, half), tensor_split (the default by
 free memory, 1,3), split mode (layer; none = everything on the main device), and for MoE models n_cpu_moe (0, half)
-× moe_part (none, down). Small files are also loaded for real (buffers allocated on the servers).
+× moe_part (none, down). Small files are also loaded for real (buffers allocated on the servers). Held out
+(`EXPOSED`, summary `compute_held_out`): MoE shapes with a small vocabulary, where the layers' phases rather than
+the output layer set the buffers, with two more n_cpu_moe values (1, every layer).
 
-For every device and the host, each buffer llama.cpp logs (model, KV, compute) is set against the planner's
-(tuner.plan.fit.device_usage: the figures the search and --fit plan with). Target: every buffer within 2 %.
+For every device and the host, each buffer llama.cpp logs (model, KV, compute) is set against the planner's model
+(tuner.plan.fit.device_usage without llama.cpp's answers: what --fit's port and the search plan with for a
+described rig; on reachable RPC devices the search asks llama.cpp instead, tuner.plan.llama_sizes). Target: every
+buffer within 2 %.
 
-    python benchmarks/device_oracle.py                # ~5 min on 2 cores
-    python benchmarks/device_oracle.py --no-big       # the synthetic models and Gemma only
+    python benchmarks/device_oracle.py                # ~1.5 min on 2 cores
+    python benchmarks/device_oracle.py --no-big --no-exposed   # the synthetic models and Gemma only
 
 Writes benchmarks/results/device-oracle-*.json (every comparison, the error distribution per buffer kind);
 exits 1 when a buffer is off by more than 2 %.
@@ -43,12 +47,24 @@ TOLERANCE = 0.02
 HALF = 0.005 * MiB + 1  # llama.cpp logs MiB with two decimals
 DEVICE_MEM = 16 << 30  # what each server reports (no_alloc allocates nothing; real loads stay far below)
 N_CTX = 4096
+# Held out: MoE shapes with a small vocabulary, so that the layers' phases, not the output layer, set each device's
+# compute buffer (the published shapes above have 129k-152k tokens: their output layer hides the MoE phases on every
+# device that holds it). Never looked at while the planner's formulas were fitted.
+EXPOSED = [
+    ("qwen3moe u2", "qwen3moe", dict(n_layer=6, n_expert=16, n_vocab=4096, n_used=2)),
+    ("qwen3moe u8 Fe768", "qwen3moe", dict(n_layer=6, n_expert=16, n_vocab=4096, n_ff_exp=768)),
+    ("deepseek2 small", "deepseek2", dict(n_layer=6, n_expert=16, n_vocab=4096)),
+    ("gpt-oss small", "gpt-oss", dict(n_layer=6, n_expert=8, n_vocab=4096)),
+    ("glm4moe small", "glm4moe", dict(n_layer=6, n_expert=16, n_vocab=4096)),
+]
 
 
-def grid(info, path: str, endpoints: str, real: bool) -> list[oracle.Job]:
+def grid(info, path: str, endpoints: str, real: bool, exposed: bool = False) -> list[oracle.Job]:
     n = info.n_layer + 1
     jobs = []
     moe = [(0, "none"), (info.n_layer // 2, "none"), (info.n_layer // 2, "down")] if info.is_moe else [(0, "none")]
+    if exposed:  # every layer's experts in host memory, and the first layer's only, as well
+        moe += [(1, "none"), (info.n_layer, "none")]
     modes = ["sim", "real"] if real else ["sim"]
     for mode, ngl, ts, sm, (cpu_moe, part) in itertools.product(
         modes, (n, max(1, info.n_layer // 2)), ("", "1,3"), ("layer", "none"), moe
@@ -114,6 +130,7 @@ def compare(job: oracle.Job, res: dict, info, names: tuple[str, ...]) -> list[di
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-big", action="store_true", help="skip the oracle's big sparse shapes")
+    ap.add_argument("--no-exposed", action="store_true", help="skip the held-out small-vocabulary MoE shapes")
     args = ap.parse_args()
     t0 = time.monotonic()
     cache = Path.home() / ".cache" / "tuner-test-models"
@@ -129,26 +146,35 @@ def main() -> int:
         if not args.no_big:
             for arch in ("deepseek2", "qwen3moe", "llama"):
                 found.append({"tag": f"{arch} (sparse)", "path": str(oracle.model_file(arch, tmp)), "real": False})
+        if not args.no_exposed:
+            for tag, arch, dims in EXPOSED:
+                path = oracle.model_file(arch, tmp, tag=tag.replace(" ", "-"), **dims)
+                found.append({"tag": tag, "path": str(path), "real": False, "held_out": True, "dims": dims})
         with rpc.LocalServer(DEVICE_MEM, tmp) as a, rpc.LocalServer(DEVICE_MEM, tmp) as b:
             endpoints = f"{a.endpoint},{b.endpoint}"
             names = tuple(f"RPC0[{e}]" for e in (a.endpoint, b.endpoint))
             for m in found:
                 info = read_model(m["path"])
-                jobs = grid(info, m["path"], endpoints, m["real"])
+                jobs = grid(info, m["path"], endpoints, m["real"], m.get("held_out", False))
                 for job, res in zip(jobs, oracle.measure(jobs, timeout=600)):
                     for r in compare(job, res, info, names):
                         rows.append({"model": m["tag"], **r})
                 done = [r for r in rows if r["model"] == m["tag"] and r.get("error") is not None]
                 worst = max((abs(r["error"]) for r in done), default=0)
                 print(f"{m['tag']}: {len(done)} buffers, worst {worst:.1%}", file=sys.stderr)
+    held_out = {m["tag"] for m in found if m.get("held_out")}
     summary = {}
-    for kind in ("model", "kv", "compute"):
-        errs = [abs(r["error"]) for r in rows if r.get("buffer") == kind and r.get("error") is not None]
+    for kind, which in (("model", None), ("kv", None), ("compute", False), ("compute_held_out", True)):
+        buf = kind.split("_")[0]
+        mine = [r for r in rows if r.get("buffer") == buf and (which is None or (r["model"] in held_out) == which)]
+        errs = [abs(r["error"]) for r in mine if r.get("error") is not None]
         summary[kind] = {
             "n": len(errs),
-            "within_2pct": sum(1 for r in rows if r.get("buffer") == kind and r.get("within")),
+            "within_2pct": sum(1 for r in mine if r.get("within")),
             "median_abs_error": round(statistics.median(errs), 4) if errs else None,
             "max_abs_error": round(max(errs), 4) if errs else None,
+            # the planner's figure above llama.cpp's wastes room; below it, a config the planner passes can fail
+            "under": sum(1 for r in mine if r.get("error") is not None and r["error"] < -TOLERANCE),
         }
     failed_loads = [r for r in rows if r["buffer"] == "load"]
     result = {

@@ -12,7 +12,9 @@ Starts two `tuner rpc-server --mem MEM` processes on 127.0.0.1 (each this CPU se
    default split) measured once without the planner, and the planner's verdict on it (fits or not, per device)
    against what llama.cpp did (ran, or failed for memory on a device); for each config that ran, every buffer
    llama.cpp logged per device (model, KV, compute) against the planner's (tuner.plan.fit.device_usage: the same
-   figures --fit plans with). Target: every buffer within 2 %.
+   figures --fit plans with), as the search plans on RPC devices (the compute buffers sized by llama.cpp's own
+   no_alloc load: tuner.plan.llama_sizes) and from the planner's model alone (`model_only_*`: what a described
+   rig gets). Target: every buffer within 2 %.
 
     python benchmarks/rpc_check.py                   # ~1 min on 2 cores
     python benchmarks/rpc_check.py --mem 48MiB --trials 8
@@ -24,6 +26,7 @@ baseline not measured, a wrong planner verdict, a buffer off by more than 2 %).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,6 +42,7 @@ from tuner.measure.runner import Runner, resolve  # noqa: E402
 from tuner.model.meta import read_model  # noqa: E402
 from tuner.model.synth import synthesize  # noqa: E402
 from tuner.plan import fit as F  # noqa: E402
+from tuner.plan.llama_sizes import LlamaSizes  # noqa: E402
 from tuner.record import MOE_PARTS, TrialConfig  # noqa: E402
 from tuner.search import feasible  # noqa: E402
 from tuner.search.confirm import ROLE_BASELINE, ROLE_FIT, ROLE_RECIPE  # noqa: E402
@@ -111,8 +115,9 @@ def sweep(model: Path, endpoints: tuple[str, ...], mem: int, headroom: str) -> d
     limits = SearchOptions(headroom=headroom).limits
     rig = feasible.rig_from_hardware(hw, limits, True, remote)  # each device as it reports itself: --mem
     names, free = tuple(rig.devices), list(rig.gpu_free)
+    rig.sizes = LlamaSizes(names)  # as `tuner search` plans on RPC devices: llama.cpp sizes the compute buffers
     rows = []
-    with Runner(timeout=120, reuse=False, hw=hw, build=hardware.build_info()) as runner:
+    with rig.sizes, Runner(timeout=120, reuse=False, hw=hw, build=hardware.build_info()) as runner:
         for n in range(info.n_layer + 1):
             for part in MOE_PARTS:
                 cfg = resolve(
@@ -131,6 +136,8 @@ def sweep(model: Path, endpoints: tuple[str, ...], mem: int, headroom: str) -> d
                     continue  # a partial layer past the last one: the same as "none"
                 pred = feasible.predict(cfg, info, rig)
                 fits, why = feasible.judge(pred, rig)
+                alone = dataclasses.replace(rig, sizes=None)
+                fits_alone = feasible.judge(feasible.predict(cfg, info, alone), alone)[0]
                 rec = runner.run(cfg)
                 device_oom = rec.outcome == "oom"
                 row = {
@@ -142,16 +149,21 @@ def sweep(model: Path, endpoints: tuple[str, ...], mem: int, headroom: str) -> d
                     "outcome": rec.outcome,
                     "cause": rec.cause[:200],
                     "verdict_right": fits == rec.ok and (rec.ok or device_oom),
+                    "model_only_fits": fits_alone,
+                    "model_only_verdict_right": fits_alone == rec.ok and (rec.ok or device_oom),
                 }
                 if rec.ok:
-                    mine = F.device_usage(cfg, info, free, names)
+                    # what the search plans with (the compute buffers from llama.cpp's no_alloc sizing) and the
+                    # planner's model alone (what a described rig gets)
+                    used = F.device_usage(cfg, info, free, names, compute_of=rig.sizes)
+                    model_only = F.device_usage(cfg, info, free, names)
                     errs = {}
                     for i, name in enumerate(names):
                         theirs = rec.buffers.get(name, {})
-                        for kind, planned in (
-                            ("model", mine[i].model),
-                            ("kv", mine[i].context),
-                            ("compute", mine[i].compute),
+                        for kind, planned, alone in (
+                            ("model", used[i].model, model_only[i].model),
+                            ("kv", used[i].context, model_only[i].context),
+                            ("compute", used[i].compute, model_only[i].compute),
                         ):
                             got = theirs.get(kind, 0)
                             if got or planned:
@@ -159,6 +171,8 @@ def sweep(model: Path, endpoints: tuple[str, ...], mem: int, headroom: str) -> d
                                     "llama_mib": round(got / MiB, 2),
                                     "planner_mib": round(planned / MiB, 2),
                                     "error": round(planned / got - 1, 4) if got else None,
+                                    "model_only_mib": round(alone / MiB, 2),
+                                    "model_only_error": round(alone / got - 1, 4) if got else None,
                                 }
                     row["buffers"] = errs
                 rows.append(row)
@@ -180,7 +194,18 @@ def sweep(model: Path, endpoints: tuple[str, ...], mem: int, headroom: str) -> d
             for k, e in (r.get("buffers") or {}).items()
             if k.endswith(":" + kind)
         ]
-        by_kind[kind] = {"n": len(vals), "max_abs_error": max(vals) if vals else None}
+        alone = [
+            abs(e["model_only_error"]) if e["model_only_error"] is not None else float("inf")
+            for r in rows
+            for k, e in (r.get("buffers") or {}).items()
+            if k.endswith(":" + kind)
+        ]
+        by_kind[kind] = {
+            "n": len(vals),
+            "max_abs_error": max(vals) if vals else None,
+            "model_only_within_2pct": sum(1 for e in alone if e <= TOLERANCE),
+            "model_only_max_abs_error": max(alone) if alone else None,
+        }
     return {
         "device_mib": mem / MiB,
         "configs": len(rows),
@@ -188,6 +213,7 @@ def sweep(model: Path, endpoints: tuple[str, ...], mem: int, headroom: str) -> d
         "device_oom": sum(1 for r in rows if r["outcome"] == "oom"),
         "planner_predicted_oom": sum(1 for r in rows if not r["planner_fits"]),
         "verdicts_right": sum(1 for r in rows if r["verdict_right"]),
+        "model_only_verdicts_right": sum(1 for r in rows if r["model_only_verdict_right"]),
         "buffers_compared": len(errors),
         "buffers_within_2pct": sum(1 for e in errors if e <= TOLERANCE),
         "max_abs_error_by_kind": by_kind,

@@ -680,16 +680,17 @@ class _State:
 # -- the breakdown from the planner --------------------------------------------------------------------------
 
 
-def planner_breakdown(info: ModelInfo, devices: list[DeviceMemory]) -> Breakdown:
+def planner_breakdown(info: ModelInfo, devices: list[DeviceMemory], compute_of=None) -> Breakdown:
     """Each device's (model, context, compute) for a config, from the planner alone, as llama.cpp's no_alloc load
     reports them (fit.cpp 30-154, llama_context::memory_breakdown): weights by tensor placement (layers by
     cumulative split fractions, `-ot` buffers by device name), the KV cache of each device's layers, and the
-    compute buffer each backend reserves (`compute_by_device`). The last entry is the host."""
+    compute buffer each backend reserves (`compute_by_device`; `compute_of`: llama.cpp's own figures where it can
+    give them, tuner.plan.llama_sizes). The last entry is the host."""
     names = tuple(d.name for d in devices)
     free = [d.free for d in devices] if devices else None
 
     def breakdown(cfg: TrialConfig) -> list[Usage]:
-        return device_usage(cfg, info, free, names, no_alloc=True)
+        return device_usage(cfg, info, free, names, no_alloc=True, compute_of=compute_of)
 
     return breakdown
 
@@ -701,11 +702,13 @@ def device_usage(
     names: tuple[str, ...] = (),
     alignment: int = TENSOR_ALIGNMENT,
     no_alloc: bool = False,
+    compute_of=None,
 ) -> list[Usage]:
     """The planner's llama_memory_breakdown: one Usage per device in `free`'s order, then the host's. Weights are
     summed as ggml_backend_alloc_ctx_tensors_from_buft_size sums them (each tensor padded to the buffer type's
     alignment: 32 for CPU and RPC buffers, ggml-impl.h TENSOR_ALIGNMENT). `no_alloc`: the compute buffers as a
-    no_alloc load sizes them (what --fit plans with), else as a real load allocates them."""
+    no_alloc load sizes them (what --fit plans with), else as a real load allocates them; `compute_of(cfg)`: the
+    compute buffers as llama.cpp sizes them (devices, then the host), where it can (else None)."""
     n_dev = len(free) if free else 0
     gpu = n_dev > 0
     where, _ = placement.tensor_devices(cfg, info, gpu, free, names)
@@ -722,7 +725,8 @@ def device_usage(
             ctx[layer_dev[il]] += planner.kv_layer_bytes(cfg, info, il) + planner.rs_layer_bytes(
                 info, il, cfg.streams()
             )
-    comp = planner.compute_by_device(cfg, info, where, layer_dev, n_dev, no_alloc)
+    asked = compute_of(cfg) if compute_of is not None and gpu else None
+    comp = asked or planner.compute_by_device(cfg, info, where, layer_dev, n_dev, no_alloc)
     return [Usage(model[i], ctx[i], comp[i]) for i in list(range(n_dev)) + [-1]]
 
 

@@ -20,6 +20,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -207,7 +208,9 @@ def _dense_or_shared_moe(t, p: str, dense: bool, n_embd: int, n_ff: int, n_ff_ex
         _ffn(t, p, n_embd, n_ff_exp, "_shexp")
 
 
-def qwen3_moe(n_layer=94, n_expert=128, n_vocab=151936, n_embd=4096, n_head=64, n_kv=4, hd=128, n_ff_exp=1536) -> Shape:
+def qwen3_moe(
+    n_layer=94, n_expert=128, n_vocab=151936, n_embd=4096, n_head=64, n_kv=4, hd=128, n_ff_exp=1536, n_used=8
+) -> Shape:
     """Qwen3-235B-A22B: 64 query / 4 KV heads of 128, 128 experts (8 used), QK norm."""
     meta = _common(
         n_embd,
@@ -221,7 +224,7 @@ def qwen3_moe(n_layer=94, n_expert=128, n_vocab=151936, n_embd=4096, n_head=64, 
             ".attention.key_length": hd,
             ".attention.value_length": hd,
             ".expert_count": n_expert,
-            ".expert_used_count": 8,
+            ".expert_used_count": n_used,
             ".expert_feed_forward_length": n_ff_exp,
             ".rope.freq_base": 1e6,
         },
@@ -518,7 +521,7 @@ class Job:
     n_ubatch: int = 512
     type_k: str = "f16"
     type_v: str = "f16"
-    flash_attn: str = "on"  # on | off
+    flash_attn: str = "on"  # on | off | auto
     mode: str = "sim"  # sim (no_alloc) | real (mmap, buffers allocated)
     n_gpu_layers: int = 0
     n_cpu_moe: int = 0
@@ -526,12 +529,30 @@ class Job:
     rpc: str = ""  # llama.cpp RPC servers ("host:port,..."): their devices join, as `--rpc` adds them
     tensor_split: str = ""
     split_mode: str = "layer"  # none | layer (row: CUDA/SYCL only)
+    cpu_moe: bool = False
+    overrides: tuple[str, ...] = ()  # raw -ot PATTERN=BUFFER entries
+    main_gpu: int = 0
+    n_seq: int = 1
+    kv_unified: bool = False
+
+    @classmethod
+    def of(cls, cfg: TrialConfig, mode: str = "sim") -> Job:
+        """The load and context of a trial config, as llama.cpp would size them (what decides its buffers only)."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("mode", "n_ctx", "n_seq", "overrides")]
+        return cls(
+            mode=mode,
+            n_ctx=cfg.effective_ctx(),
+            n_seq=cfg.streams(),
+            overrides=tuple(cfg.overrides),
+            **{k: getattr(cfg, k) for k in names},
+        )
 
     def config(self) -> TrialConfig:
         """The job as a TrialConfig: the planner's side of a comparison with what llama.cpp reported."""
         fields = ("n_ctx", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn", "n_gpu_layers", "n_cpu_moe")
-        more = ("moe_part", "rpc", "tensor_split", "split_mode")
-        return TrialConfig(model=self.model, **{k: getattr(self, k) for k in fields + more})
+        more = ("moe_part", "rpc", "tensor_split", "split_mode", "cpu_moe", "overrides", "main_gpu", "kv_unified")
+        n_seq = {"n_seq": self.n_seq} if self.n_seq > 1 else {}
+        return TrialConfig(model=self.model, **{k: getattr(self, k) for k in fields + more}, **n_seq)
 
     def load_key(self) -> tuple:
         return (
@@ -542,6 +563,9 @@ class Job:
             self.moe_part,
             self.tensor_split,
             self.split_mode,
+            self.cpu_moe,
+            tuple(self.overrides),
+            self.main_gpu,
         )
 
 
@@ -595,6 +619,71 @@ def _run_group(jobs: list[Job], timeout: float) -> list[dict]:
     return out
 
 
+class Session:
+    """One oracle worker kept for many questions, answered in turn (no process start per job: a search asks one
+    per placement it plans). A worker that dies or hangs answers "crash" with its log's tail; the next question
+    starts a new one. Use as a context manager, or close()."""
+
+    def __init__(self, timeout: float = 120.0):
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+        self.answers = None
+        self.log = None
+
+    def _start(self) -> None:
+        rfd, wfd = os.pipe()
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tuner.plan.oracle", str(wfd)],
+            stdin=subprocess.PIPE,
+            stdout=self.log,
+            stderr=self.log,
+            pass_fds=(wfd,),
+            start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1"),
+        )
+        os.close(wfd)
+        self.answers = os.fdopen(rfd)
+
+    def ask(self, job: Job) -> dict:
+        """llama.cpp's figures for one job (as `measure` gives them)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.close()
+            self._start()
+        try:
+            self.proc.stdin.write((json.dumps(dataclasses.asdict(job)) + "\n").encode())
+            self.proc.stdin.flush()
+            ready, _, _ = select.select([self.answers], [], [], self.timeout)
+            line = self.answers.readline() if ready else ""
+        except OSError:  # the worker died before it read the question
+            line = ""
+        if line.strip():
+            return json.loads(line)
+        why = "no answer within the timeout" if self.proc.poll() is None else f"worker exited with {self.proc.poll()}"
+        self.log.seek(0)
+        tail = self.log.read().decode(errors="replace").strip().splitlines()[-3:]
+        self.close()
+        return {"outcome": "crash", "cause": f"{why}: {' | '.join(tail)[-300:]}"}
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+            self.proc.stdin.close()
+            self.proc = None
+        for f in (self.answers, self.log):
+            if f is not None:
+                f.close()
+        self.answers = self.log = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # -- the worker side (python -m tuner.plan.oracle RESULT_FD) -----------------------------------------------------
 
 
@@ -611,7 +700,8 @@ def _worker(out) -> None:
     for line in sys.stdin:
         if not line.strip():
             continue
-        job = Job(**json.loads(line))
+        fields = json.loads(line)
+        job = Job(**{**fields, "overrides": tuple(fields.get("overrides", ()))})
         log.lines.clear()  # one job's log at a time (LogCapture trims long logs, which would shift a mark)
         mark = 0
         res: dict = {"outcome": "ok"}
@@ -626,6 +716,7 @@ def _worker(out) -> None:
                 mp = L.llama_model_default_params()
                 mp.n_gpu_layers = job.n_gpu_layers
                 mp.split_mode = SPLIT_MODE[job.split_mode]
+                mp.main_gpu = job.main_gpu
                 if job.tensor_split:
                     parts = parse_tensor_split(job.tensor_split)
                     n = L.llama_max_devices()
@@ -635,7 +726,7 @@ def _worker(out) -> None:
                 mp.no_alloc = job.mode == "sim"
                 # no_alloc sizes buffers without mapping the file; "real" maps it
                 mp.load_mode = L.LLAMA_LOAD_MODE_NONE if job.mode == "sim" else L.LLAMA_LOAD_MODE_AUTO
-                pairs = glue.override_patterns(job.n_cpu_moe, False, (), job.moe_part)
+                pairs = glue.override_patterns(job.n_cpu_moe, job.cpu_moe, tuple(job.overrides), job.moe_part)
                 overrides = glue.Overrides(pairs) if pairs else None
                 if overrides:
                     mp.tensor_buft_overrides = overrides.pointer
@@ -650,7 +741,8 @@ def _worker(out) -> None:
                 load_text = ""
             cp = L.llama_context_default_params()
             cp.n_ctx, cp.n_batch, cp.n_ubatch = job.n_ctx, job.n_batch, job.n_ubatch
-            cp.n_seq_max = 1
+            cp.n_seq_max = job.n_seq
+            cp.kv_unified = job.kv_unified
             cp.flash_attn_type = FLASH_ATTN[job.flash_attn]
             cp.type_k, cp.type_v = ggml_type(job.type_k), ggml_type(job.type_v)
             cp.swa_full = False

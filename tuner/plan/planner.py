@@ -479,6 +479,7 @@ def predict(
     free: list[int] | None = None,
     device_baselines: list[int] | None = None,
     names: tuple[str, ...] | list[str] = (),
+    compute_of=None,
 ) -> Prediction:
     """Peak host RAM and VRAM of one trial of `cfg` on `info`'s model, and what of it must stay resident.
 
@@ -495,7 +496,8 @@ def predict(
     every device; 0 for an RPC device, whose memory holds llama.cpp's buffers only). `names`: the devices' buffer
     names (RPC0[host:port], CUDA0): an RPC device's compute buffer is its own part of the graph
     (`compute_by_device`: RPC has no offload_op), a GPU's the whole graph's (CUDA offloads the matmuls of host
-    weights for big batches too).
+    weights for big batches too). `compute_of(cfg)`: each device's compute buffer (then the host's) as llama.cpp
+    sizes it (tuner.plan.llama_sizes, where the devices are reachable), or None: the model's figures stand in.
     """
     calib = calib or Calibration()
     note = unmodelled_note(info)
@@ -566,8 +568,12 @@ def predict(
     ram = resident + file_pages
     used = {d for d in devs if d >= 0} | {i for i, w in enumerate(w_dev) if w}
     rpc = [i < len(names) and names[i].startswith("RPC") for i in range(n_dev)]
+    asked = compute_of(cfg) if compute_of is not None and gpu_offload and ngl else None
     by_graph = compute_by_device(cfg, info, where, devs, n_dev) if gpu_offload and ngl and any(rpc) else None
-    c_dev = [int(calib.compute_scale_gpu * by_graph[i]) if by_graph and rpc[i] else c_gpu for i in range(n_dev)]
+    c_dev = [
+        asked[i] if asked else int(calib.compute_scale_gpu * by_graph[i]) if by_graph and rpc[i] else c_gpu
+        for i in range(n_dev)
+    ]
     base = [
         device_baselines[i] if device_baselines and i < len(device_baselines) else calib.baseline_vram
         for i in range(n_dev)

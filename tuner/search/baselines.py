@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from tuner.measure.runner import resolve
 from tuner.model.meta import EXPS_RE, ModelInfo
 from tuner.plan import placement
-from tuner.plan.fit import DeviceMemory, FitError, FitResult, fit, server_config
+from tuner.plan.fit import DeviceMemory, FitError, FitResult, fit, planner_breakdown, server_config
 from tuner.record import MOE_PART_SHARE, TrialConfig
 from tuner.search.confirm import ROLE_BASELINE, ROLE_FIT, ROLE_RECIPE
 from tuner.search.feasible import Rig
@@ -107,9 +107,10 @@ def fit_placement(
     space: Space, info: ModelInfo, rig: Rig, fit_target: str | int | None = None
 ) -> tuple[TrialConfig, FitResult] | None:
     """What llama-server started with `-m MODEL -c CTX` places (its --fit, on by default: tuner.plan.fit) on this
-    rig's devices, from the planner alone: the working context is set (the fit leaves a set context alone),
-    everything else at llama-server's defaults, the margin `fit_target` (--fit-target: MiB, default 1024) on every
-    device. None without a device to fit to."""
+    rig's devices, from the planner (with llama.cpp's own compute buffers where the devices can be asked:
+    `rig.sizes`): the working context is set (the fit leaves a set context alone), everything else at
+    llama-server's defaults, the margin `fit_target` (--fit-target: MiB, default 1024) on every device. None
+    without a device to fit to."""
     if not rig.gpu_offload or not rig.n_gpus or not all(t > 0 for t in rig.gpu_totals):
         return None
     names = fit_device_names(rig)
@@ -131,7 +132,9 @@ def fit_placement(
     margins = fit_margins(fit_target)
     if len(margins) not in (1, len(devices)):
         raise FitError(f"--fit-target: {len(margins)} margins for {len(devices)} devices (give one, or one each)")
-    res = fit(info, devices, cfg, margins if len(margins) > 1 else margins[0])
+    # the compute buffers as llama.cpp sizes them where it can be asked (rig.sizes), as llama-server's fit does
+    bd = planner_breakdown(info, devices, rig.sizes)
+    res = fit(info, devices, cfg, margins if len(margins) > 1 else margins[0], breakdown=bd)
     return res.trial_config(dataclasses.replace(base, model=info.path)), res
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tuner.measure import hardware
@@ -48,6 +49,8 @@ class Rig:
     described: bool = False  # from --gpus (a dry run), not NVML
     devices: list[str] = field(default_factory=list)  # each GPU's name as llama.cpp logs its buffers, if known
     baselines: list[int] | None = None  # each GPU's fixed cost besides buffers (None: the calibrated CUDA context)
+    # each device's compute buffer as llama.cpp sizes it (tuner.plan.llama_sizes.LlamaSizes), where it can be asked
+    sizes: Callable | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_gpus(self) -> int:
@@ -149,9 +152,8 @@ def judge(pred: planner.Prediction, rig: Rig) -> tuple[bool, str]:
 
 
 def predict(cfg: TrialConfig, info: ModelInfo, rig: Rig, calib=None) -> planner.Prediction:
-    return planner.predict(
-        cfg, info, calib, rig.gpu_offload, free=rig.free, device_baselines=rig.baselines, names=rig.devices
-    )
+    devices = dict(free=rig.free, device_baselines=rig.baselines, names=rig.devices, compute_of=rig.sizes)
+    return planner.predict(cfg, info, calib, rig.gpu_offload, **devices)
 
 
 def lenient_configs(space: Space, model: str, fixed: dict) -> list[TrialConfig]:

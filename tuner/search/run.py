@@ -24,6 +24,7 @@ from tuner.measure.lock import measurement_lock
 from tuner.measure.runner import Runner, TrialInterrupted
 from tuner.model.meta import read_model
 from tuner.model.synth import synthesize
+from tuner.plan.llama_sizes import LlamaSizes
 from tuner.quality.measure import DEFAULT_MAX_KLD, Budget, Settings, StudyQuality, combinations
 from tuner.quality.measure import measure as measure_files
 from tuner.quality.results import Cache
@@ -175,6 +176,9 @@ def run_search(
         if opts.gpus
         else fitlib.rig_from_hardware(hwinfo, limits, gpu_offload, remote)
     )
+    if remote and not opts.gpus and not hwinfo.gpus:
+        # every device is llama.cpp's own (RPC): it sizes each placement's compute buffers, as --fit asks it
+        rig.sizes = LlamaSizes(rig.devices)
     space = spacelib.build_space(
         models,
         infos,
@@ -218,6 +222,13 @@ def run_search(
     elif opts.prior and opts.sampler != "grid":
         # a note with the others, once the study's input has been checked (bad input is one line)
         space.notes.append("no prior (the predicted best measured first): this rig has no probe yet; run `tuner probe`")
+    if rig.sizes is not None:
+        # an RPC server serves one client at a time: llama.cpp is asked for the baselines' buffers (fit's many
+        # placements, the recipe's) now, before any worker connects; the search reads them from the cache
+        baselines.starting(space, infos, rig, hwinfo, opts.min_ctx, fits, opts.fit_target)
+        rig.sizes.freeze()
+        for why in rig.sizes.failures[:1]:
+            log(f"note: llama.cpp could not size a placement's buffers (the planner's model stands in): {why}")
     if opts.dry_run:  # nothing is measured, locked or written
         out = fitlib.plan(space, infos, rig)
         out["prior"] = prior.summary() if prior is not None else None
@@ -232,6 +243,8 @@ def run_search(
         )
         if space.ladder:
             out["ladder"] = [{"n_ctx": c, "n_depth": space.rung_depth(c)} for c in space.ladder]
+        if rig.sizes is not None:
+            rig.sizes.close()
         return SearchResult(Path(opts.results) / name, None, plan=out)
     n_trials = opts.n_trials
     if n_trials is None and opts.timeout is None and opts.sampler != "grid":
@@ -300,6 +313,8 @@ def run_search(
             return SearchResult(study_dir, srch.write_recommendation(), interrupted=True)
         finally:
             srch.close()
+            if rig.sizes is not None:
+                rig.sizes.close()
     if rec is None and srch.quality is not None and any(r.ok for r in srch.records):
         log(
             "note: no config of a model file within the quality budget completed (see the quality lines above; "

@@ -1,0 +1,99 @@
+"""llama.cpp's own compute buffers (tuner.plan.llama_sizes), asked of real RPC servers as llama-server's --fit asks.
+
+Every test runs real `tuner rpc-server` processes and real llama.cpp loads; the planner's model is the fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from tuner.measure import rpc
+from tuner.measure.runner import Runner, resolve
+from tuner.model.meta import read_model
+from tuner.plan import fit as F
+from tuner.plan import oracle, planner
+from tuner.plan.llama_sizes import LlamaSizes
+from tuner.record import TrialConfig
+
+MiB = 1 << 20
+SHAPE = dict(n_ctx=512, n_ubatch=512, flash_attn="on", n_prompt=16, n_gen=4, repetitions=1, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    tmp = tmp_path_factory.mktemp("sizes")
+    pair = [rpc.LocalServer(None, tmp), rpc.LocalServer(None, tmp)]
+    yield pair
+    for s in pair:
+        s.stop()
+
+
+def _setup(servers, models, **kw):
+    path = str(models / "moe-q8_0.gguf")
+    info = read_model(path)
+    ep = ",".join(s.endpoint for s in servers)
+    cfg = resolve(TrialConfig(model=path, n_gpu_layers=99, rpc=ep, **SHAPE, **kw), info)
+    return cfg, info, tuple(f"RPC0[{s.endpoint}]" for s in servers)
+
+
+def test_the_figures_are_what_a_real_load_allocates(servers, models):
+    # the first device's layers all have their experts in host memory: the planner's model sizes that device's
+    # compute buffer 1 MiB too high (benchmarks/rpc_check.py); llama.cpp's own sizing is what the load allocates
+    cfg, info, names = _setup(servers, models, n_cpu_moe=4)
+    with LlamaSizes(names) as sizes:
+        asked = sizes(cfg)
+    assert asked is not None and len(asked) == len(names) + 1 and all(asked[:2])
+    with Runner(timeout=120, reuse=False) as runner:  # the sizes' worker has left: a server serves one client
+        rec = runner.run(cfg)
+    assert rec.ok, rec.cause
+    assert asked[:2] == [rec.buffers[n]["compute"] for n in names]
+    model_only = F.device_usage(cfg, info, [16 << 30] * 2, names)
+    assert model_only[0].compute != asked[0]  # the case the model gets wrong, so the check above means something
+    used = F.device_usage(cfg, info, [16 << 30] * 2, names, compute_of=sizes)  # closed: answered from its cache
+    assert [u.compute for u in used[:2]] == asked[:2]
+    assert [u.model for u in used] == [u.model for u in model_only]  # weights and KV stay the planner's (exact)
+
+
+def test_frozen_it_answers_only_what_was_asked(servers, models):
+    cfg, _, names = _setup(servers, models, n_cpu_moe=5)
+    sizes = LlamaSizes(names)
+    first = sizes(cfg)
+    (session,) = sizes.sessions.values()
+    worker = session.proc
+    assert first is not None and worker.poll() is None  # one worker answers every question
+    sizes.freeze()
+    assert worker.poll() is not None and not sizes.sessions  # the servers are free for trials
+    assert sizes(cfg) == first
+    assert sizes(dataclasses.replace(cfg, n_cpu_moe=6)) is None  # not asked before: the model stands in
+
+
+def test_a_busy_server_is_no_answer_and_the_model_stands_in(servers, models):
+    cfg, info, names = _setup(servers, models, n_cpu_moe=3)
+    with oracle.Session() as holder:  # another client keeps the servers: a worker with its model's buffers on them
+        assert holder.ask(oracle.Job.of(dataclasses.replace(cfg, n_cpu_moe=2), mode="real"))["outcome"] == "ok"
+        sizes = LlamaSizes(names, timeout=5)
+        assert sizes(cfg) is None
+    assert sizes.frozen and "no answer within the timeout" in sizes.failures[0]
+    free = [16 << 30] * 2
+    alone = planner.predict(cfg, info, None, True, free=free, names=names, device_baselines=[0, 0])
+    fallback = planner.predict(cfg, info, None, True, free=free, names=names, device_baselines=[0, 0], compute_of=sizes)
+    assert fallback.vram_by_device == alone.vram_by_device
+
+
+def test_the_planner_puts_the_asked_figures_on_each_device(models):
+    path = str(models / "moe-q8_0.gguf")
+    info = read_model(path)
+    cfg = resolve(TrialConfig(model=path, n_gpu_layers=99, n_cpu_moe=2, **SHAPE), info)
+    names, free = ("RPC0[a:1]", "RPC0[b:2]"), [16 << 30] * 2
+
+    def at(a: int, b: int):
+        return planner.predict(
+            cfg, info, None, True, free=free, names=names, device_baselines=[0, 0], compute_of=lambda c: [a, b, 0]
+        ).vram_by_device
+
+    low, high = at(1 * MiB, 2 * MiB), at(5 * MiB, 9 * MiB)
+    assert [h - lo for h, lo in zip(high, low)] == [4 * MiB, 7 * MiB]
