@@ -210,6 +210,9 @@ def test_a_search_over_two_small_servers_lands_in_the_hybrid_region(models, tmp_
         # fit's placement over the two servers: experts of some layers (or part of one) in host RAM
         assert fitted["fit_status"] == "success" and "-ot" in fitted["fit_flags"], fitted
         assert fitted["space_point"]["n_cpu_moe"] + (fitted["space_point"]["moe_part"] != "none") >= 1
+        # the compute buffers of its placements came from llama.cpp, asked before anything ran
+        (asked,) = [n for n in plan["notes"] if n.startswith("llama.cpp sized the compute buffers of")]
+        assert int(asked.split(" of ")[1].split()[0]) > 0 and "unanswered" not in asked, asked
 
         res = run(*common, "--study", "rig", "--n-trials", "6", "--no-confirm", timeout=600)
         assert res.returncode == 0, res.stderr

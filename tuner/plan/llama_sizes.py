@@ -76,9 +76,19 @@ class LlamaSizes:
         if job.n_gpu_layers and not any(n in by_buft for n in self.names):
             # layers offloaded, yet no device of this rig in the answer: its names are not llama.cpp's
             self.failures.append(f"llama.cpp named its buffers {sorted(by_buft)}, the rig {list(self.names)}")
-            self.freeze()
             return None
         return [by_buft.get(n, {}).get("compute", 0) for n in self.names] + [by_buft.get(HOST, {}).get("compute", 0)]
+
+    def summary(self) -> dict:
+        """What was asked: placements answered, seconds spent, questions unanswered (the first cause)."""
+        answered = sum(1 for v in self.cache.values() if v is not None)
+        return {
+            "source": "llama.cpp no_alloc loads",
+            "answered": answered,
+            "unanswered": len(self.cache) - answered,
+            "seconds": round(self.spent, 1),
+            "first_failure": self.failures[0] if self.failures else None,
+        }
 
     def freeze(self) -> None:
         """Ask nothing more (the servers are about to serve trials): close the worker, keep the answers."""

@@ -128,6 +128,7 @@ def fit_placement(
         # llama-server -np N fits with every slot's KV cache counted, as the measured config serves them
         n_seq=base.n_seq,
         kv_unified=base.kv_unified,
+        rpc=base.rpc,  # llama-server --rpc: the devices fit places on (and asks llama.cpp to size, rig.sizes)
     )
     margins = fit_margins(fit_target)
     if len(margins) not in (1, len(devices)):

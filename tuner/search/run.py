@@ -227,8 +227,12 @@ def run_search(
         # placements, the recipe's) now, before any worker connects; the search reads them from the cache
         baselines.starting(space, infos, rig, hwinfo, opts.min_ctx, fits, opts.fit_target)
         rig.sizes.freeze()
-        for why in rig.sizes.failures[:1]:
-            log(f"note: llama.cpp could not size a placement's buffers (the planner's model stands in): {why}")
+        asked = rig.sizes.summary()
+        space.notes.append(
+            f"llama.cpp sized the compute buffers of {asked['answered']} placements on the RPC devices in "
+            f"{asked['seconds']:.1f} s (no_alloc loads, as --fit asks them); the planner's model sizes any other"
+            + (f" (unanswered: {asked['first_failure']})" if asked["first_failure"] else "")
+        )
     if opts.dry_run:  # nothing is measured, locked or written
         out = fitlib.plan(space, infos, rig)
         out["prior"] = prior.summary() if prior is not None else None
