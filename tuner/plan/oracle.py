@@ -585,20 +585,25 @@ def measure(jobs: list[Job], timeout: float = 300.0) -> list[dict]:
     return results  # type: ignore[return-value]
 
 
-def _run_group(jobs: list[Job], timeout: float) -> list[dict]:
+def _spawn(log) -> tuple[subprocess.Popen, int]:
+    """An oracle worker (its own session, logging into `log`) and the read end of the pipe it answers on."""
     rfd, wfd = os.pipe()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuner.plan.oracle", str(wfd)],
+        stdin=subprocess.PIPE,
+        stdout=log,
+        stderr=log,
+        pass_fds=(wfd,),
+        start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1"),
+    )
+    os.close(wfd)
+    return proc, rfd
+
+
+def _run_group(jobs: list[Job], timeout: float) -> list[dict]:
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tuner.plan.oracle", str(wfd)],
-            stdin=subprocess.PIPE,
-            stdout=log,
-            stderr=log,
-            pass_fds=(wfd,),
-            start_new_session=True,
-            env=env,
-        )
-        os.close(wfd)
+        proc, rfd = _spawn(log)
         payload = "".join(json.dumps(dataclasses.asdict(j)) + "\n" for j in jobs)
         try:
             proc.communicate(payload.encode(), timeout=timeout)
@@ -631,18 +636,8 @@ class Session:
         self.log = None
 
     def _start(self) -> None:
-        rfd, wfd = os.pipe()
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tuner.plan.oracle", str(wfd)],
-            stdin=subprocess.PIPE,
-            stdout=self.log,
-            stderr=self.log,
-            pass_fds=(wfd,),
-            start_new_session=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1"),
-        )
-        os.close(wfd)
+        self.proc, rfd = _spawn(self.log)
         self.answers = os.fdopen(rfd)
 
     def ask(self, job: Job) -> dict:
@@ -670,7 +665,10 @@ class Session:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, 9)
             self.proc.wait()
-            self.proc.stdin.close()
+            try:
+                self.proc.stdin.close()
+            except OSError:  # a question still buffered for a worker that died
+                pass
             self.proc = None
         for f in (self.answers, self.log):
             if f is not None:
