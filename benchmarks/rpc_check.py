@@ -116,6 +116,7 @@ def sweep(model: Path, endpoints: tuple[str, ...], mem: int, headroom: str) -> d
     rig = feasible.rig_from_hardware(hw, limits, True, remote)  # each device as it reports itself: --mem
     names, free = tuple(rig.devices), list(rig.gpu_free)
     rig.sizes = LlamaSizes(names)  # as `tuner search` plans on RPC devices: llama.cpp sizes the compute buffers
+    model_rig = dataclasses.replace(rig, sizes=None)  # the planner's model alone: what a described rig gets
     rows = []
     with rig.sizes, Runner(timeout=120, reuse=False, hw=hw, build=hardware.build_info()) as runner:
         for n in range(info.n_layer + 1):
@@ -136,8 +137,7 @@ def sweep(model: Path, endpoints: tuple[str, ...], mem: int, headroom: str) -> d
                     continue  # a partial layer past the last one: the same as "none"
                 pred = feasible.predict(cfg, info, rig)
                 fits, why = feasible.judge(pred, rig)
-                alone = dataclasses.replace(rig, sizes=None)
-                fits_alone = feasible.judge(feasible.predict(cfg, info, alone), alone)[0]
+                fits_alone = feasible.judge(feasible.predict(cfg, info, model_rig), model_rig)[0]
                 rec = runner.run(cfg)
                 device_oom = rec.outcome == "oom"
                 row = {

@@ -12,7 +12,7 @@ the model.
 
     sizes = LlamaSizes(["RPC0[127.0.0.1:50052]", "RPC0[127.0.0.1:50053]"])
     sizes(cfg)  # [device 0's bytes, device 1's, the host's], or None
-    sizes.close()
+    sizes.freeze()  # before trials: the servers serve one client at a time
 """
 
 from __future__ import annotations
@@ -83,7 +83,6 @@ class LlamaSizes:
         """What was asked: placements answered, seconds spent, questions unanswered (the first cause)."""
         answered = sum(1 for v in self.cache.values() if v is not None)
         return {
-            "source": "llama.cpp no_alloc loads",
             "answered": answered,
             "unanswered": len(self.cache) - answered,
             "seconds": round(self.spent, 1),
@@ -95,9 +94,6 @@ class LlamaSizes:
         self.frozen = True
         LlamaSizes._close_all(self.sessions)
 
-    def close(self) -> None:
-        self.freeze()
-
     @staticmethod
     def _close_all(sessions: dict) -> None:
         for s in sessions.values():
@@ -108,4 +104,4 @@ class LlamaSizes:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.freeze()

@@ -569,11 +569,11 @@ def predict(
     used = {d for d in devs if d >= 0} | {i for i, w in enumerate(w_dev) if w}
     rpc = [i < len(names) and names[i].startswith("RPC") for i in range(n_dev)]
     asked = compute_of(cfg) if compute_of is not None and gpu_offload and ngl else None
-    by_graph = compute_by_device(cfg, info, where, devs, n_dev) if gpu_offload and ngl and any(rpc) else None
-    c_dev = [
-        asked[i] if asked else int(calib.compute_scale_gpu * by_graph[i]) if by_graph and rpc[i] else c_gpu
-        for i in range(n_dev)
-    ]
+    if asked:  # llama.cpp's own figures: nothing to model or scale
+        c_dev = asked[:n_dev]
+    else:
+        by_graph = compute_by_device(cfg, info, where, devs, n_dev) if gpu_offload and ngl and any(rpc) else None
+        c_dev = [int(calib.compute_scale_gpu * by_graph[i]) if by_graph and rpc[i] else c_gpu for i in range(n_dev)]
     base = [
         device_baselines[i] if device_baselines and i < len(device_baselines) else calib.baseline_vram
         for i in range(n_dev)

@@ -247,8 +247,6 @@ def run_search(
         )
         if space.ladder:
             out["ladder"] = [{"n_ctx": c, "n_depth": space.rung_depth(c)} for c in space.ladder]
-        if rig.sizes is not None:
-            rig.sizes.close()
         return SearchResult(Path(opts.results) / name, None, plan=out)
     n_trials = opts.n_trials
     if n_trials is None and opts.timeout is None and opts.sampler != "grid":
@@ -317,8 +315,6 @@ def run_search(
             return SearchResult(study_dir, srch.write_recommendation(), interrupted=True)
         finally:
             srch.close()
-            if rig.sizes is not None:
-                rig.sizes.close()
     if rec is None and srch.quality is not None and any(r.ok for r in srch.records):
         log(
             "note: no config of a model file within the quality budget completed (see the quality lines above; "
