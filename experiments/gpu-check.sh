@@ -6,7 +6,7 @@
 #
 #   1. nvidia-smi                      GPU, driver (nvidia-smi.txt)
 #   2. CUDA llama-cpp-python           built from source into a venv (--no-binary, --force-reinstall), then tuner
-#   3. tuner hw                        must report GPU offload
+#   3. tuner hw                        must report GPU offload, llama.cpp's CUDA0 matched to NVML by PCI bus id
 #   4. tuner synth                     a Mixtral-style MoE of a few GB (16 layers × 16 experts, q8_0)
 #   5. tuner bench -ngl 99             --n-cpu-moe 0 and 4: experts of 4 layers leave VRAM
 #  5b. tuner probe + speed (optional) the rig probe (GPU figures, link) at the bench's threads, then tuner.plan.speed's
@@ -218,6 +218,8 @@ hw() {
   "$TUNER" hw --json >"$OUT/hw.json"
   # the GPU run is void without offload: a CPU-only wheel slipped in
   [[ $CPU == 1 ]] || "$PY" -c 'import json,sys; h=json.load(open(sys.argv[1])); sys.exit(0 if h["gpu_offload"] and h["gpus"] else "no GPU offload or no GPU seen")' "$OUT/hw.json"
+  # llama.cpp's CUDA0 matched to NVML's GPU by PCI bus id (tuner.measure.hardware.merge_devices)
+  [[ $CPU == 1 ]] || "$PY" -c 'import json,sys; g=json.load(open(sys.argv[1]))["gpus"][0]; sys.exit(0 if g["llama"] == "CUDA0" and g["index"] >= 0 and g["pci"] else f"GPU 0 not matched: {g}")' "$OUT/hw.json"
 }
 step hw hw
 cp "$OUT/logs/hw.log" "$OUT/hw.txt"
@@ -368,6 +370,9 @@ if not cpu:  # the hybrid region: every layer on the GPU, experts of the first N
     check(sorted(set(map(int, trials["n_gpu_layers"]))) == [info.n_layer + 1] and lo > 0,
           f"search kept all {info.n_layer + 1} layers on the GPU, n_cpu_moe {lo}..{info.n_layer} "
           f"(dry run: {plan['configs']} configs fit)")
+    asked = [n for n in plan["notes"] if n.startswith("llama.cpp sized the compute buffers")]
+    check(asked and not asked[0].startswith("llama.cpp sized the compute buffers of 0 "),
+          f"the planner took the compute buffers from llama.cpp (no_alloc loads on CUDA0): {asked}")
     by = trials["vram_by"].value_counts().to_dict() if "vram_by" in trials else {}
     check(by.get("none", 0) == 0, f"VRAM measured on every trial, by {by}")
     both = okt[[len(list(d)) > 0 for d in okt["vram_device_by_gpu"]]] if "vram_device_by_gpu" in okt else okt[:0]

@@ -27,6 +27,7 @@ class FakeGpu:
     uuid: str = "GPU-fake-0000"
     total: int = 80 * GiB
     used: int = 1 * GiB
+    bus_id: str | None = None  # nvmlDeviceGetPciInfo().busId, as NVML spells it; None: "0000000N:01:00.0" by index
 
 
 @dataclass
@@ -80,6 +81,10 @@ class FakeNvml:
 
     def nvmlDeviceGetUUID(self, h) -> str:
         return self.gpus[h.index].uuid
+
+    def nvmlDeviceGetPciInfo(self, h):
+        g = self.gpus[h.index]
+        return SimpleNamespace(busId=(g.bus_id or f"0000000{h.index}:01:00.0").encode())  # bytes, as older pynvml
 
     def nvmlDeviceGetMemoryInfo(self, h):
         g = self.gpus[h.index]

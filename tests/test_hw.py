@@ -5,6 +5,7 @@ Only NVML is faked (tests/fake_nvml.py); the runner and the worker in the VRAM t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -52,6 +53,99 @@ def test_process_vram_counts_only_the_given_pids_per_gpu():
     # pid 11 is someone else's; pid 12 has no per-process figure on GPU 0 (pynvml gives None)
     assert nv.process_vram({10, 12}) == [300 * MiB, 40 * MiB + 7 * MiB]
     assert nv.process_vram({99}) == [0, 0]
+
+
+# llama.cpp's devices as build_info()["devices"] lists them, in the shape tuner.llama.devices() gives (ggml-cuda.cu
+# and ggml-vulkan.cpp report the PCI bus id in lower case, "%04x:%02x:%02x.%x")
+def cuda(i: int, desc: str, pci: str) -> dict:
+    return {
+        "name": f"CUDA{i}",
+        "description": desc,
+        "backend": "CUDA",
+        "type": "gpu",
+        "total": 24 * GiB,
+        "buffer": f"CUDA{i}",
+        "device_id": pci,
+    }
+
+
+def nvml_two() -> list[hardware.GPU]:
+    fake = FakeNvml(
+        gpus=[
+            FakeGpu(name="FAKE RTX 3090", uuid="GPU-a", total=24 * GiB, bus_id="00000000:01:00.0"),
+            FakeGpu(name="FAKE RTX 4090", uuid="GPU-b", total=24 * GiB, bus_id="00000000:0A:00.0"),
+        ]
+    )
+    return hardware.Nvml(module=fake).gpus()
+
+
+def test_gpus_in_llama_order_matched_to_nvml_by_pci_bus_id():
+    # CUDA's default order is fastest first: the 4090 on bus 0a is CUDA0, NVML's second
+    merged = hardware.merge_devices(
+        nvml_two(),
+        [cuda(0, "NVIDIA GeForce RTX 4090", "0000:0a:00.0"), cuda(1, "NVIDIA GeForce RTX 3090", "0000:01:00.0")],
+    )
+    assert [(g.llama, g.index, g.uuid, g.pci) for g in merged] == [
+        ("CUDA0", 1, "GPU-b", "0000:0a:00.0"),
+        ("CUDA1", 0, "GPU-a", "0000:01:00.0"),
+    ]
+    assert [g.device for g in hardware.offload_gpus(hardware.Hardware("c", 1, 1, 1, 1, 0, 0, "l", merged))] == [
+        "CUDA0",
+        "CUDA1",
+    ]
+
+
+def test_a_device_nvml_does_not_know_joins_and_a_hidden_gpu_is_not_placed_on():
+    vk = {
+        "name": "Vulkan0",
+        "description": "AMD Radeon RX 7900 XTX",
+        "backend": "Vulkan",
+        "type": "gpu",
+        "total": 24 * GiB,
+        "buffer": "Vulkan0",
+        "device_id": "0000:03:00.0",
+    }
+    # CUDA_VISIBLE_DEVICES=1: llama.cpp sees the 4090 only
+    merged = hardware.merge_devices(nvml_two(), [vk, cuda(0, "NVIDIA GeForce RTX 4090", "0000:0a:00.0")])
+    assert [(g.llama, g.index, g.name) for g in merged] == [
+        ("Vulkan0", -1, "AMD Radeon RX 7900 XTX"),  # no NVML figures: its memory as llama.cpp reports it
+        ("CUDA0", 1, "FAKE RTX 4090"),
+        ("", 0, "FAKE RTX 3090"),  # NVML's, hidden from llama.cpp: listed last, nothing placed on it
+    ]
+    hw = hardware.Hardware("c", 1, 1, 1, 1, 0, 0, "l", merged)
+    assert [g.device for g in hardware.offload_gpus(hw)] == ["Vulkan0", "CUDA0"]
+    assert merged[0].vram_total == merged[0].vram_free == 24 * GiB
+
+
+def test_pci_ids_are_compared_as_numbers():
+    assert hardware.pci_id("00000000:0A:00.0") == hardware.pci_id("0000:0a:00.0") == "0000:0a:00.0"
+    assert hardware.pci_id("") == hardware.pci_id("not a bus id") == ""
+
+
+def test_vram_samples_follow_the_probe_order():
+    # NVML's GPU 1 is llama.cpp's first device; a Vulkan device in between has no NVML figure
+    procs = {0: [(10, 100 * MiB)], 1: [(10, 700 * MiB)]}
+    fake = FakeNvml(gpus=[FakeGpu(uuid="GPU-a"), FakeGpu(uuid="GPU-b")], processes=lambda i, n: procs[i])
+    nv = hardware.Nvml(module=fake)
+    gpus = nv.gpus()
+    order = [
+        dataclasses.replace(gpus[1], llama="CUDA0"),
+        hardware.GPU(-1, "AMD", "", GiB, GiB, "", "", llama="Vulkan0"),
+        dataclasses.replace(gpus[0], llama="CUDA1"),
+    ]
+    nv.align(order)
+    s = nv.sample({10})
+    assert s.process == [700 * MiB, 0, 100 * MiB]
+    assert s.device[1] == -1 and s.device[0] >= 0 and s.device[2] >= 0
+
+
+def test_llama_devices_carry_their_pci_bus_id():
+    """The real llama.cpp here (a child interpreter): every device says its PCI bus id, empty where its backend
+    has none (the CPU's)."""
+    devs = hardware.llama_devices()
+    assert devs and all(isinstance(d["device_id"], str) for d in devs)
+    assert next(d for d in devs if d["backend"] == "CPU")["device_id"] == ""
+    assert all(d["type"] in ("gpu", "igpu") for d in hardware.build_info()["devices"])
 
 
 def test_process_vram_unsupported_device_reports_zero():
@@ -156,7 +250,11 @@ def test_hw_with_fake_gpus(as_pynvml):
     res = CliRunner().invoke(cli, ["hw"])
     assert res.exit_code == 0, res.output
     lines = table_rows(res.output)
-    assert lines["GPU 0"] == "FAKE NVIDIA H100 80GB HBM3, 80.0 GiB (79.0 free), driver 550.54.15, CUDA 12.4"
+    # this CPU build of llama.cpp enumerates no GPU: NVML's are listed, and said to be unused by it
+    assert lines["GPU 0"] == (
+        "FAKE NVIDIA H100 80GB HBM3, 80.0 GiB (79.0 free), not used by this llama.cpp build, NVML GPU 0, "
+        "driver 550.54.15, CUDA 12.4, PCI 0000:01:00.0"
+    )
     assert lines["GPU 1"].startswith("FAKE RTX 4090, 24.0 GiB (20.0 free)")
     assert "GPUs" not in lines
     d = json.loads(CliRunner().invoke(cli, ["hw", "--json"]).output)

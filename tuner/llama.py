@@ -48,10 +48,27 @@ _ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
 _ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
 _ggml.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
 _ggml.ggml_backend_reg_name.restype = ctypes.c_char_p
+_ggml.ggml_backend_dev_get_props.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_ggml.ggml_backend_dev_get_props.restype = None
 
 # enum ggml_backend_dev_type (ggml-backend.h)
 DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 OFFLOAD_TYPES = ("gpu", "igpu")  # what n_gpu_layers places layers on (an RPC device reports itself as a gpu)
+
+
+class DevProps(ctypes.Structure):
+    """struct ggml_backend_dev_props (ggml-backend.h), up to the PCI bus id; `_spare` leaves room for the
+    capabilities that follow it (five bools in this ggml, maybe more in a later one): ggml writes them all."""
+
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("description", ctypes.c_char_p),
+        ("memory_free", ctypes.c_size_t),
+        ("memory_total", ctypes.c_size_t),
+        ("type", ctypes.c_int),
+        ("device_id", ctypes.c_char_p),  # lower-case PCI bus id "0000:c1:00.0"; NULL where unknown
+        ("_spare", ctypes.c_char * 64),
+    ]
 
 
 class TensorBuftOverride(ctypes.Structure):
@@ -74,13 +91,15 @@ def devices() -> list[dict]:
     """Every device the loaded llama.cpp enumerates (CUDA, ROCm, Vulkan, Metal, SYCL, RPC, the CPU...), as its
     backend registry reports it: name, description, type, backend, free and total memory in bytes, and the name
     of its buffer type (what llama.cpp's logs and `-ot` call it: "CUDA0", "RPC0[127.0.0.1:50052]" for every
-    server's first device, whatever the device's own name)."""
+    server's first device, whatever the device's own name), and its PCI bus id where the backend knows it."""
     out = []
     for i in range(_ggml.ggml_backend_dev_count()):
         dev = _ggml.ggml_backend_dev_get(i)
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
         _ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         buft = _ggml.ggml_backend_dev_buffer_type(dev)
+        props = DevProps()
+        _ggml.ggml_backend_dev_get_props(dev, ctypes.byref(props))
         out.append(
             {
                 "name": _ggml.ggml_backend_dev_name(dev).decode(errors="replace"),
@@ -90,6 +109,8 @@ def devices() -> list[dict]:
                 "free": free.value,
                 "total": total.value,
                 "buffer": _ggml_base.ggml_backend_buft_name(buft).decode() if buft else "",
+                # what matches it to NVML's GPU (tuner.measure.hardware.merge_devices): the PCI bus id
+                "device_id": (props.device_id or b"").decode(errors="replace"),
             }
         )
     return out
@@ -180,12 +201,17 @@ class Threadpools:
 
 def build_info() -> dict:
     """llama.cpp build facts recorded with every trial."""
+    local = [d for d in devices() if d["type"] in OFFLOAD_TYPES]  # no RPC server is registered here
     return {
         "llama_cpp_python": llama_cpp.__version__,
         "system_info": L.llama_print_system_info().decode(errors="replace").strip(),
         # a device to offload to, not only the ability: a build with the RPC backend "supports offload" with no
         # server registered, and a CUDA build on a machine without a GPU has no device either
-        "gpu_offload": bool(L.llama_supports_gpu_offload()) and any(d["type"] in OFFLOAD_TYPES for d in devices()),
+        "gpu_offload": bool(L.llama_supports_gpu_offload()) and bool(local),
+        # this machine's devices in llama.cpp's order (tensor_split's, main_gpu's): every backend, NVIDIA's or not
+        "devices": [
+            {k: d[k] for k in ("name", "description", "backend", "type", "total", "buffer", "device_id")} for d in local
+        ],
         "rpc": bool(L.llama_supports_rpc()),
         "buffer_types": sorted(buffer_types()),
     }

@@ -16,10 +16,11 @@ from tuner.units import fmt_size
 @rpc_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 def hw(rpc, as_json):
-    """Show CPU, memory, swap, GPUs (via NVML), whether llama-cpp-python can offload, and llama.cpp's devices.
+    """Show CPU, memory, swap, GPUs, whether llama-cpp-python can offload, and llama.cpp's devices.
 
-    The devices are what the installed llama.cpp enumerates (every backend it was built with), with the
-    devices of --rpc servers added as llama-server adds them.
+    The GPUs are what the installed llama.cpp enumerates (every backend it was built with), in its order (the
+    order of --tensor-split and --main-gpu), each NVIDIA one matched to NVML by PCI bus id; the devices add
+    those of --rpc servers as llama-server adds them.
 
     \b
     Examples:
@@ -48,12 +49,14 @@ def hw(rpc, as_json):
         ("OS", h.os),
         ("GPU offload", "yes" if h.gpu_offload else "no (no GPU or RPC device to offload to)"),
     ]
-    for g in h.gpus:
+    for i, g in enumerate(h.gpus):
+        nvml = f"NVML GPU {g.index}, driver {g.driver}, CUDA {g.cuda}" if g.index >= 0 else "not known to NVML"
+        placed = f"llama.cpp's {g.llama}" if g.llama else "not used by this llama.cpp build"
         rows.append(
             (
-                f"GPU {g.index}",
-                f"{g.name}, {g.vram_total / gib:.1f} GiB ({g.vram_free / gib:.1f} free), "
-                f"driver {g.driver}, CUDA {g.cuda}",
+                f"GPU {i}",
+                f"{g.name}, {g.vram_total / gib:.1f} GiB ({g.vram_free / gib:.1f} free), {placed}, {nvml}"
+                + (f", PCI {g.pci}" if g.pci else ""),
             )
         )
     if not h.gpus:

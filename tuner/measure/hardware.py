@@ -1,4 +1,9 @@
-"""Hardware probe: CPU, memory, swap and GPUs (through NVML). No GPU and no NVML is a normal case.
+"""Hardware probe: CPU, memory, swap and GPUs. No GPU and no NVML is a normal case.
+
+The GPUs are the devices the installed llama.cpp enumerates (every backend: CUDA, ROCm, Vulkan, Metal, SYCL), in
+its order, the order n_gpu_layers, tensor_split and main_gpu count in; NVML adds what only it knows (a process's
+VRAM, the driver) to the NVIDIA ones, matched by PCI bus id (`merge_devices`). Without a build that enumerates
+them (a CPU build), NVML's GPUs as NVML lists them.
 
 `Nvml` wraps the `pynvml` module (nvidia-ml-py). Tests on machines without a GPU hand it a fake module
 (tests/fake_nvml.py, named as such); nothing else in tuner talks to NVML directly.
@@ -13,7 +18,7 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,13 +27,21 @@ import psutil
 
 @dataclass
 class GPU:
-    index: int
+    index: int  # NVML's index; -1 for a device NVML does not know (not NVIDIA's)
     name: str
     uuid: str
     vram_total: int
     vram_free: int
     driver: str
     cuda: str
+    pci: str = ""  # PCI bus id, "0000:01:00.0"
+    llama: str = ""  # the name llama.cpp gives its buffers ("CUDA0", "ROCm1", "Vulkan0"); "" where it has none
+    backend: str = ""  # llama.cpp's backend for it ("CUDA", "ROCm", "Vulkan"...)
+
+    @property
+    def device(self) -> str:
+        """What llama.cpp's buffers on it are called; NVML's index as CUDA's where llama.cpp was not asked."""
+        return self.llama or f"CUDA{self.index}"
 
 
 @dataclass
@@ -56,9 +69,14 @@ class Hardware:
             "cores_logical": self.cores_logical,
             "ram_total_gib": round(self.ram_total / 2**30),
             "os": platform.system(),
-            "gpus": [
-                {"name": g.name, "vram_total_gib": round(g.vram_total / 2**30), "driver": g.driver} for g in self.gpus
-            ],
+            # as a set: the same cards whichever order NVML or llama.cpp lists them in
+            "gpus": sorted(
+                (
+                    {"name": g.name, "vram_total_gib": round(g.vram_total / 2**30), "driver": g.driver}
+                    for g in self.gpus
+                ),
+                key=lambda g: json.dumps(g, sort_keys=True),
+            ),
         }
 
     def fingerprint(self) -> str:
@@ -90,6 +108,7 @@ class Nvml:
             self.nv = None
             self.handles = []
             self.error = f"NVML unavailable: {e}"
+        self.slots = list(self.handles)  # what sample() reads, in the probe's order (align)
 
     @property
     def available(self) -> bool:
@@ -108,6 +127,10 @@ class Nvml:
         out = []
         for i, h in enumerate(self.handles):
             mem = nv.nvmlDeviceGetMemoryInfo(h)
+            try:
+                pci = pci_id(_s(nv.nvmlDeviceGetPciInfo(h).busId))
+            except Exception:  # noqa: BLE001 - not every device or driver answers it: matched by order then
+                pci = ""
             out.append(
                 GPU(
                     i,
@@ -117,9 +140,15 @@ class Nvml:
                     int(mem.free),
                     driver,
                     cuda,
+                    pci=pci,
                 )
             )
         return out
+
+    def align(self, gpus: list[GPU]) -> None:
+        """Sample in the order of `gpus` (the probe's: llama.cpp's), nothing for a GPU NVML does not know, so a
+        record's per-GPU figures line up with the planner's devices."""
+        self.slots = [self.handles[g.index] if 0 <= g.index < len(self.handles) else None for g in gpus]
 
     def process_vram(self, pids: set[int]) -> list[int]:
         """VRAM in use by these processes, per GPU (0 where they hold none)."""
@@ -131,7 +160,11 @@ class Nvml:
         s = VramSample()
         if not self.nv:
             return s
-        for h in self.handles:
+        for h in self.slots:
+            if h is None:  # a device NVML does not know: no figure
+                s.process.append(0)
+                s.device.append(-1)
+                continue
             used = 0
             try:
                 procs = self.nv.nvmlDeviceGetComputeRunningProcesses(h)
@@ -175,7 +208,62 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def probe(nvml: Nvml | None = None, with_llama: bool = False) -> Hardware:
+def pci_id(bus: str) -> str:
+    """A PCI bus id as ggml writes it ("0000:01:00.0", lower case) from NVML's ("00000000:01:00.0") or another
+    spelling; "" when it is none."""
+    try:
+        dom, bus_, rest = bus.strip().lower().split(":")
+        dev, fn = rest.split(".")
+        return f"{int(dom, 16):04x}:{int(bus_, 16):02x}:{int(dev, 16):02x}.{int(fn, 16):x}"
+    except ValueError:
+        return ""
+
+
+def merge_devices(nvml_gpus: list[GPU], llama: list[dict]) -> list[GPU]:
+    """The GPUs in llama.cpp's order (`llama`: build_info()["devices"]), each NVIDIA one with NVML's figures,
+    matched by PCI bus id (CUDA's own order is fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, NVML's is the
+    bus's). Where neither side gives ids, CUDA devices pair with NVML's in order, as when both have one. NVML's
+    GPUs that llama.cpp does not see (hidden by CUDA_VISIBLE_DEVICES, or a CPU build) follow, without a llama
+    name: nothing is placed on them."""
+    left = list(nvml_gpus)
+    out = []
+    for d in llama:
+        pci = pci_id(d.get("device_id") or "")
+        g = next((g for g in left if pci and g.pci == pci), None)
+        if g is None and d.get("backend") == "CUDA" and not pci and not any(x.pci for x in left):
+            g = left[0] if left else None
+        if g is not None:
+            left.remove(g)
+            out.append(replace(g, pci=g.pci or pci, llama=buffer_name(d), backend=d.get("backend", "")))
+        else:
+            total = int(d.get("total") or 0)
+            out.append(
+                GPU(
+                    -1,
+                    d.get("description") or d["name"],
+                    "",
+                    total,
+                    total,
+                    "",
+                    "",
+                    pci=pci,
+                    llama=buffer_name(d),
+                    backend=d.get("backend", ""),
+                )
+            )
+    return out + left
+
+
+def offload_gpus(hw: Hardware) -> list[GPU]:
+    """The GPUs llama.cpp places layers on, in its order (a prefix of hw.gpus): those it enumerates, or every
+    GPU where it was not asked (NVML's, taken as CUDA's)."""
+    named = [g for g in hw.gpus if g.llama]
+    return named or list(hw.gpus)
+
+
+def probe(nvml: Nvml | None = None, with_llama: bool = True) -> Hardware:
+    """This machine; `with_llama`: its GPUs as the installed llama.cpp enumerates them, NVML's matched to them
+    (merge_devices; build_info is cached on disk, so this costs a process start once per build and machine)."""
     nvml = nvml or Nvml()
     vm, sw = psutil.virtual_memory(), psutil.swap_memory()
     hw = Hardware(
@@ -191,8 +279,33 @@ def probe(nvml: Nvml | None = None, with_llama: bool = False) -> Hardware:
         nvml=nvml.error,
     )
     if with_llama:
-        hw.gpu_offload = build_info()["gpu_offload"]
+        build = build_info()
+        hw.gpu_offload = build["gpu_offload"]
+        hw.gpus = merge_devices(hw.gpus, build.get("devices") or [])
+        nvml.align(hw.gpus)
     return hw
+
+
+VISIBLE = (
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "GGML_VK_VISIBLE_DEVICES",
+    "ONEAPI_DEVICE_SELECTOR",
+)
+
+
+def _device_key() -> list:
+    """What changes the devices a build lists, cheaply: the GPU nodes the kernel shows and the variables that
+    hide or reorder them."""
+    nodes = []
+    for d in ("/proc/driver/nvidia/gpus", "/dev/dri"):
+        try:
+            nodes += sorted(os.listdir(d))
+        except OSError:
+            pass
+    return [nodes, [os.environ.get(v) for v in VISIBLE]]
 
 
 @lru_cache(maxsize=1)
@@ -208,7 +321,8 @@ def build_info() -> dict:
         lib = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libllama.so"
         if lib.exists():
             st = lib.stat()
-            key = digest([str(lib), st.st_size, st.st_mtime_ns, sys.executable])
+            # the devices it lists are this machine's as the drivers and the *_VISIBLE_DEVICES variables show them
+            key = digest([str(lib), st.st_size, st.st_mtime_ns, sys.executable, _device_key()])
             cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuner" / f"build-{key}.json"
             if cache.exists():
                 try:

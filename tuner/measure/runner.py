@@ -192,6 +192,7 @@ class Runner:
         # results arrive without waiting for it (select), so sampling twice a second costs nothing in latency.
         self.poll_interval = poll_interval
         self.hw = hw or hardware.probe(self.nvml)
+        self.nvml.align(self.hw.gpus)  # per-GPU figures in the probe's order: llama.cpp's, the planner's
         self.build = build or hardware.build_info()
         self._tmp = tempfile.TemporaryDirectory(prefix="tuner-logs-")
         self.last_log = ""  # full stderr of the last trial (the study keeps it for failed trials)

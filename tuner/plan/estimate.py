@@ -165,11 +165,13 @@ def estimate(
     hr = parse_headroom(headroom, ram)
     remote = hardware.rpc_devices(rpclib.reachable(rpc))
     if vram is None:
-        local = [g.vram_total for g in hardware.probe().gpus]
+        gpus = hardware.offload_gpus(hardware.probe())
+        local, local_names = [g.vram_total for g in gpus], [g.device for g in gpus]
     else:
         local = [int(v) for v in vram] if isinstance(vram, (list, tuple)) else ([int(vram)] if vram else [])
+        local_names = [f"CUDA{i}" for i in range(len(local))]
     totals = [d["total"] for d in remote] + local
-    names = tuple(hardware.buffer_name(d) for d in remote) + tuple(f"CUDA{i}" for i in range(len(local)))
+    names = tuple(hardware.buffer_name(d) for d in remote) + tuple(local_names)
     # an RPC device's memory holds llama.cpp's buffers only; a GPU also a CUDA context (the planner's default)
     baselines = [0] * len(remote) + [planner.DEFAULT_BASELINE_VRAM] * len(local) if remote else None
     devices = [{"name": n, "vram": v} for n, v in zip(names, totals)]

@@ -9,6 +9,7 @@ import dataclasses
 import shlex
 from dataclasses import dataclass
 
+from tuner.measure import hardware
 from tuner.measure.runner import resolve
 from tuner.model.meta import EXPS_RE, ModelInfo
 from tuner.plan import placement
@@ -57,7 +58,7 @@ def baseline_params(space: Space, infos: dict[str, ModelInfo], hw, min_ctx: int)
         "n_cpu_moe": 0,
         "moe_part": "none",
     }
-    vram = sum(g.vram_total for g in hw.gpus)
+    vram = sum(g.vram_total for g in hardware.offload_gpus(hw))
     heuristic_ngl = max(0, min(all_layers, int((vram / 2**20 - HEURISTIC_RESERVE_MB) // HEURISTIC_MB_PER_LAYER)))
     out: list[tuple[dict, str, dict]] = []
     for label, overrides in ((ROLE_BASELINE, {}), ("heuristic", {"n_gpu_layers": heuristic_ngl})):

@@ -105,21 +105,22 @@ def caps(hw, limits) -> tuple[float, float | None]:
 
 def rig_from_hardware(hw, limits, gpu_offload: bool, remote: list[dict] | None = None) -> Rig:
     """The rig as probed: the RPC servers' devices (llama.cpp's own list, tuner.measure.hardware.llama_devices)
-    first, as llama.cpp orders them ("RPC servers at the front of the list"), then NVML's GPUs; free memory for
-    llama.cpp's default split."""
+    first, as llama.cpp orders them ("RPC servers at the front of the list"), then this machine's GPUs in
+    llama.cpp's order (tuner.measure.hardware.offload_gpus); free memory for llama.cpp's default split."""
     remote = remote or []
-    totals = [d["total"] for d in remote] + [g.vram_total for g in hw.gpus]
-    free = [d["free"] for d in remote] + [g.vram_free or g.vram_total for g in hw.gpus]
+    gpus = hardware.offload_gpus(hw)
+    totals = [d["total"] for d in remote] + [g.vram_total for g in gpus]
+    free = [d["free"] for d in remote] + [g.vram_free or g.vram_total for g in gpus]
     return Rig(
         ram_cap=caps(hw, limits)[0],
         gpu_totals=totals,
         vram_caps=device_caps(totals, limits),
         gpu_free=free,
         gpu_offload=gpu_offload,
-        # named as llama.cpp names their buffers: RPC0[host:port]; NVML's GPUs are NVIDIA's, CUDA0...
-        devices=[hardware.buffer_name(d) for d in remote] + [f"CUDA{g.index}" for g in hw.gpus],
+        # named as llama.cpp names their buffers: RPC0[host:port], CUDA0, ROCm0, Vulkan0...
+        devices=[hardware.buffer_name(d) for d in remote] + [g.device for g in gpus],
         # an RPC device's memory holds llama.cpp's buffers only (no CUDA context on this side)
-        baselines=[0] * len(remote) + [planner.DEFAULT_BASELINE_VRAM] * len(hw.gpus) if remote else None,
+        baselines=[0] * len(remote) + [planner.DEFAULT_BASELINE_VRAM] * len(gpus) if remote else None,
     )
 
 

@@ -176,8 +176,9 @@ def run_search(
         if opts.gpus
         else fitlib.rig_from_hardware(hwinfo, limits, gpu_offload, remote)
     )
-    if remote and not opts.gpus and not hwinfo.gpus:
-        # every device is llama.cpp's own (RPC): it sizes each placement's compute buffers, as --fit asks it
+    if not opts.gpus and rig.n_gpus and all(g.llama for g in hardware.offload_gpus(hwinfo)):
+        # every device is one llama.cpp enumerates (RPC servers', this machine's GPUs by its names): it sizes
+        # each placement's compute buffers, as --fit asks it
         rig.sizes = LlamaSizes(rig.devices)
     space = spacelib.build_space(
         models,
@@ -223,13 +224,14 @@ def run_search(
         # a note with the others, once the study's input has been checked (bad input is one line)
         space.notes.append("no prior (the predicted best measured first): this rig has no probe yet; run `tuner probe`")
     if rig.sizes is not None:
-        # an RPC server serves one client at a time: llama.cpp is asked for the baselines' buffers (fit's many
-        # placements, the recipe's) now, before any worker connects; the search reads them from the cache
+        # an RPC server serves one client at a time, and the asking worker holds a context on a local GPU:
+        # llama.cpp is asked for the baselines' buffers (fit's many placements, the recipe's) now, before any
+        # trial runs; the search reads them from the cache
         baselines.starting(space, infos, rig, hwinfo, opts.min_ctx, fits, opts.fit_target)
         rig.sizes.freeze()
         asked = rig.sizes.summary()
         space.notes.append(
-            f"llama.cpp sized the compute buffers of {asked['answered']} placements on the RPC devices in "
+            f"llama.cpp sized the compute buffers of {asked['answered']} placements on the devices in "
             f"{asked['seconds']:.1f} s (no_alloc loads, as --fit asks them); the planner's model sizes any other"
             + (f" (unanswered: {asked['first_failure']})" if asked["first_failure"] else "")
         )
