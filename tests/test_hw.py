@@ -117,6 +117,39 @@ def test_a_device_nvml_does_not_know_joins_and_a_hidden_gpu_is_not_placed_on():
     assert merged[0].vram_total == merged[0].vram_free == 24 * GiB
 
 
+def test_the_devices_a_model_loads_onto_are_llama_cpps_default_selection():
+    vk_dup = {
+        **cuda(0, "NVIDIA GeForce RTX 4090", "0000:0a:00.0"),
+        "name": "Vulkan0",
+        "buffer": "Vulkan0",
+        "backend": "Vulkan",
+    }
+    igpu = {
+        "name": "Vulkan1",
+        "description": "AMD Radeon 780M",
+        "backend": "Vulkan",
+        "type": "igpu",
+        "total": 16 * GiB,
+        "buffer": "Vulkan1",
+        "device_id": "0000:c4:00.0",
+    }
+    rpc = {
+        "name": "RPC0",
+        "description": "127.0.0.1:50052",
+        "backend": "RPC",
+        "type": "gpu",
+        "total": GiB,
+        "buffer": "RPC0[127.0.0.1:50052]",
+        "device_id": "",
+    }
+    # one card seen by CUDA and by Vulkan is used once, through the first backend; an iGPU only without a dGPU
+    picked = hardware.model_devices([cuda(0, "NVIDIA GeForce RTX 4090", "0000:0a:00.0"), vk_dup, igpu, rpc])
+    assert [d["buffer"] for d in picked] == ["CUDA0"]
+    assert [d["buffer"] for d in hardware.model_devices([igpu, rpc])] == ["Vulkan1"]
+    merged = hardware.merge_devices([], [igpu])
+    assert [(g.llama, g.index, g.vram_total) for g in merged] == [("Vulkan1", -1, 16 * GiB)]
+
+
 def test_pci_ids_are_compared_as_numbers():
     assert hardware.pci_id("00000000:0A:00.0") == hardware.pci_id("0000:0a:00.0") == "0000:0a:00.0"
     assert hardware.pci_id("") == hardware.pci_id("not a bus id") == ""

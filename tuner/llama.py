@@ -208,7 +208,8 @@ def build_info() -> dict:
         # a device to offload to, not only the ability: a build with the RPC backend "supports offload" with no
         # server registered, and a CUDA build on a machine without a GPU has no device either
         "gpu_offload": bool(L.llama_supports_gpu_offload()) and bool(local),
-        # this machine's devices in llama.cpp's order (tensor_split's, main_gpu's): every backend, NVIDIA's or not
+        # this machine's GPUs as the registry lists them, every backend (tuner.measure.hardware.model_devices picks
+        # those a model loads onto, in llama.cpp's order)
         "devices": [
             {k: d[k] for k in ("name", "description", "backend", "type", "total", "buffer", "device_id")} for d in local
         ],

@@ -219,15 +219,36 @@ def pci_id(bus: str) -> str:
         return ""
 
 
+def model_devices(devs: list[dict]) -> list[dict]:
+    """The local devices llama.cpp loads a model onto by default, in its order (src/llama.cpp,
+    llama_model_load_from_file_impl, "default device selection"): the discrete GPUs in registry order, one per
+    PCI bus id (a card that two backends list, CUDA and Vulkan, is used through the first); the integrated
+    ones (of the first such backend) only where there is no discrete GPU. RPC servers' devices go in front of
+    these when --rpc adds them."""
+    gpus, igpus, ids = [], [], set()
+    for d in devs:
+        if d.get("backend") == "RPC":
+            continue
+        if d.get("type") == "gpu":
+            if d.get("device_id") and d["device_id"] in ids:
+                continue
+            ids.add(d.get("device_id"))
+            gpus.append(d)
+        elif d.get("type") == "igpu" and (not igpus or d.get("backend") == igpus[-1].get("backend")):
+            igpus.append(d)
+    return gpus or igpus
+
+
 def merge_devices(nvml_gpus: list[GPU], llama: list[dict]) -> list[GPU]:
-    """The GPUs in llama.cpp's order (`llama`: build_info()["devices"]), each NVIDIA one with NVML's figures,
+    """The GPUs in llama.cpp's order (`llama`: build_info()["devices"], as model_devices selects them), each
+    NVIDIA one with NVML's figures,
     matched by PCI bus id (CUDA's own order is fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, NVML's is the
     bus's). Where neither side gives ids, CUDA devices pair with NVML's in order, as when both have one. NVML's
     GPUs that llama.cpp does not see (hidden by CUDA_VISIBLE_DEVICES, or a CPU build) follow, without a llama
     name: nothing is placed on them."""
     left = list(nvml_gpus)
     out = []
-    for d in llama:
+    for d in model_devices(llama):
         pci = pci_id(d.get("device_id") or "")
         g = next((g for g in left if pci and g.pci == pci), None)
         if g is None and d.get("backend") == "CUDA" and not pci and not any(x.pci for x in left):
