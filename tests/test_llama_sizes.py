@@ -97,3 +97,20 @@ def test_the_planner_puts_the_asked_figures_on_each_device(models):
 
     low, high = at(1 * MiB, 2 * MiB), at(5 * MiB, 9 * MiB)
     assert [h - lo for h, lo in zip(high, low)] == [4 * MiB, 7 * MiB]
+
+
+def test_the_host_buffer_is_llama_cpps_where_the_model_covers_it(servers, dense_model):
+    # every layer on the servers (pipeline parallel, and split mode none): the host holds the graph inputs; half of
+    # them (the output layer on a server): the host runs its layers without the logits
+    info = read_model(str(dense_model))
+    ep = ",".join(s.endpoint for s in servers)
+    names = tuple(f"RPC0[{s.endpoint}]" for s in servers)
+    half = info.n_layer // 2
+    cases = [dict(n_gpu_layers=99), dict(n_gpu_layers=99, split_mode="none"), dict(n_gpu_layers=half)]
+    with LlamaSizes(names) as sizes:
+        for kw in cases:
+            cfg = resolve(TrialConfig(model=str(dense_model), rpc=ep, **SHAPE, **kw), info)
+            llama = sizes(cfg)
+            assert llama is not None and llama[-1] > 0
+            host = F.device_usage(cfg, info, [16 << 30] * 2, names)[-1].compute
+            assert abs(host - llama[-1]) <= 0.02 * llama[-1], (kw, host / MiB, llama[-1] / MiB)

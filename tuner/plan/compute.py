@@ -9,8 +9,11 @@ tensor is allocated when it is computed, best fit, in its parent's place when th
 after its last consumer; with pipeline parallelism the split inputs are flagged input + output and never freed.
 So a device's buffer is the widest set of its tensors alive at once: `device_buffers` takes the widest phase.
 
-The planner (tuner.plan.planner.compute_by_device) adds the host's buffer; benchmarks/device_oracle.py checks
-every device's figure against llama.cpp's on RPC devices.
+The host's buffer (`host_buffer`): the graph's inputs are the CPU backend's (ggml_backend_sched_split_graph
+gives every input tensor the last backend), so with every layer on the devices it holds the token embeddings and
+the KQ masks (N_COPIES of them with pipeline parallelism), plus what it computes itself: routed experts in host
+memory, or whole layers (tuner.plan.planner.compute_raw). benchmarks/device_oracle.py checks every device's
+figure and the host's against llama.cpp's on RPC devices.
 """
 
 from __future__ import annotations
@@ -149,3 +152,44 @@ def device_buffers(
             first = first and not layers
         out[d] = buf
     return out
+
+
+def host_buffer(
+    cfg: TrialConfig,
+    info: ModelInfo,
+    where: list[int],
+    layer_dev: list[int],
+    n_dev: int,
+    cells: list[int],
+    n_tok: int,
+    raw,
+) -> int:
+    """The host's compute buffer (bytes) when devices hold layers; `raw(n_out)`: the CPU graph's buffer with n_out
+    outputs (tuner.plan.planner.compute_raw), for a host that runs whole layers (the logits only when the output
+    layer is the host's too).
+
+    With every layer on the devices, in floats per token: the graph inputs, 2E for the token embeddings (llama.cpp's
+    figure on every shape checked) and the KQ masks; with pipeline parallelism each input is held N_COPIES times,
+    N_COPIES x (E + masks) + E (the same split inputs as on each device). Routed experts in host memory run there:
+    gate, up and their product 3·Fe·u beside the down projection's output E·u, above the inputs, E·u + 3·Fe·u + 2E +
+    masks; with only the down projection there E·u + Fe·u + E + masks. These two are fitted to one device-oracle run
+    (benchmarks/results/device-oracle-20261207-190940.json: Qwen3-MoE, DeepSeek-V3, GLM-4.5 shapes) and checked on
+    shapes held out of it; a model with few experts used packs them into the inputs' holes (Qwen3-MoE with 2 used:
+    less) and gpt-oss's fused activation needs one Fe·u less."""
+    if any(d < 0 for d in layer_dev[: info.n_layer]):
+        return raw(n_tok if layer_dev[info.n_layer] < 0 else 0)
+    fa = cfg.flash_attn != "off"
+    mask = sum(c * n_tok * (2 if fa else 4) for c in set(cells) - {0})
+    e, u = info.n_embd, max(info.n_expert_used, 1)
+    fe = info.n_ff_exp or info.ff(0)
+    host_up = host_down = False
+    for t, d in zip(info.tensors, where):
+        if d < 0:
+            host_up = host_up or bool((m := UP_RE.match(t.name)) and m[3])
+            host_down = host_down or bool(DOWN_EXPS_RE.match(t.name))
+    if host_up:
+        return (e * u + 3 * fe * u + 2 * e) * n_tok * 4 + mask
+    if host_down:
+        return (e * u + fe * u + e) * n_tok * 4 + mask
+    pp = n_dev > 1 and cfg.split_mode == "layer" and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe)
+    return N_COPIES * (e * n_tok * 4 + mask) + e * n_tok * 4 if pp else 2 * e * n_tok * 4 + mask

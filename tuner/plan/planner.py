@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 
 from tuner.model.meta import EXPS_RE, ModelInfo, read_model
-from tuner.plan.compute import device_buffers
+from tuner.plan.compute import device_buffers, host_buffer
 from tuner.plan.placement import gpu_layer_start, layer_devices, split_fractions, tensor_devices, tied_output_copy
 from tuner.record import KV_TYPE_BYTES, TrialConfig, TrialRecord
 from tuner.units import fmt_size
@@ -614,19 +614,21 @@ def compute_by_device(
     cfg: TrialConfig, info: ModelInfo, where: list[int], layer_dev: list[int], n_dev: int, no_alloc: bool = False
 ) -> list[int]:
     """The compute buffer each backend reserves for a full ubatch of T tokens, every one an output: each device's
-    as tuner.plan.compute.device_buffers models it, then (index -1) the host's CPU backend, as compute_raw, when it
-    runs layers."""
+    as tuner.plan.compute.device_buffers models it, then (index -1) the host's CPU backend: compute_raw without
+    devices, else tuner.plan.compute.host_buffer (the graph inputs, host experts, or the layers it runs)."""
     out = [0] * (n_dev + 1)
     if unmodelled_note(info):
         return out
     n_tok = min(cfg.n_ubatch, cfg.n_batch, kv_size(cfg.effective_ctx()))
     n_kv = max_kv_cells(cfg, info)
-    host_layers = any(d < 0 for d in layer_dev[: info.n_layer])
-    if host_layers or n_dev == 0:
+    if n_dev == 0:
         out[-1] = compute_raw(cfg, info, n_tok, n_tok, n_kv)
-    if n_dev:
-        cells = [kv_cells(cfg, info, il) for il in range(info.n_layer)]
-        out[:n_dev] = device_buffers(cfg, info, where, layer_dev, n_dev, cells, n_tok, no_alloc)
+        return out
+    cells = [kv_cells(cfg, info, il) for il in range(info.n_layer)]
+    out[:n_dev] = device_buffers(cfg, info, where, layer_dev, n_dev, cells, n_tok, no_alloc)
+    out[-1] = host_buffer(
+        cfg, info, where, layer_dev, n_dev, cells, n_tok, lambda n_out: compute_raw(cfg, info, n_tok, n_out, n_kv)
+    )
     return out
 
 
