@@ -36,10 +36,12 @@ def device_buffers(
     n_dev: int,
     cells: list[int],
     n_tok: int,
+    raw,
     no_alloc: bool = False,
 ) -> list[int]:
-    """Each device's compute buffer (bytes) for a graph of n_tok tokens: `where` the device of each tensor (-1: host
-    memory), `layer_dev` of each layer (the output layer last), `cells` each layer's KV cells (0: no KV cache).
+    """Each device's compute buffer (bytes) for a graph of n_tok tokens, then the host's (`host_buffer`; `raw(n_out)`:
+    the CPU graph's buffer with n_out outputs, tuner.plan.planner.compute_raw): `where` the device of each tensor
+    (-1: host memory), `layer_dev` of each layer (the output layer last), `cells` each layer's KV cells (0: none).
 
     Per device, in floats per token (E n_embd, V n_vocab, F n_ff, Fe expert width, u experts used), the widest of
     its phases, plus the KQ mask of the layers it runs (f16 with flash attention) while the mask is alive: a split
@@ -151,22 +153,12 @@ def device_buffers(
             )
             first = first and not layers
         out[d] = buf
-    return out
+    return out + [host_buffer(cfg, info, where, layer_dev, n_dev, cells, n_tok, raw)]
 
 
-def host_buffer(
-    cfg: TrialConfig,
-    info: ModelInfo,
-    where: list[int],
-    layer_dev: list[int],
-    n_dev: int,
-    cells: list[int],
-    n_tok: int,
-    raw,
-) -> int:
-    """The host's compute buffer (bytes) when devices hold layers; `raw(n_out)`: the CPU graph's buffer with n_out
-    outputs (tuner.plan.planner.compute_raw), for a host that runs whole layers (the logits only when the output
-    layer is the host's too).
+def host_buffer(cfg: TrialConfig, info: ModelInfo, where, layer_dev, n_dev: int, cells, n_tok: int, raw) -> int:
+    """The host's compute buffer (bytes) when devices hold layers (device_buffers' arguments); a host that runs
+    whole layers: `raw(n_out)`, with the logits only when the output layer is the host's too.
 
     With every layer on the devices, in floats per token: the graph inputs, 2E for the token embeddings (llama.cpp's
     figure on every shape checked) and the KQ masks; with pipeline parallelism each input is held N_COPIES times,

@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 
 from tuner.model.meta import EXPS_RE, ModelInfo, read_model
-from tuner.plan.compute import device_buffers, host_buffer
+from tuner.plan.compute import device_buffers
 from tuner.plan.placement import gpu_layer_start, layer_devices, split_fractions, tensor_devices, tied_output_copy
 from tuner.record import KV_TYPE_BYTES, TrialConfig, TrialRecord
 from tuner.units import fmt_size
@@ -625,11 +625,8 @@ def compute_by_device(
         out[-1] = compute_raw(cfg, info, n_tok, n_tok, n_kv)
         return out
     cells = [kv_cells(cfg, info, il) for il in range(info.n_layer)]
-    out[:n_dev] = device_buffers(cfg, info, where, layer_dev, n_dev, cells, n_tok, no_alloc)
-    out[-1] = host_buffer(
-        cfg, info, where, layer_dev, n_dev, cells, n_tok, lambda n_out: compute_raw(cfg, info, n_tok, n_out, n_kv)
-    )
-    return out
+    raw = lambda n_out: compute_raw(cfg, info, n_tok, n_out, n_kv)  # noqa: E731 - the host's, if it runs layers
+    return device_buffers(cfg, info, where, layer_dev, n_dev, cells, n_tok, raw, no_alloc)
 
 
 def _row_shares(cfg: TrialConfig, free: list[int]) -> list[float]:
