@@ -166,8 +166,8 @@ def host_buffer(cfg: TrialConfig, info: ModelInfo, where, layer_dev, n_dev: int,
     gate, up and their product 3·Fe·u beside the down projection's output E·u, above the inputs, E·u + 3·Fe·u + 2E +
     masks; with only the down projection there E·u + Fe·u + E + masks. These two are fitted to one device-oracle run
     (benchmarks/results/device-oracle-20261207-190940.json: Qwen3-MoE, DeepSeek-V3, GLM-4.5 shapes) and checked on
-    shapes held out of it; a model with few experts used packs them into the inputs' holes (Qwen3-MoE with 2 used:
-    less) and gpt-oss's fused activation needs one Fe·u less."""
+    shapes held out of it: exact on DeepSeek-V3, Qwen3-MoE with 8 used and GLM-4.5, an upper bound elsewhere (up to
+    62 % over where the allocator fits the expert tensors into holes: Qwen3-MoE with 2 or 4 used; gpt-oss 27 %)."""
     if any(d < 0 for d in layer_dev[: info.n_layer]):
         return raw(n_tok if layer_dev[info.n_layer] < 0 else 0)
     fa = cfg.flash_attn != "off"
