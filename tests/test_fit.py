@@ -289,3 +289,22 @@ def test_dry_run_lists_every_baseline_with_fits_placement_from_the_planner(model
     assert fitted["fit_status"] == direct.status and fitted["fit_flags"] == direct.to_flags()
     for b in rows.values():  # every baseline is something llama-server runs: its flags, llama-server's spelling
         assert b["server_flags"].startswith("-ngl ") and " -c 4096 " in b["server_flags"]
+
+
+def test_a_model_named_by_a_relative_path_gets_its_baselines(models, tmp_path, monkeypatch):
+    # the fit's and the recipe's configs name the model as the search does (its table's key), not as read_model
+    # resolves it: a relative -m used to end the dry run with a KeyError in the recipe's verdict
+    from click.testing import CliRunner
+
+    from tuner.cli import cli
+
+    (tmp_path / "moe.gguf").symlink_to(models / "moe-q8_0.gguf")
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(
+        cli,
+        ["search", "-m", "moe.gguf", "--dry-run", "--json", "--gpus", "24GiB", "-c", "4096", "-p", "16", "-n", "4"],
+    )
+    assert res.exit_code == 0, res.output
+    rows = {b["label"]: b for b in json.loads(res.output)["baselines"]}
+    assert {"llama-server default (--fit)", "community recipe (-ngl 99, the fewest --n-cpu-moe that fits)"} <= set(rows)
+    assert {b["config"]["model"] for b in rows.values()} == {"moe.gguf"}

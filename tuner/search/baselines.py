@@ -117,8 +117,9 @@ def fit_placement(
     names = fit_device_names(rig)
     devices = [DeviceMemory(free=f or t, total=t, name=n) for f, t, n in zip(rig.gpu_free, rig.gpu_totals, names)]
     base = dataclasses.replace(space.base, **serving(space))
+    model = space.models[0]  # as the space (and the search's model table) names it, not info.path (resolved)
     cfg = server_config(
-        info.path,
+        model,
         n_ctx=working_context(space),
         n_batch=base.n_batch,
         n_ubatch=base.n_ubatch,
@@ -137,7 +138,7 @@ def fit_placement(
     # the compute buffers as llama.cpp sizes them where it can be asked (rig.sizes), as llama-server's fit does
     bd = planner_breakdown(info, devices, rig.sizes)
     res = fit(info, devices, cfg, margins if len(margins) > 1 else margins[0], breakdown=bd)
-    return res.trial_config(dataclasses.replace(base, model=info.path)), res
+    return res.trial_config(dataclasses.replace(base, model=model)), res
 
 
 def recipe_config(space: Space, info: ModelInfo, rig: Rig, hw, fits) -> TrialConfig | None:
@@ -149,7 +150,7 @@ def recipe_config(space: Space, info: ModelInfo, rig: Rig, hw, fits) -> TrialCon
     base = dataclasses.replace(
         space.base,
         **serving(space),
-        model=info.path,
+        model=space.models[0],  # the space's name for it (infos' key), as fit_placement
         n_ctx=working_context(space),
         n_gpu_layers=info.n_layer + 1,
         tensor_split="",
