@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._results import save  # noqa: E402
 from tuner.measure import rpc  # noqa: E402
-from tuner.measure.buffers import per_device  # noqa: E402
+from tuner.measure.buffers import host_total, per_device  # noqa: E402
 from tuner.model.meta import read_model  # noqa: E402
 from tuner.model.synth import synthesize  # noqa: E402
 from tuner.plan import fit as F  # noqa: E402
@@ -44,7 +44,6 @@ from tuner.plan import oracle  # noqa: E402
 
 MiB = 1 << 20
 TOLERANCE = 0.02
-HOST = "CPU"  # the host's buffer types: CPU, and CPU_Mapped, CPU_REPACK... after it
 HALF = 0.005 * MiB + 1  # llama.cpp logs MiB with two decimals
 DEVICE_MEM = 16 << 30  # what each server reports (no_alloc allocates nothing; real loads stay far below)
 N_CTX = 4096
@@ -122,11 +121,10 @@ def compare(job: oracle.Job, res: dict, info, names: tuple[str, ...]) -> list[di
             if not llama and not planned:
                 continue
             rows.append(row(base, name, kind, llama, planned))
-    # the host: every CPU buffer type together (CPU, CPU_Mapped for mmap'd weights, CPU_REPACK...)
-    host = [v for k, v in theirs.items() if k == HOST or k.startswith(HOST + "_")]
+    # the host: every buffer type in host memory together (CPU, CPU_Mapped for mmap'd weights, CPU_REPACK...)
     kinds = [("model", mine[-1].model), ("kv", mine[-1].context), ("compute", mine[-1].compute)]
     for kind, planned in kinds if job.mode == "real" else kinds[2:]:
-        llama = sum(v.get(kind, 0) for v in host)
+        llama = host_total(theirs, kind)
         if llama or planned:
             rows.append(row(base, "host", kind, llama, planned))
     return rows

@@ -27,7 +27,9 @@ class FakeGpu:
     uuid: str = "GPU-fake-0000"
     total: int = 80 * GiB
     used: int = 1 * GiB
-    bus_id: str | None = None  # nvmlDeviceGetPciInfo().busId, as NVML spells it; None: "0000000N:01:00.0" by index
+    # nvmlDeviceGetPciInfo().busId, as NVML spells it; None: PCI domain fa0N (N the index), which no card of the
+    # machine running the tests has, so a real llama.cpp device is never matched to a fake GPU
+    bus_id: str | None = None
 
 
 @dataclass
@@ -84,7 +86,7 @@ class FakeNvml:
 
     def nvmlDeviceGetPciInfo(self, h):
         g = self.gpus[h.index]
-        return SimpleNamespace(busId=(g.bus_id or f"0000000{h.index}:01:00.0").encode())  # bytes, as older pynvml
+        return SimpleNamespace(busId=(g.bus_id or f"0000fa0{h.index}:01:00.0").encode())  # bytes, as older pynvml
 
     def nvmlDeviceGetMemoryInfo(self, h):
         g = self.gpus[h.index]

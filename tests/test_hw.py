@@ -178,7 +178,9 @@ def test_llama_devices_carry_their_pci_bus_id():
     devs = hardware.llama_devices()
     assert devs and all(isinstance(d["device_id"], str) for d in devs)
     assert next(d for d in devs if d["backend"] == "CPU")["device_id"] == ""
-    assert all(d["type"] in ("gpu", "igpu") for d in hardware.build_info()["devices"])
+    # on a GPU build (the GPU check runs this suite on CUDA): its GPUs, each CUDA one with the id NVML is matched by
+    for d in hardware.build_info()["devices"]:
+        assert d["type"] in ("gpu", "igpu") and (d["backend"] != "CUDA" or hardware.pci_id(d["device_id"]))
 
 
 def test_process_vram_unsupported_device_reports_zero():
@@ -253,12 +255,21 @@ def as_pynvml(monkeypatch):
     return install
 
 
+def build_gpus() -> list[str]:
+    """The GPUs this machine's llama.cpp build places on, by buffer name (none on a CPU build; the GPU check runs
+    these tests on a CUDA build too): `tuner hw` lists them before any NVML GPU it cannot match."""
+    return [hardware.buffer_name(d) for d in hardware.model_devices(hardware.build_info().get("devices") or [])]
+
+
 def test_hw_without_gpu_is_not_an_error(as_pynvml):
     as_pynvml(no_gpu())
     res = CliRunner().invoke(cli, ["hw"])
     assert res.exit_code == 0, res.output
     lines = table_rows(res.output)
-    assert lines["GPUs"].startswith("none (NVML unavailable: NVML Shared Library Not Found)")
+    if build_gpus():  # llama.cpp's devices without NVML: listed, said to be unknown to it
+        assert all("not known to NVML" in lines[f"GPU {i}"] for i in range(len(build_gpus())))
+    else:
+        assert lines["GPUs"].startswith("none (NVML unavailable: NVML Shared Library Not Found)")
     assert lines["cores"].startswith(f"{psutil.cpu_count(logical=False) or os.cpu_count()} physical")
     assert "GiB total" in lines["RAM"]
     offload = hardware.build_info()["gpu_offload"]  # asked of llama.cpp in a child interpreter
@@ -270,7 +281,8 @@ def test_hw_json_without_gpu(as_pynvml):
     res = CliRunner().invoke(cli, ["hw", "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)
-    assert d["gpus"] == [] and d["nvml"] == "NVML unavailable: NVML Shared Library Not Found"
+    assert [g["llama"] for g in d["gpus"]] == build_gpus() and all(g["index"] == -1 for g in d["gpus"])
+    assert d["nvml"] == "NVML unavailable: NVML Shared Library Not Found"
     assert d["ram_total"] == psutil.virtual_memory().total
     assert d["gpu_offload"] is hardware.build_info()["gpu_offload"]
     assert d["cores_logical"] == psutil.cpu_count()
@@ -283,15 +295,17 @@ def test_hw_with_fake_gpus(as_pynvml):
     res = CliRunner().invoke(cli, ["hw"])
     assert res.exit_code == 0, res.output
     lines = table_rows(res.output)
-    # this CPU build of llama.cpp enumerates no GPU: NVML's are listed, and said to be unused by it
-    assert lines["GPU 0"] == (
+    # llama.cpp's own GPUs first (none on a CPU build); the fake NVML GPUs match none of them: listed after them,
+    # and said to be unused by this build
+    k = len(build_gpus())
+    assert lines[f"GPU {k}"] == (
         "FAKE NVIDIA H100 80GB HBM3, 80.0 GiB (79.0 free), not used by this llama.cpp build, NVML GPU 0, "
-        "driver 550.54.15, CUDA 12.4, PCI 0000:01:00.0"
+        "driver 550.54.15, CUDA 12.4, PCI fa00:01:00.0"
     )
-    assert lines["GPU 1"].startswith("FAKE RTX 4090, 24.0 GiB (20.0 free)")
+    assert lines[f"GPU {k + 1}"].startswith("FAKE RTX 4090, 24.0 GiB (20.0 free)")
     assert "GPUs" not in lines
     d = json.loads(CliRunner().invoke(cli, ["hw", "--json"]).output)
-    assert [(g["index"], g["vram_total"]) for g in d["gpus"]] == [(0, 80 * GiB), (1, 24 * GiB)]
+    assert [(g["index"], g["vram_total"]) for g in d["gpus"][k:]] == [(0, 80 * GiB), (1, 24 * GiB)]
     assert d["nvml"] == ""
 
 
@@ -303,3 +317,6 @@ def test_hw_real_nvml_here():
     assert isinstance(d["gpus"], list)
     if not d["gpus"]:
         assert d["nvml"], "no GPU must come with the reason NVML gave"
+    for g in d["gpus"]:  # on a CUDA machine with its driver: llama.cpp's CUDA devices are NVML's, matched by PCI id
+        if g["backend"] == "CUDA" and not d["nvml"]:
+            assert g["index"] >= 0 and g["pci"], g

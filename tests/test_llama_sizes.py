@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tuner.measure import rpc
+from tuner.measure import buffers, rpc
 from tuner.measure.runner import Runner, resolve
 from tuner.model.meta import read_model
 from tuner.plan import fit as F
@@ -114,3 +114,19 @@ def test_the_host_buffer_is_llama_cpps_where_the_model_covers_it(servers, dense_
             assert llama is not None and llama[-1] > 0
             host = F.device_usage(cfg, info, [16 << 30] * 2, names)[-1].compute
             assert abs(host - llama[-1]) <= 0.02 * llama[-1], (kw, host / MiB, llama[-1] / MiB)
+
+
+def test_the_hosts_compute_buffer_on_a_gpu_build_is_its_pinned_host_buffer():
+    # llama.cpp puts the CPU backend's compute buffer in the first device's host buffer type where it has one
+    # (CUDA_Host, Vulkan_Host: src/llama-context.cpp); an RPC device has none, so the RPC tests see "CPU". The
+    # lines as sched_reserve and load_tensors log them on a CUDA build:
+    log = (
+        "sched_reserve:      CUDA0 compute buffer size =   400.00 MiB\n"
+        "sched_reserve:  CUDA_Host compute buffer size =    40.01 MiB\n"
+        "load_tensors:   CPU_Mapped model buffer size =   100.00 MiB\n"
+        "load_tensors:        CUDA0 model buffer size =  2000.00 MiB\n"
+    )
+    by_buft = buffers.per_device(buffers.parse_log(log))
+    assert buffers.host_total(by_buft, "compute") == round(40.01 * MiB)
+    assert buffers.host_total(by_buft, "model") == 100 * MiB
+    assert not any(buffers.is_host(n) for n in ("CUDA0", "RPC0[127.0.0.1:50052]", "Vulkan0"))

@@ -66,3 +66,15 @@ def per_device(parsed: dict) -> dict[str, dict[str, int]]:
         for buft, n in parsed[kind].items():
             out.setdefault(buft, {})[kind] = n
     return out
+
+
+def is_host(buft: str) -> bool:
+    """A buffer type in host memory: the CPU's (CPU, CPU_Mapped, CPU_REPACK...) or a GPU backend's pinned host
+    buffer (CUDA_Host, Vulkan_Host...), where llama.cpp puts the CPU backend's compute buffer when the first
+    device has one (src/llama-context.cpp)."""
+    return buft == "CPU" or buft.startswith("CPU_") or buft.endswith("_Host")
+
+
+def host_total(by_buft: dict[str, dict[str, int]], kind: str) -> int:
+    """Bytes of one kind (model, kv, compute...) in host memory, from `per_device`'s answer."""
+    return sum(v.get(kind, 0) for k, v in by_buft.items() if is_host(k))

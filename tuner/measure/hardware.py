@@ -212,7 +212,8 @@ def pci_id(bus: str) -> str:
     """A PCI bus id as ggml writes it ("0000:01:00.0", lower case) from NVML's ("00000000:01:00.0") or another
     spelling; "" when it is none."""
     try:
-        dom, bus_, rest = bus.strip().lower().split(":")
+        # ggml-cuda's virtual devices on one card append "-v1", "-v2"...: the card's own id
+        dom, bus_, rest = bus.strip().lower().split("-")[0].split(":")
         dev, fn = rest.split(".")
         return f"{int(dom, 16):04x}:{int(bus_, 16):02x}:{int(dev, 16):02x}.{int(fn, 16):x}"
     except ValueError:
@@ -282,9 +283,11 @@ def offload_gpus(hw: Hardware) -> list[GPU]:
     return named or list(hw.gpus)
 
 
-def probe(nvml: Nvml | None = None, with_llama: bool = True) -> Hardware:
-    """This machine; `with_llama`: its GPUs as the installed llama.cpp enumerates them, NVML's matched to them
-    (merge_devices; build_info is cached on disk, so this costs a process start once per build and machine)."""
+def probe(nvml: Nvml | None = None, with_llama: bool | None = None) -> Hardware:
+    """This machine; `with_llama` (default: unless an `nvml` is handed in, which then says what the GPUs are: the
+    tests' fake): its GPUs as the installed llama.cpp enumerates them, NVML's matched to them (merge_devices;
+    build_info is cached on disk, so this costs a process start once per build and machine)."""
+    with_llama = nvml is None if with_llama is None else with_llama
     nvml = nvml or Nvml()
     vm, sw = psutil.virtual_memory(), psutil.swap_memory()
     hw = Hardware(

@@ -191,7 +191,7 @@ class Runner:
         # Each wake-up of the parent can preempt a llama.cpp thread spinning at a barrier (all cores busy);
         # results arrive without waiting for it (select), so sampling twice a second costs nothing in latency.
         self.poll_interval = poll_interval
-        self.hw = hw or hardware.probe(self.nvml)
+        self.hw = hw or hardware.probe(self.nvml, with_llama=nvml is None)  # a handed-in NVML is the whole story
         self.nvml.align(self.hw.gpus)  # per-GPU figures in the probe's order: llama.cpp's, the planner's
         self.build = build or hardware.build_info()
         self._tmp = tempfile.TemporaryDirectory(prefix="tuner-logs-")

@@ -21,11 +21,9 @@ import time
 import weakref
 from pathlib import Path
 
-from tuner.measure.buffers import per_device
+from tuner.measure.buffers import host_total, per_device
 from tuner.plan import oracle
 from tuner.record import TrialConfig
-
-HOST = "CPU"
 
 
 class LlamaSizes:
@@ -77,7 +75,7 @@ class LlamaSizes:
             # layers offloaded, yet no device of this rig in the answer: its names are not llama.cpp's
             self.failures.append(f"llama.cpp named its buffers {sorted(by_buft)}, the rig {list(self.names)}")
             return None
-        return [by_buft.get(n, {}).get("compute", 0) for n in self.names] + [by_buft.get(HOST, {}).get("compute", 0)]
+        return [by_buft.get(n, {}).get("compute", 0) for n in self.names] + [host_total(by_buft, "compute")]
 
     def summary(self) -> dict:
         """What was asked: placements answered, seconds spent, questions unanswered (the first cause)."""

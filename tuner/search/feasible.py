@@ -99,7 +99,7 @@ def caps(hw, limits) -> tuple[float, float | None]:
     ram = min(
         x for x in (limits.max_ram, hw.ram_total - headroom_bytes(limits.headroom, hw.ram_total)) if x is not None
     )
-    totals = [g.vram_total for g in hw.gpus if g.vram_total]
+    totals = [g.vram_total for g in hardware.offload_gpus(hw) if g.vram_total]
     return ram, (sum(device_caps(totals, limits)) if totals else None)
 
 

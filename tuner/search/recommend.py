@@ -16,6 +16,7 @@ from pathlib import Path
 import gguf
 
 from tuner import files, stats
+from tuner.measure import hardware
 from tuner.record import TrialConfig, TrialRecord, moe_part_pattern, parse_tensor_split, summarize, utcnow
 from tuner.search import confirm
 from tuner.search.confirm import objective_samples
@@ -45,7 +46,8 @@ def fits(r: TrialRecord, hw, limits) -> bool:
         return False
     if vram is not None and r.peak_vram_bytes and r.peak_vram_bytes > vram:
         return False
-    per_gpu = device_caps([g.vram_total for g in hw.gpus], limits)
+    # the GPUs llama.cpp places on (a hidden one's figures, last in the record, are not compared)
+    per_gpu = device_caps([g.vram_total for g in hardware.offload_gpus(hw)], limits)
     return not any(p > c for p, c in zip(r.peak_vram_by_gpu or [], per_gpu))
 
 
