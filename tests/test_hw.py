@@ -89,7 +89,9 @@ def test_gpus_in_llama_order_matched_to_nvml_by_pci_bus_id():
         ("CUDA0", 1, "GPU-b", "0000:0a:00.0"),
         ("CUDA1", 0, "GPU-a", "0000:01:00.0"),
     ]
-    assert [g.device for g in hardware.offload_gpus(hardware.Hardware("c", 1, 1, 1, 1, 0, 0, "l", merged))] == [
+    assert [
+        g.device for g in hardware.offload_gpus(hardware.Hardware("c", 1, 1, 1, 1, 0, 0, "l", merged, gpu_offload=True))
+    ] == [
         "CUDA0",
         "CUDA1",
     ]
@@ -112,9 +114,19 @@ def test_a_device_nvml_does_not_know_joins_and_a_hidden_gpu_is_not_placed_on():
         ("CUDA0", 1, "FAKE RTX 4090"),
         ("", 0, "FAKE RTX 3090"),  # NVML's, hidden from llama.cpp: listed last, nothing placed on it
     ]
-    hw = hardware.Hardware("c", 1, 1, 1, 1, 0, 0, "l", merged)
+    hw = hardware.Hardware("c", 1, 1, 1, 1, 0, 0, "l", merged, gpu_offload=True)  # as probe() asked llama.cpp
     assert [g.device for g in hardware.offload_gpus(hw)] == ["Vulkan0", "CUDA0"]
     assert merged[0].vram_total == merged[0].vram_free == 24 * GiB
+
+
+def test_a_cpu_build_places_nothing_on_nvmls_gpus():
+    nvml = nvml_two()
+    # llama.cpp asked (a CPU build: it lists no GPU): NVML's cards are there, but nothing can be placed on them
+    asked = hardware.Hardware("c", 1, 1, 1, 1, 0, 0, "l", hardware.merge_devices(nvml, []), gpu_offload=False)
+    assert len(asked.gpus) == 2 and hardware.offload_gpus(asked) == []
+    # not asked (an NVML handed to probe, an old record): NVML's GPUs, taken as CUDA's
+    told = hardware.Hardware("c", 1, 1, 1, 1, 0, 0, "l", nvml)
+    assert [g.device for g in hardware.offload_gpus(told)] == ["CUDA0", "CUDA1"]
 
 
 def test_the_devices_a_model_loads_onto_are_llama_cpps_default_selection():

@@ -277,10 +277,12 @@ def merge_devices(nvml_gpus: list[GPU], llama: list[dict]) -> list[GPU]:
 
 
 def offload_gpus(hw: Hardware) -> list[GPU]:
-    """The GPUs llama.cpp places layers on, in its order (a prefix of hw.gpus): those it enumerates, or every
-    GPU where it was not asked (NVML's, taken as CUDA's)."""
-    named = [g for g in hw.gpus if g.llama]
-    return named or list(hw.gpus)
+    """The GPUs llama.cpp places layers on, in its order (a prefix of hw.gpus): those it enumerates (none for a CPU
+    build, whatever NVML lists), or, where llama.cpp was not asked (an NVML handed to `probe`, an old record),
+    every GPU, NVML's taken as CUDA's."""
+    if hw.gpu_offload is None:  # probe sets it when it asks llama.cpp
+        return list(hw.gpus)
+    return [g for g in hw.gpus if g.llama]
 
 
 def probe(nvml: Nvml | None = None, with_llama: bool | None = None) -> Hardware:
