@@ -242,11 +242,10 @@ def model_devices(devs: list[dict]) -> list[dict]:
 
 def merge_devices(nvml_gpus: list[GPU], llama: list[dict]) -> list[GPU]:
     """The GPUs in llama.cpp's order (`llama`: build_info()["devices"], as model_devices selects them), each
-    NVIDIA one with NVML's figures,
-    matched by PCI bus id (CUDA's own order is fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, NVML's is the
-    bus's). Where neither side gives ids, CUDA devices pair with NVML's in order, as when both have one. NVML's
-    GPUs that llama.cpp does not see (hidden by CUDA_VISIBLE_DEVICES, or a CPU build) follow, without a llama
-    name: nothing is placed on them."""
+    NVIDIA one with NVML's figures, matched by PCI bus id (CUDA's own order is fastest first unless
+    CUDA_DEVICE_ORDER=PCI_BUS_ID, NVML's is the bus's). Where neither side gives ids, CUDA devices pair with NVML's
+    in order, as when both have one. NVML's GPUs that llama.cpp does not see (hidden by CUDA_VISIBLE_DEVICES, or a
+    CPU build) follow, without a llama name: nothing is placed on them."""
     left = list(nvml_gpus)
     out = []
     for d in model_devices(llama):

@@ -28,6 +28,12 @@ UP_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate_)?up(_exps)?\.")
 DOWN_EXPS_RE = re.compile(r"^blk\.(\d+)\.ffn_down_exps\.")
 
 
+def mask_bytes(cells: set[int], n_tok: int, fa: bool) -> int:
+    """The KQ masks for layers with these KV cell counts (one per distinct count; 0: no KV cache): n_tok rows,
+    f16 with flash attention, else f32."""
+    return sum(c * n_tok * (2 if fa else 4) for c in cells - {0})
+
+
 def device_buffers(
     cfg: TrialConfig,
     info: ModelInfo,
@@ -134,7 +140,7 @@ def device_buffers(
         for il, ds in up_dev.items():  # FFN weights of another device's layer (an overflowing part)
             if d in ds and layer_dev[min(il, info.n_layer - 1)] != d:
                 phases.append((max(moe_up, moe_down) if il in exps_layer else 3 * info.ff(il) + 3 * e, True))
-        mask = sum(c * n_tok * (2 if fa else 4) for c in {cells[il] for il in layers} - {0})
+        mask = mask_bytes({cells[il] for il in layers}, n_tok, fa)
         if layer_dev[info.n_layer] == d:
             here = layer_dev[last_main] == d
             if host_tail and shared and here:  # the shared expert's output alive above the copy's hole
@@ -170,8 +176,7 @@ def host_buffer(cfg: TrialConfig, info: ModelInfo, where, layer_dev, n_dev: int,
     62 % over where the allocator fits the expert tensors into holes: Qwen3-MoE with 2 or 4 used; gpt-oss 27 %)."""
     if any(d < 0 for d in layer_dev[: info.n_layer]):
         return raw(n_tok if layer_dev[info.n_layer] < 0 else 0)
-    fa = cfg.flash_attn != "off"
-    mask = sum(c * n_tok * (2 if fa else 4) for c in set(cells) - {0})
+    mask = mask_bytes(set(cells), n_tok, cfg.flash_attn != "off")
     e, u = info.n_embd, max(info.n_expert_used, 1)
     fe = info.n_ff_exp or info.ff(0)
     host_up = host_down = False

@@ -612,16 +612,16 @@ def _run_group(jobs: list[Job], timeout: float) -> list[dict]:
             proc.wait()
         with os.fdopen(rfd) as f:
             lines = [json.loads(ln) for ln in f.read().splitlines() if ln.strip()]
-        log.seek(0)
-        tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
-    out = []
-    for i, _ in enumerate(jobs):
-        if i < len(lines):
-            out.append(lines[i])
-        else:
-            why = f"worker exited with {proc.returncode}" if proc.returncode else "no result (timeout)"
-            out.append({"outcome": "crash", "cause": f"{why}: {' | '.join(tail)[-300:]}"})
-    return out
+        why = f"worker exited with {proc.returncode}" if proc.returncode else "no result (timeout)"
+        crash = _crash(why, log)
+    return [lines[i] if i < len(lines) else crash for i in range(len(jobs))]
+
+
+def _crash(why: str, log) -> dict:
+    """A job the worker did not answer: why, and the last lines of its log."""
+    log.seek(0)
+    tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
+    return {"outcome": "crash", "cause": f"{why}: {' | '.join(tail)[-300:]}"}
 
 
 class Session:
@@ -655,10 +655,9 @@ class Session:
         if line.strip():
             return json.loads(line)
         why = "no answer within the timeout" if self.proc.poll() is None else f"worker exited with {self.proc.poll()}"
-        self.log.seek(0)
-        tail = self.log.read().decode(errors="replace").strip().splitlines()[-3:]
+        crash = _crash(why, self.log)
         self.close()
-        return {"outcome": "crash", "cause": f"{why}: {' | '.join(tail)[-300:]}"}
+        return crash
 
     def close(self) -> None:
         if self.proc is not None:

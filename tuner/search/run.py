@@ -176,9 +176,9 @@ def run_search(
         if opts.gpus
         else fitlib.rig_from_hardware(hwinfo, limits, gpu_offload, remote)
     )
-    if not opts.gpus and rig.n_gpus and all(g.llama for g in hardware.offload_gpus(hwinfo)):
-        # every device is one llama.cpp enumerates (RPC servers', this machine's GPUs by its names): it sizes
-        # each placement's compute buffers, as --fit asks it
+    if rig.n_gpus and not rig.described:
+        # every device is one llama.cpp enumerates (RPC servers', this machine's GPUs: hardware.offload_gpus): it
+        # sizes each placement's compute buffers, as --fit asks it
         rig.sizes = LlamaSizes(rig.devices)
     space = spacelib.build_space(
         models,
@@ -396,9 +396,7 @@ def search_total(srch) -> int | None:
 
 def study_hardware(rec: TrialRecord) -> hardware.Hardware:
     """The machine a study was measured on, as its records saved it."""
-    return hardware.Hardware(
-        **{k: v for k, v in rec.hw.items() if k != "gpus"}, gpus=[hardware.GPU(**g) for g in rec.hw.get("gpus", [])]
-    )
+    return hardware.from_dict(rec.hw)
 
 
 def recommend_study(
