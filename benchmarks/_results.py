@@ -17,6 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# the synthetic models benchmarks and tests make (tuner.model.synth), kept between runs
+MODEL_CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 sys.path.insert(0, str(ROOT))
 
 from tuner import files  # noqa: E402

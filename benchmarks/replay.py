@@ -333,22 +333,52 @@ class ReplayRunner:
     """The runner `tuner.search.loop.Search` calls, answering from the table: a recorded trial of the config (a search
     trial: a round not drawn yet in this seed, while any is left; a confirmation run: the recorded round this
     seed maps the confirmation round to, the same for every candidate), its cost on the clock, the load only
-    when the load key changes from the previous run (a reused worker keeps its model)."""
+    when no worker has the config's load: the last run's, or one of those tuner.measure.runner keeps waiting
+    (KEEP_LOADED, least recently used evicted, where their recorded peak RSS leaves the new load's need and the
+    reserve free in the probed RAM)."""
 
     last_log = ""
     reuse = True  # as the search's default Runner: a worker that finished cleanly keeps its model
 
     @property
     def loaded_key(self) -> tuple | None:
-        """The load key the (replayed) waiting worker keeps loaded: the study steers duplicates to it."""
+        """The load key the (replayed) last worker keeps loaded: the study steers duplicates to it."""
         return self.last_key
+
+    @property
+    def loaded_keys(self) -> list[tuple]:
+        return [*self.waiting, *([self.last_key] if self.last_key is not None else [])]
+
+    def _load(self, cfg: TrialConfig, rss: int, need_bytes: int | None) -> bool:
+        """The runner's worker choice (tuner.measure.runner.Runner._worker_for) on the replay's books: True when
+        this run loads its model."""
+        from tuner.measure import runner as rn
+
+        k = cfg.load_key()
+        if k == self.last_key:
+            return False
+        if self.last_key is not None and self.last_host_only:
+            self.waiting[self.last_key] = self.last_rss
+        hit = self.waiting.pop(k, None) is not None
+        if not hit:
+            need = rn.load_need(cfg.model, need_bytes)
+            free = self.hw.ram_available or self.hw.ram_total
+            while self.waiting and (
+                len(self.waiting) > rn.KEEP_LOADED
+                or free - sum(self.waiting.values()) - need < rn.ram_reserve(self.hw.ram_total)
+            ):
+                self.waiting.pop(next(iter(self.waiting)))
+        self.last_key, self.last_rss = k, rss
+        self.last_host_only = rn.keeps_host_only(cfg, self.build)
+        return not hit
 
     def __init__(self, table: Table, clock: Clock, rng: random.Random):
         from tuner.measure import hardware
 
         self.table, self.clock, self.rng = table, clock, rng
         self.hw, self.build = table.hw, hardware.build_info()
-        self.last_key = None
+        self.last_key, self.last_rss, self.last_host_only = None, 0, False
+        self.waiting: dict[tuple, int] = {}  # load key → its worker's RSS, least recently used first
         self.drawn: dict[tuple, list[int]] = {}
         self.runs = 0
         self.loads = 0
@@ -364,7 +394,7 @@ class ReplayRunner:
         """The round of the confirmation (or ladder) run the search measures now; None for a search trial."""
         return self.search.confirm_round if self.search is not None else None
 
-    def run(self, cfg: TrialConfig) -> TrialRecord:
+    def run(self, cfg: TrialConfig, need_bytes: int | None = None) -> TrialRecord:
         from tuner.measure.runner import new_record
 
         k = cfg.key()
@@ -383,8 +413,9 @@ class ReplayRunner:
         self.drawn.setdefault(k, []).append(i)
         t = e.trials[i]
         load = (t["load_ms"] or 0) / 1000
-        reload = cfg.load_key() != self.last_key
-        self.last_key = cfg.load_key()
+        reload = self._load(cfg, t["peak_rss_bytes"] or 0, need_bytes)
+        if t["outcome"] != "ok":  # a failed worker is stopped: nothing stays loaded
+            self.last_key = None
         self.loads += reload
         self.runs += 1
         self.clock.t += max(0.0, (t["wall_s"] or 0) - load) + (load if reload else 0.0)

@@ -64,13 +64,14 @@ class Replay:
     """Stands in for the runner in the replay: returns the grid's real measurement of the same config."""
 
     loaded_key = None  # no worker keeps a model loaded: the search steers repeats to any unmeasured config
+    loaded_keys: list = []
     reuse = False
 
     def __init__(self, table: dict):
         self.table = table
         self.last_log = ""
 
-    def run(self, cfg: TrialConfig):
+    def run(self, cfg: TrialConfig, need_bytes: int | None = None):
         return self.table[key(cfg.to_dict())]
 
 

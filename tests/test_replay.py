@@ -158,3 +158,24 @@ def test_settings_are_chosen_by_rate_within_the_wall_target_else_by_rate_then_wa
     assert replay.choose(rows, 0.1)["settings"] == "a"
     rows.append({"settings": "d", "within_2pct_rate": 0.9, "wall_vs_grid_median": 0.4})
     assert replay.choose(rows, 0.1)["settings"] == "d"
+
+
+@pytest.mark.parametrize("keep", [0, 4])
+def test_the_replay_charges_a_load_only_where_no_worker_has_it(table_path, monkeypatch, keep):
+    """As the runner: a race alternating between two files reloads neither while their workers may wait
+    (tuner.measure.runner.KEEP_LOADED); with none allowed to wait, every switch reloads."""
+    import random
+
+    from tuner.measure import runner as rn
+
+    monkeypatch.setattr(rn, "KEEP_LOADED", keep)
+    table = replay.load_table(table_path)
+    by_file = {}
+    for e in table.entries.values():
+        by_file.setdefault(e.config.load_key(), e.config)
+    a, b = list(by_file.values())[:2]
+    run = replay.ReplayRunner(table, replay.Clock(), random.Random(0))
+    recs = [run.run(c) for c in (a, b, a, b, b)]
+    assert [r.model_loaded for r in recs] == [True, True, not keep, not keep, False]
+    assert run.loads == (2 if keep else 4)
+    assert run.loaded_keys == ([a.load_key(), b.load_key()] if keep else [b.load_key()])

@@ -157,6 +157,66 @@ def test_reuse_loads_once_and_restarts_after_a_failure(models):
     assert a.load_ms == b.load_ms, "a kept model reports the load it paid once"
 
 
+def test_other_loads_wait_loaded_and_a_waiting_worker_uses_no_cpu(models):
+    """A race alternates between loads: each load's worker waits with its model while another runs, and a
+    waiting worker blocks on its pipe (no CPU taken from the trial being measured)."""
+    import psutil
+
+    with Runner(timeout=120, reuse=True) as r:
+        a = r.run(tiny_cfg(models))
+        pid_a = r._worker.pid
+        b = r.run(tiny_cfg(models, use_mmap=False))
+        assert r._worker.pid != pid_a and r.loaded_keys == [a.config.load_key(), b.config.load_key()]
+        waiting = psutil.Process(pid_a)
+        cpu0 = sum(waiting.cpu_times()[:2])
+        c = r.run(tiny_cfg(models, use_mmap=False, n_batch=8))
+        idle_cpu = sum(waiting.cpu_times()[:2]) - cpu0
+        d = r.run(tiny_cfg(models, n_batch=8))
+        assert r._worker.pid == pid_a
+    assert [x.outcome for x in (a, b, c, d)] == ["ok"] * 4
+    assert (a.model_loaded, b.model_loaded, c.model_loaded, d.model_loaded) == (True, True, False, False)
+    assert d.load_ms == a.load_ms, "the waiting worker kept the model it loaded for the first trial"
+    assert idle_cpu < 0.05, f"the waiting worker used {idle_cpu:.3f} s of CPU during another's trial"
+    assert not _alive(pid_a), "closing the runner stops the waiting workers"
+
+
+def test_waiting_workers_leave_when_the_next_load_needs_their_ram(models):
+    """Least recently used first: beyond `keep_loaded`, or when the new load's need would eat the reserve."""
+    with Runner(timeout=120, reuse=True, keep_loaded=1) as r:
+        r.run(tiny_cfg(models))
+        pid_a = r._worker.pid
+        r.run(tiny_cfg(models, use_mmap=False))
+        pid_b = r._worker.pid
+        r.run(tiny_cfg(models, use_mlock=True))  # a third load: only one may wait, the older goes
+        assert r._waiting and [w.pid for w in r._waiting.values()] == [pid_b]
+        assert not _alive(pid_a)
+        huge = 1 << 50
+        r.run(tiny_cfg(models, use_mmap=False, use_mlock=True), need_bytes=huge)  # needs every byte: none waits
+        assert not r._waiting and not _alive(pid_b)
+
+
+def test_a_gpu_build_keeps_no_worker_waiting(models):
+    """A worker of a GPU build holds a device context even at n_gpu_layers 0: it never waits beside another."""
+    from tuner.measure import hardware
+
+    with Runner(timeout=120, reuse=True, build={**hardware.build_info(), "gpu_offload": True}) as r:
+        r.run(tiny_cfg(models))
+        pid_a = r._worker.pid
+        r.run(tiny_cfg(models, use_mmap=False))
+        assert not r._waiting and not _alive(pid_a)
+        r.run(tiny_cfg(models, use_mmap=False, n_batch=8))  # the same load still reuses its worker
+        assert r.loaded_keys == [r._worker.load_key]
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_a_memory_limit_gives_every_trial_a_fresh_worker(models):
     """RLIMIT_DATA counts what a worker has reserved so far: a reused worker would meet the limit with less
     room than a fresh one, so under --mem-limit no worker is reused, whatever reuse says."""

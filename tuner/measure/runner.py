@@ -6,6 +6,12 @@ With `reuse=True` a worker that finished a trial cleanly stays up for the next t
 parameters (same model file, n_gpu_layers, overrides, mmap): the load is paid once, as llama-bench does,
 while every trial still runs outside the parent. After any failure the worker is gone and the next trial
 gets a fresh one.
+
+Workers of other loads wait beside it (up to KEEP_LOADED, least recently used evicted first) while they hold
+nothing but host RAM and the next load still fits with RAM_RESERVE to spare: a race that alternates between a
+few configs reloads none of them, where their models fit in RAM together. A waiting worker blocks on its pipe
+and uses no CPU. A build that offloads to a GPU, or a config with RPC servers, keeps one worker only: a waiting
+one would hold device memory the next trial is measured on.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ SAMPLES = (
     "ttft_stream_ms",
 )
 REFAULT_FLOOR = 64 << 20  # file pages re-read under --mem-limit before a small model's trial counts as not fitting
+KEEP_LOADED = 4  # workers of other loads kept waiting with their model (the race's K, the defaults and fit's)
+RAM_RESERVE_SHARE, RAM_RESERVE_MIN = 0.10, 2 << 30  # RAM left free beside a new load before anything is kept
 
 
 def new_record(cfg: TrialConfig, hw: hardware.Hardware, build: dict, info=None) -> TrialRecord:
@@ -101,6 +109,7 @@ class _Worker:
     log_path: Path
     load_key: tuple | None = None
     used: bool = False
+    host_only: bool = False  # its last job held host RAM only: it may wait loaded beside others
     device_base: list[int] = field(default_factory=list)  # each GPU's used memory before this worker started
     buf: bytes = b""
     events: collections.deque = field(default_factory=collections.deque)
@@ -108,6 +117,30 @@ class _Worker:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+
+def keeps_host_only(cfg: TrialConfig, build: dict) -> bool:
+    """A worker of this config may wait loaded beside others: it holds host RAM only (no GPU context, which a
+    GPU build makes even at n_gpu_layers 0, and no RPC server's buffers)."""
+    return not build.get("gpu_offload") and not cfg.rpc
+
+
+def load_need(model: str, need_bytes: int | None = None) -> int:
+    """RAM a new load needs, for keeping waiting workers beside it: the planner's figure where the caller has
+    one, else the model's files and a quarter more for its context."""
+    return need_bytes or int(read_model(model).file_size * 1.25) + (512 << 20)
+
+
+def ram_reserve(total: int) -> int:
+    return max(int(total * RAM_RESERVE_SHARE), RAM_RESERVE_MIN)
+
+
+def _mapped(pid: int) -> int:
+    """A process's resident file-backed and shared pages (its mmap'd weights)."""
+    try:
+        return psutil.Process(pid).memory_info().shared
+    except psutil.Error:
+        return 0
 
 
 def vmstat(key: str) -> int:
@@ -176,8 +209,10 @@ class Runner:
         hw: hardware.Hardware | None = None,
         build: dict | None = None,
         load_timeout: float = DEFAULT_LOAD_TIMEOUT,
+        keep_loaded: int | None = None,
     ):
         self.timeout = timeout
+        self.keep_loaded = KEEP_LOADED if keep_loaded is None else keep_loaded  # 0: one worker, as before
         self.load_timeout = load_timeout
         self.mem_limit = mem_limit
         # RLIMIT_DATA (set by the worker from the job) plus a memory cgroup where the machine allows one
@@ -199,6 +234,8 @@ class Runner:
         # A worker is started ahead of need: its interpreter and llama.cpp import overlap the parent's work
         # (opening the study, writing results) instead of adding to every trial's wall time.
         self._worker: _Worker | None = self._spawn()
+        self._waiting: dict[tuple, _Worker] = {}  # other loads' workers, least recently used first
+        self._spare: _Worker | None = None  # a started worker set aside while a waiting one runs
 
     # -- worker lifecycle --------------------------------------------------------------------------
     def _spawn(self) -> _Worker:
@@ -219,9 +256,63 @@ class Runner:
 
     @property
     def loaded_key(self) -> tuple | None:
-        """The load key of the model the waiting worker keeps loaded (None: the next trial loads afresh)."""
+        """The load key of the model the last trial's worker keeps loaded (None: the next trial loads afresh)."""
         w = self._worker
         return w.load_key if w is not None and w.used and self.reuse and w.proc.poll() is None else None
+
+    @property
+    def loaded_keys(self) -> list[tuple]:
+        """Every load key a worker keeps loaded: the waiting ones (least recently used first), then the last's."""
+        return [k for k, w in self._waiting.items() if w.proc.poll() is None] + (
+            [self.loaded_key] if self.loaded_key is not None else []
+        )
+
+    def _worker_for(self, load_key: tuple | None, model: str | None, need_bytes: int | None) -> _Worker:
+        """The worker for the next job: the last one if it has this load, a waiting one that has it, else a fresh
+        one (the spare), after room is made for its load."""
+        w = self._worker
+        if w is not None and w.proc.poll() is None:
+            if not w.used or (self.reuse and load_key is not None and w.load_key == load_key):
+                return w
+        waiting = self._waiting.pop(load_key, None) if load_key is not None else None
+        if waiting is not None and waiting.proc.poll() is not None:
+            self._reap(waiting, kill=True)
+            waiting = None
+        if w is not None:
+            self._set_aside(w)
+        if waiting is None:
+            self._make_room(model, need_bytes)
+        fresh = waiting or self._spare
+        self._spare = None
+        if fresh is None or fresh.proc.poll() is not None:
+            if fresh is not None:
+                self._reap(fresh, kill=True)
+            fresh = self._spawn()
+        self._worker = fresh
+        return fresh
+
+    def _set_aside(self, w: _Worker) -> None:
+        """The last job's worker, when the next job needs another: kept waiting if it may (see the module), a
+        started but unused one kept as the spare, else stopped."""
+        self._worker = None
+        if not w.used and w.proc.poll() is None and self._spare is None:
+            self._spare = w
+        elif self.reuse and w.used and w.host_only and w.load_key is not None and w.proc.poll() is None:
+            self._waiting[w.load_key] = w
+        else:
+            self._reap(w, kill=not w.used)
+
+    def _make_room(self, model: str | None, need_bytes: int | None) -> None:
+        """Stop waiting workers, least recently used first, until at most `keep_loaded` wait and the new load
+        (tuner.measure.runner.load_need) leaves the reserve free; a job without a model stops them all."""
+        vm = psutil.virtual_memory()
+        need = load_need(model, need_bytes) if model else vm.total
+
+        def free() -> int:  # MemAvailable counts a waiting worker's mapped weights as reclaimable: they are not
+            return psutil.virtual_memory().available - sum(_mapped(w.pid) for w in self._waiting.values())
+
+        while self._waiting and (len(self._waiting) > self.keep_loaded or free() - need < ram_reserve(vm.total)):
+            self._reap(self._waiting.pop(next(iter(self._waiting))), kill=False)
 
     def _reap(self, w: _Worker, kill: bool) -> tuple[int | None, int | None]:
         """Stop a worker; returns (returncode, ru_maxrss in bytes) from the kernel's own accounting."""
@@ -260,6 +351,9 @@ class Runner:
     def close(self) -> None:
         if self._worker:
             self._reap(self._worker, kill=not self._worker.used)  # an idle spare has nothing to finish
+        for w in [*self._waiting.values(), *([self._spare] if self._spare else [])]:
+            self._reap(w, kill=not w.used)
+        self._waiting, self._spare = {}, None
         if self.limit:
             self.limit.close()
         self._tmp.cleanup()
@@ -271,22 +365,23 @@ class Runner:
         self.close()
 
     # -- one job in a worker -----------------------------------------------------------------------
-    def _exchange(self, job: dict, load_key: tuple | None, on_stage=None, model: str | None = None) -> "_Exchange":
+    def _exchange(
+        self,
+        job: dict,
+        load_key: tuple | None,
+        on_stage=None,
+        model: str | None = None,
+        host_only: bool = False,
+        need_bytes: int | None = None,
+    ) -> "_Exchange":
         """Send one job to a worker and wait for its result, a kill (timeout, swap) or its death.
 
         A worker is reused only when `load_key` matches what it has loaded (None: always a fresh worker
-        for this job, and no reuse after it). `on_stage(event)` sees every stage event as it arrives.
+        for this job, and no reuse after it). `host_only`: the job holds host RAM only, so its worker may wait
+        loaded beside others; `need_bytes`: what its load needs, if the caller knows. `on_stage(event)` sees
+        every stage event as it arrives.
         """
-        w = self._worker
-        usable = (
-            w is not None
-            and w.proc.poll() is None
-            and (not w.used or (self.reuse and load_key is not None and w.load_key == load_key))
-        )
-        if not usable:
-            if w is not None:
-                self._reap(w, kill=not w.used)
-            w = self._worker = self._spawn()
+        w = self._worker_for(load_key, model, need_bytes)
         x = _Exchange()
         x.loads = not (w.used and load_key is not None and w.load_key == load_key)
         if x.loads and model and load_key is not None:
@@ -379,7 +474,7 @@ class Runner:
             if not x.interrupted:
                 self._worker = self._spawn()  # the spare for the next trial
         else:
-            w.load_key = load_key
+            w.load_key, w.host_only = load_key, host_only
         with open(w.log_path, "rb") as f:
             f.seek(log_offset)
             self.last_log = f.read().decode(errors="replace")
@@ -404,12 +499,16 @@ class Runner:
         return x
 
     # -- one trial ---------------------------------------------------------------------------------
-    def run(self, cfg: TrialConfig, fault: str | None = None) -> TrialRecord:
+    def run(self, cfg: TrialConfig, fault: str | None = None, need_bytes: int | None = None) -> TrialRecord:
+        """One trial in a worker. `need_bytes`: the RAM its load needs (the planner's peak), which decides whether
+        other loads' workers may keep waiting beside it."""
         rec = new_record(cfg, self.hw, self.build)
         if self.limit:
             rec.mem_limit_bytes, rec.mem_limit_by = self.mem_limit, self.limit.mechanism
         job = {"config": cfg.to_dict(), "fault": fault, "mem_limit": self.mem_limit}
-        x = self._exchange(job, cfg.load_key(), model=cfg.model)
+        x = self._exchange(
+            job, cfg.load_key(), model=cfg.model, host_only=keeps_host_only(cfg, self.build), need_bytes=need_bytes
+        )
         result, killed_for = x.result, x.killed_for
         rec.wall_s = x.wall_s
         rec.swap_in_bytes = x.swap_in_bytes

@@ -97,6 +97,7 @@ class Search:
         self._running_keys: set[tuple] = set()  # configs running on other hosts (a shared ledger)
         self._anchor_due = False
         self._block_left = 0  # queued configs of the loaded model not yet run (after_load)
+        self._moved = False  # the last run was of another load than the run before it (a reload, or a waiting worker)
         self._vram_warned = False
         self.prior = None  # tuner.search.prior.Prior: the predictions measured first and corrected (None: off)
 
@@ -308,14 +309,15 @@ class Search:
             self.study.enqueue_trial(params, user_attrs={"enqueued": "not measured yet"})
 
     def after_load(self, trial: optuna.Trial, rec: TrialRecord) -> None:
-        """This trial loaded the model: queue up to per_load - 1 more configs with the same load parameters (model
-        file, GPU layers, experts in RAM, split, mmap), their other dimensions left to the sampler, so that a
-        reload (minutes for a model of hundreds of GB) is paid once for several measurements, as llama-bench
-        sweeps every test of one load before the next. Not in a shared study: its queue is every host's, so a
-        queued config would go to whichever host asks next and cost that host a load instead of saving one here."""
+        """This trial moved to another load (loaded it, or took the worker that waits with it): queue up to
+        per_load - 1 more configs with the same load parameters (model file, GPU layers, experts in RAM, split,
+        mmap), their other dimensions left to the sampler, so that a reload (minutes for a model of hundreds of
+        GB) is paid once for several measurements, as llama-bench sweeps every test of one load before the next.
+        Not in a shared study: its queue is every host's, so a queued config would go to whichever host asks next
+        and cost that host a load instead of saving one here."""
         if (
             self.opts.per_load <= 1
-            or not rec.model_loaded
+            or not (rec.model_loaded or self._moved)
             or not rec.ok
             or self.opts.sampler == "grid"
             or self.runner is None
@@ -375,7 +377,7 @@ class Search:
             rec.skipped_by = dom[0] if dom else None
         else:
             try:
-                rec = self.runner.run(cfg)
+                rec = self._run(cfg, pred)
             except TrialInterrupted as e:
                 rec = e.record
                 rec.study, rec.trial_number, rec.state, rec.baseline = self.study_name, number, "FAIL", baseline
@@ -421,6 +423,13 @@ class Search:
         )
         return True
 
+    def _run(self, cfg: TrialConfig, pred=None) -> TrialRecord:
+        """Measure `cfg`, telling the runner the RAM its load needs (the planner's peak), so that it keeps other
+        loads' workers waiting beside it only where they fit."""
+        pred = pred or self._plan(cfg)[0]
+        self._moved = cfg.load_key() != self.runner.loaded_key
+        return self.runner.run(cfg, need_bytes=pred.ram_bytes if pred is not None else None)
+
     def _plan(self, cfg: TrialConfig):
         """The planner's prediction (calibrated on this study's trials) and why it cannot fit, if it cannot."""
         measured = [r for r in self.records if r.searched]
@@ -458,14 +467,14 @@ class Search:
     def _anchor_loaded(self) -> bool:
         """The anchor runs on the model the worker has loaded: no reload."""
         cfg = self._anchor_config()
-        return cfg is not None and self.runner is not None and self.runner.loaded_key == cfg.load_key()
+        return cfg is not None and self.runner is not None and cfg.load_key() in self.runner.loaded_keys
 
     def _anchor(self) -> None:
         """Re-measure the anchor config; mark drift when its tg moved beyond the tolerance."""
         cfg = self._anchor_config()
         if cfg is None:
             return
-        rec = self.runner.run(cfg)
+        rec = self._run(cfg)
         rec.study, rec.state, rec.baseline = self.study_name, "anchor", "anchor"
         tg = rec.metric("tg")[0]
         if self.anchor_tg is None:
@@ -677,7 +686,7 @@ class Search:
         """One run of the confirmation or the ladder: stored as state confirm, its roles in `baseline`."""
         self.confirm_round = rnd
         try:
-            rec = self.runner.run(c.config)
+            rec = self._run(c.config)
         except TrialInterrupted as e:
             e.record.study, e.record.state, e.record.trial_number = self.study_name, "confirm", c.trial_number
             e.record.baseline = "+".join(c.roles)
