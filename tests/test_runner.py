@@ -342,6 +342,35 @@ def test_parent_process_exits_normally_after_real_faults(models, tmp_path):
     assert list(rows["signal"]) == [9, 11, 6]
 
 
+def test_a_killed_parent_leaves_no_waiting_worker_behind(models):
+    """SIGKILL of the search: no close() runs, yet every worker (the last one and those waiting with their
+    models) sees its job pipe close and exits, so nothing keeps a model in RAM after the parent."""
+    code = textwrap.dedent(f"""
+        import json, time
+        from tuner.record import TrialConfig
+        from tuner.measure.runner import Runner, resolve
+        cfg = resolve(TrialConfig(model={str(models / "tiny-q8_0.gguf")!r}, n_prompt=8, n_gen=2,
+                                        repetitions=1, n_threads=1))
+        r = Runner(timeout=60, reuse=True)
+        r.run(cfg)
+        r.run(resolve(TrialConfig(**{{**cfg.to_dict(), "use_mmap": False, "overrides": ()}})))
+        print(json.dumps([w.pid for w in r._waiting.values()] + [r._worker.pid]), flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        pids = json.loads(proc.stdout.readline())
+        assert len(pids) == 2 and all(_alive(p) for p in pids), "one worker waits beside the last one"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        proc.kill()
+
+
 def test_classify_kernel_oom_kill_and_signals():
     assert classify(None, -9, "", True, None) == (
         "oom",
