@@ -6,7 +6,9 @@ them. That is only worth it if the waiting workers cost the measured trial nothi
 in the same reused worker, round by round, in two arms interleaved (ABBA):
 
 - `waiting`: another file's model (B) loaded in a worker that waits beside A's;
-- `alone`: no other worker (the waiting ones stopped first).
+- `alone`: no other worker (B's stopped first).
+
+In both arms B loads afresh and runs right before A, so A always follows the same work.
 
 Per arm and round: tg and pp (the median of the trial's repetitions); the paired median ratio waiting/alone with
 its bootstrap 95 % interval (tuner.stats.ratio_ci) and the exact Wilcoxon test. Also the waiting worker's CPU time
@@ -52,12 +54,16 @@ def main(argv=None) -> int:
         r.run(cfg_a)  # A's worker loads once; every measured run below reuses it
         for rnd in range(a.rounds):
             for arm in ("waiting", "alone") if rnd % 2 == 0 else ("alone", "waiting"):
-                if arm == "waiting":
-                    if cfg_b.load_key() not in r.loaded_keys:
-                        r.run(cfg_b)  # B loads in its own worker, then waits while A runs
-                    waiting = [w for w in r._waiting.values()]
-                else:
-                    r._make_room(None, None)  # a job without a model: every waiting worker stops
+                # both arms: B loads afresh and runs right before A (A always follows the same work); then its
+                # worker waits beside A's, or is stopped
+                for k, w in list(r._waiting.items()):
+                    if k == cfg_b.load_key():
+                        r._reap(r._waiting.pop(k), kill=False)
+                r.run(cfg_b)
+                b = r._worker
+                waiting = [b]
+                if arm == "alone":
+                    r._reap(b, kill=False)
                     waiting = []
                 cpu0 = [sum(w_cpu(w.pid)) for w in waiting]
                 rec = r.run(cfg_a)
