@@ -36,12 +36,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._results import model_facts, save  # noqa: E402
+from benchmarks._results import MODEL_CACHE, model_facts, save  # noqa: E402
 from benchmarks.fidelity import csv_ints  # noqa: E402
 
 TOLERANCE = 0.05
 FASTEST = 3  # samples per tool and N taken as its uncontended speed
-MODEL_CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 DEFAULT_BIN = "/tmp/llcpp/build/bin/llama-batched-bench"
 
 

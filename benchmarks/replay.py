@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import clopper_pearson, model_facts, same_make, save  # noqa: E402
+from _results import MODEL_CACHE, clopper_pearson, model_facts, same_make, save  # noqa: E402
 
 from tuner.record import TrialConfig, TrialRecord  # noqa: E402
 
-MODEL_CACHE = Path.home() / ".cache" / "tuner-test-models"
 # Grids: small spaces where llama.cpp's defaults (the first model file, f16 KV, every core) are not the best.
 GRIDS = {
     # quant files × K-cache type × flash attention × threads (24 configs); the defaults run the first file (f16),

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._results import MODEL_CACHE as CACHE  # noqa: E402
 from benchmarks._results import model_facts, save  # noqa: E402
 from tuner.measure import hardware, rpc, store  # noqa: E402
 from tuner.measure.runner import Runner, resolve  # noqa: E402
@@ -51,7 +51,6 @@ from tuner.search.run import run_search  # noqa: E402
 from tuner.units import parse_headroom, parse_size  # noqa: E402
 
 MiB = 1 << 20
-CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 TOLERANCE = 0.02
 SHAPE = {"n_prompt": 16, "n_gen": 4, "repetitions": 1}
 FIXED = {"n_ctx": 512, "n_ubatch": 512, "flash_attn": "on", "n_threads": 1, "n_threads_batch": 1}

@@ -28,13 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import MODEL_CACHE as CACHE  # noqa: E402
 from _results import model_facts, save  # noqa: E402
 
 from tuner import files  # noqa: E402
 from tuner.model.meta import read_model  # noqa: E402
 from tuner.plan import probe, speed  # noqa: E402
 
-CACHE = Path(os.environ.get("TUNER_TEST_MODELS", Path.home() / ".cache" / "tuner-test-models"))
 SYNTH = {  # family: (synth preset, shape overrides, quants)
     "mid": (
         "dense",
