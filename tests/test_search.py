@@ -670,3 +670,33 @@ def test_space_bounds_from_min_ctx_and_the_planner(models):
     )
     assert max(space.dims["n_gpu_layers"].values) == 1
     assert any("bounded to 1" in n for n in space.notes)
+
+
+def test_a_load_block_never_outgrows_the_budget_with_configs_already_queued(models, tmp_path):
+    """A duplicate's steer may have queued a config before a trial moves to another load: the block queued after
+    it counts that config, so no queued trial is left waiting when the budget is spent."""
+    from tuner.measure import hardware
+    from tuner.model.meta import read_model
+    from tuner.record import TrialRecord
+    from tuner.search.loop import Search
+    from tuner.search.options import SearchOptions
+    from tuner.search.space import build_space
+
+    class Kept:  # after_load asks only whether the runner keeps models loaded
+        reuse, loaded_key, loaded_keys = True, None, []
+
+    m = str(models / "tiny-q8_0.gguf")
+    info = read_model(m)
+    space = build_space([m], {m: info}, {"n_ubatch": "64,128,256,512"}, TrialConfig(model=m), False, 2, 2)
+    opts = SearchOptions(results=tmp_path, study="blk", n_trials=2, per_load=4, baselines=False, drift_every=0)
+    srch = Search(space, opts, {m: info}, hardware.probe(), {}, runner=Kept())
+    srch.prepare()
+    for ub in (64, 128):  # the steered config, and one more queued behind it
+        srch.study.enqueue_trial({"n_ubatch": ub}, user_attrs={"enqueued": "not measured yet"})
+    trial = srch.study.ask()
+    srch.study.tell(trial, 1.0)
+    rec = TrialRecord(config=srch._config_from_params(trial.params), outcome="ok", model_loaded=True)
+    srch.after_load(trial, rec)
+    waiting = srch.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 1 and srch.done_trials() + len(waiting) == opts.n_trials
+    srch.close()

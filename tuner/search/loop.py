@@ -330,8 +330,10 @@ class Search:
             return  # nothing to vary within one load
         fixed = {k: v for k, v in trial.params.items() if k in LOAD_DIMS or k == "model"}
         n = self.opts.per_load - 1
-        if self.opts.n_trials is not None:  # a block never outlives the budget (it would wait in the queue)
-            n = min(n, self.opts.n_trials - self.done_trials())
+        if self.opts.n_trials is not None:  # a block never outlives the budget (it would wait in the queue),
+            # nor do the configs already queued ahead of it (a duplicate's steer)
+            queued = len(self.study.get_trials(deepcopy=False, states=(TS.WAITING,)))
+            n = min(n, self.opts.n_trials - self.done_trials() - queued)
         if self.unmeasured is not None:
             key = rec.config.load_key()
             n = min(n, sum(1 for k in self.unmeasured if self._unmeasured_load.get(k) == key))
