@@ -362,9 +362,8 @@ class ReplayRunner:
         if not hit:
             need = rn.load_need(cfg.model, need_bytes)
             free = self.hw.ram_available or self.hw.ram_total
-            while self.waiting and (
-                len(self.waiting) > rn.KEEP_LOADED
-                or free - sum(self.waiting.values()) - need < rn.ram_reserve(self.hw.ram_total)
+            while self.waiting and rn.too_many_waiting(
+                len(self.waiting), rn.KEEP_LOADED, free - sum(self.waiting.values()), need, self.hw.ram_total
             ):
                 self.waiting.pop(next(iter(self.waiting)))
         self.last_key, self.last_rss = k, rss

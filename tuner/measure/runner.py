@@ -8,9 +8,9 @@ while every trial still runs outside the parent. After any failure the worker is
 gets a fresh one.
 
 Workers of other loads wait beside it (up to KEEP_LOADED, least recently used evicted first) while they hold
-nothing but host RAM and the next load still fits with RAM_RESERVE to spare: a race that alternates between a
-few configs reloads none of them, where their models fit in RAM together. A waiting worker blocks on its pipe
-and uses no CPU. A build that offloads to a GPU, or a config with RPC servers, keeps one worker only: a waiting
+nothing but host RAM and the next load still leaves the reserve free (too_many_waiting): a race that alternates
+between a few configs reloads none of them, where their models fit in RAM together. A waiting worker blocks on
+its pipe and uses no CPU. A build that offloads to a GPU, or a config with RPC servers, keeps one worker only: a waiting
 one would hold device memory the next trial is measured on.
 """
 
@@ -131,8 +131,11 @@ def load_need(model: str, need_bytes: int | None = None) -> int:
     return need_bytes or int(read_model(model).file_size * 1.25) + (512 << 20)
 
 
-def ram_reserve(total: int) -> int:
-    return max(int(total * RAM_RESERVE_SHARE), RAM_RESERVE_MIN)
+def too_many_waiting(n_waiting: int, keep: int, free: int, need: int, total: int) -> bool:
+    """Whether the least recently used waiting worker must go before a new load: more wait than `keep`, or the
+    load's `need` would leave less than the reserve (RAM_RESERVE_SHARE of `total`, at least RAM_RESERVE_MIN) of
+    the `free` RAM."""
+    return n_waiting > keep or free - need < max(int(total * RAM_RESERVE_SHARE), RAM_RESERVE_MIN)
 
 
 def _mapped(pid: int) -> int:
@@ -311,7 +314,7 @@ class Runner:
         def free() -> int:  # MemAvailable counts a waiting worker's mapped weights as reclaimable: they are not
             return psutil.virtual_memory().available - sum(_mapped(w.pid) for w in self._waiting.values())
 
-        while self._waiting and (len(self._waiting) > self.keep_loaded or free() - need < ram_reserve(vm.total)):
+        while self._waiting and too_many_waiting(len(self._waiting), self.keep_loaded, free(), need, vm.total):
             self._reap(self._waiting.pop(next(iter(self._waiting))), kill=False)
 
     def _reap(self, w: _Worker, kill: bool) -> tuple[int | None, int | None]:
