@@ -11,9 +11,11 @@ free memory, 1,3), split mode (layer; none = everything on the main device), and
 the output layer set the buffers, with two more n_cpu_moe values (1, every layer).
 
 For every device and the host, each buffer llama.cpp logs (model, KV, compute) is set against the planner's model
-(tuner.plan.fit.device_usage without llama.cpp's answers: what --fit's port and the search plan with for a
-described rig; on reachable RPC devices the search asks llama.cpp instead, tuner.plan.llama_sizes). Target: every
-buffer within 2 %.
+(tuner.plan.fit.device_usage without llama.cpp's answers: what --fit's port and the search plan with where
+llama.cpp cannot be asked). Each compute buffer is also set against what the search plans with for a described rig
+(`tuner search --gpus 16GiB,16GiB --dry-run`): llama.cpp's no_alloc figures from sizing-only servers standing in
+for the two GPUs (tuner.plan.llama_sizes.LlamaSizes.stand_in; summaries `*_stand_in`), against both a no_alloc
+load ("sim") and a real one on the oracle's servers. Target: every buffer within 2 %.
 
     python benchmarks/device_oracle.py                # ~1.5 min on 2 cores
     python benchmarks/device_oracle.py --no-big --no-exposed   # the synthetic models and Gemma only
@@ -25,6 +27,7 @@ exits 1 when a buffer is off by more than 2 %.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import sys
@@ -41,6 +44,7 @@ from tuner.model.meta import read_model  # noqa: E402
 from tuner.model.synth import synthesize  # noqa: E402
 from tuner.plan import fit as F  # noqa: E402
 from tuner.plan import oracle  # noqa: E402
+from tuner.plan.llama_sizes import LlamaSizes  # noqa: E402
 
 MiB = 1 << 20
 TOLERANCE = 0.02
@@ -97,7 +101,7 @@ def grid(info, path: str, endpoints: str, real: bool, exposed: bool = False) -> 
     return jobs
 
 
-def compare(job: oracle.Job, res: dict, info, names: tuple[str, ...]) -> list[dict]:
+def compare(job: oracle.Job, res: dict, info, names: tuple[str, ...], stand=None) -> list[dict]:
     cfg = job.config()
     base = {
         "mode": job.mode,
@@ -120,27 +124,37 @@ def compare(job: oracle.Job, res: dict, info, names: tuple[str, ...]) -> list[di
             llama = got.get(kind, 0)
             if not llama and not planned:
                 continue
-            rows.append(row(base, name, kind, llama, planned))
+            rows.append(row(base, name, kind, llama, planned, stand[i] if stand and kind == "compute" else None))
     # the host: every buffer type in host memory together (CPU, CPU_Mapped for mmap'd weights, CPU_REPACK...)
     kinds = [("model", mine[-1].model), ("kv", mine[-1].context), ("compute", mine[-1].compute)]
     for kind, planned in kinds if job.mode == "real" else kinds[2:]:
         llama = host_total(theirs, kind)
         if llama or planned:
-            rows.append(row(base, "host", kind, llama, planned))
+            rows.append(row(base, "host", kind, llama, planned, stand[-1] if stand and kind == "compute" else None))
     return rows
 
 
-def row(base: dict, device: str, kind: str, llama: int, planned: int) -> dict:
-    within = abs(planned - llama) <= HALF or (llama and abs(planned / llama - 1) <= TOLERANCE)
-    return dict(
+def within(planned: int, llama: int) -> bool:
+    return bool(abs(planned - llama) <= HALF or (llama and abs(planned / llama - 1) <= TOLERANCE))
+
+
+def row(base: dict, device: str, kind: str, llama: int, planned: int, stand: int | None = None) -> dict:
+    out = dict(
         base,
         device=device,
         buffer=kind,
         llama_mib=round(llama / MiB, 3),
         planner_mib=round(planned / MiB, 3),
         error=round(planned / llama - 1, 4) if llama else None,
-        within=bool(within),
+        within=within(planned, llama),
     )
+    if stand is not None:  # a described rig's figure: llama.cpp's, from the stand-in devices
+        out.update(
+            stand_in_mib=round(stand / MiB, 3),
+            stand_in_error=round(stand / llama - 1, 4) if llama else None,
+            stand_in_within=within(stand, llama),
+        )
+    return out
 
 
 def main() -> int:
@@ -166,14 +180,20 @@ def main() -> int:
             for tag, arch, dims in EXPOSED:
                 path = oracle.model_file(arch, tmp, tag=tag.replace(" ", "-"), **dims)
                 found.append({"tag": tag, "path": str(path), "real": False, "held_out": True, "dims": dims})
-        with rpc.LocalServer(DEVICE_MEM, tmp) as a, rpc.LocalServer(DEVICE_MEM, tmp) as b:
+        with (
+            rpc.LocalServer(DEVICE_MEM, tmp) as a,
+            rpc.LocalServer(DEVICE_MEM, tmp) as b,
+            LlamaSizes.stand_in([DEVICE_MEM] * 2, ["CUDA0", "CUDA1"], tmp, budget_s=1e9) as stand,
+        ):
             endpoints = f"{a.endpoint},{b.endpoint}"
             names = tuple(f"RPC0[{e}]" for e in (a.endpoint, b.endpoint))
             for m in found:
                 info = read_model(m["path"])
                 jobs = grid(info, m["path"], endpoints, m["real"], m.get("held_out", False))
                 for job, res in zip(jobs, oracle.measure(jobs, timeout=600)):
-                    for r in compare(job, res, info, names):
+                    # the described rig's question: the same config, on the stand-ins (no --rpc of its own)
+                    asked = stand(dataclasses.replace(job.config(), rpc=""))
+                    for r in compare(job, res, info, names, asked):
                         rows.append({"model": m["tag"], **r})
                 done = [r for r in rows if r["model"] == m["tag"] and r.get("error") is not None]
                 worst = max((abs(r["error"]) for r in done), default=0)
@@ -200,6 +220,24 @@ def main() -> int:
             # the planner's figure above llama.cpp's wastes room; below it, a config the planner passes can fail
             "under": sum(1 for r in mine if r.get("error") is not None and r["error"] < -TOLERANCE),
         }
+    for kind, which in (("compute_stand_in", False), ("compute_held_out_stand_in", True)):
+        for host in (False, True):
+            mine = [
+                r
+                for r in rows
+                if "stand_in_within" in r and (r["device"] == "host") == host and (r["model"] in held_out) == which
+            ]
+            errs = [abs(r["stand_in_error"]) for r in mine if r.get("stand_in_error") is not None]
+            summary[("host_" if host else "") + kind] = {
+                "n": len(errs),
+                "within_2pct": sum(1 for r in mine if r["stand_in_within"]),
+                "within_2pct_sim": sum(1 for r in mine if r["stand_in_within"] and r["mode"] == "sim"),
+                "n_sim": sum(1 for r in mine if r["mode"] == "sim"),
+                "median_abs_error": round(statistics.median(errs), 4) if errs else None,
+                "max_abs_error": round(max(errs), 4) if errs else None,
+                "under": sum(1 for r in mine if (r.get("stand_in_error") or 0) < -TOLERANCE),
+            }
+    summary["stand_in_unanswered"] = stand.summary()["unanswered"]
     failed_loads = [r for r in rows if r["buffer"] == "load"]
     result = {
         "devices": {"count": 2, "reported_bytes": DEVICE_MEM},
@@ -212,12 +250,14 @@ def main() -> int:
     }
     path = save("device-oracle", result)
     for kind, s in summary.items():
+        if not isinstance(s, dict):
+            continue
         print(
             f"{kind:8s}: {s['within_2pct']}/{s['n']} within 2 %, median |error| {s['median_abs_error']}, "
             f"max {s['max_abs_error']}"
         )
     print(path)
-    bad = sum(s["n"] - s["within_2pct"] for s in summary.values()) + len(failed_loads)
+    bad = sum(s["n"] - s["within_2pct"] for s in summary.values() if isinstance(s, dict)) + len(failed_loads)
     return 1 if bad else 0
 
 

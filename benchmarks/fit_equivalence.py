@@ -9,7 +9,10 @@ runs llama-fit-params and the port and compares the printed flags as strings, tw
 - `planner`: the port on the planner's memory figures (what `tuner search --gpus ... --dry-run` can do: no
   devices, no weights);
 - `llama`: the port on llama.cpp's own no_alloc figures for each measurement it asks for (`llama-fit-params
-  --fit-print on` with the same -c/-ngl/-ts/-ot: whole MiB), which separates the search from the figures.
+  --fit-print on` with the same -c/-ngl/-ts/-ot: whole MiB), which separates the search from the figures;
+- `stand_in`: a described rig as `tuner search --gpus ... --dry-run` plans it now: GPUs CUDA0.. of (size + 1024)
+  MiB at the default margin, the port on llama.cpp's figures from sizing-only `tuner rpc-server`s standing in for
+  them (tuner.plan.llama_sizes.LlamaSizes.stand_in), against llama-fit-params on those same servers.
 
 Shapes: the synthetic `moe` (8 layers... see tuner.model.synth) and `dense` models, and sparse files of the
 oracle's large MoE shapes (real headers, data regions that are holes: llama.cpp sizes them with no_alloc, never
@@ -42,6 +45,7 @@ from benchmarks._results import model_facts, save  # noqa: E402
 from tuner.model.meta import read_model  # noqa: E402
 from tuner.plan import fit as F  # noqa: E402
 from tuner.plan import oracle, planner  # noqa: E402
+from tuner.plan.llama_sizes import LlamaSizes  # noqa: E402
 from tuner.record import TrialConfig  # noqa: E402
 
 MiB = 1 << 20
@@ -167,6 +171,38 @@ def llama_breakdown(binary: str, info, model: str, endpoints: list[str], calls: 
     return breakdown
 
 
+def stand_in(binary: str, info, model: str, case: dict) -> dict:
+    """The case as a described rig: GPUs of (size + 1024) MiB, fitted at the default margin by the port on
+    llama.cpp's figures from sizing-only servers standing in for them (what `tuner search --gpus` does), and by
+    llama-fit-params on the same servers (its RPC names read back as CUDA0..)."""
+    totals = [(d + 1024) * MiB for d in case["device_mib"]]
+    names = [f"CUDA{i}" for i in range(len(totals))]
+    sizes = LlamaSizes.stand_in(totals, names)
+    try:
+        eps = sizes.rpc.split(",")
+        # first llama-fit-params, then the port: a server serves one client at a time
+        p = run(fit_params_cmd(binary, model, eps, None, case["n_ctx"] or None))
+        line = p.stdout.strip().splitlines()[-1] if p.returncode == 0 and p.stdout.strip() else None
+        for theirs, ours in zip(sizes.names, names):
+            line = line.replace(theirs, ours) if line else line
+        devices = [F.DeviceMemory(free=t, total=t, name=n) for t, n in zip(totals, names)]
+        t0 = time.perf_counter()
+        res = F.fit(
+            info,
+            devices,
+            F.server_config(model, n_ctx=case["n_ctx"]),
+            1024 * MiB,
+            breakdown=F.planner_breakdown(info, devices, sizes),
+        )
+        took = time.perf_counter() - t0
+    finally:
+        sizes.freeze()
+    flags = res.to_flags() if res.ok else None
+    out = {"stand_in_llama": line, "stand_in_equal": flags == line, "stand_in_s": round(took, 2)}
+    out.update({} if flags == line else {"stand_in": flags, "stand_in_unanswered": sizes.summary()["unanswered"]})
+    return out
+
+
 COMPUTE_RE = re.compile(r"sched_reserve:\s+(\S+) compute buffer size =\s+([\d.]+) MiB")
 
 
@@ -249,6 +285,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--ports", default="50152,50153")
     ap.add_argument("--no-llama", action="store_true", help="skip the port on llama.cpp's own figures (slow)")
+    ap.add_argument("--no-stand-in", action="store_true", help="skip the described rig on sizing-only servers")
     ap.add_argument("--fixtures", action="store_true", help=f"also write the test fixture {FIXTURE}")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a planner comparison differs")
     args = ap.parse_args(argv)
@@ -319,12 +356,15 @@ def main(argv=None) -> int:
                         if calls
                         else None
                     )
+                if not args.no_stand_in:
+                    row.update(stand_in(args.fit_params, info, m["path"], c))
                 if not row["planner_equal"]:
                     row["planner_trace"] = port.trace
                 rows.append(row)
                 if row["planner_equal"]:
                     row["planner"] = "=="  # the same string as "llama" (kept short)
                 own = "" if args.no_llama else f"(llama figures {'==' if row['llama_figures_equal'] else '!='}) "
+                own += "" if args.no_stand_in else f"(stand-in {'==' if row['stand_in_equal'] else '!='}) "
                 print(
                     f"{m['shape']:<9} {c['n_dev']}x{c['device_mib'][0]:>6} MiB c={c['n_ctx']:<5} "
                     f"{'==' if row['planner_equal'] else '!='} {own}{line}"
@@ -338,6 +378,8 @@ def main(argv=None) -> int:
     summary = {"cases": len(rows), "planner_equal": sum(r["planner_equal"] for r in rows)}
     if not args.no_llama:
         summary["llama_figures_equal"] = sum(r["llama_figures_equal"] for r in rows)
+    if not args.no_stand_in:
+        summary["stand_in_equal"] = sum(r["stand_in_equal"] for r in rows)
     result = {
         "host_ram": ram,
         "endpoints": endpoints,
@@ -369,6 +411,9 @@ def _write_fixture(result: dict, source: Path) -> None:
         "planner",
         "planner_equal",
         "llama_figures_equal",
+        "stand_in_llama",
+        "stand_in_equal",
+        "stand_in",
     )
     fx = {
         "source": str(source.relative_to(Path(__file__).resolve().parents[1])),
@@ -379,7 +424,9 @@ def _write_fixture(result: dict, source: Path) -> None:
             k: {kk: v[kk] for kk in ("arch", "file_type", "size_bytes", "n_params", "what")}
             for k, v in result["models"].items()
         },
-        "cases": [{k: r[k] for k in keep if not (k == "planner" and r["planner_equal"])} for r in result["rows"]],
+        "cases": [
+            {k: r[k] for k in keep if k in r and not (k == "planner" and r["planner_equal"])} for r in result["rows"]
+        ],
     }
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)
     FIXTURE.write_text(json.dumps(fx, indent=1) + "\n")

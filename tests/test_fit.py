@@ -269,6 +269,77 @@ def test_port_prints_what_llama_fit_params_printed(data, case, shape_files):
         assert got == case["planner"] != case["llama"]
 
 
+def _stand_in_cases():
+    """The recorded cases where the planner's model alone led the port elsewhere than llama-fit-params: where a
+    described rig's fit must come from llama.cpp's own figures (the stand-in devices) to be right."""
+    if not FIXTURE.exists():
+        return []
+    data = json.loads(FIXTURE.read_text())
+    return [
+        pytest.param(c, id=f"{c['shape']}-{c['n_dev']}x{c['device_mib'][0]}MiB-c{c['n_ctx']}")
+        for c in data["cases"]
+        if not c["planner_equal"] and "stand_in_llama" in c
+    ]
+
+
+@pytest.mark.parametrize("case", _stand_in_cases())
+def test_a_described_rigs_fit_is_what_llama_fit_params_printed_for_it(case, shape_files):
+    """The port on llama.cpp's figures from sizing-only servers standing in for GPUs of (size + 1024) MiB at the
+    default margin (what `tuner search --gpus ... --dry-run` plans with) prints what llama-fit-params printed for
+    those servers, where the planner's model alone did not."""
+    from tuner.plan.llama_sizes import LlamaSizes
+
+    info = shape_files(case["shape"])
+    totals = [(d + 1024) * MiB for d in case["device_mib"]]
+    names = [f"CUDA{i}" for i in range(len(totals))]
+    devices = [F.DeviceMemory(free=t, total=t, name=n) for t, n in zip(totals, names)]
+    with LlamaSizes.stand_in(totals, names) as sizes:
+        res = F.fit(
+            info,
+            devices,
+            F.server_config(info.path, n_ctx=case["n_ctx"]),
+            1024 * MiB,
+            breakdown=F.planner_breakdown(info, devices, sizes),
+        )
+    assert (res.to_flags() if res.ok else None) == case["stand_in_llama"]
+
+
+def test_a_described_rigs_dry_run_fits_on_stand_ins_and_leaves_no_server(models):
+    import psutil
+    from click.testing import CliRunner
+
+    from tuner.cli import cli
+
+    m = str(models / "moe-q8_0.gguf")
+    info = read_model(m)
+
+    def alone(c):  # the port on the planner's model alone, on the described GPUs
+        devs = [F.DeviceMemory((d + 1024) * MiB, (d + 1024) * MiB, f"CUDA{i}") for i, d in enumerate(c["device_mib"])]
+        return F.fit(info, devs, F.server_config(m, n_ctx=4096, flash_attn="auto", n_batch=2048), 1024 * MiB)
+
+    case = next(
+        (
+            c
+            for c in (p.values[0] for p in _stand_in_cases())
+            if c["shape"] == "moe" and c["n_ctx"] == 4096 and alone(c).to_flags() != c["stand_in_llama"]
+        ),
+        None,
+    )
+    # a case the model alone gets wrong: the dry run's answer can only be llama-fit-params' through the stand-ins
+    assert case is not None, "the fixture records no moe case at -c 4096 that the model alone gets wrong"
+    gpus = ",".join(f"{d + 1024}MiB" for d in case["device_mib"])
+    res = CliRunner().invoke(
+        cli, ["search", "-m", m, "--dry-run", "--json", "--gpus", gpus, "-c", "4096", "-p", "16", "-n", "4"]
+    )
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    (fitted,) = [b for b in plan["baselines"] if b["label"] == "llama-server default (--fit)"]
+    assert fitted["fit_flags"] == case["stand_in_llama"]
+    assert any("sizing-only RPC servers standing in for the described GPUs" in n for n in plan["notes"])
+    left = [p for p in psutil.Process().children(recursive=True) if "rpc-server" in " ".join(p.cmdline())]
+    assert not left
+
+
 def test_dry_run_lists_every_baseline_with_fits_placement_from_the_planner(models):
     from click.testing import CliRunner
 

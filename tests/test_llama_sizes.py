@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
 
+import psutil
 import pytest
 
 from tuner.measure import buffers, rpc
@@ -130,3 +134,74 @@ def test_the_hosts_compute_buffer_on_a_gpu_build_is_its_pinned_host_buffer():
     assert buffers.host_total(by_buft, "compute") == round(40.01 * MiB)
     assert buffers.host_total(by_buft, "model") == 100 * MiB
     assert not any(buffers.is_host(n) for n in ("CUDA0", "RPC0[127.0.0.1:50052]", "Vulkan0"))
+
+
+def test_two_contexts_of_one_load_are_both_answered(servers, models):
+    # the worker keeps a load for the next question of the same placement, whose log then has no model buffers:
+    # that answer was a KeyError before (fit asks the same placement at several contexts)
+    cfg, _, names = _setup(servers, models)
+    with LlamaSizes(names) as sizes:
+        small, big = sizes(cfg), sizes(dataclasses.replace(cfg, n_ctx=4 * cfg.n_ctx, n_batch=4 * cfg.n_ctx))
+    assert small is not None and big is not None and len(big) == len(names) + 1
+    assert sizes.summary()["unanswered"] == 0
+
+
+def test_stand_ins_size_described_gpus_as_real_devices_of_theirs(servers, models):
+    # two described GPUs larger than this host's RAM, sized by sizing-only servers: the same compute buffers as
+    # the real servers give for the same placement (an explicit split: the default one follows free memory), an
+    # `-ot` naming a described GPU goes to its stand-in, and nothing is left running after freeze()
+    cfg, _, names = _setup(servers, models, tensor_split="1,1", n_cpu_moe=2)
+    with LlamaSizes(names) as real:
+        on_servers = real(cfg)
+    big = 2 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    sizes = LlamaSizes.stand_in([big, big], ["CUDA0", "CUDA1"])
+    procs = [s.proc for s in sizes.servers]
+    described = dataclasses.replace(cfg, rpc="")  # a described rig's config names no server
+    moved = dataclasses.replace(described, overrides=("blk\\.[0-5]\\.ffn_.*_exps=CUDA1",), n_cpu_moe=0)
+    try:
+        assert sizes.job(moved).overrides == (f"blk\\.[0-5]\\.ffn_.*_exps={sizes.names[1]}",)
+        assert sizes(described) == on_servers
+        first, second, _ = sizes(moved)
+        assert first < on_servers[0] and second > on_servers[1]  # every expert matmul now runs on CUDA1
+    finally:
+        sizes.freeze()
+    assert all(p.poll() is not None for p in procs) and not sizes.servers
+
+
+def test_stand_ins_keep_the_gpu_bound_where_a_gpu_would_offload_host_matmuls(models):
+    # an RPC device never runs the matmuls of host weights; a GPU does for big batches (offload_op): a stand-in's
+    # figure is used where every matrix is on the devices, the whole graph's bound where one is in host memory
+    path = str(models / "moe-q8_0.gguf")
+    info = read_model(path)
+    free = [16 << 30] * 2
+
+    def asked(c):
+        return [1 * MiB, 2 * MiB, 0]
+
+    asked.stands_in = True
+    for kw, used in ((dict(n_gpu_layers=99), True), (dict(n_gpu_layers=99, n_cpu_moe=2), False)):
+        cfg = resolve(TrialConfig(model=path, **SHAPE, **kw), info)
+        alone = planner.predict(cfg, info, None, True, free=free)
+        stand = planner.predict(cfg, info, None, True, free=free, compute_of=asked)
+        assert (stand.vram_by_device != alone.vram_by_device) == used, kw
+        if used:
+            assert stand.compute_gpu == 3 * MiB
+
+
+def test_stand_ins_die_with_a_killed_owner(tmp_path):
+    # a dry run killed while it plans (SIGKILL: no finaliser runs) leaves no sizing-only server behind
+    code = (
+        "import sys; from tuner.plan.llama_sizes import LlamaSizes; "
+        "s = LlamaSizes.stand_in([1 << 30, 1 << 30], ['CUDA0', 'CUDA1'], sys.argv[1]); "
+        "print(*[x.proc.pid for x in s.servers], flush=True); sys.stdin.read()"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    pids = [int(p) for p in owner.stdout.readline().split()]
+    servers = [psutil.Process(p) for p in pids]
+    assert len(servers) == 2 and all(s.is_running() for s in servers)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    gone, alive = psutil.wait_procs(servers, timeout=10)
+    assert not alive

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tuner import ports
-from tuner.measure import rpc, store
+from tuner.measure import hardware, rpc, store
 from tuner.measure.runner import Runner, resolve
 from tuner.record import TrialConfig
 from tuner.units import parse_size
@@ -153,6 +153,24 @@ def test_rpc_server_bad_input_is_one_line_and_exit_2(tmp_path):
     ), res.stderr
     res = run("rpc-server", "--port", str(ports.free_port()), "--mem", "100TiB", timeout=60)
     assert res.returncode == 2 and "more than this host's RAM" in res.stderr and res.stderr.count("\n") == 1
+    res = run("rpc-server", "--port", str(ports.free_port()), "--sizing-only", timeout=60)
+    assert res.returncode == 2 and "--sizing-only needs --mem" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_a_sizing_only_server_is_a_device_of_its_size_that_holds_nothing(models, tmp_path):
+    # 100 TiB, far past this host's RAM: llama.cpp sees a device of that size; a real load is refused at its first
+    # buffer, as a failed trial, and the server goes on
+    stand_in = rpc.LocalServer(100 << 40, tmp_path, sizing_only=True)
+    try:
+        (dev,) = hardware.rpc_devices((stand_in.endpoint,))
+        assert dev["total"] == dev["free"] == 100 << 40
+        out = tmp_path / "b.parquet"
+        res = run(*bench_args(models / "moe-q8_0.gguf", stand_in.endpoint, out), "-ngl", "99")
+        rec = json.loads(res.stdout)
+        assert res.returncode == 1 and rec["outcome"] == "oom", rec["cause"]
+        assert "this device only sizes" in stand_in.log.read_text() and stand_in.proc.poll() is None
+    finally:
+        stand_in.stop()
 
 
 def test_bench_refuses_a_malformed_or_unreachable_endpoint_before_anything_runs(models, tmp_path):

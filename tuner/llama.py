@@ -326,12 +326,16 @@ class DeviceCap:
     (NULL), which the RPC server answers as a failed allocation: the client fails the load (`unable to allocate
     RPC0[...] buffer`) or the context (`failed to allocate compute buffers`), as a too-small GPU does.
 
+    `holds=False`: a device that only sizes (`tuner rpc-server --sizing-only`): it reports `size` and refuses every
+    buffer, so llama.cpp's no_alloc load (which allocates nothing: the size of a buffer it would allocate is all it
+    asks) sizes a GPU that is not there, and a real load fails at its first buffer instead of taking this host's RAM.
+
     Patches the function pointers of this process's CPU device and buffer type (static structs of ggml), so
     it belongs in a process that serves nothing else: `tuner rpc-server --mem`.
     """
 
-    def __init__(self, size: int, log=None):
-        self.size, self.used, self.log = size, 0, log or (lambda line: None)
+    def __init__(self, size: int, log=None, holds: bool = True):
+        self.size, self.used, self.log, self.holds = size, 0, log or (lambda line: None), holds
         dev = _ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
         self.device = dev
         buft = _ggml.ggml_backend_dev_buffer_type(dev)
@@ -350,6 +354,9 @@ class DeviceCap:
         free[0], total[0] = max(self.size - self.used, 0), self.size
 
     def _alloc(self, buft, size) -> int | None:
+        if not self.holds and size:
+            self.log(f"refused a buffer of {size} bytes: this device only sizes (--sizing-only)")
+            return None
         if self.used + size > self.size:
             self.log(f"refused a buffer of {size} bytes: {self.used} of {self.size} in use")
             return None

@@ -30,8 +30,14 @@ from tuner.units import fmt_size, physical_cores
     help="make it a device of this size: the size clients are told and the limit its buffers meet "
     "(default: the host's RAM, reported, not enforced, as llama.cpp's server does)",
 )
+@click.option(
+    "--sizing-only",
+    is_flag=True,
+    help="a device of --mem that holds nothing: llama.cpp's no_alloc loads (--fit, llama-fit-params, tuner's "
+    "planner) size a GPU that is not here, and any real buffer is refused; --mem may exceed this host's RAM",
+)
 @click.option("-t", "--threads", type=click.IntRange(1), default=None, help="compute threads (default: physical cores)")
-def rpc_server_cmd(host, port, mem, threads):
+def rpc_server_cmd(host, port, mem, sizing_only, threads):
     """Serve this host's CPU to llama.cpp RPC clients until stopped (Ctrl-C).
 
     Clients list it with --rpc HOST:PORT (tuner bench/search/hw, llama-server --rpc); its device then joins
@@ -39,15 +45,21 @@ def rpc_server_cmd(host, port, mem, threads):
     too-small GPU's would (a model share that does not fit, a compute buffer), and the server goes on.
     The RPC protocol has no authentication: keep servers on 127.0.0.1 or a private network.
 
+    With --sizing-only the device only sizes: an 80 GiB GPU that is not here, for `llama-fit-params --rpc` or
+    `tuner search --gpus ... --dry-run` (which starts such servers itself) to plan on.
+
     \b
     Examples:
       tuner rpc-server --port 50052 --mem 4GiB
       tuner rpc-server --host 10.0.0.5 --port 50052     # another host of a private cluster
+      tuner rpc-server --port 50060 --mem 80GiB --sizing-only
     """
     ram = psutil.virtual_memory().total
     if mem is not None and mem <= 0:
         raise rpc.RpcError(f"--mem must be more than 0 bytes, got {mem}")
-    if mem is not None and mem > ram:
+    if sizing_only and mem is None:
+        raise rpc.RpcError("--sizing-only needs --mem: the size of the device it stands in for")
+    if mem is not None and mem > ram and not sizing_only:
         raise rpc.RpcError(f"--mem {fmt_size(mem)} is more than this host's RAM ({fmt_size(ram)})")
     ports.check_port(host, port)
     if not rpc.is_loopback(host):
@@ -58,14 +70,16 @@ def rpc_server_cmd(host, port, mem, threads):
         )
     from tuner import llama  # noqa: PLC0415 - loads llama.cpp: only the server process, after its checks
 
-    cap = llama.DeviceCap(mem, log=lambda line: click.echo(f"rpc-server: {line}", err=True)) if mem else None
+    log = lambda line: click.echo(f"rpc-server: {line}", err=True)  # noqa: E731
+    cap = llama.DeviceCap(mem, log=log, holds=not sizing_only) if mem else None
     endpoint = f"{host}:{port}"
     # the server blocks in accept() inside llama.cpp: it runs in a thread so that Ctrl-C and SIGTERM end the process
     n = threads or physical_cores()
     server = threading.Thread(target=llama.rpc_serve, args=(endpoint, n), daemon=True)
     server.start()
     click.echo(
-        f"tuner rpc-server: serving {'a ' + fmt_size(cap.size) + ' device' if cap else 'the CPU'} on "
+        f"tuner rpc-server: serving {'a ' + fmt_size(cap.size) + ' device' if cap else 'the CPU'}"
+        f"{' (sizing only)' if sizing_only else ''} on "
         f"{endpoint} (pid {os.getpid()})",
         err=True,
     )

@@ -63,7 +63,8 @@ def per_device(parsed: dict) -> dict[str, dict[str, int]]:
     (llama.cpp's buffer names: "CPU", "CPU_Mapped", "CUDA0", "RPC0[127.0.0.1:50052]"...)."""
     out: dict[str, dict[str, int]] = {}
     for kind in LOG_PATTERNS:
-        for buft, n in parsed[kind].items():
+        # a context on a model already loaded logs no model buffers (the oracle's answer then has no "model")
+        for buft, n in parsed.get(kind, {}).items():
             out.setdefault(buft, {})[kind] = n
     return out
 

@@ -93,17 +93,25 @@ class LocalServer:
 
         with LocalServer(40 << 20, log_dir) as a, LocalServer(40 << 20, log_dir) as b:
             run_search([model], SearchOptions(rpc=f"{a.endpoint},{b.endpoint}"))
+
+    `sizing_only`: a device of `mem` that holds nothing (`tuner rpc-server --sizing-only`), a GPU that is not here
+    for llama.cpp's no_alloc loads to size.
     """
 
-    def __init__(self, mem: int | None, log_dir: str | os.PathLike, threads: int = 1, start_s: float = 60):
+    def __init__(
+        self, mem: int | None, log_dir: str | os.PathLike, threads: int = 1, start_s: float = 60, sizing_only=False
+    ):
         self.port = ports.free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.log = Path(log_dir) / f"rpc-{self.port}.log"
         args = [sys.executable, "-c", "from tuner.cli import cli; cli()", "rpc-server", "--port", str(self.port)]
-        args += ["-t", str(threads)] + (["--mem", str(mem)] if mem else [])
+        args += ["-t", str(threads)] + (["--mem", str(mem)] if mem else []) + (["--sizing-only"] if sizing_only else [])
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # servers and client share the cores: no spinning
+        from tuner.measure.worker import set_pdeathsig  # noqa: PLC0415 - the worker's imports, only when serving
+
         with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env)
+            # it dies with its owner (a search killed mid-plan leaves no server holding a port)
+            self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=set_pdeathsig)
         deadline = time.monotonic() + start_s
         while True:
             try:

@@ -585,8 +585,9 @@ def measure(jobs: list[Job], timeout: float = 300.0) -> list[dict]:
     return results  # type: ignore[return-value]
 
 
-def _spawn(log) -> tuple[subprocess.Popen, int]:
-    """An oracle worker (its own session, logging into `log`) and the read end of the pipe it answers on."""
+def _spawn(log, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """An oracle worker (its own session, logging into `log`; `env`: its environment, default ours) and the read
+    end of the pipe it answers on."""
     rfd, wfd = os.pipe()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tuner.plan.oracle", str(wfd)],
@@ -595,7 +596,7 @@ def _spawn(log) -> tuple[subprocess.Popen, int]:
         stderr=log,
         pass_fds=(wfd,),
         start_new_session=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1"),
+        env=dict(env or os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1"),
     )
     os.close(wfd)
     return proc, rfd
@@ -629,15 +630,16 @@ class Session:
     per placement it plans). A worker that dies or hangs answers "crash" with its log's tail; the next question
     starts a new one. Use as a context manager, or close()."""
 
-    def __init__(self, timeout: float = 120.0):
+    def __init__(self, timeout: float = 120.0, env: dict | None = None):
         self.timeout = timeout
+        self.env = env
         self.proc: subprocess.Popen | None = None
         self.answers = None
         self.log = None
 
     def _start(self) -> None:
         self.log = tempfile.TemporaryFile()
-        self.proc, rfd = _spawn(self.log)
+        self.proc, rfd = _spawn(self.log, self.env)
         self.answers = os.fdopen(rfd)
 
     def ask(self, job: Job) -> dict:

@@ -569,6 +569,10 @@ def predict(
     used = {d for d in devs if d >= 0} | {i for i, w in enumerate(w_dev) if w}
     rpc = [i < len(names) and names[i].startswith("RPC") for i in range(n_dev)]
     asked = compute_of(cfg) if compute_of is not None and gpu_offload and ngl else None
+    if asked and getattr(compute_of, "stands_in", False) and host_matmuls(info, where):
+        # RPC devices standing in for described GPUs: a GPU also runs the matmuls of host weights for big batches
+        # (CUDA's offload_op), which an RPC device never does: the whole graph's bound stays
+        asked = None
     if asked:  # llama.cpp's own figures: nothing to model or scale
         c_dev = asked[:n_dev]
     else:
@@ -608,6 +612,12 @@ def predict(
         layers_host=layers_host,
         vram_by_device=by_dev if vram else [0] * n_dev,
     )
+
+
+def host_matmuls(info: ModelInfo, where: list[int]) -> bool:
+    """A weight matrix of the graph in host memory besides the token embeddings (read with GET_ROWS, which no GPU
+    offloads): what a GPU backend's offload_op would run on the device for a big batch."""
+    return any(d < 0 and len(t.shape) >= 2 and t.group != "embd" for t, d in zip(info.tensors, where))
 
 
 def compute_by_device(

@@ -87,6 +87,18 @@ def check_split(space, rig) -> None:
             )
 
 
+def stand_in_sizes(rig, build: dict) -> tuple[LlamaSizes | None, str | None]:
+    """llama.cpp's own sizes for a described rig's GPUs (`--gpus`), asked of sizing-only RPC servers on this host
+    (tuner.plan.llama_sizes.LlamaSizes.stand_in), or None and why, where this build has no RPC backend or a
+    server cannot start: the planner's model sizes them then."""
+    if not build.get("rpc"):
+        return None, "this llama.cpp build has no RPC backend: the planner's model sizes the described GPUs' buffers"
+    try:
+        return LlamaSizes.stand_in(list(rig.gpu_totals), baselines.fit_device_names(rig)), None
+    except rpclib.RpcError as e:
+        return None, f"no sizing-only server for the described GPUs ({e}): the planner's model sizes their buffers"
+
+
 def synthetic_models(results: str | Path, preset: str, quants: str) -> list[str]:
     """--synthetic: make the preset's models into RESULTS/models (kept: a re-run reuses them)."""
     folder = Path(results) / "models"
@@ -171,6 +183,7 @@ def run_search(
     probe_data = priorlib.load_probe(opts.probe) if opts.prior and opts.sampler != "grid" else None
     # a described GPU rig assumes a GPU build; RPC servers' devices are GPUs to llama.cpp
     gpu_offload = bool(build.get("gpu_offload")) or bool(opts.gpus) or bool(remote)
+    sizing_note = None
     rig = (
         fitlib.described_rig(opts.gpus, opts.ram, hwinfo, limits)
         if opts.gpus
@@ -180,6 +193,8 @@ def run_search(
         # every device is one llama.cpp enumerates (RPC servers', this machine's GPUs: hardware.offload_gpus): it
         # sizes each placement's compute buffers, as --fit asks it
         rig.sizes = LlamaSizes(rig.devices)
+    elif rig.described:
+        rig.sizes, sizing_note = stand_in_sizes(rig, build)
     space = spacelib.build_space(
         models,
         infos,
@@ -195,6 +210,8 @@ def run_search(
     if "n_threads_batch" not in space.dims:
         # threads_batch follows threads unless searched on its own
         space.base = dataclasses.replace(space.base, n_threads_batch=0)
+    if sizing_note:
+        space.notes.append(sizing_note)
     check_split(space, rig)
     spacelib.require_ctx(space, opts.min_ctx)
     spacelib.check_depth(space, opts.n_depth is not None)
@@ -230,8 +247,14 @@ def run_search(
         baselines.starting(space, infos, rig, hwinfo, opts.min_ctx, fits, opts.fit_target)
         rig.sizes.freeze()
         asked = rig.sizes.summary()
+        where = (
+            "sizing-only RPC servers standing in for the described GPUs (an RPC device's figures: no CUDA offload "
+            "of host-weight matmuls)"
+            if rig.sizes.stands_in
+            else "the devices"
+        )
         space.notes.append(
-            f"llama.cpp sized the compute buffers of {asked['answered']} placements on the devices in "
+            f"llama.cpp sized the compute buffers of {asked['answered']} placements on {where} in "
             f"{asked['seconds']:.1f} s (no_alloc loads, as --fit asks them); the planner's model sizes any other"
             + (f" (unanswered: {asked['first_failure']})" if asked["first_failure"] else "")
         )
