@@ -191,9 +191,17 @@ def main() -> int:
                 info = read_model(m["path"])
                 jobs = grid(info, m["path"], endpoints, m["real"], m.get("held_out", False))
                 for job, res in zip(jobs, oracle.measure(jobs, timeout=600)):
-                    # the described rig's question: the same config, on the stand-ins (no --rpc of its own)
-                    asked = stand(dataclasses.replace(job.config(), rpc=""))
-                    for r in compare(job, res, info, names, asked):
+                    # the described rig's figures: the same config planned on the stand-ins (no --rpc of its own),
+                    # for a no_alloc load or a real one as the job is
+                    described = F.device_usage(
+                        dataclasses.replace(job.config(), rpc=""),
+                        info,
+                        [DEVICE_MEM] * 2,
+                        ("CUDA0", "CUDA1"),
+                        no_alloc=job.mode == "sim",
+                        compute_of=stand,
+                    )
+                    for r in compare(job, res, info, names, [u.compute for u in described]):
                         rows.append({"model": m["tag"], **r})
                 done = [r for r in rows if r["model"] == m["tag"] and r.get("error") is not None]
                 worst = max((abs(r["error"]) for r in done), default=0)

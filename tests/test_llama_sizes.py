@@ -175,17 +175,20 @@ def test_stand_ins_keep_the_gpu_bound_where_a_gpu_would_offload_host_matmuls(mod
     info = read_model(path)
     free = [16 << 30] * 2
 
-    def asked(c):
-        return [1 * MiB, 2 * MiB, 0]
+    def stand_in(a: int, b: int):
+        def asked(c):
+            return [a, b, 0]
 
-    asked.stands_in = True
+        asked.stands_in = True
+        return asked
+
     for kw, used in ((dict(n_gpu_layers=99), True), (dict(n_gpu_layers=99, n_cpu_moe=2), False)):
         cfg = resolve(TrialConfig(model=path, **SHAPE, **kw), info)
         alone = planner.predict(cfg, info, None, True, free=free)
-        stand = planner.predict(cfg, info, None, True, free=free, compute_of=asked)
-        assert (stand.vram_by_device != alone.vram_by_device) == used, kw
-        if used:
-            assert stand.compute_gpu == 3 * MiB
+        low = planner.predict(cfg, info, None, True, free=free, compute_of=stand_in(100 * MiB, 200 * MiB))
+        high = planner.predict(cfg, info, None, True, free=free, compute_of=stand_in(105 * MiB, 209 * MiB))
+        assert (low.vram_by_device != alone.vram_by_device) == used, kw
+        assert high.compute_gpu - low.compute_gpu == (14 * MiB if used else 0)
 
 
 def test_stand_ins_die_with_a_killed_owner(tmp_path):
@@ -205,3 +208,29 @@ def test_stand_ins_die_with_a_killed_owner(tmp_path):
     owner.wait()
     gone, alive = psutil.wait_procs(servers, timeout=10)
     assert not alive
+
+
+def test_a_real_load_is_planned_as_it_allocates(servers, models, dense_model):
+    # (1) with mmap the host's weights are llama.cpp's view of the file: the span from its first host tensor to its
+    # last, the device tensors between them included; (2) a pipeline's later device allocates 4E per token less than
+    # its no_alloc figure says: the plan of a real load takes llama.cpp's figure with that difference off
+    ep = ",".join(s.endpoint for s in servers)
+    names = tuple(f"RPC0[{s.endpoint}]" for s in servers)
+    moe = str(models / "moe-q8_0.gguf")
+    cases = [(moe, dict(n_gpu_layers=99, n_cpu_moe=3)), (str(dense_model), dict(n_gpu_layers=99))]
+    for path, kw in cases:
+        info = read_model(path)
+        cfg = resolve(TrialConfig(model=path, rpc=ep, **SHAPE, **kw), info)
+        (real,) = oracle.measure([oracle.Job.of(cfg, mode="real")])
+        assert real["outcome"] == "ok", real.get("cause")
+        got = buffers.per_device(real)
+        with LlamaSizes(names) as sizes:
+            plan = F.device_usage(cfg, info, [16 << 30] * 2, names, compute_of=sizes)
+            asked = sizes(cfg)
+        if kw.get("n_cpu_moe"):
+            host = [t.n_bytes for t, u in zip(info.tensors, planner.tensor_devices(cfg, info, True)[0]) if u < 0]
+            assert abs(plan[-1].model - buffers.host_total(got, "model")) <= 0.01 * MiB
+            assert sum(host) < buffers.host_total(got, "model") - MiB  # the span, not the sum, is what is mapped
+        else:
+            assert [u.compute for u in plan[:2]] == [got[n]["compute"] for n in names]
+            assert asked[1] > got[names[1]]["compute"]  # the no_alloc figure alone would be over

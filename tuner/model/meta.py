@@ -49,6 +49,8 @@ class TensorInfo:
     n_bytes: int
     layer: int | None  # blk.N, None for embeddings/output/norms
     group: str  # attn | ffn | exps | shexp | norm | embd | output | other
+    offset: int = -1  # where its data starts in its file (bytes; -1: unknown)
+    shard: int = 0  # which file of a split model holds it
 
 
 @dataclass
@@ -362,7 +364,7 @@ def _read(path: Path) -> ModelInfo:
 
     tensors: list[TensorInfo] = []
     header_bytes = []
-    for s, r in zip(shards, readers):
+    for i, (s, r) in enumerate(zip(shards, readers)):
         size = s.stat().st_size
         header_bytes.append(r.data_offset)
         for t in r.tensors:
@@ -379,6 +381,8 @@ def _read(path: Path) -> ModelInfo:
                     int(t.n_bytes),
                     int(m[1]) if m else None,
                     _group(t.name),
+                    int(t.data_offset),
+                    i,
                 )
             )
     n_layer = kv("block_count")

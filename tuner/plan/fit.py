@@ -716,6 +716,8 @@ def device_usage(
     model = [0] * (n_dev + 1)  # index -1: the host
     for t, d in zip(info.tensors, where):
         model[d] += planner.pad(t.n_bytes, alignment)
+    if cfg.use_mmap:  # the host's weights are a view of the mapped file: llama.cpp's buffer is their span
+        model[-1] = mapped_span([t for t, d in zip(info.tensors, where) if d < 0]) or model[-1]
     dev, extra = placement.tied_output_copy(info, where)
     if extra and dev < n_dev:
         model[dev] += planner.pad(extra, alignment)
@@ -726,8 +728,23 @@ def device_usage(
                 info, il, cfg.streams()
             )
     asked = compute_of(cfg) if compute_of is not None and gpu else None
+    if asked and not no_alloc:
+        asked = planner.as_allocated(asked, cfg, info, where, layer_dev, n_dev)
     comp = asked or planner.compute_by_device(cfg, info, where, layer_dev, n_dev, no_alloc)
     return [Usage(model[i], ctx[i], comp[i]) for i in list(range(n_dev)) + [-1]]
+
+
+def mapped_span(tensors) -> int | None:
+    """The bytes llama.cpp maps for these host tensors with mmap (its CPU_Mapped model buffer): per file, from the
+    first one's data to the last one's end (llama_model_loader::get_mapping_range), whatever lies between (tensors
+    on the devices too). None where an offset is unknown."""
+    spans: dict[int, tuple[int, int]] = {}
+    for t in tensors:
+        if t.offset < 0:
+            return None
+        lo, hi = spans.get(t.shard, (t.offset, t.offset + t.n_bytes))
+        spans[t.shard] = (min(lo, t.offset), max(hi, t.offset + t.n_bytes))
+    return sum(hi - lo for lo, hi in spans.values()) if spans else None
 
 
 def rpc_devices(endpoints: list[str], host_ram: int) -> list[DeviceMemory]:

@@ -573,8 +573,8 @@ def predict(
         # RPC devices standing in for described GPUs: a GPU also runs the matmuls of host weights for big batches
         # (CUDA's offload_op), which an RPC device never does: the whole graph's bound stays
         asked = None
-    if asked:  # llama.cpp's own figures: nothing to model or scale
-        c_dev = asked[:n_dev]
+    if asked:  # llama.cpp's own figures (no_alloc), as a real load allocates them: nothing else to model or scale
+        c_dev = as_allocated(asked, cfg, info, where, devs, n_dev)[:n_dev]
     else:
         by_graph = compute_by_device(cfg, info, where, devs, n_dev) if gpu_offload and ngl and any(rpc) else None
         c_dev = [int(calib.compute_scale_gpu * by_graph[i]) if by_graph and rpc[i] else c_gpu for i in range(n_dev)]
@@ -612,6 +612,17 @@ def predict(
         layers_host=layers_host,
         vram_by_device=by_dev if vram else [0] * n_dev,
     )
+
+
+def as_allocated(asked: list[int], cfg: TrialConfig, info: ModelInfo, where, layer_dev, n_dev: int) -> list[int]:
+    """llama.cpp's no_alloc compute figures (each device's, then the host's) as a real load allocates them: a
+    pipeline's later devices report 4E per token more than they allocate (tuner.plan.compute.device_buffers'
+    `no_alloc`); the model's difference between the two is taken off, every other figure stays llama.cpp's."""
+    if unmodelled_note(info):
+        return list(asked)
+    sim = compute_by_device(cfg, info, where, layer_dev, n_dev, no_alloc=True)
+    real = compute_by_device(cfg, info, where, layer_dev, n_dev)
+    return [max(a - (s - r), 0) for a, s, r in zip(asked, sim, real)]
 
 
 def host_matmuls(info: ModelInfo, where: list[int]) -> bool:
