@@ -181,7 +181,8 @@ from tuner.search.run import run_search
     type=SIZES,
     default=None,
     help="with --dry-run: plan for these GPUs instead of this "
-    "machine's, e.g. 24GiB or 24GiB,24GiB (a GPU build is assumed)",
+    "machine's, e.g. 24GiB or 24GiB,24GiB (a GPU build is assumed; llama.cpp sizes their buffers on sizing-only "
+    "RPC servers it starts on 127.0.0.1, as `tuner rpc-server --sizing-only`)",
 )
 @click.option("--ram", "ram", type=SIZE, default=None, help="with --dry-run: plan for this much host RAM")
 @rpc_option
