@@ -183,7 +183,6 @@ def run_search(
     probe_data = priorlib.load_probe(opts.probe) if opts.prior and opts.sampler != "grid" else None
     # a described GPU rig assumes a GPU build; RPC servers' devices are GPUs to llama.cpp
     gpu_offload = bool(build.get("gpu_offload")) or bool(opts.gpus) or bool(remote)
-    sizing_note = None
     rig = (
         fitlib.described_rig(opts.gpus, opts.ram, hwinfo, limits)
         if opts.gpus
@@ -193,8 +192,6 @@ def run_search(
         # every device is one llama.cpp enumerates (RPC servers', this machine's GPUs: hardware.offload_gpus): it
         # sizes each placement's compute buffers, as --fit asks it
         rig.sizes = LlamaSizes(rig.devices)
-    elif rig.described:
-        rig.sizes, sizing_note = stand_in_sizes(rig, build)
     space = spacelib.build_space(
         models,
         infos,
@@ -210,13 +207,15 @@ def run_search(
     if "n_threads_batch" not in space.dims:
         # threads_batch follows threads unless searched on its own
         space.base = dataclasses.replace(space.base, n_threads_batch=0)
-    if sizing_note:
-        space.notes.append(sizing_note)
     check_split(space, rig)
     spacelib.require_ctx(space, opts.min_ctx)
     spacelib.check_depth(space, opts.n_depth is not None)
     spacelib.check_parallel(space)
     asked = len(space.dims["n_ctx"].values) if "n_ctx" in space.dims else 0
+    if rig.described:  # its stand-ins start once the input is known to be good (they take a second or two)
+        rig.sizes, sizing_note = stand_in_sizes(rig, build)
+        if sizing_note:
+            space.notes.append(sizing_note)
     fitlib.apply(space, infos, rig, plan=opts.plan)
     spacelib.make_ladder(space, opts.n_depth is not None, asked)
     name = opts.study or study_name(models)
