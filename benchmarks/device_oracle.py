@@ -138,6 +138,19 @@ def within(planned: int, llama: int) -> bool:
     return bool(abs(planned - llama) <= HALF or (llama and abs(planned / llama - 1) <= TOLERANCE))
 
 
+def stats(rows: list[dict], error: str = "error", ok: str = "within") -> dict:
+    """The error distribution of these rows' `error` (planned / llama.cpp - 1), and how many are `ok` (within 2 %)."""
+    errs = [abs(r[error]) for r in rows if r.get(error) is not None]
+    return {
+        "n": len(errs),
+        "within_2pct": sum(1 for r in rows if r.get(ok)),
+        "median_abs_error": round(statistics.median(errs), 4) if errs else None,
+        "max_abs_error": round(max(errs), 4) if errs else None,
+        # the planner's figure above llama.cpp's wastes room; below it, a config the planner passes can fail
+        "under": sum(1 for r in rows if r.get(error) is not None and r[error] < -TOLERANCE),
+    }
+
+
 def row(base: dict, device: str, kind: str, llama: int, planned: int, stand: int | None = None) -> dict:
     out = dict(
         base,
@@ -219,15 +232,7 @@ def main() -> int:
             and (r.get("device") == "host") == host
             and (which is None or (r["model"] in held_out) == which)
         ]
-        errs = [abs(r["error"]) for r in mine if r.get("error") is not None]
-        summary[kind] = {
-            "n": len(errs),
-            "within_2pct": sum(1 for r in mine if r.get("within")),
-            "median_abs_error": round(statistics.median(errs), 4) if errs else None,
-            "max_abs_error": round(max(errs), 4) if errs else None,
-            # the planner's figure above llama.cpp's wastes room; below it, a config the planner passes can fail
-            "under": sum(1 for r in mine if r.get("error") is not None and r["error"] < -TOLERANCE),
-        }
+        summary[kind] = stats(mine)
     for kind, which in (("compute_stand_in", False), ("compute_held_out_stand_in", True)):
         for host in (False, True):
             mine = [
@@ -235,15 +240,10 @@ def main() -> int:
                 for r in rows
                 if "stand_in_within" in r and (r["device"] == "host") == host and (r["model"] in held_out) == which
             ]
-            errs = [abs(r["stand_in_error"]) for r in mine if r.get("stand_in_error") is not None]
             summary[("host_" if host else "") + kind] = {
-                "n": len(errs),
-                "within_2pct": sum(1 for r in mine if r["stand_in_within"]),
+                **stats(mine, "stand_in_error", "stand_in_within"),
                 "within_2pct_sim": sum(1 for r in mine if r["stand_in_within"] and r["mode"] == "sim"),
                 "n_sim": sum(1 for r in mine if r["mode"] == "sim"),
-                "median_abs_error": round(statistics.median(errs), 4) if errs else None,
-                "max_abs_error": round(max(errs), 4) if errs else None,
-                "under": sum(1 for r in mine if (r.get("stand_in_error") or 0) < -TOLERANCE),
             }
     summary["stand_in_unanswered"] = stand.summary()["unanswered"]
     failed_loads = [r for r in rows if r["buffer"] == "load"]

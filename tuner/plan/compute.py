@@ -34,6 +34,29 @@ def mask_bytes(cells: set[int], n_tok: int, fa: bool) -> int:
     return sum(c * n_tok * (2 if fa else 4) for c in cells - {0})
 
 
+def pipelined(cfg: TrialConfig, layer_dev: list[int], n_dev: int) -> bool:
+    """llama_context's pipeline parallelism: several devices split by layer, every layer offloaded (the first
+    layer's input then comes from the host's embeddings), no tensor overrides."""
+    full = all(d >= 0 for d in layer_dev)
+    return n_dev > 1 and cfg.split_mode == "layer" and full and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe)
+
+
+def no_alloc_excess(cfg: TrialConfig, info: ModelInfo, layer_dev: list[int], n_dev: int, n_tok: int) -> list[int]:
+    """Per device, then the host (0): what a no_alloc load (what --fit plans with) reports above what a real load
+    allocates. With pipeline parallelism every device after the first that runs layers reports 4E per token more
+    (ggml's debug dump shows two inputs there: the previous device's last output and the norm it computed from
+    it)."""
+    out = [0] * (n_dev + 1)
+    if not pipelined(cfg, layer_dev, n_dev):
+        return out
+    first = True
+    for d in range(n_dev):
+        if any(layer_dev[il] == d for il in range(info.n_layer)):
+            out[d] = 0 if first else 4 * info.n_embd * n_tok * 4
+            first = False
+    return out
+
+
 def device_buffers(
     cfg: TrialConfig,
     info: ModelInfo,
@@ -112,8 +135,8 @@ def device_buffers(
     last_main = info.n_layer - 1 - info.n_layer_nextn
     host_tail = down_dev.get(last_main, 0) < 0
     full = all(d >= 0 for d in layer_dev)  # the first layer's input comes from the host's embeddings
-    pp = n_dev > 1 and cfg.split_mode == "layer" and full and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe)
-    first = True
+    pp = pipelined(cfg, layer_dev, n_dev)
+    excess = no_alloc_excess(cfg, info, layer_dev, n_dev, n_tok) if no_alloc else [0] * (n_dev + 1)
     for d in range(n_dev):
         layers = [il for il in range(info.n_layer) if layer_dev[il] == d]
         phases = [(0, True)]  # (floats per token, whether the KQ mask is alive then)
@@ -152,12 +175,7 @@ def device_buffers(
             phases.append((v + e + tail, pp))
         buf = max(f * n_tok * 4 + (mask if alive else 0) for f, alive in phases)
         if pp and (layers or layer_dev[info.n_layer] == d):
-            buf += (
-                (N_COPIES - 1) * mask
-                + N_COPIES * e * n_tok * 4
-                + (4 * e * n_tok * 4 if no_alloc and not first and layers else 0)
-            )
-            first = first and not layers
+            buf += (N_COPIES - 1) * mask + N_COPIES * e * n_tok * 4 + excess[d]
         out[d] = buf
     return out + [host_buffer(cfg, info, where, layer_dev, n_dev, cells, n_tok, raw)]
 
@@ -188,5 +206,5 @@ def host_buffer(cfg: TrialConfig, info: ModelInfo, where, layer_dev, n_dev: int,
         return (e * u + 3 * fe * u + 2 * e) * n_tok * 4 + mask
     if host_down:
         return (e * u + fe * u + e) * n_tok * 4 + mask
-    pp = n_dev > 1 and cfg.split_mode == "layer" and not (cfg.overrides or cfg.n_cpu_moe or cfg.cpu_moe)
+    pp = pipelined(cfg, layer_dev, n_dev)  # every layer is on the devices here
     return N_COPIES * (e * n_tok * 4 + mask) + e * n_tok * 4 if pp else 2 * e * n_tok * 4 + mask

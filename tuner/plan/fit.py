@@ -729,7 +729,7 @@ def device_usage(
             )
     asked = compute_of(cfg) if compute_of is not None and gpu else None
     if asked and not no_alloc:
-        asked = planner.as_allocated(asked, cfg, info, where, layer_dev, n_dev)
+        asked = planner.as_allocated(asked, cfg, info, layer_dev, n_dev)
     comp = asked or planner.compute_by_device(cfg, info, where, layer_dev, n_dev, no_alloc)
     return [Usage(model[i], ctx[i], comp[i]) for i in list(range(n_dev)) + [-1]]
 

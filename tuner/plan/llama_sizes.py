@@ -68,7 +68,6 @@ class LlamaSizes:
         self.names = tuple(names)
         # stand-in devices (`stand_in`): every question goes to these servers, `-ot` buffers renamed to theirs
         self.rpc, self.aliases, self.servers, self.env = rpc, dict(aliases or {}), list(servers or []), env
-        self.stands_in = rpc is not None
         self.timeout = timeout
         self.budget_s = budget_s
         self.spent = 0.0
@@ -77,6 +76,11 @@ class LlamaSizes:
         self.sessions: dict[str, oracle.Session] = {}  # per RPC list: a worker adds its servers for good
         self.failures: list[str] = []  # why a question went unanswered (one line each)
         weakref.finalize(self, LlamaSizes._close_all, self.sessions, self.servers)  # no worker outlives its owner
+
+    @property
+    def stands_in(self) -> bool:
+        """Its devices stand in for described GPUs (`stand_in`): every question goes to its own servers."""
+        return self.rpc is not None
 
     @classmethod
     def stand_in(cls, sizes: list[int], names: list[str], log_dir=None, **kw) -> LlamaSizes:

@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 
 from tuner.model.meta import EXPS_RE, ModelInfo, read_model
-from tuner.plan.compute import device_buffers
+from tuner.plan.compute import device_buffers, no_alloc_excess
 from tuner.plan.placement import gpu_layer_start, layer_devices, split_fractions, tensor_devices, tied_output_copy
 from tuner.record import KV_TYPE_BYTES, TrialConfig, TrialRecord
 from tuner.units import fmt_size
@@ -457,7 +457,7 @@ def buffers(cfg: TrialConfig, info: ModelInfo) -> dict:
         c = kv_cells(cfg, info, il)
         if c:
             cells[c] = cells.get(c, 0) + 1
-    n_tok = min(cfg.n_ubatch, cfg.n_batch, kv_size(cfg.effective_ctx()))
+    n_tok = reserve_tokens(cfg)
     return {
         "model": sum(t.n_bytes for t in info.tensors),
         "kv": None if note else k + v,
@@ -544,7 +544,7 @@ def predict(
         else:
             kv_dev[devs[il]] += b
     n_tok = ubatch_tokens(cfg)
-    full_tok = min(cfg.n_ubatch, cfg.n_batch, kv_size(cfg.effective_ctx()))
+    full_tok = reserve_tokens(cfg)
     n_kv_full = max_kv_cells(cfg, info)
     if note:
         touched = reserved = 0
@@ -574,7 +574,7 @@ def predict(
         # (CUDA's offload_op), which an RPC device never does: the whole graph's bound stays
         asked = None
     if asked:  # llama.cpp's own figures (no_alloc), as a real load allocates them: nothing else to model or scale
-        c_dev = as_allocated(asked, cfg, info, where, devs, n_dev)[:n_dev]
+        c_dev = as_allocated(asked, cfg, info, devs, n_dev)[:n_dev]
     else:
         by_graph = compute_by_device(cfg, info, where, devs, n_dev) if gpu_offload and ngl and any(rpc) else None
         c_dev = [int(calib.compute_scale_gpu * by_graph[i]) if by_graph and rpc[i] else c_gpu for i in range(n_dev)]
@@ -614,15 +614,19 @@ def predict(
     )
 
 
-def as_allocated(asked: list[int], cfg: TrialConfig, info: ModelInfo, where, layer_dev, n_dev: int) -> list[int]:
-    """llama.cpp's no_alloc compute figures (each device's, then the host's) as a real load allocates them: a
-    pipeline's later devices report 4E per token more than they allocate (tuner.plan.compute.device_buffers'
-    `no_alloc`); the model's difference between the two is taken off, every other figure stays llama.cpp's."""
+def reserve_tokens(cfg: TrialConfig) -> int:
+    """Tokens of the graph llama.cpp reserves its compute buffers for: a full ubatch, within the KV cache."""
+    return min(cfg.n_ubatch, cfg.n_batch, kv_size(cfg.effective_ctx()))
+
+
+def as_allocated(asked: list[int], cfg: TrialConfig, info: ModelInfo, layer_dev, n_dev: int) -> list[int]:
+    """llama.cpp's no_alloc compute figures (each device's, then the host's) as a real load allocates them: what a
+    no_alloc load reports above the allocation (tuner.plan.compute.no_alloc_excess: a pipeline's later devices) is
+    taken off, every other figure stays llama.cpp's."""
     if unmodelled_note(info):
         return list(asked)
-    sim = compute_by_device(cfg, info, where, layer_dev, n_dev, no_alloc=True)
-    real = compute_by_device(cfg, info, where, layer_dev, n_dev)
-    return [max(a - (s - r), 0) for a, s, r in zip(asked, sim, real)]
+    excess = no_alloc_excess(cfg, info, layer_dev, n_dev, reserve_tokens(cfg))
+    return [max(a - x, 0) for a, x in zip(asked, excess)]
 
 
 def host_matmuls(info: ModelInfo, where: list[int]) -> bool:
@@ -640,7 +644,7 @@ def compute_by_device(
     out = [0] * (n_dev + 1)
     if unmodelled_note(info):
         return out
-    n_tok = min(cfg.n_ubatch, cfg.n_batch, kv_size(cfg.effective_ctx()))
+    n_tok = reserve_tokens(cfg)
     n_kv = max_kv_cells(cfg, info)
     if n_dev == 0:
         out[-1] = compute_raw(cfg, info, n_tok, n_tok, n_kv)
